@@ -1,0 +1,8 @@
+//! Ally's hypervisor core.
+//!
+//! Hardware-independent logic (memory-map filtering, EPT building, option parsing, exit
+//! decoding) is plain Rust that is unit-tested on the host. Only the modules under `arch`
+//! touch real hardware and build for `x86_64-unknown-none` alone.
+#![cfg_attr(not(test), no_std)]
+
+pub mod addr;

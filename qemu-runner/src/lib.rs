@@ -1,0 +1,1 @@
+//! Build and run Ally under an emulator.
