@@ -6,3 +6,4 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod addr;
+pub mod cmdline;
