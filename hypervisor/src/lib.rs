@@ -8,3 +8,4 @@
 pub mod addr;
 pub mod cmdline;
 pub mod memmap;
+pub mod int15;
