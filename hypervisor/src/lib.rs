@@ -7,5 +7,6 @@
 
 pub mod addr;
 pub mod cmdline;
-pub mod memmap;
+pub mod guest;
 pub mod int15;
+pub mod memmap;
