@@ -10,3 +10,4 @@ pub mod cmdline;
 pub mod guest;
 pub mod int15;
 pub mod memmap;
+pub mod paging;
