@@ -1,0 +1,425 @@
+//! Payload evaluation of one rule: contents, pcre, isdataat, with Snort/Suricata semantics.
+//!
+//! - Absolute content: the match lies in `[offset, offset + depth)` (no `depth`: to the end).
+//! - Relative content (`distance`/`within`): with `base = cursor + distance` (the cursor is the
+//!   end of the previous positive content/pcre match, 0 at the start; `distance` may be negative),
+//!   the match starts at or after `max(base, 0)` and ends at or before `base + within`.
+//! - Negated content (`!`) succeeds when no match lies in its window and leaves the cursor alone.
+//! - `pcre`: searched from the buffer start, or with `R` from the cursor (the subject then starts
+//!   at the cursor, so `^` anchors there, as PCRE does); a match moves the cursor to its end.
+//! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
+//!   their later match positions, so a rule matches whenever some assignment of positions
+//!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
+//!   steps x payload length per rule and packet.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use memchr::memmem;
+use regex_automata::meta::{self, Regex};
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, Input};
+
+use super::rules::{Content, PayloadOp, Pcre, Rule};
+
+/// Finds the `$` characters of a pattern that are regex anchors (unescaped, outside classes).
+fn dollar_positions(src: &str) -> Vec<usize> {
+    let b = src.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut class_depth = 0u32;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'[' => {
+                class_depth += 1;
+                // `[]...]` and `[^]...]`: the first `]` is literal.
+                if b.get(i + 1) == Some(&b'^') {
+                    i += 1;
+                }
+                if b.get(i + 1) == Some(&b']') {
+                    i += 1;
+                }
+            }
+            b']' if class_depth > 0 => class_depth -= 1,
+            b'$' if class_depth == 0 => out.push(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// A compiled `pcre` option.
+#[derive(Debug)]
+pub struct CompiledPcre {
+    re: Regex,
+    cache: meta::Cache,
+    negated: bool,
+    relative: bool,
+    anchored: bool,
+    /// The pattern ended in a non-multiline `$`, compiled as `\z`; PCRE's `$` also matches
+    /// before a final newline, so the search is retried without a trailing `\n`.
+    end_dollar: bool,
+}
+
+/// Compiles a pcre option (also used by the parser to refuse what regex-automata cannot do).
+pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
+    let multi = p.has('m');
+    let mut src = String::from(&p.source[..]);
+    let mut end_dollar = false;
+    if !multi {
+        let dollars = dollar_positions(&src);
+        let significant_end = if p.has('x') { src.trim_end().len() } else { src.len() };
+        if p.has('E') {
+            for &d in dollars.iter().rev() {
+                src.replace_range(d..d + 1, r"\z");
+            }
+        } else if let Some(&last) = dollars.last() {
+            if dollars.len() > 1 || last + 1 != significant_end {
+                return Err(String::from(
+                    "`$` before the end of the pattern without the m flag is not supported \
+                     (PCRE also matches it before a final newline)",
+                ));
+            }
+            src.replace_range(last..last + 1, r"\z");
+            end_dollar = true;
+        }
+    }
+    let syn = syntax::Config::new()
+        .unicode(false)
+        .utf8(false)
+        .case_insensitive(p.has('i'))
+        .multi_line(multi)
+        .dot_matches_new_line(p.has('s'))
+        .ignore_whitespace(p.has('x'))
+        .swap_greed(p.has('G'));
+    let re = Regex::builder()
+        .syntax(syn)
+        .configure(Regex::config().utf8_empty(false))
+        .build(&src)
+        .map_err(|e| format!("pattern not supported by regex-automata: {e}"))?;
+    let cache = re.create_cache();
+    Ok(CompiledPcre {
+        re,
+        cache,
+        negated: p.negated,
+        relative: p.has('R'),
+        anchored: p.has('A'),
+        end_dollar,
+    })
+}
+
+impl CompiledPcre {
+    /// Leftmost match in `hay` starting at or after `from`: (start, end).
+    fn find(&mut self, hay: &[u8], from: usize) -> Option<(usize, usize)> {
+        let anchored = if self.anchored { Anchored::Yes } else { Anchored::No };
+        if self.anchored && from > 0 {
+            return None;
+        }
+        let full = {
+            let input = Input::new(hay).range(from..).anchored(anchored);
+            self.re.search_with(&mut self.cache, &input).map(|m| (m.start(), m.end()))
+        };
+        if !self.end_dollar || hay.last() != Some(&b'\n') || from >= hay.len() {
+            return full;
+        }
+        let trimmed = &hay[..hay.len() - 1];
+        let input = Input::new(trimmed).range(from..).anchored(anchored);
+        let alt = self.re.search_with(&mut self.cache, &input).map(|m| (m.start(), m.end()));
+        match (full, alt) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A compiled `content` option.
+#[derive(Debug)]
+pub struct CompiledContent {
+    /// Pattern; lower-cased when `nocase`.
+    pat: Vec<u8>,
+    /// Exact-case finder; `None` for `nocase` (searched by [`find_nocase`]).
+    finder: Option<memmem::Finder<'static>>,
+    negated: bool,
+    relative: bool,
+    offset: u32,
+    depth: Option<u32>,
+    distance: i32,
+    within: Option<u32>,
+}
+
+impl CompiledContent {
+    fn new(c: &Content) -> CompiledContent {
+        let pat: Vec<u8> =
+            if c.nocase { c.pattern.to_ascii_lowercase() } else { c.pattern.clone() };
+        let finder = (!c.nocase).then(|| memmem::Finder::new(&pat).into_owned());
+        CompiledContent {
+            pat,
+            finder,
+            negated: c.negated,
+            relative: c.is_relative(),
+            offset: c.offset.unwrap_or(0),
+            depth: c.depth,
+            distance: c.distance.unwrap_or(0),
+            within: c.within,
+        }
+    }
+
+    /// Search window `[lo, hi)` for a buffer of `n` bytes and the current cursor; `None` if empty.
+    fn window(&self, n: usize, cursor: usize) -> Option<(usize, usize)> {
+        let n64 = n as i64;
+        let (lo, hi) = if self.relative {
+            let base = cursor as i64 + i64::from(self.distance);
+            let hi = self.within.map_or(n64, |w| (base + i64::from(w)).min(n64));
+            (base.max(0), hi)
+        } else {
+            let lo = i64::from(self.offset);
+            let hi = self.depth.map_or(n64, |d| (lo + i64::from(d)).min(n64));
+            (lo, hi)
+        };
+        if hi - lo < self.pat.len() as i64 {
+            return None;
+        }
+        Some((lo as usize, hi as usize))
+    }
+
+    /// First match start in `buf[from..hi]` (match must end by `hi`).
+    fn find(&self, buf: &[u8], from: usize, hi: usize) -> Option<usize> {
+        let hay = buf.get(from..hi)?;
+        if hay.len() < self.pat.len() {
+            return None;
+        }
+        let pos = match &self.finder {
+            Some(f) => f.find(hay),
+            None => find_nocase(hay, &self.pat),
+        };
+        pos.map(|p| p + from)
+    }
+}
+
+/// ASCII case-insensitive search; `pat` is lower-case.
+pub fn find_nocase(hay: &[u8], pat: &[u8]) -> Option<usize> {
+    let first = *pat.first()?;
+    let last_start = hay.len().checked_sub(pat.len())?;
+    let upper = first.to_ascii_uppercase();
+    let mut i = 0;
+    while i <= last_start {
+        let rel = if upper != first {
+            memchr::memchr2(first, upper, &hay[i..=last_start])?
+        } else {
+            memchr::memchr(first, &hay[i..=last_start])?
+        };
+        let s = i + rel;
+        if hay[s..s + pat.len()].eq_ignore_ascii_case(pat) {
+            return Some(s);
+        }
+        i = s + 1;
+    }
+    None
+}
+
+/// One compiled step.
+#[derive(Debug)]
+enum Op {
+    Content(CompiledContent),
+    Pcre(CompiledPcre),
+    IsDataAt { negated: bool, pos: u32, relative: bool },
+    Reset,
+}
+
+impl Op {
+    fn uses_cursor(&self) -> bool {
+        match self {
+            Op::Content(c) => c.relative,
+            Op::Pcre(p) => p.relative,
+            Op::IsDataAt { relative, .. } => *relative,
+            Op::Reset => false,
+        }
+    }
+
+    /// Whether the step replaces the cursor without reading it.
+    fn sets_cursor_fresh(&self) -> bool {
+        match self {
+            Op::Content(c) => !c.negated && !c.relative,
+            Op::Pcre(p) => !p.negated && !p.relative,
+            Op::Reset => true,
+            Op::IsDataAt { .. } => false,
+        }
+    }
+}
+
+/// Scratch space for the failure memo, reused across evaluations.
+#[derive(Debug, Default)]
+pub struct Memo {
+    bits: Vec<u64>,
+    width: usize,
+}
+
+impl Memo {
+    fn reset(&mut self, steps: usize, positions: usize) {
+        let words = (steps * positions).div_ceil(64);
+        self.bits.clear();
+        self.bits.resize(words, 0);
+        self.width = positions;
+    }
+    fn idx(&self, step: usize, cursor: usize) -> (usize, u64) {
+        let bit = step * self.width + cursor;
+        (bit / 64, 1u64 << (bit % 64))
+    }
+    fn failed(&self, step: usize, cursor: usize) -> bool {
+        let (w, m) = self.idx(step, cursor);
+        self.bits.get(w).is_some_and(|x| x & m != 0)
+    }
+    fn mark(&mut self, step: usize, cursor: usize) {
+        let (w, m) = self.idx(step, cursor);
+        if let Some(x) = self.bits.get_mut(w) {
+            *x |= m;
+        }
+    }
+}
+
+/// The payload program of one rule.
+#[derive(Debug)]
+pub struct Program {
+    ops: Vec<Op>,
+    /// `dep[i]`: a later step reads the cursor that step `i` leaves, so step `i` must try all its
+    /// match positions (backtracking); otherwise the first one decides.
+    dep: Vec<bool>,
+    relative: bool,
+}
+
+impl Program {
+    /// Compiles the payload steps of `rule`.
+    pub fn new(rule: &Rule) -> Result<Program, String> {
+        let mut ops = Vec::with_capacity(rule.ops.len());
+        for op in &rule.ops {
+            ops.push(match op {
+                PayloadOp::Content(c) => Op::Content(CompiledContent::new(c)),
+                PayloadOp::Pcre(p) => Op::Pcre(compile_pcre(p)?),
+                PayloadOp::IsDataAt(d) => {
+                    Op::IsDataAt { negated: d.negated, pos: d.pos, relative: d.relative }
+                }
+                PayloadOp::ResetCursor => Op::Reset,
+            });
+        }
+        let mut dep = alloc::vec![false; ops.len()];
+        for (i, d) in dep.iter_mut().enumerate() {
+            for later in &ops[i + 1..] {
+                if later.uses_cursor() {
+                    *d = true;
+                    break;
+                }
+                if later.sets_cursor_fresh() {
+                    break;
+                }
+            }
+        }
+        let relative = dep.iter().any(|&d| d);
+        Ok(Program { ops, dep, relative })
+    }
+
+    /// Heap bytes of the compiled steps (regexes with their caches, patterns).
+    pub fn memory_usage(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|o| match o {
+                Op::Content(c) => c.pat.len() * 2,
+                Op::Pcre(p) => p.re.memory_usage() + p.cache.memory_usage(),
+                _ => 0,
+            })
+            .sum::<usize>()
+            + self.ops.len() * core::mem::size_of::<Op>()
+    }
+
+    /// Whether the program has no steps.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Runs the program over `buf`.
+    pub fn matches(&mut self, buf: &[u8], memo: &mut Memo) -> bool {
+        if self.relative {
+            memo.reset(self.ops.len() + 1, buf.len() + 1);
+        }
+        self.eval(0, 0, buf, memo)
+    }
+
+    fn next(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+        if !self.relative {
+            return self.eval(i, cursor, buf, memo);
+        }
+        if memo.failed(i, cursor) {
+            return false;
+        }
+        let ok = self.eval(i, cursor, buf, memo);
+        if !ok {
+            memo.mark(i, cursor);
+        }
+        ok
+    }
+
+    fn eval(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+        let n = buf.len();
+        let Some(op) = self.ops.get(i) else { return true };
+        match op {
+            Op::Reset => self.next(i + 1, 0, buf, memo),
+            Op::IsDataAt { negated, pos, relative } => {
+                let at = if *relative { cursor as u64 } else { 0 } + u64::from(*pos);
+                if (at < n as u64) != *negated {
+                    self.next(i + 1, cursor, buf, memo)
+                } else {
+                    false
+                }
+            }
+            Op::Content(c) => {
+                let win = c.window(n, cursor);
+                if c.negated {
+                    let found = win.is_some_and(|(lo, hi)| c.find(buf, lo, hi).is_some());
+                    return !found && self.next(i + 1, cursor, buf, memo);
+                }
+                let Some((lo, hi)) = win else { return false };
+                let m = c.pat.len();
+                let mut from = lo;
+                while let Some(s) = self.content_at(i, buf, from, hi) {
+                    if self.next(i + 1, s + m, buf, memo) {
+                        return true;
+                    }
+                    if !self.dep[i] {
+                        return false;
+                    }
+                    from = s + 1;
+                }
+                false
+            }
+            Op::Pcre(p) => {
+                let base = if p.relative { cursor.min(n) } else { 0 };
+                if p.negated {
+                    let Op::Pcre(p) = &mut self.ops[i] else { return false };
+                    let found = p.find(&buf[base..], 0).is_some();
+                    return !found && self.next(i + 1, cursor, buf, memo);
+                }
+                let mut from = 0;
+                loop {
+                    let Op::Pcre(p) = &mut self.ops[i] else { return false };
+                    let Some((s, e)) = p.find(&buf[base..], from) else { return false };
+                    if self.next(i + 1, base + e, buf, memo) {
+                        return true;
+                    }
+                    if !self.dep[i] || base + s >= n {
+                        return false;
+                    }
+                    from = s + 1;
+                }
+            }
+        }
+    }
+
+    fn content_at(&self, i: usize, buf: &[u8], from: usize, hi: usize) -> Option<usize> {
+        match &self.ops[i] {
+            Op::Content(c) => c.find(buf, from, hi),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The inspection engine: Snort-class rules, verdicts and alerts.
+//!
+//! # API for the DPI loop
+//!
+//! ```ignore
+//! use ally_dpi::engine::{Engine, EngineConfig, Inspector, Direction, Timestamp, Verdict, MgmtWriter};
+//! let mut engine = Engine::from_blob(module_bytes, EngineConfig::default())?; // or Engine::pass_all()
+//! log!("rules loaded: {}", engine.rule_count());
+//! let mut sink = MgmtWriter::new(com2);                 // any core::fmt::Write
+//! match engine.inspect(frame, Direction::ToWire, Timestamp(now_us), &mut sink) {
+//!     Verdict::Drop => { /* do not forward; count dropped-by-rule */ }
+//!     Verdict::Pass | Verdict::Alert => { /* forward */ }
+//! }
+//! ```
+//!
+//! - [`Inspector::inspect`] takes one Ethernet frame, its [`Direction`] (`ToWire` = guest TX,
+//!   `FromWire` = guest RX) and the time, and returns a [`Verdict`]. Alerts and dropped-frame
+//!   excerpts go to the [`AlertSink`] passed in ([`MgmtWriter`] writes the COM2 line format of
+//!   [`eve`]). `inspect` never panics on any frame and allocates only while its scratch buffers
+//!   grow to the largest frame seen.
+//! - [`Engine::from_blob`] verifies a compiled blob ([`blob`]) and refuses a bad one with a
+//!   [`BlobError`] naming the problem; [`Engine::pass_all`] is the no-rules engine.
+//!
+//! # Semantics
+//!
+//! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
+//!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
+//!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
+//!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
+//! - Rules are grouped by protocol and port (per destination port, per source port, and a
+//!   generic group for `any`/negated/wide port sets and `<>` rules; `ip` rules join every group).
+//!   Each group has a prefilter ([`prefilter`]) over every rule's fast pattern
+//!   ([`Rule::fast_pattern`]); rules with no positive content are candidates for every packet of
+//!   their group. Candidates are then checked in full: header, `dsize`, `flow` ([`flow`]), and
+//!   the payload program ([`matcher`]).
+//! - Verdict order is Suricata's default action order, **pass > drop > alert**: a matching
+//!   `pass` rule ends evaluation, the frame is forwarded and nothing is logged (pass rules are
+//!   evaluated first); otherwise any matching `drop` rule drops the frame (in either direction)
+//!   and logs `blocked`; matching `alert` rules log `allowed`. All matching drop and alert rules
+//!   log (subject to the per-rule rate limit, which never changes the verdict).
+
+pub mod addr;
+pub mod blob;
+pub mod eve;
+pub mod flow;
+pub mod matcher;
+pub mod packet;
+pub mod prefilter;
+pub mod rules;
+pub mod vars;
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+pub use blob::BlobError;
+pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
+pub use flow::{FlowConfig, FlowStats};
+pub use rules::{Action, Proto, Rule};
+
+use flow::{FlowInfo, FlowTable};
+use matcher::{Memo, Program};
+use packet::{Decoded, Packet, L4};
+use prefilter::{Marks, Prefilter};
+
+/// Which way a frame travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Guest TX: from the guest to the wire.
+    ToWire,
+    /// Guest RX: from the wire to the guest.
+    FromWire,
+}
+
+impl Direction {
+    /// Name used in alert records and the management stream.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::ToWire => "to_wire",
+            Direction::FromWire => "from_wire",
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (UTC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub u64);
+
+impl fmt::Display for Timestamp {
+    /// Suricata's format: `2026-11-23T16:03:30.000123+0000`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0 / 1_000_000;
+        let us = self.0 % 1_000_000;
+        let days = (secs / 86_400) as i64;
+        let sod = secs % 86_400;
+        // Civil date from days since 1970-01-01 (proleptic Gregorian; H. Hinnant's algorithm).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{us:06}+0000",
+            sod / 3600,
+            sod / 60 % 60,
+            sod % 60
+        )
+    }
+}
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward; no rule alerted (or a `pass` rule matched).
+    Pass,
+    /// Forward; at least one `alert` rule matched.
+    Alert,
+    /// Do not forward; a `drop` rule matched.
+    Drop,
+}
+
+/// The hook the DPI loop calls for every frame.
+pub trait Inspector {
+    /// Inspects one Ethernet frame.
+    fn inspect(
+        &mut self,
+        frame: &[u8],
+        dir: Direction,
+        now: Timestamp,
+        sink: &mut dyn AlertSink,
+    ) -> Verdict;
+}
+
+/// Engine configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Flow table.
+    pub flow: FlowConfig,
+    /// Alert records per rule per second before suppression.
+    pub alerts_per_rule_per_sec: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { flow: FlowConfig::default(), alerts_per_rule_per_sec: 10 }
+    }
+}
+
+/// Counters. `frames = not_ip + passed + alerted + dropped`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Frames inspected.
+    pub frames: u64,
+    /// Frames that were not IPv4/IPv6 (forwarded, no rules apply).
+    pub not_ip: u64,
+    /// IP frames forwarded without alert (including by `pass` rules).
+    pub passed: u64,
+    /// Frames forwarded with at least one alert.
+    pub alerted: u64,
+    /// Frames dropped by `drop` rules.
+    pub dropped: u64,
+    /// Frames that matched a `pass` rule.
+    pub pass_rule: u64,
+    /// Candidate rules evaluated in full.
+    pub evaluated: u64,
+    /// Rule matches (before rate limiting).
+    pub matches: u64,
+    /// Alert records emitted.
+    pub alerts_emitted: u64,
+    /// Alert records suppressed by the rate limit.
+    pub alerts_suppressed: u64,
+}
+
+/// Error while building an engine from rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineError {
+    /// The blob was refused.
+    Blob(BlobError),
+    /// A rule's pcre did not compile (sid, reason).
+    Pcre { sid: u32, reason: String },
+    /// A group's prefilter could not be built.
+    Prefilter(String),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::Blob(e) => write!(f, "{e}"),
+            EngineError::Pcre { sid, reason } => write!(f, "rule sid {sid}: pcre: {reason}"),
+            EngineError::Prefilter(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<BlobError> for EngineError {
+    fn from(e: BlobError) -> Self {
+        EngineError::Blob(e)
+    }
+}
+
+/// A rule ready to evaluate.
+#[derive(Debug)]
+struct Compiled {
+    rule: Rule,
+    program: Program,
+    rate: eve::RateLimit,
+}
+
+/// A port group: its prefilter, literal → rules map and always-candidates.
+#[derive(Debug)]
+struct Group {
+    pf: Prefilter,
+    /// Literal id → rule index.
+    lit_rule: Vec<u32>,
+    /// Rules without a fast pattern.
+    always: Vec<u32>,
+}
+
+/// Groups of one protocol class.
+#[derive(Debug, Default)]
+struct ProtoGroups {
+    dst: Vec<(u16, u32)>,
+    src: Vec<(u16, u32)>,
+    generic: Option<u32>,
+}
+
+/// Protocol classes with their own groups.
+const CLASSES: usize = 4;
+const C_TCP: usize = 0;
+const C_UDP: usize = 1;
+const C_ICMP: usize = 2;
+const C_OTHER: usize = 3;
+/// A port set with more ports than this goes to the generic group.
+const MAX_GROUP_PORTS: usize = 256;
+
+/// The rule engine.
+#[derive(Debug)]
+pub struct Engine {
+    rules: Vec<Compiled>,
+    groups: Vec<Group>,
+    classes: [ProtoGroups; CLASSES],
+    flows: FlowTable,
+    needs_flow: bool,
+    cfg: EngineConfig,
+    stats: EngineStats,
+    lit_marks: Marks,
+    rule_marks: Marks,
+    cands: Vec<u32>,
+    memo: Memo,
+}
+
+fn class_of_rule(p: Proto) -> Option<usize> {
+    match p {
+        Proto::Tcp => Some(C_TCP),
+        Proto::Udp => Some(C_UDP),
+        Proto::Icmp => Some(C_ICMP),
+        Proto::Ip => None,
+    }
+}
+
+fn class_of_packet(p: &Packet<'_>) -> usize {
+    match p.l4 {
+        L4::Tcp { .. } => C_TCP,
+        L4::Udp { .. } => C_UDP,
+        L4::Icmp { .. } => C_ICMP,
+        L4::Other => C_OTHER,
+    }
+}
+
+impl Engine {
+    /// An engine with no rules: every frame passes.
+    pub fn pass_all() -> Engine {
+        Engine::new(Vec::new(), EngineConfig::default()).unwrap_or_else(|_| unreachable!())
+    }
+
+    /// Verifies a compiled blob and builds the engine.
+    pub fn from_blob(blob: &[u8], cfg: EngineConfig) -> Result<Engine, EngineError> {
+        Engine::new(blob::decode(blob)?, cfg)
+    }
+
+    /// Builds the engine from parsed rules.
+    pub fn new(mut rules: Vec<Rule>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        // Pass rules first, then drop, then alert; file order within an action.
+        rules.sort_by_key(|r| r.action);
+        let needs_flow = rules.iter().any(|r| r.flow.is_set());
+        let mut compiled = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let program = Program::new(&rule)
+                .map_err(|reason| EngineError::Pcre { sid: rule.sid, reason })?;
+            compiled.push(Compiled { rule, program, rate: eve::RateLimit::default() });
+        }
+        let mut engine = Engine {
+            rules: compiled,
+            groups: Vec::new(),
+            classes: Default::default(),
+            flows: FlowTable::new(cfg.flow),
+            needs_flow,
+            cfg,
+            stats: EngineStats::default(),
+            lit_marks: Marks::default(),
+            rule_marks: Marks::default(),
+            cands: Vec::new(),
+            memo: Memo::default(),
+        };
+        engine.build_groups()?;
+        Ok(engine)
+    }
+
+    fn build_groups(&mut self) -> Result<(), EngineError> {
+        // Rule sets keyed by member list, so identical groups (e.g. every $HTTP_PORTS port)
+        // share one prefilter.
+        let mut by_members: BTreeMap<Vec<u32>, u32> = BTreeMap::new();
+        for class in 0..CLASSES {
+            let mut generic: Vec<u32> = Vec::new();
+            let mut dst: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
+            let mut src: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
+            for (i, c) in self.rules.iter().enumerate() {
+                let r = &c.rule;
+                let i = i as u32;
+                match class_of_rule(r.proto) {
+                    None => {
+                        generic.push(i);
+                        continue;
+                    }
+                    Some(k) if k != class => continue,
+                    Some(_) => {}
+                }
+                if r.bidirectional || class == C_ICMP {
+                    generic.push(i);
+                } else if let Some(ports) = r.dst_ports.enumerate(MAX_GROUP_PORTS) {
+                    ports.into_iter().for_each(|p| dst.entry(p).or_default().push(i));
+                } else if let Some(ports) = r.src_ports.enumerate(MAX_GROUP_PORTS) {
+                    ports.into_iter().for_each(|p| src.entry(p).or_default().push(i));
+                } else {
+                    generic.push(i);
+                }
+            }
+            let mut pg = ProtoGroups::default();
+            for (map, out) in [(dst, &mut pg.dst), (src, &mut pg.src)] {
+                for (port, mut members) in map {
+                    members.extend_from_slice(&generic);
+                    members.sort_unstable();
+                    let g = self.group_for(&mut by_members, members)?;
+                    out.push((port, g));
+                }
+            }
+            if !generic.is_empty() {
+                pg.generic = Some(self.group_for(&mut by_members, generic)?);
+            }
+            self.classes[class] = pg;
+        }
+        Ok(())
+    }
+
+    fn group_for(
+        &mut self,
+        by_members: &mut BTreeMap<Vec<u32>, u32>,
+        members: Vec<u32>,
+    ) -> Result<u32, EngineError> {
+        if let Some(&g) = by_members.get(&members) {
+            return Ok(g);
+        }
+        let mut lits = Vec::new();
+        let mut lit_rule = Vec::new();
+        let mut always = Vec::new();
+        for &i in &members {
+            match self.rules[i as usize].rule.fast_pattern() {
+                Some(fp) => {
+                    lits.push((fp.bytes.to_vec(), fp.nocase));
+                    lit_rule.push(i);
+                }
+                None => always.push(i),
+            }
+        }
+        let pf = Prefilter::new(&lits).map_err(EngineError::Prefilter)?;
+        let g = self.groups.len() as u32;
+        self.groups.push(Group { pf, lit_rule, always });
+        by_members.insert(members, g);
+        Ok(g)
+    }
+
+    /// Number of loaded rules.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Number of distinct rule groups (each with its own prefilter).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Flow-table counters.
+    pub fn flow_stats(&self) -> FlowStats {
+        self.flows.stats()
+    }
+
+    /// Approximate heap bytes of the compiled ruleset: prefilters, group tables, regexes and
+    /// rule data (the flow table is separate: [`Engine::flow_table_bytes`]).
+    pub fn memory_usage(&self) -> usize {
+        let groups: usize = self
+            .groups
+            .iter()
+            .map(|g| g.pf.memory_usage() + (g.lit_rule.len() + g.always.len()) * 4)
+            .sum();
+        let rules: usize = self
+            .rules
+            .iter()
+            .map(|c| core::mem::size_of::<Compiled>() + rule_heap(&c.rule) + c.program.memory_usage())
+            .sum();
+        let classes: usize = self.classes.iter().map(|c| (c.dst.len() + c.src.len()) * 8).sum();
+        groups + rules + classes
+    }
+
+    /// Bytes of the flow table.
+    pub fn flow_table_bytes(&self) -> usize {
+        self.flows.memory_usage()
+    }
+
+    /// Runs only the prefilter stage on a frame and returns the number of candidate rules
+    /// (benchmarks use this to time the prefilter alone).
+    pub fn prefilter_only(&mut self, frame: &[u8]) -> usize {
+        let Decoded::Ip(pkt) = packet::decode(frame) else { return 0 };
+        self.collect_candidates(&pkt);
+        self.cands.len()
+    }
+
+    fn collect_candidates(&mut self, pkt: &Packet<'_>) {
+        self.cands.clear();
+        self.rule_marks.begin(self.rules.len());
+        let class = &self.classes[class_of_packet(pkt)];
+        let (sp, dp) = pkt.ports();
+        let lookup = |v: &[(u16, u32)], p: u16| {
+            v.binary_search_by_key(&p, |e| e.0).ok().map(|i| v[i].1)
+        };
+        let dg = lookup(&class.dst, dp);
+        let sg = lookup(&class.src, sp);
+        let mut scan = [dg, sg, None];
+        if dg.is_none() && sg.is_none() {
+            scan[2] = class.generic;
+        }
+        for g in scan.into_iter().flatten() {
+            let group = &self.groups[g as usize];
+            self.lit_marks.begin(group.pf.len());
+            let (marks, cands, lit_rule) = (&mut self.rule_marks, &mut self.cands, &group.lit_rule);
+            group.pf.scan(pkt.payload, &mut self.lit_marks, |lit| {
+                let r = lit_rule[lit];
+                if marks.first(r as usize) {
+                    cands.push(r);
+                }
+            });
+            for &r in &group.always {
+                if self.rule_marks.first(r as usize) {
+                    self.cands.push(r);
+                }
+            }
+        }
+        self.cands.sort_unstable();
+    }
+}
+
+fn rule_heap(r: &Rule) -> usize {
+    let ops: usize = r
+        .ops
+        .iter()
+        .map(|o| match o {
+            rules::PayloadOp::Content(c) => c.pattern.len(),
+            rules::PayloadOp::Pcre(p) => p.source.len() + p.flags.len(),
+            _ => 0,
+        })
+        .sum();
+    r.msg.len() + ops + r.ops.len() * core::mem::size_of::<rules::PayloadOp>()
+}
+
+fn header_matches(r: &Rule, pkt: &Packet<'_>) -> bool {
+    let (sp, dp) = pkt.ports();
+    let fwd = r.src.contains(pkt.src)
+        && r.dst.contains(pkt.dst)
+        && r.src_ports.contains(sp)
+        && r.dst_ports.contains(dp);
+    fwd || (r.bidirectional
+        && r.src.contains(pkt.dst)
+        && r.dst.contains(pkt.src)
+        && r.src_ports.contains(dp)
+        && r.dst_ports.contains(sp))
+}
+
+fn flow_matches(f: &rules::FlowCheck, info: Option<FlowInfo>) -> bool {
+    if !f.is_set() {
+        return true;
+    }
+    let needs_state = f.to_server.is_some() || f.established || f.not_established;
+    if !needs_state {
+        return true; // `stateless` only
+    }
+    let Some(info) = info else { return false };
+    f.to_server.is_none_or(|ts| ts == info.to_server)
+        && (!f.established || info.established)
+        && (!f.not_established || !info.established)
+}
+
+impl Inspector for Engine {
+    fn inspect(
+        &mut self,
+        frame: &[u8],
+        dir: Direction,
+        now: Timestamp,
+        sink: &mut dyn AlertSink,
+    ) -> Verdict {
+        self.stats.frames += 1;
+        let Decoded::Ip(pkt) = packet::decode(frame) else {
+            self.stats.not_ip += 1;
+            return Verdict::Pass;
+        };
+        let info = if self.needs_flow { self.flows.track(&pkt, now.0) } else { None };
+        if self.rules.is_empty() {
+            self.stats.passed += 1;
+            return Verdict::Pass;
+        }
+        self.collect_candidates(&pkt);
+        let mut verdict = Verdict::Pass;
+        let (sp, dp) = pkt.ports();
+        for k in 0..self.cands.len() {
+            let r = self.cands[k] as usize;
+            let c = &mut self.rules[r];
+            self.stats.evaluated += 1;
+            if !header_matches(&c.rule, &pkt)
+                || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
+                || !flow_matches(&c.rule.flow, info)
+                || !c.program.matches(pkt.payload, &mut self.memo)
+            {
+                continue;
+            }
+            self.stats.matches += 1;
+            match c.rule.action {
+                Action::Pass => {
+                    self.stats.pass_rule += 1;
+                    self.stats.passed += 1;
+                    return Verdict::Pass;
+                }
+                Action::Drop => verdict = Verdict::Drop,
+                Action::Alert => {
+                    if verdict == Verdict::Pass {
+                        verdict = Verdict::Alert;
+                    }
+                }
+            }
+            match c.rate.admit(now.0, self.cfg.alerts_per_rule_per_sec) {
+                Some(suppressed) => {
+                    self.stats.alerts_emitted += 1;
+                    sink.alert(&Alert {
+                        ts: now,
+                        dir,
+                        src: pkt.src,
+                        sport: sp,
+                        dst: pkt.dst,
+                        dport: dp,
+                        proto: pkt.proto,
+                        rule: &c.rule,
+                        suppressed,
+                    });
+                }
+                None => self.stats.alerts_suppressed += 1,
+            }
+        }
+        match verdict {
+            Verdict::Pass => self.stats.passed += 1,
+            Verdict::Alert => self.stats.alerted += 1,
+            Verdict::Drop => {
+                self.stats.dropped += 1;
+                sink.dropped(frame, dir, now);
+            }
+        }
+        verdict
+    }
+}

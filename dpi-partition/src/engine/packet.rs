@@ -1,0 +1,331 @@
+//! Frame decoding: Ethernet (+802.1Q/802.1ad tags), IPv4, IPv6 (extension headers skipped),
+//! TCP, UDP, ICMP/ICMPv6, and the L4 payload. Frames come from the guest or the wire: every
+//! length is checked and malformed frames decode to [`Decoded::NotIp`] or a header-only packet,
+//! never a panic.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IP protocol numbers (IANA).
+pub mod ipproto {
+    /// ICMP (RFC 792).
+    pub const ICMP: u8 = 1;
+    /// TCP (RFC 9293).
+    pub const TCP: u8 = 6;
+    /// UDP (RFC 768).
+    pub const UDP: u8 = 17;
+    /// ICMPv6 (RFC 4443).
+    pub const ICMPV6: u8 = 58;
+}
+
+/// TCP flag bits (RFC 9293 §3.1).
+pub mod tcpflags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// L4 header summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP ports and flags.
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    /// UDP ports.
+    Udp { sport: u16, dport: u16 },
+    /// ICMP or ICMPv6 type and code.
+    Icmp { v6: bool, itype: u8, code: u8 },
+    /// Other protocol, a non-first fragment, or a truncated L4 header.
+    Other,
+}
+
+/// A decoded IP packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Packet<'a> {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number of the L4 header (after IPv6 extension headers).
+    pub proto: u8,
+    /// L4 summary.
+    pub l4: L4,
+    /// Payload inspected by rules: after the L4 header, or the IP payload for [`L4::Other`].
+    pub payload: &'a [u8],
+}
+
+impl Packet<'_> {
+    /// Source and destination ports (0 for portless protocols).
+    pub fn ports(&self) -> (u16, u16) {
+        match self.l4 {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// Result of decoding a frame.
+#[derive(Clone, Copy, Debug)]
+pub enum Decoded<'a> {
+    /// IPv4 or IPv6 packet.
+    Ip(Packet<'a>),
+    /// Not IP (ARP, LLDP, ...) or an IP header too short or inconsistent to use.
+    NotIp,
+}
+
+const ETH_HDR: usize = 14;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: u16 = 0x8100; // IEEE 802.1Q
+const ETHERTYPE_QINQ: u16 = 0x88a8; // IEEE 802.1ad
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// Decodes an Ethernet frame.
+pub fn decode(frame: &[u8]) -> Decoded<'_> {
+    let Some(mut ethertype) = be16(frame, 12) else { return Decoded::NotIp };
+    let mut off = ETH_HDR;
+    // Up to two VLAN tags (802.1ad outer + 802.1Q inner).
+    for _ in 0..2 {
+        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
+            break;
+        }
+        let Some(t) = be16(frame, off + 2) else { return Decoded::NotIp };
+        ethertype = t;
+        off += 4;
+    }
+    let Some(l3) = frame.get(off..) else { return Decoded::NotIp };
+    let pkt = match ethertype {
+        ETHERTYPE_IPV4 => decode_v4(l3),
+        ETHERTYPE_IPV6 => decode_v6(l3),
+        _ => None,
+    };
+    pkt.map_or(Decoded::NotIp, Decoded::Ip)
+}
+
+/// IPv4 (RFC 791): honours IHL and total length (Ethernet padding is not payload); non-first
+/// fragments carry no L4 header.
+fn decode_v4(b: &[u8]) -> Option<Packet<'_>> {
+    let vihl = *b.first()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    let total = usize::from(be16(b, 2)?);
+    if ihl < 20 || total < ihl || total > b.len() {
+        return None;
+    }
+    let frag = be16(b, 6)?;
+    let frag_offset = frag & 0x1fff;
+    let proto = b[9];
+    let src = IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]));
+    let dst = IpAddr::V4(Ipv4Addr::new(b[16], b[17], b[18], b[19]));
+    let body = &b[ihl..total];
+    Some(l4(src, dst, proto, body, frag_offset != 0))
+}
+
+/// IPv6 (RFC 8200): skips hop-by-hop, routing, fragment, destination-options and AH headers.
+fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
+    if b.first()? >> 4 != 6 || b.len() < 40 {
+        return None;
+    }
+    let plen = usize::from(be16(b, 4)?);
+    if 40 + plen > b.len() {
+        return None;
+    }
+    let mut next = b[6];
+    let mut s = [0u8; 16];
+    s.copy_from_slice(&b[8..24]);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&b[24..40]);
+    let (src, dst) = (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)));
+    let mut body = &b[40..40 + plen];
+    let mut later_fragment = false;
+    // Bounded: each header consumes at least 8 bytes of a payload of at most 64 KiB.
+    loop {
+        match next {
+            0 | 43 | 60 => {
+                let len = (usize::from(*body.get(1)?) + 1) * 8;
+                next = *body.first()?;
+                body = body.get(len..)?;
+            }
+            51 => {
+                let len = (usize::from(*body.get(1)?) + 2) * 4;
+                next = *body.first()?;
+                body = body.get(len..)?;
+            }
+            44 => {
+                next = *body.first()?;
+                later_fragment = be16(body, 2)? >> 3 != 0;
+                body = body.get(8..)?;
+            }
+            _ => break,
+        }
+    }
+    Some(l4(src, dst, next, body, later_fragment))
+}
+
+fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: bool) -> Packet<'a> {
+    let other = Packet { src, dst, proto, l4: L4::Other, payload: body };
+    if later_fragment {
+        return other;
+    }
+    match proto {
+        ipproto::TCP => {
+            let (Some(sport), Some(dport)) = (be16(body, 0), be16(body, 2)) else { return other };
+            let Some(&doff) = body.get(12) else { return other };
+            let hl = usize::from(doff >> 4) * 4;
+            if hl < 20 || hl > body.len() {
+                return other;
+            }
+            Packet { src, dst, proto, l4: L4::Tcp { sport, dport, flags: body[13] }, payload: &body[hl..] }
+        }
+        ipproto::UDP => {
+            let (Some(sport), Some(dport), Some(ulen)) = (be16(body, 0), be16(body, 2), be16(body, 4))
+            else {
+                return other;
+            };
+            // UDP length covers header + data; a shorter IP payload means a truncated datagram.
+            let end = usize::from(ulen).clamp(8, body.len());
+            Packet { src, dst, proto, l4: L4::Udp { sport, dport }, payload: &body[8..end] }
+        }
+        ipproto::ICMP | ipproto::ICMPV6 => {
+            if body.len() < 8 {
+                return other;
+            }
+            let l4 = L4::Icmp { v6: proto == ipproto::ICMPV6, itype: body[0], code: body[1] };
+            Packet { src, dst, proto, l4, payload: &body[8..] }
+        }
+        _ => other,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod build {
+    //! Frame builders for tests.
+    use alloc::vec::Vec;
+    use core::net::IpAddr;
+
+    /// Builds Ethernet + IP + L4 + payload. `l4` is `(proto, header bytes)`.
+    pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, l4hdr: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2]);
+        let body_len = l4hdr.len() + payload.len();
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend_from_slice(&0x0800u16.to_be_bytes());
+                let total = (20 + body_len) as u16;
+                f.extend_from_slice(&[0x45, 0]);
+                f.extend_from_slice(&total.to_be_bytes());
+                f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend_from_slice(&0x86ddu16.to_be_bytes());
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&(body_len as u16).to_be_bytes());
+                f.extend_from_slice(&[proto, 64]);
+                f.extend_from_slice(&s.octets());
+                f.extend_from_slice(&d.octets());
+            }
+            _ => panic!("mixed address families"),
+        }
+        f.extend_from_slice(l4hdr);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// TCP header with the given ports and flags.
+    pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&sport.to_be_bytes());
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        h
+    }
+
+    /// UDP header for `payload_len` bytes of data.
+    pub fn udp(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&sport.to_be_bytes());
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::*;
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn tcp_v4_with_padding() {
+        let mut f = frame(ip("10.0.0.1"), ip("10.0.0.2"), 6, &tcp(1234, 80, 0x18), b"GET /");
+        f.extend_from_slice(&[0; 6]); // Ethernet padding after the IP datagram
+        let Decoded::Ip(p) = decode(&f) else { panic!() };
+        assert_eq!(p.ports(), (1234, 80));
+        assert_eq!(p.payload, b"GET /");
+        assert!(matches!(p.l4, L4::Tcp { flags: 0x18, .. }));
+    }
+
+    #[test]
+    fn vlan_and_v6_ext() {
+        let mut f = frame(ip("2001:db8::1"), ip("2001:db8::2"), 0, &[], &[]);
+        // Hop-by-hop header (8 bytes) then UDP.
+        let payload = b"dns?";
+        let mut body = alloc::vec![ipproto::UDP, 0, 0, 0, 0, 0, 0, 0];
+        body.extend_from_slice(&udp(53, 5353, payload.len()));
+        body.extend_from_slice(payload);
+        f[14 + 4..14 + 6].copy_from_slice(&(body.len() as u16).to_be_bytes());
+        f.extend_from_slice(&body);
+        // Insert an 802.1Q tag.
+        let mut tagged = f[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+        tagged.extend_from_slice(&f[12..]);
+        let Decoded::Ip(p) = decode(&tagged) else { panic!() };
+        assert_eq!(p.proto, ipproto::UDP);
+        assert_eq!(p.ports(), (53, 5353));
+        assert_eq!(p.payload, payload);
+    }
+
+    #[test]
+    fn malformed_never_panics() {
+        let good = frame(ip("10.0.0.1"), ip("10.0.0.2"), 6, &tcp(1, 2, 2), b"xyz");
+        for cut in 0..good.len() {
+            let _ = decode(&good[..cut]);
+        }
+        let mut bad_ihl = good.clone();
+        bad_ihl[14] = 0x4f;
+        assert!(matches!(decode(&bad_ihl), Decoded::NotIp));
+        let mut bad_doff = good.clone();
+        bad_doff[14 + 20 + 12] = 0xf0;
+        let Decoded::Ip(p) = decode(&bad_doff) else { panic!() };
+        assert_eq!(p.l4, L4::Other);
+        // Pseudo-random garbage.
+        let mut x = 0x1234_5678u32;
+        for _ in 0..2000 {
+            let mut g = good.clone();
+            for b in g.iter_mut().skip(12) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if x % 7 == 0 {
+                    *b = x as u8;
+                }
+            }
+            let _ = decode(&g);
+        }
+    }
+}
