@@ -4,3 +4,5 @@
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod engine;
