@@ -11,3 +11,4 @@ pub mod guest;
 pub mod int15;
 pub mod memmap;
 pub mod paging;
+pub mod exit;
