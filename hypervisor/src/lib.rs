@@ -8,7 +8,7 @@
 pub mod addr;
 pub mod cmdline;
 pub mod guest;
-pub mod int15;
 pub mod memmap;
+pub mod int15;
 pub mod paging;
 pub mod exit;

@@ -262,7 +262,10 @@ fn operand_linear_address(
     let bits = PagingMode::of(cpu).linear_bits().max(48);
     let shift = 64 - bits;
     if (((la << shift) as i64) >> shift) as u64 != la {
-        return Err(EmulationError::NonCanonicalOperand { rip: cpu.rip, gla: la });
+        return Err(EmulationError::NonCanonicalOperand {
+            rip: cpu.rip,
+            gla: la,
+        });
     }
     Ok(la)
 }

@@ -18,7 +18,10 @@ impl fmt::Display for GuestMemError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             GuestMemError::NotGuestRam { gpa, len } => {
-                write!(f, "guest-physical range {gpa} (+{len:#x} bytes) is not guest RAM")
+                write!(
+                    f,
+                    "guest-physical range {gpa} (+{len:#x} bytes) is not guest RAM"
+                )
             }
             GuestMemError::AddressOverflow { gpa, len } => {
                 write!(f, "guest-physical range {gpa} (+{len:#x} bytes) overflows")

@@ -18,10 +18,11 @@ pub mod paging_walk;
 pub mod state;
 pub mod testing;
 
+#[cfg(test)]
+mod tests;
+
 pub use decode::{decode_mmio, DecodeError, MemOperand, MmioInstruction, MmioOp};
-pub use emulate::{
-    emulate_mmio, EmulatedAccess, EmulationError, MmioDirection, MmioHandler,
-};
+pub use emulate::{emulate_mmio, EmulatedAccess, EmulationError, MmioDirection, MmioHandler};
 pub use fetch::{fetch_instruction, FetchError, FetchedInstruction, MAX_INSTRUCTION_LEN};
 pub use memory::{GuestMemError, GuestMemory};
 pub use paging_walk::{translate, PagingLevel, PagingMode, WalkError};

@@ -130,7 +130,11 @@ impl fmt::Display for WalkError {
                 f,
                 "guest linear address {gla:#x}: {level} {entry:#x} has a reserved bit set"
             ),
-            WalkError::Protection { gla, access, reason } => write!(
+            WalkError::Protection {
+                gla,
+                access,
+                reason,
+            } => write!(
                 f,
                 "guest linear address {gla:#x}: {access} not allowed ({reason})"
             ),
@@ -336,9 +340,8 @@ fn walk_64bit_entries<M: GuestMemory + ?Sized>(
             return Err(WalkError::NotPresent { gla, level, entry });
         }
         let pae_pdpte = mode == PagingMode::Pae && level == PagingLevel::Pdpt;
-        let large = !pae_pdpte
-            && entry & PS != 0
-            && matches!(level, PagingLevel::Pdpt | PagingLevel::Pd);
+        let large =
+            !pae_pdpte && entry & PS != 0 && matches!(level, PagingLevel::Pdpt | PagingLevel::Pd);
         let mut reserved = high_reserved;
         if pae_pdpte {
             // PAE PDPTE (Table 4-8): bits 2:1 and 8:5 reserved; no XD, no R/W, no U/S.

@@ -419,8 +419,7 @@ mod tests {
         assert!(GprOperand::new(16, GprPart::Qword).is_none());
         let name = |i, p| {
             let mut s = heapless::String::<8>::new();
-            core::fmt::write(&mut s, format_args!("{}", GprOperand::new(i, p).unwrap()))
-                .unwrap();
+            core::fmt::write(&mut s, format_args!("{}", GprOperand::new(i, p).unwrap())).unwrap();
             s
         };
         assert_eq!(name(3, GprPart::High8), "bh");

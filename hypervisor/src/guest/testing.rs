@@ -83,7 +83,10 @@ impl<const N: usize> FakeGuestMemory<N> {
     pub fn load(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> Result<(), FakeMemError> {
         self.map(gpa, bytes.len())?;
         self.write(gpa, bytes)
-            .map_err(|_| FakeMemError::AddressOverflow { gpa, len: bytes.len() })
+            .map_err(|_| FakeMemError::AddressOverflow {
+                gpa,
+                len: bytes.len(),
+            })
     }
 
     /// Maps and stores a little-endian u32 (a 32-bit paging entry).
@@ -142,10 +145,12 @@ impl<const N: usize> GuestMemory for FakeGuestMemory<N> {
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
         // Check every page first so that a failed write changes nothing.
         Self::for_each_piece(gpa, buf.len(), |_, pfn, off, n| {
-            self.page(pfn).map(|_| ()).ok_or(GuestMemError::NotGuestRam {
-                gpa: GuestPhysAddr(pfn * PAGE_SIZE + off as u64),
-                len: n,
-            })
+            self.page(pfn)
+                .map(|_| ())
+                .ok_or(GuestMemError::NotGuestRam {
+                    gpa: GuestPhysAddr(pfn * PAGE_SIZE + off as u64),
+                    len: n,
+                })
         })?;
         Self::for_each_piece(gpa, buf.len(), |done, pfn, off, n| {
             if let Some(page) = self.page_mut(pfn) {
@@ -165,8 +170,8 @@ pub struct MmioRecord {
     pub written: Option<u64>,
 }
 
-/// An MMIO device that answers every read with `read_value` (truncated to the width) and
-/// records the first 16 accesses.
+/// An MMIO device that answers every read with `read_value` as it is (bits above the
+/// access width included: the emulator must drop them) and records the first 16 accesses.
 #[derive(Default)]
 pub struct RecordingMmio {
     pub read_value: u64,
@@ -189,7 +194,7 @@ impl MmioHandler for RecordingMmio {
             width,
             written: None,
         });
-        self.read_value & width.mask()
+        self.read_value
     }
 
     fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
