@@ -12,3 +12,4 @@ pub mod memmap;
 pub mod int15;
 pub mod paging;
 pub mod exit;
+pub mod acpi;

@@ -1,0 +1,1019 @@
+//! ACPI table access for Ally: find the RSDP, walk the XSDT/RSDT, read the FADT's PM1
+//! control blocks (to notice the guest powering off), and hide the DPI cores from the
+//! guest by removing their MADT entries in place.
+//!
+//! All access goes through [`PhysMemory`] so the logic is tested on the host. References
+//! are to the ACPI 6.5 specification.
+
+use core::fmt;
+
+/// Physical memory as Ally sees it (identity-mapped on hardware, a byte array in tests).
+pub trait PhysMemory {
+    /// Fills `buf` from physical address `pa`.
+    fn read(&self, pa: u64, buf: &mut [u8]);
+    /// Writes `buf` at physical address `pa`.
+    fn write(&mut self, pa: u64, buf: &[u8]);
+}
+
+/// Tables longer than this are treated as corrupt (the largest real MADTs are tens of KiB).
+pub const MAX_TABLE_LEN: u32 = 1 << 20;
+
+/// Errors of this module.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AcpiError {
+    /// No "RSD PTR " signature in the EBDA's first KiB or in 0xE0000..0xFFFFF.
+    NoRsdp,
+    /// An RSDP was found but its checksum (or extended checksum) is wrong.
+    BadRsdpChecksum { pa: u64 },
+    /// A table's bytes do not sum to zero.
+    BadChecksum { signature: [u8; 4], pa: u64 },
+    /// A table's length field is shorter than its fixed part or implausibly large.
+    BadLength {
+        signature: [u8; 4],
+        pa: u64,
+        len: u32,
+    },
+    /// The root table (XSDT or RSDT) does not carry the expected signature.
+    BadRootTable { pa: u64 },
+    /// No table with this signature is listed in the root table.
+    TableNotFound { signature: [u8; 4] },
+    /// A MADT entry is too short or runs past the end of the table.
+    BadMadtEntry { offset: u32, kind: u8, len: u8 },
+}
+
+/// Formats a signature as text, with non-printable bytes as '?'.
+struct Sig([u8; 4]);
+
+impl fmt::Display for Sig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            let c = if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '?'
+            };
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for AcpiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            AcpiError::NoRsdp => f.write_str(
+                "no ACPI RSDP found (searched the first KiB of the EBDA and 0xE0000-0xFFFFF)",
+            ),
+            AcpiError::BadRsdpChecksum { pa } => {
+                write!(f, "the ACPI RSDP at {pa:#x} has a bad checksum")
+            }
+            AcpiError::BadChecksum { signature, pa } => {
+                write!(
+                    f,
+                    "ACPI table {} at {pa:#x} has a bad checksum",
+                    Sig(signature)
+                )
+            }
+            AcpiError::BadLength { signature, pa, len } => write!(
+                f,
+                "ACPI table {} at {pa:#x} has an impossible length {len}",
+                Sig(signature)
+            ),
+            AcpiError::BadRootTable { pa } => {
+                write!(
+                    f,
+                    "the ACPI root table at {pa:#x} is neither an XSDT nor an RSDT"
+                )
+            }
+            AcpiError::TableNotFound { signature } => {
+                write!(f, "ACPI table {} not found", Sig(signature))
+            }
+            AcpiError::BadMadtEntry { offset, kind, len } => write!(
+                f,
+                "MADT entry of type {kind} at offset {offset} has a bad length {len}"
+            ),
+        }
+    }
+}
+
+/// The Root System Description Pointer (ACPI 6.5, 5.2.5.3).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Rsdp {
+    pub pa: u64,
+    pub revision: u8,
+    pub oem_id: [u8; 6],
+    pub rsdt: u32,
+    /// The XSDT address (revision >= 2 and non-zero).
+    pub xsdt: Option<u64>,
+}
+
+/// The RSDP signature.
+pub const RSDP_SIGNATURE: &[u8; 8] = b"RSD PTR ";
+const RSDP_V1_LEN: usize = 20;
+const RSDP_V2_LEN: u32 = 36;
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}
+
+/// The byte sum of `[pa, pa+len)`, read in chunks.
+fn byte_sum(mem: &impl PhysMemory, pa: u64, len: u64) -> u8 {
+    let mut buf = [0u8; 256];
+    let mut sum = 0u8;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        mem.read(pa + off, &mut buf[..n]);
+        sum = buf[..n].iter().fold(sum, |s, &b| s.wrapping_add(b));
+        off += n as u64;
+    }
+    sum
+}
+
+/// Checks the RSDP candidate at `pa`: `Some(Ok)` valid, `Some(Err)` right signature but
+/// bad checksum, `None` no signature.
+fn check_rsdp(mem: &impl PhysMemory, pa: u64) -> Option<Result<Rsdp, AcpiError>> {
+    let mut b = [0u8; RSDP_V2_LEN as usize];
+    mem.read(pa, &mut b);
+    if &b[..8] != RSDP_SIGNATURE {
+        return None;
+    }
+    let bad = Some(Err(AcpiError::BadRsdpChecksum { pa }));
+    if b[..RSDP_V1_LEN].iter().fold(0u8, |s, &x| s.wrapping_add(x)) != 0 {
+        return bad;
+    }
+    let revision = b[15];
+    let mut xsdt = None;
+    if revision >= 2 {
+        // The extended checksum covers `length` bytes (36 for ACPI 2.0+ RSDPs).
+        let len = le32(&b, 20);
+        if !(RSDP_V2_LEN..=4096).contains(&len) || byte_sum(mem, pa, u64::from(len)) != 0 {
+            return bad;
+        }
+        xsdt = Some(le64(&b, 24)).filter(|&x| x != 0);
+    }
+    let mut oem_id = [0u8; 6];
+    oem_id.copy_from_slice(&b[9..15]);
+    Some(Ok(Rsdp {
+        pa,
+        revision,
+        oem_id,
+        rsdt: le32(&b, 16),
+        xsdt,
+    }))
+}
+
+/// Finds the RSDP the way the OS does on BIOS systems (ACPI 6.5, 5.2.5.1): on 16-byte
+/// boundaries in the first KiB of the EBDA (segment at 40:0Eh), then in 0xE0000..0xFFFFF.
+/// Candidates with a bad checksum are skipped; if no valid one exists the first bad one
+/// is reported.
+pub fn find_rsdp(mem: &impl PhysMemory) -> Result<Rsdp, AcpiError> {
+    let mut seg = [0u8; 2];
+    mem.read(0x40E, &mut seg);
+    let ebda = u64::from(u16::from_le_bytes(seg)) << 4;
+    let mut first_bad = None;
+    let ebda_range = if ebda != 0 { ebda..ebda + 1024 } else { 0..0 };
+    for pa in ebda_range
+        .step_by(16)
+        .chain((0xE0000..0x10_0000).step_by(16))
+    {
+        match check_rsdp(mem, pa) {
+            Some(Ok(rsdp)) => return Ok(rsdp),
+            Some(Err(e)) => {
+                first_bad.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    Err(first_bad.unwrap_or(AcpiError::NoRsdp))
+}
+
+/// The common header of every system description table (ACPI 6.5, 5.2.6, Table 5.4).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C)]
+pub struct SdtHeader {
+    pub signature: [u8; 4],
+    pub length: u32,
+    pub revision: u8,
+    pub checksum: u8,
+    pub oem_id: [u8; 6],
+    pub oem_table_id: [u8; 8],
+    pub oem_revision: u32,
+    pub creator_id: u32,
+    pub creator_revision: u32,
+}
+
+/// Size of [`SdtHeader`].
+pub const SDT_HEADER_LEN: usize = 36;
+const _: () = assert!(core::mem::size_of::<SdtHeader>() == SDT_HEADER_LEN);
+
+impl SdtHeader {
+    fn parse(b: &[u8; SDT_HEADER_LEN]) -> Self {
+        let arr = |at: usize| [b[at], b[at + 1], b[at + 2], b[at + 3]];
+        let mut oem_id = [0; 6];
+        oem_id.copy_from_slice(&b[10..16]);
+        let mut oem_table_id = [0; 8];
+        oem_table_id.copy_from_slice(&b[16..24]);
+        Self {
+            signature: arr(0),
+            length: le32(b, 4),
+            revision: b[8],
+            checksum: b[9],
+            oem_id,
+            oem_table_id,
+            oem_revision: le32(b, 24),
+            creator_id: le32(b, 28),
+            creator_revision: le32(b, 32),
+        }
+    }
+}
+
+/// A table located in physical memory, header read and checksum verified.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct AcpiTable {
+    pub pa: u64,
+    pub header: SdtHeader,
+}
+
+impl AcpiTable {
+    /// Reads and verifies the table at `pa`; `min_len` is its fixed part.
+    pub fn load(mem: &impl PhysMemory, pa: u64, min_len: u32) -> Result<Self, AcpiError> {
+        let mut b = [0u8; SDT_HEADER_LEN];
+        mem.read(pa, &mut b);
+        let header = SdtHeader::parse(&b);
+        let (signature, len) = (header.signature, header.length);
+        if len < min_len.max(SDT_HEADER_LEN as u32) || len > MAX_TABLE_LEN {
+            return Err(AcpiError::BadLength { signature, pa, len });
+        }
+        if byte_sum(mem, pa, u64::from(len)) != 0 {
+            return Err(AcpiError::BadChecksum { signature, pa });
+        }
+        Ok(Self { pa, header })
+    }
+
+    pub fn len(&self) -> u32 {
+        self.header.length
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.header.length == 0
+    }
+}
+
+/// Finds the table with `signature` listed in the XSDT (or, without a usable XSDT, the
+/// RSDT). Listed tables with that signature but a bad checksum or length are skipped in
+/// favour of a valid one; if none is valid the first problem is reported.
+pub fn find_table(
+    mem: &impl PhysMemory,
+    rsdp: &Rsdp,
+    signature: &[u8; 4],
+) -> Result<AcpiTable, AcpiError> {
+    let (root, entry_size) = match rsdp.xsdt.map(|pa| AcpiTable::load(mem, pa, 36)) {
+        Some(Ok(xsdt)) if &xsdt.header.signature == b"XSDT" => (xsdt, 8),
+        // A broken XSDT with no RSDT to fall back on.
+        Some(Err(e)) if rsdp.rsdt == 0 => return Err(e),
+        Some(Ok(xsdt)) if rsdp.rsdt == 0 => return Err(AcpiError::BadRootTable { pa: xsdt.pa }),
+        _ => {
+            let rsdt = AcpiTable::load(mem, u64::from(rsdp.rsdt), 36)?;
+            if &rsdt.header.signature != b"RSDT" {
+                return Err(AcpiError::BadRootTable { pa: rsdt.pa });
+            }
+            (rsdt, 4)
+        }
+    };
+    let count = (root.len() as usize - SDT_HEADER_LEN) / entry_size;
+    let mut first_bad = None;
+    for i in 0..count {
+        let mut b = [0u8; 8];
+        mem.read(
+            root.pa + (SDT_HEADER_LEN + i * entry_size) as u64,
+            &mut b[..entry_size],
+        );
+        let pa = le64(&b, 0);
+        if pa == 0 {
+            continue;
+        }
+        let mut sig = [0u8; 4];
+        mem.read(pa, &mut sig);
+        if &sig != signature {
+            continue;
+        }
+        match AcpiTable::load(mem, pa, 0) {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                first_bad.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_bad.unwrap_or(AcpiError::TableNotFound {
+        signature: *signature,
+    }))
+}
+
+/// Where a fixed-hardware register lives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RegisterBlock {
+    /// System I/O space.
+    Io(u16),
+    /// System memory space.
+    Memory(u64),
+}
+
+/// The FADT's sleep-control registers: what the guest writes to power off.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct SleepControl {
+    /// PM1a_CNT (X_PM1a_CNT_BLK when non-zero, else PM1a_CNT_BLK).
+    pub pm1a: Option<RegisterBlock>,
+    /// PM1b_CNT, present on few machines.
+    pub pm1b: Option<RegisterBlock>,
+    /// SLEEP_CONTROL_REG of hardware-reduced ACPI (FADT 5.0+), if given.
+    pub sleep_control_reg: Option<RegisterBlock>,
+}
+
+impl SleepControl {
+    /// The PM1a/PM1b control blocks that are I/O ports (the usual case on PCs).
+    pub fn pm1_io_ports(&self) -> [Option<u16>; 2] {
+        let port = |b: Option<RegisterBlock>| match b {
+            Some(RegisterBlock::Io(p)) => Some(p),
+            _ => None,
+        };
+        [port(self.pm1a), port(self.pm1b)]
+    }
+}
+
+/// SLP_EN in PM1x_CNT (ACPI 6.5, 4.8.3.2.1, Table 4.13): writing 1 enters the sleep state
+/// selected by SLP_TYP (bits 12:10) — S5, power-off, when the guest shuts down.
+pub const PM1_CNT_SLP_EN: u32 = 1 << 13;
+/// SLP_EN in the hardware-reduced SLEEP_CONTROL_REG (ACPI 6.5, 4.8.3.7, Table 4.19).
+pub const SLEEP_CONTROL_SLP_EN: u8 = 1 << 5;
+
+/// Whether a value written to PM1a/PM1b_CNT requests a sleep state, whatever SLP_TYP is.
+pub const fn is_pm1_sleep_request(value: u32) -> bool {
+    value & PM1_CNT_SLP_EN != 0
+}
+
+/// SLP_TYP (bits 12:10) of a PM1x_CNT value, for the log (the S-state mapping is in the
+/// DSDT's \_Sx objects).
+pub const fn pm1_sleep_type(value: u32) -> u8 {
+    ((value >> 10) & 0b111) as u8
+}
+
+/// A Generic Address Structure (ACPI 6.5, 5.2.3.2) as a register block.
+fn gas_block(b: &[u8], at: usize) -> Option<RegisterBlock> {
+    let address = le64(b, at + 4);
+    if address == 0 {
+        return None;
+    }
+    match b[at] {
+        0 => Some(RegisterBlock::Memory(address)),
+        1 => u16::try_from(address).ok().map(RegisterBlock::Io),
+        _ => None,
+    }
+}
+
+/// Reads the sleep-control registers from the FADT (signature "FACP"; ACPI 6.5, 5.2.9,
+/// Table 5.9: PM1a_CNT_BLK at offset 64, PM1b_CNT_BLK at 68, X_PM1a_CNT_BLK at 172,
+/// X_PM1b_CNT_BLK at 184, SLEEP_CONTROL_REG at 244). The 64-bit X_ fields take precedence
+/// when non-zero, as the specification requires of OSPM.
+pub fn fadt_sleep_control(
+    mem: &impl PhysMemory,
+    fadt: &AcpiTable,
+) -> Result<SleepControl, AcpiError> {
+    let len = fadt.len();
+    if &fadt.header.signature != b"FACP" || len < 72 {
+        return Err(AcpiError::BadLength {
+            signature: fadt.header.signature,
+            pa: fadt.pa,
+            len,
+        });
+    }
+    let mut b = [0u8; 276];
+    let n = (len as usize).min(b.len());
+    mem.read(fadt.pa, &mut b[..n]);
+    let legacy = |at: usize| {
+        let port = le32(&b, at);
+        u16::try_from(port)
+            .ok()
+            .filter(|&p| p != 0)
+            .map(RegisterBlock::Io)
+    };
+    let extended = |at: usize| {
+        if n >= at + 12 {
+            gas_block(&b, at)
+        } else {
+            None
+        }
+    };
+    Ok(SleepControl {
+        pm1a: extended(172).or_else(|| legacy(64)),
+        pm1b: extended(184).or_else(|| legacy(68)),
+        sleep_control_reg: extended(244),
+    })
+}
+
+/// Entry types of the MADT (ACPI 6.5, 5.2.12, Table 5.21).
+pub const MADT_LOCAL_APIC: u8 = 0;
+pub const MADT_LOCAL_X2APIC: u8 = 9;
+/// The MADT's fixed part: header, local interrupt controller address, flags.
+pub const MADT_ENTRIES_OFFSET: u32 = 44;
+
+/// One MADT entry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MadtEntry {
+    /// Processor Local APIC (5.2.12.2).
+    LocalApic { uid: u8, apic_id: u8, flags: u32 },
+    /// Processor Local x2APIC (5.2.12.12).
+    LocalX2Apic {
+        x2apic_id: u32,
+        flags: u32,
+        uid: u32,
+    },
+    /// Any other entry.
+    Other { kind: u8 },
+}
+
+impl MadtEntry {
+    /// The APIC ID of a processor entry.
+    pub fn apic_id(&self) -> Option<u32> {
+        match *self {
+            MadtEntry::LocalApic { apic_id, .. } => Some(u32::from(apic_id)),
+            MadtEntry::LocalX2Apic { x2apic_id, .. } => Some(x2apic_id),
+            MadtEntry::Other { .. } => None,
+        }
+    }
+}
+
+/// Iterator over MADT entries: `(offset in the table, length, entry)`. A malformed entry
+/// yields one error and ends the iteration.
+pub struct MadtEntries<'a, M: PhysMemory> {
+    mem: &'a M,
+    pa: u64,
+    offset: u32,
+    end: u32,
+    done: bool,
+}
+
+/// The entries of `madt` (signature "APIC").
+pub fn madt_entries<'a, M: PhysMemory>(mem: &'a M, madt: &AcpiTable) -> MadtEntries<'a, M> {
+    MadtEntries {
+        mem,
+        pa: madt.pa,
+        offset: MADT_ENTRIES_OFFSET,
+        end: madt.len(),
+        done: madt.len() < MADT_ENTRIES_OFFSET,
+    }
+}
+
+/// Reads the entry at `offset` of the table at `pa` into `buf` and decodes it.
+fn read_madt_entry(
+    mem: &impl PhysMemory,
+    pa: u64,
+    offset: u32,
+    end: u32,
+    buf: &mut [u8; 256],
+) -> Result<(u8, MadtEntry), AcpiError> {
+    let mut hdr = [0u8; 2];
+    let bad = |kind, len| AcpiError::BadMadtEntry { offset, kind, len };
+    let room = end - offset;
+    mem.read(pa + u64::from(offset), &mut hdr[..room.min(2) as usize]);
+    if room < 2 {
+        return Err(bad(hdr[0], room as u8));
+    }
+    let (kind, len) = (hdr[0], hdr[1]);
+    let min = match kind {
+        MADT_LOCAL_APIC => 8,
+        MADT_LOCAL_X2APIC => 16,
+        _ => 2,
+    };
+    if len < min || u32::from(len) > end - offset {
+        return Err(bad(kind, len));
+    }
+    let e = &mut buf[..usize::from(len)];
+    mem.read(pa + u64::from(offset), e);
+    let entry = match kind {
+        MADT_LOCAL_APIC => MadtEntry::LocalApic {
+            uid: e[2],
+            apic_id: e[3],
+            flags: le32(e, 4),
+        },
+        MADT_LOCAL_X2APIC => MadtEntry::LocalX2Apic {
+            x2apic_id: le32(e, 4),
+            flags: le32(e, 8),
+            uid: le32(e, 12),
+        },
+        kind => MadtEntry::Other { kind },
+    };
+    Ok((len, entry))
+}
+
+impl<M: PhysMemory> Iterator for MadtEntries<'_, M> {
+    type Item = Result<(u32, u8, MadtEntry), AcpiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.offset >= self.end {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        match read_madt_entry(self.mem, self.pa, self.offset, self.end, &mut buf) {
+            Ok((len, entry)) => {
+                let at = self.offset;
+                self.offset += u32::from(len);
+                Some(Ok((at, len, entry)))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Removes the Local APIC (type 0) and Local x2APIC (type 9) entries whose APIC ID is in
+/// `apic_ids` from the MADT in place: later entries move down, the length shrinks, the
+/// freed tail is zeroed and the checksum is fixed. The whole table is validated before
+/// anything is written. Returns the number of entries removed; `madt` is updated.
+pub fn remove_madt_cpus(
+    mem: &mut impl PhysMemory,
+    madt: &mut AcpiTable,
+    apic_ids: &[u32],
+) -> Result<usize, AcpiError> {
+    if &madt.header.signature != b"APIC" || madt.len() < MADT_ENTRIES_OFFSET {
+        return Err(AcpiError::BadLength {
+            signature: madt.header.signature,
+            pa: madt.pa,
+            len: madt.len(),
+        });
+    }
+    for e in madt_entries(&*mem, madt) {
+        e?;
+    }
+    let (pa, end) = (madt.pa, madt.len());
+    let mut buf = [0u8; 256];
+    let (mut src, mut dst, mut removed) = (MADT_ENTRIES_OFFSET, MADT_ENTRIES_OFFSET, 0);
+    while src < end {
+        let (len, entry) = read_madt_entry(&*mem, pa, src, end, &mut buf)?;
+        let hide = entry.apic_id().is_some_and(|id| apic_ids.contains(&id));
+        if hide {
+            removed += 1;
+        } else {
+            if dst != src {
+                // `buf` holds the entry; moving down never overwrites unread entries.
+                mem.write(pa + u64::from(dst), &buf[..usize::from(len)]);
+            }
+            dst += u32::from(len);
+        }
+        src += u32::from(len);
+    }
+    if removed == 0 {
+        return Ok(0);
+    }
+    // Zero the freed tail so stale entries cannot be mistaken for live ones.
+    let zeros = [0u8; 256];
+    let mut at = dst;
+    while at < end {
+        let n = (end - at).min(zeros.len() as u32);
+        mem.write(pa + u64::from(at), &zeros[..n as usize]);
+        at += n;
+    }
+    mem.write(pa + 4, &dst.to_le_bytes());
+    mem.write(pa + 9, &[0]);
+    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(dst)));
+    mem.write(pa + 9, &[checksum]);
+    madt.header.length = dst;
+    madt.header.checksum = checksum;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first 16 MiB of physical memory.
+    struct FakeMem(std::vec::Vec<u8>);
+
+    impl FakeMem {
+        fn new() -> Self {
+            Self(vec![0; 16 << 20])
+        }
+        fn put(&mut self, pa: u64, bytes: &[u8]) {
+            self.0[pa as usize..pa as usize + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+
+    impl PhysMemory for FakeMem {
+        fn read(&self, pa: u64, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0[pa as usize..pa as usize + buf.len()]);
+        }
+        fn write(&mut self, pa: u64, buf: &[u8]) {
+            self.put(pa, buf);
+        }
+    }
+
+    fn fix_checksum(bytes: &mut [u8], at: usize) {
+        bytes[at] = 0;
+        let sum = bytes.iter().fold(0u8, |s, &b| s.wrapping_add(b));
+        bytes[at] = 0u8.wrapping_sub(sum);
+    }
+
+    fn table(sig: &[u8; 4], body: &[u8]) -> std::vec::Vec<u8> {
+        let mut t = std::vec::Vec::new();
+        t.extend_from_slice(sig);
+        t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+        t.push(1); // revision
+        t.push(0); // checksum
+        t.extend_from_slice(b"ALLYTS");
+        t.extend_from_slice(b"TESTTABL");
+        t.extend_from_slice(&[0; 12]);
+        t.extend_from_slice(body);
+        fix_checksum(&mut t, 9);
+        t
+    }
+
+    fn rsdp(rev: u8, rsdt: u32, xsdt: u64) -> std::vec::Vec<u8> {
+        let mut r = std::vec::Vec::new();
+        r.extend_from_slice(RSDP_SIGNATURE);
+        r.push(0);
+        r.extend_from_slice(b"BOCHS ");
+        r.push(rev);
+        r.extend_from_slice(&rsdt.to_le_bytes());
+        if rev >= 2 {
+            r.extend_from_slice(&36u32.to_le_bytes());
+            r.extend_from_slice(&xsdt.to_le_bytes());
+            r.extend_from_slice(&[0; 4]);
+            fix_checksum(&mut r[..20], 8);
+            fix_checksum(&mut r, 32);
+        } else {
+            fix_checksum(&mut r, 8);
+        }
+        r
+    }
+
+    fn lapic(uid: u8, id: u8) -> [u8; 8] {
+        [0, 8, uid, id, 1, 0, 0, 0]
+    }
+
+    fn x2apic(id: u32, uid: u32) -> std::vec::Vec<u8> {
+        let mut e = vec![9, 16, 0, 0];
+        e.extend_from_slice(&id.to_le_bytes());
+        e.extend_from_slice(&1u32.to_le_bytes());
+        e.extend_from_slice(&uid.to_le_bytes());
+        e
+    }
+
+    fn madt_body(entries: &[&[u8]]) -> std::vec::Vec<u8> {
+        let mut b = std::vec::Vec::new();
+        b.extend_from_slice(&0xFEE0_0000u32.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        for e in entries {
+            b.extend_from_slice(e);
+        }
+        b
+    }
+
+    fn fadt_body(pm1a: u32, pm1b: u32, x_pm1a: Option<(u8, u64)>) -> std::vec::Vec<u8> {
+        let mut b = vec![0u8; 276 - 36];
+        b[64 - 36..68 - 36].copy_from_slice(&pm1a.to_le_bytes());
+        b[68 - 36..72 - 36].copy_from_slice(&pm1b.to_le_bytes());
+        if let Some((space, addr)) = x_pm1a {
+            b[172 - 36] = space;
+            b[172 - 36 + 1] = 16;
+            b[172 - 36 + 4..172 - 36 + 12].copy_from_slice(&addr.to_le_bytes());
+        }
+        b
+    }
+
+    const MADT_PA: u64 = 0xFE_1000;
+    const FADT_PA: u64 = 0xFE_2000;
+    const XSDT_PA: u64 = 0xFE_3000;
+    const RSDT_PA: u64 = 0xFE_4000;
+
+    /// A machine like Bochs: RSDP in the BIOS area, RSDT and XSDT listing FACP and APIC.
+    fn machine(entries: &[&[u8]]) -> FakeMem {
+        let mut m = FakeMem::new();
+        m.put(0xF_6A10, &rsdp(2, RSDT_PA as u32, XSDT_PA));
+        let mut xsdt_body = std::vec::Vec::new();
+        for pa in [FADT_PA, MADT_PA] {
+            xsdt_body.extend_from_slice(&pa.to_le_bytes());
+        }
+        m.put(XSDT_PA, &table(b"XSDT", &xsdt_body));
+        let mut rsdt_body = std::vec::Vec::new();
+        for pa in [FADT_PA, MADT_PA] {
+            rsdt_body.extend_from_slice(&(pa as u32).to_le_bytes());
+        }
+        m.put(RSDT_PA, &table(b"RSDT", &rsdt_body));
+        m.put(FADT_PA, &table(b"FACP", &fadt_body(0xB004, 0, None)));
+        m.put(MADT_PA, &table(b"APIC", &madt_body(entries)));
+        m
+    }
+
+    fn four_cpus() -> FakeMem {
+        let ioapic = [1u8, 12, 0, 0, 0, 0, 0xC0, 0xFE, 0, 0, 0, 0];
+        machine(&[
+            &lapic(0, 0),
+            &lapic(1, 1),
+            &ioapic,
+            &lapic(2, 2),
+            &lapic(3, 3),
+            &x2apic(0x100, 4),
+        ])
+    }
+
+    #[test]
+    fn finds_rsdp_in_bios_area() {
+        let m = four_cpus();
+        let r = find_rsdp(&m).unwrap();
+        assert_eq!(r.pa, 0xF_6A10);
+        assert_eq!(r.revision, 2);
+        assert_eq!(&r.oem_id, b"BOCHS ");
+        assert_eq!(r.rsdt, RSDT_PA as u32);
+        assert_eq!(r.xsdt, Some(XSDT_PA));
+    }
+
+    #[test]
+    fn finds_rsdp_in_ebda_first() {
+        let mut m = four_cpus();
+        m.put(0x40E, &0x9FC0u16.to_le_bytes());
+        m.put(0x9_FC00 + 0x40, &rsdp(0, 0x1234_0000, 0));
+        let r = find_rsdp(&m).unwrap();
+        assert_eq!(r.pa, 0x9_FC40);
+        assert_eq!(r.xsdt, None);
+        // Beyond the first KiB of the EBDA it is not searched: the BIOS-area one wins.
+        let mut m = four_cpus();
+        m.put(0x40E, &0x9FC0u16.to_le_bytes());
+        m.put(0x9_FC00 + 0x400, &rsdp(0, 0x1234_0000, 0));
+        assert_eq!(find_rsdp(&m).unwrap().pa, 0xF_6A10);
+    }
+
+    #[test]
+    fn rsdp_errors() {
+        let m = FakeMem::new();
+        assert_eq!(find_rsdp(&m), Err(AcpiError::NoRsdp));
+        // Bad first checksum.
+        let mut m = FakeMem::new();
+        let mut r = rsdp(2, 0x1000, 0x2000);
+        r[8] ^= 1;
+        m.put(0xE_0000, &r);
+        assert_eq!(
+            find_rsdp(&m),
+            Err(AcpiError::BadRsdpChecksum { pa: 0xE_0000 })
+        );
+        // Bad extended checksum only.
+        let mut m = FakeMem::new();
+        let mut r = rsdp(2, 0x1000, 0x2000);
+        r[32] ^= 1;
+        m.put(0xE_0000, &r);
+        assert_eq!(
+            find_rsdp(&m),
+            Err(AcpiError::BadRsdpChecksum { pa: 0xE_0000 })
+        );
+        // A bad candidate followed by a good one: the good one is used.
+        m.put(0xE_0100, &rsdp(0, 0x3000, 0));
+        assert_eq!(find_rsdp(&m).unwrap().pa, 0xE_0100);
+        // Signature not on a 16-byte boundary is not found.
+        let mut m = FakeMem::new();
+        m.put(0xE_0008, &rsdp(0, 0x3000, 0));
+        assert_eq!(find_rsdp(&m), Err(AcpiError::NoRsdp));
+        assert_eq!(
+            AcpiError::NoRsdp.to_string(),
+            "no ACPI RSDP found (searched the first KiB of the EBDA and 0xE0000-0xFFFFF)"
+        );
+    }
+
+    #[test]
+    fn finds_tables_via_xsdt_and_rsdt() {
+        let m = four_cpus();
+        let r = find_rsdp(&m).unwrap();
+        let madt = find_table(&m, &r, b"APIC").unwrap();
+        assert_eq!(madt.pa, MADT_PA);
+        assert_eq!(&madt.header.oem_id, b"ALLYTS");
+        assert_eq!(find_table(&m, &r, b"FACP").unwrap().pa, FADT_PA);
+        assert_eq!(
+            find_table(&m, &r, b"HPET"),
+            Err(AcpiError::TableNotFound {
+                signature: *b"HPET"
+            })
+        );
+        assert_eq!(
+            AcpiError::TableNotFound {
+                signature: *b"HPET"
+            }
+            .to_string(),
+            "ACPI table HPET not found"
+        );
+        // Without the XSDT (ACPI 1.0 RSDP), the RSDT is used.
+        let r1 = Rsdp { xsdt: None, ..r };
+        assert_eq!(find_table(&m, &r1, b"APIC").unwrap().pa, MADT_PA);
+        // A corrupt XSDT falls back to the RSDT.
+        let mut m2 = four_cpus();
+        m2.0[XSDT_PA as usize + 40] ^= 0xFF;
+        assert_eq!(find_table(&m2, &r, b"APIC").unwrap().pa, MADT_PA);
+        // ... unless there is none.
+        let r_no_rsdt = Rsdp { rsdt: 0, ..r };
+        assert_eq!(
+            find_table(&m2, &r_no_rsdt, b"APIC"),
+            Err(AcpiError::BadChecksum {
+                signature: *b"XSDT",
+                pa: XSDT_PA
+            })
+        );
+    }
+
+    #[test]
+    fn bad_table_checksum_and_length() {
+        let mut m = four_cpus();
+        m.0[MADT_PA as usize + 50] ^= 0x01;
+        let r = find_rsdp(&m).unwrap();
+        assert_eq!(
+            find_table(&m, &r, b"APIC"),
+            Err(AcpiError::BadChecksum {
+                signature: *b"APIC",
+                pa: MADT_PA
+            })
+        );
+        let mut m = four_cpus();
+        m.put(MADT_PA + 4, &0xFFFF_FFFFu32.to_le_bytes());
+        assert!(matches!(
+            find_table(&m, &r, b"APIC"),
+            Err(AcpiError::BadLength {
+                len: 0xFFFF_FFFF,
+                ..
+            })
+        ));
+        let mut m = four_cpus();
+        m.put(MADT_PA + 4, &10u32.to_le_bytes());
+        assert!(matches!(
+            find_table(&m, &r, b"APIC"),
+            Err(AcpiError::BadLength { len: 10, .. })
+        ));
+    }
+
+    #[test]
+    fn fadt_pm1_ports() {
+        let m = four_cpus();
+        let r = find_rsdp(&m).unwrap();
+        let fadt = find_table(&m, &r, b"FACP").unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(sc.pm1a, Some(RegisterBlock::Io(0xB004)));
+        assert_eq!(sc.pm1b, None);
+        assert_eq!(sc.sleep_control_reg, None);
+        assert_eq!(sc.pm1_io_ports(), [Some(0xB004), None]);
+
+        // X_PM1a_CNT_BLK takes precedence; an MMIO one is not an I/O port.
+        let mut m = FakeMem::new();
+        m.put(
+            FADT_PA,
+            &table(b"FACP", &fadt_body(0x604, 0x608, Some((1, 0x1804)))),
+        );
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(sc.pm1_io_ports(), [Some(0x1804), Some(0x608)]);
+        m.put(
+            FADT_PA,
+            &table(b"FACP", &fadt_body(0x604, 0, Some((0, 0xFED0_0004)))),
+        );
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(sc.pm1a, Some(RegisterBlock::Memory(0xFED0_0004)));
+        assert_eq!(sc.pm1_io_ports(), [None, None]);
+
+        // An ACPI 1.0 FADT (116 bytes) has no X_ fields.
+        let mut m = FakeMem::new();
+        m.put(
+            FADT_PA,
+            &table(b"FACP", &fadt_body(0x404, 0, None)[..116 - 36]),
+        );
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        assert_eq!(
+            fadt_sleep_control(&m, &fadt).unwrap().pm1_io_ports(),
+            [Some(0x404), None]
+        );
+        // Too short, or not a FADT.
+        m.put(FADT_PA, &table(b"FACP", &[0; 20]));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        assert!(fadt_sleep_control(&m, &fadt).is_err());
+        let madt = AcpiTable::load(&four_cpus(), MADT_PA, 0).unwrap();
+        assert!(fadt_sleep_control(&four_cpus(), &madt).is_err());
+    }
+
+    #[test]
+    fn slp_en_detection() {
+        // S5 on QEMU/Bochs: SLP_TYP=0, SLP_EN; S5 elsewhere: SLP_TYP=5|7.
+        assert!(is_pm1_sleep_request(0x2000));
+        assert!(is_pm1_sleep_request(0x3C01));
+        assert_eq!(pm1_sleep_type(0x3C01), 7);
+        assert!(!is_pm1_sleep_request(0x1C01));
+        assert!(!is_pm1_sleep_request(0x0001));
+    }
+
+    fn apic_ids(m: &FakeMem, madt: &AcpiTable) -> std::vec::Vec<u32> {
+        madt_entries(m, madt)
+            .map(|e| e.unwrap())
+            .filter_map(|(_, _, e)| e.apic_id())
+            .collect()
+    }
+
+    #[test]
+    fn madt_iteration() {
+        let m = four_cpus();
+        let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        let entries: std::vec::Vec<_> = madt_entries(&m, &madt).map(|e| e.unwrap()).collect();
+        assert_eq!(entries.len(), 6);
+        assert_eq!(
+            entries[0],
+            (
+                44,
+                8,
+                MadtEntry::LocalApic {
+                    uid: 0,
+                    apic_id: 0,
+                    flags: 1
+                }
+            )
+        );
+        assert_eq!(entries[2], (60, 12, MadtEntry::Other { kind: 1 }));
+        assert_eq!(
+            entries[5].2,
+            MadtEntry::LocalX2Apic {
+                x2apic_id: 0x100,
+                flags: 1,
+                uid: 4
+            }
+        );
+        assert_eq!(apic_ids(&m, &madt), [0, 1, 2, 3, 0x100]);
+    }
+
+    #[test]
+    fn madt_remove_cpus_in_place() {
+        let mut m = four_cpus();
+        let r = find_rsdp(&m).unwrap();
+        let mut madt = find_table(&m, &r, b"APIC").unwrap();
+        let old_len = madt.len();
+        let removed = remove_madt_cpus(&mut m, &mut madt, &[1, 3, 0x100, 77]).unwrap();
+        assert_eq!(removed, 3);
+        assert_eq!(madt.len(), old_len - 8 - 8 - 16);
+        // The table still verifies (length and checksum) and lists what remains, in order.
+        let again = find_table(&m, &r, b"APIC").unwrap();
+        assert_eq!(again, madt);
+        assert_eq!(apic_ids(&m, &again), [0, 2]);
+        let kinds: std::vec::Vec<_> = madt_entries(&m, &again).map(|e| e.unwrap().2).collect();
+        assert_eq!(kinds[1], MadtEntry::Other { kind: 1 });
+        // The freed tail is zeroed.
+        let tail = &m.0
+            [(MADT_PA + u64::from(madt.len())) as usize..(MADT_PA + u64::from(old_len)) as usize];
+        assert!(tail.iter().all(|&b| b == 0));
+        // The local APIC address and flags are kept.
+        assert_eq!(le32(&m.0, MADT_PA as usize + 36), 0xFEE0_0000);
+        // Removing nothing changes nothing.
+        let snapshot = m.0.clone();
+        assert_eq!(remove_madt_cpus(&mut m, &mut madt, &[9]).unwrap(), 0);
+        assert_eq!(m.0, snapshot);
+    }
+
+    #[test]
+    fn madt_malformed_entries_are_refused_before_writing() {
+        // Second entry claims 40 bytes but only 8 remain.
+        let mut bad = lapic(1, 1);
+        bad[1] = 40;
+        let mut m = machine(&[&lapic(0, 0), &lapic(2, 2), &bad]);
+        let mut madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        let snapshot = m.0.clone();
+        assert_eq!(
+            remove_madt_cpus(&mut m, &mut madt, &[0]),
+            Err(AcpiError::BadMadtEntry {
+                offset: 60,
+                kind: 0,
+                len: 40
+            })
+        );
+        assert_eq!(m.0, snapshot);
+        // A zero-length entry would loop forever if accepted.
+        let mut m = machine(&[&lapic(0, 0), &[7, 0, 0, 0]]);
+        let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        let items: std::vec::Vec<_> = madt_entries(&m, &madt).collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[1].is_err());
+        let mut madt2 = madt;
+        assert!(remove_madt_cpus(&mut m, &mut madt2, &[0]).is_err());
+        // An x2APIC entry shorter than 16 bytes.
+        let short = [9u8, 8, 0, 0, 1, 0, 0, 0];
+        let m = machine(&[&short]);
+        let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        assert!(madt_entries(&m, &madt).next().unwrap().is_err());
+        // A trailing single byte.
+        let m = machine(&[&lapic(0, 0), &[0]]);
+        let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        assert!(madt_entries(&m, &madt).nth(1).unwrap().is_err());
+    }
+
+    #[test]
+    fn header_layout() {
+        let t = table(b"APIC", &[]);
+        let h = SdtHeader::parse(t[..36].try_into().unwrap());
+        assert_eq!(&h.signature, b"APIC");
+        assert_eq!(h.length, 36);
+        assert_eq!(&h.oem_table_id, b"TESTTABL");
+    }
+}
