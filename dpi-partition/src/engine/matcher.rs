@@ -7,6 +7,8 @@
 //! - Negated content (`!`) succeeds when no match lies in its window and leaves the cursor alone.
 //! - `pcre`: searched from the buffer start, or with `R` from the cursor (the subject then starts
 //!   at the cursor, so `^` anchors there, as PCRE does); a match moves the cursor to its end.
+//! - `isdataat:n` (Snort 3): the byte at `n` (or at `cursor + n` with `relative`) exists; `!`
+//!   inverts; the cursor does not move.
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
@@ -67,7 +69,9 @@ pub struct CompiledPcre {
 /// Compiles a pcre option (also used by the parser to refuse what regex-automata cannot do).
 pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
     let multi = p.has('m');
-    let mut src = String::from(&p.source[..]);
+    // Snort's idiom `(?!\n)\s` ("whitespace but not a newline") is a one-character lookahead
+    // followed by a one-character class: exactly the class `[^\S\n]`, which needs no lookaround.
+    let mut src = p.source.replace(r"(?!\n)\s", r"[^\S\n]");
     let mut end_dollar = false;
     if !multi {
         let dollars = dollar_positions(&src);
@@ -99,7 +103,10 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         .syntax(syn)
         .configure(Regex::config().utf8_empty(false))
         .build(&src)
-        .map_err(|e| format!("pattern not supported by regex-automata: {e}"))?;
+        .map_err(|e| match e.syntax_error() {
+            Some(se) => format!("pattern not supported: {}", one_line(&format!("{se}"))),
+            None => format!("pattern not supported: {e}"),
+        })?;
     let cache = re.create_cache();
     Ok(CompiledPcre {
         re,
@@ -109,6 +116,11 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         anchored: p.has('A'),
         end_dollar,
     })
+}
+
+/// The last line of a multi-line parser message (the part that says what is wrong).
+fn one_line(msg: &str) -> String {
+    msg.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(msg).trim().into()
 }
 
 impl CompiledPcre {

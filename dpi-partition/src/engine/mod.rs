@@ -27,9 +27,11 @@
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
 //!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
 //!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
-//! - Rules are grouped by protocol and port (per destination port, per source port, and a
-//!   generic group for `any`/negated/wide port sets and `<>` rules; `ip` rules join every group).
-//!   Each group has a prefilter ([`prefilter`]) over every rule's fast pattern
+//! - Rules are grouped by protocol and port: per destination port, else per source port, else a
+//!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
+//!   group of every protocol). A packet scans its protocol's generic group and the groups of its
+//!   destination and source ports; identical port groups share one prefilter. Each group has a
+//!   prefilter ([`prefilter`]) over every rule's fast pattern
 //!   ([`Rule::fast_pattern`]); rules with no positive content are candidates for every packet of
 //!   their group. Candidates are then checked in full: header, `dsize`, `flow` ([`flow`]), and
 //!   the payload program ([`matcher`]).
@@ -343,9 +345,7 @@ impl Engine {
             }
             let mut pg = ProtoGroups::default();
             for (map, out) in [(dst, &mut pg.dst), (src, &mut pg.src)] {
-                for (port, mut members) in map {
-                    members.extend_from_slice(&generic);
-                    members.sort_unstable();
+                for (port, members) in map {
                     let g = self.group_for(&mut by_members, members)?;
                     out.push((port, g));
                 }
@@ -408,6 +408,12 @@ impl Engine {
     /// Approximate heap bytes of the compiled ruleset: prefilters, group tables, regexes and
     /// rule data (the flow table is separate: [`Engine::flow_table_bytes`]).
     pub fn memory_usage(&self) -> usize {
+        let (g, r) = self.memory_breakdown();
+        g + r
+    }
+
+    /// (prefilter groups, rules incl. regexes) heap bytes.
+    pub fn memory_breakdown(&self) -> (usize, usize) {
         let groups: usize = self
             .groups
             .iter()
@@ -419,7 +425,7 @@ impl Engine {
             .map(|c| core::mem::size_of::<Compiled>() + rule_heap(&c.rule) + c.program.memory_usage())
             .sum();
         let classes: usize = self.classes.iter().map(|c| (c.dst.len() + c.src.len()) * 8).sum();
-        groups + rules + classes
+        (groups + classes, rules)
     }
 
     /// Bytes of the flow table.
@@ -443,12 +449,9 @@ impl Engine {
         let lookup = |v: &[(u16, u32)], p: u16| {
             v.binary_search_by_key(&p, |e| e.0).ok().map(|i| v[i].1)
         };
-        let dg = lookup(&class.dst, dp);
-        let sg = lookup(&class.src, sp);
-        let mut scan = [dg, sg, None];
-        if dg.is_none() && sg.is_none() {
-            scan[2] = class.generic;
-        }
+        // A rule sits in one kind of group only (destination-port, source-port or generic), so
+        // the three scans never evaluate a rule twice; the marks make that a checked property.
+        let scan = [class.generic, lookup(&class.dst, dp), lookup(&class.src, sp)];
         for g in scan.into_iter().flatten() {
             let group = &self.groups[g as usize];
             self.lit_marks.begin(group.pf.len());

@@ -17,7 +17,8 @@
 //! pcre: `/re/flags` with flags `i s m x` (PCRE meanings), `R` (relative to the cursor), `A`
 //! (anchored), `G` (ungreedy), `E` (`$` only at the very end), and `B`/`O` (raw bytes / match-limit
 //! override: no effect here, the payload is raw and regex-automata has no backtracking limit).
-//! Compiled by regex-automata over bytes (no Unicode). Refused (rule not loaded, reason given):
+//! Compiled by regex-automata over bytes (no Unicode). Snort's idiom `(?!\n)\s` is rewritten to
+//! the equivalent class `[^\S\n]`. Refused (rule not loaded, reason given):
 //! backreferences, lookaround, atomic groups, possessive quantifiers, `\Z`, other PCRE-only
 //! syntax (anything regex-automata's parser rejects), and without `m`/`E` a `$` anywhere but at
 //! the end of the pattern (PCRE's `$` there also matches before a final newline, which is handled
