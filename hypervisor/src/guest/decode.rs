@@ -16,7 +16,9 @@
 
 use core::fmt;
 
-use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Mnemonic, OpKind, Register};
+/// The decoder's mnemonic type, re-exported so that callers need not depend on iced-x86.
+pub use iced_x86::Mnemonic;
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, OpKind, Register};
 
 use super::fetch::MAX_INSTRUCTION_LEN;
 use super::state::{AccessWidth, CpuMode, GprOperand, GprPart, GuestRegisters, SegmentReg};

@@ -52,6 +52,31 @@ pub struct EmulatedAccess {
     pub new_rip: u64,
 }
 
+impl fmt::Display for MmioDirection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MmioDirection::Read => "read",
+            MmioDirection::Write => "write",
+        })
+    }
+}
+
+/// One log line: `rip 0x…: write 32-bit 0x1 at 0xfebc3818 [89 87 18 38 00 00]`, plus the
+/// destination register for loads.
+impl fmt::Display for EmulatedAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rip {:#x}: {} {} {:#x} at {} [{}]",
+            self.old_rip, self.direction, self.width, self.value, self.gpa, self.instruction.bytes
+        )?;
+        if let Some(dest) = self.dest {
+            write!(f, " into {dest}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why an MMIO access could not be emulated. The guest's state is unchanged in every case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EmulationError {

@@ -21,7 +21,10 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_mmio, DecodeError, MemOperand, MmioInstruction, MmioOp};
+pub use decode::{
+    decode_mmio, warm_up, DecodeError, InstructionBytes, MemOperand, MmioInstruction, MmioOp,
+    Mnemonic,
+};
 pub use emulate::{emulate_mmio, EmulatedAccess, EmulationError, MmioDirection, MmioHandler};
 pub use fetch::{fetch_instruction, FetchError, FetchedInstruction, MAX_INSTRUCTION_LEN};
 pub use memory::{GuestMemError, GuestMemory};

@@ -534,6 +534,10 @@ fn store_register_64() {
     );
     assert_eq!(cpu.rip, CODE_LA + 6);
     assert_eq!((a.old_rip, a.new_rip), (CODE_LA, CODE_LA + 6));
+    assert_eq!(
+        message(&a).as_str(),
+        "rip 0xffffffff81000ff0: write 32-bit 0x123 at 0xfebc3818 [89 87 18 38 00 00]"
+    );
 }
 
 #[test]
@@ -732,6 +736,11 @@ fn loads_with_merge_zero_and_sign_extension_64() {
         assert_eq!(cpu.rip, CODE_LA + code.len() as u64);
         assert_eq!(cpu.regs.rbx, MMIO_LA + 0x20, "base register untouched");
     }
+    // The log line names the destination register.
+    let (mut cpu, mem) = guest64(&[0x44, 0x8b, 0x0b]); // mov r9d, [rbx]
+    cpu.regs.rbx = MMIO_LA;
+    let (r, _) = emulate(&mut cpu, &mem, MMIO_GPA, AccessKind::Read, 0x42);
+    assert!(message(&r.unwrap()).ends_with("read 32-bit 0x42 at 0xfebc0000 [44 8b 0b] into r9d"));
 }
 
 #[test]
