@@ -13,3 +13,4 @@ pub mod int15;
 pub mod paging;
 pub mod exit;
 pub mod acpi;
+pub mod mtrr;
