@@ -1,1 +1,104 @@
-fn main() {}
+//! `ally-run`: build and boot Ally (or the guest alone) under an emulator and judge the run.
+//!
+//! ```text
+//! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
+//! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
+//! ```
+//! Exit status: 0 when every check passed, 1 when the run failed a check, 2 when it could not
+//! run (bad option, missing tool or input).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ally_runner::{run, EmulatorChoice, Mode, RunOptions};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ally-run",
+    about = "Build and boot Ally under Bochs or QEMU/KVM and judge the run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot Ally, which boots the test guest from disk; print and judge the markers.
+    Demo {
+        #[command(flatten)]
+        common: Common,
+        /// Ally's command line (after `multiboot2 /boot/ally`).
+        #[arg(long, default_value = "")]
+        ally_options: String,
+        /// Use this Ally image instead of building it with cargo.
+        #[arg(long)]
+        ally_image: Option<PathBuf>,
+    },
+    /// Boot the test guest without Ally (GRUB chainloads the disk).
+    Baseline {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Emulated CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Stop the run after this many seconds.
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Keep the run's disk copy and ISO (logs are always kept).
+    #[arg(long)]
+    keep: bool,
+    /// auto (QEMU/KVM when the host has VT-x, else Bochs), bochs or qemu.
+    #[arg(long, default_value = "auto")]
+    emulator: EmulatorChoice,
+    /// Run directory name under out/ (default: the subcommand's name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
+    let mut o = RunOptions::new(mode, c.name.as_deref().unwrap_or(default_name));
+    o.cpus = c.cpus;
+    o.timeout = Duration::from_secs(c.timeout);
+    o.keep = c.keep;
+    o.emulator = c.emulator;
+    o
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = match cli.command {
+        Cmd::Demo {
+            common,
+            ally_options,
+            ally_image,
+        } => {
+            let mut o = options(Mode::Ally, "demo", common);
+            o.ally_options = ally_options;
+            o.ally_image = ally_image;
+            o
+        }
+        Cmd::Baseline { common } => options(Mode::Baseline, "baseline", common),
+    };
+    match run(&opts) {
+        Ok(result) => {
+            println!("{result}");
+            if result.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("ally-run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

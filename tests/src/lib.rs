@@ -1,1 +1,34 @@
 //! Shared helpers for the end-to-end tests.
+
+use std::path::PathBuf;
+
+use ally_runner::{Check, RunResult};
+
+/// `ALLY_IMAGE`, when set, names a prebuilt Ally image (scripts/test.sh builds it once and
+/// passes it, so the test does not run cargo from inside `cargo test`).
+pub fn prebuilt_ally_image() -> Option<PathBuf> {
+    std::env::var_os("ALLY_IMAGE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The failed checks of a run, one per line, for an assertion message.
+pub fn failures(result: &RunResult) -> String {
+    result
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(Check::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The check named `name` (panics when the runner did not produce it: a renamed check must
+/// not silently drop out of the e2e suite).
+pub fn check<'a>(result: &'a RunResult, name: &str) -> &'a Check {
+    result
+        .checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("the runner produced no `{name}` check"))
+}

@@ -1,0 +1,410 @@
+//! Pass/fail judgement of a run from its marker lines.
+//!
+//! The same checks serve `ally-run` (which prints them) and the e2e test (which asserts them),
+//! so a run is judged the same way everywhere.
+
+use std::fmt;
+
+use crate::markers::{AllyReport, GuestReport, MarkerError};
+
+/// Guest RAM every run gives the machine, in MiB (Bochs `memory: guest=`, QEMU `-m`).
+pub const GUEST_RAM_MIB: u64 = 1024;
+
+/// What Ally makes a read of its hidden memory return (EPT-violation handler: all-ones).
+pub const HIDDEN_READ_VALUE: u64 = 0xffff_ffff;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    /// What was seen (and, on failure, what was expected).
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            passed,
+            detail: detail.into(),
+        }
+    }
+
+    fn from_result(name: &'static str, r: Result<String, String>) -> Check {
+        match r {
+            Ok(d) => Check::new(name, true, d),
+            Err(d) => Check::new(name, false, d),
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = if self.passed { "PASS" } else { "FAIL" };
+        write!(f, "{word} {}: {}", self.name, self.detail)
+    }
+}
+
+fn marker_err(e: MarkerError) -> String {
+    e.to_string()
+}
+
+/// Checks that hold with or without Ally: the guest booted, ran its script and reached the
+/// network.
+pub fn guest_checks(guest: &GuestReport) -> Vec<Check> {
+    let mut out = vec![Check::new(
+        "init",
+        guest.init_reached(),
+        if guest.init_reached() {
+            "guest init ran"
+        } else {
+            "no `ALLYTEST init PASS` on the guest console"
+        },
+    )];
+    out.push(Check::new(
+        "done",
+        guest.done(),
+        if guest.done() {
+            "guest script finished"
+        } else {
+            "no `ALLYTEST done` on the guest console"
+        },
+    ));
+    out.push(match guest.ping_passed() {
+        Some(true) => Check::new("ping", true, guest.find("ping").map_or("", |m| &m.line)),
+        Some(false) => Check::new("ping", false, guest.find("ping").map_or("", |m| &m.line)),
+        None => Check::new("ping", false, "no `ALLYTEST ping` marker"),
+    });
+    let failures: Vec<&str> = guest.failures().map(|m| m.line.as_str()).collect();
+    out.push(Check::new(
+        "no-guest-failures",
+        failures.is_empty(),
+        if failures.is_empty() {
+            "no FAIL markers".to_string()
+        } else {
+            failures.join("; ")
+        },
+    ));
+    out
+}
+
+/// The checks of a demo boot under Ally (issue 2): the guest cannot see, read or write Ally's
+/// region, Ally saw the write, and the guest still reaches the network.
+pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
+    let mut out = guest_checks(guest);
+    let region = ally
+        .region()
+        .map_err(marker_err)
+        .and_then(|r| r.ok_or_else(|| "no `ALLY region base=.. size=..` line on COM2".to_string()));
+    out.push(Check::from_result(
+        "ally-region",
+        region
+            .clone()
+            .map(|(b, s)| format!("base={b:#x} size={s:#x}")),
+    ));
+    out.push(Check::new(
+        "ally-guest-start",
+        ally.guest_started(),
+        if ally.guest_started() {
+            "Ally started the guest"
+        } else {
+            "no `ALLY guest-start` line"
+        },
+    ));
+    out.push(Check::from_result("memtotal", memtotal(guest, &region)));
+    out.push(Check::from_result("memmap", memmap(guest, &region)));
+    out.push(Check::from_result("probe-addr", probe_addr(guest, &region)));
+    out.push(Check::from_result("devmem-read", devmem_reads(guest)));
+    out.push(Check::from_result("devmem-write", devmem_write(guest)));
+    out.push(Check::from_result(
+        "ept-violation",
+        ept_violation(guest, ally),
+    ));
+    out.push(match ally.canary() {
+        Some("intact") => Check::new("canary", true, "ALLY canary status=intact"),
+        Some(s) => Check::new("canary", false, format!("ALLY canary status={s}")),
+        None => Check::new("canary", false, "no `ALLY canary` line"),
+    });
+    out.push(Check::from_result("exits", exits(ally)));
+    out.push(match ally.fatal() {
+        None => Check::new("no-fatal", true, "no `ALLY fatal` line"),
+        Some(l) => Check::new("no-fatal", false, l.line.clone()),
+    });
+    out
+}
+
+fn memtotal(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
+    let kb = guest
+        .memtotal_kb()
+        .map_err(marker_err)?
+        .ok_or("no `ALLYTEST meminfo` marker")?;
+    let (_, size) = region.clone()?;
+    let limit = (GUEST_RAM_MIB << 20).saturating_sub(size);
+    let bytes = kb.saturating_mul(1024);
+    if bytes <= limit {
+        Ok(format!(
+            "MemTotal {bytes:#x} <= guest RAM {:#x} - Ally region {size:#x}",
+            GUEST_RAM_MIB << 20
+        ))
+    } else {
+        Err(format!(
+            "MemTotal {bytes:#x} exceeds guest RAM {:#x} - Ally region {size:#x} = {limit:#x}",
+            GUEST_RAM_MIB << 20
+        ))
+    }
+}
+
+fn memmap(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
+    let (base, size) = region.clone()?;
+    let map = guest.memmap().map_err(marker_err)?;
+    if map.is_empty() {
+        return Err("no `ALLYTEST memmap` markers".into());
+    }
+    let bad: Vec<String> = map
+        .iter()
+        .filter(|e| e.is_ram() && e.overlaps(base, size))
+        .map(|e| format!("{:#x}-{:#x}", e.start, e.end_inclusive))
+        .collect();
+    if bad.is_empty() {
+        Ok(format!(
+            "{} entries, no System RAM in [{base:#x}, {:#x})",
+            map.len(),
+            base + size
+        ))
+    } else {
+        Err(format!(
+            "System RAM entries (end inclusive) {} overlap Ally's region [{base:#x}, {:#x})",
+            bad.join(", "),
+            base + size
+        ))
+    }
+}
+
+fn probe_addr(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
+    let (base, _) = region.clone()?;
+    let addr = guest
+        .probe_addr()
+        .map_err(marker_err)?
+        .ok_or("no `ALLYTEST probe addr=..` marker")?;
+    if addr == base {
+        Ok(format!("guest probes {addr:#x} = Ally's region base"))
+    } else {
+        Err(format!(
+            "guest probes {addr:#x} (first byte after its highest RAM below 4 GiB), Ally's region base is {base:#x}"
+        ))
+    }
+}
+
+fn devmem_reads(guest: &GuestReport) -> Result<String, String> {
+    let reads = guest.devmem_reads().map_err(marker_err)?;
+    if reads.is_empty() {
+        return Err("no `ALLYTEST devmem-read` markers".into());
+    }
+    let mut seen = Vec::new();
+    for r in &reads {
+        match &r.value {
+            Ok(v) if *v == HIDDEN_READ_VALUE => seen.push(format!("{:#x}={v:#x}", r.addr)),
+            Ok(v) => {
+                return Err(format!(
+                    "read at {:#x} returned {v:#x}, expected {HIDDEN_READ_VALUE:#x}",
+                    r.addr
+                ))
+            }
+            Err(e) => return Err(format!("devmem at {:#x} failed: {e}", r.addr)),
+        }
+    }
+    Ok(seen.join(" "))
+}
+
+fn devmem_write(guest: &GuestReport) -> Result<String, String> {
+    let w = guest
+        .devmem_write()
+        .map_err(marker_err)?
+        .ok_or("no `ALLYTEST devmem-write` marker")?;
+    match w.value {
+        Ok(v) if v == HIDDEN_READ_VALUE => Ok(format!(
+            "after writing 0x5a5a5a5a at {:#x} it reads {v:#x}",
+            w.addr
+        )),
+        Ok(v) => Err(format!(
+            "after writing 0x5a5a5a5a at {:#x} it reads {v:#x}, expected {HIDDEN_READ_VALUE:#x}",
+            w.addr
+        )),
+        Err(e) => Err(format!("devmem write at {:#x} failed: {e}", w.addr)),
+    }
+}
+
+fn ept_violation(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let w = guest
+        .devmem_write()
+        .map_err(marker_err)?
+        .ok_or("no `ALLYTEST devmem-write` marker")?;
+    let v = ally.ept_violations().map_err(marker_err)?;
+    // devmem maps the page, so compare at page granularity as well as exactly.
+    let hit = v
+        .iter()
+        .find(|e| e.access == "write" && e.gpa == w.addr)
+        .or_else(|| {
+            v.iter()
+                .find(|e| e.access == "write" && e.gpa >> 12 == w.addr >> 12)
+        });
+    match hit {
+        Some(e) => Ok(format!(
+            "ALLY ept-violation gpa={:#x} access=write action={}",
+            e.gpa,
+            e.action.as_deref().unwrap_or("?")
+        )),
+        None => Err(format!(
+            "no `ALLY ept-violation access=write` at {:#x} ({} ept-violation lines)",
+            w.addr,
+            v.len()
+        )),
+    }
+}
+
+fn exits(ally: &AllyReport) -> Result<String, String> {
+    let e = ally.exits().map_err(marker_err)?;
+    if e.is_empty() {
+        return Err("no `ALLY exits reason=.. count=..` lines".into());
+    }
+    Ok(e.iter()
+        .map(|x| format!("{}={}", x.reason, x.count))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// Whether every check passed.
+pub fn all_passed(checks: &[Check]) -> bool {
+    checks.iter().all(|c| c.passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD_GUEST: &str = "\
+ALLYTEST init PASS
+ALLYTEST meminfo INFO memtotal_kb=950000
+ALLYTEST memmap INFO start=0x0 end=0x9efff type=System_RAM
+ALLYTEST memmap INFO start=0x100000 end=0x3dfeffff type=System_RAM
+ALLYTEST memmap INFO start=0x3fff0000 end=0x3fffffff type=ACPI_Tables
+ALLYTEST probe INFO addr=0x3dff0000
+ALLYTEST devmem-read INFO addr=0x3dff0000 value=0xFFFFFFFF
+ALLYTEST devmem-read INFO addr=0x3dff1000 value=0xFFFFFFFF
+ALLYTEST devmem-read INFO addr=0x3dff0010 value=0xFFFFFFFF
+ALLYTEST devmem-write INFO addr=0x3dff0010 readback=0xFFFFFFFF
+ALLYTEST ping PASS target=10.0.2.2 received=3 sent=3
+ALLYTEST cpus INFO nproc=1 present=0
+ALLYTEST done
+";
+
+    const GOOD_ALLY: &str = "\
+[cpu0 INFO hv] ALLY region base=0x3dff0000 size=0x2000000
+ALLY guest-start
+ALLY ept-violation gpa=0x3dff0010 access=write action=skip
+ALLY exits reason=CPUID count=10
+ALLY canary status=intact
+ALLY poweroff
+";
+
+    fn judge(guest: &str, ally: &str) -> Vec<Check> {
+        ally_checks(&GuestReport::parse(guest), &AllyReport::parse(ally))
+    }
+
+    fn failed(checks: &[Check]) -> Vec<&'static str> {
+        checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn good_run_passes() {
+        let c = judge(GOOD_GUEST, GOOD_ALLY);
+        assert!(all_passed(&c), "{c:#?}");
+    }
+
+    #[test]
+    fn leaked_data_fails_devmem_read() {
+        let g = GOOD_GUEST.replace(
+            "addr=0x3dff1000 value=0xFFFFFFFF",
+            "addr=0x3dff1000 value=0x12345678",
+        );
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["devmem-read"]);
+    }
+
+    #[test]
+    fn devmem_error_fails() {
+        let g = GOOD_GUEST.replace(
+            "addr=0x3dff0010 readback=0xFFFFFFFF",
+            "addr=0x3dff0010 error=devmem:_mmap:_Operation_not_permitted",
+        );
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["devmem-write"]);
+    }
+
+    #[test]
+    fn write_that_sticks_fails() {
+        let g = GOOD_GUEST.replace("readback=0xFFFFFFFF", "readback=0x5A5A5A5A");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["devmem-write"]);
+    }
+
+    #[test]
+    fn ram_overlapping_region_fails() {
+        let g = GOOD_GUEST.replace("end=0x3dfeffff", "end=0x3dff0fff");
+        let c = judge(&g, GOOD_ALLY);
+        assert_eq!(failed(&c), ["memmap"]);
+    }
+
+    #[test]
+    fn too_much_memory_fails() {
+        // 1 GiB - 32 MiB = 0x3e000000 bytes = 1015808 KiB; one KiB more is too much.
+        let g = GOOD_GUEST.replace("memtotal_kb=950000", "memtotal_kb=1015809");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["memtotal"]);
+        let g = GOOD_GUEST.replace("memtotal_kb=950000", "memtotal_kb=1015808");
+        assert!(all_passed(&judge(&g, GOOD_ALLY)));
+    }
+
+    #[test]
+    fn wrong_probe_and_missing_lines_fail() {
+        let g = GOOD_GUEST.replace("probe INFO addr=0x3dff0000", "probe INFO addr=0x3fff0000");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["probe-addr"]);
+        let a = GOOD_ALLY.replace(
+            "ALLY ept-violation gpa=0x3dff0010 access=write action=skip\n",
+            "",
+        );
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["ept-violation"]);
+        let a = GOOD_ALLY.replace("status=intact", "status=damaged");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["canary"]);
+        let a = GOOD_ALLY.replace("ALLY exits reason=CPUID count=10\n", "");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["exits"]);
+        let a = format!("{GOOD_ALLY}ALLY fatal reason=x\n");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["no-fatal"]);
+    }
+
+    #[test]
+    fn no_ally_output_fails_region_checks() {
+        let c = judge(GOOD_GUEST, "");
+        let f = failed(&c);
+        for name in [
+            "ally-region",
+            "memtotal",
+            "memmap",
+            "probe-addr",
+            "canary",
+            "exits",
+        ] {
+            assert!(f.contains(&name), "{name} should fail: {c:#?}");
+        }
+    }
+
+    #[test]
+    fn ping_fail_and_missing_done() {
+        let g = GOOD_GUEST
+            .replace("ping PASS", "ping FAIL")
+            .replace("ALLYTEST done\n", "");
+        let c = guest_checks(&GuestReport::parse(&g));
+        assert_eq!(failed(&c), ["done", "ping", "no-guest-failures"]);
+    }
+}

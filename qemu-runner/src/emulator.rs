@@ -1,0 +1,428 @@
+//! Choosing and driving the emulator: QEMU with KVM where the host has VT-x (nested), Bochs
+//! everywhere else.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::bochs::{self, BochsConfig};
+use crate::tool;
+
+/// Which emulator runs the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    Bochs,
+    /// QEMU with KVM: needs /dev/kvm and a CPU with VMX (nested VT-x for Ally's own VMX).
+    QemuKvm,
+}
+
+impl fmt::Display for Emulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Emulator::Bochs => "bochs",
+            Emulator::QemuKvm => "qemu-kvm",
+        })
+    }
+}
+
+/// The user's choice (`--emulator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmulatorChoice {
+    #[default]
+    Auto,
+    Bochs,
+    QemuKvm,
+}
+
+impl FromStr for EmulatorChoice {
+    type Err = EmulatorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(EmulatorChoice::Auto),
+            "bochs" => Ok(EmulatorChoice::Bochs),
+            "qemu" | "qemu-kvm" | "kvm" => Ok(EmulatorChoice::QemuKvm),
+            other => Err(EmulatorError::UnknownChoice(other.to_string())),
+        }
+    }
+}
+
+/// An error choosing, starting or stopping the emulator.
+#[derive(Debug)]
+pub enum EmulatorError {
+    UnknownChoice(String),
+    /// QEMU/KVM was asked for on a host that cannot run Ally under it.
+    KvmUnavailable(String),
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for EmulatorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EmulatorError::UnknownChoice(s) => {
+                write!(f, "unknown emulator `{s}`: expected auto, bochs or qemu")
+            }
+            EmulatorError::KvmUnavailable(why) => {
+                write!(f, "QEMU with KVM cannot run Ally here: {why}")
+            }
+            EmulatorError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            EmulatorError::Spawn { command, source } => write!(
+                f,
+                "cannot start `{command}`: {source} (run scripts/setup.sh)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for EmulatorError {}
+
+/// Whether `cpuinfo` (the text of /proc/cpuinfo) lists the `vmx` flag.
+pub fn cpuinfo_has_vmx(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|w| w == "vmx"))
+}
+
+fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// Why QEMU/KVM cannot be used here, or `None` when it can.
+pub fn kvm_unavailable_reason() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist".into());
+    }
+    match fs::read_to_string("/proc/cpuinfo") {
+        Ok(c) if cpuinfo_has_vmx(&c) => {}
+        Ok(_) => return Some("the CPU has no vmx flag (no VT-x, or no nested VT-x)".into()),
+        Err(e) => return Some(format!("/proc/cpuinfo: {e}")),
+    }
+    if !in_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 is not installed".into());
+    }
+    None
+}
+
+impl EmulatorChoice {
+    pub fn resolve(self) -> Result<Emulator, EmulatorError> {
+        match self {
+            EmulatorChoice::Bochs => Ok(Emulator::Bochs),
+            EmulatorChoice::QemuKvm => match kvm_unavailable_reason() {
+                None => Ok(Emulator::QemuKvm),
+                Some(why) => Err(EmulatorError::KvmUnavailable(why)),
+            },
+            EmulatorChoice::Auto => Ok(match kvm_unavailable_reason() {
+                None => Emulator::QemuKvm,
+                Some(_) => Emulator::Bochs,
+            }),
+        }
+    }
+}
+
+/// The files of one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineFiles {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub iso: PathBuf,
+    pub com1: PathBuf,
+    pub com2: PathBuf,
+    /// Bochs' log (bochs.log) or QEMU's stderr.
+    pub emulator_log: PathBuf,
+    /// What the emulator printed on stdout (Bochs: the term display and port 0xE9 bytes).
+    pub emulator_stdout: PathBuf,
+    /// Port 0xE9 output under QEMU (debugcon).
+    pub debugcon: PathBuf,
+    /// slirp's packet log (Bochs).
+    pub pktlog: PathBuf,
+}
+
+impl MachineFiles {
+    pub fn in_dir(dir: &Path) -> MachineFiles {
+        MachineFiles {
+            dir: dir.to_path_buf(),
+            disk: dir.join("disk.img"),
+            iso: dir.join("boot.iso"),
+            com1: dir.join("com1.log"),
+            com2: dir.join("com2.log"),
+            emulator_log: dir.join("emulator.log"),
+            emulator_stdout: dir.join("emulator.stdout"),
+            debugcon: dir.join("e9.log"),
+            pktlog: dir.join("slirp-packets.log"),
+        }
+    }
+}
+
+/// The QEMU command line (KVM, the same machine shape as under Bochs).
+pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64) -> Command {
+    let mac = bochs::DEFAULT_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-machine", "pc,accel=kvm", "-cpu", "host,+vmx"])
+        .args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=ide,index=0,media=disk",
+            files.disk.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=ide,index=1,media=cdrom",
+            files.iso.display()
+        ))
+        .args(["-boot", "d"])
+        .arg("-serial")
+        .arg(format!("file:{}", files.com1.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", files.com2.display()))
+        .arg("-debugcon")
+        .arg(format!("file:{}", files.debugcon.display()))
+        .args(["-netdev", "user,id=n0,net=10.0.2.0/24,host=10.0.2.2"])
+        .arg("-device")
+        .arg(format!("e1000,netdev=n0,mac={mac}"))
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+    c
+}
+
+/// A running emulator.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    pub command: String,
+    pub emulator: Emulator,
+}
+
+/// Bochs' instructions-per-second setting (see [`BochsConfig::ips`]).
+pub const BOCHS_IPS: u64 = 50_000_000;
+
+/// Starts the machine described by `files` (which must hold the disk and ISO).
+pub fn start(
+    emulator: Emulator,
+    files: &MachineFiles,
+    cpus: u32,
+    memory_mib: u64,
+) -> Result<Running, EmulatorError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EmulatorError::Io { path, source }
+    };
+    for p in [&files.com1, &files.com2] {
+        // Start from empty logs so a stale line is never judged.
+        fs::write(p, b"").map_err(io(p))?;
+    }
+    let stdout = fs::File::create(&files.emulator_stdout).map_err(io(&files.emulator_stdout))?;
+    let mut cmd = match emulator {
+        Emulator::Bochs => {
+            let rc = files.dir.join("bochs.rc");
+            fs::write(&rc, bochs::DEBUGGER_RC).map_err(io(&rc))?;
+            let slirp = files.dir.join("slirp.conf");
+            fs::write(&slirp, bochs::slirp_config(&files.pktlog)).map_err(io(&slirp))?;
+            let cfg = BochsConfig {
+                cpus,
+                memory_mib,
+                disk: files.disk.clone(),
+                iso: files.iso.clone(),
+                com1: files.com1.clone(),
+                com2: files.com2.clone(),
+                log: files.emulator_log.clone(),
+                slirp_config: slirp,
+                mac: bochs::DEFAULT_MAC,
+                ips: BOCHS_IPS,
+            };
+            let bochsrc = files.dir.join("bochsrc");
+            fs::write(&bochsrc, cfg.render()).map_err(io(&bochsrc))?;
+            // A stale lock (from a killed run) makes Bochs refuse the disk.
+            let _ = fs::remove_file(files.dir.join("disk.img.lock"));
+            // The term display needs a terminal: `script` gives Bochs a pseudo-terminal, and
+            // forwards SIGTERM to it.
+            let mut c = Command::new("script");
+            c.arg("-qfec")
+                .arg(format!(
+                    "bochs -f '{}' -rc '{}'",
+                    bochsrc.display(),
+                    rc.display()
+                ))
+                .arg("/dev/null")
+                .env("TERM", "xterm")
+                .current_dir(&files.dir);
+            c
+        }
+        Emulator::QemuKvm => {
+            let mut c = qemu_command(files, cpus, memory_mib);
+            let log = fs::File::create(&files.emulator_log).map_err(io(&files.emulator_log))?;
+            c.stderr(log);
+            c
+        }
+    };
+    if emulator == Emulator::Bochs {
+        let err = stdout.try_clone().map_err(io(&files.emulator_stdout))?;
+        cmd.stderr(err);
+    }
+    cmd.stdin(Stdio::null()).stdout(stdout);
+    let command = tool::describe(&cmd);
+    let child = cmd.spawn().map_err(|source| EmulatorError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    Ok(Running {
+        child,
+        command,
+        emulator,
+    })
+}
+
+fn send_signal(pid: u32, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a positive process id
+        // of a child this runner started (never 0 or -1, which would signal groups).
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Child processes of `pid` (Linux: /proc/PID/task/PID/children).
+fn children_of(pid: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Running {
+    /// `Some(status text)` once the emulator has exited.
+    pub fn try_exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(format!("wait failed: {e}")),
+        }
+    }
+
+    /// Waits up to `limit` for the emulator to exit by itself.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.try_exited() {
+                return Some(s);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the emulator: SIGTERM (script forwards it to Bochs), then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        if self.try_exited().is_some() {
+            return;
+        }
+        let pid = self.child.id();
+        let kids = children_of(pid);
+        send_signal(pid, libc::SIGTERM);
+        if self.wait_for_exit(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for k in kids {
+            // Bochs (the child of `script`) normally dies with it; kill it only if that pid is
+            // still a Bochs process, never a recycled pid of something else.
+            let comm = fs::read_to_string(format!("/proc/{k}/comm")).unwrap_or_default();
+            if comm.trim_end().starts_with("bochs") {
+                send_signal(k, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmx_flag_detection() {
+        assert!(cpuinfo_has_vmx("processor : 0\nflags : fpu vme vmx sse\n"));
+        assert!(!cpuinfo_has_vmx("flags : fpu svm sse\nvmx flags : ept\n"));
+        assert!(!cpuinfo_has_vmx(""));
+    }
+
+    #[test]
+    fn choice_parses() {
+        assert_eq!(
+            "bochs".parse::<EmulatorChoice>().unwrap(),
+            EmulatorChoice::Bochs
+        );
+        assert_eq!(
+            "qemu".parse::<EmulatorChoice>().unwrap(),
+            EmulatorChoice::QemuKvm
+        );
+        assert_eq!(
+            "vbox".parse::<EmulatorChoice>().unwrap_err().to_string(),
+            "unknown emulator `vbox`: expected auto, bochs or qemu"
+        );
+        assert_eq!(EmulatorChoice::Bochs.resolve().unwrap(), Emulator::Bochs);
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let c = tool::describe(&qemu_command(&f, 2, 1024));
+        assert!(
+            c.starts_with("qemu-system-x86_64 -machine pc,accel=kvm"),
+            "{c}"
+        );
+        assert!(c.contains("-m 1024 -smp 2"), "{c}");
+        assert!(
+            c.contains("-serial file:/o/com1.log -serial file:/o/com2.log"),
+            "{c}"
+        );
+        assert!(c.contains("e1000,netdev=n0,mac=52:54:00:12:34:56"), "{c}");
+        assert!(c.contains("-boot d"), "{c}");
+    }
+
+    #[test]
+    fn stop_ends_a_running_child() {
+        let dir = std::env::temp_dir().join(format!("ally-emu-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("sleep")
+            .arg("60")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut r = Running {
+            child,
+            command: "sleep 60".into(),
+            emulator: Emulator::Bochs,
+        };
+        assert!(r.try_exited().is_none());
+        let t = Instant::now();
+        r.stop();
+        assert!(r.try_exited().is_some());
+        assert!(t.elapsed() < Duration::from_secs(10));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,470 @@
+//! The test guest: Debian's kernel, an initramfs (busybox-static, e1000.ko, `guest/init`) and
+//! a raw BIOS-bootable disk (MBR + syslinux on one FAT16 partition), built without root or loop
+//! devices and cached by a hash of every input.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flate2::write::GzEncoder;
+use sha2::{Digest, Sha256};
+
+use crate::cpio::{CpioError, CpioWriter};
+use crate::tool::{self, ToolError};
+
+/// Size of the raw disk image.
+pub const DISK_BYTES: u64 = 64 << 20;
+/// First sector of the FAT16 partition (1 MiB, the usual alignment).
+pub const PARTITION_START_SECTOR: u64 = 2048;
+const PARTITION_OFFSET: u64 = PARTITION_START_SECTOR * 512;
+/// syslinux's MBR boot code (finds the active partition, loads its boot sector).
+pub const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
+/// Boot code area of the MBR: the rest holds the disk signature and the partition table.
+const MBR_CODE_BYTES: usize = 440;
+
+/// The kernel command line. The guest is told nothing about Ally: only the console (ttyS0 =
+/// COM1) and a quieter log so marker lines are not interleaved with kernel messages.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4";
+
+/// Bumped whenever the way the image is built changes, to invalidate old caches.
+const BUILDER_VERSION: &str = "ally-guest-image-v1";
+
+/// An error preparing the guest image.
+#[derive(Debug)]
+pub enum GuestError {
+    /// An input file is missing: the message says how to get it.
+    MissingInput {
+        what: &'static str,
+        path: PathBuf,
+    },
+    /// More than one candidate for an input where exactly one is expected.
+    Ambiguous {
+        what: &'static str,
+        found: Vec<PathBuf>,
+    },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Tool(ToolError),
+    Cpio(CpioError),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestError::MissingInput { what, path } => write!(
+                f,
+                "{what} not found at {} (run scripts/setup.sh to fetch the guest debs)",
+                path.display()
+            ),
+            GuestError::Ambiguous { what, found } => {
+                write!(f, "expected one {what}, found {}: ", found.len())?;
+                let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+                f.write_str(&list.join(", "))
+            }
+            GuestError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            GuestError::Tool(e) => write!(f, "building the guest disk: {e}"),
+            GuestError::Cpio(e) => write!(f, "building the initramfs: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for GuestError {}
+
+impl From<ToolError> for GuestError {
+    fn from(e: ToolError) -> Self {
+        GuestError::Tool(e)
+    }
+}
+
+impl From<CpioError> for GuestError {
+    fn from(e: CpioError) -> Self {
+        GuestError::Cpio(e)
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
+    move |source| GuestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, GuestError> {
+    fs::read(path).map_err(io_err(path))
+}
+
+/// The host files the guest image is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSources {
+    pub kernel: PathBuf,
+    pub busybox: PathBuf,
+    /// e1000.ko, possibly compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`).
+    pub e1000: PathBuf,
+    pub init: PathBuf,
+}
+
+/// `${ALLY_CACHE:-$HOME/.cache/ally}`, where scripts/setup.sh unpacks the guest debs.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLY_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("ally")
+}
+
+fn single(what: &'static str, dir: &Path, mut found: Vec<PathBuf>) -> Result<PathBuf, GuestError> {
+    found.sort();
+    match found.len() {
+        0 => Err(GuestError::MissingInput {
+            what,
+            path: dir.to_path_buf(),
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(GuestError::Ambiguous { what, found }),
+    }
+}
+
+fn entries(dir: &Path) -> Result<Vec<PathBuf>, GuestError> {
+    let rd = fs::read_dir(dir).map_err(|_| GuestError::MissingInput {
+        what: "directory",
+        path: dir.to_path_buf(),
+    })?;
+    let mut v = Vec::new();
+    for e in rd {
+        v.push(e.map_err(io_err(dir))?.path());
+    }
+    Ok(v)
+}
+
+impl GuestSources {
+    /// Finds the unpacked debs under `cache/debs` (layout made by scripts/setup.sh: the
+    /// `linux-image` link to the kernel package and `busybox-static`) and the init script.
+    pub fn locate(cache: &Path, init: &Path) -> Result<GuestSources, GuestError> {
+        let debs = cache.join("debs");
+        let kpkg = debs.join("linux-image");
+        let boot = kpkg.join("boot");
+        let kernel = single(
+            "kernel (boot/vmlinuz-*)",
+            &boot,
+            entries(&boot)?
+                .into_iter()
+                .filter(|p| file_name(p).starts_with("vmlinuz-"))
+                .collect(),
+        )?;
+        let modules = kpkg.join("lib/modules");
+        let version_dir = single(
+            "kernel module tree (lib/modules/<version>)",
+            &modules,
+            entries(&modules)?
+                .into_iter()
+                .filter(|p| p.is_dir())
+                .collect(),
+        )?;
+        let e1000_dir = version_dir.join("kernel/drivers/net/ethernet/intel/e1000");
+        let e1000 = single(
+            "e1000 module (e1000.ko[.xz|.zst|.gz])",
+            &e1000_dir,
+            entries(&e1000_dir)?
+                .into_iter()
+                .filter(|p| {
+                    let n = file_name(p);
+                    n == "e1000.ko" || n.starts_with("e1000.ko.")
+                })
+                .collect(),
+        )?;
+        let busybox = debs.join("busybox-static/bin/busybox");
+        if !busybox.is_file() {
+            return Err(GuestError::MissingInput {
+                what: "busybox-static",
+                path: busybox,
+            });
+        }
+        if !init.is_file() {
+            return Err(GuestError::MissingInput {
+                what: "guest init script",
+                path: init.to_path_buf(),
+            });
+        }
+        Ok(GuestSources {
+            kernel,
+            busybox,
+            e1000,
+            init: init.to_path_buf(),
+        })
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// How a kernel module file is compressed, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleCompression {
+    None,
+    Xz,
+    Zstd,
+    Gzip,
+}
+
+impl ModuleCompression {
+    pub fn of(path: &Path) -> ModuleCompression {
+        let n = file_name(path);
+        if n.ends_with(".ko.xz") {
+            ModuleCompression::Xz
+        } else if n.ends_with(".ko.zst") {
+            ModuleCompression::Zstd
+        } else if n.ends_with(".ko.gz") {
+            ModuleCompression::Gzip
+        } else {
+            ModuleCompression::None
+        }
+    }
+}
+
+/// The module as a plain `.ko`: busybox's insmod loads uncompressed modules only, so
+/// compressed ones are unpacked on the host.
+pub fn plain_module(path: &Path) -> Result<Vec<u8>, GuestError> {
+    let tool = match ModuleCompression::of(path) {
+        ModuleCompression::None => return read(path),
+        ModuleCompression::Xz => "xz",
+        ModuleCompression::Zstd => "zstd",
+        ModuleCompression::Gzip => "gzip",
+    };
+    Ok(tool::run(Command::new(tool).arg("-dc").arg(path), None)?)
+}
+
+/// The syslinux configuration: boot `vmlinuz` with `initrd.gz` at once.
+pub fn syslinux_cfg(cmdline: &str) -> String {
+    format!(
+        "DEFAULT guest\nPROMPT 0\nTIMEOUT 0\nLABEL guest\n  KERNEL vmlinuz\n  INITRD initrd.gz\n  APPEND {cmdline}\n"
+    )
+}
+
+/// The initramfs: `/init` (the test script), busybox (its applet links are made by init
+/// itself with `busybox --install -s`) and `/lib/modules/e1000.ko`.
+pub fn build_initramfs(src: &GuestSources) -> Result<Vec<u8>, GuestError> {
+    let mut w = CpioWriter::new();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+        w.dir(d)?;
+    }
+    w.file("bin/busybox", 0o755, &read(&src.busybox)?)?;
+    // The init script's interpreter line is #!/bin/busybox sh; `sh` is handy before --install.
+    w.symlink("bin/sh", "busybox")?;
+    w.file("init", 0o755, &read(&src.init)?)?;
+    w.file("lib/modules/e1000.ko", 0o644, &plain_module(&src.e1000)?)?;
+    let archive = w.finish();
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&archive)
+        .and_then(|_| gz.finish())
+        .map_err(io_err(&src.init))
+}
+
+/// A hash of everything the image is built from.
+pub fn input_hash(src: &GuestSources, cmdline: &str) -> Result<String, GuestError> {
+    let mut h = Sha256::new();
+    h.update(BUILDER_VERSION.as_bytes());
+    h.update([0]);
+    h.update(cmdline.as_bytes());
+    h.update([0]);
+    for p in [&src.kernel, &src.busybox, &src.e1000, &src.init] {
+        h.update(file_name(p).as_bytes());
+        h.update([0]);
+        h.update(read(p)?);
+        h.update([0]);
+    }
+    let mbr = Path::new(SYSLINUX_MBR);
+    if mbr.is_file() {
+        h.update(read(mbr)?);
+    }
+    Ok(h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The built (or cached) guest image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// The raw disk (cached copy: runs must use their own copy, Bochs writes and locks it).
+    pub disk: PathBuf,
+    pub initramfs: PathBuf,
+    pub hash: String,
+    /// Whether this call built it (false: found in the cache).
+    pub built: bool,
+}
+
+/// Builds the disk image into `cache_root/guest-<hash>/` unless it is already there.
+pub fn build_guest_image(
+    src: &GuestSources,
+    cache_root: &Path,
+    cmdline: &str,
+) -> Result<GuestImage, GuestError> {
+    let hash = input_hash(src, cmdline)?;
+    let dir = cache_root.join(format!("guest-{hash}"));
+    let disk = dir.join("disk.img");
+    let initramfs = dir.join("initrd.gz");
+    if disk.is_file() && initramfs.is_file() {
+        return Ok(GuestImage {
+            disk,
+            initramfs,
+            hash,
+            built: false,
+        });
+    }
+    // Build in a private directory, then rename: a half-built image is never picked up.
+    let tmp = cache_root.join(format!("guest-{hash}.tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let result = build_into(src, &tmp, cmdline);
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    Ok(GuestImage {
+        disk,
+        initramfs,
+        hash,
+        built: true,
+    })
+}
+
+fn build_into(src: &GuestSources, dir: &Path, cmdline: &str) -> Result<(), GuestError> {
+    let initrd = dir.join("initrd.gz");
+    fs::write(&initrd, build_initramfs(src)?).map_err(io_err(&initrd))?;
+    let cfg = dir.join("syslinux.cfg");
+    fs::write(&cfg, syslinux_cfg(cmdline)).map_err(io_err(&cfg))?;
+
+    let disk = dir.join("disk.img");
+    let f = fs::File::create(&disk).map_err(io_err(&disk))?;
+    f.set_len(DISK_BYTES).map_err(io_err(&disk))?;
+    drop(f);
+    // One bootable FAT16 (type 6) partition from sector 2048 to the end.
+    tool::run(
+        Command::new("sfdisk")
+            .args([
+                "--quiet",
+                "--no-reread",
+                "--no-tell-kernel",
+                "--label",
+                "dos",
+            ])
+            .arg(&disk),
+        Some(format!("start={PARTITION_START_SECTOR}, type=6, bootable\n").as_bytes()),
+    )?;
+    let sectors = (DISK_BYTES - PARTITION_OFFSET) / 512;
+    tool::run(
+        Command::new("mkfs.vfat")
+            .args(["-F", "16", "-n", "ALLYGUEST"])
+            .arg("--offset")
+            .arg(PARTITION_START_SECTOR.to_string())
+            .arg(&disk)
+            // mkfs.vfat's block count is in KiB.
+            .arg((sectors / 2).to_string()),
+        None,
+    )?;
+    tool::run(
+        Command::new("syslinux")
+            .arg("--offset")
+            .arg(PARTITION_OFFSET.to_string())
+            .arg("--install")
+            .arg(&disk),
+        None,
+    )?;
+    let mbr = read(Path::new(SYSLINUX_MBR))?;
+    if mbr.len() > MBR_CODE_BYTES {
+        return Err(GuestError::Io {
+            path: SYSLINUX_MBR.into(),
+            source: std::io::Error::other(format!(
+                "{} bytes, more than the {MBR_CODE_BYTES}-byte MBR code area",
+                mbr.len()
+            )),
+        });
+    }
+    let mut img = fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .map_err(io_err(&disk))?;
+    img.write_all(&mbr).map_err(io_err(&disk))?;
+    drop(img);
+    let target = format!("{}@@{PARTITION_OFFSET}", disk.display());
+    for (from, to) in [
+        (cfg.as_path(), "::syslinux.cfg"),
+        (src.kernel.as_path(), "::vmlinuz"),
+        (initrd.as_path(), "::initrd.gz"),
+    ] {
+        tool::run(
+            Command::new("mcopy")
+                .args(["-o", "-i"])
+                .arg(&target)
+                .arg(from)
+                .arg(to),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_compression_from_name() {
+        assert_eq!(
+            ModuleCompression::of(Path::new("a/e1000.ko")),
+            ModuleCompression::None
+        );
+        assert_eq!(
+            ModuleCompression::of(Path::new("e1000.ko.xz")),
+            ModuleCompression::Xz
+        );
+        assert_eq!(
+            ModuleCompression::of(Path::new("e1000.ko.zst")),
+            ModuleCompression::Zstd
+        );
+        assert_eq!(
+            ModuleCompression::of(Path::new("e1000.ko.gz")),
+            ModuleCompression::Gzip
+        );
+    }
+
+    #[test]
+    fn compressed_module_is_unpacked() {
+        let dir = std::env::temp_dir().join(format!("ally-guest-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("m.ko");
+        fs::write(&plain, b"\x7fELF module").unwrap();
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"\x7fELF module").unwrap();
+        let packed = dir.join("m.ko.gz");
+        fs::write(&packed, gz.finish().unwrap()).unwrap();
+        assert_eq!(plain_module(&plain).unwrap(), b"\x7fELF module");
+        assert_eq!(plain_module(&packed).unwrap(), b"\x7fELF module");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn syslinux_cfg_boots_at_once() {
+        let c = syslinux_cfg(KERNEL_CMDLINE);
+        assert!(c.contains("TIMEOUT 0\n"));
+        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4\n"));
+    }
+
+    #[test]
+    fn missing_cache_names_setup() {
+        let e = GuestSources::locate(Path::new("/nonexistent-ally-cache"), Path::new("/x"))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("scripts/setup.sh"), "{msg}");
+    }
+}

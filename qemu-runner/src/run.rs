@@ -1,0 +1,657 @@
+//! One run: build what it needs, boot the machine, watch both serial logs, stop it, judge it.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::checks::{self, Check, GUEST_RAM_MIB};
+use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFiles, Running};
+use crate::guest::{self, GuestError, GuestSources};
+use crate::iso::{self, BootTarget, IsoError};
+use crate::markers::{self, AllyReport, GuestReport};
+
+/// Boot Ally (which boots the guest) or the guest alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Ally,
+    Baseline,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Ally => "ally",
+            Mode::Baseline => "baseline",
+        })
+    }
+}
+
+/// The options of one run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub mode: Mode,
+    /// Name of the run's directory under `out_root`.
+    pub name: String,
+    pub cpus: u32,
+    /// Whole-run limit, from the emulator's start.
+    pub timeout: Duration,
+    /// After `ALLYTEST done`, how long to wait for `ALLY poweroff` (Ally mode) or for the
+    /// emulator to exit by itself.
+    pub grace: Duration,
+    /// Appended to `multiboot2 /boot/ally` (Ally mode only).
+    pub ally_options: String,
+    /// Keep the run's disk copy and ISO after the run (logs are always kept).
+    pub keep: bool,
+    pub emulator: EmulatorChoice,
+    /// Print a progress line every this often to stderr (`None`: quiet).
+    pub progress: Option<Duration>,
+    /// Where run directories and the guest-image cache live (`<workspace>/out`).
+    pub out_root: PathBuf,
+    /// Where scripts/setup.sh put the guest debs.
+    pub cache: PathBuf,
+    /// The workspace (for cargo and `guest/init`).
+    pub workspace: PathBuf,
+    /// A prebuilt Ally image; `None` builds it with cargo.
+    pub ally_image: Option<PathBuf>,
+}
+
+/// The workspace this crate belongs to.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl RunOptions {
+    /// Defaults: 1 CPU, 30 min timeout, 60 s grace, progress every 15 s, auto emulator,
+    /// `<workspace>/out`, `$ALLY_OUT` overriding it.
+    pub fn new(mode: Mode, name: &str) -> RunOptions {
+        let workspace = workspace_root();
+        let out_root = std::env::var_os("ALLY_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("out"));
+        RunOptions {
+            mode,
+            name: name.to_string(),
+            cpus: 1,
+            timeout: Duration::from_secs(30 * 60),
+            grace: Duration::from_secs(60),
+            ally_options: String::new(),
+            keep: false,
+            emulator: EmulatorChoice::Auto,
+            progress: Some(Duration::from_secs(15)),
+            out_root,
+            cache: guest::default_cache_dir(),
+            workspace,
+            ally_image: None,
+        }
+    }
+}
+
+/// An error that prevented a run (a run that boots and fails is a [`RunResult`], not this).
+#[derive(Debug)]
+pub enum RunError {
+    BadOption {
+        option: &'static str,
+        reason: String,
+    },
+    Guest(GuestError),
+    Iso(IsoError),
+    Emulator(EmulatorError),
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::BadOption { option, reason } => write!(f, "option {option}: {reason}"),
+            RunError::Guest(e) => e.fmt(f),
+            RunError::Iso(e) => e.fmt(f),
+            RunError::Emulator(e) => e.fmt(f),
+            RunError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<GuestError> for RunError {
+    fn from(e: GuestError) -> Self {
+        RunError::Guest(e)
+    }
+}
+impl From<IsoError> for RunError {
+    fn from(e: IsoError) -> Self {
+        RunError::Iso(e)
+    }
+}
+impl From<EmulatorError> for RunError {
+    fn from(e: EmulatorError) -> Self {
+        RunError::Emulator(e)
+    }
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest finished its script and (under Ally) Ally logged its power-off.
+    Completed,
+    /// The guest finished, but Ally did not log `ALLY poweroff` within the grace time.
+    NoAllyPoweroff,
+    /// The emulator exited before the guest finished.
+    EmulatorExited {
+        status: String,
+    },
+    /// A fatal line: `ALLY fatal ...` or a guest kernel panic.
+    Fatal {
+        line: String,
+    },
+    Timeout,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Completed => f.write_str("completed"),
+            Outcome::NoAllyPoweroff => {
+                f.write_str("guest finished but Ally logged no `ALLY poweroff` in the grace time")
+            }
+            Outcome::EmulatorExited { status } => {
+                write!(
+                    f,
+                    "the emulator exited ({status}) before the guest finished"
+                )
+            }
+            Outcome::Fatal { line } => write!(f, "fatal: {line}"),
+            Outcome::Timeout => f.write_str("timed out"),
+        }
+    }
+}
+
+/// Where a run's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPaths {
+    pub dir: PathBuf,
+    /// Guest console.
+    pub com1: PathBuf,
+    /// Ally's log.
+    pub com2: PathBuf,
+    /// bochs.log (or QEMU's stderr).
+    pub emulator_log: PathBuf,
+    pub emulator_stdout: PathBuf,
+}
+
+/// The result of a run that booted.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub mode: Mode,
+    pub emulator: Emulator,
+    pub outcome: Outcome,
+    /// From the emulator's start to its end.
+    pub wall: Duration,
+    /// Time from the emulator's start to `ALLYTEST init PASS`, if seen.
+    pub to_init: Option<Duration>,
+    pub guest: GuestReport,
+    pub ally: AllyReport,
+    pub logs: LogPaths,
+    /// The `>>PANIC<<` lines of bochs.log (why Bochs stopped, when it did).
+    pub emulator_panics: Vec<String>,
+    /// The judgement: the outcome plus the mode's checks.
+    pub checks: Vec<Check>,
+}
+
+impl RunResult {
+    pub fn passed(&self) -> bool {
+        checks::all_passed(&self.checks)
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+impl fmt::Display for RunResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "run: {} under {}: {} in {} ({:.1} s){}",
+            self.mode,
+            self.emulator,
+            self.outcome,
+            fmt_duration(self.wall),
+            self.wall.as_secs_f64(),
+            self.to_init
+                .map(|d| format!(", guest init after {:.1} s", d.as_secs_f64()))
+                .unwrap_or_default()
+        )?;
+        for p in &self.emulator_panics {
+            writeln!(f, "emulator: {p}")?;
+        }
+        writeln!(f, "guest markers (COM1):")?;
+        for m in &self.guest.markers {
+            writeln!(f, "  {}", m.line)?;
+        }
+        if self.mode == Mode::Ally {
+            writeln!(f, "Ally lines (COM2):")?;
+            for l in &self.ally.lines {
+                writeln!(f, "  {}", l.line)?;
+            }
+        }
+        writeln!(f, "checks:")?;
+        for c in &self.checks {
+            writeln!(f, "  {c}")?;
+        }
+        writeln!(
+            f,
+            "logs: {} (com1.log = guest console, com2.log = Ally, emulator.log)",
+            self.logs.dir.display()
+        )?;
+        write!(f, "result: {}", if self.passed() { "PASS" } else { "FAIL" })
+    }
+}
+
+/// Prints a progress line to stderr.
+fn progress(msg: &str) {
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(e, "[ally-run] {msg}");
+}
+
+/// The last non-empty line of `text`, shortened for a progress line.
+fn last_line(text: &str) -> String {
+    let l = text
+        .lines()
+        .rev()
+        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()))
+        .find(|l| !l.is_empty())
+        .unwrap_or("-");
+    let mut s: String = l.chars().take(70).collect();
+    if l.chars().count() > 70 {
+        s.push('…');
+    }
+    s
+}
+
+fn read_lossy(p: &Path) -> String {
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// What the watcher decided at one poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Watch {
+    Continue,
+    /// Stop now (the run is over), with this outcome.
+    Stop(Outcome),
+}
+
+/// The state the watcher keeps between polls; pure, so it is unit-tested without a machine.
+#[derive(Debug)]
+struct Watcher {
+    mode: Mode,
+    grace: Duration,
+    timeout: Duration,
+    done_at: Option<Duration>,
+    init_at: Option<Duration>,
+}
+
+impl Watcher {
+    fn poll(&mut self, now: Duration, com1: &str, com2: &str, exited: Option<&str>) -> Watch {
+        let guest = GuestReport::parse(com1);
+        let ally = AllyReport::parse(com2);
+        if self.init_at.is_none() && guest.init_reached() {
+            self.init_at = Some(now);
+        }
+        if self.done_at.is_none() && guest.done() {
+            self.done_at = Some(now);
+        }
+        let finished = guest.done() && (self.mode == Mode::Baseline || ally.powered_off());
+        if finished {
+            return Watch::Stop(Outcome::Completed);
+        }
+        if let Some(l) = ally.fatal() {
+            return Watch::Stop(Outcome::Fatal {
+                line: l.line.clone(),
+            });
+        }
+        if let Some(l) = com1.lines().find(|l| markers::is_kernel_panic(l)) {
+            return Watch::Stop(Outcome::Fatal {
+                line: format!("guest: {}", l.trim()),
+            });
+        }
+        if let Some(status) = exited {
+            return Watch::Stop(if guest.done() {
+                // Exited by itself after the guest finished, without `ALLY poweroff`.
+                Outcome::NoAllyPoweroff
+            } else {
+                Outcome::EmulatorExited {
+                    status: status.to_string(),
+                }
+            });
+        }
+        if let Some(d) = self.done_at {
+            if now.saturating_sub(d) >= self.grace {
+                return Watch::Stop(Outcome::NoAllyPoweroff);
+            }
+        }
+        if now >= self.timeout {
+            return Watch::Stop(Outcome::Timeout);
+        }
+        Watch::Continue
+    }
+}
+
+/// Builds the guest image (cached), the Ally image (unless given) and the ISO into
+/// `out_root/name/`. Returns the machine's files.
+pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
+    if opts.cpus == 0 || opts.cpus > 64 {
+        return Err(RunError::BadOption {
+            option: "--cpus",
+            reason: format!("{} is out of range 1..=64", opts.cpus),
+        });
+    }
+    if opts.name.is_empty() || opts.name.contains(['/', '\0']) || opts.name.starts_with('.') {
+        return Err(RunError::BadOption {
+            option: "run name",
+            reason: format!("`{}` must be a plain directory name", opts.name),
+        });
+    }
+    let dir = opts.out_root.join(&opts.name);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RunError::Io { path, source }
+    };
+    // A fresh directory each run: nothing stale is ever judged.
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let files = MachineFiles::in_dir(&dir);
+
+    let target = match opts.mode {
+        Mode::Ally => {
+            iso::validate_options(&opts.ally_options)?;
+            let image = match &opts.ally_image {
+                Some(p) => p.clone(),
+                None => {
+                    if opts.progress.is_some() {
+                        progress("building the Ally image (cargo build -p ally-boot --release)");
+                    }
+                    iso::build_ally_image(&opts.workspace)?
+                }
+            };
+            BootTarget::Ally {
+                image,
+                options: opts.ally_options.clone(),
+            }
+        }
+        Mode::Baseline => BootTarget::Disk,
+    };
+
+    let src = GuestSources::locate(&opts.cache, &opts.workspace.join("guest/init"))?;
+    let cache_root = opts.out_root.join("cache");
+    fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
+    let image = guest::build_guest_image(&src, &cache_root, guest::KERNEL_CMDLINE)?;
+    if opts.progress.is_some() {
+        progress(&format!(
+            "guest image {} ({})",
+            image.hash,
+            if image.built { "built" } else { "cached" }
+        ));
+    }
+    if image.built {
+        remove_other_guest_images(&cache_root, &image.hash);
+    }
+    // Each run boots its own copy: Bochs writes to and locks the disk.
+    fs::copy(&image.disk, &files.disk).map_err(io(&image.disk))?;
+    iso::build_iso(&target, &dir.join("iso"), &files.iso)?;
+    Ok(files)
+}
+
+/// Old cached guest images (other hashes) are removed: each is 64 MiB.
+fn remove_other_guest_images(cache_root: &Path, keep_hash: &str) {
+    let keep = format!("guest-{keep_hash}");
+    if let Ok(rd) = fs::read_dir(cache_root) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("guest-") && n != keep && !n.contains(".tmp-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Builds everything, boots, watches, stops and judges.
+pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
+    let files = prepare(opts)?;
+    let emulator = opts.emulator.resolve()?;
+    if opts.progress.is_some() {
+        progress(&format!(
+            "booting {} under {emulator} ({} CPU(s), {GUEST_RAM_MIB} MiB, timeout {}); logs in {}",
+            opts.mode,
+            opts.cpus,
+            fmt_duration(opts.timeout),
+            files.dir.display()
+        ));
+    }
+    let mut running = emulator::start(emulator, &files, opts.cpus, GUEST_RAM_MIB)?;
+    let start = Instant::now();
+    let (outcome, to_init) = watch(opts, &files, &mut running, start);
+    // After a completed run, give the emulator a moment to exit by itself (Ally's or the
+    // guest's power-off), then stop it.
+    if outcome == Outcome::Completed {
+        running.wait_for_exit(Duration::from_secs(10));
+    }
+    running.stop();
+    let wall = start.elapsed();
+    drop(running);
+
+    let com1 = read_lossy(&files.com1);
+    let com2 = read_lossy(&files.com2);
+    let guest = GuestReport::parse(&com1);
+    let ally = AllyReport::parse(&com2);
+    let emulator_panics = read_lossy(&files.emulator_log)
+        .lines()
+        .filter(|l| l.contains(">>PANIC<<"))
+        .map(str::to_string)
+        .collect();
+    let mut all_checks = vec![Check {
+        name: "run",
+        passed: outcome == Outcome::Completed,
+        detail: outcome.to_string(),
+    }];
+    all_checks.extend(match opts.mode {
+        Mode::Ally => checks::ally_checks(&guest, &ally),
+        Mode::Baseline => checks::guest_checks(&guest),
+    });
+    if !opts.keep {
+        let _ = fs::remove_file(&files.disk);
+        let _ = fs::remove_file(&files.iso);
+        let _ = fs::remove_dir_all(files.dir.join("iso"));
+    }
+    Ok(RunResult {
+        mode: opts.mode,
+        emulator,
+        outcome,
+        wall,
+        to_init,
+        guest,
+        ally,
+        logs: LogPaths {
+            dir: files.dir.clone(),
+            com1: files.com1.clone(),
+            com2: files.com2.clone(),
+            emulator_log: files.emulator_log.clone(),
+            emulator_stdout: files.emulator_stdout.clone(),
+        },
+        emulator_panics,
+        checks: all_checks,
+    })
+}
+
+/// Watches the logs until the run is over; returns how it ended and when the guest's init ran.
+fn watch(
+    opts: &RunOptions,
+    files: &MachineFiles,
+    running: &mut Running,
+    start: Instant,
+) -> (Outcome, Option<Duration>) {
+    let mut w = Watcher {
+        mode: opts.mode,
+        grace: opts.grace,
+        timeout: opts.timeout,
+        done_at: None,
+        init_at: None,
+    };
+    let mut next_progress = opts.progress.map(|p| start + p);
+    let mut sizes = (u64::MAX, u64::MAX);
+    let (mut com1, mut com2) = (String::new(), String::new());
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let exited = running.try_exited();
+        // The logs are small (tens of KiB): re-read them whole when they grow.
+        let now_sizes = (
+            fs::metadata(&files.com1).map(|m| m.len()).unwrap_or(0),
+            fs::metadata(&files.com2).map(|m| m.len()).unwrap_or(0),
+        );
+        if now_sizes != sizes || exited.is_some() {
+            sizes = now_sizes;
+            com1 = read_lossy(&files.com1);
+            com2 = read_lossy(&files.com2);
+        }
+        let now = start.elapsed();
+        let verdict = w.poll(now, &com1, &com2, exited.as_deref());
+        if let Watch::Stop(o) = verdict {
+            if opts.progress.is_some() {
+                progress(&format!("{} {o}", fmt_duration(now)));
+            }
+            return (o, w.init_at);
+        }
+        if let (Some(at), Some(every)) = (next_progress, opts.progress) {
+            if Instant::now() >= at {
+                next_progress = Some(at + every);
+                let mut msg = format!("{}  com1: {}", fmt_duration(now), last_line(&com1));
+                if opts.mode == Mode::Ally {
+                    msg += &format!("  |  com2: {}", last_line(&com2));
+                }
+                progress(&msg);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watcher(mode: Mode) -> Watcher {
+        Watcher {
+            mode,
+            grace: Duration::from_secs(60),
+            timeout: Duration::from_secs(1800),
+            done_at: None,
+            init_at: None,
+        }
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn baseline_stops_when_guest_is_done() {
+        let mut w = watcher(Mode::Baseline);
+        assert_eq!(w.poll(S(10), "booting\n", "", None), Watch::Continue);
+        assert_eq!(
+            w.poll(S(20), "ALLYTEST init PASS\n", "", None),
+            Watch::Continue
+        );
+        assert_eq!(w.init_at, Some(S(20)));
+        assert_eq!(
+            w.poll(S(30), "ALLYTEST init PASS\nALLYTEST done\n", "", None),
+            Watch::Stop(Outcome::Completed)
+        );
+    }
+
+    #[test]
+    fn ally_waits_for_poweroff_then_grace() {
+        let mut w = watcher(Mode::Ally);
+        let done = "ALLYTEST init PASS\nALLYTEST done\n";
+        assert_eq!(
+            w.poll(S(100), done, "ALLY guest-start\n", None),
+            Watch::Continue
+        );
+        assert_eq!(
+            w.poll(S(159), done, "ALLY guest-start\n", None),
+            Watch::Continue
+        );
+        assert_eq!(
+            w.poll(S(160), done, "ALLY guest-start\n", None),
+            Watch::Stop(Outcome::NoAllyPoweroff)
+        );
+        let mut w = watcher(Mode::Ally);
+        assert_eq!(
+            w.poll(
+                S(100),
+                done,
+                "ALLY exits reason=CPUID count=1\n[x] ALLY poweroff\n",
+                None
+            ),
+            Watch::Stop(Outcome::Completed)
+        );
+    }
+
+    #[test]
+    fn fatal_lines_stop_at_once() {
+        let mut w = watcher(Mode::Ally);
+        assert_eq!(
+            w.poll(S(5), "", "[cpu0 ERROR] ALLY fatal reason=no-ept\n", None),
+            Watch::Stop(Outcome::Fatal {
+                line: "ALLY fatal reason=no-ept".into()
+            })
+        );
+        let mut w = watcher(Mode::Baseline);
+        assert!(matches!(
+            w.poll(S(5), "[ 1.2] Kernel panic - not syncing: VFS\n", "", None),
+            Watch::Stop(Outcome::Fatal { .. })
+        ));
+    }
+
+    #[test]
+    fn exit_and_timeout() {
+        let mut w = watcher(Mode::Baseline);
+        assert_eq!(
+            w.poll(S(5), "", "", Some("exit status: 1")),
+            Watch::Stop(Outcome::EmulatorExited {
+                status: "exit status: 1".into()
+            })
+        );
+        let mut w = watcher(Mode::Baseline);
+        assert_eq!(w.poll(S(1800), "", "", None), Watch::Stop(Outcome::Timeout));
+    }
+
+    #[test]
+    fn last_line_is_trimmed() {
+        assert_eq!(last_line("a\r\nbb\r\n\r\n"), "bb");
+        assert_eq!(last_line(""), "-");
+        assert_eq!(last_line(&"x".repeat(100)).chars().count(), 71);
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_building() {
+        let mut o = RunOptions::new(Mode::Baseline, "t");
+        o.cpus = 0;
+        o.progress = None;
+        let e = prepare(&o).unwrap_err().to_string();
+        assert_eq!(e, "option --cpus: 0 is out of range 1..=64");
+        let mut o = RunOptions::new(Mode::Baseline, "../x");
+        o.progress = None;
+        assert!(prepare(&o)
+            .unwrap_err()
+            .to_string()
+            .starts_with("option run name"));
+    }
+}

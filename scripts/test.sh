@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The README's test command: every check Ally has, from a fresh clone on Debian 12.
+#   setup (host packages, Rust, guest debs) → fmt → clippy (host and bare-metal) → unit tests
+#   → the Ally image → the end-to-end boots under Bochs (or QEMU/KVM with nested VT-x).
+# Works without a terminal or stdin (CI=true). Prints each step; exits non-zero on the first
+# failure.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+step() { printf '\n==> %s\n' "$*"; }
+started=$SECONDS
+
+step "setup (scripts/setup.sh)"
+./scripts/setup.sh </dev/null
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy (host crates)"
+cargo clippy --all-targets -- -D warnings
+cargo clippy -p ally-tests --features e2e --all-targets -- -D warnings
+
+step "cargo clippy (bare-metal image)"
+cargo clippy -p ally-boot --target x86_64-unknown-none -- -D warnings
+
+step "cargo test (host unit and integration tests)"
+cargo test
+
+step "build the Ally image"
+cargo build -p ally-boot --release --target x86_64-unknown-none
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+case "$target_dir" in /*) ;; *) target_dir="$repo/$target_dir" ;; esac
+export ALLY_IMAGE="$target_dir/x86_64-unknown-none/release/ally"
+ls -l "$ALLY_IMAGE"
+
+step "end-to-end boots (cargo test -p ally-tests --features e2e)"
+cargo test -p ally-tests --features e2e -- --nocapture </dev/null
+
+step "all tests passed in $((SECONDS - started)) s"

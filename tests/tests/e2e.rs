@@ -1,0 +1,66 @@
+//! End-to-end: boot the test guest under Bochs (or QEMU/KVM), with and without Ally, and judge
+//! from the guest's own console and Ally's log. One Ally boot plus one baseline boot; the two
+//! run in parallel (about 2 minutes each under Bochs on one CPU).
+//!
+//! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does).
+
+use ally_runner::{run, Mode, Outcome, RunOptions};
+use ally_tests::{check, failures, prebuilt_ally_image};
+
+/// The guest alone: validates the guest pipeline (disk, syslinux, kernel, initramfs, e1000,
+/// slirp) independently of Ally, so a failure of the Ally boot can be told apart.
+#[test]
+fn baseline_guest_boots_and_pings() {
+    let result = run(&RunOptions::new(Mode::Baseline, "e2e-baseline")).expect("baseline run");
+    println!("{result}");
+    assert_eq!(result.outcome, Outcome::Completed, "{}", failures(&result));
+    assert!(result.guest.init_reached(), "guest init not reached");
+    assert_eq!(
+        result.guest.ping_passed(),
+        Some(true),
+        "ping 10.0.2.2 failed"
+    );
+    assert!(
+        result.passed(),
+        "baseline checks failed:\n{}",
+        failures(&result)
+    );
+}
+
+/// Issue 2's demo boot: GRUB → Ally → the unmodified guest from disk, every check in one boot.
+#[test]
+fn ally_hides_its_region_and_guest_pings() {
+    let mut opts = RunOptions::new(Mode::Ally, "e2e-ally");
+    opts.ally_image = prebuilt_ally_image();
+    let result = run(&opts).expect("Ally run");
+    println!("{result}");
+    // Each named check, so a failure message says exactly which property broke.
+    for name in [
+        "run",
+        "init",
+        "ally-region",
+        "ally-guest-start",
+        // MemTotal * 1024 <= 1024 MiB - Ally's region size.
+        "memtotal",
+        // No /sys/firmware/memmap System RAM entry overlaps Ally's region.
+        "memmap",
+        // The first byte after the guest's highest RAM below 4 GiB is Ally's region base.
+        "probe-addr",
+        // Every devmem read there is 0xFFFFFFFF: none of Ally's data.
+        "devmem-read",
+        // After writing 0x5a5a5a5a the read-back is still 0xFFFFFFFF.
+        "devmem-write",
+        // Ally logged an EPT violation for the write.
+        "ept-violation",
+        "canary",
+        "ping",
+        "exits",
+        "no-fatal",
+        "done",
+        "no-guest-failures",
+    ] {
+        let c = check(&result, name);
+        assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+    }
+    assert!(result.passed(), "{}", failures(&result));
+}
