@@ -1,8 +1,49 @@
-//! Ally's bootable image.
+//! Ally's bootable image: GRUB's multiboot2 entry, Ally's own memory and page tables, then the
+//! boot CPU becomes the first VMX guest CPU and boots the first hard disk.
+//!
+//! Start-up order (each step reports a precise error on COM2 and stops before any guest runs):
+//! 1. `entry.rs`: 32-bit entry, long mode, temporary page tables, `ally_main`.
+//! 2. Options and the firmware memory map from the multiboot2 information.
+//! 3. Reserve Ally's region at the top of a RAM range; copy the image there and switch to
+//!    Ally's own page tables (`relocate.rs`), so the guest can have all the RAM it sees.
+//! 4. GDT/TSS/IDT, VMX checks, the real-mode stubs, the guest's filtered map and the EPT.
+//! 5. VMLAUNCH into real mode at the boot stub, which loads the MBR as the BIOS would.
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod entry;
+mod frames;
+mod relocate;
+mod start;
+
+use ally_hypervisor::arch::{instructions::halt_forever, logger};
+use log::error;
+
+/// Ally's heap, in its reserved region (initialised by `start` after relocation). The
+/// linked-list allocator replaces a hand-written one; the DPI engine allocates at start-up.
+#[global_allocator]
+static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// Called by `entry.rs` in long mode on the boot stack.
+#[no_mangle]
+extern "C" fn ally_main(magic: u32, boot_info: u32) -> ! {
+    // SAFETY: COM2 is Ally's management port; the guest's accesses to it are intercepted.
+    unsafe { logger::init(log::LevelFilter::Info) };
+    log::info!("Ally {} starting on the boot CPU", env!("CARGO_PKG_VERSION"));
+    match start::start(magic, boot_info) {
+        Ok(never) => match never {},
+        Err(e) => {
+            error!("ALLY fatal reason=\"{e}\"");
+            error!("Ally stopped before starting any guest");
+            halt_forever()
+        }
+    }
+}
+
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-    loop {}
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    logger::emergency_write(format_args!("\nALLY fatal reason=panic cpu={} {}\n", logger::cpu_id(), info));
+    halt_forever()
 }

@@ -10,6 +10,7 @@ pub mod cmdline;
 pub mod guest;
 pub mod memmap;
 pub mod int15;
+pub mod arch;
 pub mod paging;
 pub mod exit;
 pub mod acpi;

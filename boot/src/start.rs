@@ -1,0 +1,300 @@
+//! The boot CPU's start-up sequence (see main.rs for the order).
+
+use crate::frames::FramePool;
+use crate::relocate;
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
+use ally_hypervisor::arch::descriptors::CpuTables;
+use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
+use ally_hypervisor::arch::vmx::platform::{self, Canary, Platform};
+use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
+use ally_hypervisor::arch::vmx::vcpu::{intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages};
+use ally_hypervisor::arch::vmx::{exits, launch};
+use ally_hypervisor::arch::{instructions, logger, serial::COM2_BASE};
+use ally_hypervisor::cmdline::AllyOptions;
+use ally_hypervisor::guest::GuestRegisters;
+use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
+use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
+use core::convert::Infallible;
+use core::fmt;
+use log::info;
+use multiboot2::{BootInformation, BootInformationHeader};
+
+const MULTIBOOT2_MAGIC: u32 = 0x36D7_6289;
+const FOUR_GIB: u64 = 1 << 32;
+/// Frames for Ally's page tables, the EPT, VMXON/VMCS regions and bitmaps.
+const FRAME_POOL_SIZE: u64 = 8 * 1024 * 1024;
+
+/// Why Ally stopped before starting the guest.
+pub enum StartError {
+    NotMultiboot2(u32),
+    BadBootInfo,
+    Options(heapless::String<160>),
+    NoMemoryMap,
+    MemoryMap(MemMapError),
+    Paging(PagingError),
+    OutOfFrames,
+    Vmx(VmxError),
+    RealMode(RealModeError),
+    GuestEntryFailed { rflags: u64, error: u64 },
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotMultiboot2(m) => write!(f, "not started by a multiboot2 loader (EAX={m:#x}); boot Ally with GRUB's `multiboot2`"),
+            Self::BadBootInfo => write!(f, "the multiboot2 boot information is malformed"),
+            Self::Options(msg) => write!(f, "bad command line: {msg}"),
+            Self::NoMemoryMap => write!(f, "the boot loader passed no memory map"),
+            Self::MemoryMap(e) => write!(f, "memory map: {e}"),
+            Self::Paging(e) => write!(f, "page tables: {e}"),
+            Self::OutOfFrames => write!(f, "Ally's frame pool is exhausted"),
+            Self::Vmx(e) => write!(f, "{e}"),
+            Self::RealMode(e) => write!(f, "{e}"),
+            Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
+        }
+    }
+}
+
+impl From<MemMapError> for StartError {
+    fn from(e: MemMapError) -> Self {
+        Self::MemoryMap(e)
+    }
+}
+impl From<PagingError> for StartError {
+    fn from(e: PagingError) -> Self {
+        Self::Paging(e)
+    }
+}
+impl From<VmxError> for StartError {
+    fn from(e: VmxError) -> Self {
+        Self::Vmx(e)
+    }
+}
+
+static mut BSP_TABLES: CpuTables = CpuTables::new();
+static mut BSP_VCPU: Option<Vcpu> = None;
+const EXIT_STACK_SIZE: usize = 64 * 1024;
+#[repr(C, align(4096))]
+struct ExitStack([u8; EXIT_STACK_SIZE]);
+static mut BSP_EXIT_STACK: ExitStack = ExitStack([0; EXIT_STACK_SIZE]);
+
+/// The start-up sequence; returns only on error.
+pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> {
+    if magic != MULTIBOOT2_MAGIC {
+        return Err(StartError::NotMultiboot2(magic));
+    }
+    // SAFETY: a multiboot2 loader passed this address; the low 4 GiB are identity-mapped.
+    let boot_info = unsafe { BootInformation::load(boot_info_addr as usize as *const BootInformationHeader) }
+        .map_err(|_| StartError::BadBootInfo)?;
+
+    let cmdline = boot_info.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    info!("command line: \"{cmdline}\"");
+    let options = AllyOptions::parse(cmdline).map_err(|e| {
+        let mut msg = heapless::String::new();
+        let _ = fmt::write(&mut msg, format_args!("{e}"));
+        StartError::Options(msg)
+    })?;
+    log::set_max_level(options.log);
+
+    let firmware_map = MemoryMap::from_entries(
+        boot_info
+            .memory_map_tag()
+            .ok_or(StartError::NoMemoryMap)?
+            .memory_areas()
+            .iter()
+            .map(|a| MemoryRegion::from_base_len(a.start_address(), a.size(), u32::from(a.typ()))),
+    )?;
+    for region in firmware_map.iter() {
+        info!("firmware map: {region}");
+    }
+
+    // Ally's region: image, frame pool, heap, DPI memory — at the top of a RAM range.
+    let image = relocate::loaded_image();
+    let region_size = (relocate::image_span() + FRAME_POOL_SIZE + options.heap + options.dpi_mem)
+        .div_ceil(LARGE_PAGE_SIZE)
+        * LARGE_PAGE_SIZE;
+    let mut avoid: heapless::Vec<PhysRange, 40> = heapless::Vec::new();
+    let _ = avoid.push(PhysRange { start: 0, end: 0x10_0000 });
+    let _ = avoid.push(image);
+    let _ = avoid.push(PhysRange {
+        start: boot_info.start_address() as u64,
+        end: boot_info.end_address() as u64,
+    });
+    for module in boot_info.module_tags() {
+        let _ = avoid.push(PhysRange { start: u64::from(module.start_address()), end: u64::from(module.end_address()) });
+    }
+    let mut region = firmware_map.place_reservation(region_size, LARGE_PAGE_SIZE, FOUR_GIB, &avoid)?;
+    // Take the range's unaligned tail too, so that Ally sits at the very top of the RAM range
+    // (no stray guest RAM above it; EPT maps the boundary with 4 KiB pages).
+    if let Some(range) = firmware_map.usable_range_containing(region.start) {
+        if range.end - region.end < LARGE_PAGE_SIZE {
+            region.end = range.end;
+        }
+    }
+    info!("ALLY region base={:#x} size={:#x}", region.start, region.len());
+    info!("ALLY image size={}", image.len());
+
+    // Page tables and the copy.
+    let ram_top = firmware_map.iter().map(|r| r.range.end).max().unwrap_or(FOUR_GIB);
+    let identity_limit = ram_top.max(FOUR_GIB).div_ceil(1 << 30) * (1 << 30);
+    let pool_start = region.start + relocate::image_span();
+    let mut frames = FramePool::new(PhysRange { start: pool_start, end: pool_start + FRAME_POOL_SIZE });
+    // SAFETY: the region is free RAM (placed above, avoiding the image, boot info and
+    // modules), 2 MiB-aligned, and the pool lies after the image span.
+    unsafe { relocate::relocate(region.start, identity_limit, &mut frames)? };
+    info!("running from the reserved region");
+
+    let heap_start = pool_start + FRAME_POOL_SIZE;
+    // SAFETY: the heap range lies in Ally's region after the frame pool, is identity-mapped
+    // and used by nothing else.
+    unsafe { crate::HEAP.lock().init(heap_start as *mut u8, options.heap as usize) };
+
+    // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
+    unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
+
+    // SAFETY: ring 0 on the boot CPU.
+    let caps = unsafe { VmxCapabilities::probe_and_enable()? };
+    info!(
+        "VMX: revision {:#x}, secondary controls {:#x}, EPT/VPID caps {:#x}",
+        caps.vmcs_revision, caps.secondary, caps.ept_vpid_cap
+    );
+
+    // The guest's view: real-mode stubs in stolen conventional memory, filtered map, EPT.
+    // SAFETY: the IVT and BDA are identity-mapped and no guest runs yet.
+    let stub = unsafe { realmode::install() }.map_err(StartError::RealMode)?;
+    info!("real-mode stubs at {:#x} (INT 15h hooked)", stub.base);
+    let stolen = PhysRange { start: stub.base, end: stub.base + 1024 };
+    let guest_map = firmware_map.without(&[region, stolen])?;
+    for region in guest_map.iter() {
+        info!("guest map: {region}");
+    }
+
+    let mut ept = Ept::new(&mut frames)?;
+    map_guest_physical(&mut ept, &mut frames, &firmware_map, region, identity_limit)?;
+
+    let canary_range = PhysRange { start: region.start, end: region.start + 2 * PAGE_SIZE };
+    let mut hidden = heapless::Vec::new();
+    let _ = hidden.push(region);
+    let platform = platform::install(Platform {
+        guest_map,
+        hidden,
+        identity_limit,
+        realmode: stub,
+        pm1_control_ports: [None, None],
+        // SAFETY: the canary range is the start of Ally's identity-mapped region.
+        canary: Canary { range: canary_range, checksum: unsafe { platform::checksum(canary_range) } },
+    });
+
+    // The boot CPU's vCPU.
+    let mut alloc = || frames.allocate_zeroed().map(|f| f.0).ok_or(StartError::OutOfFrames);
+    let pages = VcpuPages {
+        vmxon: alloc()?,
+        vmcs: alloc()?,
+        msr_bitmap: alloc()?,
+        io_bitmap_a: alloc()?,
+        io_bitmap_b: alloc()?,
+    };
+    // SAFETY: the bitmap frames were just allocated, zeroed and are identity-mapped.
+    unsafe {
+        let msr_bitmap = &mut *(pages.msr_bitmap as *mut [u8; 4096]);
+        for range in exits::INTERCEPTED_MSRS {
+            for msr in range {
+                intercept_msr(msr_bitmap, msr);
+            }
+        }
+        let io_a = &mut *(pages.io_bitmap_a as *mut [u8; 4096]);
+        let io_b = &mut *(pages.io_bitmap_b as *mut [u8; 4096]);
+        intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
+        for port in platform.pm1_control_ports.iter().flatten() {
+            intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
+        }
+    }
+    info!("frame pool: {} KiB left", frames.remaining() / 1024);
+
+    // SAFETY: BSP_VCPU is written once here, before the first VM exit can read it.
+    let vcpu = unsafe {
+        let slot = &mut *core::ptr::addr_of_mut!(BSP_VCPU);
+        slot.insert(Vcpu::new(logger::cpu_id(), 1, caps, pages))
+    };
+    // SAFETY: on the boot CPU, once; the pages are zeroed and identity-mapped.
+    unsafe { vcpu.activate()? };
+    // The exit stack's top holds the vCPU pointer the trampoline passes to the handler.
+    // SAFETY: the exit stack is used by this CPU alone.
+    let exit_stack_top = unsafe {
+        let base = core::ptr::addr_of_mut!(BSP_EXIT_STACK) as u64;
+        let top = base + EXIT_STACK_SIZE as u64 - 16;
+        (top as *mut u64).write(vcpu as *mut Vcpu as u64);
+        top
+    };
+    // SAFETY: BSP_TABLES was loaded above and lives for ever.
+    let tss_base = unsafe { (*core::ptr::addr_of!(BSP_TABLES)).tss_base() };
+    vcpu.configure(
+        ept.eptp(),
+        StartState::RealMode { segment: stub.segment },
+        exit_stack_top,
+        tss_base,
+        launch::ally_vmexit_entry as *const () as u64,
+    )?;
+    // SAFETY: EPT and VPID were checked in `probe_and_enable`.
+    unsafe { instructions::invept_all() };
+
+    info!("ALLY guest-start");
+    // SAFETY: the VMCS is complete and current; exits land on the exit stack set above.
+    let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };
+    Err(StartError::GuestEntryFailed {
+        rflags,
+        error: instructions::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR),
+    })
+}
+
+/// Identity EPT of guest-physical memory: RAM write-back, everything else uncached, Ally's
+/// region absent. 2 MiB pages where a whole large page has one kind, 4 KiB pages elsewhere.
+fn map_guest_physical(
+    ept: &mut Ept,
+    frames: &mut FramePool,
+    map: &MemoryMap,
+    hidden: PhysRange,
+    limit: u64,
+) -> Result<(), StartError> {
+    let is_ram = |range: PhysRange| {
+        map.iter().any(|r| {
+            matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs)
+                && r.range.start <= range.start
+                && range.end <= r.range.end
+        })
+    };
+    let touches_ram = |range: PhysRange| {
+        map.iter().any(|r| {
+            matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs)
+                && r.range.overlaps(&range)
+        })
+    };
+    let mut map_one = |range: PhysRange, ram: bool, frames: &mut FramePool| {
+        let memtype = if ram { EptMemoryType::WriteBack } else { EptMemoryType::Uncacheable };
+        ept.map(
+            GuestPhysAddr(range.start),
+            HostPhysAddr(range.start),
+            range.len(),
+            EptPermissions::ALL,
+            memtype,
+            frames,
+        )
+    };
+    let mut addr = 0u64;
+    while addr < limit {
+        let large = PhysRange { start: addr, end: addr + LARGE_PAGE_SIZE };
+        let uniform = !large.overlaps(&hidden) && (is_ram(large) || !touches_ram(large));
+        if uniform {
+            map_one(large, is_ram(large), frames)?;
+        } else {
+            for page in (large.start..large.end).step_by(PAGE_SIZE as usize) {
+                let small = PhysRange { start: page, end: page + PAGE_SIZE };
+                if !small.overlaps(&hidden) {
+                    map_one(small, is_ram(small), frames)?;
+                }
+            }
+        }
+        addr = large.end;
+    }
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Every privileged instruction Ally executes, as small `unsafe fn`s.
+//!
+//! Nothing else in Ally uses inline assembly for privileged work (the entry stubs in `boot/`
+//! and the VM-exit trampoline in `vmx::launch` excepted), so a reviewer can audit the whole
+//! privileged surface here.
+
+use core::arch::asm;
+
+/// Reads a model-specific register.
+///
+/// # Safety
+/// The MSR must exist on this CPU (else #GP) and Ally must run at CPL 0.
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists and we are at CPL 0.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes a model-specific register.
+///
+/// # Safety
+/// The MSR must exist and accept `value`; writing it must not break Ally's own invariants.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack))
+    };
+}
+
+/// Reads CR0.
+pub fn read_cr0() -> u64 {
+    let v;
+    // SAFETY: reading CR0 has no side effects; Ally runs at CPL 0.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The value must keep paging, protection and Ally's mappings valid.
+pub unsafe fn write_cr0(v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack)) };
+}
+
+/// Reads CR3.
+pub fn read_cr3() -> u64 {
+    let v;
+    // SAFETY: reading CR3 has no side effects; Ally runs at CPL 0.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Reads CR4.
+pub fn read_cr4() -> u64 {
+    let v;
+    // SAFETY: reading CR4 has no side effects; Ally runs at CPL 0.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes CR4.
+///
+/// # Safety
+/// The value must be supported by the CPU and keep Ally's paging mode.
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack)) };
+}
+
+/// Copies `len` bytes from `src` to `dst` and then loads CR3 with `new_cr3`, touching no
+/// memory in between (no stack use): the relocation step of `boot/src/relocate.rs`.
+///
+/// # Safety
+/// Both ranges must be mapped, must not overlap, and `new_cr3` must map the code, stack and
+/// data being executed at the same virtual addresses onto the copy.
+pub unsafe fn copy_then_load_cr3(src: u64, dst: u64, len: u64, new_cr3: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        asm!("rep movsb", "mov cr3, {cr3}",
+             inout("rsi") src => _, inout("rdi") dst => _, inout("rcx") len => _,
+             cr3 = in(reg) new_cr3, options(nostack))
+    };
+}
+
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// Reading the port must have no side effect that breaks a device Ally or the guest relies on.
+pub unsafe fn inb(port: u16) -> u8 {
+    let v;
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes a byte to an I/O port.
+///
+/// # Safety
+/// The write must not break a device Ally or the guest relies on.
+pub unsafe fn outb(port: u16, v: u8) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
+}
+
+/// Reads a 16-bit word from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+pub unsafe fn inw(port: u16) -> u16 {
+    let v;
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes a 16-bit word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn outw(port: u16, v: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };
+}
+
+/// Reads a 32-bit word from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let v;
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes a 32-bit word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn outl(port: u16, v: u32) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)) };
+}
+
+/// Sets XCR0 (XSETBV with ECX = 0).
+///
+/// # Safety
+/// CR4.OSXSAVE must be set and `value` must be a valid XCR0 for this CPU (else #GP).
+pub unsafe fn xsetbv0(value: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nomem, nostack))
+    };
+}
+
+/// Writes back and invalidates all caches (also Ally's emulation of the guest's INVD).
+pub fn wbinvd() {
+    // SAFETY: WBINVD only flushes caches; it cannot break memory safety at CPL 0.
+    unsafe { asm!("wbinvd", options(nostack)) };
+}
+
+/// Loads the GDT register.
+///
+/// # Safety
+/// `pointer` must describe a valid GDT that outlives its use, with Ally's current selectors.
+pub unsafe fn lgdt(pointer: &DescriptorTablePointer) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("lgdt [{}]", in(reg) pointer, options(readonly, nostack)) };
+}
+
+/// Loads the IDT register.
+///
+/// # Safety
+/// `pointer` must describe a valid IDT that stays alive while interrupts can occur.
+pub unsafe fn lidt(pointer: &DescriptorTablePointer) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("lidt [{}]", in(reg) pointer, options(readonly, nostack)) };
+}
+
+/// Loads the task register.
+///
+/// # Safety
+/// `selector` must name an available 64-bit TSS descriptor in the current GDT.
+pub unsafe fn ltr(selector: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("ltr {0:x}", in(reg) selector, options(nostack)) };
+}
+
+/// Reloads CS with `code` and DS/ES/SS with `data` (FS/GS get the null selector).
+///
+/// # Safety
+/// Both selectors must be valid 64-bit code / data descriptors in the current GDT.
+pub unsafe fn reload_segments(code: u16, data: u16) {
+    // SAFETY: guaranteed by the caller; the far return lands on the next instruction.
+    unsafe {
+        asm!(
+            "push {code}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {data:x}",
+            "mov es, {data:x}",
+            "mov ss, {data:x}",
+            "xor {tmp:e}, {tmp:e}",
+            "mov fs, {tmp:x}",
+            "mov gs, {tmp:x}",
+            code = in(reg) u64::from(code),
+            data = in(reg) data,
+            tmp = out(reg) _,
+        )
+    };
+}
+
+/// Stores the GDT register.
+pub fn sgdt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer { limit: 0, base: 0 };
+    // SAFETY: SGDT only writes the 10-byte pointer we provide.
+    unsafe { asm!("sgdt [{}]", in(reg) &mut p, options(nostack)) };
+    p
+}
+
+/// Stores the IDT register.
+pub fn sidt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer { limit: 0, base: 0 };
+    // SAFETY: SIDT only writes the 10-byte pointer we provide.
+    unsafe { asm!("sidt [{}]", in(reg) &mut p, options(nostack)) };
+    p
+}
+
+/// Reads the current segment selectors (cs, ss, ds, es, fs, gs, tr).
+pub fn segment_selectors() -> [u16; 7] {
+    let (cs, ss, ds, es, fs, gs, tr): (u16, u16, u16, u16, u16, u16, u16);
+    // SAFETY: reading segment registers and STR has no side effects.
+    unsafe {
+        asm!("mov {0:x}, cs", "mov {1:x}, ss", "mov {2:x}, ds", "mov {3:x}, es",
+             "mov {4:x}, fs", "mov {5:x}, gs", "str {6:x}",
+             out(reg) cs, out(reg) ss, out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs,
+             out(reg) tr, options(nomem, nostack))
+    };
+    [cs, ss, ds, es, fs, gs, tr]
+}
+
+/// Halts this CPU forever with interrupts disabled.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: disabling interrupts and halting stops only this CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// The 10-byte operand of LGDT/LIDT/SGDT/SIDT.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+pub struct DescriptorTablePointer {
+    pub limit: u16,
+    pub base: u64,
+}
+const _: () = assert!(core::mem::size_of::<DescriptorTablePointer>() == 10);
+
+pub use vmx_instructions::*;
+
+/// VMX instructions (SDM Vol. 3C ch. 31), through the `x86` crate's encodings.
+mod vmx_instructions {
+    use core::arch::asm;
+
+    /// Enters VMX root operation with the VMXON region at `phys`.
+    ///
+    /// # Safety
+    /// CR4.VMXE is set, the CR0/CR4 fixed bits are honoured, IA32_FEATURE_CONTROL allows VMXON
+    /// and `phys` is a 4 KiB-aligned page holding the VMCS revision identifier.
+    pub unsafe fn vmxon(phys: u64) -> Result<(), ()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { x86::bits64::vmx::vmxon(phys).map_err(|_| ()) }
+    }
+
+    /// Clears the VMCS at `phys` (SDM 31.3 VMCLEAR).
+    ///
+    /// # Safety
+    /// In VMX root operation; `phys` is a VMCS region owned by Ally.
+    pub unsafe fn vmclear(phys: u64) -> Result<(), ()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { x86::bits64::vmx::vmclear(phys).map_err(|_| ()) }
+    }
+
+    /// Makes the VMCS at `phys` current (SDM 31.3 VMPTRLD).
+    ///
+    /// # Safety
+    /// In VMX root operation; `phys` is a cleared VMCS region owned by Ally.
+    pub unsafe fn vmptrld(phys: u64) -> Result<(), ()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { x86::bits64::vmx::vmptrld(phys).map_err(|_| ()) }
+    }
+
+    /// Reads a field of the current VMCS; 0 if the field does not exist (the VMREAD fails).
+    pub fn vmread(field: u32) -> u64 {
+        // SAFETY: VMREAD has no side effect besides RFLAGS; in VMX root with a current VMCS
+        // (all callers run after `Vcpu::activate`), a failure is reported, not a fault.
+        unsafe { x86::bits64::vmx::vmread(field).unwrap_or(0) }
+    }
+
+    /// Writes a field of the current VMCS.
+    ///
+    /// # Safety
+    /// In VMX root with a current VMCS; the value must keep the guest/host state Ally relies on.
+    pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), u32> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { x86::bits64::vmx::vmwrite(field, value).map_err(|_| field) }
+    }
+
+    /// Invalidates EPT-derived translations for all contexts (INVEPT type 2).
+    ///
+    /// # Safety
+    /// In VMX root operation on a CPU that supports INVEPT all-context.
+    pub unsafe fn invept_all() {
+        let descriptor = [0u64; 2];
+        // SAFETY: guaranteed by the caller; the descriptor is a valid 16-byte operand.
+        unsafe {
+            asm!("invept {}, [{}]", in(reg) 2u64, in(reg) &descriptor, options(nostack));
+        }
+    }
+
+    /// Invalidates linear translations tagged with `vpid` (INVVPID single-context, type 1).
+    ///
+    /// # Safety
+    /// In VMX root operation on a CPU that supports INVVPID single-context; `vpid` != 0.
+    pub unsafe fn invvpid_single(vpid: u16) {
+        let descriptor = [u64::from(vpid), 0u64];
+        // SAFETY: guaranteed by the caller; the descriptor is a valid 16-byte operand.
+        unsafe {
+            asm!("invvpid {}, [{}]", in(reg) 1u64, in(reg) &descriptor, options(nostack));
+        }
+    }
+}

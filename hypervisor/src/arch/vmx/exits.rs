@@ -1,0 +1,523 @@
+//! The VM-exit handler: one function per exit reason Ally expects. Everything else stops the
+//! guest with a report (reason, qualification, guest RIP, VM-instruction error); Ally never
+//! silently resumes a guest after an exit it does not understand.
+
+use super::platform::{platform, PhysicalMemory};
+use super::vcpu::Vcpu;
+use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
+use crate::exit::{CrAccess, CrAccessType, ExitReason, IoQualification};
+use crate::guest::{emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases};
+use crate::addr::GuestPhysAddr;
+use core::fmt;
+use log::{error, info, warn};
+use x86::vmx::vmcs::{control, guest, ro};
+
+/// Why the guest was stopped.
+#[derive(Debug)]
+pub enum StopReason {
+    Unhandled { reason: ExitReason, basic: u32 },
+    EntryFailed { basic: u32 },
+    TripleFault,
+    GuestRequested(&'static str),
+    Emulation(crate::guest::EmulationError),
+    BadCrAccess,
+    Int15(&'static str),
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unhandled { reason, basic } => write!(f, "unhandled exit {basic} ({reason})"),
+            Self::EntryFailed { basic } => write!(f, "VM entry failed (basic reason {basic})"),
+            Self::TripleFault => write!(f, "the guest triple-faulted"),
+            Self::GuestRequested(what) => write!(f, "{what}"),
+            Self::Emulation(e) => write!(f, "cannot emulate the guest's access: {e}"),
+            Self::BadCrAccess => write!(f, "unsupported control-register access"),
+            Self::Int15(what) => write!(f, "INT 15h hook: {what}"),
+        }
+    }
+}
+
+type ExitResult = Result<(), StopReason>;
+
+// VM-entry interruption information (SDM 25.8.3).
+const VECTOR_UD: u64 = 6;
+const VECTOR_GP: u64 = 13;
+const HARDWARE_EXCEPTION: u64 = 3 << 8;
+const DELIVER_ERROR_CODE: u64 = 1 << 11;
+const VALID: u64 = 1 << 31;
+
+fn vmcs_write(field: u32, value: u64) {
+    // SAFETY: the exit handler runs with this CPU's VMCS current; each value written keeps
+    // the guest state architecturally valid (checked by the next VM entry, which reports
+    // any failure through `ally_vmresume_failed`).
+    if unsafe { vmwrite(field, value) }.is_err() {
+        error!("VMWRITE of field {field:#x} failed");
+    }
+}
+
+fn guest_in_protected_mode() -> bool {
+    vmread(guest::CR0) & 1 != 0
+}
+
+/// Makes the next VM entry deliver hardware exception `vector` to the guest.
+fn inject_exception(vector: u64, error_code: Option<u32>) {
+    let mut info = vector | HARDWARE_EXCEPTION | VALID;
+    // Real mode has no error codes (SDM 27.2.1.3).
+    if let (Some(code), true) = (error_code, guest_in_protected_mode()) {
+        info |= DELIVER_ERROR_CODE;
+        vmcs_write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
+    }
+    vmcs_write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+}
+
+/// Skips the exiting instruction (valid for exits that report an instruction length).
+fn advance_rip() {
+    let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
+    vmcs_write(guest::RIP, vmread(guest::RIP).wrapping_add(len));
+    // Completing an instruction ends blocking by STI / MOV SS (SDM 26.3.1.5).
+    let interruptibility = vmread(guest::INTERRUPTIBILITY_STATE);
+    if interruptibility & 3 != 0 {
+        vmcs_write(guest::INTERRUPTIBILITY_STATE, interruptibility & !3);
+    }
+}
+
+fn gpr(regs: &mut GuestRegisters, index: u8) -> Option<&mut u64> {
+    regs.get_mut(index)
+}
+
+/// Reads the guest's state into the decoder's view of it.
+fn cpu_state(regs: &GuestRegisters) -> GuestCpuState {
+    let mut regs = *regs;
+    regs.rsp = vmread(guest::RSP);
+    GuestCpuState {
+        regs,
+        rip: vmread(guest::RIP),
+        rflags: vmread(guest::RFLAGS),
+        cr0: vmread(guest::CR0),
+        cr3: vmread(guest::CR3),
+        cr4: vmread(guest::CR4),
+        efer: vmread(guest::IA32_EFER_FULL),
+        cs_selector: vmread(guest::CS_SELECTOR) as u16,
+        cs_base: vmread(guest::CS_BASE),
+        cs_access_rights: vmread(guest::CS_ACCESS_RIGHTS) as u32,
+        ss_access_rights: vmread(guest::SS_ACCESS_RIGHTS) as u32,
+        segment_bases: SegmentBases {
+            es: vmread(guest::ES_BASE),
+            ss: vmread(guest::SS_BASE),
+            ds: vmread(guest::DS_BASE),
+            fs: vmread(guest::FS_BASE),
+            gs: vmread(guest::GS_BASE),
+        },
+        max_phys_addr_bits: 0,
+    }
+}
+
+/// The VM-exit dispatcher, called by the trampoline in `launch.rs`.
+#[no_mangle]
+extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
+    let raw_reason = vmread(ro::EXIT_REASON) as u32;
+    let basic = raw_reason & 0xFFFF;
+    let reason = ExitReason::from_basic(basic);
+    vcpu.exits.record(basic);
+
+    let outcome = if raw_reason & (1 << 31) != 0 {
+        Err(StopReason::EntryFailed { basic })
+    } else {
+        match reason {
+            ExitReason::Cpuid => handle_cpuid(regs),
+            ExitReason::Rdmsr => handle_rdmsr(regs),
+            ExitReason::Wrmsr => handle_wrmsr(regs),
+            ExitReason::CrAccess => handle_cr_access(regs, vcpu),
+            ExitReason::Xsetbv => handle_xsetbv(regs),
+            ExitReason::Invd => {
+                // INVD would discard Ally's dirty lines too: write them back instead.
+                instructions::wbinvd();
+                advance_rip();
+                Ok(())
+            }
+            ExitReason::IoInstruction => handle_io(regs, vcpu),
+            ExitReason::EptViolation => handle_ept_violation(regs),
+            ExitReason::Vmcall => handle_vmcall(regs),
+            ExitReason::TripleFault => Err(StopReason::TripleFault),
+            // The guest tried to use VMX, which Ally hides: #UD as on a CPU without it.
+            ExitReason::Vmclear
+            | ExitReason::Vmlaunch
+            | ExitReason::Vmptrld
+            | ExitReason::Vmptrst
+            | ExitReason::Vmread
+            | ExitReason::Vmresume
+            | ExitReason::Vmwrite
+            | ExitReason::Vmxoff
+            | ExitReason::Vmxon
+            | ExitReason::Invept
+            | ExitReason::Invvpid
+            | ExitReason::Getsec
+            | ExitReason::Vmfunc => {
+                inject_exception(VECTOR_UD, None);
+                Ok(())
+            }
+            _ => Err(StopReason::Unhandled { reason, basic }),
+        }
+    };
+
+    if let Err(stop) = outcome {
+        stop_guest(vcpu, &stop);
+    }
+    sync_long_mode_entry_control();
+}
+
+/// Keeps the "IA-32e mode guest" entry control equal to the guest's EFER.LMA, which the CPU
+/// updates when the guest enables paging with EFER.LME set (SDM 26.2.4, 27.3.1.1).
+fn sync_long_mode_entry_control() {
+    const LMA: u64 = 1 << 10;
+    const IA32E_MODE_GUEST: u64 = 1 << 9;
+    let entry = vmread(control::VMENTRY_CONTROLS);
+    let wanted = if vmread(guest::IA32_EFER_FULL) & LMA != 0 {
+        entry | IA32E_MODE_GUEST
+    } else {
+        entry & !IA32E_MODE_GUEST
+    };
+    if wanted != entry {
+        vmcs_write(control::VMENTRY_CONTROLS, wanted);
+    }
+}
+
+/// Reports why the guest stops, with the exit counts, and halts this CPU.
+pub fn stop_guest(vcpu: &mut Vcpu, stop: &dyn fmt::Display) -> ! {
+    vcpu.stopped = true;
+    error!(
+        "ALLY fatal reason=\"{}\" exit_reason={:#x} qualification={:#x} guest_rip={:#x} \
+         guest_cs={:#x} guest_cr0={:#x} vm_instruction_error={} guest_phys={:#x}",
+        stop,
+        vmread(ro::EXIT_REASON),
+        vmread(ro::EXIT_QUALIFICATION),
+        vmread(guest::RIP),
+        vmread(guest::CS_SELECTOR),
+        vmread(guest::CR0),
+        vmread(ro::VM_INSTRUCTION_ERROR),
+        vmread(ro::GUEST_PHYSICAL_ADDR_FULL),
+    );
+    report_exits(vcpu);
+    halt_forever()
+}
+
+/// Prints one `ALLY exits` line per exit reason seen.
+pub fn report_exits(vcpu: &Vcpu) {
+    for (basic, count) in vcpu.exits.iter_nonzero() {
+        info!("ALLY exits reason={} basic={} count={}", ExitReason::from_basic(basic), basic, count);
+    }
+}
+
+fn handle_cpuid(regs: &mut GuestRegisters) -> ExitResult {
+    let leaf = regs.rax as u32;
+    let subleaf = regs.rcx as u32;
+    let mut r = raw_cpuid::cpuid!(leaf, subleaf);
+    if leaf == 1 {
+        // Hide VMX (bit 5) and report no hypervisor (bit 31): the guest must not learn of Ally.
+        r.ecx &= !((1 << 5) | (1 << 31));
+    }
+    regs.rax = u64::from(r.eax);
+    regs.rbx = u64::from(r.ebx);
+    regs.rcx = u64::from(r.ecx);
+    regs.rdx = u64::from(r.edx);
+    advance_rip();
+    Ok(())
+}
+
+const IA32_FEATURE_CONTROL: u32 = 0x3A;
+const VMX_CAPABILITY_MSRS: core::ops::RangeInclusive<u32> = 0x480..=0x491;
+
+/// The MSRs Ally intercepts (the MSR bitmap in `platform.rs` sets exactly these).
+pub const INTERCEPTED_MSRS: [core::ops::RangeInclusive<u32>; 2] =
+    [IA32_FEATURE_CONTROL..=IA32_FEATURE_CONTROL, VMX_CAPABILITY_MSRS];
+
+fn handle_rdmsr(regs: &mut GuestRegisters) -> ExitResult {
+    let msr = regs.rcx as u32;
+    let value = match msr {
+        // Locked, with VMX disabled: what a CPU without VMX shows (SDM Vol. 4 table 2-2).
+        IA32_FEATURE_CONTROL => 1,
+        _ => {
+            // The VMX capability MSRs do not exist on a CPU without VMX.
+            inject_exception(VECTOR_GP, Some(0));
+            return Ok(());
+        }
+    };
+    regs.rax = value & 0xFFFF_FFFF;
+    regs.rdx = value >> 32;
+    advance_rip();
+    Ok(())
+}
+
+fn handle_wrmsr(_regs: &mut GuestRegisters) -> ExitResult {
+    // IA32_FEATURE_CONTROL is locked and the VMX MSRs are read-only or absent: #GP.
+    inject_exception(VECTOR_GP, Some(0));
+    Ok(())
+}
+
+fn handle_cr_access(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+    let access = CrAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    let value = match access.access_type {
+        CrAccessType::MovToCr => {
+            if access.gpr == 4 {
+                vmread(guest::RSP)
+            } else {
+                *gpr(regs, access.gpr).ok_or(StopReason::BadCrAccess)?
+            }
+        }
+        CrAccessType::Lmsw => {
+            // LMSW changes CR0 bits 3:0 only and cannot clear PE (SDM Vol. 2A LMSW).
+            let shadow = vmread(control::CR0_READ_SHADOW);
+            let src = u64::from(access.lmsw_source);
+            (shadow & !0xE) | (src & 0xF) | (shadow & 1)
+        }
+        _ => return Err(StopReason::BadCrAccess),
+    };
+    let retired = match access.cr {
+        0 => write_guest_cr0(value, vcpu),
+        4 => write_guest_cr4(value, vcpu),
+        _ => return Err(StopReason::BadCrAccess),
+    };
+    if !retired {
+        return Ok(());
+    }
+    // SAFETY: VPID support with single-context INVVPID was checked at start-up; flushing the
+    // guest's linear translations after a paging-mode change is what a real CPU does.
+    unsafe { instructions::invvpid_single(vcpu.vpid) };
+    advance_rip();
+    Ok(())
+}
+
+/// Emulates MOV to CR0; returns whether the instruction retired.
+fn write_guest_cr0(value: u64, vcpu: &Vcpu) -> bool {
+    const PE: u64 = 1;
+    const PG: u64 = 1 << 31;
+    const LME: u64 = 1 << 8;
+    const LMA: u64 = 1 << 10;
+    let caps = &vcpu.caps;
+    let real = ((value | caps.cr0_fixed0) & caps.cr0_fixed1 & !(PE | PG)) | (value & (PE | PG));
+    // Enabling paging with EFER.LME activates IA-32e mode (SDM Vol. 3A 10.8.5).
+    let efer = vmread(guest::IA32_EFER_FULL);
+    let new_efer = if value & PG != 0 && efer & LME != 0 { efer | LMA } else { efer & !LMA };
+    if new_efer != efer {
+        vmcs_write(guest::IA32_EFER_FULL, new_efer);
+    }
+    vmcs_write(guest::CR0, real);
+    vmcs_write(control::CR0_READ_SHADOW, value);
+    load_pae_pdptes_if_needed(real, vmread(guest::CR4), new_efer);
+    true
+}
+
+/// Emulates MOV to CR4; returns whether the instruction retired.
+fn write_guest_cr4(value: u64, vcpu: &Vcpu) -> bool {
+    const VMXE: u64 = 1 << 13;
+    if value & VMXE != 0 {
+        // VMX is hidden: setting CR4.VMXE faults as on a CPU without VMX.
+        inject_exception(VECTOR_GP, Some(0));
+        return false;
+    }
+    let caps = &vcpu.caps;
+    let real = (value | caps.cr4_fixed0) & caps.cr4_fixed1;
+    vmcs_write(guest::CR4, real);
+    vmcs_write(control::CR4_READ_SHADOW, value);
+    load_pae_pdptes_if_needed(vmread(guest::CR0), real, vmread(guest::IA32_EFER_FULL));
+    true
+}
+
+/// With EPT, PAE paging (not IA-32e) takes its PDPTEs from the VMCS at VM entry (SDM 26.3.2.4),
+/// so an emulated CR write that enters PAE paging must load them from the guest's CR3.
+fn load_pae_pdptes_if_needed(cr0: u64, cr4: u64, efer: u64) {
+    const PG: u64 = 1 << 31;
+    const PAE: u64 = 1 << 5;
+    const LMA: u64 = 1 << 10;
+    if cr0 & PG == 0 || cr4 & PAE == 0 || efer & LMA != 0 {
+        return;
+    }
+    let base = vmread(guest::CR3) & 0xFFFF_FFE0;
+    let memory = PhysicalMemory;
+    for (i, field) in [guest::PDPTE0_FULL, guest::PDPTE1_FULL, guest::PDPTE2_FULL, guest::PDPTE3_FULL]
+        .into_iter()
+        .enumerate()
+    {
+        let value = crate::guest::GuestMemory::read_u64(&memory, GuestPhysAddr(base + 8 * i as u64)).unwrap_or(0);
+        vmcs_write(field, value);
+    }
+}
+
+fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
+    let index = regs.rcx as u32;
+    let value = (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF);
+    let supported = {
+        let r = raw_cpuid::cpuid!(0xD, 0);
+        (u64::from(r.edx) << 32) | u64::from(r.eax)
+    };
+    const X87: u64 = 1;
+    const SSE: u64 = 1 << 1;
+    const AVX: u64 = 1 << 2;
+    // The checks XSETBV itself makes (SDM Vol. 2C XSETBV): else #GP in the guest, never in Ally.
+    let valid = index == 0
+        && value & X87 != 0
+        && value & !supported == 0
+        && (value & AVX == 0 || value & SSE != 0)
+        && (value & 0xE0 == 0 || value & 0xE0 == 0xE0 && value & AVX != 0);
+    if !valid {
+        inject_exception(VECTOR_GP, Some(0));
+        return Ok(());
+    }
+    // SAFETY: CR4.OSXSAVE is set in VMX root (capabilities.rs) and `value` passed the checks
+    // the instruction makes; Ally itself uses no extended state.
+    unsafe { instructions::xsetbv0(value) };
+    advance_rip();
+    Ok(())
+}
+
+fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+    let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
+    if io.string {
+        return Err(StopReason::GuestRequested("string I/O on a port Ally intercepts (unsupported)"));
+    }
+    let platform = platform();
+    let width_mask: u64 = match io.size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    };
+    if platform.is_power_control_port(io.port) && !io.is_in {
+        let value = (regs.rax & width_mask) as u32;
+        // PM1x_CNT.SLP_EN (ACPI 6.5 4.8.3.2.1): the guest is entering a sleep state — S5 at
+        // power-off. Report first, then let the write reach the hardware.
+        if value & (1 << 13) != 0 {
+            info!("ALLY guest-sleep port={:#x} value={:#x}", io.port, value);
+            super::platform::report_power_off(vcpu);
+        }
+        // SAFETY: the guest owns the ACPI PM block; Ally forwards its write unchanged.
+        unsafe { forward_out(io.port, io.size, value) };
+        advance_rip();
+        return Ok(());
+    }
+    if platform.is_power_control_port(io.port) {
+        // SAFETY: reading PM1x_CNT has no side effect; forwarded for the guest.
+        let v = unsafe { forward_in(io.port, io.size) };
+        regs.rax = (regs.rax & !width_mask) | (u64::from(v) & width_mask);
+        advance_rip();
+        return Ok(());
+    }
+    // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
+    if io.is_in {
+        regs.rax |= width_mask;
+        if io.size == 4 {
+            regs.rax &= 0xFFFF_FFFF;
+        }
+    }
+    advance_rip();
+    Ok(())
+}
+
+/// # Safety
+/// The port must be one the guest may write.
+unsafe fn forward_out(port: u16, size: u8, value: u32) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match size {
+            1 => instructions::outb(port, value as u8),
+            2 => instructions::outw(port, value as u16),
+            _ => instructions::outl(port, value),
+        }
+    }
+}
+
+/// # Safety
+/// The port must be one the guest may read.
+unsafe fn forward_in(port: u16, size: u8) -> u32 {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match size {
+            1 => u32::from(instructions::inb(port)),
+            2 => u32::from(instructions::inw(port)),
+            _ => instructions::inl(port),
+        }
+    }
+}
+
+/// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a
+/// bus with nothing behind it), writes are discarded; each is logged (rate-limited).
+struct HiddenMemory;
+
+impl MmioHandler for HiddenMemory {
+    fn read(&mut self, _gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
+        match width.bytes() {
+            8 => u64::MAX,
+            n => (1u64 << (8 * n as u32)) - 1,
+        }
+    }
+    fn write(&mut self, _gpa: GuestPhysAddr, _width: AccessWidth, _value: u64) {}
+}
+
+static HIDDEN_ACCESS_REPORTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+const HIDDEN_ACCESS_REPORT_LIMIT: u32 = 64;
+
+fn handle_ept_violation(regs: &mut GuestRegisters) -> ExitResult {
+    let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
+    let qualification = vmread(ro::EXIT_QUALIFICATION);
+    // Exit qualification bits 0-2: read, write, instruction fetch (SDM Table 28-7).
+    let access = if qualification & 2 != 0 {
+        AccessKind::Write
+    } else if qualification & 4 != 0 {
+        AccessKind::Fetch
+    } else {
+        AccessKind::Read
+    };
+    let mut cpu = cpu_state(regs);
+    let mut handler = HiddenMemory;
+    let result = emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut handler);
+    let n = HIDDEN_ACCESS_REPORTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    match result {
+        Ok(done) => {
+            if n < HIDDEN_ACCESS_REPORT_LIMIT {
+                let action = if access == AccessKind::Write { "discarded" } else { "read-as-ones" };
+                warn!(
+                    "ALLY ept-violation gpa={:#x} access={} width={} rip={:#x} action={}",
+                    gpa.0,
+                    if access == AccessKind::Write { "write" } else { "read" },
+                    done.width.bytes(),
+                    done.old_rip,
+                    action
+                );
+            }
+            *regs = cpu.regs;
+            vmcs_write(guest::RSP, cpu.regs.rsp);
+            vmcs_write(guest::RIP, cpu.rip);
+            Ok(())
+        }
+        Err(e) => {
+            warn!("ALLY ept-violation gpa={:#x} access={:?} action=stop", gpa.0, access);
+            Err(StopReason::Emulation(e))
+        }
+    }
+}
+
+fn handle_vmcall(regs: &mut GuestRegisters) -> ExitResult {
+    let linear_rip = vmread(guest::CS_BASE).wrapping_add(vmread(guest::RIP));
+    let platform = platform();
+    if !guest_in_protected_mode() && linear_rip == platform.realmode.int15_vmcall {
+        return super::platform::emulate_int15_hook(regs);
+    }
+    if !guest_in_protected_mode() && linear_rip == platform.realmode.boot_failed_vmcall {
+        error!("ALLY fatal reason=guest-boot-failed code={:#x}", regs.rax & 0xFFFF);
+        return Err(StopReason::GuestRequested("the BIOS could not read the first hard disk's MBR"));
+    }
+    // Anywhere else VMCALL behaves as on a CPU without VMX.
+    inject_exception(VECTOR_UD, None);
+    Ok(())
+}
+
+/// Called by the trampoline when VMRESUME itself fails.
+#[no_mangle]
+extern "C" fn ally_vmresume_failed(rflags: u64) -> ! {
+    error!(
+        "ALLY fatal reason=vmresume-failed rflags={:#x} vm_instruction_error={}",
+        rflags,
+        vmread(ro::VM_INSTRUCTION_ERROR)
+    );
+    halt_forever()
+}

@@ -1,0 +1,189 @@
+//! What the exit handlers need to know about the machine and Ally's place in it, set once by
+//! the boot CPU before the guest starts.
+
+use super::realmode::RealModeStub;
+use super::vcpu::Vcpu;
+use crate::addr::{GuestPhysAddr, PhysRange};
+use crate::arch::instructions::{vmread, vmwrite};
+use crate::guest::{GuestMemError, GuestMemory, GuestRegisters};
+use crate::int15::{emulate_int15, GuestBufferWriter, Int15Result, RealModeRegs};
+use crate::memmap::MemoryMap;
+use log::{info, warn};
+use spin::Once;
+use x86::vmx::vmcs::{guest, ro};
+
+/// A region of Ally's memory whose contents must not change while the guest runs; checked
+/// at power-off to prove that the guest's writes there were discarded.
+#[derive(Debug, Clone, Copy)]
+pub struct Canary {
+    pub range: PhysRange,
+    pub checksum: u64,
+}
+
+/// Machine facts for the exit handlers.
+pub struct Platform {
+    /// The memory map the guest is shown (INT 15h E820/E801/88h).
+    pub guest_map: MemoryMap,
+    /// Physical ranges the guest must never reach (Ally's region); also absent from the EPT.
+    pub hidden: heapless::Vec<PhysRange, 4>,
+    /// Ally's identity map covers `[0, identity_limit)`.
+    pub identity_limit: u64,
+    pub realmode: RealModeStub,
+    /// ACPI PM1a/PM1b control ports (from the FADT), intercepted to report power-off.
+    pub pm1_control_ports: [Option<u16>; 2],
+    pub canary: Canary,
+}
+
+static PLATFORM: Once<Platform> = Once::new();
+
+/// Publishes the platform description (once, before the first VM entry).
+pub fn install(platform: Platform) -> &'static Platform {
+    PLATFORM.call_once(|| platform)
+}
+
+/// The platform description.
+///
+/// # Panics
+/// If called before [`install`] — a broken start-up order, not a guest action.
+pub fn platform() -> &'static Platform {
+    PLATFORM.get().expect("platform described before the first VM entry")
+}
+
+impl Platform {
+    pub fn is_power_control_port(&self, port: u16) -> bool {
+        self.pm1_control_ports.iter().flatten().any(|&p| p == port)
+    }
+
+    fn reachable(&self, start: u64, len: usize) -> bool {
+        let Some(range) = PhysRange::from_start_len(start, len as u64) else {
+            return false;
+        };
+        range.end <= self.identity_limit && !self.hidden.iter().any(|h| h.overlaps(&range))
+    }
+}
+
+/// FNV-1a over a physical range (identity-mapped): cheap, and enough to detect a change.
+///
+/// # Safety
+/// The range must be identity-mapped, readable memory.
+pub unsafe fn checksum(range: PhysRange) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for addr in range.start..range.end {
+        // SAFETY: guaranteed by the caller.
+        let byte = unsafe { (addr as *const u8).read_volatile() };
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+    }
+    hash
+}
+
+/// Guest-physical memory through Ally's identity map, refusing Ally's hidden ranges.
+pub struct PhysicalMemory;
+
+impl GuestMemory for PhysicalMemory {
+    fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        if !platform().reachable(gpa.0, buf.len()) {
+            return Err(GuestMemError::NotGuestRam { gpa, len: buf.len() });
+        }
+        // SAFETY: the range is identity-mapped (below `identity_limit`) and is not Ally's.
+        unsafe { core::ptr::copy_nonoverlapping(gpa.0 as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
+        if !platform().reachable(gpa.0, buf.len()) {
+            return Err(GuestMemError::NotGuestRam { gpa, len: buf.len() });
+        }
+        // SAFETY: as for `read`; the guest could write this memory itself.
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), gpa.0 as *mut u8, buf.len()) };
+        Ok(())
+    }
+}
+
+/// The INT 15h writer: only usable guest RAM may receive the E820 buffer.
+struct Int15Buffer<'a> {
+    map: &'a MemoryMap,
+}
+
+impl GuestBufferWriter for Int15Buffer<'_> {
+    fn write(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> bool {
+        let Some(range) = PhysRange::from_start_len(gpa.0, bytes.len() as u64) else {
+            return false;
+        };
+        // Below 1 MiB the BIOS scratch areas are fine too; above it only the map's RAM.
+        if range.end > 0x10_0000 && !self.map.is_usable_ram(range) {
+            return false;
+        }
+        PhysicalMemory.write(gpa, bytes).is_ok()
+    }
+}
+
+fn vmcs_write(field: u32, value: u64) {
+    // SAFETY: called from the exit handler with this CPU's VMCS current.
+    if unsafe { vmwrite(field, value) }.is_err() {
+        log::error!("VMWRITE of field {field:#x} failed");
+    }
+}
+
+/// Answers the guest's INT 15h memory-size call trapped at the hook's VMCALL.
+pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits::StopReason> {
+    let platform = platform();
+    let mut rm = RealModeRegs {
+        eax: regs.rax as u32,
+        ebx: regs.rbx as u32,
+        ecx: regs.rcx as u32,
+        edx: regs.rdx as u32,
+        esi: regs.rsi as u32,
+        edi: regs.rdi as u32,
+        es_base: vmread(guest::ES_BASE),
+        carry: false,
+    };
+    let mut buffer = Int15Buffer { map: &platform.guest_map };
+    match emulate_int15(&mut rm, &platform.guest_map, &mut buffer) {
+        Int15Result::Handled => {}
+        Int15Result::Rejected(why) => warn!("guest INT 15h rejected: {why}"),
+        Int15Result::NotOurs => {
+            // The hook only traps the memory-size services; anything else came here by a jump.
+            rm.eax = (rm.eax & 0xFFFF_00FF) | (0x86 << 8);
+            rm.carry = true;
+        }
+    }
+    let low32 = |r: &mut u64, v: u32| *r = (*r & !0xFFFF_FFFF) | u64::from(v);
+    low32(&mut regs.rax, rm.eax);
+    low32(&mut regs.rbx, rm.ebx);
+    low32(&mut regs.rcx, rm.ecx);
+    low32(&mut regs.rdx, rm.edx);
+
+    // CF goes into FLAGS of the 16-bit IRET frame (IP, CS, FLAGS) at SS:SP.
+    let frame_flags = vmread(guest::SS_BASE) + ((vmread(guest::RSP) + 4) & 0xFFFF);
+    let mut flags = [0u8; 2];
+    let mut memory = PhysicalMemory;
+    if memory.read(GuestPhysAddr(frame_flags), &mut flags).is_err() {
+        return Err(super::exits::StopReason::Int15("the guest's stack is not in guest RAM"));
+    }
+    let mut value = u16::from_le_bytes(flags);
+    if rm.carry {
+        value |= 1;
+    } else {
+        value &= !1;
+    }
+    if memory.write(GuestPhysAddr(frame_flags), &value.to_le_bytes()).is_err() {
+        return Err(super::exits::StopReason::Int15("the guest's stack is not in guest RAM"));
+    }
+    let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
+    vmcs_write(guest::RIP, vmread(guest::RIP).wrapping_add(len));
+    Ok(())
+}
+
+/// Printed when the guest powers off: the canary check and the exit counts.
+pub fn report_power_off(vcpu: &Vcpu) {
+    let canary = platform().canary;
+    // SAFETY: the canary range is inside Ally's identity-mapped region.
+    let now = unsafe { checksum(canary.range) };
+    info!(
+        "ALLY canary status={} range={}",
+        if now == canary.checksum { "intact" } else { "damaged" },
+        canary.range
+    );
+    super::exits::report_exits(vcpu);
+    info!("ALLY poweroff");
+}

@@ -1,0 +1,172 @@
+//! Ally's real-mode footprint in the guest: a boot stub that loads the first hard disk's MBR
+//! exactly as the BIOS would, and an INT 15h hook that answers the memory-size services from
+//! Ally's filtered map (as BitVisor does). Both live in 1 KiB taken from the top of
+//! conventional memory, which the BDA (0040:0013) and so INT 12h stop reporting.
+//!
+//! Each stub ends in VMCALL at a known address; Ally accepts VMCALL only there, in real mode.
+
+use core::arch::global_asm;
+
+extern "C" {
+    static ally_realmode_start: u8;
+    static ally_realmode_end: u8;
+    static ally_realmode_int15: u8;
+    static ally_realmode_int15_vmcall: u8;
+    static ally_realmode_boot_failed_vmcall: u8;
+    static ally_realmode_orig_int15: u8;
+}
+
+/// Where the stubs were placed.
+#[derive(Debug, Clone, Copy)]
+pub struct RealModeStub {
+    /// Physical address of the stolen KiB (the stub's segment base).
+    pub base: u64,
+    /// The stub's real-mode segment (`base >> 4`); the boot stub starts at offset 0.
+    pub segment: u16,
+    /// Linear address of the VMCALL in the INT 15h hook.
+    pub int15_vmcall: u64,
+    /// Linear address of the VMCALL the boot stub makes when the MBR cannot be loaded.
+    pub boot_failed_vmcall: u64,
+}
+
+/// Why the stubs could not be installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealModeError {
+    BadBaseMemory(u16),
+}
+
+impl core::fmt::Display for RealModeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadBaseMemory(kib) => write!(
+                f,
+                "the BIOS data area reports {kib} KiB of conventional memory (expected 64..=640)"
+            ),
+        }
+    }
+}
+
+fn symbol_offset(sym: &u8) -> u64 {
+    // SAFETY: only the address of the linker symbols is used.
+    let start = unsafe { &ally_realmode_start } as *const u8 as u64;
+    sym as *const u8 as u64 - start
+}
+
+/// Steals 1 KiB of conventional memory, copies the stubs there and hooks INT 15h.
+///
+/// # Safety
+/// Physical memory below 1 MiB must be identity-mapped and hold the BIOS's IVT and BDA, and
+/// no guest may run yet.
+pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
+    const BDA_BASE_MEMORY_KIB: usize = 0x413;
+    const IVT_INT15: usize = 0x15 * 4;
+    // SAFETY: the caller guarantees the BDA and IVT are identity-mapped and not in use.
+    unsafe {
+        let kib_ptr = BDA_BASE_MEMORY_KIB as *mut u16;
+        let kib = kib_ptr.read_volatile();
+        if !(64..=640).contains(&kib) {
+            return Err(RealModeError::BadBaseMemory(kib));
+        }
+        let new_kib = kib - 1;
+        let base = u64::from(new_kib) * 1024;
+        let start = &ally_realmode_start as *const u8;
+        let len = (&ally_realmode_end as *const u8 as usize) - (start as usize);
+        assert!(len <= 1024, "the real-mode stubs outgrew their KiB");
+        core::ptr::copy_nonoverlapping(start, base as *mut u8, len);
+        let segment = (base >> 4) as u16;
+
+        let ivt = IVT_INT15 as *mut u32;
+        let original = ivt.read_volatile();
+        let orig_slot = base + symbol_offset(&ally_realmode_orig_int15);
+        (orig_slot as *mut u32).write_volatile(original);
+        let hook_offset = symbol_offset(&ally_realmode_int15) as u32;
+        ivt.write_volatile((u32::from(segment) << 16) | hook_offset);
+        kib_ptr.write_volatile(new_kib);
+
+        Ok(RealModeStub {
+            base,
+            segment,
+            int15_vmcall: base + symbol_offset(&ally_realmode_int15_vmcall),
+            boot_failed_vmcall: base + symbol_offset(&ally_realmode_boot_failed_vmcall),
+        })
+    }
+}
+
+global_asm!(
+    r#"
+    .section .rodata.ally_realmode, "a"
+    .code16
+    .global ally_realmode_start
+ally_realmode_start:
+    /* Boot stub, entered at offset 0 with CS = the stub's segment. As the BIOS does
+       (BIOS Boot Specification 1.01 §6.5.1): read LBA 0 of drive 80h to 0000:7C00,
+       check the 55AA signature, jump there with DL = 80h. */
+    cli
+    xor ax, ax
+    mov ss, ax
+    mov sp, 0x7C00
+    mov ds, ax
+    mov es, ax
+    sti
+    mov si, 3                        /* tries */
+1:
+    mov ax, 0x0201                   /* read 1 sector */
+    mov bx, 0x7C00
+    mov cx, 0x0001                   /* cylinder 0, sector 1 */
+    mov dx, 0x0080                   /* head 0, drive 80h */
+    int 0x13
+    jnc 2f
+    xor ax, ax                       /* reset the drive and retry */
+    mov dx, 0x0080
+    int 0x13
+    dec si
+    jnz 1b
+    mov ax, 1                        /* code 1: the read failed */
+    jmp 3f
+2:
+    cmp word ptr [0x7DFE], 0xAA55
+    je 4f
+    mov ax, 2                        /* code 2: no boot signature */
+3:
+    .global ally_realmode_boot_failed_vmcall
+ally_realmode_boot_failed_vmcall:
+    vmcall
+    hlt
+    jmp 3b
+4:
+    xor ax, ax
+    xor bx, bx
+    xor cx, cx
+    xor si, si
+    xor di, di
+    xor bp, bp
+    mov dx, 0x0080
+    .byte 0xEA                       /* jmp far 0000:7C00 */
+    .word 0x7C00, 0x0000
+
+    /* INT 15h hook: the memory-size services go to Ally, everything else to the BIOS. */
+    .global ally_realmode_int15
+ally_realmode_int15:
+    cmp ax, 0xE820
+    je 5f
+    cmp ax, 0xE801
+    je 5f
+    cmp ah, 0x88
+    je 5f
+    .byte 0x2E, 0xFF, 0x2E           /* jmp far cs:[orig_int15] */
+    .word ally_realmode_orig_int15 - ally_realmode_start
+5:
+    .global ally_realmode_int15_vmcall
+ally_realmode_int15_vmcall:
+    vmcall                           /* Ally fills the registers and CF in the IRET frame */
+    iret
+
+    .balign 4
+    .global ally_realmode_orig_int15
+ally_realmode_orig_int15:
+    .long 0
+    .global ally_realmode_end
+ally_realmode_end:
+    .code64
+"#
+);
