@@ -1,0 +1,235 @@
+//! `ally-tools bench`: single-core throughput of the engine's prefilter and full evaluation over
+//! the synthetic mix and over 1500-byte frames, and — with `--features hyperscan` — Hyperscan on
+//! the same literals and payloads in the same run, with a cross-check of the matched literals.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use ally_dpi::engine::packet::{decode, Decoded};
+use ally_dpi::engine::prefilter::{Marks, Prefilter};
+use ally_dpi::engine::rules::Rule;
+use ally_dpi::engine::{Direction, Engine, EngineConfig, Inspector, NullSink, Timestamp, Verdict};
+
+use crate::traffic::{generate, GenFrame, TrafficConfig};
+
+/// Benchmark settings.
+pub struct BenchOpts {
+    /// Loaded rules.
+    pub rules: Vec<Rule>,
+    /// Traffic seed.
+    pub seed: u64,
+    /// Frames in the mix.
+    pub frames: usize,
+    /// Share of data frames carrying a fast pattern.
+    pub hit_share: f64,
+    /// Minimum time per measurement.
+    pub min_time: Duration,
+}
+
+struct Rate {
+    gbps: f64,
+    mpps: f64,
+}
+
+fn measure(min: Duration, bytes_per_pass: usize, frames_per_pass: usize, mut pass: impl FnMut()) -> Rate {
+    pass(); // warm caches
+    let start = Instant::now();
+    let mut passes = 0u64;
+    while start.elapsed() < min {
+        pass();
+        passes += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Rate {
+        gbps: bytes_per_pass as f64 * passes as f64 * 8.0 / secs / 1e9,
+        mpps: frames_per_pass as f64 * passes as f64 / secs / 1e6,
+    }
+}
+
+fn print_rate(label: &str, r: &Rate) {
+    println!("  {label:<44} {:>8.2} Gbps {:>8.3} Mpps", r.gbps, r.mpps);
+}
+
+fn run_set(name: &str, engine: &mut Engine, frames: &[GenFrame], timed: &[usize], min: Duration) {
+    // Warm-up over every frame (handshakes establish the flows the timed frames belong to).
+    let mut verdicts = [0usize; 3];
+    for f in frames {
+        let dir = if f.to_server { Direction::ToWire } else { Direction::FromWire };
+        let v = engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
+        verdicts[v as usize] += 1;
+    }
+    let bytes: usize = timed.iter().map(|&i| frames[i].bytes.len()).sum();
+    let hits = timed.iter().filter(|&&i| frames[i].hit).count();
+    println!(
+        "{name}: {} frames timed ({} bytes, avg {} B, {:.1}% carry a fast pattern); verdicts on the warm-up pass: {} pass, {} alert, {} drop",
+        timed.len(),
+        bytes,
+        bytes / timed.len().max(1),
+        100.0 * hits as f64 / timed.len().max(1) as f64,
+        verdicts[Verdict::Pass as usize],
+        verdicts[Verdict::Alert as usize],
+        verdicts[Verdict::Drop as usize]
+    );
+    let mut cands = 0usize;
+    let pf = measure(min, bytes, timed.len(), || {
+        for &i in timed {
+            cands += engine.prefilter_only(&frames[i].bytes);
+        }
+    });
+    print_rate("(a) prefilter alone (decode + group scans)", &pf);
+    let full = measure(min, bytes, timed.len(), || {
+        for &i in timed {
+            let f = &frames[i];
+            let dir = if f.to_server { Direction::ToWire } else { Direction::FromWire };
+            engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
+        }
+    });
+    print_rate("(b) full evaluation (verdict per frame)", &full);
+}
+
+/// Distinct fast-pattern literals of the rules.
+pub fn fast_patterns(rules: &[Rule]) -> Vec<(Vec<u8>, bool)> {
+    let set: BTreeSet<(Vec<u8>, bool)> = rules
+        .iter()
+        .filter_map(|r| r.fast_pattern())
+        .map(|fp| {
+            let b = if fp.nocase { fp.bytes.to_ascii_lowercase() } else { fp.bytes.to_vec() };
+            (b, fp.nocase)
+        })
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Runs the benchmark and prints the figures.
+pub fn run(o: BenchOpts) -> Result<(), String> {
+    let lits = fast_patterns(&o.rules);
+    let rules = o.rules;
+    let mut engine = Engine::new(rules.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
+    let (gm, rm) = engine.memory_breakdown();
+    println!(
+        "ruleset: {} rules, {} groups, {} distinct fast patterns; compiled memory {:.1} MiB (prefilters {:.1} MiB, rules+regexes {:.1} MiB); flow table {:.1} MiB",
+        engine.rule_count(),
+        engine.group_count(),
+        lits.len(),
+        (gm + rm) as f64 / 1048576.0,
+        gm as f64 / 1048576.0,
+        rm as f64 / 1048576.0,
+        engine.flow_table_bytes() as f64 / 1048576.0
+    );
+    println!("single core; seed {}; {} s minimum per figure", o.seed, o.min_time.as_secs_f64());
+    let literals: Vec<Vec<u8>> = lits.iter().map(|l| l.0.clone()).collect();
+    let mix_cfg = TrafficConfig {
+        seed: o.seed,
+        frames: o.frames,
+        hit_share: o.hit_share,
+        fixed_size: None,
+        literals: literals.clone(),
+    };
+    let mix = generate(&mix_cfg);
+    let all: Vec<usize> = (0..mix.len()).collect();
+    run_set("mix (64-1514 B frames)", &mut engine, &mix, &all, o.min_time);
+
+    let big_cfg = TrafficConfig { fixed_size: Some(1514), ..mix_cfg };
+    let big = generate(&big_cfg);
+    let data: Vec<usize> = (0..big.len()).filter(|&i| big[i].data).collect();
+    let mut engine2 = Engine::new(rules, EngineConfig::default()).map_err(|e| e.to_string())?;
+    run_set("1500-byte IP packets (1514 B frames)", &mut engine2, &big, &data, o.min_time);
+
+    // Same literals, same payloads: our prefilter vs Hyperscan.
+    let payloads: Vec<&[u8]> = mix
+        .iter()
+        .filter_map(|f| match decode(&f.bytes) {
+            Decoded::Ip(p) if !p.payload.is_empty() => Some(p.payload),
+            _ => None,
+        })
+        .collect();
+    let bytes: usize = payloads.iter().map(|p| p.len()).sum();
+    let pf = Prefilter::new(&lits)?;
+    let mut marks = Marks::default();
+    println!(
+        "literal scan: {} literals over {} payloads ({} bytes); aho-corasick {:.1} MiB",
+        lits.len(),
+        payloads.len(),
+        bytes,
+        pf.memory_usage() as f64 / 1048576.0
+    );
+    let mut ours: Vec<Vec<usize>> = vec![Vec::new(); payloads.len()];
+    for (i, p) in payloads.iter().enumerate() {
+        marks.begin(pf.len());
+        pf.scan(p, &mut marks, |id| ours[i].push(id));
+        ours[i].sort_unstable();
+    }
+    let mut n = 0usize;
+    let ac = measure(o.min_time, bytes, payloads.len(), || {
+        for p in &payloads {
+            marks.begin(pf.len());
+            pf.scan(p, &mut marks, |_| n += 1);
+        }
+    });
+    print_rate("ally prefilter (aho-corasick), all literals", &ac);
+    hyperscan_compare(&lits, &payloads, &ours, bytes, o.min_time, &ac);
+    Ok(())
+}
+
+#[cfg(feature = "hyperscan")]
+fn hyperscan_compare(
+    lits: &[(Vec<u8>, bool)],
+    payloads: &[&[u8]],
+    ours: &[Vec<usize>],
+    bytes: usize,
+    min: Duration,
+    ac: &Rate,
+) {
+    let mut hs = match crate::hs::Literals::new(lits) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("hyperscan: {e}");
+            return;
+        }
+    };
+    let mut mismatches = 0usize;
+    let mut matched = 0usize;
+    for (i, p) in payloads.iter().enumerate() {
+        let mut theirs = Vec::new();
+        hs.scan(p, &mut |id| theirs.push(id));
+        theirs.sort_unstable();
+        theirs.dedup();
+        matched += theirs.len();
+        if theirs != ours[i] {
+            mismatches += 1;
+            if mismatches <= 3 {
+                println!("  MISMATCH payload {i}: ally {:?} hyperscan {:?}", ours[i], theirs);
+            }
+        }
+    }
+    println!(
+        "cross-check: {} payloads, {} literal matches, {} payloads differ",
+        payloads.len(),
+        matched,
+        mismatches
+    );
+    let mut n = 0usize;
+    let r = measure(min, bytes, payloads.len(), || {
+        for p in payloads {
+            hs.scan(p, &mut |_| n += 1);
+        }
+    });
+    print_rate("hyperscan 5.4 (libhs), all literals", &r);
+    println!(
+        "  ratio ally/hyperscan: {:.2}x (target >= 0.5x); hyperscan database {:.1} MiB",
+        ac.gbps / r.gbps,
+        hs.size() as f64 / 1048576.0
+    );
+}
+
+#[cfg(not(feature = "hyperscan"))]
+fn hyperscan_compare(
+    _: &[(Vec<u8>, bool)],
+    _: &[&[u8]],
+    _: &[Vec<usize>],
+    _: usize,
+    _: Duration,
+    _: &Rate,
+) {
+    println!("hyperscan: not built (apt-get install libhyperscan-dev; cargo run --release -p ally-tools --features hyperscan -- bench)");
+}
