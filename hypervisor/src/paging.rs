@@ -10,7 +10,7 @@
 //! Running out of frames is an error, never a panic; a `map` that fails part-way leaves the
 //! pages before the failure mapped and the rest untouched.
 
-use crate::addr::{GuestPhysAddr, HostPhysAddr, LARGE_PAGE_SIZE, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
 use core::fmt;
 
 /// Entries per table.
@@ -588,6 +588,15 @@ pub struct EptTranslation {
     pub large: bool,
 }
 
+/// What [`Ept::map_identity`] built.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct IdentityMapStats {
+    pub large_pages: u64,
+    pub small_pages: u64,
+    /// 4 KiB pages left unmapped because they lie in a hidden range.
+    pub hidden_pages: u64,
+}
+
 /// The guest's EPT (SDM Vol. 3C 28.3.2, Tables 28-1..28-6).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Ept {
@@ -660,6 +669,78 @@ impl Ept {
         let pt = self.tables.pt(Format::Ept, mem, addr)?;
         mem.table(pt)[index(addr, 0)] = 0;
         Ok(())
+    }
+
+    /// Identity-maps guest-physical `[0, limit)` except the `hidden` ranges, which stay
+    /// unmapped. Each 2 MiB page that touches no hidden range and for which
+    /// `memtype_of` returns a type (e.g. [`crate::mtrr::MtrrState::memory_type`]) becomes
+    /// one large page; the others are mapped page by page, a 4 KiB page with no single
+    /// type getting UC. `limit` must be 4 KiB-aligned. Returns the page counts for the log.
+    pub fn map_identity<M: TableMemory + FrameAllocator>(
+        &mut self,
+        limit: u64,
+        hidden: &[PhysRange],
+        perms: EptPermissions,
+        memtype_of: impl Fn(PhysRange) -> Option<MemoryType>,
+        mem: &mut M,
+    ) -> Result<IdentityMapStats, PagingError> {
+        if limit % PAGE_SIZE != 0 {
+            return Err(PagingError::Unaligned {
+                what: "identity-map limit",
+                value: limit,
+            });
+        }
+        if limit > MAX_GUEST_PHYS {
+            return Err(PagingError::OutOfRange {
+                what: "guest-physical address",
+                start: 0,
+                len: limit,
+            });
+        }
+        let mut stats = IdentityMapStats::default();
+        let hides = |r: &PhysRange| hidden.iter().any(|h| h.overlaps(r));
+        let mut at = 0;
+        while at < limit {
+            let large = PhysRange {
+                start: at,
+                end: (at + LARGE_PAGE_SIZE).min(limit),
+            };
+            let whole = large.len() == LARGE_PAGE_SIZE && !hides(&large);
+            if let Some(t) = memtype_of(large).filter(|_| whole) {
+                self.map(
+                    GuestPhysAddr(at),
+                    HostPhysAddr(at),
+                    LARGE_PAGE_SIZE,
+                    perms,
+                    t,
+                    mem,
+                )?;
+                stats.large_pages += 1;
+            } else {
+                for page in (large.start..large.end).step_by(PAGE_SIZE as usize) {
+                    let small = PhysRange {
+                        start: page,
+                        end: page + PAGE_SIZE,
+                    };
+                    if hides(&small) {
+                        stats.hidden_pages += 1;
+                        continue;
+                    }
+                    let t = memtype_of(small).unwrap_or(MemoryType::Uncacheable);
+                    self.map(
+                        GuestPhysAddr(page),
+                        HostPhysAddr(page),
+                        PAGE_SIZE,
+                        perms,
+                        t,
+                        mem,
+                    )?;
+                    stats.small_pages += 1;
+                }
+            }
+            at = large.end;
+        }
+        Ok(stats)
     }
 
     /// What `gpa` maps to, or `None` when unmapped.
@@ -1142,6 +1223,60 @@ mod tests {
             host.map(0xFFFF_FFFF_FFFF_F000, hpa(0), 0x2000, f, &mut m),
             Err(PagingError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn identity_map_with_hidden_region_and_types() {
+        let mut m = FakeMem::new(1000);
+        let mut ept = Ept::new(&mut m).unwrap();
+        // 64 MiB guest space; Ally hides [33 MiB + 12 KiB, 40 MiB); VGA hole UC; the rest WB.
+        let hidden = [PhysRange {
+            start: 33 * MIB + 0x3000,
+            end: 40 * MIB,
+        }];
+        let vga = PhysRange {
+            start: 0xA_0000,
+            end: 0xC_0000,
+        };
+        let memtype_of = |r: PhysRange| {
+            if r.overlaps(&vga) {
+                (r.start >= vga.start && r.end <= vga.end).then_some(MemoryType::Uncacheable)
+            } else {
+                Some(MemoryType::WriteBack)
+            }
+        };
+        let stats = ept
+            .map_identity(64 * MIB, &hidden, EptPermissions::ALL, memtype_of, &mut m)
+            .unwrap();
+        // [0, 2M) and [32M, 34M) are split; [34M, 40M) is hidden entirely.
+        assert_eq!(stats.large_pages, 32 - 2 - 3);
+        assert_eq!(stats.small_pages, 512 + 256 + 3);
+        assert_eq!(stats.hidden_pages, 256 - 3 + 3 * 512);
+        let mut t = |a| ept.translate(gpa(a), &mut m);
+        assert_eq!(t(0xB_8000).unwrap().memtype, MemoryType::Uncacheable);
+        assert_eq!(t(0x9_F000).unwrap().memtype, MemoryType::WriteBack);
+        assert!(!t(0x9_F000).unwrap().large);
+        assert_eq!(t(33 * MIB + 0x2FFF).unwrap().hpa, hpa(33 * MIB + 0x2FFF));
+        assert_eq!(t(33 * MIB + 0x3000), None);
+        assert_eq!(t(39 * MIB), None);
+        assert!(t(40 * MIB).unwrap().large);
+        assert_eq!(t(64 * MIB), None);
+        // A limit that is not a 2 MiB multiple ends with 4 KiB pages.
+        let mut m = FakeMem::new(100);
+        let mut ept = Ept::new(&mut m).unwrap();
+        let stats = ept
+            .map_identity(
+                2 * MIB + 0x5000,
+                &[],
+                EptPermissions::ALL,
+                |_| Some(MemoryType::WriteBack),
+                &mut m,
+            )
+            .unwrap();
+        assert_eq!((stats.large_pages, stats.small_pages), (1, 5));
+        assert!(ept
+            .map_identity(0x1234, &[], EptPermissions::ALL, |_| None, &mut m)
+            .is_err());
     }
 
     /// Random maps and unmaps against a page-granular model.
