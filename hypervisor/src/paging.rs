@@ -684,7 +684,7 @@ impl Ept {
         memtype_of: impl Fn(PhysRange) -> Option<MemoryType>,
         mem: &mut M,
     ) -> Result<IdentityMapStats, PagingError> {
-        if limit % PAGE_SIZE != 0 {
+        if !limit.is_multiple_of(PAGE_SIZE) {
             return Err(PagingError::Unaligned {
                 what: "identity-map limit",
                 value: limit,
