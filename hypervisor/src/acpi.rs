@@ -39,6 +39,17 @@ pub enum AcpiError {
     TableNotFound { signature: [u8; 4] },
     /// A MADT entry is too short or runs past the end of the table.
     BadMadtEntry { offset: u32, kind: u8, len: u8 },
+    /// More processors than [`MAX_CPUS`] in the MADT.
+    TooManyCpus,
+    /// No MP floating pointer with a configuration table (the machine has none, or uses a
+    /// default configuration).
+    NoMpTable,
+    /// The MP floating pointer or configuration table has a bad checksum.
+    BadMpChecksum { pa: u64 },
+    /// The MP configuration table is malformed (bad signature, length or entry).
+    BadMpTable { pa: u64, offset: u32 },
+    /// The boot processor cannot be hidden.
+    HideBootProcessor { apic_id: u32 },
 }
 
 /// Formats a signature as text, with non-printable bytes as '?'.
@@ -91,6 +102,21 @@ impl fmt::Display for AcpiError {
             AcpiError::BadMadtEntry { offset, kind, len } => write!(
                 f,
                 "MADT entry of type {kind} at offset {offset} has a bad length {len}"
+            ),
+            AcpiError::TooManyCpus => {
+                write!(f, "the MADT lists more than {MAX_CPUS} processors")
+            }
+            AcpiError::NoMpTable => f.write_str("no MP configuration table found"),
+            AcpiError::BadMpChecksum { pa } => {
+                write!(f, "the MP structure at {pa:#x} has a bad checksum")
+            }
+            AcpiError::BadMpTable { pa, offset } => write!(
+                f,
+                "the MP configuration table at {pa:#x} is malformed at offset {offset}"
+            ),
+            AcpiError::HideBootProcessor { apic_id } => write!(
+                f,
+                "APIC ID {apic_id} is the boot processor and cannot be hidden"
             ),
         }
     }
@@ -587,6 +613,264 @@ pub fn remove_madt_cpus(
     Ok(removed)
 }
 
+/// Most processors [`madt_processors`] returns.
+pub const MAX_CPUS: usize = 256;
+
+/// A processor listed in the MADT.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MadtProcessor {
+    pub apic_id: u32,
+    /// ACPI processor UID.
+    pub uid: u32,
+    /// Local APIC flags bit 0: usable now.
+    pub enabled: bool,
+    /// Bit 1: may be enabled later (hot-plug); meaningful when not enabled.
+    pub online_capable: bool,
+    /// From a Local x2APIC entry.
+    pub x2apic: bool,
+}
+
+/// The processors the MADT lists (Local APIC and Local x2APIC entries), in table order,
+/// without duplicates (an APIC ID given by both entry types is listed once).
+pub fn madt_processors(
+    mem: &impl PhysMemory,
+    madt: &AcpiTable,
+) -> Result<heapless::Vec<MadtProcessor, MAX_CPUS>, AcpiError> {
+    let mut cpus: heapless::Vec<MadtProcessor, MAX_CPUS> = heapless::Vec::new();
+    for item in madt_entries(mem, madt) {
+        let (_, _, entry) = item?;
+        let cpu = match entry {
+            MadtEntry::LocalApic {
+                uid,
+                apic_id,
+                flags,
+            } => MadtProcessor {
+                apic_id: u32::from(apic_id),
+                uid: u32::from(uid),
+                enabled: flags & 1 != 0,
+                online_capable: flags & 2 != 0,
+                x2apic: false,
+            },
+            MadtEntry::LocalX2Apic {
+                x2apic_id,
+                flags,
+                uid,
+            } => MadtProcessor {
+                apic_id: x2apic_id,
+                uid,
+                enabled: flags & 1 != 0,
+                online_capable: flags & 2 != 0,
+                x2apic: true,
+            },
+            MadtEntry::Other { .. } => continue,
+        };
+        if cpus.iter().any(|c| c.apic_id == cpu.apic_id) {
+            continue;
+        }
+        cpus.push(cpu).map_err(|_| AcpiError::TooManyCpus)?;
+    }
+    Ok(cpus)
+}
+
+// Intel MultiProcessor Specification 1.4: the legacy processor list that ACPI superseded.
+// Ally hides the DPI cores there too, for guests that read it.
+
+/// The MP floating pointer signature.
+pub const MP_FLOATING_SIGNATURE: &[u8; 4] = b"_MP_";
+/// The MP configuration table signature.
+pub const MP_CONFIG_SIGNATURE: &[u8; 4] = b"PCMP";
+/// Size of the MP configuration table header (MP spec 4.2, Table 4-2).
+const MP_HEADER_LEN: u32 = 44;
+
+/// The MP configuration table of a machine.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MpTable {
+    /// The floating pointer structure.
+    pub floating_pa: u64,
+    /// The configuration table.
+    pub pa: u64,
+    pub base_len: u16,
+    pub entry_count: u16,
+    pub ext_len: u16,
+}
+
+/// Finds the MP floating pointer (MP spec 4.1: the first KiB of the EBDA, else the last KiB
+/// of base memory, then 0xF0000..0xFFFFF, on 16-byte boundaries) and its configuration
+/// table, with checksums verified.
+pub fn find_mp_table(mem: &impl PhysMemory) -> Result<MpTable, AcpiError> {
+    let mut w = [0u8; 2];
+    mem.read(0x40E, &mut w);
+    let ebda = u64::from(u16::from_le_bytes(w)) << 4;
+    mem.read(0x413, &mut w);
+    let base_kib = u64::from(u16::from_le_bytes(w));
+    let first = if ebda != 0 {
+        ebda..ebda + 1024
+    } else if (1..=640).contains(&base_kib) {
+        (base_kib - 1) * 1024..base_kib * 1024
+    } else {
+        0..0
+    };
+    let mut first_bad = None;
+    for pa in first.step_by(16).chain((0xF_0000..0x10_0000).step_by(16)) {
+        let mut fp = [0u8; 16];
+        mem.read(pa, &mut fp);
+        if &fp[..4] != MP_FLOATING_SIGNATURE {
+            continue;
+        }
+        if fp[8] != 1 || fp.iter().fold(0u8, |s, &b| s.wrapping_add(b)) != 0 {
+            first_bad.get_or_insert(AcpiError::BadMpChecksum { pa });
+            continue;
+        }
+        let table = u64::from(le32(&fp, 4));
+        // A zero pointer (with feature byte 1 set) means a default configuration.
+        if table == 0 {
+            continue;
+        }
+        return load_mp_table(mem, pa, table);
+    }
+    Err(first_bad.unwrap_or(AcpiError::NoMpTable))
+}
+
+fn load_mp_table(mem: &impl PhysMemory, floating_pa: u64, pa: u64) -> Result<MpTable, AcpiError> {
+    let mut h = [0u8; MP_HEADER_LEN as usize];
+    mem.read(pa, &mut h);
+    let base_len = u16::from_le_bytes([h[4], h[5]]);
+    if &h[..4] != MP_CONFIG_SIGNATURE || u32::from(base_len) < MP_HEADER_LEN {
+        return Err(AcpiError::BadMpTable { pa, offset: 0 });
+    }
+    if byte_sum(mem, pa, u64::from(base_len)) != 0 {
+        return Err(AcpiError::BadMpChecksum { pa });
+    }
+    Ok(MpTable {
+        floating_pa,
+        pa,
+        base_len,
+        entry_count: u16::from_le_bytes([h[34], h[35]]),
+        ext_len: u16::from_le_bytes([h[40], h[41]]),
+    })
+}
+
+/// Length of a base-table entry by type (MP spec 4.3, Table 4-3).
+fn mp_entry_len(kind: u8) -> Option<u32> {
+    match kind {
+        0 => Some(20),
+        1..=4 => Some(8),
+        _ => None,
+    }
+}
+
+/// Removes the processor entries (type 0) whose local APIC ID is in `apic_ids` from the MP
+/// configuration table in place: later entries and the extended table move down, the
+/// base length, entry count and checksum are fixed, the freed tail is zeroed. Refuses to
+/// hide the boot processor. Returns the number removed; `table` is updated.
+pub fn remove_mp_cpus(
+    mem: &mut impl PhysMemory,
+    table: &mut MpTable,
+    apic_ids: &[u32],
+) -> Result<usize, AcpiError> {
+    let (pa, base_len) = (table.pa, u32::from(table.base_len));
+    // Validate every entry first so nothing is written to a table we cannot parse.
+    let mut off = MP_HEADER_LEN;
+    for _ in 0..table.entry_count {
+        let mut e = [0u8; 20];
+        mem.read(
+            pa + u64::from(off),
+            &mut e[..base_len.saturating_sub(off).min(20) as usize],
+        );
+        let len = mp_entry_len(e[0])
+            .filter(|&l| off + l <= base_len)
+            .ok_or(AcpiError::BadMpTable { pa, offset: off })?;
+        // CPU flags bit 1: BP.
+        if e[0] == 0 && e[3] & 2 != 0 && apic_ids.contains(&u32::from(e[1])) {
+            return Err(AcpiError::HideBootProcessor {
+                apic_id: u32::from(e[1]),
+            });
+        }
+        off += len;
+    }
+    if off != base_len {
+        return Err(AcpiError::BadMpTable { pa, offset: off });
+    }
+    let (mut src, mut dst, mut removed) = (MP_HEADER_LEN, MP_HEADER_LEN, 0u16);
+    while src < base_len {
+        let mut e = [0u8; 20];
+        mem.read(pa + u64::from(src), &mut e[..1]);
+        // Validated above.
+        let len = mp_entry_len(e[0]).unwrap_or(8);
+        mem.read(pa + u64::from(src), &mut e[..len as usize]);
+        if e[0] == 0 && apic_ids.contains(&u32::from(e[1])) {
+            removed += 1;
+        } else {
+            if dst != src {
+                mem.write(pa + u64::from(dst), &e[..len as usize]);
+            }
+            dst += len;
+        }
+        src += len;
+    }
+    if removed == 0 {
+        return Ok(0);
+    }
+    // The extended table follows the base table directly: move it down too. Its own
+    // checksum covers only its bytes, so it stays valid.
+    let ext_len = u32::from(table.ext_len);
+    let mut buf = [0u8; 256];
+    let mut moved = 0;
+    while moved < ext_len {
+        let n = (ext_len - moved).min(buf.len() as u32);
+        mem.read(pa + u64::from(base_len + moved), &mut buf[..n as usize]);
+        mem.write(pa + u64::from(dst + moved), &buf[..n as usize]);
+        moved += n;
+    }
+    let zeros = [0u8; 256];
+    let mut at = dst + ext_len;
+    while at < base_len + ext_len {
+        let n = (base_len + ext_len - at).min(zeros.len() as u32);
+        mem.write(pa + u64::from(at), &zeros[..n as usize]);
+        at += n;
+    }
+    let new_count = table.entry_count - removed;
+    mem.write(pa + 4, &(dst as u16).to_le_bytes());
+    mem.write(pa + 34, &new_count.to_le_bytes());
+    mem.write(pa + 7, &[0]);
+    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(dst)));
+    mem.write(pa + 7, &[checksum]);
+    table.base_len = dst as u16;
+    table.entry_count = new_count;
+    Ok(usize::from(removed))
+}
+
+/// The local APIC IDs of the processor entries in the MP table, and whether each is the
+/// boot processor.
+pub fn mp_processors(
+    mem: &impl PhysMemory,
+    table: &MpTable,
+) -> Result<heapless::Vec<(u32, bool), MAX_CPUS>, AcpiError> {
+    let mut cpus = heapless::Vec::new();
+    let mut off = MP_HEADER_LEN;
+    let base_len = u32::from(table.base_len);
+    for _ in 0..table.entry_count {
+        let mut e = [0u8; 4];
+        mem.read(
+            table.pa + u64::from(off),
+            &mut e[..base_len.saturating_sub(off).min(4) as usize],
+        );
+        let len =
+            mp_entry_len(e[0])
+                .filter(|&l| off + l <= base_len)
+                .ok_or(AcpiError::BadMpTable {
+                    pa: table.pa,
+                    offset: off,
+                })?;
+        if e[0] == 0 {
+            cpus.push((u32::from(e[1]), e[3] & 2 != 0))
+                .map_err(|_| AcpiError::TooManyCpus)?;
+        }
+        off += len;
+    }
+    Ok(cpus)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1006,6 +1290,157 @@ mod tests {
         let m = machine(&[&lapic(0, 0), &[0]]);
         let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
         assert!(madt_entries(&m, &madt).nth(1).unwrap().is_err());
+    }
+
+    #[test]
+    fn madt_processor_list() {
+        let mut disabled = lapic(5, 5);
+        disabled[4] = 2; // online-capable, not enabled
+        let m = machine(&[
+            &lapic(0, 0),
+            &lapic(1, 1),
+            &disabled,
+            &x2apic(1, 1), // duplicate of APIC ID 1
+            &x2apic(0x300, 9),
+        ]);
+        let madt = AcpiTable::load(&m, MADT_PA, 0).unwrap();
+        let cpus = madt_processors(&m, &madt).unwrap();
+        let ids: std::vec::Vec<_> = cpus.iter().map(|c| c.apic_id).collect();
+        assert_eq!(ids, [0, 1, 5, 0x300]);
+        assert!(!cpus[2].enabled && cpus[2].online_capable);
+        assert!(cpus[3].x2apic && cpus[3].enabled && cpus[3].uid == 9);
+        assert_eq!(cpus.iter().filter(|c| c.enabled).count(), 3);
+    }
+
+    /// An MP floating pointer at `fp_pa` and a configuration table at `pa` with the given
+    /// entries and an extended table.
+    fn mp_machine(fp_pa: u64, pa: u64, entries: &[&[u8]], ext: &[u8]) -> FakeMem {
+        let mut m = FakeMem::new();
+        let mut fp = std::vec::Vec::new();
+        fp.extend_from_slice(MP_FLOATING_SIGNATURE);
+        fp.extend_from_slice(&(pa as u32).to_le_bytes());
+        fp.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
+        fix_checksum(&mut fp, 10);
+        m.put(fp_pa, &fp);
+        let body_len: usize = entries.iter().map(|e| e.len()).sum();
+        let mut t = std::vec::Vec::new();
+        t.extend_from_slice(MP_CONFIG_SIGNATURE);
+        t.extend_from_slice(&((44 + body_len) as u16).to_le_bytes());
+        t.extend_from_slice(&[4, 0]);
+        t.extend_from_slice(b"BOCHSCPU0.1         ");
+        t.extend_from_slice(&[0; 6]);
+        t.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        t.extend_from_slice(&0xFEE0_0000u32.to_le_bytes());
+        t.extend_from_slice(&(ext.len() as u16).to_le_bytes());
+        t.push(0u8.wrapping_sub(ext.iter().fold(0u8, |s, &b| s.wrapping_add(b))));
+        t.push(0);
+        assert_eq!(t.len(), 44);
+        for e in entries {
+            t.extend_from_slice(e);
+        }
+        fix_checksum(&mut t, 7);
+        t.extend_from_slice(ext);
+        m.put(pa, &t);
+        m
+    }
+
+    fn mp_cpu(id: u8, bp: bool) -> [u8; 20] {
+        let mut e = [0u8; 20];
+        e[1] = id;
+        e[2] = 0x14;
+        e[3] = 1 | if bp { 2 } else { 0 };
+        e
+    }
+
+    #[test]
+    fn mp_table_hiding() {
+        let bus = [1u8, 0, b'I', b'S', b'A', b' ', b' ', b' '];
+        let ioapic = [2u8, 4, 0x11, 1, 0, 0, 0xC0, 0xFE];
+        let ext = [
+            128u8, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+        ];
+        let mut m = mp_machine(
+            0xF_5B00,
+            0xF_5B10,
+            &[
+                &mp_cpu(0, true),
+                &mp_cpu(1, false),
+                &mp_cpu(2, false),
+                &bus,
+                &ioapic,
+            ],
+            &ext,
+        );
+        let mut t = find_mp_table(&m).unwrap();
+        assert_eq!((t.floating_pa, t.pa), (0xF_5B00, 0xF_5B10));
+        assert_eq!((t.entry_count, t.base_len, t.ext_len), (5, 44 + 76, 20));
+        assert_eq!(
+            mp_processors(&m, &t).unwrap().as_slice(),
+            &[(0, true), (1, false), (2, false)]
+        );
+        assert_eq!(
+            remove_mp_cpus(&mut m, &mut t, &[0]),
+            Err(AcpiError::HideBootProcessor { apic_id: 0 })
+        );
+        assert_eq!(remove_mp_cpus(&mut m, &mut t, &[1, 7]).unwrap(), 1);
+        // The table reloads with valid checksums and the extended table follows it.
+        let again = find_mp_table(&m).unwrap();
+        assert_eq!(again, t);
+        assert_eq!((t.entry_count, t.base_len), (4, 44 + 56));
+        assert_eq!(
+            mp_processors(&m, &again).unwrap().as_slice(),
+            &[(0, true), (2, false)]
+        );
+        let ext_at = (t.pa + u64::from(t.base_len)) as usize;
+        assert_eq!(&m.0[ext_at..ext_at + 20], &ext);
+        assert!(m.0[ext_at + 20..ext_at + 40].iter().all(|&b| b == 0));
+        assert_eq!(remove_mp_cpus(&mut m, &mut t, &[9]).unwrap(), 0);
+    }
+
+    #[test]
+    fn mp_table_search_and_errors() {
+        assert_eq!(find_mp_table(&FakeMem::new()), Err(AcpiError::NoMpTable));
+        // In the last KiB of base memory when there is no EBDA.
+        let mut m = mp_machine(0x9_FC00, 0x9_FC10, &[&mp_cpu(0, true)], &[]);
+        m.put(0x413, &640u16.to_le_bytes());
+        assert_eq!(find_mp_table(&m).unwrap().pa, 0x9_FC10);
+        // Bad floating-pointer checksum.
+        let mut m = mp_machine(0xF_0000, 0xF_0010, &[&mp_cpu(0, true)], &[]);
+        m.0[0xF_0000 + 11] ^= 1;
+        assert_eq!(
+            find_mp_table(&m),
+            Err(AcpiError::BadMpChecksum { pa: 0xF_0000 })
+        );
+        // Bad table checksum.
+        let mut m = mp_machine(0xF_0000, 0xF_0010, &[&mp_cpu(0, true)], &[]);
+        m.0[0xF_0010 + 50] ^= 1;
+        assert_eq!(
+            find_mp_table(&m),
+            Err(AcpiError::BadMpChecksum { pa: 0xF_0010 })
+        );
+        // An unknown entry type: nothing is written.
+        let mut m = mp_machine(
+            0xF_0000,
+            0xF_0010,
+            &[&mp_cpu(0, true), &mp_cpu(1, false), &[9u8; 8]],
+            &[],
+        );
+        let mut t = find_mp_table(&m).unwrap();
+        let before = m.0.clone();
+        assert_eq!(
+            remove_mp_cpus(&mut m, &mut t, &[1]),
+            Err(AcpiError::BadMpTable {
+                pa: 0xF_0010,
+                offset: 84
+            })
+        );
+        assert_eq!(m.0, before);
+        // Entry count larger than the entries present.
+        let mut m = mp_machine(0xF_0000, 0xF_0010, &[&mp_cpu(0, true)], &[]);
+        let mut t = find_mp_table(&m).unwrap();
+        t.entry_count = 3;
+        assert!(remove_mp_cpus(&mut m, &mut t, &[1]).is_err());
+        assert!(mp_processors(&m, &t).is_err());
     }
 
     #[test]
