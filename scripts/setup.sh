@@ -10,6 +10,16 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'setup: %s\n' "$*"; }
 
+# `apt-get update` at most once per run, and only when something is missing.
+apt_updated=0
+apt_update_once() {
+    if ((apt_updated == 0)) && [[ $(id -u) -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq
+        apt_updated=1
+    fi
+}
+
 # --- host packages -------------------------------------------------------------------------
 # bochs*: the emulator (VMX+EPT, e1000, slirp); grub-pc-bin/grub-common/xorriso/mtools: the
 # boot ISO (grub-mkrescue); syslinux/fdisk/dosfstools/mtools: the guest disk without root or
@@ -33,7 +43,7 @@ if ((${#missing[@]})); then
         exit 1
     fi
     log "installing ${missing[*]}"
-    apt-get update -qq
+    apt_update_once
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
     log "host packages present"
@@ -44,32 +54,38 @@ if ! command -v rustup >/dev/null 2>&1; then
     log "rustup not found: install it from https://rustup.rs first" >&2
     exit 1
 fi
-(cd "$repo" && rustup show active-toolchain >/dev/null 2>&1 || (cd "$repo" && rustup show >/dev/null))
-if ! (cd "$repo" && rustup target list --installed | grep -qx x86_64-unknown-none); then
-    (cd "$repo" && rustup show >/dev/null)
+# `rustup toolchain install` with no argument installs what rust-toolchain.toml names
+# (version, components, the x86_64-unknown-none target); skipped when the target is there.
+if ! (cd "$repo" && rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none); then
+    log "installing the pinned Rust toolchain"
+    (cd "$repo" && rustup toolchain install)
 fi
 log "rust toolchain: $(cd "$repo" && rustc --version)"
 
 # --- guest debs: Debian's kernel and busybox-static ------------------------------------------
 mkdir -p "$cache/debs"
 # linux-image-amd64 is a metapackage: resolve the real linux-image-6.1.0-*-amd64 it depends on.
-kernel_pkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
-    sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)"
+resolve_kernel() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1
+}
+kernel_pkg="$(resolve_kernel)"
 if [[ -z "$kernel_pkg" ]]; then
-    if [[ $(id -u) -eq 0 ]]; then
-        apt-get update -qq
-        kernel_pkg="$(apt-cache depends linux-image-amd64 |
-            sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)"
-    fi
-    if [[ -z "$kernel_pkg" ]]; then
-        log "cannot resolve linux-image-amd64 to a kernel package (apt-cache depends)" >&2
-        exit 1
-    fi
+    apt_update_once
+    kernel_pkg="$(resolve_kernel)"
+fi
+if [[ -z "$kernel_pkg" ]]; then
+    log "cannot resolve linux-image-amd64 to a linux-image-<version>-amd64 package (apt-cache depends)" >&2
+    exit 1
 fi
 
 fetch_deb() { # fetch_deb PACKAGE -> unpacks into $cache/debs/PACKAGE (once per version)
     local pkg="$1" ver dir
     ver="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
+    if [[ -z "$ver" || "$ver" == "(none)" ]]; then
+        apt_update_once
+        ver="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
+    fi
     if [[ -z "$ver" || "$ver" == "(none)" ]]; then
         log "package $pkg has no candidate version (apt-get update?)" >&2
         exit 1
@@ -82,7 +98,7 @@ fetch_deb() { # fetch_deb PACKAGE -> unpacks into $cache/debs/PACKAGE (once per 
     log "downloading $pkg $ver"
     rm -rf "$dir" "$cache/debs/dl-$pkg"
     mkdir -p "$cache/debs/dl-$pkg" "$dir"
-    (cd "$cache/debs/dl-$pkg" && apt-get download -q "$pkg=$ver" >/dev/null)
+    (cd "$cache/debs/dl-$pkg" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null)
     dpkg-deb -x "$cache/debs/dl-$pkg"/*.deb "$dir"
     rm -rf "$cache/debs/dl-$pkg"
     printf '%s\n' "$ver" >"$dir/.version"

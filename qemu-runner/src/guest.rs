@@ -460,6 +460,94 @@ mod tests {
         assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4\n"));
     }
 
+    /// Fake inputs: the image builder does not care what the kernel or busybox contain.
+    fn fake_sources(dir: &Path) -> GuestSources {
+        fs::create_dir_all(dir).unwrap();
+        let s = GuestSources {
+            kernel: dir.join("vmlinuz-6.1.0-test-amd64"),
+            busybox: dir.join("busybox"),
+            e1000: dir.join("e1000.ko"),
+            init: dir.join("init"),
+        };
+        fs::write(&s.kernel, vec![0xa5; 300_000]).unwrap();
+        fs::write(&s.busybox, b"\x7fELF busybox").unwrap();
+        fs::write(&s.e1000, b"\x7fELF e1000").unwrap();
+        fs::write(&s.init, b"#!/bin/busybox sh\necho ALLYTEST init PASS\n").unwrap();
+        s
+    }
+
+    #[test]
+    fn initramfs_lists_what_init_needs() {
+        let dir = std::env::temp_dir().join(format!("ally-initrd-test-{}", std::process::id()));
+        let src = fake_sources(&dir);
+        let gz = build_initramfs(&src).unwrap();
+        let mut cpio = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut cpio).unwrap();
+        // The system's cpio is an independent reader of the format.
+        let list = tool::run(Command::new("cpio").args(["-it", "--quiet"]), Some(&cpio)).unwrap();
+        let list = String::from_utf8(list).unwrap();
+        for name in [
+            "init",
+            "bin/busybox",
+            "bin/sh",
+            "lib/modules/e1000.ko",
+            "proc",
+            "sys",
+            "dev",
+        ] {
+            assert!(
+                list.lines().any(|l| l == name),
+                "{name} missing from\n{list}"
+            );
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn disk_image_is_bootable_and_cached() {
+        let dir = std::env::temp_dir().join(format!("ally-disk-test-{}", std::process::id()));
+        let src = fake_sources(&dir.join("src"));
+        let cache = dir.join("cache");
+        fs::create_dir_all(&cache).unwrap();
+        let img = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
+        assert!(img.built);
+        let disk = fs::read(&img.disk).unwrap();
+        assert_eq!(disk.len() as u64, DISK_BYTES);
+        // MBR: syslinux's boot code, the 0x55AA signature, partition 1 bootable FAT16 at 2048.
+        let mbr = fs::read(SYSLINUX_MBR).unwrap();
+        assert_eq!(&disk[..mbr.len()], &mbr[..]);
+        assert_eq!(&disk[510..512], &[0x55, 0xaa]);
+        let p = &disk[0x1be..0x1ce];
+        assert_eq!(p[0], 0x80, "partition 1 must be active");
+        assert_eq!(p[4], 0x06, "partition 1 must be FAT16");
+        assert_eq!(u32::from_le_bytes(p[8..12].try_into().unwrap()), 2048);
+        // The partition's boot sector is syslinux's (it has the FAT boot signature too).
+        let vbr = &disk[PARTITION_OFFSET as usize..PARTITION_OFFSET as usize + 512];
+        assert_eq!(&vbr[510..512], &[0x55, 0xaa]);
+        assert_eq!(&vbr[0x36..0x3b], b"FAT16");
+        let listing = tool::run(
+            Command::new("mdir")
+                .args(["-a", "-b", "-i"])
+                .arg(format!("{}@@{PARTITION_OFFSET}", img.disk.display()))
+                .arg("::"),
+            None,
+        )
+        .unwrap();
+        let listing = String::from_utf8(listing).unwrap().to_lowercase();
+        for f in ["vmlinuz", "initrd.gz", "syslinux.cfg", "ldlinux.sys"] {
+            assert!(listing.contains(f), "{f} missing from\n{listing}");
+        }
+        // Same inputs: served from the cache. A changed input: a new image.
+        let again = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
+        assert!(!again.built);
+        assert_eq!(again.disk, img.disk);
+        fs::write(&src.init, b"#!/bin/busybox sh\necho changed\n").unwrap();
+        let changed = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
+        assert!(changed.built);
+        assert_ne!(changed.hash, img.hash);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn missing_cache_names_setup() {
         let e = GuestSources::locate(Path::new("/nonexistent-ally-cache"), Path::new("/x"))

@@ -138,11 +138,12 @@ pub fn build_iso(target: &BootTarget, work: &Path, iso: &Path) -> Result<(), Iso
     Ok(())
 }
 
-/// Where cargo puts the Ally image: `$CARGO_TARGET_DIR` (or `<workspace>/target`) +
-/// `x86_64-unknown-none/release/ally`.
-pub fn ally_image_path(workspace: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+/// The cargo target directory: `target_dir` if given, else `$CARGO_TARGET_DIR`, else
+/// `<workspace>/target`.
+pub fn cargo_target_dir(workspace: &Path, target_dir: Option<&Path>) -> PathBuf {
+    target_dir
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
         .map(|p| {
             if p.is_relative() {
                 workspace.join(p)
@@ -150,14 +151,24 @@ pub fn ally_image_path(workspace: &Path) -> PathBuf {
                 p
             }
         })
-        .unwrap_or_else(|| workspace.join("target"));
-    target.join("x86_64-unknown-none/release/ally")
+        .unwrap_or_else(|| workspace.join("target"))
 }
 
-/// Builds the Ally image with cargo and returns its path.
-pub fn build_ally_image(workspace: &Path) -> Result<PathBuf, IsoError> {
+/// Where cargo puts the Ally image: the target directory (see [`cargo_target_dir`]) +
+/// `x86_64-unknown-none/release/ally`.
+pub fn ally_image_path(workspace: &Path, target_dir: Option<&Path>) -> PathBuf {
+    cargo_target_dir(workspace, target_dir).join("x86_64-unknown-none/release/ally")
+}
+
+/// Builds the Ally image with cargo and returns its path. Inside `cargo test`, pass a
+/// `target_dir` of its own: cargo keeps its target directory locked while tests run, so a
+/// nested build there would wait forever.
+pub fn build_ally_image(workspace: &Path, target_dir: Option<&Path>) -> Result<PathBuf, IsoError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    if let Some(t) = target_dir {
+        cmd.env("CARGO_TARGET_DIR", t);
+    }
     cmd.current_dir(workspace).args([
         "build",
         "-p",
@@ -167,7 +178,7 @@ pub fn build_ally_image(workspace: &Path) -> Result<PathBuf, IsoError> {
         "x86_64-unknown-none",
     ]);
     tool::run(&mut cmd, None)?;
-    let image = ally_image_path(workspace);
+    let image = ally_image_path(workspace, target_dir);
     if image.is_file() {
         Ok(image)
     } else {
@@ -224,7 +235,9 @@ mod tests {
 
     #[test]
     fn image_path_respects_target_dir() {
-        let p = ally_image_path(Path::new("/ws"));
-        assert!(p.ends_with("x86_64-unknown-none/release/ally"));
+        let p = ally_image_path(Path::new("/ws"), Some(Path::new("/t")));
+        assert_eq!(p, Path::new("/t/x86_64-unknown-none/release/ally"));
+        let p = ally_image_path(Path::new("/ws"), Some(Path::new("rel")));
+        assert_eq!(p, Path::new("/ws/rel/x86_64-unknown-none/release/ally"));
     }
 }

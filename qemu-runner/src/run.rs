@@ -55,6 +55,10 @@ pub struct RunOptions {
     pub workspace: PathBuf,
     /// A prebuilt Ally image; `None` builds it with cargo.
     pub ally_image: Option<PathBuf>,
+    /// The cargo target directory for building the Ally image (`None`: `$CARGO_TARGET_DIR`
+    /// or `<workspace>/target`). Tests must use their own (cargo locks its target directory
+    /// while tests run).
+    pub ally_target_dir: Option<PathBuf>,
 }
 
 /// The workspace this crate belongs to.
@@ -87,6 +91,7 @@ impl RunOptions {
             cache: guest::default_cache_dir(),
             workspace,
             ally_image: None,
+            ally_target_dir: None,
         }
     }
 }
@@ -382,7 +387,7 @@ pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
                     if opts.progress.is_some() {
                         progress("building the Ally image (cargo build -p ally-boot --release)");
                     }
-                    iso::build_ally_image(&opts.workspace)?
+                    iso::build_ally_image(&opts.workspace, opts.ally_target_dir.as_deref())?
                 }
             };
             BootTarget::Ally {
