@@ -634,4 +634,59 @@ mod tests {
         assert!(AllyOptions::parse("nic=é:é.é").is_err());
         assert!(AllyOptions::parse("é=1").is_err());
     }
+
+    /// Random command lines built from option fragments never panic, and every error
+    /// message names something.
+    #[test]
+    fn random_command_lines() {
+        let pieces = [
+            "log=",
+            "dpi_cores=",
+            "dpi_mem=",
+            "nic=",
+            "mode=",
+            "heap=",
+            "=",
+            " ",
+            "/",
+            "0x",
+            "1",
+            "4",
+            "9",
+            "K",
+            "M",
+            "G",
+            "T",
+            "é",
+            ":",
+            ".",
+            "f",
+            "copy",
+            "zero-copy",
+            "debug",
+            "99999999999",
+            "\t",
+        ];
+        let mut seed = 0xA5A5_5A5A_1234_5678_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut line = std::string::String::new();
+            for _ in 0..next() % 12 {
+                line.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            match AllyOptions::parse(&line) {
+                Ok(o) => {
+                    assert!(o.dpi_cores >= 1);
+                    assert!(o.dpi_mem > 0 && o.dpi_mem % 4096 == 0);
+                    assert!(o.heap > 0 && o.heap % 4096 == 0);
+                }
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
 }

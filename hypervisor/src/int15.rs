@@ -536,6 +536,64 @@ mod tests {
         }
     }
 
+    /// Counts writes; refuses buffers above 96 KiB.
+    #[derive(Default)]
+    struct Counting {
+        calls: usize,
+        bytes: usize,
+    }
+
+    impl GuestBufferWriter for Counting {
+        fn write(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> bool {
+            self.calls += 1;
+            self.bytes += bytes.len();
+            gpa.0 < 0x1_8000
+        }
+    }
+
+    /// Arbitrary guest registers never panic, never write outside the buffer, and either
+    /// answer with CF clear, reject with CF set, or leave the registers untouched.
+    #[test]
+    fn random_guest_registers() {
+        let map = guest_map();
+        let mut seed = 0x0123_4567_89AB_CDEF_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..20_000 {
+            let mut regs = RealModeRegs {
+                eax: match i % 4 {
+                    0 => 0xE820,
+                    1 => 0xE801,
+                    2 => 0x8800 | (next() as u32 & 0xFF),
+                    _ => next() as u32,
+                },
+                ebx: if i % 3 == 0 {
+                    next() as u32 % 12
+                } else {
+                    next() as u32
+                },
+                ecx: next() as u32 % 64,
+                edx: if i % 2 == 0 { SMAP } else { next() as u32 },
+                esi: next() as u32,
+                edi: next() as u32,
+                es_base: next() % 0x1_0000,
+                carry: next() % 2 == 0,
+            };
+            let before = regs;
+            let mut g = Counting::default();
+            match emulate_int15(&mut regs, &map, &mut g) {
+                Int15Result::Handled => assert!(!regs.carry),
+                Int15Result::Rejected(_) => assert!(regs.carry),
+                Int15Result::NotOurs => assert_eq!(regs, before),
+            }
+            assert!(g.calls <= 1 && g.bytes <= E820_EXT_ENTRY_SIZE);
+        }
+    }
+
     #[test]
     fn conventional_memory() {
         assert_eq!(conventional_memory_kib(&guest_map()), 639);
