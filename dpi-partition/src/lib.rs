@@ -6,3 +6,4 @@
 extern crate alloc;
 
 pub mod engine;
+pub mod queue;
