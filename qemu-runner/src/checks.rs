@@ -244,10 +244,10 @@ fn ept_violation(guest: &GuestReport, ally: &AllyReport) -> Result<String, Strin
     // devmem maps the page, so compare at page granularity as well as exactly.
     let hit = v
         .iter()
-        .find(|e| e.access == "write" && e.gpa == w.addr)
+        .find(|e| e.is_write() && e.gpa == w.addr)
         .or_else(|| {
             v.iter()
-                .find(|e| e.access == "write" && e.gpa >> 12 == w.addr >> 12)
+                .find(|e| e.is_write() && e.gpa >> 12 == w.addr >> 12)
         });
     match hit {
         Some(e) => Ok(format!(

@@ -337,6 +337,13 @@ pub struct EptViolation {
     pub action: Option<String>,
 }
 
+impl EptViolation {
+    /// Whether the access was a write (`access=write`, any case).
+    pub fn is_write(&self) -> bool {
+        self.access.eq_ignore_ascii_case("write")
+    }
+}
+
 /// Everything Ally reported on COM2, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllyReport {
