@@ -24,12 +24,12 @@ apt_update_once() {
 # bochs*: the emulator (VMX+EPT, e1000, slirp); grub-pc-bin/grub-common/xorriso/mtools: the
 # boot ISO (grub-mkrescue); syslinux/fdisk/dosfstools/mtools: the guest disk without root or
 # loop devices; cpio/gzip: the initramfs; xz-utils/zstd: Debian's compressed kernel modules;
-# util-linux (script): a pseudo-terminal for Bochs' term display; python3: e2e helpers.
+# bsdutils (script): a pseudo-terminal for Bochs' term display; python3: e2e helpers.
 packages=(
     bochs bochsbios vgabios bochs-term
     grub-pc-bin grub-common xorriso mtools
     syslinux syslinux-common isolinux dosfstools fdisk
-    cpio gzip xz-utils zstd util-linux python3
+    cpio gzip xz-utils zstd bsdutils python3
 )
 missing=()
 for p in "${packages[@]}"; do
