@@ -20,7 +20,10 @@ fn ruleset_path() -> PathBuf {
 fn community_ruleset_coverage() {
     let path = ruleset_path();
     let Ok(text) = std::fs::read_to_string(&path) else {
-        println!("SKIPPED: community ruleset not found at {} (set ALLY_COMMUNITY_RULES)", path.display());
+        println!(
+            "SKIPPED: community ruleset not found at {} (set ALLY_COMMUNITY_RULES)",
+            path.display()
+        );
         return;
     };
     let parsed = parse_rules(&text, &Vars::snort_defaults());
@@ -50,7 +53,12 @@ fn community_ruleset_coverage() {
     for (why, (n, sids)) in &reasons {
         println!("  {n:5}  {why} (e.g. sids {sids:?})");
     }
-    assert_eq!(total, text.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).count());
+    assert_eq!(
+        total,
+        text.lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .count()
+    );
     assert!(!parsed.rules.is_empty());
     // Everything that loads survives the blob round trip and builds an engine.
     let b = blob::encode(&parsed.rules);
@@ -58,7 +66,11 @@ fn community_ruleset_coverage() {
     assert_eq!(back, parsed.rules);
     let e = Engine::new(back, EngineConfig::default()).expect("engine builds");
     let (gm, rm) = e.memory_breakdown();
-    println!("memory: prefilter groups {} KiB, rules+regexes {} KiB", gm / 1024, rm / 1024);
+    println!(
+        "memory: prefilter groups {} KiB, rules+regexes {} KiB",
+        gm / 1024,
+        rm / 1024
+    );
     println!(
         "compiled: {} rules, {} groups, {} KiB ruleset memory, blob {} KiB",
         e.rule_count(),

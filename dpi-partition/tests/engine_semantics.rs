@@ -50,7 +50,13 @@ fn tcp_hdr(sp: u16, dp: u16, flags: u8) -> Vec<u8> {
 }
 
 fn tcp(sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
-    frame("10.0.0.1", "10.0.0.2", 6, &tcp_hdr(sp, dp, PSH_ACK), payload)
+    frame(
+        "10.0.0.1",
+        "10.0.0.2",
+        6,
+        &tcp_hdr(sp, dp, PSH_ACK),
+        payload,
+    )
 }
 
 fn udp(sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
@@ -70,7 +76,11 @@ struct Collect {
 
 impl AlertSink for Collect {
     fn alert(&mut self, a: &Alert<'_>) {
-        let act = if a.rule.action == ally_dpi::engine::Action::Drop { "blocked" } else { "allowed" };
+        let act = if a.rule.action == ally_dpi::engine::Action::Drop {
+            "blocked"
+        } else {
+            "allowed"
+        };
         self.alerts.push((a.rule.sid, act, a.suppressed));
     }
     fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {
@@ -87,12 +97,20 @@ fn engine(rules: &str) -> Engine {
 /// Whether a single `alert tcp any any -> any any (<opts>; sid:1;)` rule fires on `payload`.
 fn hits(opts: &str, payload: &[u8]) -> bool {
     let mut e = engine(&format!("alert tcp any any -> any any ({opts}; sid:1;)"));
-    e.inspect(&tcp(1234, 80, payload), Direction::ToWire, Timestamp(0), &mut NullSink)
-        == Verdict::Alert
+    e.inspect(
+        &tcp(1234, 80, payload),
+        Direction::ToWire,
+        Timestamp(0),
+        &mut NullSink,
+    ) == Verdict::Alert
 }
 
 fn refused(opts: &str) -> RuleError {
-    parse_rule(&format!("alert tcp any any -> any any ({opts}; sid:1;)"), &Vars::new()).unwrap_err()
+    parse_rule(
+        &format!("alert tcp any any -> any any ({opts}; sid:1;)"),
+        &Vars::new(),
+    )
+    .unwrap_err()
 }
 
 #[test]
@@ -102,8 +120,14 @@ fn content_plain_hex_escapes() {
     assert!(hits(r#"content:"a|00 FF|b""#, b"xa\x00\xffbx"));
     assert!(!hits(r#"content:"a|00 FF|b""#, b"xa\x00\xfeb"));
     assert!(hits(r#"content:"q\"t\;s\\""#, b"q\"t;s\\"));
-    assert!(matches!(refused(r#"content:"ab|0""#), RuleError::BadOption { .. }));
-    assert!(matches!(refused(r#"content:"a\nb""#), RuleError::BadOption { .. }));
+    assert!(matches!(
+        refused(r#"content:"ab|0""#),
+        RuleError::BadOption { .. }
+    ));
+    assert!(matches!(
+        refused(r#"content:"a\nb""#),
+        RuleError::BadOption { .. }
+    ));
 }
 
 #[test]
@@ -122,8 +146,14 @@ fn offset_and_depth() {
     assert!(!hits(r#"content:"abc",offset 1"#, b"abcdefgh")); // starts before offset
     assert!(hits(r#"content:"abc"; depth:3"#, b"abcdefgh"));
     assert!(!hits(r#"content:"bcd"; depth:3"#, b"abcdefgh"));
-    assert!(matches!(refused(r#"content:"abcd",depth 3"#), RuleError::BadOption { .. }));
-    assert!(matches!(refused(r#"content:"ab",offset -1"#), RuleError::BadOption { .. }));
+    assert!(matches!(
+        refused(r#"content:"abcd",depth 3"#),
+        RuleError::BadOption { .. }
+    ));
+    assert!(matches!(
+        refused(r#"content:"ab",offset -1"#),
+        RuleError::BadOption { .. }
+    ));
 }
 
 #[test]
@@ -133,11 +163,23 @@ fn distance_and_within() {
     assert!(hits(r#"content:"ab"; content:"cd",within 2"#, b"abcdef"));
     assert!(!hits(r#"content:"ab"; content:"de",within 2"#, b"abcdef"));
     // distance + within: window [end+1, end+1+3) = "def" region of "abXdefg".
-    assert!(hits(r#"content:"ab"; content:"def",distance 1,within 3"#, b"abXdefg"));
-    assert!(!hits(r#"content:"ab"; content:"efg",distance 1,within 3"#, b"abXdefg"));
+    assert!(hits(
+        r#"content:"ab"; content:"def",distance 1,within 3"#,
+        b"abXdefg"
+    ));
+    assert!(!hits(
+        r#"content:"ab"; content:"efg",distance 1,within 3"#,
+        b"abXdefg"
+    ));
     // Snort 2 style separate modifiers.
-    assert!(hits(r#"content:"ab"; content:"ef"; distance:2; within:2"#, b"abcdef"));
-    assert!(matches!(refused(r#"content:"a"; content:"bcd",within 2"#), RuleError::BadOption { .. }));
+    assert!(hits(
+        r#"content:"ab"; content:"ef"; distance:2; within:2"#,
+        b"abcdef"
+    ));
+    assert!(matches!(
+        refused(r#"content:"a"; content:"bcd",within 2"#),
+        RuleError::BadOption { .. }
+    ));
     assert!(matches!(
         refused(r#"content:"a"; content:"b",offset 1,distance 1"#),
         RuleError::BadOption { .. }
@@ -147,10 +189,19 @@ fn distance_and_within() {
 #[test]
 fn negative_distance() {
     // "cd" must start at or after end("ef") - 4 = 2: "abcdef".
-    assert!(hits(r#"content:"ef"; content:"cd",distance -4,within 4"#, b"abcdef"));
-    assert!(!hits(r#"content:"ef"; content:"ab",distance -3,within 3"#, b"abcdef"));
+    assert!(hits(
+        r#"content:"ef"; content:"cd",distance -4,within 4"#,
+        b"abcdef"
+    ));
+    assert!(!hits(
+        r#"content:"ef"; content:"ab",distance -3,within 3"#,
+        b"abcdef"
+    ));
     // Clamped at the buffer start.
-    assert!(hits(r#"content:"ef"; content:"ab",distance -100"#, b"abcdef"));
+    assert!(hits(
+        r#"content:"ef"; content:"ab",distance -100"#,
+        b"abcdef"
+    ));
 }
 
 #[test]
@@ -158,11 +209,23 @@ fn negated_content() {
     assert!(hits(r#"content:"GET"; content:!"admin""#, b"GET /index"));
     assert!(!hits(r#"content:"GET"; content:!"admin""#, b"GET /admin"));
     // Relative negation: "admin" may appear, but not within 6 bytes after "GET".
-    assert!(hits(r#"content:"GET"; content:!"admin",within 7"#, b"GET /xxxxxxx/admin"));
-    assert!(!hits(r#"content:"GET"; content:!"admin",within 7"#, b"GET /admin"));
-    assert!(hits(r#"content:"GET"; content:!"admin",within 6"#, b"GET /admin"));
+    assert!(hits(
+        r#"content:"GET"; content:!"admin",within 7"#,
+        b"GET /xxxxxxx/admin"
+    ));
+    assert!(!hits(
+        r#"content:"GET"; content:!"admin",within 7"#,
+        b"GET /admin"
+    ));
+    assert!(hits(
+        r#"content:"GET"; content:!"admin",within 6"#,
+        b"GET /admin"
+    ));
     // A negated content does not move the cursor.
-    assert!(hits(r#"content:"ab"; content:!"zz"; content:"cd",within 2"#, b"abcd"));
+    assert!(hits(
+        r#"content:"ab"; content:!"zz"; content:"cd",within 2"#,
+        b"abcd"
+    ));
 }
 
 #[test]
@@ -238,7 +301,10 @@ fn isdataat_and_pkt_data() {
     assert!(hits(r#"content:"ab"; isdataat:1,relative"#, b"abcd"));
     assert!(!hits(r#"content:"ab"; isdataat:2,relative"#, b"abcd"));
     assert!(hits(r#"content:"ab"; isdataat:!5"#, b"abcd"));
-    assert!(hits(r#"content:"cd"; pkt_data; content:"ab",within 2"#, b"abcd"));
+    assert!(hits(
+        r#"content:"cd"; pkt_data; content:"ab",within 2"#,
+        b"abcd"
+    ));
 }
 
 #[test]
@@ -255,7 +321,8 @@ fn dsize() {
 #[test]
 fn header_addresses_ports_vars() {
     let mut vars = Vars::new();
-    vars.parse_into("ipvar HOME_NET [10.0.0.0/24,!10.0.0.9]\nportvar WEB [80,8000:8100]\n").unwrap();
+    vars.parse_into("ipvar HOME_NET [10.0.0.0/24,!10.0.0.9]\nportvar WEB [80,8000:8100]\n")
+        .unwrap();
     let p = parse_rules(
         "alert tcp any any -> $HOME_NET $WEB (content:\"x\"; sid:1;)\n\
          alert tcp any any -> !$HOME_NET any (content:\"x\"; sid:2;)\n\
@@ -279,7 +346,13 @@ fn header_addresses_ports_vars() {
     assert_eq!(run(&to_nine), vec![2]);
     assert_eq!(run(&udp(1, 53, b"x")), Vec::<u32>::new());
     assert_eq!(run(&udp(1, 54, b"x")), vec![4]);
-    let v6 = frame("2001:db8::1", "2001:db8::2", 6, &tcp_hdr(1, 80, PSH_ACK), b"x");
+    let v6 = frame(
+        "2001:db8::1",
+        "2001:db8::2",
+        6,
+        &tcp_hdr(1, 80, PSH_ACK),
+        b"x",
+    );
     assert_eq!(run(&v6), vec![2]);
 }
 
@@ -306,7 +379,11 @@ fn fast_pattern_choice() {
     let v = Vars::new();
     let r = parse_rule(r#"alert tcp any any -> any any (content:"ab"; content:"longest"; content:!"negatedlonger"; sid:1;)"#, &v).unwrap();
     assert_eq!(r.fast_pattern().unwrap().bytes, b"longest");
-    let r = parse_rule(r#"alert tcp any any -> any any (content:"ab",fast_pattern; content:"longest"; sid:1;)"#, &v).unwrap();
+    let r = parse_rule(
+        r#"alert tcp any any -> any any (content:"ab",fast_pattern; content:"longest"; sid:1;)"#,
+        &v,
+    )
+    .unwrap();
     assert_eq!(r.fast_pattern().unwrap().bytes, b"ab");
     let r = parse_rule(r#"alert tcp any any -> any any (content:"abcdef",fast_pattern,fast_pattern_offset 1,fast_pattern_length 3; sid:1;)"#, &v).unwrap();
     assert_eq!(r.fast_pattern().unwrap().bytes, b"bcd");
@@ -326,7 +403,10 @@ fn unsupported_options_reported_with_sid() {
     assert_eq!(p.rules.len(), 1);
     assert_eq!(p.rejected.len(), 3);
     assert_eq!(p.rejected[0].sid, Some(10));
-    assert_eq!(p.rejected[0].error, RuleError::Unsupported(vec!["flowbits".into()]));
+    assert_eq!(
+        p.rejected[0].error,
+        RuleError::Unsupported(vec!["flowbits".into()])
+    );
     assert_eq!(
         p.rejected[1].error,
         RuleError::Unsupported(vec!["http_uri".into(), "byte_jump".into()])
@@ -359,15 +439,31 @@ fn flow_direction_and_established() {
     // Mid-stream (no handshake seen): direction/established rules do not match.
     let mut e = engine(rules);
     let mut c = Collect::default();
-    e.inspect(&tcp(4000, 80, b"req any"), Direction::ToWire, Timestamp(0), &mut c);
+    e.inspect(
+        &tcp(4000, 80, b"req any"),
+        Direction::ToWire,
+        Timestamp(0),
+        &mut c,
+    );
     assert_eq!(c.alerts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3]);
     // After the handshake.
     let mut e = engine(rules);
     handshake(&mut e, 4000, 80);
     let mut c = Collect::default();
-    e.inspect(&tcp(4000, 80, b"req resp"), Direction::ToWire, Timestamp(1), &mut c);
+    e.inspect(
+        &tcp(4000, 80, b"req resp"),
+        Direction::ToWire,
+        Timestamp(1),
+        &mut c,
+    );
     assert_eq!(c.alerts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1]);
-    let back = frame("10.0.0.2", "10.0.0.1", 6, &tcp_hdr(80, 4000, PSH_ACK), b"req resp");
+    let back = frame(
+        "10.0.0.2",
+        "10.0.0.1",
+        6,
+        &tcp_hdr(80, 4000, PSH_ACK),
+        b"req resp",
+    );
     let mut c = Collect::default();
     e.inspect(&back, Direction::FromWire, Timestamp(2), &mut c);
     assert_eq!(c.alerts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![2]);
@@ -386,7 +482,10 @@ fn verdict_order_pass_drop_alert() {
         (v, c.alerts, c.dropped)
     };
     assert_eq!(run(b"x"), (Verdict::Alert, vec![(1, "allowed", 0)], 0));
-    assert_eq!(run(b"x bad"), (Verdict::Drop, vec![(2, "blocked", 0), (1, "allowed", 0)], 1));
+    assert_eq!(
+        run(b"x bad"),
+        (Verdict::Drop, vec![(2, "blocked", 0), (1, "allowed", 0)], 1)
+    );
     assert_eq!(run(b"x bad trusted"), (Verdict::Pass, vec![], 0));
     assert_eq!(run(b"nothing"), (Verdict::Pass, vec![], 0));
     let s = e.stats();
@@ -398,23 +497,49 @@ fn verdict_order_pass_drop_alert() {
 fn drop_applies_in_both_directions() {
     let mut e = engine("drop tcp any any -> any any (content:\"X5O!\"; sid:9;)");
     let to = tcp(1, 80, b"..X5O!..");
-    let from = frame("10.0.0.2", "10.0.0.1", 6, &tcp_hdr(80, 1, PSH_ACK), b"..X5O!..");
-    assert_eq!(e.inspect(&to, Direction::ToWire, Timestamp(0), &mut NullSink), Verdict::Drop);
-    assert_eq!(e.inspect(&from, Direction::FromWire, Timestamp(0), &mut NullSink), Verdict::Drop);
+    let from = frame(
+        "10.0.0.2",
+        "10.0.0.1",
+        6,
+        &tcp_hdr(80, 1, PSH_ACK),
+        b"..X5O!..",
+    );
+    assert_eq!(
+        e.inspect(&to, Direction::ToWire, Timestamp(0), &mut NullSink),
+        Verdict::Drop
+    );
+    assert_eq!(
+        e.inspect(&from, Direction::FromWire, Timestamp(0), &mut NullSink),
+        Verdict::Drop
+    );
 }
 
 #[test]
 fn rate_limit_counts_suppressed() {
-    let p = parse_rules("alert tcp any any -> any any (content:\"x\"; sid:1;)", &Vars::new());
-    let cfg = EngineConfig { alerts_per_rule_per_sec: 2, ..EngineConfig::default() };
+    let p = parse_rules(
+        "alert tcp any any -> any any (content:\"x\"; sid:1;)",
+        &Vars::new(),
+    );
+    let cfg = EngineConfig {
+        alerts_per_rule_per_sec: 2,
+        ..EngineConfig::default()
+    };
     let mut e = Engine::new(p.rules, cfg).unwrap();
     let mut c = Collect::default();
     for i in 0..5 {
         let v = e.inspect(&tcp(1, 80, b"x"), Direction::ToWire, Timestamp(i), &mut c);
         assert_eq!(v, Verdict::Alert); // the verdict never depends on the limit
     }
-    e.inspect(&tcp(1, 80, b"x"), Direction::ToWire, Timestamp(2_000_000), &mut c);
-    assert_eq!(c.alerts, vec![(1, "allowed", 0), (1, "allowed", 0), (1, "allowed", 3)]);
+    e.inspect(
+        &tcp(1, 80, b"x"),
+        Direction::ToWire,
+        Timestamp(2_000_000),
+        &mut c,
+    );
+    assert_eq!(
+        c.alerts,
+        vec![(1, "allowed", 0), (1, "allowed", 0), (1, "allowed", 3)]
+    );
     assert_eq!(e.stats().alerts_suppressed, 3);
 }
 
@@ -426,7 +551,10 @@ fn eve_and_pcap_lines() {
     let f = tcp(1234, 80, b"X5O!P%@AP");
     // 2026-11-23T16:03:30.000123Z
     let ts = Timestamp(1_795_449_810_000_123);
-    assert_eq!(e.inspect(&f, Direction::FromWire, ts, &mut w), Verdict::Drop);
+    assert_eq!(
+        e.inspect(&f, Direction::FromWire, ts, &mut w),
+        Verdict::Drop
+    );
     let lines: Vec<&str> = w.out.lines().collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(
@@ -438,7 +566,12 @@ fn eve_and_pcap_lines() {
          \"category\":\"A Network Trojan was detected\",\"severity\":1,\"suppressed\":0}}"
     );
     match parse_mgmt_line(lines[1]).unwrap() {
-        MgmtLine::Pcap { ts_us, dir, orig_len, data } => {
+        MgmtLine::Pcap {
+            ts_us,
+            dir,
+            orig_len,
+            data,
+        } => {
             assert_eq!(ts_us, ts.0);
             assert_eq!(dir, Direction::FromWire);
             assert_eq!(orig_len as usize, f.len());
@@ -446,7 +579,10 @@ fn eve_and_pcap_lines() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(parse_mgmt_line(lines[0]).unwrap(), MgmtLine::Eve(_)));
+    assert!(matches!(
+        parse_mgmt_line(lines[0]).unwrap(),
+        MgmtLine::Eve(_)
+    ));
     assert!(parse_mgmt_line("ALLY pcap 1 sideways 3 00").is_err());
 }
 
@@ -460,20 +596,40 @@ fn blob_round_trip_and_errors() {
     assert!(p.rejected.is_empty(), "{:?}", p.rejected);
     let b = blob::encode(&p.rules);
     assert_eq!(blob::decode(&b).unwrap(), p.rules);
-    assert_eq!(Engine::from_blob(&b, EngineConfig::default()).unwrap().rule_count(), 2);
+    assert_eq!(
+        Engine::from_blob(&b, EngineConfig::default())
+            .unwrap()
+            .rule_count(),
+        2
+    );
 
     let mut bad = b.clone();
     bad[0] = b'X';
     assert_eq!(blob::decode(&bad), Err(BlobError::BadMagic));
     let mut bad = b.clone();
     bad[8] = 9;
-    assert_eq!(blob::decode(&bad), Err(BlobError::BadVersion { found: 9, supported: 1 }));
+    assert_eq!(
+        blob::decode(&bad),
+        Err(BlobError::BadVersion {
+            found: 9,
+            supported: 1
+        })
+    );
     let mut bad = b.clone();
     let last = bad.len() - 3;
     bad[last] ^= 0x20;
-    assert!(matches!(blob::decode(&bad), Err(BlobError::Checksum { .. })));
-    assert!(matches!(blob::decode(&b[..b.len() - 1]), Err(BlobError::Truncated { .. })));
-    assert!(matches!(blob::decode(&b[..10]), Err(BlobError::Truncated { .. })));
+    assert!(matches!(
+        blob::decode(&bad),
+        Err(BlobError::Checksum { .. })
+    ));
+    assert!(matches!(
+        blob::decode(&b[..b.len() - 1]),
+        Err(BlobError::Truncated { .. })
+    ));
+    assert!(matches!(
+        blob::decode(&b[..10]),
+        Err(BlobError::Truncated { .. })
+    ));
     // A record that does not parse, with a valid checksum: named by index.
     let mut rules = p.rules.clone();
     rules[1].msg = "x".into();
@@ -487,7 +643,11 @@ fn blob_round_trip_and_errors() {
         for &byte in &b2[24..24 + plen] {
             h ^= u32::from(byte);
             for _ in 0..8 {
-                h = if h & 1 != 0 { (h >> 1) ^ 0xedb8_8320 } else { h >> 1 };
+                h = if h & 1 != 0 {
+                    (h >> 1) ^ 0xedb8_8320
+                } else {
+                    h >> 1
+                };
             }
         }
         !h
@@ -504,7 +664,15 @@ fn blob_round_trip_and_errors() {
     let empty = blob::encode(&[]);
     let mut e = Engine::from_blob(&empty, EngineConfig::default()).unwrap();
     assert_eq!(e.rule_count(), 0);
-    assert_eq!(e.inspect(&tcp(1, 2, b"x"), Direction::ToWire, Timestamp(0), &mut NullSink), Verdict::Pass);
+    assert_eq!(
+        e.inspect(
+            &tcp(1, 2, b"x"),
+            Direction::ToWire,
+            Timestamp(0),
+            &mut NullSink
+        ),
+        Verdict::Pass
+    );
 }
 
 #[test]
@@ -519,11 +687,16 @@ fn garbage_frames_never_panic() {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            if x % 11 == 0 {
+            if x.is_multiple_of(11) {
                 *b = x as u8;
             }
         }
-        let _ = e.inspect(&f, Direction::FromWire, Timestamp(round as u64), &mut NullSink);
+        let _ = e.inspect(
+            &f,
+            Direction::FromWire,
+            Timestamp(round as u64),
+            &mut NullSink,
+        );
     }
     assert_eq!(e.stats().frames, 3000);
 }

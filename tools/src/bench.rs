@@ -31,7 +31,12 @@ struct Rate {
     mpps: f64,
 }
 
-fn measure(min: Duration, bytes_per_pass: usize, frames_per_pass: usize, mut pass: impl FnMut()) -> Rate {
+fn measure(
+    min: Duration,
+    bytes_per_pass: usize,
+    frames_per_pass: usize,
+    mut pass: impl FnMut(),
+) -> Rate {
     pass(); // warm caches
     let start = Instant::now();
     let mut passes = 0u64;
@@ -54,7 +59,11 @@ fn run_set(name: &str, engine: &mut Engine, frames: &[GenFrame], timed: &[usize]
     // Warm-up over every frame (handshakes establish the flows the timed frames belong to).
     let mut verdicts = [0usize; 3];
     for f in frames {
-        let dir = if f.to_server { Direction::ToWire } else { Direction::FromWire };
+        let dir = if f.to_server {
+            Direction::ToWire
+        } else {
+            Direction::FromWire
+        };
         let v = engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
         verdicts[v as usize] += 1;
     }
@@ -80,7 +89,11 @@ fn run_set(name: &str, engine: &mut Engine, frames: &[GenFrame], timed: &[usize]
     let full = measure(min, bytes, timed.len(), || {
         for &i in timed {
             let f = &frames[i];
-            let dir = if f.to_server { Direction::ToWire } else { Direction::FromWire };
+            let dir = if f.to_server {
+                Direction::ToWire
+            } else {
+                Direction::FromWire
+            };
             engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
         }
     });
@@ -93,7 +106,11 @@ pub fn fast_patterns(rules: &[Rule]) -> Vec<(Vec<u8>, bool)> {
         .iter()
         .filter_map(|r| r.fast_pattern())
         .map(|fp| {
-            let b = if fp.nocase { fp.bytes.to_ascii_lowercase() } else { fp.bytes.to_vec() };
+            let b = if fp.nocase {
+                fp.bytes.to_ascii_lowercase()
+            } else {
+                fp.bytes.to_vec()
+            };
             (b, fp.nocase)
         })
         .collect();
@@ -104,7 +121,8 @@ pub fn fast_patterns(rules: &[Rule]) -> Vec<(Vec<u8>, bool)> {
 pub fn run(o: BenchOpts) -> Result<(), String> {
     let lits = fast_patterns(&o.rules);
     let rules = o.rules;
-    let mut engine = Engine::new(rules.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
+    let mut engine =
+        Engine::new(rules.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
     let (gm, rm) = engine.memory_breakdown();
     println!(
         "ruleset: {} rules, {} groups, {} distinct fast patterns; compiled memory {:.1} MiB (prefilters {:.1} MiB, rules+regexes {:.1} MiB); flow table {:.1} MiB",
@@ -116,7 +134,11 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
         rm as f64 / 1048576.0,
         engine.flow_table_bytes() as f64 / 1048576.0
     );
-    println!("single core; seed {}; {} s minimum per figure", o.seed, o.min_time.as_secs_f64());
+    println!(
+        "single core; seed {}; {} s minimum per figure",
+        o.seed,
+        o.min_time.as_secs_f64()
+    );
     let literals: Vec<Vec<u8>> = lits.iter().map(|l| l.0.clone()).collect();
     let mix_cfg = TrafficConfig {
         seed: o.seed,
@@ -127,13 +149,28 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     };
     let mix = generate(&mix_cfg);
     let all: Vec<usize> = (0..mix.len()).collect();
-    run_set("mix (64-1514 B frames)", &mut engine, &mix, &all, o.min_time);
+    run_set(
+        "mix (64-1514 B frames)",
+        &mut engine,
+        &mix,
+        &all,
+        o.min_time,
+    );
 
-    let big_cfg = TrafficConfig { fixed_size: Some(1514), ..mix_cfg };
+    let big_cfg = TrafficConfig {
+        fixed_size: Some(1514),
+        ..mix_cfg
+    };
     let big = generate(&big_cfg);
     let data: Vec<usize> = (0..big.len()).filter(|&i| big[i].data).collect();
     let mut engine2 = Engine::new(rules, EngineConfig::default()).map_err(|e| e.to_string())?;
-    run_set("1500-byte IP packets (1514 B frames)", &mut engine2, &big, &data, o.min_time);
+    run_set(
+        "1500-byte IP packets (1514 B frames)",
+        &mut engine2,
+        &big,
+        &data,
+        o.min_time,
+    );
 
     // Same literals, same payloads: our prefilter vs Hyperscan.
     let payloads: Vec<&[u8]> = mix
@@ -198,7 +235,10 @@ fn hyperscan_compare(
         if theirs != ours[i] {
             mismatches += 1;
             if mismatches <= 3 {
-                println!("  MISMATCH payload {i}: ally {:?} hyperscan {:?}", ours[i], theirs);
+                println!(
+                    "  MISMATCH payload {i}: ally {:?} hyperscan {:?}",
+                    ours[i], theirs
+                );
             }
         }
     }

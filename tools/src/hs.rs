@@ -94,7 +94,9 @@ impl Literals {
                 // SAFETY: on failure `err` points to a compile error with a C-string message,
                 // which we read and then free exactly once.
                 unsafe {
-                    let m = CStr::from_ptr((*err).message).to_string_lossy().into_owned();
+                    let m = CStr::from_ptr((*err).message)
+                        .to_string_lossy()
+                        .into_owned();
                     let e = (*err).expression;
                     hs_free_compile_error(err);
                     format!("hyperscan: literal {e}: {m}")

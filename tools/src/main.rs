@@ -47,7 +47,9 @@ impl Args {
         let mut it = raw.iter();
         while let Some(a) = it.next() {
             if a.starts_with('-') && a.len() > 1 {
-                let v = it.next().ok_or_else(|| format!("option {a} needs a value"))?;
+                let v = it
+                    .next()
+                    .ok_or_else(|| format!("option {a} needs a value"))?;
                 opts.push((a.clone(), v.clone()));
             } else {
                 pos.push(a.clone());
@@ -57,7 +59,11 @@ impl Args {
     }
 
     fn opt(&self, names: &[&str]) -> Option<&str> {
-        self.opts.iter().rev().find(|(k, _)| names.contains(&k.as_str())).map(|(_, v)| v.as_str())
+        self.opts
+            .iter()
+            .rev()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| v.as_str())
     }
 
     fn check_known(&self, known: &[&str]) -> Result<(), String> {
@@ -69,7 +75,9 @@ impl Args {
 
     fn num<T: std::str::FromStr>(&self, names: &[&str], default: T) -> Result<T, String> {
         match self.opt(names) {
-            Some(v) => v.parse().map_err(|_| format!("{}: `{v}` is not a valid number", names[0])),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{}: `{v}` is not a valid number", names[0])),
             None => Ok(default),
         }
     }
@@ -83,7 +91,8 @@ fn load_vars(args: &Args) -> Result<Vars, String> {
     match args.opt(&["--vars"]) {
         Some(p) => {
             let mut v = Vars::snort_defaults();
-            v.parse_into(&read(Path::new(p))?).map_err(|e| format!("{p}: {e}"))?;
+            v.parse_into(&read(Path::new(p))?)
+                .map_err(|e| format!("{p}: {e}"))?;
             Ok(v)
         }
         None => Ok(Vars::snort_defaults()),
@@ -96,7 +105,12 @@ fn load_rules(path: &Path, args: &Args) -> Result<ParsedRules, String> {
 
 fn print_report(p: &ParsedRules, verbose: bool) {
     let total = p.rules.len() + p.rejected.len();
-    println!("loaded {} of {} rules; {} not loaded", p.rules.len(), total, p.rejected.len());
+    println!(
+        "loaded {} of {} rules; {} not loaded",
+        p.rules.len(),
+        total,
+        p.rejected.len()
+    );
     if p.rejected.is_empty() {
         return;
     }
@@ -135,21 +149,34 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
                 return Err("internal: blob does not round-trip".into());
             }
             fs::write(out, &b).map_err(|e| format!("{out}: {e}"))?;
-            println!("wrote {out}: {} rules, {} bytes (format v{})", p.rules.len(), b.len(), blob::BLOB_VERSION);
+            println!(
+                "wrote {out}: {} rules, {} bytes (format v{})",
+                p.rules.len(),
+                b.len(),
+                blob::BLOB_VERSION
+            );
             Ok(ExitCode::SUCCESS)
         }
         "check" => {
             args.check_known(&["--vars"])?;
             let p = load_rules(Path::new(path), args)?;
             print_report(&p, true);
-            Ok(if p.rules.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if p.rules.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         other => Err(format!("unknown `rules {other}`")),
     }
 }
 
 /// Splits a captured management stream into EVE JSON lines and a pcap of dropped-frame excerpts.
-fn eve_split(stream: &str, eve: &mut impl Write, pcap: &mut impl Write) -> Result<(usize, usize), String> {
+fn eve_split(
+    stream: &str,
+    eve: &mut impl Write,
+    pcap: &mut impl Write,
+) -> Result<(usize, usize), String> {
     pcap::write_header(pcap, DEFAULT_EXCERPT as u32).map_err(|e| e.to_string())?;
     let (mut n_eve, mut n_pcap) = (0, 0);
     for (i, line) in stream.lines().enumerate() {
@@ -158,7 +185,12 @@ fn eve_split(stream: &str, eve: &mut impl Write, pcap: &mut impl Write) -> Resul
                 writeln!(eve, "{json}").map_err(|e| e.to_string())?;
                 n_eve += 1;
             }
-            MgmtLine::Pcap { ts_us, orig_len, data, .. } => {
+            MgmtLine::Pcap {
+                ts_us,
+                orig_len,
+                data,
+                ..
+            } => {
                 pcap::write_record(pcap, ts_us, orig_len, &data).map_err(|e| e.to_string())?;
                 n_pcap += 1;
             }
@@ -176,8 +208,10 @@ fn cmd_eve_split(args: &Args) -> Result<ExitCode, String> {
     let raw = fs::read(input).map_err(|e| format!("{input}: {e}"))?;
     // A serial capture may hold stray non-UTF-8 bytes: keep the lines, replace the bytes.
     let stream = String::from_utf8_lossy(&raw);
-    let mut eve = BufWriter::new(fs::File::create(eve_path).map_err(|e| format!("{eve_path}: {e}"))?);
-    let mut pcap = BufWriter::new(fs::File::create(pcap_path).map_err(|e| format!("{pcap_path}: {e}"))?);
+    let mut eve =
+        BufWriter::new(fs::File::create(eve_path).map_err(|e| format!("{eve_path}: {e}"))?);
+    let mut pcap =
+        BufWriter::new(fs::File::create(pcap_path).map_err(|e| format!("{pcap_path}: {e}"))?);
     let (a, d) = eve_split(&stream, &mut eve, &mut pcap)?;
     eve.flush().map_err(|e| e.to_string())?;
     pcap.flush().map_err(|e| e.to_string())?;
@@ -186,11 +220,26 @@ fn cmd_eve_split(args: &Args) -> Result<ExitCode, String> {
 }
 
 fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
-    args.check_known(&["--seed", "--frames", "--hit-share", "--rules", "--vars", "-o", "--output"])?;
-    let out = args.opt(&["-o", "--output"]).ok_or("missing -o <out.pcap>")?;
+    args.check_known(&[
+        "--seed",
+        "--frames",
+        "--hit-share",
+        "--rules",
+        "--vars",
+        "-o",
+        "--output",
+    ])?;
+    let out = args
+        .opt(&["-o", "--output"])
+        .ok_or("missing -o <out.pcap>")?;
     let literals = match args.opt(&["--rules"]) {
-        Some(r) => bench::fast_patterns(&load_rules(Path::new(r), args)?.rules).into_iter().map(|l| l.0).collect(),
-        None => vec![br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*".to_vec()],
+        Some(r) => bench::fast_patterns(&load_rules(Path::new(r), args)?.rules)
+            .into_iter()
+            .map(|l| l.0)
+            .collect(),
+        None => {
+            vec![br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*".to_vec()]
+        }
     };
     let cfg = traffic::TrafficConfig {
         seed: args.num(&["--seed"], 1)?,
@@ -203,16 +252,28 @@ fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
     let mut w = BufWriter::new(fs::File::create(out).map_err(|e| format!("{out}: {e}"))?);
     pcap::write_header(&mut w, 65535).map_err(|e| e.to_string())?;
     for f in &frames {
-        pcap::write_record(&mut w, f.ts_us, f.bytes.len() as u32, &f.bytes).map_err(|e| e.to_string())?;
+        pcap::write_record(&mut w, f.ts_us, f.bytes.len() as u32, &f.bytes)
+            .map_err(|e| e.to_string())?;
     }
     w.flush().map_err(|e| e.to_string())?;
     let hits = frames.iter().filter(|f| f.hit).count();
-    println!("wrote {out}: {} frames (seed {}), {hits} carry a rule literal", frames.len(), cfg.seed);
+    println!(
+        "wrote {out}: {} frames (seed {}), {hits} carry a rule literal",
+        frames.len(),
+        cfg.seed
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
-    args.check_known(&["--rules", "--vars", "--seed", "--frames", "--hit-share", "--secs"])?;
+    args.check_known(&[
+        "--rules",
+        "--vars",
+        "--seed",
+        "--frames",
+        "--hit-share",
+        "--secs",
+    ])?;
     let path = match args.opt(&["--rules"]) {
         Some(p) => PathBuf::from(p),
         None => community_rules_default().ok_or(
@@ -220,7 +281,12 @@ fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
         )?,
     };
     let p = load_rules(&path, args)?;
-    println!("rules: {} ({} loaded, {} not loaded)", path.display(), p.rules.len(), p.rejected.len());
+    println!(
+        "rules: {} ({} loaded, {} not loaded)",
+        path.display(),
+        p.rules.len(),
+        p.rejected.len()
+    );
     bench::run(bench::BenchOpts {
         rules: p.rules,
         seed: args.num(&["--seed"], 1)?,
@@ -266,21 +332,49 @@ mod tests {
         let mut pcap_out = Vec::new();
         let (a, d) = eve_split(stream, &mut eve, &mut pcap_out).unwrap();
         assert_eq!((a, d), (2, 1));
-        assert_eq!(String::from_utf8(eve).unwrap(), "{\"event_type\":\"alert\"}\n{\"a\":1}\n");
+        assert_eq!(
+            String::from_utf8(eve).unwrap(),
+            "{\"event_type\":\"alert\"}\n{\"a\":1}\n"
+        );
         let recs = pcap::read_all(&mut pcap_out.as_slice()).unwrap();
         assert_eq!(recs.len(), 1);
-        assert_eq!(recs[0], pcap::Record { ts_us: 1_000_001, orig_len: 70, data: vec![0, 0x11, 0xaa, 0xbb] });
-        let err = eve_split("ALLY pcap x to_wire 1 00\n", &mut Vec::new(), &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            recs[0],
+            pcap::Record {
+                ts_us: 1_000_001,
+                orig_len: 70,
+                data: vec![0, 0x11, 0xaa, 0xbb]
+            }
+        );
+        let err = eve_split(
+            "ALLY pcap x to_wire 1 00\n",
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(err.contains("line 1") && err.contains("timestamp"), "{err}");
     }
 
     #[test]
     fn args_errors_are_precise() {
         let a = Args::parse(&["bench".into(), "--seed".into(), "x".into()]).unwrap();
-        assert_eq!(a.num::<u64>(&["--seed"], 1).unwrap_err(), "--seed: `x` is not a valid number");
+        assert_eq!(
+            a.num::<u64>(&["--seed"], 1).unwrap_err(),
+            "--seed: `x` is not a valid number"
+        );
         assert!(Args::parse(&["--seed".into()]).is_err());
-        let a = Args::parse(&["rules".into(), "check".into(), "f".into(), "--bogus".into(), "1".into()]).unwrap();
-        assert_eq!(a.check_known(&["--vars"]).unwrap_err(), "unknown option --bogus");
+        let a = Args::parse(&[
+            "rules".into(),
+            "check".into(),
+            "f".into(),
+            "--bogus".into(),
+            "1".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            a.check_known(&["--vars"]).unwrap_err(),
+            "unknown option --bogus"
+        );
     }
 
     #[test]
@@ -290,17 +384,34 @@ mod tests {
         let rules = dir.join("r.rules");
         let vars = dir.join("vars");
         let out = dir.join("r.blob");
-        fs::write(&rules, "drop tcp $EXTERNAL_NET any -> $HOME_NET 80 (msg:\"x\"; content:\"EICAR\"; sid:1;)\n\
-                           alert tcp any any -> any any (msg:\"y\"; flowbits:set,a; sid:2;)\n").unwrap();
+        fs::write(
+            &rules,
+            "drop tcp $EXTERNAL_NET any -> $HOME_NET 80 (msg:\"x\"; content:\"EICAR\"; sid:1;)\n\
+                           alert tcp any any -> any any (msg:\"y\"; flowbits:set,a; sid:2;)\n",
+        )
+        .unwrap();
         fs::write(&vars, "ipvar HOME_NET 10.0.0.0/8\n").unwrap();
-        let raw: Vec<String> = ["rules", "compile", rules.to_str().unwrap(), "--vars", vars.to_str().unwrap(), "-o", out.to_str().unwrap()]
-            .iter().map(|s| s.to_string()).collect();
+        let raw: Vec<String> = [
+            "rules",
+            "compile",
+            rules.to_str().unwrap(),
+            "--vars",
+            vars.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(run(&raw).unwrap(), ExitCode::SUCCESS);
         let b = fs::read(&out).unwrap();
         let loaded = blob::decode(&b).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].dst.to_string(), "10.0.0.0/8");
-        let raw: Vec<String> = ["rules", "check", "/nonexistent/x.rules"].iter().map(|s| s.to_string()).collect();
+        let raw: Vec<String> = ["rules", "check", "/nonexistent/x.rules"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert!(run(&raw).unwrap_err().contains("/nonexistent/x.rules"));
         fs::remove_dir_all(&dir).ok();
     }

@@ -42,7 +42,8 @@ pub struct Record {
 /// Reads a little-endian microsecond pcap written by [`write_header`]/[`write_record`].
 pub fn read_all(r: &mut impl std::io::Read) -> Result<Vec<Record>, String> {
     let mut buf = Vec::new();
-    r.read_to_end(&mut buf).map_err(|e| format!("read pcap: {e}"))?;
+    r.read_to_end(&mut buf)
+        .map_err(|e| format!("read pcap: {e}"))?;
     if buf.len() < 24 || buf[..4] != MAGIC_US.to_le_bytes() {
         return Err("not a little-endian microsecond pcap file".into());
     }
@@ -53,8 +54,12 @@ pub fn read_all(r: &mut impl std::io::Read) -> Result<Vec<Record>, String> {
         if buf.len() - at < 16 {
             return Err(format!("truncated record header at byte {at}"));
         }
-        let (s, us, incl, orig) =
-            (le32(&buf, at), le32(&buf, at + 4), le32(&buf, at + 8) as usize, le32(&buf, at + 12));
+        let (s, us, incl, orig) = (
+            le32(&buf, at),
+            le32(&buf, at + 4),
+            le32(&buf, at + 8) as usize,
+            le32(&buf, at + 12),
+        );
         at += 16;
         if buf.len() - at < incl {
             return Err(format!("truncated record data at byte {at}"));

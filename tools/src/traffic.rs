@@ -153,7 +153,9 @@ struct Gen<'a> {
 impl Gen<'_> {
     fn payload_len(&mut self, proto_hdr: usize, lo: usize, hi: usize) -> usize {
         match self.cfg.fixed_size {
-            Some(s) => s.clamp(MIN_FRAME, MAX_FRAME).saturating_sub(ETH_IP + proto_hdr),
+            Some(s) => s
+                .clamp(MIN_FRAME, MAX_FRAME)
+                .saturating_sub(ETH_IP + proto_hdr),
             None => self.rng.range(lo, hi).min(MAX_FRAME - ETH_IP - proto_hdr),
         }
     }
@@ -173,7 +175,13 @@ impl Gen<'_> {
 
     fn push(&mut self, to_server: bool, data: bool, hit: bool, bytes: Vec<u8>) {
         self.ts += 10;
-        self.out.push(GenFrame { ts_us: self.ts, to_server, data, hit, bytes });
+        self.out.push(GenFrame {
+            ts_us: self.ts,
+            to_server,
+            data,
+            hit,
+            bytes,
+        });
     }
 
     fn flow(&mut self, kind: Kind) {
@@ -185,18 +193,38 @@ impl Gen<'_> {
             Kind::Http => (80, 6),
             Kind::Dns => (53, 17),
             Kind::Tls => (443, 6),
-            Kind::Random => (1024 + (r >> 48) as u16 % 60000, if r & 1 == 0 { 6 } else { 17 }),
+            Kind::Random => (
+                1024 + (r >> 48) as u16 % 60000,
+                if r & 1 == 0 { 6 } else { 17 },
+            ),
         };
         if proto == 6 {
             let (mut cseq, mut sseq) = (r as u32, (r >> 32) as u32);
-            let syn = ipv4_frame(client, server, 6, &tcp_hdr(cport, sport, cseq, 0, 0x02), b"");
+            let syn = ipv4_frame(
+                client,
+                server,
+                6,
+                &tcp_hdr(cport, sport, cseq, 0, 0x02),
+                b"",
+            );
             self.push(true, false, false, syn);
-            let synack =
-                ipv4_frame(server, client, 6, &tcp_hdr(sport, cport, sseq, cseq + 1, 0x12), b"");
+            let synack = ipv4_frame(
+                server,
+                client,
+                6,
+                &tcp_hdr(sport, cport, sseq, cseq + 1, 0x12),
+                b"",
+            );
             self.push(false, false, false, synack);
             cseq += 1;
             sseq += 1;
-            let ack = ipv4_frame(client, server, 6, &tcp_hdr(cport, sport, cseq, sseq, 0x10), b"");
+            let ack = ipv4_frame(
+                client,
+                server,
+                6,
+                &tcp_hdr(cport, sport, cseq, sseq, 0x10),
+                b"",
+            );
             self.push(true, false, false, ack);
             let n = self.rng.range(2, 12);
             for i in 0..n {
@@ -224,7 +252,11 @@ impl Gen<'_> {
                     (Kind::Http, false) => text(&mut self.rng, len),
                     (Kind::Tls, _) => {
                         let mut p = random_bytes(&mut self.rng, len);
-                        let hdr: &[u8] = if i < 2 { &[0x16, 0x03, 0x01] } else { &[0x17, 0x03, 0x03] };
+                        let hdr: &[u8] = if i < 2 {
+                            &[0x16, 0x03, 0x01]
+                        } else {
+                            &[0x17, 0x03, 0x03]
+                        };
                         let k = hdr.len().min(p.len());
                         p[..k].copy_from_slice(&hdr[..k]);
                         p
@@ -246,18 +278,39 @@ impl Gen<'_> {
                 self.push(to_server, true, hit, f);
             }
         } else {
-            let n = if matches!(kind, Kind::Dns) { 2 } else { self.rng.range(1, 6) };
+            let n = if matches!(kind, Kind::Dns) {
+                2
+            } else {
+                self.rng.range(1, 6)
+            };
             for i in 0..n {
                 let to_server = i % 2 == 0;
                 let len = match kind {
                     Kind::Dns if self.cfg.fixed_size.is_none() => {
-                        if to_server { self.rng.range(30, 80) } else { self.rng.range(60, 400) }
+                        if to_server {
+                            self.rng.range(30, 80)
+                        } else {
+                            self.rng.range(60, 400)
+                        }
                     }
                     _ => self.payload_len(8, 10, 1472),
                 };
                 let mut p = match kind {
                     Kind::Dns => {
-                        let mut p = vec![(r >> 8) as u8, r as u8, if to_server { 0x01 } else { 0x81 }, 0x00, 0, 1, 0, u8::from(!to_server), 0, 0, 0, 0];
+                        let mut p = vec![
+                            (r >> 8) as u8,
+                            r as u8,
+                            if to_server { 0x01 } else { 0x81 },
+                            0x00,
+                            0,
+                            1,
+                            0,
+                            u8::from(!to_server),
+                            0,
+                            0,
+                            0,
+                            0,
+                        ];
                         for label in ["www", WORDS[self.rng.below(WORDS.len())], "example", "com"] {
                             p.push(label.len() as u8);
                             p.extend_from_slice(label.as_bytes());
@@ -271,8 +324,11 @@ impl Gen<'_> {
                     _ => random_bytes(&mut self.rng, len),
                 };
                 let hit = self.plant(&mut p);
-                let (src, dst, sp, dp) =
-                    if to_server { (client, server, cport, sport) } else { (server, client, sport, cport) };
+                let (src, dst, sp, dp) = if to_server {
+                    (client, server, cport, sport)
+                } else {
+                    (server, client, sport, cport)
+                };
                 let f = ipv4_frame(src, dst, 17, &udp_hdr(sp, dp, p.len()), &p);
                 self.push(to_server, true, hit, f);
             }
@@ -282,7 +338,12 @@ impl Gen<'_> {
 
 /// Generates the mix: 35% HTTP, 15% DNS, 30% TLS-like, 20% random-payload flows.
 pub fn generate(cfg: &TrafficConfig) -> Vec<GenFrame> {
-    let mut g = Gen { cfg, rng: Rng::new(cfg.seed), out: Vec::new(), ts: 1_795_449_600_000_000 };
+    let mut g = Gen {
+        cfg,
+        rng: Rng::new(cfg.seed),
+        out: Vec::new(),
+        ts: 1_795_449_600_000_000,
+    };
     while g.out.len() < cfg.frames {
         let kind = match g.rng.below(100) {
             0..35 => Kind::Http,
@@ -324,7 +385,10 @@ mod tests {
         let hits = a.iter().filter(|f| f.hit).count();
         let share = hits as f64 / data as f64;
         assert!((0.05..0.15).contains(&share), "hit share {share}");
-        let planted = a.iter().filter(|f| f.bytes.windows(10).any(|w| w == b"EVILSTRING")).count();
+        let planted = a
+            .iter()
+            .filter(|f| f.bytes.windows(10).any(|w| w == b"EVILSTRING"))
+            .count();
         assert!(planted >= hits);
     }
 

@@ -23,12 +23,19 @@ impl IpNet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix))
+                };
                 (u32::from(net) & mask) == (u32::from(ip) & mask)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask =
-                    if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.prefix))
+                };
                 (u128::from(net) & mask) == (u128::from(ip) & mask)
             }
             _ => false,
@@ -279,7 +286,10 @@ mod tests {
         assert!(p.contains(8001));
         assert!(!p.contains(8080));
         assert!(!p.contains(81));
-        assert_eq!(PortSet::Range(1, 3).enumerate(10), Some(alloc::vec![1, 2, 3]));
+        assert_eq!(
+            PortSet::Range(1, 3).enumerate(10),
+            Some(alloc::vec![1, 2, 3])
+        );
         assert_eq!(PortSet::Range(1, 3000).enumerate(10), None);
         assert_eq!(p.enumerate(1000), None);
         assert_eq!(p.to_string(), "[80,8000:8100,!8080]");

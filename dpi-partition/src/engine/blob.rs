@@ -56,7 +56,10 @@ impl fmt::Display for BlobError {
             }
             BlobError::BadMagic => f.write_str("rules blob: bad magic (expected \"ALLYRULE\")"),
             BlobError::BadVersion { found, supported } => {
-                write!(f, "rules blob: version {found} not supported (this build reads {supported})")
+                write!(
+                    f,
+                    "rules blob: version {found} not supported (this build reads {supported})"
+                )
             }
             BlobError::Checksum { stored, computed } => write!(
                 f,
@@ -98,24 +101,36 @@ fn le32(b: &[u8], at: usize) -> u32 {
 pub fn decode(blob: &[u8]) -> Result<Vec<Rule>, BlobError> {
     if blob.len() < 8 || &blob[..8] != MAGIC {
         return Err(if blob.len() < 8 && MAGIC.starts_with(blob) {
-            BlobError::Truncated { needed: HEADER, have: blob.len() }
+            BlobError::Truncated {
+                needed: HEADER,
+                have: blob.len(),
+            }
         } else {
             BlobError::BadMagic
         });
     }
     if blob.len() < HEADER {
-        return Err(BlobError::Truncated { needed: HEADER, have: blob.len() });
+        return Err(BlobError::Truncated {
+            needed: HEADER,
+            have: blob.len(),
+        });
     }
     let version = le32(blob, 8);
     if version != BLOB_VERSION {
-        return Err(BlobError::BadVersion { found: version, supported: BLOB_VERSION });
+        return Err(BlobError::BadVersion {
+            found: version,
+            supported: BLOB_VERSION,
+        });
     }
     let count = le32(blob, 12);
     let plen = le32(blob, 16) as usize;
     let stored = le32(blob, 20);
     let needed = HEADER.saturating_add(plen);
     if blob.len() < needed {
-        return Err(BlobError::Truncated { needed, have: blob.len() });
+        return Err(BlobError::Truncated {
+            needed,
+            have: blob.len(),
+        });
     }
     let payload = &blob[HEADER..needed];
     let computed = crc32fast::hash(payload);
@@ -126,7 +141,10 @@ pub fn decode(blob: &[u8]) -> Result<Vec<Rule>, BlobError> {
     let mut rules = Vec::new();
     let mut at = 0usize;
     for index in 0..count {
-        let corrupt = |reason: &str| BlobError::CorruptRecord { index, reason: reason.to_string() };
+        let corrupt = |reason: &str| BlobError::CorruptRecord {
+            index,
+            reason: reason.to_string(),
+        };
         if payload.len() - at < 4 {
             return Err(corrupt("record length runs past the payload"));
         }
@@ -145,10 +163,14 @@ pub fn decode(blob: &[u8]) -> Result<Vec<Rule>, BlobError> {
         rules.push(rule);
     }
     if at != payload.len() {
-        return Err(BlobError::TrailingBytes { count: payload.len() - at });
+        return Err(BlobError::TrailingBytes {
+            count: payload.len() - at,
+        });
     }
     if blob.len() > needed {
-        return Err(BlobError::TrailingBytes { count: blob.len() - needed });
+        return Err(BlobError::TrailingBytes {
+            count: blob.len() - needed,
+        });
     }
     Ok(rules)
 }

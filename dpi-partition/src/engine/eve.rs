@@ -35,48 +35,117 @@ const CLASSTYPES: &[(&str, &str, u32)] = &[
     ("bad-unknown", "Potentially Bad Traffic", 2),
     ("attempted-recon", "Attempted Information Leak", 2),
     ("successful-recon-limited", "Information Leak", 2),
-    ("successful-recon-largescale", "Large Scale Information Leak", 2),
+    (
+        "successful-recon-largescale",
+        "Large Scale Information Leak",
+        2,
+    ),
     ("attempted-dos", "Attempted Denial of Service", 2),
     ("successful-dos", "Denial of Service", 2),
     ("attempted-user", "Attempted User Privilege Gain", 1),
     ("unsuccessful-user", "Unsuccessful User Privilege Gain", 1),
     ("successful-user", "Successful User Privilege Gain", 1),
-    ("attempted-admin", "Attempted Administrator Privilege Gain", 1),
-    ("successful-admin", "Successful Administrator Privilege Gain", 1),
+    (
+        "attempted-admin",
+        "Attempted Administrator Privilege Gain",
+        1,
+    ),
+    (
+        "successful-admin",
+        "Successful Administrator Privilege Gain",
+        1,
+    ),
     ("rpc-portmap-decode", "Decode of an RPC Query", 2),
     ("shellcode-detect", "Executable code was detected", 1),
     ("string-detect", "A suspicious string was detected", 3),
-    ("suspicious-filename-detect", "A suspicious filename was detected", 2),
-    ("suspicious-login", "An attempted login using a suspicious username was detected", 2),
+    (
+        "suspicious-filename-detect",
+        "A suspicious filename was detected",
+        2,
+    ),
+    (
+        "suspicious-login",
+        "An attempted login using a suspicious username was detected",
+        2,
+    ),
     ("system-call-detect", "A system call was detected", 2),
     ("tcp-connection", "A TCP connection was detected", 4),
     ("trojan-activity", "A Network Trojan was detected", 1),
-    ("unusual-client-port-connection", "A client was using an unusual port", 2),
+    (
+        "unusual-client-port-connection",
+        "A client was using an unusual port",
+        2,
+    ),
     ("network-scan", "Detection of a Network Scan", 3),
-    ("denial-of-service", "Detection of a Denial of Service Attack", 2),
-    ("non-standard-protocol", "Detection of a non-standard protocol or event", 2),
-    ("protocol-command-decode", "Generic Protocol Command Decode", 3),
-    ("web-application-activity", "access to a potentially vulnerable web application", 2),
+    (
+        "denial-of-service",
+        "Detection of a Denial of Service Attack",
+        2,
+    ),
+    (
+        "non-standard-protocol",
+        "Detection of a non-standard protocol or event",
+        2,
+    ),
+    (
+        "protocol-command-decode",
+        "Generic Protocol Command Decode",
+        3,
+    ),
+    (
+        "web-application-activity",
+        "access to a potentially vulnerable web application",
+        2,
+    ),
     ("web-application-attack", "Web Application Attack", 1),
     ("misc-activity", "Misc activity", 3),
     ("misc-attack", "Misc Attack", 2),
     ("icmp-event", "Generic ICMP event", 3),
-    ("inappropriate-content", "Inappropriate Content was Detected", 1),
-    ("policy-violation", "Potential Corporate Privacy Violation", 1),
-    ("default-login-attempt", "Attempt to login by a default username and password", 2),
-    ("sdf", "Sensitive Data was Transmitted Across the Network", 2),
-    ("file-format", "Known malicious file or file based exploit", 1),
-    ("malware-cnc", "Known malware command and control traffic", 1),
-    ("client-side-exploit", "Known client side exploit attempt", 1),
+    (
+        "inappropriate-content",
+        "Inappropriate Content was Detected",
+        1,
+    ),
+    (
+        "policy-violation",
+        "Potential Corporate Privacy Violation",
+        1,
+    ),
+    (
+        "default-login-attempt",
+        "Attempt to login by a default username and password",
+        2,
+    ),
+    (
+        "sdf",
+        "Sensitive Data was Transmitted Across the Network",
+        2,
+    ),
+    (
+        "file-format",
+        "Known malicious file or file based exploit",
+        1,
+    ),
+    (
+        "malware-cnc",
+        "Known malware command and control traffic",
+        1,
+    ),
+    (
+        "client-side-exploit",
+        "Known client side exploit attempt",
+        1,
+    ),
 ];
 
 /// (category, severity) of a rule: the classtype's description and priority, overridden by
 /// `priority`; unknown or missing classtype: the classtype name (or empty) and severity 3.
 pub fn category_and_severity(rule: &Rule) -> (&str, u32) {
     let (cat, prio) = match rule.classtype.as_deref() {
-        Some(c) => {
-            CLASSTYPES.iter().find(|x| x.0 == c).map_or((c, 3), |&(_, text, p)| (text, p))
-        }
+        Some(c) => CLASSTYPES
+            .iter()
+            .find(|x| x.0 == c)
+            .map_or((c, 3), |&(_, text, p)| (text, p)),
         None => ("", 3),
     };
     (cat, rule.priority.unwrap_or(prio))
@@ -160,13 +229,29 @@ pub fn write_eve(w: &mut dyn Write, a: &Alert<'_>) -> fmt::Result {
         None => write!(w, "\"proto\":\"{}\",", a.proto)?,
     }
     write!(w, "\"direction\":\"{}\",", a.dir.name())?;
-    let action = if a.rule.action == Action::Drop { "blocked" } else { "allowed" };
-    write!(w, "\"alert\":{{\"action\":\"{action}\",\"gid\":{},", a.rule.gid)?;
-    write!(w, "\"signature_id\":{},\"rev\":{},\"signature\":", a.rule.sid, a.rule.rev)?;
+    let action = if a.rule.action == Action::Drop {
+        "blocked"
+    } else {
+        "allowed"
+    };
+    write!(
+        w,
+        "\"alert\":{{\"action\":\"{action}\",\"gid\":{},",
+        a.rule.gid
+    )?;
+    write!(
+        w,
+        "\"signature_id\":{},\"rev\":{},\"signature\":",
+        a.rule.sid, a.rule.rev
+    )?;
     write_json_str(w, &a.rule.msg)?;
     w.write_str(",\"category\":")?;
     write_json_str(w, category)?;
-    write!(w, ",\"severity\":{severity},\"suppressed\":{}}}}}", a.suppressed)
+    write!(
+        w,
+        ",\"severity\":{severity},\"suppressed\":{}}}}}",
+        a.suppressed
+    )
 }
 
 /// Per-rule rate limiter: at most `max_per_sec` alerts per rule per second; the rest are counted
@@ -209,7 +294,11 @@ pub struct MgmtWriter<W: Write> {
 impl<W: Write> MgmtWriter<W> {
     /// A writer with the default excerpt bound.
     pub fn new(out: W) -> Self {
-        MgmtWriter { out, excerpt: DEFAULT_EXCERPT, write_errors: 0 }
+        MgmtWriter {
+            out,
+            excerpt: DEFAULT_EXCERPT,
+            write_errors: 0,
+        }
     }
 }
 
@@ -227,7 +316,13 @@ impl<W: Write> AlertSink for MgmtWriter<W> {
 
     fn dropped(&mut self, frame: &[u8], dir: Direction, ts: Timestamp) {
         let r = (|| {
-            write!(self.out, "{PCAP_PREFIX}{} {} {} ", ts.0, dir.name(), frame.len())?;
+            write!(
+                self.out,
+                "{PCAP_PREFIX}{} {} {} ",
+                ts.0,
+                dir.name(),
+                frame.len()
+            )?;
             for b in &frame[..frame.len().min(self.excerpt)] {
                 write!(self.out, "{b:02x}")?;
             }
@@ -254,7 +349,9 @@ impl fmt::Display for MgmtError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MgmtError::BadPcapField(n) => write!(f, "ALLY pcap line: missing or bad {n}"),
-            MgmtError::BadHex => f.write_str("ALLY pcap line: excerpt is not an even-length hex string"),
+            MgmtError::BadHex => {
+                f.write_str("ALLY pcap line: excerpt is not an even-length hex string")
+            }
             MgmtError::BadEve => f.write_str("ALLY eve line: payload is not a JSON object"),
         }
     }
@@ -291,17 +388,25 @@ pub fn parse_mgmt_line(line: &str) -> Result<MgmtLine<'_>, MgmtError> {
         }
         return Ok(MgmtLine::Eve(json));
     }
-    let Some(i) = line.find(PCAP_PREFIX) else { return Ok(MgmtLine::Other) };
+    let Some(i) = line.find(PCAP_PREFIX) else {
+        return Ok(MgmtLine::Other);
+    };
     let mut f = line[i + PCAP_PREFIX.len()..].split_ascii_whitespace();
-    let ts_us = f.next().and_then(|x| x.parse().ok()).ok_or(MgmtError::BadPcapField("timestamp"))?;
+    let ts_us = f
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or(MgmtError::BadPcapField("timestamp"))?;
     let dir = match f.next() {
         Some("to_wire") => Direction::ToWire,
         Some("from_wire") => Direction::FromWire,
         _ => return Err(MgmtError::BadPcapField("direction")),
     };
-    let orig_len = f.next().and_then(|x| x.parse().ok()).ok_or(MgmtError::BadPcapField("length"))?;
+    let orig_len = f
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or(MgmtError::BadPcapField("length"))?;
     let hex = f.next().unwrap_or("");
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(MgmtError::BadHex);
     }
     let mut data = Vec::with_capacity(hex.len() / 2);
@@ -312,5 +417,10 @@ pub fn parse_mgmt_line(line: &str) -> Result<MgmtLine<'_>, MgmtError> {
     if f.next().is_some() {
         return Err(MgmtError::BadPcapField("end of line"));
     }
-    Ok(MgmtLine::Pcap { ts_us, dir, orig_len, data })
+    Ok(MgmtLine::Pcap {
+        ts_us,
+        dir,
+        orig_len,
+        data,
+    })
 }

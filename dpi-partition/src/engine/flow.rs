@@ -120,7 +120,12 @@ impl FlowTable {
     /// Creates an empty table.
     pub fn new(cfg: FlowConfig) -> FlowTable {
         let cap = cfg.capacity.max(PROBE).next_power_of_two();
-        FlowTable { slots: alloc::vec![None; cap], mask: cap - 1, cfg, stats: FlowStats::default() }
+        FlowTable {
+            slots: alloc::vec![None; cap],
+            mask: cap - 1,
+            cfg,
+            stats: FlowStats::default(),
+        }
     }
 
     /// Bytes of the slot array.
@@ -186,7 +191,11 @@ impl FlowTable {
     /// Updates the table with `pkt` (TCP and UDP only) and returns the packet's flow position.
     pub fn track(&mut self, pkt: &Packet<'_>, now: u64) -> Option<FlowInfo> {
         let (flags, sport, dport) = match pkt.l4 {
-            L4::Tcp { sport, dport, flags } => (Some(flags), sport, dport),
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => (Some(flags), sport, dport),
             L4::Udp { sport, dport } => (None, sport, dport),
             _ => return None,
         };
@@ -212,7 +221,10 @@ impl FlowTable {
                     if !to_server {
                         e.state = State::Established;
                     }
-                    FlowInfo { to_server, established: e.state == State::Established }
+                    FlowInfo {
+                        to_server,
+                        established: e.state == State::Established,
+                    }
                 }
                 None => {
                     let e = Entry {
@@ -223,7 +235,10 @@ impl FlowTable {
                         last_seen: now,
                     };
                     self.insert(start, e, now);
-                    FlowInfo { to_server: true, established: false }
+                    FlowInfo {
+                        to_server: true,
+                        established: false,
+                    }
                 }
             });
         };
@@ -234,7 +249,10 @@ impl FlowTable {
                 let e = self.slots[i].take()?;
                 self.stats.closed += 1;
                 self.stats.active -= 1;
-                Some(FlowInfo { to_server: e.client == me, established: e.state == State::Established })
+                Some(FlowInfo {
+                    to_server: e.client == me,
+                    established: e.state == State::Established,
+                })
             });
             if info.is_none() {
                 self.stats.midstream += 1;
@@ -251,7 +269,10 @@ impl FlowTable {
                     last_seen: now,
                 };
                 self.insert(start, e, now);
-                Some(FlowInfo { to_server: true, established: false })
+                Some(FlowInfo {
+                    to_server: true,
+                    established: false,
+                })
             }
             None => {
                 self.stats.midstream += 1;
@@ -271,7 +292,10 @@ impl FlowTable {
                         (s, _, _, _) => s,
                     };
                 }
-                Some(FlowInfo { to_server, established: e.state == State::Established })
+                Some(FlowInfo {
+                    to_server,
+                    established: e.state == State::Established,
+                })
             }
         }
     }
@@ -290,7 +314,13 @@ mod tests {
     }
 
     fn tcpf(src: &str, sp: u16, dst: &str, dp: u16, flags: u8) -> alloc::vec::Vec<u8> {
-        build::frame(src.parse().unwrap(), dst.parse().unwrap(), 6, &build::tcp(sp, dp, flags), b"")
+        build::frame(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            6,
+            &build::tcp(sp, dp, flags),
+            b"",
+        )
     }
 
     #[test]
@@ -302,21 +332,42 @@ mod tests {
         let synack = tcpf(s, 80, c, 4000, tcpflags::SYN | tcpflags::ACK);
         let ack = tcpf(c, 4000, s, 80, tcpflags::ACK);
         let data_back = tcpf(s, 80, c, 4000, tcpflags::ACK);
-        assert_eq!(t.track(&pkt(&syn), 1), Some(FlowInfo { to_server: true, established: false }));
+        assert_eq!(
+            t.track(&pkt(&syn), 1),
+            Some(FlowInfo {
+                to_server: true,
+                established: false
+            })
+        );
         assert_eq!(
             t.track(&pkt(&synack), 2),
-            Some(FlowInfo { to_server: false, established: false })
+            Some(FlowInfo {
+                to_server: false,
+                established: false
+            })
         );
-        assert_eq!(t.track(&pkt(&ack), 3), Some(FlowInfo { to_server: true, established: true }));
+        assert_eq!(
+            t.track(&pkt(&ack), 3),
+            Some(FlowInfo {
+                to_server: true,
+                established: true
+            })
+        );
         assert_eq!(
             t.track(&pkt(&data_back), 4),
-            Some(FlowInfo { to_server: false, established: true })
+            Some(FlowInfo {
+                to_server: false,
+                established: true
+            })
         );
         let rst = tcpf(s, 80, c, 4000, tcpflags::RST);
         assert!(t.track(&pkt(&rst), 5).is_some());
         assert_eq!(t.track(&pkt(&ack), 6), None);
         let st = t.stats();
-        assert_eq!((st.created, st.closed, st.midstream, st.active), (1, 1, 1, 0));
+        assert_eq!(
+            (st.created, st.closed, st.midstream, st.active),
+            (1, 1, 1, 0)
+        );
     }
 
     #[test]
@@ -329,7 +380,11 @@ mod tests {
 
     #[test]
     fn bounded_with_eviction_and_expiry() {
-        let cfg = FlowConfig { capacity: 8, established_timeout_us: 100, other_timeout_us: 50 };
+        let cfg = FlowConfig {
+            capacity: 8,
+            established_timeout_us: 100,
+            other_timeout_us: 50,
+        };
         let mut t = FlowTable::new(cfg);
         for p in 0..100u16 {
             let f = tcpf("10.0.0.1", 1000 + p, "10.0.0.2", 80, tcpflags::SYN);
@@ -362,7 +417,19 @@ mod tests {
             &build::udp(53, 5000, 0),
             b"",
         );
-        assert_eq!(t.track(&pkt(&q), 0), Some(FlowInfo { to_server: true, established: false }));
-        assert_eq!(t.track(&pkt(&r), 1), Some(FlowInfo { to_server: false, established: true }));
+        assert_eq!(
+            t.track(&pkt(&q), 0),
+            Some(FlowInfo {
+                to_server: true,
+                established: false
+            })
+        );
+        assert_eq!(
+            t.track(&pkt(&r), 1),
+            Some(FlowInfo {
+                to_server: false,
+                established: true
+            })
+        );
     }
 }

@@ -14,6 +14,7 @@
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
 //!   steps x payload length per rule and packet.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -75,7 +76,11 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
     let mut end_dollar = false;
     if !multi {
         let dollars = dollar_positions(&src);
-        let significant_end = if p.has('x') { src.trim_end().len() } else { src.len() };
+        let significant_end = if p.has('x') {
+            src.trim_end().len()
+        } else {
+            src.len()
+        };
         if p.has('E') {
             for &d in dollars.iter().rev() {
                 src.replace_range(d..d + 1, r"\z");
@@ -120,26 +125,40 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
 
 /// The last line of a multi-line parser message (the part that says what is wrong).
 fn one_line(msg: &str) -> String {
-    msg.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(msg).trim().into()
+    msg.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(msg)
+        .trim()
+        .into()
 }
 
 impl CompiledPcre {
     /// Leftmost match in `hay` starting at or after `from`: (start, end).
     fn find(&mut self, hay: &[u8], from: usize) -> Option<(usize, usize)> {
-        let anchored = if self.anchored { Anchored::Yes } else { Anchored::No };
+        let anchored = if self.anchored {
+            Anchored::Yes
+        } else {
+            Anchored::No
+        };
         if self.anchored && from > 0 {
             return None;
         }
         let full = {
             let input = Input::new(hay).range(from..).anchored(anchored);
-            self.re.search_with(&mut self.cache, &input).map(|m| (m.start(), m.end()))
+            self.re
+                .search_with(&mut self.cache, &input)
+                .map(|m| (m.start(), m.end()))
         };
         if !self.end_dollar || hay.last() != Some(&b'\n') || from >= hay.len() {
             return full;
         }
         let trimmed = &hay[..hay.len() - 1];
         let input = Input::new(trimmed).range(from..).anchored(anchored);
-        let alt = self.re.search_with(&mut self.cache, &input).map(|m| (m.start(), m.end()));
+        let alt = self
+            .re
+            .search_with(&mut self.cache, &input)
+            .map(|m| (m.start(), m.end()));
         match (full, alt) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
@@ -153,7 +172,7 @@ pub struct CompiledContent {
     /// Pattern; lower-cased when `nocase`.
     pat: Vec<u8>,
     /// Exact-case finder; `None` for `nocase` (searched by [`find_nocase`]).
-    finder: Option<memmem::Finder<'static>>,
+    finder: Option<Box<memmem::Finder<'static>>>,
     negated: bool,
     relative: bool,
     offset: u32,
@@ -164,9 +183,12 @@ pub struct CompiledContent {
 
 impl CompiledContent {
     fn new(c: &Content) -> CompiledContent {
-        let pat: Vec<u8> =
-            if c.nocase { c.pattern.to_ascii_lowercase() } else { c.pattern.clone() };
-        let finder = (!c.nocase).then(|| memmem::Finder::new(&pat).into_owned());
+        let pat: Vec<u8> = if c.nocase {
+            c.pattern.to_ascii_lowercase()
+        } else {
+            c.pattern.clone()
+        };
+        let finder = (!c.nocase).then(|| Box::new(memmem::Finder::new(&pat).into_owned()));
         CompiledContent {
             pat,
             finder,
@@ -236,8 +258,12 @@ pub fn find_nocase(hay: &[u8], pat: &[u8]) -> Option<usize> {
 #[derive(Debug)]
 enum Op {
     Content(CompiledContent),
-    Pcre(CompiledPcre),
-    IsDataAt { negated: bool, pos: u32, relative: bool },
+    Pcre(Box<CompiledPcre>),
+    IsDataAt {
+        negated: bool,
+        pos: u32,
+        relative: bool,
+    },
     Reset,
 }
 
@@ -309,10 +335,12 @@ impl Program {
         for op in &rule.ops {
             ops.push(match op {
                 PayloadOp::Content(c) => Op::Content(CompiledContent::new(c)),
-                PayloadOp::Pcre(p) => Op::Pcre(compile_pcre(p)?),
-                PayloadOp::IsDataAt(d) => {
-                    Op::IsDataAt { negated: d.negated, pos: d.pos, relative: d.relative }
-                }
+                PayloadOp::Pcre(p) => Op::Pcre(Box::new(compile_pcre(p)?)),
+                PayloadOp::IsDataAt(d) => Op::IsDataAt {
+                    negated: d.negated,
+                    pos: d.pos,
+                    relative: d.relative,
+                },
                 PayloadOp::ResetCursor => Op::Reset,
             });
         }
@@ -374,10 +402,16 @@ impl Program {
 
     fn eval(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
         let n = buf.len();
-        let Some(op) = self.ops.get(i) else { return true };
+        let Some(op) = self.ops.get(i) else {
+            return true;
+        };
         match op {
             Op::Reset => self.next(i + 1, 0, buf, memo),
-            Op::IsDataAt { negated, pos, relative } => {
+            Op::IsDataAt {
+                negated,
+                pos,
+                relative,
+            } => {
                 let at = if *relative { cursor as u64 } else { 0 } + u64::from(*pos);
                 if (at < n as u64) != *negated {
                     self.next(i + 1, cursor, buf, memo)
@@ -408,14 +442,20 @@ impl Program {
             Op::Pcre(p) => {
                 let base = if p.relative { cursor.min(n) } else { 0 };
                 if p.negated {
-                    let Op::Pcre(p) = &mut self.ops[i] else { return false };
+                    let Op::Pcre(p) = &mut self.ops[i] else {
+                        return false;
+                    };
                     let found = p.find(&buf[base..], 0).is_some();
                     return !found && self.next(i + 1, cursor, buf, memo);
                 }
                 let mut from = 0;
                 loop {
-                    let Op::Pcre(p) = &mut self.ops[i] else { return false };
-                    let Some((s, e)) = p.find(&buf[base..], from) else { return false };
+                    let Op::Pcre(p) = &mut self.ops[i] else {
+                        return false;
+                    };
+                    let Some((s, e)) = p.find(&buf[base..], from) else {
+                        return false;
+                    };
                     if self.next(i + 1, base + e, buf, memo) {
                         return true;
                     }

@@ -150,7 +150,10 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { flow: FlowConfig::default(), alerts_per_rule_per_sec: 10 }
+        EngineConfig {
+            flow: FlowConfig::default(),
+            alerts_per_rule_per_sec: 10,
+        }
     }
 }
 
@@ -293,9 +296,15 @@ impl Engine {
         let needs_flow = rules.iter().any(|r| r.flow.is_set());
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
-            let program = Program::new(&rule)
-                .map_err(|reason| EngineError::Pcre { sid: rule.sid, reason })?;
-            compiled.push(Compiled { rule, program, rate: eve::RateLimit::default() });
+            let program = Program::new(&rule).map_err(|reason| EngineError::Pcre {
+                sid: rule.sid,
+                reason,
+            })?;
+            compiled.push(Compiled {
+                rule,
+                program,
+                rate: eve::RateLimit::default(),
+            });
         }
         let mut engine = Engine {
             rules: compiled,
@@ -336,9 +345,13 @@ impl Engine {
                 if r.bidirectional || class == C_ICMP {
                     generic.push(i);
                 } else if let Some(ports) = r.dst_ports.enumerate(MAX_GROUP_PORTS) {
-                    ports.into_iter().for_each(|p| dst.entry(p).or_default().push(i));
+                    ports
+                        .into_iter()
+                        .for_each(|p| dst.entry(p).or_default().push(i));
                 } else if let Some(ports) = r.src_ports.enumerate(MAX_GROUP_PORTS) {
-                    ports.into_iter().for_each(|p| src.entry(p).or_default().push(i));
+                    ports
+                        .into_iter()
+                        .for_each(|p| src.entry(p).or_default().push(i));
                 } else {
                     generic.push(i);
                 }
@@ -380,7 +393,11 @@ impl Engine {
         }
         let pf = Prefilter::new(&lits).map_err(EngineError::Prefilter)?;
         let g = self.groups.len() as u32;
-        self.groups.push(Group { pf, lit_rule, always });
+        self.groups.push(Group {
+            pf,
+            lit_rule,
+            always,
+        });
         by_members.insert(members, g);
         Ok(g)
     }
@@ -422,9 +439,15 @@ impl Engine {
         let rules: usize = self
             .rules
             .iter()
-            .map(|c| core::mem::size_of::<Compiled>() + rule_heap(&c.rule) + c.program.memory_usage())
+            .map(|c| {
+                core::mem::size_of::<Compiled>() + rule_heap(&c.rule) + c.program.memory_usage()
+            })
             .sum();
-        let classes: usize = self.classes.iter().map(|c| (c.dst.len() + c.src.len()) * 8).sum();
+        let classes: usize = self
+            .classes
+            .iter()
+            .map(|c| (c.dst.len() + c.src.len()) * 8)
+            .sum();
         (groups + classes, rules)
     }
 
@@ -436,7 +459,9 @@ impl Engine {
     /// Runs only the prefilter stage on a frame and returns the number of candidate rules
     /// (benchmarks use this to time the prefilter alone).
     pub fn prefilter_only(&mut self, frame: &[u8]) -> usize {
-        let Decoded::Ip(pkt) = packet::decode(frame) else { return 0 };
+        let Decoded::Ip(pkt) = packet::decode(frame) else {
+            return 0;
+        };
         self.collect_candidates(&pkt);
         self.cands.len()
     }
@@ -446,12 +471,15 @@ impl Engine {
         self.rule_marks.begin(self.rules.len());
         let class = &self.classes[class_of_packet(pkt)];
         let (sp, dp) = pkt.ports();
-        let lookup = |v: &[(u16, u32)], p: u16| {
-            v.binary_search_by_key(&p, |e| e.0).ok().map(|i| v[i].1)
-        };
+        let lookup =
+            |v: &[(u16, u32)], p: u16| v.binary_search_by_key(&p, |e| e.0).ok().map(|i| v[i].1);
         // A rule sits in one kind of group only (destination-port, source-port or generic), so
         // the three scans never evaluate a rule twice; the marks make that a checked property.
-        let scan = [class.generic, lookup(&class.dst, dp), lookup(&class.src, sp)];
+        let scan = [
+            class.generic,
+            lookup(&class.dst, dp),
+            lookup(&class.src, sp),
+        ];
         for g in scan.into_iter().flatten() {
             let group = &self.groups[g as usize];
             self.lit_marks.begin(group.pf.len());
@@ -525,7 +553,11 @@ impl Inspector for Engine {
             self.stats.not_ip += 1;
             return Verdict::Pass;
         };
-        let info = if self.needs_flow { self.flows.track(&pkt, now.0) } else { None };
+        let info = if self.needs_flow {
+            self.flows.track(&pkt, now.0)
+        } else {
+            None
+        };
         if self.rules.is_empty() {
             self.stats.passed += 1;
             return Verdict::Pass;

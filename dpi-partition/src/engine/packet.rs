@@ -88,18 +88,24 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 
 /// Decodes an Ethernet frame.
 pub fn decode(frame: &[u8]) -> Decoded<'_> {
-    let Some(mut ethertype) = be16(frame, 12) else { return Decoded::NotIp };
+    let Some(mut ethertype) = be16(frame, 12) else {
+        return Decoded::NotIp;
+    };
     let mut off = ETH_HDR;
     // Up to two VLAN tags (802.1ad outer + 802.1Q inner).
     for _ in 0..2 {
         if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
             break;
         }
-        let Some(t) = be16(frame, off + 2) else { return Decoded::NotIp };
+        let Some(t) = be16(frame, off + 2) else {
+            return Decoded::NotIp;
+        };
         ethertype = t;
         off += 4;
     }
-    let Some(l3) = frame.get(off..) else { return Decoded::NotIp };
+    let Some(l3) = frame.get(off..) else {
+        return Decoded::NotIp;
+    };
     let pkt = match ethertype {
         ETHERTYPE_IPV4 => decode_v4(l3),
         ETHERTYPE_IPV6 => decode_v6(l3),
@@ -171,35 +177,72 @@ fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
 }
 
 fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: bool) -> Packet<'a> {
-    let other = Packet { src, dst, proto, l4: L4::Other, payload: body };
+    let other = Packet {
+        src,
+        dst,
+        proto,
+        l4: L4::Other,
+        payload: body,
+    };
     if later_fragment {
         return other;
     }
     match proto {
         ipproto::TCP => {
-            let (Some(sport), Some(dport)) = (be16(body, 0), be16(body, 2)) else { return other };
-            let Some(&doff) = body.get(12) else { return other };
+            let (Some(sport), Some(dport)) = (be16(body, 0), be16(body, 2)) else {
+                return other;
+            };
+            let Some(&doff) = body.get(12) else {
+                return other;
+            };
             let hl = usize::from(doff >> 4) * 4;
             if hl < 20 || hl > body.len() {
                 return other;
             }
-            Packet { src, dst, proto, l4: L4::Tcp { sport, dport, flags: body[13] }, payload: &body[hl..] }
+            Packet {
+                src,
+                dst,
+                proto,
+                l4: L4::Tcp {
+                    sport,
+                    dport,
+                    flags: body[13],
+                },
+                payload: &body[hl..],
+            }
         }
         ipproto::UDP => {
-            let (Some(sport), Some(dport), Some(ulen)) = (be16(body, 0), be16(body, 2), be16(body, 4))
+            let (Some(sport), Some(dport), Some(ulen)) =
+                (be16(body, 0), be16(body, 2), be16(body, 4))
             else {
                 return other;
             };
             // UDP length covers header + data; a shorter IP payload means a truncated datagram.
             let end = usize::from(ulen).clamp(8, body.len());
-            Packet { src, dst, proto, l4: L4::Udp { sport, dport }, payload: &body[8..end] }
+            Packet {
+                src,
+                dst,
+                proto,
+                l4: L4::Udp { sport, dport },
+                payload: &body[8..end],
+            }
         }
         ipproto::ICMP | ipproto::ICMPV6 => {
             if body.len() < 8 {
                 return other;
             }
-            let l4 = L4::Icmp { v6: proto == ipproto::ICMPV6, itype: body[0], code: body[1] };
-            Packet { src, dst, proto, l4, payload: &body[8..] }
+            let l4 = L4::Icmp {
+                v6: proto == ipproto::ICMPV6,
+                itype: body[0],
+                code: body[1],
+            };
+            Packet {
+                src,
+                dst,
+                proto,
+                l4,
+                payload: &body[8..],
+            }
         }
         _ => other,
     }
@@ -272,7 +315,13 @@ mod tests {
 
     #[test]
     fn tcp_v4_with_padding() {
-        let mut f = frame(ip("10.0.0.1"), ip("10.0.0.2"), 6, &tcp(1234, 80, 0x18), b"GET /");
+        let mut f = frame(
+            ip("10.0.0.1"),
+            ip("10.0.0.2"),
+            6,
+            &tcp(1234, 80, 0x18),
+            b"GET /",
+        );
         f.extend_from_slice(&[0; 6]); // Ethernet padding after the IP datagram
         let Decoded::Ip(p) = decode(&f) else { panic!() };
         assert_eq!(p.ports(), (1234, 80));
@@ -294,7 +343,9 @@ mod tests {
         let mut tagged = f[..12].to_vec();
         tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
         tagged.extend_from_slice(&f[12..]);
-        let Decoded::Ip(p) = decode(&tagged) else { panic!() };
+        let Decoded::Ip(p) = decode(&tagged) else {
+            panic!()
+        };
         assert_eq!(p.proto, ipproto::UDP);
         assert_eq!(p.ports(), (53, 5353));
         assert_eq!(p.payload, payload);
@@ -311,7 +362,9 @@ mod tests {
         assert!(matches!(decode(&bad_ihl), Decoded::NotIp));
         let mut bad_doff = good.clone();
         bad_doff[14 + 20 + 12] = 0xf0;
-        let Decoded::Ip(p) = decode(&bad_doff) else { panic!() };
+        let Decoded::Ip(p) = decode(&bad_doff) else {
+            panic!()
+        };
         assert_eq!(p.l4, L4::Other);
         // Pseudo-random garbage.
         let mut x = 0x1234_5678u32;
@@ -321,7 +374,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                if x % 7 == 0 {
+                if x.is_multiple_of(7) {
                     *b = x as u8;
                 }
             }

@@ -9,7 +9,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind, StartKind};
 
 /// Epoch-stamped "seen" marks: clearing is O(1) per scan.
 #[derive(Debug, Default)]
@@ -66,7 +66,11 @@ impl Prefilter {
         let lits: Vec<Lit> = literals
             .iter()
             .map(|(b, nc)| Lit {
-                bytes: if *nc { b.to_ascii_lowercase().into() } else { b.clone().into() },
+                bytes: if *nc {
+                    b.to_ascii_lowercase().into()
+                } else {
+                    b.clone().into()
+                },
                 nocase: *nc,
             })
             .collect();
@@ -85,7 +89,11 @@ impl Prefilter {
             pat_lits[p].push(i as u32);
         }
         if uniq.is_empty() {
-            return Ok(Prefilter { ac: None, lits, pat_lits });
+            return Ok(Prefilter {
+                ac: None,
+                lits,
+                pat_lits,
+            });
         }
         let mut pats: Vec<&[u8]> = alloc::vec![&[][..]; uniq.len()];
         for (k, &i) in &uniq {
@@ -96,13 +104,18 @@ impl Prefilter {
                 .ascii_case_insensitive(true)
                 .match_kind(MatchKind::Standard)
                 .kind(kind)
+                .start_kind(StartKind::Unanchored)
                 .build(&pats)
         };
         // A DFA is fastest but can exceed its size limit on huge sets; then let the crate pick.
         let ac = build(Some(AhoCorasickKind::DFA))
             .or_else(|_| build(None))
             .map_err(|e| alloc::format!("prefilter build failed: {e}"))?;
-        Ok(Prefilter { ac: Some(ac), lits, pat_lits })
+        Ok(Prefilter {
+            ac: Some(ac),
+            lits,
+            pat_lits,
+        })
     }
 
     /// Calls `hit(id)` once for every literal that occurs in `hay`. `marks` must have been
@@ -114,7 +127,7 @@ impl Prefilter {
             for &id in &self.pat_lits[m.pattern().as_usize()] {
                 let id = id as usize;
                 let lit = &self.lits[id];
-                if !lit.nocase && &hay[m.start()..m.end()] != &*lit.bytes {
+                if !lit.nocase && hay[m.start()..m.end()] != *lit.bytes {
                     continue;
                 }
                 if marks.first(id) {
@@ -137,8 +150,16 @@ impl Prefilter {
     /// Heap bytes used by the automaton and the literal tables.
     pub fn memory_usage(&self) -> usize {
         self.ac.as_ref().map_or(0, AhoCorasick::memory_usage)
-            + self.lits.iter().map(|l| l.bytes.len() + core::mem::size_of::<Lit>()).sum::<usize>()
-            + self.pat_lits.iter().map(|v| v.len() * 4 + core::mem::size_of::<Vec<u32>>()).sum::<usize>()
+            + self
+                .lits
+                .iter()
+                .map(|l| l.bytes.len() + core::mem::size_of::<Lit>())
+                .sum::<usize>()
+            + self
+                .pat_lits
+                .iter()
+                .map(|v| v.len() * 4 + core::mem::size_of::<Vec<u32>>())
+                .sum::<usize>()
     }
 }
 

@@ -40,7 +40,11 @@ pub enum RuleError {
     /// The line is not `header ( options )`.
     Syntax(String),
     /// A header field is wrong (`field` is action/protocol/address/port/direction).
-    Header { field: &'static str, value: String, reason: String },
+    Header {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
     /// `$NAME` is not defined.
     UndefinedVar(String),
     /// Options outside the supported subset (each listed once, in rule order).
@@ -58,7 +62,9 @@ impl RuleError {
         match self {
             RuleError::Unsupported(opts) => opts.clone(),
             RuleError::Syntax(_) => alloc::vec!["(syntax)".into()],
-            RuleError::Header { field, value, .. } => alloc::vec![format!("(header {field} {value})")],
+            RuleError::Header { field, value, .. } => {
+                alloc::vec![format!("(header {field} {value})")]
+            }
             RuleError::UndefinedVar(v) => alloc::vec![format!("(undefined ${v})")],
             RuleError::BadOption { option, .. } => alloc::vec![format!("(bad {option})")],
             RuleError::MissingSid => alloc::vec!["(no sid)".into()],
@@ -70,7 +76,11 @@ impl fmt::Display for RuleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RuleError::Syntax(m) => write!(f, "syntax: {m}"),
-            RuleError::Header { field, value, reason } => {
+            RuleError::Header {
+                field,
+                value,
+                reason,
+            } => {
                 write!(f, "header {field} `{value}`: {reason}")
             }
             RuleError::UndefinedVar(v) => write!(f, "undefined variable ${v}"),
@@ -82,7 +92,10 @@ impl fmt::Display for RuleError {
 }
 
 fn bad(option: &str, reason: impl Into<String>) -> RuleError {
-    RuleError::BadOption { option: option.to_string(), reason: reason.into() }
+    RuleError::BadOption {
+        option: option.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Rule action.
@@ -357,10 +370,15 @@ impl Rule {
             }
         };
         let bytes = match chosen.fp_slice {
-            Some((off, len)) => &chosen.pattern[usize::from(off)..usize::from(off) + usize::from(len)],
+            Some((off, len)) => {
+                &chosen.pattern[usize::from(off)..usize::from(off) + usize::from(len)]
+            }
             None => &chosen.pattern[..],
         };
-        Some(FastPattern { bytes, nocase: chosen.nocase })
+        Some(FastPattern {
+            bytes,
+            nocase: chosen.nocase,
+        })
     }
 
     /// Whether any step uses the cursor left by an earlier step.
@@ -397,7 +415,9 @@ fn split_options(body: &str) -> Result<Vec<&str>, RuleError> {
         i += 1;
     }
     if in_q {
-        return Err(RuleError::Syntax("unterminated quoted string in options".into()));
+        return Err(RuleError::Syntax(
+            "unterminated quoted string in options".into(),
+        ));
     }
     let tail = body.get(start..).unwrap_or("").trim();
     if !tail.is_empty() {
@@ -490,7 +510,9 @@ pub fn decode_content(raw: &str) -> Result<Vec<u8>, RuleError> {
             match c {
                 b'|' => in_hex = true,
                 b'\\' => {
-                    let n = *b.get(i + 1).ok_or_else(|| bad("content", "trailing backslash"))?;
+                    let n = *b
+                        .get(i + 1)
+                        .ok_or_else(|| bad("content", "trailing backslash"))?;
                     if !matches!(n, b'"' | b'\\' | b';' | b':' | b'|') {
                         return Err(bad("content", format!("bad escape `\\{}`", n as char)));
                     }
@@ -530,17 +552,24 @@ fn unescape_text(raw: &str) -> String {
 }
 
 fn num<T: core::str::FromStr>(option: &str, v: &str) -> Result<T, RuleError> {
-    v.trim().parse::<T>().map_err(|_| bad(option, format!("`{}` is not a valid number", v.trim())))
+    v.trim()
+        .parse::<T>()
+        .map_err(|_| bad(option, format!("`{}` is not a valid number", v.trim())))
 }
 
 const MAX_VAR_DEPTH: u32 = 16;
 
 fn var_value<'v>(vars: &'v Vars, name: &str) -> Result<&'v str, RuleError> {
-    vars.get(name).ok_or_else(|| RuleError::UndefinedVar(name.to_string()))
+    vars.get(name)
+        .ok_or_else(|| RuleError::UndefinedVar(name.to_string()))
 }
 
 fn header_err(field: &'static str, value: &str, reason: &str) -> RuleError {
-    RuleError::Header { field, value: value.to_string(), reason: reason.to_string() }
+    RuleError::Header {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Parses an address field.
@@ -550,7 +579,11 @@ pub fn parse_addr(s: &str, vars: &Vars) -> Result<AddrSet, RuleError> {
 
 fn parse_addr_d(s: &str, vars: &Vars, depth: u32) -> Result<AddrSet, RuleError> {
     if depth > MAX_VAR_DEPTH {
-        return Err(header_err("address", s, "variables nest too deeply (loop?)"));
+        return Err(header_err(
+            "address",
+            s,
+            "variables nest too deeply (loop?)",
+        ));
     }
     if let Some(rest) = s.strip_prefix('!') {
         let inner = parse_addr_d(rest.trim(), vars, depth)?;
@@ -616,9 +649,14 @@ fn parse_ports_d(s: &str, vars: &Vars, depth: u32) -> Result<PortSet, RuleError>
     }
     let port = |p: &str| -> Result<u16, RuleError> {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(header_err("port", s, "not a port number, range, list, `any` or $VAR"));
+            return Err(header_err(
+                "port",
+                s,
+                "not a port number, range, list, `any` or $VAR",
+            ));
         }
-        p.parse::<u16>().map_err(|_| header_err("port", s, "port above 65535"))
+        p.parse::<u16>()
+            .map_err(|_| header_err("port", s, "port above 65535"))
     };
     match s.split_once(':') {
         Some((a, b)) => {
@@ -641,9 +679,28 @@ fn parse_ports_d(s: &str, vars: &Vars, depth: u32) -> Result<PortSet, RuleError>
 
 /// Options that are parsed and kept or evaluated.
 const KNOWN: &[&str] = &[
-    "msg", "sid", "rev", "gid", "classtype", "priority", "metadata", "reference", "service",
-    "content", "nocase", "offset", "depth", "distance", "within", "fast_pattern", "pcre", "dsize",
-    "flow", "isdataat", "pkt_data", "raw_data",
+    "msg",
+    "sid",
+    "rev",
+    "gid",
+    "classtype",
+    "priority",
+    "metadata",
+    "reference",
+    "service",
+    "content",
+    "nocase",
+    "offset",
+    "depth",
+    "distance",
+    "within",
+    "fast_pattern",
+    "pcre",
+    "dsize",
+    "flow",
+    "isdataat",
+    "pkt_data",
+    "raw_data",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -685,7 +742,9 @@ pub fn sniff_sid(line: &str) -> Option<u32> {
 /// Parses one rule.
 pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
     let line = line.trim();
-    let open = line.find('(').ok_or_else(|| RuleError::Syntax("no `(` option list".into()))?;
+    let open = line
+        .find('(')
+        .ok_or_else(|| RuleError::Syntax("no `(` option list".into()))?;
     let close = line.rfind(')').filter(|&c| c > open);
     let close = close.ok_or_else(|| RuleError::Syntax("no closing `)`".into()))?;
     if !line[close + 1..].trim().is_empty() {
@@ -698,7 +757,13 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         Some("alert") => Action::Alert,
         Some("drop") => Action::Drop,
         Some("pass") => Action::Pass,
-        Some(a) => return Err(header_err("action", a, "only alert, drop and pass are supported")),
+        Some(a) => {
+            return Err(header_err(
+                "action",
+                a,
+                "only alert, drop and pass are supported",
+            ))
+        }
         None => return Err(RuleError::Syntax("empty header".into())),
     };
     let proto = match header.get(1).copied() {
@@ -706,7 +771,13 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         Some("tcp") => Proto::Tcp,
         Some("udp") => Proto::Udp,
         Some("icmp") => Proto::Icmp,
-        Some(p) => return Err(header_err("protocol", p, "only ip, tcp, udp and icmp are supported")),
+        Some(p) => {
+            return Err(header_err(
+                "protocol",
+                p,
+                "only ip, tcp, udp and icmp are supported",
+            ))
+        }
         None => return Err(RuleError::Syntax("header has no protocol".into())),
     };
     if header.len() != 7 {
@@ -727,7 +798,11 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
     if matches!(proto, Proto::Ip | Proto::Icmp)
         && (src_ports != PortSet::Any || dst_ports != PortSet::Any)
     {
-        return Err(header_err("port", header[3], "ip and icmp rules take `any` ports"));
+        return Err(header_err(
+            "port",
+            header[3],
+            "ip and icmp rules take `any` ports",
+        ));
     }
 
     let mut rule = Rule {
@@ -783,12 +858,16 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             "priority" => rule.priority = Some(num(name, need(name, value)?)?),
             "metadata" => rule.metadata.push(need(name, value)?.to_string()),
             "reference" => rule.references.push(need(name, value)?.to_string()),
-            "service" => {
-                rule.services.extend(need(name, value)?.split(',').map(|s| s.trim().to_string()))
-            }
+            "service" => rule
+                .services
+                .extend(need(name, value)?.split(',').map(|s| s.trim().to_string())),
             "content" => {
                 let (negated, raw, rest) = quoted(name, need(name, value)?)?;
-                let mut c = Content { pattern: decode_content(&raw)?, negated, ..Content::default() };
+                let mut c = Content {
+                    pattern: decode_content(&raw)?,
+                    negated,
+                    ..Content::default()
+                };
                 let rest = rest.trim();
                 if !rest.is_empty() {
                     let Some(mods) = rest.strip_prefix(',') else {
@@ -841,7 +920,9 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             }
             "dsize" => rule.dsize = Some(parse_dsize(need(name, value)?)?),
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
-            "isdataat" => rule.ops.push(PayloadOp::IsDataAt(parse_isdataat(need(name, value)?)?)),
+            "isdataat" => rule
+                .ops
+                .push(PayloadOp::IsDataAt(parse_isdataat(need(name, value)?)?)),
             "pkt_data" | "raw_data" => {
                 if value.is_some() {
                     return Err(bad(name, "takes no value"));
@@ -911,21 +992,35 @@ fn apply_modifier(c: &mut Content, k: &str, v: Option<&str>) -> Result<(), RuleE
             let l = num(k, need()?)?;
             c.fp_slice = Some((c.fp_slice.map_or(0, |s| s.0), l));
         }
-        _ => return Err(RuleError::Unsupported(alloc::vec![format!("content modifier {k}")])),
+        _ => {
+            return Err(RuleError::Unsupported(alloc::vec![format!(
+                "content modifier {k}"
+            )]))
+        }
     }
     Ok(())
 }
 
 fn parse_pcre(raw: &str, negated: bool) -> Result<Pcre, RuleError> {
-    let body = raw.strip_prefix('/').ok_or_else(|| bad("pcre", "must be /pattern/flags"))?;
-    let end = body.rfind('/').ok_or_else(|| bad("pcre", "no closing `/`"))?;
+    let body = raw
+        .strip_prefix('/')
+        .ok_or_else(|| bad("pcre", "must be /pattern/flags"))?;
+    let end = body
+        .rfind('/')
+        .ok_or_else(|| bad("pcre", "no closing `/`"))?;
     let (source, flags) = (&body[..end], &body[end + 1..]);
     for f in flags.chars() {
         if !"ismxRAGEBO".contains(f) {
-            return Err(RuleError::Unsupported(alloc::vec![format!("pcre flag {f}")]));
+            return Err(RuleError::Unsupported(alloc::vec![format!(
+                "pcre flag {f}"
+            )]));
         }
     }
-    Ok(Pcre { source: source.to_string(), negated, flags: flags.to_string() })
+    Ok(Pcre {
+        source: source.to_string(),
+        negated,
+        flags: flags.to_string(),
+    })
 }
 
 fn parse_dsize(v: &str) -> Result<Dsize, RuleError> {
@@ -988,7 +1083,11 @@ fn parse_isdataat(v: &str) -> Result<IsDataAt, RuleError> {
         Some(r) => (true, r.trim()),
         None => (false, first),
     };
-    let mut d = IsDataAt { negated, pos: num("isdataat", n)?, relative: false };
+    let mut d = IsDataAt {
+        negated,
+        pos: num("isdataat", n)?,
+        relative: false,
+    };
     for p in parts {
         match p {
             "relative" => d.relative = true,
@@ -1169,7 +1268,11 @@ impl fmt::Display for Rule {
         if !self.services.is_empty() {
             write!(f, " service:{};", self.services.join(","))?;
         }
-        write!(f, " gid:{}; sid:{}; rev:{}; )", self.gid, self.sid, self.rev)
+        write!(
+            f,
+            " gid:{}; sid:{}; rev:{}; )",
+            self.gid, self.sid, self.rev
+        )
     }
 }
 
@@ -1238,7 +1341,11 @@ pub fn parse_rules(text: &str, vars: &Vars) -> ParsedRules {
                     });
                 }
             }
-            Err(error) => out.rejected.push(Rejected { line, sid: sniff_sid(&rule_text), error }),
+            Err(error) => out.rejected.push(Rejected {
+                line,
+                sid: sniff_sid(&rule_text),
+                error,
+            }),
         }
     }
     out

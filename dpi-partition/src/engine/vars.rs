@@ -118,15 +118,24 @@ impl Vars {
                 let mut parts = line.splitn(3, char::is_whitespace);
                 let kw = parts.next().unwrap_or("");
                 let (Some(n), Some(v)) = (parts.next(), parts.next()) else {
-                    return Err(VarsError::BadLine { line: line_no, text: raw.to_string() });
+                    return Err(VarsError::BadLine {
+                        line: line_no,
+                        text: raw.to_string(),
+                    });
                 };
                 if !matches!(kw, "ipvar" | "portvar" | "var") {
-                    return Err(VarsError::BadLine { line: line_no, text: raw.to_string() });
+                    return Err(VarsError::BadLine {
+                        line: line_no,
+                        text: raw.to_string(),
+                    });
                 }
                 (n.trim(), v.trim().to_string())
             };
             if !valid_name(name) {
-                return Err(VarsError::BadName { line: line_no, name: name.to_string() });
+                return Err(VarsError::BadName {
+                    line: line_no,
+                    name: name.to_string(),
+                });
             }
             self.map.insert(name.to_string(), value);
         }
@@ -168,7 +177,13 @@ mod tests {
     #[test]
     fn errors_name_line() {
         let e = Vars::new().parse_into("\nfoo bar\n").unwrap_err();
-        assert_eq!(e, VarsError::BadLine { line: 2, text: "foo bar".into() });
+        assert_eq!(
+            e,
+            VarsError::BadLine {
+                line: 2,
+                text: "foo bar".into()
+            }
+        );
         let e = Vars::new().parse_into("ipvar BAD-NAME any").unwrap_err();
         assert!(e.to_string().contains("BAD-NAME"));
     }
