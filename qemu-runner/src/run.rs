@@ -209,6 +209,24 @@ pub struct RunResult {
     pub emulator_panics: Vec<String>,
     /// The judgement: the outcome plus the mode's checks.
     pub checks: Vec<Check>,
+    /// The last lines of the guest console and of Ally's log, shown when a run fails.
+    pub com1_tail: Vec<String>,
+    pub com2_tail: Vec<String>,
+}
+
+/// How many trailing log lines a failed run shows.
+const TAIL_LINES: usize = 30;
+
+fn tail(text: &str, n: usize) -> Vec<String> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 impl RunResult {
@@ -247,6 +265,18 @@ impl fmt::Display for RunResult {
             writeln!(f, "Ally lines (COM2):")?;
             for l in &self.ally.lines {
                 writeln!(f, "  {}", l.line)?;
+            }
+        }
+        if !self.passed() {
+            writeln!(f, "last lines of the guest console (COM1):")?;
+            for l in &self.com1_tail {
+                writeln!(f, "  | {l}")?;
+            }
+            if self.mode == Mode::Ally {
+                writeln!(f, "last lines of Ally's log (COM2):")?;
+                for l in &self.com2_tail {
+                    writeln!(f, "  | {l}")?;
+                }
             }
         }
         writeln!(f, "checks:")?;
@@ -497,6 +527,8 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         },
         emulator_panics,
         checks: all_checks,
+        com1_tail: tail(&com1, TAIL_LINES),
+        com2_tail: tail(&com2, TAIL_LINES),
     })
 }
 
@@ -637,6 +669,13 @@ mod tests {
         );
         let mut w = watcher(Mode::Baseline);
         assert_eq!(w.poll(S(1800), "", "", None), Watch::Stop(Outcome::Timeout));
+    }
+
+    #[test]
+    fn tail_keeps_last_non_empty_lines() {
+        assert_eq!(tail("a\r\n\r\nb\r\nc\n", 2), ["b", "c"]);
+        assert_eq!(tail("a\n", 5), ["a"]);
+        assert!(tail("", 5).is_empty());
     }
 
     #[test]
