@@ -5,12 +5,13 @@ use crate::relocate;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
 use ally_hypervisor::arch::descriptors::CpuTables;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
-use ally_hypervisor::arch::vmx::platform::{self, Canary, Platform};
+use ally_hypervisor::acpi;
+use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platform};
 use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
 use ally_hypervisor::arch::vmx::vcpu::{intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages};
 use ally_hypervisor::arch::vmx::{exits, launch};
 use ally_hypervisor::arch::{instructions, logger, serial::COM2_BASE};
-use ally_hypervisor::cmdline::AllyOptions;
+use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
@@ -28,7 +29,8 @@ const FRAME_POOL_SIZE: u64 = 8 * 1024 * 1024;
 pub enum StartError {
     NotMultiboot2(u32),
     BadBootInfo,
-    Options(heapless::String<160>),
+    Options(CmdlineError<'static>),
+    CommandLineTooLong,
     NoMemoryMap,
     MemoryMap(MemMapError),
     Paging(PagingError),
@@ -43,7 +45,8 @@ impl fmt::Display for StartError {
         match self {
             Self::NotMultiboot2(m) => write!(f, "not started by a multiboot2 loader (EAX={m:#x}); boot Ally with GRUB's `multiboot2`"),
             Self::BadBootInfo => write!(f, "the multiboot2 boot information is malformed"),
-            Self::Options(msg) => write!(f, "bad command line: {msg}"),
+            Self::Options(e) => write!(f, "bad command line: {e}"),
+            Self::CommandLineTooLong => write!(f, "the command line is longer than {} bytes", COMMAND_LINE_MAX - 1),
             Self::NoMemoryMap => write!(f, "the boot loader passed no memory map"),
             Self::MemoryMap(e) => write!(f, "memory map: {e}"),
             Self::Paging(e) => write!(f, "page tables: {e}"),
@@ -71,6 +74,8 @@ impl From<VmxError> for StartError {
     }
 }
 
+const COMMAND_LINE_MAX: usize = 1024;
+static COMMAND_LINE: spin::Once<heapless::String<COMMAND_LINE_MAX>> = spin::Once::new();
 static mut BSP_TABLES: CpuTables = CpuTables::new();
 static mut BSP_VCPU: Option<Vcpu> = None;
 const EXIT_STACK_SIZE: usize = 64 * 1024;
@@ -88,12 +93,21 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         .map_err(|_| StartError::BadBootInfo)?;
 
     let cmdline = boot_info.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    // Keep a copy that outlives the boot information, for error messages that quote it.
+    let cmdline: &'static str = COMMAND_LINE.call_once(|| {
+        let mut copy = heapless::String::new();
+        for c in cmdline.chars() {
+            if copy.push(c).is_err() {
+                break;
+            }
+        }
+        copy
+    });
+    if cmdline.len() >= COMMAND_LINE_MAX {
+        return Err(StartError::CommandLineTooLong);
+    }
     info!("command line: \"{cmdline}\"");
-    let options = AllyOptions::parse(cmdline).map_err(|e| {
-        let mut msg = heapless::String::new();
-        let _ = fmt::write(&mut msg, format_args!("{e}"));
-        StartError::Options(msg)
-    })?;
+    let options = AllyOptions::parse(cmdline).map_err(StartError::Options)?;
     log::set_max_level(options.log);
 
     let firmware_map = MemoryMap::from_entries(
@@ -158,6 +172,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         "VMX: revision {:#x}, secondary controls {:#x}, EPT/VPID caps {:#x}",
         caps.vmcs_revision, caps.secondary, caps.ept_vpid_cap
     );
+    log::debug!(
+        "VMX fixed bits: CR0 {:#x}/{:#x}, CR4 {:#x}/{:#x}",
+        caps.cr0_fixed0, caps.cr0_fixed1, caps.cr4_fixed0, caps.cr4_fixed1
+    );
 
     // The guest's view: real-mode stubs in stolen conventional memory, filtered map, EPT.
     // SAFETY: the IVT and BDA are identity-mapped and no guest runs yet.
@@ -169,10 +187,18 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         info!("guest map: {region}");
     }
 
+    let pm1_control_ports = power_control_ports(identity_limit);
+
     let mut ept = Ept::new(&mut frames)?;
     map_guest_physical(&mut ept, &mut frames, &firmware_map, region, identity_limit)?;
 
-    let canary_range = PhysRange { start: region.start, end: region.start + 2 * PAGE_SIZE };
+    // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
+    // that a leak of its contents would be recognisable, and guard it with the image head.
+    let dpi_memory = PhysRange { start: heap_start + options.heap, end: region.end };
+    // SAFETY: DPI memory is identity-mapped, 8-byte aligned and used by nothing yet.
+    unsafe { poison(dpi_memory) };
+    info!("ALLY dpi-memory base={:#x} size={:#x} poison={:#x}", dpi_memory.start, dpi_memory.len(), POISON);
+    let image_head = PhysRange { start: region.start, end: region.start + 2 * PAGE_SIZE };
     let mut hidden = heapless::Vec::new();
     let _ = hidden.push(region);
     let platform = platform::install(Platform {
@@ -180,9 +206,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         hidden,
         identity_limit,
         realmode: stub,
-        pm1_control_ports: [None, None],
-        // SAFETY: the canary range is the start of Ally's identity-mapped region.
-        canary: Canary { range: canary_range, checksum: unsafe { platform::checksum(canary_range) } },
+        pm1_control_ports,
+        // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
+        canary: unsafe { Canary::new([image_head, dpi_memory]) },
     });
 
     // The boot CPU's vCPU.
@@ -297,4 +323,38 @@ fn map_guest_physical(
         addr = large.end;
     }
     Ok(())
+}
+
+/// The ACPI PM1a/PM1b control ports from the FADT, which Ally intercepts to report the guest's
+/// power-off. Without ACPI Ally still runs, but cannot report at power-off.
+fn power_control_ports(identity_limit: u64) -> [Option<u16>; 2] {
+    let memory = IdentityMemory { limit: identity_limit };
+    let ports = acpi::find_rsdp(&memory)
+        .and_then(|rsdp| acpi::find_table(&memory, &rsdp, b"FACP"))
+        .and_then(|fadt| acpi::fadt_sleep_control(&memory, &fadt))
+        .map(|control| control.pm1_io_ports());
+    match ports {
+        Ok(ports) => {
+            info!("ACPI PM1 control ports: {ports:x?}");
+            ports
+        }
+        Err(e) => {
+            log::warn!("no ACPI power-off port ({e}); Ally will not report at guest power-off");
+            [None, None]
+        }
+    }
+}
+
+/// The word unused DPI memory holds ("ALLYALLY").
+const POISON: u64 = 0x594C_4C41_594C_4C41;
+
+/// Fills `range` with [`POISON`].
+///
+/// # Safety
+/// The range must be identity-mapped, 8-byte aligned memory that nothing else uses.
+unsafe fn poison(range: PhysRange) {
+    for addr in (range.start..range.end).step_by(8) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { (addr as *mut u64).write_volatile(POISON) };
+    }
 }

@@ -274,27 +274,27 @@ mod vmx_instructions {
     /// # Safety
     /// CR4.VMXE is set, the CR0/CR4 fixed bits are honoured, IA32_FEATURE_CONTROL allows VMXON
     /// and `phys` is a 4 KiB-aligned page holding the VMCS revision identifier.
-    pub unsafe fn vmxon(phys: u64) -> Result<(), ()> {
+    pub unsafe fn vmxon(phys: u64) -> Result<(), x86::vmx::VmFail> {
         // SAFETY: guaranteed by the caller.
-        unsafe { x86::bits64::vmx::vmxon(phys).map_err(|_| ()) }
+        unsafe { x86::bits64::vmx::vmxon(phys) }
     }
 
     /// Clears the VMCS at `phys` (SDM 31.3 VMCLEAR).
     ///
     /// # Safety
     /// In VMX root operation; `phys` is a VMCS region owned by Ally.
-    pub unsafe fn vmclear(phys: u64) -> Result<(), ()> {
+    pub unsafe fn vmclear(phys: u64) -> Result<(), x86::vmx::VmFail> {
         // SAFETY: guaranteed by the caller.
-        unsafe { x86::bits64::vmx::vmclear(phys).map_err(|_| ()) }
+        unsafe { x86::bits64::vmx::vmclear(phys) }
     }
 
     /// Makes the VMCS at `phys` current (SDM 31.3 VMPTRLD).
     ///
     /// # Safety
     /// In VMX root operation; `phys` is a cleared VMCS region owned by Ally.
-    pub unsafe fn vmptrld(phys: u64) -> Result<(), ()> {
+    pub unsafe fn vmptrld(phys: u64) -> Result<(), x86::vmx::VmFail> {
         // SAFETY: guaranteed by the caller.
-        unsafe { x86::bits64::vmx::vmptrld(phys).map_err(|_| ()) }
+        unsafe { x86::bits64::vmx::vmptrld(phys) }
     }
 
     /// Reads a field of the current VMCS; 0 if the field does not exist (the VMREAD fails).

@@ -125,7 +125,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
         Err(StopReason::EntryFailed { basic })
     } else {
         match reason {
-            ExitReason::Cpuid => handle_cpuid(regs),
+            ExitReason::Cpuid => handle_cpuid(regs, vcpu),
             ExitReason::Rdmsr => handle_rdmsr(regs),
             ExitReason::Wrmsr => handle_wrmsr(regs),
             ExitReason::CrAccess => handle_cr_access(regs, vcpu),
@@ -209,13 +209,54 @@ pub fn report_exits(vcpu: &Vcpu) {
     }
 }
 
-fn handle_cpuid(regs: &mut GuestRegisters) -> ExitResult {
+/// CR4 as the guest sees it: Ally's bits from the read shadow, the rest from the real CR4.
+fn guest_cr4() -> u64 {
+    let mask = vmread(control::CR4_GUEST_HOST_MASK);
+    (vmread(control::CR4_READ_SHADOW) & mask) | (vmread(guest::CR4) & !mask)
+}
+
+fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let leaf = regs.rax as u32;
     let subleaf = regs.rcx as u32;
     let mut r = raw_cpuid::cpuid!(leaf, subleaf);
     if leaf == 1 {
         // Hide VMX (bit 5) and report no hypervisor (bit 31): the guest must not learn of Ally.
         r.ecx &= !((1 << 5) | (1 << 31));
+        // OSXSAVE (bit 27) mirrors CR4.OSXSAVE — the guest's, not Ally's (SDM Vol. 2A CPUID).
+        const OSXSAVE: u32 = 1 << 27;
+        r.ecx &= !OSXSAVE;
+        if guest_cr4() & (1 << 18) != 0 {
+            r.ecx |= OSXSAVE;
+        }
+        // Where VMX does not let a guest set CR4.OSXSAVE (IA32_VMX_CR4_FIXED1 bit 18 is 0, as
+        // in Bochs 2.7), XSAVE and the AVX state it manages cannot work in the guest: report
+        // them absent, as on a CPU without them, instead of letting the guest fault later.
+        if !vcpu.guest_can_use_xsave() {
+            const XSAVE: u32 = 1 << 26;
+            const AVX: u32 = 1 << 28;
+            const FMA: u32 = 1 << 12;
+            const F16C: u32 = 1 << 29;
+            r.ecx &= !(XSAVE | AVX | FMA | F16C);
+        }
+    } else if leaf == 0xD && !vcpu.guest_can_use_xsave() {
+        r.eax = 0;
+        r.ebx = 0;
+        r.ecx = 0;
+        r.edx = 0;
+    } else if leaf == 7 && subleaf == 0 {
+        if !vcpu.guest_can_use_xsave() {
+            // AVX2 (EBX 5) and the AVX-512 family need XSAVE-managed state.
+            const AVX_FAMILY_EBX: u32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26)
+                | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+            r.ebx &= !AVX_FAMILY_EBX;
+            r.ecx &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14) | (1 << 3));
+            r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
+        }
+        // OSPKE (ECX bit 4) mirrors the guest's CR4.PKE (bit 22) likewise.
+        r.ecx &= !(1 << 4);
+        if guest_cr4() & (1 << 22) != 0 {
+            r.ecx |= 1 << 4;
+        }
     }
     regs.rax = u64::from(r.eax);
     regs.rbx = u64::from(r.ebx);
@@ -296,6 +337,7 @@ fn write_guest_cr0(value: u64, vcpu: &Vcpu) -> bool {
     const LMA: u64 = 1 << 10;
     let caps = &vcpu.caps;
     let real = ((value | caps.cr0_fixed0) & caps.cr0_fixed1 & !(PE | PG)) | (value & (PE | PG));
+    log::debug!("guest CR0 <- {value:#x} (real {real:#x})");
     // Enabling paging with EFER.LME activates IA-32e mode (SDM Vol. 3A 10.8.5).
     let efer = vmread(guest::IA32_EFER_FULL);
     let new_efer = if value & PG != 0 && efer & LME != 0 { efer | LMA } else { efer & !LMA };
@@ -318,6 +360,7 @@ fn write_guest_cr4(value: u64, vcpu: &Vcpu) -> bool {
     }
     let caps = &vcpu.caps;
     let real = (value | caps.cr4_fixed0) & caps.cr4_fixed1;
+    log::debug!("guest CR4 <- {value:#x} (real {real:#x})");
     vmcs_write(guest::CR4, real);
     vmcs_write(control::CR4_READ_SHADOW, value);
     load_pae_pdptes_if_needed(vmread(guest::CR0), real, vmread(guest::IA32_EFER_FULL));
@@ -474,12 +517,26 @@ fn handle_ept_violation(regs: &mut GuestRegisters) -> ExitResult {
     match result {
         Ok(done) => {
             if n < HIDDEN_ACCESS_REPORT_LIMIT {
-                let action = if access == AccessKind::Write { "discarded" } else { "read-as-ones" };
+                // What Ally really holds there, to show the guest did not get it.
+                let in_hidden = platform().hidden.iter().any(|h| h.contains(gpa.0));
+                let actual = if in_hidden && gpa.0.is_multiple_of(8) {
+                    // SAFETY: the address is in Ally's own identity-mapped region, aligned.
+                    unsafe { (gpa.0 as *const u64).read_volatile() }
+                } else {
+                    0
+                };
+                let (kind, action) = if access == AccessKind::Write {
+                    ("write", "discarded")
+                } else {
+                    ("read", "read-as-ones")
+                };
                 warn!(
-                    "ALLY ept-violation gpa={:#x} access={} width={} rip={:#x} action={}",
+                    "ALLY ept-violation gpa={:#x} access={} width={} value={:#x} actual={:#x} rip={:#x} action={}",
                     gpa.0,
-                    if access == AccessKind::Write { "write" } else { "read" },
+                    kind,
                     done.width.bytes(),
+                    done.value,
+                    actual,
                     done.old_rip,
                     action
                 );

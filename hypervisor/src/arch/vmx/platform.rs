@@ -12,12 +12,30 @@ use log::{info, warn};
 use spin::Once;
 use x86::vmx::vmcs::{guest, ro};
 
-/// A region of Ally's memory whose contents must not change while the guest runs; checked
-/// at power-off to prove that the guest's writes there were discarded.
+/// Regions of Ally's memory whose contents must not change while the guest runs (the image
+/// head and the poisoned, still unused DPI memory); checked at power-off to prove that the
+/// guest's writes there were discarded.
 #[derive(Debug, Clone, Copy)]
 pub struct Canary {
-    pub range: PhysRange,
+    pub ranges: [PhysRange; 2],
     pub checksum: u64,
+}
+
+impl Canary {
+    /// Records the current contents of `ranges`.
+    ///
+    /// # Safety
+    /// The ranges must be identity-mapped, readable and 8-byte aligned.
+    pub unsafe fn new(ranges: [PhysRange; 2]) -> Self {
+        // SAFETY: guaranteed by the caller.
+        Self { ranges, checksum: unsafe { checksum(&ranges) } }
+    }
+
+    /// Whether the ranges still hold what they held at start-up.
+    pub fn intact(&self) -> bool {
+        // SAFETY: `new`'s caller guaranteed the ranges are Ally's identity-mapped memory.
+        unsafe { checksum(&self.ranges) == self.checksum }
+    }
 }
 
 /// Machine facts for the exit handlers.
@@ -62,16 +80,18 @@ impl Platform {
     }
 }
 
-/// FNV-1a over a physical range (identity-mapped): cheap, and enough to detect a change.
+/// FNV-1a over 64-bit words of physical ranges: cheap, and enough to detect a change.
 ///
 /// # Safety
-/// The range must be identity-mapped, readable memory.
-pub unsafe fn checksum(range: PhysRange) -> u64 {
+/// The ranges must be identity-mapped, readable and 8-byte aligned.
+unsafe fn checksum(ranges: &[PhysRange]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for addr in range.start..range.end {
-        // SAFETY: guaranteed by the caller.
-        let byte = unsafe { (addr as *const u8).read_volatile() };
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+    for range in ranges {
+        for addr in (range.start..range.end).step_by(8) {
+            // SAFETY: guaranteed by the caller.
+            let word = unsafe { (addr as *const u64).read_volatile() };
+            hash = (hash ^ word).wrapping_mul(0x100_0000_01b3);
+        }
     }
     hash
 }
@@ -177,13 +197,38 @@ pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits:
 /// Printed when the guest powers off: the canary check and the exit counts.
 pub fn report_power_off(vcpu: &Vcpu) {
     let canary = platform().canary;
-    // SAFETY: the canary range is inside Ally's identity-mapped region.
-    let now = unsafe { checksum(canary.range) };
     info!(
-        "ALLY canary status={} range={}",
-        if now == canary.checksum { "intact" } else { "damaged" },
-        canary.range
+        "ALLY canary status={} ranges={},{}",
+        if canary.intact() { "intact" } else { "damaged" },
+        canary.ranges[0],
+        canary.ranges[1]
     );
     super::exits::report_exits(vcpu);
     info!("ALLY poweroff");
+}
+
+/// All physical memory through Ally's identity map, for Ally's own start-up work (ACPI
+/// tables, the IVT and BDA) before any guest runs.
+pub struct IdentityMemory {
+    /// The identity map covers `[0, limit)`.
+    pub limit: u64,
+}
+
+impl crate::acpi::PhysMemory for IdentityMemory {
+    fn read(&self, pa: u64, buf: &mut [u8]) {
+        if pa.checked_add(buf.len() as u64).is_some_and(|end| end <= self.limit) {
+            // SAFETY: the range is identity-mapped (below `limit`).
+            unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
+        } else {
+            buf.fill(0xFF);
+        }
+    }
+
+    fn write(&mut self, pa: u64, buf: &[u8]) {
+        if pa.checked_add(buf.len() as u64).is_some_and(|end| end <= self.limit) {
+            // SAFETY: the range is identity-mapped; Ally writes firmware tables only before
+            // the guest starts.
+            unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), pa as *mut u8, buf.len()) };
+        }
+    }
 }

@@ -71,6 +71,12 @@ impl Vcpu {
         Self { apic_id, vpid, caps, pages, cr0_mask, cr4_mask, exits: ExitCounters::new(), stopped: false }
     }
 
+    /// Whether VMX lets the guest set CR4.OSXSAVE (SDM Vol. 3D A.8: a 0 in
+    /// IA32_VMX_CR4_FIXED1 means the bit must stay 0 in VMX operation).
+    pub fn guest_can_use_xsave(&self) -> bool {
+        self.caps.cr4_fixed1 & (1 << 18) != 0
+    }
+
     /// VMXON on this CPU, then VMCLEAR + VMPTRLD of this vCPU's VMCS.
     ///
     /// # Safety
