@@ -1,0 +1,1186 @@
+//! The DPI core's queue engine (issue 4, parts 4, 5 and 7).
+//!
+//! The guest's rings live in guest memory; the real NIC only ever sees the DPI-owned rings in
+//! DPI memory, which only this engine programs. [`DpiNic::poll`] is the DPI loop body:
+//!
+//! 1. configuration: when the guest changed ring bases/lengths, RCTL/TCTL, TDH/RDH or reset
+//!    the device (shadow configuration doorbell), take a consistent snapshot and follow it;
+//! 2. TX completion: for each packet the real NIC reports done (DD on its last real
+//!    descriptor), write DD back into the guest descriptors that asked for it (RS) exactly as
+//!    the device does, advance the guest's TDH, raise TXDW;
+//! 3. TX: for each complete guest packet (optional context descriptor, legacy or data
+//!    descriptors up to EOP) validate every descriptor, then in copy mode copy the frame into
+//!    a DPI buffer (the guest cannot change it after inspection), or in zero-copy mode keep the
+//!    validated guest buffers; call the hook; post the real descriptors and write the real TDT
+//!    once per poll;
+//! 4. RX: for each frame the real NIC received into a DPI buffer, call the hook, copy it into the
+//!    guest's next buffers with length/status/errors/DD as the device writes them, advance the
+//!    guest's RDH, give the DPI buffers back (real RDT once per poll), raise RXT0.
+//!
+//! **Refusals** (never followed, never a panic, counted by [`DropReason`]):
+//! * a bad *descriptor* (buffer outside guest RAM, in Ally/DPI memory, straddling a RAM range,
+//!   wrapping, impossible length, reserved type) drops its packet, which is then *completed
+//!   with DD* like any other so that a buggy or hostile descriptor cannot wedge the ring; on RX a
+//!   bad guest buffer gets DD|EOP with the RXE error bit and length 0, which drivers discard;
+//! * a bad *ring* (base or length outside guest RAM, in protected memory, misaligned, zero or
+//!   not a multiple of 128 bytes, a tail beyond the ring) *stops that ring*: nothing is read
+//!   or written through it until the guest reprograms it (the stop is counted once).
+//!
+//! **Back-pressure**: when the real TX ring, the copy arena or the in-flight list is full the
+//! engine stops consuming guest descriptors (the guest ring fills, as with a slow NIC); when
+//! the guest has no RX buffers, received frames wait in the real ring. Nothing is ever passed
+//! on uninspected.
+//!
+//! **Limits** (documented choices): RX is always copied (zero-copy receive would let the NIC
+//! write frames that inspection later drops into guest memory); RXDMT0 and receive/transmit
+//! interrupt delay timers are not emulated (interrupts are raised at once).
+
+use super::desc::{
+    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
+    TX_STATUS_OFFSET,
+};
+use super::mem::{DmaMemory, MemError, MemoryPolicy};
+use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
+use super::shadow::{GuestConfig, ShadowRegs};
+use super::{Direction, HookVerdict, PacketHook};
+use crate::queue::DoorbellWatcher;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange};
+use core::fmt;
+use core::sync::atomic::{fence, Ordering};
+
+/// Most descriptors one guest packet may use before it is refused.
+pub const MAX_PACKET_DESCS: usize = 64;
+/// Largest non-TSO frame (the 82540EM's jumbo limit, SDM 13.4.22 LPE).
+pub const MAX_FRAME: u32 = 16384;
+/// Largest TSO super-frame: 64 KiB of payload plus headers.
+pub const MAX_TSO_FRAME: u32 = 65536 + 256;
+/// Bytes per real descriptor in copy mode.
+const COPY_CHUNK: u32 = 16384;
+
+/// Why a packet was dropped or a ring stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// The hook said drop.
+    Verdict,
+    /// A buffer address outside guest RAM.
+    OutsideRam,
+    /// A buffer (or ring) reaching Ally or DPI memory.
+    Protected,
+    /// A buffer (or ring) running past the end of its RAM range.
+    Straddles,
+    /// Address plus length wraps.
+    Overflow,
+    /// A packet with no data.
+    Empty,
+    /// A packet longer than the device allows.
+    TooLong,
+    /// More than [`MAX_PACKET_DESCS`] descriptors without EOP.
+    TooManyDescriptors,
+    /// A descriptor of a reserved type (DEXT with DTYP other than 0 or 1).
+    ReservedDescriptor,
+    /// Ring length zero-free but not a multiple of 128 bytes or too large, or misaligned base.
+    BadRingLayout,
+    /// A tail (TDT/RDT) beyond the end of the ring.
+    BadTail,
+    /// Guest receive disabled, ring absent or stopped: the frame had nowhere to go.
+    GuestRxOff,
+    /// The RCTL buffer size is the reserved encoding.
+    BadBufferSize,
+    /// Packets accepted from a guest ring that was then reset or reprogrammed: they still went
+    /// out, but their DD write-back was abandoned (counted, not a loss).
+    StaleCompletion,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 14;
+    /// All reasons, in index order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        Self::Verdict,
+        Self::OutsideRam,
+        Self::Protected,
+        Self::Straddles,
+        Self::Overflow,
+        Self::Empty,
+        Self::TooLong,
+        Self::TooManyDescriptors,
+        Self::ReservedDescriptor,
+        Self::BadRingLayout,
+        Self::BadTail,
+        Self::GuestRxOff,
+        Self::BadBufferSize,
+        Self::StaleCompletion,
+    ];
+
+    /// Short stable name for COM2 reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Verdict => "verdict",
+            Self::OutsideRam => "outside_ram",
+            Self::Protected => "protected",
+            Self::Straddles => "straddles",
+            Self::Overflow => "overflow",
+            Self::Empty => "empty",
+            Self::TooLong => "too_long",
+            Self::TooManyDescriptors => "too_many_descs",
+            Self::ReservedDescriptor => "reserved_desc",
+            Self::BadRingLayout => "bad_ring_layout",
+            Self::BadTail => "bad_tail",
+            Self::GuestRxOff => "guest_rx_off",
+            Self::BadBufferSize => "bad_buffer_size",
+            Self::StaleCompletion => "stale_completion",
+        }
+    }
+
+    fn from_mem(e: MemError) -> Self {
+        match e {
+            MemError::Protected { .. } => Self::Protected,
+            MemError::Straddles { .. } => Self::Straddles,
+            MemError::Overflow { .. } => Self::Overflow,
+            MemError::ZeroLength => Self::Empty,
+            _ => Self::OutsideRam,
+        }
+    }
+}
+
+/// Per-direction counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirCounters {
+    /// Packets passed on (to the wire for TX, into guest memory for RX).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets dropped, by [`DropReason`] index.
+    pub drops: [u64; DropReason::COUNT],
+    /// Times the guest ring was stopped, by reason.
+    pub ring_stops: [u64; DropReason::COUNT],
+    /// Doorbells seen (guest tail writes).
+    pub doorbells: u64,
+    /// Polls that stopped early for lack of room (real ring, arena or guest buffers).
+    pub backpressure: u64,
+}
+
+impl DirCounters {
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+    pub fn stopped(&self, r: DropReason) -> u64 {
+        self.ring_stops[r as usize]
+    }
+    /// All drops except stale completions (which were transmitted).
+    pub fn total_dropped(&self) -> u64 {
+        self.drops.iter().sum::<u64>() - self.drops[DropReason::StaleCompletion as usize]
+    }
+}
+
+/// Everything the engine counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub tx: DirCounters,
+    pub rx: DirCounters,
+    /// Configuration changes followed.
+    pub config_changes: u64,
+    /// Guest resets (CTRL.RST) followed.
+    pub resets: u64,
+    /// Guest interrupts raised (shadow causes set).
+    pub irqs_raised: u64,
+}
+
+/// Copy or zero-copy transmit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Copy every frame into DPI memory before inspection (default; no TOCTOU window).
+    Copy,
+    /// Post validated guest buffers directly and inspect in place (opt-in: the guest could
+    /// change a frame between inspection and transmission).
+    ZeroCopy,
+}
+
+/// Engine sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct DpiConfig {
+    pub mode: Mode,
+    /// Real TX ring descriptors (multiple of 8, at most 4096).
+    pub tx_ring: u32,
+    /// Real RX ring descriptors (multiple of 8, at most 4096).
+    pub rx_ring: u32,
+    /// Real RX buffer size (one of the RCTL sizes, at least 2048).
+    pub rx_buf: u32,
+    /// Copy-mode transmit arena, bytes (at least [`MAX_TSO_FRAME`]).
+    pub tx_arena: u32,
+}
+
+impl Default for DpiConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Copy,
+            tx_ring: 256,
+            rx_ring: 256,
+            rx_buf: 2048,
+            tx_arena: 512 * 1024,
+        }
+    }
+}
+
+impl DpiConfig {
+    /// Bytes of DPI memory the engine needs.
+    pub fn region_bytes(&self) -> u64 {
+        let rings = (u64::from(self.tx_ring) + u64::from(self.rx_ring)) * DESC_SIZE as u64;
+        rings + u64::from(self.rx_ring) * u64::from(self.rx_buf) + u64::from(self.tx_arena)
+    }
+}
+
+/// Errors setting the engine up (operator or layout errors, not guest input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpiError {
+    /// A ring size that is zero, not a multiple of 8, or above 4096.
+    BadRingSize { which: &'static str, descs: u32 },
+    /// The RX buffer size is not one RCTL can express or is below 2048.
+    BadRxBuffer(u32),
+    /// The copy arena is smaller than the largest frame.
+    ArenaTooSmall(u32),
+    /// The DPI region is too small or misaligned.
+    BadRegion { region: PhysRange, need: u64 },
+    /// The DPI region is reachable by the guest (not in the policy's protected ranges).
+    RegionNotProtected(PhysRange),
+    /// Initialising DPI memory failed.
+    Dma(MemError),
+}
+
+impl fmt::Display for DpiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadRingSize { which, descs } => write!(
+                f,
+                "{which} ring of {descs} descriptors: must be a non-zero multiple of 8, at most 4096"
+            ),
+            Self::BadRxBuffer(n) => {
+                write!(f, "RX buffer size {n}: must be 2048, 4096, 8192 or 16384")
+            }
+            Self::ArenaTooSmall(n) => {
+                write!(f, "TX copy arena of {n} bytes is smaller than {MAX_TSO_FRAME}")
+            }
+            Self::BadRegion { region, need } => write!(
+                f,
+                "DPI NIC region {region} must be 4 KiB aligned and hold {need:#x} bytes"
+            ),
+            Self::RegionNotProtected(r) => {
+                write!(f, "DPI NIC region {r} is not protected from the guest")
+            }
+            Self::Dma(e) => write!(f, "DPI memory access failed: {e}"),
+        }
+    }
+}
+
+/// A validated guest ring.
+#[derive(Debug, Clone, Copy)]
+struct GuestRing {
+    base: HostPhysAddr,
+    n: u32,
+}
+
+impl GuestRing {
+    #[inline]
+    fn desc(&self, i: u32) -> HostPhysAddr {
+        HostPhysAddr(self.base.as_u64() + u64::from(i) * DESC_SIZE as u64)
+    }
+}
+
+/// Validate a guest ring (base, byte length) against the policy.
+fn validate_ring(
+    policy: &MemoryPolicy,
+    base: u64,
+    len: u32,
+) -> Result<Option<GuestRing>, DropReason> {
+    if len == 0 {
+        return Ok(None);
+    }
+    if len % RING_LEN_ALIGN != 0 || len > RING_LEN_MAX || base % 16 != 0 {
+        return Err(DropReason::BadRingLayout);
+    }
+    let pa = policy
+        .check(GuestPhysAddr(base), u64::from(len))
+        .map_err(DropReason::from_mem)?;
+    Ok(Some(GuestRing {
+        base: pa,
+        n: len / DESC_SIZE as u32,
+    }))
+}
+
+/// One packet accepted from the guest and not yet completed.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    guest_first: u32,
+    guest_count: u32,
+    /// Index of the packet's last real descriptor (None: dropped, nothing posted).
+    real_last: Option<u32>,
+    /// Arena position after this packet (copy mode).
+    arena_end: u64,
+    epoch: u32,
+}
+
+/// A fragment of a guest packet, validated.
+#[derive(Debug, Clone, Copy, Default)]
+struct Frag {
+    pa: u64,
+    len: u32,
+    /// The guest's descriptor, for zero-copy reposting.
+    raw: [u8; 16],
+}
+
+struct TxState {
+    ring: Option<GuestRing>,
+    stopped: bool,
+    enabled: bool,
+    next: u32,
+    epoch: u32,
+    real_tail: u32,
+    real_clean: u32,
+    inflight: VecDeque<InFlight>,
+    inflight_cap: usize,
+    arena_head: u64,
+    arena_tail: u64,
+}
+
+struct RxState {
+    ring: Option<GuestRing>,
+    stopped: bool,
+    enabled: bool,
+    buf: u32,
+    next: u32,
+    real_next: u32,
+}
+
+/// Physical layout of the engine's DPI memory.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    tx_ring: u64,
+    rx_ring: u64,
+    rx_bufs: u64,
+    arena: u64,
+}
+
+/// The DPI core's engine for one NIC.
+pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
+    shadow: &'a ShadowRegs,
+    mem: &'a M,
+    real: &'a R,
+    policy: MemoryPolicy,
+    cfg: DpiConfig,
+    layout: Layout,
+    hook: H,
+    tx: TxState,
+    rx: RxState,
+    guest_cfg: GuestConfig,
+    cfg_seen: Option<u64>,
+    tx_watch: DoorbellWatcher,
+    rx_watch: DoorbellWatcher,
+    scratch: Vec<u8>,
+    frags: [Frag; MAX_PACKET_DESCS],
+    counters: Counters,
+}
+
+impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
+    /// Set up the engine in `region` (DPI memory, protected from the guest by `policy`) and
+    /// program the real device's rings. The guest's view starts as the shadow describes it.
+    pub fn new(
+        shadow: &'a ShadowRegs,
+        mem: &'a M,
+        real: &'a R,
+        policy: MemoryPolicy,
+        region: PhysRange,
+        cfg: DpiConfig,
+        hook: H,
+    ) -> Result<Self, DpiError> {
+        for (which, descs) in [("TX", cfg.tx_ring), ("RX", cfg.rx_ring)] {
+            if descs == 0 || descs % 8 != 0 || descs > 4096 {
+                return Err(DpiError::BadRingSize { which, descs });
+            }
+        }
+        if cfg.rx_buf < 2048 || rctl::for_buffer_size(cfg.rx_buf).is_none() {
+            return Err(DpiError::BadRxBuffer(cfg.rx_buf));
+        }
+        if cfg.mode == Mode::Copy && cfg.tx_arena < MAX_TSO_FRAME {
+            return Err(DpiError::ArenaTooSmall(cfg.tx_arena));
+        }
+        let need = cfg.region_bytes();
+        if region.start % 4096 != 0 || region.len() < need {
+            return Err(DpiError::BadRegion { region, need });
+        }
+        if !policy.is_protected(&region) || policy.check(GuestPhysAddr(region.start), 1).is_ok() {
+            return Err(DpiError::RegionNotProtected(region));
+        }
+        let tx_ring = region.start;
+        let rx_ring = tx_ring + u64::from(cfg.tx_ring) * DESC_SIZE as u64;
+        let rx_bufs = rx_ring + u64::from(cfg.rx_ring) * DESC_SIZE as u64;
+        let arena = rx_bufs + u64::from(cfg.rx_ring) * u64::from(cfg.rx_buf);
+        let mut nic = Self {
+            shadow,
+            mem,
+            real,
+            policy,
+            cfg,
+            layout: Layout {
+                tx_ring,
+                rx_ring,
+                rx_bufs,
+                arena,
+            },
+            hook,
+            tx: TxState {
+                ring: None,
+                stopped: false,
+                enabled: false,
+                next: 0,
+                epoch: 0,
+                real_tail: 0,
+                real_clean: 0,
+                inflight: VecDeque::with_capacity(cfg.tx_ring as usize * 2),
+                inflight_cap: cfg.tx_ring as usize * 2,
+                arena_head: 0,
+                arena_tail: 0,
+            },
+            rx: RxState {
+                ring: None,
+                stopped: false,
+                enabled: false,
+                buf: 2048,
+                next: 0,
+                real_next: 0,
+            },
+            guest_cfg: GuestConfig::default(),
+            cfg_seen: None,
+            tx_watch: DoorbellWatcher::new(&shadow.tx_doorbell),
+            rx_watch: DoorbellWatcher::new(&shadow.rx_doorbell),
+            scratch: Vec::with_capacity(MAX_TSO_FRAME as usize),
+            frags: [Frag::default(); MAX_PACKET_DESCS],
+            counters: Counters::default(),
+        };
+        nic.program_device()?;
+        Ok(nic)
+    }
+
+    /// The engine's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The hook (e.g. to read an engine's own statistics).
+    pub fn hook_mut(&mut self) -> &mut H {
+        &mut self.hook
+    }
+
+    /// Packets accepted from the guest whose completion is pending.
+    pub fn tx_in_flight(&self) -> usize {
+        self.tx.inflight.len()
+    }
+
+    fn program_device(&mut self) -> Result<(), DpiError> {
+        let (r, l, c) = (self.real, self.layout, self.cfg);
+        // Clear both real rings' descriptors, then give every RX buffer to the device.
+        let zero = [0u8; DESC_SIZE];
+        for i in 0..c.tx_ring {
+            self.mem
+                .write(HostPhysAddr(l.tx_ring + u64::from(i) * 16), &zero)
+                .map_err(DpiError::Dma)?;
+        }
+        for i in 0..c.rx_ring {
+            let d = RxDesc {
+                buffer_addr: l.rx_bufs + u64::from(i) * u64::from(c.rx_buf),
+                ..Default::default()
+            };
+            self.mem
+                .write(HostPhysAddr(l.rx_ring + u64::from(i) * 16), &d.to_bytes())
+                .map_err(DpiError::Dma)?;
+        }
+        r.write32(Reg::TCTL, 0);
+        r.write32(Reg::RCTL, 0);
+        r.write32(Reg::TDBAL, l.tx_ring as u32);
+        r.write32(Reg::TDBAH, (l.tx_ring >> 32) as u32);
+        r.write32(Reg::TDLEN, c.tx_ring * DESC_SIZE as u32);
+        r.write32(Reg::TDH, 0);
+        r.write32(Reg::TDT, 0);
+        r.write32(Reg::RDBAL, l.rx_ring as u32);
+        r.write32(Reg::RDBAH, (l.rx_ring >> 32) as u32);
+        r.write32(Reg::RDLEN, c.rx_ring * DESC_SIZE as u32);
+        r.write32(Reg::RDH, 0);
+        // All but one buffer: RDT never equals RDH unless the ring is really full, so the
+        // Bochs reading of RDT == RDH as "all buffers free" can never occur.
+        r.write32(Reg::RDT, c.rx_ring - 1);
+        self.tx.real_tail = 0;
+        self.tx.real_clean = 0;
+        self.rx.real_next = 0;
+        self.shadow.program_real_mask(r);
+        r.write32(Reg::TCTL, tctl::EN | tctl::PSP | (0x0F << 4) | (0x40 << 12));
+        self.cfg_seen = None;
+        self.reconcile();
+        Ok(())
+    }
+
+    /// One iteration of the DPI loop for this NIC; returns the number of packets moved
+    /// (passed or dropped) in either direction.
+    pub fn poll(&mut self) -> u64 {
+        if self.shadow.cfg_doorbell.sequence() != self.cfg_seen.unwrap_or(u64::MAX) {
+            self.reconcile();
+        }
+        self.counters.tx.doorbells += self.tx_watch.poll(&self.shadow.tx_doorbell);
+        self.counters.rx.doorbells += self.rx_watch.poll(&self.shadow.rx_doorbell);
+        let mut work = self.tx_complete();
+        work += self.tx_consume();
+        work += self.rx_receive();
+        work
+    }
+
+    /// Follow the guest's configuration.
+    fn reconcile(&mut self) {
+        let Some(g) = self.shadow.config() else {
+            return;
+        };
+        let old = self.guest_cfg;
+        let first = self.cfg_seen.is_none();
+        self.cfg_seen = Some(g.generation);
+        self.guest_cfg = g;
+        self.counters.config_changes += 1;
+        if !first && g.resets != old.resets {
+            self.counters.resets += 1;
+        }
+        // TX ring: a new base/length, a TDH write or a reset abandons the old ring's pending
+        // write-backs (the guest may have freed that memory).
+        if first
+            || g.tdba != old.tdba
+            || g.tdlen != old.tdlen
+            || g.tdh_writes != old.tdh_writes
+            || g.resets != old.resets
+        {
+            self.tx.epoch = self.tx.epoch.wrapping_add(1);
+            self.tx.stopped = false;
+            self.tx.ring = match validate_ring(&self.policy, g.tdba, g.tdlen) {
+                Ok(r) => r,
+                Err(why) => {
+                    self.stop_tx(why);
+                    None
+                }
+            };
+            self.tx.next = match self.tx.ring {
+                Some(r) if g.tdh < r.n => g.tdh,
+                _ => 0,
+            };
+        }
+        self.tx.enabled = g.tctl & tctl::EN != 0;
+        if first
+            || g.rdba != old.rdba
+            || g.rdlen != old.rdlen
+            || g.rdh_writes != old.rdh_writes
+            || g.resets != old.resets
+            || g.rctl != old.rctl
+        {
+            self.rx.stopped = false;
+            self.rx.ring = match validate_ring(&self.policy, g.rdba, g.rdlen) {
+                Ok(r) => r,
+                Err(why) => {
+                    self.stop_rx(why);
+                    None
+                }
+            };
+            self.rx.next = match self.rx.ring {
+                Some(r) if g.rdh < r.n => g.rdh,
+                _ => 0,
+            };
+            match rctl::buffer_size(g.rctl) {
+                Some(b) => self.rx.buf = b,
+                None => self.stop_rx(DropReason::BadBufferSize),
+            }
+        }
+        self.rx.enabled = g.rctl & rctl::EN != 0;
+        // Real RCTL: the guest's filters and options with Ally's buffer size; the real
+        // receiver runs only while the guest's does. Real TCTL stays enabled so that packets
+        // already accepted still go out.
+        let bsize = rctl::for_buffer_size(self.cfg.rx_buf).unwrap_or(0);
+        let real_rctl = (g.rctl & !(rctl::BSIZE_MASK | rctl::BSEX)) | bsize;
+        self.real.write32(Reg::RCTL, real_rctl);
+        self.real
+            .write32(Reg::TCTL, (g.tctl & !tctl::EN) | tctl::EN | tctl::PSP);
+    }
+
+    fn stop_tx(&mut self, why: DropReason) {
+        if !self.tx.stopped {
+            self.tx.stopped = true;
+            self.counters.tx.ring_stops[why as usize] += 1;
+        }
+    }
+
+    fn stop_rx(&mut self, why: DropReason) {
+        if !self.rx.stopped {
+            self.rx.stopped = true;
+            self.counters.rx.ring_stops[why as usize] += 1;
+        }
+    }
+
+    fn real_tx_desc(&self, i: u32) -> HostPhysAddr {
+        HostPhysAddr(self.layout.tx_ring + u64::from(i) * DESC_SIZE as u64)
+    }
+
+    fn real_rx_desc(&self, i: u32) -> HostPhysAddr {
+        HostPhysAddr(self.layout.rx_ring + u64::from(i) * DESC_SIZE as u64)
+    }
+
+    /// Complete packets the real NIC has sent.
+    fn tx_complete(&mut self) -> u64 {
+        let mut done = 0;
+        let mut wrote = false;
+        while let Some(f) = self.tx.inflight.front().copied() {
+            if let Some(last) = f.real_last {
+                let mut st = [0u8; 1];
+                let at = HostPhysAddr(self.real_tx_desc(last).as_u64() + TX_STATUS_OFFSET as u64);
+                if self.mem.read(at, &mut st).is_err() || st[0] & txsta::DD == 0 {
+                    break;
+                }
+                self.tx.real_clean = (last + 1) % self.cfg.tx_ring;
+            }
+            // The device's write-back happens after its DMA reads; ours after the NIC's DD.
+            fence(Ordering::Acquire);
+            match self.tx.ring {
+                Some(ring) if f.epoch == self.tx.epoch => {
+                    for k in 0..f.guest_count {
+                        let at = ring.desc((f.guest_first + k) % ring.n);
+                        let mut b = [0u8; 2];
+                        let cmd_at = HostPhysAddr(at.as_u64() + TX_CMD_OFFSET as u64);
+                        if self.mem.read(cmd_at, &mut b).is_ok() && b[0] & txcmd::RS != 0 {
+                            // As the device: DD set, collision/underrun bits clear (full duplex).
+                            let sta = (b[1] | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
+                            let st_at = HostPhysAddr(at.as_u64() + TX_STATUS_OFFSET as u64);
+                            let _ = self.mem.write(st_at, &[sta]);
+                            wrote = true;
+                        }
+                    }
+                    self.shadow
+                        .set_tdh((f.guest_first + f.guest_count) % ring.n);
+                }
+                _ => self.counters.tx.drops[DropReason::StaleCompletion as usize] += 1,
+            }
+            self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
+            self.tx.inflight.pop_front();
+            done += 1;
+        }
+        if wrote {
+            let mut cause = icr::TXDW;
+            if self.tx.inflight.is_empty() && self.shadow.tdt() == self.tx.next {
+                cause |= icr::TXQE;
+            }
+            self.raise(cause);
+        }
+        done
+    }
+
+    fn raise(&mut self, cause: u32) {
+        self.counters.irqs_raised += 1;
+        self.shadow.raise(cause, self.real);
+    }
+
+    fn real_tx_free(&self) -> u32 {
+        let n = self.cfg.tx_ring;
+        (self.tx.real_clean + n - self.tx.real_tail - 1) % n
+    }
+
+    /// Consume new guest TX descriptors.
+    fn tx_consume(&mut self) -> u64 {
+        let Some(ring) = self.tx.ring else { return 0 };
+        if self.tx.stopped || !self.tx.enabled {
+            return 0;
+        }
+        let tdt = self.shadow.tdt();
+        if tdt >= ring.n {
+            self.stop_tx(DropReason::BadTail);
+            return 0;
+        }
+        let mut moved = 0;
+        let mut posted = false;
+        while self.tx.next != tdt {
+            if self.tx.inflight.len() >= self.tx.inflight_cap {
+                self.counters.tx.backpressure += 1;
+                break;
+            }
+            // Scan one packet: [context...] data... up to EOP.
+            let mut idx = self.tx.next;
+            let mut count = 0u32;
+            let mut nfrags = 0usize;
+            let mut total: u32 = 0;
+            let mut err: Option<DropReason> = None;
+            let mut ctx: Option<[u8; 16]> = None;
+            let mut first: Option<[u8; 16]> = None;
+            let mut tse = false;
+            let mut complete = false;
+            while idx != tdt {
+                if count as usize == MAX_PACKET_DESCS {
+                    err.get_or_insert(DropReason::TooManyDescriptors);
+                    complete = true;
+                    break;
+                }
+                let mut raw = [0u8; 16];
+                if self.mem.read(ring.desc(idx), &mut raw).is_err() {
+                    // The ring was validated; a failure here means the layout changed under us.
+                    self.stop_tx(DropReason::OutsideRam);
+                    return moved;
+                }
+                count += 1;
+                idx = if idx + 1 == ring.n { 0 } else { idx + 1 };
+                let (addr, len, eop) = match TxDesc::parse(&raw) {
+                    TxDesc::Context(_) => {
+                        ctx = Some(raw);
+                        continue;
+                    }
+                    TxDesc::Reserved(_) => {
+                        err.get_or_insert(DropReason::ReservedDescriptor);
+                        if raw[TX_CMD_OFFSET] & txcmd::EOP != 0 {
+                            complete = true;
+                            break;
+                        }
+                        continue;
+                    }
+                    TxDesc::Legacy(l) => {
+                        (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0)
+                    }
+                    TxDesc::Data(d) => {
+                        if first.is_none() && d.dcmd() & txcmd::TSE != 0 {
+                            tse = true;
+                        }
+                        (d.buffer_addr, d.length(), d.dcmd() & txcmd::EOP != 0)
+                    }
+                };
+                if first.is_none() {
+                    first = Some(raw);
+                }
+                if len != 0 && err.is_none() {
+                    match self.policy.check(GuestPhysAddr(addr), u64::from(len)) {
+                        Ok(pa) => {
+                            self.frags[nfrags] = Frag {
+                                pa: pa.as_u64(),
+                                len,
+                                raw,
+                            };
+                            nfrags += 1;
+                            total = total.saturating_add(len);
+                        }
+                        Err(e) => err = Some(DropReason::from_mem(e)),
+                    }
+                }
+                if eop {
+                    complete = true;
+                    break;
+                }
+            }
+            if !complete {
+                // The guest has not published the rest of this packet yet.
+                break;
+            }
+            let limit = if tse { MAX_TSO_FRAME } else { MAX_FRAME };
+            if err.is_none() && total == 0 {
+                err = Some(DropReason::Empty);
+            } else if err.is_none() && total > limit {
+                err = Some(DropReason::TooLong);
+            }
+            if let Some(why) = err {
+                self.counters.tx.drops[why as usize] += 1;
+                self.finish_unposted(count, idx);
+                moved += 1;
+                continue;
+            }
+            // Room on the real ring (and in the arena)?
+            let data_descs = match self.cfg.mode {
+                Mode::Copy => total.div_ceil(COPY_CHUNK),
+                Mode::ZeroCopy => nfrags as u32,
+            };
+            let need = data_descs + u32::from(ctx.is_some());
+            if need > self.real_tx_free() {
+                self.counters.tx.backpressure += 1;
+                break;
+            }
+            let verdict = match self.cfg.mode {
+                Mode::Copy => {
+                    let Some(at) = self.arena_alloc(total) else {
+                        self.counters.tx.backpressure += 1;
+                        break;
+                    };
+                    let mut off = 0u64;
+                    let mut ok = true;
+                    for f in &self.frags[..nfrags] {
+                        let dst = HostPhysAddr(at + off);
+                        ok &= match self.mem.borrow(HostPhysAddr(f.pa), f.len as usize) {
+                            Ok(src) => self.mem.write(dst, src).is_ok(),
+                            Err(_) => false,
+                        };
+                        off += u64::from(f.len);
+                    }
+                    match self.mem.borrow(HostPhysAddr(at), total as usize) {
+                        Ok(frame) if ok => self.hook.inspect(frame, Direction::ToWire),
+                        _ => HookVerdict::Drop,
+                    }
+                }
+                Mode::ZeroCopy => {
+                    if nfrags == 1 {
+                        match self
+                            .mem
+                            .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
+                        {
+                            Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                            Err(_) => HookVerdict::Drop,
+                        }
+                    } else {
+                        self.scratch.clear();
+                        let mut ok = true;
+                        for f in &self.frags[..nfrags] {
+                            let old = self.scratch.len();
+                            self.scratch.resize(old + f.len as usize, 0);
+                            ok &= self
+                                .mem
+                                .read(HostPhysAddr(f.pa), &mut self.scratch[old..])
+                                .is_ok();
+                        }
+                        if ok {
+                            self.hook.inspect(&self.scratch, Direction::ToWire)
+                        } else {
+                            HookVerdict::Drop
+                        }
+                    }
+                }
+            };
+            if verdict == HookVerdict::Drop {
+                if self.cfg.mode == Mode::Copy {
+                    // Give the arena space back: nothing after it was allocated.
+                    self.tx.arena_head = self
+                        .tx
+                        .inflight
+                        .back()
+                        .map_or(self.tx.arena_tail, |f| f.arena_end)
+                        .max(self.tx.arena_tail);
+                }
+                self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+                self.finish_unposted(count, idx);
+                moved += 1;
+                continue;
+            }
+            let last = self.post(ctx, first, nfrags, total);
+            self.tx.inflight.push_back(InFlight {
+                guest_first: self.tx.next,
+                guest_count: count,
+                real_last: Some(last),
+                arena_end: self.tx.arena_head,
+                epoch: self.tx.epoch,
+            });
+            self.tx.next = idx;
+            self.counters.tx.packets += 1;
+            self.counters.tx.bytes += u64::from(total);
+            moved += 1;
+            posted = true;
+        }
+        if posted {
+            // Descriptors are in memory before the tail moves (an MMIO write on hardware is
+            // ordered after earlier stores on x86; the fence states the requirement).
+            fence(Ordering::Release);
+            self.real.write32(Reg::TDT, self.tx.real_tail);
+        }
+        moved
+    }
+
+    /// A dropped packet: complete it in order with everything before it.
+    fn finish_unposted(&mut self, count: u32, idx: u32) {
+        self.tx.inflight.push_back(InFlight {
+            guest_first: self.tx.next,
+            guest_count: count,
+            real_last: None,
+            arena_end: self.tx.arena_head,
+            epoch: self.tx.epoch,
+        });
+        self.tx.next = idx;
+    }
+
+    /// Reserve `len` contiguous arena bytes; returns their physical address.
+    fn arena_alloc(&mut self, len: u32) -> Option<u64> {
+        let size = u64::from(self.cfg.tx_arena);
+        let len = u64::from(len);
+        let used = self.tx.arena_head - self.tx.arena_tail;
+        let pos = self.tx.arena_head % size;
+        let pad = if pos + len > size { size - pos } else { 0 };
+        if used + pad + len > size {
+            return None;
+        }
+        self.tx.arena_head += pad + len;
+        Some(self.layout.arena + (pos + pad) % size)
+    }
+
+    /// Write the real descriptors for an accepted packet; returns the last one's index.
+    fn post(
+        &mut self,
+        ctx: Option<[u8; 16]>,
+        first: Option<[u8; 16]>,
+        nfrags: usize,
+        total: u32,
+    ) -> u32 {
+        let n = self.cfg.tx_ring;
+        let put = |this: &mut Self, mut raw: [u8; 16]| -> u32 {
+            raw[TX_STATUS_OFFSET] = 0;
+            let i = this.tx.real_tail;
+            // The real ring is DPI memory laid out by `new`; a failure is impossible there.
+            let _ = this.mem.write(this.real_tx_desc(i), &raw);
+            this.tx.real_tail = if i + 1 == n { 0 } else { i + 1 };
+            i
+        };
+        if let Some(mut c) = ctx {
+            c[TX_CMD_OFFSET] &= !txcmd::RS;
+            put(self, c);
+        }
+        let mut last = 0;
+        match self.cfg.mode {
+            Mode::ZeroCopy => {
+                for k in 0..nfrags {
+                    let mut raw = self.frags[k].raw;
+                    raw[TX_CMD_OFFSET] &= !(txcmd::RS | txcmd::EOP);
+                    if k + 1 == nfrags {
+                        raw[TX_CMD_OFFSET] |= txcmd::RS | txcmd::EOP;
+                    }
+                    last = put(self, raw);
+                }
+            }
+            Mode::Copy => {
+                let first = first.unwrap_or([0u8; 16]);
+                let at = self.tx.arena_head - u64::from(total);
+                let base = self.layout.arena + at % u64::from(self.cfg.tx_arena);
+                let chunks = total.div_ceil(COPY_CHUNK);
+                for k in 0..chunks {
+                    let off = k * COPY_CHUNK;
+                    let len = (total - off).min(COPY_CHUNK);
+                    let end = if k + 1 == chunks {
+                        txcmd::EOP | txcmd::RS
+                    } else {
+                        0
+                    };
+                    let raw = match TxDesc::parse(&first) {
+                        TxDesc::Data(d) => {
+                            let dcmd = (d.dcmd() & !(txcmd::EOP | txcmd::RS)) | end;
+                            TxDataDesc::new(base + u64::from(off), len, dcmd, d.popts, d.special)
+                                .to_bytes()
+                        }
+                        _ => {
+                            let l = LegacyTxDesc::from_bytes(&first);
+                            LegacyTxDesc {
+                                buffer_addr: base + u64::from(off),
+                                length: len as u16,
+                                cso: l.cso,
+                                cmd: (l.cmd & !(txcmd::EOP | txcmd::RS)) | end,
+                                status: 0,
+                                css: l.css,
+                                special: l.special,
+                            }
+                            .to_bytes()
+                        }
+                    };
+                    last = put(self, raw);
+                }
+            }
+        }
+        last
+    }
+
+    /// Move received frames from the real ring into the guest's.
+    fn rx_receive(&mut self) -> u64 {
+        let n = self.cfg.rx_ring;
+        let mut moved = 0;
+        let mut recycled = false;
+        let mut delivered = false;
+        loop {
+            // Find a complete frame: DD on every descriptor up to EOP.
+            let first = self.rx.real_next;
+            let mut k = 0u32;
+            let mut total = 0usize;
+            let mut last = RxDesc::default();
+            let mut complete = false;
+            while k < n {
+                let mut raw = [0u8; 16];
+                if self
+                    .mem
+                    .read(self.real_rx_desc((first + k) % n), &mut raw)
+                    .is_err()
+                {
+                    break;
+                }
+                let d = RxDesc::from_bytes(&raw);
+                if d.status & rxsta::DD == 0 {
+                    break;
+                }
+                k += 1;
+                total += usize::from(d.length);
+                last = d;
+                if d.status & rxsta::EOP != 0 {
+                    complete = true;
+                    break;
+                }
+            }
+            if !complete {
+                break;
+            }
+            let verdict = self.deliver(first, k, total, last);
+            match verdict {
+                Deliver::Wait => {
+                    self.counters.rx.backpressure += 1;
+                    break;
+                }
+                Deliver::Done => {
+                    delivered = true;
+                    self.counters.rx.packets += 1;
+                    self.counters.rx.bytes += total as u64;
+                }
+                Deliver::Dropped(why) => self.counters.rx.drops[why as usize] += 1,
+            }
+            // Give the DPI buffers back: clear their status so DD means "new".
+            for j in 0..k {
+                let at = HostPhysAddr(self.real_rx_desc((first + j) % n).as_u64() + 8);
+                let _ = self.mem.write(at, &[0u8; 8]);
+            }
+            self.rx.real_next = (first + k) % n;
+            recycled = true;
+            moved += 1;
+        }
+        if recycled {
+            fence(Ordering::Release);
+            self.real.write32(Reg::RDT, (self.rx.real_next + n - 1) % n);
+        }
+        if delivered {
+            self.raise(icr::RXT0);
+        }
+        moved
+    }
+
+    /// Deliver one received frame (`k` real descriptors from `first`) to the guest.
+    fn deliver(&mut self, first: u32, k: u32, total: usize, last: RxDesc) -> Deliver {
+        let n = self.cfg.rx_ring;
+        let Some(ring) = self.rx.ring else {
+            return Deliver::Dropped(DropReason::GuestRxOff);
+        };
+        if self.rx.stopped || !self.rx.enabled {
+            return Deliver::Dropped(DropReason::GuestRxOff);
+        }
+        let rdt = self.shadow.rdt();
+        if rdt >= ring.n {
+            self.stop_rx(DropReason::BadTail);
+            return Deliver::Dropped(DropReason::GuestRxOff);
+        }
+        let gbuf = self.rx.buf as usize;
+        let need = total.div_ceil(gbuf).max(1) as u32;
+        // SDM 3.2.6: head == tail means no buffers.
+        let avail = (rdt + ring.n - self.rx.next) % ring.n;
+        if avail < need {
+            return Deliver::Wait;
+        }
+        // The frame, contiguous: in place when it fits one DPI buffer.
+        let rxbuf = |i: u32| self.layout.rx_bufs + u64::from(i % n) * u64::from(self.cfg.rx_buf);
+        let frame: &[u8] = if k == 1 {
+            match self.mem.borrow(HostPhysAddr(rxbuf(first)), total) {
+                Ok(f) => f,
+                Err(_) => return Deliver::Dropped(DropReason::OutsideRam),
+            }
+        } else {
+            self.scratch.clear();
+            let mut left = total;
+            for j in 0..k {
+                let mut raw = [0u8; 16];
+                let _ = self.mem.read(self.real_rx_desc((first + j) % n), &mut raw);
+                let len = usize::from(RxDesc::from_bytes(&raw).length).min(left);
+                let old = self.scratch.len();
+                self.scratch.resize(old + len, 0);
+                let _ = self
+                    .mem
+                    .read(HostPhysAddr(rxbuf(first + j)), &mut self.scratch[old..]);
+                left -= len;
+            }
+            &self.scratch
+        };
+        if self.hook.inspect(frame, Direction::FromWire) == HookVerdict::Drop {
+            return Deliver::Dropped(DropReason::Verdict);
+        }
+        // Validate every guest buffer before writing any.
+        let mut bad: Option<DropReason> = None;
+        let mut addrs = [0u64; MAX_PACKET_DESCS];
+        if need as usize > MAX_PACKET_DESCS {
+            bad = Some(DropReason::TooLong);
+        } else {
+            for c in 0..need {
+                let mut raw = [0u8; 8];
+                let at = ring.desc((self.rx.next + c) % ring.n);
+                let len = (total - c as usize * gbuf).min(gbuf) as u64;
+                let checked = self
+                    .mem
+                    .read(at, &mut raw)
+                    .map_err(|_| DropReason::OutsideRam)
+                    .and_then(|_| {
+                        self.policy
+                            .check(GuestPhysAddr(u64::from_le_bytes(raw)), len)
+                            .map_err(DropReason::from_mem)
+                    });
+                match checked {
+                    Ok(pa) => addrs[c as usize] = pa.as_u64(),
+                    Err(e) => {
+                        bad = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        for c in 0..need {
+            let at = ring.desc((self.rx.next + c) % ring.n);
+            let is_last = c + 1 == need;
+            let wb = match bad {
+                // Refused buffer: consume the descriptors with an error so the driver
+                // discards them and the ring keeps moving; nothing is written to the buffer.
+                Some(_) => RxDesc {
+                    status: rxsta::DD | rxsta::EOP,
+                    errors: rxerr::RXE,
+                    ..Default::default()
+                },
+                None => {
+                    let off = c as usize * gbuf;
+                    let len = (total - off).min(gbuf);
+                    let _ = self
+                        .mem
+                        .write(HostPhysAddr(addrs[c as usize]), &frame[off..off + len]);
+                    // As the device: DD on each, EOP and the checksum/error results on the last.
+                    let (status, errors, csum, special) = if is_last {
+                        (
+                            last.status | rxsta::DD | rxsta::EOP,
+                            last.errors,
+                            last.csum,
+                            last.special,
+                        )
+                    } else {
+                        ((last.status & !rxsta::EOP) | rxsta::DD, 0, 0, last.special)
+                    };
+                    RxDesc {
+                        buffer_addr: 0,
+                        length: len as u16,
+                        csum,
+                        status,
+                        errors,
+                        special,
+                    }
+                }
+            };
+            fence(Ordering::Release);
+            let _ = self
+                .mem
+                .write(HostPhysAddr(at.as_u64() + 8), &wb.writeback_bytes());
+        }
+        self.rx.next = (self.rx.next + need) % ring.n;
+        self.shadow.set_rdh(self.rx.next);
+        match bad {
+            Some(why) => Deliver::Dropped(why),
+            None => Deliver::Done,
+        }
+    }
+}
+
+enum Deliver {
+    Done,
+    Wait,
+    Dropped(DropReason),
+}

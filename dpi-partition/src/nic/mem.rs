@@ -1,0 +1,410 @@
+//! Memory as the DPI core and the NIC see it, and the validator every guest-supplied address
+//! goes through.
+//!
+//! Guest descriptors and ring bases hold guest-physical addresses. Before the DPI core follows
+//! one, [`MemoryPolicy::check`] proves the whole range lies inside one guest RAM range and
+//! touches no protected range (Ally's image, the DPI partition), and only then yields the
+//! host-physical address (Ally's EPT is an identity map, so the value is unchanged but the type
+//! records that it was checked). DPI-owned rings and buffers are addressed directly.
+
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange};
+use core::fmt;
+
+/// Errors of this module: a refused guest range (the reasons are counted per drop) or a bad
+/// policy or DMA access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemError {
+    /// A zero-length range where data was required.
+    ZeroLength,
+    /// `address + length` wraps around the 64-bit space.
+    Overflow { addr: u64, len: u64 },
+    /// The range starts outside every guest RAM range.
+    OutsideRam { addr: u64, len: u64 },
+    /// The range overlaps Ally's or the DPI partition's memory.
+    Protected { addr: u64, len: u64 },
+    /// The range starts in guest RAM but runs past the end of its RAM range.
+    Straddles { addr: u64, len: u64 },
+    /// More ranges than a policy holds.
+    TooManyRanges { given: usize, max: usize },
+    /// A policy range with `end <= start`.
+    EmptyRange(PhysRange),
+    /// A DMA access outside the memory an implementation backs (a bug or a bad layout).
+    DmaOutOfBounds { addr: u64, len: u64 },
+}
+
+impl fmt::Display for MemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::ZeroLength => f.write_str("zero-length buffer"),
+            Self::Overflow { addr, len } => {
+                write!(f, "range {addr:#x} + {len:#x} overflows the address space")
+            }
+            Self::OutsideRam { addr, len } => {
+                write!(f, "range {addr:#x} + {len:#x} is outside guest RAM")
+            }
+            Self::Protected { addr, len } => {
+                write!(f, "range {addr:#x} + {len:#x} reaches Ally or DPI memory")
+            }
+            Self::Straddles { addr, len } => {
+                write!(
+                    f,
+                    "range {addr:#x} + {len:#x} straddles the end of a RAM range"
+                )
+            }
+            Self::TooManyRanges { given, max } => {
+                write!(f, "{given} memory ranges given, at most {max} supported")
+            }
+            Self::EmptyRange(r) => write!(f, "memory range {r} is empty"),
+            Self::DmaOutOfBounds { addr, len } => {
+                write!(
+                    f,
+                    "DMA access {addr:#x} + {len:#x} is outside backed memory"
+                )
+            }
+        }
+    }
+}
+
+/// Physical memory as bus-master DMA sees it (identity-mapped on Ally, a byte array in tests).
+///
+/// `&self` throughout: the guest, the NIC and the DPI core all access it concurrently; the ring
+/// protocol (descriptor ownership handed over by register writes and DD bits) orders accesses.
+pub trait DmaMemory {
+    /// Copy `buf.len()` bytes out of memory at `pa`.
+    fn read(&self, pa: HostPhysAddr, buf: &mut [u8]) -> Result<(), MemError>;
+    /// Copy `data` into memory at `pa`.
+    fn write(&self, pa: HostPhysAddr, data: &[u8]) -> Result<(), MemError>;
+    /// Borrow `len` bytes in place (zero-copy inspection, DPI buffers). The caller must own the
+    /// range under the ring protocol for as long as the borrow lives; guest memory borrowed this
+    /// way can still be changed by a misbehaving guest (the zero-copy mode's documented TOCTOU).
+    fn borrow(&self, pa: HostPhysAddr, len: usize) -> Result<&[u8], MemError>;
+}
+
+impl<T: DmaMemory + ?Sized> DmaMemory for &T {
+    fn read(&self, pa: HostPhysAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        (**self).read(pa, buf)
+    }
+    fn write(&self, pa: HostPhysAddr, data: &[u8]) -> Result<(), MemError> {
+        (**self).write(pa, data)
+    }
+    fn borrow(&self, pa: HostPhysAddr, len: usize) -> Result<&[u8], MemError> {
+        (**self).borrow(pa, len)
+    }
+}
+
+/// Most RAM (or protected) ranges a policy holds; real E820 maps have a handful.
+pub const MAX_RANGES: usize = 32;
+
+/// Which guest-physical ranges a guest-supplied address may reach.
+#[derive(Debug, Clone)]
+pub struct MemoryPolicy {
+    /// Guest RAM minus protected ranges, sorted: a valid range lies inside one of these.
+    allowed: [PhysRange; MAX_RANGES * 2],
+    n_allowed: usize,
+    ram: [PhysRange; MAX_RANGES],
+    n_ram: usize,
+    protected: [PhysRange; MAX_RANGES],
+    n_protected: usize,
+}
+
+impl MemoryPolicy {
+    /// A policy from the guest's RAM ranges and the ranges it must never reach.
+    pub fn new(ram: &[PhysRange], protected: &[PhysRange]) -> Result<Self, MemError> {
+        for given in [ram.len(), protected.len()] {
+            if given > MAX_RANGES {
+                return Err(MemError::TooManyRanges {
+                    given,
+                    max: MAX_RANGES,
+                });
+            }
+        }
+        if let Some(r) = ram.iter().chain(protected).find(|r| r.is_empty()) {
+            return Err(MemError::EmptyRange(*r));
+        }
+        let mut p = Self {
+            allowed: [PhysRange::default(); MAX_RANGES * 2],
+            n_allowed: 0,
+            ram: [PhysRange::default(); MAX_RANGES],
+            n_ram: ram.len(),
+            protected: [PhysRange::default(); MAX_RANGES],
+            n_protected: protected.len(),
+        };
+        p.ram[..ram.len()].copy_from_slice(ram);
+        p.protected[..protected.len()].copy_from_slice(protected);
+        // Subtract every protected range from every RAM range. Pieces are collected in a
+        // scratch list that may grow by one per cut; overflowing pieces beyond the capacity
+        // would be dropped, which only makes the policy stricter.
+        let mut pieces = [PhysRange::default(); MAX_RANGES * 2];
+        let mut n = 0;
+        for r in ram {
+            if n < pieces.len() {
+                pieces[n] = *r;
+                n += 1;
+            }
+        }
+        for prot in protected {
+            let mut out = [PhysRange::default(); MAX_RANGES * 2];
+            let mut m = 0;
+            for piece in &pieces[..n] {
+                let mut push = |r: PhysRange| {
+                    if !r.is_empty() && m < out.len() {
+                        out[m] = r;
+                        m += 1;
+                    }
+                };
+                if !piece.overlaps(prot) {
+                    push(*piece);
+                } else {
+                    push(PhysRange {
+                        start: piece.start,
+                        end: prot.start.max(piece.start),
+                    });
+                    push(PhysRange {
+                        start: prot.end.min(piece.end),
+                        end: piece.end,
+                    });
+                }
+            }
+            pieces = out;
+            n = m;
+        }
+        pieces[..n].sort_unstable_by_key(|r| r.start);
+        p.allowed = pieces;
+        p.n_allowed = n;
+        Ok(p)
+    }
+
+    /// Validate a guest range and return where it is in host-physical memory.
+    #[inline]
+    pub fn check(&self, gpa: GuestPhysAddr, len: u64) -> Result<HostPhysAddr, MemError> {
+        let start = gpa.as_u64();
+        if let Some(end) = start.checked_add(len) {
+            if len != 0 {
+                for r in &self.allowed[..self.n_allowed] {
+                    if r.start <= start && end <= r.end {
+                        // Identity EPT: guest-physical equals host-physical for guest RAM.
+                        return Ok(HostPhysAddr(start));
+                    }
+                }
+            }
+        }
+        Err(self.classify(start, len))
+    }
+
+    /// The precise reason a range was refused (slow path).
+    #[cold]
+    fn classify(&self, addr: u64, len: u64) -> MemError {
+        if len == 0 {
+            return MemError::ZeroLength;
+        }
+        let Some(range) = PhysRange::from_start_len(addr, len) else {
+            return MemError::Overflow { addr, len };
+        };
+        if self.protected[..self.n_protected]
+            .iter()
+            .any(|p| p.overlaps(&range))
+        {
+            return MemError::Protected { addr, len };
+        }
+        if self.ram[..self.n_ram].iter().any(|r| r.contains(addr)) {
+            MemError::Straddles { addr, len }
+        } else {
+            MemError::OutsideRam { addr, len }
+        }
+    }
+
+    /// Whether a host range lies in protected memory (used to check Ally's own layout).
+    pub fn is_protected(&self, range: &PhysRange) -> bool {
+        self.protected[..self.n_protected]
+            .iter()
+            .any(|p| p.overlaps(range))
+    }
+}
+
+/// A flat, zero-filled byte array standing for physical memory `[base, base + len)`, shared by
+/// threads in host tests and the benchmark: the "guest", the "NIC" and the DPI code all access
+/// it at once, as they would real RAM.
+pub struct FakeDma {
+    base: u64,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `FakeDma` is a model of physical RAM; concurrent accesses are ordered by the ring
+// protocol under test (atomics in registers and doorbells), exactly as DMA is on hardware.
+unsafe impl Sync for FakeDma {}
+// SAFETY: the allocation is owned and freed in `Drop`; nothing is thread-bound.
+unsafe impl Send for FakeDma {}
+
+impl FakeDma {
+    /// Memory covering `[base, base + len)`.
+    pub fn new(base: u64, len: usize) -> Self {
+        let b: alloc::boxed::Box<[u8]> = alloc::vec![0u8; len].into_boxed_slice();
+        let ptr = alloc::boxed::Box::into_raw(b) as *mut u8;
+        Self { base, ptr, len }
+    }
+
+    /// The covered range.
+    pub fn range(&self) -> PhysRange {
+        PhysRange {
+            start: self.base,
+            end: self.base + self.len as u64,
+        }
+    }
+
+    #[inline]
+    fn offset(&self, pa: HostPhysAddr, len: usize) -> Result<usize, MemError> {
+        let off = pa.as_u64().wrapping_sub(self.base);
+        if pa.as_u64() >= self.base && off <= self.len as u64 && len as u64 <= self.len as u64 - off
+        {
+            Ok(off as usize)
+        } else {
+            Err(MemError::DmaOutOfBounds {
+                addr: pa.as_u64(),
+                len: len as u64,
+            })
+        }
+    }
+}
+
+impl Drop for FakeDma {
+    fn drop(&mut self) {
+        let slice = core::ptr::slice_from_raw_parts_mut(self.ptr, self.len);
+        // SAFETY: `ptr`/`len` came from `Box::into_raw` of a boxed slice of this length in
+        // `new` and are freed exactly once here.
+        drop(unsafe { alloc::boxed::Box::from_raw(slice) });
+    }
+}
+
+impl DmaMemory for FakeDma {
+    #[inline]
+    fn read(&self, pa: HostPhysAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        let off = self.offset(pa, buf.len())?;
+        // SAFETY: `offset` proved `[off, off + buf.len())` lies inside the allocation; `buf` is
+        // a distinct Rust buffer so the ranges cannot overlap.
+        unsafe { core::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    #[inline]
+    fn write(&self, pa: HostPhysAddr, data: &[u8]) -> Result<(), MemError> {
+        let off = self.offset(pa, data.len())?;
+        // SAFETY: as in `read`; `data` may itself be borrowed from this memory (a DMA copy
+        // between two ranges), so use `copy` which tolerates overlap.
+        unsafe { core::ptr::copy(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    #[inline]
+    fn borrow(&self, pa: HostPhysAddr, len: usize) -> Result<&[u8], MemError> {
+        let off = self.offset(pa, len)?;
+        // SAFETY: in bounds (checked); the allocation lives as long as `self`. Writers are
+        // excluded by the ring protocol for as long as the caller owns the range.
+        Ok(unsafe { core::slice::from_raw_parts(self.ptr.add(off), len) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64) -> PhysRange {
+        PhysRange { start, end }
+    }
+
+    fn policy() -> MemoryPolicy {
+        // RAM [0, 0x9f000) and [1 MiB, 64 MiB); Ally+DPI at [48 MiB, 56 MiB).
+        MemoryPolicy::new(
+            &[r(0, 0x9_f000), r(0x10_0000, 0x400_0000)],
+            &[r(0x300_0000, 0x380_0000)],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn accepts_ram_and_refuses_by_reason() {
+        let p = policy();
+        let g = GuestPhysAddr;
+        assert_eq!(p.check(g(0x20_0000), 2048), Ok(HostPhysAddr(0x20_0000)));
+        assert_eq!(
+            p.check(g(0x37f_fff0), 16),
+            Err(MemError::Protected {
+                addr: 0x37f_fff0,
+                len: 16
+            })
+        );
+        assert_eq!(
+            p.check(g(0x2ff_fff0), 32),
+            Err(MemError::Protected {
+                addr: 0x2ff_fff0,
+                len: 32
+            })
+        );
+        assert_eq!(p.check(g(0x380_0000), 64), Ok(HostPhysAddr(0x380_0000)));
+        assert_eq!(
+            p.check(g(0xa_0000), 4),
+            Err(MemError::OutsideRam {
+                addr: 0xa_0000,
+                len: 4
+            })
+        );
+        assert_eq!(
+            p.check(g(0x9_eff0), 0x20),
+            Err(MemError::Straddles {
+                addr: 0x9_eff0,
+                len: 0x20
+            })
+        );
+        assert_eq!(
+            p.check(g(0x3ff_fff0), 0x20),
+            Err(MemError::Straddles {
+                addr: 0x3ff_fff0,
+                len: 0x20
+            })
+        );
+        assert_eq!(p.check(g(0x20_0000), 0), Err(MemError::ZeroLength));
+        assert_eq!(
+            p.check(g(u64::MAX - 3), 8),
+            Err(MemError::Overflow {
+                addr: u64::MAX - 3,
+                len: 8
+            })
+        );
+        assert_eq!(
+            p.check(g(0x1_0000_0000), 8),
+            Err(MemError::OutsideRam {
+                addr: 0x1_0000_0000,
+                len: 8
+            })
+        );
+    }
+
+    #[test]
+    fn policy_construction_errors() {
+        assert_eq!(
+            MemoryPolicy::new(&[r(5, 5)], &[]).err(),
+            Some(MemError::EmptyRange(r(5, 5)))
+        );
+        let many = [r(0, 1); MAX_RANGES + 1];
+        assert!(matches!(
+            MemoryPolicy::new(&many, &[]),
+            Err(MemError::TooManyRanges { .. })
+        ));
+        assert!(
+            alloc::format!("{}", MemError::Protected { addr: 1, len: 2 }).contains("Ally or DPI")
+        );
+    }
+
+    #[test]
+    fn fake_dma_bounds() {
+        let m = FakeDma::new(0x1000, 0x100);
+        m.write(HostPhysAddr(0x10f0), &[1; 16]).unwrap();
+        let mut b = [0u8; 16];
+        m.read(HostPhysAddr(0x10f0), &mut b).unwrap();
+        assert_eq!(b, [1; 16]);
+        assert!(m.read(HostPhysAddr(0x10f1), &mut b).is_err());
+        assert!(m.read(HostPhysAddr(0xfff), &mut b).is_err());
+        assert!(m.borrow(HostPhysAddr(u64::MAX), 2).is_err());
+        assert_eq!(m.borrow(HostPhysAddr(0x1100), 0).unwrap().len(), 0);
+    }
+}

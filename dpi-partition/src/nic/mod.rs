@@ -1,0 +1,56 @@
+//! The e1000 (82540EM) side of Ally's DPI partition.
+//!
+//! * [`regs`], [`desc`]: the register map and descriptor formats (8254x SDM sections cited).
+//! * [`mem`]: DMA memory access and the validator for every guest-supplied address.
+//! * [`shadow`]: the guest's view of the queue and interrupt registers, shared by the OS core's
+//!   exit handler and the DPI core, with the interrupt race documented and tested.
+//! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
+//!   through a [`PacketHook`].
+//! * [`model`]: a software 82540EM for host tests and benchmarks.
+
+pub mod desc;
+pub mod dpi;
+pub mod mem;
+pub mod model;
+pub mod regs;
+pub mod shadow;
+
+/// Which way a frame is travelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by the guest, going to the wire (guest TX).
+    ToWire,
+    /// Received from the wire, going to the guest (guest RX).
+    FromWire,
+}
+
+/// What the hook decided for one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookVerdict {
+    Pass,
+    Drop,
+}
+
+/// The inspection hook the queue engine calls for every frame before it reaches the wire or
+/// guest memory. `frame` is the whole Ethernet frame (without FCS); for a TSO send it is the
+/// unsegmented super-frame as the guest built it.
+pub trait PacketHook {
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict;
+}
+
+/// A hook that passes everything (Ally's behaviour until the engine is attached).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassAll;
+
+impl PacketHook for PassAll {
+    #[inline]
+    fn inspect(&mut self, _frame: &[u8], _dir: Direction) -> HookVerdict {
+        HookVerdict::Pass
+    }
+}
+
+impl<F: FnMut(&[u8], Direction) -> HookVerdict> PacketHook for F {
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
+        self(frame, dir)
+    }
+}

@@ -1,0 +1,221 @@
+//! 82540EM register map and bit fields (Intel 8254x Family of Gigabit Ethernet Controllers
+//! Software Developer's Manual, "SDM" below, section 13 "Register Descriptions").
+
+use core::fmt;
+
+/// A register's byte offset in BAR0 (SDM 13, table 13-2). All registers Ally touches are 32 bits
+/// wide and 4-byte aligned.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Reg(pub u32);
+
+impl Reg {
+    pub const CTRL: Reg = Reg(0x0000);
+    pub const STATUS: Reg = Reg(0x0008);
+    pub const EECD: Reg = Reg(0x0010);
+    pub const EERD: Reg = Reg(0x0014);
+    pub const CTRL_EXT: Reg = Reg(0x0018);
+    pub const MDIC: Reg = Reg(0x0020);
+    pub const ICR: Reg = Reg(0x00C0);
+    pub const ITR: Reg = Reg(0x00C4);
+    pub const ICS: Reg = Reg(0x00C8);
+    pub const IMS: Reg = Reg(0x00D0);
+    pub const IMC: Reg = Reg(0x00D8);
+    pub const RCTL: Reg = Reg(0x0100);
+    pub const TCTL: Reg = Reg(0x0400);
+    pub const TIPG: Reg = Reg(0x0410);
+    pub const RDBAL: Reg = Reg(0x2800);
+    pub const RDBAH: Reg = Reg(0x2804);
+    pub const RDLEN: Reg = Reg(0x2808);
+    pub const RDH: Reg = Reg(0x2810);
+    pub const RDT: Reg = Reg(0x2818);
+    pub const RDTR: Reg = Reg(0x2820);
+    pub const RADV: Reg = Reg(0x282C);
+    pub const TDBAL: Reg = Reg(0x3800);
+    pub const TDBAH: Reg = Reg(0x3804);
+    pub const TDLEN: Reg = Reg(0x3808);
+    pub const TDH: Reg = Reg(0x3810);
+    pub const TDT: Reg = Reg(0x3818);
+    pub const TIDV: Reg = Reg(0x3820);
+    pub const TADV: Reg = Reg(0x382C);
+    pub const RXCSUM: Reg = Reg(0x5000);
+    pub const MTA: Reg = Reg(0x5200);
+    pub const RAL0: Reg = Reg(0x5400);
+    pub const RAH0: Reg = Reg(0x5404);
+    /// Size of the memory BAR (SDM 4.1: 128 KiB of register space).
+    pub const BAR0_SIZE: u32 = 0x2_0000;
+
+    /// Index into a `u32` register array.
+    pub const fn index(self) -> usize {
+        (self.0 >> 2) as usize
+    }
+}
+
+impl fmt::Debug for Reg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match *self {
+            Reg::CTRL => "CTRL",
+            Reg::STATUS => "STATUS",
+            Reg::ICR => "ICR",
+            Reg::ICS => "ICS",
+            Reg::IMS => "IMS",
+            Reg::IMC => "IMC",
+            Reg::RCTL => "RCTL",
+            Reg::TCTL => "TCTL",
+            Reg::RDBAL => "RDBAL",
+            Reg::RDBAH => "RDBAH",
+            Reg::RDLEN => "RDLEN",
+            Reg::RDH => "RDH",
+            Reg::RDT => "RDT",
+            Reg::TDBAL => "TDBAL",
+            Reg::TDBAH => "TDBAH",
+            Reg::TDLEN => "TDLEN",
+            Reg::TDH => "TDH",
+            Reg::TDT => "TDT",
+            _ => return write!(f, "Reg({:#x})", self.0),
+        };
+        f.write_str(name)
+    }
+}
+
+/// Device control (SDM 13.4.1).
+pub mod ctrl {
+    pub const FD: u32 = 1 << 0;
+    pub const LRST: u32 = 1 << 3;
+    pub const ASDE: u32 = 1 << 5;
+    pub const SLU: u32 = 1 << 6;
+    /// Device reset; self-clearing (SDM 13.4.1, 8.x "Software reset").
+    pub const RST: u32 = 1 << 26;
+    pub const PHY_RST: u32 = 1 << 31;
+}
+
+/// Device status (SDM 13.4.2).
+pub mod status {
+    pub const FD: u32 = 1 << 0;
+    /// Link up.
+    pub const LU: u32 = 1 << 1;
+    /// Speed 1000 Mb/s (bits 7:6 = 10b).
+    pub const SPEED_1000: u32 = 2 << 6;
+}
+
+/// Interrupt causes, shared by ICR/ICS/IMS/IMC (SDM 13.4.17–13.4.21).
+pub mod icr {
+    /// Transmit descriptor written back.
+    pub const TXDW: u32 = 1 << 0;
+    /// Transmit queue empty.
+    pub const TXQE: u32 = 1 << 1;
+    /// Link status change.
+    pub const LSC: u32 = 1 << 2;
+    /// Receive sequence error.
+    pub const RXSEQ: u32 = 1 << 3;
+    /// Receive descriptor minimum threshold reached.
+    pub const RXDMT0: u32 = 1 << 4;
+    /// Receiver overrun.
+    pub const RXO: u32 = 1 << 6;
+    /// Receiver timer interrupt (frame received).
+    pub const RXT0: u32 = 1 << 7;
+    pub const MDAC: u32 = 1 << 9;
+    pub const RXCFG: u32 = 1 << 10;
+    pub const TXD_LOW: u32 = 1 << 15;
+    /// Small receive packet detected; Ally uses it as its own doorbell cause (see `shadow`).
+    pub const SRPD: u32 = 1 << 16;
+    /// Every cause bit the 82540EM defines.
+    pub const ALL: u32 = 0x0001_F6DF;
+}
+
+/// Receive control (SDM 13.4.22).
+pub mod rctl {
+    pub const EN: u32 = 1 << 1;
+    pub const SBP: u32 = 1 << 2;
+    pub const UPE: u32 = 1 << 3;
+    pub const MPE: u32 = 1 << 4;
+    /// Long packet enable (frames > 1522 bytes).
+    pub const LPE: u32 = 1 << 5;
+    pub const BAM: u32 = 1 << 15;
+    /// Buffer size, bits 17:16.
+    pub const BSIZE_MASK: u32 = 3 << 16;
+    pub const BSIZE_SHIFT: u32 = 16;
+    /// Buffer size extension (x16).
+    pub const BSEX: u32 = 1 << 25;
+    /// Strip Ethernet CRC.
+    pub const SECRC: u32 = 1 << 26;
+
+    /// The receive buffer size RCTL selects (SDM 13.4.22 BSIZE/BSEX), `None` for the reserved
+    /// encoding BSEX=1, BSIZE=00.
+    pub const fn buffer_size(rctl: u32) -> Option<u32> {
+        let bsize = (rctl & BSIZE_MASK) >> BSIZE_SHIFT;
+        if rctl & BSEX == 0 {
+            Some(2048 >> bsize)
+        } else if bsize == 0 {
+            None
+        } else {
+            Some(32768 >> bsize)
+        }
+    }
+
+    /// RCTL bits selecting `size` (one of 256..2048, 4096, 8192, 16384).
+    pub const fn for_buffer_size(size: u32) -> Option<u32> {
+        match size {
+            2048 => Some(0),
+            1024 => Some(1 << BSIZE_SHIFT),
+            512 => Some(2 << BSIZE_SHIFT),
+            256 => Some(3 << BSIZE_SHIFT),
+            16384 => Some(BSEX | (1 << BSIZE_SHIFT)),
+            8192 => Some(BSEX | (2 << BSIZE_SHIFT)),
+            4096 => Some(BSEX | (3 << BSIZE_SHIFT)),
+            _ => None,
+        }
+    }
+}
+
+/// Transmit control (SDM 13.4.33).
+pub mod tctl {
+    pub const EN: u32 = 1 << 1;
+    pub const PSP: u32 = 1 << 3;
+}
+
+/// Descriptor ring length rules (SDM 13.4.27 RDLEN, 13.4.39 TDLEN): a multiple of 128 bytes,
+/// bits 19:7 only, so at most 2^20 − 128 bytes.
+pub const RING_LEN_ALIGN: u32 = 128;
+pub const RING_LEN_MAX: u32 = (1 << 20) - 128;
+
+/// Access to a NIC's 32-bit registers: the real device's BAR0 through volatile MMIO on bare
+/// metal, the software model in tests. `&self` because the OS core's exit handler and the DPI
+/// core share the device.
+pub trait NicRegisters {
+    /// Read a register (reads may have side effects, e.g. ICR clears on read).
+    fn read32(&self, reg: Reg) -> u32;
+    /// Write a register.
+    fn write32(&self, reg: Reg, value: u32);
+}
+
+impl<T: NicRegisters + ?Sized> NicRegisters for &T {
+    fn read32(&self, reg: Reg) -> u32 {
+        (**self).read32(reg)
+    }
+    fn write32(&self, reg: Reg, value: u32) {
+        (**self).write32(reg, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rx_buffer_sizes_round_trip() {
+        for size in [256, 512, 1024, 2048, 4096, 8192, 16384] {
+            let bits = rctl::for_buffer_size(size).unwrap();
+            assert_eq!(rctl::buffer_size(bits | rctl::EN), Some(size));
+        }
+        assert_eq!(rctl::buffer_size(rctl::BSEX), None);
+        assert_eq!(rctl::for_buffer_size(3000), None);
+    }
+
+    #[test]
+    fn register_names() {
+        assert_eq!(alloc::format!("{:?}", Reg::TDT), "TDT");
+        assert_eq!(alloc::format!("{:?}", Reg(0x5400)), "Reg(0x5400)");
+        assert_eq!(Reg::TDT.index(), 0x3818 / 4);
+    }
+}

@@ -1,0 +1,347 @@
+//! The guest's view of the NIC's queue and interrupt registers: a shadow register file in DPI
+//! memory, written by the OS core's exit handler and by the DPI core.
+//!
+//! The OS core calls [`ShadowRegs::guest_read`] / [`ShadowRegs::guest_write`] for every trapped
+//! access (any register that is not shadowed is forwarded to the real device at the same
+//! offset). A tail write only stores the value and rings a doorbell; base/length/control writes
+//! bump the configuration doorbell, which the DPI core treats as a seqlock generation.
+//!
+//! Interrupts (design.md "Packet paths"): the DPI core raises a cause with
+//! [`ShadowRegs::raise`]: set the shadow ICR bit, then, if the shadow IMS enables it, write
+//! [`DOORBELL_CAUSE`] to the real ICS, which the real IMS always enables, so the real device
+//! asserts the guest's INTx/MSI exactly as it would for its own causes. A guest ICR read first
+//! reads (and so clears) the real ICR, then swaps the shadow ICR with zero. That order is what
+//! makes the race safe:
+//!
+//! * a cause set before the shadow swap is returned by this read (possibly followed by one
+//!   spurious interrupt if its ICS lands after the real read: the next read returns 0);
+//! * a cause set after the swap has its ICS land after the real read too (the DPI core writes
+//!   ICS only after setting the bit), so the line is asserted again and the next read returns
+//!   it.
+//!
+//! The reverse order (swap, then real read) could clear the ICS of a cause that the swap missed,
+//! leaving it stranded in the shadow with no interrupt pending. IMS/IMC writes use the same
+//! Dekker-style pairing (store mask, then check causes; raise stores cause, then checks mask,
+//! all `SeqCst`) so unmasking a pending cause always asserts the line.
+
+use super::regs::{ctrl, icr, NicRegisters, Reg};
+use crate::queue::{CachePadded, Doorbell};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// The cause bit Ally writes to the real ICS to interrupt the guest (the 82540EM's "small
+/// receive packet detected", which Ally never enables for its own use and the guest never sees).
+pub const DOORBELL_CAUSE: u32 = icr::SRPD;
+
+/// Real-device causes the guest sees directly (merged into its ICR reads): link status and
+/// receive sequence errors are properties of the wire, not of the rings Ally shadows.
+pub const PASSTHROUGH_CAUSES: u32 = icr::LSC | icr::RXSEQ;
+
+/// Registers whose guest view is the shadow (everything else is forwarded to the device).
+pub const SHADOWED: [Reg; 17] = [
+    Reg::CTRL,
+    Reg::ICR,
+    Reg::ICS,
+    Reg::IMS,
+    Reg::IMC,
+    Reg::RCTL,
+    Reg::TCTL,
+    Reg::RDBAL,
+    Reg::RDBAH,
+    Reg::RDLEN,
+    Reg::RDH,
+    Reg::RDT,
+    Reg::TDBAL,
+    Reg::TDBAH,
+    Reg::TDLEN,
+    Reg::TDH,
+    Reg::TDT,
+];
+
+/// Values the guest programs (written by the OS core).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct GuestWritten {
+    pub tdbal: AtomicU32,
+    pub tdbah: AtomicU32,
+    pub tdlen: AtomicU32,
+    pub rdbal: AtomicU32,
+    pub rdbah: AtomicU32,
+    pub rdlen: AtomicU32,
+    pub rctl: AtomicU32,
+    pub tctl: AtomicU32,
+    /// How many times the guest wrote TDH / RDH (the DPI core then restarts from that index).
+    pub tdh_writes: AtomicU32,
+    pub rdh_writes: AtomicU32,
+    /// Guest CTRL.RST count.
+    pub resets: AtomicU32,
+}
+
+/// The shadow register file, one per trapped NIC, in DPI memory.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+pub struct ShadowRegs {
+    /// Rung after each guest TDT write.
+    pub tx_doorbell: Doorbell,
+    /// Rung after each guest RDT write.
+    pub rx_doorbell: Doorbell,
+    /// Rung after every configuration write (ring bases/lengths, TDH/RDH, RCTL, TCTL, reset):
+    /// its sequence number is the configuration generation.
+    pub cfg_doorbell: Doorbell,
+    tdt: CachePadded<AtomicU32>,
+    rdt: CachePadded<AtomicU32>,
+    /// Guest-visible heads, advanced by the DPI core (and set by guest TDH/RDH writes).
+    tdh: CachePadded<AtomicU32>,
+    rdh: CachePadded<AtomicU32>,
+    pub guest: CachePadded<GuestWritten>,
+    icr: CachePadded<AtomicU32>,
+    ims: CachePadded<AtomicU32>,
+    /// Real ICS writes made to interrupt the guest.
+    pub irq_doorbells: AtomicU64,
+}
+
+/// A consistent copy of the guest's configuration registers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestConfig {
+    pub generation: u64,
+    pub tdba: u64,
+    pub tdlen: u32,
+    pub rdba: u64,
+    pub rdlen: u32,
+    pub rctl: u32,
+    pub tctl: u32,
+    pub tdh: u32,
+    pub rdh: u32,
+    pub tdh_writes: u32,
+    pub rdh_writes: u32,
+    pub resets: u32,
+}
+
+impl ShadowRegs {
+    /// A shadow file in the device's reset state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `reg` is emulated from the shadow rather than forwarded.
+    pub fn is_shadowed(reg: Reg) -> bool {
+        SHADOWED.contains(&reg)
+    }
+
+    /// The guest's TDT as last written.
+    #[inline]
+    pub fn tdt(&self) -> u32 {
+        self.tdt.load(Ordering::Acquire)
+    }
+    /// The guest's RDT as last written.
+    #[inline]
+    pub fn rdt(&self) -> u32 {
+        self.rdt.load(Ordering::Acquire)
+    }
+    /// The guest-visible TDH.
+    #[inline]
+    pub fn tdh(&self) -> u32 {
+        self.tdh.load(Ordering::Acquire)
+    }
+    /// The guest-visible RDH.
+    #[inline]
+    pub fn rdh(&self) -> u32 {
+        self.rdh.load(Ordering::Acquire)
+    }
+    /// DPI core: publish a new guest TDH (after the DD write-backs it covers).
+    #[inline]
+    pub fn set_tdh(&self, v: u32) {
+        self.tdh.store(v, Ordering::Release);
+    }
+    /// DPI core: publish a new guest RDH (after the descriptors it covers are written back).
+    #[inline]
+    pub fn set_rdh(&self, v: u32) {
+        self.rdh.store(v, Ordering::Release);
+    }
+    /// Pending shadow causes (without clearing them).
+    pub fn peek_icr(&self) -> u32 {
+        self.icr.load(Ordering::SeqCst)
+    }
+    /// The guest's interrupt mask.
+    pub fn ims(&self) -> u32 {
+        self.ims.load(Ordering::SeqCst)
+    }
+
+    /// A consistent snapshot of the configuration registers, or `None` if the guest kept
+    /// writing them during every attempt (try again on the next poll).
+    pub fn config(&self) -> Option<GuestConfig> {
+        for _ in 0..4 {
+            let generation = self.cfg_doorbell.sequence();
+            let g = &self.guest;
+            let c = GuestConfig {
+                generation,
+                tdba: (u64::from(g.tdbah.load(Ordering::Acquire)) << 32)
+                    | u64::from(g.tdbal.load(Ordering::Acquire)),
+                tdlen: g.tdlen.load(Ordering::Acquire),
+                rdba: (u64::from(g.rdbah.load(Ordering::Acquire)) << 32)
+                    | u64::from(g.rdbal.load(Ordering::Acquire)),
+                rdlen: g.rdlen.load(Ordering::Acquire),
+                rctl: g.rctl.load(Ordering::Acquire),
+                tctl: g.tctl.load(Ordering::Acquire),
+                tdh: self.tdh(),
+                rdh: self.rdh(),
+                tdh_writes: g.tdh_writes.load(Ordering::Acquire),
+                rdh_writes: g.rdh_writes.load(Ordering::Acquire),
+                resets: g.resets.load(Ordering::Acquire),
+            };
+            if self.cfg_doorbell.sequence() == generation {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// DPI core: raise guest interrupt causes.
+    pub fn raise<R: NicRegisters>(&self, cause: u32, real: &R) {
+        self.icr.fetch_or(cause, Ordering::SeqCst);
+        if self.ims.load(Ordering::SeqCst) & cause != 0 {
+            self.assert_line(real);
+        }
+    }
+
+    fn assert_line<R: NicRegisters>(&self, real: &R) {
+        self.irq_doorbells.fetch_add(1, Ordering::Relaxed);
+        real.write32(Reg::ICS, DOORBELL_CAUSE);
+    }
+
+    /// Program the real interrupt mask Ally needs: its doorbell cause plus the passthrough
+    /// causes the guest enabled. Called at start-up by the DPI core.
+    pub fn program_real_mask<R: NicRegisters>(&self, real: &R) {
+        real.write32(
+            Reg::IMC,
+            !(DOORBELL_CAUSE | (self.ims() & PASSTHROUGH_CAUSES)),
+        );
+        real.write32(Reg::IMS, DOORBELL_CAUSE | (self.ims() & PASSTHROUGH_CAUSES));
+    }
+
+    /// OS core: the guest reads a trapped register.
+    pub fn guest_read<R: NicRegisters>(&self, reg: Reg, real: &R) -> u32 {
+        match reg {
+            Reg::ICR => {
+                // Order matters: real first (clears our doorbell cause), shadow second. See the
+                // module documentation.
+                let real_causes = real.read32(Reg::ICR) & PASSTHROUGH_CAUSES;
+                real_causes | self.icr.swap(0, Ordering::SeqCst)
+            }
+            Reg::IMS => self.ims(),
+            Reg::ICS | Reg::IMC => 0,
+            Reg::RCTL => self.guest.rctl.load(Ordering::Acquire),
+            Reg::TCTL => self.guest.tctl.load(Ordering::Acquire),
+            Reg::TDBAL => self.guest.tdbal.load(Ordering::Acquire),
+            Reg::TDBAH => self.guest.tdbah.load(Ordering::Acquire),
+            Reg::TDLEN => self.guest.tdlen.load(Ordering::Acquire),
+            Reg::RDBAL => self.guest.rdbal.load(Ordering::Acquire),
+            Reg::RDBAH => self.guest.rdbah.load(Ordering::Acquire),
+            Reg::RDLEN => self.guest.rdlen.load(Ordering::Acquire),
+            Reg::TDH => self.tdh(),
+            Reg::TDT => self.tdt(),
+            Reg::RDH => self.rdh(),
+            Reg::RDT => self.rdt(),
+            _ => real.read32(reg),
+        }
+    }
+
+    /// OS core: the guest writes a trapped register.
+    pub fn guest_write<R: NicRegisters>(&self, reg: Reg, value: u32, real: &R) {
+        let g = &self.guest;
+        let cfg = |a: &AtomicU32, v: u32| {
+            a.store(v, Ordering::Release);
+            self.cfg_doorbell.ring();
+        };
+        match reg {
+            Reg::TDT => {
+                self.tdt.store(value & 0xFFFF, Ordering::Release);
+                self.tx_doorbell.ring();
+            }
+            Reg::RDT => {
+                self.rdt.store(value & 0xFFFF, Ordering::Release);
+                self.rx_doorbell.ring();
+            }
+            // Low 4 bits of the bases are ignored by the device (SDM 13.4.25, 13.4.37); the
+            // lengths keep bits 19:7 (13.4.27, 13.4.39).
+            Reg::TDBAL => cfg(&g.tdbal, value & !0xF),
+            Reg::TDBAH => cfg(&g.tdbah, value),
+            Reg::TDLEN => cfg(&g.tdlen, value & 0xF_FF80),
+            Reg::RDBAL => cfg(&g.rdbal, value & !0xF),
+            Reg::RDBAH => cfg(&g.rdbah, value),
+            Reg::RDLEN => cfg(&g.rdlen, value & 0xF_FF80),
+            Reg::RCTL => cfg(&g.rctl, value),
+            Reg::TCTL => cfg(&g.tctl, value),
+            Reg::TDH => {
+                self.tdh.store(value & 0xFFFF, Ordering::Release);
+                cfg(
+                    &g.tdh_writes,
+                    g.tdh_writes.load(Ordering::Relaxed).wrapping_add(1),
+                );
+            }
+            Reg::RDH => {
+                self.rdh.store(value & 0xFFFF, Ordering::Release);
+                cfg(
+                    &g.rdh_writes,
+                    g.rdh_writes.load(Ordering::Relaxed).wrapping_add(1),
+                );
+            }
+            Reg::ICS => self.raise(value & icr::ALL, real),
+            Reg::ICR => {
+                // Write-1-to-clear (SDM 13.4.17).
+                self.icr.fetch_and(!value, Ordering::SeqCst);
+                real.write32(Reg::ICR, value & PASSTHROUGH_CAUSES);
+            }
+            Reg::IMS => {
+                let ims = self.ims.fetch_or(value & icr::ALL, Ordering::SeqCst) | value;
+                if value & PASSTHROUGH_CAUSES != 0 {
+                    real.write32(Reg::IMS, value & PASSTHROUGH_CAUSES);
+                }
+                if self.icr.load(Ordering::SeqCst) & ims != 0 {
+                    self.assert_line(real);
+                }
+            }
+            Reg::IMC => {
+                let ims = self.ims.fetch_and(!value, Ordering::SeqCst) & !value;
+                if value & PASSTHROUGH_CAUSES != 0 {
+                    real.write32(Reg::IMC, value & PASSTHROUGH_CAUSES);
+                }
+                if self.icr.load(Ordering::SeqCst) & ims == 0 {
+                    // Nothing the guest still wants is pending: drop our doorbell cause so the
+                    // masked guest sees no interrupt, then re-check against a racing raise.
+                    real.write32(Reg::ICR, DOORBELL_CAUSE);
+                    if self.icr.load(Ordering::SeqCst) & self.ims() != 0 {
+                        self.assert_line(real);
+                    }
+                }
+            }
+            Reg::CTRL => {
+                if value & ctrl::RST != 0 {
+                    self.reset(real);
+                }
+                // The real device is never reset on the guest's behalf: its rings are Ally's.
+                real.write32(Reg::CTRL, value & !(ctrl::RST | ctrl::PHY_RST));
+            }
+            _ => real.write32(reg, value),
+        }
+    }
+
+    /// The guest's CTRL.RST: every shadowed register returns to its default (SDM 13.4.1); the
+    /// DPI core sees the reset count change and abandons the guest's old rings.
+    fn reset<R: NicRegisters>(&self, real: &R) {
+        let g = &self.guest;
+        for a in [
+            &g.tdbal, &g.tdbah, &g.tdlen, &g.rdbal, &g.rdbah, &g.rdlen, &g.rctl, &g.tctl,
+        ] {
+            a.store(0, Ordering::Release);
+        }
+        for a in [&*self.tdt, &*self.rdt, &*self.tdh, &*self.rdh] {
+            a.store(0, Ordering::Release);
+        }
+        self.ims.store(0, Ordering::SeqCst);
+        self.icr.store(0, Ordering::SeqCst);
+        real.write32(Reg::IMC, PASSTHROUGH_CAUSES);
+        real.write32(Reg::ICR, DOORBELL_CAUSE | PASSTHROUGH_CAUSES);
+        g.resets.fetch_add(1, Ordering::AcqRel);
+        self.cfg_doorbell.ring();
+    }
+}

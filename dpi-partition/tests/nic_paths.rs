@@ -1,0 +1,737 @@
+//! Every packet path of the DPI queue engine against the software e1000 and fake guest memory.
+
+mod nic_support;
+
+use ally_dpi::nic::desc::{
+    popts, rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc,
+};
+use ally_dpi::nic::dpi::{DpiConfig, DropReason, Mode};
+use ally_dpi::nic::mem::DmaMemory;
+use ally_dpi::nic::model::Flavor;
+use ally_dpi::nic::regs::{ctrl, icr, rctl, NicRegisters, Reg};
+use ally_dpi::nic::{Direction, HookVerdict, PassAll};
+use nic_support::*;
+
+fn cfg(mode: Mode) -> DpiConfig {
+    DpiConfig {
+        mode,
+        ..DpiConfig::default()
+    }
+}
+
+fn tx_roundtrip(mode: Mode) {
+    let mut e = env(cfg(mode), Flavor::Qemu, true, PassAll);
+    e.setup(64, 64, 2048);
+    let frames: Vec<Vec<u8>> = (0..150)
+        .map(|i| frame(i, 60 + (i as usize * 97) % 1455))
+        .collect();
+    let mut sent = 0;
+    for batch in frames.chunks(20) {
+        let first = e.tdt;
+        for f in batch {
+            e.queue_legacy(f);
+        }
+        e.kick();
+        e.run();
+        // DD written back on every descriptor (all have RS), TDH caught up, TXDW raised.
+        for k in 0..batch.len() as u32 {
+            assert_eq!(
+                e.guest_tx_status((first + k) % e.tx_n) & txsta::DD,
+                txsta::DD
+            );
+        }
+        assert_eq!(e.gr(Reg::TDH), e.tdt);
+        assert_ne!(e.shadow.peek_icr() & icr::TXDW, 0);
+        sent += batch.len();
+    }
+    let wire = e.model.take_wire();
+    assert_eq!(wire.len(), sent);
+    assert_eq!(
+        wire, frames,
+        "wire must carry exactly the guest's frames, in order"
+    );
+    let c = e.dpi.counters();
+    assert_eq!(c.tx.packets, 150);
+    assert_eq!(
+        c.tx.bytes,
+        frames.iter().map(|f| f.len() as u64).sum::<u64>()
+    );
+    assert_eq!(c.tx.total_dropped(), 0);
+    assert!(c.tx.doorbells >= 8);
+}
+
+#[test]
+fn nic_tx_legacy_copy_mode() {
+    tx_roundtrip(Mode::Copy);
+}
+
+#[test]
+fn nic_tx_legacy_zero_copy_mode() {
+    tx_roundtrip(Mode::ZeroCopy);
+}
+
+#[test]
+fn nic_tx_multi_descriptor_and_rs_only_where_asked() {
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let mut e = env(cfg(mode), Flavor::Qemu, true, PassAll);
+        e.setup(32, 32, 2048);
+        let f = frame(7, 1400);
+        // Three legacy fragments; RS only on the last, as Linux does.
+        for (k, part) in f.chunks(500).enumerate() {
+            let buf = e.tx_buf(e.tdt);
+            e.write(buf, part);
+            let eop = if k == 2 { txcmd::EOP | txcmd::RS } else { 0 };
+            e.queue_raw(
+                LegacyTxDesc {
+                    buffer_addr: buf,
+                    length: part.len() as u16,
+                    cmd: txcmd::IFCS | eop,
+                    ..Default::default()
+                }
+                .to_bytes(),
+            );
+        }
+        e.kick();
+        e.run();
+        assert_eq!(e.model.take_wire(), vec![f.clone()]);
+        assert_eq!(
+            e.guest_tx_status(0),
+            0,
+            "no RS: the device writes no status"
+        );
+        assert_eq!(e.guest_tx_status(1), 0);
+        assert_eq!(e.guest_tx_status(2), txsta::DD);
+        assert_eq!(e.gr(Reg::TDH), 3);
+    }
+}
+
+fn ipv4_udp(len: usize) -> Vec<u8> {
+    let mut f = frame(3, len);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+    f[23] = 17;
+    f[24..26].copy_from_slice(&[0, 0]);
+    f[40..42].copy_from_slice(&[0, 0]);
+    f
+}
+
+#[test]
+fn nic_tx_context_and_data_checksum_offload() {
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let mut e = env(cfg(mode), Flavor::Qemu, true, PassAll);
+        e.setup(32, 32, 2048);
+        let f = ipv4_udp(300);
+        let ctx = TxContextDesc {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 40,
+            tucse: 0,
+            cmd_and_length: (u32::from(txcmd::DEXT | txcmd::TUCMD_IP) << 24) | 300,
+            ..Default::default()
+        };
+        e.queue_ctx_data(&f, 2, ctx, 0, popts::IXSM | popts::TXSM);
+        e.kick();
+        e.run();
+        let wire = e.model.take_wire();
+        assert_eq!(wire.len(), 1);
+        // The real device applied the offload from the context Ally posted: the IP header now
+        // checksums to zero.
+        let mut sum = 0u32;
+        for c in wire[0][14..34].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        while sum > 0xFFFF {
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xFFFF, "IP checksum inserted");
+        assert_ne!(&wire[0][40..42], &[0, 0], "UDP checksum inserted");
+        assert_eq!(&wire[0][42..], &f[42..]);
+        // Three descriptors (context + 2 data); DD on the last (RS).
+        assert_eq!(e.guest_tx_status(2) & txsta::DD, txsta::DD);
+        assert_eq!(e.gr(Reg::TDH), 3);
+    }
+}
+
+#[test]
+fn nic_tx_tso_super_frame_is_inspected_and_posted() {
+    let seen = std::cell::RefCell::new(Vec::new());
+    let hook = |f: &[u8], d: Direction| {
+        seen.borrow_mut().push((f.len(), d));
+        HookVerdict::Pass
+    };
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, hook);
+    e.setup(64, 32, 2048);
+    let f = ipv4_udp(30_000);
+    let ctx = TxContextDesc {
+        ipcss: 14,
+        ipcso: 24,
+        tucss: 34,
+        tucso: 50,
+        cmd_and_length: (u32::from(txcmd::DEXT | txcmd::TSE | txcmd::TUCMD_TCP | txcmd::TUCMD_IP)
+            << 24)
+            | (30_000 - 54),
+        hdrlen: 54,
+        mss: 1448,
+        ..Default::default()
+    };
+    e.queue_ctx_data(&f, 8, ctx, txcmd::TSE, popts::TXSM | popts::IXSM);
+    e.kick();
+    e.run();
+    assert_eq!(seen.borrow().as_slice(), &[(30_000, Direction::ToWire)]);
+    assert_eq!(
+        e.model
+            .stats
+            .tso_unsegmented
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(e.model.take_wire()[0].len(), 30_000);
+    assert_eq!(e.gr(Reg::TDH), 9);
+}
+
+/// Every way a guest descriptor can be bad: refused, counted by reason, completed with DD,
+/// nothing reaches the wire, and a good packet after each still goes out.
+#[test]
+fn nic_tx_bad_descriptors_are_refused_and_completed() {
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let mut e = env(cfg(mode), Flavor::Qemu, true, PassAll);
+        // 128 descriptors: enough room for a packet longer than MAX_PACKET_DESCS.
+        e.setup(128, 32, 2048);
+        let legacy = |addr: u64, len: u16| {
+            LegacyTxDesc {
+                buffer_addr: addr,
+                length: len,
+                cmd: txcmd::EOP | txcmd::RS | txcmd::IFCS,
+                ..Default::default()
+            }
+            .to_bytes()
+        };
+        let mut reserved =
+            TxDataDesc::new(0x1000, 64, txcmd::DEXT | txcmd::EOP | txcmd::RS, 0, 0).to_bytes();
+        reserved[10] = 0x30;
+        let long = TxDataDesc::new(
+            G_TX_BUFS,
+            20_000,
+            txcmd::DEXT | txcmd::EOP | txcmd::RS,
+            0,
+            0,
+        )
+        .to_bytes();
+        let cases: Vec<([u8; 16], DropReason)> = vec![
+            (legacy(RAM_END + 0x100, 64), DropReason::Protected),
+            (legacy(DPI_REGION.start, 64), DropReason::Protected),
+            (legacy(RAM_END - 32, 64), DropReason::Protected),
+            (legacy(MEM_END + 0x1000, 64), DropReason::OutsideRam),
+            (legacy(u64::MAX - 10, 64), DropReason::Overflow),
+            (legacy(G_TX_BUFS, 0), DropReason::Empty),
+            (reserved, DropReason::ReservedDescriptor),
+            (long, DropReason::TooLong),
+        ];
+        let protected_before = e.read(RAM_END, 4096);
+        let good = frame(1, 100);
+        for (raw, why) in &cases {
+            let before = e.dpi.counters().tx.dropped(*why);
+            let bad_idx = e.queue_raw(*raw);
+            let good_idx = e.queue_legacy(&good);
+            e.kick();
+            e.run();
+            assert_eq!(
+                e.dpi.counters().tx.dropped(*why),
+                before + 1,
+                "{why:?} counted"
+            );
+            assert_eq!(
+                e.guest_tx_status(bad_idx) & txsta::DD,
+                txsta::DD,
+                "{why:?} completed"
+            );
+            assert_eq!(e.guest_tx_status(good_idx) & txsta::DD, txsta::DD);
+            assert_eq!(
+                e.model.take_wire(),
+                vec![good.clone()],
+                "{why:?}: only the good frame"
+            );
+        }
+        // A packet with no EOP within the limit.
+        for _ in 0..ally_dpi::nic::dpi::MAX_PACKET_DESCS {
+            let buf = e.tx_buf(e.tdt);
+            e.queue_raw(
+                LegacyTxDesc {
+                    buffer_addr: buf,
+                    length: 10,
+                    cmd: txcmd::IFCS,
+                    ..Default::default()
+                }
+                .to_bytes(),
+            );
+        }
+        e.kick();
+        e.run();
+        e.queue_legacy(&good);
+        e.kick();
+        e.run();
+        assert_eq!(
+            e.dpi.counters().tx.dropped(DropReason::TooManyDescriptors),
+            1
+        );
+        assert_eq!(e.model.take_wire(), vec![good.clone()]);
+        assert_eq!(
+            e.read(RAM_END, 4096),
+            protected_before,
+            "protected memory untouched"
+        );
+        assert_eq!(e.dpi.counters().tx.packets, cases.len() as u64 + 1);
+    }
+}
+
+#[test]
+fn nic_tx_bad_ring_stops_ring_until_reprogrammed() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 32, 2048);
+    for (base, len, why) in [
+        (DPI_REGION.start, 512, DropReason::Protected),
+        (RAM_END - 256, 512, DropReason::Protected),
+        (MEM_END + 4096, 512, DropReason::OutsideRam),
+    ] {
+        let before = e.dpi.counters().tx.stopped(why);
+        e.gw(Reg::TDBAL, base as u32);
+        e.gw(Reg::TDBAH, (base >> 32) as u32);
+        e.gw(Reg::TDLEN, len);
+        e.gw(Reg::TDT, 3);
+        e.run();
+        assert_eq!(
+            e.dpi.counters().tx.stopped(why),
+            before + 1,
+            "{base:#x}: {why:?}"
+        );
+        assert!(e.model.take_wire().is_empty());
+    }
+    // Length not a multiple of 128 cannot even be expressed (bits 6:0 are dropped), but an
+    // oversized TDT can.
+    e.setup(32, 32, 2048);
+    e.gw(Reg::TDT, 40);
+    e.run();
+    assert_eq!(e.dpi.counters().tx.stopped(DropReason::BadTail), 1);
+    e.setup(32, 32, 2048);
+    e.queue_legacy(&frame(9, 64));
+    e.kick();
+    e.run();
+    assert_eq!(e.model.take_wire(), vec![frame(9, 64)]);
+}
+
+#[test]
+fn nic_tx_backpressure_when_real_ring_is_full() {
+    let c = DpiConfig {
+        tx_ring: 8,
+        ..cfg(Mode::ZeroCopy)
+    };
+    let mut e = env(c, Flavor::Qemu, false, PassAll);
+    e.setup(64, 32, 2048);
+    let frames: Vec<Vec<u8>> = (0..40).map(|i| frame(i, 64)).collect();
+    for f in &frames {
+        e.queue_legacy(f);
+    }
+    e.kick();
+    e.run();
+    // The device has not run: only 7 real descriptors are free; the rest wait in the guest ring.
+    assert_eq!(e.dpi.counters().tx.packets, 7);
+    assert!(e.dpi.counters().tx.backpressure > 0);
+    assert_eq!(e.gr(Reg::TDH), 0);
+    let mut wire = Vec::new();
+    for _ in 0..20 {
+        e.model.process();
+        e.run();
+        wire.extend(e.model.take_wire());
+    }
+    assert_eq!(wire, frames);
+    assert_eq!(e.gr(Reg::TDH), 40);
+}
+
+fn rx_roundtrip(flavor: Flavor) {
+    let mut e = env(cfg(Mode::Copy), flavor, true, PassAll);
+    e.setup(32, 16, 2048);
+    let frames: Vec<Vec<u8>> = (0..100)
+        .map(|i| frame(i, 60 + (i as usize * 131) % 1455))
+        .collect();
+    let mut got = Vec::new();
+    for batch in frames.chunks(10) {
+        for f in batch {
+            e.model.inject(f);
+        }
+        e.run();
+        assert_ne!(e.shadow.peek_icr() & icr::RXT0, 0);
+        for (f, d) in e.guest_rx() {
+            assert_eq!(d.status & (rxsta::DD | rxsta::EOP), rxsta::DD | rxsta::EOP);
+            assert_eq!(d.errors, 0);
+            assert_eq!(usize::from(d.length), f.len());
+            got.push(f);
+        }
+        assert_eq!(e.gr(Reg::RDH), e.rx_next);
+    }
+    assert_eq!(got, frames);
+    let c = e.dpi.counters();
+    assert_eq!(c.rx.packets, 100);
+    assert_eq!(c.rx.total_dropped(), 0);
+}
+
+#[test]
+fn nic_rx_qemu() {
+    rx_roundtrip(Flavor::Qemu);
+}
+
+#[test]
+fn nic_rx_bochs_quirk_never_triggered() {
+    rx_roundtrip(Flavor::Bochs);
+}
+
+#[test]
+fn nic_rx_split_across_guest_and_real_buffers() {
+    // Guest buffers of 1024: a 1500-byte frame takes two guest descriptors.
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 16, 1024);
+    let f = frame(5, 1500);
+    e.model.inject(&f);
+    e.run();
+    let first = RxDesc::from_bytes(&e.read(G_RX_RING, 16).try_into().unwrap());
+    assert_eq!(first.status, rxsta::DD, "no EOP on the first part");
+    assert_eq!(first.length, 1024);
+    let got = e.guest_rx();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, f);
+    // A 5000-byte jumbo frame spans three 2048-byte DPI buffers and one 8192 guest buffer.
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 16, 8192);
+    let j = frame(6, 5000);
+    e.model.inject(&j);
+    e.run();
+    let got = e.guest_rx();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, j);
+    assert_eq!(got[0].1.length, 5000);
+}
+
+#[test]
+fn nic_rx_waits_for_guest_buffers() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 16, 2048);
+    // The guest holds back all buffers: RDT == RDH means none (SDM 3.2.6).
+    e.gw(Reg::RDT, 0);
+    let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(i, 200)).collect();
+    for f in &frames {
+        e.model.inject(f);
+    }
+    e.run();
+    assert_eq!(e.dpi.counters().rx.packets, 0);
+    assert!(e.dpi.counters().rx.backpressure > 0);
+    e.gw(Reg::RDT, 15);
+    e.run();
+    let got: Vec<Vec<u8>> = e.guest_rx().into_iter().map(|(f, _)| f).collect();
+    assert_eq!(got, frames);
+}
+
+#[test]
+fn nic_rx_bad_guest_buffer_gets_error_and_no_write() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 16, 2048);
+    let before = e.read(DPI_REGION.start - 4096, 4096);
+    for (k, addr) in [DPI_REGION.start - 4096, MEM_END + 8192, RAM_END - 100]
+        .into_iter()
+        .enumerate()
+    {
+        let d = RxDesc {
+            buffer_addr: addr,
+            ..Default::default()
+        };
+        e.write(G_RX_RING + k as u64 * 16, &d.to_bytes());
+    }
+    for i in 0..4 {
+        e.model.inject(&frame(i, 300));
+    }
+    e.run();
+    for k in 0..3u64 {
+        let d = RxDesc::from_bytes(&e.read(G_RX_RING + k * 16, 16).try_into().unwrap());
+        assert_eq!(
+            (d.status, d.errors, d.length),
+            (rxsta::DD | rxsta::EOP, rxerr::RXE, 0)
+        );
+    }
+    assert_eq!(e.read(DPI_REGION.start - 4096, 4096), before);
+    let c = e.dpi.counters();
+    assert_eq!(c.rx.dropped(DropReason::Protected), 2);
+    assert_eq!(c.rx.dropped(DropReason::OutsideRam), 1);
+    assert_eq!(c.rx.packets, 1);
+    let got = e.guest_rx();
+    assert_eq!(got.last().unwrap().0, frame(3, 300));
+}
+
+#[test]
+fn nic_rx_disabled_receiver() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, false, PassAll);
+    e.setup(32, 16, 2048);
+    // A frame lands in the DPI ring, then the guest turns its receiver off.
+    e.model.inject(&frame(1, 100));
+    e.model.process();
+    e.gw(Reg::RCTL, e.gr(Reg::RCTL) & !rctl::EN);
+    e.run();
+    assert_eq!(e.dpi.counters().rx.dropped(DropReason::GuestRxOff), 1);
+    assert_eq!(
+        e.model.read32(Reg::RCTL) & rctl::EN,
+        0,
+        "real receiver follows the guest"
+    );
+    assert!(e.guest_rx().is_empty());
+}
+
+#[test]
+fn nic_hook_drops_in_both_directions() {
+    let hook = |f: &[u8], _d: Direction| {
+        if f[14] == 0xBA {
+            HookVerdict::Drop
+        } else {
+            HookVerdict::Pass
+        }
+    };
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let mut e = env(cfg(mode), Flavor::Qemu, true, hook);
+        e.setup(32, 16, 2048);
+        let mut bad = frame(1, 100);
+        bad[14] = 0xBA;
+        let good = frame(2, 100);
+        let bi = e.queue_legacy(&bad);
+        e.queue_legacy(&good);
+        e.kick();
+        e.model.inject(&bad);
+        e.model.inject(&good);
+        e.run();
+        assert_eq!(e.model.take_wire(), vec![good.clone()]);
+        assert_eq!(e.guest_tx_status(bi) & txsta::DD, txsta::DD);
+        let got: Vec<Vec<u8>> = e.guest_rx().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, vec![good.clone()]);
+        let c = e.dpi.counters();
+        assert_eq!(
+            (
+                c.tx.dropped(DropReason::Verdict),
+                c.rx.dropped(DropReason::Verdict)
+            ),
+            (1, 1)
+        );
+        // Balance: every guest frame sent or counted; every received frame delivered or counted.
+        assert_eq!(c.tx.packets + c.tx.total_dropped(), 2);
+        assert_eq!(c.rx.packets + c.rx.total_dropped(), 2);
+    }
+}
+
+#[test]
+fn nic_interrupts_mask_read_to_clear_and_passthrough() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(32, 16, 2048);
+    e.gw(Reg::IMC, 0xFFFF_FFFF);
+    e.gr(Reg::ICR);
+    e.model.inject(&frame(1, 64));
+    e.run();
+    assert_eq!(e.shadow.peek_icr() & icr::RXT0, icr::RXT0);
+    assert!(!e.model.irq_pending(), "masked: no interrupt");
+    e.gw(Reg::IMS, icr::RXT0);
+    assert!(
+        e.model.irq_pending(),
+        "unmasking a pending cause asserts the line"
+    );
+    assert_eq!(e.gr(Reg::ICR), icr::RXT0);
+    assert!(!e.model.irq_pending());
+    assert_eq!(e.gr(Reg::ICR), 0, "read-to-clear");
+    // ICS from the guest, write-1-to-clear ICR, IMS readback.
+    e.gw(Reg::ICS, icr::TXDW);
+    assert!(!e.model.irq_pending());
+    e.gw(Reg::IMS, icr::TXDW | icr::LSC);
+    assert!(e.model.irq_pending());
+    e.gw(Reg::ICR, icr::TXDW);
+    assert_eq!(e.shadow.peek_icr(), 0);
+    assert_eq!(e.gr(Reg::IMS), icr::RXT0 | icr::TXDW | icr::LSC);
+    // Masking everything drops Ally's doorbell cause from the line.
+    e.gw(Reg::ICS, icr::RXT0);
+    assert!(e.model.irq_pending());
+    e.gw(Reg::IMC, icr::RXT0);
+    assert!(!e.model.irq_pending());
+    e.gr(Reg::ICR);
+    // Link status change is the real device's own cause, passed through when enabled.
+    e.model.set_link(false);
+    assert!(e.model.irq_pending());
+    assert_eq!(e.gr(Reg::ICR), icr::LSC);
+    assert_eq!(e.gr(Reg::STATUS) & 2, 0, "STATUS is forwarded: link down");
+}
+
+#[test]
+fn nic_reset_mid_flight_loses_nothing_accepted() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, false, PassAll);
+    e.setup(32, 16, 2048);
+    let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(i, 500)).collect();
+    for f in &frames {
+        e.queue_legacy(f);
+    }
+    e.kick();
+    e.run();
+    assert_eq!(e.dpi.tx_in_flight(), 5);
+    // The driver resets (rmmod / reload): clear the old ring memory as a freed page would be.
+    e.gw(Reg::CTRL, ctrl::RST | ctrl::SLU);
+    for i in 0..32 {
+        e.write(G_TX_RING + i * 16, &[0xEE; 16]);
+    }
+    assert_eq!(e.gr(Reg::TDLEN), 0);
+    assert_eq!(e.gr(Reg::RCTL), 0);
+    assert_eq!(e.gr(Reg::IMS), 0);
+    assert_eq!(
+        e.model.read32(Reg::CTRL) & ctrl::RST,
+        0,
+        "the real device is not reset"
+    );
+    e.model.process();
+    e.run();
+    // Accepted frames still went out; the old ring was not written to.
+    assert_eq!(e.model.take_wire(), frames);
+    assert_eq!(e.read(G_TX_RING, 16), vec![0xEE; 16]);
+    assert_eq!(e.dpi.counters().tx.dropped(DropReason::StaleCompletion), 5);
+    assert_eq!(e.dpi.counters().resets, 1);
+    // The driver comes back with a different ring size; traffic flows again.
+    e.setup(16, 8, 2048);
+    let f = frame(77, 300);
+    e.queue_legacy(&f);
+    e.kick();
+    e.model.inject(&f);
+    for _ in 0..3 {
+        e.model.process();
+        e.run();
+    }
+    assert_eq!(e.model.take_wire(), vec![f.clone()]);
+    assert_eq!(e.guest_rx()[0].0, f);
+}
+
+#[test]
+fn nic_ring_size_change_and_tctl_toggle() {
+    let mut e = env(cfg(Mode::ZeroCopy), Flavor::Qemu, true, PassAll);
+    e.setup(64, 16, 2048);
+    e.queue_legacy(&frame(1, 64));
+    e.kick();
+    e.run();
+    e.setup(32, 16, 2048);
+    assert_eq!(e.gr(Reg::TDLEN), 512);
+    // TCTL.EN off: nothing is consumed until it is back on.
+    e.gw(Reg::TCTL, 0);
+    e.queue_legacy(&frame(2, 64));
+    e.kick();
+    e.run();
+    assert_eq!(e.model.take_wire(), vec![frame(1, 64)]);
+    e.gw(Reg::TCTL, ally_dpi::nic::regs::tctl::EN);
+    e.run();
+    assert_eq!(e.model.take_wire(), vec![frame(2, 64)]);
+}
+
+#[test]
+fn nic_model_registers_and_bochs_rdt_quirk() {
+    for (flavor, expect) in [(Flavor::Qemu, 0u64), (Flavor::Bochs, 1)] {
+        let mem: &'static _ = Box::leak(Box::new(ally_dpi::nic::mem::FakeDma::new(
+            0,
+            4 * MIB as usize,
+        )));
+        let m = ally_dpi::nic::model::E1000Model::new(
+            mem,
+            ally_dpi::nic::model::ModelConfig {
+                flavor,
+                immediate: true,
+            },
+        );
+        // ICR: read-to-clear, write-1-to-clear; ICS/IMS/IMC; CTRL.RST defaults.
+        m.write32(Reg::ICS, icr::RXT0 | icr::TXDW);
+        m.write32(Reg::ICR, icr::TXDW);
+        m.write32(Reg::IMS, icr::RXT0);
+        assert!(m.irq_pending());
+        m.write32(Reg::IMC, icr::RXT0);
+        assert!(!m.irq_pending());
+        assert_eq!(m.read32(Reg::ICR), icr::RXT0);
+        assert_eq!(m.read32(Reg::ICR), 0);
+        m.write32(Reg::RCTL, rctl::EN);
+        m.write32(Reg::CTRL, ctrl::RST);
+        assert_eq!(m.read32(Reg::RCTL), 0);
+        assert_eq!(m.read32(Reg::CTRL) & ctrl::RST, 0);
+        // RX ring of 8 with RDT == RDH == 0 just written.
+        for i in 0..8u64 {
+            let d = RxDesc {
+                buffer_addr: 0x10_0000 + i * 2048,
+                ..Default::default()
+            };
+            mem.write(
+                ally_hypervisor::addr::HostPhysAddr(0x1000 + i * 16),
+                &d.to_bytes(),
+            )
+            .unwrap();
+        }
+        m.write32(Reg::RDBAL, 0x1000);
+        m.write32(Reg::RDLEN, 128);
+        m.write32(Reg::RCTL, rctl::EN);
+        m.write32(Reg::RDT, 0);
+        m.inject(&frame(1, 64));
+        assert_eq!(
+            m.stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed),
+            expect,
+            "{flavor:?}"
+        );
+    }
+}
+
+#[test]
+fn nic_counters_balance_under_mixed_traffic() {
+    let hook = |f: &[u8], _d: Direction| {
+        if f[20] % 7 == 0 {
+            HookVerdict::Drop
+        } else {
+            HookVerdict::Pass
+        }
+    };
+    let mut e = env(cfg(Mode::Copy), Flavor::Bochs, true, hook);
+    e.setup(64, 32, 2048);
+    let mut seed = 12345u64;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut sent, mut injected) = (0u64, 0u64);
+    let mut delivered = 0u64;
+    for round in 0..200 {
+        for _ in 0..(rnd() % 8) {
+            let f = frame(round, 60 + (rnd() % 1400) as usize);
+            if rnd() % 11 == 0 {
+                e.queue_raw(
+                    LegacyTxDesc {
+                        buffer_addr: RAM_END + 64,
+                        length: 64,
+                        cmd: txcmd::EOP | txcmd::RS,
+                        ..Default::default()
+                    }
+                    .to_bytes(),
+                );
+            } else {
+                e.queue_legacy(&f);
+            }
+            sent += 1;
+        }
+        e.kick();
+        for _ in 0..(rnd() % 6) {
+            e.model
+                .inject(&frame(round + 1000, 60 + (rnd() % 1400) as usize));
+            injected += 1;
+        }
+        e.run();
+        delivered += e.guest_rx().len() as u64;
+    }
+    let c = e.dpi.counters();
+    let wire = e.model.take_wire().len() as u64;
+    assert_eq!(c.tx.packets, wire);
+    assert_eq!(c.tx.packets + c.tx.total_dropped(), sent);
+    assert_eq!(c.rx.packets, delivered);
+    assert_eq!(c.rx.packets + c.rx.total_dropped(), injected);
+    assert!(c.tx.dropped(DropReason::Verdict) > 0 && c.tx.dropped(DropReason::Protected) > 0);
+}
