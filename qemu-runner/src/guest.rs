@@ -25,8 +25,13 @@ pub const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 const MBR_CODE_BYTES: usize = 440;
 
 /// The kernel command line. The guest is told nothing about Ally: only the console (ttyS0 =
-/// COM1) and a quieter log so marker lines are not interleaved with kernel messages.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4";
+/// COM1), a quieter log so marker lines are not interleaved with kernel messages, and
+/// `iomem=relaxed`, the guest root's own choice to reach unclaimed physical memory through
+/// /dev/mem: with Debian's CONFIG_IO_STRICT_DEVMEM, Linux refuses mmap of any busy resource,
+/// and it reserves a busy "RAM buffer" from the end of every RAM range up to the next 64 MiB
+/// boundary (e820__reserve_resources_late), which covers the start of a hidden region that
+/// is not 64 MiB aligned.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4 iomem=relaxed";
 
 /// Bumped whenever the way the image is built changes, to invalidate old caches.
 const BUILDER_VERSION: &str = "ally-guest-image-v1";
@@ -457,7 +462,7 @@ mod tests {
     fn syslinux_cfg_boots_at_once() {
         let c = syslinux_cfg(KERNEL_CMDLINE);
         assert!(c.contains("TIMEOUT 0\n"));
-        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4\n"));
+        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4 iomem=relaxed\n"));
     }
 
     /// Fake inputs: the image builder does not care what the kernel or busybox contain.

@@ -292,10 +292,10 @@ impl fmt::Display for RunResult {
     }
 }
 
-/// Prints a progress line to stderr.
-fn progress(msg: &str) {
+/// Prints a progress line to stderr, tagged with the run's name (runs may go in parallel).
+fn progress(name: &str, msg: &str) {
     let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "[ally-run] {msg}");
+    let _ = writeln!(e, "[ally-run {name}] {msg}");
 }
 
 /// The last non-empty line of `text`, shortened for a progress line.
@@ -415,7 +415,10 @@ pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
                 Some(p) => p.clone(),
                 None => {
                     if opts.progress.is_some() {
-                        progress("building the Ally image (cargo build -p ally-boot --release)");
+                        progress(
+                            &opts.name,
+                            "building the Ally image (cargo build -p ally-boot --release)",
+                        );
                     }
                     iso::build_ally_image(&opts.workspace, opts.ally_target_dir.as_deref())?
                 }
@@ -433,11 +436,14 @@ pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
     fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
     let image = guest::build_guest_image(&src, &cache_root, guest::KERNEL_CMDLINE)?;
     if opts.progress.is_some() {
-        progress(&format!(
-            "guest image {} ({})",
-            image.hash,
-            if image.built { "built" } else { "cached" }
-        ));
+        progress(
+            &opts.name,
+            &format!(
+                "guest image {} ({})",
+                image.hash,
+                if image.built { "built" } else { "cached" }
+            ),
+        );
     }
     if image.built {
         remove_other_guest_images(&cache_root, &image.hash);
@@ -466,13 +472,16 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     let files = prepare(opts)?;
     let emulator = opts.emulator.resolve()?;
     if opts.progress.is_some() {
-        progress(&format!(
+        progress(
+            &opts.name,
+            &format!(
             "booting {} under {emulator} ({} CPU(s), {GUEST_RAM_MIB} MiB, timeout {}); logs in {}",
             opts.mode,
             opts.cpus,
             fmt_duration(opts.timeout),
             files.dir.display()
-        ));
+        ),
+        );
     }
     let mut running = emulator::start(emulator, &files, opts.cpus, GUEST_RAM_MIB)?;
     let start = Instant::now();
@@ -566,7 +575,7 @@ fn watch(
         let verdict = w.poll(now, &com1, &com2, exited.as_deref());
         if let Watch::Stop(o) = verdict {
             if opts.progress.is_some() {
-                progress(&format!("{} {o}", fmt_duration(now)));
+                progress(&opts.name, &format!("{} {o}", fmt_duration(now)));
             }
             return (o, w.init_at);
         }
@@ -577,7 +586,7 @@ fn watch(
                 if opts.mode == Mode::Ally {
                     msg += &format!("  |  com2: {}", last_line(&com2));
                 }
-                progress(&msg);
+                progress(&opts.name, &msg);
             }
         }
     }
