@@ -29,9 +29,9 @@
 //!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
-//!   group of every protocol). A packet scans its protocol's generic group and the groups of its
-//!   destination and source ports; identical port groups share one prefilter. Each group has a
-//!   prefilter ([`prefilter`]) over every rule's fast pattern
+//!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
+//!   group of its destination port and/or of its source port, or else the generic group;
+//!   identical groups share one prefilter. Each group has a prefilter ([`prefilter`]) over every rule's fast pattern
 //!   ([`Rule::fast_pattern`]); rules with no positive content are candidates for every packet of
 //!   their group. Candidates are then checked in full: header, `dsize`, `flow` ([`flow`]), and
 //!   the payload program ([`matcher`]).
@@ -358,7 +358,10 @@ impl Engine {
             }
             let mut pg = ProtoGroups::default();
             for (map, out) in [(dst, &mut pg.dst), (src, &mut pg.src)] {
-                for (port, members) in map {
+                for (port, mut members) in map {
+                    // Port groups include the generic rules so that most packets need one scan.
+                    members.extend_from_slice(&generic);
+                    members.sort_unstable();
                     let g = self.group_for(&mut by_members, members)?;
                     out.push((port, g));
                 }
@@ -473,13 +476,10 @@ impl Engine {
         let (sp, dp) = pkt.ports();
         let lookup =
             |v: &[(u16, u32)], p: u16| v.binary_search_by_key(&p, |e| e.0).ok().map(|i| v[i].1);
-        // A rule sits in one kind of group only (destination-port, source-port or generic), so
-        // the three scans never evaluate a rule twice; the marks make that a checked property.
-        let scan = [
-            class.generic,
-            lookup(&class.dst, dp),
-            lookup(&class.src, sp),
-        ];
+        // Port groups contain the generic rules; a packet with both a destination and a source
+        // port group scans both, and the marks keep a generic rule from being evaluated twice.
+        let (dg, sg) = (lookup(&class.dst, dp), lookup(&class.src, sp));
+        let scan = if dg.is_none() && sg.is_none() { [class.generic, None] } else { [dg, sg] };
         for g in scan.into_iter().flatten() {
             let group = &self.groups[g as usize];
             self.lit_marks.begin(group.pf.len());
