@@ -106,7 +106,7 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         .swap_greed(p.has('G'));
     let re = Regex::builder()
         .syntax(syn)
-        .configure(Regex::config().utf8_empty(false))
+        .configure(Regex::config().utf8_empty(false).hybrid(false).onepass(false))
         .build(&src)
         .map_err(|e| match e.syntax_error() {
             Some(se) => format!("pattern not supported: {}", one_line(&format!("{se}"))),
