@@ -182,18 +182,24 @@ fn memmap(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<St
 }
 
 fn probe_addr(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
-    let (base, _) = region.clone()?;
-    let addr = guest
-        .probe_addr()
-        .map_err(marker_err)?
-        .ok_or("no `ALLYTEST probe addr=..` marker")?;
-    if addr == base {
-        Ok(format!("guest probes {addr:#x} = Ally's region base"))
-    } else {
-        Err(format!(
-            "guest probes {addr:#x} (first byte after its highest RAM below 4 GiB), Ally's region base is {base:#x}"
-        ))
+    let (base, size) = region.clone()?;
+    let marker = guest.find("probe").ok_or("no `ALLYTEST probe addr=..` marker")?;
+    let addr = marker.number("addr").map_err(marker_err)?;
+    let hole = marker.number("hole").map_err(marker_err)?;
+    if hole != base {
+        return Err(format!(
+            "the first byte after the guest's highest RAM below 4 GiB is {hole:#x}, Ally's region base is {base:#x}"
+        ));
     }
+    if addr < base || addr >= base + size {
+        return Err(format!(
+            "guest probes {addr:#x}, outside Ally's region [{base:#x}, {:#x})",
+            base + size
+        ));
+    }
+    Ok(format!(
+        "the guest's RAM ends at Ally's region base {hole:#x}; it probes {addr:#x} inside the region"
+    ))
 }
 
 fn devmem_reads(guest: &GuestReport) -> Result<String, String> {
@@ -289,7 +295,7 @@ ALLYTEST meminfo INFO memtotal_kb=950000
 ALLYTEST memmap INFO start=0x0 end=0x9efff type=System_RAM
 ALLYTEST memmap INFO start=0x100000 end=0x3dfeffff type=System_RAM
 ALLYTEST memmap INFO start=0x3fff0000 end=0x3fffffff type=ACPI_Tables
-ALLYTEST probe INFO addr=0x3dff0000
+ALLYTEST probe INFO addr=0x3dff0000 hole=0x3dff0000 next=0x3fff0000
 ALLYTEST devmem-read INFO addr=0x3dff0000 value=0xFFFFFFFF
 ALLYTEST devmem-read INFO addr=0x3dff1000 value=0xFFFFFFFF
 ALLYTEST devmem-read INFO addr=0x3dff0010 value=0xFFFFFFFF
@@ -368,7 +374,9 @@ ALLY poweroff
 
     #[test]
     fn wrong_probe_and_missing_lines_fail() {
-        let g = GOOD_GUEST.replace("probe INFO addr=0x3dff0000", "probe INFO addr=0x3fff0000");
+        let g = GOOD_GUEST.replace("hole=0x3dff0000", "hole=0x3fff0000");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["probe-addr"]);
+        let g = GOOD_GUEST.replace("probe INFO addr=0x3dff0000", "probe INFO addr=0x40000000");
         assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["probe-addr"]);
         let a = GOOD_ALLY.replace(
             "ALLY ept-violation gpa=0x3dff0010 access=write action=skip\n",
