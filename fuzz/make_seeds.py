@@ -45,7 +45,42 @@ def long_mode(code, store):
     return header(mode, 1, 0x1000, 0, [0x1008] * 16, 1 if store else 0, 0x7008, small=0) + bytes(pages)
 
 
+def paged(kind, code, store):
+    """32-bit paging, PAE or 5-level: code at linear 0, MMIO (gpa 0x7000) at linear 0x1000."""
+    pages = bytearray(7 * 0x1000)
+
+    def entry(page, index, value, size=8):
+        struct.pack_into("<I" if size == 4 else "<Q", pages, page * 0x1000 + index * size, value)
+
+    if kind == "32bit":
+        entry(1, 0, 0x2000 | 3, 4)
+        entry(2, 0, 0x5000 | 3, 4)
+        entry(2, 1, 0x7000 | 3, 4)
+        mode = 2 + 6 * 1  # 32-bit paging, CS.D
+    elif kind == "pae":
+        entry(1, 0, 0x2000 | 1)  # PAE PDPTEs have no R/W
+        entry(2, 0, 0x3000 | 3)
+        entry(3, 0, 0x5000 | 3)
+        entry(3, 1, 0x7000 | 3)
+        mode = 3 + 6 * 1  # PAE, CS.D
+    else:
+        for table in range(1, 5):
+            entry(table, 0, ((table + 1) * 0x1000) | 3)
+        entry(5, 0, 0x6000 | 3)
+        entry(5, 1, 0x7000 | 3)
+        pages[0x6000:0x6000 + len(code)] = code
+        mode = 5 + 6 * 2  # 5-level, CS.L
+    if kind != "5level":
+        pages[0x5000:0x5000 + len(code)] = code
+    return header(mode, 1, 0x1000, 0, [0x1008] * 16, 1 if store else 0, 0x7008, small=0) + bytes(pages)
+
+
 SEEDS = {
+    "p32_mov_store": paged("32bit", b"\x89\x07", True),
+    "pae_mov_load": paged("pae", b"\x8b\x07", False),
+    "pae_movzx": paged("pae", b"\x0f\xb7\x07", False),
+    "la57_mov_store": paged("5level", b"\x89\x07", True),
+    "la57_movsx": paged("5level", b"\x48\x0f\xbe\x07", False),
     "rm_mov_store": real_mode(b"\x89\x07", True),
     "rm_mov_load": real_mode(b"\x8b\x05", False),
     "rm_movzx": real_mode(b"\x66\x0f\xb6\x04", False),

@@ -8,7 +8,22 @@
 //! [`emulate::MmioHandler`], write loads back to the destination register and advance RIP.
 //!
 //! Nothing here touches hardware or allocates; every input is guest-controlled and is
-//! validated without panicking.
+//! validated without panicking. (iced-x86 allocates its decoder tables once, on first use:
+//! call [`decode::warm_up`] at initialisation, after the heap exists.)
+//!
+//! Use from the EPT-violation exit handler:
+//!
+//! 1. Fill a [`GuestCpuState`]: `regs` from the exit stub's save area with `regs.rsp` from
+//!    VMCS guest RSP; `rip`, `rflags`, `cr0`, `cr3`, `cr4`, `efer` (guest IA32_EFER), the CS
+//!    selector/base/access rights, SS access rights and the ES/SS/DS/FS/GS bases from the
+//!    guest-state area; `max_phys_addr_bits` from the CPUID leaf the guest sees. CR0 and
+//!    CR4 are the VMCS guest fields (what the processor walks the guest's tables with), not
+//!    the read shadows.
+//! 2. The access kind from the exit qualification (SDM 28.2.1, Table 28-7): fetch if bit 2,
+//!    else write if bit 1, else read.
+//! 3. Call [`emulate_mmio`] with the guest-physical-address field. On `Ok`, write `cpu.rip`
+//!    and `cpu.regs.rsp` back to the VMCS and the other registers to the save area, then
+//!    resume; on `Err`, report it (its `Display` names the reason) and stop the guest.
 
 pub mod decode;
 pub mod emulate;

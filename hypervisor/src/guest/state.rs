@@ -338,7 +338,7 @@ pub struct GuestCpuState {
     /// SS access rights in VMCS format: SS.DPL is the CPL (SDM Vol. 3A 5.5).
     pub ss_access_rights: u32,
     pub segment_bases: SegmentBases,
-    /// The guest's MAXPHYADDR (CPUID.80000008H:EAX[7:0]), for reserved-bit checks in
+    /// The guest's MAXPHYADDR (`CPUID.80000008H:EAX[7:0]`), for reserved-bit checks in
     /// paging entries. Values outside 32..=52 are treated as 52 (no extra checks).
     pub max_phys_addr_bits: u8,
 }
