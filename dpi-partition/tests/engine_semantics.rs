@@ -396,7 +396,7 @@ fn fast_pattern_choice() {
 #[test]
 fn unsupported_options_reported_with_sid() {
     let text = "alert tcp any any -> any any (msg:\"a\"; flowbits:isset,x; content:\"a\"; sid:10;)\n\
-                alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_jump:4,0; sid:11;)\n\
+                alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
     let p = parse_rules(text, &Vars::new());
@@ -409,7 +409,7 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(
         p.rejected[1].error,
-        RuleError::Unsupported(vec!["http_uri".into(), "byte_jump".into()])
+        RuleError::Unsupported(vec!["http_uri".into(), "byte_extract".into()])
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
@@ -699,4 +699,126 @@ fn garbage_frames_never_panic() {
         );
     }
     assert_eq!(e.stats().frames, 3000);
+}
+
+#[test]
+fn byte_test_binary_and_string() {
+    // 2 bytes big endian at offset 1: 0x0102 = 258.
+    let p = b"\x00\x01\x02\x03";
+    assert!(hits("byte_test:2,=,258,1", p));
+    assert!(!hits("byte_test:2,=,258,0", p));
+    assert!(hits("byte_test:2,=,0x201,1,little", p));
+    assert!(hits("byte_test:2,>,257,1", p));
+    assert!(!hits("byte_test:2,>,258,1", p));
+    assert!(hits("byte_test:2,!>,258,1", p));
+    assert!(hits("byte_test:1,&,0x02,2", p));
+    assert!(!hits("byte_test:1,&,0x04,2", p));
+    assert!(hits("byte_test:1,^,0x01,2", p));
+    assert!(!hits("byte_test:4,=,0,1", p)); // runs past the buffer
+                                            // bitmask: 0x0102 & 0x0f00 = 0x0100, shifted by 8 = 1.
+    assert!(hits("byte_test:2,=,1,1,bitmask 0x0f00", p));
+    // Relative to the cursor, negative offsets allowed.
+    assert!(hits(r#"content:"|02|"; byte_test:1,=,3,0,relative"#, p));
+    assert!(hits(r#"content:"|02|"; byte_test:1,=,1,-2,relative"#, p));
+    // Strings: at most `bytes` characters, strtoul-like.
+    assert!(hits("byte_test:4,>,1000,4,string,dec", b"LEN=2048;"));
+    assert!(!hits("byte_test:4,>,3000,4,string,dec", b"LEN=2048;"));
+    assert!(hits("byte_test:2,=,20,4,string,dec", b"LEN=2048;"));
+    assert!(hits("byte_test:3,=,0x1f,0,string,hex", b"1fz"));
+    assert!(!hits("byte_test:3,=,0,0,string,dec", b"abc"));
+    assert!(matches!(
+        refused("byte_test:5,=,1,0"),
+        RuleError::BadOption { .. }
+    ));
+    assert!(matches!(
+        refused("byte_test:2,=,1,0,dce"),
+        RuleError::Unsupported(_)
+    ));
+    assert!(matches!(
+        refused("byte_test:2,=,var,0"),
+        RuleError::Unsupported(_)
+    ));
+}
+
+#[test]
+fn byte_jump_moves_the_cursor() {
+    // Length-prefixed record: len=3, "abc", then "END".
+    let p = b"\x00\x03abcEND";
+    assert!(hits(r#"byte_jump:2,0; content:"END",within 3"#, p));
+    assert!(!hits(r#"byte_jump:2,0; content:"abc",within 3"#, p));
+    // from_beginning: cursor = 5.
+    assert!(hits(
+        r#"byte_jump:2,0,from_beginning; content:"END",within 3"#,
+        b"\x00\x05abcEND"
+    ));
+    // align: 3 rounds up to 4.
+    assert!(hits(r#"byte_jump:2,0,align; content:"ND",within 2"#, p));
+    // multiplier and post_offset.
+    assert!(hits(
+        r#"byte_jump:1,1,multiplier 2,post_offset -2; content:"cEND",within 4"#,
+        b"\x00\x02abcEND"
+    ));
+    // Jump past the end fails.
+    assert!(!hits("byte_jump:2,0", b"\x00\x09abc"));
+    // Relative to a content match.
+    assert!(hits(
+        r#"content:"L="; byte_jump:1,0,relative; content:"!",within 1"#,
+        b"xxL=\x02ab!"
+    ));
+    assert!(!hits(
+        r#"content:"L="; byte_jump:1,0,relative; content:"!",within 1"#,
+        b"xxL=\x03ab!"
+    ));
+    // String form.
+    assert!(hits(
+        r#"byte_jump:1,0,string,dec; content:"Z",within 1"#,
+        b"3abcZ"
+    ));
+    // Backtracking over the content before a relative byte_jump.
+    assert!(hits(
+        r#"content:"L="; byte_jump:1,0,relative; content:"!",within 1"#,
+        b"L=\x05L=\x01a!"
+    ));
+}
+
+fn icmp_frame(itype: u8, code: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![itype, code, 0, 0];
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&seq.to_be_bytes());
+    frame("10.0.0.1", "10.0.0.2", 1, &h, payload)
+}
+
+#[test]
+fn icmp_options() {
+    let mut e = engine(
+        "alert icmp any any -> any any (itype:8; icode:0; content:\"ping\"; sid:1;)\n\
+         alert icmp any any -> any any (itype:>10; sid:2;)\n\
+         alert icmp any any -> any any (icmp_id:77; icmp_seq:5; sid:3;)\n\
+         alert ip any any -> any any (itype:3; sid:4;)\n",
+    );
+    let mut run = |f: Vec<u8>| {
+        let mut c = Collect::default();
+        e.inspect(&f, Direction::FromWire, Timestamp(0), &mut c);
+        let mut v: Vec<u32> = c.alerts.iter().map(|a| a.0).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(run(icmp_frame(8, 0, 77, 5, b"ping")), vec![1, 3]);
+    assert_eq!(run(icmp_frame(8, 1, 77, 6, b"ping")), Vec::<u32>::new());
+    assert_eq!(run(icmp_frame(13, 0, 77, 5, b"")), vec![2]); // timestamp: not echo, no id/seq
+    assert_eq!(run(icmp_frame(3, 1, 0, 0, b"")), vec![4]);
+    assert_eq!(run(tcp(1, 80, b"ping")), Vec::<u32>::new());
+}
+
+#[test]
+fn new_options_round_trip_through_canonical_text() {
+    let v = Vars::new();
+    for r in [
+        r#"alert tcp any any -> any any (content:"a"; byte_test:4,!&,0x10,-2,relative,little,string,hex,bitmask 0xff; sid:1;)"#,
+        r#"alert tcp any any -> any any (byte_jump:2,1,relative,little,multiplier 4,align,from_beginning,post_offset -2; sid:2;)"#,
+        r#"alert icmp any any -> any any (itype:3<>5; icode:!1; icmp_id:9; icmp_seq:10; sid:3;)"#,
+    ] {
+        let a = parse_rule(r, &v).unwrap();
+        assert_eq!(parse_rule(&a.to_string(), &v).unwrap(), a, "{a}");
+    }
 }

@@ -9,6 +9,12 @@
 //!   at the cursor, so `^` anchors there, as PCRE does); a match moves the cursor to its end.
 //! - `isdataat:n` (Snort 3): the byte at `n` (or at `cursor + n` with `relative`) exists; `!`
 //!   inverts; the cursor does not move.
+//! - `byte_test` reads 1-4 bytes (or a 1-10-character number string) at `offset` from the
+//!   buffer start or the cursor, applies `bitmask`, and compares; the cursor does not move.
+//!   `byte_jump` reads the same way and moves the cursor to the end of the bytes read plus the
+//!   value (times `multiplier`, rounded up to 4 with `align`; from the start with
+//!   `from_beginning`, from the end with `from_end`) plus `post_offset`; a target outside the
+//!   buffer fails. Both fail when the bytes lie outside the buffer.
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
@@ -24,7 +30,7 @@ use regex_automata::meta::{self, Regex};
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
-use super::rules::{Content, PayloadOp, Pcre, Rule};
+use super::rules::{ByteJump, ByteOp, ByteTest, Content, Extract, PayloadOp, Pcre, Rule};
 
 /// Finds the `$` characters of a pattern that are regex anchors (unescaped, outside classes).
 fn dollar_positions(src: &str) -> Vec<usize> {
@@ -106,7 +112,12 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         .swap_greed(p.has('G'));
     let re = Regex::builder()
         .syntax(syn)
-        .configure(Regex::config().utf8_empty(false).hybrid(false).onepass(false))
+        .configure(
+            Regex::config()
+                .utf8_empty(false)
+                .hybrid(false)
+                .onepass(false),
+        )
         .build(&src)
         .map_err(|e| match e.syntax_error() {
             Some(se) => format!("pattern not supported: {}", one_line(&format!("{se}"))),
@@ -265,6 +276,114 @@ enum Op {
         relative: bool,
     },
     Reset,
+    ByteTest(ByteTest),
+    ByteJump(ByteJump),
+}
+
+/// Reads the number `e` describes with the cursor at `cursor`: (value, position after the bytes
+/// consumed). `None` when the bytes lie outside the buffer or a string has no digits.
+fn extract(buf: &[u8], cursor: usize, e: &Extract) -> Option<(u32, usize)> {
+    let base = if e.relative { cursor as i64 } else { 0 };
+    let at = usize::try_from(base + i64::from(e.offset)).ok()?;
+    let (mut value, end) = match e.string_base {
+        None => {
+            let bytes = buf.get(at..at + usize::from(e.bytes))?;
+            let mut v = 0u32;
+            if e.little {
+                for &b in bytes.iter().rev() {
+                    v = v << 8 | u32::from(b);
+                }
+            } else {
+                for &b in bytes {
+                    v = v << 8 | u32::from(b);
+                }
+            }
+            (v, at + bytes.len())
+        }
+        Some(radix) => {
+            // As C strtoul over at most `bytes` bytes: leading white space, an optional sign,
+            // `0x` for hex, then digits; no digits is a failure.
+            let s = buf.get(at..)?;
+            let s = &s[..s.len().min(usize::from(e.bytes))];
+            let mut i = 0;
+            while i < s.len() && matches!(s[i], b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r') {
+                i += 1;
+            }
+            let neg = match s.get(i) {
+                Some(b'-') => {
+                    i += 1;
+                    true
+                }
+                Some(b'+') => {
+                    i += 1;
+                    false
+                }
+                _ => false,
+            };
+            if radix == 16
+                && s.get(i) == Some(&b'0')
+                && matches!(s.get(i + 1), Some(b'x' | b'X'))
+                && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+            {
+                i += 2;
+            }
+            let start = i;
+            let mut v: u64 = 0;
+            while let Some(d) = s.get(i).and_then(|&c| (c as char).to_digit(radix)) {
+                v = v
+                    .saturating_mul(u64::from(radix))
+                    .saturating_add(u64::from(d));
+                i += 1;
+            }
+            if i == start {
+                return None;
+            }
+            let v = if neg { v.wrapping_neg() } else { v };
+            (v as u32, at + i)
+        }
+    };
+    if let Some(m) = e.bitmask {
+        value &= m;
+        if value != 0 {
+            value >>= m.trailing_zeros();
+        }
+    }
+    Some((value, end))
+}
+
+fn byte_test(b: &ByteTest, buf: &[u8], cursor: usize) -> bool {
+    let Some((v, _)) = extract(buf, cursor, &b.extract) else {
+        return false;
+    };
+    let c = b.value;
+    let ok = match b.op {
+        ByteOp::Lt => v < c,
+        ByteOp::Le => v <= c,
+        ByteOp::Eq => v == c,
+        ByteOp::Gt => v > c,
+        ByteOp::Ge => v >= c,
+        ByteOp::And => v & c != 0,
+        ByteOp::Xor => v ^ c != 0,
+    };
+    ok != b.negated
+}
+
+/// New cursor after a `byte_jump`, if it stays within `0..=len`.
+fn byte_jump(j: &ByteJump, buf: &[u8], cursor: usize) -> Option<usize> {
+    let (v, after) = extract(buf, cursor, &j.extract)?;
+    let mut jump = u64::from(v) * u64::from(j.multiplier.unwrap_or(1));
+    if j.align {
+        jump = jump.div_ceil(4) * 4;
+    }
+    let from = if j.from_beginning {
+        0
+    } else if j.from_end {
+        buf.len() as i64
+    } else {
+        after as i64
+    };
+    let pos = from + jump as i64 + i64::from(j.post_offset);
+    usize::try_from(pos).ok().filter(|&p| p <= buf.len())
 }
 
 impl Op {
@@ -274,6 +393,8 @@ impl Op {
             Op::Pcre(p) => p.relative,
             Op::IsDataAt { relative, .. } => *relative,
             Op::Reset => false,
+            Op::ByteTest(b) => b.extract.relative,
+            Op::ByteJump(j) => j.extract.relative,
         }
     }
 
@@ -283,7 +404,8 @@ impl Op {
             Op::Content(c) => !c.negated && !c.relative,
             Op::Pcre(p) => !p.negated && !p.relative,
             Op::Reset => true,
-            Op::IsDataAt { .. } => false,
+            Op::ByteJump(j) => !j.extract.relative,
+            Op::IsDataAt { .. } | Op::ByteTest(_) => false,
         }
     }
 }
@@ -342,6 +464,8 @@ impl Program {
                     relative: d.relative,
                 },
                 PayloadOp::ResetCursor => Op::Reset,
+                PayloadOp::ByteTest(b) => Op::ByteTest(*b),
+                PayloadOp::ByteJump(j) => Op::ByteJump(*j),
             });
         }
         let mut dep = alloc::vec![false; ops.len()];
@@ -407,6 +531,11 @@ impl Program {
         };
         match op {
             Op::Reset => self.next(i + 1, 0, buf, memo),
+            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, buf, memo),
+            Op::ByteJump(j) => match byte_jump(j, buf, cursor) {
+                Some(c) => self.next(i + 1, c, buf, memo),
+                None => false,
+            },
             Op::IsDataAt {
                 negated,
                 pos,

@@ -479,7 +479,11 @@ impl Engine {
         // Port groups contain the generic rules; a packet with both a destination and a source
         // port group scans both, and the marks keep a generic rule from being evaluated twice.
         let (dg, sg) = (lookup(&class.dst, dp), lookup(&class.src, sp));
-        let scan = if dg.is_none() && sg.is_none() { [class.generic, None] } else { [dg, sg] };
+        let scan = if dg.is_none() && sg.is_none() {
+            [class.generic, None]
+        } else {
+            [dg, sg]
+        };
         for g in scan.into_iter().flatten() {
             let group = &self.groups[g as usize];
             self.lit_marks.begin(group.pf.len());
@@ -524,6 +528,33 @@ fn header_matches(r: &Rule, pkt: &Packet<'_>) -> bool {
         && r.dst.contains(pkt.src)
         && r.src_ports.contains(dp)
         && r.dst_ports.contains(sp))
+}
+
+/// `itype`/`icode`/`icmp_id`/`icmp_seq`; echo id/seq only on echo request/reply (ICMP 8/0,
+/// ICMPv6 128/129).
+fn icmp_matches(c: &rules::IcmpCheck, pkt: &Packet<'_>) -> bool {
+    if !c.is_set() {
+        return true;
+    }
+    let L4::Icmp {
+        v6,
+        itype,
+        code,
+        id,
+        seq,
+    } = pkt.l4
+    else {
+        return false;
+    };
+    let echo = if v6 {
+        matches!(itype, 128 | 129)
+    } else {
+        matches!(itype, 0 | 8)
+    };
+    c.itype.is_none_or(|t| t.check(usize::from(itype)))
+        && c.icode.is_none_or(|t| t.check(usize::from(code)))
+        && c.id.is_none_or(|x| echo && x == id)
+        && c.seq.is_none_or(|x| echo && x == seq)
 }
 
 fn flow_matches(f: &rules::FlowCheck, info: Option<FlowInfo>) -> bool {
@@ -572,6 +603,7 @@ impl Inspector for Engine {
             if !header_matches(&c.rule, &pkt)
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
+                || !icmp_matches(&c.rule.icmp, &pkt)
                 || !c.program.matches(pkt.payload, &mut self.memo)
             {
                 continue;

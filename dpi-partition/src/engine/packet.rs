@@ -36,8 +36,15 @@ pub enum L4 {
     Tcp { sport: u16, dport: u16, flags: u8 },
     /// UDP ports.
     Udp { sport: u16, dport: u16 },
-    /// ICMP or ICMPv6 type and code.
-    Icmp { v6: bool, itype: u8, code: u8 },
+    /// ICMP or ICMPv6 type and code, and header bytes 4-7 (identifier and sequence number of
+    /// echo messages).
+    Icmp {
+        v6: bool,
+        itype: u8,
+        code: u8,
+        id: u16,
+        seq: u16,
+    },
     /// Other protocol, a non-first fragment, or a truncated L4 header.
     Other,
 }
@@ -235,6 +242,8 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 v6: proto == ipproto::ICMPV6,
                 itype: body[0],
                 code: body[1],
+                id: u16::from_be_bytes([body[4], body[5]]),
+                seq: u16::from_be_bytes([body[6], body[7]]),
             };
             Packet {
                 src,

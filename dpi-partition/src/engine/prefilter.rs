@@ -189,7 +189,11 @@ fn fold4(w: u32) -> u32 {
 fn key(b: &[u8], k: usize) -> u32 {
     let mut w = [0u8; 4];
     w[..k].copy_from_slice(&b[..k]);
-    let mask = if k == 4 { u32::MAX } else { (1u32 << (8 * k)) - 1 };
+    let mask = if k == 4 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * k)) - 1
+    };
     fold4(u32::from_le_bytes(w)) & mask
 }
 
@@ -269,7 +273,11 @@ impl Prefilter {
         let lits: Vec<Lit> = literals
             .iter()
             .map(|(b, nc)| Lit {
-                bytes: if *nc { b.to_ascii_lowercase().into() } else { b.clone().into() },
+                bytes: if *nc {
+                    b.to_ascii_lowercase().into()
+                } else {
+                    b.clone().into()
+                },
                 nocase: *nc,
             })
             .collect();
@@ -359,8 +367,16 @@ impl Prefilter {
         (self.bloom.len() + self.bits2.len()) * 8
             + self.long.memory_usage()
             + self.short2.memory_usage()
-            + self.singles.iter().map(|s| s.0.len() + s.1.len() * 4 + 48).sum::<usize>()
-            + self.lits.iter().map(|l| l.bytes.len() + core::mem::size_of::<Lit>()).sum::<usize>()
+            + self
+                .singles
+                .iter()
+                .map(|s| s.0.len() + s.1.len() * 4 + 48)
+                .sum::<usize>()
+            + self
+                .lits
+                .iter()
+                .map(|l| l.bytes.len() + core::mem::size_of::<Lit>())
+                .sum::<usize>()
     }
 
     #[inline(never)]
@@ -375,8 +391,14 @@ impl Prefilter {
         for &id in ids {
             let id = id as usize;
             let lit = &self.lits[id];
-            let Some(s) = hay.get(at..at + lit.bytes.len()) else { continue };
-            let ok = if lit.nocase { s.eq_ignore_ascii_case(&lit.bytes) } else { *s == *lit.bytes };
+            let Some(s) = hay.get(at..at + lit.bytes.len()) else {
+                continue;
+            };
+            let ok = if lit.nocase {
+                s.eq_ignore_ascii_case(&lit.bytes)
+            } else {
+                *s == *lit.bytes
+            };
             if ok && marks.first(id) {
                 hit(id);
             }
@@ -404,7 +426,10 @@ impl Prefilter {
         let w = match hay.get(i..i + 4) {
             Some(q) => {
                 let w = fold4(u32::from_le_bytes([q[0], q[1], q[2], q[3]]));
-                if bit(&self.bloom, (w.wrapping_mul(HASH_MUL) >> self.shift) as usize) {
+                if bit(
+                    &self.bloom,
+                    (w.wrapping_mul(HASH_MUL) >> self.shift) as usize,
+                ) {
                     self.verify(self.long.get(w), hay, i, marks, hit);
                 }
                 w
@@ -460,7 +485,11 @@ mod tests {
         for b in 0..=255u8 {
             let w = u32::from_le_bytes([b, b'Q', 0xC1, b]);
             let f = fold4(w).to_le_bytes();
-            assert_eq!(f, [b.to_ascii_lowercase(), b'q', 0xC1, b.to_ascii_lowercase()], "{b:#x}");
+            assert_eq!(
+                f,
+                [b.to_ascii_lowercase(), b'q', 0xC1, b.to_ascii_lowercase()],
+                "{b:#x}"
+            );
         }
     }
 
@@ -478,7 +507,9 @@ mod tests {
         let mut lits = Vec::new();
         for _ in 0..300 {
             let len = 1 + (rnd() % 7) as usize;
-            let l: Vec<u8> = (0..len).map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize]).collect();
+            let l: Vec<u8> = (0..len)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect();
             lits.push((l, rnd() % 2 == 0));
         }
         let ours = Prefilter::new(&lits).unwrap();
@@ -486,7 +517,9 @@ mod tests {
         let mut m = Marks::default();
         for round in 0..400 {
             let len = (rnd() % 40) as usize + round % 3;
-            let hay: Vec<u8> = (0..len).map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize]).collect();
+            let hay: Vec<u8> = (0..len)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect();
             let (mut a, mut b) = (Vec::new(), Vec::new());
             m.begin(lits.len());
             ours.scan(&hay, &mut m, |i| a.push(i));

@@ -10,8 +10,9 @@
 //! escapes, `!`, and `nocase offset depth distance within fast_pattern` (+ Snort 3
 //! `fast_pattern_offset/length`, Snort 2 `fast_pattern:only` and `fast_pattern:o,l`) in both the
 //! Snort 2 (separate options) and Snort 3 (`content:"x",depth 16,nocase`) styles; `pcre`; `dsize`;
-//! `flow`; plus `isdataat` and the no-op buffer selectors `pkt_data`/`raw_data` (the packet
-//! payload is the only buffer). Everything else makes the rule not load
+//! `flow`; plus `isdataat`, `byte_test`, `byte_jump` (not with `dce` or byte_extract variables),
+//! `itype`, `icode`, `icmp_id`, `icmp_seq`, and the buffer selectors `pkt_data`/`raw_data` (the
+//! packet payload is the only buffer; they reset the cursor). Everything else makes the rule not load
 //! ([`RuleError::Unsupported`] names every such option).
 //!
 //! pcre: `/re/flags` with flags `i s m x` (PCRE meanings), `R` (relative to the cursor), `A`
@@ -196,9 +197,9 @@ impl Pcre {
     }
 }
 
-/// Comparison of `dsize`.
+/// Numeric comparison of `dsize`, `itype`, `icode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dsize {
+pub enum NumCheck {
     /// `n`
     Eq(u32),
     /// `!n`
@@ -217,34 +218,34 @@ pub enum Dsize {
     BetweenIncl(u32, u32),
 }
 
-impl Dsize {
+impl NumCheck {
     /// Whether a payload of `len` bytes passes.
     pub fn check(self, len: usize) -> bool {
         let x = u32::try_from(len).unwrap_or(u32::MAX);
         match self {
-            Dsize::Eq(n) => x == n,
-            Dsize::Ne(n) => x != n,
-            Dsize::Lt(n) => x < n,
-            Dsize::Gt(n) => x > n,
-            Dsize::Le(n) => x <= n,
-            Dsize::Ge(n) => x >= n,
-            Dsize::Between(a, b) => a < x && x < b,
-            Dsize::BetweenIncl(a, b) => a <= x && x <= b,
+            NumCheck::Eq(n) => x == n,
+            NumCheck::Ne(n) => x != n,
+            NumCheck::Lt(n) => x < n,
+            NumCheck::Gt(n) => x > n,
+            NumCheck::Le(n) => x <= n,
+            NumCheck::Ge(n) => x >= n,
+            NumCheck::Between(a, b) => a < x && x < b,
+            NumCheck::BetweenIncl(a, b) => a <= x && x <= b,
         }
     }
 }
 
-impl fmt::Display for Dsize {
+impl fmt::Display for NumCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Dsize::Eq(n) => write!(f, "{n}"),
-            Dsize::Ne(n) => write!(f, "!{n}"),
-            Dsize::Lt(n) => write!(f, "<{n}"),
-            Dsize::Gt(n) => write!(f, ">{n}"),
-            Dsize::Le(n) => write!(f, "<={n}"),
-            Dsize::Ge(n) => write!(f, ">={n}"),
-            Dsize::Between(a, b) => write!(f, "{a}<>{b}"),
-            Dsize::BetweenIncl(a, b) => write!(f, "{a}<=>{b}"),
+            NumCheck::Eq(n) => write!(f, "{n}"),
+            NumCheck::Ne(n) => write!(f, "!{n}"),
+            NumCheck::Lt(n) => write!(f, "<{n}"),
+            NumCheck::Gt(n) => write!(f, ">{n}"),
+            NumCheck::Le(n) => write!(f, "<={n}"),
+            NumCheck::Ge(n) => write!(f, ">={n}"),
+            NumCheck::Between(a, b) => write!(f, "{a}<>{b}"),
+            NumCheck::BetweenIncl(a, b) => write!(f, "{a}<=>{b}"),
         }
     }
 }
@@ -291,6 +292,111 @@ pub enum PayloadOp {
     IsDataAt(IsDataAt),
     /// `pkt_data` / `raw_data`: cursor back to the payload start.
     ResetCursor,
+    /// `byte_test`.
+    ByteTest(ByteTest),
+    /// `byte_jump`.
+    ByteJump(ByteJump),
+}
+
+/// ICMP header checks (Snort's `itype`, `icode`, `icmp_id`, `icmp_seq`). A rule with any of
+/// them matches only ICMP/ICMPv6 packets; `icmp_id`/`icmp_seq` only echo request/reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IcmpCheck {
+    /// `itype`.
+    pub itype: Option<NumCheck>,
+    /// `icode`.
+    pub icode: Option<NumCheck>,
+    /// `icmp_id`.
+    pub id: Option<u16>,
+    /// `icmp_seq`.
+    pub seq: Option<u16>,
+}
+
+impl IcmpCheck {
+    /// Whether any check is present.
+    pub fn is_set(&self) -> bool {
+        self.itype.is_some() || self.icode.is_some() || self.id.is_some() || self.seq.is_some()
+    }
+}
+
+/// How `byte_test`/`byte_jump` read a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Extract {
+    /// Bytes to read: 1-4 binary, 1-10 as a string.
+    pub bytes: u8,
+    /// Offset from the buffer start, or from the cursor with `relative`.
+    pub offset: i32,
+    /// `relative`.
+    pub relative: bool,
+    /// `little` (default big endian).
+    pub little: bool,
+    /// `string` with base 8, 10 or 16 (`oct`, `dec`, `hex`).
+    pub string_base: Option<u32>,
+    /// `bitmask`: AND, then shift right by the mask's trailing zeros.
+    pub bitmask: Option<u32>,
+}
+
+/// `byte_test` operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteOp {
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `=`
+    Eq,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+    /// `&`: (value & compare) != 0
+    And,
+    /// `^`: (value ^ compare) != 0
+    Xor,
+}
+
+impl ByteOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            ByteOp::Lt => "<",
+            ByteOp::Le => "<=",
+            ByteOp::Eq => "=",
+            ByteOp::Gt => ">",
+            ByteOp::Ge => ">=",
+            ByteOp::And => "&",
+            ByteOp::Xor => "^",
+        }
+    }
+}
+
+/// `byte_test`: compare a number read from the payload; the cursor does not move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteTest {
+    /// Where and how to read.
+    pub extract: Extract,
+    /// `!`.
+    pub negated: bool,
+    /// Operator.
+    pub op: ByteOp,
+    /// Compare value.
+    pub value: u32,
+}
+
+/// `byte_jump`: read a number and move the cursor by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ByteJump {
+    /// Where and how to read.
+    pub extract: Extract,
+    /// `multiplier`.
+    pub multiplier: Option<u32>,
+    /// `align`: round the jump up to a multiple of 4.
+    pub align: bool,
+    /// `from_beginning`: jump from the buffer start instead of the end of the read bytes.
+    pub from_beginning: bool,
+    /// `from_end`: jump from the buffer end.
+    pub from_end: bool,
+    /// `post_offset`.
+    pub post_offset: i32,
 }
 
 /// A parsed rule with variables expanded.
@@ -329,9 +435,11 @@ pub struct Rule {
     /// `service` values (kept, unused for matching).
     pub services: Vec<String>,
     /// `dsize`.
-    pub dsize: Option<Dsize>,
+    pub dsize: Option<NumCheck>,
     /// `flow`.
     pub flow: FlowCheck,
+    /// `itype`, `icode`, `icmp_id`, `icmp_seq`.
+    pub icmp: IcmpCheck,
     /// Payload steps in rule order.
     pub ops: Vec<PayloadOp>,
 }
@@ -387,6 +495,8 @@ impl Rule {
             PayloadOp::Content(c) => c.is_relative(),
             PayloadOp::Pcre(p) => p.has('R'),
             PayloadOp::IsDataAt(d) => d.relative,
+            PayloadOp::ByteTest(b) => b.extract.relative,
+            PayloadOp::ByteJump(b) => b.extract.relative,
             PayloadOp::ResetCursor => false,
         })
     }
@@ -701,6 +811,12 @@ const KNOWN: &[&str] = &[
     "isdataat",
     "pkt_data",
     "raw_data",
+    "itype",
+    "icode",
+    "icmp_id",
+    "icmp_seq",
+    "byte_test",
+    "byte_jump",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -824,6 +940,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         services: Vec::new(),
         dsize: None,
         flow: FlowCheck::default(),
+        icmp: IcmpCheck::default(),
         ops: Vec::new(),
     };
     let opts = split_options(body)?;
@@ -918,7 +1035,17 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 super::matcher::compile_pcre(&p).map_err(|e| bad("pcre", e))?;
                 rule.ops.push(PayloadOp::Pcre(p));
             }
-            "dsize" => rule.dsize = Some(parse_dsize(need(name, value)?)?),
+            "dsize" => rule.dsize = Some(parse_num_check(name, need(name, value)?)?),
+            "itype" => rule.icmp.itype = Some(parse_num_check(name, need(name, value)?)?),
+            "icode" => rule.icmp.icode = Some(parse_num_check(name, need(name, value)?)?),
+            "icmp_id" => rule.icmp.id = Some(num(name, need(name, value)?)?),
+            "icmp_seq" => rule.icmp.seq = Some(num(name, need(name, value)?)?),
+            "byte_test" => rule
+                .ops
+                .push(PayloadOp::ByteTest(parse_byte_test(need(name, value)?)?)),
+            "byte_jump" => rule
+                .ops
+                .push(PayloadOp::ByteJump(parse_byte_jump(need(name, value)?)?)),
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
             "isdataat" => rule
                 .ops
@@ -1023,29 +1150,29 @@ fn parse_pcre(raw: &str, negated: bool) -> Result<Pcre, RuleError> {
     })
 }
 
-fn parse_dsize(v: &str) -> Result<Dsize, RuleError> {
-    let n = |s: &str| num::<u32>("dsize", s);
+fn parse_num_check(option: &str, v: &str) -> Result<NumCheck, RuleError> {
+    let n = |s: &str| num::<u32>(option, s);
     let v = v.trim();
     if let Some((a, b)) = v.split_once("<=>") {
-        return Ok(Dsize::BetweenIncl(n(a)?, n(b)?));
+        return Ok(NumCheck::BetweenIncl(n(a)?, n(b)?));
     }
     if let Some((a, b)) = v.split_once("<>") {
-        return Ok(Dsize::Between(n(a)?, n(b)?));
+        return Ok(NumCheck::Between(n(a)?, n(b)?));
     }
     Ok(if let Some(r) = v.strip_prefix("<=") {
-        Dsize::Le(n(r)?)
+        NumCheck::Le(n(r)?)
     } else if let Some(r) = v.strip_prefix(">=") {
-        Dsize::Ge(n(r)?)
+        NumCheck::Ge(n(r)?)
     } else if let Some(r) = v.strip_prefix('<') {
-        Dsize::Lt(n(r)?)
+        NumCheck::Lt(n(r)?)
     } else if let Some(r) = v.strip_prefix('>') {
-        Dsize::Gt(n(r)?)
+        NumCheck::Gt(n(r)?)
     } else if let Some(r) = v.strip_prefix('!') {
-        Dsize::Ne(n(r)?)
+        NumCheck::Ne(n(r)?)
     } else if let Some(r) = v.strip_prefix('=') {
-        Dsize::Eq(n(r)?)
+        NumCheck::Eq(n(r)?)
     } else {
-        Dsize::Eq(n(v)?)
+        NumCheck::Eq(n(v)?)
     })
 }
 
@@ -1074,6 +1201,175 @@ fn parse_flow(v: &str) -> Result<FlowCheck, RuleError> {
         return Err(bad("flow", "both established and not_established"));
     }
     Ok(f)
+}
+
+/// Number as Snort reads it: decimal, or hex with `0x`.
+fn int_value(option: &str, v: &str) -> Result<i64, RuleError> {
+    let v = v.trim();
+    let (neg, body) = match v.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, v),
+    };
+    let parsed = match body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        Some(h) => i64::from_str_radix(h, 16),
+        None => body.parse::<i64>(),
+    };
+    match parsed {
+        Ok(n)
+            if body
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'x' || b == b'X') =>
+        {
+            Ok(if neg { -n } else { n })
+        }
+        _ if body
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_') =>
+        {
+            Err(RuleError::Unsupported(alloc::vec![format!(
+                "{option} variable (byte_extract)"
+            )]))
+        }
+        _ => Err(bad(option, format!("`{v}` is not a valid number"))),
+    }
+}
+
+fn int_in<T: TryFrom<i64>>(option: &str, v: &str) -> Result<T, RuleError> {
+    let n = int_value(option, v)?;
+    T::try_from(n).map_err(|_| bad(option, format!("`{}` is out of range", v.trim())))
+}
+
+/// Applies the modifiers shared by byte_test and byte_jump; returns false for an unknown one.
+fn extract_modifier(option: &str, e: &mut Extract, m: &str) -> Result<bool, RuleError> {
+    match m {
+        "relative" => e.relative = true,
+        "big" => e.little = false,
+        "little" => e.little = true,
+        "string" => e.string_base = Some(e.string_base.unwrap_or(10)),
+        "dec" | "hex" | "oct" => {
+            if e.string_base.is_none() {
+                return Err(bad(option, "dec/hex/oct need `string` before them"));
+            }
+            e.string_base = Some(match m {
+                "dec" => 10,
+                "hex" => 16,
+                _ => 8,
+            });
+        }
+        "dce" => return Err(RuleError::Unsupported(alloc::vec![format!("{option}:dce")])),
+        _ => match m.strip_prefix("bitmask") {
+            Some(v) if v.starts_with(char::is_whitespace) => {
+                let mask: u32 = int_in(option, v)?;
+                if mask == 0 {
+                    return Err(bad(option, "bitmask 0"));
+                }
+                e.bitmask = Some(mask);
+            }
+            _ => return Ok(false),
+        },
+    }
+    Ok(true)
+}
+
+fn check_extract(option: &str, e: &Extract) -> Result<(), RuleError> {
+    let max = if e.string_base.is_some() { 10 } else { 4 };
+    if e.bytes == 0 || e.bytes > max {
+        return Err(bad(option, format!("byte count must be 1-{max}")));
+    }
+    if let Some(m) = e.bitmask {
+        let mask_bytes = (32 - m.leading_zeros()).div_ceil(8);
+        if e.string_base.is_none() && mask_bytes > u32::from(e.bytes) {
+            return Err(bad(option, "bitmask wider than the bytes read"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_byte_test(v: &str) -> Result<ByteTest, RuleError> {
+    const O: &str = "byte_test";
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() < 4 {
+        return Err(bad(O, "expected bytes, operator, value, offset"));
+    }
+    let mut extract = Extract {
+        bytes: num(O, parts[0])?,
+        offset: int_in(O, parts[3])?,
+        ..Extract::default()
+    };
+    let (negated, op_text) = match parts[1].strip_prefix('!') {
+        Some(r) => (true, r.trim()),
+        None => (false, parts[1]),
+    };
+    let op = match op_text {
+        "" if negated => ByteOp::Eq,
+        "<" => ByteOp::Lt,
+        "<=" => ByteOp::Le,
+        "=" => ByteOp::Eq,
+        ">" => ByteOp::Gt,
+        ">=" => ByteOp::Ge,
+        "&" => ByteOp::And,
+        "^" => ByteOp::Xor,
+        other => return Err(bad(O, format!("unknown operator `{other}`"))),
+    };
+    let value: i64 = int_value(O, parts[2])?;
+    let value = u32::try_from(value).map_err(|_| bad(O, "compare value out of range"))?;
+    for m in &parts[4..] {
+        if !extract_modifier(O, &mut extract, m)? {
+            return Err(bad(O, format!("unknown modifier `{m}`")));
+        }
+    }
+    check_extract(O, &extract)?;
+    Ok(ByteTest {
+        extract,
+        negated,
+        op,
+        value,
+    })
+}
+
+fn parse_byte_jump(v: &str) -> Result<ByteJump, RuleError> {
+    const O: &str = "byte_jump";
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() < 2 {
+        return Err(bad(O, "expected bytes, offset"));
+    }
+    let mut j = ByteJump {
+        extract: Extract {
+            bytes: num(O, parts[0])?,
+            offset: int_in(O, parts[1])?,
+            ..Extract::default()
+        },
+        ..ByteJump::default()
+    };
+    for m in &parts[2..] {
+        if extract_modifier(O, &mut j.extract, m)? {
+            continue;
+        }
+        let (k, arg) = match m.split_once(char::is_whitespace) {
+            Some((k, a)) => (k, Some(a.trim())),
+            None => (*m, None),
+        };
+        match (k, arg) {
+            ("align", None) => j.align = true,
+            ("from_beginning", None) => j.from_beginning = true,
+            ("from_end", None) => j.from_end = true,
+            ("multiplier", Some(a)) => {
+                let f: u32 = int_in(O, a)?;
+                if f == 0 {
+                    return Err(bad(O, "multiplier 0"));
+                }
+                j.multiplier = Some(f);
+            }
+            ("post_offset", Some(a)) => j.post_offset = int_in(O, a)?,
+            _ => return Err(bad(O, format!("unknown modifier `{m}`"))),
+        }
+    }
+    if j.from_beginning && j.from_end {
+        return Err(bad(O, "from_beginning and from_end together"));
+    }
+    check_extract(O, &j.extract)?;
+    Ok(j)
 }
 
 fn parse_isdataat(v: &str) -> Result<IsDataAt, RuleError> {
@@ -1170,6 +1466,25 @@ fn write_content_bytes(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result 
     Ok(())
 }
 
+fn write_extract_mods(f: &mut fmt::Formatter<'_>, e: &Extract) -> fmt::Result {
+    if e.relative {
+        f.write_str(",relative")?;
+    }
+    if e.little {
+        f.write_str(",little")?;
+    }
+    match e.string_base {
+        Some(16) => f.write_str(",string,hex")?,
+        Some(8) => f.write_str(",string,oct")?,
+        Some(_) => f.write_str(",string,dec")?,
+        None => {}
+    }
+    if let Some(m) = e.bitmask {
+        write!(f, ",bitmask {m:#x}")?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -1206,6 +1521,18 @@ impl fmt::Display for Rule {
         }
         if let Some(d) = self.dsize {
             write!(f, " dsize:{d};")?;
+        }
+        if let Some(d) = self.icmp.itype {
+            write!(f, " itype:{d};")?;
+        }
+        if let Some(d) = self.icmp.icode {
+            write!(f, " icode:{d};")?;
+        }
+        if let Some(d) = self.icmp.id {
+            write!(f, " icmp_id:{d};")?;
+        }
+        if let Some(d) = self.icmp.seq {
+            write!(f, " icmp_seq:{d};")?;
         }
         for op in &self.ops {
             match op {
@@ -1251,6 +1578,41 @@ impl fmt::Display for Rule {
                     write!(f, " isdataat:{neg}{}{rel};", d.pos)?;
                 }
                 PayloadOp::ResetCursor => f.write_str(" pkt_data;")?,
+                PayloadOp::ByteTest(b) => {
+                    let neg = if b.negated { "!" } else { "" };
+                    let e = &b.extract;
+                    write!(
+                        f,
+                        " byte_test:{},{neg}{},{},{}",
+                        e.bytes,
+                        b.op.symbol(),
+                        b.value,
+                        e.offset
+                    )?;
+                    write_extract_mods(f, e)?;
+                    f.write_str(";")?;
+                }
+                PayloadOp::ByteJump(j) => {
+                    let e = &j.extract;
+                    write!(f, " byte_jump:{},{}", e.bytes, e.offset)?;
+                    write_extract_mods(f, e)?;
+                    if let Some(m) = j.multiplier {
+                        write!(f, ",multiplier {m}")?;
+                    }
+                    if j.align {
+                        f.write_str(",align")?;
+                    }
+                    if j.from_beginning {
+                        f.write_str(",from_beginning")?;
+                    }
+                    if j.from_end {
+                        f.write_str(",from_end")?;
+                    }
+                    if j.post_offset != 0 {
+                        write!(f, ",post_offset {}", j.post_offset)?;
+                    }
+                    f.write_str(";")?;
+                }
             }
         }
         if let Some(c) = &self.classtype {
