@@ -677,7 +677,7 @@ fn blob_round_trip_and_errors() {
 
 #[test]
 fn garbage_frames_never_panic() {
-    let mut e = engine("alert ip any any -> any any (content:\"a\"; sid:1;)\nalert tcp any any -> any any (flow:established; pcre:\"/b/R\"; sid:2;)");
+    let mut e = engine("alert ip any any -> any any (content:\"a\"; sid:1;)\nalert tcp any any -> any any (flow:established; pcre:\"/b/R\"; sid:2;)\nalert tcp any any -> any any (content:\"a\"; byte_jump:2,-1,relative,multiplier 3,align; byte_test:1,>,7,0,relative; isdataat:!3,relative; content:\"c\",distance -2,within 3; sid:3;)\nalert ip any any -> any any (byte_test:4,=,1,-1,relative,string,hex; byte_jump:10,2,string,oct,from_end,post_offset -20; pcre:\"/c$/\"; sid:4;)");
     let base = tcp(1, 80, b"abcabc");
     let mut x = 0x9e37_79b9u32;
     for round in 0..3000 {
@@ -821,4 +821,13 @@ fn new_options_round_trip_through_canonical_text() {
         let a = parse_rule(r, &v).unwrap();
         assert_eq!(parse_rule(&a.to_string(), &v).unwrap(), a, "{a}");
     }
+}
+
+#[test]
+fn byte_jump_huge_values_fail_cleanly() {
+    let p = b"\xff\xff\xff\xffabc";
+    assert!(!hits("byte_jump:4,0,multiplier 4294967295,align,post_offset 2147483647", p));
+    assert!(!hits("byte_jump:4,0,from_end,post_offset -2147483648", p));
+    // 10 digits of 9s saturate like strtoul and then truncate to 32 bits, without panicking.
+    assert!(hits("byte_test:10,>,0,0,string,dec", b"9999999999"));
 }

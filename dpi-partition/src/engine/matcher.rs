@@ -371,18 +371,19 @@ fn byte_test(b: &ByteTest, buf: &[u8], cursor: usize) -> bool {
 /// New cursor after a `byte_jump`, if it stays within `0..=len`.
 fn byte_jump(j: &ByteJump, buf: &[u8], cursor: usize) -> Option<usize> {
     let (v, after) = extract(buf, cursor, &j.extract)?;
-    let mut jump = u64::from(v) * u64::from(j.multiplier.unwrap_or(1));
+    // i128: value x multiplier is up to 2^64 and the sum must not wrap on guest data.
+    let mut jump = i128::from(v) * i128::from(j.multiplier.unwrap_or(1));
     if j.align {
-        jump = jump.div_ceil(4) * 4;
+        jump = (jump + 3) / 4 * 4;
     }
     let from = if j.from_beginning {
         0
     } else if j.from_end {
-        buf.len() as i64
+        buf.len() as i128
     } else {
-        after as i64
+        after as i128
     };
-    let pos = from + jump as i64 + i64::from(j.post_offset);
+    let pos = from + jump + i128::from(j.post_offset);
     usize::try_from(pos).ok().filter(|&p| p <= buf.len())
 }
 
