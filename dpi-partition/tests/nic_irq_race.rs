@@ -100,7 +100,10 @@ fn nic_irq_no_interrupt_lost_or_stuck() {
                 let stranded = shadow.peek_icr() & shadow.ims() != 0 && !dev.irq_pending();
                 if stranded {
                     done.store(true, Ordering::SeqCst);
-                    panic!("round {r}: cause {:#x} pending with no interrupt", shadow.peek_icr());
+                    panic!(
+                        "round {r}: cause {:#x} pending with no interrupt",
+                        shadow.peek_icr()
+                    );
                 }
             }
             let r_dice = rnd();
