@@ -183,7 +183,9 @@ fn memmap(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<St
 
 fn probe_addr(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
     let (base, size) = region.clone()?;
-    let marker = guest.find("probe").ok_or("no `ALLYTEST probe addr=..` marker")?;
+    let marker = guest
+        .find("probe")
+        .ok_or("no `ALLYTEST probe addr=..` marker")?;
     let addr = marker.number("addr").map_err(marker_err)?;
     let hole = marker.number("hole").map_err(marker_err)?;
     if hole != base {

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -273,6 +274,21 @@ pub fn start(
         cmd.stderr(err);
     }
     cmd.stdin(Stdio::null()).stdout(stdout);
+    // Its own process group: a terminal's Ctrl-C reaches the runner, not the emulator (Bochs
+    // would drop into its debugger); the runner's death then ends the emulator through the
+    // parent-death signal.
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let command = tool::describe(&cmd);
     let child = cmd.spawn().map_err(|source| EmulatorError::Spawn {
         command: command.clone(),

@@ -383,9 +383,45 @@ impl Watcher {
     }
 }
 
+/// Holds `out_root/.name.lock` for the whole run: two runs with one name would delete each
+/// other's files.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+fn lock_run(out_root: &Path, name: &str) -> Result<RunLock, RunError> {
+    fs::create_dir_all(out_root).map_err(|source| RunError::Io {
+        path: out_root.to_path_buf(),
+        source,
+    })?;
+    let path = out_root.join(format!(".{name}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RunError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(RunLock { _file: file }),
+        Err(fs::TryLockError::WouldBlock) => Err(RunError::BadOption {
+            option: "run name",
+            reason: format!(
+                "another run is using {} (choose another name with --name)",
+                out_root.join(name).display()
+            ),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(RunError::Io { path, source }),
+    }
+}
+
 /// Builds the guest image (cached), the Ally image (unless given) and the ISO into
-/// `out_root/name/`. Returns the machine's files.
-pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
+/// `out_root/name/`. Returns the machine's files and the lock that keeps other runs of the
+/// same name out until it is dropped.
+pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
     if opts.cpus == 0 || opts.cpus > 64 {
         return Err(RunError::BadOption {
             option: "--cpus",
@@ -398,6 +434,7 @@ pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
             reason: format!("`{}` must be a plain directory name", opts.name),
         });
     }
+    let lock = lock_run(&opts.out_root, &opts.name)?;
     let dir = opts.out_root.join(&opts.name);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -451,7 +488,7 @@ pub fn prepare(opts: &RunOptions) -> Result<MachineFiles, RunError> {
     // Each run boots its own copy: Bochs writes to and locks the disk.
     fs::copy(&image.disk, &files.disk).map_err(io(&image.disk))?;
     iso::build_iso(&target, &dir.join("iso"), &files.iso)?;
-    Ok(files)
+    Ok((files, lock))
 }
 
 /// Old cached guest images (other hashes) are removed: each is 64 MiB.
@@ -469,7 +506,7 @@ fn remove_other_guest_images(cache_root: &Path, keep_hash: &str) {
 
 /// Builds everything, boots, watches, stops and judges.
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
-    let files = prepare(opts)?;
+    let (files, _lock) = prepare(opts)?;
     let emulator = opts.emulator.resolve()?;
     if opts.progress.is_some() {
         progress(
@@ -692,6 +729,21 @@ mod tests {
         assert_eq!(last_line("a\r\nbb\r\n\r\n"), "bb");
         assert_eq!(last_line(""), "-");
         assert_eq!(last_line(&"x".repeat(100)).chars().count(), 71);
+    }
+
+    #[test]
+    fn one_run_per_name() {
+        let root = std::env::temp_dir().join(format!("ally-lock-test-{}", std::process::id()));
+        let held = lock_run(&root, "demo").unwrap();
+        let e = lock_run(&root, "demo").unwrap_err().to_string();
+        assert!(
+            e.starts_with("option run name: another run is using"),
+            "{e}"
+        );
+        lock_run(&root, "other").unwrap();
+        drop(held);
+        lock_run(&root, "demo").unwrap();
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
