@@ -9,7 +9,14 @@ fn builds_for_x86_64_unknown_none() {
     // A separate target dir: the outer `cargo test` may still hold its own build lock.
     let target_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bare-metal");
     let out = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "ally-dpi", "--target", "x86_64-unknown-none"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "ally-dpi",
+            "--target",
+            "x86_64-unknown-none",
+        ])
         .args(["--manifest-path", manifest])
         .env("CARGO_TARGET_DIR", &target_dir)
         .output()

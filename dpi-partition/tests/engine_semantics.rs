@@ -395,7 +395,7 @@ fn fast_pattern_choice() {
 
 #[test]
 fn unsupported_options_reported_with_sid() {
-    let text = "alert tcp any any -> any any (msg:\"a\"; flowbits:isset,x; content:\"a\"; sid:10;)\n\
+    let text = "alert tcp any any -> any any (msg:\"a\"; detection_filter:track by_src,count 5,seconds 60; content:\"a\"; sid:10;)\n\
                 alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
@@ -405,7 +405,7 @@ fn unsupported_options_reported_with_sid() {
     assert_eq!(p.rejected[0].sid, Some(10));
     assert_eq!(
         p.rejected[0].error,
-        RuleError::Unsupported(vec!["flowbits".into()])
+        RuleError::Unsupported(vec!["detection_filter".into()])
     );
     assert_eq!(
         p.rejected[1].error,
@@ -413,7 +413,7 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
-    assert!(summary.contains(&("flowbits".into(), 1)));
+    assert!(summary.contains(&("detection_filter".into(), 1)));
     assert!(summary.contains(&("http_uri".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
@@ -826,8 +826,72 @@ fn new_options_round_trip_through_canonical_text() {
 #[test]
 fn byte_jump_huge_values_fail_cleanly() {
     let p = b"\xff\xff\xff\xffabc";
-    assert!(!hits("byte_jump:4,0,multiplier 4294967295,align,post_offset 2147483647", p));
+    assert!(!hits(
+        "byte_jump:4,0,multiplier 4294967295,align,post_offset 2147483647",
+        p
+    ));
     assert!(!hits("byte_jump:4,0,from_end,post_offset -2147483648", p));
     // 10 digits of 9s saturate like strtoul and then truncate to 32 bits, without panicking.
     assert!(hits("byte_test:10,>,0,0,string,dec", b"9999999999"));
+}
+
+#[test]
+fn flowbits_across_packets_of_a_flow() {
+    let rules = "alert tcp any any -> any any (msg:\"login\"; content:\"USER admin\"; flowbits:set,admin; flowbits:noalert; sid:1;)\n\
+                 alert tcp any any -> any any (msg:\"admin cmd\"; content:\"DELETE\"; flowbits:isset,admin; sid:2;)\n\
+                 alert tcp any any -> any any (msg:\"anon cmd\"; content:\"DELETE\"; flowbits:isnotset,admin; sid:3;)\n\
+                 alert tcp any any -> any any (msg:\"logout\"; content:\"QUIT\"; flowbits:unset,admin; flowbits:noalert; sid:4;)\n";
+    let mut e = engine(rules);
+    handshake(&mut e, 4000, 21);
+    let mut send = |p: &[u8]| {
+        let mut c = Collect::default();
+        let v = e.inspect(&tcp(4000, 21, p), Direction::ToWire, Timestamp(5), &mut c);
+        (v, c.alerts.iter().map(|a| a.0).collect::<Vec<_>>())
+    };
+    assert_eq!(send(b"DELETE x"), (Verdict::Alert, vec![3]));
+    assert_eq!(send(b"USER admin"), (Verdict::Pass, vec![])); // noalert
+    assert_eq!(send(b"DELETE x"), (Verdict::Alert, vec![2]));
+    // Set and check on the same packet: the setter runs first.
+    assert_eq!(send(b"QUIT"), (Verdict::Pass, vec![]));
+    assert_eq!(send(b"USER admin DELETE"), (Verdict::Alert, vec![2]));
+    // Another flow does not see the bit.
+    let mut c = Collect::default();
+    e.inspect(
+        &tcp(4001, 21, b"DELETE"),
+        Direction::ToWire,
+        Timestamp(6),
+        &mut c,
+    );
+    assert_eq!(c.alerts.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3]);
+}
+
+#[test]
+fn flowbits_isset_without_setter_is_refused() {
+    let p = parse_rules(
+        "alert tcp any any -> any any (content:\"a\"; flowbits:isset,never; sid:1;)\n\
+         alert tcp any any -> any any (content:\"a\"; flowbits:isset,x|never; sid:2;)\n\
+         alert tcp any any -> any any (content:\"b\"; flowbits:set,x; flowbits:isset,y; sid:3;)\n\
+         alert tcp any any -> any any (content:\"c\"; flowbits:isset,y&z; sid:4;)\n\
+         alert tcp any any -> any any (content:\"c\"; flowbits:set,y; sid:5;)\n",
+        &Vars::new(),
+    );
+    let loaded: Vec<u32> = p.rules.iter().map(|r| r.sid).collect();
+    let refused: Vec<u32> = p.rejected.iter().filter_map(|r| r.sid).collect();
+    // 1: `never` is never set; 4: `z` is never set; 3 needs y (set by 5) so it stays, and 2
+    // needs x or never: x is set by 3.
+    assert_eq!(loaded, vec![2, 3, 5]);
+    assert_eq!(refused, vec![1, 4]);
+    assert!(
+        p.rejected[0].to_string().contains("never"),
+        "{}",
+        p.rejected[0]
+    );
+    assert!(matches!(
+        refused_text("flowbits:reset"),
+        RuleError::Unsupported(_)
+    ));
+}
+
+fn refused_text(opts: &str) -> RuleError {
+    refused(opts)
 }

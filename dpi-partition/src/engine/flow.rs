@@ -70,6 +70,8 @@ struct Entry {
     server: (IpAddr, u16),
     state: State,
     last_seen: u64,
+    /// `flowbits` of the flow (bit indices assigned by the engine).
+    bits: u128,
 }
 
 /// Where a packet stands in its flow.
@@ -88,6 +90,8 @@ pub struct FlowTable {
     mask: usize,
     cfg: FlowConfig,
     stats: FlowStats,
+    /// Slot of the flow of the packet last passed to [`FlowTable::track`].
+    current: Option<usize>,
 }
 
 fn mix(mut h: u64) -> u64 {
@@ -125,6 +129,21 @@ impl FlowTable {
             mask: cap - 1,
             cfg,
             stats: FlowStats::default(),
+            current: None,
+        }
+    }
+
+    /// Flowbits of the flow of the packet last tracked (0 without a flow).
+    pub fn current_bits(&self) -> u128 {
+        self.current
+            .and_then(|i| self.slots[i].as_ref())
+            .map_or(0, |e| e.bits)
+    }
+
+    /// Replaces the flowbits of the flow of the packet last tracked (no-op without a flow).
+    pub fn set_current_bits(&mut self, bits: u128) {
+        if let Some(e) = self.current.and_then(|i| self.slots[i].as_mut()) {
+            e.bits = bits;
         }
     }
 
@@ -184,12 +203,14 @@ impl FlowTable {
             self.stats.active -= 1;
         }
         self.slots[victim] = Some(e);
+        self.current = Some(victim);
         self.stats.created += 1;
         self.stats.active += 1;
     }
 
     /// Updates the table with `pkt` (TCP and UDP only) and returns the packet's flow position.
     pub fn track(&mut self, pkt: &Packet<'_>, now: u64) -> Option<FlowInfo> {
+        self.current = None;
         let (flags, sport, dport) = match pkt.l4 {
             L4::Tcp {
                 sport,
@@ -215,6 +236,7 @@ impl FlowTable {
             // UDP.
             return Some(match found {
                 Some(i) => {
+                    self.current = Some(i);
                     let e = self.slots[i].as_mut()?;
                     e.last_seen = now;
                     let to_server = e.client == me;
@@ -233,6 +255,7 @@ impl FlowTable {
                         server: peer,
                         state: State::SynSent,
                         last_seen: now,
+                        bits: 0,
                     };
                     self.insert(start, e, now);
                     FlowInfo {
@@ -267,6 +290,7 @@ impl FlowTable {
                     server: peer,
                     state: State::SynSent,
                     last_seen: now,
+                    bits: 0,
                 };
                 self.insert(start, e, now);
                 Some(FlowInfo {
@@ -279,6 +303,7 @@ impl FlowTable {
                 None
             }
             Some(i) => {
+                self.current = Some(i);
                 let e = self.slots[i].as_mut()?;
                 e.last_seen = now;
                 let to_server = e.client == me;

@@ -39,7 +39,10 @@
 //!   `pass` rule ends evaluation, the frame is forwarded and nothing is logged (pass rules are
 //!   evaluated first); otherwise any matching `drop` rule drops the frame (in either direction)
 //!   and logs `blocked`; matching `alert` rules log `allowed`. All matching drop and alert rules
-//!   log (subject to the per-rule rate limit, which never changes the verdict).
+//!   log (subject to the per-rule rate limit, which never changes the verdict). A rule with
+//!   `flowbits:noalert` logs nothing and an `alert` one does not change the verdict; its
+//!   flowbit actions still apply. Within an action, flowbit setters are evaluated before other
+//!   rules and flowbit checkers last, so a bit set on a packet is visible to checkers on it.
 
 pub mod addr;
 pub mod blob;
@@ -191,6 +194,8 @@ pub enum EngineError {
     Pcre { sid: u32, reason: String },
     /// A group's prefilter could not be built.
     Prefilter(String),
+    /// The ruleset uses more than [`MAX_FLOWBITS`] flowbit names (first rule over the limit).
+    TooManyFlowbits { sid: u32 },
 }
 
 impl fmt::Display for EngineError {
@@ -199,6 +204,10 @@ impl fmt::Display for EngineError {
             EngineError::Blob(e) => write!(f, "{e}"),
             EngineError::Pcre { sid, reason } => write!(f, "rule sid {sid}: pcre: {reason}"),
             EngineError::Prefilter(e) => write!(f, "{e}"),
+            EngineError::TooManyFlowbits { sid } => write!(
+                f,
+                "rule sid {sid}: more than {MAX_FLOWBITS} distinct flowbit names in the ruleset"
+            ),
         }
     }
 }
@@ -215,6 +224,25 @@ struct Compiled {
     rule: Rule,
     program: Program,
     rate: eve::RateLimit,
+    /// Flowbit conditions: (command, mask, any).
+    fb_checks: Vec<(rules::FlowbitCmd, u128, bool)>,
+    /// Flowbit actions applied on match: (command, mask).
+    fb_actions: Vec<(rules::FlowbitCmd, u128)>,
+}
+
+/// Most distinct flowbit names one ruleset may use (they live in a `u128` per flow).
+pub const MAX_FLOWBITS: usize = 128;
+
+/// Order within an action: flowbit setters before plain rules before flowbit checkers, so a bit
+/// set by one rule is visible to checkers on the same packet (as Suricata orders them).
+fn flowbit_rank(r: &Rule) -> u8 {
+    if r.flowbits.iter().any(|f| f.cmd.is_check()) {
+        2
+    } else if r.flowbits.is_empty() {
+        1
+    } else {
+        0
+    }
 }
 
 /// A port group: its prefilter, literal → rules map and always-candidates.
@@ -292,18 +320,40 @@ impl Engine {
     /// Builds the engine from parsed rules.
     pub fn new(mut rules: Vec<Rule>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         // Pass rules first, then drop, then alert; file order within an action.
-        rules.sort_by_key(|r| r.action);
-        let needs_flow = rules.iter().any(|r| r.flow.is_set());
+        rules.sort_by_key(|r| (r.action, flowbit_rank(r)));
+        let needs_flow = rules
+            .iter()
+            .any(|r| r.flow.is_set() || !r.flowbits.is_empty());
+        let mut bit_of: BTreeMap<String, u32> = BTreeMap::new();
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
             let program = Program::new(&rule).map_err(|reason| EngineError::Pcre {
                 sid: rule.sid,
                 reason,
             })?;
+            let (mut fb_checks, mut fb_actions) = (Vec::new(), Vec::new());
+            for fb in &rule.flowbits {
+                let mut mask = 0u128;
+                for name in &fb.names {
+                    let next = bit_of.len() as u32;
+                    let bit = *bit_of.entry(name.clone()).or_insert(next);
+                    if bit as usize >= MAX_FLOWBITS {
+                        return Err(EngineError::TooManyFlowbits { sid: rule.sid });
+                    }
+                    mask |= 1u128 << bit;
+                }
+                if fb.cmd.is_check() {
+                    fb_checks.push((fb.cmd, mask, fb.any));
+                } else {
+                    fb_actions.push((fb.cmd, mask));
+                }
+            }
             compiled.push(Compiled {
                 rule,
                 program,
                 rate: eve::RateLimit::default(),
+                fb_checks,
+                fb_actions,
             });
         }
         let mut engine = Engine {
@@ -557,6 +607,20 @@ fn icmp_matches(c: &rules::IcmpCheck, pkt: &Packet<'_>) -> bool {
         && c.seq.is_none_or(|x| echo && x == seq)
 }
 
+/// Flowbit conditions against the packet's flow (bits are all clear without a flow).
+fn flowbits_hold(checks: &[(rules::FlowbitCmd, u128, bool)], bits: u128, has_flow: bool) -> bool {
+    let bits = if has_flow { bits } else { 0 };
+    checks.iter().all(|&(cmd, mask, any)| {
+        let set = bits & mask;
+        match (cmd, any) {
+            (rules::FlowbitCmd::IsSet, false) => set == mask,
+            (rules::FlowbitCmd::IsSet, true) => set != 0,
+            (_, false) => set == 0,
+            (_, true) => set != mask,
+        }
+    })
+}
+
 fn flow_matches(f: &rules::FlowCheck, info: Option<FlowInfo>) -> bool {
     if !f.is_set() {
         return true;
@@ -604,11 +668,23 @@ impl Inspector for Engine {
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
                 || !icmp_matches(&c.rule.icmp, &pkt)
+                || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
                 || !c.program.matches(pkt.payload, &mut self.memo)
             {
                 continue;
             }
             self.stats.matches += 1;
+            if !c.fb_actions.is_empty() && info.is_some() {
+                let mut bits = self.flows.current_bits();
+                for &(cmd, mask) in &c.fb_actions {
+                    bits = match cmd {
+                        rules::FlowbitCmd::Set => bits | mask,
+                        rules::FlowbitCmd::Unset => bits & !mask,
+                        _ => bits ^ mask,
+                    };
+                }
+                self.flows.set_current_bits(bits);
+            }
             match c.rule.action {
                 Action::Pass => {
                     self.stats.pass_rule += 1;
@@ -616,11 +692,15 @@ impl Inspector for Engine {
                     return Verdict::Pass;
                 }
                 Action::Drop => verdict = Verdict::Drop,
+                Action::Alert if c.rule.noalert => {}
                 Action::Alert => {
                     if verdict == Verdict::Pass {
                         verdict = Verdict::Alert;
                     }
                 }
+            }
+            if c.rule.noalert {
+                continue; // flowbits:noalert: matched (bits applied), nothing logged
             }
             match c.rate.admit(now.0, self.cfg.alerts_per_rule_per_sec) {
                 Some(suppressed) => {

@@ -11,7 +11,8 @@
 //! `fast_pattern_offset/length`, Snort 2 `fast_pattern:only` and `fast_pattern:o,l`) in both the
 //! Snort 2 (separate options) and Snort 3 (`content:"x",depth 16,nocase`) styles; `pcre`; `dsize`;
 //! `flow`; plus `isdataat`, `byte_test`, `byte_jump` (not with `dce` or byte_extract variables),
-//! `itype`, `icode`, `icmp_id`, `icmp_seq`, and the buffer selectors `pkt_data`/`raw_data` (the
+//! `itype`, `icode`, `icmp_id`, `icmp_seq`, `flowbits` (`set unset toggle isset isnotset noalert`
+//! with `&`/`|`; an `isset` of a bit no loaded rule sets refuses the rule), and the buffer selectors `pkt_data`/`raw_data` (the
 //! packet payload is the only buffer; they reset the cursor). Everything else makes the rule not load
 //! ([`RuleError::Unsupported`] names every such option).
 //!
@@ -27,6 +28,7 @@
 
 use alloc::borrow::ToOwned;
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -440,8 +442,55 @@ pub struct Rule {
     pub flow: FlowCheck,
     /// `itype`, `icode`, `icmp_id`, `icmp_seq`.
     pub icmp: IcmpCheck,
+    /// `flowbits` commands other than `noalert`, in rule order.
+    pub flowbits: Vec<Flowbits>,
+    /// `flowbits:noalert`: the rule matches (and sets bits) but logs nothing.
+    pub noalert: bool,
     /// Payload steps in rule order.
     pub ops: Vec<PayloadOp>,
+}
+
+/// A `flowbits` command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FlowbitCmd {
+    /// `set`: on match, set the bits.
+    Set,
+    /// `unset`: on match, clear the bits.
+    Unset,
+    /// `toggle`: on match, flip the bits.
+    Toggle,
+    /// `isset`: all bits set (`a&b`) or any (`a|b`).
+    IsSet,
+    /// `isnotset`: all bits clear (`a&b`) or any clear (`a|b`).
+    IsNotSet,
+}
+
+impl FlowbitCmd {
+    fn keyword(self) -> &'static str {
+        match self {
+            FlowbitCmd::Set => "set",
+            FlowbitCmd::Unset => "unset",
+            FlowbitCmd::Toggle => "toggle",
+            FlowbitCmd::IsSet => "isset",
+            FlowbitCmd::IsNotSet => "isnotset",
+        }
+    }
+
+    /// Whether the command is a condition (evaluated before the payload) rather than an action.
+    pub fn is_check(self) -> bool {
+        matches!(self, FlowbitCmd::IsSet | FlowbitCmd::IsNotSet)
+    }
+}
+
+/// `flowbits:<cmd>,<names>`; per-flow bits (TCP and UDP flows of the flow table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flowbits {
+    /// Command.
+    pub cmd: FlowbitCmd,
+    /// Bit names.
+    pub names: Vec<String>,
+    /// Names joined with `|` (any) rather than `&` (all).
+    pub any: bool,
 }
 
 /// The prefilter literal chosen for a rule.
@@ -817,6 +866,7 @@ const KNOWN: &[&str] = &[
     "icmp_seq",
     "byte_test",
     "byte_jump",
+    "flowbits",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -941,6 +991,8 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         dsize: None,
         flow: FlowCheck::default(),
         icmp: IcmpCheck::default(),
+        flowbits: Vec::new(),
+        noalert: false,
         ops: Vec::new(),
     };
     let opts = split_options(body)?;
@@ -1047,6 +1099,10 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 .ops
                 .push(PayloadOp::ByteJump(parse_byte_jump(need(name, value)?)?)),
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
+            "flowbits" => match parse_flowbits(need(name, value)?)? {
+                Some(fb) => rule.flowbits.push(fb),
+                None => rule.noalert = true,
+            },
             "isdataat" => rule
                 .ops
                 .push(PayloadOp::IsDataAt(parse_isdataat(need(name, value)?)?)),
@@ -1174,6 +1230,50 @@ fn parse_num_check(option: &str, v: &str) -> Result<NumCheck, RuleError> {
     } else {
         NumCheck::Eq(n(v)?)
     })
+}
+
+/// `None` for `noalert`.
+fn parse_flowbits(v: &str) -> Result<Option<Flowbits>, RuleError> {
+    const O: &str = "flowbits";
+    let mut parts = v.split(',').map(str::trim);
+    let cmd = match parts.next().unwrap_or("") {
+        "noalert" => {
+            return match parts.next() {
+                None => Ok(None),
+                Some(_) => Err(bad(O, "noalert takes no bit names")),
+            };
+        }
+        "set" => FlowbitCmd::Set,
+        "unset" => FlowbitCmd::Unset,
+        "toggle" => FlowbitCmd::Toggle,
+        "isset" => FlowbitCmd::IsSet,
+        "isnotset" => FlowbitCmd::IsNotSet,
+        other => {
+            return Err(RuleError::Unsupported(alloc::vec![format!(
+                "flowbits:{other}"
+            )]))
+        }
+    };
+    let names = parts.next().ok_or_else(|| bad(O, "missing bit names"))?;
+    if parts.next().is_some() {
+        return Err(RuleError::Unsupported(alloc::vec!["flowbits group".into()]));
+    }
+    let (any, sep) = match (names.contains('|'), names.contains('&')) {
+        (true, true) => return Err(bad(O, "mixes `&` and `|`")),
+        (true, false) if !cmd.is_check() => {
+            return Err(bad(O, "`|` only makes sense with isset/isnotset"));
+        }
+        (true, false) => (true, '|'),
+        _ => (false, '&'),
+    };
+    let names: Vec<String> = names.split(sep).map(|n| n.trim().to_string()).collect();
+    if names
+        .iter()
+        .any(|n| n.is_empty() || n.contains(char::is_whitespace))
+    {
+        return Err(bad(O, "empty or malformed bit name"));
+    }
+    Ok(Some(Flowbits { cmd, names, any }))
 }
 
 fn parse_flow(v: &str) -> Result<FlowCheck, RuleError> {
@@ -1501,6 +1601,13 @@ impl fmt::Display for Rule {
         f.write_str(" msg:")?;
         write_quoted_text(f, &self.msg)?;
         f.write_str(";")?;
+        for fb in &self.flowbits {
+            let sep = if fb.any { "|" } else { "&" };
+            write!(f, " flowbits:{},{};", fb.cmd.keyword(), fb.names.join(sep))?;
+        }
+        if self.noalert {
+            f.write_str(" flowbits:noalert;")?;
+        }
         if let Some(fl) = self.flow.is_set().then_some(self.flow) {
             let mut parts: Vec<&str> = Vec::new();
             match fl.to_server {
@@ -1710,5 +1817,82 @@ pub fn parse_rules(text: &str, vars: &Vars) -> ParsedRules {
             }),
         }
     }
+    drop_unsatisfiable_flowbits(&mut out, &lines_of(text));
     out
+}
+
+/// Line numbers of the loaded rules, by (gid, sid).
+fn lines_of(text: &str) -> BTreeMap<(u32, u32), usize> {
+    let mut m = BTreeMap::new();
+    for (line, t) in rule_lines(text) {
+        if let Some(sid) = sniff_sid(&t) {
+            let gid = t
+                .find('(')
+                .and_then(|o| split_options(&t[o + 1..]).ok())
+                .and_then(|opts| {
+                    opts.into_iter().find_map(|o| {
+                        let (n, v) = o.split_once(':')?;
+                        (n.trim() == "gid").then(|| v.trim().parse().ok()).flatten()
+                    })
+                })
+                .unwrap_or(1);
+            m.entry((gid, sid)).or_insert(line);
+        }
+    }
+    m
+}
+
+/// A rule that requires `isset` of a bit that no loaded rule sets or toggles can never match:
+/// refuse it (naming the bit) instead of loading a dead rule; repeat until stable, since a
+/// refused rule may have been the only setter of another bit.
+fn drop_unsatisfiable_flowbits(out: &mut ParsedRules, lines: &BTreeMap<(u32, u32), usize>) {
+    loop {
+        let settable: alloc::collections::BTreeSet<String> = out
+            .rules
+            .iter()
+            .flat_map(|r| r.flowbits.iter())
+            .filter(|fb| matches!(fb.cmd, FlowbitCmd::Set | FlowbitCmd::Toggle))
+            .flat_map(|fb| fb.names.iter().cloned())
+            .collect();
+        let dead = |r: &Rule| -> Option<String> {
+            r.flowbits
+                .iter()
+                .filter(|fb| fb.cmd == FlowbitCmd::IsSet)
+                .find_map(|fb| {
+                    let missing: Vec<&str> = fb
+                        .names
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|n| !settable.contains(*n))
+                        .collect();
+                    let unsatisfiable = if fb.any {
+                        missing.len() == fb.names.len()
+                    } else {
+                        !missing.is_empty()
+                    };
+                    unsatisfiable.then(|| missing.join(", "))
+                })
+        };
+        let (mut keep, mut drop) = (Vec::new(), Vec::new());
+        for r in core::mem::take(&mut out.rules) {
+            match dead(&r) {
+                Some(names) => drop.push((r, names)),
+                None => keep.push(r),
+            }
+        }
+        out.rules = keep;
+        if drop.is_empty() {
+            return;
+        }
+        for (r, names) in drop {
+            out.rejected.push(Rejected {
+                line: lines.get(&(r.gid, r.sid)).copied().unwrap_or(0),
+                sid: Some(r.sid),
+                error: RuleError::BadOption {
+                    option: "flowbits".into(),
+                    reason: format!("isset of `{names}`, which no loaded rule sets"),
+                },
+            });
+        }
+    }
 }
