@@ -140,6 +140,8 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
             ExitReason::EptViolation => handle_ept_violation(regs),
             ExitReason::Vmcall => handle_vmcall(regs),
             ExitReason::TripleFault => Err(StopReason::TripleFault),
+            ExitReason::InitSignal => handle_init(vcpu),
+            ExitReason::StartupIpi => handle_sipi(vcpu),
             // The guest tried to use VMX, which Ally hides: #UD as on a CPU without it.
             ExitReason::Vmclear
             | ExitReason::Vmlaunch
@@ -213,6 +215,26 @@ pub fn report_exits(vcpu: &Vcpu) {
 fn guest_cr4() -> u64 {
     let mask = vmread(control::CR4_GUEST_HOST_MASK);
     (vmread(control::CR4_READ_SHADOW) & mask) | (vmread(guest::CR4) & !mask)
+}
+
+/// INIT: the vCPU goes to wait-for-SIPI with the post-INIT state, as a real CPU does (the
+/// guest starts its application processors with INIT-SIPI-SIPI; SDM Vol. 3C 26.4.2).
+fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
+    vcpu.reset_guest(super::vcpu::StartState::WaitForSipi)
+        .map_err(|_| StopReason::GuestRequested("the INIT state could not be written"))?;
+    // SAFETY: VPID single-context INVVPID support was checked at start-up.
+    unsafe { instructions::invvpid_single(vcpu.vpid) };
+    Ok(())
+}
+
+/// SIPI in wait-for-SIPI: start in real mode at vector:0000 (exit qualification bits 7:0
+/// hold the vector; SDM 28.2.1 Table 28-1).
+fn handle_sipi(vcpu: &mut Vcpu) -> ExitResult {
+    let vector = (vmread(ro::EXIT_QUALIFICATION) & 0xFF) as u16;
+    vcpu.reset_guest(super::vcpu::StartState::Sipi { segment: vector << 8 })
+        .map_err(|_| StopReason::GuestRequested("the SIPI start state could not be written"))?;
+    info!("vCPU {} started by the guest at {:#x}", vcpu.apic_id, u32::from(vector) << 12);
+    Ok(())
 }
 
 fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {

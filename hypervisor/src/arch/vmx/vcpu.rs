@@ -30,6 +30,8 @@ pub enum StartState {
     RealMode { segment: u16 },
     /// Wait-for-SIPI (an application processor the guest starts itself).
     WaitForSipi,
+    /// Started by a SIPI: real mode at `segment:0`, caches still off from INIT.
+    Sipi { segment: u16 },
 }
 
 /// Per-CPU virtualization state. Lives in Ally's memory for as long as the CPU runs.
@@ -155,8 +157,20 @@ impl Vcpu {
         write(host::RSP, exit_stack_top)?;
         write(host::RIP, host_rip)?;
 
-        // Guest state (SDM 25.4, checked per 27.3.1): the state after INIT, in real mode.
-        let cr0_guest_view: u64 = 0x10; // ET, as after reset with caches on
+        self.reset_guest(start)
+    }
+
+    /// Writes the architectural state after INIT (SDM Vol. 3A 10.1.1, Table 10-1) into the
+    /// guest-state area: real mode at `segment:0`, or waiting for a SIPI.
+    pub fn reset_guest(&self, start: StartState) -> Result<(), VmxError> {
+        let caps = &self.caps;
+        // Guest state (SDM 25.4, checked per 27.3.1).
+        // After INIT the caches are off (CD, NW); the boot CPU instead continues the BIOS's
+        // state with caches on, as a real BIOS hands over to the MBR.
+        let cr0_guest_view: u64 = match start {
+            StartState::RealMode { .. } => 0x10,
+            StartState::WaitForSipi | StartState::Sipi { .. } => 0x6000_0010,
+        };
         let cr0 = (cr0_guest_view | caps.cr0_fixed0) & caps.cr0_fixed1 & !(1 | (1 << 31));
         let cr0 = cr0 | (cr0_guest_view & 1);
         write(guest::CR0, cr0)?;
@@ -168,6 +182,8 @@ impl Vcpu {
         write(guest::RFLAGS, 0x2)?;
         write(guest::RSP, 0)?;
         write(guest::IA32_EFER_FULL, 0)?;
+        const IA32E_MODE_GUEST: u64 = 1 << 9;
+        write(control::VMENTRY_CONTROLS, u64::from(caps.entry) & !IA32E_MODE_GUEST)?;
         write(guest::IA32_PAT_FULL, PAT_POWER_ON)?;
         write(guest::IA32_DEBUGCTL_FULL, 0)?;
         write(guest::IA32_SYSENTER_CS, 0)?;
@@ -178,9 +194,10 @@ impl Vcpu {
         write(guest::PENDING_DBG_EXCEPTIONS, 0)?;
 
         let (cs_selector, rip, activity) = match start {
-            StartState::RealMode { segment } => (segment, 0u64, 0u64),
+            StartState::RealMode { segment } | StartState::Sipi { segment } => (segment, 0u64, 0u64),
             // SDM 26.4.2 / 28.1: a SIPI exit tells where to start; until then the CPU waits.
-            StartState::WaitForSipi => (0, 0, 3),
+            // CS:IP = F000:FFF0 as after INIT; the SIPI replaces them.
+            StartState::WaitForSipi => (0xF000, 0xFFF0, 3),
         };
         write(guest::RIP, rip)?;
         write(guest::ACTIVITY_STATE, activity)?;
