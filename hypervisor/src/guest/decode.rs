@@ -128,8 +128,8 @@ impl fmt::Display for DecodeError {
             ),
             DecodeError::Unsupported { mnemonic, bytes } => write!(
                 f,
-                "instruction `{}` [{bytes}] is not an emulated MMIO access (only MOV, MOVZX, \
-                 MOVSX, MOVSXD are)",
+                "instruction `{}` [{bytes}] is not an emulated MMIO access (those are MOV \
+                 between memory and a general register or an immediate, MOVZX, MOVSX, MOVSXD)",
                 Lower(mnemonic)
             ),
             DecodeError::NoMemoryOperand { mnemonic, bytes } => write!(

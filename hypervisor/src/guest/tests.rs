@@ -951,7 +951,9 @@ fn unsupported_instructions_are_refused_by_name() {
         (&[0xc5, 0xfe, 0x6f, 0x03], "`vmovdqu`"), // vmovdqu ymm0, [rbx]
         (&[0x0f, 0x10, 0x03], "`movups`"),        // movups xmm0, [rbx]
         (&[0xff, 0x33], "`push`"),                // push qword [rbx]
-        (&[0x0f, 0xc3, 0x03], "`movnti`"),        // movnti [rbx], eax
+        (&[0x0f, 0xc3, 0x03], "`movnti`"),
+        (&[0x8e, 0x1b], "`mov`"), // mov ds, [rbx]: a segment register, not a GPR
+        (&[0x8c, 0x1b], "`mov`"), // mov [rbx], ds        // movnti [rbx], eax
     ];
     for (code, name) in cases {
         let e = refused(code, AccessKind::Write, MMIO_GPA);
@@ -1306,7 +1308,8 @@ fn error_messages_name_the_problem() {
     assert_eq!(
         message(&e).as_str(),
         "at rip 0xffffffff81000ff0: instruction `movsd` [f3 a5] is not an emulated MMIO \
-         access (only MOV, MOVZX, MOVSX, MOVSXD are)"
+         access (those are MOV between memory and a general register or an immediate, MOVZX, \
+         MOVSX, MOVSXD)"
     );
     let w = WalkError::NotPresent {
         gla: 0x1000,
