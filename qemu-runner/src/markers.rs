@@ -82,20 +82,31 @@ impl fmt::Display for Status {
     }
 }
 
-/// `key=value` words in order; a word without `=` is kept with an empty value.
+/// `key=value` words in order. A word without `=` continues the previous value (Ally prints
+/// e.g. `reason=EPT violation basic=48`); before any field it is kept with an empty value.
+/// Surrounding double quotes are removed from values (`reason="bad option x"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fields(pub Vec<(String, String)>);
 
 impl Fields {
     fn parse<'a>(words: impl Iterator<Item = &'a str>) -> Fields {
-        Fields(
-            words
-                .map(|w| match w.split_once('=') {
-                    Some((k, v)) => (k.to_string(), v.to_string()),
-                    None => (w.to_string(), String::new()),
-                })
-                .collect(),
-        )
+        let mut out: Vec<(String, String)> = Vec::new();
+        for w in words {
+            match (w.split_once('='), out.last_mut()) {
+                (Some((k, v)), _) if !k.is_empty() => out.push((k.to_string(), v.to_string())),
+                (_, Some((_, prev))) => {
+                    prev.push(' ');
+                    prev.push_str(w);
+                }
+                (_, None) => out.push((w.to_string(), String::new())),
+            }
+        }
+        for (_, v) in &mut out {
+            if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
+                *v = v[1..v.len() - 1].to_string();
+            }
+        }
+        Fields(out)
     }
 
     /// The value of the first field named `key`.
@@ -518,7 +529,7 @@ RALLY notamarker x=1
 [cpu0 WARN hv] ALLY ept-violation gpa=0x3d800010 access=write action=skip
 ALLY ept-violation gpa=0x3d800000 access=read action=ones
 ALLY exits reason=CPUID count=123
-ALLY exits reason=EPT_VIOLATION count=4
+[cpu0 INFO hv] ALLY exits reason=EPT violation basic=48 count=4
 ALLY canary status=intact
 ALLY poweroff
 ";
@@ -536,7 +547,8 @@ ALLY poweroff
         assert_eq!(v[0].access, "write");
         assert_eq!(v[0].action.as_deref(), Some("skip"));
         let e = r.exits().unwrap();
-        assert_eq!(e[1].reason, "EPT_VIOLATION");
+        assert_eq!(e[1].reason, "EPT violation");
+        assert_eq!(e[1].count, 4);
         assert_eq!(e[0].count, 123);
         assert_eq!(r.canary(), Some("intact"));
         assert!(r.powered_off());
