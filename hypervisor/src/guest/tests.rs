@@ -157,6 +157,13 @@ fn four_level_walk_with_4k_2m_1g_pages() {
         Ok(GuestPhysAddr(0x1_c000_0000 + 0x3edc_ba98))
     );
     assert_eq!(PagingMode::of(&cpu), PagingMode::Level4);
+    // A PCID in CR3 bits 11:0 (CR4.PCIDE, as Linux uses with PTI) is not part of the address.
+    let mut pcid = cpu;
+    pcid.cr3 |= 0x805;
+    assert_eq!(
+        translate(&pcid, 0x0000_7f00_1234_5abc, AccessKind::Read, &*mem),
+        Ok(GuestPhysAddr(0x3_4567_8abc))
+    );
 }
 
 #[test]
