@@ -113,10 +113,12 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
     let re = Regex::builder()
         .syntax(syn)
         .configure(
+            // The lazy DFA keeps pcre fast on full-size payloads; its cache is capped (and the
+            // one-pass DFA, which only serves anchored searches, is off) to bound memory.
             Regex::config()
                 .utf8_empty(false)
-                .hybrid(false)
-                .onepass(false),
+                .onepass(false)
+                .hybrid_cache_capacity(64 * 1024),
         )
         .build(&src)
         .map_err(|e| match e.syntax_error() {
