@@ -431,6 +431,80 @@ mod tests {
         assert_eq!(address_bits(&[0x8b, 0x67], CpuMode::Bits16), 16);
     }
 
+    /// Random prefix + MOV-family opcode + random ModRM/SIB/displacement bytes in every mode:
+    /// whatever decodes must have a length within the bytes, base/index registers of the
+    /// address size found by the prefix scan, and a width that matches its register operand.
+    #[test]
+    fn random_mov_encodings_are_consistent() {
+        const PREFIXES: [u8; 11] = [
+            0x66, 0x67, 0x26, 0x2e, 0x36, 0x3e, 0x64, 0x65, 0xf2, 0xf3, 0x48,
+        ];
+        const OPCODES: [&[u8]; 13] = [
+            &[0x88],
+            &[0x89],
+            &[0x8a],
+            &[0x8b],
+            &[0xc6],
+            &[0xc7],
+            &[0xa0],
+            &[0xa3],
+            &[0x0f, 0xb6],
+            &[0x0f, 0xb7],
+            &[0x0f, 0xbe],
+            &[0x0f, 0xbf],
+            &[0x63],
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let mut buf = [0u8; MAX_INSTRUCTION_LEN];
+            let mut n = 0;
+            for _ in 0..(next() % 4) {
+                let p = PREFIXES[(next() % PREFIXES.len() as u64) as usize];
+                // Any REX (40-4f) in place of the fixed 48 half the time.
+                buf[n] = if p == 0x48 {
+                    0x40 | (next() as u8 & 0xf)
+                } else {
+                    p
+                };
+                n += 1;
+            }
+            let op = OPCODES[(next() % OPCODES.len() as u64) as usize];
+            buf[n..n + op.len()].copy_from_slice(op);
+            n += op.len();
+            for b in buf[n..].iter_mut() {
+                *b = next() as u8;
+            }
+            for mode in [CpuMode::Bits16, CpuMode::Bits32, CpuMode::Bits64] {
+                let Ok(i) = decode_mmio(&buf, mode, next()) else {
+                    continue;
+                };
+                decoded += 1;
+                assert!(i.len >= n && i.len <= MAX_INSTRUCTION_LEN, "{:?}", i.bytes);
+                for r in [i.mem.base, i.mem.index].into_iter().flatten() {
+                    assert_eq!(
+                        r.width().bytes() * 8,
+                        u64::from(i.mem.address_bits),
+                        "{:?} in {mode:?}",
+                        i.bytes
+                    );
+                }
+                match i.op {
+                    MmioOp::Load { dest, .. } => assert!(dest.width() >= i.width),
+                    MmioOp::StoreReg { src } => assert_eq!(src.width(), i.width),
+                    MmioOp::StoreImm { value } => assert_eq!(value & !i.width.mask(), 0),
+                }
+            }
+        }
+        assert!(decoded > 20_000, "only {decoded} decoded");
+    }
+
     #[test]
     fn mnemonic_names_are_lower_case() {
         let e = decode_mmio(&[0xa5], CpuMode::Bits64, 0).unwrap_err();

@@ -377,7 +377,18 @@ pub fn check_emulation_invariants(data: &[u8]) -> bool {
     }
     for m in [CpuMode::Bits16, CpuMode::Bits32, CpuMode::Bits64] {
         match decode_mmio(data, m, cpu.rip) {
-            Ok(i) => assert!((1..=15).contains(&i.len), "length {} out of range", i.len),
+            Ok(i) => {
+                assert!((1..=15).contains(&i.len), "length {} out of range", i.len);
+                // The prefix-scan address size agrees with the decoder's registers.
+                for r in [i.mem.base, i.mem.index].into_iter().flatten() {
+                    assert_eq!(
+                        r.width().bytes() * 8,
+                        u64::from(i.mem.address_bits),
+                        "address size vs {r} in {:?}",
+                        i.bytes
+                    );
+                }
+            }
             Err(e) => {
                 let _ = fmt::write(&mut Sink, format_args!("{e}"));
             }
