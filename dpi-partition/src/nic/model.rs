@@ -479,6 +479,7 @@ impl<M: DmaMemory> NicRegisters for E1000Model<M> {
         if reg.0 >= Reg::BAR0_SIZE || reg.0 & 3 != 0 {
             return 0;
         }
+        let reg = reg.canonical();
         match reg {
             // SDM 13.4.17: reading ICR clears it.
             Reg::ICR => self.reg(Reg::ICR).swap(0, Ordering::AcqRel),
@@ -492,6 +493,8 @@ impl<M: DmaMemory> NicRegisters for E1000Model<M> {
         if reg.0 >= Reg::BAR0_SIZE || reg.0 & 3 != 0 {
             return;
         }
+        // Like the hardware, the model honours the 82542 register aliases.
+        let reg = reg.canonical();
         match reg {
             Reg::CTRL => {
                 if value & ctrl::RST != 0 {

@@ -49,6 +49,28 @@ impl Reg {
     pub const fn index(self) -> usize {
         (self.0 >> 2) as usize
     }
+
+    /// The register an offset really addresses. The 8254x keeps 82542-compatible aliases of
+    /// the ring registers (SDM 13.2, table 13-2 "alias" offsets): a write to 0x0420 programs
+    /// TDBAL. Anything that filters register accesses must look through them, or a guest could
+    /// move the real rings by writing an alias.
+    pub const fn canonical(self) -> Reg {
+        match self.0 {
+            0x0110 => Reg::RDBAL,
+            0x0114 => Reg::RDBAH,
+            0x0118 => Reg::RDLEN,
+            0x0120 => Reg::RDH,
+            0x0128 => Reg::RDT,
+            0x0108 => Reg::RDTR,
+            0x0420 => Reg::TDBAL,
+            0x0424 => Reg::TDBAH,
+            0x0428 => Reg::TDLEN,
+            0x0430 => Reg::TDH,
+            0x0438 => Reg::TDT,
+            0x0440 => Reg::TIDV,
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Debug for Reg {
@@ -217,5 +239,8 @@ mod tests {
         assert_eq!(alloc::format!("{:?}", Reg::TDT), "TDT");
         assert_eq!(alloc::format!("{:?}", Reg(0x5400)), "Reg(0x5400)");
         assert_eq!(Reg::TDT.index(), 0x3818 / 4);
+        assert_eq!(Reg(0x0420).canonical(), Reg::TDBAL);
+        assert_eq!(Reg(0x0128).canonical(), Reg::RDT);
+        assert_eq!(Reg::ICR.canonical(), Reg::ICR);
     }
 }

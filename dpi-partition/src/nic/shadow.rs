@@ -124,7 +124,7 @@ impl ShadowRegs {
 
     /// Whether `reg` is emulated from the shadow rather than forwarded.
     pub fn is_shadowed(reg: Reg) -> bool {
-        SHADOWED.contains(&reg)
+        SHADOWED.contains(&reg.canonical())
     }
 
     /// The guest's TDT as last written.
@@ -220,7 +220,7 @@ impl ShadowRegs {
 
     /// OS core: the guest reads a trapped register.
     pub fn guest_read<R: NicRegisters>(&self, reg: Reg, real: &R) -> u32 {
-        match reg {
+        match reg.canonical() {
             Reg::ICR => {
                 // Order matters: real first (clears our doorbell cause), shadow second. See the
                 // module documentation.
@@ -252,7 +252,9 @@ impl ShadowRegs {
             a.store(v, Ordering::Release);
             self.cfg_doorbell.ring();
         };
-        match reg {
+        // Aliases (e.g. 0x0420 for TDBAL) must land on the shadow too: forwarding them would
+        // let the guest move the real rings.
+        match reg.canonical() {
             Reg::TDT => {
                 self.tdt.store(value & 0xFFFF, Ordering::Release);
                 self.tx_doorbell.ring();

@@ -31,13 +31,15 @@ pub const G_TX_BUFS: u64 = 2 * MIB;
 pub const G_RX_BUFS: u64 = 5 * MIB;
 pub const G_BUF: u64 = 16384;
 
+pub mod ops;
+
 pub type Model = E1000Model<&'static FakeDma>;
 
 pub struct Env<H: PacketHook> {
     pub mem: &'static FakeDma,
     pub model: &'static Model,
     pub shadow: &'static ShadowRegs,
-    pub dpi: DpiNic<'static, FakeDma, Model, H>,
+    pub dpi: std::mem::ManuallyDrop<DpiNic<'static, FakeDma, Model, H>>,
     pub tx_n: u32,
     pub tdt: u32,
     pub rx_n: u32,
@@ -64,7 +66,9 @@ pub fn env<H: PacketHook>(cfg: DpiConfig, flavor: Flavor, immediate: bool, hook:
         ModelConfig { flavor, immediate },
     )));
     let shadow: &'static ShadowRegs = Box::leak(Box::new(ShadowRegs::new()));
-    let dpi = DpiNic::new(shadow, mem, model, policy(), DPI_REGION, cfg, hook).unwrap();
+    let dpi = std::mem::ManuallyDrop::new(
+        DpiNic::new(shadow, mem, model, policy(), DPI_REGION, cfg, hook).unwrap(),
+    );
     Env {
         mem,
         model,
@@ -89,6 +93,23 @@ pub fn frame(seq: u32, len: usize) -> Vec<u8> {
         f[14..18].copy_from_slice(&seq.to_be_bytes());
     }
     f
+}
+
+impl<H: PacketHook> Drop for Env<H> {
+    fn drop(&mut self) {
+        // SAFETY: `dpi` is dropped exactly once, here, and never used afterwards; it is the
+        // only holder of references to the three leaked boxes below besides `self`.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.dpi) };
+        // SAFETY: the three references came from `Box::leak` in `env`, nothing borrows them
+        // any more (the engine is gone and `self` is being dropped), and each is freed once.
+        unsafe {
+            drop(Box::from_raw(
+                self.shadow as *const ShadowRegs as *mut ShadowRegs,
+            ));
+            drop(Box::from_raw(self.model as *const Model as *mut Model));
+            drop(Box::from_raw(self.mem as *const FakeDma as *mut FakeDma));
+        }
+    }
 }
 
 impl<H: PacketHook> Env<H> {
