@@ -19,8 +19,8 @@
 //!    guest-state area; `max_phys_addr_bits` from the CPUID leaf the guest sees. CR0 and
 //!    CR4 are the VMCS guest fields (what the processor walks the guest's tables with), not
 //!    the read shadows.
-//! 2. The access kind from the exit qualification (SDM 28.2.1, Table 28-7): fetch if bit 2,
-//!    else write if bit 1, else read.
+//! 2. The access kind from the exit qualification:
+//!    [`AccessKind::from_ept_violation_qualification`] (SDM 28.2.1, Table 28-7).
 //! 3. Call [`emulate_mmio`] with the guest-physical-address field. On `Ok`, write `cpu.rip`
 //!    and `cpu.regs.rsp` back to the VMCS and the other registers to the save area, then
 //!    resume; on `Err`, report it (its `Display` names the reason) and stop the guest.

@@ -232,6 +232,23 @@ pub enum AccessKind {
     Fetch,
 }
 
+impl AccessKind {
+    /// The access an EPT violation reports in its exit qualification (SDM Vol. 3C 28.2.1,
+    /// Table 28-7): instruction fetch if bit 2, else data write if bit 1, else data read if
+    /// bit 0. `None` when none of the three bits is set.
+    pub const fn from_ept_violation_qualification(qualification: u64) -> Option<Self> {
+        if qualification & (1 << 2) != 0 {
+            Some(AccessKind::Fetch)
+        } else if qualification & (1 << 1) != 0 {
+            Some(AccessKind::Write)
+        } else if qualification & 1 != 0 {
+            Some(AccessKind::Read)
+        } else {
+            None
+        }
+    }
+}
+
 impl fmt::Display for AccessKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -428,6 +445,17 @@ mod tests {
         assert_eq!(name(4, GprPart::Dword), "esp");
         assert_eq!(name(0, GprPart::Qword), "rax");
         assert_eq!(name(12, GprPart::Qword), "r12");
+    }
+
+    #[test]
+    fn access_kind_from_exit_qualification() {
+        let k = AccessKind::from_ept_violation_qualification;
+        // Read, with GLA valid and "translated access" (bits 7, 8) and EPT rights bits 3-5.
+        assert_eq!(k(0x181 | 0x38), Some(AccessKind::Read));
+        // Read and write both set (a read-modify-write access) count as a write.
+        assert_eq!(k(0x183), Some(AccessKind::Write));
+        assert_eq!(k(0x184), Some(AccessKind::Fetch));
+        assert_eq!(k(0x180), None);
     }
 
     #[test]
