@@ -13,9 +13,11 @@
 
 extern crate alloc;
 
+mod cpus;
 mod entry;
 mod frames;
 mod relocate;
+mod smp;
 mod start;
 
 use ally_hypervisor::arch::{instructions::halt_forever, logger};

@@ -10,12 +10,19 @@ use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platfor
 use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
 use ally_hypervisor::arch::vmx::vcpu::{intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages};
 use ally_hypervisor::arch::vmx::{exits, launch};
-use ally_hypervisor::arch::{instructions, logger, serial::COM2_BASE};
+use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
 use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
+use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
+use crate::smp;
+use alloc::boxed::Box;
+use ally_dpi::status::DpiStatus;
+use ally_hypervisor::arch::apic::LocalApic;
+use core::alloc::Layout;
 use core::convert::Infallible;
+use core::mem::size_of;
 use core::fmt;
 use log::info;
 use multiboot2::{BootInformation, BootInformationHeader};
@@ -36,6 +43,9 @@ pub enum StartError {
     Paging(PagingError),
     OutOfFrames,
     Vmx(VmxError),
+    Acpi(acpi::AcpiError),
+    OutOfHeap,
+    ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
 }
@@ -52,6 +62,9 @@ impl fmt::Display for StartError {
             Self::Paging(e) => write!(f, "page tables: {e}"),
             Self::OutOfFrames => write!(f, "Ally's frame pool is exhausted"),
             Self::Vmx(e) => write!(f, "{e}"),
+            Self::Acpi(e) => write!(f, "ACPI: {e}"),
+            Self::OutOfHeap => write!(f, "Ally's heap is exhausted (raise heap=)"),
+            Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
         }
@@ -181,13 +194,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // SAFETY: the IVT and BDA are identity-mapped and no guest runs yet.
     let stub = unsafe { realmode::install() }.map_err(StartError::RealMode)?;
     info!("real-mode stubs at {:#x} (INT 15h hooked)", stub.base);
-    let stolen = PhysRange { start: stub.base, end: stub.base + 1024 };
-    let guest_map = firmware_map.without(&[region, stolen])?;
+    let guest_map = firmware_map.without(&[region, stub.taken])?;
     for region in guest_map.iter() {
         info!("guest map: {region}");
     }
 
     let pm1_control_ports = power_control_ports(identity_limit);
+    let cpus = partition_cpus(identity_limit, &options)?;
 
     let mut ept = Ept::new(&mut frames)?;
     map_guest_physical(&mut ept, &mut frames, &firmware_map, region, identity_limit)?;
@@ -199,6 +212,14 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     unsafe { poison(dpi_memory) };
     info!("ALLY dpi-memory base={:#x} size={:#x} poison={:#x}", dpi_memory.start, dpi_memory.len(), POISON);
     let image_head = PhysRange { start: region.start, end: region.start + 2 * PAGE_SIZE };
+    // SAFETY: the first page of DPI memory is the DPI status page; all-zero is its initial
+    // state, and nothing else uses it.
+    let dpi_status: &'static DpiStatus = unsafe {
+        core::ptr::write_bytes(dpi_memory.start as *mut u8, 0, PAGE_SIZE as usize);
+        &*(dpi_memory.start as *const DpiStatus)
+    };
+    DPI_STATUS.call_once(|| dpi_status);
+    let dpi_guarded = PhysRange { start: dpi_memory.start + PAGE_SIZE, end: dpi_memory.end };
     let mut hidden = heapless::Vec::new();
     let _ = hidden.push(region);
     let platform = platform::install(Platform {
@@ -208,11 +229,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         realmode: stub,
         pm1_control_ports,
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
-        canary: unsafe { Canary::new([image_head, dpi_memory]) },
+        canary: unsafe { Canary::new([image_head, dpi_guarded]) },
+        power_off_hook: report_dpi_status,
     });
 
     // The boot CPU's vCPU.
     let mut alloc = || frames.allocate_zeroed().map(|f| f.0).ok_or(StartError::OutOfFrames);
+    // The MSR and I/O bitmaps are the same for every vCPU: one copy, shared.
     let pages = VcpuPages {
         vmxon: alloc()?,
         vmcs: alloc()?,
@@ -235,12 +258,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
             intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
         }
     }
+    start_application_processors(&cpus, &stub, pages, ept.eptp(), dpi_status, &mut frames)?;
     info!("frame pool: {} KiB left", frames.remaining() / 1024);
 
     // SAFETY: BSP_VCPU is written once here, before the first VM exit can read it.
     let vcpu = unsafe {
         let slot = &mut *core::ptr::addr_of_mut!(BSP_VCPU);
-        slot.insert(Vcpu::new(logger::cpu_id(), 1, caps, pages))
+        slot.insert(Vcpu::new(cpus.boot_cpu, 1, caps, pages))
     };
     // SAFETY: on the boot CPU, once; the pages are zeroed and identity-mapped.
     unsafe { vcpu.activate()? };
@@ -357,4 +381,118 @@ unsafe fn poison(range: PhysRange) {
         // SAFETY: guaranteed by the caller.
         unsafe { (addr as *mut u64).write_volatile(POISON) };
     }
+}
+
+/// The machine's CPUs and their roles.
+pub struct CpuPartition {
+    pub boot_cpu: u32,
+    /// Every enabled CPU's APIC ID, from the MADT.
+    pub all: heapless::Vec<u32, 256>,
+    /// The DPI cores: the highest `dpi_cores` APIC IDs (never the boot CPU).
+    pub dpi: heapless::Vec<u32, 256>,
+}
+
+/// Reads the CPUs from the MADT, chooses the DPI cores and removes them from the MADT and
+/// the MP table, so the guest neither sees nor starts them.
+fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuPartition, StartError> {
+    let mut memory = IdentityMemory { limit: identity_limit };
+    let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
+    let mut madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
+    let processors = acpi::madt_processors(&memory, &madt).map_err(StartError::Acpi)?;
+    let boot_cpu = LocalApic::current().id();
+    let mut all: heapless::Vec<u32, 256> = processors.iter().filter(|p| p.enabled).map(|p| p.apic_id).collect();
+    all.sort_unstable();
+    options.validate_against_cores(all.len() as u32).map_err(StartError::Options)?;
+    let mut dpi: heapless::Vec<u32, 256> = all
+        .iter()
+        .rev()
+        .copied()
+        .filter(|&id| id != boot_cpu)
+        .take(options.dpi_cores as usize)
+        .collect();
+    dpi.sort_unstable();
+    let removed = acpi::remove_madt_cpus(&mut memory, &mut madt, &dpi).map_err(StartError::Acpi)?;
+    info!("CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden", all.as_slice(), dpi.as_slice());
+    match acpi::find_mp_table(&memory) {
+        Ok(mut table) => match acpi::remove_mp_cpus(&mut memory, &mut table, &dpi) {
+            Ok(n) => info!("{n} MP-table processor entries hidden"),
+            Err(e) => return Err(StartError::Acpi(e)),
+        },
+        Err(acpi::AcpiError::NoMpTable) => info!("no MP table"),
+        Err(e) => return Err(StartError::Acpi(e)),
+    }
+    Ok(CpuPartition { boot_cpu, all, dpi })
+}
+
+const AP_STACK_SIZE: usize = 64 * 1024;
+
+/// A zeroed, 4 KiB-aligned heap block that lives for ever.
+fn leak_zeroed(size: usize) -> Result<*mut u8, StartError> {
+    let layout = Layout::from_size_align(size, 4096).map_err(|_| StartError::OutOfHeap)?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        Err(StartError::OutOfHeap)
+    } else {
+        Ok(ptr)
+    }
+}
+
+/// Wakes every CPU but the boot CPU, one at a time: DPI cores enter the DPI loop, OS cores
+/// wait in VMX non-root operation for the guest's SIPI.
+fn start_application_processors(
+    cpus: &CpuPartition,
+    stub: &realmode::RealModeStub,
+    bsp_pages: VcpuPages,
+    eptp: u64,
+    dpi_status: &'static DpiStatus,
+    frames: &mut FramePool,
+) -> Result<(), StartError> {
+    // SAFETY: the trampoline page is Ally's (taken from conventional memory above) and
+    // identity-mapped; Ally's page tables lie below 4 GiB in its region.
+    unsafe { smp::install_trampoline(stub.trampoline_page, instructions::read_cr3(), cpus::ally_ap_entry as *const () as u64) };
+    let mut next_vpid = 2u16;
+    let mut dpi_index = 0usize;
+    for &apic_id in cpus.all.iter().filter(|&&id| id != cpus.boot_cpu) {
+        // SAFETY: zeroed memory is a valid CpuTables (all fields are integers or arrays of
+        // them); `load` fills it on the AP.
+        let tables = unsafe { &mut *(leak_zeroed(size_of::<CpuTables>())? as *mut CpuTables) };
+        let role = if cpus.dpi.contains(&apic_id) {
+            dpi_index += 1;
+            Role::DpiCore { index: dpi_index - 1, status: dpi_status }
+        } else {
+            let mut alloc = || frames.allocate_zeroed().map(|f| f.0).ok_or(StartError::OutOfFrames);
+            let pages = VcpuPages { vmxon: alloc()?, vmcs: alloc()?, ..bsp_pages };
+            let exit_stack = leak_zeroed(EXIT_STACK_SIZE)? as u64;
+            next_vpid += 1;
+            Role::OsCore(OsCoreSetup {
+                vpid: next_vpid - 1,
+                pages,
+                eptp,
+                exit_stack_top: exit_stack + EXIT_STACK_SIZE as u64 - 16,
+                vcpu_slot: Box::leak(Box::new(None)),
+            })
+        };
+        let launch = Box::leak(Box::new(ApLaunch { apic_id, role, tables }));
+        let stack_top = leak_zeroed(AP_STACK_SIZE)? as u64 + AP_STACK_SIZE as u64;
+        // SAFETY: the trampoline is installed; `launch` is leaked and so lives for ever.
+        unsafe { smp::start_ap(stub.trampoline_page, apic_id, stack_top, launch as *mut ApLaunch as u64) }
+            .map_err(|e| StartError::ApDidNotStart(e.apic_id))?;
+    }
+    Ok(())
+}
+
+static DPI_STATUS: spin::Once<&'static DpiStatus> = spin::Once::new();
+
+/// At the guest's power-off: the DPI cores' heartbeats and the NMIs Ally absorbed.
+fn report_dpi_status() {
+    if let Some(status) = DPI_STATUS.get() {
+        for (index, apic_id, heartbeat, wakeups) in status.snapshot() {
+            info!("ALLY dpi-core index={index} apic={apic_id} heartbeat={heartbeat} wakeups={wakeups}");
+        }
+    }
+    info!(
+        "ALLY root-nmis count={}",
+        ally_hypervisor::arch::descriptors::NMI_COUNT.load(core::sync::atomic::Ordering::Relaxed)
+    );
 }

@@ -4,6 +4,7 @@
 use super::instructions::{self, DescriptorTablePointer};
 use core::arch::global_asm;
 use core::mem::size_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Kernel code selector (64-bit).
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -39,6 +40,40 @@ struct IdtEntry {
 }
 const _: () = assert!(size_of::<IdtEntry>() == 16);
 
+impl IdtEntry {
+    /// A present, DPL 0, 64-bit interrupt gate (SDM Vol. 3A 6.14.1).
+    fn gate(handler: u64, ist: u8) -> Self {
+        Self {
+            offset_low: handler as u16,
+            selector: CODE_SELECTOR,
+            ist,
+            type_attr: 0x8E,
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            reserved: 0,
+        }
+    }
+}
+
+/// The vector of the local APIC timer that wakes idle DPI cores.
+pub const TIMER_VECTOR: u8 = 0xF0;
+
+/// NMIs taken in VMX root operation (on DPI cores, or on an OS core during an exit).
+pub static NMI_COUNT: AtomicU64 = AtomicU64::new(0);
+/// Timer interrupts taken by idle DPI cores.
+pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+#[no_mangle]
+extern "C" fn ally_nmi_interrupt() {
+    NMI_COUNT.fetch_add(1, Ordering::Relaxed);
+}
+
+#[no_mangle]
+extern "C" fn ally_timer_interrupt() {
+    TIMER_TICKS.fetch_add(1, Ordering::Relaxed);
+    super::apic::LocalApic::current().eoi();
+}
+
 const EMERGENCY_STACK_SIZE: usize = 16 * 1024;
 
 /// A CPU's descriptor tables and its emergency stack (IST1, used for #DF and NMI).
@@ -46,7 +81,7 @@ const EMERGENCY_STACK_SIZE: usize = 16 * 1024;
 pub struct CpuTables {
     gdt: [u64; 5],
     tss: TaskStateSegment,
-    idt: [IdtEntry; 32],
+    idt: [IdtEntry; 256],
     emergency_stack: [u8; EMERGENCY_STACK_SIZE],
 }
 
@@ -71,7 +106,7 @@ impl CpuTables {
                 offset_mid: 0,
                 offset_high: 0,
                 reserved: 0,
-            }; 32],
+            }; 256],
             emergency_stack: [0; EMERGENCY_STACK_SIZE],
         }
     }
@@ -93,29 +128,24 @@ impl CpuTables {
         self.gdt[4] = tss_base >> 32;
         let stack_top = self.emergency_stack.as_ptr() as u64 + EMERGENCY_STACK_SIZE as u64;
         self.tss.ist[0] = stack_top & !0xF;
+        self.tss.iomap_base = size_of::<TaskStateSegment>() as u16;
 
         // SAFETY: the linker places `ally_isr_table` (32 stub addresses) in .rodata.
         let stubs = unsafe { &ally_isr_table };
-        for (vector, entry) in self.idt.iter_mut().enumerate() {
-            let handler = stubs[vector];
-            *entry = IdtEntry {
-                offset_low: handler as u16,
-                selector: CODE_SELECTOR,
-                // #DF (8) and NMI (2) run on the emergency stack.
-                ist: if vector == 8 || vector == 2 { 1 } else { 0 },
-                type_attr: 0x8E, // present, DPL 0, 64-bit interrupt gate
-                offset_mid: (handler >> 16) as u16,
-                offset_high: (handler >> 32) as u32,
-                reserved: 0,
-            };
+        for (vector, handler) in stubs.iter().enumerate() {
+            // #DF (8) runs on the emergency stack.
+            self.idt[vector] = IdtEntry::gate(*handler, if vector == 8 { 1 } else { 0 });
         }
+        // An NMI (e.g. an OS core's broadcast) is counted and survived, on the emergency stack.
+        self.idt[2] = IdtEntry::gate(ally_nmi_isr as *const () as u64, 1);
+        self.idt[usize::from(TIMER_VECTOR)] = IdtEntry::gate(ally_timer_isr as *const () as u64, 0);
 
         let gdt_ptr = DescriptorTablePointer {
             limit: (size_of::<[u64; 5]>() - 1) as u16,
             base: self.gdt.as_ptr() as u64,
         };
         let idt_ptr = DescriptorTablePointer {
-            limit: (size_of::<[IdtEntry; 32]>() - 1) as u16,
+            limit: (size_of::<[IdtEntry; 256]>() - 1) as u16,
             base: self.idt.as_ptr() as u64,
         };
         // SAFETY: the tables are 'static and well-formed; the selectors match the GDT above.
@@ -141,6 +171,8 @@ impl Default for CpuTables {
 
 extern "C" {
     static ally_isr_table: [u64; 32];
+    fn ally_nmi_isr();
+    fn ally_timer_isr();
 }
 
 /// What the exception stubs push, lowest address first.
@@ -269,6 +301,34 @@ ally_isr_common:
     and rsp, -16
     call ally_exception_handler
     ud2
+
+    /* Interrupts Ally survives: save the caller-saved registers, call Rust, return. */
+    .macro ALLY_ISR_CALL name, handler
+    .global \name
+\name:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    call \handler
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+    .endm
+    ALLY_ISR_CALL ally_nmi_isr, ally_nmi_interrupt
+    ALLY_ISR_CALL ally_timer_isr, ally_timer_interrupt
 
     .section .rodata.ally_isr_table, "a"
     .balign 8

@@ -50,6 +50,8 @@ pub struct Platform {
     /// ACPI PM1a/PM1b control ports (from the FADT), intercepted to report power-off.
     pub pm1_control_ports: [Option<u16>; 2],
     pub canary: Canary,
+    /// Called at the guest's power-off, after the exit counts (the DPI partition's report).
+    pub power_off_hook: fn(),
 }
 
 static PLATFORM: Once<Platform> = Once::new();
@@ -204,6 +206,7 @@ pub fn report_power_off(vcpu: &Vcpu) {
         canary.ranges[1]
     );
     super::exits::report_exits(vcpu);
+    (platform().power_off_hook)();
     info!("ALLY poweroff");
 }
 

@@ -1,10 +1,12 @@
 //! Ally's real-mode footprint in the guest: a boot stub that loads the first hard disk's MBR
 //! exactly as the BIOS would, and an INT 15h hook that answers the memory-size services from
-//! Ally's filtered map (as BitVisor does). Both live in 1 KiB taken from the top of
-//! conventional memory, which the BDA (0040:0013) and so INT 12h stop reporting.
+//! Ally's filtered map (as BitVisor does). Both live in the top KiB of conventional
+//! memory; the page below it holds the application processors' start-up trampoline. The BDA
+//! (0040:0013), and so INT 12h, stop reporting all of it.
 //!
 //! Each stub ends in VMCALL at a known address; Ally accepts VMCALL only there, in real mode.
 
+use crate::addr::PhysRange;
 use core::arch::global_asm;
 
 extern "C" {
@@ -27,6 +29,11 @@ pub struct RealModeStub {
     pub int15_vmcall: u64,
     /// Linear address of the VMCALL the boot stub makes when the MBR cannot be loaded.
     pub boot_failed_vmcall: u64,
+    /// The 4 KiB page below the stubs where application processors start (SIPI vector =
+    /// page >> 12); Ally's, like the stubs.
+    pub trampoline_page: u64,
+    /// All conventional memory Ally took: `[trampoline_page, old top of base memory)`.
+    pub taken: PhysRange,
 }
 
 /// Why the stubs could not be installed.
@@ -67,8 +74,10 @@ pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
         if !(64..=640).contains(&kib) {
             return Err(RealModeError::BadBaseMemory(kib));
         }
-        let new_kib = kib - 1;
-        let base = u64::from(new_kib) * 1024;
+        let old_top = u64::from(kib) * 1024;
+        let base = old_top - 1024;
+        let trampoline_page = (base & !0xFFF) - 0x1000;
+        let new_kib = (trampoline_page / 1024) as u16;
         let start = &ally_realmode_start as *const u8;
         let len = (&ally_realmode_end as *const u8 as usize) - (start as usize);
         assert!(len <= 1024, "the real-mode stubs outgrew their KiB");
@@ -88,6 +97,8 @@ pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
             segment,
             int15_vmcall: base + symbol_offset(&ally_realmode_int15_vmcall),
             boot_failed_vmcall: base + symbol_offset(&ally_realmode_boot_failed_vmcall),
+            trampoline_page,
+            taken: PhysRange { start: trampoline_page, end: old_top },
         })
     }
 }

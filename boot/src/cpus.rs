@@ -1,0 +1,99 @@
+//! What each CPU does after start-up: the boot CPU and the other OS cores become guest CPUs;
+//! the DPI cores run the DPI loop and never enter a guest.
+
+use ally_dpi::status::DpiStatus;
+use ally_hypervisor::arch::apic::LocalApic;
+use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_VECTOR};
+use ally_hypervisor::arch::instructions::{self, halt_forever};
+use ally_hypervisor::arch::vmx::capabilities::VmxCapabilities;
+use ally_hypervisor::arch::vmx::launch;
+use ally_hypervisor::arch::vmx::vcpu::{StartState, Vcpu, VcpuPages};
+use ally_hypervisor::guest::GuestRegisters;
+use core::sync::atomic::Ordering;
+use log::{error, info};
+
+/// Everything an application processor needs, prepared by the boot CPU.
+pub struct ApLaunch {
+    pub apic_id: u32,
+    pub role: Role,
+    pub tables: &'static mut CpuTables,
+}
+
+/// What a CPU is for.
+pub enum Role {
+    /// A guest CPU: waits for the guest's INIT-SIPI-SIPI in VMX non-root operation.
+    OsCore(OsCoreSetup),
+    /// A DPI core, with its slot in the status page.
+    DpiCore { index: usize, status: &'static DpiStatus },
+}
+
+/// The per-vCPU resources of an OS core.
+pub struct OsCoreSetup {
+    pub vpid: u16,
+    pub pages: VcpuPages,
+    pub eptp: u64,
+    pub exit_stack_top: u64,
+    pub vcpu_slot: &'static mut Option<Vcpu>,
+}
+
+/// Rust entry of every application processor (called by the trampoline in long mode).
+#[no_mangle]
+pub extern "C" fn ally_ap_entry(launch: &'static mut ApLaunch) -> ! {
+    let tss_base = launch.tables.tss_base();
+    let tables: *mut CpuTables = launch.tables;
+    // SAFETY: each AP gets its own CpuTables, which live for ever and are used by it alone.
+    unsafe { (*tables).load() };
+    match &mut launch.role {
+        Role::DpiCore { index, status } => dpi_loop(*index, status, launch.apic_id),
+        Role::OsCore(setup) => {
+            let Err(e) = become_guest_cpu(setup, tss_base, launch.apic_id);
+            error!("ALLY fatal reason=\"OS core {}: {e}\"", launch.apic_id);
+            halt_forever()
+        }
+    }
+}
+
+/// VMX on this core, a VMCS waiting for SIPI, VMLAUNCH.
+fn become_guest_cpu(setup: &mut OsCoreSetup, tss_base: u64, apic_id: u32) -> Result<core::convert::Infallible, crate::start::StartError> {
+    // SAFETY: ring 0 on this AP; IA32_FEATURE_CONTROL is per core.
+    let caps = unsafe { VmxCapabilities::probe_and_enable()? };
+    let vcpu = setup.vcpu_slot.insert(Vcpu::new(apic_id, setup.vpid, caps, setup.pages));
+    // SAFETY: on this AP, once; the pages were allocated zeroed by the boot CPU.
+    unsafe { vcpu.activate()? };
+    // SAFETY: the exit stack was allocated for this core alone.
+    unsafe { ((setup.exit_stack_top) as *mut u64).write(vcpu as *mut Vcpu as u64) };
+    vcpu.configure(
+        setup.eptp,
+        StartState::WaitForSipi,
+        setup.exit_stack_top,
+        tss_base,
+        launch::ally_vmexit_entry as *const () as u64,
+    )?;
+    info!("OS core {apic_id} waits for the guest's SIPI (VPID {})", setup.vpid);
+    // SAFETY: the VMCS is complete and current.
+    let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };
+    Err(crate::start::StartError::GuestEntryFailed {
+        rflags,
+        error: instructions::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR),
+    })
+}
+
+/// Timer period of an idle DPI core, in APIC timer ticks (bus clocks, divide by 1).
+const IDLE_TIMER_COUNT: u32 = 10_000_000;
+
+/// The DPI loop. Until the NIC work arrives (issue 4) it only publishes its heartbeat; when
+/// idle it halts with the APIC timer as its alarm, so that emulators do not spend their time
+/// on a spinning core.
+fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
+    let me = &status.cores[index];
+    me.apic_id.store(u64::from(apic_id), Ordering::Relaxed);
+    info!("DPI core {index} (APIC {apic_id}) running");
+    LocalApic::current().start_periodic_timer(TIMER_VECTOR, IDLE_TIMER_COUNT);
+    loop {
+        me.beat();
+        // SAFETY: STI;HLT atomically enables interrupts and waits (the STI shadow covers HLT);
+        // Ally's IDT handles the timer and NMIs on this core.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        me.wakeups.fetch_add(1, Ordering::Relaxed);
+    }
+}
