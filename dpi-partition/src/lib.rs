@@ -8,3 +8,4 @@ extern crate alloc;
 pub mod engine;
 pub mod nic;
 pub mod queue;
+pub mod status;
