@@ -262,7 +262,9 @@ pub struct Prefilter {
     short2: Buckets,
     /// 1-byte literals: (needle bytes, literal ids), found with memchr (SIMD) so that frequent
     /// bytes do not load the bigram filter.
-    singles: Vec<(Vec<u8>, Vec<u32>)>,
+    /// Distinct byte values that 1-byte literals match (both cases for `nocase`), and for
+    /// each the literal ids it completes.
+    singles: Vec<(u8, Vec<u32>)>,
     has_short: bool,
 }
 
@@ -291,19 +293,23 @@ impl Prefilter {
         let mut bloom = alloc::vec![0u64; bits / 64];
         let (mut long, mut s2) = (Vec::new(), Vec::new());
         let mut bits2 = Vec::new();
-        let mut singles: Vec<(Vec<u8>, Vec<u32>)> = Vec::new();
+        let mut singles: Vec<(u8, Vec<u32>)> = Vec::new();
         for (i, l) in lits.iter().enumerate() {
             let id = i as u32;
             match l.bytes.len() {
                 1 => {
                     let b = l.bytes[0];
-                    let mut needles = alloc::vec![b];
-                    if l.nocase && b.to_ascii_uppercase() != b {
-                        needles.push(b.to_ascii_uppercase());
-                    }
-                    match singles.iter_mut().find(|s| s.0 == needles) {
-                        Some(s) => s.1.push(id),
-                        None => singles.push((needles, alloc::vec![id])),
+                    let upper = b.to_ascii_uppercase();
+                    let needles: &[u8] = if l.nocase && upper != b {
+                        &[b, upper]
+                    } else {
+                        &[b][..]
+                    };
+                    for &n in needles {
+                        match singles.iter_mut().find(|s| s.0 == n) {
+                            Some(s) => s.1.push(id),
+                            None => singles.push((n, alloc::vec![id])),
+                        }
                     }
                 }
                 2 | 3 => {
@@ -370,7 +376,7 @@ impl Prefilter {
             + self
                 .singles
                 .iter()
-                .map(|s| s.0.len() + s.1.len() * 4 + 48)
+                .map(|s| s.1.len() * 4 + 32)
                 .sum::<usize>()
             + self
                 .lits
@@ -394,8 +400,11 @@ impl Prefilter {
             let Some(s) = hay.get(at..at + lit.bytes.len()) else {
                 continue;
             };
+            // Short literals: an inline loop beats a memcmp call.
             let ok = if lit.nocase {
                 s.eq_ignore_ascii_case(&lit.bytes)
+            } else if s.len() <= 16 {
+                s.iter().zip(lit.bytes.iter()).all(|(a, b)| a == b)
             } else {
                 *s == *lit.bytes
             };
@@ -452,18 +461,33 @@ impl Prefilter {
         if self.lits.is_empty() || hay.is_empty() {
             return;
         }
-        for (needles, ids) in &self.singles {
-            let found = match needles[..] {
-                [a] => memchr::memchr(a, hay).is_some(),
-                [a, b] => memchr::memchr2(a, b, hay).is_some(),
-                _ => false,
-            };
-            if found {
-                for &id in ids {
-                    if marks.first(id as usize) {
-                        hit(id as usize);
+        // 1-byte literals: memchr3 over three needles at a time; each found needle leaves the
+        // batch and the search goes on after it with the rest.
+        for batch in self.singles.chunks(3) {
+            let mut left: [Option<&(u8, Vec<u32>)>; 3] =
+                [batch.first(), batch.get(1), batch.get(2)];
+            let mut from = 0;
+            loop {
+                let mut live = left.iter().flatten().map(|e| e.0);
+                let rest = &hay[from..];
+                let pos = match (live.next(), live.next(), live.next()) {
+                    (None, _, _) => None,
+                    (Some(a), None, _) => memchr::memchr(a, rest),
+                    (Some(a), Some(b), None) => memchr::memchr2(a, b, rest),
+                    (Some(a), Some(b), Some(c)) => memchr::memchr3(a, b, c, rest),
+                };
+                let Some(p) = pos else { break };
+                let byte = rest[p];
+                for slot in left.iter_mut() {
+                    if slot.is_some_and(|e| e.0 == byte) {
+                        for &id in slot.take().map_or(&[][..], |e| &e.1[..]) {
+                            if marks.first(id as usize) {
+                                hit(id as usize);
+                            }
+                        }
                     }
                 }
+                from += p + 1;
             }
         }
         let table = &self.bigram[..];
