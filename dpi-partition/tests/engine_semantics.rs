@@ -895,3 +895,19 @@ fn flowbits_isset_without_setter_is_refused() {
 fn refused_text(opts: &str) -> RuleError {
     refused(opts)
 }
+
+#[test]
+fn boot_summary_line() {
+    assert_eq!(
+        Engine::pass_all().summary().to_string(),
+        "rules: none loaded, every frame passes uninspected by rules"
+    );
+    let e = engine(
+        "drop tcp any any -> any any (content:\"a\"; sid:1;)\n\
+         alert tcp any any -> any any (content:\"b\"; sid:2;)\n\
+         alert udp any any -> any 53 (content:\"c\"; sid:3;)\n",
+    );
+    let s = e.summary();
+    assert_eq!((s.rules, s.drop, s.alert, s.pass), (3, 1, 2, 0));
+    assert!(s.to_string().starts_with("rules: 3 loaded (1 drop, 2 alert, 0 pass) in "), "{s}");
+}

@@ -185,6 +185,41 @@ pub struct EngineStats {
     pub alerts_suppressed: u64,
 }
 
+/// What [`Engine::summary`] reports; its `Display` is the boot-log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineSummary {
+    /// Loaded rules.
+    pub rules: usize,
+    /// `pass` rules.
+    pub pass: usize,
+    /// `drop` rules.
+    pub drop: usize,
+    /// `alert` rules.
+    pub alert: usize,
+    /// Rule groups.
+    pub groups: usize,
+    /// Compiled ruleset bytes.
+    pub bytes: usize,
+}
+
+impl fmt::Display for EngineSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rules == 0 {
+            return f.write_str("rules: none loaded, every frame passes uninspected by rules");
+        }
+        write!(
+            f,
+            "rules: {} loaded ({} drop, {} alert, {} pass) in {} groups, {} KiB compiled",
+            self.rules,
+            self.drop,
+            self.alert,
+            self.pass,
+            self.groups,
+            self.bytes.div_ceil(1024)
+        )
+    }
+}
+
 /// Error while building an engine from rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EngineError {
@@ -458,6 +493,22 @@ impl Engine {
     /// Number of loaded rules.
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// One line for the boot log: the loaded rule count by action, or that everything passes.
+    pub fn summary(&self) -> EngineSummary {
+        let mut by_action = [0usize; 3];
+        for c in &self.rules {
+            by_action[c.rule.action as usize] += 1;
+        }
+        EngineSummary {
+            rules: self.rules.len(),
+            pass: by_action[Action::Pass as usize],
+            drop: by_action[Action::Drop as usize],
+            alert: by_action[Action::Alert as usize],
+            groups: self.groups.len(),
+            bytes: self.memory_usage(),
+        }
     }
 
     /// Number of distinct rule groups (each with its own prefilter).
