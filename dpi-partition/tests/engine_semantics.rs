@@ -395,7 +395,7 @@ fn fast_pattern_choice() {
 
 #[test]
 fn unsupported_options_reported_with_sid() {
-    let text = "alert tcp any any -> any any (msg:\"a\"; detection_filter:track by_src,count 5,seconds 60; content:\"a\"; sid:10;)\n\
+    let text = "alert tcp any any -> any any (msg:\"a\"; ttl:<5; content:\"a\"; sid:10;)\n\
                 alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
@@ -405,7 +405,7 @@ fn unsupported_options_reported_with_sid() {
     assert_eq!(p.rejected[0].sid, Some(10));
     assert_eq!(
         p.rejected[0].error,
-        RuleError::Unsupported(vec!["detection_filter".into()])
+        RuleError::Unsupported(vec!["ttl".into()])
     );
     assert_eq!(
         p.rejected[1].error,
@@ -413,7 +413,7 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
-    assert!(summary.contains(&("detection_filter".into(), 1)));
+    assert!(summary.contains(&("ttl".into(), 1)));
     assert!(summary.contains(&("http_uri".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
@@ -909,5 +909,103 @@ fn boot_summary_line() {
     );
     let s = e.summary();
     assert_eq!((s.rules, s.drop, s.alert, s.pass), (3, 1, 2, 0));
-    assert!(s.to_string().starts_with("rules: 3 loaded (1 drop, 2 alert, 0 pass) in "), "{s}");
+    assert!(
+        s.to_string()
+            .starts_with("rules: 3 loaded (1 drop, 2 alert, 0 pass) in "),
+        "{s}"
+    );
+}
+
+#[test]
+fn tcp_flags_modes() {
+    let with = |flags_opt: &str, fl: u8| {
+        let mut e = engine(&format!(
+            "alert tcp any any -> any any (flags:{flags_opt}; sid:1;)"
+        ));
+        let f = frame("10.0.0.1", "10.0.0.2", 6, &tcp_hdr(1, 2, fl), b"");
+        e.inspect(&f, Direction::ToWire, Timestamp(0), &mut NullSink) == Verdict::Alert
+    };
+    assert!(with("S", SYN));
+    assert!(!with("S", SYN | ACK));
+    assert!(with("SA", SYN | ACK));
+    assert!(with("S+", SYN | ACK));
+    assert!(!with("S+", ACK));
+    assert!(with("FRS*", 0x04)); // any of F, R, S
+    assert!(!with("FRS*", ACK));
+    assert!(with("!R", ACK));
+    assert!(!with("!R", 0x04 | ACK));
+    assert!(with("S,12", SYN | 0xc0)); // CWR/ECE ignored
+    assert!(!with("S", SYN | 0xc0));
+    assert!(with("0", 0));
+    assert!(matches!(refused("flags:SX"), RuleError::BadOption { .. }));
+}
+
+#[test]
+fn detection_filter_counts_per_host() {
+    let mut e = engine(
+        "alert tcp any any -> any any (content:\"login failed\"; detection_filter:track by_src,count 2,seconds 10; sid:1;)",
+    );
+    let from = |src: &str| frame(src, "10.0.0.2", 6, &tcp_hdr(1, 2, PSH_ACK), b"login failed");
+    let mut v = Vec::new();
+    for (t, src) in [
+        (0, "1.1.1.1"),
+        (1, "1.1.1.1"),
+        (2, "2.2.2.2"),
+        (3, "1.1.1.1"),
+        (4, "1.1.1.1"),
+    ] {
+        v.push(e.inspect(
+            &from(src),
+            Direction::FromWire,
+            Timestamp(t * 1_000_000),
+            &mut NullSink,
+        ));
+    }
+    // Third and later matches from 1.1.1.1 within 10 s alert; 2.2.2.2 has one match.
+    assert_eq!(
+        v,
+        [
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Alert,
+            Verdict::Alert
+        ]
+    );
+    // After the window the count starts again.
+    let v = e.inspect(
+        &from("1.1.1.1"),
+        Direction::FromWire,
+        Timestamp(20_000_000),
+        &mut NullSink,
+    );
+    assert_eq!(v, Verdict::Pass);
+}
+
+#[test]
+fn flags_and_filter_round_trip() {
+    let v = Vars::new();
+    for r in [
+        r#"alert tcp any any -> any any (flags:FRS*,12; detection_filter:track by_dst,count 30,seconds 60; sid:1;)"#,
+        r#"alert tcp any any -> any any (flags:!0; sid:2;)"#,
+    ] {
+        let a = parse_rule(r, &v).unwrap();
+        assert_eq!(parse_rule(&a.to_string(), &v).unwrap(), a, "{a}");
+    }
+}
+
+#[test]
+fn no_stream_holds_for_every_packet() {
+    // Without reassembly every inspected packet is a wire packet.
+    assert!(hits(r#"content:"x"; flow:stateless,no_stream"#, b"x"));
+    let r = parse_rule(
+        r#"alert udp any any -> any 1900 (flow:to_server,no_stream,no_frag; content:"N"; sid:1;)"#,
+        &Vars::new(),
+    )
+    .unwrap();
+    assert_eq!(parse_rule(&r.to_string(), &Vars::new()).unwrap(), r);
+    assert!(matches!(
+        refused("flow:only_stream"),
+        RuleError::Unsupported(_)
+    ));
 }

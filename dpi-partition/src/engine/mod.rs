@@ -263,6 +263,41 @@ struct Compiled {
     fb_checks: Vec<(rules::FlowbitCmd, u128, bool)>,
     /// Flowbit actions applied on match: (command, mask).
     fb_actions: Vec<(rules::FlowbitCmd, u128)>,
+    /// `detection_filter` hosts: (address, window start us, matches in the window).
+    df_hosts: Vec<(core::net::IpAddr, u64, u32)>,
+}
+
+/// Hosts tracked per `detection_filter` rule.
+const DF_HOSTS: usize = 64;
+
+/// Counts a match for `detection_filter`; true once the host is over the count in its window.
+fn detection_filter_exceeded(
+    df: &rules::DetectionFilter,
+    hosts: &mut Vec<(core::net::IpAddr, u64, u32)>,
+    host: core::net::IpAddr,
+    now: u64,
+) -> bool {
+    let window = u64::from(df.seconds) * 1_000_000;
+    let count = match hosts.iter_mut().find(|h| h.0 == host) {
+        Some(h) => {
+            if now.saturating_sub(h.1) >= window || now < h.1 {
+                *h = (host, now, 1);
+            } else {
+                h.2 = h.2.saturating_add(1);
+            }
+            h.2
+        }
+        None => {
+            if hosts.len() >= DF_HOSTS {
+                if let Some(oldest) = (0..hosts.len()).min_by_key(|&i| hosts[i].1) {
+                    hosts.swap_remove(oldest);
+                }
+            }
+            hosts.push((host, now, 1));
+            1
+        }
+    };
+    count > df.count
 }
 
 /// Most distinct flowbit names one ruleset may use (they live in a `u128` per flow).
@@ -389,6 +424,7 @@ impl Engine {
                 rate: eve::RateLimit::default(),
                 fb_checks,
                 fb_actions,
+                df_hosts: Vec::new(),
             });
         }
         let mut engine = Engine {
@@ -658,6 +694,14 @@ fn icmp_matches(c: &rules::IcmpCheck, pkt: &Packet<'_>) -> bool {
         && c.seq.is_none_or(|x| echo && x == seq)
 }
 
+fn tcp_flags_match(t: Option<rules::TcpFlags>, pkt: &Packet<'_>) -> bool {
+    match (t, pkt.l4) {
+        (None, _) => true,
+        (Some(t), L4::Tcp { flags, .. }) => t.check(flags),
+        (Some(_), _) => false,
+    }
+}
+
 /// Flowbit conditions against the packet's flow (bits are all clear without a flow).
 fn flowbits_hold(checks: &[(rules::FlowbitCmd, u128, bool)], bits: u128, has_flow: bool) -> bool {
     let bits = if has_flow { bits } else { 0 };
@@ -719,10 +763,17 @@ impl Inspector for Engine {
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
                 || !icmp_matches(&c.rule.icmp, &pkt)
+                || !tcp_flags_match(c.rule.tcp_flags, &pkt)
                 || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
                 || !c.program.matches(pkt.payload, &mut self.memo)
             {
                 continue;
+            }
+            if let Some(df) = &c.rule.detection_filter {
+                let host = if df.by_src { pkt.src } else { pkt.dst };
+                if !detection_filter_exceeded(df, &mut c.df_hosts, host, now.0) {
+                    continue;
+                }
             }
             self.stats.matches += 1;
             if !c.fb_actions.is_empty() && info.is_some() {

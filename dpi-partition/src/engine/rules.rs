@@ -10,9 +10,10 @@
 //! escapes, `!`, and `nocase offset depth distance within fast_pattern` (+ Snort 3
 //! `fast_pattern_offset/length`, Snort 2 `fast_pattern:only` and `fast_pattern:o,l`) in both the
 //! Snort 2 (separate options) and Snort 3 (`content:"x",depth 16,nocase`) styles; `pcre`; `dsize`;
-//! `flow`; plus `isdataat`, `byte_test`, `byte_jump` (not with `dce` or byte_extract variables),
+//! `flow` (also `no_stream`/`no_frag`, always true here); plus `isdataat`, `byte_test`, `byte_jump` (not with `dce` or byte_extract variables),
 //! `itype`, `icode`, `icmp_id`, `icmp_seq`, `flowbits` (`set unset toggle isset isnotset noalert`
-//! with `&`/`|`; an `isset` of a bit no loaded rule sets refuses the rule), and the buffer selectors `pkt_data`/`raw_data` (the
+//! with `&`/`|`; an `isset` of a bit no loaded rule sets refuses the rule), `flags`,
+//! `detection_filter`, and the buffer selectors `pkt_data`/`raw_data` (the
 //! packet payload is the only buffer; they reset the cursor). Everything else makes the rule not load
 //! ([`RuleError::Unsupported`] names every such option).
 //!
@@ -263,12 +264,21 @@ pub struct FlowCheck {
     pub not_established: bool,
     /// `stateless`: match whether or not the packet belongs to a tracked flow.
     pub stateless: bool,
+    /// `no_stream`: not a reassembled stream segment (always true here: no reassembly).
+    pub no_stream: bool,
+    /// `no_frag`: not a defragmented packet (always true here: no defragmentation).
+    pub no_frag: bool,
 }
 
 impl FlowCheck {
     /// Whether any flow requirement is present.
     pub fn is_set(&self) -> bool {
-        self.to_server.is_some() || self.established || self.not_established || self.stateless
+        self.to_server.is_some()
+            || self.established
+            || self.not_established
+            || self.stateless
+            || self.no_stream
+            || self.no_frag
     }
 }
 
@@ -446,8 +456,165 @@ pub struct Rule {
     pub flowbits: Vec<Flowbits>,
     /// `flowbits:noalert`: the rule matches (and sets bits) but logs nothing.
     pub noalert: bool,
+    /// `flags` (TCP).
+    pub tcp_flags: Option<TcpFlags>,
+    /// `detection_filter`.
+    pub detection_filter: Option<DetectionFilter>,
     /// Payload steps in rule order.
     pub ops: Vec<PayloadOp>,
+}
+
+/// `flags` match mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagMode {
+    /// No modifier: exactly these flags (outside the mask).
+    Exact,
+    /// `+`: these flags and possibly others.
+    All,
+    /// `*`: any of these flags.
+    Any,
+    /// `!`: none of these flags.
+    Not,
+}
+
+/// `flags:[+*!]<FSRPAUCE120>[,<mask>]` (bits F 0x01, S 0x02, R 0x04, P 0x08, A 0x10, U 0x20,
+/// E/2 0x40, C/1 0x80, 0 = none); mask bits are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpFlags {
+    /// Mode.
+    pub mode: FlagMode,
+    /// Flags.
+    pub flags: u8,
+    /// Ignored bits.
+    pub mask: u8,
+}
+
+impl TcpFlags {
+    /// Whether a packet with TCP flags `f` matches.
+    pub fn check(&self, f: u8) -> bool {
+        let f = f & !self.mask;
+        match self.mode {
+            FlagMode::Exact => f == self.flags,
+            FlagMode::All => f & self.flags == self.flags,
+            FlagMode::Any => f & self.flags != 0,
+            FlagMode::Not => f & self.flags == 0,
+        }
+    }
+}
+
+const FLAG_CHARS: [(char, u8); 10] = [
+    ('F', 0x01),
+    ('S', 0x02),
+    ('R', 0x04),
+    ('P', 0x08),
+    ('A', 0x10),
+    ('U', 0x20),
+    ('E', 0x40),
+    ('C', 0x80),
+    ('2', 0x40),
+    ('1', 0x80),
+];
+
+fn flag_bits(option: &str, s: &str) -> Result<u8, RuleError> {
+    let mut v = 0u8;
+    for c in s.chars() {
+        match FLAG_CHARS.iter().find(|x| x.0 == c.to_ascii_uppercase()) {
+            Some(&(_, b)) => v |= b,
+            None if c == '0' => {}
+            None => return Err(bad(option, format!("unknown flag `{c}`"))),
+        }
+    }
+    Ok(v)
+}
+
+fn write_flag_bits(f: &mut fmt::Formatter<'_>, v: u8) -> fmt::Result {
+    if v == 0 {
+        return f.write_str("0");
+    }
+    for &(c, b) in &FLAG_CHARS[..8] {
+        if v & b != 0 {
+            write!(f, "{c}")?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_tcp_flags(v: &str) -> Result<TcpFlags, RuleError> {
+    const O: &str = "flags";
+    let (main, mask) = match v.split_once(',') {
+        Some((a, m)) => (a.trim(), flag_bits(O, m.trim())?),
+        None => (v.trim(), 0),
+    };
+    let mut mode = FlagMode::Exact;
+    let mut letters = String::new();
+    for c in main.chars() {
+        let m = match c {
+            '+' => FlagMode::All,
+            '*' => FlagMode::Any,
+            '!' => FlagMode::Not,
+            _ => {
+                letters.push(c);
+                continue;
+            }
+        };
+        if mode != FlagMode::Exact {
+            return Err(bad(O, "more than one of + * !"));
+        }
+        mode = m;
+    }
+    if letters.is_empty() {
+        return Err(bad(O, "no flags"));
+    }
+    Ok(TcpFlags {
+        mode,
+        flags: flag_bits(O, &letters)?,
+        mask,
+    })
+}
+
+/// `detection_filter:track by_src|by_dst,count c,seconds s`: the rule takes effect for a host
+/// only once it has matched more than `count` times within a window of `seconds` that starts at
+/// the host's first match (the window restarts after it ends). Until then the rule counts as not
+/// matching (no verdict, no flowbit action, no alert). Up to 64 hosts are tracked per rule; the
+/// one whose window started first is forgotten when a new host comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetectionFilter {
+    /// `by_src` (else `by_dst`).
+    pub by_src: bool,
+    /// `count`.
+    pub count: u32,
+    /// `seconds`.
+    pub seconds: u32,
+}
+
+fn parse_detection_filter(v: &str) -> Result<DetectionFilter, RuleError> {
+    const O: &str = "detection_filter";
+    let (mut by_src, mut count, mut seconds) = (None, None, None);
+    for part in v.split(',').map(str::trim) {
+        let (k, a) = part
+            .split_once(char::is_whitespace)
+            .map_or((part, ""), |(k, a)| (k, a.trim()));
+        match k {
+            "track" => {
+                by_src = Some(match a {
+                    "by_src" => true,
+                    "by_dst" => false,
+                    _ => return Err(bad(O, format!("track `{a}` (use by_src or by_dst)"))),
+                })
+            }
+            "count" => count = Some(num(O, a)?),
+            "seconds" => seconds = Some(num(O, a)?),
+            _ => return Err(bad(O, format!("unknown argument `{part}`"))),
+        }
+    }
+    match (by_src, count, seconds) {
+        (Some(by_src), Some(count), Some(seconds)) if seconds > 0 => Ok(DetectionFilter {
+            by_src,
+            count,
+            seconds,
+        }),
+        _ => Err(bad(O, "needs track, count and seconds (> 0)")),
+    }
 }
 
 /// A `flowbits` command.
@@ -867,6 +1034,8 @@ const KNOWN: &[&str] = &[
     "byte_test",
     "byte_jump",
     "flowbits",
+    "flags",
+    "detection_filter",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -993,6 +1162,8 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         icmp: IcmpCheck::default(),
         flowbits: Vec::new(),
         noalert: false,
+        tcp_flags: None,
+        detection_filter: None,
         ops: Vec::new(),
     };
     let opts = split_options(body)?;
@@ -1099,6 +1270,10 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 .ops
                 .push(PayloadOp::ByteJump(parse_byte_jump(need(name, value)?)?)),
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
+            "flags" => rule.tcp_flags = Some(parse_tcp_flags(need(name, value)?)?),
+            "detection_filter" => {
+                rule.detection_filter = Some(parse_detection_filter(need(name, value)?)?)
+            }
             "flowbits" => match parse_flowbits(need(name, value)?)? {
                 Some(fb) => rule.flowbits.push(fb),
                 None => rule.noalert = true,
@@ -1292,6 +1467,10 @@ fn parse_flow(v: &str) -> Result<FlowCheck, RuleError> {
             "established" => f.established = true,
             "not_established" => f.not_established = true,
             "stateless" => f.stateless = true,
+            // Every packet this engine sees is a wire packet (no stream reassembly and no IP
+            // defragmentation), so "not a rebuilt packet" always holds.
+            "no_stream" => f.no_stream = true,
+            "no_frag" => f.no_frag = true,
             other => {
                 return Err(RuleError::Unsupported(alloc::vec![format!("flow:{other}")]));
             }
@@ -1608,6 +1787,29 @@ impl fmt::Display for Rule {
         if self.noalert {
             f.write_str(" flowbits:noalert;")?;
         }
+        if let Some(t) = self.tcp_flags {
+            f.write_str(" flags:")?;
+            match t.mode {
+                FlagMode::Exact => {}
+                FlagMode::All => f.write_str("+")?,
+                FlagMode::Any => f.write_str("*")?,
+                FlagMode::Not => f.write_str("!")?,
+            }
+            write_flag_bits(f, t.flags)?;
+            if t.mask != 0 {
+                f.write_str(",")?;
+                write_flag_bits(f, t.mask)?;
+            }
+            f.write_str(";")?;
+        }
+        if let Some(d) = self.detection_filter {
+            let t = if d.by_src { "by_src" } else { "by_dst" };
+            write!(
+                f,
+                " detection_filter:track {t},count {},seconds {};",
+                d.count, d.seconds
+            )?;
+        }
         if let Some(fl) = self.flow.is_set().then_some(self.flow) {
             let mut parts: Vec<&str> = Vec::new();
             match fl.to_server {
@@ -1623,6 +1825,12 @@ impl fmt::Display for Rule {
             }
             if fl.stateless {
                 parts.push("stateless");
+            }
+            if fl.no_stream {
+                parts.push("no_stream");
+            }
+            if fl.no_frag {
+                parts.push("no_frag");
             }
             write!(f, " flow:{};", parts.join(","))?;
         }
