@@ -127,11 +127,57 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
         None => Check::new("canary", false, "no `ALLY canary` line"),
     });
     out.push(Check::from_result("exits", exits(ally)));
+    out.push(Check::from_result("guest-cpus", guest_cpus(guest, ally)));
+    out.push(Check::from_result("dpi-heartbeat", dpi_heartbeat(ally)));
     out.push(match ally.fatal() {
         None => Check::new("no-fatal", true, "no `ALLY fatal` line"),
         Some(l) => Check::new("no-fatal", false, l.line.clone()),
     });
     out
+}
+
+/// `(total, dpi)` from `ALLY cpus total=.. dpi=..`.
+fn ally_cpus(ally: &AllyReport) -> Result<(u64, u64), String> {
+    let line = ally.find("cpus").ok_or("no `ALLY cpus total=.. dpi=..` line")?;
+    Ok((
+        line.number("total").map_err(marker_err)?,
+        line.number("dpi").map_err(marker_err)?,
+    ))
+}
+
+/// The guest sees exactly the OS cores: the CPUs minus the DPI cores.
+fn guest_cpus(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let (total, dpi) = ally_cpus(ally)?;
+    let nproc = guest
+        .nproc()
+        .map_err(marker_err)?
+        .ok_or("no `ALLYTEST cpus nproc=..` marker")?;
+    if nproc == total - dpi {
+        Ok(format!("guest nproc={nproc} = {total} CPUs - {dpi} DPI core(s)"))
+    } else {
+        Err(format!(
+            "guest nproc={nproc}, expected {total} CPUs - {dpi} DPI core(s) = {}",
+            total - dpi
+        ))
+    }
+}
+
+/// Every DPI core reported a heartbeat that advanced.
+fn dpi_heartbeat(ally: &AllyReport) -> Result<String, String> {
+    let (_, dpi) = ally_cpus(ally)?;
+    let mut seen = Vec::new();
+    for line in ally.all("dpi-core") {
+        let beats = line.number("heartbeat").map_err(marker_err)?;
+        if beats < 2 {
+            return Err(format!("DPI core heartbeat did not advance: {}", line.line));
+        }
+        seen.push(format!("apic {}: {beats}", line.number("apic").map_err(marker_err)?));
+    }
+    if seen.len() as u64 == dpi {
+        Ok(seen.join(", "))
+    } else {
+        Err(format!("{} `ALLY dpi-core` lines for {dpi} DPI core(s)", seen.len()))
+    }
 }
 
 fn memtotal(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
@@ -309,10 +355,12 @@ ALLYTEST done
 
     const GOOD_ALLY: &str = "\
 [cpu0 INFO hv] ALLY region base=0x3dff0000 size=0x2000000
+ALLY cpus total=2 dpi=1 os=1
 ALLY guest-start
 ALLY ept-violation gpa=0x3dff0010 access=write action=skip
 ALLY exits reason=CPUID count=10
 ALLY canary status=intact
+ALLY dpi-core index=0 apic=1 heartbeat=57 wakeups=56
 ALLY poweroff
 ";
 
@@ -326,6 +374,16 @@ ALLY poweroff
             .filter(|c| !c.passed)
             .map(|c| c.name)
             .collect()
+    }
+
+    #[test]
+    fn cpu_partition_checks_fail_on_a_visible_dpi_core_or_a_stopped_heartbeat() {
+        let g = GOOD_GUEST.replace("nproc=1", "nproc=2");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["guest-cpus"]);
+        let a = GOOD_ALLY.replace("heartbeat=57", "heartbeat=1");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["dpi-heartbeat"]);
+        let a = GOOD_ALLY.replace("ALLY dpi-core index=0 apic=1 heartbeat=57 wakeups=56\n", "");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["dpi-heartbeat"]);
     }
 
     #[test]

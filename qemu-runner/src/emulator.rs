@@ -18,6 +18,9 @@ pub enum Emulator {
     Bochs,
     /// QEMU with KVM: needs /dev/kvm and a CPU with VMX (nested VT-x for Ally's own VMX).
     QemuKvm,
+    /// QEMU's software emulation: no VMX, so it cannot run Ally, but boots the guest alone
+    /// (the baseline) in seconds, which checks the guest pipeline quickly.
+    QemuTcg,
 }
 
 impl fmt::Display for Emulator {
@@ -25,6 +28,7 @@ impl fmt::Display for Emulator {
         f.write_str(match self {
             Emulator::Bochs => "bochs",
             Emulator::QemuKvm => "qemu-kvm",
+            Emulator::QemuTcg => "qemu-tcg",
         })
     }
 }
@@ -36,6 +40,7 @@ pub enum EmulatorChoice {
     Auto,
     Bochs,
     QemuKvm,
+    QemuTcg,
 }
 
 impl FromStr for EmulatorChoice {
@@ -45,6 +50,7 @@ impl FromStr for EmulatorChoice {
             "auto" => Ok(EmulatorChoice::Auto),
             "bochs" => Ok(EmulatorChoice::Bochs),
             "qemu" | "qemu-kvm" | "kvm" => Ok(EmulatorChoice::QemuKvm),
+            "qemu-tcg" | "tcg" => Ok(EmulatorChoice::QemuTcg),
             other => Err(EmulatorError::UnknownChoice(other.to_string())),
         }
     }
@@ -70,7 +76,10 @@ impl fmt::Display for EmulatorError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EmulatorError::UnknownChoice(s) => {
-                write!(f, "unknown emulator `{s}`: expected auto, bochs or qemu")
+                write!(
+                    f,
+                    "unknown emulator `{s}`: expected auto, bochs, qemu or qemu-tcg"
+                )
             }
             EmulatorError::KvmUnavailable(why) => {
                 write!(f, "QEMU with KVM cannot run Ally here: {why}")
@@ -123,6 +132,19 @@ impl EmulatorChoice {
                 None => Ok(Emulator::QemuKvm),
                 Some(why) => Err(EmulatorError::KvmUnavailable(why)),
             },
+            EmulatorChoice::QemuTcg => {
+                if in_path("qemu-system-x86_64") {
+                    Ok(Emulator::QemuTcg)
+                } else {
+                    Err(EmulatorError::Spawn {
+                        command: "qemu-system-x86_64".into(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "not installed (apt-get install qemu-system-x86)",
+                        ),
+                    })
+                }
+            }
             EmulatorChoice::Auto => Ok(match kvm_unavailable_reason() {
                 None => Emulator::QemuKvm,
                 Some(_) => Emulator::Bochs,
@@ -165,16 +187,21 @@ impl MachineFiles {
     }
 }
 
-/// The QEMU command line (KVM, the same machine shape as under Bochs).
-pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64) -> Command {
+/// The QEMU command line (the same machine shape as under Bochs): KVM with the host CPU and
+/// its VMX, or TCG.
+pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64, kvm: bool) -> Command {
     let mac = bochs::DEFAULT_MAC
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-machine", "pc,accel=kvm", "-cpu", "host,+vmx"])
-        .args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
+    if kvm {
+        c.args(["-machine", "pc,accel=kvm", "-cpu", "host,+vmx"]);
+    } else {
+        c.args(["-machine", "pc,accel=tcg", "-cpu", "max"]);
+    }
+    c.args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
         .arg("-drive")
         .arg(format!(
             "file={},format=raw,if=ide,index=0,media=disk",
@@ -262,8 +289,8 @@ pub fn start(
                 .current_dir(&files.dir);
             c
         }
-        Emulator::QemuKvm => {
-            let mut c = qemu_command(files, cpus, memory_mib);
+        Emulator::QemuKvm | Emulator::QemuTcg => {
+            let mut c = qemu_command(files, cpus, memory_mib, emulator == Emulator::QemuKvm);
             let log = fs::File::create(&files.emulator_log).map_err(io(&files.emulator_log))?;
             c.stderr(log);
             c
@@ -398,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             "vbox".parse::<EmulatorChoice>().unwrap_err().to_string(),
-            "unknown emulator `vbox`: expected auto, bochs or qemu"
+            "unknown emulator `vbox`: expected auto, bochs, qemu or qemu-tcg"
         );
         assert_eq!(EmulatorChoice::Bochs.resolve().unwrap(), Emulator::Bochs);
     }
@@ -406,7 +433,7 @@ mod tests {
     #[test]
     fn qemu_command_line() {
         let f = MachineFiles::in_dir(Path::new("/o"));
-        let c = tool::describe(&qemu_command(&f, 2, 1024));
+        let c = tool::describe(&qemu_command(&f, 2, 1024, true));
         assert!(
             c.starts_with("qemu-system-x86_64 -machine pc,accel=kvm"),
             "{c}"
@@ -418,6 +445,8 @@ mod tests {
         );
         assert!(c.contains("e1000,netdev=n0,mac=52:54:00:12:34:56"), "{c}");
         assert!(c.contains("-boot d"), "{c}");
+        let c = tool::describe(&qemu_command(&f, 1, 1024, false));
+        assert!(c.contains("-machine pc,accel=tcg -cpu max"), "{c}");
     }
 
     #[test]

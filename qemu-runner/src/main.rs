@@ -55,7 +55,8 @@ struct Common {
     /// Keep the run's disk copy and ISO (logs are always kept).
     #[arg(long)]
     keep: bool,
-    /// auto (QEMU/KVM when the host has VT-x, else Bochs), bochs or qemu.
+    /// auto (QEMU/KVM when the host has VT-x, else Bochs), bochs, qemu (KVM) or qemu-tcg
+    /// (software QEMU: no VMX, for a quick baseline only).
     #[arg(long, default_value = "auto")]
     emulator: EmulatorChoice,
     /// Run directory name under out/ (default: the subcommand's name).
