@@ -238,6 +238,15 @@ fn bit(map: &[u64], i: usize) -> bool {
     map[i >> 6] & (1u64 << (i & 63)) != 0
 }
 
+/// A bitmap over all 16-bit values.
+type Bits64K = [u64; 1024];
+
+/// Bit `k` of a 64 Kibit map; the fixed size lets the compiler drop the bounds check.
+#[inline(always)]
+fn bit64k(map: &Bits64K, k: u16) -> bool {
+    map[usize::from(k >> 6)] & (1u64 << (k & 63)) != 0
+}
+
 fn set_bit(map: &mut [u64], i: usize) {
     map[i >> 6] |= 1u64 << (i & 63);
 }
@@ -252,13 +261,13 @@ pub struct Prefilter {
     /// First stage: bit `b0 | b1 << 8` is set when some literal can start with bytes b0 b1 (all
     /// case variants of `nocase` literals; every b1 for 1-byte literals). Most positions stop
     /// here after one L1 lookup, without folding or hashing.
-    bigram: Vec<u64>,
+    bigram: Box<Bits64K>,
     /// Bitmap over hashed folded 4-byte prefixes of literals of >= 4 bytes.
     bloom: Vec<u64>,
     shift: u32,
     long: Buckets,
     /// Bitmap over folded 2-byte prefixes of 2-3-byte literals (empty if none).
-    bits2: Vec<u64>,
+    bits2: Box<Bits64K>,
     short2: Buckets,
     /// 1-byte literals: (needle bytes, literal ids), found with memchr (SIMD) so that frequent
     /// bytes do not load the bigram filter.
@@ -292,7 +301,7 @@ impl Prefilter {
         let shift = 32 - bits.trailing_zeros();
         let mut bloom = alloc::vec![0u64; bits / 64];
         let (mut long, mut s2) = (Vec::new(), Vec::new());
-        let mut bits2 = Vec::new();
+        let mut bits2: Box<Bits64K> = Box::new([0; 1024]);
         let mut singles: Vec<(u8, Vec<u32>)> = Vec::new();
         for (i, l) in lits.iter().enumerate() {
             let id = i as u32;
@@ -314,10 +323,7 @@ impl Prefilter {
                 }
                 2 | 3 => {
                     let k = key(&l.bytes, 2);
-                    if bits2.is_empty() {
-                        bits2 = alloc::vec![0u64; 65536 / 64];
-                    }
-                    set_bit(&mut bits2, k as usize);
+                    set_bit(&mut bits2[..], k as usize);
                     s2.push((k, id));
                 }
                 _ => {
@@ -328,7 +334,7 @@ impl Prefilter {
             }
         }
         let has_short = !s2.is_empty();
-        let mut bigram = alloc::vec![0u64; 65536 / 64];
+        let mut bigram: Box<Bits64K> = Box::new([0; 1024]);
         let variants = |b: u8, nocase: bool| -> [u8; 2] {
             if nocase {
                 [b.to_ascii_lowercase(), b.to_ascii_uppercase()]
@@ -340,7 +346,7 @@ impl Prefilter {
             for b0 in variants(l.bytes[0], l.nocase) {
                 if let Some(&b1) = l.bytes.get(1) {
                     for b1 in variants(b1, l.nocase) {
-                        set_bit(&mut bigram, usize::from(b0) | usize::from(b1) << 8);
+                        set_bit(&mut bigram[..], usize::from(b0) | usize::from(b1) << 8);
                     }
                 }
             }
@@ -370,7 +376,7 @@ impl Prefilter {
 
     /// Heap bytes of the tables and literal copies.
     pub fn memory_usage(&self) -> usize {
-        (self.bloom.len() + self.bits2.len()) * 8
+        (self.bloom.len() + 2 * 1024) * 8
             + self.long.memory_usage()
             + self.short2.memory_usage()
             + self
@@ -424,7 +430,7 @@ impl Prefilter {
         hit: &mut impl FnMut(usize),
     ) {
         let k2 = w & 0xffff;
-        if bit(&self.bits2, k2 as usize) {
+        if bit64k(&self.bits2, k2 as u16) {
             self.verify(self.short2.get(k2), hay, at, marks, hit);
         }
     }
@@ -490,10 +496,9 @@ impl Prefilter {
                 from += p + 1;
             }
         }
-        let table = &self.bigram[..];
+        let table: &Bits64K = &self.bigram;
         for (i, pair) in hay.windows(2).enumerate() {
-            let k = usize::from(pair[0]) | usize::from(pair[1]) << 8;
-            if bit(table, k) {
+            if bit64k(table, u16::from_le_bytes([pair[0], pair[1]])) {
                 self.check_at(hay, i, marks, &mut hit);
             }
         }
