@@ -1009,3 +1009,109 @@ fn no_stream_holds_for_every_packet() {
         RuleError::Unsupported(_)
     ));
 }
+
+/// Reference semantics written straight from the definitions (no memo, no shortcuts): does some
+/// assignment of match positions satisfy contents `ops[i..]` with the cursor at `cursor`?
+fn reference(ops: &[ally_dpi::engine::rules::Content], cursor: usize, buf: &[u8]) -> bool {
+    let Some(c) = ops.first() else { return true };
+    let n = buf.len() as i64;
+    let m = c.pattern.len() as i64;
+    let (lo, hi) = if c.is_relative() {
+        let base = cursor as i64 + i64::from(c.distance.unwrap_or(0));
+        (
+            base.max(0),
+            c.within.map_or(n, |w| base + i64::from(w)).min(n),
+        )
+    } else {
+        let lo = i64::from(c.offset.unwrap_or(0));
+        (lo, c.depth.map_or(n, |d| lo + i64::from(d)).min(n))
+    };
+    let eq = |s: usize| {
+        let w = &buf[s..s + c.pattern.len()];
+        if c.nocase {
+            w.eq_ignore_ascii_case(&c.pattern)
+        } else {
+            w == &c.pattern[..]
+        }
+    };
+    let starts: Vec<usize> = (lo.max(0)..=hi - m)
+        .map(|s| s as usize)
+        .filter(|&s| eq(s))
+        .collect();
+    if c.negated {
+        return starts.is_empty() && reference(&ops[1..], cursor, buf);
+    }
+    starts
+        .into_iter()
+        .any(|s| reference(&ops[1..], s + c.pattern.len(), buf))
+}
+
+#[test]
+fn contents_match_the_reference_semantics() {
+    use ally_dpi::engine::matcher::{Memo, Program};
+    use ally_dpi::engine::rules::PayloadOp;
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut memo = Memo::default();
+    let (mut positives, mut total) = (0, 0);
+    for _ in 0..3000 {
+        let k = 1 + rnd(4) as usize;
+        let mut opts = String::new();
+        for j in 0..k {
+            let len = 1 + rnd(3) as usize;
+            let pat: String = (0..len)
+                .map(|_| if rnd(2) == 0 { 'a' } else { 'b' })
+                .collect();
+            let neg = if j > 0 && rnd(5) == 0 { "!" } else { "" };
+            opts.push_str(&format!("content:{neg}\"{pat}\""));
+            if j > 0 && rnd(3) != 0 {
+                opts.push_str(&format!(",distance {}", rnd(7) as i64 - 3));
+                if rnd(2) == 0 {
+                    opts.push_str(&format!(",within {}", len as u64 + rnd(4)));
+                }
+            } else if rnd(3) == 0 {
+                opts.push_str(&format!(",offset {}", rnd(4)));
+                if rnd(2) == 0 {
+                    opts.push_str(&format!(",depth {}", len as u64 + rnd(5)));
+                }
+            }
+            opts.push_str("; ");
+        }
+        let text = format!("alert tcp any any -> any any ({opts}sid:1;)");
+        let rule = parse_rule(&text, &Vars::new()).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let contents: Vec<_> = rule
+            .ops
+            .iter()
+            .map(|o| match o {
+                PayloadOp::Content(c) => c.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut prog = Program::new(&rule).unwrap();
+        for _ in 0..5 {
+            let len = rnd(12) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| if rnd(2) == 0 { b'a' } else { b'b' })
+                .collect();
+            let want = reference(&contents, 0, &buf);
+            assert_eq!(
+                prog.matches(&buf, &mut memo),
+                want,
+                "{text} on {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            positives += usize::from(want);
+            total += 1;
+        }
+    }
+    // Both outcomes are well represented.
+    assert!(
+        positives > total / 10 && positives < total * 9 / 10,
+        "{positives}/{total}"
+    );
+}
