@@ -26,6 +26,7 @@ use ally_dpi::engine::blob;
 use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine, DEFAULT_EXCERPT};
 use ally_dpi::engine::rules::{parse_rules, ParsedRules};
 use ally_dpi::engine::vars::Vars;
+use ally_dpi::engine::{Engine, EngineConfig};
 
 const USAGE: &str = "usage:
   ally-tools rules compile <rules> [--vars FILE] -o <blob>
@@ -148,6 +149,10 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
             if back != p.rules {
                 return Err("internal: blob does not round-trip".into());
             }
+            // Build the engine from the blob as Ally will, and show its boot line.
+            let engine =
+                Engine::from_blob(&b, EngineConfig::default()).map_err(|e| e.to_string())?;
+            println!("{}", engine.summary());
             fs::write(out, &b).map_err(|e| format!("{out}: {e}"))?;
             println!(
                 "wrote {out}: {} rules, {} bytes (format v{})",
