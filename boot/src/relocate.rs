@@ -42,7 +42,17 @@ pub fn image_span() -> u64 {
 pub unsafe fn relocate(new_base: u64, identity_limit: u64, frames: &mut FramePool) -> Result<(), PagingError> {
     let image = loaded_image();
     let mut tables = HostPageTables::new(frames)?;
-    tables.map(0, HostPhysAddr(0), identity_limit, HostPageFlags::KERNEL_DATA, frames)?;
+    // The first 2 MiB stay executable: the application processors' trampoline runs there
+    // (identity-mapped) while it switches to Ally's page tables. All other physical memory
+    // is data only.
+    tables.map(0, HostPhysAddr(0), LARGE_PAGE_SIZE, HostPageFlags::KERNEL_CODE_DATA, frames)?;
+    tables.map(
+        LARGE_PAGE_SIZE,
+        HostPhysAddr(LARGE_PAGE_SIZE),
+        identity_limit - LARGE_PAGE_SIZE,
+        HostPageFlags::KERNEL_DATA,
+        frames,
+    )?;
     tables.map(KERNEL_VMA + image.start, HostPhysAddr(new_base), image_span(), HostPageFlags::KERNEL_CODE_DATA, frames)?;
     // SAFETY: both ranges are identity-mapped now; the new tables map the same virtual
     // addresses onto the copy, so execution continues seamlessly after CR3 is loaded.

@@ -413,6 +413,7 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     dpi.sort_unstable();
     let removed = acpi::remove_madt_cpus(&mut memory, &mut madt, &dpi).map_err(StartError::Acpi)?;
     info!("CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden", all.as_slice(), dpi.as_slice());
+    info!("ALLY cpus total={} dpi={} os={}", all.len(), dpi.len(), all.len() - dpi.len());
     match acpi::find_mp_table(&memory) {
         Ok(mut table) => match acpi::remove_mp_cpus(&mut memory, &mut table, &dpi) {
             Ok(n) => info!("{n} MP-table processor entries hidden"),

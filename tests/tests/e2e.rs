@@ -31,6 +31,8 @@ fn baseline_guest_boots_and_pings() {
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-ally");
+    // 1 OS core + 1 DPI core (issue 3's first scenario; Ally's default dpi_cores=1).
+    opts.cpus = 2;
     opts.ally_image = prebuilt_ally_image();
     if opts.ally_image.is_none() {
         // cargo keeps its own target directory locked while this test runs.
@@ -59,6 +61,10 @@ fn ally_hides_its_region_and_guest_pings() {
         "canary",
         "ping",
         "exits",
+        // The guest sees exactly its OS cores (the DPI core is gone from MADT and MP table).
+        "guest-cpus",
+        // Every DPI core's heartbeat advanced while the guest ran.
+        "dpi-heartbeat",
         "no-fatal",
         "done",
         "no-guest-failures",
@@ -67,4 +73,27 @@ fn ally_hides_its_region_and_guest_pings() {
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
     assert!(result.passed(), "{}", failures(&result));
+}
+
+/// Operator input: an unknown option stops Ally before any guest runs, with a message naming
+/// the option (issue 2, "Bad input").
+#[test]
+fn unknown_option_stops_ally_before_the_guest() {
+    let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-option");
+    opts.ally_image = prebuilt_ally_image();
+    if opts.ally_image.is_none() {
+        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
+    }
+    opts.ally_options = "log=info frobnicate=1".to_string();
+    opts.timeout = std::time::Duration::from_secs(600);
+    let result = run(&opts).expect("Ally run");
+    println!("{result}");
+    let fatal = result.ally.fatal().expect("Ally printed no `ALLY fatal` line");
+    assert!(
+        fatal.line.contains("frobnicate"),
+        "the fatal line does not name the option: {}",
+        fatal.line
+    );
+    assert!(!result.ally.guest_started(), "a guest was started despite the bad option");
+    assert!(!result.guest.init_reached(), "the guest ran despite the bad option");
 }
