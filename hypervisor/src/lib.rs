@@ -15,3 +15,4 @@ pub mod paging;
 pub mod exit;
 pub mod acpi;
 pub mod mtrr;
+pub mod ipi;

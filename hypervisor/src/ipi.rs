@@ -1,0 +1,290 @@
+//! Keeping the guest's inter-processor interrupts away from the DPI cores.
+//!
+//! Every ICR write of an OS core (xAPIC MMIO offset 0x300, or x2APIC MSR 0x830) comes here
+//! before it reaches the hardware. IPIs between OS cores pass unchanged; any IPI aimed at a DPI
+//! core — by physical ID, by logical destination, by the broadcast ID or by a shorthand — is
+//! dropped for that core and counted; broadcasts are rewritten as unicasts to the OS cores.
+//! ICR layout: SDM Vol. 3A 12.6.1 (Figure 12-12) and 12.12.9 (x2APIC).
+
+use core::fmt;
+
+/// Destination shorthand (ICR bits 19:18).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Shorthand {
+    None,
+    SelfOnly,
+    AllIncludingSelf,
+    AllExcludingSelf,
+}
+
+/// Delivery mode (ICR bits 10:8), for counting.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DeliveryMode {
+    Fixed,
+    LowestPriority,
+    Smi,
+    Nmi,
+    Init,
+    Startup,
+    Reserved,
+}
+
+impl DeliveryMode {
+    pub const fn from_icr(low: u32) -> Self {
+        match (low >> 8) & 7 {
+            0 => Self::Fixed,
+            1 => Self::LowestPriority,
+            2 => Self::Smi,
+            4 => Self::Nmi,
+            5 => Self::Init,
+            6 => Self::Startup,
+            _ => Self::Reserved,
+        }
+    }
+
+    /// Index for per-mode counters.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub const ALL: [DeliveryMode; 7] = [
+        Self::Fixed,
+        Self::LowestPriority,
+        Self::Smi,
+        Self::Nmi,
+        Self::Init,
+        Self::Startup,
+        Self::Reserved,
+    ];
+}
+
+impl fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fixed => "fixed",
+            Self::LowestPriority => "lowest-priority",
+            Self::Smi => "smi",
+            Self::Nmi => "nmi",
+            Self::Init => "init",
+            Self::Startup => "sipi",
+            Self::Reserved => "reserved",
+        })
+    }
+}
+
+/// Which APIC mode the guest programs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ApicMode {
+    /// xAPIC: 8-bit destination in ICR high bits 31:24; logical = flat/cluster MDA.
+    XApic,
+    /// x2APIC: 32-bit destination; logical IDs are (cluster << 16) | (1 << (id & 15)).
+    X2Apic,
+}
+
+/// The machine's CPU partition as the filter needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSets<'a> {
+    pub os_cores: &'a [u32],
+    pub dpi_cores: &'a [u32],
+}
+
+/// What to do with one ICR write.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum IpiAction {
+    /// Write the ICR as the guest wrote it.
+    Forward,
+    /// Send nothing: every target was a DPI core.
+    Drop { dropped: usize },
+    /// Send the same IPI (no shorthand, physical destination) to each of `targets` instead;
+    /// `dropped` DPI cores were removed.
+    Unicast { targets: heapless::Vec<u32, 64>, dropped: usize },
+    /// Logical destination with the DPI cores' bits removed (x2APIC clusters, xAPIC flat).
+    Logical { destination: u32, dropped: usize },
+}
+
+/// The x2APIC logical ID of an x2APIC ID (SDM 12.12.10.2).
+pub const fn x2apic_logical_id(id: u32) -> u32 {
+    ((id >> 4) << 16) | (1 << (id & 0xF))
+}
+
+/// Decides what the ICR write `(low, destination)` by the OS core `sender` may do.
+///
+/// `logical_ids` gives, for xAPIC logical mode, the LDR value of each DPI core (Ally leaves
+/// them 0, which no logical destination matches; a non-zero value is honoured).
+pub fn filter_ipi(
+    mode: ApicMode,
+    low: u32,
+    destination: u32,
+    sender: u32,
+    cpus: CpuSets<'_>,
+    xapic_dpi_logical_ids: &[u8],
+) -> IpiAction {
+    let shorthand = match (low >> 18) & 3 {
+        0 => Shorthand::None,
+        1 => Shorthand::SelfOnly,
+        2 => Shorthand::AllIncludingSelf,
+        _ => Shorthand::AllExcludingSelf,
+    };
+    let logical = low & (1 << 11) != 0;
+    let broadcast_id = match mode {
+        ApicMode::XApic => 0xFF,
+        ApicMode::X2Apic => 0xFFFF_FFFF,
+    };
+    let dpi_count = cpus.dpi_cores.len();
+    let all_os_cores = |include_self: bool| -> heapless::Vec<u32, 64> {
+        cpus.os_cores
+            .iter()
+            .copied()
+            .filter(|&id| include_self || id != sender)
+            .collect()
+    };
+    match shorthand {
+        Shorthand::SelfOnly => IpiAction::Forward,
+        Shorthand::AllIncludingSelf if dpi_count > 0 => IpiAction::Unicast {
+            targets: all_os_cores(true),
+            dropped: dpi_count,
+        },
+        Shorthand::AllExcludingSelf if dpi_count > 0 => IpiAction::Unicast {
+            targets: all_os_cores(false),
+            dropped: dpi_count,
+        },
+        Shorthand::AllIncludingSelf | Shorthand::AllExcludingSelf => IpiAction::Forward,
+        Shorthand::None if !logical => {
+            if destination == broadcast_id {
+                if dpi_count == 0 {
+                    IpiAction::Forward
+                } else {
+                    IpiAction::Unicast { targets: all_os_cores(true), dropped: dpi_count }
+                }
+            } else if cpus.dpi_cores.contains(&destination) {
+                IpiAction::Drop { dropped: 1 }
+            } else {
+                IpiAction::Forward
+            }
+        }
+        Shorthand::None => {
+            // Logical destination: remove every DPI core's logical bits.
+            let (mask, dropped) = match mode {
+                ApicMode::X2Apic => {
+                    let mut dest = destination;
+                    let mut dropped = 0;
+                    if destination == broadcast_id {
+                        return IpiAction::Unicast { targets: all_os_cores(true), dropped: dpi_count };
+                    }
+                    for &id in cpus.dpi_cores {
+                        let l = x2apic_logical_id(id);
+                        if l >> 16 == dest >> 16 && dest & l & 0xFFFF != 0 {
+                            dest &= !(l & 0xFFFF);
+                            dropped += 1;
+                        }
+                    }
+                    (dest, dropped)
+                }
+                ApicMode::XApic => {
+                    let mut dest = destination & 0xFF;
+                    let mut dropped = 0;
+                    for &l in xapic_dpi_logical_ids {
+                        // Flat model: a CPU accepts when MDA & LDR != 0 (12.6.2.2).
+                        if l != 0 && dest & u32::from(l) != 0 {
+                            dest &= !u32::from(l);
+                            dropped += 1;
+                        }
+                    }
+                    (dest, dropped)
+                }
+            };
+            let empty = match mode {
+                ApicMode::X2Apic => mask & 0xFFFF == 0,
+                ApicMode::XApic => mask == 0,
+            };
+            if dropped == 0 {
+                IpiAction::Forward
+            } else if empty {
+                IpiAction::Drop { dropped }
+            } else {
+                IpiAction::Logical { destination: mask, dropped }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OS: [u32; 3] = [0, 1, 2];
+    const DPI: [u32; 1] = [3];
+    const CPUS: CpuSets<'static> = CpuSets { os_cores: &OS, dpi_cores: &DPI };
+    const NMI: u32 = 4 << 8;
+    const INIT: u32 = 5 << 8;
+    const SIPI: u32 = (6 << 8) | 0x9A;
+    const FIXED: u32 = 0x40;
+    const LOGICAL: u32 = 1 << 11;
+    const ALL_INCL: u32 = 2 << 18;
+    const ALL_EXCL: u32 = 3 << 18;
+    const SELF: u32 = 1 << 18;
+
+    fn x(low: u32, dest: u32) -> IpiAction {
+        filter_ipi(ApicMode::XApic, low, dest, 0, CPUS, &[])
+    }
+
+    #[test]
+    fn ipis_between_os_cores_pass_unchanged() {
+        for low in [NMI, INIT, SIPI, FIXED] {
+            assert_eq!(x(low, 1), IpiAction::Forward);
+            assert_eq!(x(low, 2), IpiAction::Forward);
+        }
+        assert_eq!(x(FIXED | SELF, 0), IpiAction::Forward);
+    }
+
+    #[test]
+    fn every_delivery_mode_to_a_dpi_core_is_dropped() {
+        for low in [NMI, INIT, SIPI, FIXED, 2 << 8, 1 << 8] {
+            assert_eq!(x(low, 3), IpiAction::Drop { dropped: 1 }, "{low:#x}");
+        }
+    }
+
+    #[test]
+    fn broadcasts_become_unicasts_to_os_cores() {
+        let all: heapless::Vec<u32, 64> = OS.iter().copied().collect();
+        let others: heapless::Vec<u32, 64> = [1, 2].into_iter().collect();
+        assert_eq!(x(NMI | ALL_EXCL, 0), IpiAction::Unicast { targets: others, dropped: 1 });
+        assert_eq!(x(INIT | ALL_INCL, 0), IpiAction::Unicast { targets: all.clone(), dropped: 1 });
+        assert_eq!(x(FIXED, 0xFF), IpiAction::Unicast { targets: all, dropped: 1 });
+    }
+
+    #[test]
+    fn without_dpi_cores_broadcasts_pass() {
+        let cpus = CpuSets { os_cores: &OS, dpi_cores: &[] };
+        assert_eq!(filter_ipi(ApicMode::XApic, NMI | ALL_EXCL, 0, 0, cpus, &[]), IpiAction::Forward);
+    }
+
+    #[test]
+    fn xapic_logical_destinations_lose_dpi_bits() {
+        // Ally leaves the DPI core's LDR at 0: no logical destination can reach it.
+        assert_eq!(x(FIXED | LOGICAL, 0xFF), IpiAction::Forward);
+        // A DPI core with a logical ID (not Ally's setup, but honoured).
+        let a = filter_ipi(ApicMode::XApic, FIXED | LOGICAL, 0x0F, 0, CPUS, &[0x08]);
+        assert_eq!(a, IpiAction::Logical { destination: 0x07, dropped: 1 });
+        let a = filter_ipi(ApicMode::XApic, NMI | LOGICAL, 0x08, 0, CPUS, &[0x08]);
+        assert_eq!(a, IpiAction::Drop { dropped: 1 });
+    }
+
+    #[test]
+    fn x2apic_physical_and_cluster_destinations() {
+        let f = |low, dest| filter_ipi(ApicMode::X2Apic, low, dest, 0, CPUS, &[]);
+        assert_eq!(f(INIT, 3), IpiAction::Drop { dropped: 1 });
+        assert_eq!(f(INIT, 2), IpiAction::Forward);
+        // Cluster 0, bits for IDs 0..3: the DPI core's bit 3 goes.
+        assert_eq!(
+            f(NMI | LOGICAL, 0x0000_000F),
+            IpiAction::Logical { destination: 0x7, dropped: 1 }
+        );
+        assert_eq!(f(NMI | LOGICAL, 0x0000_0008), IpiAction::Drop { dropped: 1 });
+        // Another cluster is untouched.
+        assert_eq!(f(NMI | LOGICAL, 0x0001_0008), IpiAction::Forward);
+        assert_eq!(x2apic_logical_id(0x13), 0x0001_0008);
+        let all: heapless::Vec<u32, 64> = OS.iter().copied().collect();
+        assert_eq!(f(FIXED, 0xFFFF_FFFF), IpiAction::Unicast { targets: all, dropped: 1 });
+    }
+}
