@@ -204,6 +204,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     let mut ept = Ept::new(&mut frames)?;
     map_guest_physical(&mut ept, &mut frames, &firmware_map, region, identity_limit)?;
+    // The local APIC page leaves the EPT: every guest access is filtered (apic_guard.rs).
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    let apic_base = unsafe { instructions::rdmsr(0x1B) } & 0xF_FFFF_F000;
+    ept.unmap_page(GuestPhysAddr(apic_base), &mut frames)?;
 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
@@ -231,6 +235,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
         canary: unsafe { Canary::new([image_head, dpi_guarded]) },
         power_off_hook: report_dpi_status,
+        os_cores: cpus.all.iter().copied().filter(|id| !cpus.dpi.contains(id)).collect(),
+        dpi_cores: cpus.dpi.clone(),
+        apic_base,
     });
 
     // The boot CPU's vCPU.

@@ -2,6 +2,7 @@
 //! guest with a report (reason, qualification, guest RIP, VM-instruction error); Ally never
 //! silently resumes a guest after an exit it does not understand.
 
+use super::apic_guard;
 use super::platform::{platform, PhysicalMemory};
 use super::vcpu::Vcpu;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
@@ -127,7 +128,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
         match reason {
             ExitReason::Cpuid => handle_cpuid(regs, vcpu),
             ExitReason::Rdmsr => handle_rdmsr(regs),
-            ExitReason::Wrmsr => handle_wrmsr(regs),
+            ExitReason::Wrmsr => handle_wrmsr(regs, vcpu),
             ExitReason::CrAccess => handle_cr_access(regs, vcpu),
             ExitReason::Xsetbv => handle_xsetbv(regs),
             ExitReason::Invd => {
@@ -137,7 +138,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
                 Ok(())
             }
             ExitReason::IoInstruction => handle_io(regs, vcpu),
-            ExitReason::EptViolation => handle_ept_violation(regs),
+            ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
             ExitReason::Vmcall => handle_vmcall(regs),
             ExitReason::TripleFault => Err(StopReason::TripleFault),
             ExitReason::InitSignal => handle_init(vcpu),
@@ -292,14 +293,26 @@ const IA32_FEATURE_CONTROL: u32 = 0x3A;
 const VMX_CAPABILITY_MSRS: core::ops::RangeInclusive<u32> = 0x480..=0x491;
 
 /// The MSRs Ally intercepts (the MSR bitmap in `platform.rs` sets exactly these).
-pub const INTERCEPTED_MSRS: [core::ops::RangeInclusive<u32>; 2] =
-    [IA32_FEATURE_CONTROL..=IA32_FEATURE_CONTROL, VMX_CAPABILITY_MSRS];
+pub const INTERCEPTED_MSRS: [core::ops::RangeInclusive<u32>; 4] = [
+    IA32_FEATURE_CONTROL..=IA32_FEATURE_CONTROL,
+    VMX_CAPABILITY_MSRS,
+    apic_guard::IA32_APIC_BASE..=apic_guard::IA32_APIC_BASE,
+    apic_guard::X2APIC_ICR..=apic_guard::X2APIC_ICR,
+];
 
 fn handle_rdmsr(regs: &mut GuestRegisters) -> ExitResult {
     let msr = regs.rcx as u32;
     let value = match msr {
         // Locked, with VMX disabled: what a CPU without VMX shows (SDM Vol. 4 table 2-2).
         IA32_FEATURE_CONTROL => 1,
+        // Intercepted for writes only; reads see the hardware.
+        // SAFETY: both MSRs exist (IA32_APIC_BASE always; the ICR read #GPs on hardware in
+        // xAPIC mode, and so it does for the guest through this same RDMSR).
+        apic_guard::IA32_APIC_BASE => unsafe { crate::arch::instructions::rdmsr(msr) },
+        apic_guard::X2APIC_ICR if x2apic_enabled() => {
+            // SAFETY: in x2APIC mode MSR 0x830 exists.
+            unsafe { crate::arch::instructions::rdmsr(msr) }
+        }
         _ => {
             // The VMX capability MSRs do not exist on a CPU without VMX.
             inject_exception(VECTOR_GP, Some(0));
@@ -312,9 +325,36 @@ fn handle_rdmsr(regs: &mut GuestRegisters) -> ExitResult {
     Ok(())
 }
 
-fn handle_wrmsr(_regs: &mut GuestRegisters) -> ExitResult {
-    // IA32_FEATURE_CONTROL is locked and the VMX MSRs are read-only or absent: #GP.
-    inject_exception(VECTOR_GP, Some(0));
+fn x2apic_enabled() -> bool {
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    unsafe { crate::arch::instructions::rdmsr(apic_guard::IA32_APIC_BASE) & (1 << 10) != 0 }
+}
+
+fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
+    let msr = regs.rcx as u32;
+    let value = (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF);
+    match msr {
+        apic_guard::X2APIC_ICR if x2apic_enabled() => {
+            apic_guard::write_x2apic_icr(value, vcpu.apic_id);
+        }
+        apic_guard::IA32_APIC_BASE if apic_guard::apic_base_write_allowed(value) => {
+            // SAFETY: the guest keeps the APIC at its address; mode changes (x2APIC enable)
+            // are the guest's to make and checked by the CPU itself.
+            unsafe { crate::arch::instructions::wrmsr(msr, value) };
+        }
+        apic_guard::IA32_APIC_BASE => {
+            // Moving the APIC page would take it out of the EPT trap; Ally refuses (#GP).
+            warn!("ALLY refused guest APIC relocation value={value:#x}");
+            inject_exception(VECTOR_GP, Some(0));
+            return Ok(());
+        }
+        _ => {
+            // IA32_FEATURE_CONTROL is locked and the VMX MSRs are read-only or absent: #GP.
+            inject_exception(VECTOR_GP, Some(0));
+            return Ok(());
+        }
+    }
+    advance_rip();
     Ok(())
 }
 
@@ -521,8 +561,19 @@ impl MmioHandler for HiddenMemory {
 static HIDDEN_ACCESS_REPORTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 const HIDDEN_ACCESS_REPORT_LIMIT: u32 = 64;
 
-fn handle_ept_violation(regs: &mut GuestRegisters) -> ExitResult {
+fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
+    let apic_base = platform().apic_base;
+    if gpa.0 & !0xFFF == apic_base {
+        let access = if vmread(ro::EXIT_QUALIFICATION) & 2 != 0 { AccessKind::Write } else { AccessKind::Read };
+        let mut cpu = cpu_state(regs);
+        let mut apic = apic_guard::XApicMmio { apic_base, sender: vcpu.apic_id };
+        emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut apic).map_err(StopReason::Emulation)?;
+        *regs = cpu.regs;
+        vmcs_write(guest::RSP, cpu.regs.rsp);
+        vmcs_write(guest::RIP, cpu.rip);
+        return Ok(());
+    }
     let qualification = vmread(ro::EXIT_QUALIFICATION);
     // Exit qualification bits 0-2: read, write, instruction fetch (SDM Table 28-7).
     let access = if qualification & 2 != 0 {

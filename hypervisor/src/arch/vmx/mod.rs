@@ -1,5 +1,6 @@
 //! Intel VMX: capabilities, the per-CPU VMCS, guest entry and the VM-exit handlers.
 
+pub mod apic_guard;
 pub mod capabilities;
 pub mod exits;
 pub mod launch;

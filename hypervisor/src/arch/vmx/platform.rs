@@ -50,6 +50,11 @@ pub struct Platform {
     /// ACPI PM1a/PM1b control ports (from the FADT), intercepted to report power-off.
     pub pm1_control_ports: [Option<u16>; 2],
     pub canary: Canary,
+    /// APIC IDs of the OS cores and of the DPI cores.
+    pub os_cores: heapless::Vec<u32, 256>,
+    pub dpi_cores: heapless::Vec<u32, 256>,
+    /// Physical address of the local APIC page (absent from the EPT: accesses are filtered).
+    pub apic_base: u64,
     /// Called at the guest's power-off, after the exit counts (the DPI partition's report).
     pub power_off_hook: fn(),
 }
@@ -206,6 +211,7 @@ pub fn report_power_off(vcpu: &Vcpu) {
         canary.ranges[1]
     );
     super::exits::report_exits(vcpu);
+    super::apic_guard::report();
     (platform().power_off_hook)();
     info!("ALLY poweroff");
 }

@@ -1,0 +1,122 @@
+//! The OS cores' local APIC as the guest reaches it: every access goes to the real APIC except
+//! ICR writes, which pass through the IPI filter (`crate::ipi`) so that no INIT, SIPI, NMI, SMI
+//! or fixed IPI reaches a DPI core.
+//!
+//! - xAPIC: the APIC page is absent from the EPT; each access exits (EPT violation), is decoded
+//!   and forwarded to this CPU's APIC at the same offset and width (4 bytes, SDM 12.4.1).
+//! - x2APIC: only MSR 0x830 (ICR) and IA32_APIC_BASE are intercepted.
+
+use super::platform::platform;
+use crate::addr::GuestPhysAddr;
+use crate::arch::instructions::{rdmsr, wrmsr};
+use crate::guest::{AccessWidth, MmioHandler};
+use crate::ipi::{filter_ipi, ApicMode, CpuSets, DeliveryMode, IpiAction};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+pub const IA32_APIC_BASE: u32 = 0x1B;
+pub const X2APIC_ICR: u32 = 0x830;
+const ICR_LOW: u64 = 0x300;
+const ICR_HIGH: u64 = 0x310;
+
+/// IPIs dropped for DPI cores, by delivery mode (`DeliveryMode::index`).
+pub static DROPPED_IPIS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+/// Broadcasts rewritten as unicasts to the OS cores.
+pub static REWRITTEN_IPIS: AtomicU64 = AtomicU64::new(0);
+/// Guest xAPIC accesses emulated (each one a VM exit).
+pub static APIC_MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
+
+fn record_drop(low: u32, dropped: usize) {
+    DROPPED_IPIS[DeliveryMode::from_icr(low).index()].fetch_add(dropped as u64, Ordering::Relaxed);
+}
+
+/// Applies the filter's decision, writing the real ICR through `send(low, destination)`.
+fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl FnMut(u32, u32)) {
+    let p = platform();
+    let cpus = CpuSets { os_cores: &p.os_cores, dpi_cores: &p.dpi_cores };
+    match filter_ipi(mode, low, destination, sender, cpus, &[]) {
+        IpiAction::Forward => send(low, destination),
+        IpiAction::Drop { dropped } => record_drop(low, dropped),
+        IpiAction::Logical { destination, dropped } => {
+            record_drop(low, dropped);
+            send(low, destination);
+        }
+        IpiAction::Unicast { targets, dropped } => {
+            record_drop(low, dropped);
+            REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
+            // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
+            let unicast = low & !((3 << 18) | (1 << 11));
+            for target in targets {
+                send(unicast, target);
+            }
+        }
+    }
+}
+
+/// The guest's xAPIC page, forwarded to this CPU's APIC.
+pub struct XApicMmio {
+    pub apic_base: u64,
+    pub sender: u32,
+}
+
+impl XApicMmio {
+    fn register(&self, gpa: GuestPhysAddr) -> *mut u32 {
+        (self.apic_base + (gpa.0 & 0xFF0)) as *mut u32
+    }
+}
+
+impl MmioHandler for XApicMmio {
+    fn read(&mut self, gpa: GuestPhysAddr, _width: AccessWidth) -> u64 {
+        APIC_MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the APIC page is identity-mapped in Ally's tables; APIC registers are read
+        // as aligned dwords (narrower guest reads get the low bytes, as the decoder truncates).
+        u64::from(unsafe { self.register(gpa).read_volatile() })
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, _width: AccessWidth, value: u64) {
+        APIC_MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+        let value = value as u32;
+        if gpa.0 & 0xFF0 == ICR_LOW {
+            // SAFETY: as for `read`; ICR high holds the destination the guest wrote first.
+            let destination = unsafe { ((self.apic_base + ICR_HIGH) as *const u32).read_volatile() } >> 24;
+            let base = self.apic_base;
+            apply(value, destination, ApicMode::XApic, self.sender, |low, dest| {
+                // SAFETY: writing ICR high then ICR low sends the IPI (SDM 12.6.1).
+                unsafe {
+                    ((base + ICR_HIGH) as *mut u32).write_volatile(dest << 24);
+                    ((base + ICR_LOW) as *mut u32).write_volatile(low);
+                }
+            });
+            return;
+        }
+        // SAFETY: as for `read`; every other register is the guest's own.
+        unsafe { self.register(gpa).write_volatile(value) };
+    }
+}
+
+/// The guest writes the x2APIC ICR (MSR 0x830).
+pub fn write_x2apic_icr(value: u64, sender: u32) {
+    apply(value as u32, (value >> 32) as u32, ApicMode::X2Apic, sender, |low, dest| {
+        // SAFETY: the guest is in x2APIC mode (it could write MSR 0x830), so the MSR exists.
+        unsafe { wrmsr(X2APIC_ICR, (u64::from(dest) << 32) | u64::from(low)) };
+    });
+}
+
+/// Whether a guest write of IA32_APIC_BASE keeps the APIC where Ally traps it.
+pub fn apic_base_write_allowed(value: u64) -> bool {
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    let current = unsafe { rdmsr(IA32_APIC_BASE) };
+    value & 0xF_FFFF_F000 == current & 0xF_FFFF_F000
+}
+
+/// Prints the IPI filter's counters.
+pub fn report() {
+    for mode in DeliveryMode::ALL {
+        let n = DROPPED_IPIS[mode.index()].load(Ordering::Relaxed);
+        log::info!("ALLY ipi-dropped mode={mode} count={n}");
+    }
+    log::info!(
+        "ALLY ipi-rewritten count={} apic-mmio-exits={}",
+        REWRITTEN_IPIS.load(Ordering::Relaxed),
+        APIC_MMIO_EXITS.load(Ordering::Relaxed)
+    );
+}
