@@ -18,6 +18,8 @@
 //!   excerpts go to the [`AlertSink`] passed in ([`MgmtWriter`] writes the COM2 line format of
 //!   [`eve`]). `inspect` never panics on any frame and allocates only while its scratch buffers
 //!   grow to the largest frame seen.
+//! - [`EngineHook`] wraps an engine, its sink and a clock as the queue engine's
+//!   [`PacketHook`](crate::nic::PacketHook) (`drop` → `HookVerdict::Drop`, else pass).
 //! - [`Engine::from_blob`] verifies a compiled blob ([`blob`]) and refuses a bad one with a
 //!   [`BlobError`] naming the problem; [`Engine::pass_all`] is the no-rules engine.
 //!
@@ -48,6 +50,7 @@ pub mod addr;
 pub mod blob;
 pub mod eve;
 pub mod flow;
+pub mod hook;
 pub mod matcher;
 pub mod packet;
 pub mod prefilter;
@@ -62,6 +65,7 @@ use core::fmt;
 pub use blob::BlobError;
 pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
 pub use flow::{FlowConfig, FlowStats};
+pub use hook::EngineHook;
 pub use rules::{Action, Proto, Rule};
 
 use flow::{FlowInfo, FlowTable};
