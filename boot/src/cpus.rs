@@ -24,7 +24,10 @@ pub enum Role {
     /// A guest CPU: waits for the guest's INIT-SIPI-SIPI in VMX non-root operation.
     OsCore(OsCoreSetup),
     /// A DPI core, with its slot in the status page.
-    DpiCore { index: usize, status: &'static DpiStatus },
+    DpiCore {
+        index: usize,
+        status: &'static DpiStatus,
+    },
 }
 
 /// The per-vCPU resources of an OS core.
@@ -54,10 +57,16 @@ pub extern "C" fn ally_ap_entry(launch: &'static mut ApLaunch) -> ! {
 }
 
 /// VMX on this core, a VMCS waiting for SIPI, VMLAUNCH.
-fn become_guest_cpu(setup: &mut OsCoreSetup, tss_base: u64, apic_id: u32) -> Result<core::convert::Infallible, crate::start::StartError> {
+fn become_guest_cpu(
+    setup: &mut OsCoreSetup,
+    tss_base: u64,
+    apic_id: u32,
+) -> Result<core::convert::Infallible, crate::start::StartError> {
     // SAFETY: ring 0 on this AP; IA32_FEATURE_CONTROL is per core.
     let caps = unsafe { VmxCapabilities::probe_and_enable()? };
-    let vcpu = setup.vcpu_slot.insert(Vcpu::new(apic_id, setup.vpid, caps, setup.pages));
+    let vcpu = setup
+        .vcpu_slot
+        .insert(Vcpu::new(apic_id, setup.vpid, caps, setup.pages));
     // SAFETY: on this AP, once; the pages were allocated zeroed by the boot CPU.
     unsafe { vcpu.activate()? };
     // SAFETY: the exit stack was allocated for this core alone.
@@ -69,7 +78,10 @@ fn become_guest_cpu(setup: &mut OsCoreSetup, tss_base: u64, apic_id: u32) -> Res
         tss_base,
         launch::ally_vmexit_entry as *const () as u64,
     )?;
-    info!("OS core {apic_id} waits for the guest's SIPI (VPID {})", setup.vpid);
+    info!(
+        "OS core {apic_id} waits for the guest's SIPI (VPID {})",
+        setup.vpid
+    );
     // SAFETY: the VMCS is complete and current.
     let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };
     Err(crate::start::StartError::GuestEntryFailed {

@@ -11,7 +11,10 @@ pub struct FramePool {
 impl FramePool {
     /// A pool over `range` (4 KiB-aligned, identity-mapped).
     pub const fn new(range: PhysRange) -> Self {
-        Self { next: range.start, end: range.end }
+        Self {
+            next: range.start,
+            end: range.end,
+        }
     }
 
     /// The next zeroed 4 KiB frame, or `None` when the pool is used up.

@@ -33,7 +33,10 @@ static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHe
 extern "C" fn ally_main(magic: u32, boot_info: u32) -> ! {
     // SAFETY: COM2 is Ally's management port; the guest's accesses to it are intercepted.
     unsafe { logger::init(log::LevelFilter::Info) };
-    log::info!("Ally {} starting on the boot CPU", env!("CARGO_PKG_VERSION"));
+    log::info!(
+        "Ally {} starting on the boot CPU",
+        env!("CARGO_PKG_VERSION")
+    );
     match start::start(magic, boot_info) {
         Ok(never) => match never {},
         Err(e) => {
@@ -46,6 +49,10 @@ extern "C" fn ally_main(magic: u32, boot_info: u32) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    logger::emergency_write(format_args!("\nALLY fatal reason=panic cpu={} {}\n", logger::cpu_id(), info));
+    logger::emergency_write(format_args!(
+        "\nALLY fatal reason=panic cpu={} {}\n",
+        logger::cpu_id(),
+        info
+    ));
     halt_forever()
 }

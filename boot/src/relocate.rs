@@ -10,7 +10,7 @@ use crate::entry::KERNEL_VMA;
 use crate::frames::FramePool;
 use ally_hypervisor::addr::{HostPhysAddr, PhysRange, LARGE_PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
-use ally_hypervisor::paging::{HostPageTables, HostPageFlags, PagingError};
+use ally_hypervisor::paging::{HostPageFlags, HostPageTables, PagingError};
 
 extern "C" {
     static __image_phys_start: u8;
@@ -39,13 +39,23 @@ pub fn image_span() -> u64 {
 /// # Safety
 /// `new_base` is 2 MiB-aligned free RAM of at least `image_span()` bytes that does not
 /// overlap the loaded image; `frames` lies in Ally's region outside that span.
-pub unsafe fn relocate(new_base: u64, identity_limit: u64, frames: &mut FramePool) -> Result<(), PagingError> {
+pub unsafe fn relocate(
+    new_base: u64,
+    identity_limit: u64,
+    frames: &mut FramePool,
+) -> Result<(), PagingError> {
     let image = loaded_image();
     let mut tables = HostPageTables::new(frames)?;
     // The first 2 MiB stay executable: the application processors' trampoline runs there
     // (identity-mapped) while it switches to Ally's page tables. All other physical memory
     // is data only.
-    tables.map(0, HostPhysAddr(0), LARGE_PAGE_SIZE, HostPageFlags::KERNEL_CODE_DATA, frames)?;
+    tables.map(
+        0,
+        HostPhysAddr(0),
+        LARGE_PAGE_SIZE,
+        HostPageFlags::KERNEL_CODE_DATA,
+        frames,
+    )?;
     tables.map(
         LARGE_PAGE_SIZE,
         HostPhysAddr(LARGE_PAGE_SIZE),
@@ -53,9 +63,17 @@ pub unsafe fn relocate(new_base: u64, identity_limit: u64, frames: &mut FramePoo
         HostPageFlags::KERNEL_DATA,
         frames,
     )?;
-    tables.map(KERNEL_VMA + image.start, HostPhysAddr(new_base), image_span(), HostPageFlags::KERNEL_CODE_DATA, frames)?;
+    tables.map(
+        KERNEL_VMA + image.start,
+        HostPhysAddr(new_base),
+        image_span(),
+        HostPageFlags::KERNEL_CODE_DATA,
+        frames,
+    )?;
     // SAFETY: both ranges are identity-mapped now; the new tables map the same virtual
     // addresses onto the copy, so execution continues seamlessly after CR3 is loaded.
-    unsafe { instructions::copy_then_load_cr3(image.start, new_base, image.len(), tables.root().0) };
+    unsafe {
+        instructions::copy_then_load_cr3(image.start, new_base, image.len(), tables.root().0)
+    };
     Ok(())
 }

@@ -47,7 +47,8 @@ pub unsafe fn install_trampoline(page: u64, cr3: u64, entry: u64) {
         ((page + offset::CR3) as *mut u64).write_volatile(cr3);
         ((page + offset::ENTRY) as *mut u64).write_volatile(entry);
         // The GDT pointer and the far jump into protected mode hold linear addresses.
-        ((page + offset::GDT_POINTER_BASE) as *mut u32).write_unaligned((page + offset::GDT) as u32);
+        ((page + offset::GDT_POINTER_BASE) as *mut u32)
+            .write_unaligned((page + offset::GDT) as u32);
         ((page + offset::JUMP32_TARGET) as *mut u32)
             .write_unaligned(page as u32 + offset::PROTECTED_ENTRY as u32);
     }
@@ -57,7 +58,12 @@ pub unsafe fn install_trampoline(page: u64, cr3: u64, entry: u64) {
 ///
 /// # Safety
 /// The trampoline is installed at `page`; `arg` stays valid for the AP's lifetime.
-pub unsafe fn start_ap(page: u64, apic_id: u32, stack_top: u64, arg: u64) -> Result<(), ApStartTimeout> {
+pub unsafe fn start_ap(
+    page: u64,
+    apic_id: u32,
+    stack_top: u64,
+    arg: u64,
+) -> Result<(), ApStartTimeout> {
     // SAFETY: the parameter block is in the trampoline page, identity-mapped (caller).
     let started = unsafe {
         ((page + offset::STACK) as *mut u64).write_volatile(stack_top);

@@ -1,29 +1,31 @@
 //! The boot CPU's start-up sequence (see main.rs for the order).
 
+use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
 use crate::frames::FramePool;
 use crate::relocate;
+use crate::smp;
+use alloc::boxed::Box;
+use ally_dpi::status::DpiStatus;
+use ally_hypervisor::acpi;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
+use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::CpuTables;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
-use ally_hypervisor::acpi;
 use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platform};
 use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
-use ally_hypervisor::arch::vmx::vcpu::{intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages};
+use ally_hypervisor::arch::vmx::vcpu::{
+    intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages,
+};
 use ally_hypervisor::arch::vmx::{exits, launch};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
 use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
-use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
-use crate::smp;
-use alloc::boxed::Box;
-use ally_dpi::status::DpiStatus;
-use ally_hypervisor::arch::apic::LocalApic;
 use core::alloc::Layout;
 use core::convert::Infallible;
-use core::mem::size_of;
 use core::fmt;
+use core::mem::size_of;
 use log::info;
 use multiboot2::{BootInformation, BootInformationHeader};
 
@@ -102,10 +104,14 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         return Err(StartError::NotMultiboot2(magic));
     }
     // SAFETY: a multiboot2 loader passed this address; the low 4 GiB are identity-mapped.
-    let boot_info = unsafe { BootInformation::load(boot_info_addr as usize as *const BootInformationHeader) }
-        .map_err(|_| StartError::BadBootInfo)?;
+    let boot_info =
+        unsafe { BootInformation::load(boot_info_addr as usize as *const BootInformationHeader) }
+            .map_err(|_| StartError::BadBootInfo)?;
 
-    let cmdline = boot_info.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    let cmdline = boot_info
+        .command_line_tag()
+        .and_then(|t| t.cmdline().ok())
+        .unwrap_or("");
     // Keep a copy that outlives the boot information, for error messages that quote it.
     let cmdline: &'static str = COMMAND_LINE.call_once(|| {
         let mut copy = heapless::String::new();
@@ -141,16 +147,23 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         .div_ceil(LARGE_PAGE_SIZE)
         * LARGE_PAGE_SIZE;
     let mut avoid: heapless::Vec<PhysRange, 40> = heapless::Vec::new();
-    let _ = avoid.push(PhysRange { start: 0, end: 0x10_0000 });
+    let _ = avoid.push(PhysRange {
+        start: 0,
+        end: 0x10_0000,
+    });
     let _ = avoid.push(image);
     let _ = avoid.push(PhysRange {
         start: boot_info.start_address() as u64,
         end: boot_info.end_address() as u64,
     });
     for module in boot_info.module_tags() {
-        let _ = avoid.push(PhysRange { start: u64::from(module.start_address()), end: u64::from(module.end_address()) });
+        let _ = avoid.push(PhysRange {
+            start: u64::from(module.start_address()),
+            end: u64::from(module.end_address()),
+        });
     }
-    let mut region = firmware_map.place_reservation(region_size, LARGE_PAGE_SIZE, FOUR_GIB, &avoid)?;
+    let mut region =
+        firmware_map.place_reservation(region_size, LARGE_PAGE_SIZE, FOUR_GIB, &avoid)?;
     // Take the range's unaligned tail too, so that Ally sits at the very top of the RAM range
     // (no stray guest RAM above it; EPT maps the boundary with 4 KiB pages).
     if let Some(range) = firmware_map.usable_range_containing(region.start) {
@@ -158,14 +171,25 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
             region.end = range.end;
         }
     }
-    info!("ALLY region base={:#x} size={:#x}", region.start, region.len());
+    info!(
+        "ALLY region base={:#x} size={:#x}",
+        region.start,
+        region.len()
+    );
     info!("ALLY image size={}", image.len());
 
     // Page tables and the copy.
-    let ram_top = firmware_map.iter().map(|r| r.range.end).max().unwrap_or(FOUR_GIB);
+    let ram_top = firmware_map
+        .iter()
+        .map(|r| r.range.end)
+        .max()
+        .unwrap_or(FOUR_GIB);
     let identity_limit = ram_top.max(FOUR_GIB).div_ceil(1 << 30) * (1 << 30);
     let pool_start = region.start + relocate::image_span();
-    let mut frames = FramePool::new(PhysRange { start: pool_start, end: pool_start + FRAME_POOL_SIZE });
+    let mut frames = FramePool::new(PhysRange {
+        start: pool_start,
+        end: pool_start + FRAME_POOL_SIZE,
+    });
     // SAFETY: the region is free RAM (placed above, avoiding the image, boot info and
     // modules), 2 MiB-aligned, and the pool lies after the image span.
     unsafe { relocate::relocate(region.start, identity_limit, &mut frames)? };
@@ -174,7 +198,11 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let heap_start = pool_start + FRAME_POOL_SIZE;
     // SAFETY: the heap range lies in Ally's region after the frame pool, is identity-mapped
     // and used by nothing else.
-    unsafe { crate::HEAP.lock().init(heap_start as *mut u8, options.heap as usize) };
+    unsafe {
+        crate::HEAP
+            .lock()
+            .init(heap_start as *mut u8, options.heap as usize)
+    };
 
     // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
     unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
@@ -187,7 +215,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     );
     log::debug!(
         "VMX fixed bits: CR0 {:#x}/{:#x}, CR4 {:#x}/{:#x}",
-        caps.cr0_fixed0, caps.cr0_fixed1, caps.cr4_fixed0, caps.cr4_fixed1
+        caps.cr0_fixed0,
+        caps.cr0_fixed1,
+        caps.cr4_fixed0,
+        caps.cr4_fixed1
     );
 
     // The guest's view: real-mode stubs in stolen conventional memory, filtered map, EPT.
@@ -211,11 +242,22 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
-    let dpi_memory = PhysRange { start: heap_start + options.heap, end: region.end };
+    let dpi_memory = PhysRange {
+        start: heap_start + options.heap,
+        end: region.end,
+    };
     // SAFETY: DPI memory is identity-mapped, 8-byte aligned and used by nothing yet.
     unsafe { poison(dpi_memory) };
-    info!("ALLY dpi-memory base={:#x} size={:#x} poison={:#x}", dpi_memory.start, dpi_memory.len(), POISON);
-    let image_head = PhysRange { start: region.start, end: region.start + 2 * PAGE_SIZE };
+    info!(
+        "ALLY dpi-memory base={:#x} size={:#x} poison={:#x}",
+        dpi_memory.start,
+        dpi_memory.len(),
+        POISON
+    );
+    let image_head = PhysRange {
+        start: region.start,
+        end: region.start + 2 * PAGE_SIZE,
+    };
     // SAFETY: the first page of DPI memory is the DPI status page; all-zero is its initial
     // state, and nothing else uses it.
     let dpi_status: &'static DpiStatus = unsafe {
@@ -223,7 +265,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         &*(dpi_memory.start as *const DpiStatus)
     };
     DPI_STATUS.call_once(|| dpi_status);
-    let dpi_guarded = PhysRange { start: dpi_memory.start + PAGE_SIZE, end: dpi_memory.end };
+    let dpi_guarded = PhysRange {
+        start: dpi_memory.start + PAGE_SIZE,
+        end: dpi_memory.end,
+    };
     let mut hidden = heapless::Vec::new();
     let _ = hidden.push(region);
     let platform = platform::install(Platform {
@@ -235,13 +280,23 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
         canary: unsafe { Canary::new([image_head, dpi_guarded]) },
         power_off_hook: report_dpi_status,
-        os_cores: cpus.all.iter().copied().filter(|id| !cpus.dpi.contains(id)).collect(),
+        os_cores: cpus
+            .all
+            .iter()
+            .copied()
+            .filter(|id| !cpus.dpi.contains(id))
+            .collect(),
         dpi_cores: cpus.dpi.clone(),
         apic_base,
     });
 
     // The boot CPU's vCPU.
-    let mut alloc = || frames.allocate_zeroed().map(|f| f.0).ok_or(StartError::OutOfFrames);
+    let mut alloc = || {
+        frames
+            .allocate_zeroed()
+            .map(|f| f.0)
+            .ok_or(StartError::OutOfFrames)
+    };
     // The MSR and I/O bitmaps are the same for every vCPU: one copy, shared.
     let pages = VcpuPages {
         vmxon: alloc()?,
@@ -287,7 +342,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let tss_base = unsafe { (*core::ptr::addr_of!(BSP_TABLES)).tss_base() };
     vcpu.configure(
         ept.eptp(),
-        StartState::RealMode { segment: stub.segment },
+        StartState::RealMode {
+            segment: stub.segment,
+        },
         exit_stack_top,
         tss_base,
         launch::ally_vmexit_entry as *const () as u64,
@@ -315,19 +372,27 @@ fn map_guest_physical(
 ) -> Result<(), StartError> {
     let is_ram = |range: PhysRange| {
         map.iter().any(|r| {
-            matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs)
-                && r.range.start <= range.start
+            matches!(
+                r.kind,
+                MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+            ) && r.range.start <= range.start
                 && range.end <= r.range.end
         })
     };
     let touches_ram = |range: PhysRange| {
         map.iter().any(|r| {
-            matches!(r.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs)
-                && r.range.overlaps(&range)
+            matches!(
+                r.kind,
+                MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+            ) && r.range.overlaps(&range)
         })
     };
     let mut map_one = |range: PhysRange, ram: bool, frames: &mut FramePool| {
-        let memtype = if ram { EptMemoryType::WriteBack } else { EptMemoryType::Uncacheable };
+        let memtype = if ram {
+            EptMemoryType::WriteBack
+        } else {
+            EptMemoryType::Uncacheable
+        };
         ept.map(
             GuestPhysAddr(range.start),
             HostPhysAddr(range.start),
@@ -339,13 +404,19 @@ fn map_guest_physical(
     };
     let mut addr = 0u64;
     while addr < limit {
-        let large = PhysRange { start: addr, end: addr + LARGE_PAGE_SIZE };
+        let large = PhysRange {
+            start: addr,
+            end: addr + LARGE_PAGE_SIZE,
+        };
         let uniform = !large.overlaps(&hidden) && (is_ram(large) || !touches_ram(large));
         if uniform {
             map_one(large, is_ram(large), frames)?;
         } else {
             for page in (large.start..large.end).step_by(PAGE_SIZE as usize) {
-                let small = PhysRange { start: page, end: page + PAGE_SIZE };
+                let small = PhysRange {
+                    start: page,
+                    end: page + PAGE_SIZE,
+                };
                 if !small.overlaps(&hidden) {
                     map_one(small, is_ram(small), frames)?;
                 }
@@ -359,7 +430,9 @@ fn map_guest_physical(
 /// The ACPI PM1a/PM1b control ports from the FADT, which Ally intercepts to report the guest's
 /// power-off. Without ACPI Ally still runs, but cannot report at power-off.
 fn power_control_ports(identity_limit: u64) -> [Option<u16>; 2] {
-    let memory = IdentityMemory { limit: identity_limit };
+    let memory = IdentityMemory {
+        limit: identity_limit,
+    };
     let ports = acpi::find_rsdp(&memory)
         .and_then(|rsdp| acpi::find_table(&memory, &rsdp, b"FACP"))
         .and_then(|fadt| acpi::fadt_sleep_control(&memory, &fadt))
@@ -402,14 +475,22 @@ pub struct CpuPartition {
 /// Reads the CPUs from the MADT, chooses the DPI cores and removes them from the MADT and
 /// the MP table, so the guest neither sees nor starts them.
 fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuPartition, StartError> {
-    let mut memory = IdentityMemory { limit: identity_limit };
+    let mut memory = IdentityMemory {
+        limit: identity_limit,
+    };
     let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
     let mut madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
     let processors = acpi::madt_processors(&memory, &madt).map_err(StartError::Acpi)?;
     let boot_cpu = LocalApic::current().id();
-    let mut all: heapless::Vec<u32, 256> = processors.iter().filter(|p| p.enabled).map(|p| p.apic_id).collect();
+    let mut all: heapless::Vec<u32, 256> = processors
+        .iter()
+        .filter(|p| p.enabled)
+        .map(|p| p.apic_id)
+        .collect();
     all.sort_unstable();
-    options.validate_against_cores(all.len() as u32).map_err(StartError::Options)?;
+    options
+        .validate_against_cores(all.len() as u32)
+        .map_err(StartError::Options)?;
     let mut dpi: heapless::Vec<u32, 256> = all
         .iter()
         .rev()
@@ -419,8 +500,17 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
         .collect();
     dpi.sort_unstable();
     let removed = acpi::remove_madt_cpus(&mut memory, &mut madt, &dpi).map_err(StartError::Acpi)?;
-    info!("CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden", all.as_slice(), dpi.as_slice());
-    info!("ALLY cpus total={} dpi={} os={}", all.len(), dpi.len(), all.len() - dpi.len());
+    info!(
+        "CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden",
+        all.as_slice(),
+        dpi.as_slice()
+    );
+    info!(
+        "ALLY cpus total={} dpi={} os={}",
+        all.len(),
+        dpi.len(),
+        all.len() - dpi.len()
+    );
     match acpi::find_mp_table(&memory) {
         Ok(mut table) => match acpi::remove_mp_cpus(&mut memory, &mut table, &dpi) {
             Ok(n) => info!("{n} MP-table processor entries hidden"),
@@ -458,7 +548,13 @@ fn start_application_processors(
 ) -> Result<(), StartError> {
     // SAFETY: the trampoline page is Ally's (taken from conventional memory above) and
     // identity-mapped; Ally's page tables lie below 4 GiB in its region.
-    unsafe { smp::install_trampoline(stub.trampoline_page, instructions::read_cr3(), cpus::ally_ap_entry as *const () as u64) };
+    unsafe {
+        smp::install_trampoline(
+            stub.trampoline_page,
+            instructions::read_cr3(),
+            cpus::ally_ap_entry as *const () as u64,
+        )
+    };
     let mut next_vpid = 2u16;
     let mut dpi_index = 0usize;
     for &apic_id in cpus.all.iter().filter(|&&id| id != cpus.boot_cpu) {
@@ -467,10 +563,22 @@ fn start_application_processors(
         let tables = unsafe { &mut *(leak_zeroed(size_of::<CpuTables>())? as *mut CpuTables) };
         let role = if cpus.dpi.contains(&apic_id) {
             dpi_index += 1;
-            Role::DpiCore { index: dpi_index - 1, status: dpi_status }
+            Role::DpiCore {
+                index: dpi_index - 1,
+                status: dpi_status,
+            }
         } else {
-            let mut alloc = || frames.allocate_zeroed().map(|f| f.0).ok_or(StartError::OutOfFrames);
-            let pages = VcpuPages { vmxon: alloc()?, vmcs: alloc()?, ..bsp_pages };
+            let mut alloc = || {
+                frames
+                    .allocate_zeroed()
+                    .map(|f| f.0)
+                    .ok_or(StartError::OutOfFrames)
+            };
+            let pages = VcpuPages {
+                vmxon: alloc()?,
+                vmcs: alloc()?,
+                ..bsp_pages
+            };
             let exit_stack = leak_zeroed(EXIT_STACK_SIZE)? as u64;
             next_vpid += 1;
             Role::OsCore(OsCoreSetup {
@@ -481,11 +589,22 @@ fn start_application_processors(
                 vcpu_slot: Box::leak(Box::new(None)),
             })
         };
-        let launch = Box::leak(Box::new(ApLaunch { apic_id, role, tables }));
+        let launch = Box::leak(Box::new(ApLaunch {
+            apic_id,
+            role,
+            tables,
+        }));
         let stack_top = leak_zeroed(AP_STACK_SIZE)? as u64 + AP_STACK_SIZE as u64;
         // SAFETY: the trampoline is installed; `launch` is leaked and so lives for ever.
-        unsafe { smp::start_ap(stub.trampoline_page, apic_id, stack_top, launch as *mut ApLaunch as u64) }
-            .map_err(|e| StartError::ApDidNotStart(e.apic_id))?;
+        unsafe {
+            smp::start_ap(
+                stub.trampoline_page,
+                apic_id,
+                stack_top,
+                launch as *mut ApLaunch as u64,
+            )
+        }
+        .map_err(|e| StartError::ApDidNotStart(e.apic_id))?;
     }
     Ok(())
 }

@@ -95,9 +95,10 @@ pub enum IpiAction {
     Forward,
     /// Send nothing: every target was a DPI core.
     Drop { dropped: usize },
-    /// Send the same IPI (no shorthand, physical destination) to each of `targets` instead;
-    /// `dropped` DPI cores were removed.
-    Unicast { targets: heapless::Vec<u32, 64>, dropped: usize },
+    /// Send the same IPI (no shorthand, physical destination) to each OS core instead — the
+    /// sender too when `include_self` — see [`unicast_targets`]; `dropped` DPI cores were
+    /// removed.
+    Unicast { include_self: bool, dropped: usize },
     /// Logical destination with the DPI cores' bits removed (x2APIC clusters, xAPIC flat).
     Logical { destination: u32, dropped: usize },
 }
@@ -107,7 +108,19 @@ pub const fn x2apic_logical_id(id: u32) -> u32 {
     ((id >> 4) << 16) | (1 << (id & 0xF))
 }
 
-/// Decides what the ICR write `(low, destination)` by the OS core `sender` may do.
+/// The OS cores a rewritten broadcast goes to.
+pub fn unicast_targets<'a>(
+    cpus: CpuSets<'a>,
+    sender: u32,
+    include_self: bool,
+) -> impl Iterator<Item = u32> + 'a {
+    cpus.os_cores
+        .iter()
+        .copied()
+        .filter(move |&id| include_self || id != sender)
+}
+
+/// Decides what an OS core's ICR write `(low, destination)` may do.
 ///
 /// `logical_ids` gives, for xAPIC logical mode, the LDR value of each DPI core (Ally leaves
 /// them 0, which no logical destination matches; a non-zero value is honoured).
@@ -115,7 +128,6 @@ pub fn filter_ipi(
     mode: ApicMode,
     low: u32,
     destination: u32,
-    sender: u32,
     cpus: CpuSets<'_>,
     xapic_dpi_logical_ids: &[u8],
 ) -> IpiAction {
@@ -131,21 +143,14 @@ pub fn filter_ipi(
         ApicMode::X2Apic => 0xFFFF_FFFF,
     };
     let dpi_count = cpus.dpi_cores.len();
-    let all_os_cores = |include_self: bool| -> heapless::Vec<u32, 64> {
-        cpus.os_cores
-            .iter()
-            .copied()
-            .filter(|&id| include_self || id != sender)
-            .collect()
-    };
     match shorthand {
         Shorthand::SelfOnly => IpiAction::Forward,
         Shorthand::AllIncludingSelf if dpi_count > 0 => IpiAction::Unicast {
-            targets: all_os_cores(true),
+            include_self: true,
             dropped: dpi_count,
         },
         Shorthand::AllExcludingSelf if dpi_count > 0 => IpiAction::Unicast {
-            targets: all_os_cores(false),
+            include_self: false,
             dropped: dpi_count,
         },
         Shorthand::AllIncludingSelf | Shorthand::AllExcludingSelf => IpiAction::Forward,
@@ -154,7 +159,10 @@ pub fn filter_ipi(
                 if dpi_count == 0 {
                     IpiAction::Forward
                 } else {
-                    IpiAction::Unicast { targets: all_os_cores(true), dropped: dpi_count }
+                    IpiAction::Unicast {
+                        include_self: true,
+                        dropped: dpi_count,
+                    }
                 }
             } else if cpus.dpi_cores.contains(&destination) {
                 IpiAction::Drop { dropped: 1 }
@@ -169,7 +177,10 @@ pub fn filter_ipi(
                     let mut dest = destination;
                     let mut dropped = 0;
                     if destination == broadcast_id {
-                        return IpiAction::Unicast { targets: all_os_cores(true), dropped: dpi_count };
+                        return IpiAction::Unicast {
+                            include_self: true,
+                            dropped: dpi_count,
+                        };
                     }
                     for &id in cpus.dpi_cores {
                         let l = x2apic_logical_id(id);
@@ -202,7 +213,10 @@ pub fn filter_ipi(
             } else if empty {
                 IpiAction::Drop { dropped }
             } else {
-                IpiAction::Logical { destination: mask, dropped }
+                IpiAction::Logical {
+                    destination: mask,
+                    dropped,
+                }
             }
         }
     }
@@ -214,7 +228,10 @@ mod tests {
 
     const OS: [u32; 3] = [0, 1, 2];
     const DPI: [u32; 1] = [3];
-    const CPUS: CpuSets<'static> = CpuSets { os_cores: &OS, dpi_cores: &DPI };
+    const CPUS: CpuSets<'static> = CpuSets {
+        os_cores: &OS,
+        dpi_cores: &DPI,
+    };
     const NMI: u32 = 4 << 8;
     const INIT: u32 = 5 << 8;
     const SIPI: u32 = (6 << 8) | 0x9A;
@@ -225,7 +242,7 @@ mod tests {
     const SELF: u32 = 1 << 18;
 
     fn x(low: u32, dest: u32) -> IpiAction {
-        filter_ipi(ApicMode::XApic, low, dest, 0, CPUS, &[])
+        filter_ipi(ApicMode::XApic, low, dest, CPUS, &[])
     }
 
     #[test]
@@ -246,17 +263,43 @@ mod tests {
 
     #[test]
     fn broadcasts_become_unicasts_to_os_cores() {
-        let all: heapless::Vec<u32, 64> = OS.iter().copied().collect();
-        let others: heapless::Vec<u32, 64> = [1, 2].into_iter().collect();
-        assert_eq!(x(NMI | ALL_EXCL, 0), IpiAction::Unicast { targets: others, dropped: 1 });
-        assert_eq!(x(INIT | ALL_INCL, 0), IpiAction::Unicast { targets: all.clone(), dropped: 1 });
-        assert_eq!(x(FIXED, 0xFF), IpiAction::Unicast { targets: all, dropped: 1 });
+        assert_eq!(
+            x(NMI | ALL_EXCL, 0),
+            IpiAction::Unicast {
+                include_self: false,
+                dropped: 1
+            }
+        );
+        assert_eq!(
+            x(INIT | ALL_INCL, 0),
+            IpiAction::Unicast {
+                include_self: true,
+                dropped: 1
+            }
+        );
+        assert_eq!(
+            x(FIXED, 0xFF),
+            IpiAction::Unicast {
+                include_self: true,
+                dropped: 1
+            }
+        );
+        let others: Vec<u32> = unicast_targets(CPUS, 0, false).collect();
+        assert_eq!(others, [1, 2]);
+        let all: Vec<u32> = unicast_targets(CPUS, 0, true).collect();
+        assert_eq!(all, [0, 1, 2]);
     }
 
     #[test]
     fn without_dpi_cores_broadcasts_pass() {
-        let cpus = CpuSets { os_cores: &OS, dpi_cores: &[] };
-        assert_eq!(filter_ipi(ApicMode::XApic, NMI | ALL_EXCL, 0, 0, cpus, &[]), IpiAction::Forward);
+        let cpus = CpuSets {
+            os_cores: &OS,
+            dpi_cores: &[],
+        };
+        assert_eq!(
+            filter_ipi(ApicMode::XApic, NMI | ALL_EXCL, 0, cpus, &[]),
+            IpiAction::Forward
+        );
     }
 
     #[test]
@@ -264,27 +307,44 @@ mod tests {
         // Ally leaves the DPI core's LDR at 0: no logical destination can reach it.
         assert_eq!(x(FIXED | LOGICAL, 0xFF), IpiAction::Forward);
         // A DPI core with a logical ID (not Ally's setup, but honoured).
-        let a = filter_ipi(ApicMode::XApic, FIXED | LOGICAL, 0x0F, 0, CPUS, &[0x08]);
-        assert_eq!(a, IpiAction::Logical { destination: 0x07, dropped: 1 });
-        let a = filter_ipi(ApicMode::XApic, NMI | LOGICAL, 0x08, 0, CPUS, &[0x08]);
+        let a = filter_ipi(ApicMode::XApic, FIXED | LOGICAL, 0x0F, CPUS, &[0x08]);
+        assert_eq!(
+            a,
+            IpiAction::Logical {
+                destination: 0x07,
+                dropped: 1
+            }
+        );
+        let a = filter_ipi(ApicMode::XApic, NMI | LOGICAL, 0x08, CPUS, &[0x08]);
         assert_eq!(a, IpiAction::Drop { dropped: 1 });
     }
 
     #[test]
     fn x2apic_physical_and_cluster_destinations() {
-        let f = |low, dest| filter_ipi(ApicMode::X2Apic, low, dest, 0, CPUS, &[]);
+        let f = |low, dest| filter_ipi(ApicMode::X2Apic, low, dest, CPUS, &[]);
         assert_eq!(f(INIT, 3), IpiAction::Drop { dropped: 1 });
         assert_eq!(f(INIT, 2), IpiAction::Forward);
         // Cluster 0, bits for IDs 0..3: the DPI core's bit 3 goes.
         assert_eq!(
             f(NMI | LOGICAL, 0x0000_000F),
-            IpiAction::Logical { destination: 0x7, dropped: 1 }
+            IpiAction::Logical {
+                destination: 0x7,
+                dropped: 1
+            }
         );
-        assert_eq!(f(NMI | LOGICAL, 0x0000_0008), IpiAction::Drop { dropped: 1 });
+        assert_eq!(
+            f(NMI | LOGICAL, 0x0000_0008),
+            IpiAction::Drop { dropped: 1 }
+        );
         // Another cluster is untouched.
         assert_eq!(f(NMI | LOGICAL, 0x0001_0008), IpiAction::Forward);
         assert_eq!(x2apic_logical_id(0x13), 0x0001_0008);
-        let all: heapless::Vec<u32, 64> = OS.iter().copied().collect();
-        assert_eq!(f(FIXED, 0xFFFF_FFFF), IpiAction::Unicast { targets: all, dropped: 1 });
+        assert_eq!(
+            f(FIXED, 0xFFFF_FFFF),
+            IpiAction::Unicast {
+                include_self: true,
+                dropped: 1
+            }
+        );
     }
 }

@@ -36,7 +36,10 @@ impl LocalApic {
     pub fn current() -> Self {
         // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
         let base = unsafe { rdmsr(IA32_APIC_BASE) };
-        Self { x2apic: base & X2APIC_ENABLE != 0, mmio_base: base & 0xF_FFFF_F000 }
+        Self {
+            x2apic: base & X2APIC_ENABLE != 0,
+            mmio_base: base & 0xF_FFFF_F000,
+        }
     }
 
     fn read(&self, reg: u32) -> u32 {
@@ -76,7 +79,12 @@ impl LocalApic {
     fn send_ipi(&self, apic_id: u32, low: u32) {
         if self.x2apic {
             // SAFETY: ICR is MSR 0x830 in x2APIC mode (SDM 12.12.9); one 64-bit write.
-            unsafe { wrmsr(X2APIC_MSR_BASE + 0x30, (u64::from(apic_id) << 32) | u64::from(low)) };
+            unsafe {
+                wrmsr(
+                    X2APIC_MSR_BASE + 0x30,
+                    (u64::from(apic_id) << 32) | u64::from(low),
+                )
+            };
         } else {
             self.write(REG_ICR_HIGH, apic_id << 24);
             self.write(REG_ICR_LOW, low);

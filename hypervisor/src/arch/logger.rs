@@ -27,7 +27,14 @@ impl log::Log for SerialLogger {
         let target = record.target().trim_start_matches("ally_");
         let mut port = PORT.lock();
         if let Some(port) = port.as_mut() {
-            let _ = writeln!(port, "[cpu{} {:<5} {}] {}", cpu_id(), record.level(), target, record.args());
+            let _ = writeln!(
+                port,
+                "[cpu{} {:<5} {}] {}",
+                cpu_id(),
+                record.level(),
+                target,
+                record.args()
+            );
         }
     }
 

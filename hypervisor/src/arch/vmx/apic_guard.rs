@@ -10,7 +10,7 @@ use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
 use crate::guest::{AccessWidth, MmioHandler};
-use crate::ipi::{filter_ipi, ApicMode, CpuSets, DeliveryMode, IpiAction};
+use crate::ipi::{filter_ipi, unicast_targets, ApicMode, CpuSets, DeliveryMode, IpiAction};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 pub const IA32_APIC_BASE: u32 = 0x1B;
@@ -32,20 +32,29 @@ fn record_drop(low: u32, dropped: usize) {
 /// Applies the filter's decision, writing the real ICR through `send(low, destination)`.
 fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl FnMut(u32, u32)) {
     let p = platform();
-    let cpus = CpuSets { os_cores: &p.os_cores, dpi_cores: &p.dpi_cores };
-    match filter_ipi(mode, low, destination, sender, cpus, &[]) {
+    let cpus = CpuSets {
+        os_cores: &p.os_cores,
+        dpi_cores: &p.dpi_cores,
+    };
+    match filter_ipi(mode, low, destination, cpus, &[]) {
         IpiAction::Forward => send(low, destination),
         IpiAction::Drop { dropped } => record_drop(low, dropped),
-        IpiAction::Logical { destination, dropped } => {
+        IpiAction::Logical {
+            destination,
+            dropped,
+        } => {
             record_drop(low, dropped);
             send(low, destination);
         }
-        IpiAction::Unicast { targets, dropped } => {
+        IpiAction::Unicast {
+            include_self,
+            dropped,
+        } => {
             record_drop(low, dropped);
             REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
             // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
             let unicast = low & !((3 << 18) | (1 << 11));
-            for target in targets {
+            for target in unicast_targets(cpus, sender, include_self) {
                 send(unicast, target);
             }
         }
@@ -77,15 +86,22 @@ impl MmioHandler for XApicMmio {
         let value = value as u32;
         if gpa.0 & 0xFF0 == ICR_LOW {
             // SAFETY: as for `read`; ICR high holds the destination the guest wrote first.
-            let destination = unsafe { ((self.apic_base + ICR_HIGH) as *const u32).read_volatile() } >> 24;
+            let destination =
+                unsafe { ((self.apic_base + ICR_HIGH) as *const u32).read_volatile() } >> 24;
             let base = self.apic_base;
-            apply(value, destination, ApicMode::XApic, self.sender, |low, dest| {
-                // SAFETY: writing ICR high then ICR low sends the IPI (SDM 12.6.1).
-                unsafe {
-                    ((base + ICR_HIGH) as *mut u32).write_volatile(dest << 24);
-                    ((base + ICR_LOW) as *mut u32).write_volatile(low);
-                }
-            });
+            apply(
+                value,
+                destination,
+                ApicMode::XApic,
+                self.sender,
+                |low, dest| {
+                    // SAFETY: writing ICR high then ICR low sends the IPI (SDM 12.6.1).
+                    unsafe {
+                        ((base + ICR_HIGH) as *mut u32).write_volatile(dest << 24);
+                        ((base + ICR_LOW) as *mut u32).write_volatile(low);
+                    }
+                },
+            );
             return;
         }
         // SAFETY: as for `read`; every other register is the guest's own.
@@ -95,10 +111,16 @@ impl MmioHandler for XApicMmio {
 
 /// The guest writes the x2APIC ICR (MSR 0x830).
 pub fn write_x2apic_icr(value: u64, sender: u32) {
-    apply(value as u32, (value >> 32) as u32, ApicMode::X2Apic, sender, |low, dest| {
-        // SAFETY: the guest is in x2APIC mode (it could write MSR 0x830), so the MSR exists.
-        unsafe { wrmsr(X2APIC_ICR, (u64::from(dest) << 32) | u64::from(low)) };
-    });
+    apply(
+        value as u32,
+        (value >> 32) as u32,
+        ApicMode::X2Apic,
+        sender,
+        |low, dest| {
+            // SAFETY: the guest is in x2APIC mode (it could write MSR 0x830), so the MSR exists.
+            unsafe { wrmsr(X2APIC_ICR, (u64::from(dest) << 32) | u64::from(low)) };
+        },
+    );
 }
 
 /// Whether a guest write of IA32_APIC_BASE keeps the APIC where Ally traps it.

@@ -4,7 +4,7 @@
 //! means the control must be 1) and allowed-1 settings in bits 63:32 (a 0 there means it must
 //! be 0).
 
-use crate::arch::instructions::{rdmsr, read_cr4, wrmsr, write_cr4};
+use crate::arch::instructions::{rdmsr, read_cr4, write_cr4, wrmsr};
 use core::fmt;
 use x86::vmx::vmcs::control::{
     EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
@@ -47,7 +47,9 @@ impl fmt::Display for VmxError {
                 "VMX is disabled by the firmware (IA32_FEATURE_CONTROL is locked without VMXON \
                  outside SMX); enable Intel VT-x in the BIOS setup"
             ),
-            Self::MissingFeature(what) => write!(f, "this CPU's VMX lacks {what}, which Ally needs"),
+            Self::MissingFeature(what) => {
+                write!(f, "this CPU's VMX lacks {what}, which Ally needs")
+            }
             Self::VmxonFailed => write!(f, "VMXON failed"),
             Self::VmcsFailed(step) => write!(f, "VMCS setup failed at {step}"),
             Self::VmwriteFailed(field) => write!(f, "VMWRITE of VMCS field {field:#x} failed"),
@@ -72,7 +74,12 @@ pub struct VmxCapabilities {
 }
 
 /// `desired` adjusted to what the CPU allows, or the name of a control it cannot set.
-fn adjust(msr_value: u64, desired: u32, required: u32, names: &[(u32, &'static str)]) -> Result<u32, VmxError> {
+fn adjust(
+    msr_value: u64,
+    desired: u32,
+    required: u32,
+    names: &[(u32, &'static str)],
+) -> Result<u32, VmxError> {
     let must_be_one = msr_value as u32;
     let may_be_one = (msr_value >> 32) as u32;
     let value = (desired | must_be_one) & may_be_one;
@@ -114,9 +121,19 @@ impl VmxCapabilities {
             let basic = rdmsr(IA32_VMX_BASIC);
             let true_ctls = basic & (1 << 55) != 0;
             let (pin_msr, proc_msr, exit_msr, entry_msr) = if true_ctls {
-                (IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS, IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_ENTRY_CTLS)
+                (
+                    IA32_VMX_TRUE_PINBASED_CTLS,
+                    IA32_VMX_TRUE_PROCBASED_CTLS,
+                    IA32_VMX_TRUE_EXIT_CTLS,
+                    IA32_VMX_TRUE_ENTRY_CTLS,
+                )
             } else {
-                (IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_EXIT_CTLS, IA32_VMX_ENTRY_CTLS)
+                (
+                    IA32_VMX_PINBASED_CTLS,
+                    IA32_VMX_PROCBASED_CTLS,
+                    IA32_VMX_EXIT_CTLS,
+                    IA32_VMX_ENTRY_CTLS,
+                )
             };
 
             let pinbased = adjust(rdmsr(pin_msr), 0, 0, &[])?;
@@ -130,7 +147,10 @@ impl VmxCapabilities {
                 &[
                     (PrimaryControls::USE_IO_BITMAPS.bits(), "I/O bitmaps"),
                     (PrimaryControls::USE_MSR_BITMAPS.bits(), "MSR bitmaps"),
-                    (PrimaryControls::SECONDARY_CONTROLS.bits(), "secondary processor-based controls"),
+                    (
+                        PrimaryControls::SECONDARY_CONTROLS.bits(),
+                        "secondary processor-based controls",
+                    ),
                 ],
             )?;
             // Where the CPU offers them, the guest keeps RDTSCP, INVPCID and XSAVES (without
@@ -146,8 +166,14 @@ impl VmxCapabilities {
                 secondary_required | secondary_optional,
                 secondary_required,
                 &[
-                    (SecondaryControls::ENABLE_EPT.bits(), "EPT (extended page tables)"),
-                    (SecondaryControls::UNRESTRICTED_GUEST.bits(), "unrestricted guest"),
+                    (
+                        SecondaryControls::ENABLE_EPT.bits(),
+                        "EPT (extended page tables)",
+                    ),
+                    (
+                        SecondaryControls::UNRESTRICTED_GUEST.bits(),
+                        "unrestricted guest",
+                    ),
                     (SecondaryControls::ENABLE_VPID.bits(), "VPID"),
                 ],
             )?;
@@ -162,20 +188,39 @@ impl VmxCapabilities {
                 exit_wanted,
                 &[
                     (ExitControls::HOST_ADDRESS_SPACE_SIZE.bits(), "64-bit host"),
-                    (ExitControls::SAVE_IA32_EFER.bits(), "saving IA32_EFER on exit"),
-                    (ExitControls::LOAD_IA32_EFER.bits(), "loading IA32_EFER on exit"),
-                    (ExitControls::SAVE_IA32_PAT.bits(), "saving IA32_PAT on exit"),
-                    (ExitControls::LOAD_IA32_PAT.bits(), "loading IA32_PAT on exit"),
+                    (
+                        ExitControls::SAVE_IA32_EFER.bits(),
+                        "saving IA32_EFER on exit",
+                    ),
+                    (
+                        ExitControls::LOAD_IA32_EFER.bits(),
+                        "loading IA32_EFER on exit",
+                    ),
+                    (
+                        ExitControls::SAVE_IA32_PAT.bits(),
+                        "saving IA32_PAT on exit",
+                    ),
+                    (
+                        ExitControls::LOAD_IA32_PAT.bits(),
+                        "loading IA32_PAT on exit",
+                    ),
                 ],
             )?;
-            let entry_wanted = EntryControls::LOAD_IA32_EFER.bits() | EntryControls::LOAD_IA32_PAT.bits();
+            let entry_wanted =
+                EntryControls::LOAD_IA32_EFER.bits() | EntryControls::LOAD_IA32_PAT.bits();
             let entry = adjust(
                 rdmsr(entry_msr),
                 entry_wanted,
                 entry_wanted,
                 &[
-                    (EntryControls::LOAD_IA32_EFER.bits(), "loading IA32_EFER on entry"),
-                    (EntryControls::LOAD_IA32_PAT.bits(), "loading IA32_PAT on entry"),
+                    (
+                        EntryControls::LOAD_IA32_EFER.bits(),
+                        "loading IA32_EFER on entry",
+                    ),
+                    (
+                        EntryControls::LOAD_IA32_PAT.bits(),
+                        "loading IA32_PAT on entry",
+                    ),
                 ],
             )? & !EntryControls::IA32E_MODE_GUEST.bits();
             let _ = PinbasedControls::empty();
@@ -222,7 +267,9 @@ impl VmxCapabilities {
     /// # Safety
     /// Ring 0; called once per CPU before VMXON.
     pub unsafe fn prepare_control_registers(&self) {
-        let has_xsave = raw_cpuid::CpuId::new().get_feature_info().is_some_and(|f| f.has_xsave());
+        let has_xsave = raw_cpuid::CpuId::new()
+            .get_feature_info()
+            .is_some_and(|f| f.has_xsave());
         let mut cr4 = read_cr4() | (1 << 13);
         if has_xsave {
             cr4 |= 1 << 18;

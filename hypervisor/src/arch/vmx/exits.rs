@@ -5,10 +5,12 @@
 use super::apic_guard;
 use super::platform::{platform, PhysicalMemory};
 use super::vcpu::Vcpu;
+use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
 use crate::exit::{CrAccess, CrAccessType, ExitReason, IoQualification};
-use crate::guest::{emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases};
-use crate::addr::GuestPhysAddr;
+use crate::guest::{
+    emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
+};
 use core::fmt;
 use log::{error, info, warn};
 use x86::vmx::vmcs::{control, guest, ro};
@@ -208,7 +210,12 @@ pub fn stop_guest(vcpu: &mut Vcpu, stop: &dyn fmt::Display) -> ! {
 /// Prints one `ALLY exits` line per exit reason seen.
 pub fn report_exits(vcpu: &Vcpu) {
     for (basic, count) in vcpu.exits.iter_nonzero() {
-        info!("ALLY exits reason={} basic={} count={}", ExitReason::from_basic(basic), basic, count);
+        info!(
+            "ALLY exits reason={} basic={} count={}",
+            ExitReason::from_basic(basic),
+            basic,
+            count
+        );
     }
 }
 
@@ -232,9 +239,15 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
 /// hold the vector; SDM 28.2.1 Table 28-1).
 fn handle_sipi(vcpu: &mut Vcpu) -> ExitResult {
     let vector = (vmread(ro::EXIT_QUALIFICATION) & 0xFF) as u16;
-    vcpu.reset_guest(super::vcpu::StartState::Sipi { segment: vector << 8 })
-        .map_err(|_| StopReason::GuestRequested("the SIPI start state could not be written"))?;
-    info!("vCPU {} started by the guest at {:#x}", vcpu.apic_id, u32::from(vector) << 12);
+    vcpu.reset_guest(super::vcpu::StartState::Sipi {
+        segment: vector << 8,
+    })
+    .map_err(|_| StopReason::GuestRequested("the SIPI start state could not be written"))?;
+    info!(
+        "vCPU {} started by the guest at {:#x}",
+        vcpu.apic_id,
+        u32::from(vector) << 12
+    );
     Ok(())
 }
 
@@ -269,8 +282,15 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     } else if leaf == 7 && subleaf == 0 {
         if !vcpu.guest_can_use_xsave() {
             // AVX2 (EBX 5) and the AVX-512 family need XSAVE-managed state.
-            const AVX_FAMILY_EBX: u32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26)
-                | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+            const AVX_FAMILY_EBX: u32 = (1 << 5)
+                | (1 << 16)
+                | (1 << 17)
+                | (1 << 21)
+                | (1 << 26)
+                | (1 << 27)
+                | (1 << 28)
+                | (1 << 30)
+                | (1 << 31);
             r.ebx &= !AVX_FAMILY_EBX;
             r.ecx &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14) | (1 << 3));
             r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
@@ -402,7 +422,11 @@ fn write_guest_cr0(value: u64, vcpu: &Vcpu) -> bool {
     log::debug!("guest CR0 <- {value:#x} (real {real:#x})");
     // Enabling paging with EFER.LME activates IA-32e mode (SDM Vol. 3A 10.8.5).
     let efer = vmread(guest::IA32_EFER_FULL);
-    let new_efer = if value & PG != 0 && efer & LME != 0 { efer | LMA } else { efer & !LMA };
+    let new_efer = if value & PG != 0 && efer & LME != 0 {
+        efer | LMA
+    } else {
+        efer & !LMA
+    };
     if new_efer != efer {
         vmcs_write(guest::IA32_EFER_FULL, new_efer);
     }
@@ -440,11 +464,18 @@ fn load_pae_pdptes_if_needed(cr0: u64, cr4: u64, efer: u64) {
     }
     let base = vmread(guest::CR3) & 0xFFFF_FFE0;
     let memory = PhysicalMemory;
-    for (i, field) in [guest::PDPTE0_FULL, guest::PDPTE1_FULL, guest::PDPTE2_FULL, guest::PDPTE3_FULL]
-        .into_iter()
-        .enumerate()
+    for (i, field) in [
+        guest::PDPTE0_FULL,
+        guest::PDPTE1_FULL,
+        guest::PDPTE2_FULL,
+        guest::PDPTE3_FULL,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let value = crate::guest::GuestMemory::read_u64(&memory, GuestPhysAddr(base + 8 * i as u64)).unwrap_or(0);
+        let value =
+            crate::guest::GuestMemory::read_u64(&memory, GuestPhysAddr(base + 8 * i as u64))
+                .unwrap_or(0);
         vmcs_write(field, value);
     }
 }
@@ -479,7 +510,9 @@ fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
 fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
     if io.string {
-        return Err(StopReason::GuestRequested("string I/O on a port Ally intercepts (unsupported)"));
+        return Err(StopReason::GuestRequested(
+            "string I/O on a port Ally intercepts (unsupported)",
+        ));
     }
     let platform = platform();
     let width_mask: u64 = match io.size {
@@ -565,10 +598,18 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
     let apic_base = platform().apic_base;
     if gpa.0 & !0xFFF == apic_base {
-        let access = if vmread(ro::EXIT_QUALIFICATION) & 2 != 0 { AccessKind::Write } else { AccessKind::Read };
+        let access = if vmread(ro::EXIT_QUALIFICATION) & 2 != 0 {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        };
         let mut cpu = cpu_state(regs);
-        let mut apic = apic_guard::XApicMmio { apic_base, sender: vcpu.apic_id };
-        emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut apic).map_err(StopReason::Emulation)?;
+        let mut apic = apic_guard::XApicMmio {
+            apic_base,
+            sender: vcpu.apic_id,
+        };
+        emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut apic)
+            .map_err(StopReason::Emulation)?;
         *regs = cpu.regs;
         vmcs_write(guest::RSP, cpu.regs.rsp);
         vmcs_write(guest::RIP, cpu.rip);
@@ -620,7 +661,10 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
             Ok(())
         }
         Err(e) => {
-            warn!("ALLY ept-violation gpa={:#x} access={:?} action=stop", gpa.0, access);
+            warn!(
+                "ALLY ept-violation gpa={:#x} access={:?} action=stop",
+                gpa.0, access
+            );
             Err(StopReason::Emulation(e))
         }
     }
@@ -633,8 +677,13 @@ fn handle_vmcall(regs: &mut GuestRegisters) -> ExitResult {
         return super::platform::emulate_int15_hook(regs);
     }
     if !guest_in_protected_mode() && linear_rip == platform.realmode.boot_failed_vmcall {
-        error!("ALLY fatal reason=guest-boot-failed code={:#x}", regs.rax & 0xFFFF);
-        return Err(StopReason::GuestRequested("the BIOS could not read the first hard disk's MBR"));
+        error!(
+            "ALLY fatal reason=guest-boot-failed code={:#x}",
+            regs.rax & 0xFFFF
+        );
+        return Err(StopReason::GuestRequested(
+            "the BIOS could not read the first hard disk's MBR",
+        ));
     }
     // Anywhere else VMCALL behaves as on a CPU without VMX.
     inject_exception(VECTOR_UD, None);

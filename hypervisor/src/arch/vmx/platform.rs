@@ -28,7 +28,10 @@ impl Canary {
     /// The ranges must be identity-mapped, readable and 8-byte aligned.
     pub unsafe fn new(ranges: [PhysRange; 2]) -> Self {
         // SAFETY: guaranteed by the caller.
-        Self { ranges, checksum: unsafe { checksum(&ranges) } }
+        Self {
+            ranges,
+            checksum: unsafe { checksum(&ranges) },
+        }
     }
 
     /// Whether the ranges still hold what they held at start-up.
@@ -71,7 +74,9 @@ pub fn install(platform: Platform) -> &'static Platform {
 /// # Panics
 /// If called before [`install`] — a broken start-up order, not a guest action.
 pub fn platform() -> &'static Platform {
-    PLATFORM.get().expect("platform described before the first VM entry")
+    PLATFORM
+        .get()
+        .expect("platform described before the first VM entry")
 }
 
 impl Platform {
@@ -109,7 +114,10 @@ pub struct PhysicalMemory;
 impl GuestMemory for PhysicalMemory {
     fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
         if !platform().reachable(gpa.0, buf.len()) {
-            return Err(GuestMemError::NotGuestRam { gpa, len: buf.len() });
+            return Err(GuestMemError::NotGuestRam {
+                gpa,
+                len: buf.len(),
+            });
         }
         // SAFETY: the range is identity-mapped (below `identity_limit`) and is not Ally's.
         unsafe { core::ptr::copy_nonoverlapping(gpa.0 as *const u8, buf.as_mut_ptr(), buf.len()) };
@@ -118,7 +126,10 @@ impl GuestMemory for PhysicalMemory {
 
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
         if !platform().reachable(gpa.0, buf.len()) {
-            return Err(GuestMemError::NotGuestRam { gpa, len: buf.len() });
+            return Err(GuestMemError::NotGuestRam {
+                gpa,
+                len: buf.len(),
+            });
         }
         // SAFETY: as for `read`; the guest could write this memory itself.
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), gpa.0 as *mut u8, buf.len()) };
@@ -164,7 +175,9 @@ pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits:
         es_base: vmread(guest::ES_BASE),
         carry: false,
     };
-    let mut buffer = Int15Buffer { map: &platform.guest_map };
+    let mut buffer = Int15Buffer {
+        map: &platform.guest_map,
+    };
     match emulate_int15(&mut rm, &platform.guest_map, &mut buffer) {
         Int15Result::Handled => {}
         Int15Result::Rejected(why) => warn!("guest INT 15h rejected: {why}"),
@@ -185,7 +198,9 @@ pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits:
     let mut flags = [0u8; 2];
     let mut memory = PhysicalMemory;
     if memory.read(GuestPhysAddr(frame_flags), &mut flags).is_err() {
-        return Err(super::exits::StopReason::Int15("the guest's stack is not in guest RAM"));
+        return Err(super::exits::StopReason::Int15(
+            "the guest's stack is not in guest RAM",
+        ));
     }
     let mut value = u16::from_le_bytes(flags);
     if rm.carry {
@@ -193,8 +208,13 @@ pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits:
     } else {
         value &= !1;
     }
-    if memory.write(GuestPhysAddr(frame_flags), &value.to_le_bytes()).is_err() {
-        return Err(super::exits::StopReason::Int15("the guest's stack is not in guest RAM"));
+    if memory
+        .write(GuestPhysAddr(frame_flags), &value.to_le_bytes())
+        .is_err()
+    {
+        return Err(super::exits::StopReason::Int15(
+            "the guest's stack is not in guest RAM",
+        ));
     }
     let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
     vmcs_write(guest::RIP, vmread(guest::RIP).wrapping_add(len));
@@ -225,7 +245,10 @@ pub struct IdentityMemory {
 
 impl crate::acpi::PhysMemory for IdentityMemory {
     fn read(&self, pa: u64, buf: &mut [u8]) {
-        if pa.checked_add(buf.len() as u64).is_some_and(|end| end <= self.limit) {
+        if pa
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= self.limit)
+        {
             // SAFETY: the range is identity-mapped (below `limit`).
             unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
         } else {
@@ -234,7 +257,10 @@ impl crate::acpi::PhysMemory for IdentityMemory {
     }
 
     fn write(&mut self, pa: u64, buf: &[u8]) {
-        if pa.checked_add(buf.len() as u64).is_some_and(|end| end <= self.limit) {
+        if pa
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= self.limit)
+        {
             // SAFETY: the range is identity-mapped; Ally writes firmware tables only before
             // the guest starts.
             unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), pa as *mut u8, buf.len()) };

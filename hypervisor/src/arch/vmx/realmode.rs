@@ -98,7 +98,10 @@ pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
             int15_vmcall: base + symbol_offset(&ally_realmode_int15_vmcall),
             boot_failed_vmcall: base + symbol_offset(&ally_realmode_boot_failed_vmcall),
             trampoline_page,
-            taken: PhysRange { start: trampoline_page, end: old_top },
+            taken: PhysRange {
+                start: trampoline_page,
+                end: old_top,
+            },
         })
     }
 }

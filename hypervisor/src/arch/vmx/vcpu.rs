@@ -70,7 +70,16 @@ impl Vcpu {
         // bit is Ally's, and the guest sees its own value through the read shadow.
         let cr0_mask = ((caps.cr0_fixed0 | !caps.cr0_fixed1) & !(CR0_PE | CR0_PG)) & 0xFFFF_FFFF;
         let cr4_mask = caps.cr4_fixed0 | !caps.cr4_fixed1;
-        Self { apic_id, vpid, caps, pages, cr0_mask, cr4_mask, exits: ExitCounters::new(), stopped: false }
+        Self {
+            apic_id,
+            vpid,
+            caps,
+            pages,
+            cr0_mask,
+            cr4_mask,
+            exits: ExitCounters::new(),
+            stopped: false,
+        }
     }
 
     /// Whether VMX lets the guest set CR4.OSXSAVE (SDM Vol. 3D A.8: a 0 in
@@ -111,8 +120,14 @@ impl Vcpu {
         let caps = &self.caps;
         // Controls (SDM 25.6).
         write(control::PINBASED_EXEC_CONTROLS, u64::from(caps.pinbased))?;
-        write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(caps.primary))?;
-        write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, u64::from(caps.secondary))?;
+        write(
+            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(caps.primary),
+        )?;
+        write(
+            control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(caps.secondary),
+        )?;
         write(control::VMEXIT_CONTROLS, u64::from(caps.exit))?;
         write(control::VMENTRY_CONTROLS, u64::from(caps.entry))?;
         write(control::EXCEPTION_BITMAP, 0)?;
@@ -183,7 +198,10 @@ impl Vcpu {
         write(guest::RSP, 0)?;
         write(guest::IA32_EFER_FULL, 0)?;
         const IA32E_MODE_GUEST: u64 = 1 << 9;
-        write(control::VMENTRY_CONTROLS, u64::from(caps.entry) & !IA32E_MODE_GUEST)?;
+        write(
+            control::VMENTRY_CONTROLS,
+            u64::from(caps.entry) & !IA32E_MODE_GUEST,
+        )?;
         write(guest::IA32_PAT_FULL, PAT_POWER_ON)?;
         write(guest::IA32_DEBUGCTL_FULL, 0)?;
         write(guest::IA32_SYSENTER_CS, 0)?;
@@ -194,7 +212,9 @@ impl Vcpu {
         write(guest::PENDING_DBG_EXCEPTIONS, 0)?;
 
         let (cs_selector, rip, activity) = match start {
-            StartState::RealMode { segment } | StartState::Sipi { segment } => (segment, 0u64, 0u64),
+            StartState::RealMode { segment } | StartState::Sipi { segment } => {
+                (segment, 0u64, 0u64)
+            }
             // SDM 26.4.2 / 28.1: a SIPI exit tells where to start; until then the CPU waits.
             // CS:IP = F000:FFF0 as after INIT; the SIPI replaces them.
             StartState::WaitForSipi => (0xF000, 0xFFF0, 3),
@@ -206,11 +226,36 @@ impl Vcpu {
         write(guest::CS_LIMIT, 0xFFFF)?;
         write(guest::CS_ACCESS_RIGHTS, access_rights::REAL_MODE_CODE)?;
         for (sel, base, limit, ar) in [
-            (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
-            (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
-            (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
-            (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
-            (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+            (
+                guest::DS_SELECTOR,
+                guest::DS_BASE,
+                guest::DS_LIMIT,
+                guest::DS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::ES_SELECTOR,
+                guest::ES_BASE,
+                guest::ES_LIMIT,
+                guest::ES_ACCESS_RIGHTS,
+            ),
+            (
+                guest::FS_SELECTOR,
+                guest::FS_BASE,
+                guest::FS_LIMIT,
+                guest::FS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::GS_SELECTOR,
+                guest::GS_BASE,
+                guest::GS_LIMIT,
+                guest::GS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::SS_SELECTOR,
+                guest::SS_BASE,
+                guest::SS_LIMIT,
+                guest::SS_ACCESS_RIGHTS,
+            ),
         ] {
             write(sel, 0)?;
             write(base, 0)?;
@@ -245,7 +290,11 @@ pub fn intercept_msr(bitmap: &mut [u8; 4096], msr: u32) {
 }
 
 /// Sets the bits that make the CPU exit on accesses to `ports` (SDM 25.6.4).
-pub fn intercept_ports(bitmap_a: &mut [u8; 4096], bitmap_b: &mut [u8; 4096], ports: core::ops::Range<u32>) {
+pub fn intercept_ports(
+    bitmap_a: &mut [u8; 4096],
+    bitmap_b: &mut [u8; 4096],
+    ports: core::ops::Range<u32>,
+) {
     for port in ports {
         let (bitmap, index) = if port < 0x8000 {
             (&mut *bitmap_a, port as usize)
