@@ -138,7 +138,9 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
 
 /// `(total, dpi)` from `ALLY cpus total=.. dpi=..`.
 fn ally_cpus(ally: &AllyReport) -> Result<(u64, u64), String> {
-    let line = ally.find("cpus").ok_or("no `ALLY cpus total=.. dpi=..` line")?;
+    let line = ally
+        .find("cpus")
+        .ok_or("no `ALLY cpus total=.. dpi=..` line")?;
     Ok((
         line.number("total").map_err(marker_err)?,
         line.number("dpi").map_err(marker_err)?,
@@ -153,7 +155,9 @@ fn guest_cpus(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> 
         .map_err(marker_err)?
         .ok_or("no `ALLYTEST cpus nproc=..` marker")?;
     if nproc == total - dpi {
-        Ok(format!("guest nproc={nproc} = {total} CPUs - {dpi} DPI core(s)"))
+        Ok(format!(
+            "guest nproc={nproc} = {total} CPUs - {dpi} DPI core(s)"
+        ))
     } else {
         Err(format!(
             "guest nproc={nproc}, expected {total} CPUs - {dpi} DPI core(s) = {}",
@@ -171,12 +175,18 @@ fn dpi_heartbeat(ally: &AllyReport) -> Result<String, String> {
         if beats < 2 {
             return Err(format!("DPI core heartbeat did not advance: {}", line.line));
         }
-        seen.push(format!("apic {}: {beats}", line.number("apic").map_err(marker_err)?));
+        seen.push(format!(
+            "apic {}: {beats}",
+            line.number("apic").map_err(marker_err)?
+        ));
     }
     if seen.len() as u64 == dpi {
         Ok(seen.join(", "))
     } else {
-        Err(format!("{} `ALLY dpi-core` lines for {dpi} DPI core(s)", seen.len()))
+        Err(format!(
+            "{} `ALLY dpi-core` lines for {dpi} DPI core(s)",
+            seen.len()
+        ))
     }
 }
 

@@ -88,12 +88,21 @@ fn unknown_option_stops_ally_before_the_guest() {
     opts.timeout = std::time::Duration::from_secs(600);
     let result = run(&opts).expect("Ally run");
     println!("{result}");
-    let fatal = result.ally.fatal().expect("Ally printed no `ALLY fatal` line");
+    let fatal = result
+        .ally
+        .fatal()
+        .expect("Ally printed no `ALLY fatal` line");
     assert!(
         fatal.line.contains("frobnicate"),
         "the fatal line does not name the option: {}",
         fatal.line
     );
-    assert!(!result.ally.guest_started(), "a guest was started despite the bad option");
-    assert!(!result.guest.init_reached(), "the guest ran despite the bad option");
+    assert!(
+        !result.ally.guest_started(),
+        "a guest was started despite the bad option"
+    );
+    assert!(
+        !result.guest.init_reached(),
+        "the guest ran despite the bad option"
+    );
 }
