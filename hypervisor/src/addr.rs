@@ -114,7 +114,10 @@ mod tests {
     fn alignment_helpers() {
         let a = GuestPhysAddr(0x1234_5678);
         assert_eq!(a.align_down(PAGE_SIZE), GuestPhysAddr(0x1234_5000));
-        assert_eq!(a.checked_align_up(PAGE_SIZE), Some(GuestPhysAddr(0x1234_6000)));
+        assert_eq!(
+            a.checked_align_up(PAGE_SIZE),
+            Some(GuestPhysAddr(0x1234_6000))
+        );
         assert!(!a.is_aligned(PAGE_SIZE));
         assert_eq!(HostPhysAddr(u64::MAX).checked_align_up(PAGE_SIZE), None);
     }
@@ -123,8 +126,14 @@ mod tests {
     fn ranges() {
         let r = PhysRange::from_start_len(0x1000, 0x1000).unwrap();
         assert!(r.contains(0x1fff) && !r.contains(0x2000));
-        assert!(r.overlaps(&PhysRange { start: 0x1fff, end: 0x3000 }));
-        assert!(!r.overlaps(&PhysRange { start: 0x2000, end: 0x3000 }));
+        assert!(r.overlaps(&PhysRange {
+            start: 0x1fff,
+            end: 0x3000
+        }));
+        assert!(!r.overlaps(&PhysRange {
+            start: 0x2000,
+            end: 0x3000
+        }));
         assert_eq!(PhysRange::from_start_len(u64::MAX, 2), None);
     }
 }

@@ -5,14 +5,14 @@
 //! touch real hardware and build for `x86_64-unknown-none` alone.
 #![cfg_attr(not(test), no_std)]
 
-pub mod addr;
-pub mod cmdline;
-pub mod guest;
-pub mod memmap;
-pub mod int15;
-pub mod arch;
-pub mod paging;
-pub mod exit;
 pub mod acpi;
-pub mod mtrr;
+pub mod addr;
+pub mod arch;
+pub mod cmdline;
+pub mod exit;
+pub mod guest;
+pub mod int15;
 pub mod ipi;
+pub mod memmap;
+pub mod mtrr;
+pub mod paging;
