@@ -26,8 +26,7 @@ pub fn write_record(w: &mut impl Write, ts_us: u64, orig_len: u32, data: &[u8]) 
     w.write_all(data)
 }
 
-/// One record read back (tests check written captures with it).
-#[cfg(test)]
+/// One record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Microseconds since the epoch.
@@ -38,7 +37,6 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
-#[cfg(test)]
 /// Reads a little-endian microsecond pcap written by [`write_header`]/[`write_record`].
 pub fn read_all(r: &mut impl std::io::Read) -> Result<Vec<Record>, String> {
     let mut buf = Vec::new();
