@@ -683,7 +683,7 @@ fn nic_model_registers_and_bochs_rdt_quirk() {
 #[test]
 fn nic_counters_balance_under_mixed_traffic() {
     let hook = |f: &[u8], _d: Direction| {
-        if f[20] % 7 == 0 {
+        if f[20].is_multiple_of(7) {
             HookVerdict::Drop
         } else {
             HookVerdict::Pass

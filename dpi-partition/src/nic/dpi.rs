@@ -39,12 +39,11 @@ use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
     TX_STATUS_OFFSET,
 };
-use super::mem::{DmaMemory, MemError, MemoryPolicy};
+use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
 use crate::queue::DoorbellWatcher;
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange};
 use core::fmt;
@@ -275,37 +274,51 @@ impl fmt::Display for DpiError {
 }
 
 /// A validated guest ring.
-#[derive(Debug, Clone, Copy)]
-struct GuestRing {
+#[derive(Clone, Copy)]
+struct GuestRing<'a> {
     base: HostPhysAddr,
     n: u32,
+    win: DmaWindow<'a>,
 }
 
-impl GuestRing {
+impl GuestRing<'_> {
     #[inline]
     fn desc(&self, i: u32) -> HostPhysAddr {
         HostPhysAddr(self.base.as_u64() + u64::from(i) * DESC_SIZE as u64)
     }
+    #[inline(always)]
+    fn next(&self, i: u32) -> u32 {
+        if i + 1 == self.n {
+            0
+        } else {
+            i + 1
+        }
+    }
 }
 
 /// Validate a guest ring (base, byte length) against the policy.
-fn validate_ring(
+fn validate_ring<'a, M: DmaMemory>(
     policy: &MemoryPolicy,
+    mem: &'a M,
     base: u64,
     len: u32,
-) -> Result<Option<GuestRing>, DropReason> {
+) -> Result<Option<GuestRing<'a>>, DropReason> {
     if len == 0 {
         return Ok(None);
     }
-    if len % RING_LEN_ALIGN != 0 || len > RING_LEN_MAX || base % 16 != 0 {
+    if !len.is_multiple_of(RING_LEN_ALIGN) || len > RING_LEN_MAX || !base.is_multiple_of(16) {
         return Err(DropReason::BadRingLayout);
     }
     let pa = policy
         .check(GuestPhysAddr(base), u64::from(len))
         .map_err(DropReason::from_mem)?;
+    let win = mem
+        .window(pa, len as usize)
+        .map_err(|_| DropReason::OutsideRam)?;
     Ok(Some(GuestRing {
         base: pa,
         n: len / DESC_SIZE as u32,
+        win,
     }))
 }
 
@@ -314,12 +327,86 @@ fn validate_ring(
 struct InFlight {
     guest_first: u32,
     guest_count: u32,
+    /// Packets this entry covers.
+    packets: u32,
     /// Index of the packet's last real descriptor (None: dropped, nothing posted).
     real_last: Option<u32>,
     /// Arena position after this packet (copy mode).
     arena_end: u64,
     epoch: u32,
 }
+
+/// Packets accepted and not yet completed, oldest first: a fixed ring (no allocation on the
+/// hot path). Consecutive packets posted in one poll share one entry.
+struct InFlightRing {
+    buf: Vec<InFlight>,
+    head: usize,
+    len: usize,
+}
+
+impl InFlightRing {
+    fn with_capacity(cap: usize) -> Self {
+        let blank = InFlight {
+            guest_first: 0,
+            guest_count: 0,
+            packets: 0,
+            real_last: None,
+            arena_end: 0,
+            epoch: 0,
+        };
+        Self {
+            buf: alloc::vec![blank; cap],
+            head: 0,
+            len: 0,
+        }
+    }
+    #[inline(always)]
+    fn is_full(&self) -> bool {
+        self.len == self.buf.len()
+    }
+    #[inline(always)]
+    fn front(&self) -> Option<InFlight> {
+        (self.len != 0).then(|| self.buf[self.head])
+    }
+    #[inline(always)]
+    fn pop_front(&mut self) {
+        if self.len != 0 {
+            self.head = if self.head + 1 == self.buf.len() {
+                0
+            } else {
+                self.head + 1
+            };
+            self.len -= 1;
+        }
+    }
+    #[inline(always)]
+    fn back_mut(&mut self) -> Option<&mut InFlight> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut i = self.head + self.len - 1;
+        if i >= self.buf.len() {
+            i -= self.buf.len();
+        }
+        Some(&mut self.buf[i])
+    }
+    #[inline(always)]
+    fn push_back(&mut self, f: InFlight) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let mut i = self.head + self.len;
+        if i >= self.buf.len() {
+            i -= self.buf.len();
+        }
+        self.buf[i] = f;
+        self.len += 1;
+        true
+    }
+}
+
+/// Most guest descriptors one in-flight entry covers (bounds the write-back loop).
+const COALESCE_MAX: u32 = 64;
 
 /// A fragment of a guest packet, validated.
 #[derive(Debug, Clone, Copy, Default)]
@@ -330,22 +417,21 @@ struct Frag {
     raw: [u8; 16],
 }
 
-struct TxState {
-    ring: Option<GuestRing>,
+struct TxState<'a> {
+    ring: Option<GuestRing<'a>>,
     stopped: bool,
     enabled: bool,
     next: u32,
     epoch: u32,
     real_tail: u32,
     real_clean: u32,
-    inflight: VecDeque<InFlight>,
-    inflight_cap: usize,
+    inflight: InFlightRing,
     arena_head: u64,
     arena_tail: u64,
 }
 
-struct RxState {
-    ring: Option<GuestRing>,
+struct RxState<'a> {
+    ring: Option<GuestRing<'a>>,
     stopped: bool,
     enabled: bool,
     buf: u32,
@@ -371,8 +457,11 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     cfg: DpiConfig,
     layout: Layout,
     hook: H,
-    tx: TxState,
-    rx: RxState,
+    tx: TxState<'a>,
+    rx: RxState<'a>,
+    /// The real TX and RX rings (DPI memory), for the hot path.
+    tx_win: DmaWindow<'a>,
+    rx_win: DmaWindow<'a>,
     guest_cfg: GuestConfig,
     cfg_seen: Option<u64>,
     tx_watch: DoorbellWatcher,
@@ -395,7 +484,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         hook: H,
     ) -> Result<Self, DpiError> {
         for (which, descs) in [("TX", cfg.tx_ring), ("RX", cfg.rx_ring)] {
-            if descs == 0 || descs % 8 != 0 || descs > 4096 {
+            if descs == 0 || !descs.is_multiple_of(8) || descs > 4096 {
                 return Err(DpiError::BadRingSize { which, descs });
             }
         }
@@ -406,7 +495,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             return Err(DpiError::ArenaTooSmall(cfg.tx_arena));
         }
         let need = cfg.region_bytes();
-        if region.start % 4096 != 0 || region.len() < need {
+        if !region.start.is_multiple_of(4096) || region.len() < need {
             return Err(DpiError::BadRegion { region, need });
         }
         if !policy.is_protected(&region) || policy.check(GuestPhysAddr(region.start), 1).is_ok() {
@@ -437,8 +526,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 epoch: 0,
                 real_tail: 0,
                 real_clean: 0,
-                inflight: VecDeque::with_capacity(cfg.tx_ring as usize * 2),
-                inflight_cap: cfg.tx_ring as usize * 2,
+                inflight: InFlightRing::with_capacity(cfg.tx_ring as usize * 2),
                 arena_head: 0,
                 arena_tail: 0,
             },
@@ -450,6 +538,12 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 next: 0,
                 real_next: 0,
             },
+            tx_win: mem
+                .window(HostPhysAddr(tx_ring), cfg.tx_ring as usize * DESC_SIZE)
+                .map_err(DpiError::Dma)?,
+            rx_win: mem
+                .window(HostPhysAddr(rx_ring), cfg.rx_ring as usize * DESC_SIZE)
+                .map_err(DpiError::Dma)?,
             guest_cfg: GuestConfig::default(),
             cfg_seen: None,
             tx_watch: DoorbellWatcher::new(&shadow.tx_doorbell),
@@ -474,7 +568,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// Packets accepted from the guest whose completion is pending.
     pub fn tx_in_flight(&self) -> usize {
-        self.tx.inflight.len()
+        let q = &self.tx.inflight;
+        (0..q.len)
+            .map(|k| q.buf[(q.head + k) % q.buf.len()].packets as usize)
+            .sum()
     }
 
     fn program_device(&mut self) -> Result<(), DpiError> {
@@ -556,7 +653,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         {
             self.tx.epoch = self.tx.epoch.wrapping_add(1);
             self.tx.stopped = false;
-            self.tx.ring = match validate_ring(&self.policy, g.tdba, g.tdlen) {
+            self.tx.ring = match validate_ring(&self.policy, self.mem, g.tdba, g.tdlen) {
                 Ok(r) => r,
                 Err(why) => {
                     self.stop_tx(why);
@@ -577,7 +674,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             || g.rctl != old.rctl
         {
             self.rx.stopped = false;
-            self.rx.ring = match validate_ring(&self.policy, g.rdba, g.rdlen) {
+            self.rx.ring = match validate_ring(&self.policy, self.mem, g.rdba, g.rdlen) {
                 Ok(r) => r,
                 Err(why) => {
                     self.stop_rx(why);
@@ -630,43 +727,46 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     fn tx_complete(&mut self) -> u64 {
         let mut done = 0;
         let mut wrote = false;
-        while let Some(f) = self.tx.inflight.front().copied() {
+        let tx_n = self.cfg.tx_ring;
+        while let Some(f) = self.tx.inflight.front() {
             if let Some(last) = f.real_last {
-                let mut st = [0u8; 1];
-                let at = HostPhysAddr(self.real_tx_desc(last).as_u64() + TX_STATUS_OFFSET as u64);
-                if self.mem.read(at, &mut st).is_err() || st[0] & txsta::DD == 0 {
+                let st = self.tx_win.desc_u8(last, TX_STATUS_OFFSET);
+                if st & txsta::DD == 0 {
                     break;
                 }
-                self.tx.real_clean = (last + 1) % self.cfg.tx_ring;
+                self.tx.real_clean = if last + 1 == tx_n { 0 } else { last + 1 };
             }
-            // The device's write-back happens after its DMA reads; ours after the NIC's DD.
+            // Our write-backs come after the NIC's DD, as the device's come after its reads.
             fence(Ordering::Acquire);
             match self.tx.ring {
                 Some(ring) if f.epoch == self.tx.epoch => {
-                    for k in 0..f.guest_count {
-                        let at = ring.desc((f.guest_first + k) % ring.n);
-                        let mut b = [0u8; 2];
-                        let cmd_at = HostPhysAddr(at.as_u64() + TX_CMD_OFFSET as u64);
-                        if self.mem.read(cmd_at, &mut b).is_ok() && b[0] & txcmd::RS != 0 {
-                            // As the device: DD set, collision/underrun bits clear (full duplex).
-                            let sta = (b[1] | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
-                            let st_at = HostPhysAddr(at.as_u64() + TX_STATUS_OFFSET as u64);
-                            let _ = self.mem.write(st_at, &[sta]);
+                    let mut i = f.guest_first;
+                    for _ in 0..f.guest_count {
+                        if ring.win.desc_u8(i, TX_CMD_OFFSET) & txcmd::RS != 0 {
+                            // As the device: DD set, collision/underrun bits clear.
+                            let sta = ring.win.desc_u8(i, TX_STATUS_OFFSET);
+                            let sta = (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
+                            ring.win.set_desc_u8(i, TX_STATUS_OFFSET, sta);
                             wrote = true;
                         }
+                        i = ring.next(i);
                     }
-                    self.shadow
-                        .set_tdh((f.guest_first + f.guest_count) % ring.n);
+                    self.shadow.set_tdh(i);
                 }
-                _ => self.counters.tx.drops[DropReason::StaleCompletion as usize] += 1,
+                // Only posted packets are stale; dropped ones were already counted.
+                _ if f.real_last.is_some() => {
+                    self.counters.tx.drops[DropReason::StaleCompletion as usize] +=
+                        u64::from(f.packets)
+                }
+                _ => {}
             }
             self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
             self.tx.inflight.pop_front();
-            done += 1;
+            done += u64::from(f.guest_count);
         }
         if wrote {
             let mut cause = icr::TXDW;
-            if self.tx.inflight.is_empty() && self.shadow.tdt() == self.tx.next {
+            if self.tx.inflight.len == 0 && self.shadow.tdt() == self.tx.next {
                 cause |= icr::TXQE;
             }
             self.raise(cause);
@@ -679,9 +779,143 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         self.shadow.raise(cause, self.real);
     }
 
+    #[inline(always)]
     fn real_tx_free(&self) -> u32 {
-        let n = self.cfg.tx_ring;
-        (self.tx.real_clean + n - self.tx.real_tail - 1) % n
+        let (c, t) = (self.tx.real_clean, self.tx.real_tail);
+        if c > t {
+            c - t - 1
+        } else {
+            self.cfg.tx_ring - (t - c) - 1
+        }
+    }
+
+    /// The hot loop: consecutive packets that each fit one legacy descriptor (EOP, no DEXT),
+    /// with the ring state in locals so it stays in registers. Stops at the first descriptor
+    /// it does not handle (the general path then does, with precise refusal reasons).
+    /// Returns (packets moved, back-pressure, posted anything).
+    #[inline(always)]
+    fn tx_fast(&mut self, ring: GuestRing<'a>, tdt: u32) -> (u64, bool, bool) {
+        let rn = self.cfg.tx_ring;
+        let mode = self.cfg.mode;
+        let mut next = self.tx.next;
+        let mut tail = self.tx.real_tail;
+        let mut free = self.real_tx_free();
+        let mut arena = self.tx.arena_head;
+        let mut arena_before = arena;
+        let (mut pkts, mut bytes) = (0u32, 0u64);
+        let (mut stop, mut dropped) = (false, false);
+        while next != tdt && pkts < COALESCE_MAX {
+            let hi = ring.win.desc_u64(next, 1);
+            let len = hi as u16 as u32;
+            if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
+                || len == 0
+                || len > MAX_FRAME
+            {
+                break;
+            }
+            let Ok(pa) = self
+                .policy
+                .check(GuestPhysAddr(ring.win.desc_u64(next, 0)), u64::from(len))
+            else {
+                break;
+            };
+            if free == 0 {
+                stop = true;
+                break;
+            }
+            let (addr, verdict) = match mode {
+                Mode::ZeroCopy => (
+                    pa.as_u64(),
+                    match self.mem.borrow(pa, len as usize) {
+                        Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                        Err(_) => HookVerdict::Drop,
+                    },
+                ),
+                Mode::Copy => {
+                    arena_before = arena;
+                    let Some(at) = arena_alloc(
+                        &mut arena,
+                        self.tx.arena_tail,
+                        self.cfg.tx_arena,
+                        self.layout.arena,
+                        len,
+                    ) else {
+                        stop = true;
+                        break;
+                    };
+                    let copied = match self.mem.borrow(pa, len as usize) {
+                        Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
+                        Err(_) => false,
+                    };
+                    match self.mem.borrow(HostPhysAddr(at), len as usize) {
+                        Ok(frame) if copied => (at, self.hook.inspect(frame, Direction::ToWire)),
+                        _ => (at, HookVerdict::Drop),
+                    }
+                }
+            };
+            if verdict == HookVerdict::Drop {
+                arena = arena_before;
+                dropped = true;
+                break;
+            }
+            // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
+            // cleared, RS set so the NIC reports completion.
+            self.tx_win.set_desc_u64(tail, 0, addr);
+            self.tx_win
+                .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+            tail = if tail + 1 == rn { 0 } else { tail + 1 };
+            free -= 1;
+            next = ring.next(next);
+            pkts += 1;
+            bytes += u64::from(len);
+        }
+        self.tx.arena_head = arena;
+        if pkts != 0 {
+            let last = if tail == 0 { rn - 1 } else { tail - 1 };
+            self.push_inflight(pkts, pkts, Some(last), ring.n);
+            self.tx.next = next;
+            self.tx.real_tail = tail;
+            self.counters.tx.packets += u64::from(pkts);
+            self.counters.tx.bytes += bytes;
+        }
+        if dropped && !self.tx.inflight.is_full() {
+            self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+            self.finish_unposted(1, ring.next(next));
+            return (u64::from(pkts) + 1, false, pkts != 0);
+        }
+        (u64::from(pkts), stop, pkts != 0)
+    }
+
+    /// Record `packets` accepted packets covering `count` guest descriptors whose last real
+    /// descriptor is `real_last`, merged into the previous entry when contiguous.
+    #[inline(always)]
+    fn push_inflight(&mut self, count: u32, packets: u32, real_last: Option<u32>, n: u32) -> bool {
+        let (first, epoch, arena_end) = (self.tx.next, self.tx.epoch, self.tx.arena_head);
+        if let (Some(b), Some(_)) = (self.tx.inflight.back_mut(), real_last) {
+            let mut end = b.guest_first + b.guest_count;
+            if end >= n {
+                end -= n;
+            }
+            if b.real_last.is_some()
+                && b.epoch == epoch
+                && end == first
+                && b.guest_count + count <= COALESCE_MAX
+            {
+                b.guest_count += count;
+                b.packets += packets;
+                b.real_last = real_last;
+                b.arena_end = arena_end;
+                return true;
+            }
+        }
+        self.tx.inflight.push_back(InFlight {
+            guest_first: first,
+            guest_count: count,
+            packets,
+            real_last,
+            arena_end,
+            epoch,
+        })
     }
 
     /// Consume new guest TX descriptors.
@@ -698,11 +932,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut moved = 0;
         let mut posted = false;
         while self.tx.next != tdt {
-            if self.tx.inflight.len() >= self.tx.inflight_cap {
+            if self.tx.inflight.is_full() {
                 self.counters.tx.backpressure += 1;
                 break;
             }
-            // Scan one packet: [context...] data... up to EOP.
+            // Fast path: runs of single-descriptor legacy packets.
+            let (m, stop, p) = self.tx_fast(ring, tdt);
+            moved += m;
+            posted |= p;
+            if stop {
+                self.counters.tx.backpressure += 1;
+                break;
+            }
+            if m != 0 {
+                continue;
+            }
+            // General path. Scan one packet: [context...] data... up to EOP.
             let mut idx = self.tx.next;
             let mut count = 0u32;
             let mut nfrags = 0usize;
@@ -797,6 +1042,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 self.counters.tx.backpressure += 1;
                 break;
             }
+            let arena_before = self.tx.arena_head;
             let verdict = match self.cfg.mode {
                 Mode::Copy => {
                     let Some(at) = self.arena_alloc(total) else {
@@ -847,28 +1093,15 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 }
             };
             if verdict == HookVerdict::Drop {
-                if self.cfg.mode == Mode::Copy {
-                    // Give the arena space back: nothing after it was allocated.
-                    self.tx.arena_head = self
-                        .tx
-                        .inflight
-                        .back()
-                        .map_or(self.tx.arena_tail, |f| f.arena_end)
-                        .max(self.tx.arena_tail);
-                }
+                // Give the arena space back: nothing after it was allocated.
+                self.tx.arena_head = arena_before;
                 self.counters.tx.drops[DropReason::Verdict as usize] += 1;
                 self.finish_unposted(count, idx);
                 moved += 1;
                 continue;
             }
             let last = self.post(ctx, first, nfrags, total);
-            self.tx.inflight.push_back(InFlight {
-                guest_first: self.tx.next,
-                guest_count: count,
-                real_last: Some(last),
-                arena_end: self.tx.arena_head,
-                epoch: self.tx.epoch,
-            });
+            self.push_inflight(count, 1, Some(last), ring.n);
             self.tx.next = idx;
             self.counters.tx.packets += 1;
             self.counters.tx.bytes += u64::from(total);
@@ -886,9 +1119,11 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// A dropped packet: complete it in order with everything before it.
     fn finish_unposted(&mut self, count: u32, idx: u32) {
+        // Room was checked at the top of the consume loop.
         self.tx.inflight.push_back(InFlight {
             guest_first: self.tx.next,
             guest_count: count,
+            packets: 1,
             real_last: None,
             arena_end: self.tx.arena_head,
             epoch: self.tx.epoch,
@@ -898,16 +1133,14 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// Reserve `len` contiguous arena bytes; returns their physical address.
     fn arena_alloc(&mut self, len: u32) -> Option<u64> {
-        let size = u64::from(self.cfg.tx_arena);
-        let len = u64::from(len);
-        let used = self.tx.arena_head - self.tx.arena_tail;
-        let pos = self.tx.arena_head % size;
-        let pad = if pos + len > size { size - pos } else { 0 };
-        if used + pad + len > size {
-            return None;
-        }
-        self.tx.arena_head += pad + len;
-        Some(self.layout.arena + (pos + pad) % size)
+        let tail = self.tx.arena_tail;
+        arena_alloc(
+            &mut self.tx.arena_head,
+            tail,
+            self.cfg.tx_arena,
+            self.layout.arena,
+            len,
+        )
     }
 
     /// Write the real descriptors for an accepted packet; returns the last one's index.
@@ -986,6 +1219,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// Move received frames from the real ring into the guest's.
     fn rx_receive(&mut self) -> u64 {
         let n = self.cfg.rx_ring;
+        // Nothing received: one byte read (the common case when only TX is busy).
+        if self.rx_win.desc_u8(self.rx.real_next, 12) & rxsta::DD == 0 {
+            return 0;
+        }
         let mut moved = 0;
         let mut recycled = false;
         let mut delivered = false;
@@ -1177,6 +1414,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             None => Deliver::Done,
         }
     }
+}
+
+/// Reserve `len` contiguous bytes of the copy arena (a byte FIFO freed in completion order):
+/// `head`/`tail` are free-running byte counts, `size` the arena size at physical `base`.
+#[inline(always)]
+fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Option<u64> {
+    let size = u64::from(size);
+    let len = u64::from(len);
+    let used = *head - tail;
+    let pos = *head % size;
+    let pad = if pos + len > size { size - pos } else { 0 };
+    if used + pad + len > size {
+        return None;
+    }
+    *head += pad + len;
+    Some(base + (pos + pad) % size)
 }
 
 enum Deliver {

@@ -78,9 +78,164 @@ pub trait DmaMemory {
     /// range under the ring protocol for as long as the borrow lives; guest memory borrowed this
     /// way can still be changed by a misbehaving guest (the zero-copy mode's documented TOCTOU).
     fn borrow(&self, pa: HostPhysAddr, len: usize) -> Result<&[u8], MemError>;
+    /// A window for repeated volatile access to `len` bytes at `pa` (descriptor rings).
+    fn window(&self, pa: HostPhysAddr, len: usize) -> Result<DmaWindow<'_>, MemError>;
+}
+
+/// A bounds-checked view of `len` bytes of DMA memory, for the engine's hot ring accesses
+/// (descriptor rings are read and written many times per poll; going through [`DmaMemory`]
+/// each time costs a range check and a `Result` per access). Accesses are volatile: the other
+/// side (guest or NIC) changes this memory behind the compiler's back.
+#[derive(Clone, Copy)]
+pub struct DmaWindow<'a> {
+    ptr: *mut u8,
+    len: usize,
+    /// `len - 7` (saturating): an 8-byte access at `off` is in bounds iff `off < end8`.
+    end8: usize,
+    /// Whole 16-byte descriptors in the window when it starts 16-byte aligned, else 0.
+    ndesc: usize,
+    _life: core::marker::PhantomData<&'a u8>,
+}
+
+impl DmaWindow<'_> {
+    /// A window onto `[ptr, ptr + len)`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for the window's lifetime
+    /// (memory that the implementor of [`DmaMemory`] backs).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        Self {
+            ptr,
+            len,
+            end8: len.saturating_sub(7),
+            ndesc: if (ptr as usize).is_multiple_of(16) {
+                len / 16
+            } else {
+                0
+            },
+            _life: core::marker::PhantomData,
+        }
+    }
+
+    /// Window length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Read a little-endian u64 at `off` (0 when out of bounds, which the engine's ring
+    /// arithmetic never produces).
+    #[inline(always)]
+    pub fn read_u64(&self, off: usize) -> u64 {
+        if off < self.end8 {
+            // SAFETY: `off + 8 <= len` (checked), so `p` is in the window.
+            let p = unsafe { self.ptr.add(off) };
+            if p as usize & 7 == 0 {
+                // SAFETY: in bounds, 8-byte aligned (checked), valid memory per `new`.
+                u64::from_le(unsafe { core::ptr::read_volatile(p as *const u64) })
+            } else {
+                // SAFETY: in bounds; `[u8; 8]` has no alignment requirement.
+                u64::from_le_bytes(unsafe { core::ptr::read_volatile(p as *const [u8; 8]) })
+            }
+        } else {
+            0
+        }
+    }
+
+    /// Write a little-endian u64 at `off` (ignored when out of bounds).
+    #[inline(always)]
+    pub fn write_u64(&self, off: usize, v: u64) {
+        if off < self.end8 {
+            // SAFETY: `off + 8 <= len` (checked), so `p` is in the window.
+            let p = unsafe { self.ptr.add(off) };
+            if p as usize & 7 == 0 {
+                // SAFETY: in bounds, 8-byte aligned (checked), valid memory per `new`.
+                unsafe { core::ptr::write_volatile(p as *mut u64, v.to_le()) };
+            } else {
+                // SAFETY: in bounds; `[u8; 8]` has no alignment requirement.
+                unsafe { core::ptr::write_volatile(p as *mut [u8; 8], v.to_le_bytes()) };
+            }
+        }
+    }
+
+    /// Descriptor `i`'s low (`half` 0) or high (`half` 1) quadword; 0 when `i` is outside
+    /// the window. One comparison: descriptors are aligned by construction.
+    #[inline(always)]
+    pub fn desc_u64(&self, i: u32, half: usize) -> u64 {
+        if (i as usize) < self.ndesc {
+            // SAFETY: descriptor `i` lies inside the window (`i < len / 16`), the window starts
+            // 16-byte aligned (checked in `new`), so the quadword is aligned and in bounds.
+            u64::from_le(unsafe {
+                core::ptr::read_volatile((self.ptr as *const u64).add(i as usize * 2 + (half & 1)))
+            })
+        } else {
+            0
+        }
+    }
+
+    /// Write descriptor `i`'s low or high quadword (ignored when outside the window).
+    #[inline(always)]
+    pub fn set_desc_u64(&self, i: u32, half: usize, v: u64) {
+        if (i as usize) < self.ndesc {
+            // SAFETY: as in `desc_u64`.
+            unsafe {
+                core::ptr::write_volatile(
+                    (self.ptr as *mut u64).add(i as usize * 2 + (half & 1)),
+                    v.to_le(),
+                )
+            };
+        }
+    }
+
+    /// Byte `b` (0..16) of descriptor `i`; 0 when outside the window.
+    #[inline(always)]
+    pub fn desc_u8(&self, i: u32, b: usize) -> u8 {
+        if (i as usize) < self.ndesc {
+            // SAFETY: descriptor `i` is inside the window and `b & 15` stays inside it.
+            unsafe { core::ptr::read_volatile(self.ptr.add(i as usize * 16 + (b & 15))) }
+        } else {
+            0
+        }
+    }
+
+    /// Write byte `b` (0..16) of descriptor `i` (ignored when outside the window).
+    #[inline(always)]
+    pub fn set_desc_u8(&self, i: u32, b: usize, v: u8) {
+        if (i as usize) < self.ndesc {
+            // SAFETY: as in `desc_u8`.
+            unsafe { core::ptr::write_volatile(self.ptr.add(i as usize * 16 + (b & 15)), v) };
+        }
+    }
+
+    /// Read the byte at `off` (0 when out of bounds).
+    #[inline(always)]
+    pub fn read_u8(&self, off: usize) -> u8 {
+        if off < self.len {
+            // SAFETY: in bounds (checked); valid memory per `new`'s contract.
+            unsafe { core::ptr::read_volatile(self.ptr.add(off)) }
+        } else {
+            0
+        }
+    }
+
+    /// Write the byte at `off` (ignored when out of bounds).
+    #[inline(always)]
+    pub fn write_u8(&self, off: usize, v: u8) {
+        if off < self.len {
+            // SAFETY: in bounds (checked); valid memory per `new`'s contract.
+            unsafe { core::ptr::write_volatile(self.ptr.add(off), v) };
+        }
+    }
 }
 
 impl<T: DmaMemory + ?Sized> DmaMemory for &T {
+    fn window(&self, pa: HostPhysAddr, len: usize) -> Result<DmaWindow<'_>, MemError> {
+        (**self).window(pa, len)
+    }
     fn read(&self, pa: HostPhysAddr, buf: &mut [u8]) -> Result<(), MemError> {
         (**self).read(pa, buf)
     }
@@ -178,13 +333,13 @@ impl MemoryPolicy {
     #[inline]
     pub fn check(&self, gpa: GuestPhysAddr, len: u64) -> Result<HostPhysAddr, MemError> {
         let start = gpa.as_u64();
-        if let Some(end) = start.checked_add(len) {
-            if len != 0 {
-                for r in &self.allowed[..self.n_allowed] {
-                    if r.start <= start && end <= r.end {
-                        // Identity EPT: guest-physical equals host-physical for guest RAM.
-                        return Ok(HostPhysAddr(start));
-                    }
+        let end = start.wrapping_add(len);
+        // One comparison refuses both a zero length and a wrap-around.
+        if end > start {
+            for r in &self.allowed[..self.n_allowed] {
+                if r.start <= start && end <= r.end {
+                    // Identity EPT: guest-physical equals host-physical for guest RAM.
+                    return Ok(HostPhysAddr(start));
                 }
             }
         }
@@ -254,9 +409,9 @@ impl FakeDma {
 
     #[inline]
     fn offset(&self, pa: HostPhysAddr, len: usize) -> Result<usize, MemError> {
+        // Below `base` wraps to a huge offset and fails the first comparison.
         let off = pa.as_u64().wrapping_sub(self.base);
-        if pa.as_u64() >= self.base && off <= self.len as u64 && len as u64 <= self.len as u64 - off
-        {
+        if off <= self.len as u64 && len as u64 <= self.len as u64 - off {
             Ok(off as usize)
         } else {
             Err(MemError::DmaOutOfBounds {
@@ -293,6 +448,12 @@ impl DmaMemory for FakeDma {
         // between two ranges), so use `copy` which tolerates overlap.
         unsafe { core::ptr::copy(data.as_ptr(), self.ptr.add(off), data.len()) };
         Ok(())
+    }
+
+    fn window(&self, pa: HostPhysAddr, len: usize) -> Result<DmaWindow<'_>, MemError> {
+        let off = self.offset(pa, len)?;
+        // SAFETY: `[off, off + len)` is inside the allocation, which lives as long as `self`.
+        Ok(unsafe { DmaWindow::new(self.ptr.add(off), len) })
     }
 
     #[inline]

@@ -425,7 +425,8 @@ mod tests {
         p.push(7).unwrap();
         assert_eq!(c.pop(), Some(6));
         assert_eq!(c.pop(), Some(7));
-        drop((c, p));
+        // End both borrows of `st` before corrupting its header.
+        let _ = (c, p);
         st.header.tail.0.store(100, Ordering::Relaxed);
         // SAFETY: as above.
         let bad = unsafe { SpscRing::attach_consumer(&st.header, &st.slots) };
@@ -437,7 +438,7 @@ mod tests {
 
     #[test]
     fn indices_wrap_past_u32_max() {
-        let mut st = SpscStorage::<u32, 4>::new();
+        let st = SpscStorage::<u32, 4>::new();
         st.header.head.0.store(u32::MAX - 1, Ordering::Relaxed);
         st.header.tail.0.store(u32::MAX - 1, Ordering::Relaxed);
         // SAFETY: sole producer and consumer.

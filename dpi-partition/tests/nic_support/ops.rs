@@ -64,7 +64,7 @@ impl Bytes<'_> {
     }
     fn addr(&mut self, good: u64) -> Option<u64> {
         Some(match self.u8()? % 8 {
-            0 | 1 | 2 => good,
+            0..=2 => good,
             3 => RAM_END - u64::from(self.u8()?),
             4 => DPI_REGION.start + u64::from(self.u16()?),
             5 => MEM_END + u64::from(self.u32()?),
