@@ -1162,6 +1162,167 @@ fn forms_in_32_bit_mode() {
     }
 }
 
+/// One form in 32- or 16-bit code, operand `[ebx]`/`[bx]` or a moffs, register AL/AX/EAX.
+struct Form {
+    code: &'static [u8],
+    /// Append the operand address as a moffs (4 bytes in 32-bit code, 2 in 16-bit code).
+    moffs: bool,
+    width: AccessWidth,
+    /// `Some(value the device must see)` for stores, `None` for loads.
+    stored: Option<u64>,
+    /// RAX afterwards (loads).
+    rax_after: u64,
+}
+
+const RAX0: u64 = 0x1111_2222_3333_4444;
+const DEVICE: u64 = 0xf1f2_8384;
+
+const fn store(code: &'static [u8], moffs: bool, width: AccessWidth, v: u64) -> Form {
+    Form {
+        code,
+        moffs,
+        width,
+        stored: Some(v),
+        rax_after: RAX0,
+    }
+}
+
+const fn load(code: &'static [u8], moffs: bool, width: AccessWidth, rax_after: u64) -> Form {
+    Form {
+        code,
+        moffs,
+        width,
+        stored: None,
+        rax_after,
+    }
+}
+
+/// A guest built for some code bytes.
+type Guest = (GuestCpuState, Box<Mem>);
+
+/// Runs every form in `forms` against a guest whose operand address is `la` and whose
+/// faulting address is `gpa`; `setup` builds the guest for the code bytes.
+fn run_forms(
+    forms: &[Form],
+    moffs_bytes: usize,
+    la: u64,
+    gpa: u64,
+    setup: &dyn Fn(&[u8]) -> Guest,
+) {
+    for f in forms {
+        let mut code = std::vec::Vec::from(f.code);
+        if f.moffs {
+            code.extend_from_slice(&la.to_le_bytes()[..moffs_bytes]);
+        }
+        let (mut cpu, mem) = setup(&code);
+        cpu.regs.rax = RAX0;
+        cpu.regs.rbx = la;
+        cpu.regs.rdi = la;
+        let access = if f.stored.is_some() {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        };
+        let noisy = DEVICE | 0xdead_0000_0000_0000;
+        let (r, dev) = emulate(&mut cpu, &mem, gpa, access, noisy);
+        let a = r.unwrap_or_else(|e| panic!("{:02x?}: {e}", f.code));
+        assert_eq!(a.width, f.width, "{:02x?}", f.code);
+        assert_eq!(a.instruction.len, code.len(), "{:02x?}", f.code);
+        match f.stored {
+            Some(v) => assert_eq!(dev.log.as_slice(), &[write_record(gpa, f.width, v)]),
+            None => {
+                assert_eq!(dev.log.as_slice(), &[read_record(gpa, f.width)]);
+                assert_eq!(a.value, DEVICE & f.width.mask());
+            }
+        }
+        assert_eq!(cpu.regs.rax, f.rax_after, "{:02x?}", f.code);
+    }
+}
+
+#[test]
+fn every_form_in_32_bit_code() {
+    use AccessWidth::{Byte, Dword, Word};
+    let forms = [
+        store(&[0x88, 0x03], false, Byte, 0x44), // mov [ebx], al
+        store(&[0x66, 0x89, 0x03], false, Word, 0x4444), // mov [ebx], ax
+        store(&[0x89, 0x03], false, Dword, 0x3333_4444), // mov [ebx], eax
+        store(&[0xc6, 0x03, 0x5a], false, Byte, 0x5a), // mov byte [ebx], 0x5a
+        store(&[0x66, 0xc7, 0x03, 0x34, 0x12], false, Word, 0x1234), // mov word [ebx], 0x1234
+        store(
+            &[0xc7, 0x03, 0x78, 0x56, 0x34, 0x12],
+            false,
+            Dword,
+            0x1234_5678,
+        ),
+        store(&[0xa2], true, Byte, 0x44), // mov [moffs32], al
+        store(&[0x66, 0xa3], true, Word, 0x4444), // mov [moffs32], ax
+        store(&[0xa3], true, Dword, 0x3333_4444), // mov [moffs32], eax
+        load(&[0x8a, 0x03], false, Byte, 0x1111_2222_3333_4484), // mov al, [ebx]
+        load(&[0x66, 0x8b, 0x03], false, Word, 0x1111_2222_3333_8384), // mov ax, [ebx]
+        load(&[0x8b, 0x03], false, Dword, 0xf1f2_8384), // mov eax, [ebx]
+        load(&[0x0f, 0xb6, 0x03], false, Byte, 0x84), // movzx eax, byte [ebx]
+        load(&[0x0f, 0xb7, 0x03], false, Word, 0x8384), // movzx eax, word [ebx]
+        load(
+            &[0x66, 0x0f, 0xb6, 0x03],
+            false,
+            Byte,
+            0x1111_2222_3333_0084,
+        ), // movzx ax, byte
+        load(&[0x0f, 0xbe, 0x03], false, Byte, 0xffff_ff84), // movsx eax, byte [ebx]
+        load(&[0x0f, 0xbf, 0x03], false, Word, 0xffff_8384), // movsx eax, word [ebx]
+        load(
+            &[0x66, 0x0f, 0xbe, 0x03],
+            false,
+            Byte,
+            0x1111_2222_3333_ff84,
+        ), // movsx ax, byte
+        load(&[0xa0], true, Byte, 0x1111_2222_3333_4484), // mov al, [moffs32]
+        load(&[0x66, 0xa1], true, Word, 0x1111_2222_3333_8384), // mov ax, [moffs32]
+        load(&[0xa1], true, Dword, 0xf1f2_8384), // mov eax, [moffs32]
+    ];
+    for pae in [true, false] {
+        run_forms(&forms, 4, MMIO32 + 0x40, MMIO_GPA + 0x40, &|code| {
+            guest32(code, pae)
+        });
+    }
+}
+
+#[test]
+fn every_form_in_16_bit_code() {
+    use AccessWidth::{Byte, Dword, Word};
+    let forms = [
+        store(&[0x88, 0x07], false, Byte, 0x44),   // mov [bx], al
+        store(&[0x89, 0x07], false, Word, 0x4444), // mov [bx], ax
+        store(&[0x66, 0x89, 0x07], false, Dword, 0x3333_4444), // mov [bx], eax
+        store(&[0xc6, 0x07, 0x5a], false, Byte, 0x5a), // mov byte [bx], 0x5a
+        store(&[0xc7, 0x07, 0x34, 0x12], false, Word, 0x1234), // mov word [bx], 0x1234
+        store(
+            &[0x66, 0xc7, 0x07, 0x78, 0x56, 0x34, 0x12],
+            false,
+            Dword,
+            0x1234_5678,
+        ),
+        store(&[0xa2], true, Byte, 0x44),   // mov [moffs16], al
+        store(&[0xa3], true, Word, 0x4444), // mov [moffs16], ax
+        store(&[0x66, 0xa3], true, Dword, 0x3333_4444), // mov [moffs16], eax
+        load(&[0x8a, 0x07], false, Byte, 0x1111_2222_3333_4484), // mov al, [bx]
+        load(&[0x8b, 0x07], false, Word, 0x1111_2222_3333_8384), // mov ax, [bx]
+        load(&[0x66, 0x8b, 0x07], false, Dword, 0xf1f2_8384), // mov eax, [bx]
+        load(&[0x0f, 0xb6, 0x07], false, Byte, 0x1111_2222_3333_0084), // movzx ax, byte [bx]
+        load(&[0x66, 0x0f, 0xb6, 0x07], false, Byte, 0x84), // movzx eax, byte [bx]
+        load(&[0x66, 0x0f, 0xb7, 0x07], false, Word, 0x8384), // movzx eax, word [bx]
+        load(&[0x0f, 0xbe, 0x07], false, Byte, 0x1111_2222_3333_ff84), // movsx ax, byte [bx]
+        load(&[0x66, 0x0f, 0xbf, 0x07], false, Word, 0xffff_8384), // movsx eax, word [bx]
+        load(&[0xa0], true, Byte, 0x1111_2222_3333_4484), // mov al, [moffs16]
+        load(&[0xa1], true, Word, 0x1111_2222_3333_8384), // mov ax, [moffs16]
+        load(&[0x66, 0xa1], true, Dword, 0xf1f2_8384), // mov eax, [moffs16]
+    ];
+    // DS base is MMIO_GPA in these guests, so offset 0x40 is MMIO_GPA + 0x40.
+    run_forms(&forms, 2, 0x40, MMIO_GPA + 0x40, &|code| {
+        guest16(code, 0x100)
+    });
+}
+
 #[test]
 fn eip_wraps_at_32_bits() {
     // Code at linear 0xffff_fffe (paging off, CS base 0): mov [ebx], al is 2 bytes.
