@@ -307,12 +307,25 @@ pub struct GuestImage {
 }
 
 /// Builds the disk image into `cache_root/guest-<hash>/` unless it is already there.
+/// Concurrent callers (parallel tests, several runners) serialize on a lock file: one builds,
+/// the others then find it cached. Images of other inputs older than an hour are removed
+/// (64 MiB each).
 pub fn build_guest_image(
     src: &GuestSources,
     cache_root: &Path,
     cmdline: &str,
 ) -> Result<GuestImage, GuestError> {
     let hash = input_hash(src, cmdline)?;
+    fs::create_dir_all(cache_root).map_err(io_err(cache_root))?;
+    let lock_path = cache_root.join(".guest-cache.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+
     let dir = cache_root.join(format!("guest-{hash}"));
     let disk = dir.join("disk.img");
     let initramfs = dir.join("initrd.gz");
@@ -335,12 +348,34 @@ pub fn build_guest_image(
     }
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    remove_stale_images(cache_root, &hash);
     Ok(GuestImage {
         disk,
         initramfs,
         hash,
         built: true,
     })
+}
+
+/// Removes cached images of other inputs not touched for an hour (a run still copying one
+/// would have touched it moments ago). Called with the cache lock held.
+fn remove_stale_images(cache_root: &Path, keep_hash: &str) {
+    let keep = format!("guest-{keep_hash}");
+    let Ok(rd) = fs::read_dir(cache_root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() > 3600);
+        if name.starts_with("guest-") && name != keep && old {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn build_into(src: &GuestSources, dir: &Path, cmdline: &str) -> Result<(), GuestError> {
@@ -542,6 +577,19 @@ mod tests {
         for f in ["vmlinuz", "initrd.gz", "syslinux.cfg", "ldlinux.sys"] {
             assert!(listing.contains(f), "{f} missing from\n{listing}");
         }
+        // Parallel callers with the same inputs: one builds, the others find it cached.
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (src, cache) = (src.clone(), cache.clone());
+                std::thread::spawn(move || build_guest_image(&src, &cache, "other cmdline"))
+            })
+            .collect();
+        let built: Vec<GuestImage> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(built.iter().filter(|i| i.built).count(), 1);
+        assert!(built.iter().all(|i| i.disk == built[0].disk));
         // Same inputs: served from the cache. A changed input: a new image.
         let again = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
         assert!(!again.built);

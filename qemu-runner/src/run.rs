@@ -482,26 +482,10 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
             ),
         );
     }
-    if image.built {
-        remove_other_guest_images(&cache_root, &image.hash);
-    }
     // Each run boots its own copy: Bochs writes to and locks the disk.
     fs::copy(&image.disk, &files.disk).map_err(io(&image.disk))?;
     iso::build_iso(&target, &dir.join("iso"), &files.iso)?;
     Ok((files, lock))
-}
-
-/// Old cached guest images (other hashes) are removed: each is 64 MiB.
-fn remove_other_guest_images(cache_root: &Path, keep_hash: &str) {
-    let keep = format!("guest-{keep_hash}");
-    if let Ok(rd) = fs::read_dir(cache_root) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("guest-") && n != keep && !n.contains(".tmp-") {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-    }
 }
 
 /// Builds everything, boots, watches, stops and judges.
