@@ -60,6 +60,13 @@ fn community_ruleset_coverage() {
             .count()
     );
     assert!(!parsed.rules.is_empty());
+    let no_fp: Vec<&ally_dpi::engine::Rule> =
+        parsed.rules.iter().filter(|r| r.fast_pattern().is_none()).collect();
+    println!(
+        "rules without a fast pattern (candidates for every packet of their group): {} (sids {:?}...)",
+        no_fp.len(),
+        no_fp.iter().take(12).map(|r| r.sid).collect::<Vec<_>>()
+    );
     // Everything that loads survives the blob round trip and builds an engine.
     let b = blob::encode(&parsed.rules);
     let back = blob::decode(&b).expect("blob of loaded rules decodes");

@@ -267,7 +267,7 @@ pub struct Prefilter {
     shift: u32,
     long: Buckets,
     /// Bitmap over folded 2-byte prefixes of 2-3-byte literals (empty if none).
-    bits2: Box<Bits64K>,
+    bits2: Option<Box<Bits64K>>,
     short2: Buckets,
     /// 1-byte literals: (needle bytes, literal ids), found with memchr (SIMD) so that frequent
     /// bytes do not load the bigram filter.
@@ -301,7 +301,7 @@ impl Prefilter {
         let shift = 32 - bits.trailing_zeros();
         let mut bloom = alloc::vec![0u64; bits / 64];
         let (mut long, mut s2) = (Vec::new(), Vec::new());
-        let mut bits2: Box<Bits64K> = Box::new([0; 1024]);
+        let mut bits2: Option<Box<Bits64K>> = None;
         let mut singles: Vec<(u8, Vec<u32>)> = Vec::new();
         for (i, l) in lits.iter().enumerate() {
             let id = i as u32;
@@ -323,7 +323,10 @@ impl Prefilter {
                 }
                 2 | 3 => {
                     let k = key(&l.bytes, 2);
-                    set_bit(&mut bits2[..], k as usize);
+                    set_bit(
+                        &mut bits2.get_or_insert_with(|| Box::new([0; 1024]))[..],
+                        k as usize,
+                    );
                     s2.push((k, id));
                 }
                 _ => {
@@ -376,7 +379,7 @@ impl Prefilter {
 
     /// Heap bytes of the tables and literal copies.
     pub fn memory_usage(&self) -> usize {
-        (self.bloom.len() + 2 * 1024) * 8
+        (self.bloom.len() + 1024 + if self.bits2.is_some() { 1024 } else { 0 }) * 8
             + self.long.memory_usage()
             + self.short2.memory_usage()
             + self
@@ -430,7 +433,7 @@ impl Prefilter {
         hit: &mut impl FnMut(usize),
     ) {
         let k2 = w & 0xffff;
-        if bit64k(&self.bits2, k2 as u16) {
+        if self.bits2.as_ref().is_some_and(|b| bit64k(b, k2 as u16)) {
             self.verify(self.short2.get(k2), hay, at, marks, hit);
         }
     }
