@@ -1,4 +1,4 @@
-//! The engine as the queue engine's [`PacketHook`](crate::nic::PacketHook).
+//! The engine as the queue engine's [`crate::nic::PacketHook`].
 //!
 //! ```ignore
 //! let hook = EngineHook { engine, sink: MgmtWriter::new(com2), clock: || Timestamp(now_us()) };

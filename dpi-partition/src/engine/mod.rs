@@ -5,7 +5,7 @@
 //! ```ignore
 //! use ally_dpi::engine::{Engine, EngineConfig, Inspector, Direction, Timestamp, Verdict, MgmtWriter};
 //! let mut engine = Engine::from_blob(module_bytes, EngineConfig::default())?; // or Engine::pass_all()
-//! log!("rules loaded: {}", engine.rule_count());
+//! log!("{}", engine.summary()); // "rules: 1471 loaded (0 drop, 1471 alert, 0 pass) in ..." or pass-all
 //! let mut sink = MgmtWriter::new(com2);                 // any core::fmt::Write
 //! match engine.inspect(frame, Direction::ToWire, Timestamp(now_us), &mut sink) {
 //!     Verdict::Drop => { /* do not forward; count dropped-by-rule */ }
@@ -14,17 +14,23 @@
 //! ```
 //!
 //! - [`Inspector::inspect`] takes one Ethernet frame, its [`Direction`] (`ToWire` = guest TX,
-//!   `FromWire` = guest RX) and the time, and returns a [`Verdict`]. Alerts and dropped-frame
-//!   excerpts go to the [`AlertSink`] passed in ([`MgmtWriter`] writes the COM2 line format of
-//!   [`eve`]). `inspect` never panics on any frame and allocates only while its scratch buffers
-//!   grow to the largest frame seen.
+//!   `FromWire` = guest RX) and the time ([`Timestamp`]: microseconds since the Unix epoch), and
+//!   returns a [`Verdict`]. Alerts and dropped-frame excerpts go to the [`AlertSink`] passed in
+//!   ([`MgmtWriter`] writes the COM2 line format of [`eve`]). `inspect` never panics on any
+//!   frame; it allocates only while its scratch buffers grow to the largest frame seen (and for
+//!   at most 64 hosts per `detection_filter` rule). Counters: [`Engine::stats`] (frames =
+//!   not IP + passed + alerted + dropped) and [`Engine::flow_stats`].
 //! - [`EngineHook`] wraps an engine, its sink and a clock as the queue engine's
 //!   [`PacketHook`](crate::nic::PacketHook) (`drop` → `HookVerdict::Drop`, else pass).
 //! - [`Engine::from_blob`] verifies a compiled blob ([`blob`]) and refuses a bad one with a
-//!   [`BlobError`] naming the problem; [`Engine::pass_all`] is the no-rules engine.
+//!   [`BlobError`] naming the problem; [`Engine::pass_all`] is the no-rules engine, and
+//!   [`Engine::summary`] gives the boot-log line for either.
 //!
 //! # Semantics
 //!
+//! - The rule language (what loads, what is refused and why) is described in [`rules`]; the
+//!   payload semantics (offset/depth/distance/within, negation, backtracking, pcre, byte_test,
+//!   byte_jump, isdataat) in [`matcher`]; `flow` and flowbits state in [`flow`].
 //! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
 //!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
@@ -33,10 +39,12 @@
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
 //!   group of its destination port and/or of its source port, or else the generic group;
-//!   identical groups share one prefilter. Each group has a prefilter ([`prefilter`]) over every rule's fast pattern
-//!   ([`Rule::fast_pattern`]); rules with no positive content are candidates for every packet of
-//!   their group. Candidates are then checked in full: header, `dsize`, `flow` ([`flow`]), and
-//!   the payload program ([`matcher`]).
+//!   identical groups share one prefilter. Each group has a prefilter ([`prefilter`]: exact,
+//!   cross-checked against aho-corasick and Hyperscan) over every rule's fast pattern
+//!   ([`Rule::fast_pattern`]: the `fast_pattern` content, else the longest positive content);
+//!   rules with no positive content are candidates for every packet of their group.
+//!   Candidates are then checked in full: header, `dsize`, `flow`, ICMP fields, TCP `flags`,
+//!   flowbits, the payload program, and `detection_filter`.
 //! - Verdict order is Suricata's default action order, **pass > drop > alert**: a matching
 //!   `pass` rule ends evaluation, the frame is forwarded and nothing is logged (pass rules are
 //!   evaluated first); otherwise any matching `drop` rule drops the frame (in either direction)
