@@ -1,31 +1,42 @@
 //! Rule language: the Snort 3 / Suricata subset for packet-payload rules, parsed into [`Rule`].
 //!
-//! Supported header: actions `alert|drop|pass`; protocols `ip|tcp|udp|icmp`; addresses (IPv4,
-//! IPv6, CIDR, `[lists]`, `!`, `any`, `$VARS`); ports (`n`, `a:b`, `:b`, `a:`, lists, `!`, `any`,
-//! `$VARS`); `->` and `<>`.
+//! Header: actions `alert|drop|pass`; protocols `ip|tcp|udp|icmp` (`icmp` = ICMPv4 and ICMPv6,
+//! as Suricata); addresses (IPv4, IPv6, CIDR, `[lists]`, `!`, `any`, `$VARS`); ports (`n`,
+//! `a:b`, `:b`, `a:`, lists, `!`, `any`, `$VARS`); `->` and `<>`. Variables come from a
+//! [`Vars`] table and are expanded at parse time.
 //!
-//! Supported options: `msg sid rev gid classtype priority metadata reference service` (kept;
-//! `service` is not used for matching, rules match on their header ports only — Snort 3 would
-//! also apply them to flows its service wizard identifies on other ports); `content` with `|hex|`,
-//! escapes, `!`, and `nocase offset depth distance within fast_pattern` (+ Snort 3
-//! `fast_pattern_offset/length`, Snort 2 `fast_pattern:only` and `fast_pattern:o,l`) in both the
-//! Snort 2 (separate options) and Snort 3 (`content:"x",depth 16,nocase`) styles; `pcre`; `dsize`;
-//! `flow` (also `no_stream`/`no_frag`, always true here); plus `isdataat`, `byte_test`, `byte_jump` (not with `dce` or byte_extract variables),
-//! `itype`, `icode`, `icmp_id`, `icmp_seq`, `flowbits` (`set unset toggle isset isnotset noalert`
-//! with `&`/`|`; an `isset` of a bit no loaded rule sets refuses the rule), `flags`,
-//! `detection_filter`, and the buffer selectors `pkt_data`/`raw_data` (the
-//! packet payload is the only buffer; they reset the cursor). Everything else makes the rule not load
-//! ([`RuleError::Unsupported`] names every such option).
+//! Options that load:
+//! - kept: `msg sid rev gid classtype priority metadata reference service`. `service` is not
+//!   used for matching: rules match on their header ports only (Snort 3 also applies them to
+//!   flows its service wizard identifies on other ports; this engine identifies no services).
+//! - `content` with `|hex|`, escapes `\" \\ \; \: \|`, `!`, and `nocase offset depth distance
+//!   within fast_pattern` (+ `fast_pattern_offset/length`, `fast_pattern:only`,
+//!   `fast_pattern:o,l`), in both the Snort 2 (separate options) and Snort 3
+//!   (`content:"x",depth 16,nocase`) styles. offset/depth mixed with distance/within on one
+//!   content, depth or within shorter than the pattern, and negative offsets are refused.
+//! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
+//!   byte_extract variables), `pkt_data`/`raw_data` (the payload is the only buffer; they
+//!   reset the cursor).
+//! - `flow` (`to_server to_client from_server from_client established not_established
+//!   stateless`, and `no_stream`/`no_frag`, which always hold here since nothing is
+//!   reassembled); `flowbits` (`set unset toggle isset isnotset noalert`, `&`/`|`; an `isset`
+//!   of a bit that no loaded rule sets refuses the rule); `flags`; `itype icode icmp_id
+//!   icmp_seq`; `detection_filter`.
+//!
+//! Everything else makes the rule not load ([`RuleError::Unsupported`] names every such option;
+//! [`ParsedRules::summary`] counts them).
 //!
 //! pcre: `/re/flags` with flags `i s m x` (PCRE meanings), `R` (relative to the cursor), `A`
-//! (anchored), `G` (ungreedy), `E` (`$` only at the very end), and `B`/`O` (raw bytes / match-limit
-//! override: no effect here, the payload is raw and regex-automata has no backtracking limit).
-//! Compiled by regex-automata over bytes (no Unicode). Snort's idiom `(?!\n)\s` is rewritten to
-//! the equivalent class `[^\S\n]`. Refused (rule not loaded, reason given):
-//! backreferences, lookaround, atomic groups, possessive quantifiers, `\Z`, other PCRE-only
-//! syntax (anything regex-automata's parser rejects), and without `m`/`E` a `$` anywhere but at
-//! the end of the pattern (PCRE's `$` there also matches before a final newline, which is handled
-//! exactly only at the end).
+//! (anchored), `G` (ungreedy), `E` (`$` only at the very end), and `B`/`O` (raw bytes /
+//! match-limit override: no effect here, the payload is raw and regex-automata has no
+//! backtracking limit). Compiled by regex-automata over bytes (no Unicode, ASCII classes and
+//! case folding, as PCRE in the C locale). Snort's idiom `(?!\n)\s` is rewritten to the
+//! equivalent class `[^\S\n]`. Refused (rule not loaded, reason given): backreferences,
+//! lookaround, atomic groups, possessive quantifiers, `\Z`, other PCRE-only syntax (anything
+//! regex-automata's parser rejects), and without `m`/`E` a `$` anywhere but at the end of the
+//! pattern (PCRE's `$` also matches before a final newline, which is handled exactly only at
+//! the end). One known difference remains: with `m`, regex-automata's `^` also matches after a
+//! newline that ends the payload, where PCRE's does not.
 
 use alloc::borrow::ToOwned;
 use alloc::boxed::Box;
