@@ -60,8 +60,11 @@ fn community_ruleset_coverage() {
             .count()
     );
     assert!(!parsed.rules.is_empty());
-    let no_fp: Vec<&ally_dpi::engine::Rule> =
-        parsed.rules.iter().filter(|r| r.fast_pattern().is_none()).collect();
+    let no_fp: Vec<&ally_dpi::engine::Rule> = parsed
+        .rules
+        .iter()
+        .filter(|r| r.fast_pattern().is_none())
+        .collect();
     println!(
         "rules without a fast pattern (candidates for every packet of their group): {} (sids {:?}...)",
         no_fp.len(),
