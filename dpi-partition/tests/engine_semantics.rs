@@ -1115,3 +1115,57 @@ fn contents_match_the_reference_semantics() {
         "{positives}/{total}"
     );
 }
+
+/// Mutated rules never panic the parser, and whatever parses survives the canonical-text round
+/// trip (the blob format) and compiles.
+#[test]
+fn mutated_rules_parse_or_fail_cleanly() {
+    let seeds = [
+        r#"alert tcp $EXTERNAL_NET any -> $HOME_NET [80,8080:8090] (msg:"a \"q\" b"; flow:to_server,established; content:"GET |20|/x",depth 16,nocase; content:!"zz",distance -2,within 9; pcre:"/a[bc]+$/Ri"; sid:1; rev:2;)"#,
+        r#"drop udp [10.0.0.0/8,!10.1.0.0/16] !53 <> any :1024 (msg:"d"; dsize:2<>9; byte_test:2,!&,0x10,-1,relative,little; byte_jump:1,0,align,post_offset 2; isdataat:!3,relative; sid:2;)"#,
+        r#"alert icmp any any -> 2001:db8::/32 any (msg:"ü"; itype:>3; icode:0; icmp_id:7; flowbits:isset,a|b; flowbits:noalert; detection_filter:track by_src,count 3,seconds 5; sid:3;)"#,
+        r#"pass tcp any any -> any any (content:"ab"; fast_pattern:only; content:"cd"; offset:3; depth:4; flags:S+,12; sid:4;)"#,
+    ];
+    let alphabet: Vec<char> = " ,;:!\"|\\()[]<>-$/0123456789abcdefxyzAX_.*+^?\u{e9}\u{1f600}"
+        .chars()
+        .collect();
+    let mut x = 0x0123_4567_89ab_cdefu64;
+    let mut rnd = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut vars = Vars::new();
+    vars.parse_into("ipvar HOME_NET 10.0.0.0/8\nipvar EXTERNAL_NET !$HOME_NET\n")
+        .unwrap();
+    for s in seeds {
+        parse_rule(s, &vars).unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    let (mut ok, mut total) = (0, 0);
+    for round in 0..20_000 {
+        let mut chars: Vec<char> = seeds[round % seeds.len()].chars().collect();
+        for _ in 0..1 + rnd(3) {
+            let at = rnd(chars.len() + 1);
+            match rnd(3) {
+                0 if at < chars.len() => {
+                    chars.remove(at);
+                }
+                1 if at < chars.len() => chars[at] = alphabet[rnd(alphabet.len())],
+                _ => chars.insert(at, alphabet[rnd(alphabet.len())]),
+            }
+        }
+        let text: String = chars.into_iter().collect();
+        total += 1;
+        let Ok(rule) = parse_rule(&text, &vars) else {
+            continue;
+        };
+        ok += 1;
+        let again = parse_rule(&rule.to_string(), &Vars::new())
+            .unwrap_or_else(|e| panic!("canonical text of `{text}` does not parse: {e}\n{rule}"));
+        assert_eq!(again, rule, "round trip of `{text}`");
+        ally_dpi::engine::matcher::Program::new(&rule).unwrap();
+    }
+    // Most mutants break the syntax; enough survive to exercise the round trip.
+    assert!(ok > total / 50, "{ok}/{total} mutants parsed");
+}
