@@ -1169,3 +1169,68 @@ fn mutated_rules_parse_or_fail_cleanly() {
     // Most mutants break the syntax; enough survive to exercise the round trip.
     assert!(ok > total / 50, "{ok}/{total} mutants parsed");
 }
+
+/// CRC-32 (IEEE, reflected), as the blob uses, so tests can forge blobs with a valid checksum.
+fn crc32(data: &[u8]) -> u32 {
+    let mut h = 0xffff_ffffu32;
+    for &byte in data {
+        h ^= u32::from(byte);
+        for _ in 0..8 {
+            h = if h & 1 != 0 {
+                (h >> 1) ^ 0xedb8_8320
+            } else {
+                h >> 1
+            };
+        }
+    }
+    !h
+}
+
+/// Corrupted blobs (with and without a fixed-up checksum) are refused with an error, never a
+/// panic, and never load something other than what was encoded.
+#[test]
+fn corrupted_blobs_never_panic() {
+    let p = parse_rules(
+        "alert tcp any any -> any 80 (msg:\"a\"; content:\"x|00|\"; pcre:\"/y+/i\"; sid:1;)\n\
+         drop udp any any -> any 53 (content:\"q\",nocase; dsize:>2; byte_test:1,>,3,0; sid:2;)\n",
+        &Vars::new(),
+    );
+    let good = blob::encode(&p.rules);
+    let mut x = 0xdead_beef_cafe_f00du64;
+    let mut rnd = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let (mut refused, mut accepted) = (0, 0);
+    for round in 0..5000 {
+        let mut b = good.clone();
+        for _ in 0..1 + rnd(3) {
+            let at = rnd(b.len());
+            b[at] = rnd(256) as u8;
+        }
+        if round % 3 == 0 {
+            b.truncate(rnd(b.len() + 1));
+        }
+        if round % 2 == 0 && b.len() >= 24 {
+            let plen = (b.len() - 24) as u32;
+            b[16..20].copy_from_slice(&plen.to_le_bytes());
+            let c = crc32(&b[24..]);
+            b[20..24].copy_from_slice(&c.to_le_bytes());
+        }
+        match blob::decode(&b) {
+            Ok(rules) => {
+                accepted += 1;
+                // Only a mutation that keeps every record parseable can load; it must then
+                // build an engine.
+                Engine::new(rules, EngineConfig::default()).unwrap();
+            }
+            Err(e) => {
+                refused += 1;
+                assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+    assert!(refused > 4000, "{refused} refused, {accepted} accepted");
+}
