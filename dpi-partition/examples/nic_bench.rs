@@ -381,7 +381,7 @@ fn main() {
         "case", "threaded pps", "lock-step pps", "Gbit/s"
     );
     for c in CASES {
-        let n = if c.len > 1000 { 300_000 } else { 1_000_000 };
+        let n = if c.len > 1000 { 200_000 } else { 500_000 };
         let pps = threaded(c, n);
         let t = Instant::now();
         let moved = deterministic(c, n);

@@ -197,7 +197,12 @@ impl ShadowRegs {
 
     /// DPI core: raise guest interrupt causes.
     pub fn raise<R: NicRegisters>(&self, cause: u32, real: &R) {
-        self.icr.fetch_or(cause, Ordering::SeqCst);
+        let before = self.icr.fetch_or(cause, Ordering::SeqCst);
+        // Already pending: the line was asserted when it was set (or the cause was masked, and
+        // an unmask asserts it), and a guest read racing with us returns it. No second ICS.
+        if before & cause == cause {
+            return;
+        }
         if self.ims.load(Ordering::SeqCst) & cause != 0 {
             self.assert_line(real);
         }
