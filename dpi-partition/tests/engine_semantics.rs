@@ -1234,3 +1234,42 @@ fn corrupted_blobs_never_panic() {
     }
     assert!(refused > 4000, "{refused} refused, {accepted} accepted");
 }
+
+/// A TSO super-frame has IP length 0 (the NIC fills it in per segment); a bogus length must not
+/// hide bytes either: both are inspected to the end of the frame.
+#[test]
+fn tso_and_bogus_ip_lengths_are_still_inspected() {
+    let mut e = engine("drop tcp any any -> any any (content:\"SECRET-UPLOAD\"; sid:1;)");
+    let mut payload = vec![b'x'; 30_000];
+    payload[25_000..25_013].copy_from_slice(b"SECRET-UPLOAD");
+    let mut v4 = frame(
+        "10.0.0.1",
+        "10.0.0.2",
+        6,
+        &tcp_hdr(1, 80, PSH_ACK),
+        &payload,
+    );
+    v4[16..18].copy_from_slice(&0u16.to_be_bytes()); // IPv4 total length 0 (TSO)
+    assert_eq!(
+        e.inspect(&v4, Direction::ToWire, Timestamp(0), &mut NullSink),
+        Verdict::Drop
+    );
+    let mut long = tcp(1, 80, b"....SECRET-UPLOAD....");
+    long[16..18].copy_from_slice(&9000u16.to_be_bytes()); // claims more than the frame
+    assert_eq!(
+        e.inspect(&long, Direction::ToWire, Timestamp(0), &mut NullSink),
+        Verdict::Drop
+    );
+    let mut v6 = frame(
+        "2001:db8::1",
+        "2001:db8::2",
+        6,
+        &tcp_hdr(1, 80, PSH_ACK),
+        &payload,
+    );
+    v6[18..20].copy_from_slice(&0u16.to_be_bytes()); // IPv6 payload length 0 (TSO)
+    assert_eq!(
+        e.inspect(&v6, Direction::ToWire, Timestamp(0), &mut NullSink),
+        Verdict::Drop
+    );
+}

@@ -1,7 +1,9 @@
 //! Frame decoding: Ethernet (+802.1Q/802.1ad tags), IPv4, IPv6 (extension headers skipped),
 //! TCP, UDP, ICMP/ICMPv6, and the L4 payload. Frames come from the guest or the wire: every
 //! length is checked and malformed frames decode to [`Decoded::NotIp`] or a header-only packet,
-//! never a panic.
+//! never a panic. IP length fields are used only when consistent: a zero length (TSO
+//! super-frames, whose per-segment lengths the NIC fills in) or one past the end of the frame
+//! makes the payload run to the end of the frame, so such frames are still inspected in full.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -129,10 +131,18 @@ fn decode_v4(b: &[u8]) -> Option<Packet<'_>> {
         return None;
     }
     let ihl = usize::from(vihl & 0x0f) * 4;
-    let total = usize::from(be16(b, 2)?);
-    if ihl < 20 || total < ihl || total > b.len() {
+    if ihl < 20 || ihl > b.len() {
         return None;
     }
+    // The total length bounds the payload (Ethernet padding is not payload) when it is
+    // consistent. A TSO super-frame carries 0 here (the NIC fills it in per segment) and a bogus
+    // value must not hide bytes from inspection: then the payload runs to the end of the frame.
+    let total = usize::from(be16(b, 2)?);
+    let total = if (ihl..=b.len()).contains(&total) {
+        total
+    } else {
+        b.len()
+    };
     let frag = be16(b, 6)?;
     let frag_offset = frag & 0x1fff;
     let proto = b[9];
@@ -147,10 +157,13 @@ fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
     if b.first()? >> 4 != 6 || b.len() < 40 {
         return None;
     }
+    // As for IPv4: 0 (TSO, jumbogram) or a length past the frame means "to the end".
     let plen = usize::from(be16(b, 4)?);
-    if 40 + plen > b.len() {
-        return None;
-    }
+    let plen = if plen == 0 || 40 + plen > b.len() {
+        b.len() - 40
+    } else {
+        plen
+    };
     let mut next = b[6];
     let mut s = [0u8; 16];
     s.copy_from_slice(&b[8..24]);
