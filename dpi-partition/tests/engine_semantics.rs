@@ -395,7 +395,7 @@ fn fast_pattern_choice() {
 
 #[test]
 fn unsupported_options_reported_with_sid() {
-    let text = "alert tcp any any -> any any (msg:\"a\"; ttl:<5; content:\"a\"; sid:10;)\n\
+    let text = "alert tcp any any -> any any (msg:\"a\"; tag:session,10,packets; content:\"a\"; sid:10;)\n\
                 alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
@@ -405,7 +405,7 @@ fn unsupported_options_reported_with_sid() {
     assert_eq!(p.rejected[0].sid, Some(10));
     assert_eq!(
         p.rejected[0].error,
-        RuleError::Unsupported(vec!["ttl".into()])
+        RuleError::Unsupported(vec!["tag".into()])
     );
     assert_eq!(
         p.rejected[1].error,
@@ -413,7 +413,7 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
-    assert!(summary.contains(&("ttl".into(), 1)));
+    assert!(summary.contains(&("tag".into(), 1)));
     assert!(summary.contains(&("http_uri".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
@@ -1272,4 +1272,47 @@ fn tso_and_bogus_ip_lengths_are_still_inspected() {
         e.inspect(&v6, Direction::ToWire, Timestamp(0), &mut NullSink),
         Verdict::Drop
     );
+}
+
+#[test]
+fn ip_and_tcp_header_fields() {
+    // The test frames carry TTL 64, id 0, DF set, TCP seq 1 and ack 1.
+    let f = tcp(1, 80, b"x");
+    for (opts, want) in [
+        ("ttl:64", true),
+        ("ttl:<10", false),
+        ("ttl:60<>70", true),
+        ("id:0", true),
+        ("id:1", false),
+        ("ip_proto:6", true),
+        ("ip_proto:tcp", true),
+        ("ip_proto:!6", false),
+        ("fragbits:D", true),
+        ("fragbits:M", false),
+        ("fragbits:M+", false),
+        ("fragbits:!M", true),
+        ("fragbits:*MD", true),
+        ("seq:1", true),
+        ("ack:2", false),
+        ("ack:>0", true),
+    ] {
+        let mut e = engine(&format!("alert ip any any -> any any ({opts}; sid:1;)"));
+        let got = e.inspect(&f, Direction::ToWire, Timestamp(0), &mut NullSink) == Verdict::Alert;
+        assert_eq!(got, want, "{opts}");
+    }
+    // seq/ack never match non-TCP packets.
+    let mut e = engine("alert ip any any -> any any (seq:0; sid:1;)");
+    assert_eq!(
+        e.inspect(
+            &udp(1, 2, b"x"),
+            Direction::ToWire,
+            Timestamp(0),
+            &mut NullSink
+        ),
+        Verdict::Pass
+    );
+    let v = Vars::new();
+    let r = parse_rule("alert ip any any -> any any (ttl:<5; id:!7; ip_proto:udp; fragbits:+MD; seq:9; ack:1<>3; sid:2;)", &v).unwrap();
+    assert_eq!(parse_rule(&r.to_string(), &v).unwrap(), r);
+    assert!(matches!(refused("fragbits:X"), RuleError::BadOption { .. }));
 }

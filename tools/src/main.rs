@@ -478,7 +478,7 @@ mod tests {
         fs::write(
             &rules,
             "drop tcp $EXTERNAL_NET any -> $HOME_NET 80 (msg:\"x\"; content:\"EICAR\"; sid:1;)\n\
-                           alert tcp any any -> any any (msg:\"y\"; ttl:<5; sid:2;)\n",
+                           alert tcp any any -> any any (msg:\"y\"; tag:session,10,packets; sid:2;)\n",
         )
         .unwrap();
         fs::write(&vars, "ipvar HOME_NET 10.0.0.0/8\n").unwrap();

@@ -216,6 +216,7 @@ impl FlowTable {
                 sport,
                 dport,
                 flags,
+                ..
             } => (Some(flags), sport, dport),
             L4::Udp { sport, dport } => (None, sport, dport),
             _ => return None,

@@ -706,6 +706,24 @@ fn icmp_matches(c: &rules::IcmpCheck, pkt: &Packet<'_>) -> bool {
         && c.seq.is_none_or(|x| echo && x == seq)
 }
 
+fn header_fields_match(h: &rules::HeaderCheck, pkt: &Packet<'_>) -> bool {
+    let num = |c: Option<rules::NumCheck>, v: Option<u32>| match (c, v) {
+        (None, _) => true,
+        (Some(c), Some(v)) => c.check(v as usize),
+        (Some(_), None) => false,
+    };
+    let (seq, ack) = match pkt.l4 {
+        L4::Tcp { seq, ack, .. } => (Some(seq), Some(ack)),
+        _ => (None, None),
+    };
+    num(h.ttl, Some(u32::from(pkt.ip.ttl)))
+        && num(h.id, pkt.ip.id)
+        && num(h.ip_proto, Some(u32::from(pkt.proto)))
+        && num(h.seq, seq)
+        && num(h.ack, ack)
+        && h.fragbits.is_none_or(|f| f.check(pkt.ip.frag_bits))
+}
+
 fn tcp_flags_match(t: Option<rules::TcpFlags>, pkt: &Packet<'_>) -> bool {
     match (t, pkt.l4) {
         (None, _) => true,
@@ -776,6 +794,7 @@ impl Inspector for Engine {
                 || !flow_matches(&c.rule.flow, info)
                 || !icmp_matches(&c.rule.icmp, &pkt)
                 || !tcp_flags_match(c.rule.tcp_flags, &pkt)
+                || !header_fields_match(&c.rule.hdr, &pkt)
                 || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
                 || !c.program.matches(pkt.payload, &mut self.memo)
             {

@@ -34,8 +34,14 @@ pub mod tcpflags {
 /// L4 header summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    /// TCP ports and flags.
-    Tcp { sport: u16, dport: u16, flags: u8 },
+    /// TCP ports, flags, sequence and acknowledgement numbers.
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    },
     /// UDP ports.
     Udp { sport: u16, dport: u16 },
     /// ICMP or ICMPv6 type and code, and header bytes 4-7 (identifier and sequence number of
@@ -64,6 +70,20 @@ pub struct Packet<'a> {
     pub l4: L4,
     /// Payload inspected by rules: after the L4 header, or the IP payload for [`L4::Other`].
     pub payload: &'a [u8],
+    /// IP header fields used by `ttl`, `id`, `fragbits`.
+    pub ip: IpFields,
+}
+
+/// IP header fields for the header rule options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpFields {
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IPv4 identification, or the IPv6 fragment header's identification (if present).
+    pub id: Option<u32>,
+    /// Fragment bits as `fragbits` names them: 0x4 reserved (R), 0x2 don't fragment (D), 0x1
+    /// more fragments (M). IPv6 has only M (from a fragment header).
+    pub frag_bits: u8,
 }
 
 impl Packet<'_> {
@@ -149,7 +169,13 @@ fn decode_v4(b: &[u8]) -> Option<Packet<'_>> {
     let src = IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(b[16], b[17], b[18], b[19]));
     let body = &b[ihl..total];
-    Some(l4(src, dst, proto, body, frag_offset != 0))
+    let mut p = l4(src, dst, proto, body, frag_offset != 0);
+    p.ip = IpFields {
+        ttl: b[8],
+        id: Some(u32::from(be16(b, 4)?)),
+        frag_bits: (frag >> 13) as u8 & 0x7,
+    };
+    Some(p)
 }
 
 /// IPv6 (RFC 8200): skips hop-by-hop, routing, fragment, destination-options and AH headers.
@@ -172,6 +198,8 @@ fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
     let (src, dst) = (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)));
     let mut body = &b[40..40 + plen];
     let mut later_fragment = false;
+    let (mut frag_id, mut more_fragments) = (None, false);
+    let hop_limit = b[7];
     // Bounded: each header consumes at least 8 bytes of a payload of at most 64 KiB.
     loop {
         match next {
@@ -187,13 +215,27 @@ fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
             }
             44 => {
                 next = *body.first()?;
-                later_fragment = be16(body, 2)? >> 3 != 0;
+                let off = be16(body, 2)?;
+                later_fragment = off >> 3 != 0;
+                frag_id = Some(u32::from_be_bytes([
+                    *body.get(4)?,
+                    body[5],
+                    body[6],
+                    body[7],
+                ]));
+                more_fragments = off & 1 != 0;
                 body = body.get(8..)?;
             }
             _ => break,
         }
     }
-    Some(l4(src, dst, next, body, later_fragment))
+    let mut p = l4(src, dst, next, body, later_fragment);
+    p.ip = IpFields {
+        ttl: hop_limit,
+        id: frag_id,
+        frag_bits: u8::from(more_fragments),
+    };
+    Some(p)
 }
 
 fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: bool) -> Packet<'a> {
@@ -203,6 +245,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
         proto,
         l4: L4::Other,
         payload: body,
+        ip: IpFields::default(),
     };
     if later_fragment {
         return other;
@@ -227,8 +270,11 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                     sport,
                     dport,
                     flags: body[13],
+                    seq: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    ack: u32::from_be_bytes([body[8], body[9], body[10], body[11]]),
                 },
                 payload: &body[hl..],
+                ip: IpFields::default(),
             }
         }
         ipproto::UDP => {
@@ -245,6 +291,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 proto,
                 l4: L4::Udp { sport, dport },
                 payload: &body[8..end],
+                ip: IpFields::default(),
             }
         }
         ipproto::ICMP | ipproto::ICMPV6 => {
@@ -264,6 +311,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 proto,
                 l4,
                 payload: &body[8..],
+                ip: IpFields::default(),
             }
         }
         _ => other,

@@ -21,7 +21,7 @@
 //!   stateless`, and `no_stream`/`no_frag`, which always hold here since nothing is
 //!   reassembled); `flowbits` (`set unset toggle isset isnotset noalert`, `&`/`|`; an `isset`
 //!   of a bit that no loaded rule sets refuses the rule); `flags`; `itype icode icmp_id
-//!   icmp_seq`; `detection_filter`.
+//!   icmp_seq`; `ttl id ip_proto fragbits seq ack` ([`HeaderCheck`]); `detection_filter`.
 //!
 //! Everything else makes the rule not load ([`RuleError::Unsupported`] names every such option;
 //! [`ParsedRules::summary`] counts them).
@@ -469,10 +469,91 @@ pub struct Rule {
     pub noalert: bool,
     /// `flags` (TCP).
     pub tcp_flags: Option<TcpFlags>,
+    /// `ttl`, `id`, `ip_proto`, `fragbits`, `seq`, `ack`.
+    pub hdr: HeaderCheck,
     /// `detection_filter`.
     pub detection_filter: Option<DetectionFilter>,
     /// Payload steps in rule order.
     pub ops: Vec<PayloadOp>,
+}
+
+/// IP/TCP header field checks. `ttl` is the IPv4 TTL or IPv6 hop limit; `id` the IPv4
+/// identification (IPv6: the fragment header's, else no match); `ip_proto` the protocol after
+/// IPv6 extension headers; `fragbits` uses M (more fragments), D (don't fragment), R (reserved);
+/// `seq`/`ack` match TCP packets only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HeaderCheck {
+    /// `ttl`.
+    pub ttl: Option<NumCheck>,
+    /// `id`.
+    pub id: Option<NumCheck>,
+    /// `ip_proto`.
+    pub ip_proto: Option<NumCheck>,
+    /// `fragbits` (a [`TcpFlags`]-style check over the M/D/R bits).
+    pub fragbits: Option<TcpFlags>,
+    /// `seq`.
+    pub seq: Option<NumCheck>,
+    /// `ack`.
+    pub ack: Option<NumCheck>,
+}
+
+fn parse_ip_proto(v: &str) -> Result<NumCheck, RuleError> {
+    let v = v.trim();
+    let (prefix, name) = match v.find(|c: char| c.is_ascii_alphanumeric()) {
+        Some(i) => v.split_at(i),
+        None => return Err(bad("ip_proto", "missing protocol")),
+    };
+    let n = match name {
+        "icmp" => "1",
+        "igmp" => "2",
+        "tcp" => "6",
+        "udp" => "17",
+        "gre" => "47",
+        "esp" => "50",
+        "ah" => "51",
+        "icmpv6" | "ipv6-icmp" => "58",
+        other => other,
+    };
+    let check = parse_num_check("ip_proto", &format!("{prefix}{n}"))?;
+    Ok(check)
+}
+
+fn parse_fragbits(v: &str) -> Result<TcpFlags, RuleError> {
+    const O: &str = "fragbits";
+    let mut mode = FlagMode::Exact;
+    let mut bits = 0u8;
+    for c in v.trim().chars() {
+        let m = match c.to_ascii_uppercase() {
+            'M' => {
+                bits |= 1;
+                continue;
+            }
+            'D' => {
+                bits |= 2;
+                continue;
+            }
+            'R' => {
+                bits |= 4;
+                continue;
+            }
+            '+' => FlagMode::All,
+            '*' => FlagMode::Any,
+            '!' => FlagMode::Not,
+            other => return Err(bad(O, format!("unknown bit `{other}` (use M, D, R)"))),
+        };
+        if mode != FlagMode::Exact {
+            return Err(bad(O, "more than one of + * !"));
+        }
+        mode = m;
+    }
+    if bits == 0 {
+        return Err(bad(O, "no bits"));
+    }
+    Ok(TcpFlags {
+        mode,
+        flags: bits,
+        mask: 0,
+    })
 }
 
 /// `flags` match mode.
@@ -1047,6 +1128,12 @@ const KNOWN: &[&str] = &[
     "flowbits",
     "flags",
     "detection_filter",
+    "ttl",
+    "id",
+    "ip_proto",
+    "fragbits",
+    "seq",
+    "ack",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -1174,6 +1261,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         flowbits: Vec::new(),
         noalert: false,
         tcp_flags: None,
+        hdr: HeaderCheck::default(),
         detection_filter: None,
         ops: Vec::new(),
     };
@@ -1282,6 +1370,12 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 .push(PayloadOp::ByteJump(parse_byte_jump(need(name, value)?)?)),
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
             "flags" => rule.tcp_flags = Some(parse_tcp_flags(need(name, value)?)?),
+            "ttl" => rule.hdr.ttl = Some(parse_num_check(name, need(name, value)?)?),
+            "id" => rule.hdr.id = Some(parse_num_check(name, need(name, value)?)?),
+            "ip_proto" => rule.hdr.ip_proto = Some(parse_ip_proto(need(name, value)?)?),
+            "fragbits" => rule.hdr.fragbits = Some(parse_fragbits(need(name, value)?)?),
+            "seq" => rule.hdr.seq = Some(parse_num_check(name, need(name, value)?)?),
+            "ack" => rule.hdr.ack = Some(parse_num_check(name, need(name, value)?)?),
             "detection_filter" => {
                 rule.detection_filter = Some(parse_detection_filter(need(name, value)?)?)
             }
@@ -1810,6 +1904,32 @@ impl fmt::Display for Rule {
             if t.mask != 0 {
                 f.write_str(",")?;
                 write_flag_bits(f, t.mask)?;
+            }
+            f.write_str(";")?;
+        }
+        for (name, c) in [
+            ("ttl", self.hdr.ttl),
+            ("id", self.hdr.id),
+            ("ip_proto", self.hdr.ip_proto),
+            ("seq", self.hdr.seq),
+            ("ack", self.hdr.ack),
+        ] {
+            if let Some(c) = c {
+                write!(f, " {name}:{c};")?;
+            }
+        }
+        if let Some(t) = self.hdr.fragbits {
+            f.write_str(" fragbits:")?;
+            match t.mode {
+                FlagMode::Exact => {}
+                FlagMode::All => f.write_str("+")?,
+                FlagMode::Any => f.write_str("*")?,
+                FlagMode::Not => f.write_str("!")?,
+            }
+            for (c, b) in [('M', 1), ('D', 2), ('R', 4)] {
+                if t.flags & b != 0 {
+                    write!(f, "{c}")?;
+                }
             }
             f.write_str(";")?;
         }
