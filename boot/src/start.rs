@@ -291,19 +291,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     });
 
     // The boot CPU's vCPU.
-    let mut alloc = || {
-        frames
-            .allocate_zeroed()
-            .map(|f| f.0)
-            .ok_or(StartError::OutOfFrames)
-    };
     // The MSR and I/O bitmaps are the same for every vCPU: one copy, shared.
     let pages = VcpuPages {
-        vmxon: alloc()?,
-        vmcs: alloc()?,
-        msr_bitmap: alloc()?,
-        io_bitmap_a: alloc()?,
-        io_bitmap_b: alloc()?,
+        vmxon: frame(&mut frames)?,
+        vmcs: frame(&mut frames)?,
+        msr_bitmap: frame(&mut frames)?,
+        io_bitmap_a: frame(&mut frames)?,
+        io_bitmap_b: frame(&mut frames)?,
     };
     // SAFETY: the bitmap frames were just allocated, zeroed and are identity-mapped.
     unsafe {
@@ -524,6 +518,14 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
 
 const AP_STACK_SIZE: usize = 64 * 1024;
 
+/// A zeroed frame from Ally's pool.
+fn frame(frames: &mut FramePool) -> Result<u64, StartError> {
+    frames
+        .allocate_zeroed()
+        .map(|f| f.0)
+        .ok_or(StartError::OutOfFrames)
+}
+
 /// A zeroed, 4 KiB-aligned heap block that lives for ever.
 fn leak_zeroed(size: usize) -> Result<*mut u8, StartError> {
     let layout = Layout::from_size_align(size, 4096).map_err(|_| StartError::OutOfHeap)?;
@@ -568,15 +570,9 @@ fn start_application_processors(
                 status: dpi_status,
             }
         } else {
-            let mut alloc = || {
-                frames
-                    .allocate_zeroed()
-                    .map(|f| f.0)
-                    .ok_or(StartError::OutOfFrames)
-            };
             let pages = VcpuPages {
-                vmxon: alloc()?,
-                vmcs: alloc()?,
+                vmxon: frame(frames)?,
+                vmcs: frame(frames)?,
                 ..bsp_pages
             };
             let exit_stack = leak_zeroed(EXIT_STACK_SIZE)? as u64;
