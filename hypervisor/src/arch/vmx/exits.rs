@@ -594,39 +594,36 @@ impl MmioHandler for HiddenMemory {
 static HIDDEN_ACCESS_REPORTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 const HIDDEN_ACCESS_REPORT_LIMIT: u32 = 64;
 
+/// Emulates the access that caused an EPT violation against `handler`; on success the new
+/// registers and RIP go back to the guest.
+fn emulate_access(
+    regs: &mut GuestRegisters,
+    gpa: GuestPhysAddr,
+    access: AccessKind,
+    handler: &mut impl MmioHandler,
+) -> Result<crate::guest::EmulatedAccess, crate::guest::EmulationError> {
+    let mut cpu = cpu_state(regs);
+    let done = emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, handler)?;
+    *regs = cpu.regs;
+    vmcs_write(guest::RSP, cpu.regs.rsp);
+    vmcs_write(guest::RIP, cpu.rip);
+    Ok(done)
+}
+
 fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
+    let access = AccessKind::from_ept_violation_qualification(vmread(ro::EXIT_QUALIFICATION))
+        .unwrap_or(AccessKind::Read);
     let apic_base = platform().apic_base;
     if gpa.0 & !0xFFF == apic_base {
-        let access = if vmread(ro::EXIT_QUALIFICATION) & 2 != 0 {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
-        };
-        let mut cpu = cpu_state(regs);
         let mut apic = apic_guard::XApicMmio {
             apic_base,
             sender: vcpu.apic_id,
         };
-        emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut apic)
-            .map_err(StopReason::Emulation)?;
-        *regs = cpu.regs;
-        vmcs_write(guest::RSP, cpu.regs.rsp);
-        vmcs_write(guest::RIP, cpu.rip);
+        emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
         return Ok(());
     }
-    let qualification = vmread(ro::EXIT_QUALIFICATION);
-    // Exit qualification bits 0-2: read, write, instruction fetch (SDM Table 28-7).
-    let access = if qualification & 2 != 0 {
-        AccessKind::Write
-    } else if qualification & 4 != 0 {
-        AccessKind::Fetch
-    } else {
-        AccessKind::Read
-    };
-    let mut cpu = cpu_state(regs);
-    let mut handler = HiddenMemory;
-    let result = emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, &mut handler);
+    let result = emulate_access(regs, gpa, access, &mut HiddenMemory);
     let n = HIDDEN_ACCESS_REPORTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     match result {
         Ok(done) => {
@@ -655,9 +652,6 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
                     action
                 );
             }
-            *regs = cpu.regs;
-            vmcs_write(guest::RSP, cpu.regs.rsp);
-            vmcs_write(guest::RIP, cpu.rip);
             Ok(())
         }
         Err(e) => {
