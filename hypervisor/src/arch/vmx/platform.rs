@@ -28,10 +28,8 @@ impl Canary {
     /// The ranges must be identity-mapped, readable and 8-byte aligned.
     pub unsafe fn new(ranges: [PhysRange; 2]) -> Self {
         // SAFETY: guaranteed by the caller.
-        Self {
-            ranges,
-            checksum: unsafe { checksum(&ranges) },
-        }
+        let checksum = unsafe { checksum(&ranges) };
+        Self { ranges, checksum }
     }
 
     /// Whether the ranges still hold what they held at start-up.
