@@ -631,6 +631,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Follow the guest's configuration.
+    #[cold]
+    #[inline(never)]
     fn reconcile(&mut self) {
         let Some(g) = self.shadow.config() else {
             return;
@@ -947,166 +949,13 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             if m != 0 {
                 continue;
             }
-            // General path. Scan one packet: [context...] data... up to EOP.
-            let mut idx = self.tx.next;
-            let mut count = 0u32;
-            let mut nfrags = 0usize;
-            let mut total: u32 = 0;
-            let mut err: Option<DropReason> = None;
-            let mut ctx: Option<[u8; 16]> = None;
-            let mut first: Option<[u8; 16]> = None;
-            let mut tse = false;
-            let mut complete = false;
-            while idx != tdt {
-                if count as usize == MAX_PACKET_DESCS {
-                    err.get_or_insert(DropReason::TooManyDescriptors);
-                    complete = true;
-                    break;
+            match self.tx_general(ring, tdt) {
+                General::Moved(p) => {
+                    moved += 1;
+                    posted |= p;
                 }
-                let mut raw = [0u8; 16];
-                if self.mem.read(ring.desc(idx), &mut raw).is_err() {
-                    // The ring was validated; a failure here means the layout changed under us.
-                    self.stop_tx(DropReason::OutsideRam);
-                    return moved;
-                }
-                count += 1;
-                idx = if idx + 1 == ring.n { 0 } else { idx + 1 };
-                let (addr, len, eop) = match TxDesc::parse(&raw) {
-                    TxDesc::Context(_) => {
-                        ctx = Some(raw);
-                        continue;
-                    }
-                    TxDesc::Reserved(_) => {
-                        err.get_or_insert(DropReason::ReservedDescriptor);
-                        if raw[TX_CMD_OFFSET] & txcmd::EOP != 0 {
-                            complete = true;
-                            break;
-                        }
-                        continue;
-                    }
-                    TxDesc::Legacy(l) => {
-                        (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0)
-                    }
-                    TxDesc::Data(d) => {
-                        if first.is_none() && d.dcmd() & txcmd::TSE != 0 {
-                            tse = true;
-                        }
-                        (d.buffer_addr, d.length(), d.dcmd() & txcmd::EOP != 0)
-                    }
-                };
-                if first.is_none() {
-                    first = Some(raw);
-                }
-                if len != 0 && err.is_none() {
-                    match self.policy.check(GuestPhysAddr(addr), u64::from(len)) {
-                        Ok(pa) => {
-                            self.frags[nfrags] = Frag {
-                                pa: pa.as_u64(),
-                                len,
-                                raw,
-                            };
-                            nfrags += 1;
-                            total = total.saturating_add(len);
-                        }
-                        Err(e) => err = Some(DropReason::from_mem(e)),
-                    }
-                }
-                if eop {
-                    complete = true;
-                    break;
-                }
+                General::Stop => break,
             }
-            if !complete {
-                // The guest has not published the rest of this packet yet.
-                break;
-            }
-            let limit = if tse { MAX_TSO_FRAME } else { MAX_FRAME };
-            if err.is_none() && total == 0 {
-                err = Some(DropReason::Empty);
-            } else if err.is_none() && total > limit {
-                err = Some(DropReason::TooLong);
-            }
-            if let Some(why) = err {
-                self.counters.tx.drops[why as usize] += 1;
-                self.finish_unposted(count, idx);
-                moved += 1;
-                continue;
-            }
-            // Room on the real ring (and in the arena)?
-            let data_descs = match self.cfg.mode {
-                Mode::Copy => total.div_ceil(COPY_CHUNK),
-                Mode::ZeroCopy => nfrags as u32,
-            };
-            let need = data_descs + u32::from(ctx.is_some());
-            if need > self.real_tx_free() {
-                self.counters.tx.backpressure += 1;
-                break;
-            }
-            let arena_before = self.tx.arena_head;
-            let verdict = match self.cfg.mode {
-                Mode::Copy => {
-                    let Some(at) = self.arena_alloc(total) else {
-                        self.counters.tx.backpressure += 1;
-                        break;
-                    };
-                    let mut off = 0u64;
-                    let mut ok = true;
-                    for f in &self.frags[..nfrags] {
-                        let dst = HostPhysAddr(at + off);
-                        ok &= match self.mem.borrow(HostPhysAddr(f.pa), f.len as usize) {
-                            Ok(src) => self.mem.write(dst, src).is_ok(),
-                            Err(_) => false,
-                        };
-                        off += u64::from(f.len);
-                    }
-                    match self.mem.borrow(HostPhysAddr(at), total as usize) {
-                        Ok(frame) if ok => self.hook.inspect(frame, Direction::ToWire),
-                        _ => HookVerdict::Drop,
-                    }
-                }
-                Mode::ZeroCopy => {
-                    if nfrags == 1 {
-                        match self
-                            .mem
-                            .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
-                        {
-                            Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                            Err(_) => HookVerdict::Drop,
-                        }
-                    } else {
-                        self.scratch.clear();
-                        let mut ok = true;
-                        for f in &self.frags[..nfrags] {
-                            let old = self.scratch.len();
-                            self.scratch.resize(old + f.len as usize, 0);
-                            ok &= self
-                                .mem
-                                .read(HostPhysAddr(f.pa), &mut self.scratch[old..])
-                                .is_ok();
-                        }
-                        if ok {
-                            self.hook.inspect(&self.scratch, Direction::ToWire)
-                        } else {
-                            HookVerdict::Drop
-                        }
-                    }
-                }
-            };
-            if verdict == HookVerdict::Drop {
-                // Give the arena space back: nothing after it was allocated.
-                self.tx.arena_head = arena_before;
-                self.counters.tx.drops[DropReason::Verdict as usize] += 1;
-                self.finish_unposted(count, idx);
-                moved += 1;
-                continue;
-            }
-            let last = self.post(ctx, first, nfrags, total);
-            self.push_inflight(count, 1, Some(last), ring.n);
-            self.tx.next = idx;
-            self.counters.tx.packets += 1;
-            self.counters.tx.bytes += u64::from(total);
-            moved += 1;
-            posted = true;
         }
         if posted {
             // Descriptors are in memory before the tail moves (an MMIO write on hardware is
@@ -1115,6 +964,167 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.real.write32(Reg::TDT, self.tx.real_tail);
         }
         moved
+    }
+
+    /// The general TX path for one packet (context + data descriptors, multi-fragment
+    /// packets, TSO, refusals); kept out of line so the fast path stays small.
+    #[inline(never)]
+    fn tx_general(&mut self, ring: GuestRing<'a>, tdt: u32) -> General {
+        // General path. Scan one packet: [context...] data... up to EOP.
+        let mut idx = self.tx.next;
+        let mut count = 0u32;
+        let mut nfrags = 0usize;
+        let mut total: u32 = 0;
+        let mut err: Option<DropReason> = None;
+        let mut ctx: Option<[u8; 16]> = None;
+        let mut first: Option<[u8; 16]> = None;
+        let mut tse = false;
+        let mut complete = false;
+        while idx != tdt {
+            if count as usize == MAX_PACKET_DESCS {
+                err.get_or_insert(DropReason::TooManyDescriptors);
+                complete = true;
+                break;
+            }
+            let mut raw = [0u8; 16];
+            if self.mem.read(ring.desc(idx), &mut raw).is_err() {
+                // The ring was validated; a failure here means the layout changed under us.
+                self.stop_tx(DropReason::OutsideRam);
+                return General::Stop;
+            }
+            count += 1;
+            idx = if idx + 1 == ring.n { 0 } else { idx + 1 };
+            let (addr, len, eop) = match TxDesc::parse(&raw) {
+                TxDesc::Context(_) => {
+                    ctx = Some(raw);
+                    continue;
+                }
+                TxDesc::Reserved(_) => {
+                    err.get_or_insert(DropReason::ReservedDescriptor);
+                    if raw[TX_CMD_OFFSET] & txcmd::EOP != 0 {
+                        complete = true;
+                        break;
+                    }
+                    continue;
+                }
+                TxDesc::Legacy(l) => (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0),
+                TxDesc::Data(d) => {
+                    if first.is_none() && d.dcmd() & txcmd::TSE != 0 {
+                        tse = true;
+                    }
+                    (d.buffer_addr, d.length(), d.dcmd() & txcmd::EOP != 0)
+                }
+            };
+            if first.is_none() {
+                first = Some(raw);
+            }
+            if len != 0 && err.is_none() {
+                match self.policy.check(GuestPhysAddr(addr), u64::from(len)) {
+                    Ok(pa) => {
+                        self.frags[nfrags] = Frag {
+                            pa: pa.as_u64(),
+                            len,
+                            raw,
+                        };
+                        nfrags += 1;
+                        total = total.saturating_add(len);
+                    }
+                    Err(e) => err = Some(DropReason::from_mem(e)),
+                }
+            }
+            if eop {
+                complete = true;
+                break;
+            }
+        }
+        if !complete {
+            // The guest has not published the rest of this packet yet.
+            return General::Stop;
+        }
+        let limit = if tse { MAX_TSO_FRAME } else { MAX_FRAME };
+        if err.is_none() && total == 0 {
+            err = Some(DropReason::Empty);
+        } else if err.is_none() && total > limit {
+            err = Some(DropReason::TooLong);
+        }
+        if let Some(why) = err {
+            self.counters.tx.drops[why as usize] += 1;
+            self.finish_unposted(count, idx);
+            return General::Moved(false);
+        }
+        // Room on the real ring (and in the arena)?
+        let data_descs = match self.cfg.mode {
+            Mode::Copy => total.div_ceil(COPY_CHUNK),
+            Mode::ZeroCopy => nfrags as u32,
+        };
+        let need = data_descs + u32::from(ctx.is_some());
+        if need > self.real_tx_free() {
+            self.counters.tx.backpressure += 1;
+            return General::Stop;
+        }
+        let arena_before = self.tx.arena_head;
+        let verdict = match self.cfg.mode {
+            Mode::Copy => {
+                let Some(at) = self.arena_alloc(total) else {
+                    self.counters.tx.backpressure += 1;
+                    return General::Stop;
+                };
+                let mut off = 0u64;
+                let mut ok = true;
+                for f in &self.frags[..nfrags] {
+                    let dst = HostPhysAddr(at + off);
+                    ok &= match self.mem.borrow(HostPhysAddr(f.pa), f.len as usize) {
+                        Ok(src) => self.mem.write(dst, src).is_ok(),
+                        Err(_) => false,
+                    };
+                    off += u64::from(f.len);
+                }
+                match self.mem.borrow(HostPhysAddr(at), total as usize) {
+                    Ok(frame) if ok => self.hook.inspect(frame, Direction::ToWire),
+                    _ => HookVerdict::Drop,
+                }
+            }
+            Mode::ZeroCopy => {
+                if nfrags == 1 {
+                    match self
+                        .mem
+                        .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
+                    {
+                        Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                        Err(_) => HookVerdict::Drop,
+                    }
+                } else {
+                    self.scratch.clear();
+                    let mut ok = true;
+                    for f in &self.frags[..nfrags] {
+                        let old = self.scratch.len();
+                        self.scratch.resize(old + f.len as usize, 0);
+                        ok &= self
+                            .mem
+                            .read(HostPhysAddr(f.pa), &mut self.scratch[old..])
+                            .is_ok();
+                    }
+                    if ok {
+                        self.hook.inspect(&self.scratch, Direction::ToWire)
+                    } else {
+                        HookVerdict::Drop
+                    }
+                }
+            }
+        };
+        if verdict == HookVerdict::Drop {
+            // Give the arena space back: nothing after it was allocated.
+            self.tx.arena_head = arena_before;
+            self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+            self.finish_unposted(count, idx);
+            return General::Moved(false);
+        }
+        let last = self.post(ctx, first, nfrags, total);
+        self.push_inflight(count, 1, Some(last), ring.n);
+        self.tx.next = idx;
+        self.counters.tx.packets += 1;
+        self.counters.tx.bytes += u64::from(total);
+        General::Moved(true)
     }
 
     /// A dropped packet: complete it in order with everything before it.
@@ -1430,6 +1440,14 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
     }
     *head += pad + len;
     Some(base + (pos + pad) % size)
+}
+
+/// What the general TX path did with one packet.
+enum General {
+    /// Consumed (posted when `true`, else dropped and completed).
+    Moved(bool),
+    /// Stop consuming for this poll (incomplete packet, back-pressure, ring stopped).
+    Stop,
 }
 
 enum Deliver {
