@@ -27,6 +27,7 @@ use alloc::vec::Vec;
 
 use memchr::memmem;
 use regex_automata::meta::{self, Regex};
+use regex_automata::nfa::thompson::WhichCaptures;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
@@ -73,8 +74,9 @@ pub struct CompiledPcre {
     end_dollar: bool,
 }
 
-/// Compiles a pcre option (also used by the parser to refuse what regex-automata cannot do).
-pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
+/// The pattern as regex-automata reads it, its syntax settings, and whether it ended in a
+/// non-multiline `$` (see [`CompiledPcre`]).
+fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
     let multi = p.has('m');
     // Snort's idiom `(?!\n)\s` ("whitespace but not a newline") is a one-character lookahead
     // followed by a one-character class: exactly the class `[^\S\n]`, which needs no lookaround.
@@ -110,15 +112,35 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         .dot_matches_new_line(p.has('s'))
         .ignore_whitespace(p.has('x'))
         .swap_greed(p.has('G'));
+    Ok((src, syn, end_dollar))
+}
+
+/// Checks that a pcre option is supported, by parsing it only (the rule parser uses this; the
+/// engine compiles the pattern once, when it is built).
+pub fn check_pcre(p: &Pcre) -> Result<(), String> {
+    let (src, syn, _) = pcre_source(p)?;
+    syntax::parse_with(&src, &syn)
+        .map(|_| ())
+        .map_err(|e| format!("pattern not supported: {}", one_line(&format!("{e}"))))
+}
+
+/// Compiles a pcre option.
+pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
+    let (src, syn, end_dollar) = pcre_source(p)?;
     let re = Regex::builder()
         .syntax(syn)
         .configure(
             // The lazy DFA keeps pcre fast on full-size payloads; its cache is capped (and the
-            // one-pass DFA, which only serves anchored searches, is off) to bound memory.
+            // one-pass DFA, which only serves anchored searches, is off) to bound memory. Only
+            // the overall match is needed, so no capture groups are compiled; pcre runs only
+            // after the rule's contents matched, so regex-level literal prefilters are not
+            // worth their build cost (about a third of all allocation while loading a ruleset).
             Regex::config()
                 .utf8_empty(false)
                 .onepass(false)
-                .hybrid_cache_capacity(64 * 1024),
+                .hybrid_cache_capacity(64 * 1024)
+                .which_captures(WhichCaptures::Implicit)
+                .auto_prefilter(false),
         )
         .build(&src)
         .map_err(|e| match e.syntax_error() {

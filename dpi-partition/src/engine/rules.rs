@@ -1354,7 +1354,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                     return Err(bad(name, "unexpected text after the pattern"));
                 }
                 let p = parse_pcre(&raw, negated)?;
-                super::matcher::compile_pcre(&p).map_err(|e| bad("pcre", e))?;
+                super::matcher::check_pcre(&p).map_err(|e| bad("pcre", e))?;
                 rule.ops.push(PayloadOp::Pcre(p));
             }
             "dsize" => rule.dsize = Some(parse_num_check(name, need(name, value)?)?),
@@ -2156,7 +2156,25 @@ pub fn parse_rules(text: &str, vars: &Vars) -> ParsedRules {
             }),
         }
     }
-    drop_unsatisfiable_flowbits(&mut out, &lines_of(text));
+    let lines = lines_of(text);
+    // The parser only checks pcre syntax; building can still fail (e.g. a size limit). Refuse
+    // such rules here, one by one, rather than letting the engine build fail for the set.
+    let mut kept = Vec::with_capacity(out.rules.len());
+    for r in core::mem::take(&mut out.rules) {
+        match super::matcher::Program::new(&r) {
+            Ok(_) => kept.push(r),
+            Err(reason) => out.rejected.push(Rejected {
+                line: lines.get(&(r.gid, r.sid)).copied().unwrap_or(0),
+                sid: Some(r.sid),
+                error: RuleError::BadOption {
+                    option: "pcre".into(),
+                    reason,
+                },
+            }),
+        }
+    }
+    out.rules = kept;
+    drop_unsatisfiable_flowbits(&mut out, &lines);
     out
 }
 
