@@ -885,7 +885,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.finish_unposted(1, ring.next(next));
             return (u64::from(pkts) + 1, false, pkts != 0);
         }
-        (u64::from(pkts), stop, pkts != 0)
+        // A drop that cannot be recorded yet (in-flight list full) is inspected again next
+        // time; treat it as back-pressure.
+        (u64::from(pkts), stop || dropped, pkts != 0)
     }
 
     /// Record `packets` accepted packets covering `count` guest descriptors whose last real
