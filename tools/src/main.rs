@@ -11,6 +11,7 @@
 //!
 //! Without `--vars`, Snort 3's default variables are used (every network `any`, default ports).
 
+mod alloc_count;
 mod bench;
 #[cfg(feature = "hyperscan")]
 mod hs;
@@ -28,6 +29,9 @@ use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine, DEFAULT_EXCERPT};
 use ally_dpi::engine::rules::{parse_rules, ParsedRules};
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{Direction, Engine, EngineConfig, Inspector, MgmtWriter, Timestamp};
+
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
 
 const USAGE: &str = "usage:
   ally-tools rules compile <rules> [--vars FILE] -o <blob>
@@ -151,10 +155,18 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
             if back != p.rules {
                 return Err("internal: blob does not round-trip".into());
             }
-            // Build the engine from the blob as Ally will, and show its boot line.
+            // Build the engine from the blob as Ally will, and show its boot line and the heap
+            // that takes (a bump allocator needs the total, a freeing one the peak).
+            let mark = alloc_count::start();
             let engine =
                 Engine::from_blob(&b, EngineConfig::default()).map_err(|e| e.to_string())?;
+            let (total, peak) = alloc_count::since(mark);
             println!("{}", engine.summary());
+            println!(
+                "loading it allocates {:.1} MiB in total, {:.1} MiB at peak (flow table included)",
+                total as f64 / 1048576.0,
+                peak as f64 / 1048576.0
+            );
             fs::write(out, &b).map_err(|e| format!("{out}: {e}"))?;
             println!(
                 "wrote {out}: {} rules, {} bytes (format v{})",
