@@ -607,11 +607,23 @@ fn emulate_access(
     *regs = cpu.regs;
     vmcs_write(guest::RSP, cpu.regs.rsp);
     vmcs_write(guest::RIP, cpu.rip);
+    // The emulated instruction retired: blocking by STI / MOV SS ends (SDM 26.3.1.5).
+    let interruptibility = vmread(guest::INTERRUPTIBILITY_STATE);
+    if interruptibility & 3 != 0 {
+        vmcs_write(guest::INTERRUPTIBILITY_STATE, interruptibility & !3);
+    }
     Ok(done)
 }
 
 fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
+    // A violation while the CPU delivered an event (IDT-vectoring information valid, SDM
+    // 28.2.4) is not an instruction Ally can emulate and skip: report it and stop.
+    if vmread(ro::IDT_VECTORING_INFO) & (1 << 31) != 0 {
+        return Err(StopReason::GuestRequested(
+            "EPT violation during event delivery (the guest's IDT or stack is in memory it cannot reach)",
+        ));
+    }
     let access = AccessKind::from_ept_violation_qualification(vmread(ro::EXIT_QUALIFICATION))
         .unwrap_or(AccessKind::Read);
     let apic_base = platform().apic_base;

@@ -7,7 +7,7 @@ use crate::addr::{GuestPhysAddr, PhysRange};
 use crate::arch::instructions::{vmread, vmwrite};
 use crate::guest::{GuestMemError, GuestMemory, GuestRegisters};
 use crate::int15::{emulate_int15, GuestBufferWriter, Int15Result, RealModeRegs};
-use crate::memmap::MemoryMap;
+use crate::memmap::{MemoryKind, MemoryMap};
 use log::{info, warn};
 use spin::Once;
 use x86::vmx::vmcs::{guest, ro};
@@ -82,11 +82,25 @@ impl Platform {
         self.pm1_control_ports.iter().flatten().any(|&p| p == port)
     }
 
+    /// Whether Ally may touch `[start, start + len)` on the guest's behalf (page walks,
+    /// instruction fetch, the INT 15h buffer): the guest's RAM as its map shows it, plus the
+    /// first MiB (IVT, BDA, BIOS code), never Ally's ranges and never device memory above
+    /// 1 MiB, whose registers may change state when read.
     fn reachable(&self, start: u64, len: usize) -> bool {
         let Some(range) = PhysRange::from_start_len(start, len as u64) else {
             return false;
         };
-        range.end <= self.identity_limit && !self.hidden.iter().any(|h| h.overlaps(&range))
+        if range.end > self.identity_limit || self.hidden.iter().any(|h| h.overlaps(&range)) {
+            return false;
+        }
+        range.end <= 0x10_0000
+            || self.guest_map.iter().any(|r| {
+                matches!(
+                    r.kind,
+                    MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+                ) && r.range.start <= range.start
+                    && range.end <= r.range.end
+            })
     }
 }
 
