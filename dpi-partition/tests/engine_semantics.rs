@@ -1316,3 +1316,34 @@ fn ip_and_tcp_header_fields() {
     assert_eq!(parse_rule(&r.to_string(), &v).unwrap(), r);
     assert!(matches!(refused("fragbits:X"), RuleError::BadOption { .. }));
 }
+
+/// `ip` rules with `ip_proto` are only placed in the groups of that protocol (and of packets
+/// whose L4 header did not decode); they must still match those packets.
+#[test]
+fn ip_proto_rules_reach_their_packets() {
+    let mut e = engine(
+        "alert ip any any -> any any (ip_proto:2; sid:1;)\n\
+         alert ip any any -> any any (ip_proto:6; content:\"zz\"; sid:2;)\n\
+         alert ip any any -> any any (ip_proto:17; sid:3;)\n",
+    );
+    let mut sids = |f: &[u8]| {
+        let mut c = Collect::default();
+        e.inspect(f, Direction::FromWire, Timestamp(0), &mut c);
+        let mut v: Vec<u32> = c.alerts.iter().map(|a| a.0).collect();
+        v.sort();
+        v
+    };
+    let igmp = frame(
+        "10.0.0.1",
+        "224.0.0.1",
+        2,
+        &[0x11, 0, 0, 0, 0, 0, 0, 0],
+        b"",
+    );
+    assert_eq!(sids(&igmp), vec![1]);
+    assert_eq!(sids(&tcp(1, 2, b"zz")), vec![2]);
+    assert_eq!(sids(&udp(1, 2, b"zz")), vec![3]);
+    // A TCP packet whose header is cut short lands in the "other" class; ip_proto:6 still sees it.
+    let cut = frame("10.0.0.1", "10.0.0.2", 6, &[0, 1, 0, 2, 0, 0], b"zz");
+    assert_eq!(sids(&cut), vec![2]);
+}

@@ -379,6 +379,22 @@ fn class_of_rule(p: Proto) -> Option<usize> {
     }
 }
 
+/// Whether an `ip` rule can match packets of `class`. With `ip_proto:N` it can only match
+/// packets of that protocol: their class, or the "other" class where packets land whose L4
+/// header did not decode (non-first fragments, truncated headers).
+fn ip_rule_fits_class(r: &Rule, class: usize) -> bool {
+    let Some(rules::NumCheck::Eq(n)) = r.hdr.ip_proto else {
+        return true;
+    };
+    let proto_class = match n {
+        6 => C_TCP,
+        17 => C_UDP,
+        1 | 58 => C_ICMP,
+        _ => C_OTHER,
+    };
+    class == proto_class || class == C_OTHER
+}
+
 fn class_of_packet(p: &Packet<'_>) -> usize {
     match p.l4 {
         L4::Tcp { .. } => C_TCP,
@@ -469,7 +485,9 @@ impl Engine {
                 let i = i as u32;
                 match class_of_rule(r.proto) {
                     None => {
-                        generic.push(i);
+                        if ip_rule_fits_class(r, class) {
+                            generic.push(i);
+                        }
                         continue;
                     }
                     Some(k) if k != class => continue,
