@@ -727,33 +727,43 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// Complete packets the real NIC has sent.
     fn tx_complete(&mut self) -> u64 {
+        if self.tx.inflight.len == 0 {
+            return 0;
+        }
         let mut done = 0;
         let mut wrote = false;
         let tx_n = self.cfg.tx_ring;
+        // Locals (see `tx_fast_mode`): the volatile stores must not force field reloads.
+        let txw = self.tx_win;
+        let ring = self.tx.ring;
+        let epoch = self.tx.epoch;
+        let mut clean = self.tx.real_clean;
+        let mut arena_tail = self.tx.arena_tail;
+        let mut new_tdh = None;
         while let Some(f) = self.tx.inflight.front() {
             if let Some(last) = f.real_last {
-                let st = self.tx_win.desc_u8(last, TX_STATUS_OFFSET);
-                if st & txsta::DD == 0 {
+                if txw.desc_u8(last, TX_STATUS_OFFSET) & txsta::DD == 0 {
                     break;
                 }
-                self.tx.real_clean = if last + 1 == tx_n { 0 } else { last + 1 };
+                clean = if last + 1 == tx_n { 0 } else { last + 1 };
             }
             // Our write-backs come after the NIC's DD, as the device's come after its reads.
             fence(Ordering::Acquire);
-            match self.tx.ring {
-                Some(ring) if f.epoch == self.tx.epoch => {
+            match ring {
+                Some(ring) if f.epoch == epoch => {
+                    let gwin = ring.win;
                     let mut i = f.guest_first;
                     for _ in 0..f.guest_count {
-                        if ring.win.desc_u8(i, TX_CMD_OFFSET) & txcmd::RS != 0 {
+                        if gwin.desc_u8(i, TX_CMD_OFFSET) & txcmd::RS != 0 {
                             // As the device: DD set, collision/underrun bits clear.
-                            let sta = ring.win.desc_u8(i, TX_STATUS_OFFSET);
+                            let sta = gwin.desc_u8(i, TX_STATUS_OFFSET);
                             let sta = (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
-                            ring.win.set_desc_u8(i, TX_STATUS_OFFSET, sta);
+                            gwin.set_desc_u8(i, TX_STATUS_OFFSET, sta);
                             wrote = true;
                         }
                         i = ring.next(i);
                     }
-                    self.shadow.set_tdh(i);
+                    new_tdh = Some(i);
                 }
                 // Only posted packets are stale; dropped ones were already counted.
                 _ if f.real_last.is_some() => {
@@ -762,9 +772,15 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 }
                 _ => {}
             }
-            self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
+            arena_tail = f.arena_end.max(arena_tail);
             self.tx.inflight.pop_front();
             done += u64::from(f.guest_count);
+        }
+        self.tx.real_clean = clean;
+        self.tx.arena_tail = arena_tail;
+        if let Some(tdh) = new_tdh {
+            // Published after every DD it covers.
+            self.shadow.set_tdh(tdh);
         }
         if wrote {
             let mut cause = icr::TXDW;
@@ -797,8 +813,25 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// Returns (packets moved, back-pressure, posted anything).
     #[inline(always)]
     fn tx_fast(&mut self, ring: GuestRing<'a>, tdt: u32) -> (u64, bool, bool) {
+        // One loop per mode, so each stays small enough to live in registers.
+        match self.cfg.mode {
+            Mode::ZeroCopy => self.tx_fast_mode::<false>(ring, tdt),
+            Mode::Copy => self.tx_fast_mode::<true>(ring, tdt),
+        }
+    }
+
+    #[inline(always)]
+    fn tx_fast_mode<const COPY: bool>(
+        &mut self,
+        ring: GuestRing<'a>,
+        tdt: u32,
+    ) -> (u64, bool, bool) {
         let rn = self.cfg.tx_ring;
-        let mode = self.cfg.mode;
+        // Locals, not fields: the volatile descriptor stores below could alias `self` as far as
+        // the compiler knows, which would force a reload of every field after each store.
+        let gwin = ring.win;
+        let txw = self.tx_win;
+        let (fast_lo, fast_hi) = self.policy.first_allowed();
         let mut next = self.tx.next;
         let mut tail = self.tx.real_tail;
         let mut free = self.real_tx_free();
@@ -807,7 +840,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let (mut pkts, mut bytes) = (0u32, 0u64);
         let (mut stop, mut dropped) = (false, false);
         while next != tdt && pkts < COALESCE_MAX {
-            let hi = ring.win.desc_u64(next, 1);
+            let hi = gwin.desc_u64(next, 1);
             let len = hi as u16 as u32;
             if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
                 || len == 0
@@ -815,25 +848,30 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             {
                 break;
             }
-            let Ok(pa) = self
-                .policy
-                .check(GuestPhysAddr(ring.win.desc_u64(next, 0)), u64::from(len))
-            else {
-                break;
+            let lo = gwin.desc_u64(next, 0);
+            let end = lo.wrapping_add(u64::from(len));
+            let pa = if lo >= fast_lo && end <= fast_hi && end > lo {
+                // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
+                HostPhysAddr(lo)
+            } else {
+                let Ok(pa) = self.policy.check(GuestPhysAddr(lo), u64::from(len)) else {
+                    break;
+                };
+                pa
             };
             if free == 0 {
                 stop = true;
                 break;
             }
-            let (addr, verdict) = match mode {
-                Mode::ZeroCopy => (
+            let (addr, verdict) = match COPY {
+                false => (
                     pa.as_u64(),
                     match self.mem.borrow(pa, len as usize) {
                         Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
                         Err(_) => HookVerdict::Drop,
                     },
                 ),
-                Mode::Copy => {
+                true => {
                     arena_before = arena;
                     let Some(at) = arena_alloc(
                         &mut arena,
@@ -862,9 +900,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             }
             // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
             // cleared, RS set so the NIC reports completion.
-            self.tx_win.set_desc_u64(tail, 0, addr);
-            self.tx_win
-                .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+            txw.set_desc_u64(tail, 0, addr);
+            txw.set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
             tail = if tail + 1 == rn { 0 } else { tail + 1 };
             free -= 1;
             next = ring.next(next);

@@ -346,6 +346,17 @@ impl MemoryPolicy {
         Err(self.classify(start, len))
     }
 
+    /// The first allowed range as `(start, end)` (`(0, 0)` when there is none), for callers
+    /// that test the common case inline before calling [`MemoryPolicy::check`].
+    #[inline]
+    pub fn first_allowed(&self) -> (u64, u64) {
+        if self.n_allowed == 0 {
+            (0, 0)
+        } else {
+            (self.allowed[0].start, self.allowed[0].end)
+        }
+    }
+
     /// The precise reason a range was refused (slow path).
     #[cold]
     fn classify(&self, addr: u64, len: u64) -> MemError {
