@@ -370,6 +370,12 @@ pub struct Engine {
     memo: Memo,
 }
 
+// The engine is built where the blob is (the BSP at boot) and then runs on a DPI core.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Engine>();
+};
+
 fn class_of_rule(p: Proto) -> Option<usize> {
     match p {
         Proto::Tcp => Some(C_TCP),
