@@ -62,6 +62,9 @@ struct Common {
     /// Run directory name under out/ (default: the subcommand's name).
     #[arg(long)]
     name: Option<String>,
+    /// Replace the guest kernel's command line.
+    #[arg(long)]
+    kernel_cmdline: Option<String>,
 }
 
 fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
@@ -70,6 +73,9 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
     o.timeout = Duration::from_secs(c.timeout);
     o.keep = c.keep;
     o.emulator = c.emulator;
+    if let Some(k) = c.kernel_cmdline {
+        o.kernel_cmdline = k;
+    }
     o
 }
 

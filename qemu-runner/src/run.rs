@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub workspace: PathBuf,
     /// A prebuilt Ally image; `None` builds it with cargo.
     pub ally_image: Option<PathBuf>,
+    /// The guest kernel's command line (default [`guest::KERNEL_CMDLINE`]).
+    pub kernel_cmdline: String,
     /// The cargo target directory for building the Ally image (`None`: `$CARGO_TARGET_DIR`
     /// or `<workspace>/target`). Tests must use their own (cargo locks its target directory
     /// while tests run).
@@ -92,6 +94,7 @@ impl RunOptions {
             workspace,
             ally_image: None,
             ally_target_dir: None,
+            kernel_cmdline: guest::KERNEL_CMDLINE.to_string(),
         }
     }
 }
@@ -434,6 +437,15 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
             reason: format!("`{}` must be a plain directory name", opts.name),
         });
     }
+    if opts.kernel_cmdline.contains(['\n', '\r']) || !opts.kernel_cmdline.is_ascii() {
+        return Err(RunError::BadOption {
+            option: "--kernel-cmdline",
+            reason: format!(
+                "`{}` must be one line of ASCII (it becomes syslinux's APPEND line)",
+                opts.kernel_cmdline
+            ),
+        });
+    }
     let lock = lock_run(&opts.out_root, &opts.name)?;
     let dir = opts.out_root.join(&opts.name);
     let io = |path: &Path| {
@@ -471,7 +483,7 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
     let src = GuestSources::locate(&opts.cache, &opts.workspace.join("guest/init"))?;
     let cache_root = opts.out_root.join("cache");
     fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
-    let image = guest::build_guest_image(&src, &cache_root, guest::KERNEL_CMDLINE)?;
+    let image = guest::build_guest_image(&src, &cache_root, &opts.kernel_cmdline)?;
     if opts.progress.is_some() {
         progress(
             &opts.name,
@@ -737,6 +749,12 @@ mod tests {
         o.progress = None;
         let e = prepare(&o).unwrap_err().to_string();
         assert_eq!(e, "option --cpus: 0 is out of range 1..=64");
+        let mut o = RunOptions::new(Mode::Baseline, "t");
+        o.kernel_cmdline = "console=ttyS0\ninit=/bin/sh".into();
+        assert!(prepare(&o)
+            .unwrap_err()
+            .to_string()
+            .starts_with("option --kernel-cmdline: "));
         let mut o = RunOptions::new(Mode::Baseline, "../x");
         o.progress = None;
         assert!(prepare(&o)
