@@ -2,7 +2,8 @@
 //!
 //! [`Prefilter`] (used by the engine) slides a 4-byte window over the buffer once. The window is
 //! first tested against a 64 Kibit bigram table of the literals' possible first two bytes (one
-//! L1 lookup per byte; most positions stop there). A passing window is ASCII-case-folded with a
+//! L1 lookup per byte; most positions stop there), then against a hashed table of their first
+//! three bytes (or a table of 2-byte literals). A passing window is ASCII-case-folded with a
 //! few word operations, hashed into a small bitmap of the folded 4-byte prefixes of literals of
 //! 4 bytes or more, and looked up directly in a bitmap of the folded 2-byte prefixes of 2–3-byte
 //! literals. Only a set bit leads to the literals with that prefix and a byte-for-byte check
@@ -251,6 +252,13 @@ fn set_bit(map: &mut [u64], i: usize) {
     map[i >> 6] |= 1u64 << (i & 63);
 }
 
+/// Hash of a trigram into a table of 2^(32 - shift) bits.
+#[inline(always)]
+fn trigram_hash(b0: u8, b1: u8, b2: u8, shift: u32) -> usize {
+    let w = u32::from(b0) | u32::from(b1) << 8 | u32::from(b2) << 16;
+    (w.wrapping_mul(HASH_MUL) >> shift) as usize
+}
+
 /// Multiplicative hash constant (2^32 / golden ratio).
 const HASH_MUL: u32 = 0x9e37_79b1;
 
@@ -262,6 +270,12 @@ pub struct Prefilter {
     /// case variants of `nocase` literals; every b1 for 1-byte literals). Most positions stop
     /// here after one L1 lookup, without folding or hashing.
     bigram: Box<Bits64K>,
+    /// Bigrams that start a 2-byte literal (these positions skip the trigram test).
+    bigram_short: Box<Bits64K>,
+    /// Hashed trigrams (all case variants) that start a literal of 3 bytes or more, tested
+    /// inline at positions that pass the bigram table before the out-of-line second stage.
+    trigram: Vec<u64>,
+    tri_shift: u32,
     /// Bitmap over hashed folded 4-byte prefixes of literals of >= 4 bytes.
     bloom: Vec<u64>,
     shift: u32,
@@ -345,11 +359,31 @@ impl Prefilter {
                 [b, b]
             }
         };
+        let mut bigram_short: Box<Bits64K> = Box::new([0; 1024]);
+        // About 16 bits per trigram variant (a few % false positives), 4 Kibit to 256 Kibit.
+        let variants_total: usize = lits
+            .iter()
+            .filter(|l| l.bytes.len() >= 3)
+            .map(|l| if l.nocase { 8 } else { 1 })
+            .sum();
+        let tri_bits = (variants_total * 16)
+            .next_power_of_two()
+            .clamp(1 << 12, 1 << 18);
+        let tri_shift = 32 - tri_bits.trailing_zeros();
+        let mut trigram = alloc::vec![0u64; tri_bits / 64];
         for l in &lits {
             for b0 in variants(l.bytes[0], l.nocase) {
-                if let Some(&b1) = l.bytes.get(1) {
-                    for b1 in variants(b1, l.nocase) {
-                        set_bit(&mut bigram[..], usize::from(b0) | usize::from(b1) << 8);
+                let Some(&b1) = l.bytes.get(1) else { continue };
+                for b1 in variants(b1, l.nocase) {
+                    let k = usize::from(b0) | usize::from(b1) << 8;
+                    set_bit(&mut bigram[..], k);
+                    match l.bytes.get(2) {
+                        None => set_bit(&mut bigram_short[..], k),
+                        Some(&b2) => {
+                            for b2 in variants(b2, l.nocase) {
+                                set_bit(&mut trigram, trigram_hash(b0, b1, b2, tri_shift));
+                            }
+                        }
                     }
                 }
             }
@@ -357,6 +391,9 @@ impl Prefilter {
         Ok(Prefilter {
             lits,
             bigram,
+            bigram_short,
+            trigram,
+            tri_shift,
             bloom,
             shift,
             long: Buckets::build(long),
@@ -379,7 +416,8 @@ impl Prefilter {
 
     /// Heap bytes of the tables and literal copies.
     pub fn memory_usage(&self) -> usize {
-        (self.bloom.len() + 1024 + if self.bits2.is_some() { 1024 } else { 0 }) * 8
+        (self.bloom.len() + self.trigram.len() + 2048 + if self.bits2.is_some() { 1024 } else { 0 })
+            * 8
             + self.long.memory_usage()
             + self.short2.memory_usage()
             + self
@@ -501,9 +539,22 @@ impl Prefilter {
         }
         let table: &Bits64K = &self.bigram;
         for (i, pair) in hay.windows(2).enumerate() {
-            if bit64k(table, u16::from_le_bytes([pair[0], pair[1]])) {
-                self.check_at(hay, i, marks, &mut hit);
+            let k = u16::from_le_bytes([pair[0], pair[1]]);
+            if !bit64k(table, k) {
+                continue;
             }
+            // Skip the second stage when no literal of 3+ bytes can start here (trigram clear)
+            // and no 2-byte literal does either.
+            if let Some(&b2) = hay.get(i + 2) {
+                if !bit(
+                    &self.trigram,
+                    trigram_hash(pair[0], pair[1], b2, self.tri_shift),
+                ) && !bit64k(&self.bigram_short, k)
+                {
+                    continue;
+                }
+            }
+            self.check_at(hay, i, marks, &mut hit);
         }
     }
 }
