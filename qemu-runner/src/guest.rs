@@ -31,7 +31,10 @@ const MBR_CODE_BYTES: usize = 440;
 /// and it reserves a busy "RAM buffer" from the end of every RAM range up to the next 64 MiB
 /// boundary (e820__reserve_resources_late), which covers the start of a hidden region that
 /// is not 64 MiB aligned.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4 iomem=relaxed";
+// `pci=noacpi`: under Bochs 2.7 with more than one CPU, Linux's ACPI PCI-link setup
+// re-routes or disables the PIIX PIRQ lines and the e1000 never interrupts (the baseline
+// without Ally shows it too); the BIOS's $PIR routing works with one CPU or many.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi";
 
 /// Bumped whenever the way the image is built changes, to invalidate old caches.
 const BUILDER_VERSION: &str = "ally-guest-image-v1";
@@ -497,7 +500,7 @@ mod tests {
     fn syslinux_cfg_boots_at_once() {
         let c = syslinux_cfg(KERNEL_CMDLINE);
         assert!(c.contains("TIMEOUT 0\n"));
-        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4 iomem=relaxed\n"));
+        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi\n"));
     }
 
     /// Fake inputs: the image builder does not care what the kernel or busybox contain.
