@@ -25,16 +25,20 @@ pub const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 const MBR_CODE_BYTES: usize = 440;
 
 /// The kernel command line. The guest is told nothing about Ally: only the console (ttyS0 =
-/// COM1), a quieter log so marker lines are not interleaved with kernel messages, and
-/// `iomem=relaxed`, the guest root's own choice to reach unclaimed physical memory through
-/// /dev/mem: with Debian's CONFIG_IO_STRICT_DEVMEM, Linux refuses mmap of any busy resource,
-/// and it reserves a busy "RAM buffer" from the end of every RAM range up to the next 64 MiB
-/// boundary (e820__reserve_resources_late), which covers the start of a hidden region that
-/// is not 64 MiB aligned.
-// `pci=noacpi`: under Bochs 2.7 with more than one CPU, Linux's ACPI PCI-link setup
-// re-routes or disables the PIIX PIRQ lines and the e1000 never interrupts (the baseline
-// without Ally shows it too); the BIOS's $PIR routing works with one CPU or many.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi";
+/// COM1), a quieter log so marker lines are not interleaved with kernel messages, and two
+/// choices the guest's root could make itself:
+/// - `iomem=relaxed`, to reach unclaimed physical memory through /dev/mem: with Debian's
+///   CONFIG_IO_STRICT_DEVMEM, Linux refuses mmap of any busy resource, and it reserves a busy
+///   "RAM buffer" from the end of every RAM range up to the next 64 MiB boundary
+///   (e820__reserve_resources_late), which covers the start of a hidden region.
+/// - `clocksource=hpet tsc=unstable`: Bochs' Skylake-X model reports a 3.5 GHz TSC in CPUID,
+///   but its TSC does not advance at that rate against Bochs' own timers, so guest time on
+///   the TSC runs far slower than emulated time; with 2+ emulated CPUs (no idle fast-forward)
+///   every `sleep` then costs minutes of wall time. On the HPET the guest's time agrees with
+///   the emulator's: a 2-CPU baseline boot went from over 13 minutes (stuck in the guest's
+///   sleeps after loading e1000) to 3.5 minutes.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0,115200 loglevel=4 iomem=relaxed clocksource=hpet tsc=unstable";
 
 /// Bumped whenever the way the image is built changes, to invalidate old caches.
 const BUILDER_VERSION: &str = "ally-guest-image-v1";
