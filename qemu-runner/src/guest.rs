@@ -36,9 +36,13 @@ const MBR_CODE_BYTES: usize = 440;
 ///   the TSC runs far slower than emulated time; with 2+ emulated CPUs (no idle fast-forward)
 ///   every `sleep` then costs minutes of wall time. On the HPET the guest's time agrees with
 ///   the emulator's: a 2-CPU baseline boot went from over 13 minutes (stuck in the guest's
-///   sleeps after loading e1000) to 3.5 minutes.
+///   sleeps after loading e1000) to 3.5 minutes, and pinged.
+/// - `pci=noacpi` (the lead's, d33f7ed): under Bochs 2.7 with more than one CPU, Linux's ACPI
+///   PCI-link setup was seen to leave the e1000 without interrupts; the BIOS's $PIR routing
+///   works with one CPU or many. (A 2-CPU baseline with the HPET clock but without it also
+///   pinged, so the clock may have been the whole story; kept until an SMP Ally run shows it.)
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0,115200 loglevel=4 iomem=relaxed clocksource=hpet tsc=unstable";
+    "console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi clocksource=hpet tsc=unstable";
 
 /// Bumped whenever the way the image is built changes, to invalidate old caches.
 const BUILDER_VERSION: &str = "ally-guest-image-v1";
@@ -504,7 +508,8 @@ mod tests {
     fn syslinux_cfg_boots_at_once() {
         let c = syslinux_cfg(KERNEL_CMDLINE);
         assert!(c.contains("TIMEOUT 0\n"));
-        assert!(c.contains("APPEND console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi\n"));
+        assert!(c.contains(&format!("APPEND {KERNEL_CMDLINE}\n")));
+        assert!(KERNEL_CMDLINE.starts_with("console=ttyS0,115200 "));
     }
 
     /// Fake inputs: the image builder does not care what the kernel or busybox contain.
