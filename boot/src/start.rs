@@ -280,6 +280,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
         canary: unsafe { Canary::new([image_head, dpi_guarded]) },
         power_off_hook: report_dpi_status,
+        dpi_heartbeat,
         os_cores: cpus
             .all
             .iter()
@@ -606,6 +607,14 @@ fn start_application_processors(
 }
 
 static DPI_STATUS: spin::Once<&'static DpiStatus> = spin::Once::new();
+
+/// The sum of the DPI cores' heartbeats.
+fn dpi_heartbeat() -> u64 {
+    DPI_STATUS
+        .get()
+        .map(|status| status.snapshot().map(|(_, _, beats, _)| beats).sum())
+        .unwrap_or(0)
+}
 
 /// At the guest's power-off: the DPI cores' heartbeats and the NMIs Ally absorbed.
 fn report_dpi_status() {

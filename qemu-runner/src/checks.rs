@@ -129,6 +129,7 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
     out.push(Check::from_result("exits", exits(ally)));
     out.push(Check::from_result("guest-cpus", guest_cpus(guest, ally)));
     out.push(Check::from_result("dpi-heartbeat", dpi_heartbeat(ally)));
+    out.push(Check::from_result("ipi-attack", ipi_attack(guest, ally)));
     out.push(match ally.fatal() {
         None => Check::new("no-fatal", true, "no `ALLY fatal` line"),
         Some(l) => Check::new("no-fatal", false, l.line.clone()),
@@ -188,6 +189,54 @@ fn dpi_heartbeat(ally: &AllyReport) -> Result<String, String> {
             seen.len()
         ))
     }
+}
+
+/// The guest's INIT, SIPI, NMI and fixed IPIs at APIC IDs it does not see were all dropped
+/// by Ally, and the DPI cores kept beating after the last drop.
+fn ipi_attack(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let marker = guest
+        .find("ipi-attack")
+        .ok_or("no `ALLYTEST ipi-attack` marker")?;
+    let sent = marker.number("sent").map_err(marker_err)?;
+    let (_, dpi) = ally_cpus(ally)?;
+    if dpi == 0 {
+        return Ok(format!(
+            "no DPI core to protect; the guest sent {sent} IPIs"
+        ));
+    }
+    if sent == 0 {
+        return Err(format!("the guest could not send any IPI: {}", marker.line));
+    }
+    let mut counts = Vec::new();
+    for mode in ["init", "sipi", "nmi", "fixed"] {
+        let line = ally
+            .all("ipi-dropped")
+            .find(|l| l.fields.get("mode") == Some(mode))
+            .ok_or_else(|| format!("no `ALLY ipi-dropped mode={mode}` line"))?;
+        let n = line.number("count").map_err(marker_err)?;
+        if n == 0 {
+            return Err(format!("Ally dropped no {mode} IPI aimed at a DPI core"));
+        }
+        counts.push(format!("{mode}={n}"));
+    }
+    let at_last_drop = ally
+        .all("ipi-drop")
+        .filter_map(|l| l.number("heartbeat").ok())
+        .max()
+        .ok_or("no `ALLY ipi-drop ... heartbeat=` line")?;
+    let final_beats: u64 = ally
+        .all("dpi-core")
+        .filter_map(|l| l.number("heartbeat").ok())
+        .sum();
+    if final_beats <= at_last_drop {
+        return Err(format!(
+            "DPI heartbeat {final_beats} at power-off did not advance past {at_last_drop} at the last dropped IPI"
+        ));
+    }
+    Ok(format!(
+        "guest sent {sent}; dropped {}; DPI heartbeat {at_last_drop} -> {final_beats}",
+        counts.join(" ")
+    ))
 }
 
 fn memtotal(guest: &GuestReport, region: &Result<(u64, u64), String>) -> Result<String, String> {
@@ -360,6 +409,7 @@ ALLYTEST devmem-read INFO addr=0x3dff0010 value=0xFFFFFFFF
 ALLYTEST devmem-write INFO addr=0x3dff0010 readback=0xFFFFFFFF
 ALLYTEST ping PASS target=10.0.2.2 received=3 sent=3
 ALLYTEST cpus INFO nproc=1 present=0
+ALLYTEST ipi-attack INFO own=0 targets=1,2 sent=9
 ALLYTEST done
 ";
 
@@ -370,6 +420,11 @@ ALLY guest-start
 ALLY ept-violation gpa=0x3dff0010 access=write action=skip
 ALLY exits reason=CPUID count=10
 ALLY canary status=intact
+ALLY ipi-drop mode=nmi icr=0x400 dest=0x1 dropped=1 heartbeat=40
+ALLY ipi-dropped mode=fixed count=1
+ALLY ipi-dropped mode=nmi count=2
+ALLY ipi-dropped mode=init count=1
+ALLY ipi-dropped mode=sipi count=1
 ALLY dpi-core index=0 apic=1 heartbeat=57 wakeups=56
 ALLY poweroff
 ";
@@ -387,13 +442,30 @@ ALLY poweroff
     }
 
     #[test]
+    fn ipi_attack_needs_every_mode_dropped_and_a_live_dpi_core() {
+        let a = GOOD_ALLY.replace("mode=sipi count=1", "mode=sipi count=0");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["ipi-attack"]);
+        let a = GOOD_ALLY.replace("dropped=1 heartbeat=40", "dropped=1 heartbeat=57");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["ipi-attack"]);
+        let g = GOOD_GUEST.replace("sent=9", "sent=0");
+        assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["ipi-attack"]);
+    }
+
+    #[test]
     fn cpu_partition_checks_fail_on_a_visible_dpi_core_or_a_stopped_heartbeat() {
         let g = GOOD_GUEST.replace("nproc=1", "nproc=2");
         assert_eq!(failed(&judge(&g, GOOD_ALLY)), ["guest-cpus"]);
+        // A stopped DPI core also fails the attack check (no beat after the last drop).
         let a = GOOD_ALLY.replace("heartbeat=57", "heartbeat=1");
-        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["dpi-heartbeat"]);
+        assert_eq!(
+            failed(&judge(GOOD_GUEST, &a)),
+            ["dpi-heartbeat", "ipi-attack"]
+        );
         let a = GOOD_ALLY.replace("ALLY dpi-core index=0 apic=1 heartbeat=57 wakeups=56\n", "");
-        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["dpi-heartbeat"]);
+        assert_eq!(
+            failed(&judge(GOOD_GUEST, &a)),
+            ["dpi-heartbeat", "ipi-attack"]
+        );
     }
 
     #[test]

@@ -25,8 +25,20 @@ pub static REWRITTEN_IPIS: AtomicU64 = AtomicU64::new(0);
 /// Guest xAPIC accesses emulated (each one a VM exit).
 pub static APIC_MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
 
-fn record_drop(low: u32, dropped: usize) {
-    DROPPED_IPIS[DeliveryMode::from_icr(low).index()].fetch_add(dropped as u64, Ordering::Relaxed);
+/// Drop reports printed so far (each one a COM2 line; the counters keep counting after).
+static DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
+const DROP_REPORT_LIMIT: u64 = 64;
+
+fn record_drop(low: u32, destination: u32, dropped: usize) {
+    let mode = DeliveryMode::from_icr(low);
+    DROPPED_IPIS[mode.index()].fetch_add(dropped as u64, Ordering::Relaxed);
+    if DROP_REPORTS.fetch_add(1, Ordering::Relaxed) < DROP_REPORT_LIMIT {
+        // The DPI heartbeat at the drop: the power-off report shows it went on afterwards.
+        log::warn!(
+            "ALLY ipi-drop mode={mode} icr={low:#x} dest={destination:#x} dropped={dropped} heartbeat={}",
+            (platform().dpi_heartbeat)()
+        );
+    }
 }
 
 /// Applies the filter's decision, writing the real ICR through `send(low, destination)`.
@@ -38,19 +50,19 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
     };
     match filter_ipi(mode, low, destination, cpus, &[]) {
         IpiAction::Forward => send(low, destination),
-        IpiAction::Drop { dropped } => record_drop(low, dropped),
+        IpiAction::Drop { dropped } => record_drop(low, destination, dropped),
         IpiAction::Logical {
-            destination,
+            destination: remaining,
             dropped,
         } => {
-            record_drop(low, dropped);
-            send(low, destination);
+            record_drop(low, destination, dropped);
+            send(low, remaining);
         }
         IpiAction::Unicast {
             include_self,
             dropped,
         } => {
-            record_drop(low, dropped);
+            record_drop(low, destination, dropped);
             REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
             // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
             let unicast = low & !((3 << 18) | (1 << 11));

@@ -58,6 +58,8 @@ pub struct Platform {
     pub apic_base: u64,
     /// Called at the guest's power-off, after the exit counts (the DPI partition's report).
     pub power_off_hook: fn(),
+    /// The DPI cores' summed heartbeat (for reports that show the cores kept running).
+    pub dpi_heartbeat: fn() -> u64,
 }
 
 static PLATFORM: Once<Platform> = Once::new();
