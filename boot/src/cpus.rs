@@ -67,6 +67,7 @@ fn become_guest_cpu(
     let vcpu = setup
         .vcpu_slot
         .insert(Vcpu::new(apic_id, setup.vpid, caps, setup.pages));
+    vcpu.waiting_for_sipi = true;
     // SAFETY: on this AP, once; the pages were allocated zeroed by the boot CPU.
     unsafe { vcpu.activate()? };
     // SAFETY: the exit stack was allocated for this core alone.

@@ -227,22 +227,40 @@ fn guest_cr4() -> u64 {
 
 /// INIT: the vCPU goes to wait-for-SIPI with the post-INIT state, as a real CPU does (the
 /// guest starts its application processors with INIT-SIPI-SIPI; SDM Vol. 3C 26.4.2).
+///
+/// A vCPU in wait-for-SIPI does not take the INIT of that sequence at once: the CPU (Bochs at
+/// least) holds it and delivers it right after the SIPI started the vCPU, before its first
+/// instruction. That INIT belongs to the start-up that has just happened, so it is dropped.
 fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
+    let stale = vcpu.sipi_segment.is_some_and(|segment| {
+        vmread(guest::CS_SELECTOR) == u64::from(segment) && vmread(guest::RIP) == 0
+    });
+    vcpu.sipi_segment = None;
+    if stale {
+        return Ok(());
+    }
     vcpu.reset_guest(super::vcpu::StartState::WaitForSipi)
         .map_err(|_| StopReason::GuestRequested("the INIT state could not be written"))?;
+    vcpu.waiting_for_sipi = true;
     // SAFETY: VPID single-context INVVPID support was checked at start-up.
     unsafe { instructions::invvpid_single(vcpu.vpid) };
     Ok(())
 }
 
 /// SIPI in wait-for-SIPI: start in real mode at vector:0000 (exit qualification bits 7:0
-/// hold the vector; SDM 28.2.1 Table 28-1).
+/// hold the vector; SDM 28.2.1 Table 28-1). A SIPI to a running vCPU is ignored, as by a
+/// real CPU.
 fn handle_sipi(vcpu: &mut Vcpu) -> ExitResult {
+    if !vcpu.waiting_for_sipi {
+        return Ok(());
+    }
     let vector = (vmread(ro::EXIT_QUALIFICATION) & 0xFF) as u16;
     vcpu.reset_guest(super::vcpu::StartState::Sipi {
         segment: vector << 8,
     })
     .map_err(|_| StopReason::GuestRequested("the SIPI start state could not be written"))?;
+    vcpu.waiting_for_sipi = false;
+    vcpu.sipi_segment = Some(vector << 8);
     info!(
         "vCPU {} started by the guest at {:#x}",
         vcpu.apic_id,

@@ -46,6 +46,10 @@ pub struct Vcpu {
     pub exits: ExitCounters,
     /// The guest has been stopped after an exit Ally could not handle.
     pub stopped: bool,
+    /// In wait-for-SIPI: a SIPI starts the vCPU; otherwise SIPIs are ignored (SDM 10.4.4).
+    pub waiting_for_sipi: bool,
+    /// The real-mode segment the last SIPI started the vCPU at (see `exits::handle_init`).
+    pub sipi_segment: Option<u16>,
 }
 
 /// Segment access rights in VMCS format (SDM Vol. 3C 25.4.1, Table 25-2).
@@ -79,6 +83,8 @@ impl Vcpu {
             cr4_mask,
             exits: ExitCounters::new(),
             stopped: false,
+            waiting_for_sipi: false,
+            sipi_segment: None,
         }
     }
 
