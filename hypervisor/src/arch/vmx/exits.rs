@@ -237,6 +237,10 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
     });
     vcpu.sipi_segment = None;
     if stale {
+        // Resume the fresh post-SIPI state; the INIT exit may have saved blocking bits that
+        // do not apply (Bochs reports blocking by SMI, invalid outside SMM: SDM 27.3.1.5).
+        vmcs_write(guest::INTERRUPTIBILITY_STATE, 0);
+        vmcs_write(guest::PENDING_DBG_EXCEPTIONS, 0);
         return Ok(());
     }
     vcpu.reset_guest(super::vcpu::StartState::WaitForSipi)
