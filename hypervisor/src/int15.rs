@@ -268,20 +268,12 @@ mod tests {
 
     /// Bochs with 1 GiB, Ally's region [0x3a000000, 0x3fe00000) removed.
     fn guest_map() -> MemoryMap {
-        MemoryMap::from_entries([
-            e(0, 0x9fc00, 1),
-            e(0x9fc00, 0xa0000, 2),
-            e(0xf0000, 0x100000, 2),
-            e(0x100000, 0x3fff0000, 1),
-            e(0x3fff0000, 0x4000_0000, 3),
-            e(0xfffc0000, 0x1_0000_0000, 2),
-        ])
-        .unwrap()
-        .without(&[PhysRange {
-            start: 0x3a000000,
-            end: 0x3fe00000,
-        }])
-        .unwrap()
+        crate::memmap::fixtures::bochs_map()
+            .without(&[PhysRange {
+                start: 0x3a000000,
+                end: 0x3fe00000,
+            }])
+            .unwrap()
     }
 
     fn e820_regs(ebx: u32, ecx: u32) -> RealModeRegs {

@@ -465,18 +465,7 @@ mod tests {
         MemoryRegion::new(r(start, end), MemoryKind::from_raw(raw))
     }
 
-    /// Bochs/QEMU with 1 GiB of RAM.
-    fn bochs_map() -> MemoryMap {
-        MemoryMap::from_entries([
-            e(0, 0x9fc00, 1),
-            e(0x9fc00, 0xa0000, 2),
-            e(0xf0000, 0x100000, 2),
-            e(0x100000, 0x3fff0000, 1),
-            e(0x3fff0000, 0x4000_0000, 3),
-            e(0xfffc0000, 0x1_0000_0000, 2),
-        ])
-        .unwrap()
-    }
+    use super::fixtures::bochs_map;
 
     #[test]
     fn kinds_round_trip() {
@@ -789,5 +778,27 @@ mod tests {
                 assert!(!p.overlaps(&avoid[0]));
             }
         }
+    }
+}
+
+/// Memory maps shared by the host tests of this crate.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// Bochs/QEMU with 1 GiB of RAM, as the firmware reports it.
+    pub(crate) fn bochs_map() -> MemoryMap {
+        let e = |start, end, raw| {
+            MemoryRegion::new(PhysRange { start, end }, MemoryKind::from_raw(raw))
+        };
+        MemoryMap::from_entries([
+            e(0, 0x9fc00, 1),
+            e(0x9fc00, 0xa0000, 2),
+            e(0xf0000, 0x100000, 2),
+            e(0x100000, 0x3fff0000, 1),
+            e(0x3fff0000, 0x4000_0000, 3),
+            e(0xfffc0000, 0x1_0000_0000, 2),
+        ])
+        .unwrap()
     }
 }
