@@ -116,6 +116,9 @@ fn cpu_state(regs: &GuestRegisters) -> GuestCpuState {
     }
 }
 
+/// How many exits of each application processor are logged at debug level.
+const FIRST_AP_EXITS_LOGGED: u64 = 40;
+
 /// The VM-exit dispatcher, called by the trampoline in `launch.rs`.
 #[no_mangle]
 extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
@@ -123,6 +126,17 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
+    // The first exits of an application processor, to follow its start-up in the log.
+    if vcpu.vpid != 1 && vcpu.exits.total() <= FIRST_AP_EXITS_LOGGED {
+        log::debug!(
+            "vCPU {} exit {} ({reason}) rip={:#x} cs={:#x} qual={:#x}",
+            vcpu.apic_id,
+            vcpu.exits.total(),
+            vmread(guest::RIP),
+            vmread(guest::CS_SELECTOR),
+            vmread(ro::EXIT_QUALIFICATION)
+        );
+    }
 
     let outcome = if raw_reason & (1 << 31) != 0 {
         Err(StopReason::EntryFailed { basic })
@@ -230,12 +244,13 @@ fn guest_cr4() -> u64 {
 ///
 /// A vCPU in wait-for-SIPI does not take the INIT of that sequence at once: the CPU (Bochs at
 /// least) holds it and delivers it right after the SIPI started the vCPU, before its first
-/// instruction. That INIT belongs to the start-up that has just happened, so it is dropped.
+/// instruction. Those INITs belong to the start-up that has just happened, so they are dropped.
 fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
+    // Both INITs of the sequence (assert and de-assert) may arrive this way: any INIT before
+    // the started vCPU's first instruction is stale.
     let stale = vcpu.sipi_segment.is_some_and(|segment| {
         vmread(guest::CS_SELECTOR) == u64::from(segment) && vmread(guest::RIP) == 0
     });
-    vcpu.sipi_segment = None;
     if stale {
         // Resume the fresh post-SIPI state; the INIT exit may have saved blocking bits that
         // do not apply (Bochs reports blocking by SMI, invalid outside SMM: SDM 27.3.1.5).
@@ -243,6 +258,7 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
         vmcs_write(guest::PENDING_DBG_EXCEPTIONS, 0);
         return Ok(());
     }
+    vcpu.sipi_segment = None;
     vcpu.reset_guest(super::vcpu::StartState::WaitForSipi)
         .map_err(|_| StopReason::GuestRequested("the INIT state could not be written"))?;
     vcpu.waiting_for_sipi = true;
