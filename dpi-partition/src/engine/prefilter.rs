@@ -70,24 +70,30 @@ pub struct AcPrefilter {
     pat_lits: Vec<Vec<u32>>,
 }
 
+/// The literals as both prefilters store them: nocase ones lowered, none empty.
+fn normalized_literals(literals: &[(Vec<u8>, bool)]) -> Result<Vec<Lit>, String> {
+    let lits: Vec<Lit> = literals
+        .iter()
+        .map(|(b, nc)| Lit {
+            bytes: if *nc {
+                b.to_ascii_lowercase().into()
+            } else {
+                b.clone().into()
+            },
+            nocase: *nc,
+        })
+        .collect();
+    if lits.iter().any(|l| l.bytes.is_empty()) {
+        return Err(String::from("prefilter: empty literal"));
+    }
+    Ok(lits)
+}
+
 impl AcPrefilter {
     /// Builds the prefilter. Literal `i` of the input keeps id `i`; identical (bytes, nocase)
     /// pairs are fine (each id is reported).
     pub fn new(literals: &[(Vec<u8>, bool)]) -> Result<AcPrefilter, String> {
-        let lits: Vec<Lit> = literals
-            .iter()
-            .map(|(b, nc)| Lit {
-                bytes: if *nc {
-                    b.to_ascii_lowercase().into()
-                } else {
-                    b.clone().into()
-                },
-                nocase: *nc,
-            })
-            .collect();
-        if lits.iter().any(|l| l.bytes.is_empty()) {
-            return Err(String::from("prefilter: empty literal"));
-        }
+        let lits = normalized_literals(literals)?;
         // Identical case-folded literals share one automaton pattern.
         let mut uniq: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
         let mut pat_lits: Vec<Vec<u32>> = Vec::new();
@@ -295,20 +301,7 @@ impl Prefilter {
     /// Builds the prefilter. Literal `i` of the input keeps id `i`; identical (bytes, nocase)
     /// pairs are fine (each id is reported).
     pub fn new(literals: &[(Vec<u8>, bool)]) -> Result<Prefilter, String> {
-        let lits: Vec<Lit> = literals
-            .iter()
-            .map(|(b, nc)| Lit {
-                bytes: if *nc {
-                    b.to_ascii_lowercase().into()
-                } else {
-                    b.clone().into()
-                },
-                nocase: *nc,
-            })
-            .collect();
-        if lits.iter().any(|l| l.bytes.is_empty()) {
-            return Err(String::from("prefilter: empty literal"));
-        }
+        let lits = normalized_literals(literals)?;
         let n_long = lits.iter().filter(|l| l.bytes.len() >= 4).count();
         // About 64 bits per literal keeps false positives near 1.5%; 2^10..2^18 bits.
         let bits = (n_long * 64).next_power_of_two().clamp(1 << 10, 1 << 18);

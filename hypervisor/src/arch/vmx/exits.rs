@@ -127,7 +127,11 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
     // The first exits of an application processor, to follow its start-up in the log.
-    if vcpu.vpid != 1 && vcpu.exits.total() <= FIRST_AP_EXITS_LOGGED {
+    // Checked in this order so that the exit path pays nothing unless debug logging is on.
+    if log::log_enabled!(log::Level::Debug)
+        && vcpu.vpid != 1
+        && vcpu.exits.total() <= FIRST_AP_EXITS_LOGGED
+    {
         log::debug!(
             "vCPU {} exit {} ({reason}) rip={:#x} cs={:#x} qual={:#x}",
             vcpu.apic_id,
