@@ -93,17 +93,49 @@ fn become_guest_cpu(
 
 /// Timer period of an idle DPI core, in APIC timer ticks (bus clocks, divide by 1).
 const IDLE_TIMER_COUNT: u32 = 10_000_000;
+/// With a NIC to serve the timer is the receive path's alarm: frames the device wrote into
+/// the DPI ring wait at most this long (the guest's tail writes ring doorbells, but the
+/// device's DMA wakes nobody).
+const NIC_TIMER_COUNT: u32 = 100_000;
+/// Empty polls before a busy DPI core halts again (traffic comes in bursts).
+const SPIN_POLLS: u32 = 256;
 
-/// The DPI loop. Until the NIC work arrives (issue 4) it only publishes its heartbeat; when
-/// idle it halts with the APIC timer as its alarm, so that emulators do not spend their time
-/// on a spinning core.
+/// The DPI loop: the first DPI core moves the NIC's queues (`nic.rs`); every core publishes
+/// its heartbeat. When idle a core halts with the APIC timer as its alarm, so that emulators
+/// do not spend their time on a spinning core.
 fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     let me = &status.cores[index];
     me.apic_id.store(u64::from(apic_id), Ordering::Relaxed);
-    info!("DPI core {index} (APIC {apic_id}) running");
-    LocalApic::current().start_periodic_timer(TIMER_VECTOR, IDLE_TIMER_COUNT);
+    let mut work = if index == 0 {
+        crate::nic::DPI_WORK.lock().take()
+    } else {
+        None
+    };
+    info!(
+        "DPI core {index} (APIC {apic_id}) running{}",
+        if work.is_some() { ", serving the NIC" } else { "" }
+    );
+    let period = if work.is_some() {
+        NIC_TIMER_COUNT
+    } else {
+        IDLE_TIMER_COUNT
+    };
+    LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
+    let mut idle_polls = 0;
     loop {
         me.beat();
+        if let Some(work) = work.as_mut() {
+            if work.poll() > 0 {
+                idle_polls = 0;
+                continue;
+            }
+            idle_polls += 1;
+            if idle_polls < SPIN_POLLS {
+                core::hint::spin_loop();
+                continue;
+            }
+            idle_polls = 0;
+        }
         // SAFETY: STI;HLT atomically enables interrupts and waits (the STI shadow covers HLT);
         // Ally's IDT handles the timer and NMIs on this core.
         unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };

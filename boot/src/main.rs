@@ -16,6 +16,7 @@ extern crate alloc;
 mod cpus;
 mod entry;
 mod frames;
+mod nic;
 mod relocate;
 mod smp;
 mod start;

@@ -50,6 +50,9 @@ pub enum StartError {
     ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
+    Nic(ally_hypervisor::pci::PciError),
+    NicMemory(ally_dpi::nic::mem::MemError),
+    NicEngine(ally_dpi::nic::dpi::DpiError),
 }
 
 impl fmt::Display for StartError {
@@ -69,6 +72,9 @@ impl fmt::Display for StartError {
             Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
+            Self::Nic(e) => write!(f, "{e}"),
+            Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
+            Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
         }
     }
 }
@@ -265,10 +271,27 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         &*(dpi_memory.start as *const DpiStatus)
     };
     DPI_STATUS.call_once(|| dpi_status);
-    let dpi_guarded = PhysRange {
-        start: dpi_memory.start + PAGE_SIZE,
+    // The NIC's rings and buffers take the end of DPI memory; the rest stays poisoned and
+    // guarded by the canary.
+    let nic_region = PhysRange {
+        start: (dpi_memory.end - crate::nic::region_bytes(&options)) & !(PAGE_SIZE - 1),
         end: dpi_memory.end,
     };
+    let dpi_guarded = PhysRange {
+        start: dpi_memory.start + PAGE_SIZE,
+        end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
+    };
+    let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
+    let mut nic_trap = None;
+    let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 2>::new();
+    if let Some(claimed) = claimed {
+        for page in claimed.trapped_pages {
+            ept.unmap_page(GuestPhysAddr(page), &mut frames)?;
+        }
+        nic_ports = claimed.ports;
+        nic_trap = Some(claimed.trap);
+        *crate::nic::DPI_WORK.lock() = Some(claimed.work);
+    }
     let mut hidden = heapless::Vec::new();
     let _ = hidden.push(region);
     let platform = platform::install(Platform {
@@ -289,6 +312,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
             .collect(),
         dpi_cores: cpus.dpi.clone(),
         apic_base,
+        nic: nic_trap,
     });
 
     // The boot CPU's vCPU.
@@ -313,6 +337,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
         for port in platform.pm1_control_ports.iter().flatten() {
             intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
+        }
+        for ports in nic_ports {
+            intercept_ports(io_a, io_b, ports);
         }
     }
     start_application_processors(&cpus, &stub, pages, ept.eptp(), dpi_status, &mut frames)?;
@@ -622,6 +649,10 @@ fn report_dpi_status() {
         for (index, apic_id, heartbeat, wakeups) in status.snapshot() {
             info!("ALLY dpi-core index={index} apic={apic_id} heartbeat={heartbeat} wakeups={wakeups}");
         }
+    }
+    crate::nic::report();
+    if let Some(nic) = &platform::platform().nic {
+        ally_hypervisor::arch::vmx::nic_guard::report(nic);
     }
     info!(
         "ALLY root-nmis count={}",

@@ -177,7 +177,7 @@ pub enum PacketMode {
 }
 
 /// A PCI function address (segment 0).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct PciAddress {
     pub bus: u8,
     /// 0..=31.

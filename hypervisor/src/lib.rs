@@ -16,3 +16,4 @@ pub mod ipi;
 pub mod memmap;
 pub mod mtrr;
 pub mod paging;
+pub mod pci;

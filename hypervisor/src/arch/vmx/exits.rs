@@ -3,6 +3,7 @@
 //! silently resumes a guest after an exit it does not understand.
 
 use super::apic_guard;
+use super::nic_guard::{self, PortAccess};
 use super::platform::{platform, PhysicalMemory};
 use super::vcpu::Vcpu;
 use crate::addr::GuestPhysAddr;
@@ -562,6 +563,23 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
+    if let Some(nic) = &platform.nic {
+        let value = (regs.rax & width_mask) as u32;
+        if let PortAccess::Done(result) =
+            nic_guard::port_access(nic, io.port, io.size, io.is_in, value)
+        {
+            if let Some(v) = result {
+                // IN of 4 bytes zero-extends into RAX; narrower ones keep the upper bits.
+                regs.rax = if io.size == 4 {
+                    u64::from(v)
+                } else {
+                    (regs.rax & !width_mask) | (u64::from(v) & width_mask)
+                };
+            }
+            advance_rip();
+            return Ok(());
+        }
+    }
     if platform.is_power_control_port(io.port) && !io.is_in {
         let value = (regs.rax & width_mask) as u32;
         // PM1x_CNT.SLP_EN (ACPI 6.5 4.8.3.2.1): the guest is entering a sleep state — S5 at
@@ -571,13 +589,13 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
             super::platform::report_power_off(vcpu);
         }
         // SAFETY: the guest owns the ACPI PM block; Ally forwards its write unchanged.
-        unsafe { forward_out(io.port, io.size, value) };
+        unsafe { nic_guard::forward(io.port, io.size, false, value) };
         advance_rip();
         return Ok(());
     }
     if platform.is_power_control_port(io.port) {
         // SAFETY: reading PM1x_CNT has no side effect; forwarded for the guest.
-        let v = unsafe { forward_in(io.port, io.size) };
+        let v = unsafe { nic_guard::forward(io.port, io.size, true, 0) }.unwrap_or(0);
         regs.rax = (regs.rax & !width_mask) | (u64::from(v) & width_mask);
         advance_rip();
         return Ok(());
@@ -591,32 +609,6 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     }
     advance_rip();
     Ok(())
-}
-
-/// # Safety
-/// The port must be one the guest may write.
-unsafe fn forward_out(port: u16, size: u8, value: u32) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        match size {
-            1 => instructions::outb(port, value as u8),
-            2 => instructions::outw(port, value as u16),
-            _ => instructions::outl(port, value),
-        }
-    }
-}
-
-/// # Safety
-/// The port must be one the guest may read.
-unsafe fn forward_in(port: u16, size: u8) -> u32 {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        match size {
-            1 => u32::from(instructions::inb(port)),
-            2 => u32::from(instructions::inw(port)),
-            _ => instructions::inl(port),
-        }
-    }
 }
 
 /// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a
@@ -675,6 +667,11 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
             sender: vcpu.apic_id,
         };
         emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
+        return Ok(());
+    }
+    if let Some(nic) = platform().nic.as_ref().filter(|nic| nic.traps(gpa)) {
+        emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
+            .map_err(StopReason::Emulation)?;
         return Ok(());
     }
     let result = emulate_access(regs, gpa, access, &mut HiddenMemory);

@@ -4,6 +4,7 @@ pub mod apic_guard;
 pub mod capabilities;
 pub mod exits;
 pub mod launch;
+pub mod nic_guard;
 pub mod platform;
 pub mod realmode;
 pub mod vcpu;

@@ -60,6 +60,8 @@ pub struct Platform {
     pub power_off_hook: fn(),
     /// The DPI cores' summed heartbeat (for reports that show the cores kept running).
     pub dpi_heartbeat: fn() -> u64,
+    /// The NIC whose queues the DPI partition shadows, if one was claimed.
+    pub nic: Option<super::nic_guard::NicTrap>,
 }
 
 static PLATFORM: Once<Platform> = Once::new();
