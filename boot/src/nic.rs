@@ -9,15 +9,19 @@
 //!
 //! Afterwards the first DPI core calls [`DpiWork::poll`] in its loop.
 
+use crate::frames::FramePool;
 use crate::start::StartError;
 use alloc::boxed::Box;
 use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
 use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use ally_dpi::nic::regs::{NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
-use ally_dpi::nic::trap::{TrappedNic, TRAPPED_PAGES};
+use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
 use ally_dpi::nic::PassAll;
-use ally_hypervisor::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
+use ally_hypervisor::arch::instructions;
+use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
+use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
@@ -118,6 +122,53 @@ pub struct ClaimedNic {
 /// The queue engine, waiting for the first DPI core to take it.
 pub static DPI_WORK: spin::Mutex<Option<DpiWork>> = spin::Mutex::new(None);
 
+/// The EPT and the frames to extend it, handed over by the boot CPU before the guest starts,
+/// for the BAR moves the guest makes.
+static EPT_EDITOR: spin::Mutex<Option<(Ept, FramePool)>> = spin::Mutex::new(None);
+/// Where the device decodes BAR0 (it never moves).
+static DEVICE_BAR: spin::Once<u64> = spin::Once::new();
+
+/// Hands the EPT and the frame pool over for later edits (after the last start-up use).
+pub fn hand_over_ept(ept: Ept, frames: FramePool) {
+    *EPT_EDITOR.lock() = Some((ept, frames));
+}
+
+/// Moves the guest's window onto BAR0 from `from` to `to` (both already checked by the exit
+/// handler): the old window leaves the EPT, the new one maps the device's untrapped pages
+/// (uncached) and leaves the trapped ones absent.
+fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
+    let device = *DEVICE_BAR.get().ok_or("no NIC claimed")?;
+    let mut editor = EPT_EDITOR.lock();
+    let (ept, frames) = editor.as_mut().ok_or("the EPT is not editable yet")?;
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        // Pages that were never mapped (the trapped ones) are fine to skip.
+        let _ = ept.unmap_page(GuestPhysAddr(from + offset), frames);
+    }
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        if is_trapped_offset(offset as u32) {
+            let _ = ept.unmap_page(GuestPhysAddr(to + offset), frames);
+        } else {
+            ept.map(
+                GuestPhysAddr(to + offset),
+                HostPhysAddr(device + offset),
+                PAGE_SIZE,
+                EptPermissions {
+                    read: true,
+                    write: true,
+                    execute: false,
+                },
+                EptMemoryType::Uncacheable,
+                frames,
+            )
+            .map_err(|_| "Ally's frame pool cannot hold the new EPT entries")?;
+        }
+    }
+    EPT_GENERATION.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: in VMX root on an OS core (the exit handler); INVEPT support was checked.
+    unsafe { instructions::invept_all() };
+    Ok(())
+}
+
 /// Counters the DPI core publishes for the power-off report.
 static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
 static TRAPPED: spin::Once<&'static TrappedNic<'static, MmioRegisters>> = spin::Once::new();
@@ -200,6 +251,7 @@ pub fn claim(
             base: registers_bar.start,
         })));
     TRAPPED.call_once(|| trapped);
+    DEVICE_BAR.call_once(|| registers_bar.start);
 
     let mut ports = heapless::Vec::new();
     let _ = ports.push(0xCF8..0xD00);
@@ -212,6 +264,7 @@ pub fn claim(
             registers_bar,
             io_ports,
             trapped,
+            remap_registers_bar,
         ),
         work: DpiWork {
             engine,
@@ -281,6 +334,14 @@ pub fn report() {
         counters.resets,
         counters.irqs_raised,
         trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
+    );
+    let wake = counters.wake_latency;
+    info!(
+        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={}",
+        wake.samples,
+        wake.mean(),
+        wake.min,
+        wake.max
     );
     for (name, reads, writes) in trapped.exits.nonzero() {
         info!("ALLY nic-exits register={name} reads={reads} writes={writes}");

@@ -374,6 +374,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // SAFETY: EPT and VPID were checked in `probe_and_enable`.
     unsafe { instructions::invept_all() };
 
+    // From here on the EPT changes only when the guest moves the NIC's BAR.
+    crate::nic::hand_over_ept(ept, frames);
+
     info!("ALLY guest-start");
     // SAFETY: the VMCS is complete and current; exits land on the exit stack set above.
     let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };

@@ -43,7 +43,7 @@ use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
-use crate::queue::DoorbellWatcher;
+use crate::queue::{DoorbellWatcher, WakeLatency};
 use alloc::vec::Vec;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange};
 use core::fmt;
@@ -185,6 +185,8 @@ pub struct Counters {
     pub resets: u64,
     /// Guest interrupts raised (shadow causes set).
     pub irqs_raised: u64,
+    /// From a guest tail write (doorbell) to the DPI core acting on it.
+    pub wake_latency: WakeLatency,
 }
 
 /// Copy or zero-copy transmit.
@@ -622,8 +624,16 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         if self.shadow.cfg_doorbell.sequence() != self.cfg_seen.unwrap_or(u64::MAX) {
             self.reconcile();
         }
-        self.counters.tx.doorbells += self.tx_watch.poll(&self.shadow.tx_doorbell);
-        self.counters.rx.doorbells += self.rx_watch.poll(&self.shadow.rx_doorbell);
+        let tx_rings = self.tx_watch.poll(&self.shadow.tx_doorbell);
+        if tx_rings > 0 {
+            self.counters.tx.doorbells += tx_rings;
+            self.counters.wake_latency.record(&self.shadow.tx_doorbell);
+        }
+        let rx_rings = self.rx_watch.poll(&self.shadow.rx_doorbell);
+        if rx_rings > 0 {
+            self.counters.rx.doorbells += rx_rings;
+            self.counters.wake_latency.record(&self.shadow.rx_doorbell);
+        }
         let mut work = self.tx_complete();
         work += self.tx_consume();
         work += self.rx_receive();

@@ -127,6 +127,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
+    super::platform::sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
     if log::log_enabled!(log::Level::Debug)
@@ -669,7 +670,10 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
         return Ok(());
     }
-    if let Some(nic) = platform().nic.as_ref().filter(|nic| nic.traps(gpa)) {
+    if let Some(nic) = platform()
+        .nic
+        .as_ref()
+        .filter(|nic| nic.trapped_offset(gpa).is_some()) {
         emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
             .map_err(StopReason::Emulation)?;
         return Ok(());
