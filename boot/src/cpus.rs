@@ -113,7 +113,11 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     };
     info!(
         "DPI core {index} (APIC {apic_id}) running{}",
-        if work.is_some() { ", serving the NIC" } else { "" }
+        if work.is_some() {
+            ", serving the NIC"
+        } else {
+            ""
+        }
     );
     let period = if work.is_some() {
         NIC_TIMER_COUNT
@@ -121,6 +125,8 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
         IDLE_TIMER_COUNT
     };
     LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
+    // MONITOR/MWAIT (CPUID.01H:ECX[3]) lets a guest's tail write wake the core at once.
+    let mwait = instructions::has_monitor_mwait();
     let mut idle_polls = 0;
     loop {
         me.beat();
@@ -136,9 +142,20 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
             }
             idle_polls = 0;
         }
-        // SAFETY: STI;HLT atomically enables interrupts and waits (the STI shadow covers HLT);
-        // Ally's IDT handles the timer and NMIs on this core.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        match work.as_ref() {
+            Some(work) if mwait => {
+                // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
+                // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
+                unsafe {
+                    instructions::monitor(work.wake_line());
+                    if !work.doorbell_pending() {
+                        instructions::wait_for_write_or_interrupt();
+                    }
+                }
+            }
+            // SAFETY: Ally's IDT handles the timer and NMIs on this core.
+            _ => unsafe { instructions::wait_for_interrupt() },
+        }
         me.wakeups.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -20,12 +20,12 @@ use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
 use ally_dpi::nic::PassAll;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
-use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
-use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
+use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
+use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
 use core::sync::atomic::Ordering;
 use log::info;
@@ -247,9 +247,12 @@ pub fn claim(
     let engine = DpiNic::new(shadow, dma, real, policy, dpi_region, config, PassAll)
         .map_err(StartError::NicEngine)?;
     let trapped: &'static TrappedNic<'static, MmioRegisters> =
-        Box::leak(Box::new(TrappedNic::new(shadow, MmioRegisters {
-            base: registers_bar.start,
-        })));
+        Box::leak(Box::new(TrappedNic::new(
+            shadow,
+            MmioRegisters {
+                base: registers_bar.start,
+            },
+        )));
     TRAPPED.call_once(|| trapped);
     DEVICE_BAR.call_once(|| registers_bar.start);
 
@@ -288,6 +291,14 @@ pub fn region_bytes(options: &AllyOptions) -> u64 {
 }
 
 impl DpiWork {
+    /// The line an idle DPI core monitors, and whether work arrived meanwhile.
+    pub fn wake_line(&self) -> *const u8 {
+        self.engine.wake_line()
+    }
+    pub fn doorbell_pending(&self) -> bool {
+        self.engine.doorbell_pending()
+    }
+
     /// One pass of the queue engine; returns the frames moved.
     pub fn poll(&mut self) -> u64 {
         let moved = self.engine.poll();

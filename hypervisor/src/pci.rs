@@ -80,10 +80,17 @@ pub enum Bar {
     #[default]
     Unused,
     /// A memory BAR; a 64-bit one also owns the next BAR slot (`Upper`).
-    Memory { base: u64, size: u64, wide: bool },
+    Memory {
+        base: u64,
+        size: u64,
+        wide: bool,
+    },
     /// The upper half of the 64-bit memory BAR before it.
     Upper,
-    Io { base: u16, size: u16 },
+    Io {
+        base: u16,
+        size: u16,
+    },
 }
 
 impl Bar {
@@ -143,10 +150,7 @@ pub fn find_function(
                 1
             };
             for function in 0..functions {
-                let address = PciAddress {
-                    function,
-                    ..first
-                };
+                let address = PciAddress { function, ..first };
                 let found = if function == 0 {
                     Some(f0)
                 } else {
@@ -238,7 +242,9 @@ pub enum PciError {
 impl fmt::Display for PciError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound => f.write_str("no supported NIC (Intel 82540EM 8086:100e) on any PCI bus"),
+            Self::NotFound => {
+                f.write_str("no supported NIC (Intel 82540EM 8086:100e) on any PCI bus")
+            }
             Self::NoDevice(a) => write!(f, "option \"nic\": no PCI function at {a}"),
             Self::Unsupported(found) => write!(
                 f,
@@ -406,7 +412,10 @@ impl GuardedFunction {
             }
             Bar::Io { base, size } => {
                 let mask = !(u32::from(size) - 1) & 0xFFFF_FFFC;
-                (merged & mask == mask, merged & mask == u32::from(base) & mask)
+                (
+                    merged & mask == mask,
+                    merged & mask == u32::from(base) & mask,
+                )
             }
             Bar::Upper => match self.bars[i - 1] {
                 Bar::Memory { base, size, .. } => {
@@ -501,11 +510,11 @@ mod tests {
 
     impl ConfigSpace for FakeBus {
         fn read32(&self, f: PciAddress, reg: u8) -> u32 {
-            *self.regs.borrow().get(&(f, reg)).unwrap_or(&if reg == REG_ID {
-                u32::MAX
-            } else {
-                0
-            })
+            *self
+                .regs
+                .borrow()
+                .get(&(f, reg))
+                .unwrap_or(&if reg == REG_ID { u32::MAX } else { 0 })
         }
         fn write32(&self, f: PciAddress, reg: u8, value: u32) {
             let v = match self.masks.get(&(f, reg)) {
@@ -575,11 +584,12 @@ mod tests {
         assert_eq!(e.to_string(), "option \"nic\": no PCI function at 00:09.0");
         let e = find_function(&FakeBus::default(), E1000, None).unwrap_err();
         assert!(e.to_string().contains("no supported NIC"));
-        bus.regs
-            .borrow_mut()
-            .insert((nothing, REG_ID), 0x1234_8086);
+        bus.regs.borrow_mut().insert((nothing, REG_ID), 0x1234_8086);
         let e = find_function(&bus, E1000, Some(nothing)).unwrap_err();
-        assert!(e.to_string().contains("8086:1234, not a supported NIC"), "{e}");
+        assert!(
+            e.to_string().contains("8086:1234, not a supported NIC"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -616,12 +626,19 @@ mod tests {
         // Sizing and restoring now work against the new address.
         assert_eq!(f.write(REG_BAR0, 4, u32::MAX, real), ConfigWrite::Absorbed);
         assert_eq!(f.read(REG_BAR0, 4, real), 0xFFFE_0000);
-        assert_eq!(f.write(REG_BAR0, 4, 0x4000_0000, real), ConfigWrite::Absorbed);
+        assert_eq!(
+            f.write(REG_BAR0, 4, 0x4000_0000, real),
+            ConfigWrite::Absorbed
+        );
         assert_eq!(f.read(REG_BAR0, 4, real), 0x4000_0000);
         // A byte write that changes the address is a move too.
         assert!(matches!(
             f.write(REG_BAR0 + 3, 1, 0x12, real),
-            ConfigWrite::MoveBar { bar: 0, to: 0x1200_0000, from: 0x4000_0000 }
+            ConfigWrite::MoveBar {
+                bar: 0,
+                to: 0x1200_0000,
+                from: 0x4000_0000
+            }
         ));
         assert!(matches!(
             f.write(0x14, 4, 0xD001, 0xC001),
@@ -635,13 +652,19 @@ mod tests {
     fn command_register_keeps_memory_and_bus_master_on() {
         let (_, f) = guarded();
         // The guest turns decoding and bus mastering off (pci_disable_device).
-        assert_eq!(f.write(REG_COMMAND, 2, 0x0400, 0x0010_0007), ConfigWrite::Forward(0x0406));
+        assert_eq!(
+            f.write(REG_COMMAND, 2, 0x0400, 0x0010_0007),
+            ConfigWrite::Forward(0x0406)
+        );
         assert!(!f.guest_bus_master());
         // It reads back what it wrote; the device still has MEM|BM.
         assert_eq!(f.read(REG_COMMAND, 2, 0x0010_0406), 0x0400);
         // The status word is not touched by a dword read.
         assert_eq!(f.read(REG_COMMAND, 4, 0x0010_0406), 0x0010_0400);
-        assert_eq!(f.write(REG_COMMAND, 1, 0x07, 0x0010_0406), ConfigWrite::Forward(0x07));
+        assert_eq!(
+            f.write(REG_COMMAND, 1, 0x07, 0x0010_0406),
+            ConfigWrite::Forward(0x07)
+        );
         assert!(f.guest_bus_master());
         // Other registers pass through.
         assert_eq!(f.write(0x3C, 1, 0x0B, 0), ConfigWrite::Forward(0x0B));

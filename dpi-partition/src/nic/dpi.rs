@@ -618,6 +618,18 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         Ok(())
     }
 
+    /// The doorbell an idle DPI core should watch (MONITOR): the guest's transmit tail.
+    pub fn wake_line(&self) -> *const u8 {
+        &self.shadow.tx_doorbell as *const _ as *const u8
+    }
+
+    /// Whether a tail doorbell rang since the last poll (checked after arming MONITOR, so a
+    /// ring between the poll and the wait is never slept through).
+    pub fn doorbell_pending(&self) -> bool {
+        self.tx_watch.pending(&self.shadow.tx_doorbell)
+            || self.rx_watch.pending(&self.shadow.rx_doorbell)
+    }
+
     /// One iteration of the DPI loop for this NIC; returns the number of packets moved
     /// (passed or dropped) in either direction.
     pub fn poll(&mut self) -> u64 {

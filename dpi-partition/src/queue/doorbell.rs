@@ -84,7 +84,11 @@ impl WakeLatency {
     /// Record the latency of the ring `db` last had, seen now.
     pub fn record(&mut self, db: &Doorbell) {
         let ticks = timestamp().saturating_sub(db.rung_at());
-        self.min = if self.samples == 0 { ticks } else { self.min.min(ticks) };
+        self.min = if self.samples == 0 {
+            ticks
+        } else {
+            self.min.min(ticks)
+        };
         self.max = self.max.max(ticks);
         self.total = self.total.saturating_add(ticks);
         self.samples += 1;
@@ -108,6 +112,12 @@ impl DoorbellWatcher {
         Self {
             seen: db.sequence(),
         }
+    }
+
+    /// Whether the doorbell rang since the last [`DoorbellWatcher::poll`] (without consuming).
+    #[inline]
+    pub fn pending(&self, db: &Doorbell) -> bool {
+        db.sequence() != self.seen
     }
 
     /// Number of rings since the previous call (0 when nothing happened). After a non-zero

@@ -673,7 +673,8 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     if let Some(nic) = platform()
         .nic
         .as_ref()
-        .filter(|nic| nic.trapped_offset(gpa).is_some()) {
+        .filter(|nic| nic.trapped_offset(gpa).is_some())
+    {
         emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
             .map_err(StopReason::Emulation)?;
         return Ok(());

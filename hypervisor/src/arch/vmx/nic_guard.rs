@@ -72,7 +72,9 @@ impl NicTrap {
 
     /// BAR0's offset for a guest-physical address on one of its trapped pages.
     pub fn trapped_offset(&self, gpa: GuestPhysAddr) -> Option<u64> {
-        let offset = gpa.0.wrapping_sub(self.registers_gpa.load(Ordering::Acquire));
+        let offset = gpa
+            .0
+            .wrapping_sub(self.registers_gpa.load(Ordering::Acquire));
         (offset < self.registers_bar.len() && self.registers.is_trapped(offset as u32))
             .then_some(offset)
     }
@@ -83,7 +85,9 @@ impl NicTrap {
         } else {
             // SAFETY: BAR0 is identity-mapped device memory and `offset` is an aligned dword
             // inside it (checked by the callers).
-            unsafe { ((self.registers_bar.start + u64::from(offset)) as *const u32).read_volatile() }
+            unsafe {
+                ((self.registers_bar.start + u64::from(offset)) as *const u32).read_volatile()
+            }
         }
     }
 
@@ -99,7 +103,7 @@ impl NicTrap {
     }
 
     fn dword_offset(&self, offset: u64) -> Option<u32> {
-        (offset % 4 == 0 && offset < self.registers_bar.len()).then_some(offset as u32)
+        (offset.is_multiple_of(4) && offset < self.registers_bar.len()).then_some(offset as u32)
     }
 }
 
@@ -254,7 +258,13 @@ fn move_bar(nic: &NicTrap, bar: usize, from: u64, to: u64) {
 
 fn io_bar_access(nic: &NicTrap, offset: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
     IO_BAR_ACCESSES.fetch_add(1, Ordering::Relaxed);
-    let ones = |size: u8| if size == 4 { u32::MAX } else { (1 << (8 * size)) - 1 };
+    let ones = |size: u8| {
+        if size == 4 {
+            u32::MAX
+        } else {
+            (1 << (8 * size)) - 1
+        }
+    };
     if size != 4 {
         refused(&REFUSED_IO, "io", u64::from(offset), u64::from(size));
         return is_in.then(|| ones(size));
