@@ -171,6 +171,18 @@ impl fmt::Display for ModuleError {
             ModuleError::HeapTooSmall {
                 heap,
                 needed,
+                module_bytes: 0,
+            } => write!(
+                f,
+                "option \"heap\": {} is below Ally's minimum heap of {} (without rules); give \
+                 heap={}M or more, or leave heap= out",
+                Size(*heap),
+                Size(*needed),
+                needed.div_ceil(1 << 20)
+            ),
+            ModuleError::HeapTooSmall {
+                heap,
+                needed,
                 module_bytes,
             } => write!(
                 f,
@@ -452,9 +464,17 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
         );
         // Without rules the floor is the base.
         let e = choose_heap(Some(8 << 20), None).unwrap_err();
-        assert!(e
-            .to_string()
-            .starts_with("option \"heap\": 8M is too small"));
+        assert_eq!(
+            e.to_string(),
+            "option \"heap\": 8M is below Ally's minimum heap of 16M (without rules); give \
+             heap=16M or more, or leave heap= out"
+        );
+        let e = choose_heap(Some(3000 * 4096), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("option \"heap\": 12000K is below"),
+            "{e}"
+        );
         assert_eq!(choose_heap(Some(16 << 20), None), Ok(16 << 20));
     }
 
