@@ -250,7 +250,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.starts_with(&format!("{}: variables: variables line 1", vars.display())),
+            e.starts_with(&format!("{}: variables line 1", vars.display())),
             "{e}"
         );
         let missing = tmp("missing.rules");

@@ -26,7 +26,7 @@ pub enum CompileError {
 impl fmt::Display for CompileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CompileError::Vars(e) => write!(f, "variables: {e}"),
+            CompileError::Vars(e) => write!(f, "{e}"),
             CompileError::RoundTrip(e) => write!(f, "internal: {e}"),
             CompileError::Engine(e) => write!(f, "the engine refuses the rules: {e}"),
         }
@@ -104,7 +104,7 @@ alert tcp any any -> any any (msg:\"z\"; frobnicate; sid:3;)
     fn bad_variables_are_refused() {
         let e = vars(Some("ipvar HOME_NET")).unwrap_err();
         assert!(matches!(e, CompileError::Vars(_)), "{e:?}");
-        assert!(e.to_string().starts_with("variables: "), "{e}");
+        assert!(e.to_string().starts_with("variables line 1: "), "{e}");
     }
 
     #[test]

@@ -159,6 +159,10 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
                 total as f64 / 1048576.0,
                 peak as f64 / 1048576.0
             );
+            println!(
+                "Ally sizes its heap for it at {} MiB (a smaller heap= is refused)",
+                ally_dpi::rules_module::heap_needed(b.len() as u64) >> 20
+            );
             fs::write(out, &b).map_err(|e| format!("{out}: {e}"))?;
             println!(
                 "wrote {out}: {} rules, {} bytes (format v{})",
