@@ -3,8 +3,10 @@
 use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
 use crate::frames::FramePool;
 use crate::relocate;
+use crate::rules;
 use crate::smp;
 use alloc::boxed::Box;
+use ally_dpi::rules_module::ModuleError;
 use ally_dpi::status::DpiStatus;
 use ally_hypervisor::acpi;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -47,6 +49,7 @@ pub enum StartError {
     Vmx(VmxError),
     Acpi(acpi::AcpiError),
     OutOfHeap,
+    Rules(ModuleError),
     ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
@@ -69,6 +72,7 @@ impl fmt::Display for StartError {
             Self::Vmx(e) => write!(f, "{e}"),
             Self::Acpi(e) => write!(f, "ACPI: {e}"),
             Self::OutOfHeap => write!(f, "Ally's heap is exhausted (raise heap=)"),
+            Self::Rules(e) => write!(f, "{e}"),
             Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
@@ -134,6 +138,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     info!("command line: \"{cmdline}\"");
     let options = AllyOptions::parse(cmdline).map_err(StartError::Options)?;
     log::set_max_level(options.log);
+    // The rules module sizes the heap, so it is found before Ally's region is placed.
+    let rules = rules::plan(&boot_info, options.heap).map_err(StartError::Rules)?;
+    let heap_size = rules.heap;
 
     let firmware_map = MemoryMap::from_entries(
         boot_info
@@ -149,7 +156,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     // Ally's region: image, frame pool, heap, DPI memory — at the top of a RAM range.
     let image = relocate::loaded_image();
-    let region_size = (relocate::image_span() + FRAME_POOL_SIZE + options.heap + options.dpi_mem)
+    let region_size = (relocate::image_span() + FRAME_POOL_SIZE + heap_size + options.dpi_mem)
         .div_ceil(LARGE_PAGE_SIZE)
         * LARGE_PAGE_SIZE;
     let mut avoid: heapless::Vec<PhysRange, 40> = heapless::Vec::new();
@@ -204,11 +211,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let heap_start = pool_start + FRAME_POOL_SIZE;
     // SAFETY: the heap range lies in Ally's region after the frame pool, is identity-mapped
     // and used by nothing else.
-    unsafe {
-        crate::HEAP
-            .lock()
-            .init(heap_start as *mut u8, options.heap as usize)
-    };
+    unsafe { crate::HEAP.init(heap_start as *mut u8, heap_size as usize) };
+    // SAFETY: the heap is ready; the module is identity-mapped RAM that no guest or other CPU
+    // uses yet (the APs start later).
+    unsafe { rules::load(&rules) }.map_err(StartError::Rules)?;
 
     // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
     unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
@@ -249,7 +255,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
     let dpi_memory = PhysRange {
-        start: heap_start + options.heap,
+        start: heap_start + heap_size,
         end: region.end,
     };
     // SAFETY: DPI memory is identity-mapped, 8-byte aligned and used by nothing yet.
