@@ -13,6 +13,7 @@
 
 extern crate alloc;
 
+mod clock;
 mod cpus;
 mod entry;
 mod frames;

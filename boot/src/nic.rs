@@ -17,7 +17,9 @@ use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use ally_dpi::nic::regs::{NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
 use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
-use ally_dpi::nic::PassAll;
+use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
+use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
+use ally_hypervisor::arch::logger::ManagementChannel;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
@@ -96,7 +98,25 @@ impl DmaMemory for IdentityDma {
     }
 }
 
-type Engine = DpiNic<'static, IdentityDma, MmioRegisters, PassAll>;
+/// The rule engine with its alert channel (COM2) and clock.
+type RuleEngine = EngineHook<MgmtWriter<ManagementChannel>, fn() -> Timestamp>;
+
+/// What inspects each frame: the rule engine (issue 5), which passes every frame when no
+/// rules were loaded.
+pub struct Inspector(Box<RuleEngine>);
+
+impl PacketHook for Inspector {
+    #[inline]
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
+        self.0.inspect(frame, dir)
+    }
+}
+
+fn clock() -> Timestamp {
+    Timestamp(crate::clock::now_us())
+}
+
+type Engine = DpiNic<'static, IdentityDma, MmioRegisters, Inspector>;
 
 /// The DPI core's share: the queue engine, created on the boot CPU and used by the first DPI
 /// core alone afterwards.
@@ -244,8 +264,21 @@ pub fn claim(
         },
         ..DpiConfig::default()
     };
-    let engine = DpiNic::new(shadow, dma, real, policy, dpi_region, config, PassAll)
-        .map_err(StartError::NicEngine)?;
+    let hook = crate::rules::take_engine_hook(
+        MgmtWriter::new(ManagementChannel::default()),
+        clock as fn() -> Timestamp,
+    )
+    .ok_or(StartError::NoRuleEngine)?;
+    let engine = DpiNic::new(
+        shadow,
+        dma,
+        real,
+        policy,
+        dpi_region,
+        config,
+        Inspector(Box::new(hook)),
+    )
+    .map_err(StartError::NicEngine)?;
     let trapped: &'static TrappedNic<'static, MmioRegisters> =
         Box::leak(Box::new(TrappedNic::new(
             shadow,
@@ -347,21 +380,32 @@ pub fn report() {
         trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
     );
     let wake = counters.wake_latency;
+    let per_us = crate::clock::tsc_per_us();
     info!(
-        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={}",
+        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
         wake.samples,
         wake.mean(),
         wake.min,
-        wake.max
+        wake.max,
+        wake.mean() / per_us,
+        wake.max / per_us
     );
     for (name, reads, writes) in trapped.exits.nonzero() {
         info!("ALLY nic-exits register={name} reads={reads} writes={writes}");
     }
+    // Forwarded registers share the queue registers' pages (EEPROM, MDIC, STATUS): the
+    // driver's probe makes thousands of those accesses, its packet path few.
     let exits = trapped.exits.total();
+    let forwarded = trapped.exits.forwarded();
     let packets = counters.tx.packets + counters.rx.packets;
+    let per_packet = |n: u64| {
+        let hundredths = (n * 100).checked_div(packets).unwrap_or(0);
+        alloc::format!("{}.{:02}", hundredths / 100, hundredths % 100)
+    };
     info!(
-        "ALLY nic-exits total={exits} packets={packets} exits-per-packet={}.{:02}",
-        exits.checked_div(packets).unwrap_or(0),
-        (exits * 100).checked_div(packets).unwrap_or(0) % 100
+        "ALLY nic-exits total={exits} queue={} forwarded={forwarded} packets={packets} exits-per-packet={} queue-exits-per-packet={}",
+        exits - forwarded,
+        per_packet(exits),
+        per_packet(exits - forwarded)
     );
 }

@@ -93,10 +93,6 @@ pub unsafe fn load(plan: &RulesPlan) -> Result<(), ModuleError> {
 
 /// The engine as the DPI loop's packet hook, with its alert sink and clock; `None` before
 /// [`load`] and once taken (one DPI loop owns it).
-#[allow(
-    dead_code,
-    reason = "the DPI loop's e1000 path (boot/src/nic.rs, in progress) takes the engine"
-)]
 pub fn take_engine_hook<S: AlertSink, C: FnMut() -> Timestamp>(
     sink: S,
     clock: C,

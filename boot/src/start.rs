@@ -56,6 +56,7 @@ pub enum StartError {
     Nic(ally_hypervisor::pci::PciError),
     NicMemory(ally_dpi::nic::mem::MemError),
     NicEngine(ally_dpi::nic::dpi::DpiError),
+    NoRuleEngine,
 }
 
 impl fmt::Display for StartError {
@@ -79,6 +80,7 @@ impl fmt::Display for StartError {
             Self::Nic(e) => write!(f, "{e}"),
             Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
             Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
+            Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
         }
     }
 }
@@ -215,6 +217,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // SAFETY: the heap is ready; the module is identity-mapped RAM that no guest or other CPU
     // uses yet (the APs start later).
     unsafe { rules::load(&rules) }.map_err(StartError::Rules)?;
+    crate::clock::calibrate();
 
     // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
     unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
