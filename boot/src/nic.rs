@@ -12,16 +12,16 @@
 use crate::frames::FramePool;
 use crate::start::StartError;
 use alloc::boxed::Box;
+use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
 use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
 use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use ally_dpi::nic::regs::{NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
 use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
-use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
 use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
-use ally_hypervisor::arch::logger::ManagementChannel;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
+use ally_hypervisor::arch::logger::ManagementChannel;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
 use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;

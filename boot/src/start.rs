@@ -290,6 +290,15 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         start: dpi_memory.start + PAGE_SIZE,
         end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
     };
+    // The I/O APICs leave the EPT too: no redirection entry may name a DPI core.
+    let mut ioapics = heapless::Vec::new();
+    for base in io_apics(identity_limit)? {
+        ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
+        let guard = ally_hypervisor::arch::vmx::ioapic_guard::IoApicGuard::new(base);
+        ally_hypervisor::arch::vmx::ioapic_guard::adopt_firmware_destinations(&guard);
+        info!("ALLY ioapic guarded base={base:#x}");
+        let _ = ioapics.push(guard);
+    }
     let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
     let mut nic_trap = None;
     let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 2>::new();
@@ -322,6 +331,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         dpi_cores: cpus.dpi.clone(),
         apic_base,
         nic: nic_trap,
+        ioapics,
     });
 
     // The boot CPU's vCPU.
@@ -554,6 +564,22 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
         Err(e) => return Err(StartError::Acpi(e)),
     }
     Ok(CpuPartition { boot_cpu, all, dpi })
+}
+
+/// The I/O APICs' register pages, from the MADT (type 1 entries).
+fn io_apics(identity_limit: u64) -> Result<heapless::Vec<u64, 4>, StartError> {
+    let memory = IdentityMemory {
+        limit: identity_limit,
+    };
+    let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
+    let madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
+    let mut found = heapless::Vec::new();
+    for entry in acpi::madt_entries(&memory, &madt) {
+        if let acpi::MadtEntry::IoApic { address, .. } = entry.map_err(StartError::Acpi)?.2 {
+            let _ = found.push(u64::from(address) & !(PAGE_SIZE - 1));
+        }
+    }
+    Ok(found)
 }
 
 const AP_STACK_SIZE: usize = 64 * 1024;

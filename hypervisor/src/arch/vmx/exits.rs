@@ -670,6 +670,14 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
         return Ok(());
     }
+    if let Some(mut ioapic) = platform()
+        .ioapics
+        .iter()
+        .find(|io| io.base == gpa.0 & !0xFFF)
+    {
+        emulate_access(regs, gpa, access, &mut ioapic).map_err(StopReason::Emulation)?;
+        return Ok(());
+    }
     if let Some(nic) = platform()
         .nic
         .as_ref()

@@ -62,6 +62,8 @@ pub struct Platform {
     pub dpi_heartbeat: fn() -> u64,
     /// The NIC whose queues the DPI partition shadows, if one was claimed.
     pub nic: Option<super::nic_guard::NicTrap>,
+    /// The I/O APICs (absent from the EPT: redirection entries are filtered).
+    pub ioapics: heapless::Vec<super::ioapic_guard::IoApicGuard, 4>,
 }
 
 static PLATFORM: Once<Platform> = Once::new();
