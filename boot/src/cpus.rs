@@ -127,20 +127,21 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
     // MONITOR/MWAIT (CPUID.01H:ECX[3]) lets a guest's tail write wake the core at once.
     let mwait = instructions::has_monitor_mwait();
-    let mut idle_polls = 0;
+    // Polls left before halting: refilled by every poll that moved a frame (traffic comes in
+    // bursts), not by an empty wake-up, so an idle core halts again at once.
+    let mut spin_polls = 0;
     loop {
         me.beat();
         if let Some(work) = work.as_mut() {
             if work.poll() > 0 {
-                idle_polls = 0;
+                spin_polls = SPIN_POLLS;
                 continue;
             }
-            idle_polls += 1;
-            if idle_polls < SPIN_POLLS {
+            if spin_polls > 0 {
+                spin_polls -= 1;
                 core::hint::spin_loop();
                 continue;
             }
-            idle_polls = 0;
         }
         match work.as_ref() {
             Some(work) if mwait => {
