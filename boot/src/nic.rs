@@ -355,12 +355,13 @@ pub fn report() {
     let counters = PUBLISHED.lock().clone().unwrap_or_default();
     for (name, dir) in [("tx", &counters.tx), ("rx", &counters.rx)] {
         info!(
-            "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={}",
+            "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={} wire-frames={}",
             dir.packets,
             dir.bytes,
             dir.total_dropped(),
             dir.doorbells,
-            dir.backpressure
+            dir.backpressure,
+            dir.wire_frames
         );
         for reason in DropReason::ALL {
             let (dropped, stopped) = (dir.dropped(reason), dir.stopped(reason));

@@ -36,7 +36,7 @@
 //! interrupt delay timers are not emulated (interrupts are raised at once).
 
 use super::desc::{
-    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
+    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
     TX_STATUS_OFFSET,
 };
 use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
@@ -159,6 +159,10 @@ pub struct DirCounters {
     pub doorbells: u64,
     /// Polls that stopped early for lack of room (real ring, arena or guest buffers).
     pub backpressure: u64,
+    /// Frames on the wire side: for TX the frames the device sends (a TSO packet is
+    /// segmented into several), for RX the frames taken from the device's ring (delivered
+    /// or dropped). Compared with what the wire carried.
+    pub wire_frames: u64,
 }
 
 impl DirCounters {
@@ -937,6 +941,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.tx.next = next;
             self.tx.real_tail = tail;
             self.counters.tx.packets += u64::from(pkts);
+            self.counters.tx.wire_frames += u64::from(pkts);
             self.counters.tx.bytes += bytes;
         }
         if dropped && !self.tx.inflight.is_full() {
@@ -1180,6 +1185,19 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.finish_unposted(count, idx);
             return General::Moved(false);
         }
+        self.counters.tx.wire_frames += match (tse, ctx.as_ref()) {
+            // TSO: the device cuts the payload after the headers into MSS-sized segments
+            // (8254x SDM 3.5.x "TCP segmentation").
+            (true, Some(raw)) => {
+                let c = TxContextDesc::from_bytes(raw);
+                let payload = total.saturating_sub(u32::from(c.hdrlen));
+                match u32::from(c.mss) {
+                    0 => 1,
+                    mss => u64::from(payload.div_ceil(mss).max(1)),
+                }
+            }
+            _ => 1,
+        };
         let last = self.post(ctx, first, nfrags, total);
         self.push_inflight(count, 1, Some(last), ring.n);
         self.tx.next = idx;
@@ -1341,6 +1359,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 }
                 Deliver::Dropped(why) => self.counters.rx.drops[why as usize] += 1,
             }
+            self.counters.rx.wire_frames += 1;
             // Give the DPI buffers back: clear their status so DD means "new".
             for j in 0..k {
                 let at = HostPhysAddr(self.real_rx_desc((first + j) % n).as_u64() + 8);
