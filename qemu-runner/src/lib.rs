@@ -20,6 +20,7 @@ pub mod markers;
 pub mod rules;
 pub mod run;
 pub mod tool;
+pub mod wire;
 
 pub use checks::Check;
 pub use emulator::{Emulator, EmulatorChoice};
