@@ -3,7 +3,7 @@
 
 use ally_dpi::status::DpiStatus;
 use ally_hypervisor::arch::apic::LocalApic;
-use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_VECTOR};
+use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_TICKS, TIMER_VECTOR};
 use ally_hypervisor::arch::instructions::{self, halt_forever};
 use ally_hypervisor::arch::vmx::capabilities::VmxCapabilities;
 use ally_hypervisor::arch::vmx::launch;
@@ -97,6 +97,8 @@ const IDLE_TIMER_COUNT: u32 = 10_000_000;
 /// the DPI ring wait at most this long (the guest's tail writes ring doorbells, but the
 /// device's DMA wakes nobody).
 const NIC_TIMER_COUNT: u32 = 100_000;
+/// Consecutive MWAITs that end with nothing to show before the DPI core falls back to HLT.
+const MWAIT_EMPTY_WAKEUPS_LIMIT: u32 = 1000;
 /// Empty polls before a busy DPI core halts again (traffic comes in bursts).
 const SPIN_POLLS: u32 = 256;
 
@@ -113,7 +115,11 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     };
     info!(
         "DPI core {index} (APIC {apic_id}) running{}",
-        if work.is_some() { ", serving the NIC" } else { "" }
+        if work.is_some() {
+            ", serving the NIC"
+        } else {
+            ""
+        }
     );
     let period = if work.is_some() {
         NIC_TIMER_COUNT
@@ -121,24 +127,52 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
         IDLE_TIMER_COUNT
     };
     LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
-    let mut idle_polls = 0;
+    // MONITOR/MWAIT (CPUID.01H:ECX[3]) lets a guest's tail write wake the core at once.
+    let mut mwait = instructions::has_monitor_mwait();
+    // MWAIT that returns with neither a doorbell nor a timer tick did not wait (MONITOR is a
+    // no-op on memory that is not write-back, and `mwait_is_nop` emulators): after a run of
+    // those, halt instead, so an idle core does not spin.
+    let mut empty_wakeups = 0u32;
+    // Polls left before halting: refilled by every poll that moved a frame (traffic comes in
+    // bursts), not by an empty wake-up, so an idle core halts again at once.
+    let mut spin_polls = 0;
     loop {
         me.beat();
         if let Some(work) = work.as_mut() {
             if work.poll() > 0 {
-                idle_polls = 0;
+                spin_polls = SPIN_POLLS;
                 continue;
             }
-            idle_polls += 1;
-            if idle_polls < SPIN_POLLS {
+            if spin_polls > 0 {
+                spin_polls -= 1;
                 core::hint::spin_loop();
                 continue;
             }
-            idle_polls = 0;
         }
-        // SAFETY: STI;HLT atomically enables interrupts and waits (the STI shadow covers HLT);
-        // Ally's IDT handles the timer and NMIs on this core.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        match work.as_ref() {
+            Some(work) if mwait => {
+                // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
+                // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
+                let ticks = TIMER_TICKS.load(Ordering::Relaxed);
+                unsafe {
+                    instructions::monitor(work.wake_line());
+                    if !work.doorbell_pending() {
+                        instructions::wait_for_write_or_interrupt();
+                    }
+                }
+                if work.doorbell_pending() || TIMER_TICKS.load(Ordering::Relaxed) != ticks {
+                    empty_wakeups = 0;
+                } else {
+                    empty_wakeups += 1;
+                    if empty_wakeups == MWAIT_EMPTY_WAKEUPS_LIMIT {
+                        mwait = false;
+                        info!("ALLY dpi-idle mode=hlt reason=\"MWAIT returns at once here\"");
+                    }
+                }
+            }
+            // SAFETY: Ally's IDT handles the timer and NMIs on this core.
+            _ => unsafe { instructions::wait_for_interrupt() },
+        }
         me.wakeups.fetch_add(1, Ordering::Relaxed);
     }
 }

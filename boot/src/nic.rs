@@ -9,19 +9,25 @@
 //!
 //! Afterwards the first DPI core calls [`DpiWork::poll`] in its loop.
 
+use crate::frames::FramePool;
 use crate::start::StartError;
 use alloc::boxed::Box;
+use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
 use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
 use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use ally_dpi::nic::regs::{NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
-use ally_dpi::nic::trap::{TrappedNic, TRAPPED_PAGES};
-use ally_dpi::nic::PassAll;
-use ally_hypervisor::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
+use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
+use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
+use ally_hypervisor::arch::instructions;
+use ally_hypervisor::arch::logger::ManagementChannel;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
+use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
+use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
 use core::sync::atomic::Ordering;
 use log::info;
@@ -92,7 +98,25 @@ impl DmaMemory for IdentityDma {
     }
 }
 
-type Engine = DpiNic<'static, IdentityDma, MmioRegisters, PassAll>;
+/// The rule engine with its alert channel (COM2) and clock.
+type RuleEngine = EngineHook<MgmtWriter<ManagementChannel>, fn() -> Timestamp>;
+
+/// What inspects each frame: the rule engine (issue 5), which passes every frame when no
+/// rules were loaded.
+pub struct Inspector(Box<RuleEngine>);
+
+impl PacketHook for Inspector {
+    #[inline]
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
+        self.0.inspect(frame, dir)
+    }
+}
+
+fn clock() -> Timestamp {
+    Timestamp(crate::clock::now_us())
+}
+
+type Engine = DpiNic<'static, IdentityDma, MmioRegisters, Inspector>;
 
 /// The DPI core's share: the queue engine, created on the boot CPU and used by the first DPI
 /// core alone afterwards.
@@ -117,6 +141,53 @@ pub struct ClaimedNic {
 
 /// The queue engine, waiting for the first DPI core to take it.
 pub static DPI_WORK: spin::Mutex<Option<DpiWork>> = spin::Mutex::new(None);
+
+/// The EPT and the frames to extend it, handed over by the boot CPU before the guest starts,
+/// for the BAR moves the guest makes.
+static EPT_EDITOR: spin::Mutex<Option<(Ept, FramePool)>> = spin::Mutex::new(None);
+/// Where the device decodes BAR0 (it never moves).
+static DEVICE_BAR: spin::Once<u64> = spin::Once::new();
+
+/// Hands the EPT and the frame pool over for later edits (after the last start-up use).
+pub fn hand_over_ept(ept: Ept, frames: FramePool) {
+    *EPT_EDITOR.lock() = Some((ept, frames));
+}
+
+/// Moves the guest's window onto BAR0 from `from` to `to` (both already checked by the exit
+/// handler): the old window leaves the EPT, the new one maps the device's untrapped pages
+/// (uncached) and leaves the trapped ones absent.
+fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
+    let device = *DEVICE_BAR.get().ok_or("no NIC claimed")?;
+    let mut editor = EPT_EDITOR.lock();
+    let (ept, frames) = editor.as_mut().ok_or("the EPT is not editable yet")?;
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        // Pages that were never mapped (the trapped ones) are fine to skip.
+        let _ = ept.unmap_page(GuestPhysAddr(from + offset), frames);
+    }
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        if is_trapped_offset(offset as u32) {
+            let _ = ept.unmap_page(GuestPhysAddr(to + offset), frames);
+        } else {
+            ept.map(
+                GuestPhysAddr(to + offset),
+                HostPhysAddr(device + offset),
+                PAGE_SIZE,
+                EptPermissions {
+                    read: true,
+                    write: true,
+                    execute: false,
+                },
+                EptMemoryType::Uncacheable,
+                frames,
+            )
+            .map_err(|_| "Ally's frame pool cannot hold the new EPT entries")?;
+        }
+    }
+    EPT_GENERATION.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: in VMX root on an OS core (the exit handler); INVEPT support was checked.
+    unsafe { instructions::invept_all() };
+    Ok(())
+}
 
 /// Counters the DPI core publishes for the power-off report.
 static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
@@ -193,13 +264,30 @@ pub fn claim(
         },
         ..DpiConfig::default()
     };
-    let engine = DpiNic::new(shadow, dma, real, policy, dpi_region, config, PassAll)
-        .map_err(StartError::NicEngine)?;
+    let hook = crate::rules::take_engine_hook(
+        MgmtWriter::new(ManagementChannel::default()),
+        clock as fn() -> Timestamp,
+    )
+    .ok_or(StartError::NoRuleEngine)?;
+    let engine = DpiNic::new(
+        shadow,
+        dma,
+        real,
+        policy,
+        dpi_region,
+        config,
+        Inspector(Box::new(hook)),
+    )
+    .map_err(StartError::NicEngine)?;
     let trapped: &'static TrappedNic<'static, MmioRegisters> =
-        Box::leak(Box::new(TrappedNic::new(shadow, MmioRegisters {
-            base: registers_bar.start,
-        })));
+        Box::leak(Box::new(TrappedNic::new(
+            shadow,
+            MmioRegisters {
+                base: registers_bar.start,
+            },
+        )));
     TRAPPED.call_once(|| trapped);
+    DEVICE_BAR.call_once(|| registers_bar.start);
 
     let mut ports = heapless::Vec::new();
     let _ = ports.push(0xCF8..0xD00);
@@ -212,6 +300,7 @@ pub fn claim(
             registers_bar,
             io_ports,
             trapped,
+            remap_registers_bar,
         ),
         work: DpiWork {
             engine,
@@ -235,6 +324,14 @@ pub fn region_bytes(options: &AllyOptions) -> u64 {
 }
 
 impl DpiWork {
+    /// The line an idle DPI core monitors, and whether work arrived meanwhile.
+    pub fn wake_line(&self) -> *const u8 {
+        self.engine.wake_line()
+    }
+    pub fn doorbell_pending(&self) -> bool {
+        self.engine.doorbell_pending()
+    }
+
     /// One pass of the queue engine; returns the frames moved.
     pub fn poll(&mut self) -> u64 {
         let moved = self.engine.poll();
@@ -258,12 +355,13 @@ pub fn report() {
     let counters = PUBLISHED.lock().clone().unwrap_or_default();
     for (name, dir) in [("tx", &counters.tx), ("rx", &counters.rx)] {
         info!(
-            "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={}",
+            "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={} wire-frames={}",
             dir.packets,
             dir.bytes,
             dir.total_dropped(),
             dir.doorbells,
-            dir.backpressure
+            dir.backpressure,
+            dir.wire_frames
         );
         for reason in DropReason::ALL {
             let (dropped, stopped) = (dir.dropped(reason), dir.stopped(reason));
@@ -282,14 +380,33 @@ pub fn report() {
         counters.irqs_raised,
         trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
     );
+    let wake = counters.wake_latency;
+    let per_us = crate::clock::tsc_per_us();
+    info!(
+        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
+        wake.samples,
+        wake.mean(),
+        wake.min,
+        wake.max,
+        wake.mean() / per_us,
+        wake.max / per_us
+    );
     for (name, reads, writes) in trapped.exits.nonzero() {
         info!("ALLY nic-exits register={name} reads={reads} writes={writes}");
     }
+    // Forwarded registers share the queue registers' pages (EEPROM, MDIC, STATUS): the
+    // driver's probe makes thousands of those accesses, its packet path few.
     let exits = trapped.exits.total();
+    let forwarded = trapped.exits.forwarded();
     let packets = counters.tx.packets + counters.rx.packets;
+    let per_packet = |n: u64| {
+        let hundredths = (n * 100).checked_div(packets).unwrap_or(0);
+        alloc::format!("{}.{:02}", hundredths / 100, hundredths % 100)
+    };
     info!(
-        "ALLY nic-exits total={exits} packets={packets} exits-per-packet={}.{:02}",
-        exits.checked_div(packets).unwrap_or(0),
-        (exits * 100).checked_div(packets).unwrap_or(0) % 100
+        "ALLY nic-exits total={exits} queue={} forwarded={forwarded} packets={packets} exits-per-packet={} queue-exits-per-packet={}",
+        exits - forwarded,
+        per_packet(exits),
+        per_packet(exits - forwarded)
     );
 }

@@ -4,11 +4,12 @@
 //! The guest keeps its own PCI enumeration (it reads every function's configuration space as
 //! usual), but for the claimed function Ally filters what the guest may change:
 //!
-//! * **BARs** (PCI Local Bus 3.0, 6.2.5.1): the real BARs never move, so the EPT traps over the
-//!   queue-register pages stay where the device decodes. A sizing probe (all ones in the
-//!   address bits) is answered from a shadow (the size mask), writing the current address back
-//!   ends the probe, and any other address is refused and counted — the guest cannot aim the
-//!   registers somewhere the traps are not.
+//! * **BARs** (PCI Local Bus 3.0, 6.2.5.1): the device's register BAR never moves, so Ally's
+//!   DPI core always reaches it. The guest sees a shadow: a sizing probe (all ones in the
+//!   address bits) reads back the size mask, and a new address is a *move* that Ally follows
+//!   by remapping the guest-physical range onto the device in the EPT, traps included
+//!   ([`ConfigWrite::MoveBar`]); the guest cannot aim the registers somewhere the traps are
+//!   not. A move of the I/O BAR or of a 64-bit BAR is refused and counted.
 //! * **Command register** (6.2.2): the guest's Memory Space and Bus Master bits are shadowed;
 //!   the device keeps both on, because the DPI core drives it whatever the guest's driver
 //!   state (Ally's rings live in DPI memory). Other bits pass through.
@@ -79,10 +80,17 @@ pub enum Bar {
     #[default]
     Unused,
     /// A memory BAR; a 64-bit one also owns the next BAR slot (`Upper`).
-    Memory { base: u64, size: u64, wide: bool },
+    Memory {
+        base: u64,
+        size: u64,
+        wide: bool,
+    },
     /// The upper half of the 64-bit memory BAR before it.
     Upper,
-    Io { base: u16, size: u16 },
+    Io {
+        base: u16,
+        size: u16,
+    },
 }
 
 impl Bar {
@@ -142,10 +150,7 @@ pub fn find_function(
                 1
             };
             for function in 0..functions {
-                let address = PciAddress {
-                    function,
-                    ..first
-                };
+                let address = PciAddress { function, ..first };
                 let found = if function == 0 {
                     Some(f0)
                 } else {
@@ -237,7 +242,9 @@ pub enum PciError {
 impl fmt::Display for PciError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound => f.write_str("no supported NIC (Intel 82540EM 8086:100e) on any PCI bus"),
+            Self::NotFound => {
+                f.write_str("no supported NIC (Intel 82540EM 8086:100e) on any PCI bus")
+            }
             Self::NoDevice(a) => write!(f, "option \"nic\": no PCI function at {a}"),
             Self::Unsupported(found) => write!(
                 f,
@@ -260,6 +267,7 @@ impl fmt::Display for PciError {
 #[derive(Debug, Default)]
 pub struct ConfigCounters {
     pub bar_moves_refused: AtomicU64,
+    pub bar_moves: AtomicU64,
     pub bar_sizing_probes: AtomicU64,
     pub command_writes: AtomicU64,
 }
@@ -271,8 +279,12 @@ pub enum ConfigWrite {
     Forward(u32),
     /// Absorbed by the shadow (a sizing probe or its end): nothing reaches the device.
     Absorbed,
-    /// Refused: the guest tried to move a BAR. Nothing reaches the device.
+    /// Refused: the guest tried to move a BAR Ally does not follow. Nothing reaches the
+    /// device.
     RefusedBarMove { bar: usize, value: u32 },
+    /// The guest moves a 32-bit memory BAR from `from` to `to`: the caller remaps and then
+    /// calls [`GuardedFunction::commit_move`] (or refuses). Nothing reaches the device.
+    MoveBar { bar: usize, from: u64, to: u64 },
 }
 
 /// The guest's view of the claimed function's configuration registers.
@@ -285,6 +297,8 @@ pub struct GuardedFunction {
     sizing: spin::Mutex<[bool; 6]>,
     /// The guest's Memory Space and Bus Master bits.
     guest_command: spin::Mutex<u16>,
+    /// Where the guest has placed each memory BAR (the device keeps the firmware's).
+    guest_bases: spin::Mutex<[u64; 6]>,
     pub counters: ConfigCounters,
 }
 
@@ -298,6 +312,10 @@ impl GuardedFunction {
             original,
             sizing: spin::Mutex::new([false; 6]),
             guest_command: spin::Mutex::new(command & (COMMAND_MEMORY | COMMAND_BUS_MASTER)),
+            guest_bases: spin::Mutex::new(bars.map(|bar| match bar {
+                Bar::Memory { base, .. } => base,
+                _ => 0,
+            })),
             counters: ConfigCounters::default(),
         }
     }
@@ -311,6 +329,24 @@ impl GuardedFunction {
     /// memory when it has).
     pub fn guest_bus_master(&self) -> bool {
         *self.guest_command.lock() & COMMAND_BUS_MASTER != 0
+    }
+
+    /// Where the guest sees memory BAR `bar`.
+    pub fn guest_base(&self, bar: usize) -> u64 {
+        self.guest_bases.lock()[bar]
+    }
+
+    /// The guest's move of BAR `bar` to `to` is done (the caller remapped it).
+    pub fn commit_move(&self, bar: usize, to: u64) {
+        self.guest_bases.lock()[bar] = to;
+        self.counters.bar_moves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The caller refused the move.
+    pub fn refuse_move(&self) {
+        self.counters
+            .bar_moves_refused
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn bar_index(register: u8) -> Option<usize> {
@@ -333,6 +369,8 @@ impl GuardedFunction {
                     },
                     bar => bar.sizing_value(self.original[i]),
                 };
+            } else if let Bar::Memory { wide: false, .. } = self.bars[i] {
+                dword = (self.guest_base(i) as u32 & !0xF) | (self.original[i] & 0xF);
             }
         } else if register == REG_COMMAND {
             let guest = *self.guest_command.lock();
@@ -350,7 +388,8 @@ impl GuardedFunction {
             if self.bars[i] == Bar::Unused {
                 return ConfigWrite::Forward(value);
             }
-            let merged = insert(device_dword, offset, size, value);
+            // Partial writes merge into the dword the guest sees (its own BAR address).
+            let merged = insert(self.read(register, 4, device_dword), offset, size, value);
             return self.write_bar(i, merged);
         }
         if register == REG_COMMAND && offset < REG_COMMAND + 2 {
@@ -366,13 +405,17 @@ impl GuardedFunction {
 
     fn write_bar(&self, i: usize, merged: u32) -> ConfigWrite {
         let (probe, restore) = match self.bars[i] {
-            Bar::Memory { base, size, .. } => {
+            Bar::Memory { size, .. } => {
                 let mask = !(size as u32).wrapping_sub(1) & !0xF;
-                (merged & mask == mask, merged & mask == base as u32 & mask)
+                let base = self.guest_base(i) as u32;
+                (merged & mask == mask, merged & mask == base & mask)
             }
             Bar::Io { base, size } => {
                 let mask = !(u32::from(size) - 1) & 0xFFFF_FFFC;
-                (merged & mask == mask, merged & mask == u32::from(base) & mask)
+                (
+                    merged & mask == mask,
+                    merged & mask == u32::from(base) & mask,
+                )
             }
             Bar::Upper => match self.bars[i - 1] {
                 Bar::Memory { base, size, .. } => {
@@ -392,18 +435,26 @@ impl GuardedFunction {
                 .bar_sizing_probes
                 .fetch_add(1, Ordering::Relaxed);
             sizing[i] = true;
-            ConfigWrite::Absorbed
-        } else if restore {
-            sizing[i] = false;
-            ConfigWrite::Absorbed
-        } else {
-            sizing[i] = false;
-            self.counters
-                .bar_moves_refused
-                .fetch_add(1, Ordering::Relaxed);
-            ConfigWrite::RefusedBarMove {
+            return ConfigWrite::Absorbed;
+        }
+        sizing[i] = false;
+        if restore {
+            return ConfigWrite::Absorbed;
+        }
+        match self.bars[i] {
+            Bar::Memory {
+                size, wide: false, ..
+            } => ConfigWrite::MoveBar {
                 bar: i,
-                value: merged,
+                from: self.guest_base(i),
+                to: u64::from(merged & !(size as u32).wrapping_sub(1) & !0xF),
+            },
+            _ => {
+                self.refuse_move();
+                ConfigWrite::RefusedBarMove {
+                    bar: i,
+                    value: merged,
+                }
             }
         }
     }
@@ -459,11 +510,11 @@ mod tests {
 
     impl ConfigSpace for FakeBus {
         fn read32(&self, f: PciAddress, reg: u8) -> u32 {
-            *self.regs.borrow().get(&(f, reg)).unwrap_or(&if reg == REG_ID {
-                u32::MAX
-            } else {
-                0
-            })
+            *self
+                .regs
+                .borrow()
+                .get(&(f, reg))
+                .unwrap_or(&if reg == REG_ID { u32::MAX } else { 0 })
         }
         fn write32(&self, f: PciAddress, reg: u8, value: u32) {
             let v = match self.masks.get(&(f, reg)) {
@@ -533,11 +584,12 @@ mod tests {
         assert_eq!(e.to_string(), "option \"nic\": no PCI function at 00:09.0");
         let e = find_function(&FakeBus::default(), E1000, None).unwrap_err();
         assert!(e.to_string().contains("no supported NIC"));
-        bus.regs
-            .borrow_mut()
-            .insert((nothing, REG_ID), 0x1234_8086);
+        bus.regs.borrow_mut().insert((nothing, REG_ID), 0x1234_8086);
         let e = find_function(&bus, E1000, Some(nothing)).unwrap_err();
-        assert!(e.to_string().contains("8086:1234, not a supported NIC"), "{e}");
+        assert!(
+            e.to_string().contains("8086:1234, not a supported NIC"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -555,40 +607,64 @@ mod tests {
     }
 
     #[test]
-    fn moving_a_bar_is_refused_and_counted() {
+    fn moving_the_memory_bar_is_followed_and_the_io_bar_refused() {
         let (_, f) = guarded();
         let real = 0xFEBC_0000;
         assert_eq!(
-            f.write(REG_BAR0, 4, 0xE000_0000, real),
-            ConfigWrite::RefusedBarMove {
+            f.write(REG_BAR0, 4, 0x4000_0000, real),
+            ConfigWrite::MoveBar {
                 bar: 0,
-                value: 0xE000_0000
+                from: 0xFEBC_0000,
+                to: 0x4000_0000
             }
         );
+        // Until the caller commits, the guest still sees the old address.
+        assert_eq!(f.read(REG_BAR0, 4, real), real);
+        f.commit_move(0, 0x4000_0000);
+        assert_eq!(f.read(REG_BAR0, 4, real), 0x4000_0000);
+        assert_eq!(f.guest_base(0), 0x4000_0000);
+        // Sizing and restoring now work against the new address.
+        assert_eq!(f.write(REG_BAR0, 4, u32::MAX, real), ConfigWrite::Absorbed);
+        assert_eq!(f.read(REG_BAR0, 4, real), 0xFFFE_0000);
+        assert_eq!(
+            f.write(REG_BAR0, 4, 0x4000_0000, real),
+            ConfigWrite::Absorbed
+        );
+        assert_eq!(f.read(REG_BAR0, 4, real), 0x4000_0000);
         // A byte write that changes the address is a move too.
         assert!(matches!(
             f.write(REG_BAR0 + 3, 1, 0x12, real),
-            ConfigWrite::RefusedBarMove { bar: 0, .. }
+            ConfigWrite::MoveBar {
+                bar: 0,
+                to: 0x1200_0000,
+                from: 0x4000_0000
+            }
         ));
         assert!(matches!(
             f.write(0x14, 4, 0xD001, 0xC001),
             ConfigWrite::RefusedBarMove { bar: 1, .. }
         ));
-        assert_eq!(f.counters.bar_moves_refused.load(Ordering::Relaxed), 3);
-        assert_eq!(f.read(REG_BAR0, 4, real), real);
+        assert_eq!(f.counters.bar_moves_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(f.counters.bar_moves.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn command_register_keeps_memory_and_bus_master_on() {
         let (_, f) = guarded();
         // The guest turns decoding and bus mastering off (pci_disable_device).
-        assert_eq!(f.write(REG_COMMAND, 2, 0x0400, 0x0010_0007), ConfigWrite::Forward(0x0406));
+        assert_eq!(
+            f.write(REG_COMMAND, 2, 0x0400, 0x0010_0007),
+            ConfigWrite::Forward(0x0406)
+        );
         assert!(!f.guest_bus_master());
         // It reads back what it wrote; the device still has MEM|BM.
         assert_eq!(f.read(REG_COMMAND, 2, 0x0010_0406), 0x0400);
         // The status word is not touched by a dword read.
         assert_eq!(f.read(REG_COMMAND, 4, 0x0010_0406), 0x0010_0400);
-        assert_eq!(f.write(REG_COMMAND, 1, 0x07, 0x0010_0406), ConfigWrite::Forward(0x07));
+        assert_eq!(
+            f.write(REG_COMMAND, 1, 0x07, 0x0010_0406),
+            ConfigWrite::Forward(0x07)
+        );
         assert!(f.guest_bus_master());
         // Other registers pass through.
         assert_eq!(f.write(0x3C, 1, 0x0B, 0), ConfigWrite::Forward(0x0B));

@@ -48,6 +48,12 @@ impl RegisterExits {
         })
     }
 
+    /// Exits for registers Ally forwards (not shadowed) that share a trapped page.
+    pub fn forwarded(&self) -> u64 {
+        self.reads[SHADOWED.len()].load(Ordering::Relaxed)
+            + self.writes[SHADOWED.len()].load(Ordering::Relaxed)
+    }
+
     /// All exits counted.
     pub fn total(&self) -> u64 {
         self.reads

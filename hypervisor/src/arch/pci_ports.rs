@@ -14,7 +14,10 @@ impl ConfigSpace for PortConfigSpace {
         // SAFETY: configuration mechanism #1 exists on every PC chipset; Ally is alone on the
         // machine while it scans.
         unsafe {
-            outl(ConfigAddress::PORT, ConfigAddress::new(function, register).0);
+            outl(
+                ConfigAddress::PORT,
+                ConfigAddress::new(function, register).0,
+            );
             inl(ConfigAddress::DATA_PORT)
         }
     }
@@ -22,7 +25,10 @@ impl ConfigSpace for PortConfigSpace {
     fn write32(&self, function: PciAddress, register: u8, value: u32) {
         // SAFETY: as for `read32`.
         unsafe {
-            outl(ConfigAddress::PORT, ConfigAddress::new(function, register).0);
+            outl(
+                ConfigAddress::PORT,
+                ConfigAddress::new(function, register).0,
+            );
             outl(ConfigAddress::DATA_PORT, value);
         }
     }

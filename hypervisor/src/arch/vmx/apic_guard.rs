@@ -153,4 +153,9 @@ pub fn report() {
         REWRITTEN_IPIS.load(Ordering::Relaxed),
         APIC_MMIO_EXITS.load(Ordering::Relaxed)
     );
+    log::info!(
+        "ALLY ioapic rerouted={} exits={}",
+        super::ioapic_guard::REROUTED.load(Ordering::Relaxed),
+        super::ioapic_guard::IOAPIC_EXITS.load(Ordering::Relaxed)
+    );
 }

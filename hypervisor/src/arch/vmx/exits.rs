@@ -127,6 +127,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
+    super::platform::sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
     if log::log_enabled!(log::Level::Debug)
@@ -601,6 +602,11 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         return Ok(());
     }
     // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
+    // A byte written to its scratch register asks Ally for a counters snapshot (a test
+    // harness measuring exit rates between two marks; at most MARK_LIMIT are printed).
+    if !io.is_in && io.port == COM2_SCRATCH {
+        report_mark(regs.rax as u8, vcpu);
+    }
     if io.is_in {
         regs.rax |= width_mask;
         if io.size == 4 {
@@ -609,6 +615,27 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     }
     advance_rip();
     Ok(())
+}
+
+const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
+const MARK_LIMIT: u64 = 64;
+static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `ALLY mark`: this vCPU's exits, the APIC and I/O APIC exits, and the DPI heartbeat.
+fn report_mark(id: u8, vcpu: &Vcpu) {
+    if MARKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) >= MARK_LIMIT {
+        return;
+    }
+    use core::sync::atomic::Ordering::Relaxed;
+    info!(
+        "ALLY mark id={id} vcpu={} exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
+        vcpu.apic_id,
+        vcpu.exits.total(),
+        vcpu.exits.get(ExitReason::EptViolation.basic()),
+        apic_guard::APIC_MMIO_EXITS.load(Relaxed),
+        super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
+        (platform().dpi_heartbeat)()
+    );
 }
 
 /// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a
@@ -669,7 +696,19 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
         return Ok(());
     }
-    if let Some(nic) = platform().nic.as_ref().filter(|nic| nic.traps(gpa)) {
+    if let Some(mut ioapic) = platform()
+        .ioapics
+        .iter()
+        .find(|io| io.base == gpa.0 & !0xFFF)
+    {
+        emulate_access(regs, gpa, access, &mut ioapic).map_err(StopReason::Emulation)?;
+        return Ok(());
+    }
+    if let Some(nic) = platform()
+        .nic
+        .as_ref()
+        .filter(|nic| nic.trapped_offset(gpa).is_some())
+    {
         emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
             .map_err(StopReason::Emulation)?;
         return Ok(());

@@ -9,8 +9,10 @@
 //!   bitmap and emulated through the same register path, so no register is reachable around
 //!   the MMIO traps.
 //! - **PCI configuration space** (ports 0xCF8/0xCFC): accesses to the claimed function go
-//!   through [`crate::pci::GuardedFunction`], so the guest can neither move the BARs away from
-//!   the traps nor turn off the decoding and bus mastering that the DPI core relies on.
+//!   through [`crate::pci::GuardedFunction`]. When the guest moves BAR0, Ally follows: the
+//!   device stays where it is, and the EPT maps the new guest-physical range onto it with the
+//!   same pages trapped (after checking the new range is device space, not RAM, Ally's memory
+//!   or the APIC). The guest cannot turn off the decoding and bus mastering the DPI core needs.
 //!
 //! Register accesses must be aligned dwords, as the 8254x defines them (SDM 13: "all registers
 //! are 32 bits"); anything else is refused, counted, reads return all ones.
@@ -40,6 +42,11 @@ pub struct NicTrap {
     /// The I/O BAR's ports, if the function has one.
     pub io_ports: Option<core::ops::Range<u16>>,
     pub registers: &'static dyn TrappedRegisters,
+    /// Moves the guest-physical window of BAR0 in the EPT (from, to): Ally's page-table
+    /// owner does it, with the same pages trapped.
+    pub remap: fn(u64, u64) -> Result<(), &'static str>,
+    /// Where the guest sees BAR0 (it may move it; the device does not).
+    registers_gpa: AtomicU64,
     /// The guest's IOADDR (I/O BAR offset 0).
     io_address: AtomicU32,
 }
@@ -50,22 +57,26 @@ impl NicTrap {
         registers_bar: PhysRange,
         io_ports: Option<core::ops::Range<u16>>,
         registers: &'static dyn TrappedRegisters,
+        remap: fn(u64, u64) -> Result<(), &'static str>,
     ) -> Self {
         Self {
             function,
+            registers_gpa: AtomicU64::new(registers_bar.start),
             registers_bar,
             io_ports,
             registers,
+            remap,
             io_address: AtomicU32::new(0),
         }
     }
 
-    /// Whether `gpa` lies on one of BAR0's trapped pages.
-    pub fn traps(&self, gpa: GuestPhysAddr) -> bool {
-        self.registers_bar.contains(gpa.0)
-            && self
-                .registers
-                .is_trapped((gpa.0 - self.registers_bar.start) as u32)
+    /// BAR0's offset for a guest-physical address on one of its trapped pages.
+    pub fn trapped_offset(&self, gpa: GuestPhysAddr) -> Option<u64> {
+        let offset = gpa
+            .0
+            .wrapping_sub(self.registers_gpa.load(Ordering::Acquire));
+        (offset < self.registers_bar.len() && self.registers.is_trapped(offset as u32))
+            .then_some(offset)
     }
 
     fn register_read(&self, offset: u32) -> u32 {
@@ -74,7 +85,9 @@ impl NicTrap {
         } else {
             // SAFETY: BAR0 is identity-mapped device memory and `offset` is an aligned dword
             // inside it (checked by the callers).
-            unsafe { ((self.registers_bar.start + u64::from(offset)) as *const u32).read_volatile() }
+            unsafe {
+                ((self.registers_bar.start + u64::from(offset)) as *const u32).read_volatile()
+            }
         }
     }
 
@@ -90,7 +103,7 @@ impl NicTrap {
     }
 
     fn dword_offset(&self, offset: u64) -> Option<u32> {
-        (offset % 4 == 0 && offset < self.registers_bar.len()).then_some(offset as u32)
+        (offset.is_multiple_of(4) && offset < self.registers_bar.len()).then_some(offset as u32)
     }
 }
 
@@ -108,9 +121,17 @@ static CONFIG_ADDRESS: AtomicU32 = AtomicU32::new(0);
 /// BAR0's trapped pages, as an MMIO handler for the EPT-violation path.
 pub struct NicMmio<'a>(pub &'a NicTrap);
 
+impl NicMmio<'_> {
+    fn offset(&self, gpa: GuestPhysAddr) -> Option<u32> {
+        self.0
+            .trapped_offset(gpa)
+            .and_then(|offset| self.0.dword_offset(offset))
+    }
+}
+
 impl MmioHandler for NicMmio<'_> {
     fn read(&mut self, gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
-        match self.0.dword_offset(gpa.0 - self.0.registers_bar.start) {
+        match self.offset(gpa) {
             Some(offset) if width == AccessWidth::Dword => u64::from(self.0.registers.read(offset)),
             _ => {
                 refused(&REFUSED_MMIO, "mmio-read", gpa.0, width.bytes());
@@ -120,7 +141,7 @@ impl MmioHandler for NicMmio<'_> {
     }
 
     fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
-        match self.0.dword_offset(gpa.0 - self.0.registers_bar.start) {
+        match self.offset(gpa) {
             Some(offset) if width == AccessWidth::Dword => {
                 self.0.registers.write(offset, value as u32)
             }
@@ -189,6 +210,10 @@ fn config_data_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u3
         // SAFETY: the filter allowed (or rewrote) this write.
         ConfigWrite::Forward(v) => unsafe { forward(port, size, false, v) },
         ConfigWrite::Absorbed => None,
+        ConfigWrite::MoveBar { bar, from, to } => {
+            move_bar(nic, bar, from, to);
+            None
+        }
         ConfigWrite::RefusedBarMove { bar, value } => {
             log::warn!(
                 "ALLY pci-bar-move-refused function={} bar={bar} value={value:#x}",
@@ -199,9 +224,47 @@ fn config_data_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u3
     }
 }
 
+/// The guest moves memory BAR `bar` of the claimed function.
+fn move_bar(nic: &NicTrap, bar: usize, from: u64, to: u64) {
+    let result = if bar == 0 {
+        let size = nic.registers_bar.len();
+        super::platform::platform()
+            .device_range_allowed(to, size)
+            .and_then(|()| (nic.remap)(from, to))
+    } else {
+        // Another memory BAR (e.g. the flash window): no registers Ally guards there.
+        Err("only BAR0 moves are followed")
+    };
+    match result {
+        Ok(()) => {
+            nic.function.commit_move(bar, to);
+            if bar == 0 {
+                nic.registers_gpa.store(to, Ordering::Release);
+            }
+            log::info!(
+                "ALLY nic-bar-moved function={} bar={bar} from={from:#x} to={to:#x}",
+                nic.function.address
+            );
+        }
+        Err(why) => {
+            nic.function.refuse_move();
+            log::warn!(
+                "ALLY pci-bar-move-refused function={} bar={bar} from={from:#x} to={to:#x} reason=\"{why}\"",
+                nic.function.address
+            );
+        }
+    }
+}
+
 fn io_bar_access(nic: &NicTrap, offset: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
     IO_BAR_ACCESSES.fetch_add(1, Ordering::Relaxed);
-    let ones = |size: u8| if size == 4 { u32::MAX } else { (1 << (8 * size)) - 1 };
+    let ones = |size: u8| {
+        if size == 4 {
+            u32::MAX
+        } else {
+            (1 << (8 * size)) - 1
+        }
+    };
     if size != 4 {
         refused(&REFUSED_IO, "io", u64::from(offset), u64::from(size));
         return is_in.then(|| ones(size));
@@ -259,9 +322,10 @@ pub unsafe fn forward(port: u16, size: u8, is_in: bool, value: u32) -> Option<u3
 pub fn report(nic: &NicTrap) {
     let c = &nic.function.counters;
     log::info!(
-        "ALLY nic-guard config-accesses={} bar-sizing-probes={} bar-moves-refused={} command-writes={} io-bar-accesses={} refused-mmio={} refused-io={}",
+        "ALLY nic-guard config-accesses={} bar-sizing-probes={} bar-moves={} bar-moves-refused={} command-writes={} io-bar-accesses={} refused-mmio={} refused-io={}",
         CONFIG_ACCESSES.load(Ordering::Relaxed),
         c.bar_sizing_probes.load(Ordering::Relaxed),
+        c.bar_moves.load(Ordering::Relaxed),
         c.bar_moves_refused.load(Ordering::Relaxed),
         c.command_writes.load(Ordering::Relaxed),
         IO_BAR_ACCESSES.load(Ordering::Relaxed),

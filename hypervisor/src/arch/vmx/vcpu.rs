@@ -50,6 +50,8 @@ pub struct Vcpu {
     pub waiting_for_sipi: bool,
     /// The real-mode segment the last SIPI started the vCPU at (see `exits::handle_init`).
     pub sipi_segment: Option<u16>,
+    /// The shared EPT's generation this CPU last invalidated for (`platform::EPT_GENERATION`).
+    pub ept_generation: u64,
 }
 
 /// Segment access rights in VMCS format (SDM Vol. 3C 25.4.1, Table 25-2).
@@ -85,6 +87,7 @@ impl Vcpu {
             stopped: false,
             waiting_for_sipi: false,
             sipi_segment: None,
+            ept_generation: 0,
         }
     }
 
