@@ -680,6 +680,41 @@ fn nic_counters(ally: &AllyReport, key: &str) -> Result<NicCounters, String> {
     })
 }
 
+/// Ally's frame counts against the wire's (slirp's packet log): every frame the NIC took
+/// off the wire went through Ally (delivered to the guest or dropped, and counted), and every
+/// frame the NIC put on the wire is one Ally posted (a TSO packet counted as its segments).
+pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Check {
+    let frames = |key: &str| -> Result<u64, String> {
+        let l = ally
+            .all(key)
+            .last()
+            .ok_or_else(|| format!("no `ALLY {key} ... wire-frames=N` line"))?;
+        l.number("wire-frames").map_err(marker_err)
+    };
+    Check::from_result(
+        "nic-wire-balance",
+        (|| {
+            let (rx, tx) = (frames("nic-rx")?, frames("nic-tx")?);
+            if rx != wire.to_guest_frames {
+                return Err(format!(
+                    "the wire delivered {} frames to the NIC, Ally accounts for {rx}",
+                    wire.to_guest_frames
+                ));
+            }
+            if tx != wire.to_host_frames {
+                return Err(format!(
+                    "the NIC sent {} frames to the wire, Ally posted {tx}",
+                    wire.to_host_frames
+                ));
+            }
+            Ok(format!(
+                "wire to guest {} frames ({} B) = Ally RX delivered + dropped; wire from guest {} frames ({} B) = Ally TX posted",
+                wire.to_guest_frames, wire.to_guest_bytes, wire.to_host_frames, wire.to_host_bytes
+            ))
+        })(),
+    )
+}
+
 /// `(reason, packets, ring-stops)` of every `ALLY nic-<dir>-drop` line.
 fn drop_reasons(ally: &AllyReport, key: &str) -> Result<Vec<(String, u64, u64)>, String> {
     ally.all(key)
@@ -1270,5 +1305,23 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
             .replace("ALLYTEST done\n", "");
         let c = guest_checks(&GuestReport::parse(&g));
         assert_eq!(failed(&c), ["done", "ping", "no-guest-failures"]);
+    }
+
+    #[test]
+    fn wire_balance_needs_equal_frame_counts() {
+        let ally = AllyReport::parse(
+            "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
+             [cpu0 INFO  ally::nic] ALLY nic-rx packets=3 bytes=400 dropped=1 doorbells=2 backpressure=0 wire-frames=4\n",
+        );
+        let wire = |to_host_frames, to_guest_frames| crate::wire::WireCounts {
+            to_host_frames,
+            to_host_bytes: 1000,
+            to_guest_frames,
+            to_guest_bytes: 500,
+        };
+        assert!(nic_wire_balance(&ally, &wire(7, 4)).passed);
+        assert!(!nic_wire_balance(&ally, &wire(7, 5)).passed);
+        assert!(!nic_wire_balance(&ally, &wire(6, 4)).passed);
+        assert!(!nic_wire_balance(&AllyReport::parse(""), &wire(7, 4)).passed);
     }
 }

@@ -637,6 +637,17 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     });
     if let Some(n) = &net {
         all_checks.extend(checks::network_checks(&guest, n));
+        if opts.mode == Mode::Ally {
+            all_checks.extend(checks::nic_checks(&guest, &ally));
+            all_checks.push(match crate::wire::WireCounts::from_log(&files.pktlog) {
+                Ok(wire) => checks::nic_wire_balance(&ally, &wire),
+                Err(e) => Check {
+                    name: "nic-wire-balance",
+                    passed: false,
+                    detail: format!("cannot read {}: {e}", files.pktlog.display()),
+                },
+            });
+        }
     }
     if !opts.keep {
         let _ = fs::remove_file(&files.disk);
