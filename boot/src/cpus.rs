@@ -151,9 +151,9 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
         }
         match work.as_ref() {
             Some(work) if mwait => {
+                let ticks = TIMER_TICKS.load(Ordering::Relaxed);
                 // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
                 // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
-                let ticks = TIMER_TICKS.load(Ordering::Relaxed);
                 unsafe {
                     instructions::monitor(work.wake_line());
                     if !work.doorbell_pending() {
