@@ -321,11 +321,45 @@ pub fn start(
         command: command.clone(),
         source,
     })?;
+    if emulator == Emulator::Bochs {
+        drain_screen(files.emulator_stdout.clone());
+    }
     Ok(Running {
         child,
         command,
         emulator,
     })
+}
+
+/// The pseudo-terminal Bochs' term display draws the guest's screen on, from its
+/// `Bochs connected to screen "/dev/pts/N"` line.
+pub fn screen_pty(stdout: &str) -> Option<&str> {
+    let rest = stdout.split("Bochs connected to screen \"").nth(1)?;
+    let path = &rest[..rest.find('"')?];
+    path.starts_with("/dev/pts/").then_some(path)
+}
+
+/// Reads and discards what Bochs draws on its screen pseudo-terminal. Nobody else reads it:
+/// once its buffer is full Bochs blocks in write(2) and the whole machine stops (seen: a run
+/// frozen for 21 minutes after ~20 KiB of screen output). The thread waits up to 2 minutes
+/// for the screen line and ends when Bochs closes the terminal.
+fn drain_screen(stdout: PathBuf) {
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let pty = loop {
+            let text = fs::read_to_string(&stdout).unwrap_or_default();
+            if let Some(p) = screen_pty(&text) {
+                break p.to_string();
+            }
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if let Ok(mut f) = fs::File::open(&pty) {
+            let _ = std::io::copy(&mut f, &mut std::io::sink());
+        }
+    });
 }
 
 fn send_signal(pid: u32, sig: libc::c_int) {
@@ -447,6 +481,18 @@ mod tests {
         assert!(c.contains("-boot d"), "{c}");
         let c = tool::describe(&qemu_command(&f, 1, 1024, false));
         assert!(c.contains("-machine pc,accel=tcg -cpu max"), "{c}");
+    }
+
+    #[test]
+    fn screen_pty_is_read_from_the_stdout_line() {
+        let out = "Bochs connected to screen \"/dev/pts/3\"\nNext at t=0\n";
+        assert_eq!(screen_pty(out), Some("/dev/pts/3"));
+        assert_eq!(
+            screen_pty("Bochs connected to screen \"/etc/passwd\""),
+            None
+        );
+        assert_eq!(screen_pty("Bochs connected to screen \"/dev/pts/3"), None);
+        assert_eq!(screen_pty("Next at t=0\n"), None);
     }
 
     #[test]

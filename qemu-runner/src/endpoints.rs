@@ -47,6 +47,33 @@ impl Default for NetOptions {
     }
 }
 
+/// The inspection test's file (issue 5): `eicar.bin`, this many bytes of the seeded stream
+/// with [`EICAR`] planted every [`EICAR_STRIDE`] bytes from [`EICAR_FIRST`].
+pub const EICAR_FILE_BYTES: u64 = 4 << 20;
+
+/// The 68-byte EICAR anti-virus test string.
+pub const EICAR: &[u8; 68] =
+    b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// Offset of the first planted EICAR string: odd, and inside the first TCP segment of the body.
+pub const EICAR_FIRST: usize = 1001;
+
+/// Distance between planted EICAR strings (~61 KiB, odd: the offsets alternate in parity and
+/// fall at ever different places within the segments). Ally does not reassemble streams, so
+/// an instance split across two segments is not seen; with 1460-byte segments most are whole.
+pub const EICAR_STRIDE: usize = 62_467;
+
+/// `file_contents(seed, "eicar", bytes)` with the EICAR string planted.
+pub fn eicar_contents(seed: u64, bytes: u64) -> Vec<u8> {
+    let mut data = file_contents(seed, "eicar", bytes);
+    let mut at = EICAR_FIRST;
+    while at + EICAR.len() <= data.len() {
+        data[at..at + EICAR.len()].copy_from_slice(EICAR);
+        at += EICAR_STRIDE;
+    }
+    data
+}
+
 /// Largest file or upload the runner accepts (the guest keeps each in its RAM-backed rootfs).
 pub const MAX_TRANSFER_BYTES: u64 = 256 << 20;
 
@@ -104,6 +131,8 @@ pub struct NetReport {
     pub options: NetOptions,
     pub http_port: u16,
     pub upload_port: u16,
+    /// The second HTTP listener (same files), whose port the inspection rules drop EICAR from.
+    pub inspect_drop_port: u16,
     pub files: Vec<ServedFile>,
     pub requests: Vec<HttpRecord>,
     pub uploads: Vec<UploadRecord>,
@@ -121,8 +150,8 @@ impl fmt::Display for NetReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "host endpoints: http 127.0.0.1:{} upload 127.0.0.1:{}",
-            self.http_port, self.upload_port
+            "host endpoints: http 127.0.0.1:{} and 127.0.0.1:{} (inspect-drop), upload 127.0.0.1:{}",
+            self.http_port, self.inspect_drop_port, self.upload_port
         )?;
         for s in &self.files {
             writeln!(
@@ -278,6 +307,7 @@ fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
 pub struct Endpoints {
     pub http_port: u16,
     pub upload_port: u16,
+    pub inspect_drop_port: u16,
     pub options: NetOptions,
     files: Vec<ServedFile>,
     state: State,
@@ -308,6 +338,13 @@ impl Endpoints {
             });
             served.insert(format!("/{name}.bin"), Arc::new(data));
         }
+        let eicar = eicar_contents(options.seed, EICAR_FILE_BYTES);
+        files.push(ServedFile {
+            name: "eicar".into(),
+            bytes: EICAR_FILE_BYTES,
+            sha256: sha256_hex(&eicar),
+        });
+        served.insert("/eicar.bin".into(), Arc::new(eicar));
         let bind = |what| {
             TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -315,6 +352,7 @@ impl Endpoints {
         };
         let http = bind("HTTP server")?;
         let upload = bind("upload listener")?;
+        let http_drop = bind("inspect-drop HTTP server")?;
         let port = |l: &TcpListener, what| {
             l.local_addr()
                 .map(|a| a.port())
@@ -322,18 +360,24 @@ impl Endpoints {
         };
         let http_port = port(&http, "HTTP server")?;
         let upload_port = port(&upload, "upload listener")?;
+        let inspect_drop_port = port(&http_drop, "inspect-drop HTTP server")?;
         let state = State::default();
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(served);
+        let served2 = served.clone();
         let acceptors = vec![
             spawn_acceptor(http, state.clone(), stop.clone(), move |s, c| {
                 serve_http(s, &served, c)
+            }),
+            spawn_acceptor(http_drop, state.clone(), stop.clone(), move |s, c| {
+                serve_http(s, &served2, c)
             }),
             spawn_acceptor(upload, state.clone(), stop.clone(), receive_upload),
         ];
         Ok(Endpoints {
             http_port,
             upload_port,
+            inspect_drop_port,
             options,
             files,
             state,
@@ -346,8 +390,12 @@ impl Endpoints {
     /// /proc/cmdline; the dotted names are ignored by the kernel and not passed to init).
     pub fn guest_cmdline(&self) -> String {
         format!(
-            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={}",
-            self.http_port, self.upload_port, self.options.upload_bytes, self.options.small_bytes
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.inspect_drop={}",
+            self.http_port,
+            self.upload_port,
+            self.options.upload_bytes,
+            self.options.small_bytes,
+            self.inspect_drop_port
         )
     }
 
@@ -358,6 +406,7 @@ impl Endpoints {
             options: self.options,
             http_port: self.http_port,
             upload_port: self.upload_port,
+            inspect_drop_port: self.inspect_drop_port,
             files: self.files.clone(),
             requests: s.requests.clone(),
             uploads: s.uploads.clone(),
@@ -644,6 +693,41 @@ mod tests {
     }
 
     #[test]
+    fn eicar_file_has_the_string_planted() {
+        assert_eq!(EICAR.len(), 68);
+        assert_eq!(&EICAR[..12], b"X5O!P%@AP[4\\");
+        let d = eicar_contents(3, 1 << 20);
+        assert_eq!(d.len(), 1 << 20);
+        let hits: Vec<usize> = d
+            .windows(EICAR.len())
+            .enumerate()
+            .filter(|(_, w)| w == EICAR)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            hits.len(),
+            (((1 << 20) - 68 - EICAR_FIRST) / EICAR_STRIDE) + 1
+        );
+        assert_eq!(hits[0], EICAR_FIRST);
+        assert_eq!(hits[1], EICAR_FIRST + EICAR_STRIDE);
+        // Outside the planted strings it is the seeded stream.
+        let plain = file_contents(3, "eicar", 1 << 20);
+        assert_eq!(d[..EICAR_FIRST], plain[..EICAR_FIRST]);
+        assert_ne!(d, plain);
+    }
+
+    #[test]
+    fn drop_listener_serves_the_same_files() {
+        let e = Endpoints::start(small_options()).unwrap();
+        let r = get(e.inspect_drop_port, "/eicar.bin");
+        let (head, body) = split_response(&r);
+        assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+        assert_eq!(body, eicar_contents(7, EICAR_FILE_BYTES));
+        assert_ne!(e.inspect_drop_port, e.http_port);
+        drop(e);
+    }
+
+    #[test]
     fn sha256_matches_the_known_vector() {
         assert_eq!(
             sha256_hex(b"abc"),
@@ -689,14 +773,18 @@ mod tests {
         assert_eq!(
             cmdline,
             format!(
-                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097",
-                rep.http_port, rep.upload_port
+                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.inspect_drop={}",
+                rep.http_port, rep.upload_port, rep.inspect_drop_port
             )
         );
         let big = rep.file("big").unwrap();
         assert_eq!(big.bytes, 300_001);
         assert_eq!(big.sha256, sha256_hex(&file_contents(7, "big", 300_001)));
         assert_eq!(rep.file("small").unwrap().bytes, 4097);
+        assert_eq!(
+            rep.file("eicar").unwrap().sha256,
+            sha256_hex(&eicar_contents(7, EICAR_FILE_BYTES))
+        );
         assert_eq!(rep.requests.len(), 3, "{rep}");
         let ok = rep.requests.iter().find(|r| r.path == "/big.bin").unwrap();
         assert_eq!((ok.status, ok.sent, ok.complete), (200, 300_001, true));

@@ -16,6 +16,7 @@ pub mod cpio;
 pub mod emulator;
 pub mod endpoints;
 pub mod guest;
+pub mod inspect;
 pub mod iso;
 pub mod markers;
 pub mod rules;

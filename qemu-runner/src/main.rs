@@ -40,7 +40,9 @@ enum Cmd {
         #[arg(long)]
         ally_image: Option<PathBuf>,
         /// A rules file, compiled into the blob GRUB gives Ally (`module2 /boot/rules.blob
-        /// rules`); the run checks that Ally reports the number of rules that loaded.
+        /// rules`); the run checks that Ally reports the number of rules that loaded. Default
+        /// with the network workload: tests/rules/inspect.rules with the run's ports as
+        /// variables, and the inspection checks; --rules or --rules-blob replace it.
         #[arg(long, value_name = "FILE")]
         rules: Option<PathBuf>,
         /// Variables for --rules (Snort's `ipvar`/`portvar` lines); default: Snort 3's.

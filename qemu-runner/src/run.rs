@@ -10,6 +10,7 @@ use crate::checks::{self, Check, GUEST_RAM_MIB};
 use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFiles, Running};
 use crate::endpoints::{EndpointError, Endpoints, NetOptions, NetReport};
 use crate::guest::{self, GuestError, GuestSources};
+use crate::inspect::{self, InspectPorts};
 use crate::iso::{self, BootTarget, IsoError};
 use crate::markers::{self, AllyReport, GuestReport};
 use crate::rules::{prepare_rules, RulesError, RulesExpect, RulesInput};
@@ -450,6 +451,9 @@ pub struct Prepared {
     pub files: MachineFiles,
     /// What Ally should report about its rules.
     pub rules: RulesExpect,
+    /// Whether Ally runs the inspection rules (`tests/rules/inspect.rules`), so the inspection
+    /// checks apply: an Ally run with the network workload and no `--rules`/`--rules-blob`.
+    pub inspection: bool,
     /// Keeps other runs of the same name out until dropped.
     pub lock: RunLock,
 }
@@ -458,8 +462,9 @@ pub struct Prepared {
 const NOT_LOADED_SHOWN: usize = 20;
 
 /// Builds the guest image (cached), the rules blob (when asked), the Ally image (unless
-/// given) and the ISO into `out_root/name/`.
-pub fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
+/// given) and the ISO into `out_root/name/`. With `ports` (the endpoints listen) an Ally run
+/// without rules of its own gets the inspection rules, with the ports in `inspect.vars`.
+pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepared, RunError> {
     if opts.cpus == 0 || opts.cpus > 64 {
         return Err(RunError::BadOption {
             option: "--cpus",
@@ -499,10 +504,23 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
     let files = MachineFiles::in_dir(&dir);
 
     let mut rules = RulesExpect::None;
+    let mut inspection = false;
     let target = match opts.mode {
         Mode::Ally => {
             iso::validate_options(&opts.ally_options)?;
-            let rules_blob = match &opts.rules {
+            let default_rules = match (&opts.rules, ports) {
+                (None, Some(p)) => {
+                    let vars = dir.join(inspect::VARS_FILE);
+                    fs::write(&vars, p.vars_text()).map_err(io(&vars))?;
+                    inspection = true;
+                    Some(RulesInput::Compile {
+                        rules: inspect::rules_path(&opts.workspace),
+                        vars: Some(vars),
+                    })
+                }
+                _ => None,
+            };
+            let rules_blob = match opts.rules.as_ref().or(default_rules.as_ref()) {
                 None => None,
                 Some(input) => {
                     let blob = dir.join("rules.blob");
@@ -558,39 +576,61 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
     // Each run boots its own copy: Bochs writes to and locks the disk.
     fs::copy(&image.disk, &files.disk).map_err(io(&image.disk))?;
     iso::build_iso(&target, &dir.join("iso"), &files.iso)?;
-    Ok(Prepared { files, rules, lock })
+    Ok(Prepared {
+        files,
+        rules,
+        inspection,
+        lock,
+    })
 }
 
 /// Builds everything, boots, watches, stops and judges.
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
+    // The host endpoints listen first: their ports go into the inspection rules' variables
+    // (before the rules blob and the ISO are built) and on the kernel command line of this
+    // run's disk copy.
+    let endpoints = match opts.net {
+        Some(n) => Some(Endpoints::start(n).map_err(RunError::Endpoints)?),
+        None => None,
+    };
+    let ports = endpoints.as_ref().map(|e| InspectPorts {
+        http: e.http_port,
+        inspect_drop: e.inspect_drop_port,
+        upload: e.upload_port,
+    });
     let Prepared {
         files,
         rules,
+        inspection,
         lock: _lock,
-    } = prepare(opts)?;
+    } = prepare(opts, ports)?;
     let emulator = opts.emulator.resolve()?;
-    // The host endpoints listen before the emulator starts; their ports reach the guest on
-    // the kernel command line of this run's disk copy.
-    let endpoints = match opts.net {
-        Some(n) => {
-            let e = Endpoints::start(n).map_err(RunError::Endpoints)?;
-            guest::set_disk_cmdline(
-                &files.disk,
-                &format!("{} {}", opts.kernel_cmdline, e.guest_cmdline()),
-            )?;
-            if opts.progress.is_some() {
-                progress(
-                    &opts.name,
-                    &format!(
-                        "host endpoints: HTTP 127.0.0.1:{} (big.bin {} B, small.bin {} B), upload 127.0.0.1:{} ({} B)",
-                        e.http_port, n.big_bytes, n.small_bytes, e.upload_port, n.upload_bytes
-                    ),
-                );
-            }
-            Some(e)
+    if let (Some(e), Some(n)) = (&endpoints, opts.net) {
+        guest::set_disk_cmdline(
+            &files.disk,
+            &format!("{} {}", opts.kernel_cmdline, e.guest_cmdline()),
+        )?;
+        if opts.progress.is_some() {
+            progress(
+                &opts.name,
+                &format!(
+                    "host endpoints: HTTP 127.0.0.1:{} (big.bin {} B, small.bin {} B, eicar.bin {} B), inspect-drop HTTP 127.0.0.1:{}, upload 127.0.0.1:{} ({} B){}",
+                    e.http_port,
+                    n.big_bytes,
+                    n.small_bytes,
+                    crate::endpoints::EICAR_FILE_BYTES,
+                    e.inspect_drop_port,
+                    e.upload_port,
+                    n.upload_bytes,
+                    if inspection {
+                        format!("; rules {}", inspect::RULES_FILE)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
         }
-        None => None,
-    };
+    }
     if opts.progress.is_some() {
         progress(
             &opts.name,
@@ -639,6 +679,11 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         all_checks.extend(checks::network_checks(&guest, n));
         if opts.mode == Mode::Ally {
             all_checks.extend(checks::nic_checks(&guest, &ally));
+            all_checks.push(inspect::ring_attack_check(&guest, &ally));
+            if inspection {
+                let split = inspect::split_com2(&com2, &files.dir);
+                all_checks.extend(inspect::inspect_checks(&guest, n, &split));
+            }
             all_checks.push(match crate::wire::WireCounts::from_log(&files.pktlog) {
                 Ok(wire) => checks::nic_wire_balance(&ally, &wire),
                 Err(e) => Check {
@@ -850,24 +895,24 @@ mod tests {
         let mut o = RunOptions::new(Mode::Baseline, "t");
         o.cpus = 0;
         o.progress = None;
-        let e = prepare(&o).unwrap_err().to_string();
+        let e = prepare(&o, None).unwrap_err().to_string();
         assert_eq!(e, "option --cpus: 0 is out of range 1..=64");
         let mut o = RunOptions::new(Mode::Baseline, "t");
         o.kernel_cmdline = "console=ttyS0\ninit=/bin/sh".into();
-        assert!(prepare(&o)
+        assert!(prepare(&o, None)
             .unwrap_err()
             .to_string()
             .starts_with("option --kernel-cmdline: "));
         let mut o = RunOptions::new(Mode::Baseline, "../x");
         o.progress = None;
-        assert!(prepare(&o)
+        assert!(prepare(&o, None)
             .unwrap_err()
             .to_string()
             .starts_with("option run name"));
         let mut o = RunOptions::new(Mode::Baseline, "t");
         o.rules = Some(RulesInput::Blob("/x/rules.blob".into()));
         assert_eq!(
-            prepare(&o).unwrap_err().to_string(),
+            prepare(&o, None).unwrap_err().to_string(),
             "option --rules: the baseline boots no Ally to load rules"
         );
     }

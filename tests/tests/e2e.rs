@@ -36,20 +36,23 @@ fn baseline_guest_boots_and_pings() {
     );
 }
 
-/// The rules the Ally boot loads: one `drop` (EICAR) and one `alert` (ICMP echo) rule.
+/// A small rules file without variables (one `drop`, one `alert` rule), for the corrupt-blob
+/// test. The Ally boot loads the runner's default, `tests/rules/inspect.rules`.
 fn e2e_rules() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/e2e.rules")
 }
 
 /// Issue 2's demo boot: GRUB → Ally → the unmodified guest from disk, every check in one boot;
-/// with a rules module, whose rule count Ally reports (issue 5).
+/// with issue 4's network workload through Ally's e1000 path and issue 5's inspection test
+/// under the runner's default rules (`tests/rules/inspect.rules`, whose rule count Ally
+/// reports), and issue 4's ring-base attack.
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-ally");
-    opts.rules = Some(RulesInput::Compile {
-        rules: e2e_rules(),
-        vars: None,
-    });
+    assert!(
+        opts.net.is_some() && opts.rules.is_none(),
+        "the default rules apply"
+    );
     // 1 OS core + 1 DPI core (issue 3's first scenario; Ally's default dpi_cores=1).
     opts.cpus = 2;
     opts.ally_image = prebuilt_ally_image();
@@ -62,7 +65,7 @@ fn ally_hides_its_region_and_guest_pings() {
     // Each named check, so a failure message says exactly which property broke.
     for name in [
         "run",
-        // `ALLY rules loaded=2`: the rules module was found, verified and built.
+        // `ALLY rules loaded=4`: the rules module was found, verified and built.
         "rules",
         "init",
         "ally-region",
@@ -92,13 +95,32 @@ fn ally_hides_its_region_and_guest_pings() {
         "no-fatal",
         "done",
         "no-guest-failures",
+        // Issue 4 through Ally: 16 MiB each way and the e1000 reloads, SHA-256 checked.
+        "download",
+        "upload",
+        "nic-reload",
+        // Ally's counters: frames moved, drops only by verdict or with the receiver off.
+        "nic-traffic",
+        "nic-bytes",
+        "nic-exits",
+        "nic-wire-balance",
+        // COM2 split into eve.json and dropped.pcap; the pcap holds dropped frames.
+        "eve-pcap",
+        // eicar.bin from the drop port is not intact, with a `blocked` alert of its sid.
+        "inspect-drop",
+        // eicar.bin from the alert port is intact, with an `allowed` alert of its sid.
+        "inspect-alert",
+        // The upload carrying the forbidden marker never reached the host intact; `blocked`.
+        "inspect-upload",
+        // Both NIC rings aimed at Ally's memory: Ally refused them, its memory is intact.
+        "ring-attack",
     ] {
         let c = check(&result, name);
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
     let rules = result.ally.find("rules").expect("no `ALLY rules` line");
-    assert_eq!(rules.number("loaded").ok(), Some(2), "{}", rules.line);
-    assert_eq!(rules.number("drop").ok(), Some(1), "{}", rules.line);
+    assert_eq!(rules.number("loaded").ok(), Some(4), "{}", rules.line);
+    assert_eq!(rules.number("drop").ok(), Some(2), "{}", rules.line);
     assert!(result.passed(), "{}", failures(&result));
 }
 

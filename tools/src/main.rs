@@ -15,7 +15,6 @@ mod alloc_count;
 mod bench;
 #[cfg(feature = "hyperscan")]
 mod hs;
-mod pcap;
 mod traffic;
 
 use std::fs;
@@ -25,11 +24,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ally_dpi::engine::blob;
-use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine, DEFAULT_EXCERPT};
 use ally_dpi::engine::rules::{parse_rules, ParsedRules};
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{Direction, Engine, EngineConfig, Inspector, MgmtWriter, Timestamp};
-use ally_tools::compile;
+use ally_tools::eve::split as eve_split;
+use ally_tools::{compile, pcap};
 
 #[global_allocator]
 static ALLOC: alloc_count::Counting = alloc_count::Counting;
@@ -184,35 +183,6 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
         }
         other => Err(format!("unknown `rules {other}`")),
     }
-}
-
-/// Splits a captured management stream into EVE JSON lines and a pcap of dropped-frame excerpts.
-fn eve_split(
-    stream: &str,
-    eve: &mut impl Write,
-    pcap: &mut impl Write,
-) -> Result<(usize, usize), String> {
-    pcap::write_header(pcap, DEFAULT_EXCERPT as u32).map_err(|e| e.to_string())?;
-    let (mut n_eve, mut n_pcap) = (0, 0);
-    for (i, line) in stream.lines().enumerate() {
-        match parse_mgmt_line(line).map_err(|e| format!("line {}: {e}", i + 1))? {
-            MgmtLine::Eve(json) => {
-                writeln!(eve, "{json}").map_err(|e| e.to_string())?;
-                n_eve += 1;
-            }
-            MgmtLine::Pcap {
-                ts_us,
-                orig_len,
-                data,
-                ..
-            } => {
-                pcap::write_record(pcap, ts_us, orig_len, &data).map_err(|e| e.to_string())?;
-                n_pcap += 1;
-            }
-            MgmtLine::Other => {}
-        }
-    }
-    Ok((n_eve, n_pcap))
 }
 
 fn cmd_eve_split(args: &Args) -> Result<ExitCode, String> {
