@@ -50,6 +50,7 @@ pub enum StartError {
     ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
+    NotAnOsCore(u32),
 }
 
 impl fmt::Display for StartError {
@@ -69,6 +70,7 @@ impl fmt::Display for StartError {
             Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
+            Self::NotAnOsCore(id) => write!(f, "the CPU with APIC ID {id} is no OS core but was made a guest CPU"),
         }
     }
 }
@@ -323,6 +325,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         let slot = &mut *core::ptr::addr_of_mut!(BSP_VCPU);
         slot.insert(Vcpu::new(cpus.boot_cpu, 1, caps, pages))
     };
+    // The boot CPU runs the guest from the start; the other OS cores wait for its SIPI.
+    vcpu.mailbox
+        .ok_or(StartError::NotAnOsCore(cpus.boot_cpu))?
+        .set_running();
     // SAFETY: on the boot CPU, once; the pages are zeroed and identity-mapped.
     unsafe { vcpu.activate()? };
     // The exit stack's top holds the vCPU pointer the trampoline passes to the handler.

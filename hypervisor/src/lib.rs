@@ -16,3 +16,5 @@ pub mod ipi;
 pub mod memmap;
 pub mod mtrr;
 pub mod paging;
+pub mod startup;
+pub mod topology;

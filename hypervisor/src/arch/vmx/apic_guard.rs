@@ -1,11 +1,13 @@
 //! The OS cores' local APIC as the guest reaches it: every access goes to the real APIC except
 //! ICR writes, which pass through the IPI filter (`crate::ipi`) so that no INIT, SIPI, NMI, SMI
-//! or fixed IPI reaches a DPI core.
+//! or fixed IPI reaches a DPI core, and INIT and SIPI to OS cores are emulated
+//! (`init_sipi`), never sent.
 //!
 //! - xAPIC: the APIC page is absent from the EPT; each access exits (EPT violation), is decoded
 //!   and forwarded to this CPU's APIC at the same offset and width (4 bytes, SDM 12.4.1).
 //! - x2APIC: only MSR 0x830 (ICR) and IA32_APIC_BASE are intercepted.
 
+use super::init_sipi;
 use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
@@ -48,7 +50,23 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
         os_cores: &p.os_cores,
         dpi_cores: &p.dpi_cores,
     };
-    match filter_ipi(mode, low, destination, cpus, &[]) {
+    let action = filter_ipi(mode, low, destination, cpus, &[]);
+    if matches!(
+        DeliveryMode::from_icr(low),
+        DeliveryMode::Init | DeliveryMode::Startup
+    ) {
+        // The DPI cores' share is dropped and counted as for any IPI; the OS cores' share is
+        // emulated and the hardware sees nothing (see `crate::startup` for why).
+        match action {
+            IpiAction::Forward => {}
+            IpiAction::Drop { dropped }
+            | IpiAction::Logical { dropped, .. }
+            | IpiAction::Unicast { dropped, .. } => record_drop(low, destination, dropped),
+        }
+        super::init_sipi::emulate(mode, low, destination, sender);
+        return;
+    }
+    match action {
         IpiAction::Forward => send(low, destination),
         IpiAction::Drop { dropped } => record_drop(low, destination, dropped),
         IpiAction::Logical {
@@ -116,6 +134,9 @@ impl MmioHandler for XApicMmio {
             );
             return;
         }
+        if matches!(gpa.0 & 0xFF0, init_sipi::XAPIC_LDR | init_sipi::XAPIC_DFR) {
+            init_sipi::record_logical_register(self.sender, gpa.0 & 0xFF0, value);
+        }
         // SAFETY: as for `read`; every other register is the guest's own.
         unsafe { self.register(gpa).write_volatile(value) };
     }
@@ -153,4 +174,5 @@ pub fn report() {
         REWRITTEN_IPIS.load(Ordering::Relaxed),
         APIC_MMIO_EXITS.load(Ordering::Relaxed)
     );
+    init_sipi::report();
 }
