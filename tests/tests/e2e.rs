@@ -1,6 +1,6 @@
 //! End-to-end: boot the test guest under Bochs (or QEMU/KVM), with and without Ally, and judge
-//! from the guest's own console and Ally's log. One Ally boot plus one baseline boot; the two
-//! run in parallel (about 2 minutes each under Bochs on one CPU).
+//! from the guest's own console and Ally's log: one baseline boot, and Ally boots with 2 CPUs
+//! (1 OS core + 1 DPI core) and 4 CPUs (3 OS cores + 1 DPI core); cargo runs them in parallel.
 //!
 //! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does).
 
@@ -28,11 +28,24 @@ fn baseline_guest_boots_and_pings() {
 }
 
 /// Issue 2's demo boot: GRUB → Ally → the unmodified guest from disk, every check in one boot.
+/// 1 OS core + 1 DPI core (issue 3's first scenario; Ally's default dpi_cores=1).
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
-    let mut opts = RunOptions::new(Mode::Ally, "e2e-ally");
-    // 1 OS core + 1 DPI core (issue 3's first scenario; Ally's default dpi_cores=1).
-    opts.cpus = 2;
+    ally_boot_passes_every_check("e2e-ally", 2);
+}
+
+/// Issue 3's SMP scenario: 3 OS cores + 1 DPI core. The guest starts its application
+/// processors with INIT-SIPI-SIPI, which Ally emulates; every OS core runs guest work.
+#[test]
+fn ally_with_three_os_cores_and_a_dpi_core() {
+    ally_boot_passes_every_check("e2e-ally-4cpu", 4);
+}
+
+/// Boots Ally with the test guest on `cpus` CPUs (one of them a DPI core) and asserts every
+/// check of the run.
+fn ally_boot_passes_every_check(name: &'static str, cpus: u32) {
+    let mut opts = RunOptions::new(Mode::Ally, name);
+    opts.cpus = cpus;
     opts.ally_image = prebuilt_ally_image();
     if opts.ally_image.is_none() {
         // cargo keeps its own target directory locked while this test runs.
@@ -61,8 +74,13 @@ fn ally_hides_its_region_and_guest_pings() {
         "canary",
         "ping",
         "exits",
-        // The guest sees exactly its OS cores (the DPI core is gone from MADT and MP table).
+        // The guest sees exactly its OS cores (the DPI core is gone from MADT and MP table):
+        // nproc, /proc/cpuinfo, the present and online CPU lists.
         "guest-cpus",
+        // A loop pinned to each guest CPU ran there.
+        "cpu-work",
+        // Every OS core was started by the guest's (emulated) INIT-SIPI-SIPI and runs.
+        "os-cores-started",
         // Every DPI core's heartbeat advanced while the guest ran.
         "dpi-heartbeat",
         // The guest's INIT, SIPI, NMI and fixed IPIs at hidden APIC IDs (and an NMI to
