@@ -28,13 +28,28 @@ pub static REWRITTEN_IPIS: AtomicU64 = AtomicU64::new(0);
 pub static APIC_MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// Drop reports printed so far (each one a COM2 line; the counters keep counting after).
+/// Broadcasts have their own, small budget: with several OS cores Linux sends its
+/// call-function IPIs to all-excluding-self all the time, and those reports would use up the
+/// budget of the IPIs aimed at a DPI core.
 static DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
+static BROADCAST_DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
 const DROP_REPORT_LIMIT: u64 = 64;
+const BROADCAST_DROP_REPORT_LIMIT: u64 = 4;
 
-fn record_drop(low: u32, destination: u32, dropped: usize) {
+/// Whether the ICR addresses every CPU (a shorthand or the broadcast ID).
+fn is_broadcast(action: &IpiAction) -> bool {
+    matches!(action, IpiAction::Unicast { .. })
+}
+
+fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
     let mode = DeliveryMode::from_icr(low);
     DROPPED_IPIS[mode.index()].fetch_add(dropped as u64, Ordering::Relaxed);
-    if DROP_REPORTS.fetch_add(1, Ordering::Relaxed) < DROP_REPORT_LIMIT {
+    let (reports, limit) = if broadcast {
+        (&BROADCAST_DROP_REPORTS, BROADCAST_DROP_REPORT_LIMIT)
+    } else {
+        (&DROP_REPORTS, DROP_REPORT_LIMIT)
+    };
+    if reports.fetch_add(1, Ordering::Relaxed) < limit {
         // The DPI heartbeat at the drop: the power-off report shows it went on afterwards.
         log::warn!(
             "ALLY ipi-drop mode={mode} icr={low:#x} dest={destination:#x} dropped={dropped} heartbeat={}",
@@ -61,26 +76,28 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
             IpiAction::Forward => {}
             IpiAction::Drop { dropped }
             | IpiAction::Logical { dropped, .. }
-            | IpiAction::Unicast { dropped, .. } => record_drop(low, destination, dropped),
+            | IpiAction::Unicast { dropped, .. } => {
+                record_drop(low, destination, dropped, is_broadcast(&action))
+            }
         }
         super::init_sipi::emulate(mode, low, destination, sender);
         return;
     }
     match action {
         IpiAction::Forward => send(low, destination),
-        IpiAction::Drop { dropped } => record_drop(low, destination, dropped),
+        IpiAction::Drop { dropped } => record_drop(low, destination, dropped, false),
         IpiAction::Logical {
             destination: remaining,
             dropped,
         } => {
-            record_drop(low, destination, dropped);
+            record_drop(low, destination, dropped, false);
             send(low, remaining);
         }
         IpiAction::Unicast {
             include_self,
             dropped,
         } => {
-            record_drop(low, destination, dropped);
+            record_drop(low, destination, dropped, true);
             REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
             // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
             let unicast = low & !((3 << 18) | (1 << 11));
