@@ -12,8 +12,9 @@
 //! Instead, the ICR filter hands every INIT and SIPI aimed at an OS core to that core's
 //! [`StartupMailbox`]. An application processor that the guest has not started, or has INIT
 //! again, waits in VMX root operation until its mailbox holds a SIPI vector, then enters the
-//! guest in real mode at `vector:0000`. This module is the mailbox state machine; the waiting
-//! and the VMCS work are in `arch::vmx::init_sipi`.
+//! guest in real mode at `vector:0000`. A vCPU that runs the guest takes an INIT at its next
+//! VM exit; the VMX-preemption timer bounds the time to that exit. This module is the mailbox
+//! state machine; the waiting and the VMCS work are in `arch::vmx::init_sipi` and `exits`.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 

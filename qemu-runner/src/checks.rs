@@ -133,6 +133,7 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
         "os-cores-started",
         os_cores_started(ally),
     ));
+    out.push(Check::from_result("cpu-hotplug", cpu_hotplug(guest, ally)));
     out.push(Check::from_result("dpi-heartbeat", dpi_heartbeat(ally)));
     out.push(Check::from_result("ipi-attack", ipi_attack(guest, ally)));
     out.push(match ally.fatal() {
@@ -218,6 +219,38 @@ fn cpu_work(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
         seen.push(cpu.to_string());
     }
     Ok(format!("a pinned loop ran on CPU {}", seen.join(", ")))
+}
+
+/// With several OS cores, the guest took its last CPU offline and back online (an INIT-SIPI-SIPI
+/// to a vCPU that had run, emulated by Ally), and work pinned to it ran there afterwards.
+fn cpu_hotplug(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let (total, dpi) = ally_cpus(ally)?;
+    let n = total - dpi;
+    if n < 2 {
+        return Ok(format!("{n} OS core: nothing to take offline"));
+    }
+    let marker = guest
+        .find("cpu-hotplug")
+        .ok_or("no `ALLYTEST cpu-hotplug` marker")?;
+    let last = n - 1;
+    let field = |f: &str| marker.fields.get(f).unwrap_or("(missing)").to_string();
+    let (offline, online) = (field("offline_list"), field("online_list"));
+    let ran_on = marker.number("ran_on").map_err(marker_err)?;
+    if marker.number("cpu").map_err(marker_err)? != last
+        || offline != cpu_list(n - 1)
+        || online != cpu_list(n)
+        || ran_on != last
+    {
+        return Err(format!(
+            "expected CPU {last} offline ({}) then online ({}) and running work: {}",
+            cpu_list(n - 1),
+            cpu_list(n),
+            marker.line
+        ));
+    }
+    Ok(format!(
+        "CPU {last} offline (online CPUs {offline}), online again ({online}), work ran on it"
+    ))
 }
 
 /// Every OS core was started by the guest (Ally emulates the guest's INIT and SIPI) and runs
@@ -655,6 +688,7 @@ ALLYTEST cpus INFO nproc=3 present=0-2 online=0-2 cpuinfo=3
 ALLYTEST cpu-work INFO cpu=0 ran_on=0
 ALLYTEST cpu-work INFO cpu=1 ran_on=1
 ALLYTEST cpu-work INFO cpu=2 ran_on=2
+ALLYTEST cpu-hotplug INFO cpu=2 offline_list=0-1 online_list=0-2 ran_on=2 errors=
 ";
     const GOOD_ALLY_3: &str = "\
 ALLY cpus total=4 dpi=1 os=3
@@ -666,7 +700,12 @@ ALLY os-core index=2 apic=2 state=Running
 
     fn judge_cpus(guest: &str, ally: &str) -> Vec<Result<String, String>> {
         let (g, a) = (GuestReport::parse(guest), AllyReport::parse(ally));
-        vec![guest_cpus(&g, &a), cpu_work(&g, &a), os_cores_started(&a)]
+        vec![
+            guest_cpus(&g, &a),
+            cpu_work(&g, &a),
+            os_cores_started(&a),
+            cpu_hotplug(&g, &a),
+        ]
     }
 
     #[test]
@@ -686,7 +725,8 @@ ALLY os-core index=2 apic=2 state=Running
                 "nproc=3 present=0-2 online=0-2 cpuinfo=3",
                 "nproc=2 present=0-2 online=0-1 cpuinfo=2",
             )
-            .replace("ALLYTEST cpu-work INFO cpu=2 ran_on=2\n", "");
+            .replace("ALLYTEST cpu-work INFO cpu=2 ran_on=2\n", "")
+            .replace("online_list=0-2 ran_on=2", "online_list=0-1 ran_on=1");
         let a = GOOD_ALLY_3
             .replace("sipi=2", "sipi=1")
             .replace("apic=2 state=Running", "apic=2 state=WaitForSipi");
@@ -698,6 +738,11 @@ ALLY os-core index=2 apic=2 state=Running
         // Work that did not run where it was pinned.
         let g = GOOD_GUEST_3.replace("cpu=1 ran_on=1", "cpu=1 ran_on=0");
         assert!(cpu_work(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        // The CPU did not come back online.
+        let g = GOOD_GUEST_3.replace("online_list=0-2", "online_list=0-1");
+        assert!(cpu_hotplug(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        let g = GOOD_GUEST_3.replace("ALLYTEST cpu-hotplug", "ALLYTEST other");
+        assert!(cpu_hotplug(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
         // Too few SIPIs emulated although every core claims to run.
         let a = GOOD_ALLY_3.replace("sipi=2", "sipi=1");
         assert!(os_cores_started(&AllyReport::parse(&a)).is_err());

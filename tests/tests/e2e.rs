@@ -81,6 +81,8 @@ fn ally_boot_passes_every_check(name: &'static str, cpus: u32) {
         "cpu-work",
         // Every OS core was started by the guest's (emulated) INIT-SIPI-SIPI and runs.
         "os-cores-started",
+        // The last CPU went offline and online again (INIT-SIPI-SIPI to a vCPU that ran).
+        "cpu-hotplug",
         // Every DPI core's heartbeat advanced while the guest ran.
         "dpi-heartbeat",
         // The guest's INIT, SIPI, NMI and fixed IPIs at hidden APIC IDs (and an NMI to

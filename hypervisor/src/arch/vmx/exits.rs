@@ -169,6 +169,8 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
             ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
             ExitReason::Vmcall => handle_vmcall(regs),
             ExitReason::TripleFault => Err(StopReason::TripleFault),
+            // Only bounds the time between exits; a pending INIT was looked at above.
+            ExitReason::PreemptionTimer => Ok(()),
             ExitReason::InitSignal => {
                 handle_init(vcpu).and_then(|()| match vcpu.mailbox.and_then(|m| m.take_init()) {
                     Some(reset) => take_pending_init(regs, vcpu, reset),

@@ -146,6 +146,15 @@ impl Vcpu {
         write(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
         write(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
         write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?;
+        if caps.has_preemption_timer() {
+            // Reloaded at every VM entry ("save timer value" is off): a vCPU leaves the guest
+            // at least every 2^24 TSC ticks (a few ms), also from HLT or MWAIT, and sees an
+            // INIT the guest sent it (`exits::take_pending_init`).
+            const PREEMPTION_PERIOD_TSC_LOG2: u8 = 24;
+            let ticks =
+                1u64 << PREEMPTION_PERIOD_TSC_LOG2.saturating_sub(caps.preemption_timer_rate);
+            write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
+        }
 
         // Host state (SDM 25.5, checked per 27.2.2-27.2.4).
         let dt = instructions::sgdt();
