@@ -633,4 +633,9 @@ fn report_dpi_status() {
         "ALLY root-nmis count={}",
         ally_hypervisor::arch::descriptors::NMI_COUNT.load(core::sync::atomic::Ordering::Relaxed)
     );
+    info!(
+        "ALLY root-stray-interrupts count={}",
+        ally_hypervisor::arch::descriptors::STRAY_INTERRUPTS
+            .load(core::sync::atomic::Ordering::Relaxed)
+    );
 }

@@ -110,7 +110,10 @@ impl LocalApic {
 
     /// Enables the APIC (spurious vector register) and starts the periodic timer at `vector`.
     pub fn start_periodic_timer(&self, vector: u8, initial_count: u32) {
-        self.write(REG_SPURIOUS, 0x100 | 0xFF);
+        self.write(
+            REG_SPURIOUS,
+            0x100 | u32::from(super::descriptors::SPURIOUS_VECTOR),
+        );
         self.write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
         self.write(REG_LVT_TIMER, (1 << 17) | u32::from(vector)); // periodic
         self.write(REG_TIMER_INITIAL, initial_count);
