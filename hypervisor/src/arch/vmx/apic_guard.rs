@@ -136,12 +136,14 @@ impl MmioHandler for XApicMmio {
             let destination =
                 unsafe { ((self.apic_base + ICR_HIGH) as *const u32).read_volatile() } >> 24;
             let base = self.apic_base;
+            let mut rewrote_destination = false;
             apply(
                 value,
                 destination,
                 ApicMode::XApic,
                 self.sender,
                 |low, dest| {
+                    rewrote_destination |= dest != destination;
                     // SAFETY: writing ICR high then ICR low sends the IPI (SDM 12.6.1).
                     unsafe {
                         ((base + ICR_HIGH) as *mut u32).write_volatile(dest << 24);
@@ -149,6 +151,11 @@ impl MmioHandler for XApicMmio {
                     }
                 },
             );
+            if rewrote_destination {
+                // The guest reads back the destination it wrote, not the rewritten unicasts'.
+                // SAFETY: as above; writing ICR high alone sends nothing.
+                unsafe { ((base + ICR_HIGH) as *mut u32).write_volatile(destination << 24) };
+            }
             return;
         }
         if matches!(gpa.0 & 0xFF0, init_sipi::XAPIC_LDR | init_sipi::XAPIC_DFR) {
