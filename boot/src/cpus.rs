@@ -3,7 +3,7 @@
 
 use ally_dpi::status::DpiStatus;
 use ally_hypervisor::arch::apic::LocalApic;
-use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_VECTOR};
+use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_TICKS, TIMER_VECTOR};
 use ally_hypervisor::arch::instructions::{self, halt_forever};
 use ally_hypervisor::arch::vmx::capabilities::VmxCapabilities;
 use ally_hypervisor::arch::vmx::vcpu::{StartState, Vcpu, VcpuPages};
@@ -104,19 +104,86 @@ fn become_guest_cpu(
 
 /// Timer period of an idle DPI core, in APIC timer ticks (bus clocks, divide by 1).
 const IDLE_TIMER_COUNT: u32 = 10_000_000;
+/// With a NIC to serve the timer is the receive path's alarm: frames the device wrote into
+/// the DPI ring wait at most this long (the guest's tail writes ring doorbells, but the
+/// device's DMA wakes nobody).
+const NIC_TIMER_COUNT: u32 = 100_000;
+/// Consecutive MWAITs that end with nothing to show before the DPI core falls back to HLT.
+const MWAIT_EMPTY_WAKEUPS_LIMIT: u32 = 1000;
+/// Empty polls before a busy DPI core halts again (traffic comes in bursts).
+const SPIN_POLLS: u32 = 256;
 
-/// The DPI loop. Until the NIC work arrives (issue 4) it only publishes its heartbeat; when
-/// idle it halts with the APIC timer as its alarm, so that emulators do not spend their time
-/// on a spinning core.
+/// The DPI loop: the first DPI core moves the NIC's queues (`nic.rs`); every core publishes
+/// its heartbeat. When idle a core halts with the APIC timer as its alarm, so that emulators
+/// do not spend their time on a spinning core.
 fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     let me = &status.cores[index];
     me.apic_id.store(u64::from(apic_id), Ordering::Relaxed);
-    info!("DPI core {index} (APIC {apic_id}) running");
-    LocalApic::current().start_periodic_timer(TIMER_VECTOR, IDLE_TIMER_COUNT);
+    let mut work = if index == 0 {
+        crate::nic::DPI_WORK.lock().take()
+    } else {
+        None
+    };
+    info!(
+        "DPI core {index} (APIC {apic_id}) running{}",
+        if work.is_some() {
+            ", serving the NIC"
+        } else {
+            ""
+        }
+    );
+    let period = if work.is_some() {
+        NIC_TIMER_COUNT
+    } else {
+        IDLE_TIMER_COUNT
+    };
+    LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
+    // MONITOR/MWAIT (CPUID.01H:ECX[3]) lets a guest's tail write wake the core at once.
+    let mut mwait = instructions::has_monitor_mwait();
+    // MWAIT that returns with neither a doorbell nor a timer tick did not wait (MONITOR is a
+    // no-op on memory that is not write-back, and `mwait_is_nop` emulators): after a run of
+    // those, halt instead, so an idle core does not spin.
+    let mut empty_wakeups = 0u32;
+    // Polls left before halting: refilled by every poll that moved a frame (traffic comes in
+    // bursts), not by an empty wake-up, so an idle core halts again at once.
+    let mut spin_polls = 0;
     loop {
         me.beat();
-        // SAFETY: Ally's IDT handles the timer and NMIs on this core.
-        unsafe { instructions::wait_for_interrupt() };
+        if let Some(work) = work.as_mut() {
+            if work.poll() > 0 {
+                spin_polls = SPIN_POLLS;
+                continue;
+            }
+            if spin_polls > 0 {
+                spin_polls -= 1;
+                core::hint::spin_loop();
+                continue;
+            }
+        }
+        match work.as_ref() {
+            Some(work) if mwait => {
+                let ticks = TIMER_TICKS.load(Ordering::Relaxed);
+                // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
+                // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
+                unsafe {
+                    instructions::monitor(work.wake_line());
+                    if !work.doorbell_pending() {
+                        instructions::wait_for_write_or_interrupt();
+                    }
+                }
+                if work.doorbell_pending() || TIMER_TICKS.load(Ordering::Relaxed) != ticks {
+                    empty_wakeups = 0;
+                } else {
+                    empty_wakeups += 1;
+                    if empty_wakeups == MWAIT_EMPTY_WAKEUPS_LIMIT {
+                        mwait = false;
+                        info!("ALLY dpi-idle mode=hlt reason=\"MWAIT returns at once here\"");
+                    }
+                }
+            }
+            // SAFETY: Ally's IDT handles the timer and NMIs on this core.
+            _ => unsafe { instructions::wait_for_interrupt() },
+        }
         me.wakeups.fetch_add(1, Ordering::Relaxed);
     }
 }

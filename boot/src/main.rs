@@ -13,10 +13,14 @@
 
 extern crate alloc;
 
+mod clock;
 mod cpus;
 mod entry;
 mod frames;
+mod heap;
+mod nic;
 mod relocate;
+mod rules;
 mod smp;
 mod start;
 
@@ -26,7 +30,7 @@ use log::error;
 /// Ally's heap, in its reserved region (initialised by `start` after relocation). The
 /// linked-list allocator replaces a hand-written one; the DPI engine allocates at start-up.
 #[global_allocator]
-static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+static HEAP: heap::AllyHeap = heap::AllyHeap::empty();
 
 /// Called by `entry.rs` in long mode on the boot stack.
 #[no_mangle]
@@ -49,6 +53,29 @@ extern "C" fn ally_main(magic: u32, boot_info: u32) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // Running out of heap panics with Rust's "memory allocation of N bytes failed": say which
+    // heap and what to change.
+    let mut message: heapless::String<64> = heapless::String::new();
+    let _ = core::fmt::write(&mut message, format_args!("{}", info.message()));
+    if heap::is_out_of_heap(&message) {
+        match HEAP.usage() {
+            Some(u) => logger::emergency_write(format_args!(
+                "\nALLY fatal reason=\"out of heap: {} ({} of {} bytes in use, peak {}); \
+                 raise heap=\" cpu={}\n",
+                info.message(),
+                u.used,
+                u.size,
+                u.peak,
+                logger::cpu_id()
+            )),
+            None => logger::emergency_write(format_args!(
+                "\nALLY fatal reason=\"out of heap: {}; raise heap=\" cpu={}\n",
+                info.message(),
+                logger::cpu_id()
+            )),
+        }
+        halt_forever()
+    }
     logger::emergency_write(format_args!(
         "\nALLY fatal reason=panic cpu={} {}\n",
         logger::cpu_id(),

@@ -3,8 +3,10 @@
 use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
 use crate::frames::FramePool;
 use crate::relocate;
+use crate::rules;
 use crate::smp;
 use alloc::boxed::Box;
+use ally_dpi::rules_module::ModuleError;
 use ally_dpi::status::DpiStatus;
 use ally_hypervisor::acpi;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -47,10 +49,15 @@ pub enum StartError {
     Vmx(VmxError),
     Acpi(acpi::AcpiError),
     OutOfHeap,
+    Rules(ModuleError),
     ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
     NotAnOsCore(u32),
+    Nic(ally_hypervisor::pci::PciError),
+    NicMemory(ally_dpi::nic::mem::MemError),
+    NicEngine(ally_dpi::nic::dpi::DpiError),
+    NoRuleEngine,
 }
 
 impl fmt::Display for StartError {
@@ -67,10 +74,15 @@ impl fmt::Display for StartError {
             Self::Vmx(e) => write!(f, "{e}"),
             Self::Acpi(e) => write!(f, "ACPI: {e}"),
             Self::OutOfHeap => write!(f, "Ally's heap is exhausted (raise heap=)"),
+            Self::Rules(e) => write!(f, "{e}"),
             Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
             Self::NotAnOsCore(id) => write!(f, "the CPU with APIC ID {id} is no OS core but was made a guest CPU"),
+            Self::Nic(e) => write!(f, "{e}"),
+            Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
+            Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
+            Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
         }
     }
 }
@@ -130,6 +142,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     info!("command line: \"{cmdline}\"");
     let options = AllyOptions::parse(cmdline).map_err(StartError::Options)?;
     log::set_max_level(options.log);
+    // The rules module sizes the heap, so it is found before Ally's region is placed.
+    let rules = rules::plan(&boot_info, options.heap).map_err(StartError::Rules)?;
+    let heap_size = rules.heap;
 
     let firmware_map = MemoryMap::from_entries(
         boot_info
@@ -145,7 +160,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     // Ally's region: image, frame pool, heap, DPI memory — at the top of a RAM range.
     let image = relocate::loaded_image();
-    let region_size = (relocate::image_span() + FRAME_POOL_SIZE + options.heap + options.dpi_mem)
+    let region_size = (relocate::image_span() + FRAME_POOL_SIZE + heap_size + options.dpi_mem)
         .div_ceil(LARGE_PAGE_SIZE)
         * LARGE_PAGE_SIZE;
     let mut avoid: heapless::Vec<PhysRange, 40> = heapless::Vec::new();
@@ -200,11 +215,11 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let heap_start = pool_start + FRAME_POOL_SIZE;
     // SAFETY: the heap range lies in Ally's region after the frame pool, is identity-mapped
     // and used by nothing else.
-    unsafe {
-        crate::HEAP
-            .lock()
-            .init(heap_start as *mut u8, options.heap as usize)
-    };
+    unsafe { crate::HEAP.init(heap_start as *mut u8, heap_size as usize) };
+    // SAFETY: the heap is ready; the module is identity-mapped RAM that no guest or other CPU
+    // uses yet (the APs start later).
+    unsafe { rules::load(&rules) }.map_err(StartError::Rules)?;
+    crate::clock::calibrate();
 
     // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
     unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
@@ -245,7 +260,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
     let dpi_memory = PhysRange {
-        start: heap_start + options.heap,
+        start: heap_start + heap_size,
         end: region.end,
     };
     // SAFETY: DPI memory is identity-mapped, 8-byte aligned and used by nothing yet.
@@ -267,10 +282,36 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         &*(dpi_memory.start as *const DpiStatus)
     };
     DPI_STATUS.call_once(|| dpi_status);
-    let dpi_guarded = PhysRange {
-        start: dpi_memory.start + PAGE_SIZE,
+    // The NIC's rings and buffers take the end of DPI memory; the rest stays poisoned and
+    // guarded by the canary.
+    let nic_region = PhysRange {
+        start: (dpi_memory.end - crate::nic::region_bytes(&options)) & !(PAGE_SIZE - 1),
         end: dpi_memory.end,
     };
+    let dpi_guarded = PhysRange {
+        start: dpi_memory.start + PAGE_SIZE,
+        end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
+    };
+    // The I/O APICs leave the EPT too: no redirection entry may name a DPI core.
+    let mut ioapics = heapless::Vec::new();
+    for base in io_apics(identity_limit)? {
+        ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
+        let guard = ally_hypervisor::arch::vmx::ioapic_guard::IoApicGuard::new(base);
+        ally_hypervisor::arch::vmx::ioapic_guard::adopt_firmware_destinations(&guard);
+        info!("ALLY ioapic guarded base={base:#x}");
+        let _ = ioapics.push(guard);
+    }
+    let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
+    let mut nic_trap = None;
+    let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 2>::new();
+    if let Some(claimed) = claimed {
+        for page in claimed.trapped_pages {
+            ept.unmap_page(GuestPhysAddr(page), &mut frames)?;
+        }
+        nic_ports = claimed.ports;
+        nic_trap = Some(claimed.trap);
+        *crate::nic::DPI_WORK.lock() = Some(claimed.work);
+    }
     let mut hidden = heapless::Vec::new();
     let _ = hidden.push(region);
     let platform = platform::install(Platform {
@@ -291,6 +332,8 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
             .collect(),
         dpi_cores: cpus.dpi.clone(),
         apic_base,
+        nic: nic_trap,
+        ioapics,
     });
 
     // The boot CPU's vCPU.
@@ -315,6 +358,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
         for port in platform.pm1_control_ports.iter().flatten() {
             intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
+        }
+        for ports in nic_ports {
+            intercept_ports(io_a, io_b, ports);
         }
     }
     start_application_processors(&cpus, &stub, pages, ept.eptp(), dpi_status, &mut frames)?;
@@ -352,6 +398,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     )?;
     // SAFETY: EPT and VPID were checked in `probe_and_enable`.
     unsafe { instructions::invept_all() };
+
+    // From here on the EPT changes only when the guest moves the NIC's BAR.
+    crate::nic::hand_over_ept(ept, frames);
 
     info!("ALLY guest-start");
     // SAFETY: the VMCS is complete and current; exits land on the exit stack set above.
@@ -523,6 +572,22 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     Ok(CpuPartition { boot_cpu, all, dpi })
 }
 
+/// The I/O APICs' register pages, from the MADT (type 1 entries).
+fn io_apics(identity_limit: u64) -> Result<heapless::Vec<u64, 4>, StartError> {
+    let memory = IdentityMemory {
+        limit: identity_limit,
+    };
+    let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
+    let madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
+    let mut found = heapless::Vec::new();
+    for entry in acpi::madt_entries(&memory, &madt) {
+        if let acpi::MadtEntry::IoApic { address, .. } = entry.map_err(StartError::Acpi)?.2 {
+            let _ = found.push(u64::from(address) & !(PAGE_SIZE - 1));
+        }
+    }
+    Ok(found)
+}
+
 const AP_STACK_SIZE: usize = 64 * 1024;
 
 /// A zeroed frame from Ally's pool.
@@ -628,6 +693,10 @@ fn report_dpi_status() {
         for (index, apic_id, heartbeat, wakeups) in status.snapshot() {
             info!("ALLY dpi-core index={index} apic={apic_id} heartbeat={heartbeat} wakeups={wakeups}");
         }
+    }
+    crate::nic::report();
+    if let Some(nic) = &platform::platform().nic {
+        ally_hypervisor::arch::vmx::nic_guard::report(nic);
     }
     info!(
         "ALLY root-nmis count={}",

@@ -8,4 +8,5 @@ extern crate alloc;
 pub mod engine;
 pub mod nic;
 pub mod queue;
+pub mod rules_module;
 pub mod status;

@@ -190,6 +190,9 @@ fn nic_tx_tso_super_frame_is_inspected_and_posted() {
     );
     assert_eq!(e.model.take_wire()[0].len(), 30_000);
     assert_eq!(e.gr(Reg::TDH), 9);
+    // One guest packet, 21 segments on a real wire: ceil((30000 - 54) / 1448).
+    assert_eq!(e.dpi.counters().tx.packets, 1);
+    assert_eq!(e.dpi.counters().tx.wire_frames, 21);
 }
 
 /// Every way a guest descriptor can be bad: refused, counted by reason, completed with DD,

@@ -443,6 +443,7 @@ pub fn fadt_sleep_control(
 /// Entry types of the MADT (ACPI 6.5, 5.2.12, Table 5.21).
 pub const MADT_LOCAL_APIC: u8 = 0;
 pub const MADT_LOCAL_X2APIC: u8 = 9;
+pub const MADT_IO_APIC: u8 = 1;
 /// The MADT's fixed part: header, local interrupt controller address, flags.
 pub const MADT_ENTRIES_OFFSET: u32 = 44;
 
@@ -457,6 +458,8 @@ pub enum MadtEntry {
         flags: u32,
         uid: u32,
     },
+    /// I/O APIC (5.2.12.3).
+    IoApic { id: u8, address: u32, gsi_base: u32 },
     /// Any other entry.
     Other { kind: u8 },
 }
@@ -467,7 +470,7 @@ impl MadtEntry {
         match *self {
             MadtEntry::LocalApic { apic_id, .. } => Some(u32::from(apic_id)),
             MadtEntry::LocalX2Apic { x2apic_id, .. } => Some(x2apic_id),
-            MadtEntry::Other { .. } => None,
+            MadtEntry::IoApic { .. } | MadtEntry::Other { .. } => None,
         }
     }
 }
@@ -512,6 +515,7 @@ fn read_madt_entry(
     let min = match kind {
         MADT_LOCAL_APIC => 8,
         MADT_LOCAL_X2APIC => 16,
+        MADT_IO_APIC => 12,
         _ => 2,
     };
     if len < min || u32::from(len) > end - offset {
@@ -529,6 +533,11 @@ fn read_madt_entry(
             x2apic_id: le32(e, 4),
             flags: le32(e, 8),
             uid: le32(e, 12),
+        },
+        MADT_IO_APIC => MadtEntry::IoApic {
+            id: e[2],
+            address: le32(e, 4),
+            gsi_base: le32(e, 8),
         },
         kind => MadtEntry::Other { kind },
     };
@@ -662,7 +671,7 @@ pub fn madt_processors(
                 online_capable: flags & 2 != 0,
                 x2apic: true,
             },
-            MadtEntry::Other { .. } => continue,
+            MadtEntry::IoApic { .. } | MadtEntry::Other { .. } => continue,
         };
         if cpus.iter().any(|c| c.apic_id == cpu.apic_id) {
             continue;
@@ -1217,7 +1226,18 @@ mod tests {
                 }
             )
         );
-        assert_eq!(entries[2], (60, 12, MadtEntry::Other { kind: 1 }));
+        assert_eq!(
+            entries[2],
+            (
+                60,
+                12,
+                MadtEntry::IoApic {
+                    id: 0,
+                    address: 0xFEC0_0000,
+                    gsi_base: 0
+                }
+            )
+        );
         assert_eq!(
             entries[5].2,
             MadtEntry::LocalX2Apic {
@@ -1243,7 +1263,7 @@ mod tests {
         assert_eq!(again, madt);
         assert_eq!(apic_ids(&m, &again), [0, 2]);
         let kinds: std::vec::Vec<_> = madt_entries(&m, &again).map(|e| e.unwrap().2).collect();
-        assert_eq!(kinds[1], MadtEntry::Other { kind: 1 });
+        assert!(matches!(kinds[1], MadtEntry::IoApic { .. }));
         // The freed tail is zeroed.
         let tail = &m.0
             [(MADT_PA + u64::from(madt.len())) as usize..(MADT_PA + u64::from(old_len)) as usize];

@@ -12,7 +12,7 @@
 //! | `dpi_mem`   | size: bytes or `K`/`M`/`G` suffix, a multiple of 4 KiB, > 0 | `64M` |
 //! | `nic`       | PCI address `BB:DD.F` (hex; device < 32, function < 8) | first e1000 found |
 //! | `mode`      | `copy`, `zero-copy`               | `copy`  |
-//! | `heap`      | size as for `dpi_mem`             | `16M`   |
+//! | `heap`      | size as for `dpi_mem`             | sized for the rules: 16M + 128 bytes per rules-module byte |
 
 use core::fmt;
 use log::LevelFilter;
@@ -177,7 +177,7 @@ pub enum PacketMode {
 }
 
 /// A PCI function address (segment 0).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct PciAddress {
     pub bus: u8,
     /// 0..=31.
@@ -203,8 +203,9 @@ pub struct AllyOptions {
     /// The NIC to inspect; `None` means the first supported NIC found.
     pub nic: Option<PciAddress>,
     pub mode: PacketMode,
-    /// Bytes of Ally's own heap (a multiple of 4 KiB, > 0).
-    pub heap: u64,
+    /// Bytes of Ally's own heap (a multiple of 4 KiB, > 0); `None`: sized for the rules
+    /// module at boot (`ally_dpi::rules_module::heap_needed`).
+    pub heap: Option<u64>,
 }
 
 impl Default for AllyOptions {
@@ -215,7 +216,7 @@ impl Default for AllyOptions {
             dpi_mem: 64 << 20,
             nic: None,
             mode: PacketMode::Copy,
-            heap: 16 << 20,
+            heap: None,
         }
     }
 }
@@ -258,7 +259,7 @@ impl AllyOptions {
                     opts.dpi_cores = n;
                 }
                 OptionName::DpiMem => opts.dpi_mem = parse_size(value).map_err(bad)?,
-                OptionName::Heap => opts.heap = parse_size(value).map_err(bad)?,
+                OptionName::Heap => opts.heap = Some(parse_size(value).map_err(bad)?),
                 OptionName::Nic => opts.nic = Some(parse_pci(value).map_err(bad)?),
                 OptionName::Mode => {
                     opts.mode = match value {
@@ -401,7 +402,7 @@ mod tests {
         assert_eq!(o.log, LevelFilter::Info);
         assert_eq!(o.dpi_cores, 1);
         assert_eq!(o.dpi_mem, 64 * 1024 * 1024);
-        assert_eq!(o.heap, 16 * 1024 * 1024);
+        assert_eq!(o.heap, None);
         assert_eq!(o.mode, PacketMode::Copy);
         assert_eq!(o.nic, None);
         assert_eq!(AllyOptions::parse("  \t ").unwrap(), AllyOptions::default());
@@ -426,7 +427,7 @@ mod tests {
         );
         assert_eq!(o.nic.unwrap().to_string(), "0a:1f.7");
         assert_eq!(o.mode, PacketMode::ZeroCopy);
-        assert_eq!(o.heap, 4096);
+        assert_eq!(o.heap, Some(4096));
     }
 
     #[test]
@@ -494,7 +495,7 @@ mod tests {
             err("heap=3"),
             bad(OptionName::Heap, "3", ValueProblem::NotPageMultiple)
         );
-        assert_eq!(AllyOptions::parse("heap=32M").unwrap().heap, 32 << 20);
+        assert_eq!(AllyOptions::parse("heap=32M").unwrap().heap, Some(32 << 20));
     }
 
     #[test]
@@ -683,7 +684,7 @@ mod tests {
                 Ok(o) => {
                     assert!(o.dpi_cores >= 1);
                     assert!(o.dpi_mem > 0 && o.dpi_mem % 4096 == 0);
-                    assert!(o.heap > 0 && o.heap % 4096 == 0);
+                    assert!(o.heap.is_none_or(|h| h > 0 && h % 4096 == 0));
                 }
                 Err(e) => assert!(!e.to_string().is_empty()),
             }

@@ -295,6 +295,50 @@ pub fn addresses(
     }
 }
 
+/// Where a device interrupt (an I/O APIC redirection entry, 82093AA 3.2.4; or an MSI
+/// address, SDM 12.11.1) may go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RouteAction {
+    /// The destination reaches OS cores only.
+    Keep,
+    /// Rewrite the destination: DPI cores removed (logical), or redirected to the first OS
+    /// core (a physical DPI core or the broadcast ID, which a device interrupt cannot
+    /// narrow otherwise).
+    Rewrite {
+        destination: u32,
+        logical: bool,
+        dropped: usize,
+    },
+}
+
+/// Filters a device interrupt's xAPIC destination (`destination` = 8-bit APIC ID or logical
+/// MDA) the same way as an IPI: no DPI core may receive it.
+pub fn filter_device_interrupt(
+    delivery_mode: u32,
+    logical: bool,
+    destination: u32,
+    cpus: CpuSets<'_>,
+) -> RouteAction {
+    let low = ((delivery_mode & 7) << 8) | if logical { 1 << 11 } else { 0 };
+    let first_os_core = cpus.os_cores.first().copied().unwrap_or(0);
+    match filter_ipi(ApicMode::XApic, low, destination & 0xFF, cpus, &[]) {
+        IpiAction::Forward => RouteAction::Keep,
+        IpiAction::Logical {
+            destination,
+            dropped,
+        } => RouteAction::Rewrite {
+            destination,
+            logical: true,
+            dropped,
+        },
+        IpiAction::Drop { dropped } | IpiAction::Unicast { dropped, .. } => RouteAction::Rewrite {
+            destination: first_os_core,
+            logical: false,
+            dropped,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +512,39 @@ mod tests {
         assert!(x(0x0001_0004));
         assert!(!x(0x0000_0004));
         assert!(!x(0x0001_0002));
+    }
+
+    #[test]
+    fn device_interrupts_never_reach_a_dpi_core() {
+        let cpus = CpuSets {
+            os_cores: &OS,
+            dpi_cores: &DPI,
+        };
+        // Fixed delivery to an OS core: kept.
+        assert_eq!(
+            filter_device_interrupt(0, false, 1, cpus),
+            RouteAction::Keep
+        );
+        // To the DPI core (APIC 3) or to every CPU (0xFF): the first OS core instead.
+        for dest in [3, 0xFF] {
+            assert_eq!(
+                filter_device_interrupt(0, false, dest, cpus),
+                RouteAction::Rewrite {
+                    destination: 0,
+                    logical: false,
+                    dropped: 1
+                }
+            );
+        }
+        // NMI delivery is filtered the same way.
+        assert!(matches!(
+            filter_device_interrupt(4, false, 3, cpus),
+            RouteAction::Rewrite { destination: 0, .. }
+        ));
+        // Logical destinations: DPI cores have no logical ID (LDR 0), nothing to remove.
+        assert_eq!(
+            filter_device_interrupt(1, true, 0x0F, cpus),
+            RouteAction::Keep
+        );
     }
 }

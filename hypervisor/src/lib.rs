@@ -16,5 +16,6 @@ pub mod ipi;
 pub mod memmap;
 pub mod mtrr;
 pub mod paging;
+pub mod pci;
 pub mod startup;
 pub mod topology;

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use crate::markers::{AllyReport, GuestReport, MarkerError};
+use crate::rules::RulesExpect;
 
 /// Guest RAM every run gives the machine, in MiB (Bochs `memory: guest=`, QEMU `-m`).
 pub const GUEST_RAM_MIB: u64 = 1024;
@@ -90,9 +91,11 @@ pub fn guest_checks(guest: &GuestReport) -> Vec<Check> {
 }
 
 /// The checks of a demo boot under Ally (issue 2): the guest cannot see, read or write Ally's
-/// region, Ally saw the write, and the guest still reaches the network.
-pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
+/// region, Ally saw the write, and the guest still reaches the network; Ally reports the rules
+/// it was given (issue 5).
+pub fn ally_checks(guest: &GuestReport, ally: &AllyReport, rules: &RulesExpect) -> Vec<Check> {
     let mut out = guest_checks(guest);
+    out.push(Check::from_result("rules", rules_loaded(ally, rules)));
     let region = ally
         .region()
         .map_err(marker_err)
@@ -141,6 +144,34 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
         Some(l) => Check::new("no-fatal", false, l.line.clone()),
     });
     out
+}
+
+/// Ally's `ALLY rules` line against what the run gave it.
+fn rules_loaded(ally: &AllyReport, expect: &RulesExpect) -> Result<String, String> {
+    let line = ally.find("rules");
+    let seen = || line.map_or("no `ALLY rules` line".to_string(), |l| l.line.clone());
+    match expect {
+        RulesExpect::None => match line {
+            Some(l) if l.fields.get("none:").is_some() => Ok(l.line.clone()),
+            _ => Err(format!(
+                "expected `ALLY rules none` (no rules module), saw: {}",
+                seen()
+            )),
+        },
+        RulesExpect::Loaded(n) => match line.map(|l| l.number("loaded")) {
+            Some(Ok(got)) if got == *n as u64 => Ok(seen()),
+            Some(Err(e)) => Err(e.to_string()),
+            _ => Err(format!("expected `ALLY rules loaded={n}`, saw: {}", seen())),
+        },
+        RulesExpect::Refused(reason) => match ally.fatal() {
+            Some(f) if f.line.contains("rules module") => Ok(f.line.clone()),
+            _ => Err(format!(
+                "the host refuses the blob ({reason}), but Ally did not stop naming the rules \
+                 module; saw: {}",
+                seen()
+            )),
+        },
+    }
 }
 
 /// `(total, dpi)` from `ALLY cpus total=.. dpi=..`.
@@ -538,6 +569,7 @@ ALLYTEST done
 
     const GOOD_ALLY: &str = "\
 [cpu0 INFO hv] ALLY region base=0x3dff0000 size=0x2000000
+ALLY rules none: passing every frame
 ALLY cpus total=2 dpi=1 os=1
 ALLY guest-start
 ALLY ept-violation gpa=0x3dff0010 access=write action=skip
@@ -555,7 +587,11 @@ ALLY poweroff
 ";
 
     fn judge(guest: &str, ally: &str) -> Vec<Check> {
-        ally_checks(&GuestReport::parse(guest), &AllyReport::parse(ally))
+        ally_checks(
+            &GuestReport::parse(guest),
+            &AllyReport::parse(ally),
+            &RulesExpect::None,
+        )
     }
 
     fn failed(checks: &[Check]) -> Vec<&'static str> {
@@ -597,6 +633,37 @@ ALLY poweroff
     fn good_run_passes() {
         let c = judge(GOOD_GUEST, GOOD_ALLY);
         assert!(all_passed(&c), "{c:#?}");
+    }
+
+    #[test]
+    fn rules_check_compares_the_count_ally_reports() {
+        let rules_check = |ally: &str, expect: RulesExpect| {
+            let c = ally_checks(
+                &GuestReport::parse(GOOD_GUEST),
+                &AllyReport::parse(ally),
+                &expect,
+            );
+            c.into_iter().find(|c| c.name == "rules").unwrap()
+        };
+        let loaded = GOOD_ALLY.replace(
+            "ALLY rules none: passing every frame",
+            "[cpu0 INFO hv] ALLY rules loaded=2 drop=1 alert=1 pass=0 groups=2 bytes=9",
+        );
+        assert!(rules_check(&loaded, RulesExpect::Loaded(2)).passed);
+        let c = rules_check(&loaded, RulesExpect::Loaded(3));
+        assert!(!c.passed);
+        assert!(c
+            .detail
+            .starts_with("expected `ALLY rules loaded=3`, saw: ALLY rules loaded=2"));
+        // Rules given but Ally says it has none, and the other way round.
+        assert!(!rules_check(GOOD_ALLY, RulesExpect::Loaded(2)).passed);
+        assert!(!rules_check(&loaded, RulesExpect::None).passed);
+        assert!(rules_check(GOOD_ALLY, RulesExpect::None).passed);
+        // A blob the host refuses: Ally must stop naming the rules module.
+        let refused = RulesExpect::Refused("rules blob: bad magic".into());
+        let fatal = "ALLY fatal reason=\"rules module (boot module 1, 30 bytes) refused: x\"\n";
+        assert!(rules_check(fatal, refused.clone()).passed);
+        assert!(!rules_check("ALLY fatal reason=\"bad command line\"\n", refused).passed);
     }
 
     #[test]

@@ -10,8 +10,13 @@ use crate::tool::{self, ToolError};
 /// What GRUB boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootTarget {
-    /// `multiboot2 /boot/ally <options>`: Ally, which then boots the first hard disk itself.
-    Ally { image: PathBuf, options: String },
+    /// `multiboot2 /boot/ally <options>`: Ally, which then boots the first hard disk itself;
+    /// with `rules`, that blob goes in as `module2 /boot/rules.blob rules`.
+    Ally {
+        image: PathBuf,
+        options: String,
+        rules: Option<PathBuf>,
+    },
     /// The baseline: GRUB chainloads the first hard disk's MBR, no Ally.
     Disk,
 }
@@ -60,6 +65,9 @@ impl From<ToolError> for IsoError {
     }
 }
 
+/// Where the rules blob lies on the ISO.
+pub const RULES_ISO_PATH: &str = "/boot/rules.blob";
+
 /// Checks that `options` reach Ally as typed: GRUB's script lexer treats quotes, `$`,
 /// `\`, `;`, `|`, `&`, `<`, `>`, `{`, `}` and `#` specially, and a newline ends the command.
 pub fn validate_options(options: &str) -> Result<(), IsoError> {
@@ -85,7 +93,7 @@ pub fn validate_options(options: &str) -> Result<(), IsoError> {
 pub fn grub_cfg(target: &BootTarget) -> Result<String, IsoError> {
     let mut s = String::from("set timeout=0\nset default=0\n");
     match target {
-        BootTarget::Ally { options, .. } => {
+        BootTarget::Ally { options, rules, .. } => {
             validate_options(options)?;
             s += "menuentry \"Ally\" {\n";
             let options = options.trim();
@@ -93,6 +101,9 @@ pub fn grub_cfg(target: &BootTarget) -> Result<String, IsoError> {
                 s += "  multiboot2 /boot/ally\n";
             } else {
                 s += &format!("  multiboot2 /boot/ally {options}\n");
+            }
+            if rules.is_some() {
+                s += &format!("  module2 {RULES_ISO_PATH} rules\n");
             }
         }
         BootTarget::Disk => {
@@ -122,9 +133,13 @@ pub fn build_iso(target: &BootTarget, work: &Path, iso: &Path) -> Result<(), Iso
     fs::create_dir_all(&grub_dir).map_err(io_err(&grub_dir))?;
     let cfg_path = grub_dir.join("grub.cfg");
     fs::write(&cfg_path, cfg).map_err(io_err(&cfg_path))?;
-    if let BootTarget::Ally { image, .. } = target {
+    if let BootTarget::Ally { image, rules, .. } = target {
         let dst = work.join("boot/ally");
         fs::copy(image, &dst).map_err(io_err(image))?;
+        if let Some(blob) = rules {
+            let dst = work.join(RULES_ISO_PATH.trim_start_matches('/'));
+            fs::copy(blob, &dst).map_err(io_err(blob))?;
+        }
     }
     // Only the BIOS platform: the test machines boot with Bochs' BIOS (UEFI comes later).
     tool::run(
@@ -195,10 +210,25 @@ mod tests {
         let cfg = grub_cfg(&BootTarget::Ally {
             image: "/x/ally".into(),
             options: "dpi_cores=1 dpi_mem=64M".into(),
+            rules: None,
         })
         .unwrap();
         assert!(cfg.starts_with("set timeout=0\n"));
         assert!(cfg.contains("  multiboot2 /boot/ally dpi_cores=1 dpi_mem=64M\n  boot\n"));
+        assert!(!cfg.contains("module2"));
+    }
+
+    #[test]
+    fn ally_cfg_loads_the_rules_module_after_ally() {
+        let cfg = grub_cfg(&BootTarget::Ally {
+            image: "/x/ally".into(),
+            options: "log=info".into(),
+            rules: Some("/x/rules.blob".into()),
+        })
+        .unwrap();
+        assert!(cfg.contains(
+            "  multiboot2 /boot/ally log=info\n  module2 /boot/rules.blob rules\n  boot\n"
+        ));
     }
 
     #[test]
@@ -206,6 +236,7 @@ mod tests {
         let cfg = grub_cfg(&BootTarget::Ally {
             image: "/x/ally".into(),
             options: "  ".into(),
+            rules: None,
         })
         .unwrap();
         assert!(cfg.contains("  multiboot2 /boot/ally\n"));

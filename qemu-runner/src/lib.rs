@@ -17,10 +17,13 @@ pub mod emulator;
 pub mod guest;
 pub mod iso;
 pub mod markers;
+pub mod rules;
 pub mod run;
 pub mod tool;
+pub mod wire;
 
 pub use checks::Check;
 pub use emulator::{Emulator, EmulatorChoice};
 pub use markers::{AllyReport, GuestReport};
+pub use rules::{RulesExpect, RulesInput};
 pub use run::{run, Mode, Outcome, RunError, RunOptions, RunResult};

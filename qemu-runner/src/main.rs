@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
+//!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
 //! ```
 //! Exit status: 0 when every check passed, 1 when the run failed a check, 2 when it could not
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ally_runner::{run, EmulatorChoice, Mode, RunOptions};
+use ally_runner::{run, EmulatorChoice, Mode, RulesInput, RunOptions};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -36,6 +37,16 @@ enum Cmd {
         /// Use this Ally image instead of building it with cargo.
         #[arg(long)]
         ally_image: Option<PathBuf>,
+        /// A rules file, compiled into the blob GRUB gives Ally (`module2 /boot/rules.blob
+        /// rules`); the run checks that Ally reports the number of rules that loaded.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// Variables for --rules (Snort's `ipvar`/`portvar` lines); default: Snort 3's.
+        #[arg(long, value_name = "FILE", requires = "rules")]
+        vars: Option<PathBuf>,
+        /// A compiled blob to give Ally as it is (e.g. a corrupt one, to see Ally refuse it).
+        #[arg(long, value_name = "FILE", conflicts_with = "rules")]
+        rules_blob: Option<PathBuf>,
     },
     /// Boot the test guest without Ally (GRUB chainloads the disk).
     Baseline {
@@ -86,10 +97,18 @@ fn main() -> ExitCode {
             common,
             ally_options,
             ally_image,
+            rules,
+            vars,
+            rules_blob,
         } => {
             let mut o = options(Mode::Ally, "demo", common);
             o.ally_options = ally_options;
             o.ally_image = ally_image;
+            o.rules = match (rules, rules_blob) {
+                (Some(rules), _) => Some(RulesInput::Compile { rules, vars }),
+                (None, Some(blob)) => Some(RulesInput::Blob(blob)),
+                (None, None) => None,
+            };
             o
         }
         Cmd::Baseline { common } => options(Mode::Baseline, "baseline", common),

@@ -11,6 +11,7 @@ use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFile
 use crate::guest::{self, GuestError, GuestSources};
 use crate::iso::{self, BootTarget, IsoError};
 use crate::markers::{self, AllyReport, GuestReport};
+use crate::rules::{prepare_rules, RulesError, RulesExpect, RulesInput};
 
 /// Boot Ally (which boots the guest) or the guest alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Appended to `multiboot2 /boot/ally` (Ally mode only).
     pub ally_options: String,
+    /// Ally's rules module (Ally mode only): `module2 /boot/rules.blob rules`.
+    pub rules: Option<RulesInput>,
     /// Keep the run's disk copy and ISO after the run (logs are always kept).
     pub keep: bool,
     pub emulator: EmulatorChoice,
@@ -86,6 +89,7 @@ impl RunOptions {
             timeout: Duration::from_secs(30 * 60),
             grace: Duration::from_secs(60),
             ally_options: String::new(),
+            rules: None,
             keep: false,
             emulator: EmulatorChoice::Auto,
             progress: Some(Duration::from_secs(15)),
@@ -109,6 +113,7 @@ pub enum RunError {
     Guest(GuestError),
     Iso(IsoError),
     Emulator(EmulatorError),
+    Rules(RulesError),
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -122,6 +127,7 @@ impl fmt::Display for RunError {
             RunError::Guest(e) => e.fmt(f),
             RunError::Iso(e) => e.fmt(f),
             RunError::Emulator(e) => e.fmt(f),
+            RunError::Rules(e) => write!(f, "rules: {e}"),
             RunError::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }
@@ -137,6 +143,11 @@ impl From<GuestError> for RunError {
 impl From<IsoError> for RunError {
     fn from(e: IsoError) -> Self {
         RunError::Iso(e)
+    }
+}
+impl From<RulesError> for RunError {
+    fn from(e: RulesError) -> Self {
+        RunError::Rules(e)
     }
 }
 impl From<EmulatorError> for RunError {
@@ -421,10 +432,22 @@ fn lock_run(out_root: &Path, name: &str) -> Result<RunLock, RunError> {
     }
 }
 
-/// Builds the guest image (cached), the Ally image (unless given) and the ISO into
-/// `out_root/name/`. Returns the machine's files and the lock that keeps other runs of the
-/// same name out until it is dropped.
-pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
+/// What [`prepare`] built.
+#[derive(Debug)]
+pub struct Prepared {
+    pub files: MachineFiles,
+    /// What Ally should report about its rules.
+    pub rules: RulesExpect,
+    /// Keeps other runs of the same name out until dropped.
+    pub lock: RunLock,
+}
+
+/// How many rules that did not load a run's progress output lists.
+const NOT_LOADED_SHOWN: usize = 20;
+
+/// Builds the guest image (cached), the rules blob (when asked), the Ally image (unless
+/// given) and the ISO into `out_root/name/`.
+pub fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
     if opts.cpus == 0 || opts.cpus > 64 {
         return Err(RunError::BadOption {
             option: "--cpus",
@@ -446,6 +469,12 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
             ),
         });
     }
+    if opts.mode == Mode::Baseline && opts.rules.is_some() {
+        return Err(RunError::BadOption {
+            option: "--rules",
+            reason: "the baseline boots no Ally to load rules".into(),
+        });
+    }
     let lock = lock_run(&opts.out_root, &opts.name)?;
     let dir = opts.out_root.join(&opts.name);
     let io = |path: &Path| {
@@ -457,9 +486,28 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
     fs::create_dir_all(&dir).map_err(io(&dir))?;
     let files = MachineFiles::in_dir(&dir);
 
+    let mut rules = RulesExpect::None;
     let target = match opts.mode {
         Mode::Ally => {
             iso::validate_options(&opts.ally_options)?;
+            let rules_blob = match &opts.rules {
+                None => None,
+                Some(input) => {
+                    let blob = dir.join("rules.blob");
+                    let prepared = prepare_rules(input, &blob)?;
+                    if opts.progress.is_some() {
+                        let hidden = prepared.notes.len().saturating_sub(NOT_LOADED_SHOWN + 1);
+                        for note in prepared.notes.iter().take(NOT_LOADED_SHOWN + 1) {
+                            progress(&opts.name, note);
+                        }
+                        if hidden > 0 {
+                            progress(&opts.name, &format!("  ... {hidden} more not loaded"));
+                        }
+                    }
+                    rules = prepared.expect;
+                    Some(blob)
+                }
+            };
             let image = match &opts.ally_image {
                 Some(p) => p.clone(),
                 None => {
@@ -475,6 +523,7 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
             BootTarget::Ally {
                 image,
                 options: opts.ally_options.clone(),
+                rules: rules_blob,
             }
         }
         Mode::Baseline => BootTarget::Disk,
@@ -497,12 +546,16 @@ pub fn prepare(opts: &RunOptions) -> Result<(MachineFiles, RunLock), RunError> {
     // Each run boots its own copy: Bochs writes to and locks the disk.
     fs::copy(&image.disk, &files.disk).map_err(io(&image.disk))?;
     iso::build_iso(&target, &dir.join("iso"), &files.iso)?;
-    Ok((files, lock))
+    Ok(Prepared { files, rules, lock })
 }
 
 /// Builds everything, boots, watches, stops and judges.
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
-    let (files, _lock) = prepare(opts)?;
+    let Prepared {
+        files,
+        rules,
+        lock: _lock,
+    } = prepare(opts)?;
     let emulator = opts.emulator.resolve()?;
     if opts.progress.is_some() {
         progress(
@@ -544,7 +597,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         detail: outcome.to_string(),
     }];
     all_checks.extend(match opts.mode {
-        Mode::Ally => checks::ally_checks(&guest, &ally),
+        Mode::Ally => checks::ally_checks(&guest, &ally, &rules),
         Mode::Baseline => checks::guest_checks(&guest),
     });
     if !opts.keep {
@@ -761,5 +814,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("option run name"));
+        let mut o = RunOptions::new(Mode::Baseline, "t");
+        o.rules = Some(RulesInput::Blob("/x/rules.blob".into()));
+        assert_eq!(
+            prepare(&o).unwrap_err().to_string(),
+            "option --rules: the baseline boots no Ally to load rules"
+        );
     }
 }

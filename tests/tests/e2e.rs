@@ -4,7 +4,8 @@
 //!
 //! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does).
 
-use ally_runner::{run, Mode, Outcome, RunOptions};
+use ally_runner::rules::prepare_rules;
+use ally_runner::{run, Mode, Outcome, RulesInput, RunOptions};
 use ally_tests::{check, failures, prebuilt_ally_image};
 
 /// The guest alone: validates the guest pipeline (disk, syslinux, kernel, initramfs, e1000,
@@ -27,7 +28,13 @@ fn baseline_guest_boots_and_pings() {
     );
 }
 
-/// Issue 2's demo boot: GRUB → Ally → the unmodified guest from disk, every check in one boot.
+/// The rules the Ally boots load: one `drop` (EICAR) and one `alert` (ICMP echo) rule.
+fn e2e_rules() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/e2e.rules")
+}
+
+/// Issue 2's demo boot: GRUB → Ally → the unmodified guest from disk, every check in one boot;
+/// with a rules module, whose rule count Ally reports (issue 5).
 /// 1 OS core + 1 DPI core (issue 3's first scenario; Ally's default dpi_cores=1).
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
@@ -41,10 +48,14 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
     ally_boot_passes_every_check("e2e-ally-4cpu", 4);
 }
 
-/// Boots Ally with the test guest on `cpus` CPUs (one of them a DPI core) and asserts every
-/// check of the run.
+/// Boots Ally with the test guest and the e2e rules on `cpus` CPUs (one of them a DPI core)
+/// and asserts every check of the run.
 fn ally_boot_passes_every_check(name: &'static str, cpus: u32) {
     let mut opts = RunOptions::new(Mode::Ally, name);
+    opts.rules = Some(RulesInput::Compile {
+        rules: e2e_rules(),
+        vars: None,
+    });
     opts.cpus = cpus;
     opts.ally_image = prebuilt_ally_image();
     if opts.ally_image.is_none() {
@@ -56,6 +67,8 @@ fn ally_boot_passes_every_check(name: &'static str, cpus: u32) {
     // Each named check, so a failure message says exactly which property broke.
     for name in [
         "run",
+        // `ALLY rules loaded=2`: the rules module was found, verified and built.
+        "rules",
         "init",
         "ally-region",
         "ally-guest-start",
@@ -95,6 +108,9 @@ fn ally_boot_passes_every_check(name: &'static str, cpus: u32) {
         let c = check(&result, name);
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
+    let rules = result.ally.find("rules").expect("no `ALLY rules` line");
+    assert_eq!(rules.number("loaded").ok(), Some(2), "{}", rules.line);
+    assert_eq!(rules.number("drop").ok(), Some(1), "{}", rules.line);
     assert!(result.passed(), "{}", failures(&result));
 }
 
@@ -127,5 +143,60 @@ fn unknown_option_stops_ally_before_the_guest() {
     assert!(
         !result.guest.init_reached(),
         "the guest ran despite the bad option"
+    );
+}
+
+/// Operator input: a rules blob whose checksum does not match stops Ally before any guest runs,
+/// with a message naming the rules module and the problem (issue 5). Ally stops right after
+/// reading its options, so no guest boots.
+#[test]
+fn corrupt_rules_blob_stops_ally_before_the_guest() {
+    let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-rules");
+    opts.ally_image = prebuilt_ally_image();
+    if opts.ally_image.is_none() {
+        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
+    }
+    // A good blob of the e2e rules with one payload byte flipped.
+    let dir = opts.out_root.join("e2e-bad-rules-input");
+    std::fs::create_dir_all(&dir).expect("input directory");
+    let blob = dir.join("corrupt.blob");
+    prepare_rules(
+        &RulesInput::Compile {
+            rules: e2e_rules(),
+            vars: None,
+        },
+        &blob,
+    )
+    .expect("compile the e2e rules");
+    let mut bytes = std::fs::read(&blob).expect("read the blob");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&blob, &bytes).expect("write the corrupt blob");
+    opts.rules = Some(RulesInput::Blob(blob));
+    opts.timeout = std::time::Duration::from_secs(600);
+    let result = run(&opts).expect("Ally run");
+    println!("{result}");
+    let fatal = result
+        .ally
+        .fatal()
+        .expect("Ally printed no `ALLY fatal` line");
+    assert!(
+        fatal.line.contains("rules module (boot module 1,")
+            && fatal.line.contains("checksum mismatch"),
+        "the fatal line does not name the rules module and the problem: {}",
+        fatal.line
+    );
+    assert!(
+        check(&result, "rules").passed,
+        "{}",
+        check(&result, "rules")
+    );
+    assert!(
+        !result.ally.guest_started(),
+        "a guest was started despite the corrupt rules"
+    );
+    assert!(
+        !result.guest.init_reached(),
+        "the guest ran despite the corrupt rules"
     );
 }

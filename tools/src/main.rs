@@ -29,6 +29,7 @@ use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine, DEFAULT_EXCERPT};
 use ally_dpi::engine::rules::{parse_rules, ParsedRules};
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{Direction, Engine, EngineConfig, Inspector, MgmtWriter, Timestamp};
+use ally_tools::compile;
 
 #[global_allocator]
 static ALLOC: alloc_count::Counting = alloc_count::Counting;
@@ -96,13 +97,8 @@ fn read(path: &Path) -> Result<String, String> {
 
 fn load_vars(args: &Args) -> Result<Vars, String> {
     match args.opt(&["--vars"]) {
-        Some(p) => {
-            let mut v = Vars::snort_defaults();
-            v.parse_into(&read(Path::new(p))?)
-                .map_err(|e| format!("{p}: {e}"))?;
-            Ok(v)
-        }
-        None => Ok(Vars::snort_defaults()),
+        Some(p) => compile::vars(Some(&read(Path::new(p))?)).map_err(|e| format!("{p}: {e}")),
+        None => compile::vars(None).map_err(|e| e.to_string()),
     }
 }
 
@@ -149,12 +145,8 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
             let out = args.opt(&["-o", "--output"]).ok_or("missing -o <blob>")?;
             let p = load_rules(Path::new(path), args)?;
             print_report(&p, true);
-            let b = blob::encode(&p.rules);
             // Self-check: what Ally will run is exactly what was compiled.
-            let back = blob::decode(&b).map_err(|e| format!("internal: {e}"))?;
-            if back != p.rules {
-                return Err("internal: blob does not round-trip".into());
-            }
+            let b = compile::encode_checked(&p.rules).map_err(|e| e.to_string())?;
             // Build the engine from the blob as Ally will, and show its boot line and the heap
             // that takes (a bump allocator needs the total, a freeing one the peak).
             let mark = alloc_count::start();
@@ -166,6 +158,10 @@ fn cmd_rules(sub: &str, args: &Args) -> Result<ExitCode, String> {
                 "loading it allocates {:.1} MiB in total, {:.1} MiB at peak (flow table included)",
                 total as f64 / 1048576.0,
                 peak as f64 / 1048576.0
+            );
+            println!(
+                "Ally sizes its heap for it at {} MiB (a smaller heap= is refused)",
+                ally_dpi::rules_module::heap_needed(b.len() as u64) >> 20
             );
             fs::write(out, &b).map_err(|e| format!("{out}: {e}"))?;
             println!(

@@ -36,14 +36,14 @@
 //! interrupt delay timers are not emulated (interrupts are raised at once).
 
 use super::desc::{
-    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
+    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
     TX_STATUS_OFFSET,
 };
 use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
-use crate::queue::DoorbellWatcher;
+use crate::queue::{DoorbellWatcher, WakeLatency};
 use alloc::vec::Vec;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange};
 use core::fmt;
@@ -159,6 +159,10 @@ pub struct DirCounters {
     pub doorbells: u64,
     /// Polls that stopped early for lack of room (real ring, arena or guest buffers).
     pub backpressure: u64,
+    /// Frames on the wire side: for TX the frames the device sends (a TSO packet is
+    /// segmented into several), for RX the frames taken from the device's ring (delivered
+    /// or dropped). Compared with what the wire carried.
+    pub wire_frames: u64,
 }
 
 impl DirCounters {
@@ -185,6 +189,8 @@ pub struct Counters {
     pub resets: u64,
     /// Guest interrupts raised (shadow causes set).
     pub irqs_raised: u64,
+    /// From a guest tail write (doorbell) to the DPI core acting on it.
+    pub wake_latency: WakeLatency,
 }
 
 /// Copy or zero-copy transmit.
@@ -616,14 +622,34 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         Ok(())
     }
 
+    /// The doorbell an idle DPI core should watch (MONITOR): the guest's transmit tail.
+    pub fn wake_line(&self) -> *const u8 {
+        &self.shadow.tx_doorbell as *const _ as *const u8
+    }
+
+    /// Whether a tail doorbell rang since the last poll (checked after arming MONITOR, so a
+    /// ring between the poll and the wait is never slept through).
+    pub fn doorbell_pending(&self) -> bool {
+        self.tx_watch.pending(&self.shadow.tx_doorbell)
+            || self.rx_watch.pending(&self.shadow.rx_doorbell)
+    }
+
     /// One iteration of the DPI loop for this NIC; returns the number of packets moved
     /// (passed or dropped) in either direction.
     pub fn poll(&mut self) -> u64 {
         if self.shadow.cfg_doorbell.sequence() != self.cfg_seen.unwrap_or(u64::MAX) {
             self.reconcile();
         }
-        self.counters.tx.doorbells += self.tx_watch.poll(&self.shadow.tx_doorbell);
-        self.counters.rx.doorbells += self.rx_watch.poll(&self.shadow.rx_doorbell);
+        let tx_rings = self.tx_watch.poll(&self.shadow.tx_doorbell);
+        if tx_rings > 0 {
+            self.counters.tx.doorbells += tx_rings;
+            self.counters.wake_latency.record(&self.shadow.tx_doorbell);
+        }
+        let rx_rings = self.rx_watch.poll(&self.shadow.rx_doorbell);
+        if rx_rings > 0 {
+            self.counters.rx.doorbells += rx_rings;
+            self.counters.wake_latency.record(&self.shadow.rx_doorbell);
+        }
         let mut work = self.tx_complete();
         work += self.tx_consume();
         work += self.rx_receive();
@@ -915,6 +941,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.tx.next = next;
             self.tx.real_tail = tail;
             self.counters.tx.packets += u64::from(pkts);
+            self.counters.tx.wire_frames += u64::from(pkts);
             self.counters.tx.bytes += bytes;
         }
         if dropped && !self.tx.inflight.is_full() {
@@ -1158,6 +1185,19 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.finish_unposted(count, idx);
             return General::Moved(false);
         }
+        self.counters.tx.wire_frames += match (tse, ctx.as_ref()) {
+            // TSO: the device cuts the payload after the headers into MSS-sized segments
+            // (8254x SDM 3.5.x "TCP segmentation").
+            (true, Some(raw)) => {
+                let c = TxContextDesc::from_bytes(raw);
+                let payload = total.saturating_sub(u32::from(c.hdrlen));
+                match u32::from(c.mss) {
+                    0 => 1,
+                    mss => u64::from(payload.div_ceil(mss).max(1)),
+                }
+            }
+            _ => 1,
+        };
         let last = self.post(ctx, first, nfrags, total);
         self.push_inflight(count, 1, Some(last), ring.n);
         self.tx.next = idx;
@@ -1319,6 +1359,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 }
                 Deliver::Dropped(why) => self.counters.rx.drops[why as usize] += 1,
             }
+            self.counters.rx.wire_frames += 1;
             // Give the DPI buffers back: clear their status so DD means "new".
             for j in 0..k {
                 let at = HostPhysAddr(self.real_rx_desc((first + j) % n).as_u64() + 8);

@@ -4,6 +4,7 @@
 //! * [`mem`]: DMA memory access and the validator for every guest-supplied address.
 //! * [`shadow`]: the guest's view of the queue and interrupt registers, shared by the OS core's
 //!   exit handler and the DPI core, with the interrupt race documented and tested.
+//! * [`trap`]: what the OS core's exit handler does with a trapped register access.
 //! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
 //!   through a [`PacketHook`].
 //! * [`model`]: a software 82540EM for host tests and benchmarks.
@@ -14,6 +15,7 @@ pub mod mem;
 pub mod model;
 pub mod regs;
 pub mod shadow;
+pub mod trap;
 
 /// Which way a frame is travelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -73,9 +73,10 @@ impl Reg {
     }
 }
 
-impl fmt::Debug for Reg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match *self {
+impl Reg {
+    /// The register's name in the SDM, for the registers Ally shadows.
+    pub fn name(self) -> &'static str {
+        match self {
             Reg::CTRL => "CTRL",
             Reg::STATUS => "STATUS",
             Reg::ICR => "ICR",
@@ -94,9 +95,17 @@ impl fmt::Debug for Reg {
             Reg::TDLEN => "TDLEN",
             Reg::TDH => "TDH",
             Reg::TDT => "TDT",
-            _ => return write!(f, "Reg({:#x})", self.0),
-        };
-        f.write_str(name)
+            _ => "other",
+        }
+    }
+}
+
+impl fmt::Debug for Reg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            "other" => write!(f, "Reg({:#x})", self.0),
+            name => f.write_str(name),
+        }
     }
 }
 

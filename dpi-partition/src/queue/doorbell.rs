@@ -28,6 +28,8 @@ impl<T> core::ops::Deref for CachePadded<T> {
 #[repr(C, align(64))]
 pub struct Doorbell {
     seq: AtomicU64,
+    /// Time stamp counter at the latest ring, for the watcher's wake-up latency.
+    rung_at: AtomicU64,
 }
 
 const _: () = assert!(core::mem::size_of::<Doorbell>() == CACHE_LINE);
@@ -38,19 +40,63 @@ impl Doorbell {
     pub const fn new() -> Self {
         Self {
             seq: AtomicU64::new(0),
+            rung_at: AtomicU64::new(0),
         }
     }
 
     /// Ring once. Everything the caller wrote before is visible to a watcher that sees this ring.
     #[inline]
     pub fn ring(&self) {
+        self.rung_at.store(timestamp(), Ordering::Relaxed);
         self.seq.fetch_add(1, Ordering::Release);
+    }
+
+    /// The time stamp counter at the latest ring (0 before the first).
+    #[inline]
+    pub fn rung_at(&self) -> u64 {
+        self.rung_at.load(Ordering::Relaxed)
     }
 
     /// The current sequence number (how many times the doorbell has rung in total).
     #[inline]
     pub fn sequence(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
+    }
+}
+
+/// The time stamp counter (RDTSC; invariant on the CPUs Ally targets, and shared by all cores).
+#[inline]
+pub fn timestamp() -> u64 {
+    // SAFETY: RDTSC has no preconditions in ring 0 or (CR4.TSD clear) in user mode.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Wake-up latency statistics: time stamp counter ticks from a ring to the watcher seeing it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WakeLatency {
+    pub samples: u64,
+    pub total: u64,
+    pub min: u64,
+    pub max: u64,
+}
+
+impl WakeLatency {
+    /// Record the latency of the ring `db` last had, seen now.
+    pub fn record(&mut self, db: &Doorbell) {
+        let ticks = timestamp().saturating_sub(db.rung_at());
+        self.min = if self.samples == 0 {
+            ticks
+        } else {
+            self.min.min(ticks)
+        };
+        self.max = self.max.max(ticks);
+        self.total = self.total.saturating_add(ticks);
+        self.samples += 1;
+    }
+
+    /// Mean ticks per sample.
+    pub fn mean(&self) -> u64 {
+        self.total.checked_div(self.samples).unwrap_or(0)
     }
 }
 
@@ -66,6 +112,12 @@ impl DoorbellWatcher {
         Self {
             seen: db.sequence(),
         }
+    }
+
+    /// Whether the doorbell rang since the last [`DoorbellWatcher::poll`] (without consuming).
+    #[inline]
+    pub fn pending(&self, db: &Doorbell) -> bool {
+        db.sequence() != self.seen
     }
 
     /// Number of rings since the previous call (0 when nothing happened). After a non-zero
@@ -84,6 +136,21 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn wake_latency_measures_from_the_latest_ring() {
+        let db = Doorbell::new();
+        let mut latency = WakeLatency::default();
+        db.ring();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        latency.record(&db);
+        db.ring();
+        latency.record(&db);
+        assert_eq!(latency.samples, 2);
+        // The first sample waited ~2 ms, the second almost nothing.
+        assert!(latency.max > 100 * latency.min.max(1), "{latency:?}");
+        assert_eq!(latency.mean(), latency.total / 2);
+    }
 
     #[test]
     fn rings_accumulate_and_are_consumed_once() {

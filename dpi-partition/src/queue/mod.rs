@@ -12,5 +12,5 @@
 mod doorbell;
 mod spsc;
 
-pub use doorbell::{CachePadded, Doorbell, DoorbellWatcher};
+pub use doorbell::{timestamp, CachePadded, Doorbell, DoorbellWatcher, WakeLatency};
 pub use spsc::{Consumer, Producer, QueueError, Slot, SpscHeader, SpscRing, SpscStorage};

@@ -246,22 +246,48 @@ pub fn segment_selectors() -> [u16; 7] {
     [cs, ss, ds, es, fs, gs, tr]
 }
 
+/// Enables interrupts and halts until one arrives (the STI shadow covers HLT, so an interrupt
+/// pending at the STI still ends the halt), then disables them again.
+///
+/// # Safety
+/// Ring 0 with an IDT that handles every interrupt that can arrive.
+pub unsafe fn wait_for_interrupt() {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// Whether this CPU has MONITOR/MWAIT (CPUID.01H:ECX[3]).
+pub fn has_monitor_mwait() -> bool {
+    raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_monitor_mwait())
+}
+
+/// Arms address monitoring on the cache line of `line` (MONITOR, SDM Vol. 2B).
+///
+/// # Safety
+/// Ring 0 on a CPU with CPUID.01H:ECX.MONITOR[bit 3]; `line` is mapped.
+pub unsafe fn monitor(line: *const u8) {
+    // SAFETY: guaranteed by the caller; ECX/EDX = 0 (no extensions or hints).
+    unsafe { asm!("monitor", in("rax") line, in("ecx") 0, in("edx") 0, options(nostack)) };
+}
+
+/// Enables interrupts and waits (MWAIT) until the monitored line is written or an interrupt
+/// arrives (the STI shadow covers MWAIT), then disables interrupts again.
+///
+/// # Safety
+/// As for [`monitor`], after arming it; the IDT handles every interrupt that can arrive.
+pub unsafe fn wait_for_write_or_interrupt() {
+    // SAFETY: guaranteed by the caller; EAX = 0 (C1 hint), ECX = 0.
+    unsafe { asm!("sti", "mwait", "cli", in("eax") 0, in("ecx") 0, options(nostack)) };
+}
+
 /// Halts this CPU forever with interrupts disabled.
 pub fn halt_forever() -> ! {
     loop {
         // SAFETY: disabling interrupts and halting stops only this CPU.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
     }
-}
-
-/// Enables interrupts, halts until one arrives, and disables them again (STI's one-instruction
-/// shadow covers HLT, so an interrupt that is already pending ends the halt at once).
-///
-/// # Safety
-/// Ally's IDT must handle every interrupt that can arrive on this CPU.
-pub unsafe fn wait_for_interrupt() {
-    // SAFETY: guaranteed by the caller.
-    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// Opens an interrupt window of one instruction, so that interrupts already pending at the

@@ -62,3 +62,36 @@ pub fn emergency_write(args: core::fmt::Arguments<'_>) {
         let _ = port.write_fmt(args);
     }
 }
+
+/// Raw records on the management channel (COM2) that are not log lines (EVE alerts, dropped
+/// frame excerpts). Text is buffered up to each newline, so a record is written whole, never
+/// interleaved with another CPU's log line; a record longer than the buffer is written in
+/// pieces rather than lost.
+#[derive(Default)]
+pub struct ManagementChannel {
+    line: heapless::String<2048>,
+}
+
+impl ManagementChannel {
+    fn flush(&mut self) {
+        if let Some(port) = PORT.lock().as_mut() {
+            let _ = port.write_str(&self.line);
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for ManagementChannel {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for c in s.chars() {
+            if self.line.push(c).is_err() {
+                self.flush();
+                let _ = self.line.push(c);
+            }
+            if c == '\n' {
+                self.flush();
+            }
+        }
+        Ok(())
+    }
+}

@@ -5,5 +5,6 @@ pub mod apic;
 pub mod descriptors;
 pub mod instructions;
 pub mod logger;
+pub mod pci_ports;
 pub mod serial;
 pub mod vmx;

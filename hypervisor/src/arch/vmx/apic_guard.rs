@@ -199,4 +199,9 @@ pub fn report() {
         APIC_MMIO_EXITS.load(Ordering::Relaxed)
     );
     init_sipi::report();
+    log::info!(
+        "ALLY ioapic rerouted={} exits={}",
+        super::ioapic_guard::REROUTED.load(Ordering::Relaxed),
+        super::ioapic_guard::IOAPIC_EXITS.load(Ordering::Relaxed)
+    );
 }

@@ -4,6 +4,7 @@
 
 use super::apic_guard;
 use super::init_sipi;
+use super::nic_guard::{self, PortAccess};
 use super::platform::{platform, PhysicalMemory};
 use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
@@ -129,6 +130,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
+    super::platform::sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
     if log::log_enabled!(log::Level::Debug)
@@ -165,7 +167,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
                 advance_rip();
                 Ok(())
             }
-            ExitReason::IoInstruction => handle_io(regs),
+            ExitReason::IoInstruction => handle_io(regs, vcpu),
             ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
             ExitReason::Vmcall => handle_vmcall(regs),
             ExitReason::TripleFault => Err(StopReason::TripleFault),
@@ -620,7 +622,7 @@ fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
     Ok(())
 }
 
-fn handle_io(regs: &mut GuestRegisters) -> ExitResult {
+fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
     if io.string {
         return Err(StopReason::GuestRequested(
@@ -633,6 +635,23 @@ fn handle_io(regs: &mut GuestRegisters) -> ExitResult {
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
+    if let Some(nic) = &platform.nic {
+        let value = (regs.rax & width_mask) as u32;
+        if let PortAccess::Done(result) =
+            nic_guard::port_access(nic, io.port, io.size, io.is_in, value)
+        {
+            if let Some(v) = result {
+                // IN of 4 bytes zero-extends into RAX; narrower ones keep the upper bits.
+                regs.rax = if io.size == 4 {
+                    u64::from(v)
+                } else {
+                    (regs.rax & !width_mask) | (u64::from(v) & width_mask)
+                };
+            }
+            advance_rip();
+            return Ok(());
+        }
+    }
     if platform.is_power_control_port(io.port) && !io.is_in {
         let value = (regs.rax & width_mask) as u32;
         // PM1x_CNT.SLP_EN (ACPI 6.5 4.8.3.2.1): the guest is entering a sleep state — S5 at
@@ -642,18 +661,23 @@ fn handle_io(regs: &mut GuestRegisters) -> ExitResult {
             super::platform::report_power_off();
         }
         // SAFETY: the guest owns the ACPI PM block; Ally forwards its write unchanged.
-        unsafe { forward_out(io.port, io.size, value) };
+        unsafe { nic_guard::forward(io.port, io.size, false, value) };
         advance_rip();
         return Ok(());
     }
     if platform.is_power_control_port(io.port) {
         // SAFETY: reading PM1x_CNT has no side effect; forwarded for the guest.
-        let v = unsafe { forward_in(io.port, io.size) };
+        let v = unsafe { nic_guard::forward(io.port, io.size, true, 0) }.unwrap_or(0);
         regs.rax = (regs.rax & !width_mask) | (u64::from(v) & width_mask);
         advance_rip();
         return Ok(());
     }
     // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
+    // A byte written to its scratch register asks Ally for a counters snapshot (a test
+    // harness measuring exit rates between two marks; at most MARK_LIMIT are printed).
+    if !io.is_in && io.port == COM2_SCRATCH {
+        report_mark(regs.rax as u8, vcpu);
+    }
     if io.is_in {
         regs.rax |= width_mask;
         if io.size == 4 {
@@ -664,30 +688,25 @@ fn handle_io(regs: &mut GuestRegisters) -> ExitResult {
     Ok(())
 }
 
-/// # Safety
-/// The port must be one the guest may write.
-unsafe fn forward_out(port: u16, size: u8, value: u32) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        match size {
-            1 => instructions::outb(port, value as u8),
-            2 => instructions::outw(port, value as u16),
-            _ => instructions::outl(port, value),
-        }
-    }
-}
+const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
+const MARK_LIMIT: u64 = 64;
+static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
-/// # Safety
-/// The port must be one the guest may read.
-unsafe fn forward_in(port: u16, size: u8) -> u32 {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        match size {
-            1 => u32::from(instructions::inb(port)),
-            2 => u32::from(instructions::inw(port)),
-            _ => instructions::inl(port),
-        }
+/// `ALLY mark`: this vCPU's exits, the APIC and I/O APIC exits, and the DPI heartbeat.
+fn report_mark(id: u8, vcpu: &Vcpu) {
+    if MARKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) >= MARK_LIMIT {
+        return;
     }
+    use core::sync::atomic::Ordering::Relaxed;
+    info!(
+        "ALLY mark id={id} vcpu={} exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
+        vcpu.apic_id,
+        vcpu.exits.total(),
+        vcpu.exits.get(ExitReason::EptViolation.basic()),
+        apic_guard::APIC_MMIO_EXITS.load(Relaxed),
+        super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
+        (platform().dpi_heartbeat)()
+    );
 }
 
 /// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a
@@ -746,6 +765,23 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
             sender: vcpu.apic_id,
         };
         emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
+        return Ok(());
+    }
+    if let Some(mut ioapic) = platform()
+        .ioapics
+        .iter()
+        .find(|io| io.base == gpa.0 & !0xFFF)
+    {
+        emulate_access(regs, gpa, access, &mut ioapic).map_err(StopReason::Emulation)?;
+        return Ok(());
+    }
+    if let Some(nic) = platform()
+        .nic
+        .as_ref()
+        .filter(|nic| nic.trapped_offset(gpa).is_some())
+    {
+        emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
+            .map_err(StopReason::Emulation)?;
         return Ok(());
     }
     let result = emulate_access(regs, gpa, access, &mut HiddenMemory);

@@ -2,6 +2,7 @@
 //! the boot CPU before the guest starts.
 
 use super::realmode::RealModeStub;
+use super::vcpu::Vcpu;
 use crate::addr::{GuestPhysAddr, PhysRange};
 use crate::arch::instructions::{vmread, vmwrite};
 use crate::guest::{GuestMemError, GuestMemory, GuestRegisters};
@@ -59,9 +60,30 @@ pub struct Platform {
     pub power_off_hook: fn(),
     /// The DPI cores' summed heartbeat (for reports that show the cores kept running).
     pub dpi_heartbeat: fn() -> u64,
+    /// The NIC whose queues the DPI partition shadows, if one was claimed.
+    pub nic: Option<super::nic_guard::NicTrap>,
+    /// The I/O APICs (absent from the EPT: redirection entries are filtered).
+    pub ioapics: heapless::Vec<super::ioapic_guard::IoApicGuard, 4>,
 }
 
 static PLATFORM: Once<Platform> = Once::new();
+
+/// Bumped after every change to the shared EPT that removes or redirects a mapping (a BAR
+/// move). The CPU that makes the change invalidates at once; every other OS core does on its
+/// next VM exit. Until then it may still reach the old window through a cached translation:
+/// the device's untrapped registers, which the guest owns anyway — never a trapped page,
+/// since trapped pages are never present and not-present entries are not cached (SDM 29.4.1).
+pub static EPT_GENERATION: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Invalidates this CPU's EPT-derived translations if the EPT changed since it last did.
+pub fn sync_ept(vcpu: &mut Vcpu) {
+    let now = EPT_GENERATION.load(core::sync::atomic::Ordering::Acquire);
+    if vcpu.ept_generation != now {
+        vcpu.ept_generation = now;
+        // SAFETY: EPT support (and INVEPT all-context) was checked at start-up.
+        unsafe { crate::arch::instructions::invept_all() };
+    }
+}
 
 /// Publishes the platform description (once, before the first VM entry).
 pub fn install(platform: Platform) -> &'static Platform {
@@ -81,6 +103,30 @@ pub fn platform() -> &'static Platform {
 impl Platform {
     pub fn is_power_control_port(&self, port: u16) -> bool {
         self.pm1_control_ports.iter().flatten().any(|&p| p == port)
+    }
+
+    /// Whether the guest may place a device's registers at `[start, start + len)`: inside
+    /// the EPT's identity range, clear of every range its memory map lists (RAM, ACPI, the
+    /// firmware), of the first MiB, of Ally's memory and of the local APIC page.
+    pub fn device_range_allowed(&self, start: u64, len: u64) -> Result<(), &'static str> {
+        let range = PhysRange::from_start_len(start, len).ok_or("the range wraps")?;
+        if range.end > self.identity_limit {
+            return Err("beyond the memory Ally maps for the guest");
+        }
+        if range.start < 0x10_0000 {
+            return Err("in the first MiB");
+        }
+        if self.guest_map.iter().any(|r| r.range.overlaps(&range)) {
+            return Err("overlaps a range of the guest's memory map");
+        }
+        if self.hidden.iter().any(|h| h.overlaps(&range)) {
+            return Err("overlaps Ally's memory");
+        }
+        let apic = PhysRange::from_start_len(self.apic_base, 0x1000).ok_or("APIC")?;
+        if apic.overlaps(&range) {
+            return Err("overlaps the local APIC");
+        }
+        Ok(())
     }
 
     /// Whether Ally may touch `[start, start + len)` on the guest's behalf (page walks,

@@ -48,6 +48,8 @@ pub struct Vcpu {
     pub stopped: bool,
     /// This OS core's INIT/SIPI mailbox (`init_sipi`), checked at every VM exit.
     pub mailbox: Option<&'static StartupMailbox>,
+    /// The shared EPT's generation this CPU last invalidated for (`platform::EPT_GENERATION`).
+    pub ept_generation: u64,
 }
 
 /// Segment access rights in VMCS format (SDM Vol. 3C 25.4.1, Table 25-2).
@@ -82,6 +84,7 @@ impl Vcpu {
             exits: ExitCounters::new(),
             stopped: false,
             mailbox: super::init_sipi::os_index(apic_id).map(super::init_sipi::mailbox),
+            ept_generation: 0,
         }
     }
 

@@ -1,0 +1,412 @@
+//! Claiming the NIC and wiring its queue work to the DPI core (the bare-metal glue of issue 4).
+//!
+//! Start-up, on the boot CPU, before the guest runs:
+//! 1. find the 82540EM on the PCI bus (or the function `nic=` names), size its BARs;
+//! 2. set up the DPI queue engine in DPI memory, which programs the real rings (the guest's
+//!    ring registers only ever reach the shadow file);
+//! 3. hand the exit handlers a [`NicTrap`]: the trapped BAR0 pages leave the EPT, the I/O BAR
+//!    and the configuration ports go into the I/O bitmap.
+//!
+//! Afterwards the first DPI core calls [`DpiWork::poll`] in its loop.
+
+use crate::frames::FramePool;
+use crate::start::StartError;
+use alloc::boxed::Box;
+use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
+use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
+use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
+use ally_dpi::nic::regs::{NicRegisters, Reg};
+use ally_dpi::nic::shadow::ShadowRegs;
+use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
+use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
+use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
+use ally_hypervisor::arch::instructions;
+use ally_hypervisor::arch::logger::ManagementChannel;
+use ally_hypervisor::arch::pci_ports::PortConfigSpace;
+use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
+use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
+use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
+use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
+use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
+use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
+use core::sync::atomic::Ordering;
+use log::info;
+
+/// Devices Ally drives (vendor, device): the 82540EM that QEMU and Bochs emulate. Further
+/// models (82574, igb) add their IDs here with their own register maps.
+const SUPPORTED: &[(u16, u16)] = &[(0x8086, 0x100E)];
+
+/// The device's registers through BAR0 (identity-mapped, uncached by the MTRRs).
+pub struct MmioRegisters {
+    base: u64,
+}
+
+impl NicRegisters for MmioRegisters {
+    fn read32(&self, reg: Reg) -> u32 {
+        // SAFETY: `base` is the claimed function's BAR0 (128 KiB), identity-mapped, and every
+        // `Reg` is an aligned dword offset inside it.
+        unsafe { ((self.base + u64::from(reg.0 & 0x1_FFFC)) as *const u32).read_volatile() }
+    }
+    fn write32(&self, reg: Reg, value: u32) {
+        // SAFETY: as for `read32`.
+        unsafe { ((self.base + u64::from(reg.0 & 0x1_FFFC)) as *mut u32).write_volatile(value) }
+    }
+}
+
+/// Physical memory as the DPI core reaches it: Ally's identity map. Guest addresses reach
+/// here only after `MemoryPolicy::check`; this layer refuses anything outside the map.
+pub struct IdentityDma {
+    limit: u64,
+}
+
+impl IdentityDma {
+    fn pointer(&self, pa: HostPhysAddr, len: usize) -> Result<*mut u8, MemError> {
+        let start = pa.as_u64();
+        match start.checked_add(len as u64) {
+            Some(end) if end <= self.limit && start != 0 => Ok(start as *mut u8),
+            _ => Err(MemError::DmaOutOfBounds {
+                addr: start,
+                len: len as u64,
+            }),
+        }
+    }
+}
+
+impl DmaMemory for IdentityDma {
+    fn read(&self, pa: HostPhysAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        let src = self.pointer(pa, buf.len())?;
+        // SAFETY: the range is identity-mapped RAM (bounds checked); `buf` is Ally's own.
+        unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+    fn write(&self, pa: HostPhysAddr, data: &[u8]) -> Result<(), MemError> {
+        let dst = self.pointer(pa, data.len())?;
+        // SAFETY: as for `read`; `data` may lie in DPI memory too, so `copy` (overlap-safe).
+        unsafe { core::ptr::copy(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+    fn borrow(&self, pa: HostPhysAddr, len: usize) -> Result<&[u8], MemError> {
+        let p = self.pointer(pa, len)?;
+        // SAFETY: identity-mapped for Ally's lifetime; the ring protocol gives the caller the
+        // range for as long as it borrows it.
+        Ok(unsafe { core::slice::from_raw_parts(p, len) })
+    }
+    fn window(&self, pa: HostPhysAddr, len: usize) -> Result<DmaWindow<'_>, MemError> {
+        let p = self.pointer(pa, len)?;
+        // SAFETY: identity-mapped for Ally's lifetime (bounds checked).
+        Ok(unsafe { DmaWindow::new(p, len) })
+    }
+}
+
+/// The rule engine with its alert channel (COM2) and clock.
+type RuleEngine = EngineHook<MgmtWriter<ManagementChannel>, fn() -> Timestamp>;
+
+/// What inspects each frame: the rule engine (issue 5), which passes every frame when no
+/// rules were loaded.
+pub struct Inspector(Box<RuleEngine>);
+
+impl PacketHook for Inspector {
+    #[inline]
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
+        self.0.inspect(frame, dir)
+    }
+}
+
+fn clock() -> Timestamp {
+    Timestamp(crate::clock::now_us())
+}
+
+type Engine = DpiNic<'static, IdentityDma, MmioRegisters, Inspector>;
+
+/// The DPI core's share: the queue engine, created on the boot CPU and used by the first DPI
+/// core alone afterwards.
+pub struct DpiWork {
+    engine: Engine,
+    polls_since_publish: u32,
+}
+
+// SAFETY: the engine (raw DMA windows onto DPI memory and guest rings) is built on the boot
+// CPU before any AP runs and then used by exactly one DPI core; nothing else touches it.
+unsafe impl Send for DpiWork {}
+
+/// What the claimed NIC leaves for the rest of start-up.
+pub struct ClaimedNic {
+    pub trap: NicTrap,
+    pub work: DpiWork,
+    /// BAR0 pages to remove from the EPT.
+    pub trapped_pages: [u64; TRAPPED_PAGES.len()],
+    /// Ports to intercept: the configuration mechanism and the I/O BAR.
+    pub ports: heapless::Vec<core::ops::Range<u32>, 2>,
+}
+
+/// The queue engine, waiting for the first DPI core to take it.
+pub static DPI_WORK: spin::Mutex<Option<DpiWork>> = spin::Mutex::new(None);
+
+/// The EPT and the frames to extend it, handed over by the boot CPU before the guest starts,
+/// for the BAR moves the guest makes.
+static EPT_EDITOR: spin::Mutex<Option<(Ept, FramePool)>> = spin::Mutex::new(None);
+/// Where the device decodes BAR0 (it never moves).
+static DEVICE_BAR: spin::Once<u64> = spin::Once::new();
+
+/// Hands the EPT and the frame pool over for later edits (after the last start-up use).
+pub fn hand_over_ept(ept: Ept, frames: FramePool) {
+    *EPT_EDITOR.lock() = Some((ept, frames));
+}
+
+/// Moves the guest's window onto BAR0 from `from` to `to` (both already checked by the exit
+/// handler): the old window leaves the EPT, the new one maps the device's untrapped pages
+/// (uncached) and leaves the trapped ones absent.
+fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
+    let device = *DEVICE_BAR.get().ok_or("no NIC claimed")?;
+    let mut editor = EPT_EDITOR.lock();
+    let (ept, frames) = editor.as_mut().ok_or("the EPT is not editable yet")?;
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        // Pages that were never mapped (the trapped ones) are fine to skip.
+        let _ = ept.unmap_page(GuestPhysAddr(from + offset), frames);
+    }
+    for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
+        if is_trapped_offset(offset as u32) {
+            let _ = ept.unmap_page(GuestPhysAddr(to + offset), frames);
+        } else {
+            ept.map(
+                GuestPhysAddr(to + offset),
+                HostPhysAddr(device + offset),
+                PAGE_SIZE,
+                EptPermissions {
+                    read: true,
+                    write: true,
+                    execute: false,
+                },
+                EptMemoryType::Uncacheable,
+                frames,
+            )
+            .map_err(|_| "Ally's frame pool cannot hold the new EPT entries")?;
+        }
+    }
+    EPT_GENERATION.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: in VMX root on an OS core (the exit handler); INVEPT support was checked.
+    unsafe { instructions::invept_all() };
+    Ok(())
+}
+
+/// Counters the DPI core publishes for the power-off report.
+static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
+static TRAPPED: spin::Once<&'static TrappedNic<'static, MmioRegisters>> = spin::Once::new();
+
+/// Finds and claims the NIC. `Ok(None)` when there is none and `nic=` did not ask for one.
+pub fn claim(
+    options: &AllyOptions,
+    guest_map: &MemoryMap,
+    protected: PhysRange,
+    dpi_region: PhysRange,
+    identity_limit: u64,
+) -> Result<Option<ClaimedNic>, StartError> {
+    let cs = PortConfigSpace;
+    let found = match pci::find_function(&cs, SUPPORTED, options.nic) {
+        Ok(found) => found,
+        Err(pci::PciError::NotFound) => {
+            info!("ALLY nic none: no supported NIC found, no queue to shadow");
+            return Ok(None);
+        }
+        Err(e) => return Err(StartError::Nic(e)),
+    };
+    let address = found.address;
+    let bars = pci::probe_bars(&cs, address);
+    let original = core::array::from_fn(|i| cs.read32(address, pci::REG_BAR0 + 4 * i as u8));
+    let command = cs.read32(address, pci::REG_COMMAND) as u16;
+    let registers_bar = match bars[0] {
+        Bar::Memory { base, size, .. } if size >= u64::from(Reg::BAR0_SIZE) && base != 0 => {
+            PhysRange {
+                start: base,
+                end: base + u64::from(Reg::BAR0_SIZE),
+            }
+        }
+        bar => {
+            return Err(StartError::Nic(pci::PciError::NoRegisterBar {
+                address,
+                bar,
+                expected: u64::from(Reg::BAR0_SIZE),
+            }))
+        }
+    };
+    let io_ports = bars.iter().find_map(|bar| match *bar {
+        Bar::Io { base, size } if base != 0 => Some(base..base + size),
+        _ => None,
+    });
+    // Decoding and bus mastering on: the DPI core drives the device from now on.
+    cs.write32(
+        address,
+        pci::REG_COMMAND,
+        u32::from(GuardedFunction::device_command(command)),
+    );
+    info!(
+        "ALLY nic claimed={address} id={:04x}:{:04x} bar0={:#x} io={:?} mode={:?}",
+        found.vendor, found.device, registers_bar.start, io_ports, options.mode
+    );
+
+    let shadow: &'static ShadowRegs = Box::leak(Box::new(ShadowRegs::new()));
+    let real: &'static MmioRegisters = Box::leak(Box::new(MmioRegisters {
+        base: registers_bar.start,
+    }));
+    let dma: &'static IdentityDma = Box::leak(Box::new(IdentityDma {
+        limit: identity_limit,
+    }));
+    let ram: heapless::Vec<PhysRange, 32> = guest_map
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Usable)
+        .map(|r| r.range)
+        .collect();
+    let policy = MemoryPolicy::new(&ram, &[protected]).map_err(StartError::NicMemory)?;
+    let config = DpiConfig {
+        mode: match options.mode {
+            PacketMode::Copy => Mode::Copy,
+            PacketMode::ZeroCopy => Mode::ZeroCopy,
+        },
+        ..DpiConfig::default()
+    };
+    let hook = crate::rules::take_engine_hook(
+        MgmtWriter::new(ManagementChannel::default()),
+        clock as fn() -> Timestamp,
+    )
+    .ok_or(StartError::NoRuleEngine)?;
+    let engine = DpiNic::new(
+        shadow,
+        dma,
+        real,
+        policy,
+        dpi_region,
+        config,
+        Inspector(Box::new(hook)),
+    )
+    .map_err(StartError::NicEngine)?;
+    let trapped: &'static TrappedNic<'static, MmioRegisters> =
+        Box::leak(Box::new(TrappedNic::new(
+            shadow,
+            MmioRegisters {
+                base: registers_bar.start,
+            },
+        )));
+    TRAPPED.call_once(|| trapped);
+    DEVICE_BAR.call_once(|| registers_bar.start);
+
+    let mut ports = heapless::Vec::new();
+    let _ = ports.push(0xCF8..0xD00);
+    if let Some(io) = &io_ports {
+        let _ = ports.push(u32::from(io.start)..u32::from(io.end));
+    }
+    Ok(Some(ClaimedNic {
+        trap: NicTrap::new(
+            GuardedFunction::new(address, bars, original, command),
+            registers_bar,
+            io_ports,
+            trapped,
+            remap_registers_bar,
+        ),
+        work: DpiWork {
+            engine,
+            polls_since_publish: 0,
+        },
+        trapped_pages: TRAPPED_PAGES.map(|page| registers_bar.start + u64::from(page)),
+        ports,
+    }))
+}
+
+/// Bytes of DPI memory the queue engine needs (4 KiB multiple).
+pub fn region_bytes(options: &AllyOptions) -> u64 {
+    let config = DpiConfig {
+        mode: match options.mode {
+            PacketMode::Copy => Mode::Copy,
+            PacketMode::ZeroCopy => Mode::ZeroCopy,
+        },
+        ..DpiConfig::default()
+    };
+    config.region_bytes().div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+impl DpiWork {
+    /// The line an idle DPI core monitors, and whether work arrived meanwhile.
+    pub fn wake_line(&self) -> *const u8 {
+        self.engine.wake_line()
+    }
+    pub fn doorbell_pending(&self) -> bool {
+        self.engine.doorbell_pending()
+    }
+
+    /// One pass of the queue engine; returns the frames moved.
+    pub fn poll(&mut self) -> u64 {
+        let moved = self.engine.poll();
+        self.polls_since_publish += 1;
+        if moved > 0 || self.polls_since_publish >= 64 {
+            if let Some(mut published) = PUBLISHED.try_lock() {
+                *published = Some(self.engine.counters().clone());
+                self.polls_since_publish = 0;
+            }
+        }
+        moved
+    }
+}
+
+/// The NIC's counters at the guest's power-off: frames, bytes and drops by direction and
+/// reason, exits by register, and exits per frame.
+pub fn report() {
+    let Some(trapped) = TRAPPED.get() else {
+        return;
+    };
+    let counters = PUBLISHED.lock().clone().unwrap_or_default();
+    for (name, dir) in [("tx", &counters.tx), ("rx", &counters.rx)] {
+        info!(
+            "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={} wire-frames={}",
+            dir.packets,
+            dir.bytes,
+            dir.total_dropped(),
+            dir.doorbells,
+            dir.backpressure,
+            dir.wire_frames
+        );
+        for reason in DropReason::ALL {
+            let (dropped, stopped) = (dir.dropped(reason), dir.stopped(reason));
+            if dropped + stopped > 0 {
+                info!(
+                    "ALLY nic-{name}-drop reason={} packets={dropped} ring-stops={stopped}",
+                    reason.name()
+                );
+            }
+        }
+    }
+    info!(
+        "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={}",
+        counters.config_changes,
+        counters.resets,
+        counters.irqs_raised,
+        trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
+    );
+    let wake = counters.wake_latency;
+    let per_us = crate::clock::tsc_per_us();
+    info!(
+        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
+        wake.samples,
+        wake.mean(),
+        wake.min,
+        wake.max,
+        wake.mean() / per_us,
+        wake.max / per_us
+    );
+    for (name, reads, writes) in trapped.exits.nonzero() {
+        info!("ALLY nic-exits register={name} reads={reads} writes={writes}");
+    }
+    // Forwarded registers share the queue registers' pages (EEPROM, MDIC, STATUS): the
+    // driver's probe makes thousands of those accesses, its packet path few.
+    let exits = trapped.exits.total();
+    let forwarded = trapped.exits.forwarded();
+    let packets = counters.tx.packets + counters.rx.packets;
+    let per_packet = |n: u64| {
+        let hundredths = (n * 100).checked_div(packets).unwrap_or(0);
+        alloc::format!("{}.{:02}", hundredths / 100, hundredths % 100)
+    };
+    info!(
+        "ALLY nic-exits total={exits} queue={} forwarded={forwarded} packets={packets} exits-per-packet={} queue-exits-per-packet={}",
+        exits - forwarded,
+        per_packet(exits),
+        per_packet(exits - forwarded)
+    );
+}

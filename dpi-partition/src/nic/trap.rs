@@ -1,0 +1,150 @@
+//! The OS core's side of the NIC: what a trapped register access does, and the exit counts
+//! by register.
+//!
+//! Ally traps the BAR0 pages that hold a shadowed register (or one of its 82542 aliases):
+//! page 0 (CTRL, ICR/ICS/IMS/IMC, RCTL, TCTL and the alias block), page 2 (the RX ring
+//! registers) and page 3 (the TX ring registers). Everything else on those pages is forwarded
+//! to the device at the same offset; every other page stays mapped and costs no exit.
+
+use super::regs::{NicRegisters, Reg};
+use super::shadow::{ShadowRegs, SHADOWED};
+use ally_hypervisor::arch::vmx::nic_guard::TrappedRegisters;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// BAR0 offsets of the trapped 4 KiB pages.
+pub const TRAPPED_PAGES: [u32; 3] = [0x0000, 0x2000, 0x3000];
+
+/// Whether `offset` lies on a trapped page.
+pub fn is_trapped_offset(offset: u32) -> bool {
+    TRAPPED_PAGES.contains(&(offset & !0xFFF))
+}
+
+/// Exit counts: one slot per shadowed register (aliases counted with their register), one for
+/// the forwarded registers that share their pages.
+#[derive(Debug, Default)]
+pub struct RegisterExits {
+    reads: [AtomicU64; SHADOWED.len() + 1],
+    writes: [AtomicU64; SHADOWED.len() + 1],
+}
+
+impl RegisterExits {
+    fn slot(reg: Reg) -> usize {
+        let canonical = reg.canonical();
+        SHADOWED
+            .iter()
+            .position(|&r| r == canonical)
+            .unwrap_or(SHADOWED.len())
+    }
+
+    /// `(name, reads, writes)` for every register that saw an exit.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64, u64)> + '_ {
+        (0..=SHADOWED.len()).filter_map(|i| {
+            let (r, w) = (
+                self.reads[i].load(Ordering::Relaxed),
+                self.writes[i].load(Ordering::Relaxed),
+            );
+            let name = SHADOWED.get(i).map_or("forwarded", |&reg| reg.name());
+            (r + w > 0).then_some((name, r, w))
+        })
+    }
+
+    /// Exits for registers Ally forwards (not shadowed) that share a trapped page.
+    pub fn forwarded(&self) -> u64 {
+        self.reads[SHADOWED.len()].load(Ordering::Relaxed)
+            + self.writes[SHADOWED.len()].load(Ordering::Relaxed)
+    }
+
+    /// All exits counted.
+    pub fn total(&self) -> u64 {
+        self.reads
+            .iter()
+            .chain(self.writes.iter())
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// The trapped registers of one NIC: the shadow file plus the real device.
+pub struct TrappedNic<'a, R: NicRegisters> {
+    pub shadow: &'a ShadowRegs,
+    pub real: R,
+    pub exits: RegisterExits,
+}
+
+impl<'a, R: NicRegisters> TrappedNic<'a, R> {
+    pub fn new(shadow: &'a ShadowRegs, real: R) -> Self {
+        Self {
+            shadow,
+            real,
+            exits: RegisterExits::default(),
+        }
+    }
+
+    /// A guest read of the register at `offset` (an aligned dword on a trapped page).
+    pub fn guest_read(&self, offset: u32) -> u32 {
+        let reg = Reg(offset);
+        self.exits.reads[RegisterExits::slot(reg)].fetch_add(1, Ordering::Relaxed);
+        self.shadow.guest_read(reg, &self.real)
+    }
+
+    /// A guest write of the register at `offset`: for a tail this stores the shadow and rings
+    /// the doorbell, nothing else.
+    pub fn guest_write(&self, offset: u32, value: u32) {
+        let reg = Reg(offset);
+        self.exits.writes[RegisterExits::slot(reg)].fetch_add(1, Ordering::Relaxed);
+        self.shadow.guest_write(reg, value, &self.real)
+    }
+}
+
+impl<R: NicRegisters + Sync> TrappedRegisters for TrappedNic<'_, R> {
+    fn read(&self, offset: u32) -> u32 {
+        self.guest_read(offset)
+    }
+    fn write(&self, offset: u32, value: u32) {
+        self.guest_write(offset, value)
+    }
+    fn is_trapped(&self, offset: u32) -> bool {
+        is_trapped_offset(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nic::mem::FakeDma;
+    use crate::nic::model::{E1000Model, ModelConfig};
+
+    #[test]
+    fn every_shadowed_register_and_alias_is_on_a_trapped_page() {
+        for reg in SHADOWED {
+            assert!(is_trapped_offset(reg.0), "{reg:?}");
+        }
+        for alias in (0x0100..0x0140).chain(0x0400..0x0440).step_by(4) {
+            if ShadowRegs::is_shadowed(Reg(alias)) {
+                assert!(is_trapped_offset(alias), "alias {alias:#x}");
+            }
+        }
+        // Statistics, receive address and multicast tables stay mapped.
+        for untouched in [0x4000, 0x5000, 0x5200, 0x5400, 0x1000] {
+            assert!(!is_trapped_offset(untouched));
+        }
+    }
+
+    #[test]
+    fn tail_write_rings_the_doorbell_and_is_counted() {
+        let shadow = ShadowRegs::new();
+        let model = E1000Model::new(FakeDma::new(0, 4096), ModelConfig::default());
+        let nic = TrappedNic::new(&shadow, &model);
+        let before = shadow.tx_doorbell.sequence();
+        nic.guest_write(Reg::TDT.0, 5);
+        nic.guest_write(0x0438, 6); // the 82542 alias of TDT
+        assert_eq!(shadow.tdt(), 6);
+        assert_eq!(shadow.tx_doorbell.sequence(), before + 2);
+        // The device's own TDT is Ally's, untouched by the guest.
+        assert_eq!(model.read32(Reg::TDT), 0);
+        nic.guest_read(Reg::STATUS.0);
+        let seen: std::vec::Vec<_> = nic.exits.nonzero().collect();
+        assert_eq!(seen, [("TDT", 0, 2), ("forwarded", 1, 0)]);
+        assert_eq!(nic.exits.total(), 3);
+    }
+}

@@ -1,0 +1,335 @@
+//! The claimed NIC as the guest reaches it. Three doors lead to its registers, and Ally
+//! guards each:
+//!
+//! - **BAR0 (MMIO)**: the pages holding the queue and interrupt registers are absent from the
+//!   EPT; each access exits, is decoded (`guest::emulate_mmio`) and handed to the DPI
+//!   partition's [`TrappedRegisters`] (shadow or forward). Every other BAR0 page stays mapped
+//!   to the device, so the guest's other register traffic costs no exit.
+//! - **The I/O BAR** (IOADDR at +0, IODATA at +4; 8254x SDM 13.1.x): intercepted in the I/O
+//!   bitmap and emulated through the same register path, so no register is reachable around
+//!   the MMIO traps.
+//! - **PCI configuration space** (ports 0xCF8/0xCFC): accesses to the claimed function go
+//!   through [`crate::pci::GuardedFunction`]. When the guest moves BAR0, Ally follows: the
+//!   device stays where it is, and the EPT maps the new guest-physical range onto it with the
+//!   same pages trapped (after checking the new range is device space, not RAM, Ally's memory
+//!   or the APIC). The guest cannot turn off the decoding and bus mastering the DPI core needs.
+//!
+//! Register accesses must be aligned dwords, as the 8254x defines them (SDM 13: "all registers
+//! are 32 bits"); anything else is refused, counted, reads return all ones.
+
+use crate::addr::{GuestPhysAddr, PhysRange};
+use crate::arch::instructions;
+use crate::guest::{AccessWidth, MmioHandler};
+use crate::pci::{ConfigAddress, ConfigWrite, GuardedFunction};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// The DPI partition's side of the trapped registers (shadow register file, exit counters).
+pub trait TrappedRegisters: Sync {
+    /// The guest reads the dword register at `offset` in BAR0.
+    fn read(&self, offset: u32) -> u32;
+    /// The guest writes the dword register at `offset` in BAR0.
+    fn write(&self, offset: u32, value: u32);
+    /// Whether the register at `offset` lies on a trapped page (otherwise the guest reaches
+    /// the device directly and Ally forwards I/O BAR accesses there at the same width).
+    fn is_trapped(&self, offset: u32) -> bool;
+}
+
+/// Everything the exit handlers know about the claimed NIC.
+pub struct NicTrap {
+    pub function: GuardedFunction,
+    /// BAR0, where the device decodes its registers (never moved: see `pci`).
+    pub registers_bar: PhysRange,
+    /// The I/O BAR's ports, if the function has one.
+    pub io_ports: Option<core::ops::Range<u16>>,
+    pub registers: &'static dyn TrappedRegisters,
+    /// Moves the guest-physical window of BAR0 in the EPT (from, to): Ally's page-table
+    /// owner does it, with the same pages trapped.
+    pub remap: fn(u64, u64) -> Result<(), &'static str>,
+    /// Where the guest sees BAR0 (it may move it; the device does not).
+    registers_gpa: AtomicU64,
+    /// The guest's IOADDR (I/O BAR offset 0).
+    io_address: AtomicU32,
+}
+
+impl NicTrap {
+    pub fn new(
+        function: GuardedFunction,
+        registers_bar: PhysRange,
+        io_ports: Option<core::ops::Range<u16>>,
+        registers: &'static dyn TrappedRegisters,
+        remap: fn(u64, u64) -> Result<(), &'static str>,
+    ) -> Self {
+        Self {
+            function,
+            registers_gpa: AtomicU64::new(registers_bar.start),
+            registers_bar,
+            io_ports,
+            registers,
+            remap,
+            io_address: AtomicU32::new(0),
+        }
+    }
+
+    /// BAR0's offset for a guest-physical address on one of its trapped pages.
+    pub fn trapped_offset(&self, gpa: GuestPhysAddr) -> Option<u64> {
+        let offset = gpa
+            .0
+            .wrapping_sub(self.registers_gpa.load(Ordering::Acquire));
+        (offset < self.registers_bar.len() && self.registers.is_trapped(offset as u32))
+            .then_some(offset)
+    }
+
+    fn register_read(&self, offset: u32) -> u32 {
+        if self.registers.is_trapped(offset) {
+            self.registers.read(offset)
+        } else {
+            // SAFETY: BAR0 is identity-mapped device memory and `offset` is an aligned dword
+            // inside it (checked by the callers).
+            unsafe {
+                ((self.registers_bar.start + u64::from(offset)) as *const u32).read_volatile()
+            }
+        }
+    }
+
+    fn register_write(&self, offset: u32, value: u32) {
+        if self.registers.is_trapped(offset) {
+            self.registers.write(offset, value)
+        } else {
+            // SAFETY: as for `register_read`; untrapped registers are the guest's own.
+            unsafe {
+                ((self.registers_bar.start + u64::from(offset)) as *mut u32).write_volatile(value)
+            }
+        }
+    }
+
+    fn dword_offset(&self, offset: u64) -> Option<u32> {
+        (offset.is_multiple_of(4) && offset < self.registers_bar.len()).then_some(offset as u32)
+    }
+}
+
+/// Accesses refused (not an aligned dword), per door.
+pub static REFUSED_MMIO: AtomicU64 = AtomicU64::new(0);
+pub static REFUSED_IO: AtomicU64 = AtomicU64::new(0);
+/// Guest configuration-space accesses to the claimed function.
+pub static CONFIG_ACCESSES: AtomicU64 = AtomicU64::new(0);
+/// Guest I/O BAR accesses.
+pub static IO_BAR_ACCESSES: AtomicU64 = AtomicU64::new(0);
+
+/// The guest's last CONFIG_ADDRESS (port 0xCF8), mirrored when Ally forwards it.
+static CONFIG_ADDRESS: AtomicU32 = AtomicU32::new(0);
+
+/// BAR0's trapped pages, as an MMIO handler for the EPT-violation path.
+pub struct NicMmio<'a>(pub &'a NicTrap);
+
+impl NicMmio<'_> {
+    fn offset(&self, gpa: GuestPhysAddr) -> Option<u32> {
+        self.0
+            .trapped_offset(gpa)
+            .and_then(|offset| self.0.dword_offset(offset))
+    }
+}
+
+impl MmioHandler for NicMmio<'_> {
+    fn read(&mut self, gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
+        match self.offset(gpa) {
+            Some(offset) if width == AccessWidth::Dword => u64::from(self.0.registers.read(offset)),
+            _ => {
+                refused(&REFUSED_MMIO, "mmio-read", gpa.0, width.bytes());
+                width.mask()
+            }
+        }
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
+        match self.offset(gpa) {
+            Some(offset) if width == AccessWidth::Dword => {
+                self.0.registers.write(offset, value as u32)
+            }
+            _ => refused(&REFUSED_MMIO, "mmio-write", gpa.0, width.bytes()),
+        }
+    }
+}
+
+static REFUSAL_REPORTS: AtomicU64 = AtomicU64::new(0);
+
+fn refused(counter: &AtomicU64, what: &str, address: u64, width: u64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    if REFUSAL_REPORTS.fetch_add(1, Ordering::Relaxed) < 16 {
+        log::warn!("ALLY nic-refused access={what} address={address:#x} width={width}");
+    }
+}
+
+/// An intercepted port access: returns the value for an IN (`None` for an OUT), or `None`
+/// when `port` is not the NIC's (the caller handles it).
+pub enum PortAccess {
+    NotOurs,
+    Done(Option<u32>),
+}
+
+/// The guest's IN/OUT on a port Ally intercepts for the NIC (configuration ports, I/O BAR).
+pub fn port_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) -> PortAccess {
+    if (ConfigAddress::PORT..ConfigAddress::PORT + 4).contains(&port) {
+        return PortAccess::Done(config_address_access(port, size, is_in, value));
+    }
+    if (ConfigAddress::DATA_PORT..ConfigAddress::DATA_PORT + 4).contains(&port) {
+        return PortAccess::Done(config_data_access(nic, port, size, is_in, value));
+    }
+    match &nic.io_ports {
+        Some(ports) if ports.contains(&port) => {
+            PortAccess::Done(io_bar_access(nic, port - ports.start, size, is_in, value))
+        }
+        _ => PortAccess::NotOurs,
+    }
+}
+
+fn config_address_access(port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
+    // Only a dword at 0xCF8 is CONFIG_ADDRESS; narrower accesses (0xCF9 is the reset
+    // control register on many chipsets) go to the hardware untouched.
+    if port == ConfigAddress::PORT && size == 4 && !is_in {
+        CONFIG_ADDRESS.store(value, Ordering::Relaxed);
+    }
+    // SAFETY: the guest owns the configuration mechanism; Ally forwards at the same width.
+    unsafe { forward(port, size, is_in, value) }
+}
+
+fn config_data_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
+    let address = ConfigAddress(CONFIG_ADDRESS.load(Ordering::Relaxed));
+    if !address.enabled() || address.function() != nic.function.address {
+        // SAFETY: another function's configuration space: the guest's own business.
+        return unsafe { forward(port, size, is_in, value) };
+    }
+    CONFIG_ACCESSES.fetch_add(1, Ordering::Relaxed);
+    let offset = address.register() + (port - ConfigAddress::DATA_PORT) as u8;
+    // SAFETY: CONFIG_ADDRESS selects the claimed function's register; reading configuration
+    // space has no side effect.
+    let device_dword = unsafe { instructions::inl(ConfigAddress::DATA_PORT) };
+    if is_in {
+        return Some(nic.function.read(offset, size, device_dword));
+    }
+    match nic.function.write(offset, size, value, device_dword) {
+        // SAFETY: the filter allowed (or rewrote) this write.
+        ConfigWrite::Forward(v) => unsafe { forward(port, size, false, v) },
+        ConfigWrite::Absorbed => None,
+        ConfigWrite::MoveBar { bar, from, to } => {
+            move_bar(nic, bar, from, to);
+            None
+        }
+        ConfigWrite::RefusedBarMove { bar, value } => {
+            log::warn!(
+                "ALLY pci-bar-move-refused function={} bar={bar} value={value:#x}",
+                nic.function.address
+            );
+            None
+        }
+    }
+}
+
+/// The guest moves memory BAR `bar` of the claimed function.
+fn move_bar(nic: &NicTrap, bar: usize, from: u64, to: u64) {
+    let result = if bar == 0 {
+        let size = nic.registers_bar.len();
+        super::platform::platform()
+            .device_range_allowed(to, size)
+            .and_then(|()| (nic.remap)(from, to))
+    } else {
+        // Another memory BAR (e.g. the flash window): no registers Ally guards there.
+        Err("only BAR0 moves are followed")
+    };
+    match result {
+        Ok(()) => {
+            nic.function.commit_move(bar, to);
+            if bar == 0 {
+                nic.registers_gpa.store(to, Ordering::Release);
+            }
+            log::info!(
+                "ALLY nic-bar-moved function={} bar={bar} from={from:#x} to={to:#x}",
+                nic.function.address
+            );
+        }
+        Err(why) => {
+            nic.function.refuse_move();
+            log::warn!(
+                "ALLY pci-bar-move-refused function={} bar={bar} from={from:#x} to={to:#x} reason=\"{why}\"",
+                nic.function.address
+            );
+        }
+    }
+}
+
+fn io_bar_access(nic: &NicTrap, offset: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
+    IO_BAR_ACCESSES.fetch_add(1, Ordering::Relaxed);
+    let ones = |size: u8| {
+        if size == 4 {
+            u32::MAX
+        } else {
+            (1 << (8 * size)) - 1
+        }
+    };
+    if size != 4 {
+        refused(&REFUSED_IO, "io", u64::from(offset), u64::from(size));
+        return is_in.then(|| ones(size));
+    }
+    match offset {
+        // IOADDR: which register IODATA reaches.
+        0 if is_in => Some(nic.io_address.load(Ordering::Relaxed)),
+        0 => {
+            nic.io_address.store(value, Ordering::Relaxed);
+            None
+        }
+        4 => {
+            let target = u64::from(nic.io_address.load(Ordering::Relaxed));
+            let Some(register) = nic.dword_offset(target) else {
+                refused(&REFUSED_IO, "iodata", target, 4);
+                return is_in.then_some(u32::MAX);
+            };
+            if is_in {
+                Some(nic.register_read(register))
+            } else {
+                nic.register_write(register, value);
+                None
+            }
+        }
+        // Reserved offsets (SDM 13.1.x): reads float, writes are ignored.
+        _ => is_in.then_some(u32::MAX),
+    }
+}
+
+/// An IN (returns the value) or OUT at the guest's port and width.
+///
+/// # Safety
+/// The port must be one the guest may access.
+pub unsafe fn forward(port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if is_in {
+            Some(match size {
+                1 => u32::from(instructions::inb(port)),
+                2 => u32::from(instructions::inw(port)),
+                _ => instructions::inl(port),
+            })
+        } else {
+            match size {
+                1 => instructions::outb(port, value as u8),
+                2 => instructions::outw(port, value as u16),
+                _ => instructions::outl(port, value),
+            }
+            None
+        }
+    }
+}
+
+/// Prints the guards' counters.
+pub fn report(nic: &NicTrap) {
+    let c = &nic.function.counters;
+    log::info!(
+        "ALLY nic-guard config-accesses={} bar-sizing-probes={} bar-moves={} bar-moves-refused={} command-writes={} io-bar-accesses={} refused-mmio={} refused-io={}",
+        CONFIG_ACCESSES.load(Ordering::Relaxed),
+        c.bar_sizing_probes.load(Ordering::Relaxed),
+        c.bar_moves.load(Ordering::Relaxed),
+        c.bar_moves_refused.load(Ordering::Relaxed),
+        c.command_writes.load(Ordering::Relaxed),
+        IO_BAR_ACCESSES.load(Ordering::Relaxed),
+        REFUSED_MMIO.load(Ordering::Relaxed),
+        REFUSED_IO.load(Ordering::Relaxed),
+    );
+}
