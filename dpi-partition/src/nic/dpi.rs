@@ -36,8 +36,8 @@
 //! interrupt delay timers are not emulated (interrupts are raised at once).
 
 use super::desc::{
-    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE, TX_CMD_OFFSET,
-    TX_STATUS_OFFSET,
+    rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
+    TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
 use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
