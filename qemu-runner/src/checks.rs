@@ -252,8 +252,9 @@ fn cpu_work(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
     Ok(format!("a pinned loop ran on CPU {}", seen.join(", ")))
 }
 
-/// With several OS cores, the guest took its last CPU offline and back online (an INIT-SIPI-SIPI
-/// to a vCPU that had run, emulated by Ally), and work pinned to it ran there afterwards.
+/// With several OS cores, the guest took every CPU but CPU 0 offline and back online (an
+/// INIT-SIPI-SIPI to each vCPU that had run, emulated by Ally), and work pinned to the last CPU
+/// ran there afterwards.
 fn cpu_hotplug(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
     let (total, dpi) = ally_cpus(ally)?;
     let n = total - dpi;
@@ -268,19 +269,19 @@ fn cpu_hotplug(guest: &GuestReport, ally: &AllyReport) -> Result<String, String>
     let (offline, online) = (field("offline_list"), field("online_list"));
     let ran_on = marker.number("ran_on").map_err(marker_err)?;
     if marker.number("cpu").map_err(marker_err)? != last
-        || offline != cpu_list(n - 1)
+        || offline != "0"
         || online != cpu_list(n)
         || ran_on != last
     {
         return Err(format!(
-            "expected CPU {last} offline ({}) then online ({}) and running work: {}",
-            cpu_list(n - 1),
+            "expected CPUs 1-{last} offline (online CPUs 0) then online ({}) and work on CPU \
+             {last}: {}",
             cpu_list(n),
             marker.line
         ));
     }
     Ok(format!(
-        "CPU {last} offline (online CPUs {offline}), online again ({online}), work ran on it"
+        "CPUs 1-{last} offline (online CPUs {offline}), online again ({online}), work ran on CPU {last}"
     ))
 }
 
@@ -755,7 +756,7 @@ ALLYTEST cpus INFO nproc=3 present=0-2 online=0-2 cpuinfo=3
 ALLYTEST cpu-work INFO cpu=0 ran_on=0
 ALLYTEST cpu-work INFO cpu=1 ran_on=1
 ALLYTEST cpu-work INFO cpu=2 ran_on=2
-ALLYTEST cpu-hotplug INFO cpu=2 offline_list=0-1 online_list=0-2 ran_on=2 errors=
+ALLYTEST cpu-hotplug INFO offline_list=0 online_list=0-2 cpu=2 ran_on=2 errors=
 ";
     const GOOD_ALLY_3: &str = "\
 ALLY cpus total=4 dpi=1 os=3
@@ -793,7 +794,10 @@ ALLY os-core index=2 apic=2 state=Running
                 "nproc=2 present=0-2 online=0-1 cpuinfo=2",
             )
             .replace("ALLYTEST cpu-work INFO cpu=2 ran_on=2\n", "")
-            .replace("online_list=0-2 ran_on=2", "online_list=0-1 ran_on=1");
+            .replace(
+                "online_list=0-2 cpu=2 ran_on=2",
+                "online_list=0-1 cpu=1 ran_on=1",
+            );
         let a = GOOD_ALLY_3
             .replace("sipi=2", "sipi=1")
             .replace("apic=2 state=Running", "apic=2 state=WaitForSipi");
