@@ -5,7 +5,8 @@
 
 use std::fmt;
 
-use crate::markers::{AllyReport, GuestReport, MarkerError};
+use crate::endpoints::NetReport;
+use crate::markers::{AllyLine, AllyReport, GuestMarker, GuestReport, MarkerError, Status};
 use crate::rules::RulesExpect;
 
 /// Guest RAM every run gives the machine, in MiB (Bochs `memory: guest=`, QEMU `-m`).
@@ -541,6 +542,474 @@ fn exits(ally: &AllyReport) -> Result<String, String> {
         .join(" "))
 }
 
+/// The rounds of e1000 reloads the guest script runs, each followed by a small download and
+/// upload.
+pub const RELOAD_ROUNDS: u64 = 2;
+
+/// The guest's transfers against what the host endpoints served and received (issue 4), with
+/// or without Ally: every download's SHA-256 and size equal the served file's, every upload
+/// was received whole by the host with the guest's SHA-256, and both e1000 reloads happened
+/// and their transfers passed.
+pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
+    vec![
+        Check::from_result("download", downloads(guest, net)),
+        Check::from_result("upload", uploads(guest, net)),
+        Check::from_result("nic-reload", reloads(guest, net)),
+    ]
+}
+
+/// `name=small round=1`-style label of a transfer marker.
+fn transfer_label(m: &GuestMarker) -> String {
+    let mut l = m.fields.get("name").unwrap_or(m.name.as_str()).to_string();
+    if let Some(r) = m.fields.get("round") {
+        l += &format!(" round {r}");
+    }
+    l
+}
+
+/// `16777216 B in 45.10 s (363 KiB/s)` from a transfer marker's bytes and seconds.
+fn throughput(m: &GuestMarker) -> String {
+    let bytes = m.number("bytes").unwrap_or(0);
+    match m.fields.get("seconds").and_then(|s| s.parse::<f64>().ok()) {
+        Some(s) if s > 0.0 => format!(
+            "{bytes} B in {s:.2} s ({:.0} KiB/s)",
+            bytes as f64 / 1024.0 / s
+        ),
+        Some(s) => format!("{bytes} B in {s:.2} s"),
+        None => format!("{bytes} B"),
+    }
+}
+
+/// The guest skipped its transfers (no endpoints on its command line).
+fn skipped(guest: &GuestReport) -> Option<&GuestMarker> {
+    guest
+        .find("net")
+        .filter(|m| m.fields.get("skipped").is_some())
+}
+
+/// One download marker against the served file: `Ok(summary)` or why it failed.
+fn judge_download(m: &GuestMarker, net: &NetReport) -> Result<String, String> {
+    let label = transfer_label(m);
+    if m.status != Some(Status::Info) {
+        return Err(format!("{label} failed in the guest: {}", m.line));
+    }
+    let name = m.fields.get("name").ok_or_else(|| {
+        marker_err(MarkerError::MissingField {
+            marker: m.name.clone(),
+            field: "name".into(),
+        })
+    })?;
+    let file = net
+        .file(name)
+        .ok_or_else(|| format!("{label}: the host serves no file `{name}`: {}", m.line))?;
+    let bytes = m.number("bytes").map_err(marker_err)?;
+    let sha = m.fields.get("sha256").unwrap_or("none");
+    if bytes != file.bytes || sha != file.sha256 {
+        return Err(format!(
+            "{label}: the guest got {bytes} B sha256={sha}, the host served {} B sha256={}",
+            file.bytes, file.sha256
+        ));
+    }
+    Ok(format!("{label}: {}", throughput(m)))
+}
+
+/// The download markers with `name` and `round` (`None`: no round field).
+fn transfers<'a>(
+    guest: &'a GuestReport,
+    marker: &'a str,
+    name: Option<&'a str>,
+    round: Option<u64>,
+) -> impl Iterator<Item = &'a GuestMarker> + 'a {
+    guest.all(marker).filter(move |m| {
+        name.is_none_or(|n| m.fields.get("name") == Some(n))
+            && m.fields.get("round").map(crate::markers::parse_number) == round.map(Some)
+    })
+}
+
+fn downloads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
+    if let Some(m) = skipped(guest) {
+        return Err(format!("the guest skipped its transfers: {}", m.line));
+    }
+    let mut seen = Vec::new();
+    for m in guest.all("download") {
+        seen.push(judge_download(m, net)?);
+    }
+    let mut expected = vec![("big", None)];
+    expected.extend((1..=RELOAD_ROUNDS).map(|r| ("small", Some(r))));
+    for (name, round) in expected {
+        if transfers(guest, "download", Some(name), round)
+            .next()
+            .is_none()
+        {
+            return Err(format!(
+                "no `ALLYTEST download` marker for name={name}{}",
+                round.map(|r| format!(" round={r}")).unwrap_or_default()
+            ));
+        }
+    }
+    Ok(seen.join("; "))
+}
+
+/// One upload marker against the host's records: `Ok(summary)` or why it failed. `used`
+/// marks host records already matched (each upload is received once).
+fn judge_upload(m: &GuestMarker, net: &NetReport, used: &mut [bool]) -> Result<String, String> {
+    let label = m
+        .fields
+        .get("round")
+        .map(|r| format!("upload round {r}"))
+        .unwrap_or_else(|| "upload".into());
+    if m.status != Some(Status::Info) {
+        return Err(format!("{label} failed in the guest: {}", m.line));
+    }
+    let bytes = m.number("bytes").map_err(marker_err)?;
+    let sha = m.fields.get("sha256").unwrap_or("none");
+    let expected = if m.fields.get("round").is_some() {
+        net.options.small_bytes
+    } else {
+        net.options.upload_bytes
+    };
+    if bytes != expected {
+        return Err(format!(
+            "{label}: the guest sent {bytes} B, it was told to send {expected} B"
+        ));
+    }
+    let echoed = (
+        m.fields
+            .get("host_bytes")
+            .and_then(crate::markers::parse_number),
+        m.fields.get("host_sha256"),
+    );
+    if echoed != (Some(bytes), Some(sha)) {
+        return Err(format!(
+            "{label}: the host's reply to the guest does not match what the guest sent: {}",
+            m.line
+        ));
+    }
+    let hit = net
+        .uploads
+        .iter()
+        .enumerate()
+        .find(|(i, u)| !used[*i] && u.complete && u.bytes == bytes && u.sha256 == sha);
+    match hit {
+        Some((i, _)) => {
+            used[i] = true;
+            Ok(format!("{label}: {}", throughput(m)))
+        }
+        None => Err(format!(
+            "{label}: the host recorded no complete upload of {bytes} B sha256={sha} (it recorded: {})",
+            describe_uploads(net)
+        )),
+    }
+}
+
+fn describe_uploads(net: &NetReport) -> String {
+    if net.uploads.is_empty() {
+        return "none".into();
+    }
+    net.uploads
+        .iter()
+        .map(|u| {
+            format!(
+                "{} B sha256={}{}",
+                u.bytes,
+                u.sha256,
+                u.error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn uploads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
+    if let Some(m) = skipped(guest) {
+        return Err(format!("the guest skipped its transfers: {}", m.line));
+    }
+    let mut used = vec![false; net.uploads.len()];
+    let mut seen = Vec::new();
+    for m in guest.all("upload") {
+        seen.push(judge_upload(m, net, &mut used)?);
+    }
+    let rounds = std::iter::once(None).chain((1..=RELOAD_ROUNDS).map(Some));
+    for round in rounds {
+        if transfers(guest, "upload", None, round).next().is_none() {
+            return Err(format!(
+                "no `ALLYTEST upload` marker{}",
+                round.map(|r| format!(" for round={r}")).unwrap_or_default()
+            ));
+        }
+    }
+    Ok(seen.join("; "))
+}
+
+fn reloads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
+    if let Some(m) = skipped(guest) {
+        return Err(format!("the guest skipped its e1000 reloads: {}", m.line));
+    }
+    let mut seen = Vec::new();
+    for round in 1..=RELOAD_ROUNDS {
+        let m = guest
+            .all("reload")
+            .find(|m| m.number("round").ok() == Some(round))
+            .ok_or_else(|| format!("no `ALLYTEST reload round={round}` marker"))?;
+        if m.status != Some(Status::Info) {
+            return Err(format!("reload round {round} failed: {}", m.line));
+        }
+        let download = transfers(guest, "download", Some("small"), Some(round))
+            .next()
+            .ok_or_else(|| format!("no small download after reload round {round}"))?;
+        judge_download(download, net)?;
+        let mut used = vec![false; net.uploads.len()];
+        let upload = transfers(guest, "upload", None, Some(round))
+            .next()
+            .ok_or_else(|| format!("no small upload after reload round {round}"))?;
+        judge_upload(upload, net, &mut used)?;
+        seen.push(format!(
+            "round {round}: carrier after {} ms, ping {}/3, small download and upload OK",
+            m.fields.get("waited_ms").unwrap_or("?"),
+            m.fields.get("ping_received").unwrap_or("?")
+        ));
+    }
+    Ok(seen.join("; "))
+}
+
+/// The PassAll engine drops nothing but frames that arrive while the guest's receiver is off
+/// (an e1000 module reload), counted under this reason.
+pub const ALLOWED_DROP_REASON: &str = "guest_rx_off";
+
+/// One direction's `ALLY nic-tx` / `ALLY nic-rx` counters (the last such line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NicCounters {
+    packets: u64,
+    bytes: u64,
+    dropped: u64,
+    doorbells: u64,
+    backpressure: u64,
+}
+
+fn nic_counters(ally: &AllyReport, key: &str) -> Result<NicCounters, String> {
+    let l = ally.all(key).last().ok_or_else(|| {
+        format!("no `ALLY {key} packets=.. bytes=.. dropped=.. doorbells=.. backpressure=..` line")
+    })?;
+    let n = |f: &str| l.number(f).map_err(marker_err);
+    Ok(NicCounters {
+        packets: n("packets")?,
+        bytes: n("bytes")?,
+        dropped: n("dropped")?,
+        doorbells: n("doorbells")?,
+        backpressure: n("backpressure")?,
+    })
+}
+
+/// Ally's frame counts against the wire's (slirp's packet log): every frame the NIC took
+/// off the wire went through Ally (delivered to the guest or dropped, and counted), and every
+/// frame the NIC put on the wire is one Ally posted (a TSO packet counted as its segments).
+pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Check {
+    let frames = |key: &str| -> Result<u64, String> {
+        let l = ally
+            .all(key)
+            .last()
+            .ok_or_else(|| format!("no `ALLY {key} ... wire-frames=N` line"))?;
+        l.number("wire-frames").map_err(marker_err)
+    };
+    Check::from_result(
+        "nic-wire-balance",
+        (|| {
+            let (rx, tx) = (frames("nic-rx")?, frames("nic-tx")?);
+            if rx != wire.to_guest_frames {
+                return Err(format!(
+                    "the wire delivered {} frames to the NIC, Ally accounts for {rx}",
+                    wire.to_guest_frames
+                ));
+            }
+            if tx != wire.to_host_frames {
+                return Err(format!(
+                    "the NIC sent {} frames to the wire, Ally posted {tx}",
+                    wire.to_host_frames
+                ));
+            }
+            Ok(format!(
+                "wire to guest {} frames ({} B) = Ally RX delivered + dropped; wire from guest {} frames ({} B) = Ally TX posted",
+                wire.to_guest_frames, wire.to_guest_bytes, wire.to_host_frames, wire.to_host_bytes
+            ))
+        })(),
+    )
+}
+
+/// `(reason, packets, ring-stops)` of every `ALLY nic-<dir>-drop` line.
+fn drop_reasons(ally: &AllyReport, key: &str) -> Result<Vec<(String, u64, u64)>, String> {
+    ally.all(key)
+        .map(|l: &AllyLine| {
+            let reason = l
+                .fields
+                .get("reason")
+                .ok_or_else(|| {
+                    marker_err(MarkerError::MissingField {
+                        marker: l.key.clone(),
+                        field: "reason".into(),
+                    })
+                })?
+                .to_string();
+            Ok((
+                reason,
+                l.number("packets").map_err(marker_err)?,
+                l.number("ring-stops").map_err(marker_err)?,
+            ))
+        })
+        .collect()
+}
+
+/// Ally's NIC counters for a run of the guest's network workload under a PassAll engine
+/// (issue 4). Not part of [`ally_checks`]: the caller adds them to a run that intercepts the
+/// NIC. From COM2 lines printed at the guest's power-off:
+/// `ALLY nic-tx|nic-rx packets=N bytes=N dropped=N doorbells=N backpressure=N`,
+/// `ALLY nic-tx-drop|nic-rx-drop reason=NAME packets=N ring-stops=N`,
+/// `ALLY nic-exits register=NAME reads=N writes=N`,
+/// `ALLY nic-exits total=N packets=N exits-per-packet=X.YY`.
+pub fn nic_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
+    vec![
+        Check::from_result("nic-traffic", nic_traffic(ally)),
+        Check::from_result("nic-bytes", nic_bytes(guest, ally)),
+        Check::from_result("nic-exits", nic_exits(ally)),
+    ]
+}
+
+fn nic_traffic(ally: &AllyReport) -> Result<String, String> {
+    let mut seen = Vec::new();
+    for dir in ["tx", "rx"] {
+        let key = format!("nic-{dir}");
+        let c = nic_counters(ally, &key)?;
+        if c.packets == 0 {
+            return Err(format!(
+                "Ally moved no {dir} packet: `ALLY {key} packets=0`"
+            ));
+        }
+        let reasons = drop_reasons(ally, &format!("nic-{dir}-drop"))?;
+        let bad: Vec<String> = reasons
+            .iter()
+            .filter(|(r, p, _)| r != ALLOWED_DROP_REASON && *p > 0)
+            .map(|(r, p, s)| format!("{r}: {p} packets, {s} ring stops"))
+            .collect();
+        if !bad.is_empty() {
+            return Err(format!(
+                "{dir} drops a PassAll engine must not make: {}",
+                bad.join(", ")
+            ));
+        }
+        let allowed: u64 = reasons
+            .iter()
+            .filter(|(r, _, _)| r == ALLOWED_DROP_REASON)
+            .map(|(_, p, _)| p)
+            .sum();
+        let stops: Vec<String> = reasons
+            .iter()
+            .filter(|(_, _, s)| *s > 0)
+            .map(|(r, _, s)| format!("{r}={s}"))
+            .collect();
+        if c.dropped > allowed {
+            return Err(format!(
+                "{dir} dropped={} but only {allowed} are counted under {ALLOWED_DROP_REASON}",
+                c.dropped
+            ));
+        }
+        seen.push(format!(
+            "{dir} {} packets {} B, {} doorbells, {} back-pressure, {} dropped ({ALLOWED_DROP_REASON}: {allowed}), ring stops: {}",
+            c.packets,
+            c.bytes,
+            c.doorbells,
+            c.backpressure,
+            c.dropped,
+            if stops.is_empty() { "none".to_string() } else { stops.join(" ") }
+        ));
+    }
+    Ok(seen.join("; "))
+}
+
+/// The bytes of the guest's `INFO` markers named `marker`.
+fn guest_bytes(guest: &GuestReport, marker: &str) -> Result<u64, String> {
+    guest
+        .all(marker)
+        .filter(|m| m.status == Some(Status::Info))
+        .map(|m| m.number("bytes").map_err(marker_err))
+        .sum()
+}
+
+fn nic_bytes(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let down = guest_bytes(guest, "download")?;
+    let up = guest_bytes(guest, "upload")?;
+    if down == 0 || up == 0 {
+        return Err(format!(
+            "the guest reports {down} B downloaded and {up} B uploaded: nothing to compare"
+        ));
+    }
+    let rx = nic_counters(ally, "nic-rx")?;
+    let tx = nic_counters(ally, "nic-tx")?;
+    if rx.bytes < down {
+        return Err(format!(
+            "Ally's RX moved {} B, less than the {down} B the guest downloaded",
+            rx.bytes
+        ));
+    }
+    if tx.bytes < up {
+        return Err(format!(
+            "Ally's TX moved {} B, less than the {up} B the guest uploaded",
+            tx.bytes
+        ));
+    }
+    Ok(format!(
+        "RX {} B >= {down} B downloaded; TX {} B >= {up} B uploaded",
+        rx.bytes, tx.bytes
+    ))
+}
+
+fn nic_exits(ally: &AllyReport) -> Result<String, String> {
+    let total = ally
+        .all("nic-exits")
+        .find(|l| l.fields.get("total").is_some())
+        .ok_or("no `ALLY nic-exits total=.. packets=.. exits-per-packet=..` line")?;
+    let exits = total.number("total").map_err(marker_err)?;
+    let packets = total.number("packets").map_err(marker_err)?;
+    let per = total
+        .fields
+        .get("exits-per-packet")
+        .ok_or("no exits-per-packet= on the `ALLY nic-exits total=..` line")?;
+    let per_value: f64 = per
+        .parse()
+        .map_err(|_| format!("exits-per-packet=`{per}` is not a number"))?;
+    if exits == 0 || packets == 0 {
+        return Err(format!("no NIC exits or no packets: {}", total.line));
+    }
+    let computed = exits as f64 / packets as f64;
+    // Ally prints the quotient cut (not rounded) to hundredths.
+    if per_value > computed + 1e-9 || computed - per_value >= 0.01 {
+        return Err(format!(
+            "exits-per-packet={per} but total/packets = {exits}/{packets} = {computed:.4}"
+        ));
+    }
+    let mut registers = Vec::new();
+    for l in ally
+        .all("nic-exits")
+        .filter(|l| l.fields.get("register").is_some())
+    {
+        registers.push(format!(
+            "{} r{}/w{}",
+            l.fields.get("register").unwrap_or("?"),
+            l.number("reads").map_err(marker_err)?,
+            l.number("writes").map_err(marker_err)?
+        ));
+    }
+    Ok(format!(
+        "{exits} NIC exits for {packets} packets = {per} per packet ({})",
+        if registers.is_empty() {
+            "no per-register lines".to_string()
+        } else {
+            registers.join(", ")
+        }
+    ))
+}
+
 /// Whether every check passed.
 pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.passed)
@@ -742,6 +1211,219 @@ ALLY poweroff
         }
     }
 
+    use crate::endpoints::{NetOptions, ServedFile, UploadRecord};
+
+    const SHA_BIG: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const SHA_SMALL: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    const SHA_UP: &str = "3333333333333333333333333333333333333333333333333333333333333333";
+    const SHA_UP1: &str = "4444444444444444444444444444444444444444444444444444444444444444";
+    const SHA_UP2: &str = "5555555555555555555555555555555555555555555555555555555555555555";
+
+    fn net_guest() -> String {
+        format!(
+            "\
+ALLYTEST net INFO http=40001 upload=40002 upload_bytes=16777216 small_bytes=1048576
+ALLYTEST download INFO name=big bytes=16777216 sha256={SHA_BIG} seconds=40.00 bytes_per_s=419430
+ALLYTEST upload INFO bytes=16777216 sha256={SHA_UP} host_bytes=16777216 host_sha256={SHA_UP} seconds=50.00 bytes_per_s=335544
+ALLYTEST reload INFO round=1 rmmod=0 insmod=0 carrier=1 waited_ms=1400 ping_received=3
+ALLYTEST download INFO name=small round=1 bytes=1048576 sha256={SHA_SMALL} seconds=3.00 bytes_per_s=349525
+ALLYTEST upload INFO round=1 bytes=1048576 sha256={SHA_UP1} host_bytes=1048576 host_sha256={SHA_UP1} seconds=4.00 bytes_per_s=262144
+ALLYTEST reload INFO round=2 rmmod=0 insmod=0 carrier=1 waited_ms=1200 ping_received=3
+ALLYTEST download INFO name=small round=2 bytes=1048576 sha256={SHA_SMALL} seconds=3.00 bytes_per_s=349525
+ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 host_sha256={SHA_UP2} seconds=4.00 bytes_per_s=262144
+"
+        )
+    }
+
+    fn upload_record(bytes: u64, sha256: &str) -> UploadRecord {
+        UploadRecord {
+            peer: "127.0.0.1:5000".into(),
+            bytes,
+            sha256: sha256.into(),
+            complete: true,
+            seconds: 1.0,
+            error: None,
+        }
+    }
+
+    fn net_host() -> NetReport {
+        NetReport {
+            options: NetOptions::default(),
+            http_port: 40001,
+            upload_port: 40002,
+            files: vec![
+                ServedFile {
+                    name: "big".into(),
+                    bytes: 16 << 20,
+                    sha256: SHA_BIG.into(),
+                },
+                ServedFile {
+                    name: "small".into(),
+                    bytes: 1 << 20,
+                    sha256: SHA_SMALL.into(),
+                },
+            ],
+            requests: Vec::new(),
+            uploads: vec![
+                upload_record(16 << 20, SHA_UP),
+                upload_record(1 << 20, SHA_UP1),
+                upload_record(1 << 20, SHA_UP2),
+            ],
+            errors: Vec::new(),
+        }
+    }
+
+    fn judge_net(guest: &str, host: &NetReport) -> Vec<Check> {
+        network_checks(&GuestReport::parse(guest), host)
+    }
+
+    #[test]
+    fn good_transfers_pass() {
+        let c = judge_net(&net_guest(), &net_host());
+        assert!(all_passed(&c), "{c:#?}");
+        assert_eq!(
+            c[0].detail,
+            "big: 16777216 B in 40.00 s (410 KiB/s); small round 1: 1048576 B in 3.00 s (341 KiB/s); small round 2: 1048576 B in 3.00 s (341 KiB/s)"
+        );
+        assert!(c[2]
+            .detail
+            .starts_with("round 1: carrier after 1400 ms, ping 3/3"));
+    }
+
+    #[test]
+    fn a_corrupt_download_fails() {
+        let g = net_guest().replacen(SHA_BIG, SHA_SMALL, 1);
+        let c = judge_net(&g, &net_host());
+        assert_eq!(failed(&c), ["download"]);
+        assert_eq!(
+            c[0].detail,
+            format!("big: the guest got 16777216 B sha256={SHA_SMALL}, the host served 16777216 B sha256={SHA_BIG}")
+        );
+        // A short small download after the second reload fails the reload check too.
+        let g = net_guest().replace(
+            &format!("round=2 bytes=1048576 sha256={SHA_SMALL}"),
+            &format!("round=2 bytes=1000 sha256={SHA_SMALL}"),
+        );
+        assert_eq!(
+            failed(&judge_net(&g, &net_host())),
+            ["download", "nic-reload"]
+        );
+        let g = net_guest().replace("download INFO name=big", "download FAIL name=big");
+        assert_eq!(failed(&judge_net(&g, &net_host())), ["download"]);
+    }
+
+    #[test]
+    fn an_upload_the_host_did_not_get_whole_fails() {
+        let mut h = net_host();
+        h.uploads[0] = UploadRecord {
+            bytes: 1000,
+            complete: false,
+            error: Some("cut after 1000 bytes: the run ended".into()),
+            ..upload_record(1000, SHA_BIG)
+        };
+        let c = judge_net(&net_guest(), &h);
+        assert_eq!(failed(&c), ["upload"]);
+        assert!(
+            c[1].detail
+                .contains("the host recorded no complete upload of 16777216 B"),
+            "{}",
+            c[1].detail
+        );
+        // Same bytes, other hash.
+        let mut h = net_host();
+        h.uploads[0].sha256 = SHA_BIG.into();
+        assert_eq!(failed(&judge_net(&net_guest(), &h)), ["upload"]);
+        // The guest sent less than it was told to.
+        let mut h = net_host();
+        h.options.upload_bytes = 32 << 20;
+        assert_eq!(failed(&judge_net(&net_guest(), &h)), ["upload"]);
+        // The echoed line disagrees with what the guest sent.
+        let g = net_guest().replacen(&format!("host_sha256={SHA_UP}"), "host_sha256=none", 1);
+        assert_eq!(failed(&judge_net(&g, &net_host())), ["upload"]);
+    }
+
+    #[test]
+    fn missing_rounds_and_skipped_workload_fail() {
+        let g: String = net_guest()
+            .lines()
+            .filter(|l| !l.contains("round=2"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            failed(&judge_net(&g, &net_host())),
+            ["download", "upload", "nic-reload"]
+        );
+        let g = net_guest().replace("reload INFO round=1", "reload FAIL round=1");
+        assert_eq!(failed(&judge_net(&g, &net_host())), ["nic-reload"]);
+        let c = judge_net(
+            "ALLYTEST net INFO skipped=no_endpoints_on_the_kernel_command_line\n",
+            &net_host(),
+        );
+        assert_eq!(failed(&c), ["download", "upload", "nic-reload"]);
+        assert!(c[0].detail.starts_with("the guest skipped its transfers"));
+    }
+
+    const GOOD_NIC: &str = "\
+[cpu1 INFO dpi] ALLY nic-tx packets=15000 bytes=19600000 dropped=0 doorbells=9000 backpressure=2 wire-frames=15000
+ALLY nic-rx packets=16000 bytes=19500000 dropped=3 doorbells=400 backpressure=0 wire-frames=16003
+ALLY nic-rx-drop reason=guest_rx_off packets=3 ring-stops=1
+ALLY nic-exits register=TDT reads=0 writes=9000
+ALLY nic-exits register=RDT reads=0 writes=400
+ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=0.30 queue-exits-per-packet=0.30
+";
+
+    fn judge_nic(ally: &str) -> Vec<Check> {
+        nic_checks(&GuestReport::parse(&net_guest()), &AllyReport::parse(ally))
+    }
+
+    #[test]
+    fn nic_counters_of_a_good_run_pass() {
+        let c = judge_nic(GOOD_NIC);
+        assert!(all_passed(&c), "{c:#?}");
+        assert!(c[0].detail.contains("rx 16000 packets 19500000 B, 400 doorbells, 0 back-pressure, 3 dropped (guest_rx_off: 3), ring stops: guest_rx_off=1"), "{}", c[0].detail);
+        assert_eq!(
+            c[2].detail,
+            "9400 NIC exits for 31000 packets = 0.30 per packet (TDT r0/w9000, RDT r0/w400)"
+        );
+    }
+
+    #[test]
+    fn nic_checks_fail_on_drops_short_counts_and_missing_lines() {
+        let a = GOOD_NIC.replace("reason=guest_rx_off", "reason=verdict");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-traffic"]);
+        // Drops not accounted for by a reason.
+        let a = GOOD_NIC.replace("dropped=0 doorbells=9000", "dropped=5 doorbells=9000");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-traffic"]);
+        let a = GOOD_NIC.replace("nic-tx packets=15000", "nic-tx packets=0");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-traffic"]);
+        // RX moved fewer bytes than the guest downloaded (16 MiB + 2 MiB).
+        let a = GOOD_NIC.replace("bytes=19500000", "bytes=18000000");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-bytes"]);
+        let a = GOOD_NIC.replace("exits-per-packet=0.30", "exits-per-packet=1.30");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-exits"]);
+        // 9400 / 31000 = 0.3032: 0.30 (cut) passes, 0.31 does not.
+        let a = GOOD_NIC.replace("exits-per-packet=0.30", "exits-per-packet=0.31");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-exits"]);
+        // A ring stop under another reason, without drops, is reported, not failed.
+        let a = GOOD_NIC.replace(
+            "ALLY nic-exits register=TDT",
+            "ALLY nic-tx-drop reason=overflow packets=0 ring-stops=2\nALLY nic-exits register=TDT",
+        );
+        let c = judge_nic(&a);
+        assert!(all_passed(&c), "{c:#?}");
+        assert!(
+            c[0].detail.contains("ring stops: overflow=2"),
+            "{}",
+            c[0].detail
+        );
+        let c = judge_nic("ALLY poweroff\n");
+        assert_eq!(failed(&c), ["nic-traffic", "nic-bytes", "nic-exits"]);
+        assert_eq!(
+            c[0].detail,
+            "no `ALLY nic-tx packets=.. bytes=.. dropped=.. doorbells=.. backpressure=..` line"
+        );
+    }
+
     #[test]
     fn ping_fail_and_missing_done() {
         let g = GOOD_GUEST
@@ -817,5 +1499,23 @@ ALLY os-core index=2 apic=2 state=Running
         // Too few SIPIs emulated although every core claims to run.
         let a = GOOD_ALLY_3.replace("sipi=2", "sipi=1");
         assert!(os_cores_started(&AllyReport::parse(&a)).is_err());
+    }
+
+    #[test]
+    fn wire_balance_needs_equal_frame_counts() {
+        let ally = AllyReport::parse(
+            "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
+             [cpu0 INFO  ally::nic] ALLY nic-rx packets=3 bytes=400 dropped=1 doorbells=2 backpressure=0 wire-frames=4\n",
+        );
+        let wire = |to_host_frames, to_guest_frames| crate::wire::WireCounts {
+            to_host_frames,
+            to_host_bytes: 1000,
+            to_guest_frames,
+            to_guest_bytes: 500,
+        };
+        assert!(nic_wire_balance(&ally, &wire(7, 4)).passed);
+        assert!(!nic_wire_balance(&ally, &wire(7, 5)).passed);
+        assert!(!nic_wire_balance(&ally, &wire(6, 4)).passed);
+        assert!(!nic_wire_balance(&AllyReport::parse(""), &wire(7, 4)).passed);
     }
 }

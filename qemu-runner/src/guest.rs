@@ -465,6 +465,27 @@ fn build_into(src: &GuestSources, dir: &Path, cmdline: &str) -> Result<(), Guest
     Ok(())
 }
 
+/// Replaces the kernel command line of a run's own copy of the disk (its syslinux.cfg), for
+/// what differs between runs (the host endpoints' ports): the cached image, and so its cache
+/// key, keeps the base command line.
+pub fn set_disk_cmdline(disk: &Path, cmdline: &str) -> Result<(), GuestError> {
+    let dir = disk.parent().unwrap_or(Path::new("."));
+    let cfg = dir.join("syslinux.cfg");
+    fs::write(&cfg, syslinux_cfg(cmdline)).map_err(io_err(&cfg))?;
+    let target = format!("{}@@{PARTITION_OFFSET}", disk.display());
+    let r = tool::run(
+        Command::new("mcopy")
+            .args(["-o", "-i"])
+            .arg(&target)
+            .arg(&cfg)
+            .arg("::syslinux.cfg"),
+        None,
+    );
+    let _ = fs::remove_file(&cfg);
+    r?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,6 +627,25 @@ mod tests {
         let again = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
         assert!(!again.built);
         assert_eq!(again.disk, img.disk);
+        // A run's copy gets its own command line; the cached image keeps the base one.
+        let copy = dir.join("run").join("disk.img");
+        fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        fs::copy(&img.disk, &copy).unwrap();
+        set_disk_cmdline(&copy, "console=ttyS0 ally.http=1234").unwrap();
+        let cfg_of = |disk: &Path| {
+            let out = tool::run(
+                Command::new("mtype")
+                    .arg("-i")
+                    .arg(format!("{}@@{PARTITION_OFFSET}", disk.display()))
+                    .arg("::syslinux.cfg"),
+                None,
+            )
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(cfg_of(&copy), syslinux_cfg("console=ttyS0 ally.http=1234"));
+        assert_eq!(cfg_of(&img.disk), syslinux_cfg(KERNEL_CMDLINE));
+        assert!(!copy.parent().unwrap().join("syslinux.cfg").exists());
         fs::write(&src.init, b"#!/bin/busybox sh\necho changed\n").unwrap();
         let changed = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
         assert!(changed.built);

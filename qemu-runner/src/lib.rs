@@ -14,6 +14,7 @@ pub mod bochs;
 pub mod checks;
 pub mod cpio;
 pub mod emulator;
+pub mod endpoints;
 pub mod guest;
 pub mod iso;
 pub mod markers;

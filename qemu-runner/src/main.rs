@@ -4,6 +4,7 @@
 //! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
 //!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
+//!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE]
 //! ```
 //! Exit status: 0 when every check passed, 1 when the run failed a check, 2 when it could not
 //! run (bad option, missing tool or input).
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ally_runner::endpoints::NetOptions;
 use ally_runner::{run, EmulatorChoice, Mode, RulesInput, RunOptions};
 use clap::{Args, Parser, Subcommand};
 
@@ -76,6 +78,34 @@ struct Common {
     /// Replace the guest kernel's command line.
     #[arg(long)]
     kernel_cmdline: Option<String>,
+    /// Run without the host's HTTP server and upload listener: the guest skips its transfers
+    /// and e1000 reloads (a quicker boot).
+    #[arg(long)]
+    no_net: bool,
+    /// Size of big.bin, downloaded once: bytes, or with a K/M suffix (KiB, MiB).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    net_big: u64,
+    /// Size of the big upload.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    net_upload: u64,
+    /// Size of small.bin and of the small upload, repeated after each e1000 reload.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    net_small: u64,
+}
+
+/// `123`, `512K` or `16M` (binary units) as bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{s}` is not a positive size (bytes, or a number with K or M)"))
 }
 
 fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
@@ -87,6 +117,12 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
     if let Some(k) = c.kernel_cmdline {
         o.kernel_cmdline = k;
     }
+    o.net = (!c.no_net).then(|| NetOptions {
+        big_bytes: c.net_big,
+        small_bytes: c.net_small,
+        upload_bytes: c.net_upload,
+        ..NetOptions::default()
+    });
     o
 }
 
@@ -126,5 +162,24 @@ fn main() -> ExitCode {
             eprintln!("ally-run: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(
+            parse_size("0"),
+            Err("`0` is not a positive size (bytes, or a number with K or M)".into())
+        );
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("2G").is_err());
+        assert!(parse_size("99999999999999999M").is_err());
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::checks::{self, Check, GUEST_RAM_MIB};
 use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFiles, Running};
+use crate::endpoints::{EndpointError, Endpoints, NetOptions, NetReport};
 use crate::guest::{self, GuestError, GuestSources};
 use crate::iso::{self, BootTarget, IsoError};
 use crate::markers::{self, AllyReport, GuestReport};
@@ -64,6 +65,9 @@ pub struct RunOptions {
     /// or `<workspace>/target`). Tests must use their own (cargo locks its target directory
     /// while tests run).
     pub ally_target_dir: Option<PathBuf>,
+    /// The guest's network workload (issue 4): the sizes the host endpoints serve and expect,
+    /// or `None` to run without them (the guest then skips its transfers and e1000 reloads).
+    pub net: Option<NetOptions>,
 }
 
 /// The workspace this crate belongs to.
@@ -99,6 +103,7 @@ impl RunOptions {
             ally_image: None,
             ally_target_dir: None,
             kernel_cmdline: guest::KERNEL_CMDLINE.to_string(),
+            net: Some(NetOptions::default()),
         }
     }
 }
@@ -113,6 +118,7 @@ pub enum RunError {
     Guest(GuestError),
     Iso(IsoError),
     Emulator(EmulatorError),
+    Endpoints(EndpointError),
     Rules(RulesError),
     Io {
         path: PathBuf,
@@ -127,6 +133,7 @@ impl fmt::Display for RunError {
             RunError::Guest(e) => e.fmt(f),
             RunError::Iso(e) => e.fmt(f),
             RunError::Emulator(e) => e.fmt(f),
+            RunError::Endpoints(e) => write!(f, "host network endpoints: {e}"),
             RunError::Rules(e) => write!(f, "rules: {e}"),
             RunError::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
@@ -221,6 +228,8 @@ pub struct RunResult {
     pub logs: LogPaths,
     /// The `>>PANIC<<` lines of bochs.log (why Bochs stopped, when it did).
     pub emulator_panics: Vec<String>,
+    /// What the host's HTTP server and upload listener saw (`None`: run without them).
+    pub net: Option<NetReport>,
     /// The judgement: the outcome plus the mode's checks.
     pub checks: Vec<Check>,
     /// The last lines of the guest console and of Ally's log, shown when a run fails.
@@ -280,6 +289,9 @@ impl fmt::Display for RunResult {
             for l in &self.ally.lines {
                 writeln!(f, "  {}", l.line)?;
             }
+        }
+        if let Some(n) = &self.net {
+            write!(f, "{n}")?;
         }
         if !self.passed() {
             writeln!(f, "last lines of the guest console (COM1):")?;
@@ -557,6 +569,28 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         lock: _lock,
     } = prepare(opts)?;
     let emulator = opts.emulator.resolve()?;
+    // The host endpoints listen before the emulator starts; their ports reach the guest on
+    // the kernel command line of this run's disk copy.
+    let endpoints = match opts.net {
+        Some(n) => {
+            let e = Endpoints::start(n).map_err(RunError::Endpoints)?;
+            guest::set_disk_cmdline(
+                &files.disk,
+                &format!("{} {}", opts.kernel_cmdline, e.guest_cmdline()),
+            )?;
+            if opts.progress.is_some() {
+                progress(
+                    &opts.name,
+                    &format!(
+                        "host endpoints: HTTP 127.0.0.1:{} (big.bin {} B, small.bin {} B), upload 127.0.0.1:{} ({} B)",
+                        e.http_port, n.big_bytes, n.small_bytes, e.upload_port, n.upload_bytes
+                    ),
+                );
+            }
+            Some(e)
+        }
+        None => None,
+    };
     if opts.progress.is_some() {
         progress(
             &opts.name,
@@ -580,6 +614,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     running.stop();
     let wall = start.elapsed();
     drop(running);
+    let net = endpoints.map(Endpoints::stop);
 
     let com1 = read_lossy(&files.com1);
     let com2 = read_lossy(&files.com2);
@@ -600,6 +635,20 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         Mode::Ally => checks::ally_checks(&guest, &ally, &rules),
         Mode::Baseline => checks::guest_checks(&guest),
     });
+    if let Some(n) = &net {
+        all_checks.extend(checks::network_checks(&guest, n));
+        if opts.mode == Mode::Ally {
+            all_checks.extend(checks::nic_checks(&guest, &ally));
+            all_checks.push(match crate::wire::WireCounts::from_log(&files.pktlog) {
+                Ok(wire) => checks::nic_wire_balance(&ally, &wire),
+                Err(e) => Check {
+                    name: "nic-wire-balance",
+                    passed: false,
+                    detail: format!("cannot read {}: {e}", files.pktlog.display()),
+                },
+            });
+        }
+    }
     if !opts.keep {
         let _ = fs::remove_file(&files.disk);
         let _ = fs::remove_file(&files.iso);
@@ -621,6 +670,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             emulator_stdout: files.emulator_stdout.clone(),
         },
         emulator_panics,
+        net,
         checks: all_checks,
         com1_tail: tail(&com1, TAIL_LINES),
         com2_tail: tail(&com2, TAIL_LINES),

@@ -1,0 +1,753 @@
+//! The host side of the guest's network workload: a minimal HTTP/1.0 server that serves
+//! deterministic pseudo-random files, and an upload listener that hashes what the guest sends.
+//!
+//! Both listen on 127.0.0.1 at ports the OS picks (bind port 0); the emulator's user-mode
+//! network (Bochs' and QEMU's slirp) connects the guest's 10.0.2.2:PORT to the host's
+//! 127.0.0.1:PORT. The run starts them before the emulator and stops them after it; what they
+//! saw ([`NetReport`]) is judged by `checks::network_checks`.
+//!
+//! Upload protocol: the guest connects (busybox `nc 10.0.2.2 PORT < file`), sends its bytes and
+//! half-closes (busybox 1.35's `nc` shuts down its sending side at the end of its input and then
+//! prints what the peer sends until the peer closes); the listener answers one line
+//! `ALLYUPLOAD bytes=N sha256=HEX` and closes, so the guest can print the host's view.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The sizes of the workload. The defaults are issue 4's: 16 MiB each way, 1 MiB after each
+/// module reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetOptions {
+    /// `big.bin`, downloaded once.
+    pub big_bytes: u64,
+    /// `small.bin`, downloaded after each e1000 reload; also the size of the small uploads.
+    pub small_bytes: u64,
+    /// The big upload.
+    pub upload_bytes: u64,
+    /// Seeds the served files' contents.
+    pub seed: u64,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            big_bytes: 16 << 20,
+            small_bytes: 1 << 20,
+            upload_bytes: 16 << 20,
+            seed: 0xa11e_5eed,
+        }
+    }
+}
+
+/// Largest file or upload the runner accepts (the guest keeps each in its RAM-backed rootfs).
+pub const MAX_TRANSFER_BYTES: u64 = 256 << 20;
+
+/// How long a connection may sit idle (no byte moved either way) before the host gives up on
+/// it. Generous: under an emulator the guest may pause for a long while.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The longest HTTP request head the server reads.
+const MAX_REQUEST_HEAD: usize = 8192;
+
+/// A file the HTTP server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedFile {
+    /// The guest's name for it (`big`, `small`); the path is `/<name>.bin`.
+    pub name: String,
+    pub bytes: u64,
+    /// Lower-case hex SHA-256, computed on the host.
+    pub sha256: String,
+}
+
+/// One HTTP request as the server saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRecord {
+    pub peer: String,
+    /// The request path, or what was wrong with the request.
+    pub path: String,
+    pub status: u16,
+    /// Body bytes written to the socket.
+    pub sent: u64,
+    /// Whether the whole body was written.
+    pub complete: bool,
+    pub seconds: f64,
+    /// Why the response was cut short, if it was.
+    pub error: Option<String>,
+}
+
+/// One upload as the listener saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadRecord {
+    pub peer: String,
+    pub bytes: u64,
+    /// Lower-case hex SHA-256 of every byte received.
+    pub sha256: String,
+    /// Whether the guest closed its sending side (a complete upload); false after an error or
+    /// an idle timeout.
+    pub complete: bool,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+/// What the endpoints saw during a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetReport {
+    /// The sizes the endpoints served and the guest was told to upload.
+    pub options: NetOptions,
+    pub http_port: u16,
+    pub upload_port: u16,
+    pub files: Vec<ServedFile>,
+    pub requests: Vec<HttpRecord>,
+    pub uploads: Vec<UploadRecord>,
+    /// Listener-level errors (accept failures).
+    pub errors: Vec<String>,
+}
+
+impl NetReport {
+    pub fn file(&self, name: &str) -> Option<&ServedFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+}
+
+impl fmt::Display for NetReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "host endpoints: http 127.0.0.1:{} upload 127.0.0.1:{}",
+            self.http_port, self.upload_port
+        )?;
+        for s in &self.files {
+            writeln!(
+                f,
+                "  file /{}.bin bytes={} sha256={}",
+                s.name, s.bytes, s.sha256
+            )?;
+        }
+        for r in &self.requests {
+            writeln!(
+                f,
+                "  http {} {} status={} sent={} complete={} seconds={:.1} rate={}{}",
+                r.peer,
+                r.path,
+                r.status,
+                r.sent,
+                r.complete,
+                r.seconds,
+                rate(r.sent, r.seconds),
+                r.error
+                    .as_ref()
+                    .map(|e| format!(" error={e}"))
+                    .unwrap_or_default()
+            )?;
+        }
+        for u in &self.uploads {
+            writeln!(
+                f,
+                "  upload {} bytes={} sha256={} complete={} seconds={:.1} rate={}{}",
+                u.peer,
+                u.bytes,
+                u.sha256,
+                u.complete,
+                u.seconds,
+                rate(u.bytes, u.seconds),
+                u.error
+                    .as_ref()
+                    .map(|e| format!(" error={e}"))
+                    .unwrap_or_default()
+            )?;
+        }
+        for e in &self.errors {
+            writeln!(f, "  error {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `N KiB/s` (host wall time).
+fn rate(bytes: u64, seconds: f64) -> String {
+    if seconds > 0.0 {
+        format!("{:.0}KiB/s", bytes as f64 / 1024.0 / seconds)
+    } else {
+        "-".into()
+    }
+}
+
+/// The deterministic contents of a served file: a SplitMix64 stream seeded by `seed` and the
+/// file's name, so `big` and `small` differ and every run serves the same bytes.
+pub fn file_contents(seed: u64, name: &str, bytes: u64) -> Vec<u8> {
+    let mut state = name.bytes().fold(seed ^ 0x9e37_79b9_7f4a_7c15, |s, b| {
+        s.rotate_left(8) ^ u64::from(b)
+    });
+    let mut out = Vec::with_capacity(bytes as usize);
+    while (out.len() as u64) < bytes {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let take = (bytes - out.len() as u64).min(8) as usize;
+        out.extend_from_slice(&z.to_le_bytes()[..take]);
+    }
+    out
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An error starting the endpoints.
+#[derive(Debug)]
+pub enum EndpointError {
+    BadSize {
+        what: &'static str,
+        bytes: u64,
+    },
+    Bind {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointError::BadSize { what, bytes } => write!(
+                f,
+                "{what} of {bytes} bytes is out of range 1..={MAX_TRANSFER_BYTES}"
+            ),
+            EndpointError::Bind { what, source } => {
+                write!(f, "cannot listen on 127.0.0.1 for the {what}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EndpointError {}
+
+#[derive(Debug, Default)]
+struct Shared {
+    requests: Vec<HttpRecord>,
+    uploads: Vec<UploadRecord>,
+    errors: Vec<String>,
+    /// Open connections, shut down when the endpoints stop.
+    open: BTreeMap<u64, TcpStream>,
+    next_id: u64,
+}
+
+type State = Arc<Mutex<Shared>>;
+
+/// What a connection thread gets besides its stream.
+struct Conn {
+    state: State,
+    stop: Arc<AtomicBool>,
+    id: u64,
+}
+
+impl Conn {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn finish(&self, f: impl FnOnce(&mut Shared)) {
+        let mut s = lock(&self.state);
+        s.open.remove(&self.id);
+        f(&mut s);
+    }
+}
+
+fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
+    // A panicking connection thread must not take the report down with it.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The running endpoints.
+#[derive(Debug)]
+pub struct Endpoints {
+    pub http_port: u16,
+    pub upload_port: u16,
+    pub options: NetOptions,
+    files: Vec<ServedFile>,
+    state: State,
+    stop: Arc<AtomicBool>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+impl Endpoints {
+    /// Generates the files, hashes them and starts both listeners.
+    pub fn start(options: NetOptions) -> Result<Endpoints, EndpointError> {
+        for (what, bytes) in [
+            ("big.bin", options.big_bytes),
+            ("small.bin", options.small_bytes),
+            ("upload", options.upload_bytes),
+        ] {
+            if bytes == 0 || bytes > MAX_TRANSFER_BYTES {
+                return Err(EndpointError::BadSize { what, bytes });
+            }
+        }
+        let mut served = BTreeMap::new();
+        let mut files = Vec::new();
+        for (name, bytes) in [("big", options.big_bytes), ("small", options.small_bytes)] {
+            let data = file_contents(options.seed, name, bytes);
+            files.push(ServedFile {
+                name: name.to_string(),
+                bytes,
+                sha256: sha256_hex(&data),
+            });
+            served.insert(format!("/{name}.bin"), Arc::new(data));
+        }
+        let bind = |what| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| EndpointError::Bind { what, source })
+        };
+        let http = bind("HTTP server")?;
+        let upload = bind("upload listener")?;
+        let port = |l: &TcpListener, what| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|source| EndpointError::Bind { what, source })
+        };
+        let http_port = port(&http, "HTTP server")?;
+        let upload_port = port(&upload, "upload listener")?;
+        let state = State::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(served);
+        let acceptors = vec![
+            spawn_acceptor(http, state.clone(), stop.clone(), move |s, c| {
+                serve_http(s, &served, c)
+            }),
+            spawn_acceptor(upload, state.clone(), stop.clone(), receive_upload),
+        ];
+        Ok(Endpoints {
+            http_port,
+            upload_port,
+            options,
+            files,
+            state,
+            stop,
+            acceptors,
+        })
+    }
+
+    /// What the guest needs to know, as kernel command-line words (read by `guest/init` from
+    /// /proc/cmdline; the dotted names are ignored by the kernel and not passed to init).
+    pub fn guest_cmdline(&self) -> String {
+        format!(
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={}",
+            self.http_port, self.upload_port, self.options.upload_bytes, self.options.small_bytes
+        )
+    }
+
+    /// A snapshot of what was seen so far.
+    pub fn report(&self) -> NetReport {
+        let s = lock(&self.state);
+        NetReport {
+            options: self.options,
+            http_port: self.http_port,
+            upload_port: self.upload_port,
+            files: self.files.clone(),
+            requests: s.requests.clone(),
+            uploads: s.uploads.clone(),
+            errors: s.errors.clone(),
+        }
+    }
+
+    /// Stops accepting, cuts open connections (their threads then record what they had) and
+    /// returns the report.
+    pub fn stop(mut self) -> NetReport {
+        self.shutdown();
+        self.report()
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for a in self.acceptors.drain(..) {
+            let _ = a.join();
+        }
+        let open: Vec<TcpStream> = std::mem::take(&mut lock(&self.state).open)
+            .into_values()
+            .collect();
+        for s in &open {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        // Let the connection threads record their (cut) transfers.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && self.unfinished() > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Connections accepted whose threads have not recorded them yet.
+    fn unfinished(&self) -> u64 {
+        let s = lock(&self.state);
+        s.next_id - (s.requests.len() + s.uploads.len()) as u64
+    }
+}
+
+impl Drop for Endpoints {
+    fn drop(&mut self) {
+        if !self.acceptors.is_empty() {
+            self.shutdown();
+        }
+    }
+}
+
+/// Accepts until `stop`; each connection gets a thread running `handle`.
+fn spawn_acceptor<F>(
+    listener: TcpListener,
+    state: State,
+    stop: Arc<AtomicBool>,
+    handle: F,
+) -> JoinHandle<()>
+where
+    F: Fn(TcpStream, &Conn) + Send + Sync + 'static,
+{
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+                    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+                    let id = {
+                        let mut s = lock(&state);
+                        let id = s.next_id;
+                        s.next_id += 1;
+                        if let Ok(c) = stream.try_clone() {
+                            s.open.insert(id, c);
+                        }
+                        id
+                    };
+                    let conn = Conn {
+                        state: state.clone(),
+                        stop: stop.clone(),
+                        id,
+                    };
+                    let handle = handle.clone();
+                    std::thread::spawn(move || handle(stream, &conn));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    lock(&state).errors.push(format!("accept: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+}
+
+fn peer(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map(|a: SocketAddr| a.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The path of a `GET` request line, or why it is refused.
+pub fn parse_request_line(line: &str) -> Result<&str, String> {
+    let mut w = line.split_whitespace();
+    match (w.next(), w.next(), w.next(), w.next()) {
+        (Some("GET"), Some(path), Some(v), None) if v.starts_with("HTTP/1.") => Ok(path),
+        _ => Err(format!("bad request line `{}`", line.trim_end())),
+    }
+}
+
+/// Reads the request head (up to the empty line).
+fn read_head(stream: &TcpStream) -> Result<String, String> {
+    let mut r = BufReader::new(stream.take(MAX_REQUEST_HEAD as u64));
+    let mut first = String::new();
+    r.read_line(&mut first)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => return Err("the request head ended without an empty line".into()),
+            Ok(_) if l.trim_end().is_empty() => return Ok(first),
+            Ok(_) => {}
+            Err(e) => return Err(format!("reading the request: {e}")),
+        }
+    }
+}
+
+fn serve_http(mut stream: TcpStream, files: &BTreeMap<String, Arc<Vec<u8>>>, conn: &Conn) {
+    let start = Instant::now();
+    let mut rec = HttpRecord {
+        peer: peer(&stream),
+        path: String::new(),
+        status: 400,
+        sent: 0,
+        complete: false,
+        seconds: 0.0,
+        error: None,
+    };
+    let head = read_head(&stream);
+    let path = head
+        .as_deref()
+        .map_err(Clone::clone)
+        .and_then(|h| parse_request_line(h).map(str::to_string));
+    let body = match &path {
+        Ok(p) => {
+            rec.path = p.clone();
+            files.get(p)
+        }
+        Err(e) => {
+            rec.path = "-".into();
+            rec.error = Some(e.clone());
+            None
+        }
+    };
+    let result = match body {
+        Some(data) => {
+            rec.status = 200;
+            let header = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                data.len()
+            );
+            stream.write_all(header.as_bytes()).and_then(|()| {
+                for chunk in data.chunks(64 << 10) {
+                    stream.write_all(chunk)?;
+                    rec.sent += chunk.len() as u64;
+                }
+                stream.flush()
+            })
+        }
+        None => {
+            if path.is_ok() {
+                rec.status = 404;
+            }
+            let msg = if rec.status == 404 {
+                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            } else {
+                "HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            stream.write_all(msg.as_bytes())
+        }
+    };
+    match result {
+        Ok(()) => rec.complete = rec.status == 200,
+        Err(e) => {
+            rec.error = Some(format!("after {} body bytes: {e}", rec.sent));
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    // Let the guest read the end before the socket goes (a reset could discard the tail).
+    let mut sink = [0u8; 512];
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    rec.seconds = start.elapsed().as_secs_f64();
+    conn.finish(|s| s.requests.push(rec));
+}
+
+fn receive_upload(mut stream: TcpStream, conn: &Conn) {
+    let start = Instant::now();
+    let mut h = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    let error = loop {
+        match stream.read(&mut buf) {
+            // The endpoints cut every open connection when they stop (after the emulator):
+            // that end of input is not the guest's.
+            Ok(0) if conn.stopping() => {
+                break Some(format!("cut after {bytes} bytes: the run ended"))
+            }
+            Ok(0) => break None,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break Some(format!(
+                    "no data for {} s after {bytes} bytes",
+                    IDLE_TIMEOUT.as_secs()
+                ))
+            }
+            Err(e) => break Some(format!("after {bytes} bytes: {e}")),
+        }
+    };
+    let sha256 = hex(&h.finalize());
+    if error.is_none() {
+        let _ = stream
+            .write_all(format!("ALLYUPLOAD bytes={bytes} sha256={sha256}\n").as_bytes())
+            .and_then(|()| stream.flush());
+    }
+    let peer = peer(&stream);
+    let _ = stream.shutdown(Shutdown::Both);
+    conn.finish(|s| {
+        s.uploads.push(UploadRecord {
+            peer,
+            bytes,
+            sha256,
+            complete: error.is_none(),
+            seconds: start.elapsed().as_secs_f64(),
+            error,
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_options() -> NetOptions {
+        NetOptions {
+            big_bytes: 300_001,
+            small_bytes: 4097,
+            upload_bytes: 1000,
+            seed: 7,
+        }
+    }
+
+    fn get(port: u16, path: &str) -> Vec<u8> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 10.0.2.2\r\nUser-Agent: Wget\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    fn split_response(r: &[u8]) -> (String, &[u8]) {
+        let at = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        (String::from_utf8_lossy(&r[..at]).into_owned(), &r[at + 4..])
+    }
+
+    #[test]
+    fn contents_are_deterministic_and_distinct() {
+        let a = file_contents(1, "big", 1001);
+        assert_eq!(a.len(), 1001);
+        assert_eq!(a, file_contents(1, "big", 1001));
+        assert_ne!(a[..64], file_contents(1, "small", 64)[..]);
+        assert_ne!(a[..64], file_contents(2, "big", 64)[..]);
+        // A prefix of a longer file is the shorter file.
+        assert_eq!(a[..100], file_contents(1, "big", 100)[..]);
+        // Not a constant stream.
+        assert!(a.iter().filter(|&&b| b == a[0]).count() < 100);
+    }
+
+    #[test]
+    fn sha256_matches_the_known_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            parse_request_line("GET /big.bin HTTP/1.1\r\n"),
+            Ok("/big.bin")
+        );
+        assert_eq!(parse_request_line("GET /x HTTP/1.0"), Ok("/x"));
+        assert_eq!(
+            parse_request_line("POST /x HTTP/1.1\r\n"),
+            Err("bad request line `POST /x HTTP/1.1`".to_string())
+        );
+        assert!(parse_request_line("GET /x").is_err());
+    }
+
+    #[test]
+    fn serves_files_and_records_requests() {
+        let o = small_options();
+        let e = Endpoints::start(o).unwrap();
+        let (head, body) = {
+            let r = get(e.http_port, "/big.bin");
+            let (h, b) = split_response(&r);
+            (h, b.to_vec())
+        };
+        assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+        assert!(head.contains("Content-Length: 300001"), "{head}");
+        assert_eq!(body, file_contents(7, "big", 300_001));
+        let r = get(e.http_port, "/nope.bin");
+        assert!(split_response(&r).0.starts_with("HTTP/1.0 404 "));
+        let mut s = TcpStream::connect(("127.0.0.1", e.http_port)).unwrap();
+        s.write_all(b"BREW /pot HTCPCP/1.0\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(split_response(&out).0.starts_with("HTTP/1.0 400 "));
+        let cmdline = e.guest_cmdline();
+        let rep = e.stop();
+        assert_eq!(
+            cmdline,
+            format!(
+                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097",
+                rep.http_port, rep.upload_port
+            )
+        );
+        let big = rep.file("big").unwrap();
+        assert_eq!(big.bytes, 300_001);
+        assert_eq!(big.sha256, sha256_hex(&file_contents(7, "big", 300_001)));
+        assert_eq!(rep.file("small").unwrap().bytes, 4097);
+        assert_eq!(rep.requests.len(), 3, "{rep}");
+        let ok = rep.requests.iter().find(|r| r.path == "/big.bin").unwrap();
+        assert_eq!((ok.status, ok.sent, ok.complete), (200, 300_001, true));
+        assert!(rep.requests.iter().any(|r| r.status == 404 && !r.complete));
+        assert!(rep
+            .requests
+            .iter()
+            .any(|r| r.status == 400 && r.error.as_deref().is_some_and(|e| e.contains("BREW"))));
+    }
+
+    #[test]
+    fn upload_is_hashed_and_echoed() {
+        let e = Endpoints::start(small_options()).unwrap();
+        let data = file_contents(9, "up", 200_000);
+        let mut s = TcpStream::connect(("127.0.0.1", e.upload_port)).unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert_eq!(
+            reply,
+            format!("ALLYUPLOAD bytes=200000 sha256={}\n", sha256_hex(&data))
+        );
+        // An upload still open when the endpoints stop is recorded as incomplete.
+        let mut open = TcpStream::connect(("127.0.0.1", e.upload_port)).unwrap();
+        open.write_all(b"partial").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lock(&e.state).next_id < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let rep = e.stop();
+        assert_eq!(rep.uploads.len(), 2, "{rep}");
+        let done = rep.uploads.iter().find(|u| u.complete).unwrap();
+        assert_eq!(done.bytes, 200_000);
+        assert_eq!(done.sha256, sha256_hex(&data));
+        let cut = rep.uploads.iter().find(|u| !u.complete).unwrap();
+        assert_eq!(cut.bytes, 7);
+        assert_eq!(
+            cut.error.as_deref(),
+            Some("cut after 7 bytes: the run ended")
+        );
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let mut o = small_options();
+        o.upload_bytes = 0;
+        assert_eq!(
+            Endpoints::start(o).unwrap_err().to_string(),
+            "upload of 0 bytes is out of range 1..=268435456"
+        );
+    }
+}
