@@ -6,8 +6,8 @@ use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_TICKS, TIMER_VECTOR};
 use ally_hypervisor::arch::instructions::{self, halt_forever};
 use ally_hypervisor::arch::vmx::capabilities::VmxCapabilities;
-use ally_hypervisor::arch::vmx::launch;
 use ally_hypervisor::arch::vmx::vcpu::{StartState, Vcpu, VcpuPages};
+use ally_hypervisor::arch::vmx::{init_sipi, launch};
 use ally_hypervisor::guest::GuestRegisters;
 use core::sync::atomic::Ordering;
 use log::{error, info};
@@ -56,7 +56,9 @@ pub extern "C" fn ally_ap_entry(launch: &'static mut ApLaunch) -> ! {
     }
 }
 
-/// VMX on this core, a VMCS waiting for SIPI, VMLAUNCH.
+/// VMX on this core; wait in VMX root operation for the guest's SIPI (its INIT and SIPI are
+/// emulated, see `ally_hypervisor::startup`); then a VMCS in real mode at the SIPI's vector,
+/// VMLAUNCH.
 fn become_guest_cpu(
     setup: &mut OsCoreSetup,
     tss_base: u64,
@@ -67,21 +69,30 @@ fn become_guest_cpu(
     let vcpu = setup
         .vcpu_slot
         .insert(Vcpu::new(apic_id, setup.vpid, caps, setup.pages));
-    vcpu.waiting_for_sipi = true;
+    let mailbox = vcpu
+        .mailbox
+        .ok_or(crate::start::StartError::NotAnOsCore(apic_id))?;
     // SAFETY: on this AP, once; the pages were allocated zeroed by the boot CPU.
     unsafe { vcpu.activate()? };
     // SAFETY: the exit stack was allocated for this core alone.
     unsafe { ((setup.exit_stack_top) as *mut u64).write(vcpu as *mut Vcpu as u64) };
+    info!(
+        "OS core {apic_id} waits for the guest's SIPI (VPID {})",
+        setup.vpid
+    );
+    let vector = init_sipi::wait_for_first_sipi(mailbox);
     vcpu.configure(
         setup.eptp,
-        StartState::WaitForSipi,
+        StartState::Sipi {
+            segment: u16::from(vector) << 8,
+        },
         setup.exit_stack_top,
         tss_base,
         launch::ally_vmexit_entry as *const () as u64,
     )?;
     info!(
-        "OS core {apic_id} waits for the guest's SIPI (VPID {})",
-        setup.vpid
+        "vCPU {apic_id} started by the guest at {:#x}",
+        u32::from(vector) << 12
     );
     // SAFETY: the VMCS is complete and current.
     let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };

@@ -53,6 +53,7 @@ pub enum StartError {
     ApDidNotStart(u32),
     RealMode(RealModeError),
     GuestEntryFailed { rflags: u64, error: u64 },
+    NotAnOsCore(u32),
     Nic(ally_hypervisor::pci::PciError),
     NicMemory(ally_dpi::nic::mem::MemError),
     NicEngine(ally_dpi::nic::dpi::DpiError),
@@ -77,6 +78,7 @@ impl fmt::Display for StartError {
             Self::ApDidNotStart(id) => write!(f, "the CPU with APIC ID {id} did not answer INIT-SIPI-SIPI"),
             Self::RealMode(e) => write!(f, "{e}"),
             Self::GuestEntryFailed { rflags, error } => write!(f, "VMLAUNCH failed (rflags={rflags:#x}, VM-instruction error {error})"),
+            Self::NotAnOsCore(id) => write!(f, "the CPU with APIC ID {id} is no OS core but was made a guest CPU"),
             Self::Nic(e) => write!(f, "{e}"),
             Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
             Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
@@ -369,6 +371,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         let slot = &mut *core::ptr::addr_of_mut!(BSP_VCPU);
         slot.insert(Vcpu::new(cpus.boot_cpu, 1, caps, pages))
     };
+    // The boot CPU runs the guest from the start; the other OS cores wait for its SIPI.
+    vcpu.mailbox
+        .ok_or(StartError::NotAnOsCore(cpus.boot_cpu))?
+        .set_running();
     // SAFETY: on the boot CPU, once; the pages are zeroed and identity-mapped.
     unsafe { vcpu.activate()? };
     // The exit stack's top holds the vCPU pointer the trampoline passes to the handler.
@@ -695,5 +701,10 @@ fn report_dpi_status() {
     info!(
         "ALLY root-nmis count={}",
         ally_hypervisor::arch::descriptors::NMI_COUNT.load(core::sync::atomic::Ordering::Relaxed)
+    );
+    info!(
+        "ALLY root-stray-interrupts count={}",
+        ally_hypervisor::arch::descriptors::STRAY_INTERRUPTS
+            .load(core::sync::atomic::Ordering::Relaxed)
     );
 }

@@ -5,6 +5,7 @@
 //! cites (Appendix C, 28.2.1, 31.4); later editions shift chapters by one.
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! exit_reasons {
     ($($(#[$m:meta])* $variant:ident = $num:literal => $name:literal,)*) => {
@@ -382,11 +383,14 @@ pub const COUNTED_REASONS: usize = 128;
 
 /// Exit counts by basic reason (no heap; one table per vCPU, summed with [`merge`]).
 ///
+/// Only the vCPU's own CPU counts (`record`); other CPUs may read the counts at any time (the
+/// power-off report sums every vCPU's), so they are atomics, read and written with relaxed
+/// loads and stores: as cheap as plain memory on x86.
+///
 /// [`merge`]: ExitCounters::merge
-#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ExitCounters {
-    counts: [u64; COUNTED_REASONS],
-    other: u64,
+    counts: [AtomicU64; COUNTED_REASONS],
+    other: AtomicU64,
 }
 
 impl Default for ExitCounters {
@@ -395,46 +399,58 @@ impl Default for ExitCounters {
     }
 }
 
+impl fmt::Debug for ExitCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter_nonzero()).finish()
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    let n = counter.load(Ordering::Relaxed);
+    counter.store(n.saturating_add(1), Ordering::Relaxed);
+}
+
 impl ExitCounters {
     pub const fn new() -> Self {
         Self {
-            counts: [0; COUNTED_REASONS],
-            other: 0,
+            counts: [const { AtomicU64::new(0) }; COUNTED_REASONS],
+            other: AtomicU64::new(0),
         }
     }
 
-    /// Counts one exit with basic reason `basic` (saturating).
-    pub fn record(&mut self, basic: u32) {
-        let slot = match self.counts.get_mut(basic as usize) {
-            Some(c) => c,
-            None => &mut self.other,
-        };
-        *slot = slot.saturating_add(1);
+    /// Counts one exit with basic reason `basic` (saturating). Only one CPU may record into a
+    /// table (its vCPU's): the increment is a load and a store, not a locked add.
+    pub fn record(&self, basic: u32) {
+        bump(self.counts.get(basic as usize).unwrap_or(&self.other));
     }
 
     /// The count for `basic`.
     pub fn get(&self, basic: u32) -> u64 {
-        self.counts.get(basic as usize).copied().unwrap_or(0)
+        self.counts
+            .get(basic as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Exits with a basic reason of [`COUNTED_REASONS`] or more (none are defined today).
     pub fn other(&self) -> u64 {
-        self.other
+        self.other.load(Ordering::Relaxed)
     }
 
     /// All exits counted.
     pub fn total(&self) -> u64 {
-        self.counts
-            .iter()
-            .fold(self.other, |sum, &c| sum.saturating_add(c))
+        self.counts.iter().fold(self.other(), |sum, c| {
+            sum.saturating_add(c.load(Ordering::Relaxed))
+        })
     }
 
     /// Adds another table (e.g. another vCPU's) into this one.
     pub fn merge(&mut self, other: &ExitCounters) {
         for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *a = a.saturating_add(*b);
+            let sum = a.get_mut().saturating_add(b.load(Ordering::Relaxed));
+            *a.get_mut() = sum;
         }
-        self.other = self.other.saturating_add(other.other);
+        let sum = self.other.get_mut().saturating_add(other.other());
+        *self.other.get_mut() = sum;
     }
 
     /// `(basic reason, count)` for every reason seen, ascending; pass the number to
@@ -442,9 +458,10 @@ impl ExitCounters {
     pub fn iter_nonzero(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         self.counts
             .iter()
+            .map(|c| c.load(Ordering::Relaxed))
             .enumerate()
-            .filter(|(_, &c)| c != 0)
-            .map(|(i, &c)| (i as u32, c))
+            .filter(|&(_, c)| c != 0)
+            .map(|(i, c)| (i as u32, c))
     }
 }
 
@@ -599,7 +616,7 @@ mod tests {
 
     #[test]
     fn counters() {
-        let mut c = ExitCounters::new();
+        let c = ExitCounters::new();
         for _ in 0..3 {
             c.record(30);
         }
@@ -619,8 +636,8 @@ mod tests {
         assert_eq!(sum.get(30), 6);
         assert_eq!(sum.total(), 10);
 
-        let mut full = ExitCounters::new();
-        full.counts[48] = u64::MAX;
+        let full = ExitCounters::new();
+        full.counts[48].store(u64::MAX, Ordering::Relaxed);
         full.record(48);
         assert_eq!(full.get(48), u64::MAX);
         assert_eq!(full.total(), u64::MAX);

@@ -222,6 +222,79 @@ pub fn filter_ipi(
     }
 }
 
+/// How an OS core's local APIC answers logical destinations, as the guest programmed it
+/// (xAPIC LDR and DFR; x2APIC logical IDs follow from the APIC ID).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LogicalId {
+    /// Logical APIC ID (LDR bits 31:24).
+    pub ldr: u8,
+    /// DFR model: cluster (`0b0000` in bits 31:28) rather than flat (`0b1111`).
+    pub cluster: bool,
+}
+
+impl LogicalId {
+    /// After reset: LDR 0, DFR flat (SDM 12.6.2.2).
+    pub const RESET: Self = Self {
+        ldr: 0,
+        cluster: false,
+    };
+
+    /// From the guest's LDR and DFR register values.
+    pub const fn from_registers(ldr: u32, dfr: u32) -> Self {
+        Self {
+            ldr: (ldr >> 24) as u8,
+            cluster: (dfr >> 28) & 0xF == 0,
+        }
+    }
+}
+
+/// Whether the ICR write `(low, destination)` from `sender` addresses the CPU `id` (SDM 12.6.2:
+/// shorthands, physical and logical destinations, the broadcast ID). For the INIT and SIPI
+/// emulation, which must find the OS cores a guest IPI is meant for.
+pub fn addresses(
+    mode: ApicMode,
+    low: u32,
+    destination: u32,
+    sender: u32,
+    id: u32,
+    logical_id: LogicalId,
+) -> bool {
+    match (low >> 18) & 3 {
+        1 => return id == sender,
+        2 => return true,
+        3 => return id != sender,
+        _ => {}
+    }
+    let logical = low & (1 << 11) != 0;
+    match mode {
+        ApicMode::XApic => {
+            let mda = (destination & 0xFF) as u8;
+            if mda == 0xFF {
+                return true;
+            }
+            if !logical {
+                return u32::from(mda) == id;
+            }
+            let ldr = logical_id.ldr;
+            if logical_id.cluster {
+                mda >> 4 == ldr >> 4 && mda & ldr & 0xF != 0
+            } else {
+                mda & ldr != 0
+            }
+        }
+        ApicMode::X2Apic => {
+            if destination == 0xFFFF_FFFF {
+                return true;
+            }
+            if !logical {
+                return destination == id;
+            }
+            let l = x2apic_logical_id(id);
+            destination >> 16 == l >> 16 && destination & l & 0xFFFF != 0
+        }
+    }
+}
+
 /// Where a device interrupt (an I/O APIC redirection entry, 82093AA 3.2.4; or an MSI
 /// address, SDM 12.11.1) may go.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -390,6 +463,55 @@ mod tests {
                 dropped: 1
             }
         );
+    }
+
+    #[test]
+    fn addressed_cpus_by_shorthand_physical_and_broadcast() {
+        let r = LogicalId::RESET;
+        let a = |low, dest, id| addresses(ApicMode::XApic, low, dest, 0, id, r);
+        assert!(a(INIT, 1, 1));
+        assert!(!a(INIT, 1, 2));
+        assert!(a(SIPI, 0xFF, 2), "broadcast ID");
+        assert!(a(INIT | ALL_EXCL, 0, 1));
+        assert!(!a(INIT | ALL_EXCL, 0, 0), "not the sender");
+        assert!(a(INIT | ALL_INCL, 0, 0));
+        assert!(a(FIXED | SELF, 7, 0));
+        assert!(!a(FIXED | SELF, 0, 1));
+        // xAPIC destinations are 8 bits: the high bits of ICR high are not part of them.
+        assert!(a(INIT, 0x102, 2));
+        let x = |low, dest, id| addresses(ApicMode::X2Apic, low, dest, 0, id, r);
+        assert!(x(INIT, 0x102, 0x102));
+        assert!(!x(INIT, 0x102, 2));
+        assert!(x(INIT, 0xFFFF_FFFF, 5));
+    }
+
+    #[test]
+    fn addressed_cpus_by_logical_destination() {
+        let flat = LogicalId::from_registers(0x0400_0000, 0xFFFF_FFFF);
+        assert_eq!(
+            flat,
+            LogicalId {
+                ldr: 4,
+                cluster: false
+            }
+        );
+        let a = |dest, l| addresses(ApicMode::XApic, INIT | LOGICAL, dest, 0, 2, l);
+        assert!(a(0x06, flat));
+        assert!(!a(0x09, flat));
+        assert!(
+            !a(0x01, LogicalId::RESET),
+            "LDR 0 matches no logical destination"
+        );
+        let cluster = LogicalId::from_registers(0x2100_0000, 0x0FFF_FFFF);
+        assert!(cluster.cluster);
+        assert!(a(0x23, cluster));
+        assert!(!a(0x13, cluster), "another cluster");
+        assert!(!a(0x22, cluster));
+        // x2APIC: cluster from the ID; ID 0x12 is cluster 1, bit 2.
+        let x = |dest| addresses(ApicMode::X2Apic, INIT | LOGICAL, dest, 0, 0x12, flat);
+        assert!(x(0x0001_0004));
+        assert!(!x(0x0000_0004));
+        assert!(!x(0x0001_0002));
     }
 
     #[test]

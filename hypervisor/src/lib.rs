@@ -17,3 +17,5 @@ pub mod memmap;
 pub mod mtrr;
 pub mod paging;
 pub mod pci;
+pub mod startup;
+pub mod topology;

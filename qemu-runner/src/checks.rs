@@ -132,6 +132,12 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport, rules: &RulesExpect) 
     });
     out.push(Check::from_result("exits", exits(ally)));
     out.push(Check::from_result("guest-cpus", guest_cpus(guest, ally)));
+    out.push(Check::from_result("cpu-work", cpu_work(guest, ally)));
+    out.push(Check::from_result(
+        "os-cores-started",
+        os_cores_started(ally),
+    ));
+    out.push(Check::from_result("cpu-hotplug", cpu_hotplug(guest, ally)));
     out.push(Check::from_result("dpi-heartbeat", dpi_heartbeat(ally)));
     out.push(Check::from_result("ipi-attack", ipi_attack(guest, ally)));
     out.push(match ally.fatal() {
@@ -180,23 +186,140 @@ fn ally_cpus(ally: &AllyReport) -> Result<(u64, u64), String> {
     ))
 }
 
-/// The guest sees exactly the OS cores: the CPUs minus the DPI cores.
+/// Linux's CPU list for CPUs `0..n` (`/sys/devices/system/cpu/present` format).
+fn cpu_list(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        1 => "0".to_string(),
+        n => format!("0-{}", n - 1),
+    }
+}
+
+/// The guest sees exactly the OS cores, the CPUs minus the DPI cores, and all of them run:
+/// `nproc`, the `/proc/cpuinfo` processors and the present and online CPU lists agree.
 fn guest_cpus(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
     let (total, dpi) = ally_cpus(ally)?;
-    let nproc = guest
-        .nproc()
-        .map_err(marker_err)?
+    let expected = total - dpi;
+    let marker = guest
+        .find("cpus")
         .ok_or("no `ALLYTEST cpus nproc=..` marker")?;
-    if nproc == total - dpi {
+    let nproc = marker.number("nproc").map_err(marker_err)?;
+    let cpuinfo = marker.number("cpuinfo").map_err(marker_err)?;
+    let list = cpu_list(expected);
+    let mut wrong = Vec::new();
+    if nproc != expected {
+        wrong.push(format!("nproc={nproc}"));
+    }
+    if cpuinfo != expected {
+        wrong.push(format!("cpuinfo={cpuinfo}"));
+    }
+    for field in ["present", "online"] {
+        let value = marker.fields.get(field).unwrap_or("(missing)");
+        if value != list {
+            wrong.push(format!("{field}={value}"));
+        }
+    }
+    if wrong.is_empty() {
         Ok(format!(
-            "guest nproc={nproc} = {total} CPUs - {dpi} DPI core(s)"
+            "guest nproc=cpuinfo={nproc}, present=online={list}: {total} CPUs - {dpi} DPI core(s)"
         ))
     } else {
         Err(format!(
-            "guest nproc={nproc}, expected {total} CPUs - {dpi} DPI core(s) = {}",
-            total - dpi
+            "expected {total} CPUs - {dpi} DPI core(s) = {expected} (CPUs {list}), guest shows {}",
+            wrong.join(" ")
         ))
     }
+}
+
+/// Work ran on every OS core: for each guest CPU a `cpu-work` marker whose pinned loop ran
+/// on that CPU.
+fn cpu_work(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let (total, dpi) = ally_cpus(ally)?;
+    let mut seen = Vec::new();
+    for cpu in 0..total - dpi {
+        let marker = guest
+            .all("cpu-work")
+            .find(|m| m.number("cpu").ok() == Some(cpu))
+            .ok_or_else(|| format!("no `ALLYTEST cpu-work cpu={cpu}` marker"))?;
+        let ran_on = marker.number("ran_on").map_err(marker_err)?;
+        if ran_on != cpu {
+            return Err(format!(
+                "work pinned to CPU {cpu} ran on {ran_on}: {}",
+                marker.line
+            ));
+        }
+        seen.push(cpu.to_string());
+    }
+    Ok(format!("a pinned loop ran on CPU {}", seen.join(", ")))
+}
+
+/// With several OS cores, the guest took every CPU but CPU 0 offline and back online (an
+/// INIT-SIPI-SIPI to each vCPU that had run, emulated by Ally), and work pinned to the last CPU
+/// ran there afterwards.
+fn cpu_hotplug(guest: &GuestReport, ally: &AllyReport) -> Result<String, String> {
+    let (total, dpi) = ally_cpus(ally)?;
+    let n = total - dpi;
+    if n < 2 {
+        return Ok(format!("{n} OS core: nothing to take offline"));
+    }
+    let marker = guest
+        .find("cpu-hotplug")
+        .ok_or("no `ALLYTEST cpu-hotplug` marker")?;
+    let last = n - 1;
+    let field = |f: &str| marker.fields.get(f).unwrap_or("(missing)").to_string();
+    let (offline, online) = (field("offline_list"), field("online_list"));
+    let ran_on = marker.number("ran_on").map_err(marker_err)?;
+    if marker.number("cpu").map_err(marker_err)? != last
+        || offline != "0"
+        || online != cpu_list(n)
+        || ran_on != last
+    {
+        return Err(format!(
+            "expected CPUs 1-{last} offline (online CPUs 0) then online ({}) and work on CPU \
+             {last}: {}",
+            cpu_list(n),
+            marker.line
+        ));
+    }
+    Ok(format!(
+        "CPUs 1-{last} offline (online CPUs {offline}), online again ({online}), work ran on CPU {last}"
+    ))
+}
+
+/// Every OS core was started by the guest (Ally emulates the guest's INIT and SIPI) and runs
+/// the guest at power-off.
+fn os_cores_started(ally: &AllyReport) -> Result<String, String> {
+    let (total, dpi) = ally_cpus(ally)?;
+    let cores: Vec<_> = ally.all("os-core").collect();
+    if cores.len() as u64 != total - dpi {
+        return Err(format!(
+            "{} `ALLY os-core` lines for {} OS core(s)",
+            cores.len(),
+            total - dpi
+        ));
+    }
+    if let Some(idle) = cores
+        .iter()
+        .find(|l| l.fields.get("state") != Some("Running"))
+    {
+        return Err(format!("an OS core does not run the guest: {}", idle.line));
+    }
+    let emulated = ally
+        .find("ipi-emulated")
+        .ok_or("no `ALLY ipi-emulated init=.. sipi=..` line")?;
+    let sipis = emulated.number("sipi").map_err(marker_err)?;
+    if sipis < total - dpi - 1 {
+        return Err(format!(
+            "{sipis} SIPI(s) emulated for {} application processor(s): {}",
+            total - dpi - 1,
+            emulated.line
+        ));
+    }
+    Ok(format!(
+        "{} OS core(s) running; {}",
+        cores.len(),
+        emulated.line.trim_start_matches("ALLY ")
+    ))
 }
 
 /// Every DPI core reported a heartbeat that advanced.
@@ -918,7 +1041,8 @@ ALLYTEST devmem-read INFO addr=0x3dff1000 value=0xFFFFFFFF
 ALLYTEST devmem-read INFO addr=0x3dff0010 value=0xFFFFFFFF
 ALLYTEST devmem-write INFO addr=0x3dff0010 readback=0xFFFFFFFF
 ALLYTEST ping PASS target=10.0.2.2 received=3 sent=3
-ALLYTEST cpus INFO nproc=1 present=0
+ALLYTEST cpus INFO nproc=1 present=0 online=0 cpuinfo=1
+ALLYTEST cpu-work INFO cpu=0 ran_on=0
 ALLYTEST ipi-attack INFO own=0 targets=1,2 sent=9
 ALLYTEST done
 ";
@@ -936,6 +1060,8 @@ ALLY ipi-dropped mode=fixed count=1
 ALLY ipi-dropped mode=nmi count=2
 ALLY ipi-dropped mode=init count=1
 ALLY ipi-dropped mode=sipi count=1
+ALLY ipi-emulated init=0 sipi=0
+ALLY os-core index=0 apic=0 state=Running
 ALLY dpi-core index=0 apic=1 heartbeat=57 wakeups=56
 ALLY poweroff
 ";
@@ -1333,6 +1459,74 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
             .replace("ALLYTEST done\n", "");
         let c = guest_checks(&GuestReport::parse(&g));
         assert_eq!(failed(&c), ["done", "ping", "no-guest-failures"]);
+    }
+
+    const GOOD_GUEST_3: &str = "\
+ALLYTEST cpus INFO nproc=3 present=0-2 online=0-2 cpuinfo=3
+ALLYTEST cpu-work INFO cpu=0 ran_on=0
+ALLYTEST cpu-work INFO cpu=1 ran_on=1
+ALLYTEST cpu-work INFO cpu=2 ran_on=2
+ALLYTEST cpu-hotplug INFO offline_list=0 online_list=0-2 cpu=2 ran_on=2 errors=
+";
+    const GOOD_ALLY_3: &str = "\
+ALLY cpus total=4 dpi=1 os=3
+ALLY ipi-emulated init=2 sipi=2
+ALLY os-core index=0 apic=0 state=Running
+ALLY os-core index=1 apic=1 state=Running
+ALLY os-core index=2 apic=2 state=Running
+";
+
+    fn judge_cpus(guest: &str, ally: &str) -> Vec<Result<String, String>> {
+        let (g, a) = (GuestReport::parse(guest), AllyReport::parse(ally));
+        vec![
+            guest_cpus(&g, &a),
+            cpu_work(&g, &a),
+            os_cores_started(&a),
+            cpu_hotplug(&g, &a),
+        ]
+    }
+
+    #[test]
+    fn three_os_cores_pass_the_cpu_checks() {
+        for r in judge_cpus(GOOD_GUEST_3, GOOD_ALLY_3) {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        assert_eq!(cpu_list(3), "0-2");
+        assert_eq!(cpu_list(1), "0");
+    }
+
+    #[test]
+    fn cpu_checks_fail_when_an_os_core_is_missing_or_idle() {
+        // Linux could not start CPU 2: every view shows 2 CPUs.
+        let g = GOOD_GUEST_3
+            .replace(
+                "nproc=3 present=0-2 online=0-2 cpuinfo=3",
+                "nproc=2 present=0-2 online=0-1 cpuinfo=2",
+            )
+            .replace("ALLYTEST cpu-work INFO cpu=2 ran_on=2\n", "")
+            .replace(
+                "online_list=0-2 cpu=2 ran_on=2",
+                "online_list=0-1 cpu=1 ran_on=1",
+            );
+        let a = GOOD_ALLY_3
+            .replace("sipi=2", "sipi=1")
+            .replace("apic=2 state=Running", "apic=2 state=WaitForSipi");
+        let r = judge_cpus(&g, &a);
+        assert!(r.iter().all(|r| r.is_err()), "{r:?}");
+        // One view alone disagreeing fails the check.
+        let g = GOOD_GUEST_3.replace("online=0-2", "online=0-1");
+        assert!(guest_cpus(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        // Work that did not run where it was pinned.
+        let g = GOOD_GUEST_3.replace("cpu=1 ran_on=1", "cpu=1 ran_on=0");
+        assert!(cpu_work(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        // The CPU did not come back online.
+        let g = GOOD_GUEST_3.replace("online_list=0-2", "online_list=0-1");
+        assert!(cpu_hotplug(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        let g = GOOD_GUEST_3.replace("ALLYTEST cpu-hotplug", "ALLYTEST other");
+        assert!(cpu_hotplug(&GuestReport::parse(&g), &AllyReport::parse(GOOD_ALLY_3)).is_err());
+        // Too few SIPIs emulated although every core claims to run.
+        let a = GOOD_ALLY_3.replace("sipi=2", "sipi=1");
+        assert!(os_cores_started(&AllyReport::parse(&a)).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ const REG_ICR_HIGH: u32 = 0x310;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INITIAL: u32 = 0x380;
 const REG_TIMER_DIVIDE: u32 = 0x3E0;
+const LVT_MASKED: u32 = 1 << 16;
 
 /// ICR delivery modes (SDM Vol. 3A 12.6.1, Figure 12-12).
 const ICR_INIT: u32 = 0b101 << 8;
@@ -109,16 +110,52 @@ impl LocalApic {
 
     /// Enables the APIC (spurious vector register) and starts the periodic timer at `vector`.
     pub fn start_periodic_timer(&self, vector: u8, initial_count: u32) {
-        self.write(REG_SPURIOUS, 0x100 | 0xFF);
+        self.write(
+            REG_SPURIOUS,
+            0x100 | u32::from(super::descriptors::SPURIOUS_VECTOR),
+        );
         self.write(REG_TIMER_DIVIDE, 0b1011); // divide by 1
         self.write(REG_LVT_TIMER, (1 << 17) | u32::from(vector)); // periodic
         self.write(REG_TIMER_INITIAL, initial_count);
+    }
+
+    /// The registers [`start_periodic_timer`](Self::start_periodic_timer) changes.
+    pub fn timer_state(&self) -> TimerState {
+        TimerState {
+            spurious: self.read(REG_SPURIOUS),
+            lvt_timer: self.read(REG_LVT_TIMER),
+            divide: self.read(REG_TIMER_DIVIDE),
+        }
+    }
+
+    /// Stops the timer, lets a tick that is already pending be taken (by Ally's IDT, with
+    /// interrupts enabled for one instruction) and puts back `saved`; the initial count stays 0,
+    /// its value after INIT.
+    ///
+    /// # Safety
+    /// Ally's IDT handles every interrupt that can be pending at this APIC.
+    pub unsafe fn stop_timer(&self, saved: TimerState) {
+        self.write(REG_LVT_TIMER, LVT_MASKED | (saved.lvt_timer & 0xFF));
+        self.write(REG_TIMER_INITIAL, 0);
+        // SAFETY: guaranteed by the caller.
+        unsafe { super::instructions::take_pending_interrupts() };
+        self.write(REG_TIMER_DIVIDE, saved.divide);
+        self.write(REG_LVT_TIMER, saved.lvt_timer);
+        self.write(REG_SPURIOUS, saved.spurious);
     }
 
     /// Signals end of interrupt.
     pub fn eoi(&self) {
         self.write(REG_EOI, 0);
     }
+}
+
+/// Timer-related APIC registers, saved while Ally borrows the timer of a guest CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct TimerState {
+    spurious: u32,
+    lvt_timer: u32,
+    divide: u32,
 }
 
 /// Waits about `us` microseconds by reading port 0x80 (about 1 µs per access on PC hardware;

@@ -62,6 +62,12 @@ pub const TIMER_VECTOR: u8 = 0xF0;
 pub static NMI_COUNT: AtomicU64 = AtomicU64::new(0);
 /// Timer interrupts taken by idle DPI cores.
 pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Interrupts on vectors Ally does not use (taken in VMX root, e.g. a guest's fixed IPI
+/// rewritten from a broadcast while an OS core still waits for its SIPI): acknowledged and
+/// dropped, as a CPU in wait-for-SIPI does not take them either.
+pub static STRAY_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+/// The spurious-interrupt vector Ally programs while it uses a local APIC.
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 #[no_mangle]
 extern "C" fn ally_nmi_interrupt() {
@@ -72,6 +78,18 @@ extern "C" fn ally_nmi_interrupt() {
 extern "C" fn ally_timer_interrupt() {
     TIMER_TICKS.fetch_add(1, Ordering::Relaxed);
     super::apic::LocalApic::current().eoi();
+}
+
+#[no_mangle]
+extern "C" fn ally_stray_interrupt() {
+    STRAY_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    super::apic::LocalApic::current().eoi();
+}
+
+/// A spurious interrupt sets no in-service bit: no EOI (SDM Vol. 3A 12.9).
+#[no_mangle]
+extern "C" fn ally_spurious_interrupt() {
+    STRAY_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
 
 const EMERGENCY_STACK_SIZE: usize = 16 * 1024;
@@ -138,6 +156,13 @@ impl CpuTables {
         }
         // An NMI (e.g. an OS core's broadcast) is counted and survived, on the emergency stack.
         self.idt[2] = IdtEntry::gate(ally_nmi_isr as *const () as u64, 1);
+        // Every external-interrupt vector is survived: Ally's timer, the spurious vector, and
+        // any other (stray) one, acknowledged and dropped.
+        for vector in 32..256 {
+            self.idt[vector] = IdtEntry::gate(ally_stray_isr as *const () as u64, 0);
+        }
+        self.idt[usize::from(SPURIOUS_VECTOR)] =
+            IdtEntry::gate(ally_spurious_isr as *const () as u64, 0);
         self.idt[usize::from(TIMER_VECTOR)] = IdtEntry::gate(ally_timer_isr as *const () as u64, 0);
 
         let gdt_ptr = DescriptorTablePointer {
@@ -173,6 +198,8 @@ extern "C" {
     static ally_isr_table: [u64; 32];
     fn ally_nmi_isr();
     fn ally_timer_isr();
+    fn ally_stray_isr();
+    fn ally_spurious_isr();
 }
 
 /// What the exception stubs push, lowest address first.
@@ -380,6 +407,8 @@ ally_isr_common:
     .endm
     ALLY_ISR_CALL ally_nmi_isr, ally_nmi_interrupt
     ALLY_ISR_CALL ally_timer_isr, ally_timer_interrupt
+    ALLY_ISR_CALL ally_stray_isr, ally_stray_interrupt
+    ALLY_ISR_CALL ally_spurious_isr, ally_spurious_interrupt
 
     .section .rodata.ally_isr_table, "a"
     .balign 8

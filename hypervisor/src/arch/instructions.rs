@@ -290,6 +290,16 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Opens an interrupt window of one instruction, so that interrupts already pending at the
+/// local APIC are taken now (by Ally's IDT) rather than later.
+///
+/// # Safety
+/// Ally's IDT must handle every interrupt that can be pending on this CPU.
+pub unsafe fn take_pending_interrupts() {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
 /// The 10-byte operand of LGDT/LIDT/SGDT/SIDT.
 #[repr(C, packed)]
 #[derive(Clone, Copy)]

@@ -1,11 +1,13 @@
 //! The OS cores' local APIC as the guest reaches it: every access goes to the real APIC except
 //! ICR writes, which pass through the IPI filter (`crate::ipi`) so that no INIT, SIPI, NMI, SMI
-//! or fixed IPI reaches a DPI core.
+//! or fixed IPI reaches a DPI core, and INIT and SIPI to OS cores are emulated
+//! (`init_sipi`), never sent.
 //!
 //! - xAPIC: the APIC page is absent from the EPT; each access exits (EPT violation), is decoded
 //!   and forwarded to this CPU's APIC at the same offset and width (4 bytes, SDM 12.4.1).
 //! - x2APIC: only MSR 0x830 (ICR) and IA32_APIC_BASE are intercepted.
 
+use super::init_sipi;
 use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
@@ -26,13 +28,28 @@ pub static REWRITTEN_IPIS: AtomicU64 = AtomicU64::new(0);
 pub static APIC_MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// Drop reports printed so far (each one a COM2 line; the counters keep counting after).
+/// Broadcasts have their own, small budget: with several OS cores Linux sends its
+/// call-function IPIs to all-excluding-self all the time, and those reports would use up the
+/// budget of the IPIs aimed at a DPI core.
 static DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
+static BROADCAST_DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
 const DROP_REPORT_LIMIT: u64 = 64;
+const BROADCAST_DROP_REPORT_LIMIT: u64 = 4;
 
-fn record_drop(low: u32, destination: u32, dropped: usize) {
+/// Whether the ICR addresses every CPU (a shorthand or the broadcast ID).
+fn is_broadcast(action: &IpiAction) -> bool {
+    matches!(action, IpiAction::Unicast { .. })
+}
+
+fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
     let mode = DeliveryMode::from_icr(low);
     DROPPED_IPIS[mode.index()].fetch_add(dropped as u64, Ordering::Relaxed);
-    if DROP_REPORTS.fetch_add(1, Ordering::Relaxed) < DROP_REPORT_LIMIT {
+    let (reports, limit) = if broadcast {
+        (&BROADCAST_DROP_REPORTS, BROADCAST_DROP_REPORT_LIMIT)
+    } else {
+        (&DROP_REPORTS, DROP_REPORT_LIMIT)
+    };
+    if reports.fetch_add(1, Ordering::Relaxed) < limit {
         // The DPI heartbeat at the drop: the power-off report shows it went on afterwards.
         log::warn!(
             "ALLY ipi-drop mode={mode} icr={low:#x} dest={destination:#x} dropped={dropped} heartbeat={}",
@@ -48,21 +65,39 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
         os_cores: &p.os_cores,
         dpi_cores: &p.dpi_cores,
     };
-    match filter_ipi(mode, low, destination, cpus, &[]) {
+    let action = filter_ipi(mode, low, destination, cpus, &[]);
+    if matches!(
+        DeliveryMode::from_icr(low),
+        DeliveryMode::Init | DeliveryMode::Startup
+    ) {
+        // The DPI cores' share is dropped and counted as for any IPI; the OS cores' share is
+        // emulated and the hardware sees nothing (see `crate::startup` for why).
+        match action {
+            IpiAction::Forward => {}
+            IpiAction::Drop { dropped }
+            | IpiAction::Logical { dropped, .. }
+            | IpiAction::Unicast { dropped, .. } => {
+                record_drop(low, destination, dropped, is_broadcast(&action))
+            }
+        }
+        super::init_sipi::emulate(mode, low, destination, sender);
+        return;
+    }
+    match action {
         IpiAction::Forward => send(low, destination),
-        IpiAction::Drop { dropped } => record_drop(low, destination, dropped),
+        IpiAction::Drop { dropped } => record_drop(low, destination, dropped, false),
         IpiAction::Logical {
             destination: remaining,
             dropped,
         } => {
-            record_drop(low, destination, dropped);
+            record_drop(low, destination, dropped, false);
             send(low, remaining);
         }
         IpiAction::Unicast {
             include_self,
             dropped,
         } => {
-            record_drop(low, destination, dropped);
+            record_drop(low, destination, dropped, true);
             REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
             // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
             let unicast = low & !((3 << 18) | (1 << 11));
@@ -101,12 +136,14 @@ impl MmioHandler for XApicMmio {
             let destination =
                 unsafe { ((self.apic_base + ICR_HIGH) as *const u32).read_volatile() } >> 24;
             let base = self.apic_base;
+            let mut rewrote_destination = false;
             apply(
                 value,
                 destination,
                 ApicMode::XApic,
                 self.sender,
                 |low, dest| {
+                    rewrote_destination |= dest != destination;
                     // SAFETY: writing ICR high then ICR low sends the IPI (SDM 12.6.1).
                     unsafe {
                         ((base + ICR_HIGH) as *mut u32).write_volatile(dest << 24);
@@ -114,7 +151,15 @@ impl MmioHandler for XApicMmio {
                     }
                 },
             );
+            if rewrote_destination {
+                // The guest reads back the destination it wrote, not the rewritten unicasts'.
+                // SAFETY: as above; writing ICR high alone sends nothing.
+                unsafe { ((base + ICR_HIGH) as *mut u32).write_volatile(destination << 24) };
+            }
             return;
+        }
+        if matches!(gpa.0 & 0xFF0, init_sipi::XAPIC_LDR | init_sipi::XAPIC_DFR) {
+            init_sipi::record_logical_register(self.sender, gpa.0 & 0xFF0, value);
         }
         // SAFETY: as for `read`; every other register is the guest's own.
         unsafe { self.register(gpa).write_volatile(value) };
@@ -153,6 +198,7 @@ pub fn report() {
         REWRITTEN_IPIS.load(Ordering::Relaxed),
         APIC_MMIO_EXITS.load(Ordering::Relaxed)
     );
+    init_sipi::report();
     log::info!(
         "ALLY ioapic rerouted={} exits={}",
         super::ioapic_guard::REROUTED.load(Ordering::Relaxed),

@@ -16,6 +16,7 @@ const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
 const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
 const IA32_VMX_EXIT_CTLS: u32 = 0x483;
 const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
+const IA32_VMX_MISC: u32 = 0x485;
 pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
 pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
 pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
@@ -71,6 +72,9 @@ pub struct VmxCapabilities {
     pub cr4_fixed0: u64,
     pub cr4_fixed1: u64,
     pub ept_vpid_cap: u64,
+    /// The VMX-preemption timer counts down once every 2^rate TSC ticks (IA32_VMX_MISC
+    /// bits 4:0, SDM Vol. 3D A.6).
+    pub preemption_timer_rate: u8,
 }
 
 /// `desired` adjusted to what the CPU allows, or the name of a control it cannot set.
@@ -136,7 +140,15 @@ impl VmxCapabilities {
                 )
             };
 
-            let pinbased = adjust(rdmsr(pin_msr), 0, 0, &[])?;
+            // The VMX-preemption timer where the CPU has it: it bounds how long a vCPU runs
+            // without a VM exit, so that an INIT the guest sends it is taken (see
+            // `crate::startup`).
+            let pinbased = adjust(
+                rdmsr(pin_msr),
+                PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+                0,
+                &[],
+            )?;
             let primary_wanted = PrimaryControls::USE_IO_BITMAPS.bits()
                 | PrimaryControls::USE_MSR_BITMAPS.bits()
                 | PrimaryControls::SECONDARY_CONTROLS.bits();
@@ -223,7 +235,6 @@ impl VmxCapabilities {
                     ),
                 ],
             )? & !EntryControls::IA32E_MODE_GUEST.bits();
-            let _ = PinbasedControls::empty();
 
             let ept_vpid_cap = rdmsr(IA32_VMX_EPT_VPID_CAP);
             const EPT_WALK_LENGTH_4: u64 = 1 << 6;
@@ -257,6 +268,7 @@ impl VmxCapabilities {
                 cr4_fixed0: rdmsr(IA32_VMX_CR4_FIXED0),
                 cr4_fixed1: rdmsr(IA32_VMX_CR4_FIXED1),
                 ept_vpid_cap,
+                preemption_timer_rate: (rdmsr(IA32_VMX_MISC) & 0x1F) as u8,
             })
         }
     }
@@ -280,6 +292,11 @@ impl VmxCapabilities {
         let cr0 = (crate::arch::instructions::read_cr0() | self.cr0_fixed0) & self.cr0_fixed1;
         // SAFETY: Ally already runs with PE/PG/NE set; this only adds required bits.
         unsafe { crate::arch::instructions::write_cr0(cr0) };
+    }
+
+    /// Whether the VMX-preemption timer is in use.
+    pub fn has_preemption_timer(&self) -> bool {
+        self.pinbased & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0
     }
 
     /// Whether a control is in use.

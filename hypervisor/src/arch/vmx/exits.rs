@@ -3,16 +3,19 @@
 //! silently resumes a guest after an exit it does not understand.
 
 use super::apic_guard;
+use super::init_sipi;
 use super::nic_guard::{self, PortAccess};
 use super::platform::{platform, PhysicalMemory};
-use super::vcpu::Vcpu;
+use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
-use crate::exit::{CrAccess, CrAccessType, ExitReason, IoQualification};
+use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
 use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
+use crate::startup::PendingReset;
 use core::fmt;
+use core::sync::atomic::{AtomicPtr, Ordering};
 use log::{error, info, warn};
 use x86::vmx::vmcs::{control, guest, ro};
 
@@ -144,7 +147,12 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
         );
     }
 
-    let outcome = if raw_reason & (1 << 31) != 0 {
+    // An INIT the guest sent this vCPU while it ran comes before the exit's own work, which it
+    // abandons (the mailbox load is all an exit pays when none came).
+    let pending_init = vcpu.mailbox.and_then(|m| m.take_init());
+    let outcome = if let Some(reset) = pending_init {
+        take_pending_init(regs, vcpu, reset)
+    } else if raw_reason & (1 << 31) != 0 {
         Err(StopReason::EntryFailed { basic })
     } else {
         match reason {
@@ -163,8 +171,14 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
             ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
             ExitReason::Vmcall => handle_vmcall(regs),
             ExitReason::TripleFault => Err(StopReason::TripleFault),
-            ExitReason::InitSignal => handle_init(vcpu),
-            ExitReason::StartupIpi => handle_sipi(vcpu),
+            // Only bounds the time between exits; a pending INIT was looked at above.
+            ExitReason::PreemptionTimer => Ok(()),
+            ExitReason::InitSignal => {
+                handle_init(vcpu).and_then(|()| match vcpu.mailbox.and_then(|m| m.take_init()) {
+                    Some(reset) => take_pending_init(regs, vcpu, reset),
+                    None => Ok(()),
+                })
+            }
             // The guest tried to use VMX, which Ally hides: #UD as on a CPU without it.
             ExitReason::Vmclear
             | ExitReason::Vmlaunch
@@ -227,14 +241,56 @@ pub fn stop_guest(vcpu: &mut Vcpu, stop: &dyn fmt::Display) -> ! {
     halt_forever()
 }
 
-/// Prints one `ALLY exits` line per exit reason seen.
+/// Prints one `ALLY exits` line per exit reason seen on this vCPU.
 pub fn report_exits(vcpu: &Vcpu) {
-    for (basic, count) in vcpu.exits.iter_nonzero() {
+    print_exits(&vcpu.exits);
+}
+
+fn print_exits(exits: &ExitCounters) {
+    for (basic, count) in exits.iter_nonzero() {
         info!(
             "ALLY exits reason={} basic={} count={}",
             ExitReason::from_basic(basic),
             basic,
             count
+        );
+    }
+}
+
+/// Every vCPU's exit counters, by OS core index, registered as each vCPU is configured.
+static VCPU_EXITS: [AtomicPtr<ExitCounters>; 256] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
+
+/// Makes `vcpu`'s exit counts part of the power-off report.
+pub fn register_exit_counters(vcpu: &Vcpu) {
+    if let Some(index) = init_sipi::os_index(vcpu.apic_id) {
+        VCPU_EXITS[index].store(
+            &vcpu.exits as *const ExitCounters as *mut ExitCounters,
+            Ordering::Release,
+        );
+    }
+}
+
+/// At power-off: the exits of all vCPUs by reason (`ALLY exits`), then each vCPU's total.
+pub fn report_all_exits() {
+    let mut sum = ExitCounters::new();
+    let registered = || {
+        VCPU_EXITS.iter().enumerate().filter_map(|(index, p)| {
+            let p = p.load(Ordering::Acquire);
+            // SAFETY: registered pointers are to the counters of vCPUs, which live for as
+            // long as Ally runs; the counters are atomics, safe to read from any CPU.
+            (!p.is_null()).then(|| (index, unsafe { &*p }))
+        })
+    };
+    for (_, exits) in registered() {
+        sum.merge(exits);
+    }
+    print_exits(&sum);
+    for (index, exits) in registered() {
+        info!(
+            "ALLY vcpu-exits apic={} total={}",
+            platform().os_cores.get(index).copied().unwrap_or(u32::MAX),
+            exits.total()
         );
     }
 }
@@ -245,48 +301,51 @@ fn guest_cr4() -> u64 {
     (vmread(control::CR4_READ_SHADOW) & mask) | (vmread(guest::CR4) & !mask)
 }
 
-/// INIT: the vCPU goes to wait-for-SIPI with the post-INIT state, as a real CPU does (the
-/// guest starts its application processors with INIT-SIPI-SIPI; SDM Vol. 3C 26.4.2).
-///
-/// A vCPU in wait-for-SIPI does not take the INIT of that sequence at once: the CPU (Bochs at
-/// least) holds it and delivers it right after the SIPI started the vCPU, before its first
-/// instruction. Those INITs belong to the start-up that has just happened, so they are dropped.
+/// A hardware INIT exit. The guest's INITs never reach an OS core's hardware (the ICR filter
+/// emulates them, see `crate::startup`), so this INIT came from the platform (an INIT# pin or
+/// chipset reset); it is taken like the guest's: the vCPU waits for a SIPI.
 fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
-    // Both INITs of the sequence (assert and de-assert) may arrive this way: any INIT before
-    // the started vCPU's first instruction is stale.
-    let stale = vcpu.sipi_segment.is_some_and(|segment| {
-        vmread(guest::CS_SELECTOR) == u64::from(segment) && vmread(guest::RIP) == 0
-    });
-    if stale {
-        // Resume the fresh post-SIPI state; the INIT exit may have saved blocking bits that
-        // do not apply (Bochs reports blocking by SMI, invalid outside SMM: SDM 27.3.1.5).
-        vmcs_write(guest::INTERRUPTIBILITY_STATE, 0);
-        vmcs_write(guest::PENDING_DBG_EXCEPTIONS, 0);
-        return Ok(());
-    }
-    vcpu.sipi_segment = None;
-    vcpu.reset_guest(super::vcpu::StartState::WaitForSipi)
-        .map_err(|_| StopReason::GuestRequested("the INIT state could not be written"))?;
-    vcpu.waiting_for_sipi = true;
-    // SAFETY: VPID single-context INVVPID support was checked at start-up.
-    unsafe { instructions::invvpid_single(vcpu.vpid) };
+    let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
+        "INIT on a CPU that is no OS core",
+    ))?;
+    mailbox.init();
     Ok(())
 }
 
-/// SIPI in wait-for-SIPI: start in real mode at vector:0000 (exit qualification bits 7:0
-/// hold the vector; SDM 28.2.1 Table 28-1). A SIPI to a running vCPU is ignored, as by a
-/// real CPU.
-fn handle_sipi(vcpu: &mut Vcpu) -> ExitResult {
-    if !vcpu.waiting_for_sipi {
-        return Ok(());
-    }
-    let vector = (vmread(ro::EXIT_QUALIFICATION) & 0xFF) as u16;
-    vcpu.reset_guest(super::vcpu::StartState::Sipi {
-        segment: vector << 8,
+/// Takes an INIT the guest sent this vCPU while it ran: the vCPU leaves the guest, waits in
+/// VMX root operation for the SIPI (unless it already came) and restarts the guest there.
+fn take_pending_init(
+    regs: &mut GuestRegisters,
+    vcpu: &mut Vcpu,
+    reset: PendingReset,
+) -> ExitResult {
+    let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
+        "INIT on a CPU that is no OS core",
+    ))?;
+    let vector = match reset {
+        PendingReset::Sipi(vector) => vector,
+        PendingReset::WaitForSipi => {
+            info!(
+                "vCPU {} took the guest's INIT: waits for SIPI",
+                vcpu.apic_id
+            );
+            init_sipi::wait_for_sipi_after_init(mailbox)
+        }
+    };
+    start_at_sipi(regs, vcpu, vector)
+}
+
+/// The state after INIT, started by a SIPI: real mode at `vector:0000` (SDM Vol. 3A 9.4.4).
+fn start_at_sipi(regs: &mut GuestRegisters, vcpu: &mut Vcpu, vector: u8) -> ExitResult {
+    vcpu.reset_guest(StartState::Sipi {
+        segment: u16::from(vector) << 8,
     })
     .map_err(|_| StopReason::GuestRequested("the SIPI start state could not be written"))?;
-    vcpu.waiting_for_sipi = false;
-    vcpu.sipi_segment = Some(vector << 8);
+    *regs = GuestRegisters::default();
+    // Nothing the abandoned exit meant to inject survives INIT.
+    vmcs_write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    // SAFETY: VPID single-context INVVPID support was checked at start-up.
+    unsafe { instructions::invvpid_single(vcpu.vpid) };
     info!(
         "vCPU {} started by the guest at {:#x}",
         vcpu.apic_id,
@@ -318,6 +377,18 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
             const F16C: u32 = 1 << 29;
             r.ecx &= !(XSAVE | AVX | FMA | F16C);
         }
+    } else if leaf == 0xB || leaf == 0x1F {
+        // The guest's own cores only (see `crate::topology`).
+        let [eax, ebx, ecx, edx] = crate::topology::guest_topology_leaf(
+            leaf,
+            vcpu.apic_id,
+            [r.eax, r.ebx, r.ecx, r.edx],
+            &platform().os_cores,
+        );
+        r.eax = eax;
+        r.ebx = ebx;
+        r.ecx = ecx;
+        r.edx = edx;
     } else if leaf == 0xD && !vcpu.guest_can_use_xsave() {
         r.eax = 0;
         r.ebx = 0;
@@ -551,7 +622,7 @@ fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
     Ok(())
 }
 
-fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
     if io.string {
         return Err(StopReason::GuestRequested(
@@ -587,7 +658,7 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         // power-off. Report first, then let the write reach the hardware.
         if value & (1 << 13) != 0 {
             info!("ALLY guest-sleep port={:#x} value={:#x}", io.port, value);
-            super::platform::report_power_off(vcpu);
+            super::platform::report_power_off();
         }
         // SAFETY: the guest owns the ACPI PM block; Ally forwards its write unchanged.
         unsafe { nic_guard::forward(io.port, io.size, false, value) };

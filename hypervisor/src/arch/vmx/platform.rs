@@ -280,8 +280,8 @@ pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits:
     Ok(())
 }
 
-/// Printed when the guest powers off: the canary check and the exit counts.
-pub fn report_power_off(vcpu: &Vcpu) {
+/// Printed when the guest powers off: the canary check and the exit counts of every vCPU.
+pub fn report_power_off() {
     let canary = platform().canary;
     info!(
         "ALLY canary status={} ranges={},{}",
@@ -289,7 +289,7 @@ pub fn report_power_off(vcpu: &Vcpu) {
         canary.ranges[0],
         canary.ranges[1]
     );
-    super::exits::report_exits(vcpu);
+    super::exits::report_all_exits();
     super::apic_guard::report();
     (platform().power_off_hook)();
     info!("ALLY poweroff");

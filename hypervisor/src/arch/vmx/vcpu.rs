@@ -4,6 +4,7 @@ use super::capabilities::{VmxCapabilities, VmxError};
 use crate::arch::descriptors::{CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::arch::instructions::{self, rdmsr, vmwrite};
 use crate::exit::ExitCounters;
+use crate::startup::StartupMailbox;
 use x86::vmx::vmcs::{control, guest, host};
 
 const IA32_EFER: u32 = 0xC000_0080;
@@ -28,9 +29,8 @@ pub struct VcpuPages {
 pub enum StartState {
     /// Real mode at `segment:0` (the boot CPU, entering Ally's real-mode boot stub).
     RealMode { segment: u16 },
-    /// Wait-for-SIPI (an application processor the guest starts itself).
-    WaitForSipi,
-    /// Started by a SIPI: real mode at `segment:0`, caches still off from INIT.
+    /// Started by the guest's SIPI (emulated, `init_sipi`): real mode at `segment:0`, caches
+    /// still off from INIT.
     Sipi { segment: u16 },
 }
 
@@ -46,10 +46,8 @@ pub struct Vcpu {
     pub exits: ExitCounters,
     /// The guest has been stopped after an exit Ally could not handle.
     pub stopped: bool,
-    /// In wait-for-SIPI: a SIPI starts the vCPU; otherwise SIPIs are ignored (SDM 10.4.4).
-    pub waiting_for_sipi: bool,
-    /// The real-mode segment the last SIPI started the vCPU at (see `exits::handle_init`).
-    pub sipi_segment: Option<u16>,
+    /// This OS core's INIT/SIPI mailbox (`init_sipi`), checked at every VM exit.
+    pub mailbox: Option<&'static StartupMailbox>,
     /// The shared EPT's generation this CPU last invalidated for (`platform::EPT_GENERATION`).
     pub ept_generation: u64,
 }
@@ -85,8 +83,7 @@ impl Vcpu {
             cr4_mask,
             exits: ExitCounters::new(),
             stopped: false,
-            waiting_for_sipi: false,
-            sipi_segment: None,
+            mailbox: super::init_sipi::os_index(apic_id).map(super::init_sipi::mailbox),
             ept_generation: 0,
         }
     }
@@ -152,6 +149,15 @@ impl Vcpu {
         write(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
         write(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
         write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?;
+        if caps.has_preemption_timer() {
+            // Reloaded at every VM entry ("save timer value" is off): a vCPU leaves the guest
+            // at least every 2^24 TSC ticks (a few ms), also from HLT or MWAIT, and sees an
+            // INIT the guest sent it (`exits::take_pending_init`).
+            const PREEMPTION_PERIOD_TSC_LOG2: u8 = 24;
+            let ticks =
+                1u64 << PREEMPTION_PERIOD_TSC_LOG2.saturating_sub(caps.preemption_timer_rate);
+            write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks)?;
+        }
 
         // Host state (SDM 25.5, checked per 27.2.2-27.2.4).
         let dt = instructions::sgdt();
@@ -181,11 +187,12 @@ impl Vcpu {
         write(host::RSP, exit_stack_top)?;
         write(host::RIP, host_rip)?;
 
+        super::exits::register_exit_counters(self);
         self.reset_guest(start)
     }
 
     /// Writes the architectural state after INIT (SDM Vol. 3A 10.1.1, Table 10-1) into the
-    /// guest-state area: real mode at `segment:0`, or waiting for a SIPI.
+    /// guest-state area: real mode at `segment:0`.
     pub fn reset_guest(&self, start: StartState) -> Result<(), VmxError> {
         let caps = &self.caps;
         // Guest state (SDM 25.4, checked per 27.3.1).
@@ -193,7 +200,7 @@ impl Vcpu {
         // state with caches on, as a real BIOS hands over to the MBR.
         let cr0_guest_view: u64 = match start {
             StartState::RealMode { .. } => 0x10,
-            StartState::WaitForSipi | StartState::Sipi { .. } => 0x6000_0010,
+            StartState::Sipi { .. } => 0x6000_0010,
         };
         let cr0 = (cr0_guest_view | caps.cr0_fixed0) & caps.cr0_fixed1 & !(1 | (1 << 31));
         let cr0 = cr0 | (cr0_guest_view & 1);
@@ -220,16 +227,15 @@ impl Vcpu {
         write(guest::INTERRUPTIBILITY_STATE, 0)?;
         write(guest::PENDING_DBG_EXCEPTIONS, 0)?;
 
-        let (cs_selector, rip, activity) = match start {
-            StartState::RealMode { segment } | StartState::Sipi { segment } => {
-                (segment, 0u64, 0u64)
-            }
-            // SDM 26.4.2 / 28.1: a SIPI exit tells where to start; until then the CPU waits.
-            // CS:IP = F000:FFF0 as after INIT; the SIPI replaces them.
-            StartState::WaitForSipi => (0xF000, 0xFFF0, 3),
-        };
-        write(guest::RIP, rip)?;
-        write(guest::ACTIVITY_STATE, activity)?;
+        let (StartState::RealMode {
+            segment: cs_selector,
+        }
+        | StartState::Sipi {
+            segment: cs_selector,
+        }) = start;
+        write(guest::RIP, 0)?;
+        // Active: a vCPU never enters the guest in wait-for-SIPI (see `crate::startup`).
+        write(guest::ACTIVITY_STATE, 0)?;
         write(guest::CS_SELECTOR, u64::from(cs_selector))?;
         write(guest::CS_BASE, u64::from(cs_selector) << 4)?;
         write(guest::CS_LIMIT, 0xFFFF)?;
