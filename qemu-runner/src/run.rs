@@ -606,9 +606,16 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     } = prepare(opts, ports)?;
     let emulator = opts.emulator.resolve()?;
     if let (Some(e), Some(n)) = (&endpoints, opts.net) {
+        // The ring-base attack only under Ally: on the bare device it would aim real DMA at
+        // memory beyond the guest's RAM (Bochs' e1000 crashes the emulator doing that).
+        let attack = if opts.mode == Mode::Ally {
+            " ally.ring_attack=1"
+        } else {
+            ""
+        };
         guest::set_disk_cmdline(
             &files.disk,
-            &format!("{} {}", opts.kernel_cmdline, e.guest_cmdline()),
+            &format!("{} {}{attack}", opts.kernel_cmdline, e.guest_cmdline()),
         )?;
         if opts.progress.is_some() {
             progress(
