@@ -191,7 +191,8 @@ fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
 
 /// Counters the DPI core publishes for the power-off report.
 static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
-static TRAPPED: spin::Once<&'static TrappedNic<'static, MmioRegisters>> = spin::Once::new();
+static TRAPPED: spin::Once<&'static TrappedNic<'static, &'static MmioRegisters>> =
+    spin::Once::new();
 
 /// Finds and claims the NIC. `Ok(None)` when there is none and `nic=` did not ask for one.
 pub fn claim(
@@ -257,13 +258,7 @@ pub fn claim(
         .map(|r| r.range)
         .collect();
     let policy = MemoryPolicy::new(&ram, &[protected]).map_err(StartError::NicMemory)?;
-    let config = DpiConfig {
-        mode: match options.mode {
-            PacketMode::Copy => Mode::Copy,
-            PacketMode::ZeroCopy => Mode::ZeroCopy,
-        },
-        ..DpiConfig::default()
-    };
+    let config = dpi_config(options);
     let hook = crate::rules::take_engine_hook(
         MgmtWriter::new(ManagementChannel::default()),
         clock as fn() -> Timestamp,
@@ -279,13 +274,8 @@ pub fn claim(
         Inspector(Box::new(hook)),
     )
     .map_err(StartError::NicEngine)?;
-    let trapped: &'static TrappedNic<'static, MmioRegisters> =
-        Box::leak(Box::new(TrappedNic::new(
-            shadow,
-            MmioRegisters {
-                base: registers_bar.start,
-            },
-        )));
+    let trapped: &'static TrappedNic<'static, &'static MmioRegisters> =
+        Box::leak(Box::new(TrappedNic::new(shadow, real)));
     TRAPPED.call_once(|| trapped);
     DEVICE_BAR.call_once(|| registers_bar.start);
 
@@ -313,14 +303,18 @@ pub fn claim(
 
 /// Bytes of DPI memory the queue engine needs (4 KiB multiple).
 pub fn region_bytes(options: &AllyOptions) -> u64 {
-    let config = DpiConfig {
+    dpi_config(options).region_bytes().div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// The queue engine's sizing for the operator's options.
+fn dpi_config(options: &AllyOptions) -> DpiConfig {
+    DpiConfig {
         mode: match options.mode {
             PacketMode::Copy => Mode::Copy,
             PacketMode::ZeroCopy => Mode::ZeroCopy,
         },
         ..DpiConfig::default()
-    };
-    config.region_bytes().div_ceil(PAGE_SIZE) * PAGE_SIZE
+    }
 }
 
 impl DpiWork {
@@ -335,8 +329,9 @@ impl DpiWork {
     /// One pass of the queue engine; returns the frames moved.
     pub fn poll(&mut self) -> u64 {
         let moved = self.engine.poll();
+        // Publishing clones the counters: every 64 polls, busy or idle, not per busy poll.
         self.polls_since_publish += 1;
-        if moved > 0 || self.polls_since_publish >= 64 {
+        if self.polls_since_publish >= 64 {
             if let Some(mut published) = PUBLISHED.try_lock() {
                 *published = Some(self.engine.counters().clone());
                 self.polls_since_publish = 0;

@@ -89,7 +89,7 @@ impl IoApicGuard {
                     );
                 }
                 let low = (low & !(1 << 11)) | if logical { 1 << 11 } else { 0 };
-                ((low), (guest_high & 0x00FF_FFFF) | (destination << 24))
+                (low, (guest_high & 0x00FF_FFFF) | (destination << 24))
             }
         };
         // Destination first, then the low half (which may unmask): the entry is never live
