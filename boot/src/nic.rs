@@ -29,6 +29,7 @@ use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
+use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
 use log::info;
 
@@ -339,6 +340,35 @@ impl DpiWork {
         }
         moved
     }
+}
+
+/// `ALLY nic-mark`: the NIC's counters at an `ALLY mark` (the guest asks around a transfer),
+/// so that exits per wire frame can be computed for that transfer alone. The DPI core
+/// publishes its counters every 64 polls, so they may trail the exit counts by that much.
+pub fn mark(id: u8) {
+    let Some(trapped) = TRAPPED.get() else {
+        return;
+    };
+    let counters = PUBLISHED.lock().clone().unwrap_or_default();
+    let mut registers = alloc::string::String::new();
+    for (name, reads, writes) in trapped.exits.nonzero() {
+        let _ = write!(
+            registers,
+            "{}{name}:{reads}/{writes}",
+            if registers.is_empty() { "" } else { "," }
+        );
+    }
+    info!(
+        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} registers={registers}",
+        trapped.exits.total(),
+        trapped.exits.forwarded(),
+        counters.tx.packets,
+        counters.rx.packets,
+        counters.tx.wire_frames,
+        counters.rx.wire_frames,
+        counters.irqs_raised,
+        trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
+    );
 }
 
 /// The NIC's counters at the guest's power-off: frames, bytes and drops by direction and

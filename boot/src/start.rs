@@ -323,6 +323,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
         canary: unsafe { Canary::new([image_head, dpi_guarded]) },
         power_off_hook: report_dpi_status,
+        mark_hook: crate::nic::mark,
         dpi_heartbeat,
         os_cores: cpus
             .all

@@ -882,7 +882,104 @@ pub fn nic_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
         Check::from_result("nic-traffic", nic_traffic(ally)),
         Check::from_result("nic-bytes", nic_bytes(guest, ally)),
         Check::from_result("nic-exits", nic_exits(ally)),
+        Check::from_result("nic-transfer-exits", nic_transfer_exits(ally)),
     ]
+}
+
+/// One `ALLY nic-mark` snapshot with the `ALLY mark` line of the same id.
+struct ExitSnapshot {
+    vm_exits: u64,
+    apic_exits: u64,
+    nic_exits: u64,
+    wire: u64,
+    irqs: u64,
+    registers: Vec<(String, u64)>,
+}
+
+fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
+    let with_id = |key: &'static str| {
+        ally.all(key)
+            .find(|l| l.number("id").ok() == Some(id))
+            .ok_or(format!(
+                "no `ALLY {key} id={id}` line (the guest marks its transfers)"
+            ))
+    };
+    let mark = with_id("mark")?;
+    let nic = with_id("nic-mark")?;
+    let mut registers = Vec::new();
+    for item in nic
+        .fields
+        .get("registers")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let parsed = item.split_once(':').and_then(|(name, rw)| {
+            let (r, w) = rw.split_once('/')?;
+            Some((
+                name.to_string(),
+                r.parse::<u64>().ok()? + w.parse::<u64>().ok()?,
+            ))
+        });
+        registers.push(parsed.ok_or(format!("bad registers= item `{item}` in: {}", nic.line))?);
+    }
+    Ok(ExitSnapshot {
+        vm_exits: mark.number("exits").map_err(marker_err)?,
+        apic_exits: mark.number("apic-mmio-exits").map_err(marker_err)?,
+        nic_exits: nic.number("exits").map_err(marker_err)?,
+        wire: nic.number("tx-wire").map_err(marker_err)?
+            + nic.number("rx-wire").map_err(marker_err)?,
+        irqs: nic.number("irq-doorbells").map_err(marker_err)?,
+        registers,
+    })
+}
+
+/// Exits per wire frame for the big download (marks 3-4, around `wget`) and the big upload
+/// (marks 5-6, around `nc`): the NIC's trapped-register exits, by register, and all the OS
+/// core's VM exits in the same stretch (the APIC's among them). A report, not a threshold.
+fn nic_transfer_exits(ally: &AllyReport) -> Result<String, String> {
+    let mut parts = Vec::new();
+    for (name, from, to) in [("download", 3, 4), ("upload", 5, 6)] {
+        let (a, b) = (exit_snapshot(ally, from)?, exit_snapshot(ally, to)?);
+        let wire = b.wire.saturating_sub(a.wire);
+        if wire == 0 {
+            return Err(format!(
+                "no wire frames between marks {from} and {to} ({name})"
+            ));
+        }
+        let per = |n: u64| n as f64 / wire as f64;
+        let nic = b.nic_exits.saturating_sub(a.nic_exits);
+        let vm = b.vm_exits.saturating_sub(a.vm_exits);
+        let apic = b.apic_exits.saturating_sub(a.apic_exits);
+        let mut by_register: Vec<(String, u64)> = b
+            .registers
+            .iter()
+            .map(|(reg, n)| {
+                let before = a
+                    .registers
+                    .iter()
+                    .find(|(r, _)| r == reg)
+                    .map_or(0, |(_, n)| *n);
+                (reg.clone(), n.saturating_sub(before))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        by_register.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let registers: Vec<String> = by_register
+            .iter()
+            .map(|(reg, n)| format!("{reg} {n} ({:.3})", per(*n)))
+            .collect();
+        parts.push(format!(
+            "{name}: {wire} wire frames, {nic} NIC exits = {:.3}/frame [{}], {} guest interrupts ({:.1} frames each); all VM exits {vm} = {:.3}/frame, APIC {apic} = {:.3}/frame",
+            per(nic),
+            registers.join(", "),
+            b.irqs.saturating_sub(a.irqs),
+            wire as f64 / b.irqs.saturating_sub(a.irqs).max(1) as f64,
+            per(vm),
+            per(apic)
+        ));
+    }
+    Ok(parts.join("; "))
 }
 
 fn nic_traffic(ally: &AllyReport) -> Result<String, String> {
@@ -1389,6 +1486,14 @@ ALLY nic-rx-drop reason=guest_rx_off packets=3 ring-stops=1
 ALLY nic-exits register=TDT reads=0 writes=9000
 ALLY nic-exits register=RDT reads=0 writes=400
 ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=0.30 queue-exits-per-packet=0.30
+[cpu0 INFO hv] ALLY mark id=3 vcpu=0 exits=1000 ept-violations=900 apic-mmio-exits=500 ioapic-exits=0 dpi-heartbeat=5
+[cpu0 INFO hv] ALLY nic-mark id=3 exits=100 forwarded=10 tx-packets=10 rx-packets=20 tx-wire=10 rx-wire=20 irqs-raised=9 irq-doorbells=8 registers=ICR:4/0,STATUS:10/0
+[cpu0 INFO hv] ALLY mark id=4 vcpu=0 exits=5000 ept-violations=4000 apic-mmio-exits=2500 ioapic-exits=0 dpi-heartbeat=9
+[cpu0 INFO hv] ALLY nic-mark id=4 exits=1100 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
+[cpu0 INFO hv] ALLY mark id=5 vcpu=0 exits=6000 ept-violations=5000 apic-mmio-exits=3000 ioapic-exits=0 dpi-heartbeat=9
+[cpu0 INFO hv] ALLY nic-mark id=5 exits=1200 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
+[cpu0 INFO hv] ALLY mark id=6 vcpu=0 exits=6600 ept-violations=5500 apic-mmio-exits=3300 ioapic-exits=0 dpi-heartbeat=9
+[cpu0 INFO hv] ALLY nic-mark id=6 exits=1600 forwarded=410 tx-packets=1030 rx-packets=2120 tx-wire=2010 rx-wire=2120 irqs-raised=259 irq-doorbells=258 registers=ICR:254/0,TDT:0/650,STATUS:410/0
 ";
 
     fn judge_nic(ally: &str) -> Vec<Check> {
@@ -1404,6 +1509,28 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
             c[2].detail,
             "9400 NIC exits for 31000 packets = 0.30 per packet (TDT r0/w9000, RDT r0/w400)"
         );
+        assert_eq!(
+            c[3].detail,
+            "download: 3000 wire frames, 1000 NIC exits = 0.333/frame [STATUS 400 (0.133), TDT 300 (0.100), ICR 200 (0.067)], 200 guest interrupts (15.0 frames each); all VM exits 4000 = 1.333/frame, APIC 2000 = 0.667/frame; \
+             upload: 1100 wire frames, 400 NIC exits = 0.364/frame [TDT 350 (0.318), ICR 50 (0.045)], 50 guest interrupts (22.0 frames each); all VM exits 600 = 0.545/frame, APIC 300 = 0.273/frame"
+        );
+    }
+
+    #[test]
+    fn transfer_exits_need_both_marks_of_each_transfer() {
+        let a: String = GOOD_NIC
+            .lines()
+            .filter(|l| !l.contains("nic-mark id=6"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = judge_nic(&a);
+        assert_eq!(failed(&c), ["nic-transfer-exits"]);
+        assert_eq!(
+            c[3].detail,
+            "no `ALLY nic-mark id=6` line (the guest marks its transfers)"
+        );
+        let a = GOOD_NIC.replace("registers=ICR:254/0", "registers=ICR254/0");
+        assert_eq!(failed(&judge_nic(&a)), ["nic-transfer-exits"]);
     }
 
     #[test]
@@ -1453,7 +1580,15 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
             c[0].detail
         );
         let c = judge_nic("ALLY poweroff\n");
-        assert_eq!(failed(&c), ["nic-traffic", "nic-bytes", "nic-exits"]);
+        assert_eq!(
+            failed(&c),
+            [
+                "nic-traffic",
+                "nic-bytes",
+                "nic-exits",
+                "nic-transfer-exits"
+            ]
+        );
         assert_eq!(
             c[0].detail,
             "no `ALLY nic-tx packets=.. bytes=.. dropped=.. doorbells=.. backpressure=..` line"

@@ -74,7 +74,7 @@ impl Reg {
 }
 
 impl Reg {
-    /// The register's name in the SDM, for the registers Ally shadows.
+    /// The register's name in the SDM, for the registers Ally shadows or counts by name.
     pub fn name(self) -> &'static str {
         match self {
             Reg::CTRL => "CTRL",
@@ -95,6 +95,15 @@ impl Reg {
             Reg::TDLEN => "TDLEN",
             Reg::TDH => "TDH",
             Reg::TDT => "TDT",
+            Reg::EECD => "EECD",
+            Reg::EERD => "EERD",
+            Reg::CTRL_EXT => "CTRL_EXT",
+            Reg::MDIC => "MDIC",
+            Reg::ITR => "ITR",
+            Reg::RDTR => "RDTR",
+            Reg::RADV => "RADV",
+            Reg::TIDV => "TIDV",
+            Reg::TADV => "TADV",
             _ => "other",
         }
     }

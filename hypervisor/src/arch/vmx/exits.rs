@@ -707,6 +707,7 @@ fn report_mark(id: u8, vcpu: &Vcpu) {
         super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
         (platform().dpi_heartbeat)()
     );
+    (platform().mark_hook)(id);
 }
 
 /// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a

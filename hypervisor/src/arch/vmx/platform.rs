@@ -58,6 +58,8 @@ pub struct Platform {
     pub apic_base: u64,
     /// Called at the guest's power-off, after the exit counts (the DPI partition's report).
     pub power_off_hook: fn(),
+    /// Called after each `ALLY mark` line with its id (the DPI partition's counters snapshot).
+    pub mark_hook: fn(u8),
     /// The DPI cores' summed heartbeat (for reports that show the cores kept running).
     pub dpi_heartbeat: fn() -> u64,
     /// The NIC whose queues the DPI partition shadows, if one was claimed.
