@@ -108,8 +108,13 @@ const IDLE_TIMER_COUNT: u32 = 10_000_000;
 /// the DPI ring wait at most this long (the guest's tail writes ring doorbells, but the
 /// device's DMA wakes nobody).
 const NIC_TIMER_COUNT: u32 = 100_000;
-/// Consecutive MWAITs that end with nothing to show before the DPI core falls back to HLT.
-const MWAIT_EMPTY_WAKEUPS_LIMIT: u32 = 1000;
+/// Consecutive MWAITs that end at once with nothing to show before the DPI core falls back
+/// to HLT. Counted only when the MWAIT lasted less than [`MWAIT_MIN_WAIT_TSC`]: a count alone
+/// misjudged Bochs, where about as many empty MWAITs fit between two timer ticks.
+const MWAIT_EMPTY_WAKEUPS_LIMIT: u32 = 64;
+/// An MWAIT shorter than this many TSC ticks did not wait (a real wake-up by a write or an
+/// interrupt takes longer; under Bochs an MWAIT that returns at once takes a few ticks).
+const MWAIT_MIN_WAIT_TSC: u64 = 200;
 /// Empty polls before a busy DPI core halts again (traffic comes in bursts).
 const SPIN_POLLS: u32 = 256;
 
@@ -137,12 +142,16 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     } else {
         IDLE_TIMER_COUNT
     };
+    if let Some(work) = &work {
+        work.serve_on(apic_id);
+    }
     LocalApic::current().start_periodic_timer(TIMER_VECTOR, period);
     // MONITOR/MWAIT (CPUID.01H:ECX[3]) lets a guest's tail write wake the core at once.
     let mut mwait = instructions::has_monitor_mwait();
-    // MWAIT that returns with neither a doorbell nor a timer tick did not wait (MONITOR is a
-    // no-op on memory that is not write-back, and `mwait_is_nop` emulators): after a run of
-    // those, halt instead, so an idle core does not spin.
+    // MWAIT that returns at once with neither a doorbell nor a timer tick did not wait
+    // (MONITOR is a no-op on memory that is not write-back, and Bochs' MWAIT returns at
+    // once): after a run of those, halt instead, with tail writes sending an IPI, so that an
+    // idle core does not spin.
     let mut empty_wakeups = 0u32;
     // Polls left before halting: refilled by every poll that moved a frame (traffic comes in
     // bursts), not by an empty wake-up, so an idle core halts again at once.
@@ -163,6 +172,7 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
         match work.as_ref() {
             Some(work) if mwait => {
                 let ticks = TIMER_TICKS.load(Ordering::Relaxed);
+                let started = instructions::rdtsc();
                 // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
                 // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
                 unsafe {
@@ -171,7 +181,11 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
                         instructions::wait_for_write_or_interrupt();
                     }
                 }
-                if work.doorbell_pending() || TIMER_TICKS.load(Ordering::Relaxed) != ticks {
+                let waited = instructions::rdtsc().wrapping_sub(started);
+                if work.doorbell_pending()
+                    || TIMER_TICKS.load(Ordering::Relaxed) != ticks
+                    || waited >= MWAIT_MIN_WAIT_TSC
+                {
                     empty_wakeups = 0;
                 } else {
                     empty_wakeups += 1;
@@ -181,8 +195,16 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
                     }
                 }
             }
+            Some(work) => {
+                work.set_halted(true);
+                if !work.doorbell_pending() {
+                    // SAFETY: Ally's IDT handles the timer, the wake-up IPI and NMIs here.
+                    unsafe { instructions::wait_for_interrupt() };
+                }
+                work.set_halted(false);
+            }
             // SAFETY: Ally's IDT handles the timer and NMIs on this core.
-            _ => unsafe { instructions::wait_for_interrupt() },
+            None => unsafe { instructions::wait_for_interrupt() },
         }
         me.wakeups.fetch_add(1, Ordering::Relaxed);
     }

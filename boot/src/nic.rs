@@ -275,8 +275,9 @@ pub fn claim(
         Inspector(Box::new(hook)),
     )
     .map_err(StartError::NicEngine)?;
-    let trapped: &'static TrappedNic<'static, &'static MmioRegisters> =
-        Box::leak(Box::new(TrappedNic::new(shadow, real)));
+    let trapped: &'static TrappedNic<'static, &'static MmioRegisters> = Box::leak(Box::new(
+        TrappedNic::new(shadow, real).with_waker(wake_dpi_core),
+    ));
     TRAPPED.call_once(|| trapped);
     DEVICE_BAR.call_once(|| registers_bar.start);
 
@@ -318,7 +319,33 @@ fn dpi_config(options: &AllyOptions) -> DpiConfig {
     }
 }
 
+/// The APIC ID of the DPI core serving the NIC (set when it takes the work).
+static SERVING_CORE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// The OS core's exit handler, after a tail write, when the serving DPI core is halted: a
+/// fixed IPI on the vector of the core's timer, whose handler only counts and acknowledges it.
+fn wake_dpi_core() {
+    ally_hypervisor::arch::apic::LocalApic::current().send_fixed_preserving_guest(
+        SERVING_CORE.load(Ordering::Relaxed),
+        ally_hypervisor::arch::descriptors::TIMER_VECTOR,
+    );
+}
+
 impl DpiWork {
+    /// Called by the DPI core that takes the work: tail writes wake this core when it halts.
+    pub fn serve_on(&self, apic_id: u32) {
+        SERVING_CORE.store(apic_id, Ordering::Relaxed);
+    }
+
+    /// Whether the core halts (then tail writes send it an interrupt) or not. Set before the
+    /// last doorbell check ahead of HLT: see `TrappedNic::guest_write`.
+    pub fn set_halted(&self, halted: bool) {
+        if let Some(trapped) = TRAPPED.get() {
+            trapped.shadow.dpi_halted.store(halted, Ordering::SeqCst);
+            core::sync::atomic::fence(Ordering::SeqCst);
+        }
+    }
+
     /// The line an idle DPI core monitors, and whether work arrived meanwhile.
     pub fn wake_line(&self) -> *const u8 {
         self.engine.wake_line()
@@ -399,11 +426,12 @@ pub fn report() {
         }
     }
     info!(
-        "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={}",
+        "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={} dpi-wake-ipis={}",
         counters.config_changes,
         counters.resets,
         counters.irqs_raised,
-        trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
+        trapped.shadow.irq_doorbells.load(Ordering::Relaxed),
+        trapped.shadow.wake_ipis.load(Ordering::Relaxed)
     );
     let wake = counters.wake_latency;
     let per_us = crate::clock::tsc_per_us();

@@ -26,7 +26,7 @@
 
 use super::regs::{ctrl, icr, NicRegisters, Reg};
 use crate::queue::{CachePadded, Doorbell};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// The cause bit Ally writes to the real ICS to interrupt the guest (the 82540EM's "small
 /// receive packet detected", which Ally never enables for its own use and the guest never sees).
@@ -97,6 +97,13 @@ pub struct ShadowRegs {
     ims: CachePadded<AtomicU32>,
     /// Real ICS writes made to interrupt the guest.
     pub irq_doorbells: AtomicU64,
+    /// Set by the DPI core while it halts instead of waiting with MWAIT (where MWAIT does not
+    /// wait): a tail write then also needs an interrupt to wake it ([`TrappedNic`]).
+    ///
+    /// [`TrappedNic`]: super::trap::TrappedNic
+    pub dpi_halted: AtomicBool,
+    /// Wake-up interrupts sent to a halted DPI core.
+    pub wake_ipis: AtomicU64,
 }
 
 /// A consistent copy of the guest's configuration registers.

@@ -9,7 +9,7 @@
 use super::regs::{NicRegisters, Reg};
 use super::shadow::{ShadowRegs, SHADOWED};
 use ally_hypervisor::arch::vmx::nic_guard::TrappedRegisters;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// BAR0 offsets of the trapped 4 KiB pages.
 pub const TRAPPED_PAGES: [u32; 3] = [0x0000, 0x2000, 0x3000];
@@ -98,6 +98,8 @@ pub struct TrappedNic<'a, R: NicRegisters> {
     pub shadow: &'a ShadowRegs,
     pub real: R,
     pub exits: RegisterExits,
+    /// Interrupts the DPI core when it halts rather than monitors its doorbells.
+    waker: Option<fn()>,
 }
 
 impl<'a, R: NicRegisters> TrappedNic<'a, R> {
@@ -106,7 +108,14 @@ impl<'a, R: NicRegisters> TrappedNic<'a, R> {
             shadow,
             real,
             exits: RegisterExits::default(),
+            waker: None,
         }
+    }
+
+    /// How to interrupt a halted DPI core after a tail write (an IPI on Ally).
+    pub fn with_waker(mut self, waker: fn()) -> Self {
+        self.waker = Some(waker);
+        self
     }
 
     /// A guest read of the register at `offset` (an aligned dword on a trapped page).
@@ -121,7 +130,16 @@ impl<'a, R: NicRegisters> TrappedNic<'a, R> {
     pub fn guest_write(&self, offset: u32, value: u32) {
         let reg = Reg(offset);
         self.exits.writes[RegisterExits::slot(reg)].fetch_add(1, Ordering::Relaxed);
-        self.shadow.guest_write(reg, value, &self.real)
+        self.shadow.guest_write(reg, value, &self.real);
+        if let (Some(wake), Reg::TDT | Reg::RDT) = (self.waker, reg.canonical()) {
+            // Dekker with the DPI core, which sets `dpi_halted` and then checks its doorbells
+            // before halting: either it sees this ring or this sees it halted.
+            fence(Ordering::SeqCst);
+            if self.shadow.dpi_halted.load(Ordering::SeqCst) {
+                self.shadow.wake_ipis.fetch_add(1, Ordering::Relaxed);
+                wake();
+            }
+        }
     }
 }
 
@@ -157,6 +175,29 @@ mod tests {
         for untouched in [0x4000, 0x5000, 0x5200, 0x5400, 0x1000] {
             assert!(!is_trapped_offset(untouched));
         }
+    }
+
+    static WAKES: AtomicU64 = AtomicU64::new(0);
+
+    #[test]
+    fn a_halted_dpi_core_is_woken_by_tail_writes_only() {
+        let shadow = ShadowRegs::new();
+        let model = E1000Model::new(FakeDma::new(0, 4096), ModelConfig::default());
+        let nic = TrappedNic::new(&shadow, &model).with_waker(|| {
+            WAKES.fetch_add(1, Ordering::Relaxed);
+        });
+        nic.guest_write(Reg::TDT.0, 1);
+        assert_eq!(
+            WAKES.load(Ordering::Relaxed),
+            0,
+            "the DPI core is not halted"
+        );
+        shadow.dpi_halted.store(true, Ordering::SeqCst);
+        nic.guest_write(Reg::TDT.0, 2);
+        nic.guest_write(0x0128, 3); // RDT's alias
+        nic.guest_write(Reg::IMS.0, 0x80);
+        assert_eq!(WAKES.load(Ordering::Relaxed), 2);
+        assert_eq!(shadow.wake_ipis.load(Ordering::Relaxed), 2);
     }
 
     #[test]

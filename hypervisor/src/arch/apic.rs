@@ -97,6 +97,21 @@ impl LocalApic {
         }
     }
 
+    /// Sends a fixed interrupt at `vector` to `apic_id` from VMX root on an OS core, leaving the
+    /// guest's view of the APIC as it was: in xAPIC mode the ICR's high dword (the destination
+    /// the guest may have written for its next IPI) is put back afterwards. No wait: a fixed
+    /// IPI to a running core is delivered without the sender's help.
+    pub fn send_fixed_preserving_guest(&self, apic_id: u32, vector: u8) {
+        if self.x2apic {
+            self.send_ipi(apic_id, u32::from(vector));
+        } else {
+            let guest_high = self.read(REG_ICR_HIGH);
+            self.write(REG_ICR_HIGH, apic_id << 24);
+            self.write(REG_ICR_LOW, u32::from(vector));
+            self.write(REG_ICR_HIGH, guest_high);
+        }
+    }
+
     /// INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1, MP initialization): starts `apic_id` in real mode
     /// at `vector << 12`.
     pub fn start_application_processor(&self, apic_id: u32, vector: u8) {
