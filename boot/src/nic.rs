@@ -247,6 +247,12 @@ pub fn claim(
     );
 
     let shadow: &'static ShadowRegs = Box::leak(Box::new(ShadowRegs::new()));
+    shadow.set_irq_interval(options.irq_moderation);
+    info!(
+        "ALLY nic-moderation cycles={} us={}",
+        options.irq_moderation,
+        options.irq_moderation / crate::clock::tsc_per_us().max(1)
+    );
     let real: &'static MmioRegisters = Box::leak(Box::new(MmioRegisters {
         base: registers_bar.start,
     }));
@@ -426,11 +432,12 @@ pub fn report() {
         }
     }
     info!(
-        "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={} dpi-wake-ipis={}",
+        "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={} irqs-moderated={} dpi-wake-ipis={}",
         counters.config_changes,
         counters.resets,
         counters.irqs_raised,
         trapped.shadow.irq_doorbells.load(Ordering::Relaxed),
+        trapped.shadow.irqs_moderated.load(Ordering::Relaxed),
         trapped.shadow.wake_ipis.load(Ordering::Relaxed)
     );
     let wake = counters.wake_latency;

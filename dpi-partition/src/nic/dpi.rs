@@ -32,8 +32,10 @@
 //! on uninspected.
 //!
 //! **Limits** (documented choices): RX is always copied (zero-copy receive would let the NIC
-//! write frames that inspection later drops into guest memory); RXDMT0 and receive/transmit
-//! interrupt delay timers are not emulated (interrupts are raised at once).
+//! write frames that inspection later drops into guest memory); RXDMT0 and the receive/transmit
+//! interrupt delay timers (RDTR/RADV/TIDV/TADV) are not emulated: causes are raised at once,
+//! and the interrupt rate is bounded by moderation instead (`ShadowRegs::set_irq_interval`;
+//! the guest's ITR still reaches the device, which throttles Ally's doorbell cause with it).
 
 use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
@@ -653,6 +655,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut work = self.tx_complete();
         work += self.tx_consume();
         work += self.rx_receive();
+        self.shadow.release_held_interrupt(self.real);
         work
     }
 

@@ -23,9 +23,16 @@
 //! leaving it stranded in the shadow with no interrupt pending. IMS/IMC writes use the same
 //! Dekker-style pairing (store mask, then check causes; raise stores cause, then checks mask,
 //! all `SeqCst`) so unmasking a pending cause always asserts the line.
+//!
+//! **Moderation** ([`ShadowRegs::set_irq_interval`]): an assertion within the interval of the
+//! previous one is *held* (a flag) instead of made; the DPI core's poll makes it when the
+//! interval ends ([`ShadowRegs::release_held_interrupt`]) if a cause the guest enables is
+//! still pending. A held cause is never lost: the flag is set before the asserter returns, and
+//! the DPI core clears it before it checks the causes, so a raise racing with the release
+//! either is seen by the check or holds anew.
 
 use super::regs::{ctrl, icr, NicRegisters, Reg};
-use crate::queue::{CachePadded, Doorbell};
+use crate::queue::{timestamp, CachePadded, Doorbell};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// The cause bit Ally writes to the real ICS to interrupt the guest (the 82540EM's "small
@@ -104,6 +111,14 @@ pub struct ShadowRegs {
     pub dpi_halted: AtomicBool,
     /// Wake-up interrupts sent to a halted DPI core.
     pub wake_ipis: AtomicU64,
+    /// Interrupt moderation: the fewest TSC ticks between two assertions of the line (0: none).
+    irq_interval: AtomicU64,
+    /// The TSC tick before which the line is not asserted again.
+    next_irq_at: AtomicU64,
+    /// An assertion held back by moderation, which the DPI core makes when the interval ends.
+    irq_held: AtomicBool,
+    /// Assertions held back (each made later, once, for every cause pending by then).
+    pub irqs_moderated: AtomicU64,
 }
 
 /// A consistent copy of the guest's configuration registers.
@@ -216,8 +231,57 @@ impl ShadowRegs {
     }
 
     fn assert_line<R: NicRegisters>(&self, real: &R) {
+        let interval = self.irq_interval.load(Ordering::Relaxed);
+        if interval != 0 {
+            let now = timestamp();
+            if now < self.next_irq_at.load(Ordering::Relaxed) {
+                if !self.irq_held.swap(true, Ordering::SeqCst) {
+                    self.irqs_moderated.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            self.next_irq_at.store(now + interval, Ordering::Relaxed);
+        }
         self.irq_doorbells.fetch_add(1, Ordering::Relaxed);
         real.write32(Reg::ICS, DOORBELL_CAUSE);
+    }
+
+    /// Interrupt moderation (the 82540EM's ITR, SDM 13.4.18, with Ally's own interval): after
+    /// an assertion the line is not asserted again for `ticks` TSC ticks; causes raised
+    /// meanwhile wait in the shadow ICR and are signalled together when the interval ends.
+    /// Fewer guest interrupts mean fewer trapped ICR/IMC/IMS accesses per frame.
+    pub fn set_irq_interval(&self, ticks: u64) {
+        self.irq_interval.store(ticks, Ordering::Relaxed);
+    }
+
+    /// DPI core, every poll: makes the assertion moderation held back once its interval has
+    /// ended, if a cause the guest enables is still pending. Returns whether it did.
+    #[inline]
+    pub fn release_held_interrupt<R: NicRegisters>(&self, real: &R) -> bool {
+        if !self.irq_held.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.release_held_slow(real)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_held_slow<R: NicRegisters>(&self, real: &R) -> bool {
+        if timestamp() < self.next_irq_at.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Clear first, then check: a cause raised after the check holds (or asserts) anew.
+        self.irq_held.store(false, Ordering::SeqCst);
+        if self.icr.load(Ordering::SeqCst) & self.ims.load(Ordering::SeqCst) != 0 {
+            self.assert_line(real);
+            return true;
+        }
+        false
+    }
+
+    /// Whether an assertion is being held back by moderation.
+    pub fn irq_held(&self) -> bool {
+        self.irq_held.load(Ordering::SeqCst)
     }
 
     /// Program the real interrupt mask Ally needs: its doorbell cause plus the passthrough
