@@ -15,7 +15,10 @@
 //!   state (Ally's rings live in DPI memory). Other bits pass through.
 //!
 //! The logic here is hardware-independent ([`ConfigSpace`] is port I/O on Ally, a fake in the
-//! tests); `arch::vmx::exits` feeds it the guest's 0xCF8/0xCFC accesses.
+//! tests); `arch::vmx::exits` feeds it the guest's 0xCF8/0xCFC accesses. [`msi`] guards the
+//! MSI and MSI-X capabilities of every other function.
+
+pub mod msi;
 
 use crate::cmdline::PciAddress;
 use core::fmt;
