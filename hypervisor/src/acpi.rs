@@ -1,6 +1,7 @@
 //! ACPI table access for Ally: find the RSDP, walk the XSDT/RSDT, read the FADT's PM1
-//! control blocks (to notice the guest powering off), and hide the DPI cores from the
-//! guest by removing their MADT entries in place.
+//! control blocks (to notice the guest powering off), list the MCFG's memory-mapped PCI
+//! configuration windows, and hide the DPI cores from the guest by removing their MADT
+//! entries in place.
 //!
 //! All access goes through [`PhysMemory`] so the logic is tested on the host. References
 //! are to the ACPI 6.5 specification.
@@ -50,6 +51,10 @@ pub enum AcpiError {
     BadMpTable { pa: u64, offset: u32 },
     /// The boot processor cannot be hidden.
     HideBootProcessor { apic_id: u32 },
+    /// An MCFG allocation is cut short by the table's end, or its bus range is empty.
+    BadMcfgEntry { offset: u32 },
+    /// More MCFG allocations than [`MAX_MCFG_ALLOCATIONS`].
+    TooManyMcfgAllocations,
 }
 
 /// Formats a signature as text, with non-printable bytes as '?'.
@@ -117,6 +122,14 @@ impl fmt::Display for AcpiError {
             AcpiError::HideBootProcessor { apic_id } => write!(
                 f,
                 "APIC ID {apic_id} is the boot processor and cannot be hidden"
+            ),
+            AcpiError::BadMcfgEntry { offset } => write!(
+                f,
+                "the MCFG allocation at offset {offset} is truncated or has an empty bus range"
+            ),
+            AcpiError::TooManyMcfgAllocations => write!(
+                f,
+                "the MCFG lists more than {MAX_MCFG_ALLOCATIONS} configuration windows"
             ),
         }
     }
@@ -880,6 +893,64 @@ pub fn mp_processors(
     Ok(cpus)
 }
 
+/// The MCFG's fixed part: header and 8 reserved bytes (PCI Firmware 3.0, 4.1.2, Table 4-2).
+pub const MCFG_ENTRIES_OFFSET: u32 = 44;
+const MCFG_ENTRY_LEN: u32 = 16;
+/// Configuration windows Ally keeps (one per PCI segment group on real machines).
+pub const MAX_MCFG_ALLOCATIONS: usize = 16;
+
+/// One MCFG allocation: the memory-mapped configuration window (ECAM) of a segment group's
+/// buses (PCI Firmware 3.0, 4.1.2, Table 4-3).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct McfgAllocation {
+    /// Where bus 0 of the segment would be. The window itself starts at bus `start_bus`,
+    /// as Linux and FreeBSD read it.
+    pub base: u64,
+    pub segment: u16,
+    pub start_bus: u8,
+    pub end_bus: u8,
+}
+
+impl McfgAllocation {
+    /// The physical range `[start, end)` that decodes configuration accesses: 1 MiB per bus.
+    pub fn window(&self) -> (u64, u64) {
+        let start = self.base + (u64::from(self.start_bus) << 20);
+        (start, self.base + ((u64::from(self.end_bus) + 1) << 20))
+    }
+}
+
+/// The allocations of `mcfg` (signature "MCFG").
+pub fn mcfg_allocations(
+    mem: &impl PhysMemory,
+    mcfg: &AcpiTable,
+) -> Result<heapless::Vec<McfgAllocation, MAX_MCFG_ALLOCATIONS>, AcpiError> {
+    let mut allocations = heapless::Vec::new();
+    let mut offset = MCFG_ENTRIES_OFFSET;
+    while offset < mcfg.len() {
+        if mcfg.len() - offset < MCFG_ENTRY_LEN {
+            return Err(AcpiError::BadMcfgEntry { offset });
+        }
+        let mut e = [0u8; MCFG_ENTRY_LEN as usize];
+        mem.read(mcfg.pa + u64::from(offset), &mut e);
+        let allocation = McfgAllocation {
+            base: le64(&e, 0),
+            segment: u16::from_le_bytes([e[8], e[9]]),
+            start_bus: e[10],
+            end_bus: e[11],
+        };
+        if allocation.end_bus < allocation.start_bus
+            || allocation.base.checked_add(256 << 20).is_none()
+        {
+            return Err(AcpiError::BadMcfgEntry { offset });
+        }
+        allocations
+            .push(allocation)
+            .map_err(|_| AcpiError::TooManyMcfgAllocations)?;
+        offset += MCFG_ENTRY_LEN;
+    }
+    Ok(allocations)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1470,5 +1541,76 @@ mod tests {
         assert_eq!(&h.signature, b"APIC");
         assert_eq!(h.length, 36);
         assert_eq!(&h.oem_table_id, b"TESTTABL");
+    }
+
+    fn mcfg_entry(base: u64, segment: u16, start: u8, end: u8) -> std::vec::Vec<u8> {
+        let mut e = base.to_le_bytes().to_vec();
+        e.extend_from_slice(&segment.to_le_bytes());
+        e.extend_from_slice(&[start, end, 0, 0, 0, 0]);
+        e
+    }
+
+    #[test]
+    fn mcfg_allocations_are_parsed() {
+        const MCFG_PA: u64 = 0xFE_5000;
+        let mut body = vec![0u8; 8];
+        body.extend(mcfg_entry(0xB000_0000, 0, 0, 0xFF));
+        body.extend(mcfg_entry(0x40_0000_0000, 1, 0x80, 0x83));
+        let mut m = FakeMem::new();
+        m.put(MCFG_PA, &table(b"MCFG", &body));
+        let mcfg = AcpiTable::load(&m, MCFG_PA, MCFG_ENTRIES_OFFSET).unwrap();
+        let a = mcfg_allocations(&m, &mcfg).unwrap();
+        assert_eq!(
+            a[..],
+            [
+                McfgAllocation {
+                    base: 0xB000_0000,
+                    segment: 0,
+                    start_bus: 0,
+                    end_bus: 0xFF
+                },
+                McfgAllocation {
+                    base: 0x40_0000_0000,
+                    segment: 1,
+                    start_bus: 0x80,
+                    end_bus: 0x83
+                }
+            ]
+        );
+        assert_eq!(a[0].window(), (0xB000_0000, 0xC000_0000));
+        // The base is bus 0's: bus 0x80 starts 128 MiB in.
+        assert_eq!(a[1].window(), (0x40_0800_0000, 0x40_0840_0000));
+
+        // No allocations at all.
+        m.put(MCFG_PA, &table(b"MCFG", &[0; 8]));
+        let mcfg = AcpiTable::load(&m, MCFG_PA, 44).unwrap();
+        assert!(mcfg_allocations(&m, &mcfg).unwrap().is_empty());
+        // A truncated entry, and an empty bus range.
+        let mut short = vec![0u8; 8];
+        short.extend(&mcfg_entry(0xB000_0000, 0, 0, 0xFF)[..12]);
+        m.put(MCFG_PA, &table(b"MCFG", &short));
+        let mcfg = AcpiTable::load(&m, MCFG_PA, 44).unwrap();
+        let e = mcfg_allocations(&m, &mcfg).unwrap_err();
+        assert_eq!(e, AcpiError::BadMcfgEntry { offset: 44 });
+        assert_eq!(
+            e.to_string(),
+            "the MCFG allocation at offset 44 is truncated or has an empty bus range"
+        );
+        let mut backwards = vec![0u8; 8];
+        backwards.extend(mcfg_entry(0xB000_0000, 0, 4, 3));
+        m.put(MCFG_PA, &table(b"MCFG", &backwards));
+        let mcfg = AcpiTable::load(&m, MCFG_PA, 44).unwrap();
+        assert!(mcfg_allocations(&m, &mcfg).is_err());
+        // Too many.
+        let mut many = vec![0u8; 8];
+        for i in 0..=MAX_MCFG_ALLOCATIONS as u16 {
+            many.extend(mcfg_entry(0xB000_0000, i, 0, 0));
+        }
+        m.put(MCFG_PA, &table(b"MCFG", &many));
+        let mcfg = AcpiTable::load(&m, MCFG_PA, 44).unwrap();
+        assert_eq!(
+            mcfg_allocations(&m, &mcfg),
+            Err(AcpiError::TooManyMcfgAllocations)
+        );
     }
 }

@@ -15,7 +15,10 @@
 //!   state (Ally's rings live in DPI memory). Other bits pass through.
 //!
 //! The logic here is hardware-independent ([`ConfigSpace`] is port I/O on Ally, a fake in the
-//! tests); `arch::vmx::exits` feeds it the guest's 0xCF8/0xCFC accesses.
+//! tests); `arch::vmx::exits` feeds it the guest's 0xCF8/0xCFC accesses. [`msi`] guards the
+//! MSI and MSI-X capabilities of every other function.
+
+pub mod msi;
 
 use crate::cmdline::PciAddress;
 use core::fmt;
@@ -112,57 +115,75 @@ pub struct FoundFunction {
     pub device: u16,
 }
 
+/// The function at `address`, if one answers (vendor ID not all ones, PCI Local Bus 3.0
+/// 6.2.1).
+fn present(cs: &impl ConfigSpace, address: PciAddress) -> Option<FoundFunction> {
+    let id = cs.read32(address, REG_ID);
+    let (vendor, device) = (id as u16, (id >> 16) as u16);
+    (vendor != 0xFFFF).then_some(FoundFunction {
+        address,
+        vendor,
+        device,
+    })
+}
+
+/// Every function on every bus, in bus:device.function order. Functions 1-7 are probed only
+/// where function 0 exists and sets the multi-function bit (header type bit 7, 6.2.1).
+pub fn functions(cs: &impl ConfigSpace) -> impl Iterator<Item = FoundFunction> + '_ {
+    (0..=255u8)
+        .flat_map(|bus| (0..32u8).map(move |device| (bus, device)))
+        .flat_map(move |(bus, device)| {
+            let first = PciAddress {
+                bus,
+                device,
+                function: 0,
+            };
+            present(cs, first).into_iter().flat_map(move |f0| {
+                let multi = cs.read32(first, REG_HEADER_TYPE) & (0x80 << 16) != 0;
+                let others = if multi { 1..8 } else { 1..1 };
+                core::iter::once(f0).chain(
+                    others
+                        .filter_map(move |function| present(cs, PciAddress { function, ..first })),
+                )
+            })
+        })
+}
+
 /// Finds the first function whose vendor:device is in `ids` (or checks the given address),
-/// scanning every bus, device and function (multi-function devices by header bit 7).
+/// scanning every bus, device and function.
 pub fn find_function(
     cs: &impl ConfigSpace,
     ids: &[(u16, u16)],
     at: Option<PciAddress>,
 ) -> Result<FoundFunction, PciError> {
-    let matches = |address: PciAddress| {
-        let id = cs.read32(address, REG_ID);
-        let (vendor, device) = (id as u16, (id >> 16) as u16);
-        (vendor != 0xFFFF).then_some(FoundFunction {
-            address,
-            vendor,
-            device,
-        })
-    };
     if let Some(address) = at {
-        let found = matches(address).ok_or(PciError::NoDevice(address))?;
+        let found = present(cs, address).ok_or(PciError::NoDevice(address))?;
         return if ids.contains(&(found.vendor, found.device)) {
             Ok(found)
         } else {
             Err(PciError::Unsupported(found))
         };
     }
-    for bus in 0..=255u8 {
-        for device in 0..32u8 {
-            let first = PciAddress {
-                bus,
-                device,
-                function: 0,
-            };
-            let Some(f0) = matches(first) else { continue };
-            let functions = if cs.read32(first, REG_HEADER_TYPE) & (0x80 << 16) != 0 {
-                8
-            } else {
-                1
-            };
-            for function in 0..functions {
-                let address = PciAddress { function, ..first };
-                let found = if function == 0 {
-                    Some(f0)
-                } else {
-                    matches(address)
-                };
-                if let Some(found) = found.filter(|f| ids.contains(&(f.vendor, f.device))) {
-                    return Ok(found);
-                }
-            }
-        }
-    }
-    Err(PciError::NotFound)
+    functions(cs)
+        .find(|f| ids.contains(&(f.vendor, f.device)))
+        .ok_or(PciError::NotFound)
+}
+
+/// The function and register a memory-mapped configuration access at `pa` addresses, in an
+/// ECAM window whose bus 0 would be at `base` and which decodes buses `start_bus..=end_bus`
+/// (PCI Express Base 4.0, 7.2.2: bus in bits 27:20, device 19:15, function 14:12, register
+/// 11:0).
+pub fn ecam_function(base: u64, start_bus: u8, end_bus: u8, pa: u64) -> Option<(PciAddress, u16)> {
+    let offset = pa.checked_sub(base)?;
+    let bus = u8::try_from(offset >> 20).ok()?;
+    (start_bus..=end_bus).contains(&bus).then_some((
+        PciAddress {
+            bus,
+            device: ((offset >> 15) & 0x1F) as u8,
+            function: ((offset >> 12) & 7) as u8,
+        },
+        (offset & 0xFFF) as u16,
+    ))
 }
 
 /// Sizes the six BARs of a type-0 header (6.2.5.1: write all ones, read back, restore), with
@@ -490,8 +511,8 @@ mod tests {
 
     /// Configuration space of fake functions, with BAR size masks applied on write.
     #[derive(Default)]
-    struct FakeBus {
-        regs: RefCell<HashMap<(PciAddress, u8), u32>>,
+    pub(super) struct FakeBus {
+        pub(super) regs: RefCell<HashMap<(PciAddress, u8), u32>>,
         masks: HashMap<(PciAddress, u8), u32>,
     }
 
@@ -569,6 +590,68 @@ mod tests {
         // Probing restored the BARs and the command register.
         assert_eq!(bus.read32(AT, REG_BAR0), 0xFEBC_0000);
         assert_eq!(bus.read32(AT, REG_COMMAND), 7);
+    }
+
+    #[test]
+    fn enumeration_follows_the_multi_function_bit() {
+        let mut bus = FakeBus::default();
+        let at = |bus, device, function| PciAddress {
+            bus,
+            device,
+            function,
+        };
+        let mut regs = bus.regs.borrow_mut();
+        // 00:01: multi-function, functions 0 and 2 present.
+        regs.insert((at(0, 1, 0), REG_ID), 0x7000_8086);
+        regs.insert((at(0, 1, 0), REG_HEADER_TYPE), 0x0080_0000);
+        regs.insert((at(0, 1, 2), REG_ID), 0x7010_8086);
+        // 00:02: single-function; its function 1 answers but must not be seen.
+        regs.insert((at(0, 2, 0), REG_ID), 0x1111_1234);
+        regs.insert((at(0, 2, 1), REG_ID), 0x2222_1234);
+        // 00:03: no function 0, so function 1 is not probed either.
+        regs.insert((at(0, 3, 1), REG_ID), 0x3333_1234);
+        regs.insert((at(5, 31, 0), REG_ID), 0x4444_1234);
+        drop(regs);
+        bus.add_e1000(at(2, 0, 0));
+        let found: Vec<PciAddress> = functions(&bus).map(|f| f.address).collect();
+        assert_eq!(
+            found,
+            [
+                at(0, 1, 0),
+                at(0, 1, 2),
+                at(0, 2, 0),
+                at(2, 0, 0),
+                at(5, 31, 0)
+            ]
+        );
+        let e1000 = find_function(&bus, E1000, None).unwrap();
+        assert_eq!(e1000.address, at(2, 0, 0));
+    }
+
+    #[test]
+    fn ecam_addresses_decode_to_function_and_register() {
+        let base = 0xB000_0000;
+        let f = |bus, device, function| PciAddress {
+            bus,
+            device,
+            function,
+        };
+        assert_eq!(ecam_function(base, 0, 255, base), Some((f(0, 0, 0), 0)));
+        let pa = base + (3 << 20) + (0x1F << 15) + (7 << 12) + 0x104;
+        assert_eq!(ecam_function(base, 0, 255, pa), Some((f(3, 31, 7), 0x104)));
+        assert_eq!(
+            ecam_function(base, 0, 255, base + (256 << 20) - 1),
+            Some((f(255, 31, 7), 0xFFF))
+        );
+        // Outside the window: below the base, past the last bus, before the first.
+        assert_eq!(ecam_function(base, 0, 255, base - 1), None);
+        assert_eq!(ecam_function(base, 0, 255, base + (256 << 20)), None);
+        assert_eq!(ecam_function(base, 0, 3, base + (4 << 20)), None);
+        assert_eq!(ecam_function(base, 2, 3, base + (1 << 20)), None);
+        assert_eq!(
+            ecam_function(base, 2, 3, base + (2 << 20) + 0x34),
+            Some((f(2, 0, 0), 0x34))
+        );
     }
 
     #[test]
