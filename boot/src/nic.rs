@@ -136,8 +136,8 @@ pub struct ClaimedNic {
     pub work: DpiWork,
     /// BAR0 pages to remove from the EPT.
     pub trapped_pages: [u64; TRAPPED_PAGES.len()],
-    /// Ports to intercept: the configuration mechanism and the I/O BAR.
-    pub ports: heapless::Vec<core::ops::Range<u32>, 2>,
+    /// Ports to intercept: the I/O BAR (the configuration ports always are).
+    pub ports: heapless::Vec<core::ops::Range<u32>, 1>,
 }
 
 /// The queue engine, waiting for the first DPI core to take it.
@@ -288,7 +288,6 @@ pub fn claim(
     DEVICE_BAR.call_once(|| registers_bar.start);
 
     let mut ports = heapless::Vec::new();
-    let _ = ports.push(0xCF8..0xD00);
     if let Some(io) = &io_ports {
         let _ = ports.push(u32::from(io.start)..u32::from(io.end));
     }

@@ -12,6 +12,7 @@ use ally_hypervisor::acpi;
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
 use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::CpuTables;
+use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
 use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platform};
 use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
@@ -58,6 +59,7 @@ pub enum StartError {
     NicMemory(ally_dpi::nic::mem::MemError),
     NicEngine(ally_dpi::nic::dpi::DpiError),
     NoRuleEngine,
+    PciInterrupts(ally_hypervisor::pci::msi::ScanError),
 }
 
 impl fmt::Display for StartError {
@@ -83,6 +85,7 @@ impl fmt::Display for StartError {
             Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
             Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
+            Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
         }
     }
 }
@@ -301,9 +304,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         info!("ALLY ioapic guarded base={base:#x}");
         let _ = ioapics.push(guard);
     }
+    let pci_interrupts = guard_pci_interrupts(&cpus)?;
     let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
     let mut nic_trap = None;
-    let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 2>::new();
+    let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 1>::new();
     if let Some(claimed) = claimed {
         for page in claimed.trapped_pages {
             ept.unmap_page(GuestPhysAddr(page), &mut frames)?;
@@ -335,6 +339,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         apic_base,
         nic: nic_trap,
         ioapics,
+        pci_interrupts,
     });
 
     // The boot CPU's vCPU.
@@ -357,6 +362,8 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         let io_a = &mut *(pages.io_bitmap_a as *mut [u8; 4096]);
         let io_b = &mut *(pages.io_bitmap_b as *mut [u8; 4096]);
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
+        // PCI configuration mechanism #1: MSI registers and the NIC's BARs are guarded.
+        intercept_ports(io_a, io_b, 0xCF8..0xD00);
         for port in platform.pm1_control_ports.iter().flatten() {
             intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
         }
@@ -410,6 +417,46 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         rflags,
         error: instructions::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR),
     })
+}
+
+/// Every PCI function with MSI or MSI-X, adopted: its MSI address filtered (a firmware value
+/// aimed at a DPI core is rewritten now) and MSI-X turned off; the guest's later writes go
+/// through `pci_guard`. Before the guest runs.
+fn guard_pci_interrupts(
+    cpus: &CpuPartition,
+) -> Result<
+    heapless::Vec<ally_hypervisor::pci::msi::InterruptGuard, { platform::MAX_INTERRUPT_FUNCTIONS }>,
+    StartError,
+> {
+    use ally_hypervisor::pci::msi::{scan_interrupt_capabilities, InterruptGuard};
+    let found =
+        scan_interrupt_capabilities::<{ platform::MAX_INTERRUPT_FUNCTIONS }>(&PortConfigSpace)
+            .map_err(StartError::PciInterrupts)?;
+    let os_cores: heapless::Vec<u32, 256> = cpus
+        .all
+        .iter()
+        .copied()
+        .filter(|id| !cpus.dpi.contains(id))
+        .collect();
+    let sets = ally_hypervisor::ipi::CpuSets {
+        os_cores: &os_cores,
+        dpi_cores: &cpus.dpi,
+    };
+    let mut guards = heapless::Vec::new();
+    for function in &found {
+        let guard = InterruptGuard::adopt(&PortConfigSpace, function, sets);
+        info!(
+            "ALLY pci-interrupts guarded={} msi={} msix-hidden={} malformed-capabilities={}",
+            function.function.address,
+            function.capabilities.msi.is_some(),
+            function.capabilities.msix.is_some(),
+            function.capabilities.malformed
+        );
+        // Capacity: `found` has the same bound.
+        let _ = guards.push(guard);
+    }
+    info!("ALLY pci-interrupts functions={}", guards.len());
+    Ok(guards)
 }
 
 /// Identity EPT of guest-physical memory: RAM write-back, everything else uncached, Ally's
@@ -696,6 +743,7 @@ fn report_dpi_status() {
         }
     }
     crate::nic::report();
+    ally_hypervisor::arch::vmx::pci_guard::report();
     if let Some(nic) = &platform::platform().nic {
         ally_hypervisor::arch::vmx::nic_guard::report(nic);
     }

@@ -12,7 +12,7 @@ use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
 use crate::guest::{AccessWidth, MmioHandler};
-use crate::ipi::{filter_ipi, unicast_targets, ApicMode, CpuSets, DeliveryMode, IpiAction};
+use crate::ipi::{filter_ipi, unicast_targets, ApicMode, DeliveryMode, IpiAction};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 pub const IA32_APIC_BASE: u32 = 0x1B;
@@ -61,10 +61,7 @@ fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
 /// Applies the filter's decision, writing the real ICR through `send(low, destination)`.
 fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl FnMut(u32, u32)) {
     let p = platform();
-    let cpus = CpuSets {
-        os_cores: &p.os_cores,
-        dpi_cores: &p.dpi_cores,
-    };
+    let cpus = p.cpu_sets();
     let action = filter_ipi(mode, low, destination, cpus, &[]);
     if matches!(
         DeliveryMode::from_icr(low),

@@ -5,6 +5,7 @@
 use super::apic_guard;
 use super::init_sipi;
 use super::nic_guard::{self, PortAccess};
+use super::pci_guard;
 use super::platform::{platform, PhysicalMemory};
 use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
@@ -635,22 +636,32 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
-    if let Some(nic) = &platform.nic {
-        let value = (regs.rax & width_mask) as u32;
-        if let PortAccess::Done(result) =
-            nic_guard::port_access(nic, io.port, io.size, io.is_in, value)
+    let value = (regs.rax & width_mask) as u32;
+    let handled = if pci_guard::is_config_port(io.port) {
+        Some(pci_guard::config_port_access(
+            io.port, io.size, io.is_in, value,
+        ))
+    } else {
+        match platform
+            .nic
+            .as_ref()
+            .map(|nic| nic_guard::port_access(nic, io.port, io.size, io.is_in, value))
         {
-            if let Some(v) = result {
-                // IN of 4 bytes zero-extends into RAX; narrower ones keep the upper bits.
-                regs.rax = if io.size == 4 {
-                    u64::from(v)
-                } else {
-                    (regs.rax & !width_mask) | (u64::from(v) & width_mask)
-                };
-            }
-            advance_rip();
-            return Ok(());
+            Some(PortAccess::Done(result)) => Some(result),
+            _ => None,
         }
+    };
+    if let Some(result) = handled {
+        if let Some(v) = result {
+            // IN of 4 bytes zero-extends into RAX; narrower ones keep the upper bits.
+            regs.rax = if io.size == 4 {
+                u64::from(v)
+            } else {
+                (regs.rax & !width_mask) | (u64::from(v) & width_mask)
+            };
+        }
+        advance_rip();
+        return Ok(());
     }
     if platform.is_power_control_port(io.port) && !io.is_in {
         let value = (regs.rax & width_mask) as u32;

@@ -11,7 +11,7 @@
 use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::guest::{AccessWidth, MmioHandler};
-use crate::ipi::{filter_device_interrupt, CpuSets, RouteAction};
+use crate::ipi::{filter_device_interrupt, RouteAction};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const IOREGSEL: u64 = 0x00;
@@ -65,10 +65,7 @@ impl IoApicGuard {
     /// destination filtered.
     fn write_entry(&self, entry: usize, low: u32, guest_high: u32) {
         let p = platform();
-        let cpus = CpuSets {
-            os_cores: &p.os_cores,
-            dpi_cores: &p.dpi_cores,
-        };
+        let cpus = p.cpu_sets();
         let index = FIRST_REDIRECTION + 2 * entry as u32;
         let masked = low & (1 << 16) != 0;
         let action =

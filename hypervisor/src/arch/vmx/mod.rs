@@ -7,6 +7,7 @@ pub mod init_sipi;
 pub mod ioapic_guard;
 pub mod launch;
 pub mod nic_guard;
+pub mod pci_guard;
 pub mod platform;
 pub mod realmode;
 pub mod vcpu;

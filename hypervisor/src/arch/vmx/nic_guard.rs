@@ -8,8 +8,8 @@
 //! - **The I/O BAR** (IOADDR at +0, IODATA at +4; 8254x SDM 13.1.x): intercepted in the I/O
 //!   bitmap and emulated through the same register path, so no register is reachable around
 //!   the MMIO traps.
-//! - **PCI configuration space** (ports 0xCF8/0xCFC): accesses to the claimed function go
-//!   through [`crate::pci::GuardedFunction`]. When the guest moves BAR0, Ally follows: the
+//! - **PCI configuration space** (ports 0xCF8/0xCFC, dispatched by `pci_guard`): accesses to
+//!   the claimed function go through [`crate::pci::GuardedFunction`]. When the guest moves BAR0, Ally follows: the
 //!   device stays where it is, and the EPT maps the new guest-physical range onto it with the
 //!   same pages trapped (after checking the new range is device space, not RAM, Ally's memory
 //!   or the APIC). The guest cannot turn off the decoding and bus mastering the DPI core needs.
@@ -115,9 +115,6 @@ pub static CONFIG_ACCESSES: AtomicU64 = AtomicU64::new(0);
 /// Guest I/O BAR accesses.
 pub static IO_BAR_ACCESSES: AtomicU64 = AtomicU64::new(0);
 
-/// The guest's last CONFIG_ADDRESS (port 0xCF8), mirrored when Ally forwards it.
-static CONFIG_ADDRESS: AtomicU32 = AtomicU32::new(0);
-
 /// BAR0's trapped pages, as an MMIO handler for the EPT-violation path.
 pub struct NicMmio<'a>(pub &'a NicTrap);
 
@@ -166,14 +163,8 @@ pub enum PortAccess {
     Done(Option<u32>),
 }
 
-/// The guest's IN/OUT on a port Ally intercepts for the NIC (configuration ports, I/O BAR).
+/// The guest's IN/OUT on the NIC's I/O BAR (the configuration ports are `pci_guard`'s).
 pub fn port_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) -> PortAccess {
-    if (ConfigAddress::PORT..ConfigAddress::PORT + 4).contains(&port) {
-        return PortAccess::Done(config_address_access(port, size, is_in, value));
-    }
-    if (ConfigAddress::DATA_PORT..ConfigAddress::DATA_PORT + 4).contains(&port) {
-        return PortAccess::Done(config_data_access(nic, port, size, is_in, value));
-    }
     match &nic.io_ports {
         Some(ports) if ports.contains(&port) => {
             PortAccess::Done(io_bar_access(nic, port - ports.start, size, is_in, value))
@@ -182,30 +173,21 @@ pub fn port_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) 
     }
 }
 
-fn config_address_access(port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
-    // Only a dword at 0xCF8 is CONFIG_ADDRESS; narrower accesses (0xCF9 is the reset
-    // control register on many chipsets) go to the hardware untouched.
-    if port == ConfigAddress::PORT && size == 4 && !is_in {
-        CONFIG_ADDRESS.store(value, Ordering::Relaxed);
-    }
-    // SAFETY: the guest owns the configuration mechanism; Ally forwards at the same width.
-    unsafe { forward(port, size, is_in, value) }
-}
-
-fn config_data_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
-    let address = ConfigAddress(CONFIG_ADDRESS.load(Ordering::Relaxed));
-    if !address.enabled() || address.function() != nic.function.address {
-        // SAFETY: another function's configuration space: the guest's own business.
-        return unsafe { forward(port, size, is_in, value) };
-    }
+/// A guest configuration access to the claimed function (from `pci_guard`, with the device's
+/// dword at `offset` already read); returns the value of a read.
+pub fn config_access(
+    nic: &NicTrap,
+    offset: u8,
+    size: u8,
+    is_in: bool,
+    value: u32,
+    device_dword: u32,
+) -> Option<u32> {
     CONFIG_ACCESSES.fetch_add(1, Ordering::Relaxed);
-    let offset = address.register() + (port - ConfigAddress::DATA_PORT) as u8;
-    // SAFETY: CONFIG_ADDRESS selects the claimed function's register; reading configuration
-    // space has no side effect.
-    let device_dword = unsafe { instructions::inl(ConfigAddress::DATA_PORT) };
     if is_in {
         return Some(nic.function.read(offset, size, device_dword));
     }
+    let port = ConfigAddress::DATA_PORT + u16::from(offset & 3);
     match nic.function.write(offset, size, value, device_dword) {
         // SAFETY: the filter allowed (or rewrote) this write.
         ConfigWrite::Forward(v) => unsafe { forward(port, size, false, v) },

@@ -66,7 +66,13 @@ pub struct Platform {
     pub nic: Option<super::nic_guard::NicTrap>,
     /// The I/O APICs (absent from the EPT: redirection entries are filtered).
     pub ioapics: heapless::Vec<super::ioapic_guard::IoApicGuard, 4>,
+    /// Every PCI function with MSI or MSI-X: its message registers are filtered.
+    pub pci_interrupts: heapless::Vec<crate::pci::msi::InterruptGuard, MAX_INTERRUPT_FUNCTIONS>,
 }
+
+/// Most MSI/MSI-X-capable PCI functions Ally guards (more stops Ally before the guest runs:
+/// an unguarded one could aim its messages at a DPI core).
+pub const MAX_INTERRUPT_FUNCTIONS: usize = 64;
 
 static PLATFORM: Once<Platform> = Once::new();
 
@@ -103,6 +109,14 @@ pub fn platform() -> &'static Platform {
 }
 
 impl Platform {
+    /// The OS and DPI cores, for the interrupt filters.
+    pub fn cpu_sets(&self) -> crate::ipi::CpuSets<'_> {
+        crate::ipi::CpuSets {
+            os_cores: &self.os_cores,
+            dpi_cores: &self.dpi_cores,
+        }
+    }
+
     pub fn is_power_control_port(&self, port: u16) -> bool {
         self.pm1_control_ports.iter().flatten().any(|&p| p == port)
     }
