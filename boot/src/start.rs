@@ -60,6 +60,7 @@ pub enum StartError {
     NicEngine(ally_dpi::nic::dpi::DpiError),
     NoRuleEngine,
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
+    TooManyEcamWindows,
 }
 
 impl fmt::Display for StartError {
@@ -86,6 +87,7 @@ impl fmt::Display for StartError {
             Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
+            Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
         }
     }
 }
@@ -254,7 +256,17 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let cpus = partition_cpus(identity_limit, &options)?;
 
     let mut ept = Ept::new(&mut frames)?;
-    map_guest_physical(&mut ept, &mut frames, &firmware_map, region, identity_limit)?;
+    let ecam_windows = hide_mmconfig(identity_limit)?;
+    let mut hidden = heapless::Vec::<PhysRange, 8>::new();
+    let _ = hidden.push(region);
+    hidden.extend(ecam_windows.iter().copied());
+    map_guest_physical(
+        &mut ept,
+        &mut frames,
+        &firmware_map,
+        &hidden,
+        identity_limit,
+    )?;
     // The local APIC page leaves the EPT: every guest access is filtered (apic_guard.rs).
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
     let apic_base = unsafe { instructions::rdmsr(0x1B) } & 0xF_FFFF_F000;
@@ -316,8 +328,6 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         nic_trap = Some(claimed.trap);
         *crate::nic::DPI_WORK.lock() = Some(claimed.work);
     }
-    let mut hidden = heapless::Vec::new();
-    let _ = hidden.push(region);
     let platform = platform::install(Platform {
         guest_map,
         hidden,
@@ -419,6 +429,40 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     })
 }
 
+/// PCI Express enhanced configuration (MMCONFIG, PCI Firmware 3.0 4.1.2): when the firmware
+/// describes ECAM windows in an MCFG table, Ally hides that table from the guest and keeps
+/// the windows out of the EPT, so the guest configures devices through mechanism #1 (ports
+/// 0xCF8/0xCFC), which `pci_guard` filters; an access to a window reads all ones. The price:
+/// the guest does not see extended configuration space (offsets 0x100 and up).
+fn hide_mmconfig(identity_limit: u64) -> Result<heapless::Vec<PhysRange, 7>, StartError> {
+    let mut memory = IdentityMemory {
+        limit: identity_limit,
+    };
+    let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
+    let mut mcfg = match acpi::find_table(&memory, &rsdp, b"MCFG") {
+        Ok(t) => t,
+        Err(acpi::AcpiError::TableNotFound { .. }) => {
+            info!("ALLY pci-mmconfig absent");
+            return Ok(heapless::Vec::new());
+        }
+        Err(e) => return Err(StartError::Acpi(e)),
+    };
+    let allocations = acpi::mcfg_allocations(&memory, &mcfg).map_err(StartError::Acpi)?;
+    let mut windows = heapless::Vec::new();
+    for a in &allocations {
+        let (start, end) = a.window();
+        windows
+            .push(PhysRange { start, end })
+            .map_err(|_| StartError::TooManyEcamWindows)?;
+        info!(
+            "ALLY pci-mmconfig hidden base={start:#x} end={end:#x} segment={} buses={:#x}-{:#x}",
+            a.segment, a.start_bus, a.end_bus
+        );
+    }
+    acpi::hide_table(&mut memory, &mut mcfg);
+    Ok(windows)
+}
+
 /// Every PCI function with MSI or MSI-X, adopted: its MSI address filtered (a firmware value
 /// aimed at a DPI core is rewritten now) and MSI-X turned off; the guest's later writes go
 /// through `pci_guard`. Before the guest runs.
@@ -465,9 +509,10 @@ fn map_guest_physical(
     ept: &mut Ept,
     frames: &mut FramePool,
     map: &MemoryMap,
-    hidden: PhysRange,
+    hidden: &[PhysRange],
     limit: u64,
 ) -> Result<(), StartError> {
+    let is_hidden = |range: PhysRange| hidden.iter().any(|h| h.overlaps(&range));
     let is_ram = |range: PhysRange| {
         map.iter().any(|r| {
             matches!(
@@ -506,7 +551,7 @@ fn map_guest_physical(
             start: addr,
             end: addr + LARGE_PAGE_SIZE,
         };
-        let uniform = !large.overlaps(&hidden) && (is_ram(large) || !touches_ram(large));
+        let uniform = !is_hidden(large) && (is_ram(large) || !touches_ram(large));
         if uniform {
             map_one(large, is_ram(large), frames)?;
         } else {
@@ -515,7 +560,7 @@ fn map_guest_physical(
                     start: page,
                     end: page + PAGE_SIZE,
                 };
-                if !small.overlaps(&hidden) {
+                if !is_hidden(small) {
                     map_one(small, is_ram(small), frames)?;
                 }
             }

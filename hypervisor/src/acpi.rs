@@ -635,6 +635,23 @@ pub fn remove_madt_cpus(
     Ok(removed)
 }
 
+/// The signature a hidden table gets: none the ACPI specification or an OS knows, so OSPM
+/// ignores the table (ACPI 6.5 5.2.6: unknown signatures are skipped).
+pub const HIDDEN_SIGNATURE: [u8; 4] = *b"ALY_";
+
+/// Hides `table` from the OS in place: its signature becomes [`HIDDEN_SIGNATURE`] and its
+/// checksum is fixed, so that lookups by signature no longer find it while the root table's
+/// list stays as the firmware built it. `table` is updated.
+pub fn hide_table(mem: &mut impl PhysMemory, table: &mut AcpiTable) {
+    let pa = table.pa;
+    mem.write(pa, &HIDDEN_SIGNATURE);
+    mem.write(pa + 9, &[0]);
+    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(table.len())));
+    mem.write(pa + 9, &[checksum]);
+    table.header.signature = HIDDEN_SIGNATURE;
+    table.header.checksum = checksum;
+}
+
 /// Most processors [`madt_processors`] returns.
 pub const MAX_CPUS: usize = 256;
 
@@ -1578,6 +1595,14 @@ mod tests {
             ]
         );
         assert_eq!(a[0].window(), (0xB000_0000, 0xC000_0000));
+        // Hidden: no longer found by its signature, still a valid table.
+        let mut mcfg = mcfg;
+        hide_table(&mut m, &mut mcfg);
+        assert_eq!(&mcfg.header.signature, &HIDDEN_SIGNATURE);
+        assert!(AcpiTable::load(&m, MCFG_PA, MCFG_ENTRIES_OFFSET).is_ok());
+        let mut sig = [0u8; 4];
+        m.read(MCFG_PA, &mut sig);
+        assert_eq!(&sig, b"ALY_");
         // The base is bus 0's: bus 0x80 starts 128 MiB in.
         assert_eq!(a[1].window(), (0x40_0800_0000, 0x40_0840_0000));
 

@@ -802,7 +802,8 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         Ok(done) => {
             if n < HIDDEN_ACCESS_REPORT_LIMIT {
                 // What Ally really holds there, to show the guest did not get it.
-                let in_hidden = platform().hidden.iter().any(|h| h.contains(gpa.0));
+                // (Ally's region is the first hidden range; the others are device windows.)
+                let in_hidden = platform().hidden.first().is_some_and(|h| h.contains(gpa.0));
                 let actual = if in_hidden && gpa.0.is_multiple_of(8) {
                     // SAFETY: the address is in Ally's own identity-mapped region, aligned.
                     unsafe { (gpa.0 as *const u64).read_volatile() }

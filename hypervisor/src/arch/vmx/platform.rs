@@ -43,8 +43,9 @@ impl Canary {
 pub struct Platform {
     /// The memory map the guest is shown (INT 15h E820/E801/88h).
     pub guest_map: MemoryMap,
-    /// Physical ranges the guest must never reach (Ally's region); also absent from the EPT.
-    pub hidden: heapless::Vec<PhysRange, 4>,
+    /// Physical ranges the guest must never reach, all absent from the EPT: Ally's region
+    /// first, then the MMCONFIG windows.
+    pub hidden: heapless::Vec<PhysRange, 8>,
     /// Ally's identity map covers `[0, identity_limit)`.
     pub identity_limit: u64,
     pub realmode: RealModeStub,
