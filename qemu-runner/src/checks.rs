@@ -131,6 +131,7 @@ pub fn ally_checks(guest: &GuestReport, ally: &AllyReport, rules: &RulesExpect) 
         None => Check::new("canary", false, "no `ALLY canary` line"),
     });
     out.push(Check::from_result("exits", exits(ally)));
+    out.push(Check::from_result("pci-guard", pci_guard(ally)));
     out.push(Check::from_result("guest-cpus", guest_cpus(guest, ally)));
     out.push(Check::from_result("cpu-work", cpu_work(guest, ally)));
     out.push(Check::from_result(
@@ -1125,6 +1126,29 @@ fn nic_exits(ally: &AllyReport) -> Result<String, String> {
     ))
 }
 
+/// The PCI configuration guard ran (issue 3, MSI; issue 4, MMCONFIG): Ally reported how it
+/// treats MMCONFIG (`ALLY pci-mmconfig absent` or `hidden base=..`) at start-up and, at
+/// power-off, `ALLY pci-guard functions=N guarded-accesses=N msi-rewrites=N msi-refusals=N
+/// msix-accesses=N`.
+fn pci_guard(ally: &AllyReport) -> Result<String, String> {
+    let mmconfig = ally
+        .find("pci-mmconfig")
+        .ok_or("no `ALLY pci-mmconfig` line: Ally did not say whether MMCONFIG is guarded")?;
+    let guard = ally
+        .find("pci-guard")
+        .ok_or("no `ALLY pci-guard functions=..` line at power-off")?;
+    let field = |name: &str| guard.number(name).map_err(marker_err);
+    Ok(format!(
+        "MMCONFIG {}; {} MSI-capable function(s) guarded; {} guarded configuration accesses, {} MSI rewrites, {} refused, {} MSI-X accesses",
+        mmconfig.line.trim_start_matches("ALLY pci-mmconfig "),
+        field("functions")?,
+        field("guarded-accesses")?,
+        field("msi-rewrites")?,
+        field("msi-refusals")?,
+        field("msix-accesses")?
+    ))
+}
+
 /// Whether every check passed.
 pub fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.passed)
@@ -1159,6 +1183,8 @@ ALLY cpus total=2 dpi=1 os=1
 ALLY guest-start
 ALLY ept-violation gpa=0x3dff0010 access=write action=skip
 ALLY exits reason=CPUID count=10
+ALLY pci-mmconfig absent
+ALLY pci-guard functions=0 guarded-accesses=12 msi-rewrites=0 msi-refusals=0 msix-accesses=0
 ALLY canary status=intact
 ALLY ipi-drop mode=nmi icr=0x400 dest=0x1 dropped=1 heartbeat=40
 ALLY ipi-dropped mode=fixed count=1
@@ -1218,6 +1244,15 @@ ALLY poweroff
     fn good_run_passes() {
         let c = judge(GOOD_GUEST, GOOD_ALLY);
         assert!(all_passed(&c), "{c:#?}");
+        let pci = c.iter().find(|c| c.name == "pci-guard").unwrap();
+        assert_eq!(
+            pci.detail,
+            "MMCONFIG absent; 0 MSI-capable function(s) guarded; 12 guarded configuration accesses, 0 MSI rewrites, 0 refused, 0 MSI-X accesses"
+        );
+        let a = GOOD_ALLY.replace("ALLY pci-mmconfig absent\n", "");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["pci-guard"]);
+        let a = GOOD_ALLY.replace("msi-rewrites=0", "msi-rewrites=x");
+        assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["pci-guard"]);
     }
 
     #[test]

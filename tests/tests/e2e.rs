@@ -61,13 +61,15 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 13] = [
+const NETWORK_CHECKS: [&str; 14] = [
     "download",
     "upload",
     "nic-reload",
     "nic-traffic",
     "nic-bytes",
     "nic-exits",
+    // Exits per wire frame for the big download and upload, by register (a report).
+    "nic-transfer-exits",
     "nic-wire-balance",
     "eve-pcap",
     "inspect-drop",
@@ -122,6 +124,8 @@ fn ally_boot_passes_every_check(name: &'static str, cpus: u32, network: bool) {
         // Ally logged an EPT violation for the write.
         "ept-violation",
         "canary",
+        // Configuration ports intercepted, MSI functions guarded, MMCONFIG hidden or absent.
+        "pci-guard",
         "ping",
         "exits",
         // The guest sees exactly its OS cores (the DPI core is gone from MADT and MP table):
