@@ -316,16 +316,8 @@ fn deterministic(c: Case, packets: u64, overhead: u64) -> Det {
         rx_ring: 256,
         ..DpiConfig::default()
     };
-    let mut nic = DpiNic::new(
-        &w.shadow,
-        &w.mem,
-        &mmio,
-        policy(),
-        DPI_REGION,
-        cfg,
-        PassAll,
-    )
-    .expect("dpi");
+    let mut nic =
+        DpiNic::new(&w.shadow, &w.mem, &mmio, policy(), DPI_REGION, cfg, PassAll).expect("dpi");
     mmio.flush();
     guest_setup(&w, &model, c.len);
     dpi_step(&mut nic);

@@ -39,7 +39,7 @@ use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
-use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
+use super::mem::{DescRun, DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -777,17 +777,24 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             fence(Ordering::Acquire);
             match ring {
                 Some(ring) if f.epoch == epoch => {
-                    let gwin = ring.win;
+                    // Usually one run that does not wrap, so the loop needs no wrap or range
+                    // checks; a wrapping entry goes descriptor by descriptor. A descriptor
+                    // outside the ring's window (impossible for a validated ring) is skipped.
                     let mut i = f.guest_first;
-                    for _ in 0..f.guest_count {
-                        if gwin.desc_u8(i, TX_CMD_OFFSET) & txcmd::RS != 0 {
-                            // As the device: DD set, collision/underrun bits clear.
-                            let sta = gwin.desc_u8(i, TX_STATUS_OFFSET);
-                            let sta = (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
-                            gwin.set_desc_u8(i, TX_STATUS_OFFSET, sta);
-                            wrote = true;
+                    let d = ring.win.run(i, f.guest_count);
+                    if i + f.guest_count <= ring.n && d.len() == f.guest_count as usize {
+                        for k in 0..d.len() {
+                            wrote |= complete_desc(d, k);
                         }
-                        i = ring.next(i);
+                        i += f.guest_count;
+                        if i == ring.n {
+                            i = 0;
+                        }
+                    } else {
+                        for _ in 0..f.guest_count {
+                            wrote |= complete_desc(ring.win.run(i, 1), 0);
+                            i = ring.next(i);
+                        }
                     }
                     new_tdh = Some(i);
                 }
@@ -857,7 +864,6 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // the compiler knows, which would force a reload of every field after each store.
         let gwin = ring.win;
         let txw = self.tx_win;
-        let (fast_lo, fast_hi) = self.policy.first_allowed();
         let mut next = self.tx.next;
         let mut tail = self.tx.real_tail;
         let mut free = self.real_tx_free();
@@ -865,74 +871,93 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut arena_before = arena;
         let (mut pkts, mut bytes) = (0u32, 0u64);
         let (mut stop, mut dropped) = (false, false);
+        let fast = self.policy.first_allowed();
+        // Runs of descriptors contiguous in both rings (neither wraps inside a run), at most
+        // the free real descriptors: the loop below needs no wrap or range checks.
         while next != tdt && pkts < COALESCE_MAX {
-            let hi = gwin.desc_u64(next, 1);
-            let len = hi as u16 as u32;
-            if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
-                || len == 0
-                || len > MAX_FRAME
-            {
+            let g_avail = if tdt > next {
+                tdt - next
+            } else {
+                ring.n - next
+            };
+            let want = g_avail.min(rn - tail).min(free).min(COALESCE_MAX - pkts);
+            if want == 0 {
+                // The real ring is full: back-pressure if the next packet is one this path
+                // posts; anything else (a refusal) the general path handles without room.
+                let hi = gwin.desc_u64(next, 1);
+                let lo = gwin.desc_u64(next, 0);
+                stop = self.tx_fast_accept(fast, hi, lo).is_some();
                 break;
             }
-            let lo = gwin.desc_u64(next, 0);
-            let end = lo.wrapping_add(u64::from(len));
-            let pa = if lo >= fast_lo && end <= fast_hi && end > lo {
-                // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
-                HostPhysAddr(lo)
-            } else {
-                let Ok(pa) = self.policy.check(GuestPhysAddr(lo), u64::from(len)) else {
+            let g = gwin.run(next, want);
+            let r = txw.run(tail, want);
+            let run = g.len().min(r.len());
+            let mut k = 0;
+            while k < run {
+                let hi = g.get(k, 1);
+                let lo = g.get(k, 0);
+                let Some((pa, len)) = self.tx_fast_accept(fast, hi, lo) else {
                     break;
                 };
-                pa
-            };
-            if free == 0 {
-                stop = true;
-                break;
-            }
-            let (addr, verdict) = match COPY {
-                false => (
-                    pa.as_u64(),
-                    match self.mem.borrow(pa, len as usize) {
-                        Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                        Err(_) => HookVerdict::Drop,
-                    },
-                ),
-                true => {
-                    arena_before = arena;
-                    let Some(at) = arena_alloc(
-                        &mut arena,
-                        self.tx.arena_tail,
-                        self.cfg.tx_arena,
-                        self.layout.arena,
-                        len,
-                    ) else {
-                        stop = true;
-                        break;
-                    };
-                    let copied = match self.mem.borrow(pa, len as usize) {
-                        Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
-                        Err(_) => false,
-                    };
-                    match self.mem.borrow(HostPhysAddr(at), len as usize) {
-                        Ok(frame) if copied => (at, self.hook.inspect(frame, Direction::ToWire)),
-                        _ => (at, HookVerdict::Drop),
+                let (addr, verdict) = match COPY {
+                    false => (
+                        pa,
+                        match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                            Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                            Err(_) => HookVerdict::Drop,
+                        },
+                    ),
+                    true => {
+                        arena_before = arena;
+                        let Some(at) = arena_alloc(
+                            &mut arena,
+                            self.tx.arena_tail,
+                            self.cfg.tx_arena,
+                            self.layout.arena,
+                            len,
+                        ) else {
+                            stop = true;
+                            break;
+                        };
+                        let copied = match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                            Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
+                            Err(_) => false,
+                        };
+                        match self.mem.borrow(HostPhysAddr(at), len as usize) {
+                            Ok(frame) if copied => {
+                                (at, self.hook.inspect(frame, Direction::ToWire))
+                            }
+                            _ => (at, HookVerdict::Drop),
+                        }
                     }
+                };
+                if verdict == HookVerdict::Drop {
+                    arena = arena_before;
+                    dropped = true;
+                    break;
                 }
-            };
-            if verdict == HookVerdict::Drop {
-                arena = arena_before;
-                dropped = true;
+                // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
+                // cleared, RS set so the NIC reports completion.
+                r.set(k, 0, addr);
+                r.set(k, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+                bytes += u64::from(len);
+                k += 1;
+            }
+            // `k <= run <= want`: both indices stay inside their rings.
+            let k = k as u32;
+            next += k;
+            if next == ring.n {
+                next = 0;
+            }
+            tail += k;
+            if tail == rn {
+                tail = 0;
+            }
+            free -= k;
+            pkts += k;
+            if k < want || stop || dropped {
                 break;
             }
-            // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
-            // cleared, RS set so the NIC reports completion.
-            txw.set_desc_u64(tail, 0, addr);
-            txw.set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
-            tail = if tail + 1 == rn { 0 } else { tail + 1 };
-            free -= 1;
-            next = ring.next(next);
-            pkts += 1;
-            bytes += u64::from(len);
         }
         self.tx.arena_head = arena;
         if pkts != 0 {
@@ -952,6 +977,31 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // A drop that cannot be recorded yet (in-flight list full) is inspected again next
         // time; treat it as back-pressure.
         (u64::from(pkts), stop || dropped, pkts != 0)
+    }
+
+    /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
+    /// descriptor with EOP, a length in `1..=MAX_FRAME` and a buffer the policy allows.
+    /// Returns the buffer's host-physical address and length; `None` leaves the packet to the
+    /// general path (which refuses it with a precise reason, or handles it). `fast` is the
+    /// policy's first allowed range ([`MemoryPolicy::first_allowed`]), read once per poll.
+    #[inline(always)]
+    fn tx_fast_accept(&self, fast: (u64, u64), hi: u64, lo: u64) -> Option<(u64, u32)> {
+        let len = hi as u16 as u32;
+        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
+            || len == 0
+            || len > MAX_FRAME
+        {
+            return None;
+        }
+        let (fast_lo, fast_hi) = fast;
+        let end = lo.wrapping_add(u64::from(len));
+        if lo >= fast_lo && end <= fast_hi && end > lo {
+            // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
+            Some((lo, len))
+        } else {
+            let pa = self.policy.check(GuestPhysAddr(lo), u64::from(len)).ok()?;
+            Some((pa.as_u64(), len))
+        }
     }
 
     /// Record `packets` accepted packets covering `count` guest descriptors whose last real
@@ -1306,12 +1356,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Move received frames from the real ring into the guest's.
+    #[inline(always)]
     fn rx_receive(&mut self) -> u64 {
-        let n = self.cfg.rx_ring;
-        // Nothing received: one byte read (the common case when only TX is busy).
+        // Nothing received: one byte read (the common case when only TX is busy), inline in
+        // `poll`; the receive work is out of line so that it does not crowd TX's registers.
         if self.rx_win.desc_u8(self.rx.real_next, 12) & rxsta::DD == 0 {
             return 0;
         }
+        self.rx_receive_frames()
+    }
+
+    /// [`DpiNic::rx_receive`] once a frame is there.
+    #[inline(never)]
+    fn rx_receive_frames(&mut self) -> u64 {
+        let n = self.cfg.rx_ring;
         let mut moved = 0;
         let mut recycled = false;
         let mut delivered = false;
@@ -1504,6 +1562,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             None => Deliver::Done,
         }
     }
+}
+
+/// Write back one completed guest TX descriptor as the device does: when it asked for status
+/// (RS), DD set and the collision/underrun bits clear. Returns whether it wrote.
+#[inline(always)]
+fn complete_desc(d: DescRun<'_>, k: usize) -> bool {
+    if d.get_u8(k, TX_CMD_OFFSET) & txcmd::RS == 0 {
+        return false;
+    }
+    let sta = d.get_u8(k, TX_STATUS_OFFSET);
+    d.set_u8(
+        k,
+        TX_STATUS_OFFSET,
+        (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU),
+    );
+    true
 }
 
 /// Reserve `len` contiguous bytes of the copy arena (a byte FIFO freed in completion order):
