@@ -17,8 +17,9 @@
 //! In the deterministic run the engine reaches the device model's registers through
 //! [`PostedMmio`]: a register write is a store into a small latch (as a posted MMIO write is
 //! one store on hardware) and is delivered to the model after `dpi_step` returns. Before that,
-//! the model's register emulation (`E1000Model::write32`: decode, atomics, about 45
-//! instructions per TDT/ICS write) ran inside `dpi_step` and was counted as DPI work.
+//! the model's register emulation (`E1000Model::write32`: decode, atomics, 20-25
+//! instructions per TDT or ICS write, ~45 per packet with one packet per doorbell) ran inside
+//! `dpi_step` and was counted as DPI work.
 //!
 //! Usage:
 //!   cargo run --release -p ally-dpi --example nic_bench                 # both, all cases
