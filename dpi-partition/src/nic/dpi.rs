@@ -752,10 +752,63 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Complete packets the real NIC has sent.
+    #[inline(always)]
     fn tx_complete(&mut self) -> u64 {
-        if self.tx.inflight.len == 0 {
+        match self.tx.inflight.len {
+            0 => 0,
+            1 => self.tx_complete_one(),
+            _ => self.tx_complete_all(),
+        }
+    }
+
+    /// [`DpiNic::tx_complete`] with exactly one entry in flight (the usual state between
+    /// doorbells): the same checks and effects as [`DpiNic::tx_complete_all`] for a posted
+    /// entry of the current ring that does not wrap, which is the common case; anything else
+    /// goes to the general loop.
+    #[inline(always)]
+    fn tx_complete_one(&mut self) -> u64 {
+        let f = self.tx.inflight.buf[self.tx.inflight.head];
+        let (Some(last), Some(ring)) = (f.real_last, self.tx.ring) else {
+            return self.tx_complete_all();
+        };
+        let end = f.guest_first + f.guest_count;
+        if f.epoch != self.tx.epoch || end > ring.n {
+            return self.tx_complete_all();
+        }
+        if self.tx_win.desc_u8(last, TX_STATUS_OFFSET) & txsta::DD == 0 {
             return 0;
         }
+        // Our write-backs come after the NIC's DD, as the device's come after its reads.
+        fence(Ordering::Acquire);
+        // A run outside the ring's window (impossible for a validated ring) writes nothing.
+        let d = ring.win.run(f.guest_first, f.guest_count);
+        let mut wrote = false;
+        for k in 0..d.len() {
+            wrote |= complete_desc(d, k);
+        }
+        self.tx.real_clean = if last + 1 == self.cfg.tx_ring {
+            0
+        } else {
+            last + 1
+        };
+        self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
+        self.tx.inflight.pop_front();
+        // Published after every DD it covers.
+        self.shadow.set_tdh(if end == ring.n { 0 } else { end });
+        if wrote {
+            // Nothing is in flight any more.
+            let mut cause = icr::TXDW;
+            if self.shadow.tdt() == self.tx.next {
+                cause |= icr::TXQE;
+            }
+            self.raise(cause);
+        }
+        u64::from(f.guest_count)
+    }
+
+    /// [`DpiNic::tx_complete`] in general: every entry whose packets are done, in order.
+    #[inline(never)]
+    fn tx_complete_all(&mut self) -> u64 {
         let mut done = 0;
         let mut wrote = false;
         let tx_n = self.cfg.tx_ring;
@@ -853,12 +906,111 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         }
     }
 
+    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes): in copy mode
+    /// copy it into the arena first (`arena` is the arena head, given back on a drop). Returns
+    /// the address the real descriptor points at.
+    #[inline(always)]
+    fn tx_fast_verdict<const COPY: bool>(
+        &mut self,
+        pa: u64,
+        len: u32,
+        arena: &mut u64,
+    ) -> Result<u64, FastStop> {
+        let (addr, verdict) = match COPY {
+            false => (
+                pa,
+                match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                    Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                    Err(_) => HookVerdict::Drop,
+                },
+            ),
+            true => {
+                let before = *arena;
+                let Some(at) = arena_alloc(
+                    arena,
+                    self.tx.arena_tail,
+                    self.cfg.tx_arena,
+                    self.layout.arena,
+                    len,
+                ) else {
+                    return Err(FastStop::NoArena);
+                };
+                let copied = match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                    Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
+                    Err(_) => false,
+                };
+                let verdict = match self.mem.borrow(HostPhysAddr(at), len as usize) {
+                    Ok(frame) if copied => self.hook.inspect(frame, Direction::ToWire),
+                    _ => HookVerdict::Drop,
+                };
+                if verdict == HookVerdict::Drop {
+                    *arena = before;
+                }
+                (at, verdict)
+            }
+        };
+        if verdict == HookVerdict::Drop {
+            return Err(FastStop::Dropped);
+        }
+        Ok(addr)
+    }
+
+    /// [`DpiNic::tx_fast_mode`] when exactly one new guest descriptor is waiting (one packet
+    /// per doorbell): the same checks and effects without the run set-up.
+    #[inline(always)]
+    fn tx_fast_single<const COPY: bool>(&mut self, ring: GuestRing<'a>) -> (u64, bool, bool) {
+        let next = self.tx.next;
+        let hi = ring.win.desc_u64(next, 1);
+        let lo = ring.win.desc_u64(next, 0);
+        let Some((pa, len)) = self.tx_fast_accept(self.policy.first_allowed(), hi, lo) else {
+            // Not a packet this path posts: the general path refuses or handles it.
+            return (0, false, false);
+        };
+        if self.real_tx_free() == 0 {
+            return (0, true, false);
+        }
+        let mut arena = self.tx.arena_head;
+        let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+            Ok(addr) => addr,
+            Err(FastStop::NoArena) => return (0, true, false),
+            Err(FastStop::Dropped) => {
+                if self.tx.inflight.is_full() {
+                    // Inspected again next time; back-pressure meanwhile.
+                    return (0, true, false);
+                }
+                self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+                self.finish_unposted(1, ring.next(next));
+                return (1, false, false);
+            }
+        };
+        let tail = self.tx.real_tail;
+        // As in `tx_fast_mode`: the guest's command with RS set, status cleared.
+        self.tx_win.set_desc_u64(tail, 0, addr);
+        self.tx_win
+            .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+        self.tx.arena_head = arena;
+        self.push_inflight(1, 1, Some(tail), ring.n);
+        self.tx.next = ring.next(next);
+        self.tx.real_tail = if tail + 1 == self.cfg.tx_ring {
+            0
+        } else {
+            tail + 1
+        };
+        self.counters.tx.packets += 1;
+        self.counters.tx.wire_frames += 1;
+        self.counters.tx.bytes += u64::from(len);
+        (1, false, true)
+    }
+
     #[inline(always)]
     fn tx_fast_mode<const COPY: bool>(
         &mut self,
         ring: GuestRing<'a>,
         tdt: u32,
     ) -> (u64, bool, bool) {
+        if ring.next(self.tx.next) == tdt {
+            return self.tx_fast_single::<COPY>(ring);
+        }
         let rn = self.cfg.tx_ring;
         // Locals, not fields: the volatile descriptor stores below could alias `self` as far as
         // the compiler knows, which would force a reload of every field after each store.
@@ -868,7 +1020,6 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut tail = self.tx.real_tail;
         let mut free = self.real_tx_free();
         let mut arena = self.tx.arena_head;
-        let mut arena_before = arena;
         let (mut pkts, mut bytes) = (0u32, 0u64);
         let (mut stop, mut dropped) = (false, false);
         let fast = self.policy.first_allowed();
@@ -899,43 +1050,17 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 let Some((pa, len)) = self.tx_fast_accept(fast, hi, lo) else {
                     break;
                 };
-                let (addr, verdict) = match COPY {
-                    false => (
-                        pa,
-                        match self.mem.borrow(HostPhysAddr(pa), len as usize) {
-                            Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                            Err(_) => HookVerdict::Drop,
-                        },
-                    ),
-                    true => {
-                        arena_before = arena;
-                        let Some(at) = arena_alloc(
-                            &mut arena,
-                            self.tx.arena_tail,
-                            self.cfg.tx_arena,
-                            self.layout.arena,
-                            len,
-                        ) else {
-                            stop = true;
-                            break;
-                        };
-                        let copied = match self.mem.borrow(HostPhysAddr(pa), len as usize) {
-                            Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
-                            Err(_) => false,
-                        };
-                        match self.mem.borrow(HostPhysAddr(at), len as usize) {
-                            Ok(frame) if copied => {
-                                (at, self.hook.inspect(frame, Direction::ToWire))
-                            }
-                            _ => (at, HookVerdict::Drop),
-                        }
+                let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+                    Ok(addr) => addr,
+                    Err(FastStop::NoArena) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(FastStop::Dropped) => {
+                        dropped = true;
+                        break;
                     }
                 };
-                if verdict == HookVerdict::Drop {
-                    arena = arena_before;
-                    dropped = true;
-                    break;
-                }
                 // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
                 // cleared, RS set so the NIC reports completion.
                 r.set(k, 0, addr);
@@ -1037,12 +1162,45 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Consume new guest TX descriptors.
+    #[inline(always)]
     fn tx_consume(&mut self) -> u64 {
         let Some(ring) = self.tx.ring else { return 0 };
         if self.tx.stopped || !self.tx.enabled {
             return 0;
         }
         let tdt = self.shadow.tdt();
+        let next = self.tx.next;
+        if tdt == next {
+            // Nothing new (`next < ring.n`, so the tail is valid).
+            return 0;
+        }
+        // One new descriptor (one packet per doorbell): the fast path's one-descriptor case
+        // without the loop. A refusal (nothing moved, no back-pressure) goes to the loop,
+        // whose general path counts it.
+        if ring.next(next) == tdt && !self.tx.inflight.is_full() {
+            let (m, stop, posted) = match self.cfg.mode {
+                Mode::ZeroCopy => self.tx_fast_single::<false>(ring),
+                Mode::Copy => self.tx_fast_single::<true>(ring),
+            };
+            if stop {
+                self.counters.tx.backpressure += 1;
+                return m;
+            }
+            if m != 0 {
+                if posted {
+                    // As in `tx_consume_loop`.
+                    fence(Ordering::Release);
+                    self.real.write32(Reg::TDT, self.tx.real_tail);
+                }
+                return m;
+            }
+        }
+        self.tx_consume_loop(ring, tdt)
+    }
+
+    /// [`DpiNic::tx_consume`] in general: runs of packets, multi-descriptor packets, refusals.
+    #[inline(never)]
+    fn tx_consume_loop(&mut self, ring: GuestRing<'a>, tdt: u32) -> u64 {
         if tdt >= ring.n {
             self.stop_tx(DropReason::BadTail);
             return 0;
@@ -1594,6 +1752,14 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
     }
     *head += pad + len;
     Some(base + (pos + pad) % size)
+}
+
+/// Why the TX fast path stopped at an accepted descriptor.
+enum FastStop {
+    /// The copy arena is full (back-pressure).
+    NoArena,
+    /// The hook dropped the packet.
+    Dropped,
 }
 
 /// What the general TX path did with one packet.
