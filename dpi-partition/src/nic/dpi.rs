@@ -958,8 +958,11 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// [`DpiNic::tx_fast_mode`] when exactly one new guest descriptor is waiting (one packet
     /// per doorbell): the same checks and effects without the run set-up.
     #[inline(always)]
-    fn tx_fast_single<const COPY: bool>(&mut self, ring: GuestRing<'a>) -> (u64, bool, bool) {
-        let next = self.tx.next;
+    fn tx_fast_single<const COPY: bool>(&mut self) -> (u64, bool, bool) {
+        let Some(ring) = self.tx.ring.as_ref() else {
+            return (0, false, false);
+        };
+        let (n, next) = (ring.n, self.tx.next);
         let hi = ring.win.desc_u64(next, 1);
         let lo = ring.win.desc_u64(next, 0);
         let Some((pa, len)) = self.tx_fast_accept(self.policy.first_allowed(), hi, lo) else {
@@ -979,7 +982,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     return (0, true, false);
                 }
                 self.counters.tx.drops[DropReason::Verdict as usize] += 1;
-                self.finish_unposted(1, ring.next(next));
+                self.finish_unposted(1, if next + 1 == n { 0 } else { next + 1 });
                 return (1, false, false);
             }
         };
@@ -989,8 +992,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         self.tx_win
             .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
         self.tx.arena_head = arena;
-        self.push_inflight(1, 1, Some(tail), ring.n);
-        self.tx.next = ring.next(next);
+        self.push_inflight(1, 1, Some(tail), n);
+        self.tx.next = if next + 1 == n { 0 } else { next + 1 };
         self.tx.real_tail = if tail + 1 == self.cfg.tx_ring {
             0
         } else {
@@ -1009,7 +1012,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         tdt: u32,
     ) -> (u64, bool, bool) {
         if ring.next(self.tx.next) == tdt {
-            return self.tx_fast_single::<COPY>(ring);
+            return self.tx_fast_single::<COPY>();
         }
         let rn = self.cfg.tx_ring;
         // Locals, not fields: the volatile descriptor stores below could alias `self` as far as
@@ -1164,7 +1167,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// Consume new guest TX descriptors.
     #[inline(always)]
     fn tx_consume(&mut self) -> u64 {
-        let Some(ring) = self.tx.ring else { return 0 };
+        let Some(n) = self.tx.ring.as_ref().map(|r| r.n) else {
+            return 0;
+        };
         if self.tx.stopped || !self.tx.enabled {
             return 0;
         }
@@ -1177,10 +1182,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // One new descriptor (one packet per doorbell): the fast path's one-descriptor case
         // without the loop. A refusal (nothing moved, no back-pressure) goes to the loop,
         // whose general path counts it.
-        if ring.next(next) == tdt && !self.tx.inflight.is_full() {
+        if (if next + 1 == n { 0 } else { next + 1 }) == tdt && !self.tx.inflight.is_full() {
             let (m, stop, posted) = match self.cfg.mode {
-                Mode::ZeroCopy => self.tx_fast_single::<false>(ring),
-                Mode::Copy => self.tx_fast_single::<true>(ring),
+                Mode::ZeroCopy => self.tx_fast_single::<false>(),
+                Mode::Copy => self.tx_fast_single::<true>(),
             };
             if stop {
                 self.counters.tx.backpressure += 1;
@@ -1195,7 +1200,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 return m;
             }
         }
-        self.tx_consume_loop(ring, tdt)
+        match self.tx.ring {
+            Some(ring) => self.tx_consume_loop(ring, tdt),
+            None => 0,
+        }
     }
 
     /// [`DpiNic::tx_consume`] in general: runs of packets, multi-descriptor packets, refusals.
