@@ -8,23 +8,37 @@
 //!   prints packets per second (wall clock, shared machine: indicative only);
 //! * **deterministic**: the same work in lock-step on one thread, DPI work isolated in
 //!   `dpi_step` so `valgrind --tool=callgrind --toggle-collect='*dpi_step*'` counts only the
-//!   DPI core's instructions; the bench prints the packet count to divide by.
+//!   DPI core's instructions; the bench prints the packet count to divide by. It also reads
+//!   the time stamp counter around every `dpi_step` (outside it, so callgrind does not count
+//!   it) and prints the DPI core's **cycles per packet** (TSC ticks, less the measured cost of
+//!   an empty TSC pair, best of several runs), ns per packet, and for copy mode cycles per
+//!   byte copied.
+//!
+//! In the deterministic run the engine reaches the device model's registers through
+//! [`PostedMmio`]: a register write is a store into a small latch (as a posted MMIO write is
+//! one store on hardware) and is delivered to the model after `dpi_step` returns. Before that,
+//! the model's register emulation (`E1000Model::write32`: decode, atomics, 20-25
+//! instructions per TDT or ICS write, ~45 per packet with one packet per doorbell) ran inside
+//! `dpi_step` and was counted as DPI work.
 //!
 //! Usage:
 //!   cargo run --release -p ally-dpi --example nic_bench                 # both, all cases
+//!   nic_bench det <case> [packets]                                      # one case, timed
 //!   valgrind --tool=callgrind --toggle-collect='*dpi_step*' \
-//!     target/release/examples/nic_bench det <case>                      # one case, counted
+//!     $CARGO_TARGET_DIR/release/examples/nic_bench det <case>           # one case, counted
 
 use ally_dpi::nic::desc::{txcmd, LegacyTxDesc, RxDesc};
 use ally_dpi::nic::dpi::{DpiConfig, DpiNic, Mode};
 use ally_dpi::nic::mem::{DmaMemory, FakeDma, MemoryPolicy};
 use ally_dpi::nic::model::{E1000Model, Flavor, ModelConfig};
-use ally_dpi::nic::regs::{icr, rctl, tctl, Reg};
+use ally_dpi::nic::regs::{icr, rctl, tctl, NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
 use ally_dpi::nic::PassAll;
 use ally_hypervisor::addr::{HostPhysAddr, PhysRange};
+use core::arch::x86_64::{_mm_lfence, _rdtsc};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const RAM_END: u64 = 12 * MIB;
@@ -41,7 +55,58 @@ const TX_N: u32 = 256;
 const RX_N: u32 = 256;
 
 type Model<'a> = E1000Model<&'a FakeDma>;
-type Nic<'a> = DpiNic<'a, FakeDma, Model<'a>, PassAll>;
+
+/// Register writes held by [`PostedMmio`] before they reach the model.
+const POSTED: usize = 16;
+
+/// The device's registers as the engine sees them in the lock-step run: a write is latched
+/// (one store, like a posted MMIO write on hardware) and delivered to the model by
+/// [`PostedMmio::flush`] after `dpi_step`, so the model's register emulation is not counted
+/// as DPI work. A read flushes first (as a PCIe read does with posted writes), so the model
+/// always sees the writes in order.
+struct PostedMmio<'a> {
+    model: &'a Model<'a>,
+    latch: [Cell<(u32, u32)>; POSTED],
+    n: Cell<usize>,
+}
+
+impl<'a> PostedMmio<'a> {
+    fn new(model: &'a Model<'a>) -> Self {
+        Self {
+            model,
+            latch: std::array::from_fn(|_| Cell::new((0, 0))),
+            n: Cell::new(0),
+        }
+    }
+
+    /// Deliver the latched writes to the model, oldest first.
+    #[inline(never)]
+    fn flush(&self) {
+        for w in &self.latch[..self.n.get()] {
+            let (reg, value) = w.get();
+            self.model.write32(Reg(reg), value);
+        }
+        self.n.set(0);
+    }
+}
+
+impl NicRegisters for PostedMmio<'_> {
+    fn read32(&self, reg: Reg) -> u32 {
+        self.flush();
+        self.model.read32(reg)
+    }
+    #[inline(always)]
+    fn write32(&self, reg: Reg, value: u32) {
+        let mut n = self.n.get();
+        if n == POSTED {
+            // Only configuration bursts (start-up) fill the latch.
+            self.flush();
+            n = 0;
+        }
+        self.latch[n].set((reg.0, value));
+        self.n.set(n + 1);
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -186,12 +251,54 @@ fn guest_setup(w: &World, model: &Model<'_>, len: usize) {
 
 /// Everything the DPI core does for one loop iteration. Not inlined so callgrind can isolate it.
 #[inline(never)]
-fn dpi_step(nic: &mut Nic<'_>) -> u64 {
+fn dpi_step<R: NicRegisters>(nic: &mut DpiNic<'_, FakeDma, R, PassAll>) -> u64 {
     nic.poll()
 }
 
-/// Lock-step run: returns packets moved.
-fn deterministic(c: Case, packets: u64) -> u64 {
+/// The time stamp counter, ordered after earlier instructions (LFENCE; RDTSC).
+#[inline(always)]
+fn tsc() -> u64 {
+    // SAFETY: LFENCE and RDTSC have no preconditions in user mode (CR4.TSD clear on the hosts
+    // the bench runs on; the DPI core itself reads the TSC the same way).
+    unsafe {
+        _mm_lfence();
+        _rdtsc()
+    }
+}
+
+/// Ticks an empty `tsc()` pair costs (the least of many), subtracted from every sample.
+fn tsc_overhead() -> u64 {
+    (0..10_000)
+        .map(|_| {
+            let t = tsc();
+            tsc().wrapping_sub(t)
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+/// TSC ticks per nanosecond, against the monotonic clock.
+fn tsc_per_ns() -> f64 {
+    let (t0, c0) = (Instant::now(), tsc());
+    while t0.elapsed() < Duration::from_millis(50) {
+        std::hint::spin_loop();
+    }
+    let (dt, dc) = (t0.elapsed(), tsc() - c0);
+    dc as f64 / dt.as_nanos() as f64
+}
+
+/// What one lock-step run measured.
+#[derive(Clone, Copy, Debug)]
+struct Det {
+    packets: u64,
+    /// TSC ticks spent inside `dpi_step` (less the timing overhead).
+    dpi_ticks: u64,
+    /// TSC ticks of the whole loop (guest, model and DPI work).
+    loop_ticks: u64,
+}
+
+/// Lock-step run.
+fn deterministic(c: Case, packets: u64, overhead: u64) -> Det {
     let w = World {
         mem: FakeDma::new(0, MEM_END as usize),
         shadow: ShadowRegs::new(),
@@ -203,33 +310,36 @@ fn deterministic(c: Case, packets: u64) -> u64 {
             immediate: false,
         },
     );
+    let mmio = PostedMmio::new(&model);
     let cfg = DpiConfig {
         mode: c.mode,
         tx_ring: 256,
         rx_ring: 256,
         ..DpiConfig::default()
     };
-    let mut nic = DpiNic::new(
-        &w.shadow,
-        &w.mem,
-        &model,
-        policy(),
-        DPI_REGION,
-        cfg,
-        PassAll,
-    )
-    .expect("dpi");
+    let mut nic =
+        DpiNic::new(&w.shadow, &w.mem, &mmio, policy(), DPI_REGION, cfg, PassAll).expect("dpi");
+    mmio.flush();
     guest_setup(&w, &model, c.len);
     dpi_step(&mut nic);
+    mmio.flush();
     let frame = vec![0xA5u8; c.len];
     let (mut tdt, mut rdt, mut done) = (0u32, RX_N - 1, 0u64);
+    let mut dpi_ticks = 0u64;
+    let mut step = |nic: &mut DpiNic<'_, FakeDma, PostedMmio<'_>, PassAll>| {
+        let t = tsc();
+        dpi_step(nic);
+        dpi_ticks += tsc().wrapping_sub(t).saturating_sub(overhead);
+        mmio.flush();
+    };
+    let start = tsc();
     while done < packets {
         if c.rx {
             for _ in 0..c.batch {
                 model.inject(&frame);
             }
             model.process();
-            dpi_step(&mut nic);
+            step(&mut nic);
             // The guest takes the frames and returns the buffers.
             for _ in 0..c.batch {
                 rdt = (rdt + 1) % RX_N;
@@ -243,7 +353,7 @@ fn deterministic(c: Case, packets: u64) -> u64 {
             // and posts this one.
             tdt = (tdt + c.batch) % TX_N;
             w.shadow.guest_write(Reg::TDT, tdt, &model);
-            dpi_step(&mut nic);
+            step(&mut nic);
             model.process();
             model.take_wire();
         }
@@ -251,12 +361,43 @@ fn deterministic(c: Case, packets: u64) -> u64 {
         done += u64::from(c.batch);
     }
     // Complete the last batch.
-    dpi_step(&mut nic);
+    step(&mut nic);
+    let loop_ticks = tsc() - start;
     let cnt = nic.counters();
     let moved = if c.rx { cnt.rx.packets } else { cnt.tx.packets };
     assert_eq!(moved, done, "every packet moved");
     assert_eq!(nic.tx_in_flight(), 0, "every packet completed");
-    moved
+    Det {
+        packets: moved,
+        dpi_ticks,
+        loop_ticks,
+    }
+}
+
+/// Best (least DPI time) of `runs` lock-step runs: the machine is shared, noise only adds.
+fn deterministic_best(c: Case, packets: u64, runs: usize, overhead: u64) -> Det {
+    (0..runs)
+        .map(|_| deterministic(c, packets, overhead))
+        .min_by_key(|d| d.dpi_ticks)
+        .expect("at least one run")
+}
+
+/// One line of timing results for a lock-step run.
+fn det_report(c: Case, d: Det, per_ns: f64) -> String {
+    let pk = d.packets as f64;
+    let cyc = d.dpi_ticks as f64 / pk;
+    let per_byte = match c.mode {
+        // Copy mode (TX copies into the arena, RX into the guest's buffers): cycles per byte.
+        Mode::Copy => format!("{:>9.3}", d.dpi_ticks as f64 / (pk * c.len as f64)),
+        Mode::ZeroCopy => format!("{:>9}", "-"),
+    };
+    format!(
+        "{:>10.1} {:>8.1} {} {:>12.1}",
+        cyc,
+        cyc / per_ns,
+        per_byte,
+        d.loop_ticks as f64 / pk
+    )
 }
 
 /// Threaded run: a guest producer thread and the DPI + device thread; returns packets/s.
@@ -357,6 +498,12 @@ fn threaded(c: Case, packets: u64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let overhead = tsc_overhead();
+    let per_ns = tsc_per_ns();
+    let header = format!(
+        "{:>10} {:>8} {:>9} {:>12}",
+        "dpi cyc/p", "dpi ns/p", "cyc/byte", "loop cyc/p"
+    );
     if args.len() >= 3 && args[1] == "det" {
         let Some(c) = CASES.iter().find(|c| c.name == args[2]) else {
             eprintln!(
@@ -367,31 +514,42 @@ fn main() {
             std::process::exit(2);
         };
         let n: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-        let moved = deterministic(*c, n);
+        let runs: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+        let d = deterministic_best(*c, n, runs, overhead);
         println!(
             "case {} packets {} bytes {}",
             c.name,
-            moved,
-            moved * c.len as u64
+            d.packets,
+            d.packets * c.len as u64
         );
+        println!("{:<22} {header}", "tsc");
+        println!("{:<22} {}", c.name, det_report(*c, d, per_ns));
         return;
     }
+    println!("TSC {per_ns:.3} ticks/ns, {overhead} ticks per timing pair (subtracted)");
     println!(
-        "{:<22} {:>12} {:>14} {:>10}",
+        "{:<22} {:>12} {:>14} {:>10} {header}",
         "case", "threaded pps", "lock-step pps", "Gbit/s"
     );
     for c in CASES {
         let n = if c.len > 1000 { 200_000 } else { 500_000 };
         let pps = threaded(c, n);
         let t = Instant::now();
-        let moved = deterministic(c, n);
-        let det_pps = moved as f64 / t.elapsed().as_secs_f64();
+        let first = deterministic(c, n, overhead);
+        let det_pps = first.packets as f64 / t.elapsed().as_secs_f64();
+        let best = deterministic_best(c, n, 4, overhead);
+        let d = if first.dpi_ticks < best.dpi_ticks {
+            first
+        } else {
+            best
+        };
         println!(
-            "{:<22} {:>12.0} {:>14.0} {:>10.2}",
+            "{:<22} {:>12.0} {:>14.0} {:>10.2} {}",
             c.name,
             pps,
             det_pps,
-            pps * c.len as f64 * 8.0 / 1e9
+            pps * c.len as f64 * 8.0 / 1e9,
+            det_report(c, d, per_ns)
         );
     }
 }

@@ -41,7 +41,7 @@ use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
-use super::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
+use super::mem::{DescRun, DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -755,10 +755,63 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Complete packets the real NIC has sent.
+    #[inline(always)]
     fn tx_complete(&mut self) -> u64 {
-        if self.tx.inflight.len == 0 {
+        match self.tx.inflight.len {
+            0 => 0,
+            1 => self.tx_complete_one(),
+            _ => self.tx_complete_all(),
+        }
+    }
+
+    /// [`DpiNic::tx_complete`] with exactly one entry in flight (the usual state between
+    /// doorbells): the same checks and effects as [`DpiNic::tx_complete_all`] for a posted
+    /// entry of the current ring that does not wrap, which is the common case; anything else
+    /// goes to the general loop.
+    #[inline(always)]
+    fn tx_complete_one(&mut self) -> u64 {
+        let f = self.tx.inflight.buf[self.tx.inflight.head];
+        let (Some(last), Some(ring)) = (f.real_last, self.tx.ring) else {
+            return self.tx_complete_all();
+        };
+        let end = f.guest_first + f.guest_count;
+        if f.epoch != self.tx.epoch || end > ring.n {
+            return self.tx_complete_all();
+        }
+        if self.tx_win.desc_u8(last, TX_STATUS_OFFSET) & txsta::DD == 0 {
             return 0;
         }
+        // Our write-backs come after the NIC's DD, as the device's come after its reads.
+        fence(Ordering::Acquire);
+        // A run outside the ring's window (impossible for a validated ring) writes nothing.
+        let d = ring.win.run(f.guest_first, f.guest_count);
+        let mut wrote = false;
+        for k in 0..d.len() {
+            wrote |= complete_desc(d, k);
+        }
+        self.tx.real_clean = if last + 1 == self.cfg.tx_ring {
+            0
+        } else {
+            last + 1
+        };
+        self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
+        self.tx.inflight.pop_front();
+        // Published after every DD it covers.
+        self.shadow.set_tdh(if end == ring.n { 0 } else { end });
+        if wrote {
+            // Nothing is in flight any more.
+            let mut cause = icr::TXDW;
+            if self.shadow.tdt() == self.tx.next {
+                cause |= icr::TXQE;
+            }
+            self.raise(cause);
+        }
+        u64::from(f.guest_count)
+    }
+
+    /// [`DpiNic::tx_complete`] in general: every entry whose packets are done, in order.
+    #[inline(never)]
+    fn tx_complete_all(&mut self) -> u64 {
         let mut done = 0;
         let mut wrote = false;
         let tx_n = self.cfg.tx_ring;
@@ -780,17 +833,24 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             fence(Ordering::Acquire);
             match ring {
                 Some(ring) if f.epoch == epoch => {
-                    let gwin = ring.win;
+                    // Usually one run that does not wrap, so the loop needs no wrap or range
+                    // checks; a wrapping entry goes descriptor by descriptor. A descriptor
+                    // outside the ring's window (impossible for a validated ring) is skipped.
                     let mut i = f.guest_first;
-                    for _ in 0..f.guest_count {
-                        if gwin.desc_u8(i, TX_CMD_OFFSET) & txcmd::RS != 0 {
-                            // As the device: DD set, collision/underrun bits clear.
-                            let sta = gwin.desc_u8(i, TX_STATUS_OFFSET);
-                            let sta = (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU);
-                            gwin.set_desc_u8(i, TX_STATUS_OFFSET, sta);
-                            wrote = true;
+                    let d = ring.win.run(i, f.guest_count);
+                    if i + f.guest_count <= ring.n && d.len() == f.guest_count as usize {
+                        for k in 0..d.len() {
+                            wrote |= complete_desc(d, k);
                         }
-                        i = ring.next(i);
+                        i += f.guest_count;
+                        if i == ring.n {
+                            i = 0;
+                        }
+                    } else {
+                        for _ in 0..f.guest_count {
+                            wrote |= complete_desc(ring.win.run(i, 1), 0);
+                            i = ring.next(i);
+                        }
                     }
                     new_tdh = Some(i);
                 }
@@ -849,93 +909,186 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         }
     }
 
+    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes): in copy mode
+    /// copy it into the arena first (`arena` is the arena head, given back on a drop). Returns
+    /// the address the real descriptor points at.
+    #[inline(always)]
+    fn tx_fast_verdict<const COPY: bool>(
+        &mut self,
+        pa: u64,
+        len: u32,
+        arena: &mut u64,
+    ) -> Result<u64, FastStop> {
+        let (addr, verdict) = match COPY {
+            false => (
+                pa,
+                match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                    Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
+                    Err(_) => HookVerdict::Drop,
+                },
+            ),
+            true => {
+                let before = *arena;
+                let Some(at) = arena_alloc(
+                    arena,
+                    self.tx.arena_tail,
+                    self.cfg.tx_arena,
+                    self.layout.arena,
+                    len,
+                ) else {
+                    return Err(FastStop::NoArena);
+                };
+                let copied = match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                    Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
+                    Err(_) => false,
+                };
+                let verdict = match self.mem.borrow(HostPhysAddr(at), len as usize) {
+                    Ok(frame) if copied => self.hook.inspect(frame, Direction::ToWire),
+                    _ => HookVerdict::Drop,
+                };
+                if verdict == HookVerdict::Drop {
+                    *arena = before;
+                }
+                (at, verdict)
+            }
+        };
+        if verdict == HookVerdict::Drop {
+            return Err(FastStop::Dropped);
+        }
+        Ok(addr)
+    }
+
+    /// [`DpiNic::tx_fast_mode`] when exactly one new guest descriptor is waiting (one packet
+    /// per doorbell): the same checks and effects without the run set-up.
+    #[inline(always)]
+    fn tx_fast_single<const COPY: bool>(&mut self) -> (u64, bool, bool) {
+        let Some(ring) = self.tx.ring.as_ref() else {
+            return (0, false, false);
+        };
+        let (n, next) = (ring.n, self.tx.next);
+        let hi = ring.win.desc_u64(next, 1);
+        let lo = ring.win.desc_u64(next, 0);
+        let Some((pa, len)) = self.tx_fast_accept(self.policy.first_allowed(), hi, lo) else {
+            // Not a packet this path posts: the general path refuses or handles it.
+            return (0, false, false);
+        };
+        if self.real_tx_free() == 0 {
+            return (0, true, false);
+        }
+        let mut arena = self.tx.arena_head;
+        let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+            Ok(addr) => addr,
+            Err(FastStop::NoArena) => return (0, true, false),
+            Err(FastStop::Dropped) => {
+                if self.tx.inflight.is_full() {
+                    // Inspected again next time; back-pressure meanwhile.
+                    return (0, true, false);
+                }
+                self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+                self.finish_unposted(1, if next + 1 == n { 0 } else { next + 1 });
+                return (1, false, false);
+            }
+        };
+        let tail = self.tx.real_tail;
+        // As in `tx_fast_mode`: the guest's command with RS set, status cleared.
+        self.tx_win.set_desc_u64(tail, 0, addr);
+        self.tx_win
+            .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+        self.tx.arena_head = arena;
+        self.push_inflight(1, 1, Some(tail), n);
+        self.tx.next = if next + 1 == n { 0 } else { next + 1 };
+        self.tx.real_tail = if tail + 1 == self.cfg.tx_ring {
+            0
+        } else {
+            tail + 1
+        };
+        self.counters.tx.packets += 1;
+        self.counters.tx.wire_frames += 1;
+        self.counters.tx.bytes += u64::from(len);
+        (1, false, true)
+    }
+
     #[inline(always)]
     fn tx_fast_mode<const COPY: bool>(
         &mut self,
         ring: GuestRing<'a>,
         tdt: u32,
     ) -> (u64, bool, bool) {
+        if ring.next(self.tx.next) == tdt {
+            return self.tx_fast_single::<COPY>();
+        }
         let rn = self.cfg.tx_ring;
         // Locals, not fields: the volatile descriptor stores below could alias `self` as far as
         // the compiler knows, which would force a reload of every field after each store.
         let gwin = ring.win;
         let txw = self.tx_win;
-        let (fast_lo, fast_hi) = self.policy.first_allowed();
         let mut next = self.tx.next;
         let mut tail = self.tx.real_tail;
         let mut free = self.real_tx_free();
         let mut arena = self.tx.arena_head;
-        let mut arena_before = arena;
         let (mut pkts, mut bytes) = (0u32, 0u64);
         let (mut stop, mut dropped) = (false, false);
+        let fast = self.policy.first_allowed();
+        // Runs of descriptors contiguous in both rings (neither wraps inside a run), at most
+        // the free real descriptors: the loop below needs no wrap or range checks.
         while next != tdt && pkts < COALESCE_MAX {
-            let hi = gwin.desc_u64(next, 1);
-            let len = hi as u16 as u32;
-            if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
-                || len == 0
-                || len > MAX_FRAME
-            {
+            let g_avail = if tdt > next {
+                tdt - next
+            } else {
+                ring.n - next
+            };
+            let want = g_avail.min(rn - tail).min(free).min(COALESCE_MAX - pkts);
+            if want == 0 {
+                // The real ring is full: back-pressure if the next packet is one this path
+                // posts; anything else (a refusal) the general path handles without room.
+                let hi = gwin.desc_u64(next, 1);
+                let lo = gwin.desc_u64(next, 0);
+                stop = self.tx_fast_accept(fast, hi, lo).is_some();
                 break;
             }
-            let lo = gwin.desc_u64(next, 0);
-            let end = lo.wrapping_add(u64::from(len));
-            let pa = if lo >= fast_lo && end <= fast_hi && end > lo {
-                // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
-                HostPhysAddr(lo)
-            } else {
-                let Ok(pa) = self.policy.check(GuestPhysAddr(lo), u64::from(len)) else {
+            let g = gwin.run(next, want);
+            let r = txw.run(tail, want);
+            let run = g.len().min(r.len());
+            let mut k = 0;
+            while k < run {
+                let hi = g.get(k, 1);
+                let lo = g.get(k, 0);
+                let Some((pa, len)) = self.tx_fast_accept(fast, hi, lo) else {
                     break;
                 };
-                pa
-            };
-            if free == 0 {
-                stop = true;
-                break;
-            }
-            let (addr, verdict) = match COPY {
-                false => (
-                    pa.as_u64(),
-                    match self.mem.borrow(pa, len as usize) {
-                        Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                        Err(_) => HookVerdict::Drop,
-                    },
-                ),
-                true => {
-                    arena_before = arena;
-                    let Some(at) = arena_alloc(
-                        &mut arena,
-                        self.tx.arena_tail,
-                        self.cfg.tx_arena,
-                        self.layout.arena,
-                        len,
-                    ) else {
+                let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+                    Ok(addr) => addr,
+                    Err(FastStop::NoArena) => {
                         stop = true;
                         break;
-                    };
-                    let copied = match self.mem.borrow(pa, len as usize) {
-                        Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
-                        Err(_) => false,
-                    };
-                    match self.mem.borrow(HostPhysAddr(at), len as usize) {
-                        Ok(frame) if copied => (at, self.hook.inspect(frame, Direction::ToWire)),
-                        _ => (at, HookVerdict::Drop),
                     }
-                }
-            };
-            if verdict == HookVerdict::Drop {
-                arena = arena_before;
-                dropped = true;
+                    Err(FastStop::Dropped) => {
+                        dropped = true;
+                        break;
+                    }
+                };
+                // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
+                // cleared, RS set so the NIC reports completion.
+                r.set(k, 0, addr);
+                r.set(k, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
+                bytes += u64::from(len);
+                k += 1;
+            }
+            // `k <= run <= want`: both indices stay inside their rings.
+            let k = k as u32;
+            next += k;
+            if next == ring.n {
+                next = 0;
+            }
+            tail += k;
+            if tail == rn {
+                tail = 0;
+            }
+            free -= k;
+            pkts += k;
+            if k < want || stop || dropped {
                 break;
             }
-            // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
-            // cleared, RS set so the NIC reports completion.
-            txw.set_desc_u64(tail, 0, addr);
-            txw.set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
-            tail = if tail + 1 == rn { 0 } else { tail + 1 };
-            free -= 1;
-            next = ring.next(next);
-            pkts += 1;
-            bytes += u64::from(len);
         }
         self.tx.arena_head = arena;
         if pkts != 0 {
@@ -955,6 +1108,31 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // A drop that cannot be recorded yet (in-flight list full) is inspected again next
         // time; treat it as back-pressure.
         (u64::from(pkts), stop || dropped, pkts != 0)
+    }
+
+    /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
+    /// descriptor with EOP, a length in `1..=MAX_FRAME` and a buffer the policy allows.
+    /// Returns the buffer's host-physical address and length; `None` leaves the packet to the
+    /// general path (which refuses it with a precise reason, or handles it). `fast` is the
+    /// policy's first allowed range ([`MemoryPolicy::first_allowed`]), read once per poll.
+    #[inline(always)]
+    fn tx_fast_accept(&self, fast: (u64, u64), hi: u64, lo: u64) -> Option<(u64, u32)> {
+        let len = hi as u16 as u32;
+        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
+            || len == 0
+            || len > MAX_FRAME
+        {
+            return None;
+        }
+        let (fast_lo, fast_hi) = fast;
+        let end = lo.wrapping_add(u64::from(len));
+        if lo >= fast_lo && end <= fast_hi && end > lo {
+            // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
+            Some((lo, len))
+        } else {
+            let pa = self.policy.check(GuestPhysAddr(lo), u64::from(len)).ok()?;
+            Some((pa.as_u64(), len))
+        }
     }
 
     /// Record `packets` accepted packets covering `count` guest descriptors whose last real
@@ -990,12 +1168,50 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Consume new guest TX descriptors.
+    #[inline(always)]
     fn tx_consume(&mut self) -> u64 {
-        let Some(ring) = self.tx.ring else { return 0 };
+        let Some(n) = self.tx.ring.as_ref().map(|r| r.n) else {
+            return 0;
+        };
         if self.tx.stopped || !self.tx.enabled {
             return 0;
         }
         let tdt = self.shadow.tdt();
+        let next = self.tx.next;
+        if tdt == next {
+            // Nothing new (`next < ring.n`, so the tail is valid).
+            return 0;
+        }
+        // One new descriptor (one packet per doorbell): the fast path's one-descriptor case
+        // without the loop. A refusal (nothing moved, no back-pressure) goes to the loop,
+        // whose general path counts it.
+        if (if next + 1 == n { 0 } else { next + 1 }) == tdt && !self.tx.inflight.is_full() {
+            let (m, stop, posted) = match self.cfg.mode {
+                Mode::ZeroCopy => self.tx_fast_single::<false>(),
+                Mode::Copy => self.tx_fast_single::<true>(),
+            };
+            if stop {
+                self.counters.tx.backpressure += 1;
+                return m;
+            }
+            if m != 0 {
+                if posted {
+                    // As in `tx_consume_loop`.
+                    fence(Ordering::Release);
+                    self.real.write32(Reg::TDT, self.tx.real_tail);
+                }
+                return m;
+            }
+        }
+        match self.tx.ring {
+            Some(ring) => self.tx_consume_loop(ring, tdt),
+            None => 0,
+        }
+    }
+
+    /// [`DpiNic::tx_consume`] in general: runs of packets, multi-descriptor packets, refusals.
+    #[inline(never)]
+    fn tx_consume_loop(&mut self, ring: GuestRing<'a>, tdt: u32) -> u64 {
         if tdt >= ring.n {
             self.stop_tx(DropReason::BadTail);
             return 0;
@@ -1309,12 +1525,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Move received frames from the real ring into the guest's.
+    #[inline(always)]
     fn rx_receive(&mut self) -> u64 {
-        let n = self.cfg.rx_ring;
-        // Nothing received: one byte read (the common case when only TX is busy).
+        // Nothing received: one byte read (the common case when only TX is busy), inline in
+        // `poll`; the receive work is out of line so that it does not crowd TX's registers.
         if self.rx_win.desc_u8(self.rx.real_next, 12) & rxsta::DD == 0 {
             return 0;
         }
+        self.rx_receive_frames()
+    }
+
+    /// [`DpiNic::rx_receive`] once a frame is there.
+    #[inline(never)]
+    fn rx_receive_frames(&mut self) -> u64 {
+        let n = self.cfg.rx_ring;
         let mut moved = 0;
         let mut recycled = false;
         let mut delivered = false;
@@ -1509,6 +1733,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 }
 
+/// Write back one completed guest TX descriptor as the device does: when it asked for status
+/// (RS), DD set and the collision/underrun bits clear. Returns whether it wrote.
+#[inline(always)]
+fn complete_desc(d: DescRun<'_>, k: usize) -> bool {
+    if d.get_u8(k, TX_CMD_OFFSET) & txcmd::RS == 0 {
+        return false;
+    }
+    let sta = d.get_u8(k, TX_STATUS_OFFSET);
+    d.set_u8(
+        k,
+        TX_STATUS_OFFSET,
+        (sta | txsta::DD) & !(txsta::EC | txsta::LC | txsta::TU),
+    );
+    true
+}
+
 /// Reserve `len` contiguous bytes of the copy arena (a byte FIFO freed in completion order):
 /// `head`/`tail` are free-running byte counts, `size` the arena size at physical `base`.
 #[inline(always)]
@@ -1523,6 +1763,14 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
     }
     *head += pad + len;
     Some(base + (pos + pad) % size)
+}
+
+/// Why the TX fast path stopped at an accepted descriptor.
+enum FastStop {
+    /// The copy arena is full (back-pressure).
+    NoArena,
+    /// The hook dropped the packet.
+    Dropped,
 }
 
 /// What the general TX path did with one packet.

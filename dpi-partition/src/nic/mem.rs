@@ -211,6 +211,28 @@ impl DmaWindow<'_> {
         }
     }
 
+    /// Descriptors `first..first + count` as a [`DescRun`], checked once here so that a loop
+    /// over the run needs no per-access range check (its accessors compare against the run's
+    /// own length, which the loop bound already implies). Empty unless every descriptor of the
+    /// run lies inside the window.
+    #[inline(always)]
+    pub fn run(&self, first: u32, count: u32) -> DescRun<'_> {
+        let (first, count) = (first as usize, count as usize);
+        // u32 operands: the sum cannot overflow a usize.
+        let count = if first + count <= self.ndesc {
+            count
+        } else {
+            0
+        };
+        DescRun {
+            // `wrapping_add`: no dereference happens unless `count > 0`, which implies
+            // `first < ndesc`, i.e. the pointer stays inside the window.
+            ptr: (self.ptr as *mut u64).wrapping_add(first * 2),
+            count,
+            _life: core::marker::PhantomData,
+        }
+    }
+
     /// Read the byte at `off` (0 when out of bounds).
     #[inline(always)]
     pub fn read_u8(&self, off: usize) -> u8 {
@@ -228,6 +250,71 @@ impl DmaWindow<'_> {
         if off < self.len {
             // SAFETY: in bounds (checked); valid memory per `new`'s contract.
             unsafe { core::ptr::write_volatile(self.ptr.add(off), v) };
+        }
+    }
+}
+
+/// Consecutive whole descriptors of a [`DmaWindow`] (see [`DmaWindow::run`]), indexed from 0.
+#[derive(Clone, Copy)]
+pub struct DescRun<'a> {
+    /// Descriptor 0's first quadword (16-byte aligned when `count > 0`).
+    ptr: *mut u64,
+    count: usize,
+    _life: core::marker::PhantomData<&'a u8>,
+}
+
+impl DescRun<'_> {
+    /// Descriptors in the run.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the run is empty.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Descriptor `k`'s low (`half` 0) or high (`half` 1) quadword; 0 when `k` is outside the
+    /// run.
+    #[inline(always)]
+    pub fn get(&self, k: usize, half: usize) -> u64 {
+        if k < self.count {
+            // SAFETY: descriptor `k` of the run is descriptor `first + k < ndesc` of its window
+            // (`DmaWindow::run`), 16-byte aligned and valid per `DmaWindow::new`.
+            u64::from_le(unsafe { core::ptr::read_volatile(self.ptr.add(k * 2 + (half & 1))) })
+        } else {
+            0
+        }
+    }
+
+    /// Write descriptor `k`'s low or high quadword (ignored when outside the run).
+    #[inline(always)]
+    pub fn set(&self, k: usize, half: usize, v: u64) {
+        if k < self.count {
+            // SAFETY: as in `get`.
+            unsafe { core::ptr::write_volatile(self.ptr.add(k * 2 + (half & 1)), v.to_le()) };
+        }
+    }
+
+    /// Byte `b` (0..16) of descriptor `k`; 0 when outside the run.
+    #[inline(always)]
+    pub fn get_u8(&self, k: usize, b: usize) -> u8 {
+        if k < self.count {
+            // SAFETY: as in `get`; `b & 15` stays inside the descriptor.
+            unsafe { core::ptr::read_volatile((self.ptr.add(k * 2) as *const u8).add(b & 15)) }
+        } else {
+            0
+        }
+    }
+
+    /// Write byte `b` (0..16) of descriptor `k` (ignored when outside the run).
+    #[inline(always)]
+    pub fn set_u8(&self, k: usize, b: usize, v: u8) {
+        if k < self.count {
+            // SAFETY: as in `get_u8`.
+            unsafe { core::ptr::write_volatile((self.ptr.add(k * 2) as *mut u8).add(b & 15), v) };
         }
     }
 }
