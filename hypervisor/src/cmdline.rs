@@ -13,7 +13,7 @@
 //! | `nic`       | PCI address `BB:DD.F` (hex; device < 32, function < 8) | first e1000 found |
 //! | `mode`      | `copy`, `zero-copy`               | `copy`  |
 //! | `heap`      | size as for `dpi_mem`             | sized for the rules: 16M + 128 bytes per rules-module byte |
-//! | `irq_moderation` | TSC cycles between two guest NIC interrupts: decimal, optional `K`/`M` (x1000, x1000000) suffix; `0` disables | `400K` |
+//! | `irq_moderation` | TSC cycles between two guest NIC interrupts: decimal, optional `K`/`M` (x1000, x1000000) suffix; `0` disables | `100K` |
 
 use core::fmt;
 use log::LevelFilter;
@@ -212,8 +212,8 @@ pub struct AllyOptions {
     pub heap: Option<u64>,
     /// Fewest TSC cycles between two NIC interrupts Ally raises for the guest (0: none). In
     /// cycles, not time, because what moderation amortises — the guest's interrupt handler
-    /// and the register exits it makes — costs cycles: 400K is 133 µs at 3 GHz (7,500
-    /// interrupts/s, between the e1000 driver's own bulk and low-latency rates) and 8 ms on
+    /// and the register exits it makes — costs cycles: 100K is 33 µs at 3 GHz (at most
+    /// 30,000 interrupts/s, the e1000 driver's own low-latency rate is 20,000) and 2 ms on
     /// Bochs' 50 MHz.
     pub irq_moderation: u64,
 }
@@ -227,7 +227,7 @@ impl Default for AllyOptions {
             nic: None,
             mode: PacketMode::Copy,
             heap: None,
-            irq_moderation: 400_000,
+            irq_moderation: 100_000,
         }
     }
 }
@@ -527,7 +527,7 @@ mod tests {
                 .map(|o| o.irq_moderation)
                 .map_err(|e| e.to_string())
         };
-        assert_eq!(moderation(""), Ok(400_000));
+        assert_eq!(moderation(""), Ok(100_000));
         assert_eq!(moderation("irq_moderation=0"), Ok(0));
         assert_eq!(moderation("irq_moderation=250k"), Ok(250_000));
         assert_eq!(moderation("irq_moderation=2M"), Ok(2_000_000));
