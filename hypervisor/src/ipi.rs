@@ -340,12 +340,13 @@ pub fn filter_device_interrupt(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const OS: [u32; 3] = [0, 1, 2];
-    const DPI: [u32; 1] = [3];
-    const CPUS: CpuSets<'static> = CpuSets {
+    pub(crate) const DPI: [u32; 1] = [3];
+    /// Three OS cores (APIC IDs 0-2) and one DPI core (3), for every filter's tests.
+    pub(crate) const CPUS: CpuSets<'static> = CpuSets {
         os_cores: &OS,
         dpi_cores: &DPI,
     };

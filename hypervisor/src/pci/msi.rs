@@ -507,15 +507,9 @@ impl InterruptGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipi::tests::{CPUS, DPI};
     use crate::pci::tests::FakeBus;
     use crate::pci::REG_ID;
-
-    const OS: [u32; 3] = [0, 1, 2];
-    const DPI: [u32; 1] = [3];
-    const CPUS: CpuSets<'static> = CpuSets {
-        os_cores: &OS,
-        dpi_cores: &DPI,
-    };
     const PM: u8 = 0x01;
     const PCIE: u8 = 0x10;
     const WIDE: u16 = 0x0080;
