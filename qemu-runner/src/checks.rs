@@ -895,6 +895,7 @@ struct ExitSnapshot {
     wire: u64,
     irqs: u64,
     registers: Vec<(String, u64)>,
+    apic_registers: Vec<(String, u64)>,
 }
 
 fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
@@ -907,8 +908,31 @@ fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
     };
     let mark = with_id("mark")?;
     let nic = with_id("nic-mark")?;
+    let registers = register_counts(nic)?;
+    // Older images print no APIC breakdown: an empty one then.
+    let apic_registers = match ally
+        .all("apic-mark")
+        .find(|l| l.number("id").ok() == Some(id))
+    {
+        Some(line) => register_counts(line)?,
+        None => Vec::new(),
+    };
+    Ok(ExitSnapshot {
+        vm_exits: mark.number("exits").map_err(marker_err)?,
+        apic_exits: mark.number("apic-mmio-exits").map_err(marker_err)?,
+        nic_exits: nic.number("exits").map_err(marker_err)?,
+        wire: nic.number("tx-wire").map_err(marker_err)?
+            + nic.number("rx-wire").map_err(marker_err)?,
+        irqs: nic.number("irq-doorbells").map_err(marker_err)?,
+        registers,
+        apic_registers,
+    })
+}
+
+/// `registers=NAME:READS/WRITES,...` of a mark line, as `(name, reads + writes)`.
+fn register_counts(line: &AllyLine) -> Result<Vec<(String, u64)>, String> {
     let mut registers = Vec::new();
-    for item in nic
+    for item in line
         .fields
         .get("registers")
         .unwrap_or("")
@@ -922,17 +946,23 @@ fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
                 r.parse::<u64>().ok()? + w.parse::<u64>().ok()?,
             ))
         });
-        registers.push(parsed.ok_or(format!("bad registers= item `{item}` in: {}", nic.line))?);
+        registers.push(parsed.ok_or(format!("bad registers= item `{item}` in: {}", line.line))?);
     }
-    Ok(ExitSnapshot {
-        vm_exits: mark.number("exits").map_err(marker_err)?,
-        apic_exits: mark.number("apic-mmio-exits").map_err(marker_err)?,
-        nic_exits: nic.number("exits").map_err(marker_err)?,
-        wire: nic.number("tx-wire").map_err(marker_err)?
-            + nic.number("rx-wire").map_err(marker_err)?,
-        irqs: nic.number("irq-doorbells").map_err(marker_err)?,
-        registers,
-    })
+    Ok(registers)
+}
+
+/// The counts of `b` minus those of `a`, by register, largest first, zeros left out.
+fn register_deltas(a: &[(String, u64)], b: &[(String, u64)]) -> Vec<(String, u64)> {
+    let mut by_register: Vec<(String, u64)> = b
+        .iter()
+        .map(|(reg, n)| {
+            let before = a.iter().find(|(r, _)| r == reg).map_or(0, |(_, n)| *n);
+            (reg.clone(), n.saturating_sub(before))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    by_register.sort_by_key(|r| std::cmp::Reverse(r.1));
+    by_register
 }
 
 /// Exits per wire frame for the big download (marks 3-4, around `wget`) and the big upload
@@ -952,32 +982,30 @@ fn nic_transfer_exits(ally: &AllyReport) -> Result<String, String> {
         let nic = b.nic_exits.saturating_sub(a.nic_exits);
         let vm = b.vm_exits.saturating_sub(a.vm_exits);
         let apic = b.apic_exits.saturating_sub(a.apic_exits);
-        let mut by_register: Vec<(String, u64)> = b
-            .registers
-            .iter()
-            .map(|(reg, n)| {
-                let before = a
-                    .registers
-                    .iter()
-                    .find(|(r, _)| r == reg)
-                    .map_or(0, |(_, n)| *n);
-                (reg.clone(), n.saturating_sub(before))
-            })
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        by_register.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let by_register = register_deltas(&a.registers, &b.registers);
+        let apic_by_register = register_deltas(&a.apic_registers, &b.apic_registers);
         let registers: Vec<String> = by_register
             .iter()
             .map(|(reg, n)| format!("{reg} {n} ({:.3})", per(*n)))
             .collect();
+        let apic_registers: Vec<String> = apic_by_register
+            .iter()
+            .take(4)
+            .map(|(reg, n)| format!("{reg} {n}"))
+            .collect();
         parts.push(format!(
-            "{name}: {wire} wire frames, {nic} NIC exits = {:.3}/frame [{}], {} guest interrupts ({:.1} frames each); all VM exits {vm} = {:.3}/frame, APIC {apic} = {:.3}/frame",
+            "{name}: {wire} wire frames, {nic} NIC exits = {:.3}/frame [{}], {} guest interrupts ({:.1} frames each); all VM exits {vm} = {:.3}/frame, APIC {apic} = {:.3}/frame{}",
             per(nic),
             registers.join(", "),
             b.irqs.saturating_sub(a.irqs),
             wire as f64 / b.irqs.saturating_sub(a.irqs).max(1) as f64,
             per(vm),
-            per(apic)
+            per(apic),
+            if apic_registers.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", apic_registers.join(", "))
+            }
         ));
     }
     Ok(parts.join("; "))
@@ -1523,6 +1551,8 @@ ALLY nic-exits register=RDT reads=0 writes=400
 ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=0.30 queue-exits-per-packet=0.30
 [cpu0 INFO hv] ALLY mark id=3 vcpu=0 exits=1000 ept-violations=900 apic-mmio-exits=500 ioapic-exits=0 dpi-heartbeat=5
 [cpu0 INFO hv] ALLY nic-mark id=3 exits=100 forwarded=10 tx-packets=10 rx-packets=20 tx-wire=10 rx-wire=20 irqs-raised=9 irq-doorbells=8 registers=ICR:4/0,STATUS:10/0
+[cpu0 INFO hv] ALLY apic-mark id=3 registers=EOI:0/100,TMICT:0/50
+[cpu0 INFO hv] ALLY apic-mark id=4 registers=EOI:0/1300,TMICT:0/750,ICR_LOW:0/1
 [cpu0 INFO hv] ALLY mark id=4 vcpu=0 exits=5000 ept-violations=4000 apic-mmio-exits=2500 ioapic-exits=0 dpi-heartbeat=9
 [cpu0 INFO hv] ALLY nic-mark id=4 exits=1100 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=5 vcpu=0 exits=6000 ept-violations=5000 apic-mmio-exits=3000 ioapic-exits=0 dpi-heartbeat=9
@@ -1546,7 +1576,7 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
         );
         assert_eq!(
             c[3].detail,
-            "download: 3000 wire frames, 1000 NIC exits = 0.333/frame [STATUS 400 (0.133), TDT 300 (0.100), ICR 200 (0.067)], 200 guest interrupts (15.0 frames each); all VM exits 4000 = 1.333/frame, APIC 2000 = 0.667/frame; \
+            "download: 3000 wire frames, 1000 NIC exits = 0.333/frame [STATUS 400 (0.133), TDT 300 (0.100), ICR 200 (0.067)], 200 guest interrupts (15.0 frames each); all VM exits 4000 = 1.333/frame, APIC 2000 = 0.667/frame [EOI 1200, TMICT 700, ICR_LOW 1]; \
              upload: 1100 wire frames, 400 NIC exits = 0.364/frame [TDT 350 (0.318), ICR 50 (0.045)], 50 guest interrupts (22.0 frames each); all VM exits 600 = 0.545/frame, APIC 300 = 0.273/frame"
         );
     }

@@ -26,6 +26,39 @@ pub static DROPPED_IPIS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 pub static REWRITTEN_IPIS: AtomicU64 = AtomicU64::new(0);
 /// Guest xAPIC accesses emulated (each one a VM exit).
 pub static APIC_MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
+/// The same exits by register (the page's 64 16-byte slots), reads and writes.
+static APIC_READS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+static APIC_WRITES: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+/// The xAPIC register at `offset` (SDM Vol. 3A table 12-1), for the exit report.
+fn register_name(offset: u64) -> &'static str {
+    match offset {
+        0x020 => "ID",
+        0x030 => "VERSION",
+        0x080 => "TPR",
+        0x0B0 => "EOI",
+        0x0D0 => "LDR",
+        0x0E0 => "DFR",
+        0x0F0 => "SVR",
+        0x100..=0x170 => "ISR",
+        0x180..=0x1F0 => "TMR",
+        0x200..=0x270 => "IRR",
+        0x280 => "ESR",
+        0x300 => "ICR_LOW",
+        0x310 => "ICR_HIGH",
+        0x320 => "LVT_TIMER",
+        0x330..=0x370 => "LVT_OTHER",
+        0x380 => "TMICT",
+        0x390 => "TMCCT",
+        0x3E0 => "TDCR",
+        _ => "other",
+    }
+}
+
+fn count(table: &[AtomicU64; 64], gpa: GuestPhysAddr) {
+    APIC_MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+    table[((gpa.0 & 0x3F0) >> 4) as usize].fetch_add(1, Ordering::Relaxed);
+}
 
 /// Drop reports printed so far (each one a COM2 line; the counters keep counting after).
 /// Broadcasts have their own, small budget: with several OS cores Linux sends its
@@ -119,14 +152,14 @@ impl XApicMmio {
 
 impl MmioHandler for XApicMmio {
     fn read(&mut self, gpa: GuestPhysAddr, _width: AccessWidth) -> u64 {
-        APIC_MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+        count(&APIC_READS, gpa);
         // SAFETY: the APIC page is identity-mapped in Ally's tables; APIC registers are read
         // as aligned dwords (narrower guest reads get the low bytes, as the decoder truncates).
         u64::from(unsafe { self.register(gpa).read_volatile() })
     }
 
     fn write(&mut self, gpa: GuestPhysAddr, _width: AccessWidth, value: u64) {
-        APIC_MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+        count(&APIC_WRITES, gpa);
         let value = value as u32;
         if gpa.0 & 0xFF0 == ICR_LOW {
             // SAFETY: as for `read`; ICR high holds the destination the guest wrote first.
@@ -195,10 +228,35 @@ pub fn report() {
         REWRITTEN_IPIS.load(Ordering::Relaxed),
         APIC_MMIO_EXITS.load(Ordering::Relaxed)
     );
+    for (name, r, w) in exits_by_register() {
+        log::info!("ALLY apic-exits register={name} reads={r} writes={w}");
+    }
     init_sipi::report();
     log::info!(
         "ALLY ioapic rerouted={} exits={}",
         super::ioapic_guard::REROUTED.load(Ordering::Relaxed),
         super::ioapic_guard::IOAPIC_EXITS.load(Ordering::Relaxed)
     );
+}
+
+/// APIC exits by register name, `(name, reads, writes)`, ISR/TMR/IRR's eight slots summed.
+pub fn exits_by_register() -> heapless::Vec<(&'static str, u64, u64), 24> {
+    let mut seen: heapless::Vec<(&'static str, u64, u64), 24> = heapless::Vec::new();
+    for slot in 0..64u64 {
+        let (r, w) = (
+            APIC_READS[slot as usize].load(Ordering::Relaxed),
+            APIC_WRITES[slot as usize].load(Ordering::Relaxed),
+        );
+        if r + w == 0 {
+            continue;
+        }
+        let name = register_name(slot << 4);
+        match seen.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(entry) => (entry.1, entry.2) = (entry.1 + r, entry.2 + w),
+            None => {
+                let _ = seen.push((name, r, w));
+            }
+        }
+    }
+    seen
 }

@@ -718,6 +718,12 @@ fn report_mark(id: u8, vcpu: &Vcpu) {
         super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
         (platform().dpi_heartbeat)()
     );
+    let mut registers = heapless::String::<512>::new();
+    for (name, r, w) in apic_guard::exits_by_register() {
+        let sep = if registers.is_empty() { "" } else { "," };
+        let _ = core::fmt::Write::write_fmt(&mut registers, format_args!("{sep}{name}:{r}/{w}"));
+    }
+    info!("ALLY apic-mark id={id} registers={registers}");
     (platform().mark_hook)(id);
 }
 
