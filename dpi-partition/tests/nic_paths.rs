@@ -353,6 +353,79 @@ fn nic_tx_backpressure_when_real_ring_is_full() {
     assert_eq!(e.gr(Reg::TDH), 40);
 }
 
+/// One packet per doorbell (the engine's one-descriptor path): a hook drop and a full real
+/// ring, with earlier packets still in flight (the device runs only when told).
+#[test]
+fn nic_tx_one_per_doorbell_drop_and_backpressure() {
+    let hook = |f: &[u8], _d: Direction| {
+        if f[14] == 0xBA {
+            HookVerdict::Drop
+        } else {
+            HookVerdict::Pass
+        }
+    };
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let c = DpiConfig {
+            tx_ring: 8,
+            ..cfg(mode)
+        };
+        let mut e = env(c, Flavor::Qemu, false, hook);
+        e.setup(64, 32, 2048);
+        let frames: Vec<Vec<u8>> = (0..12)
+            .map(|i| {
+                let mut f = frame(i, 64 + i as usize);
+                if i % 4 == 2 {
+                    f[14] = 0xBA;
+                }
+                f
+            })
+            .collect();
+        let mut polls_moved = Vec::new();
+        for f in &frames {
+            e.queue_legacy(f);
+            e.kick();
+            polls_moved.push(e.dpi.poll());
+        }
+        // The device has not run: seven real descriptors hold the first seven good frames;
+        // the drops in between (frames 2 and 6) were consumed and counted, not posted.
+        let cnt = e.dpi.counters().clone();
+        assert_eq!(cnt.tx.packets, 7);
+        assert_eq!(cnt.tx.dropped(DropReason::Verdict), 2);
+        assert_eq!(polls_moved[..9], [1; 9], "one packet moved per doorbell");
+        assert_eq!(polls_moved[9..], [0; 3], "then the real ring is full");
+        assert_eq!(cnt.tx.backpressure, 3);
+        assert_eq!(e.gr(Reg::TDH), 0, "nothing completed before the device ran");
+        assert_eq!(e.dpi.tx_in_flight(), 9);
+        // The device sends; everything completes in order, drops with DD like the rest.
+        let mut wire = Vec::new();
+        for _ in 0..10 {
+            e.model.process();
+            e.run();
+            wire.extend(e.model.take_wire());
+        }
+        let good: Vec<Vec<u8>> = frames.iter().filter(|f| f[14] != 0xBA).cloned().collect();
+        assert_eq!(wire, good);
+        for i in 0..12 {
+            assert_eq!(
+                e.guest_tx_status(i) & txsta::DD,
+                txsta::DD,
+                "descriptor {i}"
+            );
+        }
+        assert_eq!(e.gr(Reg::TDH), 12);
+        let cnt = e.dpi.counters();
+        assert_eq!(cnt.tx.packets, 9);
+        assert_eq!(cnt.tx.wire_frames, 9);
+        assert_eq!(
+            cnt.tx.bytes,
+            good.iter().map(|f| f.len() as u64).sum::<u64>()
+        );
+        assert_eq!(cnt.tx.dropped(DropReason::Verdict), 3);
+        assert_eq!(cnt.tx.packets + cnt.tx.total_dropped(), 12);
+        assert_eq!(e.dpi.tx_in_flight(), 0);
+    }
+}
+
 fn rx_roundtrip(flavor: Flavor) {
     let mut e = env(cfg(Mode::Copy), flavor, true, PassAll);
     e.setup(32, 16, 2048);

@@ -429,6 +429,8 @@ struct TxState<'a> {
     ring: Option<GuestRing<'a>>,
     stopped: bool,
     enabled: bool,
+    /// `ring.is_some() && !stopped && enabled`: whether to consume (one test per poll).
+    live: bool,
     next: u32,
     epoch: u32,
     real_tail: u32,
@@ -462,6 +464,11 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     mem: &'a M,
     real: &'a R,
     policy: MemoryPolicy,
+    /// The policy's first allowed range: its start and a window onto all of it (empty when
+    /// the memory cannot window it), for the TX fast path's inline test and in-place borrow
+    /// ([`DpiNic::tx_fast_accept`]).
+    fast_start: u64,
+    fast_win: DmaWindow<'a>,
     cfg: DpiConfig,
     layout: Layout,
     hook: H,
@@ -513,11 +520,18 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let rx_ring = tx_ring + u64::from(cfg.tx_ring) * DESC_SIZE as u64;
         let rx_bufs = rx_ring + u64::from(cfg.rx_ring) * DESC_SIZE as u64;
         let arena = rx_bufs + u64::from(cfg.rx_ring) * u64::from(cfg.rx_buf);
+        let (fast_start, fast_end) = policy.first_allowed();
+        let fast_win = usize::try_from(fast_end.saturating_sub(fast_start))
+            .ok()
+            .and_then(|n| mem.window(HostPhysAddr(fast_start), n).ok())
+            .unwrap_or(DmaWindow::empty());
         let mut nic = Self {
             shadow,
             mem,
             real,
             policy,
+            fast_start,
+            fast_win,
             cfg,
             layout: Layout {
                 tx_ring,
@@ -530,6 +544,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 ring: None,
                 stopped: false,
                 enabled: false,
+                live: false,
                 next: 0,
                 epoch: 0,
                 real_tail: 0,
@@ -697,6 +712,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             };
         }
         self.tx.enabled = g.tctl & tctl::EN != 0;
+        self.tx.live = self.tx.ring.is_some() && !self.tx.stopped && self.tx.enabled;
         if first
             || g.rdba != old.rdba
             || g.rdlen != old.rdlen
@@ -733,6 +749,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     fn stop_tx(&mut self, why: DropReason) {
+        self.tx.live = false;
         if !self.tx.stopped {
             self.tx.stopped = true;
             self.counters.tx.ring_stops[why as usize] += 1;
@@ -786,8 +803,13 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // A run outside the ring's window (impossible for a validated ring) writes nothing.
         let d = ring.win.run(f.guest_first, f.guest_count);
         let mut wrote = false;
-        for k in 0..d.len() {
-            wrote |= complete_desc(d, k);
+        if f.guest_count == 1 {
+            // One packet per doorbell: one descriptor, no loop.
+            wrote = !d.is_empty() && complete_desc(d, 0);
+        } else {
+            for k in 0..d.len() {
+                wrote |= complete_desc(d, k);
+            }
         }
         self.tx.real_clean = if last + 1 == self.cfg.tx_ring {
             0
@@ -795,7 +817,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             last + 1
         };
         self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
-        self.tx.inflight.pop_front();
+        // The only entry is done: the list is empty (its head may stay where it is).
+        self.tx.inflight.len = 0;
         // Published after every DD it covers.
         self.shadow.set_tdh(if end == ring.n { 0 } else { end });
         if wrote {
@@ -909,20 +932,25 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         }
     }
 
-    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes): in copy mode
-    /// copy it into the arena first (`arena` is the arena head, given back on a drop). Returns
+    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes, `frame` when
+    /// [`DpiNic::tx_fast_accept`] borrowed it already): in copy mode copy it into the arena first (`arena` is the arena head, given back on a drop). Returns
     /// the address the real descriptor points at.
     #[inline(always)]
     fn tx_fast_verdict<const COPY: bool>(
         &mut self,
         pa: u64,
         len: u32,
+        frame: Option<&'a [u8]>,
         arena: &mut u64,
     ) -> Result<u64, FastStop> {
+        let frame = match frame {
+            Some(f) => Ok(f),
+            None => self.mem.borrow(HostPhysAddr(pa), len as usize),
+        };
         let (addr, verdict) = match COPY {
             false => (
                 pa,
-                match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                match frame {
                     Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
                     Err(_) => HookVerdict::Drop,
                 },
@@ -938,7 +966,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 ) else {
                     return Err(FastStop::NoArena);
                 };
-                let copied = match self.mem.borrow(HostPhysAddr(pa), len as usize) {
+                let copied = match frame {
                     Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
                     Err(_) => false,
                 };
@@ -959,24 +987,35 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// [`DpiNic::tx_fast_mode`] when exactly one new guest descriptor is waiting (one packet
-    /// per doorbell): the same checks and effects without the run set-up.
+    /// per doorbell): the same checks and effects without the run set-up. `gwin` is the guest
+    /// ring's window, `n` its length, `next` the descriptor and `after` the one after it.
     #[inline(always)]
-    fn tx_fast_single<const COPY: bool>(&mut self) -> (u64, bool, bool) {
-        let Some(ring) = self.tx.ring.as_ref() else {
-            return (0, false, false);
-        };
-        let (n, next) = (ring.n, self.tx.next);
-        let hi = ring.win.desc_u64(next, 1);
-        let lo = ring.win.desc_u64(next, 0);
-        let Some((pa, len)) = self.tx_fast_accept(self.policy.first_allowed(), hi, lo) else {
+    fn tx_fast_single<const COPY: bool>(
+        &mut self,
+        gwin: DmaWindow<'a>,
+        n: u32,
+        next: u32,
+        after: u32,
+    ) -> (u64, bool, bool) {
+        let hi = gwin.desc_u64(next, 1);
+        let lo = gwin.desc_u64(next, 0);
+        let Some((pa, len, frame)) = self.tx_fast_accept(hi, lo) else {
             // Not a packet this path posts: the general path refuses or handles it.
             return (0, false, false);
         };
-        if self.real_tx_free() == 0 {
+        // The real ring has room for one more descriptor unless the tail would reach the
+        // clean index (`real_tx_free() == 0`).
+        let tail = self.tx.real_tail;
+        let new_tail = if tail + 1 == self.cfg.tx_ring {
+            0
+        } else {
+            tail + 1
+        };
+        if new_tail == self.tx.real_clean {
             return (0, true, false);
         }
         let mut arena = self.tx.arena_head;
-        let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+        let addr = match self.tx_fast_verdict::<COPY>(pa, len, frame, &mut arena) {
             Ok(addr) => addr,
             Err(FastStop::NoArena) => return (0, true, false),
             Err(FastStop::Dropped) => {
@@ -985,23 +1024,23 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     return (0, true, false);
                 }
                 self.counters.tx.drops[DropReason::Verdict as usize] += 1;
-                self.finish_unposted(1, if next + 1 == n { 0 } else { next + 1 });
+                self.finish_unposted(1, after);
                 return (1, false, false);
             }
         };
-        let tail = self.tx.real_tail;
         // As in `tx_fast_mode`: the guest's command with RS set, status cleared.
-        self.tx_win.set_desc_u64(tail, 0, addr);
-        self.tx_win
-            .set_desc_u64(tail, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
-        self.tx.arena_head = arena;
-        self.push_inflight(1, 1, Some(tail), n);
-        self.tx.next = if next + 1 == n { 0 } else { next + 1 };
-        self.tx.real_tail = if tail + 1 == self.cfg.tx_ring {
-            0
-        } else {
-            tail + 1
-        };
+        self.tx_win.set_desc(
+            tail,
+            addr,
+            (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24),
+        );
+        if COPY {
+            // (Zero-copy mode never moves the arena.)
+            self.tx.arena_head = arena;
+        }
+        self.push_inflight_one(tail, n);
+        self.tx.next = after;
+        self.tx.real_tail = new_tail;
         self.counters.tx.packets += 1;
         self.counters.tx.wire_frames += 1;
         self.counters.tx.bytes += u64::from(len);
@@ -1014,8 +1053,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         ring: GuestRing<'a>,
         tdt: u32,
     ) -> (u64, bool, bool) {
-        if ring.next(self.tx.next) == tdt {
-            return self.tx_fast_single::<COPY>();
+        let next = self.tx.next;
+        let after = ring.next(next);
+        if after == tdt {
+            return self.tx_fast_single::<COPY>(ring.win, ring.n, next, after);
         }
         let rn = self.cfg.tx_ring;
         // Locals, not fields: the volatile descriptor stores below could alias `self` as far as
@@ -1028,7 +1069,6 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut arena = self.tx.arena_head;
         let (mut pkts, mut bytes) = (0u32, 0u64);
         let (mut stop, mut dropped) = (false, false);
-        let fast = self.policy.first_allowed();
         // Runs of descriptors contiguous in both rings (neither wraps inside a run), at most
         // the free real descriptors: the loop below needs no wrap or range checks.
         while next != tdt && pkts < COALESCE_MAX {
@@ -1043,7 +1083,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 // posts; anything else (a refusal) the general path handles without room.
                 let hi = gwin.desc_u64(next, 1);
                 let lo = gwin.desc_u64(next, 0);
-                stop = self.tx_fast_accept(fast, hi, lo).is_some();
+                stop = self.tx_fast_accept(hi, lo).is_some();
                 break;
             }
             let g = gwin.run(next, want);
@@ -1053,10 +1093,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             while k < run {
                 let hi = g.get(k, 1);
                 let lo = g.get(k, 0);
-                let Some((pa, len)) = self.tx_fast_accept(fast, hi, lo) else {
+                let Some((pa, len, frame)) = self.tx_fast_accept(hi, lo) else {
                     break;
                 };
-                let addr = match self.tx_fast_verdict::<COPY>(pa, len, &mut arena) {
+                let addr = match self.tx_fast_verdict::<COPY>(pa, len, frame, &mut arena) {
                     Ok(addr) => addr,
                     Err(FastStop::NoArena) => {
                         stop = true;
@@ -1112,11 +1152,11 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
     /// descriptor with EOP, a length in `1..=MAX_FRAME` and a buffer the policy allows.
-    /// Returns the buffer's host-physical address and length; `None` leaves the packet to the
-    /// general path (which refuses it with a precise reason, or handles it). `fast` is the
-    /// policy's first allowed range ([`MemoryPolicy::first_allowed`]), read once per poll.
+    /// Returns the buffer's host-physical address and length, and the buffer itself when it
+    /// lies in the policy's first allowed range (`None`: borrow it from memory); `None` leaves
+    /// the packet to the general path (which refuses it with a precise reason, or handles it).
     #[inline(always)]
-    fn tx_fast_accept(&self, fast: (u64, u64), hi: u64, lo: u64) -> Option<(u64, u32)> {
+    fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, Option<&'a [u8]>)> {
         let len = hi as u16 as u32;
         if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
             || len == 0
@@ -1124,14 +1164,15 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         {
             return None;
         }
-        let (fast_lo, fast_hi) = fast;
-        let end = lo.wrapping_add(u64::from(len));
-        if lo >= fast_lo && end <= fast_hi && end > lo {
-            // Inside the first allowed range (the check `MemoryPolicy::check` makes first).
-            Some((lo, len))
+        // Inside the first allowed range (the check `MemoryPolicy::check` makes first): the
+        // offset into the range (huge when `lo` is below it, so that adding `len` overflows or
+        // passes the end) leaves room for `len` bytes. An empty window accepts nothing here.
+        let off = usize::try_from(lo.wrapping_sub(self.fast_start)).unwrap_or(usize::MAX);
+        if let Some(frame) = self.fast_win.bytes(off, len as usize) {
+            Some((lo, len, Some(frame)))
         } else {
             let pa = self.policy.check(GuestPhysAddr(lo), u64::from(len)).ok()?;
-            Some((pa.as_u64(), len))
+            Some((pa.as_u64(), len, None))
         }
     }
 
@@ -1167,13 +1208,37 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         })
     }
 
+    /// [`DpiNic::push_inflight`] for one posted single-descriptor packet (real descriptor
+    /// `real_last`): written straight into an empty list (the usual state with one packet per
+    /// doorbell, where the previous packet completed first), else merged or appended.
+    #[inline(always)]
+    fn push_inflight_one(&mut self, real_last: u32, n: u32) {
+        let (first, epoch, arena_end) = (self.tx.next, self.tx.epoch, self.tx.arena_head);
+        let q = &mut self.tx.inflight;
+        if q.len != 0 {
+            self.push_inflight(1, 1, Some(real_last), n);
+            return;
+        }
+        // `head < buf.len()` always; an empty list's next entry goes there.
+        q.buf[q.head] = InFlight {
+            guest_first: first,
+            guest_count: 1,
+            packets: 1,
+            real_last: Some(real_last),
+            arena_end,
+            epoch,
+        };
+        q.len = 1;
+    }
+
     /// Consume new guest TX descriptors.
     #[inline(always)]
     fn tx_consume(&mut self) -> u64 {
-        let Some(n) = self.tx.ring.as_ref().map(|r| r.n) else {
+        let Some(ring) = self.tx.ring.as_ref() else {
             return 0;
         };
-        if self.tx.stopped || !self.tx.enabled {
+        let (n, gwin) = (ring.n, ring.win);
+        if !self.tx.live {
             return 0;
         }
         let tdt = self.shadow.tdt();
@@ -1185,10 +1250,11 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // One new descriptor (one packet per doorbell): the fast path's one-descriptor case
         // without the loop. A refusal (nothing moved, no back-pressure) goes to the loop,
         // whose general path counts it.
-        if (if next + 1 == n { 0 } else { next + 1 }) == tdt && !self.tx.inflight.is_full() {
+        let after = if next + 1 == n { 0 } else { next + 1 };
+        if after == tdt && !self.tx.inflight.is_full() {
             let (m, stop, posted) = match self.cfg.mode {
-                Mode::ZeroCopy => self.tx_fast_single::<false>(),
-                Mode::Copy => self.tx_fast_single::<true>(),
+                Mode::ZeroCopy => self.tx_fast_single::<false>(gwin, n, next, after),
+                Mode::Copy => self.tx_fast_single::<true>(gwin, n, next, after),
             };
             if stop {
                 self.counters.tx.backpressure += 1;

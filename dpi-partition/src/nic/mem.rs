@@ -97,6 +97,33 @@ pub struct DmaWindow<'a> {
     _life: core::marker::PhantomData<&'a u8>,
 }
 
+impl<'a> DmaWindow<'a> {
+    /// A window of no bytes (every access out of bounds).
+    pub const fn empty() -> Self {
+        Self {
+            ptr: core::ptr::null_mut(),
+            len: 0,
+            end8: 0,
+            ndesc: 0,
+            _life: core::marker::PhantomData,
+        }
+    }
+
+    /// `len` bytes at `off` borrowed in place (as [`DmaMemory::borrow`]: the caller must own
+    /// the range under the ring protocol), or `None` unless they lie inside the window.
+    #[inline(always)]
+    pub fn bytes(&self, off: usize, len: usize) -> Option<&'a [u8]> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => {
+                // SAFETY: `[off, off + len)` lies inside the window (checked), valid memory
+                // per `new` for the window's lifetime `'a`.
+                Some(unsafe { core::slice::from_raw_parts(self.ptr.add(off), len) })
+            }
+            _ => None,
+        }
+    }
+}
+
 impl DmaWindow<'_> {
     /// A window onto `[ptr, ptr + len)`.
     ///
@@ -188,6 +215,20 @@ impl DmaWindow<'_> {
                     v.to_le(),
                 )
             };
+        }
+    }
+
+    /// Write both quadwords of descriptor `i` (low first; ignored when outside the window):
+    /// one range check for the descriptor.
+    #[inline(always)]
+    pub fn set_desc(&self, i: u32, lo: u64, hi: u64) {
+        if (i as usize) < self.ndesc {
+            // SAFETY: as in `desc_u64`; both quadwords belong to descriptor `i`.
+            unsafe {
+                let p = (self.ptr as *mut u64).add(i as usize * 2);
+                core::ptr::write_volatile(p, lo.to_le());
+                core::ptr::write_volatile(p.add(1), hi.to_le());
+            }
         }
     }
 
