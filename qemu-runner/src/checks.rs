@@ -918,7 +918,11 @@ fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
         None => Vec::new(),
     };
     Ok(ExitSnapshot {
-        vm_exits: mark.number("exits").map_err(marker_err)?,
+        // Every vCPU's exits where Ally prints them (the transfer may run on any OS core).
+        vm_exits: mark
+            .number("all-exits")
+            .or_else(|_| mark.number("exits"))
+            .map_err(marker_err)?,
         apic_exits: mark.number("apic-mmio-exits").map_err(marker_err)?,
         nic_exits: nic.number("exits").map_err(marker_err)?,
         wire: nic.number("tx-wire").map_err(marker_err)?

@@ -5,6 +5,7 @@
 //!
 //! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does).
 
+use ally_runner::endpoints::NetOptions;
 use ally_runner::rules::prepare_rules;
 use ally_runner::{run, Mode, Outcome, RulesInput, RunOptions};
 use ally_tests::{check, failures, prebuilt_ally_image};
@@ -49,15 +50,22 @@ fn e2e_rules() -> std::path::PathBuf {
 /// scenario; Ally's default dpi_cores=1).
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
-    ally_boot_passes_every_check("e2e-ally", 2, true);
+    ally_boot_passes_every_check("e2e-ally", 2, NetOptions::default(), "");
 }
 
 /// Issue 3's SMP scenario: 3 OS cores + 1 DPI core. The guest starts its application
-/// processors with INIT-SIPI-SIPI, which Ally emulates; every OS core runs guest work. The
-/// network workload runs in the 2-CPU boot only (CI time).
+/// processors with INIT-SIPI-SIPI, which Ally emulates; every OS core runs guest work. With
+/// issue 4's workload at a quarter of the sizes (CI time) in zero-copy mode, so that both
+/// packet modes run end to end, with NIC interrupts and tail writes on any of three OS cores.
 #[test]
 fn ally_with_three_os_cores_and_a_dpi_core() {
-    ally_boot_passes_every_check("e2e-ally-4cpu", 4, false);
+    let net = NetOptions {
+        big_bytes: 4 << 20,
+        upload_bytes: 4 << 20,
+        small_bytes: 512 << 10,
+        ..NetOptions::default()
+    };
+    ally_boot_passes_every_check("e2e-ally-4cpu", 4, net, "mode=zero-copy");
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
@@ -79,22 +87,19 @@ const NETWORK_CHECKS: [&str; 14] = [
     "rules",
 ];
 
-/// Boots Ally with the test guest on `cpus` CPUs (one of them a DPI core), with or without
-/// the network workload and the inspection rules, and asserts every check of the run.
-fn ally_boot_passes_every_check(name: &'static str, cpus: u32, network: bool) {
+/// Boots Ally (with `ally_options`) and the test guest on `cpus` CPUs (one of them a DPI
+/// core), with the network workload of `net` and the runner's default inspection rules, and
+/// asserts every check of the run.
+fn ally_boot_passes_every_check(
+    name: &'static str,
+    cpus: u32,
+    net: NetOptions,
+    ally_options: &str,
+) {
     let mut opts = RunOptions::new(Mode::Ally, name);
-    if network {
-        assert!(
-            opts.net.is_some() && opts.rules.is_none(),
-            "the default rules apply"
-        );
-    } else {
-        opts.net = None;
-        opts.rules = Some(RulesInput::Compile {
-            rules: e2e_rules(),
-            vars: None,
-        });
-    }
+    assert!(opts.rules.is_none(), "the default rules apply");
+    opts.net = Some(net);
+    opts.ally_options = ally_options.to_string();
     opts.cpus = cpus;
     opts.ally_image = prebuilt_ally_image();
     if opts.ally_image.is_none() {
@@ -150,20 +155,33 @@ fn ally_boot_passes_every_check(name: &'static str, cpus: u32, network: bool) {
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
     let rules = result.ally.find("rules").expect("no `ALLY rules` line");
-    if network {
-        // Issue 4 through Ally: 16 MiB each way and the e1000 reloads, SHA-256 checked;
-        // Ally's counters (drops only by verdict or with the receiver off) and the wire
-        // balance; COM2 split into eve.json and dropped.pcap; eicar.bin blocked from the drop
-        // port and intact with an `allowed` alert from the alert port; the forbidden upload
-        // blocked; both NIC rings aimed at Ally's memory refused.
-        for name in NETWORK_CHECKS {
-            let c = check(&result, name);
-            assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
-        }
-        assert_eq!(rules.number("loaded").ok(), Some(4), "{}", rules.line);
-        assert_eq!(rules.number("drop").ok(), Some(2), "{}", rules.line);
-    } else {
-        assert_eq!(rules.number("loaded").ok(), Some(2), "{}", rules.line);
+    // Issue 4 through Ally: the transfers each way and the e1000 reloads, SHA-256 checked;
+    // Ally's counters (drops only by verdict or with the receiver off) and the wire balance;
+    // COM2 split into eve.json and dropped.pcap; eicar.bin blocked from the drop port and
+    // intact with an `allowed` alert from the alert port; the forbidden upload blocked; both
+    // NIC rings aimed at Ally's memory refused.
+    for name in NETWORK_CHECKS {
+        let c = check(&result, name);
+        assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+    }
+    assert_eq!(rules.number("loaded").ok(), Some(4), "{}", rules.line);
+    assert_eq!(rules.number("drop").ok(), Some(2), "{}", rules.line);
+    if let Some(mode) = ally_options.strip_prefix("mode=") {
+        let claimed = result
+            .ally
+            .find("nic")
+            .expect("no `ALLY nic claimed=..` line");
+        let expected = if mode == "zero-copy" {
+            "ZeroCopy"
+        } else {
+            "Copy"
+        };
+        assert_eq!(
+            claimed.fields.get("mode"),
+            Some(expected),
+            "{}",
+            claimed.line
+        );
     }
     assert!(result.passed(), "{}", failures(&result));
 }

@@ -131,6 +131,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
+    ALL_EXITS.fetch_add(1, Ordering::Relaxed);
     super::platform::sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
@@ -700,6 +701,9 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
 }
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
+/// VM exits of every vCPU (the marks' `all-exits=`: a transfer's exits, whichever OS cores
+/// took them).
+static ALL_EXITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 const MARK_LIMIT: u64 = 64;
 static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
@@ -710,9 +714,10 @@ fn report_mark(id: u8, vcpu: &Vcpu) {
     }
     use core::sync::atomic::Ordering::Relaxed;
     info!(
-        "ALLY mark id={id} vcpu={} exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
+        "ALLY mark id={id} vcpu={} exits={} all-exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
         vcpu.apic_id,
         vcpu.exits.total(),
+        ALL_EXITS.load(Relaxed),
         vcpu.exits.get(ExitReason::EptViolation.basic()),
         apic_guard::APIC_MMIO_EXITS.load(Relaxed),
         super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
