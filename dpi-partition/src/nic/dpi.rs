@@ -520,7 +520,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let rx_ring = tx_ring + u64::from(cfg.tx_ring) * DESC_SIZE as u64;
         let rx_bufs = rx_ring + u64::from(cfg.rx_ring) * DESC_SIZE as u64;
         let arena = rx_bufs + u64::from(cfg.rx_ring) * u64::from(cfg.rx_buf);
-        let (fast_start, fast_end) = policy.first_allowed();
+        let (fast_start, fast_end) = policy.largest_allowed();
         let fast_win = usize::try_from(fast_end.saturating_sub(fast_start))
             .ok()
             .and_then(|n| mem.window(HostPhysAddr(fast_start), n).ok())

@@ -474,15 +474,15 @@ impl MemoryPolicy {
         Err(self.classify(start, len))
     }
 
-    /// The first allowed range as `(start, end)` (`(0, 0)` when there is none), for callers
-    /// that test the common case inline before calling [`MemoryPolicy::check`].
+    /// The largest allowed range as `(start, end)` (`(0, 0)` when there is none), for callers
+    /// that test the common case inline before calling [`MemoryPolicy::check`] (the largest:
+    /// on a PC the first is the 640 KiB of conventional memory, where few buffers live).
     #[inline]
-    pub fn first_allowed(&self) -> (u64, u64) {
-        if self.n_allowed == 0 {
-            (0, 0)
-        } else {
-            (self.allowed[0].start, self.allowed[0].end)
-        }
+    pub fn largest_allowed(&self) -> (u64, u64) {
+        self.allowed[..self.n_allowed]
+            .iter()
+            .max_by_key(|r| r.end - r.start)
+            .map_or((0, 0), |r| (r.start, r.end))
     }
 
     /// The precise reason a range was refused (slow path).
