@@ -353,17 +353,20 @@ fn nic_tx_backpressure_when_real_ring_is_full() {
     assert_eq!(e.gr(Reg::TDH), 40);
 }
 
+/// The tests' hook: drops frames whose first payload byte (offset 14) is 0xBA.
+fn drop_marked(f: &[u8], _d: Direction) -> HookVerdict {
+    if f[14] == 0xBA {
+        HookVerdict::Drop
+    } else {
+        HookVerdict::Pass
+    }
+}
+
 /// One packet per doorbell (the engine's one-descriptor path): a hook drop and a full real
 /// ring, with earlier packets still in flight (the device runs only when told).
 #[test]
 fn nic_tx_one_per_doorbell_drop_and_backpressure() {
-    let hook = |f: &[u8], _d: Direction| {
-        if f[14] == 0xBA {
-            HookVerdict::Drop
-        } else {
-            HookVerdict::Pass
-        }
-    };
+    let hook = drop_marked;
     for mode in [Mode::Copy, Mode::ZeroCopy] {
         let c = DpiConfig {
             tx_ring: 8,
@@ -563,13 +566,7 @@ fn nic_rx_disabled_receiver() {
 
 #[test]
 fn nic_hook_drops_in_both_directions() {
-    let hook = |f: &[u8], _d: Direction| {
-        if f[14] == 0xBA {
-            HookVerdict::Drop
-        } else {
-            HookVerdict::Pass
-        }
-    };
+    let hook = drop_marked;
     for mode in [Mode::Copy, Mode::ZeroCopy] {
         let mut e = env(cfg(mode), Flavor::Qemu, true, hook);
         e.setup(32, 16, 2048);
