@@ -664,18 +664,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// One iteration of the DPI loop for this NIC; returns the number of packets moved
     /// (passed or dropped) in either direction.
     pub fn poll(&mut self) -> u64 {
-        if self.shadow.cfg_doorbell.sequence() != self.cfg_seen {
+        // In a local: the doorbells' atomic loads would otherwise reload the field each time.
+        let shadow = self.shadow;
+        if shadow.cfg_doorbell.sequence() != self.cfg_seen {
             self.reconcile();
         }
-        let tx_rings = self.tx_watch.poll(&self.shadow.tx_doorbell);
+        let tx_rings = self.tx_watch.poll(&shadow.tx_doorbell);
         if tx_rings > 0 {
             self.counters.tx.doorbells += tx_rings;
-            self.counters.wake_latency.record(&self.shadow.tx_doorbell);
+            self.counters.wake_latency.record(&shadow.tx_doorbell);
         }
-        let rx_rings = self.rx_watch.poll(&self.shadow.rx_doorbell);
+        let rx_rings = self.rx_watch.poll(&shadow.rx_doorbell);
         if rx_rings > 0 {
             self.counters.rx.doorbells += rx_rings;
-            self.counters.wake_latency.record(&self.shadow.rx_doorbell);
+            self.counters.wake_latency.record(&shadow.rx_doorbell);
         }
         let mut work = self.tx_complete();
         work += self.tx_consume();
