@@ -443,12 +443,12 @@ pub fn report() {
     let per_us = crate::clock::tsc_per_us();
     info!(
         "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
-        wake.samples,
+        wake.samples(),
         wake.mean(),
-        wake.min,
-        wake.max,
+        wake.min(),
+        wake.max(),
         wake.mean() / per_us,
-        wake.max / per_us
+        wake.max() / per_us
     );
     for (name, reads, writes) in trapped.exits.nonzero() {
         info!("ALLY nic-exits register={name} reads={reads} writes={writes}");

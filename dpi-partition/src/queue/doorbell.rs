@@ -72,28 +72,72 @@ pub fn timestamp() -> u64 {
 }
 
 /// Wake-up latency statistics: time stamp counter ticks from a ring to the watcher seeing it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// The least sample is kept as `u64::MAX` until the first one (so [`WakeLatency::record`]
+/// needs no first-sample test); [`WakeLatency::min`] reports 0 before any sample, as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub struct WakeLatency {
-    pub samples: u64,
-    pub total: u64,
-    pub min: u64,
-    pub max: u64,
+    // `samples` and `total` are not neighbours (`repr(C)` keeps the order): as neighbours the two adds in `record`
+    // became one vector add (six instructions instead of two).
+    samples: u64,
+    min: u64,
+    max: u64,
+    total: u64,
+}
+
+impl Default for WakeLatency {
+    fn default() -> Self {
+        Self {
+            samples: 0,
+            total: 0,
+            min: u64::MAX,
+            max: 0,
+        }
+    }
 }
 
 impl WakeLatency {
     /// Record the latency of the ring `db` last had, seen now. Inline: it runs once per
-    /// doorbell in the DPI loop (branch-free: RDTSC, and conditional moves for min and max).
+    /// doorbell in the DPI loop. The total is a plain add: a u64 of TSC ticks does not
+    /// overflow in centuries (wrapping, never a panic). Min and max change rarely once
+    /// samples accumulate, so they are a predicted compare each instead of a conditional
+    /// move and a store.
     #[inline]
     pub fn record(&mut self, db: &Doorbell) {
         let ticks = timestamp().saturating_sub(db.rung_at());
-        self.min = if self.samples == 0 {
-            ticks
-        } else {
-            self.min.min(ticks)
-        };
-        self.max = self.max.max(ticks);
-        self.total = self.total.saturating_add(ticks);
+        if ticks < self.min {
+            self.min = ticks;
+        }
+        if ticks > self.max {
+            self.max = ticks;
+        }
+        self.total = self.total.wrapping_add(ticks);
         self.samples += 1;
+    }
+
+    /// Samples recorded.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Sum of all samples, ticks.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Least sample, ticks (0 before the first).
+    pub fn min(&self) -> u64 {
+        if self.samples == 0 {
+            0
+        } else {
+            self.min
+        }
+    }
+
+    /// Greatest sample, ticks (0 before the first).
+    pub fn max(&self) -> u64 {
+        self.max
     }
 
     /// Mean ticks per sample.
@@ -148,10 +192,26 @@ mod tests {
         latency.record(&db);
         db.ring();
         latency.record(&db);
-        assert_eq!(latency.samples, 2);
+        assert_eq!(latency.samples(), 2);
         // The first sample waited ~2 ms, the second almost nothing.
-        assert!(latency.max > 100 * latency.min.max(1), "{latency:?}");
-        assert_eq!(latency.mean(), latency.total / 2);
+        assert!(latency.max() > 100 * latency.min().max(1), "{latency:?}");
+        assert!(latency.min() <= latency.max());
+        assert_eq!(latency.mean(), latency.total() / 2);
+    }
+
+    #[test]
+    fn wake_latency_is_zero_before_the_first_sample() {
+        let latency = WakeLatency::default();
+        assert_eq!(
+            (
+                latency.samples(),
+                latency.total(),
+                latency.min(),
+                latency.max()
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(latency.mean(), 0);
     }
 
     #[test]
