@@ -41,7 +41,7 @@ use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
-use super::mem::{DescRun, DmaMemory, DmaWindow, MemError, MemoryPolicy};
+use super::mem::{DescRun, DmaMemory, DmaWindow, FastRange, MemError, MemoryPolicy};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -473,11 +473,10 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     mem: &'a M,
     real: &'a R,
     policy: MemoryPolicy,
-    /// The policy's first allowed range: its start and a window onto all of it (empty when
-    /// the memory cannot window it), for the TX fast path's inline test and in-place borrow
+    /// The policy's largest allowed range windowed (empty when the memory cannot window it),
+    /// for the TX fast path's inline buffer and length test and in-place borrow
     /// ([`DpiNic::tx_fast_accept`]).
-    fast_start: u64,
-    fast_win: DmaWindow<'a>,
+    fast: FastRange<'a>,
     cfg: DpiConfig,
     layout: Layout,
     hook: H,
@@ -530,18 +529,13 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let rx_ring = tx_ring + u64::from(cfg.tx_ring) * DESC_SIZE as u64;
         let rx_bufs = rx_ring + u64::from(cfg.rx_ring) * DESC_SIZE as u64;
         let arena = rx_bufs + u64::from(cfg.rx_ring) * u64::from(cfg.rx_buf);
-        let (fast_start, fast_end) = policy.largest_allowed();
-        let fast_win = usize::try_from(fast_end.saturating_sub(fast_start))
-            .ok()
-            .and_then(|n| mem.window(HostPhysAddr(fast_start), n).ok())
-            .unwrap_or(DmaWindow::empty());
+        let fast = FastRange::largest(&policy, mem, MAX_FRAME);
         let mut nic = Self {
             shadow,
             mem,
             real,
             policy,
-            fast_start,
-            fast_win,
+            fast,
             cfg,
             layout: Layout {
                 tx_ring,
@@ -946,29 +940,19 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         }
     }
 
-    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes, `frame` when
-    /// [`DpiNic::tx_fast_accept`] borrowed it already): in copy mode copy it into the arena first (`arena` is the arena head, given back on a drop). Returns
-    /// the address the real descriptor points at.
+    /// Inspect one accepted single-descriptor packet (buffer `pa`, `len` bytes, `frame` borrowed
+    /// by [`DpiNic::tx_fast_accept`]): in copy mode copy it into the arena first (`arena` is the
+    /// arena head, given back on a drop). Returns the address the real descriptor points at.
     #[inline(always)]
     fn tx_fast_verdict<const COPY: bool>(
         &mut self,
         pa: u64,
         len: u32,
-        frame: Option<&'a [u8]>,
+        frame: &'a [u8],
         arena: &mut u64,
     ) -> Result<u64, FastStop> {
-        let frame = match frame {
-            Some(f) => Ok(f),
-            None => self.mem.borrow(HostPhysAddr(pa), len as usize),
-        };
         let (addr, verdict) = match COPY {
-            false => (
-                pa,
-                match frame {
-                    Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                    Err(_) => HookVerdict::Drop,
-                },
-            ),
+            false => (pa, self.hook.inspect(frame, Direction::ToWire)),
             true => {
                 let before = *arena;
                 let Some(at) = arena_alloc(
@@ -980,10 +964,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 ) else {
                     return Err(FastStop::NoArena);
                 };
-                let copied = match frame {
-                    Ok(src) => self.mem.write(HostPhysAddr(at), src).is_ok(),
-                    Err(_) => false,
-                };
+                let copied = self.mem.write(HostPhysAddr(at), frame).is_ok();
                 let verdict = match self.mem.borrow(HostPhysAddr(at), len as usize) {
                     Ok(frame) if copied => self.hook.inspect(frame, Direction::ToWire),
                     _ => HookVerdict::Drop,
@@ -1166,28 +1147,34 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
     /// descriptor with EOP, a length in `1..=MAX_FRAME` and a buffer the policy allows.
-    /// Returns the buffer's host-physical address and length, and the buffer itself when it
-    /// lies in the policy's first allowed range (`None`: borrow it from memory); `None` leaves
-    /// the packet to the general path (which refuses it with a precise reason, or handles it).
+    /// Returns the buffer's host-physical address, length and bytes (in place); `None` leaves
+    /// the packet to the general path (which refuses it with a precise reason, or handles it;
+    /// that includes an allowed buffer the memory cannot lend, which it drops).
     #[inline(always)]
-    fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, Option<&'a [u8]>)> {
+    fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, &'a [u8])> {
         let len = hi as u16 as u32;
-        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP
-            || len == 0
-            || len > MAX_FRAME
-        {
+        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP {
             return None;
         }
-        // Inside the first allowed range (the check `MemoryPolicy::check` makes first): the
-        // offset into the range (huge when `lo` is below it, so that adding `len` overflows or
-        // passes the end) leaves room for `len` bytes. An empty window accepts nothing here.
-        let off = usize::try_from(lo.wrapping_sub(self.fast_start)).unwrap_or(usize::MAX);
-        if let Some(frame) = self.fast_win.bytes(off, len as usize) {
-            Some((lo, len, Some(frame)))
-        } else {
-            let pa = self.policy.check(GuestPhysAddr(lo), u64::from(len)).ok()?;
-            Some((pa.as_u64(), len, None))
+        // A length in `1..=MAX_FRAME` (the range was made with that limit) and a buffer inside
+        // the policy's largest allowed range: two comparisons, exactly `MemoryPolicy::check`
+        // there (see `FastRange::bytes`). An empty range accepts nothing here.
+        if let Some(frame) = self.fast.bytes(lo, len) {
+            return Some((lo, len, frame));
         }
+        self.tx_fast_accept_other(lo, len)
+    }
+
+    /// [`DpiNic::tx_fast_accept`] for a buffer outside the largest allowed range (or too long
+    /// for it): the same length limits and the policy's full check.
+    #[inline(never)]
+    fn tx_fast_accept_other(&self, lo: u64, len: u32) -> Option<(u64, u32, &'a [u8])> {
+        if len == 0 || len > MAX_FRAME {
+            return None;
+        }
+        let pa = self.policy.check(GuestPhysAddr(lo), u64::from(len)).ok()?;
+        let frame = self.mem.borrow(pa, len as usize).ok()?;
+        Some((pa.as_u64(), len, frame))
     }
 
     /// Record `packets` accepted packets covering `count` guest descriptors whose last real

@@ -295,6 +295,84 @@ impl DmaWindow<'_> {
     }
 }
 
+/// One allowed guest range windowed for a hot path's inline buffer test ([`FastRange::bytes`]),
+/// which accepts exactly what [`MemoryPolicy::check`] accepts inside that range, in two
+/// unsigned comparisons (the first of which doubles as the caller's length limit).
+#[derive(Clone, Copy)]
+pub struct FastRange<'a> {
+    start: u64,
+    /// The range's length `W` (the window's length).
+    span: u64,
+    /// Longest buffer accepted: `min(max_len, W)` as given to [`FastRange::new`], 0 when there
+    /// is no window (then nothing is accepted).
+    max_len: u32,
+    win: DmaWindow<'a>,
+}
+
+impl<'a> FastRange<'a> {
+    /// A range that accepts nothing.
+    pub const fn empty() -> Self {
+        Self {
+            start: 0,
+            span: 0,
+            max_len: 0,
+            win: DmaWindow::empty(),
+        }
+    }
+
+    /// The policy's largest allowed range windowed in `mem`, for buffers of at most `max_len`
+    /// bytes (empty when there is no allowed range or `mem` cannot window it).
+    pub fn largest<M: DmaMemory>(policy: &MemoryPolicy, mem: &'a M, max_len: u32) -> Self {
+        let (start, end) = policy.largest_allowed();
+        let span = end - start;
+        let Ok(n) = usize::try_from(span) else {
+            return Self::empty();
+        };
+        match mem.window(HostPhysAddr(start), n) {
+            Ok(win) if span != 0 => Self::new(start, win, max_len),
+            _ => Self::empty(),
+        }
+    }
+
+    /// `win` standing for physical `[start, start + win.len())`, which the caller has checked
+    /// to be one allowed range of its policy.
+    pub fn new(start: u64, win: DmaWindow<'a>, max_len: u32) -> Self {
+        let span = win.len() as u64;
+        Self {
+            start,
+            span,
+            max_len: u32::try_from(span).map_or(max_len, |w| w.min(max_len)),
+            win,
+        }
+    }
+
+    /// The buffer `[addr, addr + len)` in place when `1 <= len <= max_len` and it lies inside
+    /// the range, else `None` (the caller then asks [`MemoryPolicy::check`]).
+    ///
+    /// Exactness (with `W = span`, `off = addr - start` modulo 2^64): the first comparison
+    /// gives `1 <= len <= max_len <= W`, so `W - len` does not wrap. If `addr >= start`,
+    /// `off = addr - start` and `off <= W - len` is `addr + len <= start + W`, i.e. the buffer
+    /// ends inside the range (no overflow: `start + W` is the range's end, a u64). If
+    /// `addr < start`, `off = 2^64 - (start - addr) >= 2^64 - start`, while
+    /// `W - len < W <= 2^64 - 1 - start`, so the buffer is refused. Hence this accepts exactly
+    /// the non-empty buffers of at most `max_len` bytes inside `[start, start + W)`, each of
+    /// which `MemoryPolicy::check` accepts (at the same address: the range is allowed).
+    #[inline(always)]
+    pub fn bytes(&self, addr: u64, len: u32) -> Option<&'a [u8]> {
+        if len.wrapping_sub(1) < self.max_len {
+            let off = addr.wrapping_sub(self.start);
+            if off <= self.span - u64::from(len) {
+                // SAFETY: `off + len <= span == win.len()` (shown above), so the bytes lie
+                // inside the window, valid memory per `DmaWindow::new` for `'a`.
+                return Some(unsafe {
+                    core::slice::from_raw_parts(self.win.ptr.add(off as usize), len as usize)
+                });
+            }
+        }
+        None
+    }
+}
+
 /// Consecutive whole descriptors of a [`DmaWindow`] (see [`DmaWindow::run`]), indexed from 0.
 #[derive(Clone, Copy)]
 pub struct DescRun<'a> {
@@ -706,5 +784,91 @@ mod tests {
         assert!(m.read(HostPhysAddr(0xfff), &mut b).is_err());
         assert!(m.borrow(HostPhysAddr(u64::MAX), 2).is_err());
         assert_eq!(m.borrow(HostPhysAddr(0x1100), 0).unwrap().len(), 0);
+    }
+
+    /// `FastRange::bytes` against the definition and `MemoryPolicy::check` at the boundaries:
+    /// the range's start and end, `end - len` and `end - len + 1`, addresses below the start
+    /// whose offset wraps around, and the top of the address space.
+    #[test]
+    fn fast_range_is_exactly_the_policy_inside_its_range() {
+        const MAX: u32 = 0x4000;
+        // Allowed: [0x1000, 0x9000), [0x1_0000, 0x2_0000) (the largest), [0x2_1000, 0x3_0000).
+        let p = MemoryPolicy::new(
+            &[r(0x1000, 0x9000), r(0x1_0000, 0x3_0000)],
+            &[r(0x2_0000, 0x2_1000)],
+        )
+        .unwrap();
+        let m = FakeDma::new(0, 0x3_0000);
+        let f = FastRange::largest(&p, &m, MAX);
+        let (start, end) = (0x1_0000u64, 0x2_0000u64);
+        let lens = [
+            0,
+            1,
+            2,
+            63,
+            64,
+            1500,
+            MAX - 1,
+            MAX,
+            MAX + 1,
+            0x1_0000,
+            u32::MAX,
+        ];
+        let mut addrs = alloc::vec![0, 1, 0x1000, 0x8fff, u64::MAX, u64::MAX - 1];
+        for base in [start, end, 0x2_1000, 0x3_0000] {
+            for d in [0u64, 1, 2, 63, 64, 1500, 0x3fff, 0x4000, 0x4001] {
+                addrs.push(base.wrapping_add(d));
+                addrs.push(base.wrapping_sub(d));
+            }
+        }
+        // Below the start by amounts that make `addr - start` wrap to just under 2^64.
+        for k in [1u64, 64, 0x4000, start] {
+            addrs.push(start.wrapping_sub(k));
+        }
+        // Offsets that wrap to values near the span (2^64 + W - len).
+        for l in lens {
+            addrs.push(end.wrapping_sub(u64::from(l)));
+            addrs.push(end.wrapping_sub(u64::from(l)).wrapping_add(1));
+            addrs.push(start.wrapping_add(u64::MAX - u64::from(l)));
+        }
+        for &a in &addrs {
+            for l in lens {
+                let inside = (1..=MAX).contains(&l)
+                    && a >= start
+                    && a.checked_add(u64::from(l)).is_some_and(|e| e <= end);
+                let got = f.bytes(a, l);
+                assert_eq!(got.is_some(), inside, "addr {a:#x} len {l:#x}");
+                if let Some(b) = got {
+                    assert_eq!(p.check(GuestPhysAddr(a), u64::from(l)), Ok(HostPhysAddr(a)));
+                    let want = m.borrow(HostPhysAddr(a), l as usize).unwrap();
+                    assert_eq!((b.as_ptr(), b.len()), (want.as_ptr(), want.len()));
+                }
+            }
+        }
+        // The named boundaries, for the record.
+        assert!(f.bytes(start, 64).is_some());
+        assert!(f.bytes(start - 1, 64).is_none());
+        assert!(f.bytes(end - 64, 64).is_some());
+        assert!(f.bytes(end - 63, 64).is_none());
+        assert!(f.bytes(end - u64::from(MAX), MAX).is_some());
+        assert!(f.bytes(u64::MAX - 63, 64).is_none());
+        assert!(f.bytes(start, 0).is_none());
+        assert!(f.bytes(start, MAX + 1).is_none());
+
+        // A largest range shorter than `max_len`: the length limit becomes the range's length.
+        let p = MemoryPolicy::new(&[r(0x1000, 0x1800)], &[]).unwrap();
+        let f = FastRange::largest(&p, &m, MAX);
+        assert!(f.bytes(0x1000, 0x800).is_some());
+        assert!(f.bytes(0x1000, 0x801).is_none());
+        assert!(f.bytes(0x17ff, 1).is_some());
+        assert!(f.bytes(0x1800, 1).is_none());
+        assert!(f.bytes(0xfff, 1).is_none());
+        // No window: nothing.
+        let f = FastRange::empty();
+        for a in [0, 1, u64::MAX] {
+            for l in [0, 1, MAX] {
+                assert!(f.bytes(a, l).is_none());
+            }
+        }
     }
 }
