@@ -339,18 +339,36 @@ fn validate_ring<'a, M: DmaMemory>(
     }))
 }
 
-/// One packet accepted from the guest and not yet completed.
+/// [`InFlight::real_last`] of a dropped packet (nothing posted): never a real ring index (the
+/// real ring has at most 4096 descriptors).
+const NOT_POSTED: u32 = u32::MAX;
+
+/// One packet accepted from the guest and not yet completed (24 bytes: the one-packet path
+/// writes and reads one per packet).
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
-    guest_first: u32,
-    guest_count: u32,
-    /// Packets this entry covers.
-    packets: u32,
-    /// Index of the packet's last real descriptor (None: dropped, nothing posted).
-    real_last: Option<u32>,
     /// Arena position after this packet (copy mode).
     arena_end: u64,
+    guest_first: u32,
+    /// Index of the packet's last real descriptor ([`NOT_POSTED`]: dropped, nothing posted).
+    real_last: u32,
     epoch: u32,
+    /// Guest descriptors covered (at most [`COALESCE_MAX`] or [`MAX_PACKET_DESCS`]).
+    guest_count: u16,
+    /// Packets this entry covers (at most its descriptors).
+    packets: u16,
+}
+
+impl InFlight {
+    /// The last real descriptor, when the packets were posted.
+    #[inline(always)]
+    fn posted(&self) -> Option<u32> {
+        (self.real_last != NOT_POSTED).then_some(self.real_last)
+    }
+    #[inline(always)]
+    fn count(&self) -> u32 {
+        u32::from(self.guest_count)
+    }
 }
 
 /// Packets accepted and not yet completed, oldest first: a fixed ring (no allocation on the
@@ -367,7 +385,7 @@ impl InFlightRing {
             guest_first: 0,
             guest_count: 0,
             packets: 0,
-            real_last: None,
+            real_last: NOT_POSTED,
             arena_end: 0,
             epoch: 0,
         };
@@ -424,6 +442,8 @@ impl InFlightRing {
 
 /// Most guest descriptors one in-flight entry covers (bounds the write-back loop).
 const COALESCE_MAX: u32 = 64;
+// `InFlight` counts descriptors in a u16.
+const _: () = assert!(COALESCE_MAX <= u16::MAX as u32 && MAX_PACKET_DESCS <= u16::MAX as usize);
 
 /// A fragment of a guest packet, validated.
 #[derive(Debug, Clone, Copy, Default)]
@@ -438,8 +458,9 @@ struct TxState<'a> {
     ring: Option<GuestRing<'a>>,
     stopped: bool,
     enabled: bool,
-    /// `ring.is_some() && !stopped && enabled`: whether to consume (one test per poll).
-    live: bool,
+    /// `ring` while `!stopped && enabled`, else `None`: the ring to consume, or none (one test
+    /// per poll; set with `ring`, `stopped` and `enabled`).
+    live: Option<GuestRing<'a>>,
     next: u32,
     epoch: u32,
     real_tail: u32,
@@ -548,7 +569,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 ring: None,
                 stopped: false,
                 enabled: false,
-                live: false,
+                live: None,
                 next: 0,
                 epoch: 0,
                 real_tail: 0,
@@ -718,7 +739,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             };
         }
         self.tx.enabled = g.tctl & tctl::EN != 0;
-        self.tx.live = self.tx.ring.is_some() && !self.tx.stopped && self.tx.enabled;
+        self.tx.live = self.tx.ring.filter(|_| !self.tx.stopped && self.tx.enabled);
         if first
             || g.rdba != old.rdba
             || g.rdlen != old.rdlen
@@ -755,7 +776,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     fn stop_tx(&mut self, why: DropReason) {
-        self.tx.live = false;
+        self.tx.live = None;
         if !self.tx.stopped {
             self.tx.stopped = true;
             self.counters.tx.ring_stops[why as usize] += 1;
@@ -794,14 +815,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     #[inline(always)]
     fn tx_complete_one(&mut self) -> u64 {
         let f = self.tx.inflight.buf[self.tx.inflight.head];
-        let (Some(last), Some(ring)) = (f.real_last, self.tx.ring) else {
+        // A dropped entry's `NOT_POSTED` lies outside the real ring: the window's range check
+        // is the test for it.
+        let last = f.real_last;
+        let (Some(status), Some(ring)) = (
+            self.tx_win.try_desc_u8(last, TX_STATUS_OFFSET),
+            self.tx.ring,
+        ) else {
             return self.tx_complete_all();
         };
-        let end = f.guest_first + f.guest_count;
+        let end = f.guest_first + f.count();
         if f.epoch != self.tx.epoch || end > ring.n {
             return self.tx_complete_all();
         }
-        if self.tx_win.desc_u8(last, TX_STATUS_OFFSET) & txsta::DD == 0 {
+        if status & txsta::DD == 0 {
             return 0;
         }
         // Our write-backs come after the NIC's DD, as the device's come after its reads.
@@ -814,7 +841,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             let d = ring.win.run(f.guest_first, 1);
             wrote = !d.is_empty() && complete_desc(d, 0);
         } else {
-            let d = ring.win.run(f.guest_first, f.guest_count);
+            let d = ring.win.run(f.guest_first, f.count());
             for k in 0..d.len() {
                 wrote |= complete_desc(d, k);
             }
@@ -854,7 +881,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut arena_tail = self.tx.arena_tail;
         let mut new_tdh = None;
         while let Some(f) = self.tx.inflight.front() {
-            if let Some(last) = f.real_last {
+            if let Some(last) = f.posted() {
                 if txw.desc_u8(last, TX_STATUS_OFFSET) & txsta::DD == 0 {
                     break;
                 }
@@ -868,17 +895,17 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     // checks; a wrapping entry goes descriptor by descriptor. A descriptor
                     // outside the ring's window (impossible for a validated ring) is skipped.
                     let mut i = f.guest_first;
-                    let d = ring.win.run(i, f.guest_count);
-                    if i + f.guest_count <= ring.n && d.len() == f.guest_count as usize {
+                    let d = ring.win.run(i, f.count());
+                    if i + f.count() <= ring.n && d.len() == f.count() as usize {
                         for k in 0..d.len() {
                             wrote |= complete_desc(d, k);
                         }
-                        i += f.guest_count;
+                        i += f.count();
                         if i == ring.n {
                             i = 0;
                         }
                     } else {
-                        for _ in 0..f.guest_count {
+                        for _ in 0..f.count() {
                             wrote |= complete_desc(ring.win.run(i, 1), 0);
                             i = ring.next(i);
                         }
@@ -886,7 +913,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     new_tdh = Some(i);
                 }
                 // Only posted packets are stale; dropped ones were already counted.
-                _ if f.real_last.is_some() => {
+                _ if f.posted().is_some() => {
                     self.counters.tx.drops[DropReason::StaleCompletion as usize] +=
                         u64::from(f.packets)
                 }
@@ -1183,27 +1210,29 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     fn push_inflight(&mut self, count: u32, packets: u32, real_last: Option<u32>, n: u32) -> bool {
         let (first, epoch, arena_end) = (self.tx.next, self.tx.epoch, self.tx.arena_head);
         if let (Some(b), Some(_)) = (self.tx.inflight.back_mut(), real_last) {
-            let mut end = b.guest_first + b.guest_count;
+            let mut end = b.guest_first + b.count();
             if end >= n {
                 end -= n;
             }
-            if b.real_last.is_some()
+            if b.posted().is_some()
                 && b.epoch == epoch
                 && end == first
-                && b.guest_count + count <= COALESCE_MAX
+                && b.count() + count <= COALESCE_MAX
             {
-                b.guest_count += count;
-                b.packets += packets;
-                b.real_last = real_last;
+                // At most COALESCE_MAX descriptors (and no more packets): fits a u16.
+                b.guest_count += count as u16;
+                b.packets += packets as u16;
+                b.real_last = real_last.unwrap_or(NOT_POSTED);
                 b.arena_end = arena_end;
                 return true;
             }
         }
+        // `count <= MAX_PACKET_DESCS` or `COALESCE_MAX`, `packets <= count`: they fit a u16.
         self.tx.inflight.push_back(InFlight {
             guest_first: first,
-            guest_count: count,
-            packets,
-            real_last,
+            guest_count: count as u16,
+            packets: packets as u16,
+            real_last: real_last.unwrap_or(NOT_POSTED),
             arena_end,
             epoch,
         })
@@ -1225,7 +1254,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             guest_first: first,
             guest_count: 1,
             packets: 1,
-            real_last: Some(real_last),
+            real_last,
             arena_end,
             epoch,
         };
@@ -1235,13 +1264,12 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// Consume new guest TX descriptors.
     #[inline(always)]
     fn tx_consume(&mut self) -> u64 {
-        let Some(ring) = self.tx.ring.as_ref() else {
+        // By reference: only two fields are needed here (a copy of the whole ring went
+        // through the stack).
+        let Some(ring) = self.tx.live.as_ref() else {
             return 0;
         };
         let (n, gwin) = (ring.n, ring.win);
-        if !self.tx.live {
-            return 0;
-        }
         let tdt = self.shadow.tdt();
         let next = self.tx.next;
         if tdt == next {
@@ -1270,7 +1298,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 return m;
             }
         }
-        match self.tx.ring {
+        match self.tx.live {
             Some(ring) => self.tx_consume_loop(ring, tdt),
             None => 0,
         }
@@ -1497,9 +1525,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // Room was checked at the top of the consume loop.
         self.tx.inflight.push_back(InFlight {
             guest_first: self.tx.next,
-            guest_count: count,
+            // At most MAX_PACKET_DESCS descriptors: fits a u16.
+            guest_count: count as u16,
             packets: 1,
-            real_last: None,
+            real_last: NOT_POSTED,
             arena_end: self.tx.arena_head,
             epoch: self.tx.epoch,
         });

@@ -243,6 +243,18 @@ impl DmaWindow<'_> {
         }
     }
 
+    /// Byte `b` (0..16) of descriptor `i`, `None` when `i` is outside the window (one
+    /// comparison that can double as the caller's test for an out-of-range sentinel index).
+    #[inline(always)]
+    pub fn try_desc_u8(&self, i: u32, b: usize) -> Option<u8> {
+        if (i as usize) < self.ndesc {
+            // SAFETY: as in `desc_u8`.
+            Some(unsafe { core::ptr::read_volatile(self.ptr.add(i as usize * 16 + (b & 15))) })
+        } else {
+            None
+        }
+    }
+
     /// Write byte `b` (0..16) of descriptor `i` (ignored when outside the window).
     #[inline(always)]
     pub fn set_desc_u8(&self, i: u32, b: usize, v: u8) {
