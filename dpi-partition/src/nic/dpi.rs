@@ -340,8 +340,8 @@ fn validate_ring<'a, M: DmaMemory>(
 }
 
 /// [`InFlight::real_last`] of a dropped packet (nothing posted): never a real ring index (the
-/// real ring has at most 4096 descriptors).
-const NOT_POSTED: u32 = u32::MAX;
+/// real ring has at most 4096 descriptors, so indices also fit the entry's u16).
+const NOT_POSTED: u16 = u16::MAX;
 
 /// One packet accepted from the guest and not yet completed (24 bytes: the one-packet path
 /// writes and reads one per packet).
@@ -351,7 +351,10 @@ struct InFlight {
     arena_end: u64,
     guest_first: u32,
     /// Index of the packet's last real descriptor ([`NOT_POSTED`]: dropped, nothing posted).
-    real_last: u32,
+    real_last: u16,
+    /// The real descriptor after `real_last` (the clean index once it is done; 0 when not
+    /// posted).
+    real_next: u16,
     epoch: u32,
     /// Guest descriptors covered (at most [`COALESCE_MAX`] or [`MAX_PACKET_DESCS`]).
     guest_count: u16,
@@ -363,7 +366,7 @@ impl InFlight {
     /// The last real descriptor, when the packets were posted.
     #[inline(always)]
     fn posted(&self) -> Option<u32> {
-        (self.real_last != NOT_POSTED).then_some(self.real_last)
+        (self.real_last != NOT_POSTED).then_some(u32::from(self.real_last))
     }
     #[inline(always)]
     fn count(&self) -> u32 {
@@ -386,6 +389,7 @@ impl InFlightRing {
             guest_count: 0,
             packets: 0,
             real_last: NOT_POSTED,
+            real_next: 0,
             arena_end: 0,
             epoch: 0,
         };
@@ -817,7 +821,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let f = self.tx.inflight.buf[self.tx.inflight.head];
         // A dropped entry's `NOT_POSTED` lies outside the real ring: the window's range check
         // is the test for it.
-        let last = f.real_last;
+        let last = u32::from(f.real_last);
         let (Some(status), Some(ring)) = (
             self.tx_win.try_desc_u8(last, TX_STATUS_OFFSET),
             self.tx.ring,
@@ -846,11 +850,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 wrote |= complete_desc(d, k);
             }
         }
-        self.tx.real_clean = if last + 1 == self.cfg.tx_ring {
-            0
-        } else {
-            last + 1
-        };
+        self.tx.real_clean = u32::from(f.real_next);
         self.tx.arena_tail = f.arena_end.max(self.tx.arena_tail);
         // The only entry is done: the list is empty (its head may stay where it is).
         self.tx.inflight.len = 0;
@@ -1060,7 +1060,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             // (Zero-copy mode never moves the arena.)
             self.tx.arena_head = arena;
         }
-        self.push_inflight_one(tail, n);
+        self.push_inflight_one(tail, new_tail, n);
         self.tx.next = after;
         self.tx.real_tail = new_tail;
         self.counters.tx.packets += 1;
@@ -1155,7 +1155,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         self.tx.arena_head = arena;
         if pkts != 0 {
             let last = if tail == 0 { rn - 1 } else { tail - 1 };
-            self.push_inflight(pkts, pkts, Some(last), ring.n);
+            self.push_inflight(pkts, pkts, last, tail, ring.n);
             self.tx.next = next;
             self.tx.real_tail = tail;
             self.counters.tx.packets += u64::from(pkts);
@@ -1179,7 +1179,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// that includes an allowed buffer the memory cannot lend, which it drops).
     #[inline(always)]
     fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, &'a [u8])> {
-        let len = hi as u16 as u32;
+        // As a u64 (the range test's width; one zero-extension instead of two).
+        let len = hi & 0xFFFF;
         if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP {
             return None;
         }
@@ -1187,9 +1188,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         // the policy's largest allowed range: two comparisons, exactly `MemoryPolicy::check`
         // there (see `FastRange::bytes`). An empty range accepts nothing here.
         if let Some(frame) = self.fast.bytes(lo, len) {
-            return Some((lo, len, frame));
+            return Some((lo, len as u32, frame));
         }
-        self.tx_fast_accept_other(lo, len)
+        self.tx_fast_accept_other(lo, len as u32)
     }
 
     /// [`DpiNic::tx_fast_accept`] for a buffer outside the largest allowed range (or too long
@@ -1205,11 +1206,23 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// Record `packets` accepted packets covering `count` guest descriptors whose last real
-    /// descriptor is `real_last`, merged into the previous entry when contiguous.
+    /// descriptor is `real_last` (`real_next` the one after it), merged into the previous entry
+    /// when contiguous.
     #[inline(always)]
-    fn push_inflight(&mut self, count: u32, packets: u32, real_last: Option<u32>, n: u32) -> bool {
+    fn push_inflight(
+        &mut self,
+        count: u32,
+        packets: u32,
+        real_last: u32,
+        real_next: u32,
+        n: u32,
+    ) -> bool {
         let (first, epoch, arena_end) = (self.tx.next, self.tx.epoch, self.tx.arena_head);
-        if let (Some(b), Some(_)) = (self.tx.inflight.back_mut(), real_last) {
+        debug_assert_eq!(real_next, (real_last + 1) % self.cfg.tx_ring);
+        // Real ring indices are below 4096 (`new`): they fit the entry's u16 and are never
+        // NOT_POSTED.
+        let (real_last, real_next) = (real_last as u16, real_next as u16);
+        if let Some(b) = self.tx.inflight.back_mut() {
             let mut end = b.guest_first + b.count();
             if end >= n {
                 end -= n;
@@ -1222,7 +1235,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 // At most COALESCE_MAX descriptors (and no more packets): fits a u16.
                 b.guest_count += count as u16;
                 b.packets += packets as u16;
-                b.real_last = real_last.unwrap_or(NOT_POSTED);
+                b.real_last = real_last;
+                b.real_next = real_next;
                 b.arena_end = arena_end;
                 return true;
             }
@@ -1232,21 +1246,24 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             guest_first: first,
             guest_count: count as u16,
             packets: packets as u16,
-            real_last: real_last.unwrap_or(NOT_POSTED),
+            real_last,
+            real_next,
             arena_end,
             epoch,
         })
     }
 
     /// [`DpiNic::push_inflight`] for one posted single-descriptor packet (real descriptor
-    /// `real_last`): written straight into an empty list (the usual state with one packet per
-    /// doorbell, where the previous packet completed first), else merged or appended.
+    /// `real_last`, followed by `real_next`): written straight into an empty list (the usual
+    /// state with one packet per doorbell, where the previous packet completed first), else
+    /// merged or appended.
     #[inline(always)]
-    fn push_inflight_one(&mut self, real_last: u32, n: u32) {
+    fn push_inflight_one(&mut self, real_last: u32, real_next: u32, n: u32) {
         let (first, epoch, arena_end) = (self.tx.next, self.tx.epoch, self.tx.arena_head);
+        debug_assert_eq!(real_next, (real_last + 1) % self.cfg.tx_ring);
         let q = &mut self.tx.inflight;
         if q.len != 0 {
-            self.push_inflight(1, 1, Some(real_last), n);
+            self.push_inflight(1, 1, real_last, real_next, n);
             return;
         }
         // `head < buf.len()` always; an empty list's next entry goes there.
@@ -1254,7 +1271,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             guest_first: first,
             guest_count: 1,
             packets: 1,
-            real_last,
+            // Below 4096 (`new`).
+            real_last: real_last as u16,
+            real_next: real_next as u16,
             arena_end,
             epoch,
         };
@@ -1513,7 +1532,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             _ => 1,
         };
         let last = self.post(ctx, first, nfrags, total);
-        self.push_inflight(count, 1, Some(last), ring.n);
+        let next_real = self.tx.real_tail;
+        self.push_inflight(count, 1, last, next_real, ring.n);
         self.tx.next = idx;
         self.counters.tx.packets += 1;
         self.counters.tx.bytes += u64::from(total);
@@ -1529,6 +1549,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             guest_count: count as u16,
             packets: 1,
             real_last: NOT_POSTED,
+            real_next: 0,
             arena_end: self.tx.arena_head,
             epoch: self.tx.epoch,
         });

@@ -316,8 +316,8 @@ pub struct FastRange<'a> {
     /// The range's length `W` (the window's length).
     span: u64,
     /// Longest buffer accepted: `min(max_len, W)` as given to [`FastRange::new`], 0 when there
-    /// is no window (then nothing is accepted).
-    max_len: u32,
+    /// is no window (then nothing is accepted). A u64 like `len` in `bytes`' arithmetic.
+    max_len: u64,
     win: DmaWindow<'a>,
 }
 
@@ -353,7 +353,7 @@ impl<'a> FastRange<'a> {
         Self {
             start,
             span,
-            max_len: u32::try_from(span).map_or(max_len, |w| w.min(max_len)),
+            max_len: span.min(u64::from(max_len)),
             win,
         }
     }
@@ -370,10 +370,10 @@ impl<'a> FastRange<'a> {
     /// the non-empty buffers of at most `max_len` bytes inside `[start, start + W)`, each of
     /// which `MemoryPolicy::check` accepts (at the same address: the range is allowed).
     #[inline(always)]
-    pub fn bytes(&self, addr: u64, len: u32) -> Option<&'a [u8]> {
+    pub fn bytes(&self, addr: u64, len: u64) -> Option<&'a [u8]> {
         if len.wrapping_sub(1) < self.max_len {
             let off = addr.wrapping_sub(self.start);
-            if off <= self.span - u64::from(len) {
+            if off <= self.span - len {
                 // SAFETY: `off + len <= span == win.len()` (shown above), so the bytes lie
                 // inside the window, valid memory per `DmaWindow::new` for `'a`.
                 return Some(unsafe {
@@ -848,7 +848,7 @@ mod tests {
                 let inside = (1..=MAX).contains(&l)
                     && a >= start
                     && a.checked_add(u64::from(l)).is_some_and(|e| e <= end);
-                let got = f.bytes(a, l);
+                let got = f.bytes(a, u64::from(l));
                 assert_eq!(got.is_some(), inside, "addr {a:#x} len {l:#x}");
                 if let Some(b) = got {
                     assert_eq!(p.check(GuestPhysAddr(a), u64::from(l)), Ok(HostPhysAddr(a)));
@@ -862,10 +862,10 @@ mod tests {
         assert!(f.bytes(start - 1, 64).is_none());
         assert!(f.bytes(end - 64, 64).is_some());
         assert!(f.bytes(end - 63, 64).is_none());
-        assert!(f.bytes(end - u64::from(MAX), MAX).is_some());
+        assert!(f.bytes(end - u64::from(MAX), u64::from(MAX)).is_some());
         assert!(f.bytes(u64::MAX - 63, 64).is_none());
         assert!(f.bytes(start, 0).is_none());
-        assert!(f.bytes(start, MAX + 1).is_none());
+        assert!(f.bytes(start, u64::from(MAX) + 1).is_none());
 
         // A largest range shorter than `max_len`: the length limit becomes the range's length.
         let p = MemoryPolicy::new(&[r(0x1000, 0x1800)], &[]).unwrap();
@@ -878,7 +878,7 @@ mod tests {
         // No window: nothing.
         let f = FastRange::empty();
         for a in [0, 1, u64::MAX] {
-            for l in [0, 1, MAX] {
+            for l in [0, 1, u64::from(MAX), u64::MAX] {
                 assert!(f.bytes(a, l).is_none());
             }
         }
