@@ -172,7 +172,7 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
         match work.as_ref() {
             Some(work) if mwait => {
                 let ticks = TIMER_TICKS.load(Ordering::Relaxed);
-                let started = instructions::rdtsc();
+                let started = ally_dpi::queue::timestamp();
                 // SAFETY: MONITOR/MWAIT are supported (checked above); the doorbell is in
                 // Ally's identity-mapped memory; Ally's IDT handles the timer and NMIs.
                 unsafe {
@@ -181,7 +181,7 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
                         instructions::wait_for_write_or_interrupt();
                     }
                 }
-                let waited = instructions::rdtsc().wrapping_sub(started);
+                let waited = ally_dpi::queue::timestamp().wrapping_sub(started);
                 if work.doorbell_pending()
                     || TIMER_TICKS.load(Ordering::Relaxed) != ticks
                     || waited >= MWAIT_MIN_WAIT_TSC

@@ -29,7 +29,6 @@ use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
-use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
 use log::info;
 
@@ -383,13 +382,7 @@ pub fn mark(id: u8) {
     };
     let counters = PUBLISHED.lock().clone().unwrap_or_default();
     let mut registers = alloc::string::String::new();
-    for (name, reads, writes) in trapped.exits.nonzero() {
-        let _ = write!(
-            registers,
-            "{}{name}:{reads}/{writes}",
-            if registers.is_empty() { "" } else { "," }
-        );
-    }
+    let _ = ally_hypervisor::exit::write_register_counts(&mut registers, trapped.exits.nonzero());
     info!(
         "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} registers={registers}",
         trapped.exits.total(),

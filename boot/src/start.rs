@@ -316,7 +316,11 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         info!("ALLY ioapic guarded base={base:#x}");
         let _ = ioapics.push(guard);
     }
-    let pci_interrupts = guard_pci_interrupts(&cpus)?;
+    let os_cores = cpus.os_cores();
+    let pci_interrupts = guard_pci_interrupts(ally_hypervisor::ipi::CpuSets {
+        os_cores: &os_cores,
+        dpi_cores: &cpus.dpi,
+    })?;
     let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
     let mut nic_trap = None;
     let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 1>::new();
@@ -339,12 +343,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         power_off_hook: report_dpi_status,
         mark_hook: crate::nic::mark,
         dpi_heartbeat,
-        os_cores: cpus
-            .all
-            .iter()
-            .copied()
-            .filter(|id| !cpus.dpi.contains(id))
-            .collect(),
+        os_cores,
         dpi_cores: cpus.dpi.clone(),
         apic_base,
         nic: nic_trap,
@@ -467,7 +466,7 @@ fn hide_mmconfig(identity_limit: u64) -> Result<heapless::Vec<PhysRange, 7>, Sta
 /// aimed at a DPI core is rewritten now) and MSI-X turned off; the guest's later writes go
 /// through `pci_guard`. Before the guest runs.
 fn guard_pci_interrupts(
-    cpus: &CpuPartition,
+    sets: ally_hypervisor::ipi::CpuSets<'_>,
 ) -> Result<
     heapless::Vec<ally_hypervisor::pci::msi::InterruptGuard, { platform::MAX_INTERRUPT_FUNCTIONS }>,
     StartError,
@@ -476,16 +475,6 @@ fn guard_pci_interrupts(
     let found =
         scan_interrupt_capabilities::<{ platform::MAX_INTERRUPT_FUNCTIONS }>(&PortConfigSpace)
             .map_err(StartError::PciInterrupts)?;
-    let os_cores: heapless::Vec<u32, 256> = cpus
-        .all
-        .iter()
-        .copied()
-        .filter(|id| !cpus.dpi.contains(id))
-        .collect();
-    let sets = ally_hypervisor::ipi::CpuSets {
-        os_cores: &os_cores,
-        dpi_cores: &cpus.dpi,
-    };
     let mut guards = heapless::Vec::new();
     for function in &found {
         let guard = InterruptGuard::adopt(&PortConfigSpace, function, sets);
@@ -613,6 +602,17 @@ pub struct CpuPartition {
     pub all: heapless::Vec<u32, 256>,
     /// The DPI cores: the highest `dpi_cores` APIC IDs (never the boot CPU).
     pub dpi: heapless::Vec<u32, 256>,
+}
+
+impl CpuPartition {
+    /// The OS cores' APIC IDs: every CPU that is not a DPI core.
+    pub fn os_cores(&self) -> heapless::Vec<u32, 256> {
+        self.all
+            .iter()
+            .copied()
+            .filter(|id| !self.dpi.contains(id))
+            .collect()
+    }
 }
 
 /// Reads the CPUs from the MADT, chooses the DPI cores and removes them from the MADT and

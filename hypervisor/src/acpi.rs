@@ -159,6 +159,15 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// The byte sum of `[pa, pa+len)`, read in chunks.
+/// Makes the `len` bytes at `pa` sum to zero again after an in-place edit, through the
+/// checksum byte at offset `at`; returns the new checksum.
+fn rewrite_checksum(mem: &mut impl PhysMemory, pa: u64, len: u64, at: u64) -> u8 {
+    mem.write(pa + at, &[0]);
+    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, len));
+    mem.write(pa + at, &[checksum]);
+    checksum
+}
+
 fn byte_sum(mem: &impl PhysMemory, pa: u64, len: u64) -> u8 {
     let mut buf = [0u8; 256];
     let mut sum = 0u8;
@@ -627,9 +636,7 @@ pub fn remove_madt_cpus(
         at += n;
     }
     mem.write(pa + 4, &dst.to_le_bytes());
-    mem.write(pa + 9, &[0]);
-    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(dst)));
-    mem.write(pa + 9, &[checksum]);
+    let checksum = rewrite_checksum(mem, pa, u64::from(dst), 9);
     madt.header.length = dst;
     madt.header.checksum = checksum;
     Ok(removed)
@@ -645,9 +652,7 @@ pub const HIDDEN_SIGNATURE: [u8; 4] = *b"ALY_";
 pub fn hide_table(mem: &mut impl PhysMemory, table: &mut AcpiTable) {
     let pa = table.pa;
     mem.write(pa, &HIDDEN_SIGNATURE);
-    mem.write(pa + 9, &[0]);
-    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(table.len())));
-    mem.write(pa + 9, &[checksum]);
+    let checksum = rewrite_checksum(mem, pa, u64::from(table.len()), 9);
     table.header.signature = HIDDEN_SIGNATURE;
     table.header.checksum = checksum;
 }
@@ -871,9 +876,7 @@ pub fn remove_mp_cpus(
     let new_count = table.entry_count - removed;
     mem.write(pa + 4, &(dst as u16).to_le_bytes());
     mem.write(pa + 34, &new_count.to_le_bytes());
-    mem.write(pa + 7, &[0]);
-    let checksum = 0u8.wrapping_sub(byte_sum(&*mem, pa, u64::from(dst)));
-    mem.write(pa + 7, &[checksum]);
+    rewrite_checksum(mem, pa, u64::from(dst), 7);
     table.base_len = dst as u16;
     table.entry_count = new_count;
     Ok(usize::from(removed))

@@ -405,6 +405,19 @@ impl fmt::Debug for ExitCounters {
     }
 }
 
+/// Writes `NAME:READS/WRITES` items separated by commas: the `registers=` field of the mark
+/// lines (APIC and NIC exits by register).
+pub fn write_register_counts<'a>(
+    out: &mut impl core::fmt::Write,
+    counts: impl IntoIterator<Item = (&'a str, u64, u64)>,
+) -> core::fmt::Result {
+    for (i, (name, reads, writes)) in counts.into_iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        write!(out, "{sep}{name}:{reads}/{writes}")?;
+    }
+    Ok(())
+}
+
 fn bump(counter: &AtomicU64) {
     let n = counter.load(Ordering::Relaxed);
     counter.store(n.saturating_add(1), Ordering::Relaxed);

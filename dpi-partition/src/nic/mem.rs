@@ -108,20 +108,6 @@ impl<'a> DmaWindow<'a> {
             _life: core::marker::PhantomData,
         }
     }
-
-    /// `len` bytes at `off` borrowed in place (as [`DmaMemory::borrow`]: the caller must own
-    /// the range under the ring protocol), or `None` unless they lie inside the window.
-    #[inline(always)]
-    pub fn bytes(&self, off: usize, len: usize) -> Option<&'a [u8]> {
-        match off.checked_add(len) {
-            Some(end) if end <= self.len => {
-                // SAFETY: `[off, off + len)` lies inside the window (checked), valid memory
-                // per `new` for the window's lifetime `'a`.
-                Some(unsafe { core::slice::from_raw_parts(self.ptr.add(off), len) })
-            }
-            _ => None,
-        }
-    }
 }
 
 impl DmaWindow<'_> {

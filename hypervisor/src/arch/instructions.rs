@@ -256,12 +256,6 @@ pub unsafe fn wait_for_interrupt() {
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
-/// The time-stamp counter (RDTSC, SDM Vol. 2B; every x86-64 CPU has it).
-pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC only reads the counter; CR4.TSD is clear in Ally's ring 0.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
 /// Whether this CPU has MONITOR/MWAIT (CPUID.01H:ECX[3]).
 pub fn has_monitor_mwait() -> bool {
     raw_cpuid::CpuId::new()

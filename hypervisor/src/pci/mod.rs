@@ -169,23 +169,6 @@ pub fn find_function(
         .ok_or(PciError::NotFound)
 }
 
-/// The function and register a memory-mapped configuration access at `pa` addresses, in an
-/// ECAM window whose bus 0 would be at `base` and which decodes buses `start_bus..=end_bus`
-/// (PCI Express Base 4.0, 7.2.2: bus in bits 27:20, device 19:15, function 14:12, register
-/// 11:0).
-pub fn ecam_function(base: u64, start_bus: u8, end_bus: u8, pa: u64) -> Option<(PciAddress, u16)> {
-    let offset = pa.checked_sub(base)?;
-    let bus = u8::try_from(offset >> 20).ok()?;
-    (start_bus..=end_bus).contains(&bus).then_some((
-        PciAddress {
-            bus,
-            device: ((offset >> 15) & 0x1F) as u8,
-            function: ((offset >> 12) & 7) as u8,
-        },
-        (offset & 0xFFF) as u16,
-    ))
-}
-
 /// Sizes the six BARs of a type-0 header (6.2.5.1: write all ones, read back, restore), with
 /// memory and I/O decoding off meanwhile. Only before the guest runs.
 pub fn probe_bars(cs: &impl ConfigSpace, function: PciAddress) -> [Bar; 6] {
@@ -626,32 +609,6 @@ mod tests {
         );
         let e1000 = find_function(&bus, E1000, None).unwrap();
         assert_eq!(e1000.address, at(2, 0, 0));
-    }
-
-    #[test]
-    fn ecam_addresses_decode_to_function_and_register() {
-        let base = 0xB000_0000;
-        let f = |bus, device, function| PciAddress {
-            bus,
-            device,
-            function,
-        };
-        assert_eq!(ecam_function(base, 0, 255, base), Some((f(0, 0, 0), 0)));
-        let pa = base + (3 << 20) + (0x1F << 15) + (7 << 12) + 0x104;
-        assert_eq!(ecam_function(base, 0, 255, pa), Some((f(3, 31, 7), 0x104)));
-        assert_eq!(
-            ecam_function(base, 0, 255, base + (256 << 20) - 1),
-            Some((f(255, 31, 7), 0xFFF))
-        );
-        // Outside the window: below the base, past the last bus, before the first.
-        assert_eq!(ecam_function(base, 0, 255, base - 1), None);
-        assert_eq!(ecam_function(base, 0, 255, base + (256 << 20)), None);
-        assert_eq!(ecam_function(base, 0, 3, base + (4 << 20)), None);
-        assert_eq!(ecam_function(base, 2, 3, base + (1 << 20)), None);
-        assert_eq!(
-            ecam_function(base, 2, 3, base + (2 << 20) + 0x34),
-            Some((f(2, 0, 0), 0x34))
-        );
     }
 
     #[test]

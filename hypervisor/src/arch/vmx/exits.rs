@@ -131,7 +131,6 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
-    ALL_EXITS.fetch_add(1, Ordering::Relaxed);
     super::platform::sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
@@ -273,22 +272,24 @@ pub fn register_exit_counters(vcpu: &Vcpu) {
     }
 }
 
+/// The exit counters of every vCPU registered so far, with its index.
+fn registered_exits() -> impl Iterator<Item = (usize, &'static ExitCounters)> {
+    VCPU_EXITS.iter().enumerate().filter_map(|(index, p)| {
+        let p = p.load(Ordering::Acquire);
+        // SAFETY: registered pointers are to the counters of vCPUs, which live for as long
+        // as Ally runs; the counters are atomics, safe to read from any CPU.
+        (!p.is_null()).then(|| (index, unsafe { &*p }))
+    })
+}
+
 /// At power-off: the exits of all vCPUs by reason (`ALLY exits`), then each vCPU's total.
 pub fn report_all_exits() {
     let mut sum = ExitCounters::new();
-    let registered = || {
-        VCPU_EXITS.iter().enumerate().filter_map(|(index, p)| {
-            let p = p.load(Ordering::Acquire);
-            // SAFETY: registered pointers are to the counters of vCPUs, which live for as
-            // long as Ally runs; the counters are atomics, safe to read from any CPU.
-            (!p.is_null()).then(|| (index, unsafe { &*p }))
-        })
-    };
-    for (_, exits) in registered() {
+    for (_, exits) in registered_exits() {
         sum.merge(exits);
     }
     print_exits(&sum);
-    for (index, exits) in registered() {
+    for (index, exits) in registered_exits() {
         info!(
             "ALLY vcpu-exits apic={} total={}",
             platform().os_cores.get(index).copied().unwrap_or(u32::MAX),
@@ -701,9 +702,6 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
 }
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
-/// VM exits of every vCPU (the marks' `all-exits=`: a transfer's exits, whichever OS cores
-/// took them).
-static ALL_EXITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 const MARK_LIMIT: u64 = 64;
 static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
@@ -717,17 +715,14 @@ fn report_mark(id: u8, vcpu: &Vcpu) {
         "ALLY mark id={id} vcpu={} exits={} all-exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
         vcpu.apic_id,
         vcpu.exits.total(),
-        ALL_EXITS.load(Relaxed),
+        registered_exits().map(|(_, exits)| exits.total()).sum::<u64>(),
         vcpu.exits.get(ExitReason::EptViolation.basic()),
-        apic_guard::APIC_MMIO_EXITS.load(Relaxed),
+        apic_guard::apic_mmio_exits(),
         super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
         (platform().dpi_heartbeat)()
     );
     let mut registers = heapless::String::<512>::new();
-    for (name, r, w) in apic_guard::exits_by_register() {
-        let sep = if registers.is_empty() { "" } else { "," };
-        let _ = core::fmt::Write::write_fmt(&mut registers, format_args!("{sep}{name}:{r}/{w}"));
-    }
+    let _ = crate::exit::write_register_counts(&mut registers, apic_guard::exits_by_register());
     info!("ALLY apic-mark id={id} registers={registers}");
     (platform().mark_hook)(id);
 }
@@ -798,12 +793,12 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         emulate_access(regs, gpa, access, &mut ioapic).map_err(StopReason::Emulation)?;
         return Ok(());
     }
-    if let Some(nic) = platform()
+    if let Some((nic, offset)) = platform()
         .nic
         .as_ref()
-        .filter(|nic| nic.trapped_offset(gpa).is_some())
+        .and_then(|nic| Some((nic, nic.trapped_offset(gpa)?)))
     {
-        emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic))
+        emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic, offset))
             .map_err(StopReason::Emulation)?;
         return Ok(());
     }

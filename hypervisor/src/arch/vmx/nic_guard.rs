@@ -115,20 +115,19 @@ pub static CONFIG_ACCESSES: AtomicU64 = AtomicU64::new(0);
 /// Guest I/O BAR accesses.
 pub static IO_BAR_ACCESSES: AtomicU64 = AtomicU64::new(0);
 
-/// BAR0's trapped pages, as an MMIO handler for the EPT-violation path.
-pub struct NicMmio<'a>(pub &'a NicTrap);
+/// BAR0's trapped pages, as an MMIO handler for the EPT-violation path: the NIC and the
+/// faulting address's BAR0 offset ([`NicTrap::trapped_offset`], found once by the caller).
+pub struct NicMmio<'a>(pub &'a NicTrap, pub u64);
 
 impl NicMmio<'_> {
-    fn offset(&self, gpa: GuestPhysAddr) -> Option<u32> {
-        self.0
-            .trapped_offset(gpa)
-            .and_then(|offset| self.0.dword_offset(offset))
+    fn offset(&self) -> Option<u32> {
+        self.0.dword_offset(self.1)
     }
 }
 
 impl MmioHandler for NicMmio<'_> {
     fn read(&mut self, gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
-        match self.offset(gpa) {
+        match self.offset() {
             Some(offset) if width == AccessWidth::Dword => u64::from(self.0.registers.read(offset)),
             _ => {
                 refused(&REFUSED_MMIO, "mmio-read", gpa.0, width.bytes());
@@ -138,7 +137,7 @@ impl MmioHandler for NicMmio<'_> {
     }
 
     fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
-        match self.offset(gpa) {
+        match self.offset() {
             Some(offset) if width == AccessWidth::Dword => {
                 self.0.registers.write(offset, value as u32)
             }
