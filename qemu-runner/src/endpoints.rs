@@ -32,6 +32,11 @@ pub struct NetOptions {
     pub small_bytes: u64,
     /// The big upload.
     pub upload_bytes: u64,
+    /// Concurrent streams of the parallel phase (each downloads `small.bin` and uploads it
+    /// back, all at once); 0 skips it. Several TCP connections keep more frames in flight than
+    /// one can through the emulators' slirp (8 KiB socket buffers), as bulk traffic on a real
+    /// link would, so the exits per frame show what Ally costs when the wire is busy.
+    pub streams: u32,
     /// Seeds the served files' contents.
     pub seed: u64,
 }
@@ -42,6 +47,7 @@ impl Default for NetOptions {
             big_bytes: 16 << 20,
             small_bytes: 1 << 20,
             upload_bytes: 16 << 20,
+            streams: 4,
             seed: 0xa11e_5eed,
         }
     }
@@ -390,11 +396,12 @@ impl Endpoints {
     /// /proc/cmdline; the dotted names are ignored by the kernel and not passed to init).
     pub fn guest_cmdline(&self) -> String {
         format!(
-            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.inspect_drop={}",
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={}",
             self.http_port,
             self.upload_port,
             self.options.upload_bytes,
             self.options.small_bytes,
+            self.options.streams,
             self.inspect_drop_port
         )
     }
@@ -658,6 +665,7 @@ mod tests {
             big_bytes: 300_001,
             small_bytes: 4097,
             upload_bytes: 1000,
+            streams: 2,
             seed: 7,
         }
     }
@@ -773,7 +781,7 @@ mod tests {
         assert_eq!(
             cmdline,
             format!(
-                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.inspect_drop={}",
+                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.streams=2 ally.inspect_drop={}",
                 rep.http_port, rep.upload_port, rep.inspect_drop_port
             )
         );

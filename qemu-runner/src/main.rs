@@ -93,6 +93,10 @@ struct Common {
     /// Size of small.bin and of the small upload, repeated after each e1000 reload.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     net_small: u64,
+    /// Concurrent streams of the parallel phase (each downloads small.bin and uploads it
+    /// back); 0 skips the phase.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=16))]
+    net_streams: u32,
 }
 
 /// `123`, `512K` or `16M` (binary units) as bytes.
@@ -123,6 +127,7 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
         big_bytes: c.net_big,
         small_bytes: c.net_small,
         upload_bytes: c.net_upload,
+        streams: c.net_streams,
         ..NetOptions::default()
     });
     o

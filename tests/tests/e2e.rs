@@ -25,8 +25,8 @@ fn baseline_guest_boots_and_pings() {
         "ping 10.0.2.2 failed"
     );
     // Issue 4's workload without Ally: 16 MiB each way with SHA-256 checked on the host, two
-    // e1000 reloads each followed by a smaller transfer.
-    for name in ["download", "upload", "nic-reload"] {
+    // e1000 reloads each followed by a smaller transfer, and the parallel phase.
+    for name in ["download", "upload", "nic-reload", "parallel-transfers"] {
         let c = check(&result, name);
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
@@ -69,14 +69,17 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 14] = [
+const NETWORK_CHECKS: [&str; 15] = [
     "download",
     "upload",
     "nic-reload",
+    // Concurrent downloads and uploads (NetOptions::streams), each checked whole.
+    "parallel-transfers",
     "nic-traffic",
     "nic-bytes",
     "nic-exits",
-    // Exits per wire frame for the big download and upload, by register (a report).
+    // Exits per wire frame for the big download and upload and the parallel phase, by
+    // register (a report).
     "nic-transfer-exits",
     "nic-wire-balance",
     "eve-pcap",
