@@ -10,8 +10,10 @@ use core::arch::global_asm;
 
 /// Where the image is linked in the higher half; physical = virtual - KERNEL_VMA.
 pub const KERNEL_VMA: u64 = 0xFFFF_FFFF_8000_0000;
-/// Size of the boot CPU's stack (in .bss, so it moves with the image).
-pub const BOOT_STACK_SIZE: usize = 64 * 1024;
+/// Size of the boot CPU's stack (in .bss, so it moves with the image). `start` builds the
+/// `Platform` (the PCI and I/O APIC guards' tables) on it: 64 KiB overflowed into the heap
+/// allocator's state once the I/O APIC guards kept the firmware's entries.
+pub const BOOT_STACK_SIZE: usize = 256 * 1024;
 
 #[repr(C, align(16))]
 pub struct Stack(pub [u8; BOOT_STACK_SIZE]);

@@ -19,12 +19,13 @@ use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
 use ally_hypervisor::arch::vmx::vcpu::{
     intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages,
 };
-use ally_hypervisor::arch::vmx::{exits, launch};
+use ally_hypervisor::arch::vmx::{exits, guest_reset, launch};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
 use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
+use ally_hypervisor::reset;
 use core::alloc::Layout;
 use core::convert::Infallible;
 use core::fmt;
@@ -343,6 +344,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         power_off_hook: report_dpi_status,
         mark_hook: crate::nic::mark,
         dpi_heartbeat,
+        boot_cpu: cpus.boot_cpu,
         os_cores,
         dpi_cores: cpus.dpi.clone(),
         apic_base,
@@ -373,6 +375,10 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
         // PCI configuration mechanism #1: MSI registers and the NIC's BARs are guarded.
         intercept_ports(io_a, io_b, 0xCF8..0xD00);
+        // The guest's reboot requests (0xCF9 is among the configuration ports).
+        for port in [reset::KBC_COMMAND_PORT, reset::SYSTEM_CONTROL_PORT_A] {
+            intercept_ports(io_a, io_b, u32::from(port)..u32::from(port) + 1);
+        }
         for port in platform.pm1_control_ports.iter().flatten() {
             intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
         }
@@ -418,6 +424,18 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     // From here on the EPT changes only when the guest moves the NIC's BAR.
     crate::nic::hand_over_ept(ept, frames);
+
+    // What a guest reboot restores (conventional memory, the 8259 masks), as the guest's
+    // first instruction finds it.
+    let reset_buffer = leak_zeroed(guest_reset::LOW_MEMORY_BYTES)?;
+    // SAFETY: on the boot CPU, just before the guest first runs (the other OS cores wait for
+    // its SIPI); the buffer was just allocated, is never freed and nothing else uses it.
+    unsafe {
+        guest_reset::record_boot_state(core::slice::from_raw_parts_mut(
+            reset_buffer,
+            guest_reset::LOW_MEMORY_BYTES,
+        ))
+    };
 
     info!("ALLY guest-start");
     // SAFETY: the VMCS is complete and current; exits land on the exit stack set above.

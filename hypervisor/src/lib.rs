@@ -17,5 +17,6 @@ pub mod memmap;
 pub mod mtrr;
 pub mod paging;
 pub mod pci;
+pub mod reset;
 pub mod startup;
 pub mod topology;

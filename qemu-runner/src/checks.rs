@@ -557,7 +557,83 @@ pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
         Check::from_result("upload", uploads(guest, net)),
         Check::from_result("nic-reload", reloads(guest, net)),
         Check::from_result("parallel-transfers", parallel_transfers(guest, net)),
+        Check::from_result("guest-reboot", guest_reboot(guest, net)),
     ]
+}
+
+/// Ally's side of the guest's reboot: it took the guest's reset request
+/// (`ALLY guest-reset source=.. count=N`) and restarted the guest with every other OS core
+/// stopped (`ALLY guest-restarted count=N .. stopped=true`), once.
+pub fn ally_guest_reset(ally: &AllyReport) -> Check {
+    let result = (|| {
+        let reset = ally
+            .all("guest-reset")
+            .last()
+            .ok_or("no `ALLY guest-reset` line: Ally did not see the guest's reset")?;
+        let restarted = ally
+            .all("guest-restarted")
+            .last()
+            .ok_or("no `ALLY guest-restarted` line: Ally did not restart the guest")?;
+        let count = restarted.number("count").map_err(marker_err)?;
+        if count != 1 || reset.number("count").map_err(marker_err)? != 1 {
+            return Err(format!("the guest reset {count} times, expected once"));
+        }
+        if restarted.fields.get("stopped") != Some("true") {
+            return Err(format!(
+                "an OS core kept running the old guest: {}",
+                restarted.line
+            ));
+        }
+        Ok(format!(
+            "reset by {} ({} other OS core(s) stopped), guest restarted",
+            reset.fields.get("source").unwrap_or("?"),
+            restarted.fields.get("other-os-cores").unwrap_or("?")
+        ))
+    })();
+    Check::from_result("ally-guest-reset", result)
+}
+
+/// The guest's reboot (`NetOptions::reboot`): the first boot announced it, the second boot
+/// started, brought the e1000 up (module loaded, carrier, ping answered) and moved small.bin
+/// both ways whole.
+fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
+    if !net.options.reboot {
+        return Ok("not requested".into());
+    }
+    let first = guest
+        .find("reboot")
+        .ok_or("no `ALLYTEST reboot` marker: the first boot did not reboot")?;
+    if first.status != Some(Status::Info) {
+        return Err(format!("the first boot could not reboot: {}", first.line));
+    }
+    let second = guest
+        .find("rebooted")
+        .ok_or("no `ALLYTEST rebooted` marker: the guest did not boot again")?;
+    let link = guest
+        .find("reboot-net")
+        .ok_or("no `ALLYTEST reboot-net` marker after the reboot")?;
+    if link.status != Some(Status::Info) {
+        return Err(format!(
+            "the e1000 did not work after the reboot: {}",
+            link.line
+        ));
+    }
+    let tagged = |marker: &'static str| {
+        guest
+            .all(marker)
+            .find(|m| m.fields.get("reboot").is_some())
+            .ok_or(format!("no `ALLYTEST {marker}` marker with reboot=1"))
+    };
+    let download = judge_download(tagged("download")?, net)?;
+    let mut used = vec![false; net.uploads.len()];
+    let upload = judge_upload(tagged("upload")?, net, &mut used)?;
+    Ok(format!(
+        "rebooted at {} s of uptime; second boot at {} s: carrier after {} ms, ping {}/3; {download}; {upload}",
+        first.fields.get("uptime").unwrap_or("?"),
+        second.fields.get("uptime").unwrap_or("?"),
+        link.fields.get("waited_ms").unwrap_or("?"),
+        link.fields.get("ping_received").unwrap_or("?"),
+    ))
 }
 
 /// `name=small round=1`-style label of a transfer marker.
@@ -568,6 +644,9 @@ fn transfer_label(m: &GuestMarker) -> String {
     }
     if let Some(k) = m.fields.get("stream") {
         l += &format!(" stream {k}");
+    }
+    if m.fields.get("reboot").is_some() {
+        l += " after the reboot";
     }
     l
 }
@@ -630,6 +709,7 @@ fn transfers<'a>(
         name.is_none_or(|n| m.fields.get("name") == Some(n))
             && m.fields.get("round").map(crate::markers::parse_number) == round.map(Some)
             && m.fields.get("stream").is_none()
+            && m.fields.get("reboot").is_none()
     })
 }
 
@@ -707,6 +787,7 @@ fn judge_upload(m: &GuestMarker, net: &NetReport, used: &mut [bool]) -> Result<S
     let label = match (m.fields.get("round"), m.fields.get("stream")) {
         (Some(r), _) => format!("upload round {r}"),
         (None, Some(k)) => format!("upload stream {k}"),
+        (None, None) if m.fields.get("reboot").is_some() => "upload after the reboot".into(),
         (None, None) => "upload".into(),
     };
     if m.status != Some(Status::Info) {
@@ -714,7 +795,8 @@ fn judge_upload(m: &GuestMarker, net: &NetReport, used: &mut [bool]) -> Result<S
     }
     let bytes = m.number("bytes").map_err(marker_err)?;
     let sha = m.fields.get("sha256").unwrap_or("none");
-    let expected = if m.fields.get("round").is_some() || m.fields.get("stream").is_some() {
+    let small = ["round", "stream", "reboot"];
+    let expected = if small.iter().any(|k| m.fields.get(k).is_some()) {
         net.options.small_bytes
     } else {
         net.options.upload_bytes
@@ -1544,6 +1626,83 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
         assert!(c[2]
             .detail
             .starts_with("round 1: carrier after 1400 ms, ping 3/3"));
+    }
+
+    const SHA_REBOOT: &str = "6666666666666666666666666666666666666666666666666666666666666666";
+
+    fn rebooted_guest() -> String {
+        format!(
+            "{}\
+ALLYTEST reboot INFO boot=1 uptime=200.10
+ALLYTEST rebooted INFO boot=2 uptime=3.20
+ALLYTEST reboot-net INFO insmod=0 carrier=1 waited_ms=400 ping_received=3
+ALLYTEST download INFO name=small reboot=1 bytes=1048576 sha256={SHA_SMALL} seconds=2.00
+ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=1048576 host_sha256={SHA_REBOOT} seconds=2.00
+",
+            net_guest()
+        )
+    }
+
+    fn rebooted_host() -> NetReport {
+        let mut host = net_host();
+        host.options.reboot = true;
+        host.uploads.push(upload_record(1 << 20, SHA_REBOOT));
+        host
+    }
+
+    #[test]
+    fn a_reboot_needs_both_boots_and_the_network_after_it() {
+        let c = judge_net(&rebooted_guest(), &rebooted_host());
+        assert!(all_passed(&c), "{c:#?}");
+        assert_eq!(
+            c[4].detail,
+            "rebooted at 200.10 s of uptime; second boot at 3.20 s: carrier after 400 ms, ping 3/3; small after the reboot: 1048576 B in 2.00 s (512 KiB/s); upload after the reboot: 1048576 B in 2.00 s (512 KiB/s)"
+        );
+        // Not requested: nothing to judge, and the tagged transfers do not count as others.
+        assert_eq!(
+            judge_net(&net_guest(), &net_host())[4].detail,
+            "not requested"
+        );
+        for (from, to) in [
+            ("ALLYTEST rebooted INFO", "x"),
+            ("reboot-net INFO", "reboot-net FAIL"),
+            ("ALLYTEST reboot INFO", "ALLYTEST reboot FAIL"),
+            ("download INFO name=small reboot=1", "x"),
+        ] {
+            let g = rebooted_guest().replacen(from, to, 1);
+            assert_eq!(
+                failed(&judge_net(&g, &rebooted_host())),
+                ["guest-reboot"],
+                "{from}"
+            );
+        }
+        // The host did not receive the upload after the reboot (every upload is judged).
+        let mut host = rebooted_host();
+        host.uploads.pop();
+        assert_eq!(
+            failed(&judge_net(&rebooted_guest(), &host)),
+            ["upload", "guest-reboot"]
+        );
+    }
+
+    #[test]
+    fn ally_must_restart_the_guest_once_with_the_other_cores_stopped() {
+        let good = "[cpu0 INFO hv] ALLY guest-reset source=keyboard-controller count=1 rip=0xffffffff81000000\n\
+            [cpu0 INFO hv] ALLY guest-restarted count=1 source=keyboard-controller other-os-cores=0 stopped=true\n";
+        let c = ally_guest_reset(&AllyReport::parse(good));
+        assert!(c.passed, "{c}");
+        assert_eq!(
+            c.detail,
+            "reset by keyboard-controller (0 other OS core(s) stopped), guest restarted"
+        );
+        assert!(!ally_guest_reset(&AllyReport::parse("")).passed);
+        assert!(
+            !ally_guest_reset(&AllyReport::parse(
+                &good.replace("stopped=true", "stopped=false")
+            ))
+            .passed
+        );
+        assert!(!ally_guest_reset(&AllyReport::parse(&good.replace("count=1", "count=2"))).passed);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct NetOptions {
     /// one can through the emulators' slirp (8 KiB socket buffers), as bulk traffic on a real
     /// link would, so the exits per frame show what Ally costs when the wire is busy.
     pub streams: u32,
+    /// Reboot the guest after its workload (`ally.reboot=1`); the second boot brings the
+    /// e1000 up again and moves small.bin both ways (`checks::guest_reboot`).
+    pub reboot: bool,
     /// Seeds the served files' contents.
     pub seed: u64,
 }
@@ -48,6 +51,7 @@ impl Default for NetOptions {
             small_bytes: 1 << 20,
             upload_bytes: 16 << 20,
             streams: 4,
+            reboot: false,
             seed: 0xa11e_5eed,
         }
     }
@@ -395,8 +399,13 @@ impl Endpoints {
     /// What the guest needs to know, as kernel command-line words (read by `guest/init` from
     /// /proc/cmdline; the dotted names are ignored by the kernel and not passed to init).
     pub fn guest_cmdline(&self) -> String {
+        let reboot = if self.options.reboot {
+            " ally.reboot=1"
+        } else {
+            ""
+        };
         format!(
-            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={}",
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={}{reboot}",
             self.http_port,
             self.upload_port,
             self.options.upload_bytes,
@@ -666,6 +675,7 @@ mod tests {
             small_bytes: 4097,
             upload_bytes: 1000,
             streams: 2,
+            reboot: false,
             seed: 7,
         }
     }

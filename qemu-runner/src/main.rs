@@ -97,6 +97,10 @@ struct Common {
     /// back); 0 skips the phase.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=16))]
     net_streams: u32,
+    /// Reboot the guest after its workload; the second boot brings the e1000 up again and
+    /// moves small.bin both ways.
+    #[arg(long)]
+    reboot: bool,
 }
 
 /// `123`, `512K` or `16M` (binary units) as bytes.
@@ -128,6 +132,7 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
         small_bytes: c.net_small,
         upload_bytes: c.net_upload,
         streams: c.net_streams,
+        reboot: c.reboot,
         ..NetOptions::default()
     });
     o

@@ -686,6 +686,9 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         all_checks.extend(checks::network_checks(&guest, n));
         if opts.mode == Mode::Ally {
             all_checks.extend(checks::nic_checks(&guest, &ally));
+            if n.options.reboot {
+                all_checks.push(checks::ally_guest_reset(&ally));
+            }
             all_checks.push(inspect::ring_attack_check(&guest, &ally));
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);

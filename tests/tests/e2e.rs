@@ -50,7 +50,12 @@ fn e2e_rules() -> std::path::PathBuf {
 /// scenario; Ally's default dpi_cores=1).
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
-    ally_boot_passes_every_check("e2e-ally", 2, NetOptions::default(), "");
+    // The guest reboots at the end: Ally restarts it, and its e1000 works again.
+    let net = NetOptions {
+        reboot: true,
+        ..NetOptions::default()
+    };
+    ally_boot_passes_every_check("e2e-ally", 2, net, "");
 }
 
 /// Issue 3's SMP scenario: 3 OS cores + 1 DPI core. The guest starts its application
@@ -69,12 +74,14 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 15] = [
+const NETWORK_CHECKS: [&str; 16] = [
     "download",
     "upload",
     "nic-reload",
     // Concurrent downloads and uploads (NetOptions::streams), each checked whole.
     "parallel-transfers",
+    // With NetOptions::reboot: the second boot brought the e1000 up and moved data both ways.
+    "guest-reboot",
     "nic-traffic",
     "nic-bytes",
     "nic-exits",
@@ -165,6 +172,10 @@ fn ally_boot_passes_every_check(
     // NIC rings aimed at Ally's memory refused.
     for name in NETWORK_CHECKS {
         let c = check(&result, name);
+        assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+    }
+    if net.reboot {
+        let c = check(&result, "ally-guest-reset");
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
     assert_eq!(rules.number("loaded").ok(), Some(4), "{}", rules.line);

@@ -6,7 +6,7 @@
 //! registers) and page 3 (the TX ring registers). Everything else on those pages is forwarded
 //! to the device at the same offset; every other page stays mapped and costs no exit.
 
-use super::regs::{NicRegisters, Reg};
+use super::regs::{ctrl, NicRegisters, Reg};
 use super::shadow::{ShadowRegs, SHADOWED};
 use ally_hypervisor::arch::vmx::nic_guard::TrappedRegisters;
 use core::sync::atomic::{fence, AtomicU64, Ordering};
@@ -152,6 +152,12 @@ impl<R: NicRegisters + Sync> TrappedRegisters for TrappedNic<'_, R> {
     }
     fn is_trapped(&self, offset: u32) -> bool {
         is_trapped_offset(offset)
+    }
+    fn platform_reset(&self) {
+        // Not a guest access: not counted as an exit.
+        let value = self.shadow.guest_read(Reg::CTRL, &self.real);
+        self.shadow
+            .guest_write(Reg::CTRL, value | ctrl::RST, &self.real);
     }
 }
 

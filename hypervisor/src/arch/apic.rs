@@ -18,6 +18,12 @@ const REG_ICR_HIGH: u32 = 0x310;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INITIAL: u32 = 0x380;
 const REG_TIMER_DIVIDE: u32 = 0x3E0;
+const REG_TPR: u32 = 0x80;
+const REG_ISR: u32 = 0x100;
+const REG_IRR: u32 = 0x200;
+const REG_LVT_LINT0: u32 = 0x350;
+const REG_LVT_LINT1: u32 = 0x360;
+const REG_LVT_ERROR: u32 = 0x370;
 const LVT_MASKED: u32 = 1 << 16;
 
 /// ICR delivery modes (SDM Vol. 3A 12.6.1, Figure 12-12).
@@ -162,6 +168,45 @@ impl LocalApic {
     /// Signals end of interrupt.
     pub fn eoi(&self) {
         self.write(REG_EOI, 0);
+    }
+
+    /// First step of a guest reset: every local interrupt source masked (timer stopped), task
+    /// priority 0, and every interrupt in service ended (at most one EOI per vector; for a
+    /// level-triggered one the EOI also reaches the I/O APIC, clearing its remote IRR).
+    pub fn quiesce(&self) {
+        self.write(REG_LVT_TIMER, LVT_MASKED);
+        self.write(REG_TIMER_INITIAL, 0);
+        for reg in [REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR] {
+            self.write(reg, LVT_MASKED);
+        }
+        self.write(REG_TPR, 0);
+        for _ in 0..256 {
+            if Self::none_set(|i| self.read(REG_ISR + i * 0x10)) {
+                break;
+            }
+            self.eoi();
+        }
+    }
+
+    /// Whether no interrupt waits in the IRR (a reset must not leave the old guest's vectors
+    /// to be delivered to the new one: a real reset clears them).
+    pub fn nothing_requested(&self) -> bool {
+        Self::none_set(|i| self.read(REG_IRR + i * 0x10))
+    }
+
+    fn none_set(read: impl Fn(u32) -> u32) -> bool {
+        (0..8).all(|i| read(i) == 0)
+    }
+
+    /// Last step of a guest reset: the APIC as a BIOS hands it to an operating system, enabled
+    /// in virtual-wire mode (LINT0 ExtINT for the 8259, LINT1 NMI; MP Specification 1.4,
+    /// 3.6.2.2).
+    pub fn enable_virtual_wire(&self) {
+        const EXTINT: u32 = 0b111 << 8;
+        const NMI: u32 = 0b100 << 8;
+        self.write(REG_LVT_LINT0, EXTINT);
+        self.write(REG_LVT_LINT1, NMI);
+        self.write(REG_SPURIOUS, 0x100 | 0xFF);
     }
 }
 

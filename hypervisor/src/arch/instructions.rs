@@ -86,6 +86,21 @@ pub unsafe fn copy_then_load_cr3(src: u64, dst: u64, len: u64, new_cr3: u64) {
     };
 }
 
+/// Copies `len` bytes of physical memory from `src` to `dst` through Ally's identity map
+/// (`rep movsb`), where either may be address 0, which Rust's copy functions may not touch.
+///
+/// # Safety
+/// Both ranges must be identity-mapped memory, must not overlap, and nothing may rely on
+/// `dst`'s old contents.
+pub unsafe fn copy_physical(src: u64, dst: u64, len: u64) {
+    // SAFETY: guaranteed by the caller; the direction flag is clear (System V ABI).
+    unsafe {
+        asm!("rep movsb",
+             inout("rsi") src => _, inout("rdi") dst => _, inout("rcx") len => _,
+             options(nostack, preserves_flags))
+    };
+}
+
 /// Reads a byte from an I/O port.
 ///
 /// # Safety

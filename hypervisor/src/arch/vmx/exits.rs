@@ -3,6 +3,7 @@
 //! silently resumes a guest after an exit it does not understand.
 
 use super::apic_guard;
+use super::guest_reset;
 use super::init_sipi;
 use super::nic_guard::{self, PortAccess};
 use super::pci_guard;
@@ -14,6 +15,7 @@ use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualificat
 use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
+use crate::reset::{reset_request, ResetSource};
 use crate::startup::PendingReset;
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -25,7 +27,6 @@ use x86::vmx::vmcs::{control, guest, ro};
 pub enum StopReason {
     Unhandled { reason: ExitReason, basic: u32 },
     EntryFailed { basic: u32 },
-    TripleFault,
     GuestRequested(&'static str),
     Emulation(crate::guest::EmulationError),
     BadCrAccess,
@@ -37,7 +38,6 @@ impl fmt::Display for StopReason {
         match self {
             Self::Unhandled { reason, basic } => write!(f, "unhandled exit {basic} ({reason})"),
             Self::EntryFailed { basic } => write!(f, "VM entry failed (basic reason {basic})"),
-            Self::TripleFault => write!(f, "the guest triple-faulted"),
             Self::GuestRequested(what) => write!(f, "{what}"),
             Self::Emulation(e) => write!(f, "cannot emulate the guest's access: {e}"),
             Self::BadCrAccess => write!(f, "unsupported control-register access"),
@@ -153,6 +153,8 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let pending_init = vcpu.mailbox.and_then(|m| m.take_init());
     let outcome = if let Some(reset) = pending_init {
         take_pending_init(regs, vcpu, reset)
+    } else if let Some(source) = deferred_reset(vcpu) {
+        guest_reset::restart(regs, vcpu, source)
     } else if raw_reason & (1 << 31) != 0 {
         Err(StopReason::EntryFailed { basic })
     } else {
@@ -171,7 +173,8 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
             ExitReason::IoInstruction => handle_io(regs, vcpu),
             ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
             ExitReason::Vmcall => handle_vmcall(regs),
-            ExitReason::TripleFault => Err(StopReason::TripleFault),
+            // A PC's chipset resets a processor that shuts down.
+            ExitReason::TripleFault => handle_reset(regs, vcpu, ResetSource::TripleFault),
             // Only bounds the time between exits; a pending INIT was looked at above.
             ExitReason::PreemptionTimer => Ok(()),
             ExitReason::InitSignal => {
@@ -317,6 +320,26 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
 
 /// Takes an INIT the guest sent this vCPU while it ran: the vCPU leaves the guest, waits in
 /// VMX root operation for the SIPI (unless it already came) and restarts the guest there.
+/// On the boot CPU: a reset an application processor asked for.
+fn deferred_reset(vcpu: &Vcpu) -> Option<ResetSource> {
+    guest_reset::take_deferred_if(vcpu.apic_id == platform().boot_cpu)
+}
+
+/// The guest asked for a platform reset (`crate::reset`): the boot CPU restarts the guest;
+/// another OS core hands the reset to it and waits, as after INIT, for the next boot's SIPI.
+fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource) -> ExitResult {
+    if vcpu.apic_id == platform().boot_cpu {
+        return guest_reset::restart(regs, vcpu, source);
+    }
+    let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
+        "a reset request on a CPU that is no OS core",
+    ))?;
+    guest_reset::defer_to_boot_cpu(source);
+    mailbox.init();
+    let reset = mailbox.take_init().unwrap_or(PendingReset::WaitForSipi);
+    take_pending_init(regs, vcpu, reset)
+}
+
 fn take_pending_init(
     regs: &mut GuestRegisters,
     vcpu: &mut Vcpu,
@@ -625,7 +648,7 @@ fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
     Ok(())
 }
 
-fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
+fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
     if io.string {
         return Err(StopReason::GuestRequested(
@@ -639,7 +662,16 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         _ => 0xFFFF_FFFF,
     };
     let value = (regs.rax & width_mask) as u32;
-    let handled = if pci_guard::is_config_port(io.port) {
+    if !io.is_in {
+        if let Some(source) = reset_request(io.port, io.size, value) {
+            return handle_reset(regs, vcpu, source);
+        }
+    }
+    let handled = if ResetSource::is_reset_port(io.port) && !pci_guard::is_config_port(io.port) {
+        // The keyboard controller and port 0x92 otherwise belong to the guest.
+        // SAFETY: the guest owns these ports; Ally forwards the access at the same width.
+        Some(unsafe { nic_guard::forward(io.port, io.size, io.is_in, value) })
+    } else if pci_guard::is_config_port(io.port) {
         Some(pci_guard::config_port_access(
             io.port, io.size, io.is_in, value,
         ))

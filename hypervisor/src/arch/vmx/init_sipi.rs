@@ -7,7 +7,7 @@ use crate::arch::apic::LocalApic;
 use crate::arch::descriptors::TIMER_VECTOR;
 use crate::arch::instructions;
 use crate::ipi::{addresses, ApicMode, DeliveryMode, LogicalId};
-use crate::startup::{InitOutcome, SipiOutcome, StartupMailbox};
+use crate::startup::{InitOutcome, MailboxState, SipiOutcome, StartupMailbox};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use log::info;
 
@@ -95,6 +95,30 @@ pub fn emulate(mode: ApicMode, low: u32, destination: u32, sender: u32) {
             _ => {}
         }
     }
+}
+
+/// The guest reset the platform from OS core `sender`: every other OS core gets an INIT, as
+/// the reset line would give it, and waits for the next boot's SIPI. Returns how many.
+pub fn init_all_but(sender: u32) -> usize {
+    let mut count = 0;
+    for (index, &id) in platform().os_cores.iter().enumerate() {
+        if id != sender {
+            let outcome = MAILBOXES[index].init();
+            info!("ALLY reset-init target={id} outcome={outcome:?}");
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Whether every OS core but `sender` has left the guest and waits for a SIPI.
+pub fn all_but_waiting(sender: u32) -> bool {
+    platform()
+        .os_cores
+        .iter()
+        .enumerate()
+        .filter(|(_, &id)| id != sender)
+        .all(|(index, _)| MAILBOXES[index].state() == MailboxState::WaitForSipi)
 }
 
 /// Waits, halted, until the guest's SIPI for this application processor arrives; returns its

@@ -25,6 +25,8 @@ pub struct IoApicGuard {
     pub base: u64,
     selected: AtomicU32,
     guest_destination: [AtomicU32; MAX_ENTRIES],
+    /// The entries as the firmware left them (low, high), restored when the guest resets.
+    firmware_entries: [(AtomicU32, AtomicU32); MAX_ENTRIES],
 }
 
 /// Redirection entries whose destination Ally changed.
@@ -37,6 +39,7 @@ impl IoApicGuard {
             base,
             selected: AtomicU32::new(0),
             guest_destination: [const { AtomicU32::new(0) }; MAX_ENTRIES],
+            firmware_entries: [const { (AtomicU32::new(0), AtomicU32::new(0)) }; MAX_ENTRIES],
         }
     }
 
@@ -151,11 +154,39 @@ fn redirection(index: u32) -> Option<(usize, bool)> {
     (n / 2 < MAX_ENTRIES).then_some((n / 2, n % 2 == 1))
 }
 
-/// Reads the destinations the firmware left, so the guest reads them back unchanged.
+impl IoApicGuard {
+    /// How many redirection entries this I/O APIC has (version register, bits 23:16), as
+    /// many as Ally shadows at most.
+    fn entries(&self) -> usize {
+        (((self.window_read(1) >> 16) & 0xFF) as usize + 1).min(MAX_ENTRIES)
+    }
+
+    /// The guest reset: every redirection entry goes back to what the firmware left (the
+    /// destination filtered as always), as after the reset and POST it would find.
+    pub fn restore_firmware_entries(&self) {
+        for entry in 0..self.entries() {
+            let (low, high) = &self.firmware_entries[entry];
+            let (low, high) = (low.load(Ordering::Relaxed), high.load(Ordering::Relaxed));
+            self.guest_destination[entry].store(high, Ordering::Relaxed);
+            self.write_entry(entry, low, high);
+        }
+        self.selected.store(0, Ordering::Relaxed);
+        self.select(0);
+    }
+}
+
+/// Reads the entries the firmware left, so the guest reads their destinations back unchanged
+/// and a guest reset can restore them.
 pub fn adopt_firmware_destinations(guard: &IoApicGuard) {
-    let entries = ((guard.window_read(1) >> 16) & 0xFF) as usize + 1;
-    for entry in 0..entries.min(MAX_ENTRIES) {
-        let high = guard.window_read(FIRST_REDIRECTION + 2 * entry as u32 + 1);
+    for entry in 0..guard.entries() {
+        let index = FIRST_REDIRECTION + 2 * entry as u32;
+        let (low, high) = (guard.window_read(index), guard.window_read(index + 1));
         guard.guest_destination[entry].store(high, Ordering::Relaxed);
+        guard.firmware_entries[entry]
+            .0
+            .store(low, Ordering::Relaxed);
+        guard.firmware_entries[entry]
+            .1
+            .store(high, Ordering::Relaxed);
     }
 }

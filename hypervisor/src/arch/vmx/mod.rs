@@ -3,6 +3,7 @@
 pub mod apic_guard;
 pub mod capabilities;
 pub mod exits;
+pub mod guest_reset;
 pub mod init_sipi;
 pub mod ioapic_guard;
 pub mod launch;

@@ -32,6 +32,10 @@ pub trait TrappedRegisters: Sync {
     /// Whether the register at `offset` lies on a trapped page (otherwise the guest reaches
     /// the device directly and Ally forwards I/O BAR accesses there at the same width).
     fn is_trapped(&self, offset: u32) -> bool;
+    /// The guest reset the platform: the device resets as a PCI reset would reset it,
+    /// which to the guest is its CTRL.RST (8254x SDM 13.4.1: the registers it sees return to
+    /// their defaults and its rings are abandoned).
+    fn platform_reset(&self);
 }
 
 /// Everything the exit handlers know about the claimed NIC.
@@ -100,6 +104,13 @@ impl NicTrap {
                 ((self.registers_bar.start + u64::from(offset)) as *mut u32).write_volatile(value)
             }
         }
+    }
+
+    /// The guest reset the platform: the NIC's registers as the guest sees them reset (the
+    /// real device keeps Ally's rings and its link), and the IOADDR latch returns to 0.
+    pub fn platform_reset(&self) {
+        self.registers.platform_reset();
+        self.io_address.store(0, Ordering::Relaxed);
     }
 
     fn dword_offset(&self, offset: u64) -> Option<u32> {

@@ -52,6 +52,8 @@ pub struct Platform {
     /// ACPI PM1a/PM1b control ports (from the FADT), intercepted to report power-off.
     pub pm1_control_ports: [Option<u16>; 2],
     pub canary: Canary,
+    /// The CPU that boots the guest (again, after the guest resets).
+    pub boot_cpu: u32,
     /// APIC IDs of the OS cores and of the DPI cores.
     pub os_cores: heapless::Vec<u32, 256>,
     pub dpi_cores: heapless::Vec<u32, 256>,
