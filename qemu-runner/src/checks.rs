@@ -558,6 +558,7 @@ pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
         Check::from_result("nic-reload", reloads(guest, net)),
         Check::from_result("parallel-transfers", parallel_transfers(guest, net)),
         Check::from_result("guest-reboot", guest_reboot(guest, net)),
+        Check::from_result("link-flap", link_flap(guest)),
     ]
 }
 
@@ -609,6 +610,16 @@ fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> 
     let second = guest
         .find("rebooted")
         .ok_or("no `ALLYTEST rebooted` marker: the guest did not boot again")?;
+    // Every CPU the first boot had came back (the boot CPU started the others again).
+    let cpus = |m: &GuestMarker| m.number("nproc").ok();
+    let before = guest.find("cpus").and_then(cpus);
+    if before.is_some() && cpus(second) != before {
+        return Err(format!(
+            "the second boot has {:?} CPUs, the first had {before:?}: {}",
+            cpus(second),
+            second.line
+        ));
+    }
     let link = guest
         .find("reboot-net")
         .ok_or("no `ALLYTEST reboot-net` marker after the reboot")?;
@@ -628,9 +639,10 @@ fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> 
     let mut used = vec![false; net.uploads.len()];
     let upload = judge_upload(tagged("upload")?, net, &mut used)?;
     Ok(format!(
-        "rebooted at {} s of uptime; second boot at {} s: carrier after {} ms, ping {}/3; {download}; {upload}",
+        "rebooted at {} s of uptime; second boot at {} s with {} CPU(s): carrier after {} ms, ping {}/3; {download}; {upload}",
         first.fields.get("uptime").unwrap_or("?"),
         second.fields.get("uptime").unwrap_or("?"),
+        second.fields.get("nproc").unwrap_or("?"),
         link.fields.get("waited_ms").unwrap_or("?"),
         link.fields.get("ping_received").unwrap_or("?"),
     ))
@@ -875,6 +887,25 @@ fn uploads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
         }
     }
     Ok(seen.join("; "))
+}
+
+/// The guest took its link down and up (no module reload): carrier came back and the gateway
+/// answered.
+fn link_flap(guest: &GuestReport) -> Result<String, String> {
+    if let Some(m) = skipped(guest) {
+        return Err(format!("the guest skipped its transfers: {}", m.line));
+    }
+    let m = guest
+        .find("link-flap")
+        .ok_or("no `ALLYTEST link-flap` marker")?;
+    if m.status != Some(Status::Info) {
+        return Err(format!("the link did not come back: {}", m.line));
+    }
+    Ok(format!(
+        "carrier after {} ms, ping {}/3",
+        m.fields.get("waited_ms").unwrap_or("?"),
+        m.fields.get("ping_received").unwrap_or("?")
+    ))
 }
 
 fn reloads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
@@ -1553,6 +1584,7 @@ ALLYTEST download INFO name=small stream=1 streams=2 bytes=1048576 sha256={SHA_S
 ALLYTEST download INFO name=small stream=2 streams=2 bytes=1048576 sha256={SHA_SMALL} seconds=2.00
 ALLYTEST upload INFO stream=1 streams=2 bytes=1048576 sha256={SHA_SMALL} host_bytes=1048576 host_sha256={SHA_SMALL} seconds=4.00
 ALLYTEST upload INFO stream=2 streams=2 bytes=1048576 sha256={SHA_SMALL} host_bytes=1048576 host_sha256={SHA_SMALL} seconds=4.00
+ALLYTEST link-flap INFO carrier=1 waited_ms=200 ping_received=3 seconds=2.10
 ALLYTEST reload INFO round=1 rmmod=0 insmod=0 carrier=1 waited_ms=1400 ping_received=3
 ALLYTEST download INFO name=small round=1 bytes=1048576 sha256={SHA_SMALL} seconds=3.00 bytes_per_s=349525
 ALLYTEST upload INFO round=1 bytes=1048576 sha256={SHA_UP1} host_bytes=1048576 host_sha256={SHA_UP1} seconds=4.00 bytes_per_s=262144
@@ -1623,6 +1655,9 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
             c[3].detail,
             "2 streams of 1048576 B: downloads in 2.00 s (1024 KiB/s) and uploads in 4.00 s (512 KiB/s) all intact"
         );
+        assert_eq!(c[5].detail, "carrier after 200 ms, ping 3/3");
+        let g = net_guest().replace("link-flap INFO", "link-flap FAIL");
+        assert_eq!(failed(&judge_net(&g, &net_host())), ["link-flap"]);
         assert!(c[2]
             .detail
             .starts_with("round 1: carrier after 1400 ms, ping 3/3"));
@@ -1634,7 +1669,8 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
         format!(
             "{}\
 ALLYTEST reboot INFO boot=1 uptime=200.10
-ALLYTEST rebooted INFO boot=2 uptime=3.20
+ALLYTEST cpus INFO nproc=3 present=0-2 online=0-2 cpuinfo=3
+ALLYTEST rebooted INFO boot=2 uptime=3.20 nproc=3
 ALLYTEST reboot-net INFO insmod=0 carrier=1 waited_ms=400 ping_received=3
 ALLYTEST download INFO name=small reboot=1 bytes=1048576 sha256={SHA_SMALL} seconds=2.00
 ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=1048576 host_sha256={SHA_REBOOT} seconds=2.00
@@ -1656,7 +1692,7 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
         assert!(all_passed(&c), "{c:#?}");
         assert_eq!(
             c[4].detail,
-            "rebooted at 200.10 s of uptime; second boot at 3.20 s: carrier after 400 ms, ping 3/3; small after the reboot: 1048576 B in 2.00 s (512 KiB/s); upload after the reboot: 1048576 B in 2.00 s (512 KiB/s)"
+            "rebooted at 200.10 s of uptime; second boot at 3.20 s with 3 CPU(s): carrier after 400 ms, ping 3/3; small after the reboot: 1048576 B in 2.00 s (512 KiB/s); upload after the reboot: 1048576 B in 2.00 s (512 KiB/s)"
         );
         // Not requested: nothing to judge, and the tagged transfers do not count as others.
         assert_eq!(
@@ -1668,6 +1704,7 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
             ("reboot-net INFO", "reboot-net FAIL"),
             ("ALLYTEST reboot INFO", "ALLYTEST reboot FAIL"),
             ("download INFO name=small reboot=1", "x"),
+            ("uptime=3.20 nproc=3", "uptime=3.20 nproc=1"),
         ] {
             let g = rebooted_guest().replacen(from, to, 1);
             assert_eq!(
@@ -1793,7 +1830,13 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
         );
         assert_eq!(
             failed(&c),
-            ["download", "upload", "nic-reload", "parallel-transfers"]
+            [
+                "download",
+                "upload",
+                "nic-reload",
+                "parallel-transfers",
+                "link-flap"
+            ]
         );
         assert!(c[0].detail.starts_with("the guest skipped its transfers"));
     }

@@ -26,7 +26,13 @@ fn baseline_guest_boots_and_pings() {
     );
     // Issue 4's workload without Ally: 16 MiB each way with SHA-256 checked on the host, two
     // e1000 reloads each followed by a smaller transfer, and the parallel phase.
-    for name in ["download", "upload", "nic-reload", "parallel-transfers"] {
+    for name in [
+        "download",
+        "upload",
+        "nic-reload",
+        "parallel-transfers",
+        "link-flap",
+    ] {
         let c = check(&result, name);
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
@@ -64,17 +70,20 @@ fn ally_hides_its_region_and_guest_pings() {
 /// packet modes run end to end, with NIC interrupts and tail writes on any of three OS cores.
 #[test]
 fn ally_with_three_os_cores_and_a_dpi_core() {
+    // The guest reboots at the end: Ally stops the other OS cores, restarts the guest on
+    // the boot CPU, and the second boot starts all three again.
     let net = NetOptions {
         big_bytes: 4 << 20,
         upload_bytes: 4 << 20,
         small_bytes: 512 << 10,
+        reboot: true,
         ..NetOptions::default()
     };
     ally_boot_passes_every_check("e2e-ally-4cpu", 4, net, "mode=zero-copy");
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 16] = [
+const NETWORK_CHECKS: [&str; 17] = [
     "download",
     "upload",
     "nic-reload",
@@ -82,6 +91,8 @@ const NETWORK_CHECKS: [&str; 16] = [
     "parallel-transfers",
     // With NetOptions::reboot: the second boot brought the e1000 up and moved data both ways.
     "guest-reboot",
+    // The link taken down and up without a reload, then a ping.
+    "link-flap",
     "nic-traffic",
     "nic-bytes",
     "nic-exits",
