@@ -135,6 +135,9 @@ pub fn restart(
         core::hint::spin_loop();
     }
     let others_stopped = init_sipi::all_but_waiting(vcpu.apic_id);
+    // A request another OS core made meanwhile (say, its triple fault while it was stopped)
+    // is part of this reset, not the next one.
+    DEFERRED.store(0, Ordering::Release);
     if !others_stopped {
         warn!("ALLY guest-reset: an OS core did not leave the guest; restarting anyway");
     }
