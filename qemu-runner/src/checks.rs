@@ -566,32 +566,33 @@ pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
 /// (`ALLY guest-reset source=.. count=N`) and restarted the guest with every other OS core
 /// stopped (`ALLY guest-restarted count=N .. stopped=true`), once.
 pub fn ally_guest_reset(ally: &AllyReport) -> Check {
-    let result = (|| {
-        let reset = ally
-            .all("guest-reset")
-            .last()
-            .ok_or("no `ALLY guest-reset` line: Ally did not see the guest's reset")?;
-        let restarted = ally
-            .all("guest-restarted")
-            .last()
-            .ok_or("no `ALLY guest-restarted` line: Ally did not restart the guest")?;
-        let count = restarted.number("count").map_err(marker_err)?;
-        if count != 1 || reset.number("count").map_err(marker_err)? != 1 {
-            return Err(format!("the guest reset {count} times, expected once"));
-        }
-        if restarted.fields.get("stopped") != Some("true") {
-            return Err(format!(
-                "an OS core kept running the old guest: {}",
-                restarted.line
-            ));
-        }
-        Ok(format!(
-            "reset by {} ({} other OS core(s) stopped), guest restarted",
-            reset.fields.get("source").unwrap_or("?"),
-            restarted.fields.get("other-os-cores").unwrap_or("?")
-        ))
-    })();
-    Check::from_result("ally-guest-reset", result)
+    Check::from_result("ally-guest-reset", guest_restarted(ally))
+}
+
+fn guest_restarted(ally: &AllyReport) -> Result<String, String> {
+    let reset = ally
+        .all("guest-reset")
+        .last()
+        .ok_or("no `ALLY guest-reset` line: Ally did not see the guest's reset")?;
+    let restarted = ally
+        .all("guest-restarted")
+        .last()
+        .ok_or("no `ALLY guest-restarted` line: Ally did not restart the guest")?;
+    let count = restarted.number("count").map_err(marker_err)?;
+    if count != 1 || reset.number("count").map_err(marker_err)? != 1 {
+        return Err(format!("the guest reset {count} times, expected once"));
+    }
+    if restarted.fields.get("stopped") != Some("true") {
+        return Err(format!(
+            "an OS core kept running the old guest: {}",
+            restarted.line
+        ));
+    }
+    Ok(format!(
+        "reset by {} ({} other OS core(s) stopped), guest restarted",
+        reset.fields.get("source").unwrap_or("?"),
+        restarted.fields.get("other-os-cores").unwrap_or("?")
+    ))
 }
 
 /// The guest's reboot (`NetOptions::reboot`): the first boot announced it, the second boot

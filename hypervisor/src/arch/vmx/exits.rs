@@ -153,7 +153,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let pending_init = vcpu.mailbox.and_then(|m| m.take_init());
     let outcome = if let Some(reset) = pending_init {
         take_pending_init(regs, vcpu, reset)
-    } else if let Some(source) = deferred_reset(vcpu) {
+    } else if let Some(source) = guest_reset::take_deferred(vcpu.apic_id) {
         guest_reset::restart(regs, vcpu, source)
     } else if raw_reason & (1 << 31) != 0 {
         Err(StopReason::EntryFailed { basic })
@@ -318,13 +318,6 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
     Ok(())
 }
 
-/// Takes an INIT the guest sent this vCPU while it ran: the vCPU leaves the guest, waits in
-/// VMX root operation for the SIPI (unless it already came) and restarts the guest there.
-/// On the boot CPU: a reset an application processor asked for.
-fn deferred_reset(vcpu: &Vcpu) -> Option<ResetSource> {
-    guest_reset::take_deferred_if(vcpu.apic_id == platform().boot_cpu)
-}
-
 /// The guest asked for a platform reset (`crate::reset`): the boot CPU restarts the guest;
 /// another OS core hands the reset to it and waits, as after INIT, for the next boot's SIPI.
 fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource) -> ExitResult {
@@ -340,6 +333,8 @@ fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource)
     take_pending_init(regs, vcpu, reset)
 }
 
+/// Takes an INIT the guest sent this vCPU while it ran: the vCPU leaves the guest, waits in
+/// VMX root operation for the SIPI (unless it already came) and restarts the guest there.
 fn take_pending_init(
     regs: &mut GuestRegisters,
     vcpu: &mut Vcpu,

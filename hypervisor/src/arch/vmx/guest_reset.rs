@@ -78,11 +78,6 @@ pub unsafe fn record_boot_state(buffer: &'static mut [u8]) {
     );
 }
 
-/// How many times the guest has reset.
-pub fn resets() -> u64 {
-    RESETS.load(Ordering::Relaxed)
-}
-
 /// An application processor's reset request: the boot CPU carries it out at its next exit
 /// (the caller then makes this vCPU wait for the next boot's SIPI).
 pub fn defer_to_boot_cpu(source: ResetSource) {
@@ -91,11 +86,11 @@ pub fn defer_to_boot_cpu(source: ResetSource) {
     info!("ALLY guest-reset-deferred source={source}");
 }
 
-/// At every exit: a reset an application processor asked for, taken when `boot_cpu` (the
-/// exiting CPU is the boot CPU). One relaxed load when none is pending.
+/// At every exit of CPU `apic_id`: a reset an application processor asked for, taken by the
+/// boot CPU. One relaxed load when none is pending.
 #[inline]
-pub fn take_deferred_if(boot_cpu: bool) -> Option<ResetSource> {
-    if DEFERRED.load(Ordering::Relaxed) == 0 || !boot_cpu {
+pub fn take_deferred(apic_id: u32) -> Option<ResetSource> {
+    if DEFERRED.load(Ordering::Relaxed) == 0 || apic_id != platform().boot_cpu {
         return None;
     }
     let index = DEFERRED.swap(0, Ordering::Acquire);
