@@ -25,7 +25,8 @@ use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
-use ally_hypervisor::reset;
+use ally_hypervisor::reset::{AcpiResetPort, ResetGuard};
+use ally_hypervisor::sleep::{SleepGuard, SleepPorts};
 use core::alloc::Layout;
 use core::convert::Infallible;
 use core::fmt;
@@ -62,6 +63,7 @@ pub enum StartError {
     NoRuleEngine,
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
     TooManyEcamWindows,
+    UnguardablePowerRegister(&'static str, acpi::RegisterBlock),
 }
 
 impl fmt::Display for StartError {
@@ -89,6 +91,7 @@ impl fmt::Display for StartError {
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
             Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
+            Self::UnguardablePowerRegister(name, block) => write!(f, "ACPI FADT: {name} is at {block:x?}, where Ally cannot guard it (only I/O ports, and bus 0 configuration space for RESET_REG): the guest could suspend or reset the machine behind Ally"),
         }
     }
 }
@@ -253,7 +256,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         info!("guest map: {region}");
     }
 
-    let pm1_control_ports = power_control_ports(identity_limit);
+    let (resets, sleep) = power_guards(identity_limit)?;
     let cpus = partition_cpus(identity_limit, &options)?;
 
     let mut ept = Ept::new(&mut frames)?;
@@ -338,7 +341,8 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         hidden,
         identity_limit,
         realmode: stub,
-        pm1_control_ports,
+        resets,
+        sleep,
         // SAFETY: both ranges are Ally's identity-mapped, 8-byte aligned memory.
         canary: unsafe { Canary::new([image_head, dpi_guarded]) },
         power_off_hook: report_dpi_status,
@@ -375,12 +379,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
         // PCI configuration mechanism #1: MSI registers and the NIC's BARs are guarded.
         intercept_ports(io_a, io_b, 0xCF8..0xD00);
-        // The guest's reboot requests (0xCF9 is among the configuration ports).
-        for port in [reset::KBC_COMMAND_PORT, reset::SYSTEM_CONTROL_PORT_A] {
-            intercept_ports(io_a, io_b, u32::from(port)..u32::from(port) + 1);
-        }
-        for port in platform.pm1_control_ports.iter().flatten() {
-            intercept_ports(io_a, io_b, u32::from(*port)..u32::from(*port) + 2);
+        // The guest's reset and sleep requests.
+        for (port, count) in platform.resets.ports().chain(platform.sleep.ports()) {
+            intercept_ports(
+                io_a,
+                io_b,
+                u32::from(port)..u32::from(port) + u32::from(count),
+            );
         }
         for ports in nic_ports {
             intercept_ports(io_a, io_b, ports);
@@ -577,26 +582,61 @@ fn map_guest_physical(
     Ok(())
 }
 
-/// The ACPI PM1a/PM1b control ports from the FADT, which Ally intercepts to report the guest's
-/// power-off. Without ACPI Ally still runs, but cannot report at power-off.
-fn power_control_ports(identity_limit: u64) -> [Option<u16>; 2] {
+/// The guards of the FADT's reset and sleep registers. Without ACPI Ally still runs (the
+/// legacy reset ports are guarded, and no sleep register is known to the guest either); a
+/// register outside I/O space stops Ally, since the guest could reach it unguarded.
+fn power_guards(identity_limit: u64) -> Result<(ResetGuard, SleepGuard), StartError> {
     let memory = IdentityMemory {
         limit: identity_limit,
     };
-    let ports = acpi::find_rsdp(&memory)
+    let control = acpi::find_rsdp(&memory)
         .and_then(|rsdp| acpi::find_table(&memory, &rsdp, b"FACP"))
-        .and_then(|fadt| acpi::fadt_sleep_control(&memory, &fadt))
-        .map(|control| control.pm1_io_ports());
-    match ports {
-        Ok(ports) => {
-            info!("ACPI PM1 control ports: {ports:x?}");
-            ports
-        }
+        .and_then(|fadt| acpi::fadt_sleep_control(&memory, &fadt));
+    let control = match control {
+        Ok(control) => control,
         Err(e) => {
-            log::warn!("no ACPI power-off port ({e}); Ally will not report at guest power-off");
-            [None, None]
+            log::warn!("no ACPI FADT ({e}): legacy reset ports guarded, no sleep registers");
+            return Ok((ResetGuard::new(None), SleepGuard::default()));
         }
+    };
+    if let Some((name, block)) = control.unguardable() {
+        return Err(StartError::UnguardablePowerRegister(name, block));
     }
+    let types = control
+        .dsdt
+        .and_then(|pa| acpi::AcpiTable::load(&memory, pa, 36).ok())
+        .filter(|t| &t.header.signature == b"DSDT")
+        .map(|dsdt| acpi::dsdt_sleep_types(&memory, &dsdt))
+        .unwrap_or_default();
+    let ports = SleepPorts {
+        pm1a_control: control.pm1a.and_then(acpi::RegisterBlock::io_port),
+        pm1b_control: control.pm1b.and_then(acpi::RegisterBlock::io_port),
+        pm1a_status: control.pm1a_status.and_then(acpi::RegisterBlock::io_port),
+        pm1b_status: control.pm1b_status.and_then(acpi::RegisterBlock::io_port),
+        sleep_control: control
+            .sleep_control_reg
+            .and_then(acpi::RegisterBlock::io_port),
+        sleep_status: control
+            .sleep_status_reg
+            .and_then(acpi::RegisterBlock::io_port),
+    };
+    let acpi_reset = control.reset.and_then(|r| {
+        r.block.io_port().map(|port| AcpiResetPort {
+            port,
+            value: r.value,
+        })
+    });
+    info!(
+        "ALLY power-guard sleep-ports={ports:x?} sleep-types={:?} s5={} reset-register={:x?}",
+        types.0,
+        if types.0[5].is_some() {
+            "known"
+        } else {
+            "unknown (every sleep request refused)"
+        },
+        control.reset
+    );
+    Ok((ResetGuard::new(acpi_reset), SleepGuard::new(ports, types)))
 }
 
 /// The word unused DPI memory holds ("ALLYALLY").

@@ -368,6 +368,32 @@ pub enum RegisterBlock {
     Io(u16),
     /// System memory space.
     Memory(u64),
+    /// PCI configuration space of bus 0 (ACPI 6.5 5.2.3.2: device in address bits 47:32,
+    /// function in 31:16, register offset in 15:0).
+    PciConfig {
+        device: u8,
+        function: u8,
+        offset: u16,
+    },
+}
+
+impl RegisterBlock {
+    /// The I/O port, if the register is in I/O space.
+    pub fn io_port(self) -> Option<u16> {
+        match self {
+            RegisterBlock::Io(port) => Some(port),
+            _ => None,
+        }
+    }
+}
+
+/// The FADT's RESET_REG and the value that resets the machine when written there
+/// (ACPI 6.5 4.8.4.6; Table 5.9: RESET_REG at offset 116, RESET_VALUE at 128, valid when
+/// the RESET_REG_SUP flag, bit 10 of the flags at offset 112, is set).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ResetRegister {
+    pub block: RegisterBlock,
+    pub value: u8,
 }
 
 /// The FADT's sleep-control registers: what the guest writes to power off.
@@ -379,17 +405,119 @@ pub struct SleepControl {
     pub pm1b: Option<RegisterBlock>,
     /// SLEEP_CONTROL_REG of hardware-reduced ACPI (FADT 5.0+), if given.
     pub sleep_control_reg: Option<RegisterBlock>,
+    /// PM1a/PM1b_EVT_BLK: the status register (WAK_STS) is their first two bytes.
+    pub pm1a_status: Option<RegisterBlock>,
+    pub pm1b_status: Option<RegisterBlock>,
+    /// SLEEP_STATUS_REG of hardware-reduced ACPI (WAK_STS is its bit 7).
+    pub sleep_status_reg: Option<RegisterBlock>,
+    /// RESET_REG, when the FADT says it is supported.
+    pub reset: Option<ResetRegister>,
+    /// The DSDT's physical address (X_DSDT when non-zero, else DSDT).
+    pub dsdt: Option<u64>,
 }
 
 impl SleepControl {
     /// The PM1a/PM1b control blocks that are I/O ports (the usual case on PCs).
     pub fn pm1_io_ports(&self) -> [Option<u16>; 2] {
-        let port = |b: Option<RegisterBlock>| match b {
-            Some(RegisterBlock::Io(p)) => Some(p),
-            _ => None,
-        };
-        [port(self.pm1a), port(self.pm1b)]
+        [
+            self.pm1a.and_then(RegisterBlock::io_port),
+            self.pm1b.and_then(RegisterBlock::io_port),
+        ]
     }
+
+    /// Sleep, status or reset registers that are neither I/O ports nor (for the reset
+    /// register) bus 0's configuration space: Ally cannot guard them.
+    pub fn unguardable(&self) -> Option<(&'static str, RegisterBlock)> {
+        let blocks = [
+            ("PM1a_CNT", self.pm1a),
+            ("PM1b_CNT", self.pm1b),
+            ("SLEEP_CONTROL_REG", self.sleep_control_reg),
+            ("PM1a_EVT", self.pm1a_status),
+            ("PM1b_EVT", self.pm1b_status),
+            ("SLEEP_STATUS_REG", self.sleep_status_reg),
+        ];
+        let reset = self
+            .reset
+            .map(|r| r.block)
+            .filter(|b| matches!(b, RegisterBlock::Memory(_)));
+        blocks
+            .into_iter()
+            .find_map(|(name, b)| b.filter(|b| b.io_port().is_none()).map(|b| (name, b)))
+            .or(reset.map(|b| ("RESET_REG", b)))
+    }
+}
+
+/// The SLP_TYPa/SLP_TYPb values of the sleep states S0..S5 as the DSDT's `\_Sx` package
+/// objects give them (ACPI 6.5 7.4.2); `None` for a state the DSDT does not define.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct SleepTypes(pub [Option<(u8, u8)>; 6]);
+
+impl SleepTypes {
+    /// The state whose SLP_TYPa (`b == false`) or SLP_TYPb value is `typ`.
+    pub fn state_of(&self, typ: u8, b: bool) -> Option<u8> {
+        self.0
+            .iter()
+            .position(|t| t.is_some_and(|(ta, tb)| if b { tb } else { ta } == typ))
+            .map(|s| s as u8)
+    }
+}
+
+/// Finds the `\_S0_`..`\_S5_` objects in a definition block's AML: `NameOp` (0x08), an
+/// optional root prefix, the name, `PackageOp` (0x12), PkgLength, NumElements, then the
+/// SLP_TYPa and SLP_TYPb values as ZeroOp/OneOp/BytePrefix constants (ACPI 6.5 20.2.5.1,
+/// 20.2.3, 20.2.5.4). A state defined some other way (a method) is left undefined: Ally
+/// treats its sleep requests as unknown.
+pub fn dsdt_sleep_types(mem: &impl PhysMemory, table: &AcpiTable) -> SleepTypes {
+    const CHUNK: usize = 4096;
+    const LOOKAHEAD: usize = 16;
+    let mut types = SleepTypes::default();
+    let len = table.len() as usize;
+    let mut buf = [0u8; CHUNK + LOOKAHEAD];
+    let mut at = SDT_HEADER_LEN;
+    while at < len {
+        let n = (len - at).min(buf.len());
+        buf[n..].fill(0);
+        mem.read(table.pa + at as u64, &mut buf[..n]);
+        for i in 0..(len - at).min(CHUNK) {
+            if let Some((state, a, b)) = sleep_package(&buf[i..]) {
+                types.0[usize::from(state)].get_or_insert((a, b));
+            }
+        }
+        at += CHUNK;
+    }
+    types
+}
+
+/// Parses `Name(_Sx_, Package(){a, b, ...})` at the start of `aml`.
+fn sleep_package(aml: &[u8]) -> Option<(u8, u8, u8)> {
+    let (&op, rest) = aml.split_first()?;
+    if op != 0x08 {
+        return None;
+    }
+    let rest = rest.strip_prefix(b"\\").unwrap_or(rest);
+    let state = match rest.get(..4)? {
+        [b'_', b'S', d @ b'0'..=b'5', b'_'] => d - b'0',
+        _ => return None,
+    };
+    let rest = rest[4..].strip_prefix(&[0x12])?;
+    // PkgLength: bits 7:6 of the lead byte count the bytes that follow it.
+    let pkg_len_bytes = 1 + usize::from(rest.first()? >> 6);
+    let rest = rest.get(pkg_len_bytes..)?;
+    let (&count, mut rest) = rest.split_first()?;
+    let mut constant = || -> Option<u8> {
+        let (&op, tail) = rest.split_first()?;
+        let (v, tail) = match op {
+            0x00 => (0, tail),
+            0x01 => (1, tail),
+            0x0A => (*tail.first()?, &tail[1..]),
+            _ => return None,
+        };
+        rest = tail;
+        Some(v)
+    };
+    let a = constant()?;
+    let b = if count >= 2 { constant()? } else { a };
+    Some((state, a, b & 0b111)).filter(|_| a <= 0b111)
 }
 
 /// SLP_EN in PM1x_CNT (ACPI 6.5, 4.8.3.2.1, Table 4.13): writing 1 enters the sleep state
@@ -418,6 +546,11 @@ fn gas_block(b: &[u8], at: usize) -> Option<RegisterBlock> {
     match b[at] {
         0 => Some(RegisterBlock::Memory(address)),
         1 => u16::try_from(address).ok().map(RegisterBlock::Io),
+        2 => Some(RegisterBlock::PciConfig {
+            device: (address >> 32) as u8,
+            function: (address >> 16) as u8,
+            offset: address as u16,
+        }),
         _ => None,
     }
 }
@@ -455,10 +588,30 @@ pub fn fadt_sleep_control(
             None
         }
     };
+    let flags = if n >= 116 { le32(&b, 112) } else { 0 };
+    const RESET_REG_SUP: u32 = 1 << 10;
+    let reset = (n >= 129 && flags & RESET_REG_SUP != 0)
+        .then(|| gas_block(&b, 116))
+        .flatten()
+        .map(|block| ResetRegister {
+            block,
+            value: b[128],
+        });
+    let x_dsdt = if n >= 148 { le64(&b, 140) } else { 0 };
+    let dsdt = if x_dsdt != 0 {
+        Some(x_dsdt)
+    } else {
+        Some(u64::from(le32(&b, 40))).filter(|&a| a != 0)
+    };
     Ok(SleepControl {
         pm1a: extended(172).or_else(|| legacy(64)),
         pm1b: extended(184).or_else(|| legacy(68)),
         sleep_control_reg: extended(244),
+        pm1a_status: extended(148).or_else(|| legacy(56)),
+        pm1b_status: extended(160).or_else(|| legacy(60)),
+        sleep_status_reg: extended(256),
+        reset,
+        dsdt,
     })
 }
 
@@ -1639,6 +1792,120 @@ mod tests {
         assert_eq!(
             mcfg_allocations(&m, &mcfg),
             Err(AcpiError::TooManyMcfgAllocations)
+        );
+    }
+
+    const DSDT_PA: u64 = 0xFE_6000;
+
+    #[test]
+    fn dsdt_sleep_packages() {
+        // Bochs' and SeaBIOS' forms: Name(\_S3_, Package(0x04){One, One, Zero, Zero}),
+        // Name(_S5_, Package(2){Zero, Zero}), BytePrefix constants, a long PkgLength, and a
+        // method-defined \_S4 (not a package: left undefined).
+        let mut aml = vec![0x10, 0x05, b'\\', b'_', b'S', b'B', b'_']; // some unrelated AML
+        aml.extend([
+            0x08, b'\\', b'_', b'S', b'3', b'_', 0x12, 0x06, 0x04, 0x01, 0x01, 0x00, 0x00,
+        ]);
+        aml.extend([0x14, 0x06, b'_', b'S', b'4', b'_', 0x00, 0xA4]);
+        aml.extend([
+            0x08, b'_', b'S', b'1', b'_', 0x12, 0x45, 0x00, 0x02, 0x0A, 0x07, 0x0A, 0x03,
+        ]);
+        aml.extend([0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x00, 0x00]);
+        // A second \_S5 later does not override the first.
+        aml.extend([0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x0A, 0x05]);
+        let mut m = FakeMem::new();
+        m.put(DSDT_PA, &table(b"DSDT", &aml));
+        let dsdt = AcpiTable::load(&m, DSDT_PA, 0).unwrap();
+        let t = dsdt_sleep_types(&m, &dsdt);
+        assert_eq!(
+            t,
+            SleepTypes([None, Some((7, 3)), None, Some((1, 1)), None, Some((0, 0))])
+        );
+        assert_eq!(t.state_of(0, false), Some(5));
+        assert_eq!(t.state_of(1, false), Some(3));
+        assert_eq!(t.state_of(3, true), Some(1));
+        assert_eq!(t.state_of(2, false), None);
+        // A package whose first element is no constant is not a sleep package.
+        assert_eq!(
+            sleep_package(&[0x08, b'_', b'S', b'3', b'_', 0x12, 0x04, 0x02, 0x70]),
+            None
+        );
+        assert_eq!(sleep_package(&[0x08, b'_', b'S', b'3']), None);
+    }
+
+    #[test]
+    fn dsdt_scan_crosses_chunk_boundaries() {
+        let mut aml = vec![0xA3; 4096 - 36 - 3];
+        aml.extend([
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x0A, 0x05, 0x0A, 0x05,
+        ]);
+        let mut m = FakeMem::new();
+        m.put(DSDT_PA, &table(b"DSDT", &aml));
+        let dsdt = AcpiTable::load(&m, DSDT_PA, 0).unwrap();
+        assert_eq!(dsdt_sleep_types(&m, &dsdt).0[5], Some((5, 5)));
+    }
+
+    #[test]
+    fn fadt_reset_status_and_dsdt() {
+        let mut body = fadt_body(0xB004, 0, None);
+        body[40 - 36..44 - 36].copy_from_slice(&0x7FE_0040u32.to_le_bytes());
+        body[56 - 36..60 - 36].copy_from_slice(&0xB000u32.to_le_bytes());
+        body[112 - 36..116 - 36].copy_from_slice(&(1u32 << 10).to_le_bytes());
+        body[116 - 36] = 1; // I/O
+        body[116 - 36 + 1] = 8;
+        body[116 - 36 + 4..116 - 36 + 12].copy_from_slice(&0xCF9u64.to_le_bytes());
+        body[128 - 36] = 0x06;
+        let mut m = FakeMem::new();
+        m.put(FADT_PA, &table(b"FACP", &body));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(
+            sc.reset,
+            Some(ResetRegister {
+                block: RegisterBlock::Io(0xCF9),
+                value: 6
+            })
+        );
+        assert_eq!(sc.pm1a_status, Some(RegisterBlock::Io(0xB000)));
+        assert_eq!(sc.dsdt, Some(0x7FE_0040));
+        assert_eq!(sc.unguardable(), None);
+
+        // Without RESET_REG_SUP the register is ignored; a memory-space one is unguardable,
+        // as is a PM1 block in memory; a PCI-configuration reset register is guardable.
+        body[113 - 36] = 0;
+        m.put(FADT_PA, &table(b"FACP", &body));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        assert_eq!(fadt_sleep_control(&m, &fadt).unwrap().reset, None);
+        body[113 - 36] = 1 << 2;
+        body[116 - 36] = 0; // memory
+        body[116 - 36 + 4..116 - 36 + 12].copy_from_slice(&0xFED0_0000u64.to_le_bytes());
+        m.put(FADT_PA, &table(b"FACP", &body));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(
+            sc.unguardable(),
+            Some(("RESET_REG", RegisterBlock::Memory(0xFED0_0000)))
+        );
+        body[116 - 36] = 2; // PCI configuration: device 0x1f, function 0, offset 0xac
+        body[116 - 36 + 4..116 - 36 + 12].copy_from_slice(&0x1F_0000_00ACu64.to_le_bytes());
+        m.put(FADT_PA, &table(b"FACP", &body));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        let sc = fadt_sleep_control(&m, &fadt).unwrap();
+        assert_eq!(
+            sc.reset.map(|r| r.block),
+            Some(RegisterBlock::PciConfig {
+                device: 0x1F,
+                function: 0,
+                offset: 0xAC
+            })
+        );
+        assert_eq!(sc.unguardable(), None);
+        let x = fadt_body(0x604, 0, Some((0, 0xFED0_0004)));
+        m.put(FADT_PA, &table(b"FACP", &x));
+        let fadt = AcpiTable::load(&m, FADT_PA, 0).unwrap();
+        assert_eq!(
+            fadt_sleep_control(&m, &fadt).unwrap().unguardable(),
+            Some(("PM1a_CNT", RegisterBlock::Memory(0xFED0_0004)))
         );
     }
 }

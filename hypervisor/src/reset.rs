@@ -3,16 +3,33 @@
 //! partition) reset.
 //!
 //! Linux's `reboot` tries the ACPI reset register, then the keyboard controller, then port
-//! 0xCF9, then a triple fault (`arch/x86/kernel/reboot.c`); other systems use port 0x92.
+//! 0xCF9, then a triple fault (`arch/x86/kernel/reboot.c`); other systems use port 0x92 or the
+//! 8042's output port. Writes are judged byte by byte ([`PortWrite`]): a word OUT at 0x91
+//! writes port 0x92, and a word OUT at 0xCF8 (only a dword there is CONFIG_ADDRESS) writes
+//! port 0xCF9, as on the hardware.
+//!
+//! Ally also keeps the A20 gate open (port 0x92 bit 1 and the 8042 output port's bit 1): a
+//! closed gate masks address bit 20 of every access on CPUs and emulators that still model
+//! it, Ally's own in VMX root operation included.
 
+use crate::ioport::PortWrite;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// The 8042 keyboard controller's command port.
 pub const KBC_COMMAND_PORT: u16 = 0x64;
+/// The 8042's data port (the output port's new value follows command 0xD1 here).
+pub const KBC_DATA_PORT: u16 = 0x60;
 /// The PIIX/ICH Reset Control Register (ACPI's usual RESET_REG too).
 pub const RESET_CONTROL_PORT: u16 = 0xCF9;
 /// System Control Port A (PS/2 "fast A20 and INIT").
 pub const SYSTEM_CONTROL_PORT_A: u16 = 0x92;
+/// CONFIG_ADDRESS: a dword OUT there is no write of port 0xCF9 (PCI Local Bus 3.0 3.2.2.3.2).
+const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
+/// 8042 command "write output port": the next byte written to port 0x60 becomes the output
+/// port, whose bit 0 is the CPU reset line (active low) and bit 1 the A20 gate.
+const KBC_WRITE_OUTPUT_PORT: u8 = 0xD1;
+const A20_GATE: u8 = 1 << 1;
 
 /// How the guest asked for a reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,11 +37,16 @@ pub enum ResetSource {
     /// An 8042 "pulse output port" command (0xF0-0xFF) with bit 0 clear: it pulses the CPU
     /// reset line (8042 command set; 0xFE is the usual one).
     Keyboard,
+    /// The 8042's output port written (command 0xD1, then the byte at port 0x60) with its
+    /// reset line (bit 0) low.
+    KeyboardOutputPort,
     /// Port 0xCF9 written with RST_CPU (bit 2) set (Intel PIIX4 datasheet 4.1.17, ICH
     /// "Reset Control Register").
     ResetControl,
     /// Port 0x92 written with bit 0 (fast reset) set.
     FastReset,
+    /// The FADT's RESET_REG written with its RESET_VALUE (ACPI 6.5, 4.8.4.6).
+    AcpiResetRegister,
     /// A triple fault: the processor shuts down, and a PC's chipset resets it.
     TripleFault,
 }
@@ -34,19 +56,12 @@ impl ResetSource {
     pub fn name(self) -> &'static str {
         match self {
             ResetSource::Keyboard => "keyboard-controller",
+            ResetSource::KeyboardOutputPort => "keyboard-output-port",
             ResetSource::ResetControl => "reset-control-cf9",
             ResetSource::FastReset => "fast-reset-92",
+            ResetSource::AcpiResetRegister => "acpi-reset-register",
             ResetSource::TripleFault => "triple-fault",
         }
-    }
-
-    /// Whether Ally intercepts `port` to see reset requests (0xCF9 lies within the PCI
-    /// configuration ports Ally intercepts anyway).
-    pub fn is_reset_port(port: u16) -> bool {
-        matches!(
-            port,
-            KBC_COMMAND_PORT | RESET_CONTROL_PORT | SYSTEM_CONTROL_PORT_A
-        )
     }
 }
 
@@ -56,18 +71,101 @@ impl fmt::Display for ResetSource {
     }
 }
 
-/// The reset an OUT of `value` (`size` bytes) to `port` requests, if any. Accesses that do
-/// not request a reset go to the hardware as before.
-pub fn reset_request(port: u16, size: u8, value: u32) -> Option<ResetSource> {
-    if size != 1 {
-        return None;
+/// The FADT's RESET_REG when it is an I/O port (its PCI-configuration form goes through the
+/// configuration guard; a memory-space one is refused at start-up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiResetPort {
+    pub port: u16,
+    pub value: u8,
+}
+
+/// What becomes of a guest OUT to a port the reset guard watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortVerdict {
+    /// The write requests a reset: Ally resets the guest's platform instead.
+    Reset(ResetSource),
+    /// The write goes to the hardware as given (A20 kept open).
+    Forward(PortWrite),
+}
+
+/// Recognises reset requests in the guest's port writes. Shared by every OS core.
+#[derive(Debug, Default)]
+pub struct ResetGuard {
+    acpi: Option<AcpiResetPort>,
+    /// The 8042 was last given command 0xD1: its next data byte is the output port.
+    kbc_output_port_next: AtomicBool,
+}
+
+impl ResetGuard {
+    pub const fn new(acpi: Option<AcpiResetPort>) -> Self {
+        Self {
+            acpi,
+            kbc_output_port_next: AtomicBool::new(false),
+        }
     }
-    let byte = value as u8;
-    match port {
-        KBC_COMMAND_PORT if byte >= 0xF0 && byte & 1 == 0 => Some(ResetSource::Keyboard),
-        RESET_CONTROL_PORT if byte & (1 << 2) != 0 => Some(ResetSource::ResetControl),
-        SYSTEM_CONTROL_PORT_A if byte & 1 != 0 => Some(ResetSource::FastReset),
-        _ => None,
+
+    /// The ports Ally must intercept (first port, count) for this guard to see every write
+    /// that resets the machine (0xCF9 lies within the configuration ports, intercepted anyway).
+    pub fn ports(&self) -> impl Iterator<Item = (u16, u16)> {
+        [
+            Some((KBC_DATA_PORT, 1)),
+            Some((KBC_COMMAND_PORT, 1)),
+            Some((SYSTEM_CONTROL_PORT_A, 1)),
+            Some((RESET_CONTROL_PORT, 1)),
+            self.acpi.map(|r| (r.port, 1)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Whether the write touches a port this guard judges.
+    pub fn watches(&self, w: &PortWrite) -> bool {
+        self.ports().any(|(first, count)| w.touches(first, count))
+    }
+
+    /// Judges one OUT. Writes that request no reset are forwarded with the A20 gate kept
+    /// open.
+    pub fn judge(&self, w: PortWrite) -> PortVerdict {
+        // A dword at 0xCF8 is CONFIG_ADDRESS, not a write of ports 0xCF8-0xCFB.
+        let config_address = w.port == CONFIG_ADDRESS_PORT && w.size == 4;
+        let written = |port: u16| {
+            if config_address && (CONFIG_ADDRESS_PORT..CONFIG_ADDRESS_PORT + 4).contains(&port) {
+                None
+            } else {
+                w.byte_at(port)
+            }
+        };
+        if written(RESET_CONTROL_PORT).is_some_and(|rc| rc & (1 << 2) != 0) {
+            return PortVerdict::Reset(ResetSource::ResetControl);
+        }
+        if let Some(acpi) = self.acpi {
+            if written(acpi.port) == Some(acpi.value) {
+                return PortVerdict::Reset(ResetSource::AcpiResetRegister);
+            }
+        }
+        let mut forward = w;
+        if let Some(a) = written(SYSTEM_CONTROL_PORT_A) {
+            if a & 1 != 0 {
+                return PortVerdict::Reset(ResetSource::FastReset);
+            }
+            forward = forward.with_byte(SYSTEM_CONTROL_PORT_A, a | A20_GATE);
+        }
+        if let Some(command) = written(KBC_COMMAND_PORT) {
+            self.kbc_output_port_next
+                .store(command == KBC_WRITE_OUTPUT_PORT, Ordering::Relaxed);
+            if command >= 0xF0 && command & 1 == 0 {
+                return PortVerdict::Reset(ResetSource::Keyboard);
+            }
+        }
+        if let Some(data) = written(KBC_DATA_PORT) {
+            if self.kbc_output_port_next.swap(false, Ordering::Relaxed) {
+                if data & 1 == 0 {
+                    return PortVerdict::Reset(ResetSource::KeyboardOutputPort);
+                }
+                forward = forward.with_byte(KBC_DATA_PORT, data | A20_GATE);
+            }
+        }
+        PortVerdict::Forward(forward)
     }
 }
 
@@ -75,45 +173,130 @@ pub fn reset_request(port: u16, size: u8, value: u32) -> Option<ResetSource> {
 mod tests {
     use super::*;
 
+    fn judge(guard: &ResetGuard, port: u16, size: u8, value: u32) -> Option<ResetSource> {
+        match guard.judge(PortWrite::new(port, size, value)) {
+            PortVerdict::Reset(source) => Some(source),
+            PortVerdict::Forward(_) => None,
+        }
+    }
+
+    fn forwarded(guard: &ResetGuard, port: u16, size: u8, value: u32) -> u32 {
+        match guard.judge(PortWrite::new(port, size, value)) {
+            PortVerdict::Forward(w) => w.value,
+            PortVerdict::Reset(source) => panic!("{port:#x} <- {value:#x} reset ({source})"),
+        }
+    }
+
     #[test]
     fn linux_reset_writes_are_recognised() {
+        let g = ResetGuard::default();
         // reboot=k: outb(0xfe, 0x64).
-        assert_eq!(reset_request(0x64, 1, 0xFE), Some(ResetSource::Keyboard));
+        assert_eq!(judge(&g, 0x64, 1, 0xFE), Some(ResetSource::Keyboard));
         // reboot=pci: outb(0x02, 0xcf9) (selects a hard reset, resets nothing), then 0x06.
-        assert_eq!(reset_request(0xCF9, 1, 0x02), None);
+        assert_eq!(judge(&g, 0xCF9, 1, 0x02), None);
+        assert_eq!(judge(&g, 0xCF9, 1, 0x06), Some(ResetSource::ResetControl));
+        assert_eq!(judge(&g, 0x92, 1, 0x03), Some(ResetSource::FastReset));
+    }
+
+    #[test]
+    fn wider_and_misaligned_writes_reach_the_reset_registers() {
+        let g = ResetGuard::default();
+        // A word OUT at 0xCF8 is no CONFIG_ADDRESS write: its high byte lands in 0xCF9.
+        assert_eq!(judge(&g, 0xCF8, 2, 0x0600), Some(ResetSource::ResetControl));
+        assert_eq!(judge(&g, 0xCF9, 2, 0x0006), Some(ResetSource::ResetControl));
         assert_eq!(
-            reset_request(0xCF9, 1, 0x06),
+            judge(&g, 0xCF6, 4, 0x0600_0000),
             Some(ResetSource::ResetControl)
         );
-        assert_eq!(reset_request(0x92, 1, 0x03), Some(ResetSource::FastReset));
+        // ... but a dword at 0xCF8 is CONFIG_ADDRESS, whatever its second byte.
+        assert_eq!(judge(&g, 0xCF8, 4, 0x8000_0600), None);
+        // Port 0x92 through a word at 0x91 or a dword at 0x90.
+        assert_eq!(judge(&g, 0x91, 2, 0x0100), Some(ResetSource::FastReset));
+        assert_eq!(
+            judge(&g, 0x90, 4, 0x0001_0000),
+            Some(ResetSource::FastReset)
+        );
+        // The 8042 command through a word at 0x63.
+        assert_eq!(judge(&g, 0x63, 2, 0xFE00), Some(ResetSource::Keyboard));
+    }
+
+    #[test]
+    fn keyboard_controller_output_port() {
+        let g = ResetGuard::default();
+        // outb(0xD1, 0x64); outb(0xFE, 0x60): the reset line (bit 0) low.
+        assert_eq!(judge(&g, 0x64, 1, 0xD1), None);
+        assert_eq!(
+            judge(&g, 0x60, 1, 0xFE),
+            Some(ResetSource::KeyboardOutputPort)
+        );
+        // A20 on through the output port (0xDF), as boot loaders do: forwarded.
+        assert_eq!(judge(&g, 0x64, 1, 0xD1), None);
+        assert_eq!(forwarded(&g, 0x60, 1, 0xDF), 0xDF);
+        // The output port's byte is consumed: the next data byte is keyboard data.
+        assert_eq!(forwarded(&g, 0x60, 1, 0xFE), 0xFE);
+        // Another command in between cancels the output-port write.
+        assert_eq!(judge(&g, 0x64, 1, 0xD1), None);
+        assert_eq!(judge(&g, 0x64, 1, 0x20), None);
+        assert_eq!(forwarded(&g, 0x60, 1, 0x00), 0x00);
+    }
+
+    #[test]
+    fn the_a20_gate_stays_open() {
+        let g = ResetGuard::default();
+        // Port 0x92 with A20 off: forwarded with A20 on.
+        assert_eq!(forwarded(&g, 0x92, 1, 0x00), 0x02);
+        assert_eq!(forwarded(&g, 0x91, 2, 0x00AA), 0x02AA);
+        // The 8042 output port with A20 off (0xDD): A20 stays on.
+        assert_eq!(judge(&g, 0x64, 1, 0xD1), None);
+        assert_eq!(forwarded(&g, 0x60, 1, 0xDD), 0xDF);
+    }
+
+    #[test]
+    fn acpi_reset_register() {
+        let g = ResetGuard::new(Some(AcpiResetPort {
+            port: 0xB2,
+            value: 0x55,
+        }));
+        assert_eq!(
+            judge(&g, 0xB2, 1, 0x55),
+            Some(ResetSource::AcpiResetRegister)
+        );
+        assert_eq!(
+            judge(&g, 0xB1, 2, 0x5500),
+            Some(ResetSource::AcpiResetRegister)
+        );
+        assert_eq!(judge(&g, 0xB2, 1, 0x54), None);
+        assert!(g.ports().any(|p| p == (0xB2, 1)));
+        assert!(g.watches(&PortWrite::new(0xB0, 4, 0)));
     }
 
     #[test]
     fn ordinary_controller_traffic_is_not_a_reset() {
+        let g = ResetGuard::default();
         // Keyboard controller commands: read/write command byte, self-test, disable port,
-        // A20 through the output port (0xD1), pulse with the reset bit set (0xFF: no line).
-        for command in [0x20, 0x60, 0xAA, 0xAD, 0xAE, 0xD1, 0xFF, 0xF1] {
-            assert_eq!(reset_request(0x64, 1, command), None, "{command:#x}");
+        // pulse with the reset bit set (0xFF: no line).
+        for command in [0x20, 0x60, 0xAA, 0xAD, 0xAE, 0xFF, 0xF1] {
+            assert_eq!(judge(&g, 0x64, 1, command), None, "{command:#x}");
         }
         // Every even pulse command pulses the reset line.
         for command in (0xF0..=0xFE).step_by(2) {
-            assert_eq!(reset_request(0x64, 1, command), Some(ResetSource::Keyboard));
+            assert_eq!(judge(&g, 0x64, 1, command), Some(ResetSource::Keyboard));
         }
         // Fast A20 alone, through port 0x92.
-        assert_eq!(reset_request(0x92, 1, 0x02), None);
-        // Wider accesses are not these byte registers (a dword at 0xCF8 is CONFIG_ADDRESS).
-        assert_eq!(reset_request(0xCF9, 2, 0x0606), None);
-        assert_eq!(reset_request(0x64, 2, 0xFE), None);
-        // Other ports.
-        assert_eq!(reset_request(0x60, 1, 0xFE), None);
-        assert_eq!(reset_request(0xCF8, 1, 0x06), None);
+        assert_eq!(judge(&g, 0x92, 1, 0x02), None);
+        // Keyboard data without command 0xD1, other ports.
+        assert_eq!(judge(&g, 0x60, 1, 0xFE), None);
+        assert_eq!(judge(&g, 0xCF8, 1, 0x06), None);
+        assert_eq!(judge(&g, 0x61, 1, 0xFE), None);
     }
 
     #[test]
-    fn reset_ports() {
-        for port in [0x64, 0xCF9, 0x92] {
-            assert!(ResetSource::is_reset_port(port));
+    fn watched_ports() {
+        let g = ResetGuard::default();
+        for port in [0x60, 0x64, 0xCF9, 0x92] {
+            assert!(g.watches(&PortWrite::new(port, 1, 0)), "{port:#x}");
         }
-        assert!(!ResetSource::is_reset_port(0x60));
+        assert!(g.watches(&PortWrite::new(0x91, 2, 0)));
+        assert!(!g.watches(&PortWrite::new(0x61, 1, 0)));
     }
 }

@@ -15,7 +15,9 @@ use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualificat
 use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
-use crate::reset::{reset_request, ResetSource};
+use crate::ioport::PortWrite;
+use crate::reset::{PortVerdict, ResetSource};
+use crate::sleep::SleepVerdict;
 use crate::startup::PendingReset;
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -656,20 +658,49 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
-    let value = (regs.rax & width_mask) as u32;
+    let mut value = (regs.rax & width_mask) as u32;
+    let access = PortWrite::new(io.port, io.size, value);
     if !io.is_in {
-        if let Some(source) = reset_request(io.port, io.size, value) {
-            return handle_reset(regs, vcpu, source);
+        if platform.resets.watches(&access) {
+            match platform.resets.judge(access) {
+                PortVerdict::Reset(source) => return handle_reset(regs, vcpu, source),
+                PortVerdict::Forward(corrected) => value = corrected.value,
+            }
+        }
+        match platform.sleep.judge_write(access) {
+            SleepVerdict::NoSleep => {}
+            // S5: report first, then let the write reach the hardware (below).
+            SleepVerdict::PowerOff => {
+                info!(
+                    "ALLY guest-sleep port={:#x} value={value:#x} state=S5",
+                    io.port
+                );
+                super::platform::report_power_off();
+            }
+            SleepVerdict::Refused { slp_typ, state } => {
+                let count = platform.sleep.refused();
+                if count <= SLEEP_REFUSAL_REPORTS {
+                    warn!(
+                        "ALLY sleep-refused port={:#x} value={value:#x} slp_typ={slp_typ} state={} count={count}",
+                        io.port,
+                        SleepState(state)
+                    );
+                }
+                advance_rip();
+                return Ok(());
+            }
         }
     }
-    let handled = if ResetSource::is_reset_port(io.port) && !pci_guard::is_config_port(io.port) {
-        // The keyboard controller and port 0x92 otherwise belong to the guest.
-        // SAFETY: the guest owns these ports; Ally forwards the access at the same width.
-        Some(unsafe { nic_guard::forward(io.port, io.size, io.is_in, value) })
-    } else if pci_guard::is_config_port(io.port) {
+    let handled = if pci_guard::is_config_port(io.port) {
         Some(pci_guard::config_port_access(
             io.port, io.size, io.is_in, value,
         ))
+    } else if platform.resets.watches(&access) || platform.sleep.watches(io.port, io.size) {
+        // The 8042, port 0x92 and the ACPI PM registers otherwise belong to the guest.
+        // SAFETY: the guest owns these ports; Ally forwards the access at the same width
+        // (judged above: no reset, no sleep state but S5, the A20 gate open).
+        let result = unsafe { nic_guard::forward(io.port, io.size, io.is_in, value) };
+        Some(result.map(|v| platform.sleep.adjust_read(io.port, io.size, v)))
     } else {
         match platform
             .nic
@@ -692,26 +723,6 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         advance_rip();
         return Ok(());
     }
-    if platform.is_power_control_port(io.port) && !io.is_in {
-        let value = (regs.rax & width_mask) as u32;
-        // PM1x_CNT.SLP_EN (ACPI 6.5 4.8.3.2.1): the guest is entering a sleep state — S5 at
-        // power-off. Report first, then let the write reach the hardware.
-        if value & (1 << 13) != 0 {
-            info!("ALLY guest-sleep port={:#x} value={:#x}", io.port, value);
-            super::platform::report_power_off();
-        }
-        // SAFETY: the guest owns the ACPI PM block; Ally forwards its write unchanged.
-        unsafe { nic_guard::forward(io.port, io.size, false, value) };
-        advance_rip();
-        return Ok(());
-    }
-    if platform.is_power_control_port(io.port) {
-        // SAFETY: reading PM1x_CNT has no side effect; forwarded for the guest.
-        let v = unsafe { nic_guard::forward(io.port, io.size, true, 0) }.unwrap_or(0);
-        regs.rax = (regs.rax & !width_mask) | (u64::from(v) & width_mask);
-        advance_rip();
-        return Ok(());
-    }
     // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
     // A byte written to its scratch register asks Ally for a counters snapshot (a test
     // harness measuring exit rates between two marks; at most MARK_LIMIT are printed).
@@ -726,6 +737,21 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     }
     advance_rip();
     Ok(())
+}
+
+/// Refused sleep requests logged one by one (all are counted).
+const SLEEP_REFUSAL_REPORTS: u64 = 16;
+
+/// An S-state for reports: `S3`, or `unknown` for an SLP_TYP no `\_Sx` object names.
+struct SleepState(Option<u8>);
+
+impl fmt::Display for SleepState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, "S{s}"),
+            None => f.write_str("unknown"),
+        }
+    }
 }
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;

@@ -49,8 +49,10 @@ pub struct Platform {
     /// Ally's identity map covers `[0, identity_limit)`.
     pub identity_limit: u64,
     pub realmode: RealModeStub,
-    /// ACPI PM1a/PM1b control ports (from the FADT), intercepted to report power-off.
-    pub pm1_control_ports: [Option<u16>; 2],
+    /// The guest's reset requests (8042, ports 0x92 and 0xCF9, the FADT's RESET_REG).
+    pub resets: crate::reset::ResetGuard,
+    /// The guest's ACPI sleep requests: S5 powers off, S1-S4 are refused.
+    pub sleep: crate::sleep::SleepGuard,
     pub canary: Canary,
     /// The CPU that boots the guest (again, after the guest resets).
     pub boot_cpu: u32,
@@ -118,10 +120,6 @@ impl Platform {
             os_cores: &self.os_cores,
             dpi_cores: &self.dpi_cores,
         }
-    }
-
-    pub fn is_power_control_port(&self, port: u16) -> bool {
-        self.pm1_control_ports.iter().flatten().any(|&p| p == port)
     }
 
     /// Whether the guest may place a device's registers at `[start, start + len)`: inside
