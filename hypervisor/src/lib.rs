@@ -15,6 +15,7 @@ pub mod int15;
 pub mod ioport;
 pub mod ipi;
 pub mod memmap;
+pub mod msr;
 pub mod mtrr;
 pub mod paging;
 pub mod pci;

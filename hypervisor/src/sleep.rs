@@ -147,10 +147,13 @@ impl SleepGuard {
                 continue;
             }
             let slp_typ = ((value >> c.typ_shift) & 0b111) as u8;
-            let state = self.types.state_of(slp_typ, c.second);
-            if state == Some(5) {
+            // S5's value first: firmware may give S4 the same one (Bochs' DSDT does), and
+            // then the hardware can only power off.
+            let s5 = self.types.0[5].map(|(a, b)| if c.second { b } else { a });
+            if s5 == Some(slp_typ) {
                 return SleepVerdict::PowerOff;
             }
+            let state = self.types.state_of(slp_typ, c.second);
             self.refused.fetch_add(1, Ordering::Relaxed);
             self.wake_pending.store(true, Ordering::Relaxed);
             return SleepVerdict::Refused { slp_typ, state };
@@ -291,6 +294,26 @@ mod tests {
         assert_eq!(g.adjust_read(0xB000, 2, 0), 0x8000);
         g.judge_write(PortWrite::new(0xB000, 2, 0x8000));
         assert_eq!(g.adjust_read(0xB000, 2, 0), 0);
+    }
+
+    #[test]
+    fn s4_sharing_s5s_value_powers_off() {
+        // Bochs' DSDT: \_S3 = 1, \_S4 = 0, \_S5 = 0.
+        let g = SleepGuard::new(
+            SleepPorts {
+                pm1a_control: Some(0xB004),
+                ..SleepPorts::default()
+            },
+            SleepTypes([None, None, None, Some((1, 1)), Some((0, 0)), Some((0, 0))]),
+        );
+        assert_eq!(g.judge_write(PortWrite::new(0xB004, 2, SLP_EN)), SleepVerdict::PowerOff);
+        assert_eq!(
+            g.judge_write(PortWrite::new(0xB004, 2, SLP_EN | (1 << 10))),
+            SleepVerdict::Refused {
+                slp_typ: 1,
+                state: Some(3)
+            }
+        );
     }
 
     #[test]
