@@ -16,10 +16,8 @@ use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
 use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platform};
 use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
-use ally_hypervisor::arch::vmx::vcpu::{
-    intercept_msr, intercept_ports, StartState, Vcpu, VcpuPages,
-};
-use ally_hypervisor::arch::vmx::{exits, guest_reset, launch};
+use ally_hypervisor::arch::vmx::vcpu::{intercept_ports, StartState, Vcpu, VcpuPages};
+use ally_hypervisor::arch::vmx::{guest_reset, launch};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
 use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
@@ -368,12 +366,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     };
     // SAFETY: the bitmap frames were just allocated, zeroed and are identity-mapped.
     unsafe {
-        let msr_bitmap = &mut *(pages.msr_bitmap as *mut [u8; 4096]);
-        for range in exits::INTERCEPTED_MSRS {
-            for msr in range {
-                intercept_msr(msr_bitmap, msr);
-            }
-        }
+        ally_hypervisor::msr::fill_bitmap(&mut *(pages.msr_bitmap as *mut [u8; 4096]));
         let io_a = &mut *(pages.io_bitmap_a as *mut [u8; 4096]);
         let io_b = &mut *(pages.io_bitmap_b as *mut [u8; 4096]);
         intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);

@@ -167,6 +167,24 @@ pub fn is_mtrr(msr: u32) -> bool {
         || MTRR_FIXED.contains(&msr)
 }
 
+/// Fills a VMX MSR bitmap (SDM 25.6.9: read bits for MSRs 0-0x1FFF, then for
+/// 0xC0000000-0xC0001FFF, then the write bits likewise) from the policy above.
+pub fn fill_bitmap(bitmap: &mut [u8; 4096]) {
+    bitmap.fill(0);
+    for (base, first) in [(0usize, 0u32), (1024, 0xC000_0000)] {
+        for index in 0..0x2000usize {
+            let msr = first + index as u32;
+            let bit = 1u8 << (index % 8);
+            if read_intercepted(msr) {
+                bitmap[base + index / 8] |= bit;
+            }
+            if !write_passes(msr) {
+                bitmap[base + 2048 + index / 8] |= bit;
+            }
+        }
+    }
+}
+
 /// What Ally does with an intercepted WRMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteVerdict {
@@ -232,7 +250,7 @@ fn apic_base_write(value: u64, ctx: MsrContext) -> WriteVerdict {
     const BSP: u64 = 1 << 8;
     const EXTD: u64 = 1 << 10;
     const EN: u64 = 1 << 11;
-    let base_mask = (1u64 << ctx.max_phys_bits.min(52)) - 1 & !0xFFF;
+    let base_mask = ((1u64 << ctx.max_phys_bits.min(52)) - 1) & !0xFFF;
     let reserved = !(base_mask | BSP | EXTD | EN);
     if value & reserved != 0 {
         return WriteVerdict::Refuse("reserved IA32_APIC_BASE bits");
@@ -269,7 +287,7 @@ fn mtrr_value_valid(msr: u32, value: u64, max_phys_bits: u8) -> bool {
     if MTRR_FIXED.contains(&msr) {
         return (0..8).all(|i| type_ok((value >> (8 * i)) & 0xFF));
     }
-    if (msr - MTRR_VARIABLE.start()) % 2 == 0 {
+    if (msr - MTRR_VARIABLE.start()).is_multiple_of(2) {
         // PHYSBASE: type in 7:0, base above bit 12.
         value & !(phys_mask | 0xFF) == 0 && type_ok(value & 0xFF)
     } else {
@@ -361,15 +379,39 @@ mod tests {
     #[test]
     fn dangerous_msrs_are_never_written_directly() {
         for msr in [
-            0x560, 0x561, 0x570, 0x571, 0x572, 0x580, 0x587, // Intel PT
-            0x600, 0x3F1, // DS area, PEBS
-            0x79, // microcode update
-            0x199, 0x19A, 0x1B0, 0x1FC, 0xE2, 0x610, 0x770, 0x774, // power and frequency
-            0x200, 0x201, 0x2FF, 0x250, 0x26F, // MTRRs
+            0x560,
+            0x561,
+            0x570,
+            0x571,
+            0x572,
+            0x580,
+            0x587, // Intel PT
+            0x600,
+            0x3F1, // DS area, PEBS
+            0x79,  // microcode update
+            0x199,
+            0x19A,
+            0x1B0,
+            0x1FC,
+            0xE2,
+            0x610,
+            0x770,
+            0x774, // power and frequency
+            0x200,
+            0x201,
+            0x2FF,
+            0x250,
+            0x26F, // MTRRs
             0x1A0, // MISC_ENABLE
-            0x3A, 0x480, 0x1B, 0x830, // emulated
-            0xC8F, 0xC90, // QoS
-            0xC001_0058, 0x9B, 0x4000_0000, // AMD MMIO config base, SMM monitor, hypervisor
+            0x3A,
+            0x480,
+            0x1B,
+            0x830, // emulated
+            0xC8F,
+            0xC90, // QoS
+            0xC001_0058,
+            0x9B,
+            0x4000_0000, // AMD MMIO config base, SMM monitor, hypervisor
         ] {
             assert!(!write_passes(msr), "{msr:#x} passes");
             assert!(
@@ -383,16 +425,45 @@ mod tests {
                 "{msr:#x}"
             );
         }
-        for msr in [0x560, 0x570, 0x600, 0x3F1, 0x79, 0x199, 0x610, 0xC90, 0xC001_0058] {
-            assert!(matches!(judge_write(msr, 0, ctx(0)), WriteVerdict::Refuse(_)), "{msr:#x}");
+        for msr in [
+            0x560,
+            0x570,
+            0x600,
+            0x3F1,
+            0x79,
+            0x199,
+            0x610,
+            0xC90,
+            0xC001_0058,
+        ] {
+            assert!(
+                matches!(judge_write(msr, 0, ctx(0)), WriteVerdict::Refuse(_)),
+                "{msr:#x}"
+            );
         }
     }
 
     #[test]
     fn what_linux_writes_all_the_time_passes() {
         for msr in [
-            0xC000_0100, 0xC000_0101, 0xC000_0102, 0xC000_0080, 0xC000_0082, 0x48, 0x49, 0x6E0,
-            0x80B, 0x838, 0x83F, 0x277, 0x1D9, 0x8B, 0x3B, 0x174, 0x186, 0x38F,
+            0xC000_0100,
+            0xC000_0101,
+            0xC000_0102,
+            0xC000_0080,
+            0xC000_0082,
+            0x48,
+            0x49,
+            0x6E0,
+            0x80B,
+            0x838,
+            0x83F,
+            0x277,
+            0x1D9,
+            0x8B,
+            0x3B,
+            0x174,
+            0x186,
+            0x38F,
         ] {
             assert!(write_passes(msr), "{msr:#x}");
         }
@@ -409,8 +480,36 @@ mod tests {
     }
 
     #[test]
+    fn bitmap_follows_the_policy() {
+        let mut bitmap = [0xAAu8; 4096];
+        fill_bitmap(&mut bitmap);
+        let bit =
+            |offset: usize, index: u32| bitmap[offset + index as usize / 8] >> (index % 8) & 1;
+        // Reads: FEATURE_CONTROL and MTRRs exit, APIC_BASE does not.
+        assert_eq!(bit(0, 0x3A), 1);
+        assert_eq!(bit(0, 0x200), 1);
+        assert_eq!(bit(0, 0x1B), 0);
+        assert_eq!(bit(1024, 0x80), 0, "EFER reads pass");
+        // Writes: FS_BASE and TSC_DEADLINE pass, PT, DS_AREA, APIC_BASE, the ICR exit.
+        assert_eq!(bit(3072, 0x100), 0);
+        assert_eq!(bit(2048, 0x6E0), 0);
+        for msr in [0x570, 0x600, 0x1B, 0x830, 0x199, 0x1FFF] {
+            assert_eq!(bit(2048, msr), 1, "{msr:#x}");
+        }
+        assert_eq!(bit(3072, 0x1FFF), 1);
+        let passing_writes: usize = (0..0x2000)
+            .filter(|&i| bit(2048, i) == 0)
+            .chain((0..0x2000).filter(|&i| bit(3072, i) == 0))
+            .count();
+        let listed: usize = WRITE_ALLOWED.iter().map(|(r, _)| r.clone().count()).sum();
+        assert_eq!(passing_writes, listed);
+    }
+
+    #[test]
     fn reads_pass_except_what_ally_emulates() {
-        for msr in [0x3A, 0x480, 0x491, 0x560, 0x570, 0xFE, 0x2FF, 0x200, 0x20F, 0x250, 0x26F] {
+        for msr in [
+            0x3A, 0x480, 0x491, 0x560, 0x570, 0xFE, 0x2FF, 0x200, 0x20F, 0x250, 0x26F,
+        ] {
             assert!(read_intercepted(msr), "{msr:#x}");
         }
         for msr in [0x10, 0x1B, 0x1A0, 0xC000_0080, 0x830, 0x600] {
@@ -422,24 +521,33 @@ mod tests {
     fn apic_base_transitions() {
         let xapic = 0xFEE0_0900; // BSP, EN, base 0xFEE00000
         let x2apic = xapic | (1 << 10);
-        assert_eq!(judge_write(IA32_APIC_BASE, xapic, ctx(xapic)), WriteVerdict::Hardware);
-        assert_eq!(judge_write(IA32_APIC_BASE, x2apic, ctx(xapic)), WriteVerdict::Hardware);
+        assert_eq!(
+            judge_write(IA32_APIC_BASE, xapic, ctx(xapic)),
+            WriteVerdict::Hardware
+        );
+        assert_eq!(
+            judge_write(IA32_APIC_BASE, x2apic, ctx(xapic)),
+            WriteVerdict::Hardware
+        );
         // Disable, from either mode.
         assert_eq!(
             judge_write(IA32_APIC_BASE, 0xFEE0_0100, ctx(x2apic)),
             WriteVerdict::Hardware
         );
         for (value, current) in [
-            (xapic | 1, xapic),              // reserved bit 0
-            (xapic | (1 << 9), xapic),       // reserved bit 9
-            (xapic | (1 << 45), xapic),      // above MAXPHYADDR
-            (xapic, x2apic),                 // x2APIC -> xAPIC
-            (0xFEE0_0500, xapic),            // EXTD without EN
-            (x2apic, 0xFEE0_0100),           // disabled -> x2APIC
-            (0xFED0_0900, xapic),            // moved
+            (xapic | 1, xapic),         // reserved bit 0
+            (xapic | (1 << 9), xapic),  // reserved bit 9
+            (xapic | (1 << 45), xapic), // above MAXPHYADDR
+            (xapic, x2apic),            // x2APIC -> xAPIC
+            (0xFEE0_0500, xapic),       // EXTD without EN
+            (x2apic, 0xFEE0_0100),      // disabled -> x2APIC
+            (0xFED0_0900, xapic),       // moved
         ] {
             assert!(
-                matches!(judge_write(IA32_APIC_BASE, value, ctx(current)), WriteVerdict::Refuse(_)),
+                matches!(
+                    judge_write(IA32_APIC_BASE, value, ctx(current)),
+                    WriteVerdict::Refuse(_)
+                ),
                 "{value:#x} from {current:#x}"
             );
         }
@@ -447,13 +555,22 @@ mod tests {
             x2apic_supported: false,
             ..ctx(xapic)
         };
-        assert!(matches!(judge_write(IA32_APIC_BASE, x2apic, no_x2), WriteVerdict::Refuse(_)));
+        assert!(matches!(
+            judge_write(IA32_APIC_BASE, x2apic, no_x2),
+            WriteVerdict::Refuse(_)
+        ));
     }
 
     #[test]
     fn misc_enable_only_unchanged() {
-        assert_eq!(judge_write(0x1A0, 0x850089, ctx(0x850089)), WriteVerdict::Unchanged);
-        assert!(matches!(judge_write(0x1A0, 0x850088, ctx(0x850089)), WriteVerdict::Refuse(_)));
+        assert_eq!(
+            judge_write(0x1A0, 0x850089, ctx(0x850089)),
+            WriteVerdict::Unchanged
+        );
+        assert!(matches!(
+            judge_write(0x1A0, 0x850088, ctx(0x850089)),
+            WriteVerdict::Refuse(_)
+        ));
     }
 
     #[test]
@@ -489,8 +606,14 @@ mod tests {
             (0x2FF, 0x1006),
             (0x250, 0x0606_0606_0606_0603),
         ] {
-            assert!(matches!(judge_write(msr, v, ctx(0)), WriteVerdict::Refuse(_)), "{msr:#x}={v:#x}");
+            assert!(
+                matches!(judge_write(msr, v, ctx(0)), WriteVerdict::Refuse(_)),
+                "{msr:#x}={v:#x}"
+            );
         }
-        assert!(matches!(judge_write(IA32_MTRRCAP, 0, ctx(0)), WriteVerdict::Refuse(_)));
+        assert!(matches!(
+            judge_write(IA32_MTRRCAP, 0, ctx(0)),
+            WriteVerdict::Refuse(_)
+        ));
     }
 }

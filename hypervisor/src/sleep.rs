@@ -306,7 +306,10 @@ mod tests {
             },
             SleepTypes([None, None, None, Some((1, 1)), Some((0, 0)), Some((0, 0))]),
         );
-        assert_eq!(g.judge_write(PortWrite::new(0xB004, 2, SLP_EN)), SleepVerdict::PowerOff);
+        assert_eq!(
+            g.judge_write(PortWrite::new(0xB004, 2, SLP_EN)),
+            SleepVerdict::PowerOff
+        );
         assert_eq!(
             g.judge_write(PortWrite::new(0xB004, 2, SLP_EN | (1 << 10))),
             SleepVerdict::Refused {

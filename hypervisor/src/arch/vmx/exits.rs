@@ -16,11 +16,12 @@ use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
 use crate::ioport::PortWrite;
+use crate::msr::{self, MsrContext, WriteVerdict};
 use crate::reset::{PortVerdict, ResetSource};
 use crate::sleep::SleepVerdict;
 use crate::startup::PendingReset;
 use core::fmt;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use log::{error, info, warn};
 use x86::vmx::vmcs::{control, guest, ro};
 
@@ -162,7 +163,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     } else {
         match reason {
             ExitReason::Cpuid => handle_cpuid(regs, vcpu),
-            ExitReason::Rdmsr => handle_rdmsr(regs),
+            ExitReason::Rdmsr => handle_rdmsr(regs, vcpu),
             ExitReason::Wrmsr => handle_wrmsr(regs, vcpu),
             ExitReason::CrAccess => handle_cr_access(regs, vcpu),
             ExitReason::Xsetbv => handle_xsetbv(regs),
@@ -412,7 +413,8 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         r.ebx = ebx;
         r.ecx = ecx;
         r.edx = edx;
-    } else if leaf == 0xD && !vcpu.guest_can_use_xsave() {
+    } else if leaf == 0x14 || (leaf == 0xD && !vcpu.guest_can_use_xsave()) {
+        // Leaf 0x14 enumerates Intel PT, which Ally hides.
         r.eax = 0;
         r.ebx = 0;
         r.ecx = 0;
@@ -433,6 +435,8 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
             r.ecx &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14) | (1 << 3));
             r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
         }
+        // Intel PT (EBX bit 25) is hidden: its MSRs are refused (`crate::msr`).
+        r.ebx &= !(1 << 25);
         // OSPKE (ECX bit 4) mirrors the guest's CR4.PKE (bit 22) likewise.
         r.ecx &= !(1 << 4);
         if guest_cr4() & (1 << 22) != 0 {
@@ -447,35 +451,25 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     Ok(())
 }
 
-const IA32_FEATURE_CONTROL: u32 = 0x3A;
-const VMX_CAPABILITY_MSRS: core::ops::RangeInclusive<u32> = 0x480..=0x491;
+/// Guest WRMSRs refused with #GP (`crate::msr`), and how many were logged one by one.
+static MSR_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Guest MTRR writes kept in the vCPU's shadow.
+static MTRR_SHADOWED: AtomicU64 = AtomicU64::new(0);
+const MSR_REFUSAL_REPORTS: u64 = 32;
 
-/// The MSRs Ally intercepts (the MSR bitmap in `platform.rs` sets exactly these).
-pub const INTERCEPTED_MSRS: [core::ops::RangeInclusive<u32>; 4] = [
-    IA32_FEATURE_CONTROL..=IA32_FEATURE_CONTROL,
-    VMX_CAPABILITY_MSRS,
-    apic_guard::IA32_APIC_BASE..=apic_guard::IA32_APIC_BASE,
-    apic_guard::X2APIC_ICR..=apic_guard::X2APIC_ICR,
-];
-
-fn handle_rdmsr(regs: &mut GuestRegisters) -> ExitResult {
+fn handle_rdmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     let msr = regs.rcx as u32;
     let value = match msr {
         // Locked, with VMX disabled: what a CPU without VMX shows (SDM Vol. 4 table 2-2).
-        IA32_FEATURE_CONTROL => 1,
-        // Intercepted for writes only; reads see the hardware.
-        // SAFETY: both MSRs exist (IA32_APIC_BASE always; the ICR read #GPs on hardware in
-        // xAPIC mode, and so it does for the guest through this same RDMSR).
-        apic_guard::IA32_APIC_BASE => unsafe { crate::arch::instructions::rdmsr(msr) },
-        apic_guard::X2APIC_ICR if x2apic_enabled() => {
-            // SAFETY: in x2APIC mode MSR 0x830 exists.
-            unsafe { crate::arch::instructions::rdmsr(msr) }
-        }
-        _ => {
-            // The VMX capability MSRs do not exist on a CPU without VMX.
-            inject_exception(VECTOR_GP, Some(0));
-            return Ok(());
-        }
+        msr::IA32_FEATURE_CONTROL => Some(1),
+        m if msr::is_mtrr(m) => vcpu.mtrr.read(m),
+        // The VMX capability MSRs, Intel PT's (hidden in CPUID) and MSRs outside the
+        // bitmap's ranges: absent, as on a CPU without them.
+        _ => None,
+    };
+    let Some(value) = value else {
+        inject_exception(VECTOR_GP, Some(0));
+        return Ok(());
     };
     regs.rax = value & 0xFFFF_FFFF;
     regs.rdx = value >> 32;
@@ -485,35 +479,64 @@ fn handle_rdmsr(regs: &mut GuestRegisters) -> ExitResult {
 
 fn x2apic_enabled() -> bool {
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
-    unsafe { crate::arch::instructions::rdmsr(apic_guard::IA32_APIC_BASE) & (1 << 10) != 0 }
+    unsafe { instructions::rdmsr(msr::IA32_APIC_BASE) & (1 << 10) != 0 }
 }
 
-fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
-    let msr = regs.rcx as u32;
+fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+    let index = regs.rcx as u32;
     let value = (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF);
-    match msr {
-        apic_guard::X2APIC_ICR if x2apic_enabled() => {
+    let current = match index {
+        // SAFETY: both are architectural on every CPU with VMX.
+        msr::IA32_APIC_BASE | msr::IA32_MISC_ENABLE => unsafe { instructions::rdmsr(index) },
+        _ => 0,
+    };
+    let context = MsrContext {
+        max_phys_bits: raw_cpuid::cpuid!(0x8000_0008).eax as u8,
+        x2apic_supported: raw_cpuid::cpuid!(1).ecx & (1 << 21) != 0,
+        current,
+    };
+    let refusal = match msr::judge_write(index, value, context) {
+        WriteVerdict::Hardware => {
+            // SAFETY: IA32_APIC_BASE, validated as the CPU would (no #GP in VMX root) and
+            // with the APIC left at its address.
+            unsafe { instructions::wrmsr(index, value) };
+            None
+        }
+        WriteVerdict::Unchanged => None,
+        WriteVerdict::X2apicIcr if x2apic_enabled() => {
             apic_guard::write_x2apic_icr(value, vcpu.apic_id);
+            None
         }
-        apic_guard::IA32_APIC_BASE if apic_guard::apic_base_write_allowed(value) => {
-            // SAFETY: the guest keeps the APIC at its address; mode changes (x2APIC enable)
-            // are the guest's to make and checked by the CPU itself.
-            unsafe { crate::arch::instructions::wrmsr(msr, value) };
+        WriteVerdict::X2apicIcr => Some("the x2APIC ICR in xAPIC mode"),
+        WriteVerdict::Mtrr => {
+            MTRR_SHADOWED.fetch_add(1, Ordering::Relaxed);
+            (!vcpu.mtrr.write(index, value)).then_some("an MTRR this CPU does not have")
         }
-        apic_guard::IA32_APIC_BASE => {
-            // Moving the APIC page would take it out of the EPT trap; Ally refuses (#GP).
-            warn!("ALLY refused guest APIC relocation value={value:#x}");
-            inject_exception(VECTOR_GP, Some(0));
-            return Ok(());
+        WriteVerdict::Refuse(why) => Some(why),
+    };
+    if let Some(why) = refusal {
+        let n = MSR_REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= MSR_REFUSAL_REPORTS {
+            warn!(
+                "ALLY msr-refused msr={index:#x} value={value:#x} cpu={} reason=\"{why}\" count={n}",
+                vcpu.apic_id
+            );
         }
-        _ => {
-            // IA32_FEATURE_CONTROL is locked and the VMX MSRs are read-only or absent: #GP.
-            inject_exception(VECTOR_GP, Some(0));
-            return Ok(());
-        }
+        inject_exception(VECTOR_GP, Some(0));
+        return Ok(());
     }
     advance_rip();
     Ok(())
+}
+
+/// Prints the MSR guard's counters (at the guest's power-off).
+pub fn report_msrs() {
+    info!(
+        "ALLY msr-guard refused={} mtrr-shadowed={} write-allow-list={}",
+        MSR_REFUSED.load(Ordering::Relaxed),
+        MTRR_SHADOWED.load(Ordering::Relaxed),
+        msr::WRITE_ALLOWED.len()
+    );
 }
 
 fn handle_cr_access(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {

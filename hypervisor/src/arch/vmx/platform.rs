@@ -307,6 +307,11 @@ pub fn report_power_off() {
         canary.ranges[1]
     );
     super::exits::report_all_exits();
+    super::exits::report_msrs();
+    info!(
+        "ALLY power-guard sleep-refused={}",
+        platform().sleep.refused()
+    );
     super::apic_guard::report();
     (platform().power_off_hook)();
     info!("ALLY poweroff");

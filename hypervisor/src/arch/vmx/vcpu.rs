@@ -50,6 +50,8 @@ pub struct Vcpu {
     pub mailbox: Option<&'static StartupMailbox>,
     /// The shared EPT's generation this CPU last invalidated for (`platform::EPT_GENERATION`).
     pub ept_generation: u64,
+    /// The guest's view of the MTRRs (`crate::msr::MtrrShadow`).
+    pub mtrr: crate::msr::MtrrShadow,
 }
 
 /// Segment access rights in VMCS format (SDM Vol. 3C 25.4.1, Table 25-2).
@@ -85,6 +87,9 @@ impl Vcpu {
             stopped: false,
             mailbox: super::init_sipi::os_index(apic_id).map(super::init_sipi::mailbox),
             ept_generation: 0,
+            // SAFETY: every CPU with VMX has MTRRs (CPUID.1:EDX.MTRR), and `capture` reads
+            // only those IA32_MTRRCAP lists; the firmware set them alike on every CPU.
+            mtrr: crate::msr::MtrrShadow::capture(|m| unsafe { rdmsr(m) }),
         }
     }
 
@@ -291,17 +296,6 @@ impl Vcpu {
         write(guest::IDTR_LIMIT, 0x3FF)?;
         Ok(())
     }
-}
-
-/// Sets the bits that make the CPU exit on `msr` reads and writes (SDM 25.6.9).
-pub fn intercept_msr(bitmap: &mut [u8; 4096], msr: u32) {
-    let (base, index) = match msr {
-        0..=0x1FFF => (0usize, msr as usize),
-        0xC000_0000..=0xC000_1FFF => (1024usize, (msr - 0xC000_0000) as usize),
-        _ => return, // MSRs outside both ranges always exit
-    };
-    bitmap[base + index / 8] |= 1 << (index % 8);
-    bitmap[base + 2048 + index / 8] |= 1 << (index % 8);
 }
 
 /// Sets the bits that make the CPU exit on accesses to `ports` (SDM 25.6.4).
