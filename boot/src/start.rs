@@ -23,7 +23,7 @@ use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
-use ally_hypervisor::reset::{AcpiResetPort, ResetGuard};
+use ally_hypervisor::reset::{AcpiResetConfig, AcpiResetPort, ResetGuard};
 use ally_hypervisor::sleep::{SleepGuard, SleepPorts};
 use core::alloc::Layout;
 use core::convert::Infallible;
@@ -589,7 +589,7 @@ fn power_guards(identity_limit: u64) -> Result<(ResetGuard, SleepGuard), StartEr
         Ok(control) => control,
         Err(e) => {
             log::warn!("no ACPI FADT ({e}): legacy reset ports guarded, no sleep registers");
-            return Ok((ResetGuard::new(None), SleepGuard::default()));
+            return Ok((ResetGuard::new(None, None), SleepGuard::default()));
         }
     };
     if let Some((name, block)) = control.unguardable() {
@@ -629,7 +629,26 @@ fn power_guards(identity_limit: u64) -> Result<(ResetGuard, SleepGuard), StartEr
         },
         control.reset
     );
-    Ok((ResetGuard::new(acpi_reset), SleepGuard::new(ports, types)))
+    let acpi_reset_config = control.reset.and_then(|r| match r.block {
+        acpi::RegisterBlock::PciConfig {
+            device,
+            function,
+            offset,
+        } => Some(AcpiResetConfig {
+            function: ally_hypervisor::cmdline::PciAddress {
+                bus: 0,
+                device,
+                function,
+            },
+            offset,
+            value: r.value,
+        }),
+        _ => None,
+    });
+    Ok((
+        ResetGuard::new(acpi_reset, acpi_reset_config),
+        SleepGuard::new(ports, types),
+    ))
 }
 
 /// The word unused DPI memory holds ("ALLYALLY").

@@ -12,6 +12,7 @@
 //! closed gate masks address bit 20 of every access on CPUs and emulators that still model
 //! it, Ally's own in VMX root operation included.
 
+use crate::cmdline::PciAddress;
 use crate::ioport::PortWrite;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,14 @@ pub struct AcpiResetPort {
     pub value: u8,
 }
 
+/// The FADT's RESET_REG when it lies in bus 0's configuration space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiResetConfig {
+    pub function: PciAddress,
+    pub offset: u16,
+    pub value: u8,
+}
+
 /// What becomes of a guest OUT to a port the reset guard watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortVerdict {
@@ -92,14 +101,16 @@ pub enum PortVerdict {
 #[derive(Debug, Default)]
 pub struct ResetGuard {
     acpi: Option<AcpiResetPort>,
+    acpi_config: Option<AcpiResetConfig>,
     /// The 8042 was last given command 0xD1: its next data byte is the output port.
     kbc_output_port_next: AtomicBool,
 }
 
 impl ResetGuard {
-    pub const fn new(acpi: Option<AcpiResetPort>) -> Self {
+    pub const fn new(acpi: Option<AcpiResetPort>, acpi_config: Option<AcpiResetConfig>) -> Self {
         Self {
             acpi,
+            acpi_config,
             kbc_output_port_next: AtomicBool::new(false),
         }
     }
@@ -121,6 +132,20 @@ impl ResetGuard {
     /// Whether the write touches a port this guard judges.
     pub fn watches(&self, w: &PortWrite) -> bool {
         self.ports().any(|(first, count)| w.touches(first, count))
+    }
+
+    /// Judges a configuration write of `size` bytes at `offset` of `function` (through the
+    /// data ports): the FADT's RESET_REG may live there.
+    pub fn judge_config_write(
+        &self,
+        function: PciAddress,
+        offset: u8,
+        size: u8,
+        value: u32,
+    ) -> Option<ResetSource> {
+        let reg = self.acpi_config.filter(|r| r.function == function)?;
+        let write = PortWrite::new(u16::from(offset), size, value);
+        (write.byte_at(reg.offset) == Some(reg.value)).then_some(ResetSource::AcpiResetRegister)
     }
 
     /// Judges one OUT. Writes that request no reset are forwarded with the A20 gate kept
@@ -253,10 +278,13 @@ mod tests {
 
     #[test]
     fn acpi_reset_register() {
-        let g = ResetGuard::new(Some(AcpiResetPort {
-            port: 0xB2,
-            value: 0x55,
-        }));
+        let g = ResetGuard::new(
+            Some(AcpiResetPort {
+                port: 0xB2,
+                value: 0x55,
+            }),
+            None,
+        );
         assert_eq!(
             judge(&g, 0xB2, 1, 0x55),
             Some(ResetSource::AcpiResetRegister)
@@ -268,6 +296,34 @@ mod tests {
         assert_eq!(judge(&g, 0xB2, 1, 0x54), None);
         assert!(g.ports().any(|p| p == (0xB2, 1)));
         assert!(g.watches(&PortWrite::new(0xB0, 4, 0)));
+    }
+
+    #[test]
+    fn acpi_reset_register_in_configuration_space() {
+        let lpc = PciAddress {
+            bus: 0,
+            device: 0x1F,
+            function: 0,
+        };
+        let g = ResetGuard::new(
+            None,
+            Some(AcpiResetConfig {
+                function: lpc,
+                offset: 0xAD,
+                value: 0x0E,
+            }),
+        );
+        let reset = Some(ResetSource::AcpiResetRegister);
+        assert_eq!(g.judge_config_write(lpc, 0xAD, 1, 0x0E), reset);
+        assert_eq!(g.judge_config_write(lpc, 0xAC, 4, 0x0000_0E00), reset);
+        assert_eq!(g.judge_config_write(lpc, 0xAC, 4, 0x0000_0F00), None);
+        assert_eq!(g.judge_config_write(lpc, 0xAE, 2, 0x0E0E), None);
+        let other = PciAddress { device: 2, ..lpc };
+        assert_eq!(g.judge_config_write(other, 0xAD, 1, 0x0E), None);
+        assert_eq!(
+            ResetGuard::default().judge_config_write(lpc, 0xAD, 1, 0x0E),
+            None
+        );
     }
 
     #[test]

@@ -715,9 +715,18 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         }
     }
     let handled = if pci_guard::is_config_port(io.port) {
-        Some(pci_guard::config_port_access(
-            io.port, io.size, io.is_in, value,
-        ))
+        match pci_guard::config_port_access(
+            &mut vcpu.config_address,
+            io.port,
+            io.size,
+            io.is_in,
+            value,
+        ) {
+            pci_guard::ConfigOutcome::Done(result) => Some(result),
+            pci_guard::ConfigOutcome::Reset => {
+                return handle_reset(regs, vcpu, ResetSource::AcpiResetRegister)
+            }
+        }
     } else if platform.resets.watches(&access) || platform.sleep.watches(io.port, io.size) {
         // The 8042, port 0x92 and the ACPI PM registers otherwise belong to the guest.
         // SAFETY: the guest owns these ports; Ally forwards the access at the same width

@@ -7,23 +7,30 @@
 //!   (`nic_guard`);
 //! - everything else is forwarded unchanged at the guest's width.
 //!
-//! Ally mirrors the guest's CONFIG_ADDRESS to know which function a data-port access reaches.
-//! When a guard writes a different register than the guest addressed, Ally selects it, writes,
-//! and puts the guest's CONFIG_ADDRESS back, all within the one exit (the guest's own
-//! configuration lock keeps its CPUs from interleaving).
+//! Each vCPU keeps its guest's CONFIG_ADDRESS (`crate::pci::latch`); every data-port access
+//! selects it on the hardware and completes under one lock, so cores cannot interleave a
+//! selection between another's check and access. Bridge bus numbers and the host bridge's
+//! decode registers are refused on every function.
 
 use super::nic_guard::{self, forward};
 use super::platform::{platform, Platform};
 use crate::arch::instructions;
 use crate::arch::pci_ports::PortConfigSpace;
+use crate::pci::latch::{self, ConfigPortAccess, ProtectedRegister};
 use crate::pci::msi::{InterruptGuard, InterruptWrite, MsiRoute};
 use crate::pci::{ConfigAddress, ConfigSpace};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-/// The guest's last CONFIG_ADDRESS (port 0xCF8), mirrored when Ally forwards it.
-static CONFIG_ADDRESS: AtomicU32 = AtomicU32::new(0);
+/// Serialises Ally's use of the hardware's CONFIG_ADDRESS latch: select, then access.
+static CONFIG_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 /// Guest configuration accesses a guard answered or filtered.
 pub static GUARDED_ACCESSES: AtomicU64 = AtomicU64::new(0);
+/// Writes Ally dropped: mechanism #2 registers, misaligned data accesses, bridge bus numbers,
+/// the host bridge's decode registers.
+static LEGACY_REFUSED: AtomicU64 = AtomicU64::new(0);
+static MISALIGNED_REFUSED: AtomicU64 = AtomicU64::new(0);
+static BRIDGE_BUS_REFUSED: AtomicU64 = AtomicU64::new(0);
+static HOST_DECODE_REFUSED: AtomicU64 = AtomicU64::new(0);
 /// MSI rewrite/refusal reports printed (the counters keep counting after).
 static ROUTE_REPORTS: AtomicU64 = AtomicU64::new(0);
 const ROUTE_REPORT_LIMIT: u64 = 16;
@@ -33,24 +40,102 @@ pub fn is_config_port(port: u16) -> bool {
     (ConfigAddress::PORT..ConfigAddress::DATA_PORT + 4).contains(&port)
 }
 
-/// The guest's IN/OUT on a configuration port; returns the value of an IN.
-pub fn config_port_access(port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
-    if port < ConfigAddress::DATA_PORT {
-        // Only a dword at 0xCF8 is CONFIG_ADDRESS; narrower accesses (0xCF9 is the reset
-        // control register on many chipsets) go to the hardware untouched.
-        if port == ConfigAddress::PORT && size == 4 && !is_in {
-            CONFIG_ADDRESS.store(value, Ordering::Relaxed);
-        }
-        // SAFETY: the guest owns the configuration mechanism; Ally forwards at the same width.
-        return unsafe { forward(port, size, is_in, value) };
-    }
-    config_data_access(platform(), port, size, is_in, value)
+/// What a configuration-port access came to.
+pub enum ConfigOutcome {
+    /// Done; an IN's value.
+    Done(Option<u32>),
+    /// The write hit the FADT's RESET_REG in configuration space with RESET_VALUE.
+    Reset,
 }
 
-fn config_data_access(p: &Platform, port: u16, size: u8, is_in: bool, value: u32) -> Option<u32> {
-    let address = ConfigAddress(CONFIG_ADDRESS.load(Ordering::Relaxed));
+/// The guest's IN/OUT on a configuration port; `latch` is this vCPU's CONFIG_ADDRESS.
+pub fn config_port_access(
+    latch: &mut u32,
+    port: u16,
+    size: u8,
+    is_in: bool,
+    value: u32,
+) -> ConfigOutcome {
+    let result = match latch::classify(port, size, is_in, value) {
+        ConfigPortAccess::Address if is_in => Some(*latch),
+        ConfigPortAccess::Address => {
+            *latch = value;
+            None
+        }
+        ConfigPortAccess::Data { byte } => {
+            let address = ConfigAddress(*latch);
+            let offset = address.register() + byte;
+            if !is_in
+                && address.enabled()
+                && platform()
+                    .resets
+                    .judge_config_write(address.function(), offset, size, value)
+                    .is_some()
+            {
+                return ConfigOutcome::Reset;
+            }
+            let _selected = CONFIG_LOCK.lock();
+            // SAFETY: Ally owns the latch (under CONFIG_LOCK); the guest's own selection.
+            unsafe { instructions::outl(ConfigAddress::PORT, address.0) };
+            config_data_access(platform(), address, offset, port, size, is_in, value)
+        }
+        ConfigPortAccess::Legacy { reset_control } => {
+            if let Some(byte) = reset_control {
+                // The reset guard found no reset in it: the selection bits are the guest's.
+                // SAFETY: the reset control register is a plain byte register.
+                unsafe { instructions::outb(0xCF9, byte) };
+            }
+            if !is_in && (size > 1 || port != 0xCF9) {
+                LEGACY_REFUSED.fetch_add(1, Ordering::Relaxed);
+            }
+            is_in.then_some(u32::MAX)
+        }
+        ConfigPortAccess::Refused => {
+            MISALIGNED_REFUSED.fetch_add(1, Ordering::Relaxed);
+            is_in.then_some(u32::MAX)
+        }
+    };
+    ConfigOutcome::Done(result)
+}
+
+/// A data-port access, with the guest's CONFIG_ADDRESS selected on the hardware and
+/// CONFIG_LOCK held.
+fn config_data_access(
+    p: &Platform,
+    address: ConfigAddress,
+    offset: u8,
+    port: u16,
+    size: u8,
+    is_in: bool,
+    value: u32,
+) -> Option<u32> {
     let function = address.function();
-    let offset = address.register() + (port - ConfigAddress::DATA_PORT) as u8;
+    if address.enabled() && !is_in {
+        let header_type = || {
+            // SAFETY: Ally owns the latch; reading the header type has no side effect, and
+            // the guest's selection is restored before the write is judged further.
+            unsafe {
+                let header = ConfigAddress::new(function, 0x0C).0;
+                instructions::outl(ConfigAddress::PORT, header);
+                let ty = (instructions::inl(ConfigAddress::DATA_PORT) >> 16) as u8;
+                instructions::outl(ConfigAddress::PORT, address.0);
+                ty
+            }
+        };
+        if let Some(register) = latch::protected_write(function, offset, size, header_type) {
+            let counter = match register {
+                ProtectedRegister::BridgeBusNumbers => &BRIDGE_BUS_REFUSED,
+                ProtectedRegister::HostBridgeDecode => &HOST_DECODE_REFUSED,
+            };
+            if counter.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+                log::warn!(
+                    "ALLY pci-refused function={function} offset={offset:#x} size={size} value={value:#x} register={}",
+                    register.name()
+                );
+            }
+            return None;
+        }
+    }
     let interrupts = p
         .pci_interrupts
         .iter()
@@ -97,7 +182,7 @@ fn interrupt_write(
             for (register, dword) in writes {
                 PortConfigSpace.write32(guard.address, register, dword);
             }
-            // SAFETY: restores the guest's CONFIG_ADDRESS after Ally's own selections.
+            // SAFETY: Ally owns the latch (CONFIG_LOCK is held); the guest's selection again.
             unsafe { instructions::outl(ConfigAddress::PORT, address.0) };
             report_route(guard, route);
         }
@@ -150,8 +235,12 @@ pub fn report() {
         (rewrites, refusals, msix) = (rewrites + r, refusals + f, msix + x);
     }
     log::info!(
-        "ALLY pci-guard functions={} guarded-accesses={} msi-rewrites={rewrites} msi-refusals={refusals} msix-accesses={msix}",
+        "ALLY pci-guard functions={} guarded-accesses={} msi-rewrites={rewrites} msi-refusals={refusals} msix-accesses={msix} legacy-writes-refused={} misaligned-refused={} bridge-bus-refused={} host-decode-refused={}",
         p.pci_interrupts.len(),
-        GUARDED_ACCESSES.load(Ordering::Relaxed)
+        GUARDED_ACCESSES.load(Ordering::Relaxed),
+        LEGACY_REFUSED.load(Ordering::Relaxed),
+        MISALIGNED_REFUSED.load(Ordering::Relaxed),
+        BRIDGE_BUS_REFUSED.load(Ordering::Relaxed),
+        HOST_DECODE_REFUSED.load(Ordering::Relaxed)
     );
 }

@@ -52,6 +52,8 @@ pub struct Vcpu {
     pub ept_generation: u64,
     /// The guest's view of the MTRRs (`crate::msr::MtrrShadow`).
     pub mtrr: crate::msr::MtrrShadow,
+    /// The CONFIG_ADDRESS this vCPU's guest wrote (`crate::pci::latch`).
+    pub config_address: u32,
 }
 
 /// Segment access rights in VMCS format (SDM Vol. 3C 25.4.1, Table 25-2).
@@ -90,6 +92,7 @@ impl Vcpu {
             // SAFETY: every CPU with VMX has MTRRs (CPUID.1:EDX.MTRR), and `capture` reads
             // only those IA32_MTRRCAP lists; the firmware set them alike on every CPU.
             mtrr: crate::msr::MtrrShadow::capture(|m| unsafe { rdmsr(m) }),
+            config_address: 0,
         }
     }
 
