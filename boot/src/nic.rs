@@ -194,6 +194,36 @@ static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
 static TRAPPED: spin::Once<&'static TrappedNic<'static, &'static MmioRegisters>> =
     spin::Once::new();
 
+/// Fails closed on a network Ally would not inspect (issue 11 item 9): rules given but no NIC
+/// claimed, or any other network controller (PCI base class 0x02) on the bus, which the guest
+/// could drive around Ally. `uninspected_network=allow` boots anyway, and says so.
+pub fn refuse_uninspected_network(
+    options: &AllyOptions,
+    rules_given: bool,
+    claimed: Option<ally_hypervisor::cmdline::PciAddress>,
+) -> Result<(), StartError> {
+    let cs = PortConfigSpace;
+    const CLASS_NETWORK: u32 = 0x02;
+    let other = pci::functions(&cs)
+        .find(|f| Some(f.address) != claimed && cs.read32(f.address, 0x08) >> 24 == CLASS_NETWORK);
+    let refusal = match (other, claimed) {
+        (Some(function), _) => Some(StartError::UninspectedNetwork { function }),
+        (None, None) if rules_given => Some(StartError::NoNicToInspect),
+        _ => None,
+    };
+    match refusal {
+        Some(e) if options.allow_uninspected_network => {
+            log::warn!("ALLY uninspected-network allowed (uninspected_network=allow): {e}");
+            Ok(())
+        }
+        Some(e) => Err(e),
+        None => {
+            info!("ALLY network-check inspected-nic={claimed:?} other-network-controllers=0");
+            Ok(())
+        }
+    }
+}
+
 /// Finds and claims the NIC. `Ok(None)` when there is none and `nic=` did not ask for one.
 pub fn claim(
     options: &AllyOptions,

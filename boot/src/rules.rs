@@ -16,6 +16,13 @@ pub struct RulesPlan {
     pub heap: u64,
 }
 
+impl RulesPlan {
+    /// Whether the operator gave Ally rules to apply.
+    pub fn given(&self) -> bool {
+        self.module.is_some()
+    }
+}
+
 /// Finds the rules module among the boot modules and chooses the heap size.
 pub fn plan(
     boot_info: &BootInformation<'_>,

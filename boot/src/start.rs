@@ -53,7 +53,10 @@ pub enum StartError {
     Rules(ModuleError),
     ApDidNotStart(u32),
     RealMode(RealModeError),
-    GuestEntryFailed { rflags: u64, error: u64 },
+    GuestEntryFailed {
+        rflags: u64,
+        error: u64,
+    },
     NotAnOsCore(u32),
     Nic(ally_hypervisor::pci::PciError),
     NicMemory(ally_dpi::nic::mem::MemError),
@@ -62,6 +65,10 @@ pub enum StartError {
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
     TooManyEcamWindows,
     UnguardablePowerRegister(&'static str, acpi::RegisterBlock),
+    UninspectedNetwork {
+        function: ally_hypervisor::pci::FoundFunction,
+    },
+    NoNicToInspect,
 }
 
 impl fmt::Display for StartError {
@@ -89,6 +96,8 @@ impl fmt::Display for StartError {
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
             Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
+            Self::UninspectedNetwork { function } => write!(f, "network controller {} ({:04x}:{:04x}) is not the NIC Ally inspects: the guest could send and receive through it uninspected; remove it, or give uninspected_network=allow", function.address, function.vendor, function.device),
+            Self::NoNicToInspect => write!(f, "rules were given but there is no NIC to inspect (no 8086:100e found, or none at nic=): the guest's network would go uninspected; give uninspected_network=allow to boot anyway"),
             Self::UnguardablePowerRegister(name, block) => write!(f, "ACPI FADT: {name} is at {block:x?}, where Ally cannot guard it (only I/O ports, and bus 0 configuration space for RESET_REG): the guest could suspend or reset the machine behind Ally"),
         }
     }
@@ -324,6 +333,11 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         dpi_cores: &cpus.dpi,
     })?;
     let claimed = crate::nic::claim(&options, &guest_map, region, nic_region, identity_limit)?;
+    crate::nic::refuse_uninspected_network(
+        &options,
+        rules.given(),
+        claimed.as_ref().map(|c| c.trap.function.address),
+    )?;
     let mut nic_trap = None;
     let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 1>::new();
     if let Some(claimed) = claimed {

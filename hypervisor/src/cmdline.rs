@@ -31,10 +31,11 @@ pub enum OptionName {
     Mode,
     Heap,
     IrqModeration,
+    UninspectedNetwork,
 }
 
 impl OptionName {
-    const ALL: [OptionName; 7] = [
+    const ALL: [OptionName; 8] = [
         OptionName::Log,
         OptionName::DpiCores,
         OptionName::DpiMem,
@@ -42,6 +43,7 @@ impl OptionName {
         OptionName::Mode,
         OptionName::Heap,
         OptionName::IrqModeration,
+        OptionName::UninspectedNetwork,
     ];
 
     /// The key as written on the command line.
@@ -54,6 +56,7 @@ impl OptionName {
             OptionName::Mode => "mode",
             OptionName::Heap => "heap",
             OptionName::IrqModeration => "irq_moderation",
+            OptionName::UninspectedNetwork => "uninspected_network",
         }
     }
 
@@ -216,6 +219,9 @@ pub struct AllyOptions {
     /// 30,000 interrupts/s, the e1000 driver's own low-latency rate is 20,000) and 2 ms on
     /// Bochs' 50 MHz.
     pub irq_moderation: u64,
+    /// Whether the guest may boot with a network Ally does not inspect: rules given and no
+    /// NIC to apply them to, or a network controller Ally does not drive (default: refuse).
+    pub allow_uninspected_network: bool,
 }
 
 impl Default for AllyOptions {
@@ -228,6 +234,7 @@ impl Default for AllyOptions {
             mode: PacketMode::Copy,
             heap: None,
             irq_moderation: 100_000,
+            allow_uninspected_network: false,
         }
     }
 }
@@ -275,6 +282,13 @@ impl AllyOptions {
                     opts.irq_moderation = parse_decimal_count(value).map_err(bad)?
                 }
                 OptionName::Nic => opts.nic = Some(parse_pci(value).map_err(bad)?),
+                OptionName::UninspectedNetwork => {
+                    opts.allow_uninspected_network = match value {
+                        "refuse" => false,
+                        "allow" => true,
+                        _ => return Err(bad(ValueProblem::NotOneOf("refuse, allow"))),
+                    }
+                }
                 OptionName::Mode => {
                     opts.mode = match value {
                         "copy" => PacketMode::Copy,
@@ -623,6 +637,24 @@ mod tests {
                 OptionName::Mode,
                 "fast",
                 ValueProblem::NotOneOf("copy, zero-copy")
+            )
+        );
+    }
+
+    #[test]
+    fn uninspected_network() {
+        assert!(!AllyOptions::default().allow_uninspected_network);
+        assert!(
+            AllyOptions::parse("uninspected_network=allow")
+                .unwrap()
+                .allow_uninspected_network
+        );
+        assert_eq!(
+            err("uninspected_network=yes"),
+            bad(
+                OptionName::UninspectedNetwork,
+                "yes",
+                ValueProblem::NotOneOf("refuse, allow")
             )
         );
     }

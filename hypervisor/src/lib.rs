@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod addr;
 pub mod arch;
 pub mod cmdline;
+pub mod control_regs;
 pub mod exit;
 pub mod guest;
 pub mod int15;

@@ -11,6 +11,7 @@ use super::platform::{platform, PhysicalMemory};
 use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
+use crate::control_regs::{self, ControlState};
 use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
 use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
@@ -572,12 +573,39 @@ fn handle_cr_access(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     Ok(())
 }
 
+/// The guest's control registers as it sees them (Ally's bits from the read shadows).
+fn control_state(vcpu: &Vcpu) -> ControlState {
+    let view = |real: u64, shadow: u64, mask: u64| (real & !mask) | (shadow & mask);
+    let efer = vmread(guest::IA32_EFER_FULL);
+    ControlState {
+        cr0: view(
+            vmread(guest::CR0),
+            vmread(control::CR0_READ_SHADOW),
+            vcpu.cr0_mask,
+        ),
+        cr3: vmread(guest::CR3),
+        cr4: view(
+            vmread(guest::CR4),
+            vmread(control::CR4_READ_SHADOW),
+            vcpu.cr4_mask,
+        ),
+        efer_lme: efer & (1 << 8) != 0,
+        efer_lma: efer & (1 << 10) != 0,
+        cs_long: vmread(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0,
+    }
+}
+
 /// Emulates MOV to CR0; returns whether the instruction retired.
 fn write_guest_cr0(value: u64, vcpu: &Vcpu) -> bool {
     const PE: u64 = 1;
     const PG: u64 = 1 << 31;
     const LME: u64 = 1 << 8;
     const LMA: u64 = 1 << 10;
+    if let Err(why) = control_regs::check_cr0(value, control_state(vcpu)) {
+        log::debug!("guest CR0 <- {value:#x} refused: {why}");
+        inject_exception(VECTOR_GP, Some(0));
+        return false;
+    }
     let caps = &vcpu.caps;
     let real = ((value | caps.cr0_fixed0) & caps.cr0_fixed1 & !(PE | PG)) | (value & (PE | PG));
     log::debug!("guest CR0 <- {value:#x} (real {real:#x})");
@@ -599,13 +627,14 @@ fn write_guest_cr0(value: u64, vcpu: &Vcpu) -> bool {
 
 /// Emulates MOV to CR4; returns whether the instruction retired.
 fn write_guest_cr4(value: u64, vcpu: &Vcpu) -> bool {
-    const VMXE: u64 = 1 << 13;
-    if value & VMXE != 0 {
-        // VMX is hidden: setting CR4.VMXE faults as on a CPU without VMX.
+    // VMX is hidden: setting CR4.VMXE faults as on a CPU without VMX; so do the bits the
+    // CPU does not support in VMX operation and the combinations MOV to CR4 refuses.
+    let caps = &vcpu.caps;
+    if let Err(why) = control_regs::check_cr4(value, caps.cr4_fixed1, control_state(vcpu)) {
+        log::debug!("guest CR4 <- {value:#x} refused: {why}");
         inject_exception(VECTOR_GP, Some(0));
         return false;
     }
-    let caps = &vcpu.caps;
     let real = (value | caps.cr4_fixed0) & caps.cr4_fixed1;
     log::debug!("guest CR4 <- {value:#x} (real {real:#x})");
     vmcs_write(guest::CR4, real);
