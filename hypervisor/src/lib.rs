@@ -17,6 +17,7 @@ pub mod memmap;
 pub mod mtrr;
 pub mod paging;
 pub mod pci;
+pub mod record_ring;
 pub mod reset;
 pub mod startup;
 pub mod topology;
