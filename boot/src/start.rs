@@ -60,6 +60,7 @@ pub enum StartError {
     NicMemory(ally_dpi::nic::mem::MemError),
     NicEngine(ally_dpi::nic::dpi::DpiError),
     NoRuleEngine,
+    AlertChannelTaken,
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
     TooManyEcamWindows,
 }
@@ -87,6 +88,7 @@ impl fmt::Display for StartError {
             Self::NicMemory(e) => write!(f, "NIC: the guest's memory map cannot be guarded: {e}"),
             Self::NicEngine(e) => write!(f, "NIC queue engine (option \"dpi_mem\"?): {e}"),
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
+            Self::AlertChannelTaken => write!(f, "the alert channel was already given to another rule engine"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
             Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
         }
