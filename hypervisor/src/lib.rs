@@ -13,6 +13,7 @@ pub mod exit;
 pub mod guest;
 pub mod int15;
 pub mod ipi;
+pub mod log_limit;
 pub mod memmap;
 pub mod mtrr;
 pub mod paging;

@@ -15,6 +15,7 @@ use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualificat
 use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
+use crate::log_limit;
 use crate::reset::{reset_request, ResetSource};
 use crate::startup::PendingReset;
 use core::fmt;
@@ -500,7 +501,9 @@ fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         }
         apic_guard::IA32_APIC_BASE => {
             // Moving the APIC page would take it out of the EPT trap; Ally refuses (#GP).
-            warn!("ALLY refused guest APIC relocation value={value:#x}");
+            if log_limit::APIC_RELOCATION.admit() {
+                warn!("ALLY refused guest APIC relocation value={value:#x}");
+            }
             inject_exception(VECTOR_GP, Some(0));
             return Ok(());
         }
@@ -714,7 +717,7 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     }
     // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
     // A byte written to its scratch register asks Ally for a counters snapshot (a test
-    // harness measuring exit rates between two marks; at most MARK_LIMIT are printed).
+    // harness measuring exit rates between two marks; rate-limited by `log_limit::MARK`).
     if !io.is_in && io.port == COM2_SCRATCH {
         report_mark(regs.rax as u8, vcpu);
     }
@@ -729,12 +732,10 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
 }
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
-const MARK_LIMIT: u64 = 64;
-static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// `ALLY mark`: this vCPU's exits, the APIC and I/O APIC exits, and the DPI heartbeat.
 fn report_mark(id: u8, vcpu: &Vcpu) {
-    if MARKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) >= MARK_LIMIT {
+    if !log_limit::MARK.admit() {
         return;
     }
     use core::sync::atomic::Ordering::Relaxed;
@@ -767,9 +768,6 @@ impl MmioHandler for HiddenMemory {
     }
     fn write(&mut self, _gpa: GuestPhysAddr, _width: AccessWidth, _value: u64) {}
 }
-
-static HIDDEN_ACCESS_REPORTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-const HIDDEN_ACCESS_REPORT_LIMIT: u32 = 64;
 
 /// Emulates the access that caused an EPT violation against `handler`; on success the new
 /// registers and RIP go back to the guest.
@@ -830,10 +828,9 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         return Ok(());
     }
     let result = emulate_access(regs, gpa, access, &mut HiddenMemory);
-    let n = HIDDEN_ACCESS_REPORTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     match result {
         Ok(done) => {
-            if n < HIDDEN_ACCESS_REPORT_LIMIT {
+            if log_limit::EPT_VIOLATION.admit() {
                 // What Ally really holds there, to show the guest did not get it.
                 // (Ally's region is the first hidden range; the others are device windows.)
                 let in_hidden = platform().hidden.first().is_some_and(|h| h.contains(gpa.0));

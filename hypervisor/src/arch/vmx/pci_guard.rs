@@ -24,9 +24,6 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 static CONFIG_ADDRESS: AtomicU32 = AtomicU32::new(0);
 /// Guest configuration accesses a guard answered or filtered.
 pub static GUARDED_ACCESSES: AtomicU64 = AtomicU64::new(0);
-/// MSI rewrite/refusal reports printed (the counters keep counting after).
-static ROUTE_REPORTS: AtomicU64 = AtomicU64::new(0);
-const ROUTE_REPORT_LIMIT: u64 = 16;
 
 /// Whether `port` belongs to the configuration mechanism (CONFIG_ADDRESS or CONFIG_DATA).
 pub fn is_config_port(port: u16) -> bool {
@@ -110,7 +107,7 @@ fn report_route(guard: &InterruptGuard, route: Option<MsiRoute>) {
             destination,
             dropped,
         }) => {
-            if ROUTE_REPORTS.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+            if crate::log_limit::MSI_ROUTE.admit() {
                 log::warn!(
                     "ALLY msi-rewritten function={} destination={destination:#x} dropped={dropped}",
                     guard.address
@@ -121,7 +118,7 @@ fn report_route(guard: &InterruptGuard, route: Option<MsiRoute>) {
         Some(MsiRoute::Refused) => "refused",
         _ => return,
     };
-    if ROUTE_REPORTS.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+    if crate::log_limit::MSI_ROUTE.admit() {
         log::warn!(
             "ALLY msi-{what} function={} reason=\"not an interrupt address\" device-address={:#x}",
             guard.address,

@@ -311,6 +311,7 @@ pub fn report_power_off() {
     super::exits::report_all_exits();
     super::apic_guard::report();
     (platform().power_off_hook)();
+    crate::log_limit::report();
     info!("ALLY poweroff");
 }
 
