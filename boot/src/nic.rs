@@ -21,7 +21,7 @@ use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
 use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
-use ally_hypervisor::arch::logger::ManagementChannel;
+use ally_hypervisor::arch::logger::{self, AlertChannel};
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
 use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
@@ -98,8 +98,11 @@ impl DmaMemory for IdentityDma {
     }
 }
 
-/// The rule engine with its alert channel (COM2) and clock.
-type RuleEngine = EngineHook<MgmtWriter<ManagementChannel>, fn() -> Timestamp>;
+/// The rule engine with its alert channel and clock. The channel is a ring in Ally's memory
+/// that the DPI core pumps to COM2 when idle (`logger::pump_alerts`): an alert never makes it
+/// wait for the UART, and one that finds the ring full is lost and counted (fail-open for
+/// alerts only; verdicts do not depend on it).
+type RuleEngine = EngineHook<MgmtWriter<AlertChannel>, fn() -> Timestamp>;
 
 /// What inspects each frame: the rule engine (issue 5), which passes every frame when no
 /// rules were loaded.
@@ -295,11 +298,9 @@ pub fn claim(
         .collect();
     let policy = MemoryPolicy::new(&ram, &[protected]).map_err(StartError::NicMemory)?;
     let config = dpi_config(options);
-    let hook = crate::rules::take_engine_hook(
-        MgmtWriter::new(ManagementChannel::default()),
-        clock as fn() -> Timestamp,
-    )
-    .ok_or(StartError::NoRuleEngine)?;
+    let alerts = logger::alert_channel().ok_or(StartError::AlertChannelTaken)?;
+    let hook = crate::rules::take_engine_hook(MgmtWriter::new(alerts), clock as fn() -> Timestamp)
+        .ok_or(StartError::NoRuleEngine)?;
     let engine = DpiNic::new(
         shadow,
         dma,
@@ -407,6 +408,11 @@ impl DpiWork {
 /// so that exits per wire frame can be computed for that transfer alone. The DPI core
 /// publishes its counters every 64 polls, so they may trail the exit counts by that much.
 pub fn mark(id: u8) {
+    let alerts = logger::ALERT_RING.stats();
+    info!(
+        "ALLY alerts-mark id={id} written={} lost={} ring-bytes={} peak={}",
+        alerts.written, alerts.lost, alerts.capacity, alerts.peak
+    );
     let Some(trapped) = TRAPPED.get() else {
         return;
     };
@@ -426,9 +432,15 @@ pub fn mark(id: u8) {
     );
 }
 
-/// The NIC's counters at the guest's power-off: frames, bytes and drops by direction and
-/// reason, exits by register, and exits per frame.
+/// The NIC's counters at the guest's power-off: the alert records still in the ring first
+/// (waiting for the UART is fine here) and the ring's counters, then frames, bytes and drops
+/// by direction and reason, exits by register, and exits per frame.
 pub fn report() {
+    let alerts = logger::flush_alerts();
+    info!(
+        "ALLY alerts written={} lost={} ring-bytes={} peak={}",
+        alerts.written, alerts.lost, alerts.capacity, alerts.peak
+    );
     let Some(trapped) = TRAPPED.get() else {
         return;
     };

@@ -21,12 +21,19 @@
 //! instructions per TDT or ICS write, ~45 per packet with one packet per doorbell) ran inside
 //! `dpi_step` and was counted as DPI work.
 //!
+//! Last, the cost of one alert record on the DPI core: an EVE alert and a dropped-frame
+//! excerpt formatted into the alert ring (the ring is drained between batches, untimed), next
+//! to formatting the same record into a `String`, and the synchronous COM2 write at 115200
+//! baud that the ring replaced.
+//!
 //! Usage:
 //!   cargo run --release -p ally-dpi --example nic_bench                 # both, all cases
+//!   nic_bench alerts                                                    # alert cost only
 //!   nic_bench det <case> [packets]                                      # one case, timed
 //!   valgrind --tool=callgrind --toggle-collect='*dpi_step*' \
 //!     $CARGO_TARGET_DIR/release/examples/nic_bench det <case>           # one case, counted
 
+use ally_dpi::engine::{self, Alert, AlertSink, MgmtWriter, Timestamp};
 use ally_dpi::nic::desc::{txcmd, LegacyTxDesc, RxDesc};
 use ally_dpi::nic::dpi::{DpiConfig, DpiNic, Mode};
 use ally_dpi::nic::mem::{DmaMemory, FakeDma, MemoryPolicy};
@@ -35,6 +42,7 @@ use ally_dpi::nic::regs::{icr, rctl, tctl, NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
 use ally_dpi::nic::PassAll;
 use ally_hypervisor::addr::{HostPhysAddr, PhysRange};
+use ally_hypervisor::record_ring::{RecordRing, TxFifo};
 use core::arch::x86_64::{_mm_lfence, _rdtsc};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -496,8 +504,101 @@ fn threaded(c: Case, packets: u64) -> f64 {
     moved as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A transmitter that takes everything at once (drains the ring between timed batches).
+struct Discard;
+
+impl TxFifo for Discard {
+    fn room(&mut self) -> usize {
+        usize::MAX
+    }
+    fn put(&mut self, byte: u8) {
+        std::hint::black_box(byte);
+    }
+}
+
+/// Nanoseconds per call of `record` (best of 5 runs of `n` calls in batches of 64, `drain`
+/// between batches, untimed).
+fn ns_per_record<S>(
+    n: u64,
+    state: &mut S,
+    mut record: impl FnMut(&mut S, u64),
+    mut drain: impl FnMut(&mut S),
+) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let mut timed = Duration::ZERO;
+        for batch in 0..n / 64 {
+            let t = Instant::now();
+            for i in 0..64 {
+                record(state, batch * 64 + i);
+            }
+            timed += t.elapsed();
+            drain(state);
+        }
+        best = best.min(timed.as_nanos() as f64 / (n / 64 * 64) as f64);
+    }
+    best
+}
+
+/// The DPI core's cost per alert record with the alert ring (`ALLY eve` and `ALLY pcap`).
+fn alerts() {
+    const N: u64 = 200_000;
+    let parsed = engine::rules::parse_rules(
+        "alert tcp any any -> any any (msg:\"ET POLICY bench alert\"; classtype:policy-violation; content:\"x\"; sid:2000001; rev:3;)",
+        &engine::vars::Vars::new(),
+    );
+    let rule = &parsed.rules[0];
+    let alert = |i: u64| Alert {
+        ts: Timestamp(1_700_000_000_000_000 + i),
+        dir: engine::Direction::FromWire,
+        src: "10.0.2.2".parse().unwrap(),
+        sport: 40000 + (i % 1000) as u16,
+        dst: "10.0.2.15".parse().unwrap(),
+        dport: 80,
+        proto: 6,
+        rule,
+        suppressed: 0,
+    };
+    let frame = vec![0xA5u8; 1500];
+    let ring: Box<RecordRing<{ 64 * 1024 }>> = Box::new(RecordRing::new());
+    let mut sink = MgmtWriter::new(ring.producer(2048).unwrap());
+    let mut text = MgmtWriter::new(String::new());
+    let mut record_bytes = [0usize; 2];
+    for (k, kind) in ["eve", "pcap"].into_iter().enumerate() {
+        let emit = |s: &mut dyn AlertSink, i: u64| match k {
+            0 => s.alert(&alert(i)),
+            _ => s.dropped(&frame, engine::Direction::ToWire, Timestamp(i)),
+        };
+        emit(&mut text, 0);
+        record_bytes[k] = text.out.len();
+        let ring_ns = ns_per_record(
+            N,
+            &mut sink,
+            |sink, i| emit(sink, i),
+            |_| {
+                ring.flush(&mut Discard, || {});
+            },
+        );
+        let string_ns = ns_per_record(N, &mut text, |t, i| emit(t, i), |t| t.out.clear());
+        println!(
+            "alert record {kind:<4} {:>4} B: {ring_ns:>6.0} ns into the ring, {string_ns:>6.0} ns into a String; a synchronous COM2 write took {:.1} ms",
+            record_bytes[k],
+            (record_bytes[k] + 1) as f64 * 10.0 / 115_200.0 * 1e3
+        );
+    }
+    let s = ring.stats();
+    println!(
+        "alert ring: written={} lost={} ring-bytes={} peak={}",
+        s.written, s.lost, s.capacity, s.peak
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("alerts") {
+        alerts();
+        return;
+    }
     let overhead = tsc_overhead();
     let per_ns = tsc_per_ns();
     let header = format!(
@@ -552,4 +653,5 @@ fn main() {
             det_report(c, d, per_ns)
         );
     }
+    alerts();
 }

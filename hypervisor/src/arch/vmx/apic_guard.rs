@@ -58,15 +58,6 @@ fn count(table: &[AtomicU64; 64], gpa: GuestPhysAddr) {
     table[((gpa.0 & 0x3F0) >> 4) as usize].fetch_add(1, Ordering::Relaxed);
 }
 
-/// Drop reports printed so far (each one a COM2 line; the counters keep counting after).
-/// Broadcasts have their own, small budget: with several OS cores Linux sends its
-/// call-function IPIs to all-excluding-self all the time, and those reports would use up the
-/// budget of the IPIs aimed at a DPI core.
-static DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
-static BROADCAST_DROP_REPORTS: AtomicU64 = AtomicU64::new(0);
-const DROP_REPORT_LIMIT: u64 = 64;
-const BROADCAST_DROP_REPORT_LIMIT: u64 = 4;
-
 /// Whether the ICR addresses every CPU (a shorthand or the broadcast ID).
 fn is_broadcast(action: &IpiAction) -> bool {
     matches!(action, IpiAction::Unicast { .. })
@@ -75,12 +66,14 @@ fn is_broadcast(action: &IpiAction) -> bool {
 fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
     let mode = DeliveryMode::from_icr(low);
     DROPPED_IPIS[mode.index()].fetch_add(dropped as u64, Ordering::Relaxed);
-    let (reports, limit) = if broadcast {
-        (&BROADCAST_DROP_REPORTS, BROADCAST_DROP_REPORT_LIMIT)
+    // Drop reports are rate-limited (the counters keep counting); broadcasts have their own
+    // budget (see `log_limit::IPI_DROP_BROADCAST`).
+    let limit = if broadcast {
+        &crate::log_limit::IPI_DROP_BROADCAST
     } else {
-        (&DROP_REPORTS, DROP_REPORT_LIMIT)
+        &crate::log_limit::IPI_DROP
     };
-    if reports.fetch_add(1, Ordering::Relaxed) < limit {
+    if limit.admit() {
         // The DPI heartbeat at the drop: the power-off report shows it went on afterwards.
         log::warn!(
             "ALLY ipi-drop mode={mode} icr={low:#x} dest={destination:#x} dropped={dropped} heartbeat={}",

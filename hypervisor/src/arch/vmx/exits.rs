@@ -17,6 +17,7 @@ use crate::guest::{
     emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
 };
 use crate::ioport::PortWrite;
+use crate::log_limit;
 use crate::msr::{self, MsrContext, WriteVerdict};
 use crate::reset::{PortVerdict, ResetSource};
 use crate::sleep::SleepVerdict;
@@ -452,11 +453,10 @@ fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
     Ok(())
 }
 
-/// Guest WRMSRs refused with #GP (`crate::msr`), and how many were logged one by one.
+/// Guest WRMSRs refused with #GP (`crate::msr`).
 static MSR_REFUSED: AtomicU64 = AtomicU64::new(0);
 /// Guest MTRR writes kept in the vCPU's shadow.
 static MTRR_SHADOWED: AtomicU64 = AtomicU64::new(0);
-const MSR_REFUSAL_REPORTS: u64 = 32;
 
 fn handle_rdmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     let msr = regs.rcx as u32;
@@ -516,10 +516,10 @@ fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
         WriteVerdict::Refuse(why) => Some(why),
     };
     if let Some(why) = refusal {
-        let n = MSR_REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
-        if n <= MSR_REFUSAL_REPORTS {
+        MSR_REFUSED.fetch_add(1, Ordering::Relaxed);
+        if log_limit::MSR_REFUSED.admit() {
             warn!(
-                "ALLY msr-refused msr={index:#x} value={value:#x} cpu={} reason=\"{why}\" count={n}",
+                "ALLY msr-refused msr={index:#x} value={value:#x} cpu={} reason=\"{why}\"",
                 vcpu.apic_id
             );
         }
@@ -730,12 +730,12 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
                 super::platform::report_power_off();
             }
             SleepVerdict::Refused { slp_typ, state } => {
-                let count = platform.sleep.refused();
-                if count <= SLEEP_REFUSAL_REPORTS {
+                if log_limit::SLEEP_REFUSED.admit() {
                     warn!(
-                        "ALLY sleep-refused port={:#x} value={value:#x} slp_typ={slp_typ} state={} count={count}",
+                        "ALLY sleep-refused port={:#x} value={value:#x} slp_typ={slp_typ} state={} count={}",
                         io.port,
-                        SleepState(state)
+                        SleepState(state),
+                        platform.sleep.refused()
                     );
                 }
                 advance_rip();
@@ -786,7 +786,7 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     }
     // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
     // A byte written to its scratch register asks Ally for a counters snapshot (a test
-    // harness measuring exit rates between two marks; at most MARK_LIMIT are printed).
+    // harness measuring exit rates between two marks; rate-limited by `log_limit::MARK`).
     if !io.is_in && io.port == COM2_SCRATCH {
         report_mark(regs.rax as u8, vcpu);
     }
@@ -799,9 +799,6 @@ fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
     advance_rip();
     Ok(())
 }
-
-/// Refused sleep requests logged one by one (all are counted).
-const SLEEP_REFUSAL_REPORTS: u64 = 16;
 
 /// An S-state for reports: `S3`, or `unknown` for an SLP_TYP no `\_Sx` object names.
 struct SleepState(Option<u8>);
@@ -816,12 +813,10 @@ impl fmt::Display for SleepState {
 }
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
-const MARK_LIMIT: u64 = 64;
-static MARKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// `ALLY mark`: this vCPU's exits, the APIC and I/O APIC exits, and the DPI heartbeat.
 fn report_mark(id: u8, vcpu: &Vcpu) {
-    if MARKS.fetch_add(1, core::sync::atomic::Ordering::Relaxed) >= MARK_LIMIT {
+    if !log_limit::MARK.admit() {
         return;
     }
     use core::sync::atomic::Ordering::Relaxed;
@@ -854,9 +849,6 @@ impl MmioHandler for HiddenMemory {
     }
     fn write(&mut self, _gpa: GuestPhysAddr, _width: AccessWidth, _value: u64) {}
 }
-
-static HIDDEN_ACCESS_REPORTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-const HIDDEN_ACCESS_REPORT_LIMIT: u32 = 64;
 
 /// Emulates the access that caused an EPT violation against `handler`; on success the new
 /// registers and RIP go back to the guest.
@@ -917,10 +909,9 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         return Ok(());
     }
     let result = emulate_access(regs, gpa, access, &mut HiddenMemory);
-    let n = HIDDEN_ACCESS_REPORTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     match result {
         Ok(done) => {
-            if n < HIDDEN_ACCESS_REPORT_LIMIT {
+            if log_limit::EPT_VIOLATION.admit() {
                 // What Ally really holds there, to show the guest did not get it.
                 // (Ally's region is the first hidden range; the others are device windows.)
                 let in_hidden = platform().hidden.first().is_some_and(|h| h.contains(gpa.0));

@@ -80,16 +80,20 @@ pub fn emulate(mode: ApicMode, low: u32, destination: u32, sender: u32) {
             DeliveryMode::Init => {
                 EMULATED_INITS.fetch_add(1, Ordering::Relaxed);
                 let outcome = mailbox.init();
-                info!("ALLY init-emulated target={id} outcome={outcome:?}");
-                if outcome == InitOutcome::ResetPending {
-                    info!("vCPU {id} runs: it takes the INIT at its next VM exit");
+                if crate::log_limit::INIT_SIPI.admit() {
+                    info!("ALLY init-emulated target={id} outcome={outcome:?}");
+                    if outcome == InitOutcome::ResetPending {
+                        info!("vCPU {id} runs: it takes the INIT at its next VM exit");
+                    }
                 }
             }
             DeliveryMode::Startup => {
                 let vector = low as u8;
                 if mailbox.sipi(vector) == SipiOutcome::Accepted {
                     EMULATED_SIPIS.fetch_add(1, Ordering::Relaxed);
-                    info!("ALLY sipi-emulated target={id} vector={vector:#x}");
+                    if crate::log_limit::INIT_SIPI.admit() {
+                        info!("ALLY sipi-emulated target={id} vector={vector:#x}");
+                    }
                 }
             }
             _ => {}

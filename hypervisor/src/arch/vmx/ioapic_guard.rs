@@ -82,11 +82,13 @@ impl IoApicGuard {
             } => {
                 if !masked {
                     REROUTED.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        "ALLY ioapic-reroute base={:#x} entry={entry} dest={:#x} to={destination:#x}",
-                        self.base,
-                        guest_high >> 24
-                    );
+                    if crate::log_limit::IOAPIC_REROUTE.admit() {
+                        log::warn!(
+                            "ALLY ioapic-reroute base={:#x} entry={entry} dest={:#x} to={destination:#x}",
+                            self.base,
+                            guest_high >> 24
+                        );
+                    }
                 }
                 let low = (low & !(1 << 11)) | if logical { 1 << 11 } else { 0 };
                 (low, (guest_high & 0x00FF_FFFF) | (destination << 24))

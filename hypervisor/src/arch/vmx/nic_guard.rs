@@ -20,6 +20,7 @@
 use crate::addr::{GuestPhysAddr, PhysRange};
 use crate::arch::instructions;
 use crate::guest::{AccessWidth, MmioHandler};
+use crate::log_limit;
 use crate::pci::{ConfigAddress, ConfigWrite, GuardedFunction};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -157,11 +158,9 @@ impl MmioHandler for NicMmio<'_> {
     }
 }
 
-static REFUSAL_REPORTS: AtomicU64 = AtomicU64::new(0);
-
 fn refused(counter: &AtomicU64, what: &str, address: u64, width: u64) {
     counter.fetch_add(1, Ordering::Relaxed);
-    if REFUSAL_REPORTS.fetch_add(1, Ordering::Relaxed) < 16 {
+    if log_limit::NIC_REFUSED.admit() {
         log::warn!("ALLY nic-refused access={what} address={address:#x} width={width}");
     }
 }
@@ -207,10 +206,12 @@ pub fn config_access(
             None
         }
         ConfigWrite::RefusedBarMove { bar, value } => {
-            log::warn!(
-                "ALLY pci-bar-move-refused function={} bar={bar} value={value:#x}",
-                nic.function.address
-            );
+            if log_limit::NIC_BAR_MOVE.admit() {
+                log::warn!(
+                    "ALLY pci-bar-move-refused function={} bar={bar} value={value:#x}",
+                    nic.function.address
+                );
+            }
             None
         }
     }
@@ -227,23 +228,28 @@ fn move_bar(nic: &NicTrap, bar: usize, from: u64, to: u64) {
         // Another memory BAR (e.g. the flash window): no registers Ally guards there.
         Err("only BAR0 moves are followed")
     };
+    let print = log_limit::NIC_BAR_MOVE.admit();
     match result {
         Ok(()) => {
             nic.function.commit_move(bar, to);
             if bar == 0 {
                 nic.registers_gpa.store(to, Ordering::Release);
             }
-            log::info!(
-                "ALLY nic-bar-moved function={} bar={bar} from={from:#x} to={to:#x}",
-                nic.function.address
-            );
+            if print {
+                log::info!(
+                    "ALLY nic-bar-moved function={} bar={bar} from={from:#x} to={to:#x}",
+                    nic.function.address
+                );
+            }
         }
         Err(why) => {
             nic.function.refuse_move();
-            log::warn!(
-                "ALLY pci-bar-move-refused function={} bar={bar} from={from:#x} to={to:#x} reason=\"{why}\"",
-                nic.function.address
-            );
+            if print {
+                log::warn!(
+                    "ALLY pci-bar-move-refused function={} bar={bar} from={from:#x} to={to:#x} reason=\"{why}\"",
+                    nic.function.address
+                );
+            }
         }
     }
 }

@@ -31,9 +31,6 @@ static LEGACY_REFUSED: AtomicU64 = AtomicU64::new(0);
 static MISALIGNED_REFUSED: AtomicU64 = AtomicU64::new(0);
 static BRIDGE_BUS_REFUSED: AtomicU64 = AtomicU64::new(0);
 static HOST_DECODE_REFUSED: AtomicU64 = AtomicU64::new(0);
-/// MSI rewrite/refusal reports printed (the counters keep counting after).
-static ROUTE_REPORTS: AtomicU64 = AtomicU64::new(0);
-const ROUTE_REPORT_LIMIT: u64 = 16;
 
 /// Whether `port` belongs to the configuration mechanism (CONFIG_ADDRESS or CONFIG_DATA).
 pub fn is_config_port(port: u16) -> bool {
@@ -127,7 +124,8 @@ fn config_data_access(
                 ProtectedRegister::BridgeBusNumbers => &BRIDGE_BUS_REFUSED,
                 ProtectedRegister::HostBridgeDecode => &HOST_DECODE_REFUSED,
             };
-            if counter.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+            counter.fetch_add(1, Ordering::Relaxed);
+            if crate::log_limit::PCI_REFUSED.admit() {
                 log::warn!(
                     "ALLY pci-refused function={function} offset={offset:#x} size={size} value={value:#x} register={}",
                     register.name()
@@ -195,7 +193,7 @@ fn report_route(guard: &InterruptGuard, route: Option<MsiRoute>) {
             destination,
             dropped,
         }) => {
-            if ROUTE_REPORTS.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+            if crate::log_limit::MSI_ROUTE.admit() {
                 log::warn!(
                     "ALLY msi-rewritten function={} destination={destination:#x} dropped={dropped}",
                     guard.address
@@ -206,7 +204,7 @@ fn report_route(guard: &InterruptGuard, route: Option<MsiRoute>) {
         Some(MsiRoute::Refused) => "refused",
         _ => return,
     };
-    if ROUTE_REPORTS.fetch_add(1, Ordering::Relaxed) < ROUTE_REPORT_LIMIT {
+    if crate::log_limit::MSI_ROUTE.admit() {
         log::warn!(
             "ALLY msi-{what} function={} reason=\"not an interrupt address\" device-address={:#x}",
             guard.address,

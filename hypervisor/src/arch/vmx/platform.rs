@@ -314,6 +314,7 @@ pub fn report_power_off() {
     );
     super::apic_guard::report();
     (platform().power_off_hook)();
+    crate::log_limit::report();
     info!("ALLY poweroff");
 }
 
