@@ -22,6 +22,9 @@
 //!   wrapping, impossible length, reserved type) drops its packet, which is then *completed
 //!   with DD* like any other so that a buggy or hostile descriptor cannot wedge the ring; on RX a
 //!   bad guest buffer gets DD|EOP with the RXE error bit and length 0, which drivers discard;
+//! * an *offload* (legacy IC, context checksum fields, TSO) that would make the device write
+//!   anywhere but the frame's own checksum fields and headers after inspection drops its
+//!   packet the same way (`offload`; checked against the assembled frame, [`super::offload`]);
 //! * a bad *ring* (base or length outside guest RAM, in protected memory, misaligned, zero or
 //!   not a multiple of 128 bytes, a tail beyond the ring) *stops that ring*: nothing is read
 //!   or written through it until the guest reprograms it (the stop is counted once).

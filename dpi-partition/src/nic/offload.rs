@@ -17,6 +17,9 @@
 //! 0 and TXSM; `e1000_tso`: IPCSS/IPCSO/IPCSE on the IPv4 header, TUCSS/TUCSO on TCP, HDRLEN
 //! the Ethernet+IP+TCP headers, TSE, TXSM and IXSM on IPv4) passes.
 //!
+//! In zero-copy mode the check, like inspection, reads the guest's buffers, which the guest
+//! can still change before the device reads them: the documented limit of that mode.
+//!
 //! **TSO and inspection.** The hook sees the unsegmented super-frame. That is equivalent to
 //! what reaches the wire when the checks below hold: HDRLEN is exactly the parsed
 //! Ethernet+IP+TCP header, so the device's payload is exactly the inspected payload after it,
