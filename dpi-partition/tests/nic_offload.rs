@@ -22,20 +22,8 @@ fn cfg(mode: Mode) -> DpiConfig {
     }
 }
 
-/// Ethernet + IPv4 (20 bytes, not a fragment) + TCP (20 bytes, ACK|PSH) + `payload` bytes:
-/// IP at 14, TCP at 34 (checksum at 50), payload at 54.
 fn tcp4(payload: usize) -> Vec<u8> {
-    let mut f = frame(9, 54 + payload);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
-    f[20..22].copy_from_slice(&[0x40, 0]);
-    f[23] = 6;
-    f[24..26].copy_from_slice(&[0, 0]);
-    f[46] = 5 << 4;
-    f[47] = 0x18;
-    f[50..52].copy_from_slice(&[0, 0]);
-    f
+    tcp4_frame(9, payload)
 }
 
 /// Ethernet + IPv6 (40 bytes) + UDP: UDP at 54 (checksum at 60), payload at 62.
