@@ -35,6 +35,7 @@ fn nic_fuzz_random_guest_behaviour() {
         DropReason::Protected,
         DropReason::OutsideRam,
         DropReason::Overflow,
+        DropReason::Offload,
     ] {
         assert!(sum.tx.dropped(r) > 0, "no TX drop for {r:?}");
     }

@@ -110,6 +110,8 @@ fn ipv4_udp(len: usize) -> Vec<u8> {
     f[12..14].copy_from_slice(&[0x08, 0x00]);
     f[14] = 0x45;
     f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+    // Not a fragment: the UDP header is there to checksum.
+    f[20..22].copy_from_slice(&[0, 0]);
     f[23] = 17;
     f[24..26].copy_from_slice(&[0, 0]);
     f[40..42].copy_from_slice(&[0, 0]);
@@ -164,7 +166,11 @@ fn nic_tx_tso_super_frame_is_inspected_and_posted() {
     };
     let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, hook);
     e.setup(64, 32, 2048);
-    let f = ipv4_udp(30_000);
+    // TCP over IPv4: 20-byte headers, so HDRLEN 54 is the real header length.
+    let mut f = ipv4_udp(30_000);
+    f[23] = 6;
+    f[46] = 5 << 4;
+    f[47] = 0x18;
     let ctx = TxContextDesc {
         ipcss: 14,
         ipcso: 24,

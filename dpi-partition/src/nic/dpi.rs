@@ -22,6 +22,9 @@
 //!   wrapping, impossible length, reserved type) drops its packet, which is then *completed
 //!   with DD* like any other so that a buggy or hostile descriptor cannot wedge the ring; on RX a
 //!   bad guest buffer gets DD|EOP with the RXE error bit and length 0, which drivers discard;
+//! * an *offload* (legacy IC, context checksum fields, TSO) that would make the device write
+//!   anywhere but the frame's own checksum fields and headers after inspection drops its
+//!   packet the same way (`offload`; checked against the assembled frame, [`super::offload`]);
 //! * a bad *ring* (base or length outside guest RAM, in protected memory, misaligned, zero or
 //!   not a multiple of 128 bytes, a tail beyond the ring) *stops that ring*: nothing is read
 //!   or written through it until the guest reprograms it (the stop is counted once).
@@ -42,6 +45,7 @@ use super::desc::{
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
 use super::mem::{DescRun, DmaMemory, DmaWindow, FastRange, MemError, MemoryPolicy};
+use super::offload::{Offload, OffloadScan, ScannedDesc};
 use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -93,11 +97,14 @@ pub enum DropReason {
     /// Packets accepted from a guest ring that was then reset or reprogrammed: they still went
     /// out, but their DD write-back was abandoned (counted, not a loss).
     StaleCompletion,
+    /// A checksum or segmentation offload that would change the frame anywhere but its own
+    /// checksum fields or header after inspection (see [`super::offload`]).
+    Offload,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
     /// All reasons, in index order.
     pub const ALL: [DropReason; Self::COUNT] = [
         Self::Verdict,
@@ -114,6 +121,7 @@ impl DropReason {
         Self::GuestRxOff,
         Self::BadBufferSize,
         Self::StaleCompletion,
+        Self::Offload,
     ];
 
     /// Short stable name for COM2 reports.
@@ -133,6 +141,7 @@ impl DropReason {
             Self::GuestRxOff => "guest_rx_off",
             Self::BadBufferSize => "bad_buffer_size",
             Self::StaleCompletion => "stale_completion",
+            Self::Offload => "offload",
         }
     }
 
@@ -472,6 +481,10 @@ struct TxState<'a> {
     inflight: InFlightRing,
     arena_head: u64,
     arena_tail: u64,
+    /// The last context descriptor posted to the real ring: the device applies it to data
+    /// descriptors until the next one (8254x SDM 3.3.5), so a packet without its own context
+    /// is checked against it.
+    real_ctx: Option<TxContextDesc>,
 }
 
 struct RxState<'a> {
@@ -581,6 +594,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 inflight: InFlightRing::with_capacity(cfg.tx_ring as usize * 2),
                 arena_head: 0,
                 arena_tail: 0,
+                real_ctx: None,
             },
             rx: RxState {
                 ring: None,
@@ -660,6 +674,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         r.write32(Reg::RDT, c.rx_ring - 1);
         self.tx.real_tail = 0;
         self.tx.real_clean = 0;
+        self.tx.real_ctx = None;
         self.rx.real_next = 0;
         self.shadow.program_real_mask(r);
         r.write32(Reg::TCTL, tctl::EN | tctl::PSP | (0x0F << 4) | (0x40 << 12));
@@ -1129,8 +1144,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         break;
                     }
                 };
-                // The guest's command (IFCS, IC, VLE...), checksum fields and VLAN tag, status
-                // cleared, RS set so the NIC reports completion.
+                // The guest's command (IFCS, VLE...; never IC here), checksum fields and VLAN
+                // tag, status cleared, RS set so the NIC reports completion.
                 r.set(k, 0, addr);
                 r.set(k, 1, (hi & !(0xFF << 32)) | (u64::from(txcmd::RS) << 24));
                 bytes += u64::from(len);
@@ -1173,7 +1188,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     }
 
     /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
-    /// descriptor with EOP, a length in `1..=MAX_FRAME` and a buffer the policy allows.
+    /// descriptor with EOP and without IC (a checksum insertion is checked against the frame by
+    /// the general path), a length in `1..=MAX_FRAME` and a buffer the policy allows.
     /// Returns the buffer's host-physical address, length and bytes (in place); `None` leaves
     /// the packet to the general path (which refuses it with a precise reason, or handles it;
     /// that includes an allowed buffer the memory cannot lend, which it drops).
@@ -1181,7 +1197,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, &'a [u8])> {
         // As a u64 (the range test's width; one zero-extension instead of two).
         let len = hi & 0xFFFF;
-        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP) != txcmd::EOP {
+        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP | txcmd::IC) != txcmd::EOP {
             return None;
         }
         // A length in `1..=MAX_FRAME` (the range was made with that limit) and a buffer inside
@@ -1377,7 +1393,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut err: Option<DropReason> = None;
         let mut ctx: Option<[u8; 16]> = None;
         let mut first: Option<[u8; 16]> = None;
-        let mut tse = false;
+        let mut offload = OffloadScan::default();
         let mut complete = false;
         while idx != tdt {
             if count as usize == MAX_PACKET_DESCS {
@@ -1394,8 +1410,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             count += 1;
             idx = if idx + 1 == ring.n { 0 } else { idx + 1 };
             let (addr, len, eop) = match TxDesc::parse(&raw) {
-                TxDesc::Context(_) => {
+                TxDesc::Context(c) => {
                     ctx = Some(raw);
+                    offload.desc(ScannedDesc::Context(c));
                     continue;
                 }
                 TxDesc::Reserved(_) => {
@@ -1406,11 +1423,19 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     }
                     continue;
                 }
-                TxDesc::Legacy(l) => (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0),
+                TxDesc::Legacy(l) => {
+                    offload.desc(ScannedDesc::Legacy {
+                        cmd: l.cmd,
+                        cso: l.cso,
+                        css: l.css,
+                    });
+                    (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0)
+                }
                 TxDesc::Data(d) => {
-                    if first.is_none() && d.dcmd() & txcmd::TSE != 0 {
-                        tse = true;
-                    }
+                    offload.desc(ScannedDesc::Data {
+                        dcmd: d.dcmd(),
+                        popts: d.popts,
+                    });
                     (d.buffer_addr, d.length(), d.dcmd() & txcmd::EOP != 0)
                 }
             };
@@ -1440,12 +1465,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             // The guest has not published the rest of this packet yet.
             return General::Stop;
         }
+        let tse = offload.tse();
         let limit = if tse { MAX_TSO_FRAME } else { MAX_FRAME };
         if err.is_none() && total == 0 {
             err = Some(DropReason::Empty);
         } else if err.is_none() && total > limit {
             err = Some(DropReason::TooLong);
         }
+        // What the device will do to the frame: checked against the frame below, once it is
+        // assembled (the descriptors alone can already be inconsistent).
+        let offload = match offload.request(self.tx.real_ctx) {
+            Ok(o) => o,
+            Err(_) => {
+                err.get_or_insert(DropReason::Offload);
+                Offload::None
+            }
+        };
         if let Some(why) = err {
             self.counters.tx.drops[why as usize] += 1;
             self.finish_unposted(count, idx);
@@ -1479,8 +1514,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     off += u64::from(f.len);
                 }
                 match self.mem.borrow(HostPhysAddr(at), total as usize) {
-                    Ok(frame) if ok => self.hook.inspect(frame, Direction::ToWire),
-                    _ => HookVerdict::Drop,
+                    Ok(frame) if ok => judge(&mut self.hook, &offload, frame),
+                    _ => Some(DropReason::Verdict),
                 }
             }
             Mode::ZeroCopy => {
@@ -1489,8 +1524,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         .mem
                         .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
                     {
-                        Ok(frame) => self.hook.inspect(frame, Direction::ToWire),
-                        Err(_) => HookVerdict::Drop,
+                        Ok(frame) => judge(&mut self.hook, &offload, frame),
+                        Err(_) => Some(DropReason::Verdict),
                     }
                 } else {
                     self.scratch.clear();
@@ -1504,30 +1539,30 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                             .is_ok();
                     }
                     if ok {
-                        self.hook.inspect(&self.scratch, Direction::ToWire)
+                        judge(&mut self.hook, &offload, &self.scratch)
                     } else {
-                        HookVerdict::Drop
+                        Some(DropReason::Verdict)
                     }
                 }
             }
         };
-        if verdict == HookVerdict::Drop {
+        if let Some(why) = verdict {
             // Give the arena space back: nothing after it was allocated.
             self.tx.arena_head = arena_before;
-            self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+            self.counters.tx.drops[why as usize] += 1;
             self.finish_unposted(count, idx);
             return General::Moved(false);
         }
-        self.counters.tx.wire_frames += match (tse, ctx.as_ref()) {
+        self.counters.tx.wire_frames += match offload {
             // TSO: the device cuts the payload after the headers into MSS-sized segments
-            // (8254x SDM 3.5.x "TCP segmentation").
-            (true, Some(raw)) => {
-                let c = TxContextDesc::from_bytes(raw);
+            // (8254x SDM 3.5); the context was checked (HDRLEN, MSS at least MIN_TSO_MSS).
+            Offload::Context {
+                context: c,
+                tse: true,
+                ..
+            } => {
                 let payload = total.saturating_sub(u32::from(c.hdrlen));
-                match u32::from(c.mss) {
-                    0 => 1,
-                    mss => u64::from(payload.div_ceil(mss).max(1)),
-                }
+                u64::from(payload.div_ceil(u32::from(c.mss).max(1)).max(1))
             }
             _ => 1,
         };
@@ -1588,6 +1623,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         if let Some(mut c) = ctx {
             c[TX_CMD_OFFSET] &= !txcmd::RS;
             put(self, c);
+            self.tx.real_ctx = Some(TxContextDesc::from_bytes(&c));
         }
         let mut last = 0;
         match self.cfg.mode {
@@ -1880,6 +1916,19 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
     }
     *head += pad + len;
     Some(base + (pos + pad) % size)
+}
+
+/// The general path's verdict on one assembled frame: its offload checked against it first
+/// (a refused offload is not inspected), then the hook. `None` passes it.
+#[inline]
+fn judge<H: PacketHook>(hook: &mut H, offload: &Offload, frame: &[u8]) -> Option<DropReason> {
+    if offload.check(frame).is_err() {
+        return Some(DropReason::Offload);
+    }
+    match hook.inspect(frame, Direction::ToWire) {
+        HookVerdict::Pass => None,
+        HookVerdict::Drop => Some(DropReason::Verdict),
+    }
 }
 
 /// Why the TX fast path stopped at an accepted descriptor.

@@ -7,12 +7,14 @@
 //! * [`trap`]: what the OS core's exit handler does with a trapped register access.
 //! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
 //!   through a [`PacketHook`].
+//! * [`offload`]: transmit checksum and segmentation offloads checked against the frame.
 //! * [`model`]: a software 82540EM for host tests and benchmarks.
 
 pub mod desc;
 pub mod dpi;
 pub mod mem;
 pub mod model;
+pub mod offload;
 pub mod regs;
 pub mod shadow;
 pub mod trap;

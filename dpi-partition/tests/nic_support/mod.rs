@@ -95,6 +95,25 @@ pub fn frame(seq: u32, len: usize) -> Vec<u8> {
     f
 }
 
+/// Ethernet + IPv4 (20 bytes, not a fragment) + TCP (20 bytes, ACK|PSH) + `payload` bytes,
+/// tagged with `seq`: IP at 14 (checksum at 24), TCP at 34 (checksum at 50), payload at 54.
+pub fn tcp4_frame(seq: u32, payload: usize) -> Vec<u8> {
+    let mut f = frame(seq, 54 + payload);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    f[20..22].copy_from_slice(&[0x40, 0]);
+    f[23] = 6;
+    f[24..26].copy_from_slice(&[0, 0]);
+    f[46] = 5 << 4;
+    f[47] = 0x18;
+    f[50..52].copy_from_slice(&[0, 0]);
+    f
+}
+
+/// Bytes of a [`tcp4_frame`] the device's checksum offloads may write after inspection.
+pub const TCP4_CHECKSUM_BYTES: [usize; 4] = [24, 25, 50, 51];
+
 impl<H: PacketHook> Drop for Env<H> {
     fn drop(&mut self) {
         // SAFETY: `dpi` is dropped exactly once, here, and never used afterwards; it is the
