@@ -5,12 +5,15 @@
 //! * [`shadow`]: the guest's view of the queue and interrupt registers, shared by the OS core's
 //!   exit handler and the DPI core, with the interrupt race documented and tested.
 //! * [`trap`]: what the OS core's exit handler does with a trapped register access.
+//! * [`guard`]: every register the guest reaches that Ally does not shadow: forwarded,
+//!   filtered or refused, with the manual section that says why.
 //! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
 //!   through a [`PacketHook`].
 //! * [`model`]: a software 82540EM for host tests and benchmarks.
 
 pub mod desc;
 pub mod dpi;
+pub mod guard;
 pub mod mem;
 pub mod model;
 pub mod regs;
