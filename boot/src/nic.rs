@@ -14,10 +14,11 @@ use crate::start::StartError;
 use alloc::boxed::Box;
 use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
 use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
+use ally_dpi::nic::guard::{exits, EXITING_PAGES};
 use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
 use ally_dpi::nic::regs::{NicRegisters, Reg};
 use ally_dpi::nic::shadow::ShadowRegs;
-use ally_dpi::nic::trap::{is_trapped_offset, TrappedNic, TRAPPED_PAGES};
+use ally_dpi::nic::trap::TrappedNic;
 use ally_dpi::nic::{Direction, HookVerdict, PacketHook};
 use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
@@ -136,8 +137,8 @@ unsafe impl Send for DpiWork {}
 pub struct ClaimedNic {
     pub trap: NicTrap,
     pub work: DpiWork,
-    /// BAR0 pages to remove from the EPT.
-    pub trapped_pages: [u64; TRAPPED_PAGES.len()],
+    /// BAR0 pages to remove from the EPT (trapped and refused ones).
+    pub trapped_pages: [u64; EXITING_PAGES.len()],
     /// Ports to intercept: the I/O BAR (the configuration ports always are).
     pub ports: heapless::Vec<core::ops::Range<u32>, 1>,
 }
@@ -157,8 +158,8 @@ pub fn hand_over_ept(ept: Ept, frames: FramePool) {
 }
 
 /// Moves the guest's window onto BAR0 from `from` to `to` (both already checked by the exit
-/// handler): the old window leaves the EPT, the new one maps the device's untrapped pages
-/// (uncached) and leaves the trapped ones absent.
+/// handler): the old window leaves the EPT, the new one maps the device's passthrough pages
+/// (uncached) and leaves the trapped and refused ones absent.
 fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
     let device = *DEVICE_BAR.get().ok_or("no NIC claimed")?;
     let mut editor = EPT_EDITOR.lock();
@@ -168,7 +169,7 @@ fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
         let _ = ept.unmap_page(GuestPhysAddr(from + offset), frames);
     }
     for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
-        if is_trapped_offset(offset as u32) {
+        if exits(offset as u32) {
             let _ = ept.unmap_page(GuestPhysAddr(to + offset), frames);
         } else {
             ept.map(
@@ -317,13 +318,17 @@ pub fn claim(
     TRAPPED.call_once(|| trapped);
     DEVICE_BAR.call_once(|| registers_bar.start);
 
+    let mut guarded = GuardedFunction::new(address, bars, original, command);
+    if let Some(pm) = pci::msi::walk_capabilities(&cs, address).pm {
+        guarded = guarded.with_power_management(pm, cs.read32(address, pm));
+    }
     let mut ports = heapless::Vec::new();
     if let Some(io) = &io_ports {
         let _ = ports.push(u32::from(io.start)..u32::from(io.end));
     }
     Ok(Some(ClaimedNic {
         trap: NicTrap::new(
-            GuardedFunction::new(address, bars, original, command),
+            guarded,
             registers_bar,
             io_ports,
             trapped,
@@ -333,7 +338,7 @@ pub fn claim(
             engine,
             polls_since_publish: 0,
         },
-        trapped_pages: TRAPPED_PAGES.map(|page| registers_bar.start + u64::from(page)),
+        trapped_pages: EXITING_PAGES.map(|page| registers_bar.start + u64::from(page)),
         ports,
     }))
 }

@@ -5,6 +5,8 @@
 //! * [`shadow`]: the guest's view of the queue and interrupt registers, shared by the OS core's
 //!   exit handler and the DPI core, with the interrupt race documented and tested.
 //! * [`trap`]: what the OS core's exit handler does with a trapped register access.
+//! * [`guard`]: every register the guest reaches that Ally does not shadow: forwarded,
+//!   filtered or refused, with the manual section that says why.
 //! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
 //!   through a [`PacketHook`].
 //! * [`offload`]: transmit checksum and segmentation offloads checked against the frame.
@@ -12,6 +14,7 @@
 
 pub mod desc;
 pub mod dpi;
+pub mod guard;
 pub mod mem;
 pub mod model;
 pub mod offload;

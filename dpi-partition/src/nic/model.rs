@@ -60,8 +60,8 @@ impl Default for ModelConfig {
 /// Largest frame the model assembles from transmit descriptors (TSO super-frames included).
 pub const MODEL_MAX_TX_FRAME: usize = 64 * 1024 + 256;
 
-/// A minimal test-and-set lock for the device's internal state.
-struct SpinLock<T> {
+/// A minimal test-and-set lock (the model's device state; the EECD decoder in `guard`).
+pub(crate) struct SpinLock<T> {
     locked: AtomicBool,
     value: UnsafeCell<T>,
 }
@@ -69,16 +69,16 @@ struct SpinLock<T> {
 // SAFETY: access to `value` is serialised by `locked` (acquire on lock, release on unlock).
 unsafe impl<T: Send> Sync for SpinLock<T> {}
 
-struct Guard<'a, T>(&'a SpinLock<T>);
+pub(crate) struct Guard<'a, T>(&'a SpinLock<T>);
 
 impl<T> SpinLock<T> {
-    fn new(v: T) -> Self {
+    pub(crate) const fn new(v: T) -> Self {
         Self {
             locked: AtomicBool::new(false),
             value: UnsafeCell::new(v),
         }
     }
-    fn lock(&self) -> Guard<'_, T> {
+    pub(crate) fn lock(&self) -> Guard<'_, T> {
         while self
             .locked
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)

@@ -15,33 +15,47 @@ impl Reg {
     pub const EECD: Reg = Reg(0x0010);
     pub const EERD: Reg = Reg(0x0014);
     pub const CTRL_EXT: Reg = Reg(0x0018);
+    pub const FLA: Reg = Reg(0x001C);
     pub const MDIC: Reg = Reg(0x0020);
+    pub const FCAL: Reg = Reg(0x0028);
+    pub const FCAH: Reg = Reg(0x002C);
+    pub const FCT: Reg = Reg(0x0030);
+    pub const VET: Reg = Reg(0x0038);
     pub const ICR: Reg = Reg(0x00C0);
     pub const ITR: Reg = Reg(0x00C4);
     pub const ICS: Reg = Reg(0x00C8);
     pub const IMS: Reg = Reg(0x00D0);
     pub const IMC: Reg = Reg(0x00D8);
     pub const RCTL: Reg = Reg(0x0100);
+    pub const FCTTV: Reg = Reg(0x0170);
     pub const TCTL: Reg = Reg(0x0400);
     pub const TIPG: Reg = Reg(0x0410);
+    pub const FCRTL: Reg = Reg(0x2160);
+    pub const FCRTH: Reg = Reg(0x2168);
     pub const RDBAL: Reg = Reg(0x2800);
     pub const RDBAH: Reg = Reg(0x2804);
     pub const RDLEN: Reg = Reg(0x2808);
     pub const RDH: Reg = Reg(0x2810);
     pub const RDT: Reg = Reg(0x2818);
     pub const RDTR: Reg = Reg(0x2820);
+    pub const RXDCTL: Reg = Reg(0x2828);
     pub const RADV: Reg = Reg(0x282C);
+    pub const RSRPD: Reg = Reg(0x2C00);
     pub const TDBAL: Reg = Reg(0x3800);
     pub const TDBAH: Reg = Reg(0x3804);
     pub const TDLEN: Reg = Reg(0x3808);
     pub const TDH: Reg = Reg(0x3810);
     pub const TDT: Reg = Reg(0x3818);
     pub const TIDV: Reg = Reg(0x3820);
+    pub const TXDCTL: Reg = Reg(0x3828);
     pub const TADV: Reg = Reg(0x382C);
     pub const RXCSUM: Reg = Reg(0x5000);
     pub const MTA: Reg = Reg(0x5200);
     pub const RAL0: Reg = Reg(0x5400);
     pub const RAH0: Reg = Reg(0x5404);
+    pub const WUC: Reg = Reg(0x5800);
+    pub const WUFC: Reg = Reg(0x5808);
+    pub const MANC: Reg = Reg(0x5820);
     /// Size of the memory BAR (SDM 4.1: 128 KiB of register space).
     pub const BAR0_SIZE: u32 = 0x2_0000;
 
@@ -68,6 +82,8 @@ impl Reg {
             0x0430 => Reg::TDH,
             0x0438 => Reg::TDT,
             0x0440 => Reg::TIDV,
+            0x0160 => Reg::FCRTH,
+            0x0168 => Reg::FCRTL,
             _ => self,
         }
     }
@@ -126,7 +142,13 @@ pub mod ctrl {
     pub const SLU: u32 = 1 << 6;
     /// Device reset; self-clearing (SDM 13.4.1, 8.x "Software reset").
     pub const RST: u32 = 1 << 26;
+    /// Transmit flow control enable: the MAC sends XOFF/XON frames on its own.
+    pub const TFCE: u32 = 1 << 28;
     pub const PHY_RST: u32 = 1 << 31;
+    /// The bits the 82540EM defines (SDM 13.4.1, table 13-3): FD, LRST, ASDE, SLU, ILOS,
+    /// SPEED, FRCSPD, FRCDPLX, SDP0/1_DATA, ADVD3WUC, EN_PHY_PWR_MGMT, SDP0/1_IODIR, RST,
+    /// RFCE, TFCE, VME, PHY_RST. The rest are reserved ("write as 0b").
+    pub const DEFINED: u32 = 0xDCFC_1BE9;
 }
 
 /// Device status (SDM 13.4.2).
@@ -177,6 +199,8 @@ pub mod rctl {
     pub const BSIZE_SHIFT: u32 = 16;
     /// Buffer size extension (x16).
     pub const BSEX: u32 = 1 << 25;
+    /// Loopback mode, bits 7:6 (00b normal).
+    pub const LBM_MASK: u32 = 3 << 6;
     /// Strip Ethernet CRC.
     pub const SECRC: u32 = 1 << 26;
 
@@ -212,6 +236,55 @@ pub mod rctl {
 pub mod tctl {
     pub const EN: u32 = 1 << 1;
     pub const PSP: u32 = 1 << 3;
+    /// Software XOFF: the MAC sends one PAUSE frame (self-clearing).
+    pub const SWXOFF: u32 = 1 << 22;
+}
+
+/// EEPROM/flash control (SDM 13.4.3): the driver bit-bangs the Microwire EEPROM through it.
+pub mod eecd {
+    /// Clock input to the EEPROM.
+    pub const SK: u32 = 1 << 0;
+    /// Chip select.
+    pub const CS: u32 = 1 << 1;
+    /// Data input to the EEPROM.
+    pub const DI: u32 = 1 << 2;
+    /// Data output from the EEPROM (read only).
+    pub const DO: u32 = 1 << 3;
+    /// Flash write enable, bits 5:4: 01b disabled, 10b enabled.
+    pub const FWE_MASK: u32 = 3 << 4;
+    pub const FWE_DISABLED: u32 = 1 << 4;
+    pub const FWE_ENABLED: u32 = 2 << 4;
+}
+
+/// MDI control (SDM 13.4.5): a PHY register access.
+pub mod mdic {
+    pub const DATA_MASK: u32 = 0xFFFF;
+    pub const REGADD_SHIFT: u32 = 16;
+    pub const REGADD_MASK: u32 = 0x1F << REGADD_SHIFT;
+    pub const OP_MASK: u32 = 3 << 26;
+    pub const OP_WRITE: u32 = 1 << 26;
+    /// PHY register 0 (control), bit 14: loopback (IEEE 802.3 22.2.4.1.2).
+    pub const PHY_CTRL: u32 = 0;
+    pub const PHY_CTRL_LOOPBACK: u32 = 1 << 14;
+}
+
+/// Flow control (SDM 13.4.6-13.4.8, 13.4.13, 13.4.14).
+pub mod fc {
+    /// The values the manual prescribes for FCAL, FCAH and FCT: the 802.3x PAUSE address
+    /// 01:80:C2:00:00:01 and the MAC control Ethertype 0x8808.
+    pub const FCAL: u32 = 0x00C2_8001;
+    pub const FCAH: u32 = 0x0100;
+    pub const FCT: u32 = 0x8808;
+    /// FCRTL bit 31: send XON when the receive FIFO drains below the low threshold.
+    pub const XONE: u32 = 1 << 31;
+    /// The IEEE 802.1Q TPID VET must hold (SDM 13.4.9).
+    pub const VLAN_ETHERTYPE: u32 = 0x8100;
+}
+
+/// Wake-up control (SDM 13.6.1): APME, PME_EN, PME_STATUS, APMPME.
+pub mod wuc {
+    /// PME_Status, write 1 to clear: the only bit the guest may write.
+    pub const PME_STATUS: u32 = 1 << 2;
 }
 
 /// Descriptor ring length rules (SDM 13.4.27 RDLEN, 13.4.39 TDLEN): a multiple of 128 bytes,

@@ -3,21 +3,17 @@
 //!
 //! Ally traps the BAR0 pages that hold a shadowed register (or one of its 82542 aliases):
 //! page 0 (CTRL, ICR/ICS/IMS/IMC, RCTL, TCTL and the alias block), page 2 (the RX ring
-//! registers) and page 3 (the TX ring registers). Everything else on those pages is forwarded
-//! to the device at the same offset; every other page stays mapped and costs no exit.
+//! registers) and page 3 (the TX ring registers), and page 5 (filters and wake-up); the
+//! packet buffer, its FIFO aliases and the undefined pages exit and are refused. Every access
+//! passes the register guard ([`super::guard`]) first: registers it does not refuse or rewrite
+//! are forwarded to the device at the same offset. Only the pages the guard proves harmless
+//! stay mapped and cost no exit.
 
+use super::guard::{exits, RegisterGuard, WriteAction};
 use super::regs::{ctrl, NicRegisters, Reg};
 use super::shadow::{ShadowRegs, SHADOWED};
 use ally_hypervisor::arch::vmx::nic_guard::TrappedRegisters;
 use core::sync::atomic::{fence, AtomicU64, Ordering};
-
-/// BAR0 offsets of the trapped 4 KiB pages.
-pub const TRAPPED_PAGES: [u32; 3] = [0x0000, 0x2000, 0x3000];
-
-/// Whether `offset` lies on a trapped page.
-pub fn is_trapped_offset(offset: u32) -> bool {
-    TRAPPED_PAGES.contains(&(offset & !0xFFF))
-}
 
 /// Forwarded registers counted by name: the ones a driver touches on the trapped pages in
 /// normal operation (STATUS is what Linux's write flushes read; EEPROM and PHY access at probe
@@ -98,6 +94,8 @@ pub struct TrappedNic<'a, R: NicRegisters> {
     pub shadow: &'a ShadowRegs,
     pub real: R,
     pub exits: RegisterExits,
+    /// What the guest may not do with the registers Ally does not shadow, and its refusals.
+    pub guard: RegisterGuard,
     /// Interrupts the DPI core when it halts rather than monitors its doorbells.
     waker: Option<fn()>,
 }
@@ -108,6 +106,7 @@ impl<'a, R: NicRegisters> TrappedNic<'a, R> {
             shadow,
             real,
             exits: RegisterExits::default(),
+            guard: RegisterGuard::new(),
             waker: None,
         }
     }
@@ -118,10 +117,14 @@ impl<'a, R: NicRegisters> TrappedNic<'a, R> {
         self
     }
 
-    /// A guest read of the register at `offset` (an aligned dword on a trapped page).
+    /// A guest read of the register at `offset` (an aligned dword on an exiting page); a
+    /// refused register reads 0.
     pub fn guest_read(&self, offset: u32) -> u32 {
         let reg = Reg(offset);
         self.exits.reads[RegisterExits::slot(reg)].fetch_add(1, Ordering::Relaxed);
+        if !self.guard.read_allowed(offset) {
+            return 0;
+        }
         self.shadow.guest_read(reg, &self.real)
     }
 
@@ -130,6 +133,9 @@ impl<'a, R: NicRegisters> TrappedNic<'a, R> {
     pub fn guest_write(&self, offset: u32, value: u32) {
         let reg = Reg(offset);
         self.exits.writes[RegisterExits::slot(reg)].fetch_add(1, Ordering::Relaxed);
+        let WriteAction::Pass(value) = self.guard.write(offset, value, &self.real) else {
+            return;
+        };
         self.shadow.guest_write(reg, value, &self.real);
         if let (Some(wake), Reg::TDT | Reg::RDT) = (self.waker, reg.canonical()) {
             // Dekker with the DPI core, which sets `dpi_halted` and then checks its doorbells
@@ -151,7 +157,10 @@ impl<R: NicRegisters + Sync> TrappedRegisters for TrappedNic<'_, R> {
         self.guest_write(offset, value)
     }
     fn is_trapped(&self, offset: u32) -> bool {
-        is_trapped_offset(offset)
+        exits(offset)
+    }
+    fn write_refusals(&self, out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        self.guard.write_counts(out)
     }
     fn platform_reset(&self) {
         // Not a guest access: not counted as an exit.
@@ -170,16 +179,16 @@ mod tests {
     #[test]
     fn every_shadowed_register_and_alias_is_on_a_trapped_page() {
         for reg in SHADOWED {
-            assert!(is_trapped_offset(reg.0), "{reg:?}");
+            assert!(exits(reg.0), "{reg:?}");
         }
         for alias in (0x0100..0x0140).chain(0x0400..0x0440).step_by(4) {
             if ShadowRegs::is_shadowed(Reg(alias)) {
-                assert!(is_trapped_offset(alias), "alias {alias:#x}");
+                assert!(exits(alias), "alias {alias:#x}");
             }
         }
-        // Statistics, receive address and multicast tables stay mapped.
-        for untouched in [0x4000, 0x5000, 0x5200, 0x5400, 0x1000] {
-            assert!(!is_trapped_offset(untouched));
+        // Statistics, the packet buffer split and the flexible filters stay mapped.
+        for untouched in [0x4000, 0x4100, 0x1000, 0x9000, 0x9800] {
+            assert!(!exits(untouched));
         }
     }
 

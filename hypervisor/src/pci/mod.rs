@@ -275,7 +275,18 @@ pub struct ConfigCounters {
     pub bar_moves: AtomicU64,
     pub bar_sizing_probes: AtomicU64,
     pub command_writes: AtomicU64,
+    /// PMCSR writes asking for a state other than D0 (the device stayed in D0).
+    pub power_states_refused: AtomicU64,
 }
+
+/// PMCSR PowerState, bits 1:0 (PCI PM 1.2, 3.2.4).
+const POWER_STATE: u32 = 0x3;
+const D3HOT: u8 = 3;
+/// PMCSR No_Soft_Reset: D3hot -> D0 keeps the registers (3.2.4).
+const NO_SOFT_RESET: u32 = 1 << 3;
+/// PMC D1_Support and D2_Support (3.2.3), in the capability's first dword.
+const PMC_D1: u32 = 1 << (16 + 9);
+const PMC_D2: u32 = 1 << (16 + 10);
 
 /// What a guest write to the claimed function becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +301,9 @@ pub enum ConfigWrite {
     /// The guest moves a 32-bit memory BAR from `from` to `to`: the caller remaps and then
     /// calls [`GuardedFunction::commit_move`] (or refuses). Nothing reaches the device.
     MoveBar { bar: usize, from: u64, to: u64 },
+    /// Write this value (the device stays in D0), then reset the function's registers as the
+    /// guest sees them: its D3hot -> D0 transition (PCI PM 1.2, 5.4.1).
+    ForwardAndReset(u32),
 }
 
 /// The guest's view of the claimed function's configuration registers.
@@ -304,7 +318,18 @@ pub struct GuardedFunction {
     guest_command: spin::Mutex<u16>,
     /// Where the guest has placed each memory BAR (the device keeps the firmware's).
     guest_bases: spin::Mutex<[u64; 6]>,
+    /// The power management capability: PMCSR's offset and the states PMC supports.
+    power: Option<PowerManagement>,
+    /// The guest's PowerState (the device's stays D0).
+    guest_power_state: spin::Mutex<u8>,
     pub counters: ConfigCounters,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PowerManagement {
+    pmcsr: u8,
+    /// Bit n: Dn is supported (D0 and D3hot always are).
+    states: u8,
 }
 
 impl GuardedFunction {
@@ -321,8 +346,36 @@ impl GuardedFunction {
                 Bar::Memory { base, .. } => base,
                 _ => 0,
             })),
+            power: None,
+            guest_power_state: spin::Mutex::new(0),
             counters: ConfigCounters::default(),
         }
+    }
+
+    /// Guards the power management capability at `offset` (whose first dword, holding PMC,
+    /// is `pmc_dword`): see the module documentation.
+    pub fn with_power_management(mut self, offset: u8, pmc_dword: u32) -> Self {
+        let mut states = 1 | (1 << D3HOT);
+        if pmc_dword & PMC_D1 != 0 {
+            states |= 1 << 1;
+        }
+        if pmc_dword & PMC_D2 != 0 {
+            states |= 1 << 2;
+        }
+        self.power = offset
+            .checked_add(4)
+            .map(|pmcsr| PowerManagement { pmcsr, states });
+        self
+    }
+
+    /// The power state the guest last set (the device is in D0).
+    pub fn guest_power_state(&self) -> u8 {
+        *self.guest_power_state.lock()
+    }
+
+    /// The guest reset the platform: its view returns to D0 with the rest of the function.
+    pub fn reset_power_state(&self) {
+        *self.guest_power_state.lock() = 0;
     }
 
     /// The command register value Ally keeps in the device.
@@ -381,6 +434,8 @@ impl GuardedFunction {
             let guest = *self.guest_command.lock();
             let shadowed = u32::from(COMMAND_MEMORY | COMMAND_BUS_MASTER);
             dword = (dword & !shadowed) | u32::from(guest);
+        } else if self.power.is_some_and(|pm| pm.pmcsr == register) {
+            dword = (dword & !POWER_STATE) | u32::from(self.guest_power_state());
         }
         extract(dword, offset, size)
     }
@@ -405,7 +460,31 @@ impl GuardedFunction {
             let rewritten = u32::from(Self::device_command(command));
             return ConfigWrite::Forward(extract(rewritten, offset, size.min(2 - (offset & 1))));
         }
+        if let Some(pm) = self.power.filter(|pm| pm.pmcsr == offset) {
+            // A write covering PMCSR's first byte sets PowerState (bits 1:0 of `value`).
+            return self.write_power_state(pm, value, device_dword);
+        }
         ConfigWrite::Forward(value)
+    }
+
+    fn write_power_state(&self, pm: PowerManagement, value: u32, device_dword: u32) -> ConfigWrite {
+        let requested = (value & POWER_STATE) as u8;
+        let device = value & !POWER_STATE;
+        if requested != 0 {
+            self.counters
+                .power_states_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // An unsupported state is discarded, the state unchanged (PCI PM 1.2, 3.2.4).
+        if pm.states & (1 << requested) == 0 {
+            return ConfigWrite::Forward(device);
+        }
+        let previous = core::mem::replace(&mut *self.guest_power_state.lock(), requested);
+        if previous == D3HOT && requested == 0 && device_dword & NO_SOFT_RESET == 0 {
+            ConfigWrite::ForwardAndReset(device)
+        } else {
+            ConfigWrite::Forward(device)
+        }
     }
 
     fn write_bar(&self, i: usize, merged: u32) -> ConfigWrite {
@@ -710,6 +789,48 @@ mod tests {
         // Other registers pass through.
         assert_eq!(f.write(0x3C, 1, 0x0B, 0), ConfigWrite::Forward(0x0B));
         assert_eq!(f.read(0x3C, 1, 0x0000_010B), 0x0B);
+    }
+
+    /// The 82540EM's PM capability: at 0xDC, PMC without D1/D2 (SDM 4.1.x), PMCSR at 0xE0.
+    const PM_CAP: u8 = 0xDC;
+    const PMCSR: u8 = 0xE0;
+
+    #[test]
+    fn the_device_stays_in_d0_and_the_guest_sees_its_own_power_state() {
+        let (_, f) = guarded();
+        let f = f.with_power_management(PM_CAP, 0x0022_0001);
+        // Linux's pci_set_power_state(D3hot) at suspend: a word write.
+        assert_eq!(
+            f.write(PMCSR, 2, 0x0103, 0x0000_0100),
+            ConfigWrite::Forward(0x0100)
+        );
+        assert_eq!(f.guest_power_state(), 3);
+        assert_eq!(f.read(PMCSR, 2, 0x0000_0100), 0x0103);
+        assert_eq!(f.read(PMCSR, 4, 0x0000_0100), 0x0000_0103);
+        // Back to D0: the guest's registers reset (No_Soft_Reset clear).
+        assert_eq!(
+            f.write(PMCSR, 2, 0x0000, 0x0000_0100),
+            ConfigWrite::ForwardAndReset(0x0000)
+        );
+        assert_eq!(f.read(PMCSR, 1, 0), 0);
+        // D0 -> D0 is no reset; with No_Soft_Reset set D3hot -> D0 is none either.
+        assert_eq!(f.write(PMCSR, 4, 0, 0), ConfigWrite::Forward(0));
+        f.write(PMCSR, 1, 3, 0);
+        assert_eq!(f.write(PMCSR, 1, 0, 0x8), ConfigWrite::Forward(0));
+        // D1 is not supported by this PMC: discarded, the guest's state unchanged.
+        assert_eq!(f.write(PMCSR, 1, 1, 0), ConfigWrite::Forward(0));
+        assert_eq!(f.guest_power_state(), 0);
+        // Writes to PMCSR's other bytes (PME_En, Data_Select) pass through.
+        assert_eq!(f.write(PMCSR + 1, 1, 0x81, 0), ConfigWrite::Forward(0x81));
+        assert_eq!(f.counters.power_states_refused.load(Ordering::Relaxed), 3);
+        // A function without the capability has no PMCSR to guard.
+        let (_, plain) = guarded();
+        assert_eq!(plain.write(PMCSR, 1, 3, 0), ConfigWrite::Forward(3));
+        // D1 where PMC supports it is shadowed too.
+        let (_, d1) = guarded();
+        let d1 = d1.with_power_management(PM_CAP, 0x0222_0001);
+        assert_eq!(d1.write(PMCSR, 1, 1, 0), ConfigWrite::Forward(0));
+        assert_eq!(d1.guest_power_state(), 1);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Capability IDs (PCI Local Bus 3.0, Appendix H).
+pub const CAP_ID_PM: u8 = 0x01;
 pub const CAP_ID_MSI: u8 = 0x05;
 pub const CAP_ID_MSIX: u8 = 0x11;
 
@@ -98,6 +99,8 @@ pub struct MsixCapability {
 pub struct Capabilities {
     pub msi: Option<MsiCapability>,
     pub msix: Option<MsixCapability>,
+    /// The PCI Power Management capability's offset (PCI PM 1.2, 3.2).
+    pub pm: Option<u8>,
     /// The list loops, points into the header, or a capability runs past the 256 bytes; the
     /// walk stopped there.
     pub malformed: bool,
@@ -139,6 +142,7 @@ pub fn walk_capabilities(cs: &impl ConfigSpace, function: PciAddress) -> Capabil
                 }
                 caps.msi = Some(MsiCapability { offset, wide });
             }
+            CAP_ID_PM if caps.pm.is_none() && fits(8) => caps.pm = Some(offset),
             CAP_ID_MSIX if caps.msix.is_none() => {
                 if !fits(0xC) {
                     caps.malformed = true;
@@ -510,7 +514,6 @@ mod tests {
     use crate::ipi::tests::{CPUS, DPI};
     use crate::pci::tests::FakeBus;
     use crate::pci::REG_ID;
-    const PM: u8 = 0x01;
     const PCIE: u8 = 0x10;
     const WIDE: u16 = 0x0080;
     const AT: PciAddress = PciAddress {
@@ -547,7 +550,7 @@ mod tests {
             at,
             0x40,
             &[
-                (0x40, PM, 0x50, 0),
+                (0x40, CAP_ID_PM, 0x50, 0),
                 (0x50, CAP_ID_MSI, 0x70, msi_control),
                 (0x70, CAP_ID_MSIX, 0x80, msix_control),
                 (0x80, PCIE, 0, 0x0002),
@@ -624,6 +627,7 @@ mod tests {
                     link: 0x51,
                     next: 0x80
                 }),
+                pm: Some(0x40),
                 malformed: false,
             }
         );
@@ -645,7 +649,7 @@ mod tests {
             &bus,
             at(0, 3, 0),
             0x40,
-            &[(0x40, CAP_ID_MSIX, 0x48, 0), (0x48, PM, 0, 0)],
+            &[(0x40, CAP_ID_MSIX, 0x48, 0), (0x48, CAP_ID_PM, 0, 0)],
         );
         let c = walk_capabilities(&bus, at(0, 3, 0));
         assert_eq!(
@@ -676,13 +680,13 @@ mod tests {
             &bus,
             at(0, 1, 0),
             0x40,
-            &[(0x40, PM, 0x50, 0), (0x50, CAP_ID_MSI, 0x40, 0)],
+            &[(0x40, CAP_ID_PM, 0x50, 0), (0x50, CAP_ID_MSI, 0x40, 0)],
         );
         let c = walk_capabilities(&bus, at(0, 1, 0));
         assert!(c.malformed);
         assert_eq!(c.msi.map(|m| m.offset), Some(0x50));
         // A pointer into the header.
-        function(&bus, at(0, 2, 0), 0x40, &[(0x40, PM, 0x20, 0)]);
+        function(&bus, at(0, 2, 0), 0x40, &[(0x40, CAP_ID_PM, 0x20, 0)]);
         assert!(walk_capabilities(&bus, at(0, 2, 0)).malformed);
         function(&bus, at(0, 3, 0), 0x3C, &[]);
         assert!(walk_capabilities(&bus, at(0, 3, 0)).malformed);
@@ -697,7 +701,7 @@ mod tests {
     fn scan_keeps_functions_with_msi_or_msix() {
         let bus = FakeBus::default();
         typical(&bus, at(0, 1, 0), 0, 0);
-        function(&bus, at(0, 2, 0), 0x40, &[(0x40, PM, 0, 0)]);
+        function(&bus, at(0, 2, 0), 0x40, &[(0x40, CAP_ID_PM, 0, 0)]);
         function(&bus, at(0, 3, 0), 0x40, &[(0x40, CAP_ID_MSI, 0, 0)]);
         // Multi-function device on bus 1: function 1 has MSI-X only.
         function(&bus, at(1, 0, 0), 0, &[]);

@@ -1,10 +1,11 @@
 //! The claimed NIC as the guest reaches it. Three doors lead to its registers, and Ally
 //! guards each:
 //!
-//! - **BAR0 (MMIO)**: the pages holding the queue and interrupt registers are absent from the
-//!   EPT; each access exits, is decoded (`guest::emulate_mmio`) and handed to the DPI
-//!   partition's [`TrappedRegisters`] (shadow or forward). Every other BAR0 page stays mapped
-//!   to the device, so the guest's other register traffic costs no exit.
+//! - **BAR0 (MMIO)**: the pages holding the queue and interrupt registers, and those holding
+//!   registers Ally must filter or refuse (packet buffer, its FIFOs, flow control, EEPROM),
+//!   are absent from the EPT; each access exits, is decoded (`guest::emulate_mmio`) and handed
+//!   to the DPI partition's [`TrappedRegisters`] (shadow, filter, forward or refuse). The
+//!   pages proven harmless stay mapped to the device, so that traffic costs no exit.
 //! - **The I/O BAR** (IOADDR at +0, IODATA at +4; 8254x SDM 13.1.x): intercepted in the I/O
 //!   bitmap and emulated through the same register path, so no register is reachable around
 //!   the MMIO traps.
@@ -30,9 +31,14 @@ pub trait TrappedRegisters: Sync {
     fn read(&self, offset: u32) -> u32;
     /// The guest writes the dword register at `offset` in BAR0.
     fn write(&self, offset: u32, value: u32);
-    /// Whether the register at `offset` lies on a trapped page (otherwise the guest reaches
-    /// the device directly and Ally forwards I/O BAR accesses there at the same width).
+    /// Whether the register at `offset` lies on a page absent from the EPT (otherwise the
+    /// guest reaches the device directly and Ally forwards I/O BAR accesses there at the same
+    /// width).
     fn is_trapped(&self, offset: u32) -> bool;
+    /// `KEY=N` for each class of register access refused, for the power-off report.
+    fn write_refusals(&self, _out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        Ok(())
+    }
     /// The guest reset the platform: the device resets as a PCI reset would reset it,
     /// which to the guest is its CTRL.RST (8254x SDM 13.4.1: the registers it sees return to
     /// their defaults and its rings are abandoned).
@@ -111,6 +117,7 @@ impl NicTrap {
     /// real device keeps Ally's rings and its link), and the IOADDR latch returns to 0.
     pub fn platform_reset(&self) {
         self.registers.platform_reset();
+        self.function.reset_power_state();
         self.io_address.store(0, Ordering::Relaxed);
     }
 
@@ -201,6 +208,14 @@ pub fn config_access(
         // SAFETY: the filter allowed (or rewrote) this write.
         ConfigWrite::Forward(v) => unsafe { forward(port, size, false, v) },
         ConfigWrite::Absorbed => None,
+        ConfigWrite::ForwardAndReset(v) => {
+            // SAFETY: as for `Forward`; the power state in it is D0.
+            unsafe { forward(port, size, false, v) };
+            // D3hot -> D0 resets the function's registers (PCI PM 1.2, 5.4.1): as the guest
+            // sees them, not the device with Ally's rings.
+            nic.platform_reset();
+            None
+        }
         ConfigWrite::MoveBar { bar, from, to } => {
             move_bar(nic, bar, from, to);
             None
@@ -329,5 +344,12 @@ pub fn report(nic: &NicTrap) {
         IO_BAR_ACCESSES.load(Ordering::Relaxed),
         REFUSED_MMIO.load(Ordering::Relaxed),
         REFUSED_IO.load(Ordering::Relaxed),
+    );
+    // Register accesses refused by class, then the power states the guest asked for.
+    let mut refused = heapless::String::<512>::new();
+    let _ = nic.registers.write_refusals(&mut refused);
+    log::info!(
+        "ALLY nic-refused {refused} PMCSR={}",
+        c.power_states_refused.load(Ordering::Relaxed)
     );
 }
