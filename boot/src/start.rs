@@ -62,6 +62,7 @@ pub enum StartError {
     NoRuleEngine,
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
     TooManyEcamWindows,
+    IoApicLayout { id: u8, address: u32 },
 }
 
 impl fmt::Display for StartError {
@@ -89,6 +90,7 @@ impl fmt::Display for StartError {
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
             Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
+            Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
         }
     }
 }
@@ -309,14 +311,19 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
     };
     // The I/O APICs leave the EPT too: no redirection entry may name a DPI core.
-    let mut ioapics = heapless::Vec::new();
-    for base in io_apics(identity_limit)? {
+    let bases = io_apics(identity_limit)?;
+    let mut ioapics = alloc::vec::Vec::with_capacity(bases.len());
+    for base in bases {
         ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
         let guard = ally_hypervisor::arch::vmx::ioapic_guard::IoApicGuard::new(base);
-        ally_hypervisor::arch::vmx::ioapic_guard::adopt_firmware_destinations(&guard);
-        info!("ALLY ioapic guarded base={base:#x}");
-        let _ = ioapics.push(guard);
+        info!(
+            "ALLY ioapic guarded base={base:#x} entries={}",
+            guard.entries()
+        );
+        ioapics.push(guard);
     }
+    info!("ALLY ioapics count={}", ioapics.len());
+    let ioapics = ioapics.leak();
     let os_cores = cpus.os_cores();
     let pci_interrupts = guard_pci_interrupts(ally_hypervisor::ipi::CpuSets {
         os_cores: &os_cores,
@@ -683,17 +690,23 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     Ok(CpuPartition { boot_cpu, all, dpi })
 }
 
-/// The I/O APICs' register pages, from the MADT (type 1 entries).
-fn io_apics(identity_limit: u64) -> Result<heapless::Vec<u64, 4>, StartError> {
+/// The I/O APICs' register pages, from the MADT (type 1 entries): every one, however many.
+/// Each must have a page of its own (the guard is found by its page): one that does not
+/// stops Ally rather than stay unguarded.
+fn io_apics(identity_limit: u64) -> Result<alloc::vec::Vec<u64>, StartError> {
     let memory = IdentityMemory {
         limit: identity_limit,
     };
     let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
     let madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
-    let mut found = heapless::Vec::new();
+    let mut found = alloc::vec::Vec::new();
     for entry in acpi::madt_entries(&memory, &madt) {
-        if let acpi::MadtEntry::IoApic { address, .. } = entry.map_err(StartError::Acpi)?.2 {
-            let _ = found.push(u64::from(address) & !(PAGE_SIZE - 1));
+        if let acpi::MadtEntry::IoApic { id, address, .. } = entry.map_err(StartError::Acpi)?.2 {
+            let base = u64::from(address);
+            if base % PAGE_SIZE != 0 || found.contains(&base) {
+                return Err(StartError::IoApicLayout { id, address });
+            }
+            found.push(base);
         }
     }
     Ok(found)
