@@ -63,6 +63,7 @@ pub enum StartError {
     PciInterrupts(ally_hypervisor::pci::msi::ScanError),
     TooManyEcamWindows,
     IoApicLayout { id: u8, address: u32 },
+    Topology(ally_hypervisor::topology::TopologyError),
 }
 
 impl fmt::Display for StartError {
@@ -90,6 +91,7 @@ impl fmt::Display for StartError {
             Self::NoRuleEngine => write!(f, "the rule engine was not built before the NIC was claimed"),
             Self::PciInterrupts(e) => write!(f, "PCI message-signalled interrupts cannot all be guarded: {e}"),
             Self::TooManyEcamWindows => write!(f, "ACPI MCFG: more than 7 MMCONFIG windows to hide"),
+            Self::Topology(e) => write!(f, "{e}"),
             Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
         }
     }
@@ -659,14 +661,7 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     options
         .validate_against_cores(all.len() as u32)
         .map_err(StartError::Options)?;
-    let mut dpi: heapless::Vec<u32, 256> = all
-        .iter()
-        .rev()
-        .copied()
-        .filter(|&id| id != boot_cpu)
-        .take(options.dpi_cores as usize)
-        .collect();
-    dpi.sort_unstable();
+    let dpi = choose_dpi_cpus(&all, boot_cpu, options.dpi_cores as usize)?;
     let removed = acpi::remove_madt_cpus(&mut memory, &mut madt, &dpi).map_err(StartError::Acpi)?;
     info!(
         "CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden",
@@ -688,6 +683,58 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
         Err(e) => return Err(StartError::Acpi(e)),
     }
     Ok(CpuPartition { boot_cpu, all, dpi })
+}
+
+/// The DPI cores as whole physical cores (`ally_hypervisor::topology`), reported with the
+/// machine's topology.
+fn choose_dpi_cpus(
+    all: &[u32],
+    boot_cpu: u32,
+    requested: usize,
+) -> Result<heapless::Vec<u32, 256>, StartError> {
+    use alloc::string::String;
+    use ally_hypervisor::topology::{self, IdLayout, Topology};
+    use core::fmt::Write;
+    let layout = IdLayout::from_cpuid(|leaf, subleaf| {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    });
+    let dpi = topology::choose_dpi_cpus(all, boot_cpu, requested, layout)
+        .map_err(StartError::Topology)?;
+    let t = Topology::of(all, layout);
+    let mut dpi_cpus = String::new();
+    for (i, id) in dpi.iter().enumerate() {
+        let _ = write!(dpi_cpus, "{}{id}", if i > 0 { "," } else { "" });
+    }
+    let mut pairs = String::new();
+    for &id in all {
+        let mut core = topology::siblings(all, layout, id);
+        if core.next() == Some(id) && topology::siblings(all, layout, id).count() > 1 {
+            let _ = write!(pairs, "{}{id}", if pairs.is_empty() { "" } else { "," });
+            for sibling in core {
+                let _ = write!(pairs, "+{sibling}");
+            }
+        }
+    }
+    info!(
+        "ALLY topology threads-per-core={} cores={} packages={} dpi-cpus={} siblings={}",
+        t.threads_per_core,
+        t.cores,
+        t.packages,
+        if dpi_cpus.is_empty() {
+            "none"
+        } else {
+            &dpi_cpus
+        },
+        if pairs.is_empty() { "none" } else { &pairs }
+    );
+    if dpi.len() > requested {
+        log::warn!(
+            "ALLY dpi-cores requested={requested} taken={} reason=\"whole physical cores: the SMT siblings of a DPI core are DPI cores too, idle and hidden\"",
+            dpi.len()
+        );
+    }
+    Ok(dpi)
 }
 
 /// The I/O APICs' register pages, from the MADT (type 1 entries): every one, however many.
