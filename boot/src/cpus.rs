@@ -125,6 +125,9 @@ const SPIN_POLLS: u32 = 256;
 fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
     let me = &status.cores[index];
     me.apic_id.store(u64::from(apic_id), Ordering::Relaxed);
+    // No logical destination of the guest may match this core (see `ally_hypervisor::ipi`).
+    let ldr = LocalApic::current().clear_logical_destination();
+    info!("ALLY dpi-apic apic={apic_id} ldr={ldr:#x}");
     let mut work = if index == 0 {
         crate::nic::DPI_WORK.lock().take()
     } else {

@@ -70,6 +70,11 @@ pub enum StartError {
         function: ally_hypervisor::pci::FoundFunction,
     },
     NoNicToInspect,
+    IoApicLayout {
+        id: u8,
+        address: u32,
+    },
+    Topology(ally_hypervisor::topology::TopologyError),
 }
 
 impl fmt::Display for StartError {
@@ -101,6 +106,8 @@ impl fmt::Display for StartError {
             Self::UninspectedNetwork { function } => write!(f, "network controller {} ({:04x}:{:04x}) is not the NIC Ally inspects: the guest could send and receive through it uninspected; remove it, or give uninspected_network=allow", function.address, function.vendor, function.device),
             Self::NoNicToInspect => write!(f, "rules were given but there is no NIC to inspect (no 8086:100e found, or none at nic=): the guest's network would go uninspected; give uninspected_network=allow to boot anyway"),
             Self::UnguardablePowerRegister(name, block) => write!(f, "ACPI FADT: {name} is at {block:x?}, where Ally cannot guard it (only I/O ports, and bus 0 configuration space for RESET_REG): the guest could suspend or reset the machine behind Ally"),
+            Self::Topology(e) => write!(f, "{e}"),
+            Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
         }
     }
 }
@@ -321,14 +328,19 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
     };
     // The I/O APICs leave the EPT too: no redirection entry may name a DPI core.
-    let mut ioapics = heapless::Vec::new();
-    for base in io_apics(identity_limit)? {
+    let bases = io_apics(identity_limit)?;
+    let mut ioapics = alloc::vec::Vec::with_capacity(bases.len());
+    for base in bases {
         ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
         let guard = ally_hypervisor::arch::vmx::ioapic_guard::IoApicGuard::new(base);
-        ally_hypervisor::arch::vmx::ioapic_guard::adopt_firmware_destinations(&guard);
-        info!("ALLY ioapic guarded base={base:#x}");
-        let _ = ioapics.push(guard);
+        info!(
+            "ALLY ioapic guarded base={base:#x} entries={}",
+            guard.entries()
+        );
+        ioapics.push(guard);
     }
+    info!("ALLY ioapics count={}", ioapics.len());
+    let ioapics = ioapics.leak();
     let os_cores = cpus.os_cores();
     let pci_interrupts = guard_pci_interrupts(ally_hypervisor::ipi::CpuSets {
         os_cores: &os_cores,
@@ -720,14 +732,7 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     options
         .validate_against_cores(all.len() as u32)
         .map_err(StartError::Options)?;
-    let mut dpi: heapless::Vec<u32, 256> = all
-        .iter()
-        .rev()
-        .copied()
-        .filter(|&id| id != boot_cpu)
-        .take(options.dpi_cores as usize)
-        .collect();
-    dpi.sort_unstable();
+    let dpi = choose_dpi_cpus(&all, boot_cpu, options.dpi_cores as usize)?;
     let removed = acpi::remove_madt_cpus(&mut memory, &mut madt, &dpi).map_err(StartError::Acpi)?;
     info!(
         "CPUs (APIC IDs) {:?}: DPI cores {:?}; {removed} MADT entries hidden",
@@ -751,17 +756,75 @@ fn partition_cpus(identity_limit: u64, options: &AllyOptions) -> Result<CpuParti
     Ok(CpuPartition { boot_cpu, all, dpi })
 }
 
-/// The I/O APICs' register pages, from the MADT (type 1 entries).
-fn io_apics(identity_limit: u64) -> Result<heapless::Vec<u64, 4>, StartError> {
+/// The DPI cores as whole physical cores (`ally_hypervisor::topology`), reported with the
+/// machine's topology.
+fn choose_dpi_cpus(
+    all: &[u32],
+    boot_cpu: u32,
+    requested: usize,
+) -> Result<heapless::Vec<u32, 256>, StartError> {
+    use alloc::string::String;
+    use ally_hypervisor::topology::{self, IdLayout, Topology};
+    use core::fmt::Write;
+    let layout = IdLayout::from_cpuid(|leaf, subleaf| {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    });
+    let dpi = topology::choose_dpi_cpus(all, boot_cpu, requested, layout)
+        .map_err(StartError::Topology)?;
+    let t = Topology::of(all, layout);
+    let mut dpi_cpus = String::new();
+    for (i, id) in dpi.iter().enumerate() {
+        let _ = write!(dpi_cpus, "{}{id}", if i > 0 { "," } else { "" });
+    }
+    let mut pairs = String::new();
+    for &id in all {
+        let mut core = topology::siblings(all, layout, id);
+        if core.next() == Some(id) && topology::siblings(all, layout, id).count() > 1 {
+            let _ = write!(pairs, "{}{id}", if pairs.is_empty() { "" } else { "," });
+            for sibling in core {
+                let _ = write!(pairs, "+{sibling}");
+            }
+        }
+    }
+    info!(
+        "ALLY topology threads-per-core={} cores={} packages={} dpi-cpus={} siblings={}",
+        t.threads_per_core,
+        t.cores,
+        t.packages,
+        if dpi_cpus.is_empty() {
+            "none"
+        } else {
+            &dpi_cpus
+        },
+        if pairs.is_empty() { "none" } else { &pairs }
+    );
+    if dpi.len() > requested {
+        log::warn!(
+            "ALLY dpi-cores requested={requested} taken={} reason=\"whole physical cores: the SMT siblings of a DPI core are DPI cores too, idle and hidden\"",
+            dpi.len()
+        );
+    }
+    Ok(dpi)
+}
+
+/// The I/O APICs' register pages, from the MADT (type 1 entries): every one, however many.
+/// Each must have a page of its own (the guard is found by its page): one that does not
+/// stops Ally rather than stay unguarded.
+fn io_apics(identity_limit: u64) -> Result<alloc::vec::Vec<u64>, StartError> {
     let memory = IdentityMemory {
         limit: identity_limit,
     };
     let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
     let madt = acpi::find_table(&memory, &rsdp, b"APIC").map_err(StartError::Acpi)?;
-    let mut found = heapless::Vec::new();
+    let mut found = alloc::vec::Vec::new();
     for entry in acpi::madt_entries(&memory, &madt) {
-        if let acpi::MadtEntry::IoApic { address, .. } = entry.map_err(StartError::Acpi)?.2 {
-            let _ = found.push(u64::from(address) & !(PAGE_SIZE - 1));
+        if let acpi::MadtEntry::IoApic { id, address, .. } = entry.map_err(StartError::Acpi)?.2 {
+            let base = u64::from(address);
+            if base % PAGE_SIZE != 0 || found.contains(&base) {
+                return Err(StartError::IoApicLayout { id, address });
+            }
+            found.push(base);
         }
     }
     Ok(found)

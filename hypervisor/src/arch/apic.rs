@@ -24,6 +24,8 @@ const REG_IRR: u32 = 0x200;
 const REG_LVT_LINT0: u32 = 0x350;
 const REG_LVT_LINT1: u32 = 0x360;
 const REG_LVT_ERROR: u32 = 0x370;
+const REG_LDR: u32 = 0xD0;
+const REG_DFR: u32 = 0xE0;
 const LVT_MASKED: u32 = 1 << 16;
 
 /// ICR delivery modes (SDM Vol. 3A 12.6.1, Figure 12-12).
@@ -127,6 +129,18 @@ impl LocalApic {
             self.send_ipi(apic_id, ICR_STARTUP | u32::from(vector));
             io_delay_us(200);
         }
+    }
+
+    /// A DPI core's APIC answers no logical destination but the broadcast: in xAPIC mode its
+    /// LDR is set to 0 (no flat or cluster MDA matches it, SDM 12.6.2.2) and DFR to flat, as
+    /// INIT left them, whatever the firmware did; the IPI filter (`crate::ipi`) relies on it.
+    /// In x2APIC mode the logical ID is fixed by the APIC ID (12.12.10.2). Returns the LDR.
+    pub fn clear_logical_destination(&self) -> u32 {
+        if !self.x2apic {
+            self.write(REG_DFR, 0xFFFF_FFFF);
+            self.write(REG_LDR, 0);
+        }
+        self.read(REG_LDR)
     }
 
     /// Enables the APIC (spurious vector register) and starts the periodic timer at `vector`.

@@ -224,7 +224,7 @@ pub enum MsiRoute {
 /// and 1:0 are cleared (bit 4 selects VT-d's remappable format). When RH is 0, the SDM says
 /// the chipset ignores DM (11.11.1), so a logical destination must also be harmless as a
 /// physical ID; if it is not, RH is set, which makes the logical reading the only one.
-pub fn filter_msi(address: u32, upper: u32, data: u32, cpus: CpuSets<'_>) -> (u32, MsiRoute) {
+pub fn filter_msi(address: u32, upper: u32, cpus: CpuSets<'_>) -> (u32, MsiRoute) {
     let first_os_core = cpus.os_cores.first().copied().unwrap_or(0);
     if upper != 0 || address & MSI_WINDOW_MASK != MSI_WINDOW {
         return (
@@ -235,11 +235,10 @@ pub fn filter_msi(address: u32, upper: u32, data: u32, cpus: CpuSets<'_>) -> (u3
     let destination = (address >> 12) & 0xFF;
     let hint = address & MSI_REDIRECTION_HINT;
     let logical = address & MSI_LOGICAL != 0;
-    let delivery_mode = (data >> 8) & 7;
     let compose = |destination: u32, flags: u32| MSI_WINDOW | ((destination & 0xFF) << 12) | flags;
-    match filter_device_interrupt(delivery_mode, logical, destination, cpus) {
+    match filter_device_interrupt(logical, destination, cpus) {
         RouteAction::Keep if logical && hint == 0 => {
-            match filter_device_interrupt(delivery_mode, false, destination, cpus) {
+            match filter_device_interrupt(false, destination, cpus) {
                 RouteAction::Keep => (compose(destination, MSI_LOGICAL), MsiRoute::Kept),
                 RouteAction::Rewrite { dropped, .. } => (
                     compose(destination, MSI_LOGICAL | MSI_REDIRECTION_HINT),
@@ -256,22 +255,14 @@ pub fn filter_msi(address: u32, upper: u32, data: u32, cpus: CpuSets<'_>) -> (u3
         ),
         RouteAction::Rewrite {
             destination,
-            logical,
             dropped,
-        } => {
-            let flags = if logical {
-                MSI_LOGICAL | MSI_REDIRECTION_HINT
-            } else {
-                hint
-            };
-            (
-                compose(destination, flags),
-                MsiRoute::Rewritten {
-                    destination: destination as u8,
-                    dropped,
-                },
-            )
-        }
+        } => (
+            compose(destination, hint),
+            MsiRoute::Rewritten {
+                destination: destination as u8,
+                dropped,
+            },
+        ),
     }
 }
 
@@ -352,7 +343,7 @@ impl InterruptGuard {
                 address,
                 upper,
                 data,
-                device_address: filter_msi(address, upper, data, cpus).0,
+                device_address: filter_msi(address, upper, cpus).0,
             }),
             counters: InterruptCounters::default(),
         }
@@ -474,7 +465,7 @@ impl InterruptGuard {
                     MsiRegister::Upper => s.upper = insert(s.upper, offset, size, value),
                     MsiRegister::Data => s.data = insert(s.data, offset, size, value) & 0xFFFF,
                 }
-                let (device_address, msi_route) = filter_msi(s.address, s.upper, s.data, cpus);
+                let (device_address, msi_route) = filter_msi(s.address, s.upper, cpus);
                 match which {
                     MsiRegister::Address => {}
                     MsiRegister::Upper => {
@@ -730,13 +721,14 @@ mod tests {
 
     #[test]
     fn msi_addresses_of_os_cores_are_kept() {
-        let kept = |address| filter_msi(address, 0, 0x0041, CPUS);
+        let kept = |address| filter_msi(address, 0, CPUS);
         assert_eq!(kept(0xFEE0_1000), (0xFEE0_1000, MsiRoute::Kept));
         assert_eq!(kept(0xFEE0_2008), (0xFEE0_2008, MsiRoute::Kept));
         // Reserved bits 11:4 (bit 4: VT-d remappable format) never reach the device.
         assert_eq!(kept(0xFEE0_1FF0), (0xFEE0_1000, MsiRoute::Kept));
-        // Logical with RH: DPI cores have no logical ID (LDR 0), so no set includes one.
-        assert_eq!(kept(0xFEE0_F00C), (0xFEE0_F00C, MsiRoute::Kept));
+        // Logical with RH: DPI cores have no xAPIC logical ID (LDR 0), so no set includes
+        // one unless it holds the DPI core's x2APIC cluster-0 bit (3), see below.
+        assert_eq!(kept(0xFEE0_700C), (0xFEE0_700C, MsiRoute::Kept));
         // Logical without RH, harmless as a physical ID too.
         assert_eq!(kept(0xFEE0_6004), (0xFEE0_6004, MsiRoute::Kept));
     }
@@ -750,21 +742,21 @@ mod tests {
         // Physical DPI core, and the broadcast ID.
         for address in [0xFEE0_3000, 0xFEEF_F000] {
             assert_eq!(
-                filter_msi(address, 0, 0x0041, CPUS),
+                filter_msi(address, 0, CPUS),
                 (0xFEE0_0000, to_first_os_core)
             );
         }
         // Lowest-priority delivery with RH, physical: RH stays, the destination changes.
         assert_eq!(
-            filter_msi(0xFEE0_3008, 0, 0x0141, CPUS),
+            filter_msi(0xFEE0_3008, 0, CPUS),
             (0xFEE0_0008, to_first_os_core)
         );
         // NMI delivery.
-        assert_eq!(filter_msi(0xFEE0_3000, 0, 0x0400, CPUS).0, 0xFEE0_0000);
+        assert_eq!(filter_msi(0xFEE0_3000, 0, CPUS).0, 0xFEE0_0000);
         // Logical set 0x03 without RH: the chipset may read DM as physical, APIC ID 3. RH
         // forces the logical reading.
         assert_eq!(
-            filter_msi(0xFEE0_3004, 0, 0x0041, CPUS),
+            filter_msi(0xFEE0_3004, 0, CPUS),
             (
                 0xFEE0_300C,
                 MsiRoute::Rewritten {
@@ -773,14 +765,23 @@ mod tests {
                 }
             )
         );
-        assert_eq!(filter_msi(0xFEEF_F004, 0, 0x0041, CPUS).0, 0xFEEF_F00C);
+        // Logical 0xFF is a broadcast (SDM 12.6.2.2); a set with bit 3 may reach the DPI core
+        // in x2APIC mode: both go to the first OS core, RH as the guest set it.
+        assert_eq!(
+            filter_msi(0xFEEF_F004, 0, CPUS),
+            (0xFEE0_0000, to_first_os_core)
+        );
+        assert_eq!(
+            filter_msi(0xFEE0_F00C, 0, CPUS),
+            (0xFEE0_0008, to_first_os_core)
+        );
     }
 
     #[test]
     fn msi_addresses_outside_the_interrupt_window_are_refused() {
         for (address, upper) in [(0x1234_5000, 0), (0xFEE0_1000, 1), (0xFED0_0000, 0)] {
             assert_eq!(
-                filter_msi(address, upper, 0x0041, CPUS),
+                filter_msi(address, upper, CPUS),
                 (0xFEE0_0000, MsiRoute::Refused)
             );
         }
@@ -788,7 +789,7 @@ mod tests {
             os_cores: &[2, 5],
             dpi_cores: &DPI,
         };
-        assert_eq!(filter_msi(0, 0, 0, cpus).0, 0xFEE0_2000);
+        assert_eq!(filter_msi(0, 0, cpus).0, 0xFEE0_2000);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
 use crate::guest::{AccessWidth, MmioHandler};
-use crate::ipi::{filter_ipi, unicast_targets, ApicMode, DeliveryMode, IpiAction};
+use crate::ipi::{filter_ipi, rewritten_targets, ApicMode, DeliveryMode, IpiAction};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 pub const IA32_APIC_BASE: u32 = 0x1B;
@@ -58,9 +58,10 @@ fn count(table: &[AtomicU64; 64], gpa: GuestPhysAddr) {
     table[((gpa.0 & 0x3F0) >> 4) as usize].fetch_add(1, Ordering::Relaxed);
 }
 
-/// Whether the ICR addresses every CPU (a shorthand or the broadcast ID).
+/// Whether the ICR was rewritten as unicasts (mostly broadcasts: a shorthand or a broadcast
+/// ID), for the report budget.
 fn is_broadcast(action: &IpiAction) -> bool {
-    matches!(action, IpiAction::Unicast { .. })
+    matches!(action, IpiAction::Rewrite { .. })
 }
 
 fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
@@ -86,7 +87,7 @@ fn record_drop(low: u32, destination: u32, dropped: usize, broadcast: bool) {
 fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl FnMut(u32, u32)) {
     let p = platform();
     let cpus = p.cpu_sets();
-    let action = filter_ipi(mode, low, destination, cpus, &[]);
+    let action = filter_ipi(mode, low, destination, cpus);
     if matches!(
         DeliveryMode::from_icr(low),
         DeliveryMode::Init | DeliveryMode::Startup
@@ -95,9 +96,7 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
         // emulated and the hardware sees nothing (see `crate::startup` for why).
         match action {
             IpiAction::Forward => {}
-            IpiAction::Drop { dropped }
-            | IpiAction::Logical { dropped, .. }
-            | IpiAction::Unicast { dropped, .. } => {
+            IpiAction::Drop { dropped } | IpiAction::Rewrite { dropped } => {
                 record_drop(low, destination, dropped, is_broadcast(&action))
             }
         }
@@ -107,22 +106,20 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
     match action {
         IpiAction::Forward => send(low, destination),
         IpiAction::Drop { dropped } => record_drop(low, destination, dropped, false),
-        IpiAction::Logical {
-            destination: remaining,
-            dropped,
-        } => {
-            record_drop(low, destination, dropped, false);
-            send(low, remaining);
-        }
-        IpiAction::Unicast {
-            include_self,
-            dropped,
-        } => {
+        IpiAction::Rewrite { dropped } => {
             record_drop(low, destination, dropped, true);
             REWRITTEN_IPIS.fetch_add(1, Ordering::Relaxed);
             // Physical destination, no shorthand (ICR bits 19:18 and 11 cleared).
             let unicast = low & !((3 << 18) | (1 << 11));
-            for target in unicast_targets(cpus, sender, include_self) {
+            let targets = rewritten_targets(
+                mode,
+                low,
+                destination,
+                sender,
+                cpus,
+                init_sipi::guest_logical_id,
+            );
+            for target in targets {
                 send(unicast, target);
             }
         }

@@ -149,7 +149,7 @@ pub fn restart(
     //    dropped): in real mode its vectors would land on IVT entries that are not handlers.
     let apic = LocalApic::current();
     apic.quiesce();
-    for ioapic in &p.ioapics {
+    for ioapic in p.ioapics {
         ioapic.restore_firmware_entries();
     }
     let mut drained = 0;

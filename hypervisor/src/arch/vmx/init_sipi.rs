@@ -58,6 +58,15 @@ pub fn record_logical_register(apic_id: u32, offset: u64, value: u32) {
     }
 }
 
+/// The logical destination OS core `index` (in `Platform::os_cores`) answers to in xAPIC
+/// mode, as the guest programmed its LDR and DFR.
+pub fn guest_logical_id(index: usize) -> LogicalId {
+    LogicalId::from_registers(
+        GUEST_LDR[index].load(Ordering::Relaxed),
+        GUEST_DFR[index].load(Ordering::Relaxed),
+    )
+}
+
 /// Delivers the guest's INIT or SIPI `(low, destination)` from OS core `sender` to every OS
 /// core it addresses. An INIT level de-assert only synchronises arbitration IDs and resets
 /// nothing (SDM 12.6.1): it is ignored.
@@ -68,11 +77,7 @@ pub fn emulate(mode: ApicMode, low: u32, destination: u32, sender: u32) {
         return;
     }
     for (index, &id) in platform().os_cores.iter().enumerate() {
-        let logical = LogicalId::from_registers(
-            GUEST_LDR[index].load(Ordering::Relaxed),
-            GUEST_DFR[index].load(Ordering::Relaxed),
-        );
-        if !addresses(mode, low, destination, sender, id, logical) {
+        if !addresses(mode, low, destination, sender, id, guest_logical_id(index)) {
             continue;
         }
         let mailbox = &MAILBOXES[index];

@@ -69,8 +69,9 @@ pub struct Platform {
     pub dpi_heartbeat: fn() -> u64,
     /// The NIC whose queues the DPI partition shadows, if one was claimed.
     pub nic: Option<super::nic_guard::NicTrap>,
-    /// The I/O APICs (absent from the EPT: redirection entries are filtered).
-    pub ioapics: heapless::Vec<super::ioapic_guard::IoApicGuard, 4>,
+    /// Every I/O APIC of the MADT (absent from the EPT: redirection entries are filtered),
+    /// as many as the machine has.
+    pub ioapics: &'static [super::ioapic_guard::IoApicGuard],
     /// Every PCI function with MSI or MSI-X: its message registers are filtered.
     pub pci_interrupts: heapless::Vec<crate::pci::msi::InterruptGuard, MAX_INTERRUPT_FUNCTIONS>,
 }
