@@ -55,11 +55,16 @@ if ! command -v rustup >/dev/null 2>&1; then
     exit 1
 fi
 # `rustup toolchain install` with no argument installs what rust-toolchain.toml names
-# (version, components, the x86_64-unknown-none target); skipped when the target is there.
-if ! (cd "$repo" && rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none); then
-    log "installing the pinned Rust toolchain"
-    (cd "$repo" && rustup toolchain install)
-fi
+# (version, components, the targets: x86_64-unknown-none for Ally, x86_64-unknown-linux-musl
+# for the guest's static attacker); skipped when both targets are there.
+installed_targets="$(cd "$repo" && rustup target list --installed 2>/dev/null || true)"
+for target in x86_64-unknown-none x86_64-unknown-linux-musl; do
+    if ! grep -qx "$target" <<<"$installed_targets"; then
+        log "installing the pinned Rust toolchain (target $target missing)"
+        (cd "$repo" && rustup toolchain install)
+        break
+    fi
+done
 log "rust toolchain: $(cd "$repo" && rustc --version)"
 
 # --- guest debs: Debian's kernel and busybox-static ------------------------------------------

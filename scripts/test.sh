@@ -35,6 +35,13 @@ case "$target_dir" in /*) ;; *) target_dir="$repo/$target_dir" ;; esac
 export ALLY_IMAGE="$target_dir/x86_64-unknown-none/release/ally"
 ls -l "$ALLY_IMAGE"
 
+step "build the guest's attacker (ally-attack, static, for the test guest's initramfs)"
+# The same command the runner uses (qemu-runner/src/attack.rs build_attack_binary).
+cargo build -p ally-attack --release --target x86_64-unknown-linux-musl \
+    --config 'profile.release.strip="debuginfo"'
+export ALLY_ATTACK="$target_dir/x86_64-unknown-linux-musl/release/ally-attack"
+ls -l "$ALLY_ATTACK"
+
 step "end-to-end boots (cargo test -p ally-tests --features e2e)"
 cargo test -p ally-tests --features e2e -- --nocapture </dev/null
 

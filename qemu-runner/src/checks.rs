@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use crate::attack;
 use crate::endpoints::NetReport;
 use crate::markers::{AllyLine, AllyReport, GuestMarker, GuestReport, MarkerError, Status};
 use crate::rules::RulesExpect;
@@ -562,14 +563,15 @@ pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
     ]
 }
 
-/// Ally's side of the guest's reboot: it took the guest's reset request
+/// Ally's side of the guest's reboots: it took the guest's reset requests
 /// (`ALLY guest-reset source=.. count=N`) and restarted the guest with every other OS core
-/// stopped (`ALLY guest-restarted count=N .. stopped=true`), once.
-pub fn ally_guest_reset(ally: &AllyReport) -> Check {
-    Check::from_result("ally-guest-reset", guest_restarted(ally))
+/// stopped (`ALLY guest-restarted count=N .. stopped=true`), `expected` times (one per reset
+/// of the chain, `NetOptions::resets`).
+pub fn ally_guest_reset(ally: &AllyReport, expected: usize) -> Check {
+    Check::from_result("ally-guest-reset", guest_restarted(ally, expected as u64))
 }
 
-fn guest_restarted(ally: &AllyReport) -> Result<String, String> {
+fn guest_restarted(ally: &AllyReport, expected: u64) -> Result<String, String> {
     let reset = ally
         .all("guest-reset")
         .last()
@@ -579,8 +581,10 @@ fn guest_restarted(ally: &AllyReport) -> Result<String, String> {
         .last()
         .ok_or("no `ALLY guest-restarted` line: Ally did not restart the guest")?;
     let count = restarted.number("count").map_err(marker_err)?;
-    if count != 1 || reset.number("count").map_err(marker_err)? != 1 {
-        return Err(format!("the guest reset {count} times, expected once"));
+    if count != expected || reset.number("count").map_err(marker_err)? != expected {
+        return Err(format!(
+            "the guest reset {count} times, expected {expected}"
+        ));
     }
     if restarted.fields.get("stopped") != Some("true") {
         return Err(format!(
@@ -595,11 +599,15 @@ fn guest_restarted(ally: &AllyReport) -> Result<String, String> {
     ))
 }
 
-/// The guest's reboot (`NetOptions::reboot`): the first boot announced it, the second boot
-/// started, brought the e1000 up (module loaded, carrier, ping answered) and moved small.bin
-/// both ways whole.
+/// The guest's reset chain (`NetOptions::resets`): the first boot announced its reboot, boot k
+/// announced reset method k (`ALLYTEST reset-attack INFO boot=k method=..`), every later boot
+/// started (`ALLYTEST rebooted INFO boot=k`), and the last one brought the e1000 up (module
+/// loaded, carrier, ping answered) and moved small.bin both ways whole. A method the guest
+/// could not use (`skipped=`, e.g. triple-fault from user space) fell back to `reboot -f`
+/// (`ALLYTEST reset-fallback`): named in the detail, not a failure of the chain.
 fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
-    if !net.options.reboot {
+    let resets = &net.options.resets;
+    if resets.is_empty() {
         return Ok("not requested".into());
     }
     let first = guest
@@ -608,8 +616,36 @@ fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> 
     if first.status != Some(Status::Info) {
         return Err(format!("the first boot could not reboot: {}", first.line));
     }
+    let announced = attack::reset_markers(guest);
+    let mut fell_back = Vec::new();
+    for (k, method) in resets.iter().enumerate() {
+        let boot = k as u64 + 1;
+        let r = announced.iter().find(|r| r.boot == boot).ok_or(format!(
+            "no `ALLYTEST reset-attack` marker of boot {boot} (method {method})"
+        ))?;
+        if r.method != method.name() {
+            return Err(format!(
+                "boot {boot} reset by {}, expected {method}: {}",
+                r.method, r.line
+            ));
+        }
+        if let Some(why) = r.fields.get("skipped").or(r.fields.get("error")) {
+            fell_back.push(format!("{method} ({why})"));
+        }
+    }
+    let last_boot = resets.len() as u64 + 1;
+    let booted: Vec<u64> = guest
+        .all("rebooted")
+        .filter_map(|m| m.number("boot").ok())
+        .collect();
+    if let Some(b) = (2..=last_boot).find(|b| !booted.contains(b)) {
+        return Err(format!(
+            "boot {b} of {last_boot} never started (no `ALLYTEST rebooted INFO boot={b}`); booted: {booted:?}"
+        ));
+    }
     let second = guest
-        .find("rebooted")
+        .all("rebooted")
+        .find(|m| m.number("boot").ok() == Some(last_boot))
         .ok_or("no `ALLYTEST rebooted` marker: the guest did not boot again")?;
     // Every CPU the first boot had came back (the boot CPU started the others again).
     let cpus = |m: &GuestMarker| m.number("nproc").ok();
@@ -639,8 +675,22 @@ fn guest_reboot(guest: &GuestReport, net: &NetReport) -> Result<String, String> 
     let download = judge_download(tagged("download")?, net)?;
     let mut used = vec![false; net.uploads.len()];
     let upload = judge_upload(tagged("upload")?, net, &mut used)?;
+    let chain = if resets.len() > 1 || !fell_back.is_empty() {
+        format!(
+            "{} resets ({}){}; ",
+            resets.len(),
+            attack::join(resets),
+            if fell_back.is_empty() {
+                String::new()
+            } else {
+                format!(", fell back to reboot -f after: {}", fell_back.join(", "))
+            }
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "rebooted at {} s of uptime; second boot at {} s with {} CPU(s): carrier after {} ms, ping {}/3; {download}; {upload}",
+        "{chain}rebooted at {} s of uptime; last boot at {} s with {} CPU(s): carrier after {} ms, ping {}/3; {download}; {upload}",
         first.fields.get("uptime").unwrap_or("?"),
         second.fields.get("uptime").unwrap_or("?"),
         second.fields.get("nproc").unwrap_or("?"),
@@ -1567,6 +1617,7 @@ ALLY poweroff
         }
     }
 
+    use crate::attack::ResetMethod;
     use crate::endpoints::{NetOptions, ServedFile, UploadRecord};
 
     const SHA_BIG: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -1616,6 +1667,8 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
             http_port: 40001,
             upload_port: 40002,
             inspect_drop_port: 40003,
+            attack_udp_port: 40004,
+            udp: Default::default(),
             files: vec![
                 ServedFile {
                     name: "big".into(),
@@ -1671,6 +1724,7 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
             "{}\
 ALLYTEST reboot INFO boot=1 uptime=200.10
 ALLYTEST cpus INFO nproc=3 present=0-2 online=0-2 cpuinfo=3
+ALLYTEST reset-attack INFO boot=1 method=reboot
 ALLYTEST rebooted INFO boot=2 uptime=3.20 nproc=3
 ALLYTEST reboot-net INFO insmod=0 carrier=1 waited_ms=400 ping_received=3
 ALLYTEST download INFO name=small reboot=1 bytes=1048576 sha256={SHA_SMALL} seconds=2.00
@@ -1682,7 +1736,7 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
 
     fn rebooted_host() -> NetReport {
         let mut host = net_host();
-        host.options.reboot = true;
+        host.options.resets = vec![ResetMethod::Reboot];
         host.uploads.push(upload_record(1 << 20, SHA_REBOOT));
         host
     }
@@ -1693,7 +1747,7 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
         assert!(all_passed(&c), "{c:#?}");
         assert_eq!(
             c[4].detail,
-            "rebooted at 200.10 s of uptime; second boot at 3.20 s with 3 CPU(s): carrier after 400 ms, ping 3/3; small after the reboot: 1048576 B in 2.00 s (512 KiB/s); upload after the reboot: 1048576 B in 2.00 s (512 KiB/s)"
+            "rebooted at 200.10 s of uptime; last boot at 3.20 s with 3 CPU(s): carrier after 400 ms, ping 3/3; small after the reboot: 1048576 B in 2.00 s (512 KiB/s); upload after the reboot: 1048576 B in 2.00 s (512 KiB/s)"
         );
         // Not requested: nothing to judge, and the tagged transfers do not count as others.
         assert_eq!(
@@ -1706,6 +1760,8 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
             ("ALLYTEST reboot INFO", "ALLYTEST reboot FAIL"),
             ("download INFO name=small reboot=1", "x"),
             ("uptime=3.20 nproc=3", "uptime=3.20 nproc=1"),
+            ("reset-attack INFO boot=1 method=reboot", "x"),
+            ("method=reboot", "method=kbc-pulse"),
         ] {
             let g = rebooted_guest().replacen(from, to, 1);
             assert_eq!(
@@ -1724,23 +1780,66 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
     }
 
     #[test]
+    fn a_reset_chain_needs_every_boot_and_the_network_after_the_last() {
+        let mut host = rebooted_host();
+        host.options.resets = vec![
+            ResetMethod::KbcOutput,
+            ResetMethod::TripleFault,
+            ResetMethod::Reboot,
+        ];
+        let chain = rebooted_guest().replace(
+            "ALLYTEST reset-attack INFO boot=1 method=reboot\nALLYTEST rebooted INFO boot=2 uptime=3.20 nproc=3\n",
+            "ALLYTEST reset-attack INFO boot=1 method=kbc-output ibf_clear=1\n\
+             ALLYTEST rebooted INFO boot=2 uptime=3.00 nproc=3\n\
+             ALLYTEST reset-attack INFO boot=2 ping_received=3 method=triple-fault skipped=needs_ring0\n\
+             ALLYTEST reset-fallback INFO boot=2 method=triple-fault\n\
+             ALLYTEST rebooted INFO boot=3 uptime=3.10 nproc=3\n\
+             ALLYTEST reset-attack INFO boot=3 ping_received=3 method=reboot\n\
+             ALLYTEST rebooted INFO boot=4 uptime=3.20 nproc=3\n",
+        );
+        let c = judge_net(&chain, &host);
+        assert!(all_passed(&c), "{c:#?}");
+        assert!(
+            c[4].detail.starts_with(
+                "3 resets (kbc-output,triple-fault,reboot), fell back to reboot -f after: triple-fault (needs_ring0); rebooted at 200.10 s of uptime; last boot at 3.20 s"
+            ),
+            "{}",
+            c[4].detail
+        );
+        for (from, to) in [
+            ("ALLYTEST rebooted INFO boot=3", "x"),
+            (
+                "boot=3 ping_received=3 method=reboot",
+                "boot=3 method=cf9-word",
+            ),
+            ("ALLYTEST reset-attack INFO boot=1", "x"),
+        ] {
+            let g = chain.replacen(from, to, 1);
+            assert_eq!(failed(&judge_net(&g, &host)), ["guest-reboot"], "{from}");
+        }
+    }
+
+    #[test]
     fn ally_must_restart_the_guest_once_with_the_other_cores_stopped() {
         let good = "[cpu0 INFO hv] ALLY guest-reset source=keyboard-controller count=1 rip=0xffffffff81000000\n\
             [cpu0 INFO hv] ALLY guest-restarted count=1 source=keyboard-controller other-os-cores=0 stopped=true\n";
-        let c = ally_guest_reset(&AllyReport::parse(good));
+        let c = ally_guest_reset(&AllyReport::parse(good), 1);
         assert!(c.passed, "{c}");
         assert_eq!(
             c.detail,
             "reset by keyboard-controller (0 other OS core(s) stopped), guest restarted"
         );
-        assert!(!ally_guest_reset(&AllyReport::parse("")).passed);
+        assert!(!ally_guest_reset(&AllyReport::parse(""), 1).passed);
         assert!(
-            !ally_guest_reset(&AllyReport::parse(
-                &good.replace("stopped=true", "stopped=false")
-            ))
+            !ally_guest_reset(
+                &AllyReport::parse(&good.replace("stopped=true", "stopped=false")),
+                1
+            )
             .passed
         );
-        assert!(!ally_guest_reset(&AllyReport::parse(&good.replace("count=1", "count=2"))).passed);
+        let twice = good.replace("count=1", "count=2");
+        assert!(!ally_guest_reset(&AllyReport::parse(&twice), 1).passed);
+        assert!(ally_guest_reset(&AllyReport::parse(&twice), 2).passed);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,9 +22,11 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::attack::{self, Attack, ResetMethod};
+
 /// The sizes of the workload. The defaults are issue 4's: 16 MiB each way, 1 MiB after each
 /// module reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetOptions {
     /// `big.bin`, downloaded once.
     pub big_bytes: u64,
@@ -37,9 +39,12 @@ pub struct NetOptions {
     /// one can through the emulators' slirp (8 KiB socket buffers), as bulk traffic on a real
     /// link would, so the exits per frame show what Ally costs when the wire is busy.
     pub streams: u32,
-    /// Reboot the guest after its workload (`ally.reboot=1`); the second boot brings the
-    /// e1000 up again and moves small.bin both ways (`checks::guest_reboot`).
-    pub reboot: bool,
+    /// The reset chain after the workload (`ally.resets=m1,m2,...`): boot k ends with reset
+    /// method k; the last boot brings the e1000 up again and moves small.bin both ways
+    /// (`checks::guest_reboot`). Empty: no reboot.
+    pub resets: Vec<ResetMethod>,
+    /// The guest-side attacks of issue 11 (`ally.attacks=...`, run by /bin/ally-attack).
+    pub attacks: Vec<Attack>,
     /// Seeds the served files' contents.
     pub seed: u64,
 }
@@ -51,7 +56,8 @@ impl Default for NetOptions {
             small_bytes: 1 << 20,
             upload_bytes: 16 << 20,
             streams: 4,
-            reboot: false,
+            resets: Vec::new(),
+            attacks: Vec::new(),
             seed: 0xa11e_5eed,
         }
     }
@@ -148,6 +154,40 @@ pub struct NetReport {
     pub uploads: Vec<UploadRecord>,
     /// Listener-level errors (accept failures).
     pub errors: Vec<String>,
+    /// The UDP sink the attacks send to (`ally.attack_udp=PORT`, `$ALLY_STORM_PORT`).
+    pub attack_udp_port: u16,
+    /// What the UDP sink received.
+    pub udp: UdpCounts,
+}
+
+/// Datagrams the UDP sink received, by payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpCounts {
+    /// Carrying [`STORM_MARKER`] (the alert storm).
+    pub storm: u64,
+    /// Carrying [`TUCSO_MARKER`] (the TUCSO frame, which Ally must drop).
+    pub tucso: u64,
+    /// Anything else.
+    pub other: u64,
+}
+
+/// The alert storm's payload marker (`guest/attack` has its own copy; the rule with sid
+/// 1000104 alerts on it).
+pub const STORM_MARKER: &[u8] = b"ALLY-ALERT-STORM";
+/// The TUCSO attack frame's payload marker (`guest/attack` has its own copy).
+pub const TUCSO_MARKER: &[u8] = b"ALLY-ATTACK-TUCSO";
+
+impl UdpCounts {
+    fn count(&mut self, payload: &[u8]) {
+        let has = |m: &[u8]| payload.windows(m.len()).any(|w| w == m);
+        if has(TUCSO_MARKER) {
+            self.tucso += 1;
+        } else if has(STORM_MARKER) {
+            self.storm += 1;
+        } else {
+            self.other += 1;
+        }
+    }
 }
 
 impl NetReport {
@@ -201,6 +241,13 @@ impl fmt::Display for NetReport {
                     .as_ref()
                     .map(|e| format!(" error={e}"))
                     .unwrap_or_default()
+            )?;
+        }
+        if self.udp != UdpCounts::default() {
+            writeln!(
+                f,
+                "  udp 127.0.0.1:{} storm={} tucso={} other={}",
+                self.attack_udp_port, self.udp.storm, self.udp.tucso, self.udp.other
             )?;
         }
         for e in &self.errors {
@@ -281,6 +328,7 @@ struct Shared {
     requests: Vec<HttpRecord>,
     uploads: Vec<UploadRecord>,
     errors: Vec<String>,
+    udp: UdpCounts,
     /// Open connections, shut down when the endpoints stop.
     open: BTreeMap<u64, TcpStream>,
     next_id: u64,
@@ -318,6 +366,7 @@ pub struct Endpoints {
     pub http_port: u16,
     pub upload_port: u16,
     pub inspect_drop_port: u16,
+    pub attack_udp_port: u16,
     pub options: NetOptions,
     files: Vec<ServedFile>,
     state: State,
@@ -371,6 +420,22 @@ impl Endpoints {
         let http_port = port(&http, "HTTP server")?;
         let upload_port = port(&upload, "upload listener")?;
         let inspect_drop_port = port(&http_drop, "inspect-drop HTTP server")?;
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|u| {
+                u.set_read_timeout(Some(Duration::from_millis(100)))
+                    .map(|()| u)
+            })
+            .map_err(|source| EndpointError::Bind {
+                what: "attack UDP sink",
+                source,
+            })?;
+        let attack_udp_port =
+            udp.local_addr()
+                .map(|a| a.port())
+                .map_err(|source| EndpointError::Bind {
+                    what: "attack UDP sink",
+                    source,
+                })?;
         let state = State::default();
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(served);
@@ -383,11 +448,13 @@ impl Endpoints {
                 serve_http(s, &served2, c)
             }),
             spawn_acceptor(upload, state.clone(), stop.clone(), receive_upload),
+            spawn_udp_sink(udp, state.clone(), stop.clone()),
         ];
         Ok(Endpoints {
             http_port,
             upload_port,
             inspect_drop_port,
+            attack_udp_port,
             options,
             files,
             state,
@@ -399,19 +466,17 @@ impl Endpoints {
     /// What the guest needs to know, as kernel command-line words (read by `guest/init` from
     /// /proc/cmdline; the dotted names are ignored by the kernel and not passed to init).
     pub fn guest_cmdline(&self) -> String {
-        let reboot = if self.options.reboot {
-            " ally.reboot=1"
-        } else {
-            ""
-        };
+        let attacks = attack::guest_cmdline(&self.options.attacks, &self.options.resets);
         format!(
-            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={}{reboot}",
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={} ally.attack_udp={}{}{attacks}",
             self.http_port,
             self.upload_port,
             self.options.upload_bytes,
             self.options.small_bytes,
             self.options.streams,
-            self.inspect_drop_port
+            self.inspect_drop_port,
+            self.attack_udp_port,
+            if attacks.is_empty() { "" } else { " " },
         )
     }
 
@@ -419,7 +484,7 @@ impl Endpoints {
     pub fn report(&self) -> NetReport {
         let s = lock(&self.state);
         NetReport {
-            options: self.options,
+            options: self.options.clone(),
             http_port: self.http_port,
             upload_port: self.upload_port,
             inspect_drop_port: self.inspect_drop_port,
@@ -427,6 +492,8 @@ impl Endpoints {
             requests: s.requests.clone(),
             uploads: s.uploads.clone(),
             errors: s.errors.clone(),
+            attack_udp_port: self.attack_udp_port,
+            udp: s.udp,
         }
     }
 
@@ -468,6 +535,25 @@ impl Drop for Endpoints {
             self.shutdown();
         }
     }
+}
+
+/// Counts the datagrams the attacks send (slirp forwards the guest's 10.0.2.2:PORT to the
+/// host's 127.0.0.1:PORT) until `stop`.
+fn spawn_udp_sink(sock: UdpSocket, state: State, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::SeqCst) {
+            match sock.recv(&mut buf) {
+                Ok(n) => lock(&state).udp.count(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    lock(&state).errors.push(format!("udp sink: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
 }
 
 /// Accepts until `stop`; each connection gets a thread running `handle`.
@@ -675,7 +761,8 @@ mod tests {
             small_bytes: 4097,
             upload_bytes: 1000,
             streams: 2,
-            reboot: false,
+            resets: Vec::new(),
+            attacks: Vec::new(),
             seed: 7,
         }
     }
@@ -791,8 +878,8 @@ mod tests {
         assert_eq!(
             cmdline,
             format!(
-                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.streams=2 ally.inspect_drop={}",
-                rep.http_port, rep.upload_port, rep.inspect_drop_port
+                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.streams=2 ally.inspect_drop={} ally.attack_udp={}",
+                rep.http_port, rep.upload_port, rep.inspect_drop_port, rep.attack_udp_port
             )
         );
         let big = rep.file("big").unwrap();
@@ -854,6 +941,39 @@ mod tests {
         assert_eq!(
             Endpoints::start(o).unwrap_err().to_string(),
             "upload of 0 bytes is out of range 1..=268435456"
+        );
+    }
+
+    #[test]
+    fn udp_sink_counts_by_payload() {
+        let mut o = small_options();
+        o.attacks = vec![Attack::AlertStorm];
+        o.resets = vec![ResetMethod::Reboot];
+        let e = Endpoints::start(o).unwrap();
+        assert!(e
+            .guest_cmdline()
+            .ends_with(" ally.attacks=alert-storm ally.resets=reboot"));
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for p in [
+            &b"ALLY-ALERT-STORM seq=000001"[..],
+            b"ALLY-ALERT-STORM seq=000002",
+            b"xxALLY-ATTACK-TUCSO\0\0",
+            b"hello",
+        ] {
+            s.send_to(p, ("127.0.0.1", e.attack_udp_port)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while e.report().udp.other == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rep = e.stop();
+        assert_eq!(
+            rep.udp,
+            UdpCounts {
+                storm: 2,
+                tucso: 1,
+                other: 1
+            }
         );
     }
 }

@@ -1,4 +1,5 @@
-//! The test guest: Debian's kernel, an initramfs (busybox-static, e1000.ko, `guest/init`) and
+//! The test guest: Debian's kernel, an initramfs (busybox-static, e1000.ko, msr.ko,
+//! `guest/init`, the attacker `ally-attack`) and
 //! a raw BIOS-bootable disk (MBR + syslinux on one FAT16 partition), built without root or loop
 //! devices and cached by a hash of every input.
 
@@ -120,7 +121,11 @@ pub struct GuestSources {
     pub busybox: PathBuf,
     /// e1000.ko, possibly compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`).
     pub e1000: PathBuf,
+    /// msr.ko (/dev/cpu/N/msr for the MSR attack), possibly compressed.
+    pub msr: PathBuf,
     pub init: PathBuf,
+    /// The attacker (`guest/attack`, a static x86_64-unknown-linux-musl binary).
+    pub attack: PathBuf,
 }
 
 /// `${ALLY_CACHE:-$HOME/.cache/ally}`, where scripts/setup.sh unpacks the guest debs.
@@ -158,8 +163,9 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>, GuestError> {
 
 impl GuestSources {
     /// Finds the unpacked debs under `cache/debs` (layout made by scripts/setup.sh: the
-    /// `linux-image` link to the kernel package and `busybox-static`) and the init script.
-    pub fn locate(cache: &Path, init: &Path) -> Result<GuestSources, GuestError> {
+    /// `linux-image` link to the kernel package and `busybox-static`), the init script and the
+    /// attacker binary.
+    pub fn locate(cache: &Path, init: &Path, attack: &Path) -> Result<GuestSources, GuestError> {
         let debs = cache.join("debs");
         let kpkg = debs.join("linux-image");
         let boot = kpkg.join("boot");
@@ -192,6 +198,18 @@ impl GuestSources {
                 })
                 .collect(),
         )?;
+        let msr_dir = version_dir.join("kernel/arch/x86/kernel");
+        let msr = single(
+            "msr module (msr.ko[.xz|.zst|.gz])",
+            &msr_dir,
+            entries(&msr_dir)?
+                .into_iter()
+                .filter(|p| {
+                    let n = file_name(p);
+                    n == "msr.ko" || n.starts_with("msr.ko.")
+                })
+                .collect(),
+        )?;
         let busybox = debs.join("busybox-static/bin/busybox");
         if !busybox.is_file() {
             return Err(GuestError::MissingInput {
@@ -205,11 +223,19 @@ impl GuestSources {
                 path: init.to_path_buf(),
             });
         }
+        if !attack.is_file() {
+            return Err(GuestError::MissingInput {
+                what: "attacker binary (cargo build -p ally-attack --release --target x86_64-unknown-linux-musl)",
+                path: attack.to_path_buf(),
+            });
+        }
         Ok(GuestSources {
             kernel,
             busybox,
             e1000,
+            msr,
             init: init.to_path_buf(),
+            attack: attack.to_path_buf(),
         })
     }
 }
@@ -264,7 +290,8 @@ pub fn syslinux_cfg(cmdline: &str) -> String {
 }
 
 /// The initramfs: `/init` (the test script), busybox (its applet links are made by init
-/// itself with `busybox --install -s`) and `/lib/modules/e1000.ko`.
+/// itself with `busybox --install -s`), `/bin/ally-attack`, `/lib/modules/e1000.ko` and
+/// `/lib/modules/msr.ko`.
 pub fn build_initramfs(src: &GuestSources) -> Result<Vec<u8>, GuestError> {
     let mut w = CpioWriter::new();
     for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
@@ -274,7 +301,9 @@ pub fn build_initramfs(src: &GuestSources) -> Result<Vec<u8>, GuestError> {
     // The init script's interpreter line is #!/bin/busybox sh; `sh` is handy before --install.
     w.symlink("bin/sh", "busybox")?;
     w.file("init", 0o755, &read(&src.init)?)?;
+    w.file("bin/ally-attack", 0o755, &read(&src.attack)?)?;
     w.file("lib/modules/e1000.ko", 0o644, &plain_module(&src.e1000)?)?;
+    w.file("lib/modules/msr.ko", 0o644, &plain_module(&src.msr)?)?;
     let archive = w.finish();
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&archive)
@@ -289,7 +318,14 @@ pub fn input_hash(src: &GuestSources, cmdline: &str) -> Result<String, GuestErro
     h.update([0]);
     h.update(cmdline.as_bytes());
     h.update([0]);
-    for p in [&src.kernel, &src.busybox, &src.e1000, &src.init] {
+    for p in [
+        &src.kernel,
+        &src.busybox,
+        &src.e1000,
+        &src.msr,
+        &src.init,
+        &src.attack,
+    ] {
         h.update(file_name(p).as_bytes());
         h.update([0]);
         h.update(read(p)?);
@@ -540,11 +576,15 @@ mod tests {
             kernel: dir.join("vmlinuz-6.1.0-test-amd64"),
             busybox: dir.join("busybox"),
             e1000: dir.join("e1000.ko"),
+            msr: dir.join("msr.ko"),
             init: dir.join("init"),
+            attack: dir.join("ally-attack"),
         };
         fs::write(&s.kernel, vec![0xa5; 300_000]).unwrap();
         fs::write(&s.busybox, b"\x7fELF busybox").unwrap();
         fs::write(&s.e1000, b"\x7fELF e1000").unwrap();
+        fs::write(&s.msr, b"\x7fELF msr").unwrap();
+        fs::write(&s.attack, b"\x7fELF ally-attack").unwrap();
         fs::write(&s.init, b"#!/bin/busybox sh\necho ALLYTEST init PASS\n").unwrap();
         s
     }
@@ -564,6 +604,8 @@ mod tests {
             "bin/busybox",
             "bin/sh",
             "lib/modules/e1000.ko",
+            "lib/modules/msr.ko",
+            "bin/ally-attack",
             "proc",
             "sys",
             "dev",
@@ -650,13 +692,22 @@ mod tests {
         let changed = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
         assert!(changed.built);
         assert_ne!(changed.hash, img.hash);
+        // A rebuilt attacker: a new image too.
+        fs::write(&src.attack, b"\x7fELF ally-attack v2").unwrap();
+        let again = build_guest_image(&src, &cache, KERNEL_CMDLINE).unwrap();
+        assert!(again.built);
+        assert_ne!(again.hash, changed.hash);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn missing_cache_names_setup() {
-        let e = GuestSources::locate(Path::new("/nonexistent-ally-cache"), Path::new("/x"))
-            .unwrap_err();
+        let e = GuestSources::locate(
+            Path::new("/nonexistent-ally-cache"),
+            Path::new("/x"),
+            Path::new("/y"),
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("scripts/setup.sh"), "{msg}");
     }

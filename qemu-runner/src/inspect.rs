@@ -20,6 +20,8 @@ pub const SID_DROP: u64 = 1_000_101;
 pub const SID_ALERT: u64 = 1_000_102;
 /// `drop` of [`FORBIDDEN_UPLOAD`] sent to the upload port.
 pub const SID_UPLOAD: u64 = 1_000_103;
+/// `alert` on the alert storm's payload to the attack UDP sink (issue 11).
+pub const SID_STORM: u64 = 1_000_104;
 /// The marker string the guest's inspection upload carries (`guest/init` has its own copy).
 pub const FORBIDDEN_UPLOAD: &str = "ALLY-FORBIDDEN-UPLOAD";
 
@@ -37,6 +39,8 @@ pub struct InspectPorts {
     pub http: u16,
     pub inspect_drop: u16,
     pub upload: u16,
+    /// The attack UDP sink (`$ALLY_STORM_PORT`, the alert storm's target).
+    pub storm: u16,
 }
 
 impl InspectPorts {
@@ -44,8 +48,8 @@ impl InspectPorts {
     pub fn vars_text(&self) -> String {
         format!(
             "# Written by ally-run for tests/rules/inspect.rules: this run's endpoint ports.\n\
-             portvar ALLY_HTTP_PORT {}\nportvar ALLY_INSPECT_DROP_PORT {}\nportvar ALLY_UPLOAD_PORT {}\n",
-            self.http, self.inspect_drop, self.upload
+             portvar ALLY_HTTP_PORT {}\nportvar ALLY_INSPECT_DROP_PORT {}\nportvar ALLY_UPLOAD_PORT {}\nportvar ALLY_STORM_PORT {}\n",
+            self.http, self.inspect_drop, self.upload, self.storm
         )
     }
 }
@@ -355,6 +359,7 @@ mod tests {
         http: 40001,
         inspect_drop: 40002,
         upload: 40003,
+        storm: 40004,
     };
 
     /// Ethernet + IPv4 + TCP (checksums zero: the engine does not verify them).
@@ -385,6 +390,35 @@ mod tests {
         f
     }
 
+    /// Ethernet + IPv4 + UDP from the guest (checksums zero).
+    fn udp_frame(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![
+            0x52, 0x55, 10, 0, 2, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x08, 0x00,
+        ];
+        let total = (20 + 8 + payload.len()) as u16;
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            1,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2]);
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
     /// The rules file, compiled with this run's kind of variables file, gives the verdicts and
     /// sids the checks expect, port by port.
     #[test]
@@ -401,7 +435,7 @@ mod tests {
         let mut upload = benign[..500].to_vec();
         upload.extend_from_slice(FORBIDDEN_UPLOAD.as_bytes());
         type Case<'a> = (&'a str, Vec<u8>, Direction, Verdict, Option<(u64, &'a str)>);
-        let cases: [Case; 6] = [
+        let cases: [Case; 8] = [
             (
                 "eicar from the drop port",
                 tcp_frame(40002, 5555, seg),
@@ -440,6 +474,20 @@ mod tests {
             (
                 "marker to another port",
                 tcp_frame(5555, 40001, &upload),
+                Direction::ToWire,
+                Verdict::Pass,
+                None,
+            ),
+            (
+                "alert storm datagram to the storm port",
+                udp_frame(40000, 40004, b"ALLY-ALERT-STORM seq=000001"),
+                Direction::ToWire,
+                Verdict::Alert,
+                Some((SID_STORM, "allowed")),
+            ),
+            (
+                "alert storm datagram to another port",
+                udp_frame(40000, 40003, b"ALLY-ALERT-STORM seq=000001"),
                 Direction::ToWire,
                 Verdict::Pass,
                 None,

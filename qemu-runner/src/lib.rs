@@ -10,6 +10,7 @@
 //! assert!(result.passed());
 //! ```
 
+pub mod attack;
 pub mod bochs;
 pub mod checks;
 pub mod cpio;

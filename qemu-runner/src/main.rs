@@ -5,6 +5,7 @@
 //!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
 //!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE]
+//!         [--reboot | --resets M1,M2,...] [--attacks A1,A2,...]
 //! ```
 //! Exit status: 0 when every check passed, 1 when the run failed a check, 2 when it could not
 //! run (bad option, missing tool or input).
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ally_runner::attack::{self, Attack, ResetMethod};
 use ally_runner::endpoints::NetOptions;
 use ally_runner::{run, EmulatorChoice, Mode, RulesInput, RunOptions};
 use clap::{Args, Parser, Subcommand};
@@ -98,9 +100,35 @@ struct Common {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=16))]
     net_streams: u32,
     /// Reboot the guest after its workload; the second boot brings the e1000 up again and
-    /// moves small.bin both ways.
-    #[arg(long)]
+    /// moves small.bin both ways (the same as `--resets reboot`).
+    #[arg(long, conflicts_with = "resets")]
     reboot: bool,
+    /// The reset chain after the workload: boot k ends with reset method k (kbc-pulse,
+    /// kbc-output, port92-word, cf9-word, cf9-byte, acpi-reset-reg, triple-fault, reboot); the
+    /// last boot brings the e1000 up again and moves small.bin both ways.
+    #[arg(long, value_parser = parse_resets)]
+    resets: Option<Resets>,
+    /// The guest-side attacks of issue 11 to run (sleep, msr, pci-race, ipi-logical, swxoff,
+    /// eeprom, tucso, alert-storm), comma-separated.
+    #[arg(long, value_parser = parse_attacks)]
+    attacks: Option<Attacks>,
+}
+
+#[derive(Clone)]
+struct Resets(Vec<ResetMethod>);
+#[derive(Clone)]
+struct Attacks(Vec<Attack>);
+
+fn parse_resets(s: &str) -> Result<Resets, String> {
+    attack::parse_list(s, ResetMethod::parse)
+        .map(Resets)
+        .map_err(|e| format!("{e} reset method"))
+}
+
+fn parse_attacks(s: &str) -> Result<Attacks, String> {
+    attack::parse_list(s, Attack::parse)
+        .map(Attacks)
+        .map_err(|e| format!("{e} attack"))
 }
 
 /// `123`, `512K` or `16M` (binary units) as bytes.
@@ -132,7 +160,12 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
         small_bytes: c.net_small,
         upload_bytes: c.net_upload,
         streams: c.net_streams,
-        reboot: c.reboot,
+        resets: match (c.resets, c.reboot) {
+            (Some(r), _) => r.0,
+            (None, true) => vec![ResetMethod::Reboot],
+            (None, false) => Vec::new(),
+        },
+        attacks: c.attacks.map(|a| a.0).unwrap_or_default(),
         ..NetOptions::default()
     });
     o

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::attack;
 use crate::checks::{self, Check, GUEST_RAM_MIB};
 use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFiles, Running};
 use crate::endpoints::{EndpointError, Endpoints, NetOptions, NetReport};
@@ -60,9 +61,13 @@ pub struct RunOptions {
     pub workspace: PathBuf,
     /// A prebuilt Ally image; `None` builds it with cargo.
     pub ally_image: Option<PathBuf>,
+    /// A prebuilt attacker for the guest (`ally-attack` for x86_64-unknown-linux-musl);
+    /// `None` builds it with cargo (into `ally_target_dir`).
+    pub attack_binary: Option<PathBuf>,
     /// The guest kernel's command line (default [`guest::KERNEL_CMDLINE`]).
     pub kernel_cmdline: String,
-    /// The cargo target directory for building the Ally image (`None`: `$CARGO_TARGET_DIR`
+    /// The cargo target directory for building the Ally image and the guest's attacker
+    /// (`None`: `$CARGO_TARGET_DIR`
     /// or `<workspace>/target`). Tests must use their own (cargo locks its target directory
     /// while tests run).
     pub ally_target_dir: Option<PathBuf>,
@@ -102,6 +107,7 @@ impl RunOptions {
             cache: guest::default_cache_dir(),
             workspace,
             ally_image: None,
+            attack_binary: None,
             ally_target_dir: None,
             kernel_cmdline: guest::KERNEL_CMDLINE.to_string(),
             net: Some(NetOptions::default()),
@@ -121,6 +127,8 @@ pub enum RunError {
     Emulator(EmulatorError),
     Endpoints(EndpointError),
     Rules(RulesError),
+    /// Building the guest's attacker (`cargo build -p ally-attack`).
+    Attack(crate::tool::ToolError),
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -136,6 +144,7 @@ impl fmt::Display for RunError {
             RunError::Emulator(e) => e.fmt(f),
             RunError::Endpoints(e) => write!(f, "host network endpoints: {e}"),
             RunError::Rules(e) => write!(f, "rules: {e}"),
+            RunError::Attack(e) => write!(f, "building the guest's attacker (ally-attack): {e}"),
             RunError::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }
@@ -559,7 +568,23 @@ pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepare
         Mode::Baseline => BootTarget::Disk,
     };
 
-    let src = GuestSources::locate(&opts.cache, &opts.workspace.join("guest/init"))?;
+    let attack = match &opts.attack_binary {
+        Some(p) => p.clone(),
+        None => {
+            if opts.progress.is_some() {
+                progress(
+                    &opts.name,
+                    &format!(
+                        "building the guest's attacker (cargo build -p ally-attack --release --target {})",
+                        attack::ATTACK_TARGET
+                    ),
+                );
+            }
+            attack::build_attack_binary(&opts.workspace, opts.ally_target_dir.as_deref())
+                .map_err(RunError::Attack)?
+        }
+    };
+    let src = GuestSources::locate(&opts.cache, &opts.workspace.join("guest/init"), &attack)?;
     let cache_root = opts.out_root.join("cache");
     fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
     let image = guest::build_guest_image(&src, &cache_root, &opts.kernel_cmdline)?;
@@ -589,14 +614,15 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     // The host endpoints listen first: their ports go into the inspection rules' variables
     // (before the rules blob and the ISO are built) and on the kernel command line of this
     // run's disk copy.
-    let endpoints = match opts.net {
-        Some(n) => Some(Endpoints::start(n).map_err(RunError::Endpoints)?),
+    let endpoints = match &opts.net {
+        Some(n) => Some(Endpoints::start(n.clone()).map_err(RunError::Endpoints)?),
         None => None,
     };
     let ports = endpoints.as_ref().map(|e| InspectPorts {
         http: e.http_port,
         inspect_drop: e.inspect_drop_port,
         upload: e.upload_port,
+        storm: e.attack_udp_port,
     });
     let Prepared {
         files,
@@ -605,7 +631,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         lock: _lock,
     } = prepare(opts, ports)?;
     let emulator = opts.emulator.resolve()?;
-    if let (Some(e), Some(n)) = (&endpoints, opts.net) {
+    if let (Some(e), Some(n)) = (&endpoints, &opts.net) {
         // The ring-base attack only under Ally: on the bare device it would aim real DMA at
         // memory beyond the guest's RAM (Bochs' e1000 crashes the emulator doing that).
         let attack = if opts.mode == Mode::Ally {
@@ -621,7 +647,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             progress(
                 &opts.name,
                 &format!(
-                    "host endpoints: HTTP 127.0.0.1:{} (big.bin {} B, small.bin {} B, eicar.bin {} B), inspect-drop HTTP 127.0.0.1:{}, upload 127.0.0.1:{} ({} B){}",
+                    "host endpoints: HTTP 127.0.0.1:{} (big.bin {} B, small.bin {} B, eicar.bin {} B), inspect-drop HTTP 127.0.0.1:{}, upload 127.0.0.1:{} ({} B), attack UDP 127.0.0.1:{}{}",
                     e.http_port,
                     n.big_bytes,
                     n.small_bytes,
@@ -629,6 +655,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                     e.inspect_drop_port,
                     e.upload_port,
                     n.upload_bytes,
+                    e.attack_udp_port,
                     if inspection {
                         format!("; rules {}", inspect::RULES_FILE)
                     } else {
@@ -684,10 +711,11 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     });
     if let Some(n) = &net {
         all_checks.extend(checks::network_checks(&guest, n));
+        all_checks.push(attack::attack_markers_check(&guest, &n.options.attacks));
         if opts.mode == Mode::Ally {
             all_checks.extend(checks::nic_checks(&guest, &ally));
-            if n.options.reboot {
-                all_checks.push(checks::ally_guest_reset(&ally));
+            if !n.options.resets.is_empty() {
+                all_checks.push(checks::ally_guest_reset(&ally, n.options.resets.len()));
             }
             all_checks.push(inspect::ring_attack_check(&guest, &ally));
             if inspection {

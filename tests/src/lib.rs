@@ -12,6 +12,14 @@ pub fn prebuilt_ally_image() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// `ALLY_ATTACK`, when set, names a prebuilt guest attacker (`ally-attack` for
+/// x86_64-unknown-linux-musl; scripts/test.sh builds it once and passes it).
+pub fn prebuilt_attack_binary() -> Option<PathBuf> {
+    std::env::var_os("ALLY_ATTACK")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// The failed checks of a run, one per line, for an assertion message.
 pub fn failures(result: &RunResult) -> String {
     result

@@ -5,17 +5,24 @@
 //!
 //! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does).
 
+use ally_runner::attack::{Attack, ResetMethod};
 use ally_runner::endpoints::NetOptions;
 use ally_runner::rules::prepare_rules;
 use ally_runner::{run, Mode, Outcome, RulesInput, RunOptions};
-use ally_tests::{check, failures, prebuilt_ally_image};
+use ally_tests::{check, failures, prebuilt_ally_image, prebuilt_attack_binary};
 
 /// The guest alone: validates the guest pipeline (disk, syslinux, kernel, initramfs, e1000,
 /// slirp, the host endpoints and the guest's transfers) independently of Ally, so a failure of
 /// the Ally boot can be told apart.
 #[test]
 fn baseline_guest_boots_and_pings() {
-    let result = run(&RunOptions::new(Mode::Baseline, "e2e-baseline")).expect("baseline run");
+    let mut opts = RunOptions::new(Mode::Baseline, "e2e-baseline");
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.attack_binary.is_none() {
+        // cargo keeps its own target directory locked while this test runs.
+        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
+    }
+    let result = run(&opts).expect("baseline run");
     println!("{result}");
     assert_eq!(result.outcome, Outcome::Completed, "{}", failures(&result));
     assert!(result.guest.init_reached(), "guest init not reached");
@@ -56,9 +63,21 @@ fn e2e_rules() -> std::path::PathBuf {
 /// scenario; Ally's default dpi_cores=1).
 #[test]
 fn ally_hides_its_region_and_guest_pings() {
-    // The guest reboots at the end: Ally restarts it, and its e1000 works again.
+    // The guest resets itself by five methods in a row at the end (issue 11's reset chain):
+    // Ally restarts it each time, and its e1000 works again after the last.
     let net = NetOptions {
-        reboot: true,
+        resets: vec![
+            ResetMethod::KbcOutput,
+            ResetMethod::Port92Word,
+            ResetMethod::Cf9Word,
+            ResetMethod::AcpiResetReg,
+            ResetMethod::Reboot,
+        ],
+        // Issue 11's attacks but the CONFIG_ADDRESS race, which needs two OS cores.
+        attacks: Attack::ALL
+            .into_iter()
+            .filter(|&a| a != Attack::PciRace)
+            .collect(),
         ..NetOptions::default()
     };
     ally_boot_passes_every_check("e2e-ally", 2, net, "");
@@ -76,14 +95,16 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
         big_bytes: 4 << 20,
         upload_bytes: 4 << 20,
         small_bytes: 512 << 10,
-        reboot: true,
+        resets: vec![ResetMethod::Reboot],
+        // Every attack of issue 11, the CONFIG_ADDRESS race on two of the three OS cores.
+        attacks: Attack::ALL.to_vec(),
         ..NetOptions::default()
     };
     ally_boot_passes_every_check("e2e-ally-4cpu", 4, net, "mode=zero-copy");
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 17] = [
+const NETWORK_CHECKS: [&str; 18] = [
     "download",
     "upload",
     "nic-reload",
@@ -106,6 +127,9 @@ const NETWORK_CHECKS: [&str; 17] = [
     "inspect-upload",
     "ring-attack",
     "rules",
+    // Every attack of issue 11 the scenario asked for printed its marker (Ally's side of each
+    // is judged by its own checks).
+    "attack-markers",
 ];
 
 /// Boots Ally (with `ally_options`) and the test guest on `cpus` CPUs (one of them a DPI
@@ -119,11 +143,12 @@ fn ally_boot_passes_every_check(
 ) {
     let mut opts = RunOptions::new(Mode::Ally, name);
     assert!(opts.rules.is_none(), "the default rules apply");
-    opts.net = Some(net);
+    opts.net = Some(net.clone());
     opts.ally_options = ally_options.to_string();
     opts.cpus = cpus;
     opts.ally_image = prebuilt_ally_image();
-    if opts.ally_image.is_none() {
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
         // cargo keeps its own target directory locked while this test runs.
         opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
     }
@@ -132,7 +157,7 @@ fn ally_boot_passes_every_check(
     // Each named check, so a failure message says exactly which property broke.
     for name in [
         "run",
-        // `ALLY rules loaded=4`: the rules module was found, verified and built.
+        // `ALLY rules loaded=5`: the rules module was found, verified and built.
         "rules",
         "init",
         "ally-region",
@@ -185,11 +210,11 @@ fn ally_boot_passes_every_check(
         let c = check(&result, name);
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
-    if net.reboot {
+    if !net.resets.is_empty() {
         let c = check(&result, "ally-guest-reset");
         assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
     }
-    assert_eq!(rules.number("loaded").ok(), Some(4), "{}", rules.line);
+    assert_eq!(rules.number("loaded").ok(), Some(5), "{}", rules.line);
     assert_eq!(rules.number("drop").ok(), Some(2), "{}", rules.line);
     if let Some(mode) = ally_options.strip_prefix("mode=") {
         let claimed = result
@@ -217,7 +242,8 @@ fn ally_boot_passes_every_check(
 fn unknown_option_stops_ally_before_the_guest() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-option");
     opts.ally_image = prebuilt_ally_image();
-    if opts.ally_image.is_none() {
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
         opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
     }
     opts.ally_options = "log=info frobnicate=1".to_string();
@@ -250,7 +276,8 @@ fn unknown_option_stops_ally_before_the_guest() {
 fn corrupt_rules_blob_stops_ally_before_the_guest() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-rules");
     opts.ally_image = prebuilt_ally_image();
-    if opts.ally_image.is_none() {
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
         opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
     }
     // A good blob of the e2e rules with one payload byte flipped.

@@ -1,0 +1,949 @@
+//! The attacks. Each returns the one marker it prints; none waits without a timeout. They run
+//! inside the test guest only (see main.rs).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::acpi::{self, Gas};
+use crate::e1000 as nic;
+use crate::marker::Marker;
+use crate::pci;
+use crate::port::{inb, inw, outb, outl, outw};
+use crate::sys::{self, errno_name, DmaPage, MsrDev, PhysMap, SysError};
+
+fn sleep_ms(ms: u64) {
+    thread::sleep(Duration::from_millis(ms));
+}
+
+/// The result word of an MSR access: `ok` or the errno name (EIO: the CPU raised #GP).
+fn msr_result<T>(r: &Result<T, SysError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => errno_name(e.errno),
+    }
+}
+
+// --- 1. sleep states through PM1_CNT -----------------------------------------------------------
+
+/// Writes SLP_TYP|SLP_EN for every S1..S4 the DSDT defines (never S5's value): Ally must
+/// refuse them; the guest keeps running.
+pub fn sleep() -> Marker {
+    let mut m = Marker::new("attack-sleep");
+    let fadt = match std::fs::read(acpi::FADT_PATH) {
+        Ok(t) => acpi::parse_fadt(&t),
+        Err(e) => {
+            m.field("error", format_args!("read_FACP:{e}"));
+            return m;
+        }
+    };
+    let fadt = match fadt {
+        Ok(f) => f,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    let dsdt = std::fs::read(acpi::DSDT_PATH).unwrap_or_default();
+    let s5 = acpi::sleep_type(&dsdt, 5);
+    // Never S5's type (power off); with S5 unknown, never 0 either.
+    let off = s5.unwrap_or(0);
+    let mut plan: Vec<(String, u8)> = (1..=4)
+        .filter_map(|s| acpi::sleep_type(&dsdt, s).map(|t| (format!("S{s}"), t)))
+        .filter(|(_, t)| *t != off)
+        .collect();
+    let from_dsdt = !plan.is_empty();
+    if !from_dsdt {
+        plan = (1..=7u8)
+            .filter(|t| *t != off)
+            .map(|t| (format!("T{t}"), t))
+            .collect();
+    }
+    m.hex("port", fadt.pm1a_cnt.into());
+    if fadt.pm1b_cnt != 0 {
+        m.hex("port_b", fadt.pm1b_cnt.into());
+    }
+    m.field("s5", s5.map_or("none".to_string(), |t| t.to_string()));
+    m.field("from_dsdt", u8::from(from_dsdt));
+    if fadt.pm1a_cnt == 0 {
+        m.field("error", "no_PM1a_CNT_BLK");
+        return m;
+    }
+    let ports = [fadt.pm1a_cnt, fadt.pm1b_cnt];
+    for p in ports.into_iter().filter(|&p| p != 0) {
+        if let Err(e) = sys::port_access(p, 2) {
+            m.field("error", e);
+            return m;
+        }
+    }
+    // SAFETY: port access granted above; reading PM1_CNT has no side effect.
+    let before = unsafe { inw(fadt.pm1a_cnt) };
+    m.hex("pm1_before", before.into());
+    let mut tried = Vec::new();
+    for (state, typ) in &plan {
+        for p in ports.into_iter().filter(|&p| p != 0) {
+            // SAFETY: port access granted above; a sleep request is the attack's intent.
+            unsafe {
+                let cur = inw(p);
+                outw(p, acpi::pm1_sleep_value(cur, *typ));
+            }
+        }
+        tried.push(format!("{state}:{typ}"));
+        sleep_ms(100);
+    }
+    // SAFETY: as above.
+    let after = unsafe { inw(fadt.pm1a_cnt) };
+    m.hex("pm1_after", after.into());
+    m.field("tried", tried.join(","));
+    m.field("alive", 1);
+    m
+}
+
+// --- 2. MSR writes -------------------------------------------------------------------------------
+
+pub const IA32_RTIT_OUTPUT_BASE: u32 = 0x560;
+pub const IA32_RTIT_CTL: u32 = 0x570;
+pub const IA32_DS_AREA: u32 = 0x600;
+pub const IA32_PEBS_ENABLE: u32 = 0x3f1;
+pub const IA32_MTRR_PHYSBASE0: u32 = 0x200;
+pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+pub const IA32_PERF_CTL: u32 = 0x199;
+pub const MSR_PKG_POWER_LIMIT: u32 = 0x610;
+pub const IA32_APIC_BASE: u32 = 0x1b;
+pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
+
+/// WRMSRs a guest must not get through (trace/DS output into any address, memory types,
+/// power limits, the APIC base): each one's result.
+pub fn msr(target: u64) -> Marker {
+    let mut m = Marker::new("attack-msr");
+    let _ = sys::pin_to_cpu(0);
+    let dev = match MsrDev::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    m.hex("target", target);
+    for (msr, value) in [
+        (IA32_RTIT_OUTPUT_BASE, target),
+        (IA32_RTIT_CTL, 1),
+        (IA32_DS_AREA, target),
+        (IA32_PEBS_ENABLE, 1),
+        (IA32_PERF_CTL, 0xff00),
+        (MSR_PKG_POWER_LIMIT, 0x0000_8008_0000_8008),
+        (IA32_FEATURE_CONTROL, 5),
+    ] {
+        m.field(&format!("{msr:#x}"), msr_result(&dev.write(msr, value)));
+    }
+    // Read-modify-write-read: the memory type of variable MTRR 0, fast-strings in MISC_ENABLE.
+    for (msr, key, change) in [
+        (
+            IA32_MTRR_PHYSBASE0,
+            "mtrr",
+            (|v: u64| (v & !0xff) | if v & 0xff == 6 { 0 } else { 6 }) as fn(u64) -> u64,
+        ),
+        (IA32_MISC_ENABLE, "misc_enable", |v: u64| v ^ 1),
+    ] {
+        match dev.read(msr) {
+            Err(e) => {
+                m.field(
+                    &format!("{msr:#x}"),
+                    format_args!("read_{}", errno_name(e.errno)),
+                );
+            }
+            Ok(orig) => {
+                let w = dev.write(msr, change(orig));
+                m.field(&format!("{msr:#x}"), msr_result(&w));
+                m.hex(&format!("{key}_before"), orig);
+                match dev.read(msr) {
+                    Ok(now) => {
+                        m.hex(&format!("{key}_readback"), now);
+                        if now != orig {
+                            m.field(
+                                &format!("{key}_restored"),
+                                msr_result(&dev.write(msr, orig)),
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        m.field(&format!("{key}_readback"), errno_name(e.errno));
+                    }
+                }
+            }
+        }
+    }
+    // The APIC base: a reserved bit (9), then the base moved onto the HPET page.
+    match dev.read(IA32_APIC_BASE) {
+        Err(e) => {
+            m.field("0x1b", format_args!("read_{}", errno_name(e.errno)));
+        }
+        Ok(orig) => {
+            m.hex("apic_base_before", orig);
+            m.field(
+                "0x1b_reserved",
+                msr_result(&dev.write(IA32_APIC_BASE, orig | (1 << 9))),
+            );
+            let moved = 0xfed0_0000 | (orig & (1 << 8)) | (1 << 11);
+            m.field("0x1b_moved", msr_result(&dev.write(IA32_APIC_BASE, moved)));
+            if let Ok(now) = dev.read(IA32_APIC_BASE) {
+                m.hex("apic_base_after", now);
+                if now != orig {
+                    m.field(
+                        "apic_base_restored",
+                        msr_result(&dev.write(IA32_APIC_BASE, orig)),
+                    );
+                }
+            }
+        }
+    }
+    m
+}
+
+// --- 3. the CONFIG_ADDRESS race and odd configuration accesses -----------------------------------
+
+const CONFIG_ADDRESS: u16 = 0xcf8;
+const CONFIG_DATA: u16 = 0xcfc;
+
+fn nic_config_path(name: &str) -> String {
+    format!("{}/{name}/config", pci::SYSFS_DEVICES)
+}
+
+fn bar1(config: &str) -> String {
+    match sys::pread_u32(config, 0x14) {
+        Ok(v) => format!("{v:#x}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Puts BAR1 back through sysfs when an attack moved it (the guest's driver keeps working).
+fn restore_bar1(m: &mut Marker, key: &str, config: &str, before: Option<u32>) {
+    let now = sys::pread_u32(config, 0x14).ok();
+    if let (Some(b), Some(n)) = (before, now) {
+        if b != n {
+            let r = sys::pwrite(config, 0x14, &b.to_le_bytes());
+            m.field(key, r.map_or_else(|e| e.to_string(), |()| "1".into()));
+        }
+    }
+}
+
+/// Thread A aims CONFIG_ADDRESS at the NIC's BAR1 while thread B, on another CPU, writes
+/// CONFIG_DATA after aiming at a harmless register: on hardware B's data could land in the
+/// NIC's BAR1. Then mechanism-#2 and misaligned data-port accesses at the BAR.
+pub fn pci_race(iterations: u64, seconds: u64) -> Marker {
+    let mut m = Marker::new("attack-pci-race");
+    let cpus = sys::online_cpus();
+    if cpus.len() < 2 {
+        m.field("skipped", "1cpu");
+        return m;
+    }
+    let Some(name) = pci::find_device(pci::E1000.0, pci::E1000.1) else {
+        m.field("error", "no_e1000");
+        return m;
+    };
+    let Some((bus, dev, func)) = pci::parse_bdf(&name) else {
+        m.field("error", format_args!("bad_name_{name}"));
+        return m;
+    };
+    let config = nic_config_path(&name);
+    let nic_addr = pci::config_address(bus, dev, func, 0x14);
+    // The host bridge's subsystem IDs (read-only).
+    let harmless = pci::config_address(0, 0, 0, 0x2c);
+    let before = sys::pread_u32(&config, 0x14).ok();
+    m.field("nic", &name);
+    m.field("bar1_before", bar1(&config));
+    if let Err(e) = sys::iopl3() {
+        m.field("error", e);
+        return m;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let a_loops = Arc::new(AtomicU64::new(0));
+    let (cpu_a, cpu_b) = (cpus[0], cpus[1]);
+    let aimer = {
+        let (stop, loops) = (stop.clone(), a_loops.clone());
+        thread::spawn(move || {
+            let ok = sys::pin_to_cpu(cpu_a).and_then(|()| sys::iopl3());
+            while ok.is_ok() && !stop.load(Ordering::Relaxed) {
+                // SAFETY: iopl(3) granted to this thread; aiming CONFIG_ADDRESS is the attack.
+                unsafe { outl(CONFIG_ADDRESS, nic_addr) };
+                loops.fetch_add(1, Ordering::Relaxed);
+            }
+            ok
+        })
+    };
+    let writer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let r = sys::pin_to_cpu(cpu_b).and_then(|()| sys::iopl3());
+            let start = Instant::now();
+            let mut n = 0u64;
+            while r.is_ok() && n < iterations && start.elapsed() < Duration::from_secs(seconds) {
+                // SAFETY: iopl(3) granted; the target register is read-only, the race is the attack.
+                unsafe {
+                    outl(CONFIG_ADDRESS, harmless);
+                    outl(CONFIG_DATA, 0x0000_d001);
+                }
+                n += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+            r.map(|()| n)
+        })
+    };
+    let b = writer.join();
+    stop.store(true, Ordering::Relaxed);
+    let a = aimer.join();
+    match (a, b) {
+        (Ok(Ok(())), Ok(Ok(n))) => {
+            m.field("iterations", n);
+            m.field("aimer_loops", a_loops.load(Ordering::Relaxed));
+        }
+        (a, b) => {
+            m.field("error", format_args!("threads_{a:?}_{b:?}"));
+        }
+    }
+    m.field("bar1_after", bar1(&config));
+    restore_bar1(&mut m, "bar1_restored", &config, before);
+
+    // Odd accesses ("cf9-odd"): byte/word data-port writes at 0xCFD-0xCFF and a word across
+    // 0xCFB/0xCFC with CONFIG_ADDRESS at BAR1 (never a write to 0xCF9, the reset register), then
+    // mechanism #2 (enable key at 0xCF8, forward register 0xCFA, device window 0xCnxx).
+    let _ = sys::pin_to_cpu(cpus[0]);
+    let io_range = std::fs::read_to_string(format!("{}/{name}/resource", pci::SYSFS_DEVICES))
+        .ok()
+        .and_then(|t| pci::resource_range(&t, 1));
+    let mech2_port = 0xc000 | (u16::from(dev & 0xf) << 8) | 0x14;
+    let hits_nic = io_range.is_some_and(|(s, e)| (s..=e).contains(&u64::from(mech2_port)));
+    // SAFETY: iopl(3) granted to this thread above; these accesses are the attack.
+    let (rd_cfd, rd_cfe, rd_cfa, rd_cfb) = unsafe {
+        outl(CONFIG_ADDRESS, nic_addr);
+        outb(0xcfd, 0xd0);
+        outl(CONFIG_ADDRESS, nic_addr);
+        outw(0xcfe, 0x0001);
+        outl(CONFIG_ADDRESS, nic_addr);
+        outw(0xcfd, 0xd0d0);
+        outl(CONFIG_ADDRESS, nic_addr);
+        outb(0xcff, 0x00);
+        outl(CONFIG_ADDRESS, nic_addr);
+        outw(0xcfb, 0x0180);
+        outl(CONFIG_ADDRESS, nic_addr);
+        let r = (inb(0xcfd), inw(0xcfe), inb(0xcfa), inb(0xcfb));
+        outb(CONFIG_ADDRESS, 0xf0 | ((func & 7) << 1));
+        outb(0xcfa, bus);
+        if !hits_nic {
+            outl(mech2_port, 0x0000_d001);
+        }
+        outb(CONFIG_ADDRESS, 0);
+        outl(CONFIG_ADDRESS, 0);
+        r
+    };
+    m.field("odd_read_cfd", format_args!("{rd_cfd:#x}"));
+    m.field("odd_read_cfe", format_args!("{rd_cfe:#x}"));
+    m.field("odd_read_cfa", format_args!("{rd_cfa:#x}"));
+    m.field("odd_read_cfb", format_args!("{rd_cfb:#x}"));
+    m.field(
+        "mech2",
+        if hits_nic {
+            format!("skipped_{mech2_port:#x}_in_nic_io_bar")
+        } else {
+            format!("{mech2_port:#x}")
+        },
+    );
+    m.field("odd_bar1_after", bar1(&config));
+    restore_bar1(&mut m, "odd_bar1_restored", &config, before);
+    m
+}
+
+// --- 4. logical-destination IPIs --------------------------------------------------------------------
+
+const APIC_BASE: u64 = 0xfee0_0000;
+const APIC_ID: usize = 0x20;
+const APIC_LDR: usize = 0xd0;
+const APIC_DFR: usize = 0xe0;
+const ICR_LOW: usize = 0x300;
+const ICR_HIGH: usize = 0x310;
+/// ICR bits (SDM vol. 3 10.6.1): logical destination mode, delivery status.
+const ICR_LOGICAL: u32 = 1 << 11;
+const ICR_BUSY: u32 = 1 << 12;
+
+/// Sends one IPI: ICR high read back before ICR low (the kernel rewrites ICR high between
+/// its own IPIs), then waits for the delivery status to clear.
+fn send_ipi(apic: &PhysMap, high: u32, low: u32) -> &'static str {
+    for _ in 0..10 {
+        apic.write32(ICR_HIGH, high);
+        if apic.read32(ICR_HIGH) == high {
+            apic.write32(ICR_LOW, low);
+            let t = Instant::now();
+            while apic.read32(ICR_LOW) & ICR_BUSY != 0 {
+                if t.elapsed() > Duration::from_millis(100) {
+                    return "busy";
+                }
+                std::hint::spin_loop();
+            }
+            return "sent";
+        }
+    }
+    "raced"
+}
+
+/// Logical-mode IPIs to every logical CPU (MDA 0xFF): fixed 0xF3, NMI, lowest priority; an
+/// INIT to every logical CPU but the sender's only when the guest runs on one CPU.
+pub fn ipi_logical() -> Marker {
+    let mut m = Marker::new("attack-ipi-logical");
+    let _ = sys::pin_to_cpu(0);
+    let apic = match PhysMap::open("/dev/mem", APIC_BASE, 4096) {
+        Ok(a) => a,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    let id = apic.read32(APIC_ID) >> 24;
+    let ldr = apic.read32(APIC_LDR) >> 24;
+    let dfr = apic.read32(APIC_DFR);
+    m.field("apic_id", id)
+        .hex("ldr", ldr.into())
+        .hex("dfr", dfr.into());
+    let all = 0xffu32 << 24;
+    m.field("fixed", send_ipi(&apic, all, ICR_LOGICAL | 0xf3));
+    m.field("nmi", send_ipi(&apic, all, ICR_LOGICAL | (0b100 << 8)));
+    m.field(
+        "lowest",
+        send_ipi(&apic, all, ICR_LOGICAL | (0b001 << 8) | 0xf3),
+    );
+    let alone = sys::online_cpus().len() == 1;
+    let flat = dfr >> 28 == 0xf;
+    if alone && flat {
+        let mask = 0xff & !ldr;
+        m.hex("init_mask", mask.into());
+        // INIT, level assert.
+        m.field(
+            "init",
+            send_ipi(&apic, mask << 24, ICR_LOGICAL | (1 << 14) | (0b101 << 8)),
+        );
+    } else {
+        m.field(
+            "init",
+            if alone {
+                "skipped_not_flat"
+            } else {
+                "skipped_not_alone"
+            },
+        );
+    }
+    m
+}
+
+// --- 5/6. the NIC's flow-control and EEPROM registers ------------------------------------------------
+
+fn nic_bar0(m: &mut Marker, len: usize) -> Option<(String, PhysMap)> {
+    let Some(name) = pci::find_device(pci::E1000.0, pci::E1000.1) else {
+        m.field("error", "no_e1000");
+        return None;
+    };
+    let path = format!("{}/{name}/resource0", pci::SYSFS_DEVICES);
+    match PhysMap::open(&path, 0, len) {
+        Ok(b) => Some((name, b)),
+        Err(e) => {
+            m.field("error", e);
+            None
+        }
+    }
+}
+
+/// TCTL.SWXOFF (send a PAUSE frame), the PAUSE timer and the flow-control address set to
+/// broadcast; read back, then the originals restored.
+pub fn swxoff() -> Marker {
+    let mut m = Marker::new("attack-swxoff");
+    let Some((_, bar)) = nic_bar0(&mut m, 0x1000) else {
+        return m;
+    };
+    let regs = [
+        ("tctl", nic::TCTL),
+        ("fcttv", nic::FCTTV),
+        ("fcal", nic::FCAL),
+        ("fcah", nic::FCAH),
+    ];
+    let before: Vec<u32> = regs.iter().map(|&(_, r)| bar.read32(r)).collect();
+    bar.write32(nic::TCTL, before[0] | nic::TCTL_SWXOFF);
+    bar.write32(nic::FCTTV, 0xffff);
+    bar.write32(nic::FCAL, 0xffff_ffff);
+    bar.write32(nic::FCAH, 0xffff);
+    let after: Vec<u32> = regs.iter().map(|&(_, r)| bar.read32(r)).collect();
+    sleep_ms(50);
+    for (i, &(_, r)) in regs.iter().enumerate().rev() {
+        bar.write32(r, before[i]);
+    }
+    for (i, &(k, _)) in regs.iter().enumerate() {
+        m.hex(&format!("{k}_before"), before[i].into());
+        m.hex(&format!("{k}_after"), after[i].into());
+    }
+    m
+}
+
+/// Bit-banged microwire access through EECD (SDM 5.3.1 and 13.4.3).
+struct Eeprom<'a> {
+    bar: &'a PhysMap,
+    eecd: u32,
+}
+
+impl Eeprom<'_> {
+    fn set(&mut self, v: u32) {
+        self.eecd = v;
+        self.bar.write32(nic::EECD, v);
+        let _ = self.bar.read32(nic::EECD);
+        thread::sleep(Duration::from_micros(5));
+    }
+
+    fn clock(&mut self) -> bool {
+        self.set(self.eecd | nic::EECD_SK);
+        let bit = self.bar.read32(nic::EECD) & nic::EECD_DO != 0;
+        self.set(self.eecd & !nic::EECD_SK);
+        bit
+    }
+
+    fn shift_out(&mut self, value: u32, bits: u32) {
+        for i in (0..bits).rev() {
+            let di = if value >> i & 1 == 1 { nic::EECD_DI } else { 0 };
+            self.set((self.eecd & !nic::EECD_DI) | di);
+            self.clock();
+        }
+        self.set(self.eecd & !nic::EECD_DI);
+    }
+
+    fn shift_in(&mut self, bits: u32) -> u32 {
+        (0..bits).fold(0, |v, _| (v << 1) | u32::from(self.clock()))
+    }
+
+    fn select(&mut self) {
+        self.set((self.eecd & !(nic::EECD_SK | nic::EECD_DI)) | nic::EECD_CS);
+    }
+
+    fn deselect(&mut self) {
+        self.set(self.eecd & !(nic::EECD_CS | nic::EECD_DI | nic::EECD_SK));
+    }
+
+    fn command(&mut self, opcode: u8, addr: u8) {
+        self.select();
+        let (v, bits) = nic::microwire_command(opcode, addr);
+        self.shift_out(v, bits);
+    }
+
+    fn read(&mut self, addr: u8) -> u16 {
+        self.command(nic::OP_READ, addr);
+        let v = self.shift_in(16) as u16;
+        self.deselect();
+        v
+    }
+
+    /// EWEN, WRITE, wait for ready (DO high with CS up, 10 ms at most), EWDS. Ready or not.
+    fn write(&mut self, addr: u8, value: u16) -> bool {
+        self.command(nic::OP_EXT, nic::ADDR_EWEN);
+        self.deselect();
+        self.command(nic::OP_WRITE, addr);
+        self.shift_out(value.into(), 16);
+        self.deselect();
+        self.select();
+        let t = Instant::now();
+        let mut ready = false;
+        while t.elapsed() < Duration::from_millis(10) {
+            if self.bar.read32(nic::EECD) & nic::EECD_DO != 0 {
+                ready = true;
+                break;
+            }
+            thread::sleep(Duration::from_micros(50));
+        }
+        self.deselect();
+        self.command(nic::OP_EXT, nic::ADDR_EWDS);
+        self.deselect();
+        ready
+    }
+}
+
+/// Reads EEPROM word 0 (the MAC's first bytes), writes a different value, reads it again
+/// (restoring the original should the write have landed), and reads word 0 through EERD.
+pub fn eeprom() -> Marker {
+    let mut m = Marker::new("attack-eeprom");
+    let Some((_, bar)) = nic_bar0(&mut m, 0x1000) else {
+        return m;
+    };
+    let orig = bar.read32(nic::EECD);
+    bar.write32(nic::EECD, orig | nic::EECD_REQ);
+    let t = Instant::now();
+    let mut granted = false;
+    while t.elapsed() < Duration::from_millis(100) {
+        if bar.read32(nic::EECD) & nic::EECD_GNT != 0 {
+            granted = true;
+            break;
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+    m.field("granted", u8::from(granted));
+    let mut ee = Eeprom {
+        bar: &bar,
+        eecd: bar.read32(nic::EECD) | nic::EECD_REQ,
+    };
+    let before = ee.read(0);
+    let tried = before ^ 0x5a00;
+    let ready = ee.write(0, tried);
+    let after = ee.read(0);
+    m.hex("before", before.into()).hex("tried", tried.into());
+    m.field("ready", u8::from(ready)).hex("after", after.into());
+    if after != before {
+        ee.write(0, before);
+        m.hex("restored", ee.read(0).into());
+    }
+    bar.write32(
+        nic::EECD,
+        ee.eecd & !(nic::EECD_REQ | nic::EECD_CS | nic::EECD_SK | nic::EECD_DI),
+    );
+    bar.write32(nic::EERD, nic::EERD_START);
+    let t = Instant::now();
+    let eerd = loop {
+        let v = bar.read32(nic::EERD);
+        if v & nic::EERD_DONE != 0 {
+            break format!("{:#x}", v >> 16);
+        }
+        if t.elapsed() > Duration::from_millis(100) {
+            break "timeout".into();
+        }
+        thread::sleep(Duration::from_micros(100));
+    };
+    m.field("eerd", eerd);
+    m
+}
+
+// --- 7. a TX context descriptor aiming TUCSO into the payload -----------------------------------------
+
+/// The marker string of the TUCSO frame's payload (the host's UDP sink looks for it).
+pub const TUCSO_MARKER: &[u8] = b"ALLY-ATTACK-TUCSO";
+/// How many descriptors the private ring has (TDLEN must be a multiple of 128 bytes).
+const RING_DESCS: usize = 8;
+/// Where the frame sits in the DMA page.
+const FRAME_AT: usize = 512;
+
+/// With the e1000 driver unloaded, builds a TX ring in a locked page: a context descriptor
+/// whose TUCSO points into the UDP payload, then the frame with TXSM; waits for DD.
+pub fn tucso(port: u16, gw_mac: [u8; 6]) -> Marker {
+    let mut m = Marker::new("attack-tucso");
+    let Some(name) = pci::find_device(pci::E1000.0, pci::E1000.1) else {
+        m.field("error", "no_e1000");
+        return m;
+    };
+    if std::path::Path::new(&format!("{}/{name}/driver", pci::SYSFS_DEVICES)).exists() {
+        m.field("skipped", "driver_bound");
+        return m;
+    }
+    // Memory space and bus mastering (the driver's removal turned bus mastering off).
+    let config = nic_config_path(&name);
+    let cmd = sys::pread_u32(&config, 4).map(|v| v as u16 | 0x6);
+    if let Err(e) = cmd.and_then(|c| sys::pwrite(&config, 4, &c.to_le_bytes())) {
+        m.field("error", e);
+        return m;
+    }
+    let Some((_, bar)) = nic_bar0(&mut m, 0x6000) else {
+        return m;
+    };
+    let page = match DmaPage::new() {
+        Ok(p) => p,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    let src_mac = nic::mac_from_ral(bar.read32(nic::RAL0), bar.read32(nic::RAH0));
+    let mut payload = TUCSO_MARKER.to_vec();
+    payload.extend_from_slice(&[0u8; 16]);
+    // The checksum lands 4 bytes after the marker string: inside the payload, not the header.
+    let tucso = nic::PAYLOAD_START + TUCSO_MARKER.len() + 4;
+    let frame = nic::udp_frame(
+        gw_mac,
+        src_mac,
+        [10, 0, 2, 15],
+        [10, 0, 2, 2],
+        (40000, port),
+        &payload,
+    );
+    let bytes = page.bytes();
+    bytes[FRAME_AT..FRAME_AT + frame.len()].copy_from_slice(&frame);
+    bytes[..nic::DESC_BYTES].copy_from_slice(&nic::context_descriptor(
+        nic::UDP_START as u8,
+        tucso as u8,
+        0,
+    ));
+    bytes[nic::DESC_BYTES..2 * nic::DESC_BYTES].copy_from_slice(&nic::data_descriptor(
+        page.phys + FRAME_AT as u64,
+        frame.len() as u16,
+    ));
+    m.field("port", port)
+        .field("tucso", tucso)
+        .hex("ring", page.phys);
+    bar.write32(nic::CTRL, bar.read32(nic::CTRL) | nic::CTRL_SLU);
+    bar.write32(nic::TCTL, 0);
+    bar.write32(nic::TDBAL, page.phys as u32);
+    bar.write32(nic::TDBAH, (page.phys >> 32) as u32);
+    bar.write32(nic::TDLEN, (RING_DESCS * nic::DESC_BYTES) as u32);
+    bar.write32(nic::TDH, 0);
+    bar.write32(nic::TDT, 0);
+    bar.write32(nic::TIPG, nic::TIPG_COPPER);
+    bar.write32(nic::TCTL, nic::TCTL_EN | nic::TCTL_PSP | nic::TCTL_CT_COLD);
+    bar.write32(nic::TDT, 2);
+    let t = Instant::now();
+    let status_at = nic::DESC_BYTES + 12;
+    let mut dd = false;
+    while t.elapsed() < Duration::from_secs(2) {
+        if page.read_volatile_u8(status_at) & nic::STA_DD != 0 {
+            dd = true;
+            break;
+        }
+        sleep_ms(1);
+    }
+    m.field("dd", u8::from(dd))
+        .field("tdh", bar.read32(nic::TDH));
+    // The NIC must not fetch from this page once the process is gone.
+    bar.write32(nic::TCTL, 0);
+    m
+}
+
+// --- 8. an alert storm -------------------------------------------------------------------------
+
+/// The payload the runner's rule (sid 1000104) alerts on.
+pub const STORM_MARKER: &str = "ALLY-ALERT-STORM";
+
+/// busybox ping's average RTT (`round-trip min/avg/max = a/b/c ms`) and the replies received.
+pub fn parse_ping(out: &str) -> (Option<String>, Option<u32>) {
+    let avg = out
+        .lines()
+        .find_map(|l| l.split_once("min/avg/max = "))
+        .and_then(|(_, v)| v.split('/').nth(1).map(str::to_string));
+    let received = out
+        .lines()
+        .find_map(|l| l.split_once(" packets received"))
+        .and_then(|(l, _)| l.rsplit(' ').next()?.parse().ok());
+    (avg, received)
+}
+
+fn ping_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new("ping");
+    c.args(["-c", "3", "-W", "3", "-w", "20", "10.0.2.2"]);
+    c
+}
+
+/// `count` UDP datagrams as fast as the socket takes them, each alerted on; the gateway's
+/// ping RTT idle and during the storm.
+pub fn alert_storm(port: u16, count: u64) -> Marker {
+    let mut m = Marker::new("attack-alert-storm");
+    let idle = ping_cmd()
+        .output()
+        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect(("10.0.2.2", port)).map(|()| s));
+    let sock = match sock {
+        Ok(s) => s,
+        Err(e) => {
+            m.field("error", format_args!("udp:{e}"));
+            return m;
+        }
+    };
+    let during = ping_cmd().stdout(std::process::Stdio::piped()).spawn();
+    let t = Instant::now();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    for i in 0..count {
+        match sock.send(format!("{STORM_MARKER} seq={i:06}").as_bytes()) {
+            Ok(_) => sent += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    let storm = t.elapsed();
+    let during = during
+        .and_then(|c| c.wait_with_output())
+        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
+    let rtt = |p: &std::io::Result<(Option<String>, Option<u32>)>| match p {
+        Ok((Some(a), _)) => a.clone(),
+        Ok((None, _)) => "none".into(),
+        Err(e) => format!("ping_error:{e}"),
+    };
+    m.field("port", port)
+        .field("sent", sent)
+        .field("errors", errors);
+    m.field("storm_ms", storm.as_millis());
+    m.field("rtt_idle_ms", rtt(&idle));
+    m.field("rtt_storm_ms", rtt(&during));
+    m.field(
+        "ping_storm_received",
+        during
+            .ok()
+            .and_then(|p| p.1)
+            .map_or("none".to_string(), |n| n.to_string()),
+    );
+    m
+}
+
+// --- resets -------------------------------------------------------------------------------------
+
+/// Waits until the 8042's input buffer is empty (status bit 1), 100 ms at most.
+fn kbc_wait() -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(100) {
+        // SAFETY: ioperm(0x60..0x65) granted by the caller; the status read has no side effect.
+        if unsafe { inb(0x64) } & 2 == 0 {
+            return true;
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+    false
+}
+
+/// Prints the marker and lets the console drain before the machine goes.
+fn announce(m: &Marker) {
+    m.print();
+    // SAFETY: tcdrain on stdout only waits; it fails harmlessly when stdout is no tty.
+    unsafe { libc::tcdrain(1) };
+    sleep_ms(300);
+}
+
+/// Resets the machine by `method`, printing `ALLYTEST reset-attack INFO ... method=M` first.
+/// Returns only when the method is unavailable or the machine kept running (the caller then
+/// falls back to another reset).
+pub fn reset(method: &str, extra: &str) {
+    let mut m = Marker::new("reset-attack");
+    m.raw(extra).field("method", method);
+    let io = |m: &mut Marker, from: u16, n: u16| match sys::port_access(from, n) {
+        Ok(()) => true,
+        Err(e) => {
+            m.field("error", e);
+            announce(m);
+            false
+        }
+    };
+    match method {
+        "kbc-pulse" | "kbc-output" => {
+            if !io(&mut m, 0x60, 5) {
+                return;
+            }
+            m.field("ibf_clear", u8::from(kbc_wait()));
+            announce(&m);
+            // SAFETY: ports granted; the reset is the intent.
+            unsafe {
+                if method == "kbc-pulse" {
+                    outb(0x64, 0xfe);
+                } else {
+                    // Write output port: bit 0 (reset line) clear.
+                    outb(0x64, 0xd1);
+                    kbc_wait();
+                    outb(0x60, 0xfe);
+                }
+            }
+        }
+        "port92-word" => {
+            if !io(&mut m, 0x91, 2) {
+                return;
+            }
+            announce(&m);
+            // SAFETY: ports granted; 0x92 gets 0x01 (fast reset), 0x91 gets 0.
+            unsafe { outw(0x91, 0x0100) };
+        }
+        "cf9-word" | "cf9-byte" => {
+            if !io(&mut m, CONFIG_ADDRESS, 4) {
+                return;
+            }
+            announce(&m);
+            // SAFETY: iopl granted; 0xCF9 gets 0x06 (SYS_RST | RST_CPU), by word or byte.
+            unsafe {
+                if method == "cf9-word" {
+                    outw(CONFIG_ADDRESS, 0x0600);
+                } else {
+                    outb(0xcf9, 0x06);
+                }
+            }
+        }
+        "acpi-reset-reg" => {
+            let fadt = std::fs::read(acpi::FADT_PATH)
+                .map_err(|e| e.to_string())
+                .and_then(|t| acpi::parse_fadt(&t).map_err(|e| e.to_string()));
+            match fadt.map(|f| f.reset) {
+                Err(e) => {
+                    m.field("skipped", e);
+                    announce(&m);
+                    return;
+                }
+                Ok(None) => {
+                    m.field("skipped", "no_reset_reg");
+                    announce(&m);
+                    return;
+                }
+                Ok(Some((Gas { space, address, .. }, value))) => {
+                    m.field("space", space)
+                        .hex("address", address)
+                        .hex("value", value.into());
+                    if space == acpi::SPACE_IO && address <= 0xffff {
+                        if !io(&mut m, address as u16, 1) {
+                            return;
+                        }
+                        announce(&m);
+                        // SAFETY: port granted; the firmware's reset register is the intent.
+                        unsafe { outb(address as u16, value) };
+                    } else if space == acpi::SPACE_MEMORY {
+                        let page = address & !0xfff;
+                        match PhysMap::open("/dev/mem", page, 4096) {
+                            Ok(p) => {
+                                announce(&m);
+                                p.write8((address - page) as usize, value);
+                            }
+                            Err(e) => {
+                                m.field("error", e);
+                                announce(&m);
+                                return;
+                            }
+                        }
+                    } else {
+                        m.field("skipped", "unsupported_space");
+                        announce(&m);
+                        return;
+                    }
+                }
+            }
+        }
+        "triple-fault" => {
+            // LIDT is privileged: from user space a fault is the kernel's (a SIGSEGV), never a
+            // triple fault. It needs ring 0 (a kernel module).
+            m.field("skipped", "needs_ring0");
+            announce(&m);
+            return;
+        }
+        "reboot" => {
+            announce(&m);
+            let _ = std::process::Command::new("reboot").arg("-f").status();
+        }
+        other => {
+            m.field("skipped", format_args!("unknown_method_{other}"));
+            announce(&m);
+            return;
+        }
+    }
+    // The machine should be gone; give it a few seconds.
+    sleep_ms(10_000);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busybox_ping_output() {
+        let out = "PING 10.0.2.2 (10.0.2.2): 56 data bytes\n64 bytes from 10.0.2.2: seq=0 ttl=255 time=0.512 ms\n\n--- 10.0.2.2 ping statistics ---\n3 packets transmitted, 3 packets received, 0% packet loss\nround-trip min/avg/max = 0.512/0.640/0.768 ms\n";
+        assert_eq!(parse_ping(out), (Some("0.640".into()), Some(3)));
+        assert_eq!(
+            parse_ping("3 packets transmitted, 0 packets received, 100% packet loss\n"),
+            (None, Some(0))
+        );
+    }
+
+    #[test]
+    fn tucso_lands_in_the_payload() {
+        let tucso = nic::PAYLOAD_START + TUCSO_MARKER.len() + 4;
+        assert!(tucso > nic::PAYLOAD_START + TUCSO_MARKER.len());
+        assert!(tucso + 2 <= nic::PAYLOAD_START + TUCSO_MARKER.len() + 16);
+        assert!(tucso < 256, "TUCSO is a byte");
+    }
+}

@@ -1,0 +1,394 @@
+//! Issue 11's guest-side attacks: what a scenario asks the guest to run (`ally.attacks=` and
+//! `ally.resets=` on its kernel command line), the attacker binary (`guest/attack`, built for
+//! x86_64-unknown-linux-musl and put in the initramfs as /bin/ally-attack), and the parsing of
+//! its marker lines (`ALLYTEST attack-<name> INFO key=value ...`) in one place, so checks on
+//! Ally's side can be written against [`AttackMarker`]s.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::checks::Check;
+use crate::markers::{Fields, GuestMarker, GuestReport};
+use crate::tool::{self, ToolError};
+
+/// The attacker's Rust target (a static binary: the initramfs has no C library).
+pub const ATTACK_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// One attack of `ally-attack` (its subcommand name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Attack {
+    /// SLP_TYP|SLP_EN into PM1_CNT for every S1-S4 of the DSDT.
+    Sleep,
+    /// WRMSRs: trace/DS output, PEBS, MTRR, MISC_ENABLE, PERF_CTL, power limit, APIC base...
+    Msr,
+    /// The CONFIG_ADDRESS/CONFIG_DATA race between two CPUs at the NIC's BAR1, odd accesses.
+    PciRace,
+    /// Logical-mode fixed, NMI, lowest-priority and INIT IPIs.
+    IpiLogical,
+    /// TCTL.SWXOFF and the flow-control registers.
+    Swxoff,
+    /// A bit-banged EEPROM write of word 0.
+    Eeprom,
+    /// A TX context descriptor aiming TUCSO into the payload (after `rmmod e1000`).
+    Tucso,
+    /// A burst of UDP datagrams each alerted on, with ping RTTs idle and during it.
+    AlertStorm,
+}
+
+impl Attack {
+    pub const ALL: [Attack; 8] = [
+        Attack::Sleep,
+        Attack::Msr,
+        Attack::PciRace,
+        Attack::IpiLogical,
+        Attack::Swxoff,
+        Attack::Eeprom,
+        Attack::Tucso,
+        Attack::AlertStorm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Attack::Sleep => "sleep",
+            Attack::Msr => "msr",
+            Attack::PciRace => "pci-race",
+            Attack::IpiLogical => "ipi-logical",
+            Attack::Swxoff => "swxoff",
+            Attack::Eeprom => "eeprom",
+            Attack::Tucso => "tucso",
+            Attack::AlertStorm => "alert-storm",
+        }
+    }
+
+    /// The guest marker the attack prints.
+    pub fn marker_name(self) -> String {
+        format!("attack-{}", self.name())
+    }
+
+    pub fn parse(s: &str) -> Option<Attack> {
+        Attack::ALL.into_iter().find(|a| a.name() == s)
+    }
+}
+
+impl fmt::Display for Attack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A way to reset the PC (`ally-attack reset <method>`), one per boot of the reset chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResetMethod {
+    /// 8042 command 0xFE (pulse the reset line).
+    KbcPulse,
+    /// 8042 command 0xD1, then output-port byte 0xFE (reset line bit 0 clear).
+    KbcOutput,
+    /// A word write at 0x91: 0x92 gets 0x01 (fast reset).
+    Port92Word,
+    /// A word write at 0xCF8: 0xCF9 gets 0x06.
+    Cf9Word,
+    /// A byte write of 0x06 to 0xCF9.
+    Cf9Byte,
+    /// The FADT's RESET_REG/RESET_VALUE.
+    AcpiResetReg,
+    /// Needs ring 0: the guest reports it skipped.
+    TripleFault,
+    /// busybox `reboot -f` (the kernel's own reset path).
+    Reboot,
+}
+
+impl ResetMethod {
+    pub const ALL: [ResetMethod; 8] = [
+        ResetMethod::KbcPulse,
+        ResetMethod::KbcOutput,
+        ResetMethod::Port92Word,
+        ResetMethod::Cf9Word,
+        ResetMethod::Cf9Byte,
+        ResetMethod::AcpiResetReg,
+        ResetMethod::TripleFault,
+        ResetMethod::Reboot,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ResetMethod::KbcPulse => "kbc-pulse",
+            ResetMethod::KbcOutput => "kbc-output",
+            ResetMethod::Port92Word => "port92-word",
+            ResetMethod::Cf9Word => "cf9-word",
+            ResetMethod::Cf9Byte => "cf9-byte",
+            ResetMethod::AcpiResetReg => "acpi-reset-reg",
+            ResetMethod::TripleFault => "triple-fault",
+            ResetMethod::Reboot => "reboot",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ResetMethod> {
+        ResetMethod::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+impl fmt::Display for ResetMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses a comma-separated list with `parse`, naming the first unknown word.
+pub fn parse_list<T>(s: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+    s.split(',')
+        .filter(|w| !w.is_empty())
+        .map(|w| parse(w).ok_or_else(|| format!("unknown `{w}`")))
+        .collect()
+}
+
+/// `a,b,c` of a list of names.
+pub fn join<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The kernel command-line words for the attacks and the reset chain (empty when none).
+pub fn guest_cmdline(attacks: &[Attack], resets: &[ResetMethod]) -> String {
+    let mut w = Vec::new();
+    if !attacks.is_empty() {
+        w.push(format!("ally.attacks={}", join(attacks)));
+    }
+    if !resets.is_empty() {
+        w.push(format!("ally.resets={}", join(resets)));
+    }
+    w.join(" ")
+}
+
+/// One attack's marker: the attack and its key=values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttackMarker {
+    pub attack: Attack,
+    pub fields: Fields,
+    pub line: String,
+}
+
+impl AttackMarker {
+    fn from_marker(m: &GuestMarker) -> Option<AttackMarker> {
+        let attack = Attack::parse(m.name.strip_prefix("attack-")?)?;
+        Some(AttackMarker {
+            attack,
+            fields: m.fields.clone(),
+            line: m.line.clone(),
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key)
+    }
+
+    /// Why the attack did not run, when it says so (`skipped=`, `error=`, `refused=`).
+    pub fn not_run(&self) -> Option<String> {
+        ["refused", "error"]
+            .into_iter()
+            .find_map(|k| self.get(k).map(|v| format!("{k}={v}")))
+    }
+}
+
+/// Every attack marker of the guest console, in order.
+pub fn attack_markers(guest: &GuestReport) -> Vec<AttackMarker> {
+    guest
+        .markers
+        .iter()
+        .filter_map(AttackMarker::from_marker)
+        .collect()
+}
+
+/// The marker of `attack`, if it printed one.
+pub fn find(guest: &GuestReport, attack: Attack) -> Option<AttackMarker> {
+    attack_markers(guest)
+        .into_iter()
+        .find(|m| m.attack == attack)
+}
+
+/// One reset of the chain as the guest announced it (`ALLYTEST reset-attack INFO boot=K
+/// method=M ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetMarker {
+    pub boot: u64,
+    pub method: String,
+    pub fields: Fields,
+    pub line: String,
+}
+
+pub fn reset_markers(guest: &GuestReport) -> Vec<ResetMarker> {
+    guest
+        .all("reset-attack")
+        .map(|m| ResetMarker {
+            boot: m.number("boot").unwrap_or(0),
+            method: m.fields.get("method").unwrap_or("").to_string(),
+            fields: m.fields.clone(),
+            line: m.line.clone(),
+        })
+        .collect()
+}
+
+/// `attack-markers`: every attack the scenario asked for printed its marker, and ran (no
+/// `error=` or `refused=`; `skipped=` is the attack's own judgement, e.g. one CPU). Ally's
+/// side of each attack is judged elsewhere.
+pub fn attack_markers_check(guest: &GuestReport, requested: &[Attack]) -> Check {
+    Check::from_result("attack-markers", judge_markers(guest, requested))
+}
+
+fn judge_markers(guest: &GuestReport, requested: &[Attack]) -> Result<String, String> {
+    if requested.is_empty() {
+        return Ok("no attacks requested".into());
+    }
+    let seen = attack_markers(guest);
+    let mut missing = Vec::new();
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    for &a in requested {
+        match seen.iter().find(|m| m.attack == a) {
+            None => missing.push(a.marker_name()),
+            Some(m) => match m.not_run() {
+                Some(why) => failed.push(format!("{a}: {why}")),
+                None => summary.push(match m.get("skipped") {
+                    Some(s) => format!("{a} (skipped={s})"),
+                    None => a.to_string(),
+                }),
+            },
+        }
+    }
+    if !missing.is_empty() || !failed.is_empty() {
+        return Err(format!(
+            "missing markers: [{}]; attacks that could not run: [{}]",
+            missing.join(", "),
+            failed.join("; ")
+        ));
+    }
+    Ok(format!(
+        "every requested attack reported: {}",
+        summary.join(", ")
+    ))
+}
+
+/// Where cargo puts the attacker.
+pub fn attack_binary_path(workspace: &Path, target_dir: Option<&Path>) -> PathBuf {
+    crate::iso::cargo_target_dir(workspace, target_dir)
+        .join(ATTACK_TARGET)
+        .join("release/ally-attack")
+}
+
+/// Builds `ally-attack` for the guest (release, static, debug info stripped: it goes into the
+/// initramfs) and returns its path. Inside `cargo test`, pass a `target_dir` of its own (as for
+/// the Ally image).
+pub fn build_attack_binary(
+    workspace: &Path,
+    target_dir: Option<&Path>,
+) -> Result<PathBuf, ToolError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    if let Some(t) = target_dir {
+        cmd.env("CARGO_TARGET_DIR", t);
+    }
+    cmd.current_dir(workspace).args([
+        "build",
+        "-p",
+        "ally-attack",
+        "--release",
+        "--target",
+        ATTACK_TARGET,
+        "--config",
+        "profile.release.strip=\"debuginfo\"",
+    ]);
+    tool::run(&mut cmd, None)?;
+    Ok(attack_binary_path(workspace, target_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for a in Attack::ALL {
+            assert_eq!(Attack::parse(a.name()), Some(a));
+        }
+        for m in ResetMethod::ALL {
+            assert_eq!(ResetMethod::parse(m.name()), Some(m));
+        }
+        assert_eq!(
+            parse_list("kbc-output,reboot", ResetMethod::parse),
+            Ok(vec![ResetMethod::KbcOutput, ResetMethod::Reboot])
+        );
+        assert_eq!(
+            parse_list("msr,nope", Attack::parse),
+            Err("unknown `nope`".into())
+        );
+        assert_eq!(parse_list("", Attack::parse), Ok(vec![]));
+    }
+
+    #[test]
+    fn cmdline_words() {
+        assert_eq!(guest_cmdline(&[], &[]), "");
+        assert_eq!(
+            guest_cmdline(
+                &[Attack::Sleep, Attack::PciRace],
+                &[ResetMethod::Cf9Word, ResetMethod::Reboot]
+            ),
+            "ally.attacks=sleep,pci-race ally.resets=cf9-word,reboot"
+        );
+        assert_eq!(guest_cmdline(&[Attack::Msr], &[]), "ally.attacks=msr");
+    }
+
+    fn guest(text: &str) -> GuestReport {
+        GuestReport::parse(text)
+    }
+
+    #[test]
+    fn markers_are_parsed_in_one_place() {
+        let g = guest(
+            "ALLYTEST init PASS\n\
+             ALLYTEST attack-msr INFO target=0x100000 0x560=EIO 0x570=EIO\n\
+             ALLYTEST attack-pci-race INFO skipped=1cpu\n\
+             ALLYTEST attack-bogus INFO x=1\n\
+             ALLYTEST reset-attack INFO boot=1 method=kbc-output ibf_clear=1\n\
+             ALLYTEST reset-attack INFO boot=2 ping_received=3 method=reboot\n",
+        );
+        let all = attack_markers(&g);
+        assert_eq!(all.len(), 2);
+        let msr = find(&g, Attack::Msr).unwrap();
+        assert_eq!(msr.get("0x560"), Some("EIO"));
+        assert_eq!(msr.not_run(), None);
+        let r = reset_markers(&g);
+        assert_eq!(
+            r.iter()
+                .map(|m| (m.boot, m.method.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "kbc-output"), (2, "reboot")]
+        );
+    }
+
+    #[test]
+    fn every_requested_attack_needs_its_marker() {
+        let g = guest(
+            "ALLYTEST attack-msr INFO 0x560=EIO\n\
+             ALLYTEST attack-pci-race INFO skipped=1cpu\n\
+             ALLYTEST attack-sleep INFO error=read_FACP:x\n",
+        );
+        let c = attack_markers_check(&g, &[Attack::Msr, Attack::PciRace]);
+        assert!(c.passed, "{c}");
+        assert_eq!(
+            c.detail,
+            "every requested attack reported: msr, pci-race (skipped=1cpu)"
+        );
+        let c = attack_markers_check(&g, &[Attack::Msr, Attack::Sleep, Attack::Tucso]);
+        assert!(!c.passed);
+        assert_eq!(
+            c.detail,
+            "missing markers: [attack-tucso]; attacks that could not run: [sleep: error=read_FACP:x]"
+        );
+        assert!(attack_markers_check(&guest(""), &[]).passed);
+        let refused = guest("ALLYTEST attack-msr INFO refused=not_the_test_guest\n");
+        assert!(!attack_markers_check(&refused, &[Attack::Msr]).passed);
+    }
+}
