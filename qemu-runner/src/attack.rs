@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::checks::Check;
-use crate::markers::{Fields, GuestMarker, GuestReport};
+use crate::endpoints::UdpCounts;
+use crate::markers::{AllyReport, Fields, GuestMarker, GuestReport};
 use crate::tool::{self, ToolError};
 
 /// The attacker's Rust target (a static binary: the initramfs has no C library).
@@ -271,6 +272,140 @@ fn judge_markers(guest: &GuestReport, requested: &[Attack]) -> Result<String, St
     ))
 }
 
+/// `attack-refused`: for each attack the scenario ran, the evidence that Ally refused it,
+/// from Ally's own counters (COM2) and what the guest and the host's UDP sink saw. One check
+/// for the whole suite, naming every attack's evidence.
+pub fn ally_defences_check(
+    guest: &GuestReport,
+    ally: &AllyReport,
+    udp: &UdpCounts,
+    requested: &[Attack],
+) -> Check {
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for &attack in requested {
+        let marker = find(guest, attack);
+        if marker.as_ref().and_then(|m| m.get("skipped")).is_some() {
+            ok.push(format!("{attack}: skipped by the guest"));
+            continue;
+        }
+        match ally_refused(attack, marker.as_ref(), ally, udp) {
+            Ok(evidence) => ok.push(format!("{attack}: {evidence}")),
+            Err(why) => failed.push(format!("{attack}: {why}")),
+        }
+    }
+    if failed.is_empty() {
+        Check::new("attack-refused", true, ok.join("; "))
+    } else {
+        Check::new(
+            "attack-refused",
+            false,
+            format!(
+                "not refused: {}; refused: {}",
+                failed.join("; "),
+                ok.join("; ")
+            ),
+        )
+    }
+}
+
+/// A numeric field of the last `ALLY <key>` line that has it.
+fn ally_count(ally: &AllyReport, key: &str, field: &str) -> Option<u64> {
+    ally.all(key)
+        .filter_map(|l| l.fields.get(field)?.parse().ok())
+        .last()
+}
+
+fn at_least(ally: &AllyReport, key: &str, field: &str, min: u64) -> Result<String, String> {
+    match ally_count(ally, key, field) {
+        Some(n) if n >= min => Ok(format!("ALLY {key} {field}={n}")),
+        Some(n) => Err(format!("ALLY {key} {field}={n}, expected at least {min}")),
+        None => Err(format!("no `ALLY {key} {field}=` line")),
+    }
+}
+
+fn ally_refused(
+    attack: Attack,
+    marker: Option<&AttackMarker>,
+    ally: &AllyReport,
+    udp: &UdpCounts,
+) -> Result<String, String> {
+    let marker = marker.ok_or("no guest marker")?;
+    let guest = |key: &str| marker.get(key).unwrap_or("none").to_string();
+    match attack {
+        Attack::Sleep => {
+            if marker.get("alive") != Some("1") {
+                return Err(format!("the guest did not keep running: {}", marker.line));
+            }
+            at_least(ally, "power-guard", "sleep-refused", 1).map(|e| format!("{e}, guest alive"))
+        }
+        Attack::Msr => {
+            let gp = ["0x560", "0x570", "0x600", "0x3f1"];
+            let reached: Vec<_> = gp.iter().filter(|k| guest(k) != "EIO").collect();
+            if !reached.is_empty() {
+                return Err(format!("writes without #GP in the guest: {reached:?}"));
+            }
+            at_least(ally, "msr-guard", "refused", gp.len() as u64)
+                .map(|e| format!("{e}, PT/DS/PEBS writes #GP"))
+        }
+        Attack::PciRace => {
+            let (before, after) = (guest("bar1_before"), guest("bar1_after"));
+            if before != after {
+                return Err(format!("the NIC's I/O BAR moved: {before} -> {after}"));
+            }
+            Ok(format!(
+                "I/O BAR unchanged ({after}) after {} racing iterations",
+                guest("iterations")
+            ))
+        }
+        Attack::IpiLogical => {
+            let dropped: u64 = ally
+                .all("ipi-dropped")
+                .filter_map(|l| l.fields.get("count")?.parse::<u64>().ok())
+                .sum();
+            let rewritten = ally_count(ally, "ipi-rewritten", "count").unwrap_or(0);
+            if dropped + rewritten == 0 {
+                return Err("Ally dropped or rewrote no IPI".into());
+            }
+            Ok(format!("ipi-dropped={dropped} ipi-rewritten={rewritten}"))
+        }
+        Attack::Swxoff => at_least(ally, "nic-refused", "SWXOFF", 1),
+        Attack::Eeprom => {
+            if guest("before") != guest("after") {
+                return Err(format!("EEPROM word 0 changed: {}", marker.line));
+            }
+            at_least(ally, "nic-refused", "EEPROM-write", 1)
+                .map(|e| format!("{e}, word 0 still {}", guest("after")))
+        }
+        Attack::Tucso => {
+            if udp.tucso != 0 {
+                return Err(format!("the host received {} TUCSO frame(s)", udp.tucso));
+            }
+            let drops = ally
+                .all("nic-tx-drop")
+                .filter(|l| l.fields.get("reason") == Some("offload"))
+                .filter_map(|l| l.fields.get("packets")?.parse::<u64>().ok())
+                .last()
+                .unwrap_or(0);
+            if drops == 0 {
+                return Err("no `ALLY nic-tx-drop reason=offload` drop".into());
+            }
+            Ok(format!("offload drops={drops}, host received none"))
+        }
+        Attack::AlertStorm => {
+            let written =
+                ally_count(ally, "alerts", "written").ok_or("no `ALLY alerts written=` line")?;
+            let lost = ally_count(ally, "alerts", "lost").unwrap_or(0);
+            Ok(format!(
+                "alerts written={written} lost={lost}; guest ping rtt idle={} ms, storm={} ms; host got {} datagrams",
+                guest("rtt_idle_ms"),
+                guest("rtt_storm_ms"),
+                udp.storm
+            ))
+        }
+    }
+}
+
 /// Where cargo puts the attacker.
 pub fn attack_binary_path(workspace: &Path, target_dir: Option<&Path>) -> PathBuf {
     crate::iso::cargo_target_dir(workspace, target_dir)
@@ -342,6 +477,49 @@ mod tests {
 
     fn guest(text: &str) -> GuestReport {
         GuestReport::parse(text)
+    }
+
+    #[test]
+    fn ally_side_evidence_per_attack() {
+        let g = guest(
+            "ALLYTEST attack-sleep INFO port=0xb004 tried=S3:1 alive=1\n\
+             ALLYTEST attack-msr INFO 0x560=EIO 0x570=EIO 0x600=EIO 0x3f1=EIO\n\
+             ALLYTEST attack-eeprom INFO before=0x5452 after=0x5452\n\
+             ALLYTEST attack-tucso INFO dd=1\n\
+             ALLYTEST attack-pci-race INFO skipped=1cpu\n",
+        );
+        let ally = AllyReport::parse(
+            "ALLY power-guard sleep-refused=2\n\
+             ALLY msr-guard refused=9 mtrr-shadowed=0 write-allow-list=25\n\
+             ALLY nic-refused SWXOFF=1 EEPROM-write=3\n\
+             ALLY nic-tx-drop reason=offload packets=1 ring-stops=0\n",
+        );
+        let all = [
+            Attack::Sleep,
+            Attack::Msr,
+            Attack::Eeprom,
+            Attack::Tucso,
+            Attack::PciRace,
+        ];
+        let c = ally_defences_check(&g, &ally, &UdpCounts::default(), &all);
+        assert!(c.passed, "{c}");
+        // The host received the TUCSO frame: not refused.
+        let leaked = UdpCounts {
+            tucso: 1,
+            ..UdpCounts::default()
+        };
+        assert!(!ally_defences_check(&g, &ally, &leaked, &[Attack::Tucso]).passed);
+        // Ally counted nothing: not refused.
+        let silent = AllyReport::parse("ALLY msr-guard refused=0\n");
+        for a in [Attack::Sleep, Attack::Msr, Attack::Eeprom, Attack::Tucso] {
+            assert!(
+                !ally_defences_check(&g, &silent, &UdpCounts::default(), &[a]).passed,
+                "{a}"
+            );
+        }
+        // A write the guest saw succeed.
+        let g2 = guest("ALLYTEST attack-msr INFO 0x560=ok 0x570=EIO 0x600=EIO 0x3f1=EIO\n");
+        assert!(!ally_defences_check(&g2, &ally, &UdpCounts::default(), &[Attack::Msr]).passed);
     }
 
     #[test]

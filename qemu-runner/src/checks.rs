@@ -26,7 +26,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
+    pub fn new(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
         Check {
             name,
             passed,

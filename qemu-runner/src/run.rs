@@ -718,6 +718,12 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 all_checks.push(checks::ally_guest_reset(&ally, n.options.resets.len()));
             }
             all_checks.push(inspect::ring_attack_check(&guest, &ally));
+            all_checks.push(attack::ally_defences_check(
+                &guest,
+                &ally,
+                &n.udp,
+                &n.options.attacks,
+            ));
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);
                 all_checks.extend(inspect::inspect_checks(&guest, n, &split));
