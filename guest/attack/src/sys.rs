@@ -189,10 +189,16 @@ impl PhysMap {
         unsafe { self.base.as_ptr().add(offset).cast::<u32>() }
     }
 
-    /// A volatile aligned dword load at `offset`.
+    /// An aligned dword load at `offset`: one MOV, as a driver's `readl` (LLVM may fuse a
+    /// volatile load and store into one read-modify-write instruction, which no driver
+    /// issues to device registers and which Ally's MMIO emulation stops the guest for).
     pub fn read32(&self, offset: usize) -> u32 {
+        let value: u32;
         // SAFETY: `at` checks alignment and bounds; the mapping is live while `self` is.
-        unsafe { self.at(offset).read_volatile() }
+        unsafe {
+            core::arch::asm!("mov {0:e}, dword ptr [{1}]", out(reg) value, in(reg) self.at(offset), options(nostack, preserves_flags));
+        }
+        value
     }
 
     /// A volatile byte store at `offset`.
@@ -202,10 +208,12 @@ impl PhysMap {
         unsafe { self.base.as_ptr().add(offset).write_volatile(value) }
     }
 
-    /// A volatile aligned dword store at `offset`.
+    /// An aligned dword store at `offset`: one MOV, as a driver's `writel`.
     pub fn write32(&self, offset: usize, value: u32) {
         // SAFETY: `at` checks alignment and bounds; the mapping is live while `self` is.
-        unsafe { self.at(offset).write_volatile(value) }
+        unsafe {
+            core::arch::asm!("mov dword ptr [{0}], {1:e}", in(reg) self.at(offset), in(reg) value, options(nostack, preserves_flags));
+        }
     }
 }
 
