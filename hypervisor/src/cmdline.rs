@@ -143,10 +143,14 @@ pub enum CmdlineError<'a> {
 impl fmt::Display for CmdlineError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CmdlineError::UnknownOption { key } => write!(
-                f,
-                "unknown option \"{key}\" (known: log, dpi_cores, dpi_mem, nic, mode, heap, irq_moderation)"
-            ),
+            CmdlineError::UnknownOption { key } => {
+                write!(f, "unknown option \"{key}\" (known: ")?;
+                for (i, option) in OptionName::ALL.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{option}")?;
+                }
+                f.write_str(")")
+            }
             CmdlineError::MissingEquals { token } => {
                 write!(f, "option \"{token}\" has no value: expected key=value")
             }
@@ -692,7 +696,7 @@ mod tests {
         );
         assert_eq!(
             err("bogus=1").to_string(),
-            "unknown option \"bogus\" (known: log, dpi_cores, dpi_mem, nic, mode, heap, irq_moderation)"
+            "unknown option \"bogus\" (known: log, dpi_cores, dpi_mem, nic, mode, heap, irq_moderation, uninspected_network)"
         );
         assert_eq!(
             err("quiet").to_string(),
