@@ -373,8 +373,20 @@ struct Watcher {
     init_at: Option<Duration>,
 }
 
+/// `text` up to and including its last newline.
+fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+}
+
 impl Watcher {
     fn poll(&mut self, now: Duration, com1: &str, com2: &str, exited: Option<&str>) -> Watch {
+        // The emulator writes a serial line character by character: judge only whole lines,
+        // or a fatal line is acted on (and the emulator stopped) before its reason is out.
+        let (com1, com2) = if exited.is_some() {
+            (com1, com2)
+        } else {
+            (complete_lines(com1), complete_lines(com2))
+        };
         let guest = GuestReport::parse(com1);
         let ally = AllyReport::parse(com2);
         if self.init_at.is_none() && guest.init_reached() {
@@ -873,6 +885,31 @@ mod tests {
                 None
             ),
             Watch::Stop(Outcome::Completed)
+        );
+    }
+
+    #[test]
+    fn a_fatal_line_is_judged_only_once_it_is_whole() {
+        let mut w = watcher(Mode::Ally);
+        assert_eq!(
+            w.poll(
+                S(5),
+                "",
+                "[cpu0 ERROR] ALLY fatal reason=\"rules blob: check",
+                None
+            ),
+            Watch::Continue
+        );
+        assert_eq!(
+            w.poll(
+                S(6),
+                "",
+                "[cpu0 ERROR] ALLY fatal reason=\"rules blob: checksum\"\n",
+                None
+            ),
+            Watch::Stop(Outcome::Fatal {
+                line: "ALLY fatal reason=\"rules blob: checksum\"".into()
+            })
         );
     }
 
