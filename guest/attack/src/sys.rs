@@ -287,14 +287,16 @@ impl DmaPage {
             what: "mmap_dma_page".into(),
             errno: libc::ENOMEM,
         })?;
-        let page = DmaPage { base, phys: 0 };
+        let mut page = DmaPage { base, phys: 0 };
         // SAFETY: the page is mapped, writable and PAGE bytes long.
         if unsafe { libc::mlock(p, PAGE) } != 0 {
             return Err(SysError::last("mlock"));
         }
         page.bytes().fill(0);
-        let phys = virt_to_phys(base.as_ptr() as u64)?;
-        Ok(DmaPage { phys, ..page })
+        // Set in place: `DmaPage { phys, ..page }` would copy the fields and then drop `page`,
+        // unmapping the page the new value points at.
+        page.phys = virt_to_phys(base.as_ptr() as u64)?;
+        Ok(page)
     }
 
     /// The page's bytes. The NIC may write them (descriptor write-back): read them volatile
@@ -375,6 +377,16 @@ mod tests {
         assert_eq!(parse_cpu_list("0-2"), [0, 1, 2]);
         assert_eq!(parse_cpu_list("0,2-3"), [0, 2, 3]);
         assert!(parse_cpu_list("").is_empty());
+    }
+
+    #[test]
+    fn a_dma_page_stays_mapped_after_new() {
+        // Without the PFN (no CAP_SYS_ADMIN) there is no page to test.
+        if let Ok(page) = DmaPage::new() {
+            page.bytes()[512] = 0xa5;
+            assert_eq!(page.read_volatile_u8(512), 0xa5);
+            assert_ne!(page.phys, 0);
+        }
     }
 
     #[test]
