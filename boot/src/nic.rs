@@ -412,6 +412,8 @@ impl DpiWork {
 /// `ALLY nic-mark`: the NIC's counters at an `ALLY mark` (the guest asks around a transfer),
 /// so that exits per wire frame can be computed for that transfer alone. The DPI core
 /// publishes its counters every 64 polls, so they may trail the exit counts by that much.
+/// The DPI wake-up latency's running sample count and TSC total let the runner compare the
+/// latency between two marks (e.g. idle against an alert storm).
 pub fn mark(id: u8) {
     let alerts = logger::ALERT_RING.stats();
     info!(
@@ -425,7 +427,7 @@ pub fn mark(id: u8) {
     let mut registers = alloc::string::String::new();
     let _ = ally_hypervisor::exit::write_register_counts(&mut registers, trapped.exits.nonzero());
     info!(
-        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} registers={registers}",
+        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} tsc-per-us={} registers={registers}",
         trapped.exits.total(),
         trapped.exits.forwarded(),
         counters.tx.packets,
@@ -433,7 +435,10 @@ pub fn mark(id: u8) {
         counters.tx.wire_frames,
         counters.rx.wire_frames,
         counters.irqs_raised,
-        trapped.shadow.irq_doorbells.load(Ordering::Relaxed)
+        trapped.shadow.irq_doorbells.load(Ordering::Relaxed),
+        counters.wake_latency.samples(),
+        counters.wake_latency.total(),
+        crate::clock::tsc_per_us()
     );
 }
 

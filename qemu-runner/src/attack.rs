@@ -392,18 +392,92 @@ fn ally_refused(
             }
             Ok(format!("offload drops={drops}, host received none"))
         }
-        Attack::AlertStorm => {
-            let written =
-                ally_count(ally, "alerts", "written").ok_or("no `ALLY alerts written=` line")?;
-            let lost = ally_count(ally, "alerts", "lost").unwrap_or(0);
-            Ok(format!(
-                "alerts written={written} lost={lost}; guest ping rtt idle={} ms, storm={} ms; host got {} datagrams",
-                guest("rtt_idle_ms"),
-                guest("rtt_storm_ms"),
-                udp.storm
-            ))
-        }
+        Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
     }
+}
+
+/// The `ALLY mark` ids the attacker sets around its idle ping, its quiet flood and its storm
+/// (see `guest/attack/src/attacks.rs`).
+const MARK_IDLE: u64 = 40;
+const MARK_FLOOD: u64 = 41;
+const MARK_STORM: u64 = 42;
+const MARK_STORM_END: u64 = 43;
+
+/// The issue's bound: during the storm the ping RTT and the DPI core's wake-up latency stay
+/// within this factor of the same traffic without alerts.
+const STORM_SLOWDOWN_LIMIT: f64 = 2.0;
+
+/// The DPI core's mean wake-up latency (µs) between two `ALLY nic-mark`s, from their running
+/// sample counts and TSC totals, and the number of wake-ups.
+fn wake_latency_between(ally: &AllyReport, from: u64, to: u64) -> Result<(f64, u64), String> {
+    let mark = |id: u64| {
+        let line = ally
+            .all("nic-mark")
+            .find(|l| l.number("id").ok() == Some(id))
+            .ok_or(format!("no `ALLY nic-mark id={id}` line"))?;
+        let n = |f: &str| {
+            line.number(f)
+                .map_err(|e| format!("`ALLY nic-mark id={id}`: {e}"))
+        };
+        Ok::<_, String>((n("wake-samples")?, n("wake-tsc")?, n("tsc-per-us")?))
+    };
+    let (s0, t0, per_us) = mark(from)?;
+    let (s1, t1, _) = mark(to)?;
+    let samples = s1.saturating_sub(s0);
+    if samples == 0 {
+        return Err(format!(
+            "no DPI wake-up between marks {from} and {to} (the counters are published every 64 polls)"
+        ));
+    }
+    let mean_tsc = t1.saturating_sub(t0) as f64 / samples as f64;
+    Ok((mean_tsc / per_us.max(1) as f64, samples))
+}
+
+/// The alert storm is refused when alerts neither block the path nor slow it: every storm
+/// datagram reached the host, the ring counted what it could not keep, and the ping RTT and the
+/// DPI core's wake-up latency during the storm stayed within [`STORM_SLOWDOWN_LIMIT`] of a
+/// flood of the same datagrams that no rule matches. Idle figures are reported beside them
+/// (traffic itself, alerts or not, keeps the DPI core busy when a doorbell rings).
+fn alert_storm_evidence(
+    marker: &AttackMarker,
+    ally: &AllyReport,
+    udp: &UdpCounts,
+) -> Result<String, String> {
+    let written = ally_count(ally, "alerts", "written").ok_or("no `ALLY alerts written=` line")?;
+    let lost = ally_count(ally, "alerts", "lost").unwrap_or(0);
+    let number = |key: &str| -> Result<f64, String> {
+        marker
+            .get(key)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or(format!("no number `{key}=` in {}", marker.line))
+    };
+    let sent = number("sent")? as u64;
+    if udp.storm < sent {
+        return Err(format!(
+            "the guest sent {sent} storm datagrams, the host got {}",
+            udp.storm
+        ));
+    }
+    let rtt_idle = number("rtt_idle_ms")?;
+    let (rtt_flood, rtt_storm) = (number("rtt_flood_ms")?, number("rtt_storm_ms")?);
+    let (wake_idle, idle_n) = wake_latency_between(ally, MARK_IDLE, MARK_FLOOD)?;
+    let (wake_flood, flood_n) = wake_latency_between(ally, MARK_FLOOD, MARK_STORM)?;
+    let (wake_storm, storm_n) = wake_latency_between(ally, MARK_STORM, MARK_STORM_END)?;
+    let evidence = format!(
+        "alerts written={written} lost={lost}; host got {}/{sent} storm datagrams; \
+         ping rtt idle={rtt_idle:.3} ms, quiet flood={rtt_flood:.3} ms, storm={rtt_storm:.3} ms; \
+         DPI wake-up idle={wake_idle:.1} µs ({idle_n} doorbells), quiet flood={wake_flood:.1} µs ({flood_n}), \
+         storm={wake_storm:.1} µs ({storm_n})",
+        udp.storm
+    );
+    if rtt_storm > STORM_SLOWDOWN_LIMIT * rtt_flood
+        || wake_storm > STORM_SLOWDOWN_LIMIT * wake_flood
+    {
+        return Err(format!(
+            "the storm is more than {STORM_SLOWDOWN_LIMIT}x slower than the same flood without alerts: {evidence}"
+        ));
+    }
+    Ok(evidence)
 }
 
 /// Where cargo puts the attacker.
@@ -520,6 +594,48 @@ mod tests {
         // A write the guest saw succeed.
         let g2 = guest("ALLYTEST attack-msr INFO 0x560=ok 0x570=EIO 0x600=EIO 0x3f1=EIO\n");
         assert!(!ally_defences_check(&g2, &ally, &UdpCounts::default(), &[Attack::Msr]).passed);
+    }
+
+    #[test]
+    fn the_alert_storm_is_judged_on_datagrams_rtt_and_wake_latency() {
+        let g = guest(
+            "ALLYTEST attack-alert-storm INFO port=9 sent=5000 errors=0 flood_sent=5000 storm_ms=2100 rtt_idle_ms=1.300 rtt_flood_ms=1.600 rtt_storm_ms=1.700 ping_storm_received=3 marks=40,41,42,43\n",
+        );
+        let ally = |storm_tsc: u64| {
+            AllyReport::parse(&format!(
+                "ALLY nic-mark id=40 exits=1 wake-samples=100 wake-tsc=1000000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=41 exits=1 wake-samples=110 wake-tsc=1020000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=42 exits=1 wake-samples=210 wake-tsc=2020000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=43 exits=1 wake-samples=310 wake-tsc={storm_tsc} tsc-per-us=1000 registers=\n\
+                 ALLY alerts written=900 lost=4100 ring-bytes=65536 peak=65536\n"
+            ))
+        };
+        let all = UdpCounts {
+            storm: 5000,
+            ..UdpCounts::default()
+        };
+        // Idle: 10 wake-ups at 2 µs; the quiet flood: 100 at 10 µs; the storm: 100 at 15 µs.
+        let c = ally_defences_check(&g, &ally(3_520_000), &all, &[Attack::AlertStorm]);
+        assert!(c.passed, "{c}");
+        assert!(
+            c.detail.contains(
+                "DPI wake-up idle=2.0 µs (10 doorbells), quiet flood=10.0 µs (100), storm=15.0 µs (100)"
+            ),
+            "{c}"
+        );
+        // 25 µs per wake-up during the storm: more than twice the quiet flood's.
+        assert!(!ally_defences_check(&g, &ally(4_520_000), &all, &[Attack::AlertStorm]).passed);
+        // A datagram the host never got (an alert must not drop traffic).
+        let short = UdpCounts {
+            storm: 4999,
+            ..UdpCounts::default()
+        };
+        assert!(!ally_defences_check(&g, &ally(3_520_000), &short, &[Attack::AlertStorm]).passed);
+        // The ping slowed down more than twice.
+        let slow = guest(
+            "ALLYTEST attack-alert-storm INFO sent=5000 rtt_idle_ms=1.300 rtt_flood_ms=1.300 rtt_storm_ms=2.700\n",
+        );
+        assert!(!ally_defences_check(&slow, &ally(3_520_000), &all, &[Attack::AlertStorm]).passed);
     }
 
     #[test]

@@ -729,10 +729,86 @@ fn ping_cmd() -> std::process::Command {
     c
 }
 
-/// `count` UDP datagrams as fast as the socket takes them, each alerted on; the gateway's
-/// ping RTT idle and during the storm.
+/// The `ALLY mark` ids around the storm's phases (the guest's init uses 1..=10): the runner
+/// compares the DPI core's wake-up latency between them.
+pub const MARK_IDLE: u8 = 40;
+pub const MARK_FLOOD: u8 = 41;
+pub const MARK_STORM: u8 = 42;
+pub const MARK_STORM_END: u8 = 43;
+
+/// A datagram of the same length as a storm datagram that no rule matches.
+pub const QUIET_MARKER: &str = "ALLY-QUIET-FLOOD";
+
+/// Datagrams per burst, and the pause between bursts: about 4000 datagrams a second that leave
+/// the guest's CPU time to answer pings, so that the RTT measures the path, not the sender.
+const BURST: u64 = 16;
+const BURST_PAUSE: Duration = Duration::from_millis(4);
+
+/// Asks Ally for an `ALLY mark` counters snapshot: a byte to port 0x2FF, as the init script's
+/// `exit_mark` does. Without Ally the port is unused.
+fn exit_mark(id: u8) -> Result<(), sys::SysError> {
+    sys::pwrite("/dev/port", 0x2ff, &[id])
+}
+
+/// busybox ping's (average RTT, replies), or why it did not run.
+type PingResult = std::io::Result<(Option<String>, Option<u32>)>;
+
+/// What one paced flood sent, how long it took, and the ping that ran meanwhile.
+struct Flood {
+    sent: u64,
+    errors: u64,
+    took: Duration,
+    ping: PingResult,
+}
+
+/// Paced bursts of `prefix seq=N` datagrams for as long as a ping of the gateway runs (at
+/// least `count`).
+fn flood_with_ping(sock: &std::net::UdpSocket, prefix: &str, count: u64) -> Flood {
+    let mut ping = ping_cmd().stdout(std::process::Stdio::piped()).spawn();
+    let t = Instant::now();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    let mut i = 0u64;
+    loop {
+        let pinging = match &mut ping {
+            Ok(child) => matches!(child.try_wait(), Ok(None)),
+            Err(_) => false,
+        };
+        if i >= count && !pinging {
+            break;
+        }
+        for _ in 0..BURST {
+            match sock.send(format!("{prefix} seq={i:06}").as_bytes()) {
+                Ok(_) => sent += 1,
+                Err(_) => errors += 1,
+            }
+            i += 1;
+        }
+        thread::sleep(BURST_PAUSE);
+    }
+    let took = t.elapsed();
+    let ping = ping
+        .and_then(|c| c.wait_with_output())
+        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
+    Flood {
+        sent,
+        errors,
+        took,
+        ping,
+    }
+}
+
+/// An alert storm: paced bursts of UDP datagrams, each alerted on, for as long as a ping of the
+/// gateway runs (at least `count`). The same ping runs idle and during a flood of the same
+/// datagrams that no rule matches, so that the runner compares the ping's RTT and the DPI
+/// core's wake-up latency (from the `ALLY mark`s between the phases) with and without alerts.
 pub fn alert_storm(port: u16, count: u64) -> Marker {
     let mut m = Marker::new("attack-alert-storm");
+    let rtt = |p: &PingResult| match p {
+        Ok((Some(a), _)) => a.clone(),
+        Ok((None, _)) => "none".into(),
+        Err(e) => format!("ping_error:{e}"),
+    };
+    let marks = exit_mark(MARK_IDLE);
     let idle = ping_cmd()
         .output()
         .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
@@ -745,36 +821,33 @@ pub fn alert_storm(port: u16, count: u64) -> Marker {
             return m;
         }
     };
-    let during = ping_cmd().stdout(std::process::Stdio::piped()).spawn();
-    let t = Instant::now();
-    let (mut sent, mut errors) = (0u64, 0u64);
-    for i in 0..count {
-        match sock.send(format!("{STORM_MARKER} seq={i:06}").as_bytes()) {
-            Ok(_) => sent += 1,
-            Err(_) => errors += 1,
-        }
-    }
-    let storm = t.elapsed();
-    let during = during
-        .and_then(|c| c.wait_with_output())
-        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
-    let rtt = |p: &std::io::Result<(Option<String>, Option<u32>)>| match p {
-        Ok((Some(a), _)) => a.clone(),
-        Ok((None, _)) => "none".into(),
-        Err(e) => format!("ping_error:{e}"),
-    };
+    let marks = marks.and_then(|()| exit_mark(MARK_FLOOD));
+    let flood = flood_with_ping(&sock, QUIET_MARKER, count);
+    let marks = marks.and_then(|()| exit_mark(MARK_STORM));
+    let storm = flood_with_ping(&sock, STORM_MARKER, count);
+    let marks = marks.and_then(|()| exit_mark(MARK_STORM_END));
     m.field("port", port)
-        .field("sent", sent)
-        .field("errors", errors);
-    m.field("storm_ms", storm.as_millis());
+        .field("sent", storm.sent)
+        .field("errors", storm.errors)
+        .field("flood_sent", flood.sent);
+    m.field("storm_ms", storm.took.as_millis());
     m.field("rtt_idle_ms", rtt(&idle));
-    m.field("rtt_storm_ms", rtt(&during));
+    m.field("rtt_flood_ms", rtt(&flood.ping));
+    m.field("rtt_storm_ms", rtt(&storm.ping));
     m.field(
         "ping_storm_received",
-        during
+        storm
+            .ping
             .ok()
             .and_then(|p| p.1)
             .map_or("none".to_string(), |n| n.to_string()),
+    );
+    m.field(
+        "marks",
+        match marks {
+            Ok(()) => format!("{MARK_IDLE},{MARK_FLOOD},{MARK_STORM},{MARK_STORM_END}"),
+            Err(e) => e.to_string(),
+        },
     );
     m
 }
@@ -937,6 +1010,12 @@ mod tests {
             parse_ping("3 packets transmitted, 0 packets received, 100% packet loss\n"),
             (None, Some(0))
         );
+    }
+
+    #[test]
+    fn the_quiet_flood_matches_the_storm_datagrams_in_size() {
+        assert_eq!(QUIET_MARKER.len(), STORM_MARKER.len());
+        assert!(!QUIET_MARKER.contains(STORM_MARKER));
     }
 
     #[test]
