@@ -740,14 +740,22 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 let split = inspect::split_com2(&com2, &files.dir);
                 all_checks.extend(inspect::inspect_checks(&guest, n, &split));
             }
-            all_checks.push(match crate::wire::WireCounts::from_log(&files.pktlog) {
-                Ok(wire) => checks::nic_wire_balance(&ally, &wire),
-                Err(e) => Check {
-                    name: "nic-wire-balance",
-                    passed: false,
-                    detail: format!("cannot read {}: {e}", files.pktlog.display()),
-                },
-            });
+            let forbidden = crate::wire::Forbidden::of_run(inspection);
+            match crate::wire::scan_log(&files.pktlog, &forbidden) {
+                Ok(wire) => {
+                    all_checks.push(checks::nic_wire_balance(&ally, &wire.counts));
+                    all_checks.push(crate::wire::wire_clean_check(&wire));
+                }
+                Err(e) => {
+                    for name in ["nic-wire-balance", "wire-clean"] {
+                        all_checks.push(Check {
+                            name,
+                            passed: false,
+                            detail: format!("cannot read {}: {e}", files.pktlog.display()),
+                        });
+                    }
+                }
+            }
         }
     }
     if !opts.keep {
