@@ -84,14 +84,9 @@ fn ally_hides_its_region_and_guest_pings() {
     ally_boot_passes_every_check("e2e-ally", 2, net, "");
 }
 
-/// The attacks the e2e boots run: all but `tucso`, whose user-space TX ring (built after
-/// `rmmod e1000`) crashed the attacker with a segmentation fault in both boots of the first
-/// full run; Ally's TX offload checks are host-tested (`dpi-partition/tests/nic_offload.rs`).
+/// The attacks the e2e boots run: every one `ally-attack` has.
 fn e2e_attacks() -> Vec<Attack> {
-    Attack::ALL
-        .into_iter()
-        .filter(|&a| a != Attack::Tucso)
-        .collect()
+    Attack::ALL.to_vec()
 }
 
 /// Issue 3's SMP scenario: 3 OS cores + 1 DPI core. The guest starts its application
