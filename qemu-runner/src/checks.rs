@@ -1092,9 +1092,15 @@ fn drop_reasons(ally: &AllyReport, key: &str) -> Result<Vec<(String, u64, u64)>,
 /// `ALLY nic-tx-drop|nic-rx-drop reason=NAME packets=N ring-stops=N`,
 /// `ALLY nic-exits register=NAME reads=N writes=N`,
 /// `ALLY nic-exits total=N packets=N exits-per-packet=X.YY`.
-pub fn nic_checks(guest: &GuestReport, ally: &AllyReport) -> Vec<Check> {
+/// `offload_attack_frames`: TX frames the run's attacks send with offloads aimed into the
+/// payload (the TUCSO attack's one frame), which Ally must drop as `offload`.
+pub fn nic_checks(
+    guest: &GuestReport,
+    ally: &AllyReport,
+    offload_attack_frames: u64,
+) -> Vec<Check> {
     vec![
-        Check::from_result("nic-traffic", nic_traffic(ally)),
+        Check::from_result("nic-traffic", nic_traffic(ally, offload_attack_frames)),
         Check::from_result("nic-bytes", nic_bytes(guest, ally)),
         Check::from_result("nic-exits", nic_exits(ally)),
         Check::from_result("nic-transfer-exits", nic_transfer_exits(guest, ally)),
@@ -1239,7 +1245,7 @@ fn nic_transfer_exits(guest: &GuestReport, ally: &AllyReport) -> Result<String, 
     Ok(parts.join("; "))
 }
 
-fn nic_traffic(ally: &AllyReport) -> Result<String, String> {
+fn nic_traffic(ally: &AllyReport, offload_attack_frames: u64) -> Result<String, String> {
     let mut seen = Vec::new();
     for dir in ["tx", "rx"] {
         let key = format!("nic-{dir}");
@@ -1251,9 +1257,13 @@ fn nic_traffic(ally: &AllyReport) -> Result<String, String> {
         }
         let reasons = drop_reasons(ally, &format!("nic-{dir}-drop"))?;
         let allowed_reason = |r: &str| ALLOWED_DROP_REASONS.contains(&r);
+        // The attacker's offload frames are expected drops; any other offload drop is a
+        // frame of the guest's own driver Ally refused.
+        let attack_drop =
+            |r: &str, p: u64| dir == "tx" && r == "offload" && p <= offload_attack_frames;
         let bad: Vec<String> = reasons
             .iter()
-            .filter(|(r, p, _)| !allowed_reason(r) && *p > 0)
+            .filter(|(r, p, _)| !allowed_reason(r) && !attack_drop(r, *p) && *p > 0)
             .map(|(r, p, s)| format!("{r}: {p} packets, {s} ring stops"))
             .collect();
         if !bad.is_empty() {
@@ -1265,12 +1275,12 @@ fn nic_traffic(ally: &AllyReport) -> Result<String, String> {
         }
         let allowed: Vec<String> = reasons
             .iter()
-            .filter(|(r, p, _)| allowed_reason(r) && *p > 0)
+            .filter(|(r, p, _)| (allowed_reason(r) || attack_drop(r, *p)) && *p > 0)
             .map(|(r, p, _)| format!("{r}: {p}"))
             .collect();
         let allowed_sum: u64 = reasons
             .iter()
-            .filter(|(r, _, _)| allowed_reason(r))
+            .filter(|(r, p, _)| allowed_reason(r) || attack_drop(r, *p))
             .map(|(_, p, _)| p)
             .sum();
         let stops: Vec<String> = reasons
@@ -1969,7 +1979,44 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
 ";
 
     fn judge_nic(ally: &str) -> Vec<Check> {
-        nic_checks(&GuestReport::parse(&net_guest()), &AllyReport::parse(ally))
+        nic_checks(
+            &GuestReport::parse(&net_guest()),
+            &AllyReport::parse(ally),
+            0,
+        )
+    }
+
+    #[test]
+    fn the_tucso_attack_frame_is_the_only_offload_drop_allowed() {
+        let with_drop = GOOD_NIC.replace(
+            "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
+            "ALLY nic-tx packets=15000 bytes=23600000 dropped=1",
+        )
+            + "[cpu1 INFO dpi] ALLY nic-tx-drop reason=offload packets=1 ring-stops=0\n";
+        let judge = |frames| {
+            nic_checks(
+                &GuestReport::parse(&net_guest()),
+                &AllyReport::parse(&with_drop),
+                frames,
+            )
+            .remove(0)
+        };
+        assert!(judge(1).passed, "{}", judge(1));
+        assert!(judge(1).detail.contains("tx 15000 packets 23600000 B, 9000 doorbells, 2 back-pressure, 1 dropped (offload: 1)"), "{}", judge(1));
+        // Without the attack, or with more offload drops than attack frames: a refused frame
+        // of the guest's own driver.
+        assert!(!judge(0).passed);
+        let two = with_drop
+            .replace("dropped=1", "dropped=2")
+            .replace("packets=1 ring", "packets=2 ring");
+        assert!(
+            !nic_checks(
+                &GuestReport::parse(&net_guest()),
+                &AllyReport::parse(&two),
+                1
+            )[0]
+            .passed
+        );
     }
 
     #[test]

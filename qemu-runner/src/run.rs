@@ -725,7 +725,9 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         all_checks.extend(checks::network_checks(&guest, n));
         all_checks.push(attack::attack_markers_check(&guest, &n.options.attacks));
         if opts.mode == Mode::Ally {
-            all_checks.extend(checks::nic_checks(&guest, &ally));
+            let offload_attack_frames =
+                u64::from(n.options.attacks.contains(&attack::Attack::Tucso));
+            all_checks.extend(checks::nic_checks(&guest, &ally, offload_attack_frames));
             if !n.options.resets.is_empty() {
                 all_checks.push(checks::ally_guest_reset(&ally, n.options.resets.len()));
             }
