@@ -195,6 +195,13 @@ fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
 
 /// Counters the DPI core publishes for the power-off report.
 static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
+/// Set by the power-off report: the DPI core's next poll publishes at once (its periodic
+/// publication trails by up to 64 polls, which at the idle timer's pace is frames the wire
+/// already carried) and then bumps `PUBLICATIONS`.
+static PUBLISH_NOW: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static PUBLICATIONS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// How long the report waits for that publication before reporting what it has (and saying so).
+const FINAL_PUBLISH_WAIT_US: u64 = 200_000;
 static TRAPPED: spin::Once<&'static TrappedNic<'static, &'static MmioRegisters>> =
     spin::Once::new();
 
@@ -399,14 +406,46 @@ impl DpiWork {
         let moved = self.engine.poll();
         // Publishing clones the counters: every 64 polls, busy or idle, not per busy poll.
         self.polls_since_publish += 1;
-        if self.polls_since_publish >= 64 {
+        let requested = PUBLISH_NOW.load(Ordering::Acquire);
+        if self.polls_since_publish >= 64 || requested {
             if let Some(mut published) = PUBLISHED.try_lock() {
                 *published = Some(self.engine.counters().clone());
                 self.polls_since_publish = 0;
+                if requested {
+                    PUBLISH_NOW.store(false, Ordering::Release);
+                    PUBLICATIONS.fetch_add(1, Ordering::AcqRel);
+                }
             }
         }
         moved
     }
+}
+
+/// Stops the NIC's receiver, asks the serving DPI core for a publication after one more poll
+/// (which also harvests frames the NIC delivered since its last one) and waits for it,
+/// bounded: whether it came.
+fn request_final_publication() -> bool {
+    let Some(trapped) = TRAPPED.get() else {
+        return true;
+    };
+    // The guest is powering off: stop the receiver first (SDM 13.4.22 RCTL.EN), so the
+    // counts below are final. A frame the wire still carries now stays on the wire.
+    let rctl = trapped.real.read32(Reg::RCTL);
+    trapped
+        .real
+        .write32(Reg::RCTL, rctl & !ally_dpi::nic::regs::rctl::EN);
+    let before = PUBLICATIONS.load(Ordering::Acquire);
+    PUBLISH_NOW.store(true, Ordering::Release);
+    // The DPI core's timer wakes it within one period; the IPI only shortens the wait.
+    wake_dpi_core();
+    let deadline = crate::clock::now_us() + FINAL_PUBLISH_WAIT_US;
+    while PUBLICATIONS.load(Ordering::Acquire) == before {
+        if crate::clock::now_us() >= deadline {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
 }
 
 /// `ALLY nic-mark`: the NIC's counters at an `ALLY mark` (the guest asks around a transfer),
@@ -446,6 +485,7 @@ pub fn mark(id: u8) {
 /// (waiting for the UART is fine here) and the ring's counters, then frames, bytes and drops
 /// by direction and reason, exits by register, and exits per frame.
 pub fn report() {
+    let fresh = request_final_publication();
     let alerts = logger::flush_alerts();
     info!(
         "ALLY alerts written={} lost={} ring-bytes={} peak={}",
@@ -455,6 +495,11 @@ pub fn report() {
         return;
     };
     let counters = PUBLISHED.lock().clone().unwrap_or_default();
+    if !fresh {
+        log::warn!(
+            "ALLY nic-report stale=1 reason=\"the DPI core did not publish within {FINAL_PUBLISH_WAIT_US} us\""
+        );
+    }
     for (name, dir) in [("tx", &counters.tx), ("rx", &counters.rx)] {
         info!(
             "ALLY nic-{name} packets={} bytes={} dropped={} doorbells={} backpressure={} wire-frames={}",
