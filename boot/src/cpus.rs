@@ -177,6 +177,10 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
                 continue;
             }
         }
+        if let Some(work) = work.as_mut() {
+            // Whatever the wait below ends with, the next poll's doorbells rang while idle.
+            work.note_woken();
+        }
         match work.as_ref() {
             Some(work) if mwait => {
                 let ticks = TIMER_TICKS.load(Ordering::Relaxed);

@@ -401,6 +401,11 @@ impl DpiWork {
         self.engine.doorbell_pending()
     }
 
+    /// The core waited (MWAIT or HLT): the next poll's doorbells are idle wake-ups.
+    pub fn note_woken(&mut self) {
+        self.engine.note_woken();
+    }
+
     /// One pass of the queue engine; returns the frames moved.
     pub fn poll(&mut self) -> u64 {
         let moved = self.engine.poll();
@@ -421,9 +426,7 @@ impl DpiWork {
     }
 }
 
-/// Stops the NIC's receiver, asks the serving DPI core for a publication after one more poll
-/// (which also harvests frames the NIC delivered since its last one) and waits for it,
-/// bounded: whether it came.
+/// Stops the NIC's receiver, then asks for a fresh publication: whether it came.
 fn request_final_publication() -> bool {
     let Some(trapped) = TRAPPED.get() else {
         return true;
@@ -434,6 +437,15 @@ fn request_final_publication() -> bool {
     trapped
         .real
         .write32(Reg::RCTL, rctl & !ally_dpi::nic::regs::rctl::EN);
+    request_publication()
+}
+
+/// Asks the serving DPI core for a publication after one more poll (which also harvests
+/// frames the NIC delivered since its last one) and waits for it, bounded: whether it came.
+fn request_publication() -> bool {
+    if TRAPPED.get().is_none() {
+        return true;
+    }
     let before = PUBLICATIONS.load(Ordering::Acquire);
     PUBLISH_NOW.store(true, Ordering::Release);
     // The DPI core's timer wakes it within one period; the IPI only shortens the wait.
@@ -462,11 +474,12 @@ pub fn mark(id: u8) {
     let Some(trapped) = TRAPPED.get() else {
         return;
     };
+    let fresh = request_publication();
     let counters = PUBLISHED.lock().clone().unwrap_or_default();
     let mut registers = alloc::string::String::new();
     let _ = ally_hypervisor::exit::write_register_counts(&mut registers, trapped.exits.nonzero());
     info!(
-        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} tsc-per-us={} registers={registers}",
+        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} idle-wake-samples={} idle-wake-tsc={} tsc-per-us={} fresh={} registers={registers}",
         trapped.exits.total(),
         trapped.exits.forwarded(),
         counters.tx.packets,
@@ -477,7 +490,10 @@ pub fn mark(id: u8) {
         trapped.shadow.irq_doorbells.load(Ordering::Relaxed),
         counters.wake_latency.samples(),
         counters.wake_latency.total(),
-        crate::clock::tsc_per_us()
+        counters.idle_wake_latency.samples(),
+        counters.idle_wake_latency.total(),
+        crate::clock::tsc_per_us(),
+        u8::from(fresh)
     );
 }
 
@@ -529,17 +545,21 @@ pub fn report() {
         trapped.shadow.irqs_moderated.load(Ordering::Relaxed),
         trapped.shadow.wake_ipis.load(Ordering::Relaxed)
     );
-    let wake = counters.wake_latency;
     let per_us = crate::clock::tsc_per_us();
-    info!(
-        "ALLY dpi-wake-latency samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
-        wake.samples(),
-        wake.mean(),
-        wake.min(),
-        wake.max(),
-        wake.mean() / per_us,
-        wake.max() / per_us
-    );
+    for (kind, wake) in [
+        ("all", counters.wake_latency),
+        ("idle", counters.idle_wake_latency),
+    ] {
+        info!(
+            "ALLY dpi-wake-latency doorbells={kind} samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
+            wake.samples(),
+            wake.mean(),
+            wake.min(),
+            wake.max(),
+            wake.mean() / per_us,
+            wake.max() / per_us
+        );
+    }
     for (name, reads, writes) in trapped.exits.nonzero() {
         info!("ALLY nic-exits register={name} reads={reads} writes={writes}");
     }

@@ -814,3 +814,54 @@ fn nic_counters_balance_under_mixed_traffic() {
     assert_eq!(c.rx.packets + c.rx.total_dropped(), injected);
     assert!(c.tx.dropped(DropReason::Verdict) > 0 && c.tx.dropped(DropReason::Protected) > 0);
 }
+
+/// Doorbells seen by the first poll after the loop waited count as idle wake-ups as well;
+/// those seen by a busy loop count only in the overall doorbell latency.
+#[test]
+fn idle_wake_ups_are_told_from_busy_doorbells() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(64, 64, 2048);
+    e.run();
+    let before = e.dpi.counters().clone();
+
+    e.queue_legacy(&frame(1, 100));
+    e.kick();
+    e.run();
+    let busy = e.dpi.counters().clone();
+    assert_eq!(
+        busy.wake_latency.samples(),
+        before.wake_latency.samples() + 1
+    );
+    assert_eq!(
+        busy.idle_wake_latency.samples(),
+        before.idle_wake_latency.samples()
+    );
+
+    e.queue_legacy(&frame(2, 100));
+    e.kick();
+    e.dpi.note_woken();
+    e.run();
+    let woken = e.dpi.counters().clone();
+    assert_eq!(
+        woken.wake_latency.samples(),
+        busy.wake_latency.samples() + 1
+    );
+    assert_eq!(
+        woken.idle_wake_latency.samples(),
+        busy.idle_wake_latency.samples() + 1
+    );
+
+    // The mark is consumed by one poll: a later doorbell is a busy one again.
+    e.queue_legacy(&frame(3, 100));
+    e.kick();
+    e.run();
+    let after = e.dpi.counters().clone();
+    assert_eq!(
+        after.idle_wake_latency.samples(),
+        woken.idle_wake_latency.samples()
+    );
+    assert_eq!(
+        after.wake_latency.samples(),
+        woken.wake_latency.samples() + 1
+    );
+}

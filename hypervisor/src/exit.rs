@@ -391,6 +391,26 @@ pub const COUNTED_REASONS: usize = 128;
 pub struct ExitCounters {
     counts: [AtomicU64; COUNTED_REASONS],
     other: AtomicU64,
+    /// Time stamp counter ticks spent in Ally's handler per reason (from the dispatcher's
+    /// first instruction to its return to the VMRESUME trampoline), and the longest one.
+    cycles: [AtomicU64; COUNTED_REASONS],
+    max_cycles: [AtomicU64; COUNTED_REASONS],
+}
+
+/// The handler cost of one exit reason: exits timed, their TSC ticks in total, the longest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCost {
+    pub basic: u32,
+    pub timed: u64,
+    pub cycles: u64,
+    pub max_cycles: u64,
+}
+
+impl ExitCost {
+    /// Mean ticks per timed exit (0 when none was timed).
+    pub fn mean(&self) -> u64 {
+        self.cycles.checked_div(self.timed).unwrap_or(0)
+    }
 }
 
 impl Default for ExitCounters {
@@ -428,7 +448,36 @@ impl ExitCounters {
         Self {
             counts: [const { AtomicU64::new(0) }; COUNTED_REASONS],
             other: AtomicU64::new(0),
+            cycles: [const { AtomicU64::new(0) }; COUNTED_REASONS],
+            max_cycles: [const { AtomicU64::new(0) }; COUNTED_REASONS],
         }
+    }
+
+    /// Adds the handler time of one exit with basic reason `basic` (recorded by the vCPU's
+    /// own CPU, like [`record`](Self::record)); reasons beyond the table are not timed.
+    pub fn record_cycles(&self, basic: u32, ticks: u64) {
+        let i = basic as usize;
+        if let (Some(total), Some(max)) = (self.cycles.get(i), self.max_cycles.get(i)) {
+            let sum = total.load(Ordering::Relaxed).saturating_add(ticks);
+            total.store(sum, Ordering::Relaxed);
+            if ticks > max.load(Ordering::Relaxed) {
+                max.store(ticks, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The handler cost of every reason seen, ascending. `timed` is the exit count: an exit
+    /// whose handler never returned (it stopped the guest) counts with no ticks.
+    pub fn costs(&self) -> impl Iterator<Item = ExitCost> + '_ {
+        self.iter_nonzero().map(|(basic, count)| {
+            let i = basic as usize;
+            ExitCost {
+                basic,
+                timed: count,
+                cycles: self.cycles[i].load(Ordering::Relaxed),
+                max_cycles: self.max_cycles[i].load(Ordering::Relaxed),
+            }
+        })
     }
 
     /// Counts one exit with basic reason `basic` (saturating). Only one CPU may record into a
@@ -464,6 +513,14 @@ impl ExitCounters {
         }
         let sum = self.other.get_mut().saturating_add(other.other());
         *self.other.get_mut() = sum;
+        for (a, b) in self.cycles.iter_mut().zip(other.cycles.iter()) {
+            let sum = a.get_mut().saturating_add(b.load(Ordering::Relaxed));
+            *a.get_mut() = sum;
+        }
+        for (a, b) in self.max_cycles.iter_mut().zip(other.max_cycles.iter()) {
+            let max = (*a.get_mut()).max(b.load(Ordering::Relaxed));
+            *a.get_mut() = max;
+        }
     }
 
     /// `(basic reason, count)` for every reason seen, ascending; pass the number to
@@ -648,6 +705,24 @@ mod tests {
         sum.merge(&c);
         assert_eq!(sum.get(30), 6);
         assert_eq!(sum.total(), 10);
+
+        c.record_cycles(30, 100);
+        c.record_cycles(30, 500);
+        c.record_cycles(30, 300);
+        c.record_cycles(0xFFFF, 7);
+        let cost: std::vec::Vec<_> = c.costs().collect();
+        assert_eq!(cost[1].basic, 30);
+        assert_eq!(
+            (cost[1].timed, cost[1].cycles, cost[1].max_cycles),
+            (3, 900, 500)
+        );
+        assert_eq!(cost[1].mean(), 300);
+        assert_eq!(cost[0].mean(), 0, "reason 10 was counted, never timed");
+        let mut sum = ExitCounters::default();
+        sum.merge(&c);
+        sum.merge(&c);
+        let s30 = sum.costs().find(|e| e.basic == 30).unwrap();
+        assert_eq!((s30.cycles, s30.max_cycles, s30.mean()), (1800, 500, 300));
 
         let full = ExitCounters::new();
         full.counts[48].store(u64::MAX, Ordering::Relaxed);

@@ -404,12 +404,29 @@ const MARK_STORM: u64 = 42;
 const MARK_STORM_END: u64 = 43;
 
 /// The issue's bound: during the storm the ping RTT and the DPI core's wake-up latency stay
-/// within this factor of the same traffic without alerts.
+/// within this factor of idle.
 const STORM_SLOWDOWN_LIMIT: f64 = 2.0;
 
-/// The DPI core's mean wake-up latency (µs) between two `ALLY nic-mark`s, from their running
-/// sample counts and TSC totals, and the number of wake-ups.
-fn wake_latency_between(ally: &AllyReport, from: u64, to: u64) -> Result<(f64, u64), String> {
+/// The DPI core's mean doorbell latency (µs) between two `ALLY nic-mark`s, from their running
+/// sample counts and TSC totals, and the number of doorbells.
+/// Which doorbells a latency covers: every one (`wake-samples`/`wake-tsc`: the wait behind a
+/// batch in progress included) or those that found the DPI core idle (`idle-wake-*`).
+#[derive(Clone, Copy)]
+enum Doorbells {
+    All,
+    Idle,
+}
+
+fn wake_latency_between(
+    ally: &AllyReport,
+    from: u64,
+    to: u64,
+    which: Doorbells,
+) -> Result<(f64, u64), String> {
+    let (samples_field, tsc_field) = match which {
+        Doorbells::All => ("wake-samples", "wake-tsc"),
+        Doorbells::Idle => ("idle-wake-samples", "idle-wake-tsc"),
+    };
     let mark = |id: u64| {
         let line = ally
             .all("nic-mark")
@@ -419,14 +436,14 @@ fn wake_latency_between(ally: &AllyReport, from: u64, to: u64) -> Result<(f64, u
             line.number(f)
                 .map_err(|e| format!("`ALLY nic-mark id={id}`: {e}"))
         };
-        Ok::<_, String>((n("wake-samples")?, n("wake-tsc")?, n("tsc-per-us")?))
+        Ok::<_, String>((n(samples_field)?, n(tsc_field)?, n("tsc-per-us")?))
     };
     let (s0, t0, per_us) = mark(from)?;
     let (s1, t1, _) = mark(to)?;
     let samples = s1.saturating_sub(s0);
     if samples == 0 {
         return Err(format!(
-            "no DPI wake-up between marks {from} and {to} (the counters are published every 64 polls)"
+            "no DPI doorbell ({samples_field}) between marks {from} and {to}"
         ));
     }
     let mean_tsc = t1.saturating_sub(t0) as f64 / samples as f64;
@@ -434,10 +451,11 @@ fn wake_latency_between(ally: &AllyReport, from: u64, to: u64) -> Result<(f64, u
 }
 
 /// The alert storm is refused when alerts neither block the path nor slow it: every storm
-/// datagram reached the host, the ring counted what it could not keep, and the ping RTT and the
-/// DPI core's wake-up latency during the storm stayed within [`STORM_SLOWDOWN_LIMIT`] of a
-/// flood of the same datagrams that no rule matches. Idle figures are reported beside them
-/// (traffic itself, alerts or not, keeps the DPI core busy when a doorbell rings).
+/// datagram reached the host, the ring counted what it could not keep, and during the storm
+/// the ping's median RTT and the DPI core's wake-up latency (doorbells that found it idle)
+/// stayed within [`STORM_SLOWDOWN_LIMIT`] of idle. The same figures for a flood of the same
+/// datagrams that no rule matches, and the latency of every doorbell (busy ones wait behind
+/// the batch in progress, alerts or not), are reported beside them.
 fn alert_storm_evidence(
     marker: &AttackMarker,
     ally: &AllyReport,
@@ -460,21 +478,41 @@ fn alert_storm_evidence(
     }
     let rtt_idle = number("rtt_idle_ms")?;
     let (rtt_flood, rtt_storm) = (number("rtt_flood_ms")?, number("rtt_storm_ms")?);
-    let (wake_idle, idle_n) = wake_latency_between(ally, MARK_IDLE, MARK_FLOOD)?;
-    let (wake_flood, flood_n) = wake_latency_between(ally, MARK_FLOOD, MARK_STORM)?;
-    let (wake_storm, storm_n) = wake_latency_between(ally, MARK_STORM, MARK_STORM_END)?;
+    let phases = [
+        (MARK_IDLE, MARK_FLOOD),
+        (MARK_FLOOD, MARK_STORM),
+        (MARK_STORM, MARK_STORM_END),
+    ];
+    let mut idle_wake = [(0.0, 0); 3];
+    let mut all_doorbells = [(0.0, 0); 3];
+    for (i, &(from, to)) in phases.iter().enumerate() {
+        idle_wake[i] = wake_latency_between(ally, from, to, Doorbells::Idle)?;
+        all_doorbells[i] = wake_latency_between(ally, from, to, Doorbells::All)?;
+    }
     let evidence = format!(
         "alerts written={written} lost={lost}; host got {}/{sent} storm datagrams; \
-         ping rtt idle={rtt_idle:.3} ms, quiet flood={rtt_flood:.3} ms, storm={rtt_storm:.3} ms; \
-         DPI wake-up idle={wake_idle:.1} µs ({idle_n} doorbells), quiet flood={wake_flood:.1} µs ({flood_n}), \
-         storm={wake_storm:.1} µs ({storm_n})",
-        udp.storm
+         ping median rtt idle={rtt_idle:.3} ms, quiet flood={rtt_flood:.3} ms, storm={rtt_storm:.3} ms; \
+         DPI wake-up (idle core) idle={:.1} µs ({} doorbells), quiet flood={:.1} µs ({}), storm={:.1} µs ({}); \
+         all doorbells idle={:.1} µs ({}), quiet flood={:.1} µs ({}), storm={:.1} µs ({})",
+        udp.storm,
+        idle_wake[0].0,
+        idle_wake[0].1,
+        idle_wake[1].0,
+        idle_wake[1].1,
+        idle_wake[2].0,
+        idle_wake[2].1,
+        all_doorbells[0].0,
+        all_doorbells[0].1,
+        all_doorbells[1].0,
+        all_doorbells[1].1,
+        all_doorbells[2].0,
+        all_doorbells[2].1,
     );
-    if rtt_storm > STORM_SLOWDOWN_LIMIT * rtt_flood
-        || wake_storm > STORM_SLOWDOWN_LIMIT * wake_flood
+    if rtt_storm > STORM_SLOWDOWN_LIMIT * rtt_idle
+        || idle_wake[2].0 > STORM_SLOWDOWN_LIMIT * idle_wake[0].0
     {
         return Err(format!(
-            "the storm is more than {STORM_SLOWDOWN_LIMIT}x slower than the same flood without alerts: {evidence}"
+            "during the storm the ping RTT or the DPI wake-up latency is more than {STORM_SLOWDOWN_LIMIT}x idle: {evidence}"
         ));
     }
     Ok(evidence)
@@ -601,12 +639,14 @@ mod tests {
         let g = guest(
             "ALLYTEST attack-alert-storm INFO port=9 sent=5000 errors=0 flood_sent=5000 storm_ms=2100 rtt_idle_ms=1.300 rtt_flood_ms=1.600 rtt_storm_ms=1.700 ping_storm_received=3 marks=40,41,42,43\n",
         );
-        let ally = |storm_tsc: u64| {
+        // Idle wake-ups: idle phase 10 at 2 µs, quiet flood 20 at 2.5 µs, storm 20 at
+        // `storm_idle_tsc`; all doorbells: 10 at 2 µs, 100 at 10 µs, 100 at 15 µs.
+        let ally = |storm_idle_tsc: u64| {
             AllyReport::parse(&format!(
-                "ALLY nic-mark id=40 exits=1 wake-samples=100 wake-tsc=1000000 tsc-per-us=1000 registers=\n\
-                 ALLY nic-mark id=41 exits=1 wake-samples=110 wake-tsc=1020000 tsc-per-us=1000 registers=\n\
-                 ALLY nic-mark id=42 exits=1 wake-samples=210 wake-tsc=2020000 tsc-per-us=1000 registers=\n\
-                 ALLY nic-mark id=43 exits=1 wake-samples=310 wake-tsc={storm_tsc} tsc-per-us=1000 registers=\n\
+                "ALLY nic-mark id=40 exits=1 wake-samples=100 wake-tsc=1000000 idle-wake-samples=50 idle-wake-tsc=100000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=41 exits=1 wake-samples=110 wake-tsc=1020000 idle-wake-samples=60 idle-wake-tsc=120000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=42 exits=1 wake-samples=210 wake-tsc=2020000 idle-wake-samples=80 idle-wake-tsc=170000 tsc-per-us=1000 registers=\n\
+                 ALLY nic-mark id=43 exits=1 wake-samples=310 wake-tsc=3520000 idle-wake-samples=100 idle-wake-tsc={storm_idle_tsc} tsc-per-us=1000 registers=\n\
                  ALLY alerts written=900 lost=4100 ring-bytes=65536 peak=65536\n"
             ))
         };
@@ -614,28 +654,29 @@ mod tests {
             storm: 5000,
             ..UdpCounts::default()
         };
-        // Idle: 10 wake-ups at 2 µs; the quiet flood: 100 at 10 µs; the storm: 100 at 15 µs.
-        let c = ally_defences_check(&g, &ally(3_520_000), &all, &[Attack::AlertStorm]);
+        // The storm's idle wake-ups at 3 µs: within twice idle's 2 µs.
+        let c = ally_defences_check(&g, &ally(230_000), &all, &[Attack::AlertStorm]);
         assert!(c.passed, "{c}");
         assert!(
             c.detail.contains(
-                "DPI wake-up idle=2.0 µs (10 doorbells), quiet flood=10.0 µs (100), storm=15.0 µs (100)"
+                "DPI wake-up (idle core) idle=2.0 µs (10 doorbells), quiet flood=2.5 µs (20), storm=3.0 µs (20); \
+                 all doorbells idle=2.0 µs (10), quiet flood=10.0 µs (100), storm=15.0 µs (100)"
             ),
             "{c}"
         );
-        // 25 µs per wake-up during the storm: more than twice the quiet flood's.
-        assert!(!ally_defences_check(&g, &ally(4_520_000), &all, &[Attack::AlertStorm]).passed);
+        // 5 µs per idle wake-up during the storm: more than twice idle's.
+        assert!(!ally_defences_check(&g, &ally(270_000), &all, &[Attack::AlertStorm]).passed);
         // A datagram the host never got (an alert must not drop traffic).
         let short = UdpCounts {
             storm: 4999,
             ..UdpCounts::default()
         };
-        assert!(!ally_defences_check(&g, &ally(3_520_000), &short, &[Attack::AlertStorm]).passed);
-        // The ping slowed down more than twice.
+        assert!(!ally_defences_check(&g, &ally(230_000), &short, &[Attack::AlertStorm]).passed);
+        // The ping slowed down more than twice idle (the quiet flood's RTT does not matter).
         let slow = guest(
-            "ALLYTEST attack-alert-storm INFO sent=5000 rtt_idle_ms=1.300 rtt_flood_ms=1.300 rtt_storm_ms=2.700\n",
+            "ALLYTEST attack-alert-storm INFO sent=5000 rtt_idle_ms=1.300 rtt_flood_ms=2.000 rtt_storm_ms=2.700\n",
         );
-        assert!(!ally_defences_check(&slow, &ally(3_520_000), &all, &[Attack::AlertStorm]).passed);
+        assert!(!ally_defences_check(&slow, &ally(230_000), &all, &[Attack::AlertStorm]).passed);
     }
 
     #[test]

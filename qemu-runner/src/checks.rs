@@ -538,8 +538,28 @@ fn exits(ally: &AllyReport) -> Result<String, String> {
     if e.is_empty() {
         return Err("no `ALLY exits reason=.. count=..` lines".into());
     }
+    // TSC ticks per microsecond, from `ALLY clock tsc-hz=..`, to state the handler cost in time.
+    let tsc_per_us = ally
+        .all("clock")
+        .last()
+        .and_then(|l| l.number("tsc-hz").ok())
+        .map(|hz| hz as f64 / 1e6)
+        .filter(|&per_us| per_us > 0.0);
     Ok(e.iter()
-        .map(|x| format!("{}={}", x.reason, x.count))
+        .map(|x| match (x.handler_tsc, tsc_per_us) {
+            (Some((mean, max)), Some(per_us)) => format!(
+                "{}={} (handler {mean} TSC ticks = {:.2} us mean, {:.1} us max)",
+                x.reason,
+                x.count,
+                mean as f64 / per_us,
+                max as f64 / per_us
+            ),
+            (Some((mean, max)), None) => format!(
+                "{}={} (handler {mean} TSC ticks mean, {max} max)",
+                x.reason, x.count
+            ),
+            (None, _) => format!("{}={}", x.reason, x.count),
+        })
         .collect::<Vec<_>>()
         .join(" "))
 }
@@ -1609,6 +1629,26 @@ ALLY poweroff
         assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["exits"]);
         let a = format!("{GOOD_ALLY}ALLY fatal reason=x\n");
         assert_eq!(failed(&judge(GOOD_GUEST, &a)), ["no-fatal"]);
+    }
+
+    #[test]
+    fn exits_detail_states_the_handler_cost() {
+        let a = AllyReport::parse(
+            "ALLY clock tsc-hz=2000000000 rtc-unix=1\n\
+             ALLY exits reason=EPT-violation basic=48 count=7 handler-tsc-mean=3000 handler-tsc-max=9000\n\
+             ALLY exits reason=CPUID basic=10 count=2\n",
+        );
+        assert_eq!(
+            exits(&a).unwrap(),
+            "EPT-violation=7 (handler 3000 TSC ticks = 1.50 us mean, 4.5 us max) CPUID=2"
+        );
+        let no_clock = AllyReport::parse(
+            "ALLY exits reason=EPT-violation basic=48 count=7 handler-tsc-mean=3000 handler-tsc-max=9000\n",
+        );
+        assert_eq!(
+            exits(&no_clock).unwrap(),
+            "EPT-violation=7 (handler 3000 TSC ticks mean, 9000 max)"
+        );
     }
 
     #[test]

@@ -338,6 +338,9 @@ fn devmem_result(
 pub struct ExitCount {
     pub reason: String,
     pub count: u64,
+    /// The handler's mean and longest TSC ticks per exit (`handler-tsc-mean`/`-max`), when
+    /// Ally reports them.
+    pub handler_tsc: Option<(u64, u64)>,
 }
 
 /// One `ALLY ept-violation` line.
@@ -423,6 +426,10 @@ impl AllyReport {
                         })?
                         .to_string(),
                     count: l.number("count")?,
+                    handler_tsc: match (l.number("handler-tsc-mean"), l.number("handler-tsc-max")) {
+                        (Ok(mean), Ok(max)) => Some((mean, max)),
+                        _ => None,
+                    },
                 })
             })
             .collect()

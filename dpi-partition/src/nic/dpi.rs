@@ -204,8 +204,11 @@ pub struct Counters {
     pub resets: u64,
     /// Guest interrupts raised (shadow causes set).
     pub irqs_raised: u64,
-    /// From a guest tail write (doorbell) to the DPI core acting on it.
+    /// From a guest tail write (doorbell) to the DPI core acting on it, busy or not.
     pub wake_latency: WakeLatency,
+    /// The same, for doorbells that found the DPI core waiting (MWAIT or HLT): how fast an
+    /// idle core wakes. The rest of `wake_latency` is the wait behind the batch in progress.
+    pub idle_wake_latency: WakeLatency,
 }
 
 /// Copy or zero-copy transmit.
@@ -528,6 +531,8 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     cfg_seen: u64,
     tx_watch: DoorbellWatcher,
     rx_watch: DoorbellWatcher,
+    /// The loop waited since the last poll ([`DpiNic::note_woken`]).
+    woken: bool,
     scratch: Vec<u8>,
     frags: [Frag; MAX_PACKET_DESCS],
     counters: Counters,
@@ -614,6 +619,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             cfg_seen: CFG_NEVER,
             tx_watch: DoorbellWatcher::new(&shadow.tx_doorbell),
             rx_watch: DoorbellWatcher::new(&shadow.rx_doorbell),
+            woken: false,
             scratch: Vec::with_capacity(MAX_TSO_FRAME as usize),
             frags: [Frag::default(); MAX_PACKET_DESCS],
             counters: Counters::default(),
@@ -688,6 +694,12 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         &self.shadow.tx_doorbell as *const _ as *const u8
     }
 
+    /// The DPI loop waited (MWAIT or HLT) since the last poll: doorbells the next poll sees
+    /// rang while the core was idle, and also count as idle wake-ups.
+    pub fn note_woken(&mut self) {
+        self.woken = true;
+    }
+
     /// Whether a tail doorbell rang since the last poll (checked after arming MONITOR, so a
     /// ring between the poll and the wait is never slept through).
     pub fn doorbell_pending(&self) -> bool {
@@ -703,15 +715,22 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         if shadow.cfg_doorbell.sequence() != self.cfg_seen {
             self.reconcile();
         }
+        let woken = core::mem::take(&mut self.woken);
         let tx_rings = self.tx_watch.poll(&shadow.tx_doorbell);
         if tx_rings > 0 {
             self.counters.tx.doorbells += tx_rings;
             self.counters.wake_latency.record(&shadow.tx_doorbell);
+            if woken {
+                self.counters.idle_wake_latency.record(&shadow.tx_doorbell);
+            }
         }
         let rx_rings = self.rx_watch.poll(&shadow.rx_doorbell);
         if rx_rings > 0 {
             self.counters.rx.doorbells += rx_rings;
             self.counters.wake_latency.record(&shadow.rx_doorbell);
+            if woken {
+                self.counters.idle_wake_latency.record(&shadow.rx_doorbell);
+            }
         }
         let mut work = self.tx_complete();
         work += self.tx_consume();

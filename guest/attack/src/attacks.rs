@@ -710,17 +710,26 @@ pub fn tucso(port: u16, gw_mac: [u8; 6]) -> Marker {
 /// The payload the runner's rule (sid 1000104) alerts on.
 pub const STORM_MARKER: &str = "ALLY-ALERT-STORM";
 
-/// busybox ping's average RTT (`round-trip min/avg/max = a/b/c ms`) and the replies received.
+/// busybox ping's median RTT (of its `time=X ms` reply lines; one late reply in three does
+/// not move it, where it would move the average) and the replies received. Without reply
+/// lines, the average of `round-trip min/avg/max = a/b/c ms`.
 pub fn parse_ping(out: &str) -> (Option<String>, Option<u32>) {
-    let avg = out
+    let mut times: Vec<f64> = out
         .lines()
-        .find_map(|l| l.split_once("min/avg/max = "))
-        .and_then(|(_, v)| v.split('/').nth(1).map(str::to_string));
+        .filter_map(|l| l.split_once(" time=")?.1.split(' ').next()?.parse().ok())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).map(|t| format!("{t:.3}"));
+    let rtt = median.or_else(|| {
+        out.lines()
+            .find_map(|l| l.split_once("min/avg/max = "))
+            .and_then(|(_, v)| v.split('/').nth(1).map(str::to_string))
+    });
     let received = out
         .lines()
         .find_map(|l| l.split_once(" packets received"))
         .and_then(|(l, _)| l.rsplit(' ').next()?.parse().ok());
-    (avg, received)
+    (rtt, received)
 }
 
 fn ping_cmd() -> std::process::Command {
@@ -750,7 +759,7 @@ fn exit_mark(id: u8) -> Result<(), sys::SysError> {
     sys::pwrite("/dev/port", 0x2ff, &[id])
 }
 
-/// busybox ping's (average RTT, replies), or why it did not run.
+/// busybox ping's (median RTT, replies), or why it did not run.
 type PingResult = std::io::Result<(Option<String>, Option<u32>)>;
 
 /// What one paced flood sent, how long it took, and the ping that ran meanwhile.
@@ -1005,7 +1014,16 @@ mod tests {
     #[test]
     fn busybox_ping_output() {
         let out = "PING 10.0.2.2 (10.0.2.2): 56 data bytes\n64 bytes from 10.0.2.2: seq=0 ttl=255 time=0.512 ms\n\n--- 10.0.2.2 ping statistics ---\n3 packets transmitted, 3 packets received, 0% packet loss\nround-trip min/avg/max = 0.512/0.640/0.768 ms\n";
-        assert_eq!(parse_ping(out), (Some("0.640".into()), Some(3)));
+        assert_eq!(parse_ping(out), (Some("0.512".into()), Some(3)));
+        let three = "64 bytes from 10.0.2.2: seq=0 ttl=255 time=1.300 ms\n\
+                     64 bytes from 10.0.2.2: seq=1 ttl=255 time=36.000 ms\n\
+                     64 bytes from 10.0.2.2: seq=2 ttl=255 time=1.400 ms\n\
+                     3 packets transmitted, 3 packets received, 0% packet loss\n\
+                     round-trip min/avg/max = 1.300/12.900/36.000 ms\n";
+        assert_eq!(parse_ping(three), (Some("1.400".into()), Some(3)));
+        let summary_only = "3 packets transmitted, 3 packets received, 0% packet loss\n\
+                            round-trip min/avg/max = 0.512/0.640/0.768 ms\n";
+        assert_eq!(parse_ping(summary_only), (Some("0.640".into()), Some(3)));
         assert_eq!(
             parse_ping("3 packets transmitted, 0 packets received, 100% packet loss\n"),
             (None, Some(0))

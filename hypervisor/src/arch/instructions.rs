@@ -173,6 +173,12 @@ pub unsafe fn xsetbv0(value: u64) {
     };
 }
 
+/// The time stamp counter (RDTSC; not serializing: it may read a little early).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions in ring 0.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Writes back and invalidates all caches (also Ally's emulation of the guest's INVD).
 pub fn wbinvd() {
     // SAFETY: WBINVD only flushes caches; it cannot break memory safety at CPL 0.
