@@ -56,6 +56,7 @@
 
 pub mod addr;
 pub mod blob;
+pub mod defrag;
 pub mod eve;
 pub mod flow;
 pub mod hook;
