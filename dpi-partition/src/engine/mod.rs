@@ -35,6 +35,7 @@
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
 //!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
 //!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
+//!   ([`defrag`] reassembles IPv4/IPv6 fragments, host-tested; it is not yet in the pipeline.)
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
@@ -56,6 +57,7 @@
 
 pub mod addr;
 pub mod blob;
+pub mod defrag;
 pub mod eve;
 pub mod flow;
 pub mod hook;
