@@ -33,8 +33,9 @@
 //!   byte_jump, isdataat) in [`matcher`]; `flow` and flowbits state in [`flow`].
 //! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
-//!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
-//!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
+//!   **There is no stream reassembly or IP defragmentation** yet: a pattern split across TCP
+//!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules. ([`stream`]
+//!   is the inline TCP normalizer that will provide the stream; it is not wired in yet.)
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
@@ -63,6 +64,7 @@ pub mod matcher;
 pub mod packet;
 pub mod prefilter;
 pub mod rules;
+pub mod stream;
 pub mod vars;
 
 use alloc::collections::BTreeMap;
