@@ -33,9 +33,10 @@
 //!   byte_jump, isdataat) in [`matcher`]; `flow` and flowbits state in [`flow`].
 //! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
-//!   **There is no stream reassembly or IP defragmentation**: a pattern split across TCP
-//!   segments or IP fragments is not seen; non-first fragments only meet `ip` rules.
-//!   ([`defrag`] reassembles IPv4/IPv6 fragments, host-tested; it is not yet in the pipeline.)
+//!   **There is no stream reassembly or IP defragmentation in the pipeline yet**: a pattern
+//!   split across TCP segments or IP fragments is not seen; non-first fragments only meet `ip`
+//!   rules. [`defrag`] (IPv4/IPv6 reassembly) and [`stream`] (the inline TCP normalizer) are
+//!   built and host-tested; the NIC path cannot hold and re-inject frames yet, which both need.
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
@@ -65,6 +66,7 @@ pub mod matcher;
 pub mod packet;
 pub mod prefilter;
 pub mod rules;
+pub mod stream;
 pub mod vars;
 
 use alloc::collections::BTreeMap;

@@ -34,13 +34,16 @@ pub mod tcpflags {
 /// L4 header summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    /// TCP ports, flags, sequence and acknowledgement numbers.
+    /// TCP ports, flags, sequence and acknowledgement numbers, the advertised window (as sent,
+    /// unscaled) and the window-scale option's shift count (RFC 7323 §2, as sent: may exceed 14).
     Tcp {
         sport: u16,
         dport: u16,
         flags: u8,
         seq: u32,
         ack: u32,
+        window: u16,
+        wscale: Option<u8>,
     },
     /// UDP ports.
     Udp { sport: u16, dport: u16 },
@@ -272,6 +275,8 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                     flags: body[13],
                     seq: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
                     ack: u32::from_be_bytes([body[8], body[9], body[10], body[11]]),
+                    window: u16::from_be_bytes([body[14], body[15]]),
+                    wscale: tcp_wscale(&body[20..hl]),
                 },
                 payload: &body[hl..],
                 ip: IpFields::default(),
@@ -315,6 +320,27 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
             }
         }
         _ => other,
+    }
+}
+
+/// The window-scale option (kind 3, length 3) among TCP options (RFC 9293 §3.2): `None` if
+/// absent or if the option list is malformed before it.
+fn tcp_wscale(mut opts: &[u8]) -> Option<u8> {
+    loop {
+        match *opts.first()? {
+            0 => return None,
+            1 => opts = &opts[1..],
+            kind => {
+                let len = usize::from(*opts.get(1)?);
+                if len < 2 {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    return opts.get(2).copied();
+                }
+                opts = opts.get(len..)?;
+            }
+        }
     }
 }
 
@@ -397,6 +423,32 @@ mod tests {
         assert_eq!(p.ports(), (1234, 80));
         assert_eq!(p.payload, b"GET /");
         assert!(matches!(p.l4, L4::Tcp { flags: 0x18, .. }));
+    }
+
+    #[test]
+    fn tcp_window_and_wscale() {
+        // Data offset 8 (32 bytes): MSS 1460, NOP, window scale 7, NOP, NOP, NOP, NOP.
+        let mut h = tcp(1234, 80, tcpflags::SYN);
+        h[12] = 0x80;
+        h[14..16].copy_from_slice(&29200u16.to_be_bytes());
+        h.extend_from_slice(&[2, 4, 0x05, 0xb4, 1, 3, 3, 7, 1, 1, 1, 1]);
+        let f = frame(ip("10.0.0.1"), ip("10.0.0.2"), 6, &h, b"");
+        let Decoded::Ip(p) = decode(&f) else { panic!() };
+        assert!(matches!(
+            p.l4,
+            L4::Tcp {
+                window: 29200,
+                wscale: Some(7),
+                ..
+            }
+        ));
+        assert!(p.payload.is_empty());
+        // No options, then options cut short (length byte past the end, zero length).
+        assert_eq!(tcp_wscale(&[]), None);
+        assert_eq!(tcp_wscale(&[2, 4, 5]), None);
+        assert_eq!(tcp_wscale(&[8, 0, 3, 3, 9]), None);
+        assert_eq!(tcp_wscale(&[0, 3, 3, 9]), None);
+        assert_eq!(tcp_wscale(&[1, 1, 3, 3, 15]), Some(15));
     }
 
     #[test]
