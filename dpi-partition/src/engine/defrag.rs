@@ -51,13 +51,14 @@
 //! datagram is discarded when its timeout (counted from its first fragment, as Linux does) runs
 //! out: in [`Defragmenter::expire`], lazily when `push` probes its slot, and in a sweep before a
 //! bound refuses a fragment. The table is open-addressed (capacity: a power of two of at least
-//! twice `max_datagrams`) with a probe window of 8 slots, indexed by SipHash-1-3 under a secret
-//! key ([`DefragConfig::key`]), so a sender cannot aim many datagrams at one window. `push`
+//! twice `max_datagrams`) with a probe window of 8 slots, indexed by a keyed hash ([`super::keyed`], secret
+//! key [`DefragConfig::key`]), so a sender cannot aim many datagrams at one window. `push`
 //! never panics, whatever the frame; its cost is bounded by the window and the fragments of one
 //! datagram, except for the sweep over the table when a bound is hit.
 
 use alloc::vec::Vec;
 
+use super::keyed::keyed_hash;
 use super::packet::ipproto;
 use super::Timestamp;
 
@@ -649,7 +650,7 @@ impl Defragmenter {
             Parsed::Fragment(key, piece) => (key, piece),
         };
         self.stats.fragments += 1;
-        let start = siphash::<1, 3>(self.cfg.key, &key.bytes()) as usize;
+        let start = keyed_hash(self.cfg.key, &key.bytes()) as usize;
         // The datagram leaves its slot while this fragment is weighed; it goes back unless it
         // is completed or dropped.
         let (i, expires, mut d) = match self.find(start, &key, now) {
@@ -842,48 +843,6 @@ impl Defragmenter {
     }
 }
 
-/// SipHash-C-D (Aumasson and Bernstein, 2012) of `msg` under `key`: SipHash-1-3 (as in Rust's
-/// std `HashMap`) indexes the table; no crate in the workspace offers a keyed hash in no_std.
-fn siphash<const C: usize, const D: usize>(key: [u64; 2], msg: &[u8]) -> u64 {
-    fn round(v: &mut [u64; 4]) {
-        v[0] = v[0].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(13) ^ v[0];
-        v[0] = v[0].rotate_left(32);
-        v[2] = v[2].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(16) ^ v[2];
-        v[0] = v[0].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(21) ^ v[0];
-        v[2] = v[2].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(17) ^ v[2];
-        v[2] = v[2].rotate_left(32);
-    }
-    let mut v = [
-        key[0] ^ 0x736f_6d65_7073_6575,
-        key[1] ^ 0x646f_7261_6e64_6f6d,
-        key[0] ^ 0x6c79_6765_6e65_7261,
-        key[1] ^ 0x7465_6462_7974_6573,
-    ];
-    let compress = |v: &mut [u64; 4], m: u64| {
-        v[3] ^= m;
-        (0..C).for_each(|_| round(v));
-        v[0] ^= m;
-    };
-    let words = msg.chunks_exact(8);
-    let mut last = (msg.len() as u64) << 56;
-    for (i, &b) in words.remainder().iter().enumerate() {
-        last |= u64::from(b) << (8 * i);
-    }
-    for w in words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        compress(&mut v, u64::from_le_bytes(b));
-    }
-    compress(&mut v, last);
-    v[2] ^= 0xff;
-    (0..D).for_each(|_| round(&mut v));
-    v[0] ^ v[1] ^ v[2] ^ v[3]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,24 +976,6 @@ mod tests {
             } => (datagram, fragments),
             o => panic!("not complete: {o:?}"),
         }
-    }
-
-    #[test]
-    fn siphash_matches_reference() {
-        // The SipHash paper's example (appendix A): SipHash-2-4, key 00..0f, message 00..0e.
-        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
-        let msg: Vec<u8> = (0..15).collect();
-        assert_eq!(siphash::<2, 4>(key, &msg), 0xa129_ca61_49be_45e5);
-        // std's (deprecated) SipHasher is SipHash-2-4 over the bytes written.
-        #[allow(deprecated)]
-        for n in 0..40 {
-            use std::hash::Hasher;
-            let m = bytes(n);
-            let mut h = std::hash::SipHasher::new_with_keys(key[0], key[1]);
-            h.write(&m);
-            assert_eq!(siphash::<2, 4>(key, &m), h.finish(), "length {n}");
-        }
-        assert_ne!(siphash::<1, 3>(key, &msg), siphash::<1, 3>([1, 2], &msg));
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub mod defrag;
 pub mod eve;
 pub mod flow;
 pub mod hook;
+pub mod keyed;
 pub mod matcher;
 pub mod packet;
 pub mod prefilter;
