@@ -228,6 +228,12 @@ fn decode_v6(b: &[u8]) -> Option<Packet<'_>> {
                 ]));
                 more_fragments = off & 1 != 0;
                 body = body.get(8..)?;
+                // After a non-first fragment's header comes fragment data, never headers
+                // (RFC 8200 §4.5): walking on would read payload bytes as extension headers,
+                // and a payload that fails to parse would make the frame "not IP", unruled.
+                if later_fragment {
+                    break;
+                }
             }
             _ => break,
         }
@@ -471,6 +477,29 @@ mod tests {
         assert_eq!(p.proto, ipproto::UDP);
         assert_eq!(p.ports(), (53, 5353));
         assert_eq!(p.payload, payload);
+    }
+
+    /// A non-first IPv6 fragment whose data begins like a destination-options header (next
+    /// header 60 in the fragment header, then bytes that do not parse as one) is still IP: its
+    /// data is the payload `ip` rules see, not headers to walk (once, it decoded as not IP and
+    /// was passed with no rule run).
+    #[test]
+    fn later_v6_fragment_data_is_not_walked_as_headers() {
+        let mut f = frame(ip("2001:db8::1"), ip("2001:db8::2"), 44, &[], &[]);
+        // Fragment header: next 60 (destination options), offset 8 (in 8-byte units: 1), M=1.
+        let mut body = alloc::vec![60, 0, 0, 0x09, 0, 0, 0, 42];
+        // Fragment data: a length byte claiming far more than there is.
+        let data = [0u8, 0xff, 1, 2, 3, 4, 5, 6, b'E', b'V', b'I', b'L'];
+        body.extend_from_slice(&data);
+        f[14 + 4..14 + 6].copy_from_slice(&(body.len() as u16).to_be_bytes());
+        f.extend_from_slice(&body);
+        let Decoded::Ip(p) = decode(&f) else {
+            panic!("a later fragment must decode as IP")
+        };
+        assert_eq!(p.l4, L4::Other);
+        assert_eq!(p.payload, data);
+        assert_eq!(p.ip.id, Some(42));
+        assert_eq!(p.ip.frag_bits, 1);
     }
 
     #[test]
