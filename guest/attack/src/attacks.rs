@@ -710,14 +710,18 @@ pub fn tucso(port: u16, gw_mac: [u8; 6]) -> Marker {
 /// The payload the runner's rule (sid 1000104) alerts on.
 pub const STORM_MARKER: &str = "ALLY-ALERT-STORM";
 
-/// busybox ping's median RTT (of its `time=X ms` reply lines; one late reply in three does
-/// not move it, where it would move the average) and the replies received. Without reply
-/// lines, the average of `round-trip min/avg/max = a/b/c ms`.
-pub fn parse_ping(out: &str) -> (Option<String>, Option<u32>) {
-    let mut times: Vec<f64> = out
-        .lines()
+/// busybox ping's reply times in ms (`time=X ms` lines), in arrival order.
+pub fn ping_times(out: &str) -> Vec<f64> {
+    out.lines()
         .filter_map(|l| l.split_once(" time=")?.1.split(' ').next()?.parse().ok())
-        .collect();
+        .collect()
+}
+
+/// busybox ping's median RTT (of its reply times: up to half the replies late do not move it,
+/// where one would move the average) and the replies received. Without reply lines, the
+/// average of `round-trip min/avg/max = a/b/c ms`.
+pub fn parse_ping(out: &str) -> (Option<String>, Option<u32>) {
+    let mut times = ping_times(out);
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).map(|t| format!("{t:.3}"));
     let rtt = median.or_else(|| {
@@ -732,9 +736,11 @@ pub fn parse_ping(out: &str) -> (Option<String>, Option<u32>) {
     (rtt, received)
 }
 
+/// Seven pings 0.3 s apart (about two seconds, as long as a phase of the storm): the median
+/// of seven stays put with three replies late.
 fn ping_cmd() -> std::process::Command {
     let mut c = std::process::Command::new("ping");
-    c.args(["-c", "3", "-W", "3", "-w", "20", "10.0.2.2"]);
+    c.args(["-c", "7", "-i", "0.3", "-W", "3", "-w", "20", "10.0.2.2"]);
     c
 }
 
@@ -759,8 +765,12 @@ fn exit_mark(id: u8) -> Result<(), sys::SysError> {
     sys::pwrite("/dev/port", 0x2ff, &[id])
 }
 
-/// busybox ping's (median RTT, replies), or why it did not run.
-type PingResult = std::io::Result<(Option<String>, Option<u32>)>;
+/// busybox ping's output, or why it did not run.
+type PingResult = std::io::Result<String>;
+
+fn ping_output(o: std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
 
 /// What one paced flood sent, how long it took, and the ping that ran meanwhile.
 struct Flood {
@@ -795,9 +805,7 @@ fn flood_with_ping(sock: &std::net::UdpSocket, prefix: &str, count: u64) -> Floo
         thread::sleep(BURST_PAUSE);
     }
     let took = t.elapsed();
-    let ping = ping
-        .and_then(|c| c.wait_with_output())
-        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
+    let ping = ping.and_then(|c| c.wait_with_output()).map(ping_output);
     Flood {
         sent,
         errors,
@@ -813,14 +821,23 @@ fn flood_with_ping(sock: &std::net::UdpSocket, prefix: &str, count: u64) -> Floo
 pub fn alert_storm(port: u16, count: u64) -> Marker {
     let mut m = Marker::new("attack-alert-storm");
     let rtt = |p: &PingResult| match p {
-        Ok((Some(a), _)) => a.clone(),
-        Ok((None, _)) => "none".into(),
+        Ok(out) => parse_ping(out).0.unwrap_or_else(|| "none".into()),
         Err(e) => format!("ping_error:{e}"),
     };
+    // Every reply time, for the runner's report when the medians disagree.
+    let times = |p: &PingResult| match p {
+        Ok(out) => {
+            let t: Vec<String> = ping_times(out).iter().map(|t| format!("{t:.3}")).collect();
+            if t.is_empty() {
+                "none".into()
+            } else {
+                t.join(",")
+            }
+        }
+        Err(_) => "none".into(),
+    };
     let marks = exit_mark(MARK_IDLE);
-    let idle = ping_cmd()
-        .output()
-        .map(|o| parse_ping(&String::from_utf8_lossy(&o.stdout)));
+    let idle = ping_cmd().output().map(ping_output);
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.connect(("10.0.2.2", port)).map(|()| s));
     let sock = match sock {
@@ -843,12 +860,16 @@ pub fn alert_storm(port: u16, count: u64) -> Marker {
     m.field("rtt_idle_ms", rtt(&idle));
     m.field("rtt_flood_ms", rtt(&flood.ping));
     m.field("rtt_storm_ms", rtt(&storm.ping));
+    m.field("times_idle_ms", times(&idle));
+    m.field("times_flood_ms", times(&flood.ping));
+    m.field("times_storm_ms", times(&storm.ping));
     m.field(
         "ping_storm_received",
         storm
             .ping
+            .as_ref()
             .ok()
-            .and_then(|p| p.1)
+            .and_then(|out| parse_ping(out).1)
             .map_or("none".to_string(), |n| n.to_string()),
     );
     m.field(
@@ -1021,6 +1042,7 @@ mod tests {
                      3 packets transmitted, 3 packets received, 0% packet loss\n\
                      round-trip min/avg/max = 1.300/12.900/36.000 ms\n";
         assert_eq!(parse_ping(three), (Some("1.400".into()), Some(3)));
+        assert_eq!(ping_times(three), [1.3, 36.0, 1.4]);
         let summary_only = "3 packets transmitted, 3 packets received, 0% packet loss\n\
                             round-trip min/avg/max = 0.512/0.640/0.768 ms\n";
         assert_eq!(parse_ping(summary_only), (Some("0.640".into()), Some(3)));
