@@ -46,6 +46,9 @@
 //! - **Malformed**: SYN with RST or FIN, no ACK on a segment other than SYN or RST (RFC 9293
 //!   §3.10.7.4), a truncated TCP header, TCP in IP fragments (not reassembled here: a first
 //!   fragment's payload is not the segment's).
+//! - **No-hold mode** ([`StreamConfig::hold_out_of_order`] false): an in-window segment ahead of
+//!   the next expected byte is [`StreamDrop::OutOfOrder`] and nothing is stored; the sender
+//!   retransmits it, and the retransmission is accepted once it is in order.
 //! - [`StreamTracker::block`] (a drop verdict) makes every later segment of the flow, both ways,
 //!   [`StreamDrop::Blocked`], except an exact RST, which is passed and closes it.
 //!
@@ -116,6 +119,10 @@ pub struct StreamConfig {
     pub handshake_timeout_us: u64,
     /// SipHash key of the flow table: set it from a boot-time random source.
     pub key: [u64; 2],
+    /// Hold out-of-order segments until the gap is filled (true), or drop them as
+    /// [`StreamDrop::OutOfOrder`] without storing anything (false: for a pipeline that cannot
+    /// hold and re-inject frames; the sender retransmits them in order).
+    pub hold_out_of_order: bool,
 }
 
 impl Default for StreamConfig {
@@ -130,6 +137,7 @@ impl Default for StreamConfig {
             established_timeout_us: 3_600_000_000,
             handshake_timeout_us: 30_000_000,
             key: [0x736f_6d65_5f61_6c6c, 0x795f_6b65_795f_2121],
+            hold_out_of_order: true,
         }
     }
 }
@@ -181,6 +189,9 @@ pub enum StreamDrop {
     MemoryLimit,
     /// Invalid flag combination, truncated header, or an IP fragment.
     Malformed,
+    /// An in-window segment ahead of the next expected byte while
+    /// [`StreamConfig::hold_out_of_order`] is false.
+    OutOfOrder,
 }
 
 /// What to do with a segment.
@@ -242,6 +253,7 @@ pub struct DropCounts {
     pub flow_limit: u64,
     pub memory_limit: u64,
     pub malformed: u64,
+    pub out_of_order: u64,
 }
 
 impl DropCounts {
@@ -265,6 +277,7 @@ impl DropCounts {
             StreamDrop::FlowLimit => &mut self.flow_limit,
             StreamDrop::MemoryLimit => &mut self.memory_limit,
             StreamDrop::Malformed => &mut self.malformed,
+            StreamDrop::OutOfOrder => &mut self.out_of_order,
         }
     }
 }
@@ -975,6 +988,9 @@ impl StreamTracker {
             if h.conflicts_with_held(seq, data) {
                 return Err(StreamDrop::OverlapMismatch);
             }
+            if !self.cfg.hold_out_of_order {
+                return Err(StreamDrop::OutOfOrder);
+            }
             return self.hold(slot, d, next, seq, s, frame);
         }
         // Bytes before `next` are a retransmission: compare what is retained.
@@ -1467,6 +1483,32 @@ mod tests {
         assert_eq!(
             feed(&mut t, &cdata(6, b"!")),
             acc(StreamDir::ToServer, b"ATTACK!", 6)
+        );
+    }
+
+    #[test]
+    fn out_of_order_is_dropped_without_holding() {
+        let mut t = StreamTracker::new(StreamConfig {
+            hold_out_of_order: false,
+            ..StreamConfig::default()
+        });
+        handshake(&mut t);
+        assert_eq!(
+            feed(&mut t, &cdata(1, b"B")),
+            Out::Drop(StreamDrop::OutOfOrder)
+        );
+        assert_eq!(t.held_bytes(), 0);
+        assert_eq!(t.stats().held_segments, 0);
+        assert_eq!(t.stats().drops.out_of_order, 1);
+        assert_eq!(
+            feed(&mut t, &cdata(0, b"A")),
+            acc(StreamDir::ToServer, b"A", 0)
+        );
+        assert!(t.take_released().is_none());
+        // The retransmission in order passes and extends the stream.
+        assert_eq!(
+            feed(&mut t, &cdata(1, b"B")),
+            acc(StreamDir::ToServer, b"AB", 1)
         );
     }
 
@@ -2043,7 +2085,11 @@ mod tests {
             0,
             0xff,
         ];
-        for policy in [LimitPolicy::FailClosed, LimitPolicy::FailOpen] {
+        for (policy, hold) in [
+            (LimitPolicy::FailClosed, true),
+            (LimitPolicy::FailOpen, true),
+            (LimitPolicy::FailOpen, false),
+        ] {
             let cfg = StreamConfig {
                 max_flows: 3,
                 max_bytes_per_flow: 600,
@@ -2054,6 +2100,7 @@ mod tests {
                 established_timeout_us: 5000,
                 handshake_timeout_us: 500,
                 key: [rnd(), rnd()],
+                hold_out_of_order: hold,
             };
             let mut t = StreamTracker::new(cfg);
             let mut now = 0;
@@ -2098,7 +2145,12 @@ mod tests {
                 assert!(t.held_bytes() <= cfg.max_total_bytes);
             }
             let st = t.stats();
-            assert!(st.accepted_bytes > 0 && st.released > 0, "{st:?}");
+            assert!(st.accepted_bytes > 0, "{st:?}");
+            if cfg.hold_out_of_order {
+                assert!(st.released > 0, "{st:?}");
+            } else {
+                assert!(st.released == 0 && st.drops.out_of_order > 0, "{st:?}");
+            }
         }
     }
 }
