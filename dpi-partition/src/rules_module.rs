@@ -21,7 +21,7 @@
 
 use core::fmt;
 
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{engine_stream_config, Engine, EngineConfig, EngineError, StreamConfig};
 
 /// The command line that marks the rules module.
 pub const RULES_MODULE: &str = "rules";
@@ -305,16 +305,26 @@ pub fn choose_heap(option: Option<u64>, rules: Option<&RulesModule>) -> Result<u
 ///
 /// Everything the engine keeps is allocated on the heap: `bytes` is not referenced afterwards,
 /// so the module's memory may be handed to the guest.
-pub fn build_engine(rules: Option<(&RulesModule, &[u8])>) -> Result<Engine, ModuleError> {
+///
+/// `stream_key` keys the stream tracker's flow table: give it boot-time randomness.
+pub fn build_engine(
+    rules: Option<(&RulesModule, &[u8])>,
+    stream_key: [u64; 2],
+) -> Result<Engine, ModuleError> {
+    let cfg = EngineConfig {
+        stream: Some(StreamConfig {
+            key: stream_key,
+            ..engine_stream_config()
+        }),
+        ..EngineConfig::default()
+    };
     match rules {
         None => Ok(Engine::pass_all()),
         Some((module, bytes)) => {
-            Engine::from_blob(bytes, EngineConfig::default()).map_err(|error| {
-                ModuleError::Refused {
-                    number: module.number,
-                    module_bytes: bytes.len() as u64,
-                    error,
-                }
+            Engine::from_blob(bytes, cfg).map_err(|error| ModuleError::Refused {
+                number: module.number,
+                module_bytes: bytes.len() as u64,
+                error,
             })
         }
     }
@@ -486,10 +496,10 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: b.len() as u64,
         };
-        let engine = build_engine(Some((&r, &b))).unwrap();
+        let engine = build_engine(Some((&r, &b)), [1, 2]).unwrap();
         let s = engine.summary();
         assert_eq!((s.rules, s.drop, s.alert), (2, 1, 1));
-        assert_eq!(build_engine(None).unwrap().rule_count(), 0);
+        assert_eq!(build_engine(None, [1, 2]).unwrap().rule_count(), 0);
     }
 
     fn refused(bytes: &[u8]) -> (EngineError, alloc::string::String) {
@@ -498,7 +508,7 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: bytes.len() as u64,
         };
-        match build_engine(Some((&r, bytes))) {
+        match build_engine(Some((&r, bytes)), [1, 2]) {
             Ok(_) => panic!("a bad blob was accepted"),
             Err(e @ ModuleError::Refused { .. }) => {
                 let text = e.to_string();
