@@ -32,11 +32,29 @@
 //!   payload semantics (offset/depth/distance/within, negation, backtracking, pcre, byte_test,
 //!   byte_jump, isdataat) in [`matcher`]; `flow` and flowbits state in [`flow`].
 //! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
-//!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
-//!   **There is no stream reassembly or IP defragmentation in the pipeline yet**: a pattern
-//!   split across TCP segments or IP fragments is not seen; non-first fragments only meet `ip`
-//!   rules. [`defrag`] (IPv4/IPv6 reassembly) and [`stream`] (the inline TCP normalizer) are
-//!   built and host-tested; the NIC path cannot hold and re-inject frames yet, which both need.
+//!   headers skipped, TCP, UDP, ICMP/ICMPv6).
+//! - **TCP streams** (with [`EngineConfig::stream`] set, as boot does; `None`, the default,
+//!   judges every frame on its own): each TCP frame first goes through the inline normalizer
+//!   [`stream`] in *no-hold* mode, since the NIC path cannot hold and re-inject frames: a
+//!   segment ahead of the next expected byte is dropped ([`StreamDrop::OutOfOrder`]; the sender
+//!   retransmits it in order), as are overlaps with different bytes, out-of-window data, bad
+//!   RSTs/SYNs and segments of blocked flows; these drops skip the rules and are counted in
+//!   [`EngineStats::stream_dropped`] and by reason in [`Engine::stream_stats`]. So the bytes
+//!   forwarded are exactly the bytes inspected, in order. An accepted segment comes with a
+//!   window: up to `context_bytes` (1 KiB) of the direction's earlier bytes, then its new
+//!   bytes. *Unanchored* rules (see `stream_eligible`: only `content`/`pcre`, none negated, no
+//!   `offset`/`depth`, first op not relative, no anchored or position-dependent pcre, no
+//!   `dsize`) are matched on that window (the prefilter scans it too) and count only when they
+//!   do not already match the window's old bytes, so a pattern split over any number of
+//!   segments is caught on the segment that completes it and is reported once; a second
+//!   occurrence within the same 1 KiB context is not reported again. *Anchored* rules (everything
+//!   else) and all rules on frames the tracker passed untracked (fail-open limits) inspect the
+//!   segment's own L4 payload, as before. A `drop` verdict on an accepted segment blocks the
+//!   flow: every later segment, both ways, is dropped. Matches longer than the context plus the
+//!   segment are not found.
+//! - **IP fragments are not reassembled in the pipeline yet**: non-first fragments only meet
+//!   `ip` rules, and TCP in fragments is dropped by the tracker as malformed. [`defrag`]
+//!   (IPv4/IPv6 reassembly) is built and host-tested; it needs frames held and re-injected.
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
