@@ -699,9 +699,7 @@ impl Engine {
     /// Worst-case heap bytes of the stream tracker under its configuration (see [`stream`]'s
     /// bounds): flow entries with their context plus `max_total_bytes`.
     pub fn stream_bound_bytes(&self) -> usize {
-        self.cfg.stream.map_or(0, |s| {
-            s.max_flows.next_power_of_two() * (256 + 2 * s.context_bytes) + s.max_total_bytes
-        })
+        self.cfg.stream.map_or(0, |s| s.heap_bound())
     }
 
     /// Flow-table counters.

@@ -62,7 +62,8 @@
 //! as copies up to `max_bytes_per_flow` per direction; held frames, frames released but not yet
 //! taken, and retained bytes beyond `context_bytes` together stay within `max_total_bytes`.
 //! Retained context is at most `2 * context_bytes` per flow, so the worst case is about
-//! `max_flows * (size_of entry + 2 * context_bytes) + max_total_bytes`. At a limit,
+//! `max_flows * (size_of entry + 2 * context_bytes) + max_total_bytes`, allocation slack
+//! included [`StreamConfig::heap_bound`]. At a limit,
 //! [`LimitPolicy::FailClosed`] drops the segment ([`StreamDrop::FlowLimit`],
 //! [`StreamDrop::MemoryLimit`]); [`LimitPolicy::FailOpen`] passes it as
 //! [`StreamOutcome::Untracked`] and stops tracking that flow (its held frames are released for
@@ -123,6 +124,22 @@ pub struct StreamConfig {
     /// [`StreamDrop::OutOfOrder`] without storing anything (false: for a pipeline that cannot
     /// hold and re-inject frames; the sender retransmits them in order).
     pub hold_out_of_order: bool,
+}
+
+/// Bytes of a flow slot itself (a test checks the real size against it, so that
+/// [`StreamConfig::heap_bound`] stays an upper bound).
+pub const FLOW_SLOT_BYTES: usize = 320;
+
+impl StreamConfig {
+    /// Worst-case heap bytes of a tracker with this configuration: every slot, each direction's
+    /// retained bytes at the most capacity `retain` lets them keep (`2 * context + 64` before it
+    /// shrinks them), and the bytes beyond the context (`max_total_bytes`) at twice their
+    /// length, as a growing deque may hold them.
+    pub const fn heap_bound(&self) -> usize {
+        let per_direction = 2 * self.context_bytes + 64;
+        self.max_flows.next_power_of_two() * (FLOW_SLOT_BYTES + 2 * per_direction)
+            + 2 * self.max_total_bytes
+    }
 }
 
 impl Default for StreamConfig {
@@ -1438,6 +1455,23 @@ mod tests {
             let out = feed(&mut t, &cdata(i as u32, &word[i..=i]));
             assert_eq!(out, acc(StreamDir::ToServer, &word[..=i], i));
         }
+    }
+
+    #[test]
+    fn a_flow_slot_fits_its_heap_bound() {
+        // The slot itself; its deques' buffers are the context and `max_total_bytes`.
+        let slot = core::mem::size_of::<Option<Flow>>();
+        assert!(slot <= FLOW_SLOT_BYTES, "a slot is {slot} bytes");
+        let c = StreamConfig {
+            max_flows: 3000,
+            context_bytes: 1024,
+            max_total_bytes: 1 << 20,
+            ..StreamConfig::default()
+        };
+        assert_eq!(
+            c.heap_bound(),
+            4096 * (FLOW_SLOT_BYTES + 2 * (2048 + 64)) + (2 << 20)
+        );
     }
 
     #[test]
