@@ -461,10 +461,11 @@ fn request_publication() -> bool {
 }
 
 /// `ALLY nic-mark`: the NIC's counters at an `ALLY mark` (the guest asks around a transfer),
-/// so that exits per wire frame can be computed for that transfer alone. The DPI core
-/// publishes its counters every 64 polls, so they may trail the exit counts by that much.
-/// The DPI wake-up latency's running sample count and TSC total let the runner compare the
-/// latency between two marks (e.g. idle against an alert storm).
+/// so that exits per wire frame can be computed for that transfer alone. The DPI core is
+/// asked for a fresh publication first (`fresh=0` when it did not come in time, and the
+/// counters then trail by up to 64 polls). The doorbell latencies' running sample counts and
+/// TSC totals (all doorbells, and those that found the core idle) let the runner compare
+/// them between two marks (e.g. idle against an alert storm).
 pub fn mark(id: u8) {
     let alerts = logger::ALERT_RING.stats();
     info!(
