@@ -13,7 +13,8 @@
 //! - Modules are numbered from 1 in the boot loader's order (the `module2` lines of grub.cfg).
 //!
 //! Heap: the compiled engine lives on Ally's heap. [`heap_needed`] is [`BASE_HEAP`] (Ally's
-//! own allocations, the flow table) plus [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
+//! own allocations, the flow table), plus with rules the stream tracker's bound
+//! ([`stream_heap`], 21.75 MiB) and [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
 //! `ally-tools rules compile` on subsets of the Snort 3 community ruleset: the load peak was
 //! 18–92 bytes per blob byte above the flow table (pcre-heavy rules the most; the whole
 //! ruleset, 597 KB, peaked at 29.7 MiB). The default heap is that figure; a smaller `heap=` is
@@ -21,7 +22,7 @@
 
 use core::fmt;
 
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{engine_stream_config, Engine, EngineConfig, EngineError, StreamConfig};
 
 /// The command line that marks the rules module.
 pub const RULES_MODULE: &str = "rules";
@@ -187,11 +188,13 @@ impl fmt::Display for ModuleError {
             } => write!(
                 f,
                 "option \"heap\": {} is too small for the rules module of {module_bytes} bytes, \
-                 which needs {} ({} MiB plus {HEAP_PER_BLOB_BYTE} bytes per module byte); \
+                 which needs {} ({} MiB, {} for TCP stream tracking and \
+                 {HEAP_PER_BLOB_BYTE} bytes per module byte); \
                  give heap={}M or more, or leave heap= out to size it automatically",
                 Size(*heap),
                 Size(*needed),
                 BASE_HEAP >> 20,
+                Size(stream_heap()),
                 needed.div_ceil(1 << 20)
             ),
             ModuleError::Refused {
@@ -277,9 +280,19 @@ pub fn find_rules_module<'a>(
     Ok(found)
 }
 
-/// Heap Ally needs with a rules module of `module_bytes` bytes (0: none), in whole MiB.
+/// The stream tracker's worst case ([`StreamConfig::heap_bound`] of the engine's stream
+/// configuration): reserved with any rules module, since its flows grow with the traffic, not
+/// with the rules.
+pub fn stream_heap() -> u64 {
+    engine_stream_config().heap_bound() as u64
+}
+
+/// Heap Ally needs with a rules module of `module_bytes` bytes (0: none, and so no stream
+/// tracker), in whole MiB.
 pub fn heap_needed(module_bytes: u64) -> u64 {
+    let stream = if module_bytes == 0 { 0 } else { stream_heap() };
     BASE_HEAP
+        .saturating_add(stream)
         .saturating_add(module_bytes.saturating_mul(HEAP_PER_BLOB_BYTE))
         .div_ceil(HEAP_ROUND)
         .saturating_mul(HEAP_ROUND)
@@ -305,16 +318,26 @@ pub fn choose_heap(option: Option<u64>, rules: Option<&RulesModule>) -> Result<u
 ///
 /// Everything the engine keeps is allocated on the heap: `bytes` is not referenced afterwards,
 /// so the module's memory may be handed to the guest.
-pub fn build_engine(rules: Option<(&RulesModule, &[u8])>) -> Result<Engine, ModuleError> {
+///
+/// `stream_key` keys the stream tracker's flow table: give it boot-time randomness.
+pub fn build_engine(
+    rules: Option<(&RulesModule, &[u8])>,
+    stream_key: [u64; 2],
+) -> Result<Engine, ModuleError> {
+    let cfg = EngineConfig {
+        stream: Some(StreamConfig {
+            key: stream_key,
+            ..engine_stream_config()
+        }),
+        ..EngineConfig::default()
+    };
     match rules {
         None => Ok(Engine::pass_all()),
         Some((module, bytes)) => {
-            Engine::from_blob(bytes, EngineConfig::default()).map_err(|error| {
-                ModuleError::Refused {
-                    number: module.number,
-                    module_bytes: bytes.len() as u64,
-                    error,
-                }
+            Engine::from_blob(bytes, cfg).map_err(|error| ModuleError::Refused {
+                number: module.number,
+                module_bytes: bytes.len() as u64,
+                error,
             })
         }
     }
@@ -433,9 +456,12 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
     #[test]
     fn heap_grows_with_the_module() {
         assert_eq!(heap_needed(0), 16 << 20);
-        assert_eq!(heap_needed(1), 17 << 20);
-        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 89 MiB.
-        assert_eq!(heap_needed(597_016), 89 << 20);
+        // Any rules bring the stream tracker (4096 flows, 1 KiB context each way, 2 MiB
+        // retained beyond it): 21.75 MiB at most.
+        assert_eq!(stream_heap(), 22_272 << 10);
+        assert_eq!(heap_needed(1), 38 << 20);
+        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 111 MiB.
+        assert_eq!(heap_needed(597_016), 111 << 20);
         assert_eq!(heap_needed(u64::MAX), u64::MAX);
         assert_eq!(choose_heap(None, None), Ok(16 << 20));
         let r = RulesModule {
@@ -443,9 +469,9 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0x100_0000,
             end: 0x100_0000 + 597_016,
         };
-        assert_eq!(choose_heap(None, Some(&r)), Ok(89 << 20));
+        assert_eq!(choose_heap(None, Some(&r)), Ok(111 << 20));
         assert_eq!(choose_heap(Some(128 << 20), Some(&r)), Ok(128 << 20));
-        assert_eq!(choose_heap(Some(89 << 20), Some(&r)), Ok(89 << 20));
+        assert_eq!(choose_heap(Some(111 << 20), Some(&r)), Ok(111 << 20));
     }
 
     #[test]
@@ -459,7 +485,8 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
         assert_eq!(
             e.to_string(),
             "option \"heap\": 32M is too small for the rules module of 597016 bytes, which \
-             needs 89M (16 MiB plus 128 bytes per module byte); give heap=89M or more, or \
+             needs 111M (16 MiB, 22272K for TCP stream tracking and 128 bytes per module \
+             byte); give heap=111M or more, or \
              leave heap= out to size it automatically"
         );
         // Without rules the floor is the base.
@@ -486,10 +513,10 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: b.len() as u64,
         };
-        let engine = build_engine(Some((&r, &b))).unwrap();
+        let engine = build_engine(Some((&r, &b)), [1, 2]).unwrap();
         let s = engine.summary();
         assert_eq!((s.rules, s.drop, s.alert), (2, 1, 1));
-        assert_eq!(build_engine(None).unwrap().rule_count(), 0);
+        assert_eq!(build_engine(None, [1, 2]).unwrap().rule_count(), 0);
     }
 
     fn refused(bytes: &[u8]) -> (EngineError, alloc::string::String) {
@@ -498,7 +525,7 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: bytes.len() as u64,
         };
-        match build_engine(Some((&r, bytes))) {
+        match build_engine(Some((&r, bytes)), [1, 2]) {
             Ok(_) => panic!("a bad blob was accepted"),
             Err(e @ ModuleError::Refused { .. }) => {
                 let text = e.to_string();

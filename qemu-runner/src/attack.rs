@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::checks::Check;
-use crate::endpoints::UdpCounts;
+use crate::endpoints::{NetReport, UdpCounts};
 use crate::markers::{AllyReport, Fields, GuestMarker, GuestReport};
 use crate::tool::{self, ToolError};
 
@@ -35,10 +35,12 @@ pub enum Attack {
     Tucso,
     /// A burst of UDP datagrams each alerted on, with ping RTTs idle and during it.
     AlertStorm,
+    /// The forbidden upload content sent one byte per TCP segment.
+    SplitUpload,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 8] = [
+    pub const ALL: [Attack; 9] = [
         Attack::Sleep,
         Attack::Msr,
         Attack::PciRace,
@@ -47,6 +49,7 @@ impl Attack {
         Attack::Eeprom,
         Attack::Tucso,
         Attack::AlertStorm,
+        Attack::SplitUpload,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Attack {
             Attack::Eeprom => "eeprom",
             Attack::Tucso => "tucso",
             Attack::AlertStorm => "alert-storm",
+            Attack::SplitUpload => "split-upload",
         }
     }
 
@@ -278,7 +282,7 @@ fn judge_markers(guest: &GuestReport, requested: &[Attack]) -> Result<String, St
 pub fn ally_defences_check(
     guest: &GuestReport,
     ally: &AllyReport,
-    udp: &UdpCounts,
+    net: &NetReport,
     requested: &[Attack],
 ) -> Check {
     let mut ok = Vec::new();
@@ -289,7 +293,7 @@ pub fn ally_defences_check(
             ok.push(format!("{attack}: skipped by the guest"));
             continue;
         }
-        match ally_refused(attack, marker.as_ref(), ally, udp) {
+        match ally_refused(attack, marker.as_ref(), ally, net) {
             Ok(evidence) => ok.push(format!("{attack}: {evidence}")),
             Err(why) => failed.push(format!("{attack}: {why}")),
         }
@@ -328,8 +332,9 @@ fn ally_refused(
     attack: Attack,
     marker: Option<&AttackMarker>,
     ally: &AllyReport,
-    udp: &UdpCounts,
+    net: &NetReport,
 ) -> Result<String, String> {
+    let udp = &net.udp;
     let marker = marker.ok_or("no guest marker")?;
     let guest = |key: &str| marker.get(key).unwrap_or("none").to_string();
     match attack {
@@ -393,7 +398,42 @@ fn ally_refused(
             Ok(format!("offload drops={drops}, host received none"))
         }
         Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
+        Attack::SplitUpload => split_upload_evidence(marker, net),
     }
+}
+
+/// The split upload is refused when the guest sent all of the forbidden content, one byte per
+/// segment, and the host's upload listener received it in no connection (the listener
+/// searches every upload's bytes across its reads, see `endpoints`).
+fn split_upload_evidence(marker: &AttackMarker, net: &NetReport) -> Result<String, String> {
+    let segments: usize = marker
+        .get("segments")
+        .and_then(|v| v.parse().ok())
+        .ok_or(format!("no `segments=` in {}", marker.line))?;
+    let whole = crate::inspect::FORBIDDEN_UPLOAD.len();
+    if segments < whole {
+        return Err(format!(
+            "the guest sent {segments} of the {whole} one-byte segments: {}",
+            marker.line
+        ));
+    }
+    let leaked: Vec<_> = net.uploads.iter().filter(|u| u.forbidden).collect();
+    if !leaked.is_empty() {
+        return Err(format!(
+            "the host received the forbidden content in {} upload(s) ({})",
+            leaked.len(),
+            leaked
+                .iter()
+                .map(|u| format!("{} B from {}", u.bytes, u.peer))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(format!(
+        "{segments} one-byte segments sent, the host received the forbidden content in none of {} uploads; the guest's reply: {}",
+        net.uploads.len(),
+        marker.get("reply").unwrap_or("none")
+    ))
 }
 
 /// The `ALLY mark` ids the attacker sets around its idle ping, its quiet flood and its storm
@@ -571,6 +611,14 @@ pub fn build_attack_binary(
 mod tests {
     use super::*;
 
+    /// What the host endpoints saw: only UDP datagrams.
+    fn host(udp: UdpCounts) -> NetReport {
+        NetReport {
+            udp,
+            ..NetReport::default()
+        }
+    }
+
     #[test]
     fn names_round_trip() {
         for a in Attack::ALL {
@@ -629,25 +677,27 @@ mod tests {
             Attack::Tucso,
             Attack::PciRace,
         ];
-        let c = ally_defences_check(&g, &ally, &UdpCounts::default(), &all);
+        let c = ally_defences_check(&g, &ally, &host(UdpCounts::default()), &all);
         assert!(c.passed, "{c}");
         // The host received the TUCSO frame: not refused.
         let leaked = UdpCounts {
             tucso: 1,
             ..UdpCounts::default()
         };
-        assert!(!ally_defences_check(&g, &ally, &leaked, &[Attack::Tucso]).passed);
+        assert!(!ally_defences_check(&g, &ally, &host(leaked), &[Attack::Tucso]).passed);
         // Ally counted nothing: not refused.
         let silent = AllyReport::parse("ALLY msr-guard refused=0\n");
         for a in [Attack::Sleep, Attack::Msr, Attack::Eeprom, Attack::Tucso] {
             assert!(
-                !ally_defences_check(&g, &silent, &UdpCounts::default(), &[a]).passed,
+                !ally_defences_check(&g, &silent, &host(UdpCounts::default()), &[a]).passed,
                 "{a}"
             );
         }
         // A write the guest saw succeed.
         let g2 = guest("ALLYTEST attack-msr INFO 0x560=ok 0x570=EIO 0x600=EIO 0x3f1=EIO\n");
-        assert!(!ally_defences_check(&g2, &ally, &UdpCounts::default(), &[Attack::Msr]).passed);
+        assert!(
+            !ally_defences_check(&g2, &ally, &host(UdpCounts::default()), &[Attack::Msr]).passed
+        );
     }
 
     #[test]
@@ -671,7 +721,7 @@ mod tests {
             ..UdpCounts::default()
         };
         // The storm's idle wake-ups at 3 µs: within twice idle's 2 µs.
-        let c = ally_defences_check(&g, &ally(230_000), &all, &[Attack::AlertStorm]);
+        let c = ally_defences_check(&g, &ally(230_000), &host(all), &[Attack::AlertStorm]);
         assert!(c.passed, "{c}");
         assert!(
             c.detail.contains(
@@ -681,18 +731,20 @@ mod tests {
             "{c}"
         );
         // 5 µs per idle wake-up during the storm: more than twice idle's.
-        assert!(!ally_defences_check(&g, &ally(270_000), &all, &[Attack::AlertStorm]).passed);
+        assert!(!ally_defences_check(&g, &ally(270_000), &host(all), &[Attack::AlertStorm]).passed);
         // A datagram the host never got (an alert must not drop traffic).
         let short = UdpCounts {
             storm: 4999,
             ..UdpCounts::default()
         };
-        assert!(!ally_defences_check(&g, &ally(230_000), &short, &[Attack::AlertStorm]).passed);
+        assert!(
+            !ally_defences_check(&g, &ally(230_000), &host(short), &[Attack::AlertStorm]).passed
+        );
         // The ping slowed down more than twice the quiet flood's: the reply times are shown.
         let slow = guest(
             "ALLYTEST attack-alert-storm INFO sent=5000 rtt_idle_ms=1.300 rtt_flood_ms=1.300 rtt_storm_ms=2.700 times_storm_ms=2.1,2.7,336.2\n",
         );
-        let c = ally_defences_check(&slow, &ally(230_000), &all, &[Attack::AlertStorm]);
+        let c = ally_defences_check(&slow, &ally(230_000), &host(all), &[Attack::AlertStorm]);
         assert!(!c.passed);
         assert!(
             c.detail.contains("storm 2.1,2.7,336.2") && c.detail.contains("quiet flood none"),
@@ -702,7 +754,39 @@ mod tests {
         let loaded = guest(
             "ALLYTEST attack-alert-storm INFO sent=5000 rtt_idle_ms=1.200 rtt_flood_ms=2.000 rtt_storm_ms=2.700\n",
         );
-        assert!(ally_defences_check(&loaded, &ally(230_000), &all, &[Attack::AlertStorm]).passed);
+        assert!(
+            ally_defences_check(&loaded, &ally(230_000), &host(all), &[Attack::AlertStorm]).passed
+        );
+    }
+
+    #[test]
+    fn the_split_upload_is_judged_on_what_the_host_received() {
+        let g = guest(
+            "ALLYTEST attack-split-upload INFO port=7 segments=21 written=34 reply=none:timed_out\n",
+        );
+        let upload = |forbidden| crate::endpoints::UploadRecord {
+            peer: "127.0.0.1:9".into(),
+            bytes: 33,
+            sha256: String::new(),
+            complete: false,
+            seconds: 300.0,
+            error: Some("no data for 300 s after 33 bytes".into()),
+            forbidden,
+        };
+        let net = |forbidden| NetReport {
+            uploads: vec![upload(false), upload(forbidden)],
+            ..NetReport::default()
+        };
+        let ally = AllyReport::parse("");
+        let c = ally_defences_check(&g, &ally, &net(false), &[Attack::SplitUpload]);
+        assert!(c.passed, "{c}");
+        assert!(c.detail.contains("in none of 2 uploads"), "{c}");
+        let c = ally_defences_check(&g, &ally, &net(true), &[Attack::SplitUpload]);
+        assert!(!c.passed);
+        assert!(c.detail.contains("in 1 upload(s)"), "{c}");
+        // The guest did not get to send every byte: nothing was attempted, nothing refused.
+        let short = guest("ALLYTEST attack-split-upload INFO port=7 segments=3 written=16\n");
+        assert!(!ally_defences_check(&short, &ally, &net(false), &[Attack::SplitUpload]).passed);
     }
 
     #[test]

@@ -1705,6 +1705,7 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
             complete: true,
             seconds: 1.0,
             error: None,
+            forbidden: false,
         }
     }
 

@@ -138,6 +138,9 @@ pub struct UploadRecord {
     pub complete: bool,
     pub seconds: f64,
     pub error: Option<String>,
+    /// Whether the bytes received contain [`crate::inspect::FORBIDDEN_UPLOAD`] anywhere (also
+    /// across the listener's reads): content a `drop` rule must have kept off the wire.
+    pub forbidden: bool,
 }
 
 /// What the endpoints saw during a run.
@@ -709,6 +712,7 @@ fn receive_upload(mut stream: TcpStream, conn: &Conn) {
     let mut h = Sha256::new();
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 64 << 10];
+    let mut forbidden = ContentSearch::new(crate::inspect::FORBIDDEN_UPLOAD.as_bytes());
     let error = loop {
         match stream.read(&mut buf) {
             // The endpoints cut every open connection when they stop (after the emulator):
@@ -719,6 +723,7 @@ fn receive_upload(mut stream: TcpStream, conn: &Conn) {
             Ok(0) => break None,
             Ok(n) => {
                 h.update(&buf[..n]);
+                forbidden.feed(&buf[..n]);
                 bytes += n as u64;
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -747,13 +752,65 @@ fn receive_upload(mut stream: TcpStream, conn: &Conn) {
             complete: error.is_none(),
             seconds: start.elapsed().as_secs_f64(),
             error,
+            forbidden: forbidden.found(),
         })
     });
+}
+
+/// Searches a byte stream, fed in pieces, for one needle (a match may span pieces).
+struct ContentSearch<'a> {
+    needle: &'a [u8],
+    /// The last `needle.len() - 1` bytes fed, then the new piece.
+    window: Vec<u8>,
+    found: bool,
+}
+
+impl<'a> ContentSearch<'a> {
+    fn new(needle: &'a [u8]) -> Self {
+        Self {
+            needle,
+            window: Vec::new(),
+            found: needle.is_empty(),
+        }
+    }
+
+    fn feed(&mut self, piece: &[u8]) {
+        if self.found {
+            return;
+        }
+        self.window.extend_from_slice(piece);
+        self.found = self
+            .window
+            .windows(self.needle.len())
+            .any(|w| w == self.needle);
+        let keep = self.needle.len().saturating_sub(1).min(self.window.len());
+        self.window.drain(..self.window.len() - keep);
+    }
+
+    fn found(&self) -> bool {
+        self.found
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_search_spans_pieces() {
+        let find = |pieces: &[&[u8]]| {
+            let mut s = ContentSearch::new(b"FORBIDDEN");
+            pieces.iter().for_each(|p| s.feed(p));
+            s.found()
+        };
+        assert!(find(&[b"xxFORBIDDENyy"]));
+        assert!(find(&[b"xxFOR", b"BID", b"DEN"]));
+        let bytes: Vec<&[u8]> = b"..FORBIDDEN..".chunks(1).collect();
+        assert!(find(&bytes));
+        assert!(!find(&[b"FORBIDDE", b"xN"]));
+        assert!(!find(&[b"FORBIDDE"]));
+        assert!(!find(&[]));
+    }
 
     fn small_options() -> NetOptions {
         NetOptions {

@@ -567,6 +567,7 @@ mod tests {
                 complete: false,
                 seconds: 1.0,
                 error: Some("cut after 1001 bytes: the run ended".into()),
+                forbidden: false,
             }],
             ..NetReport::default()
         }

@@ -735,7 +735,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             all_checks.push(attack::ally_defences_check(
                 &guest,
                 &ally,
-                &n.udp,
+                n,
                 &n.options.attacks,
             ));
             if inspection {

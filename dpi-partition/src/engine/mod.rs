@@ -32,11 +32,29 @@
 //!   payload semantics (offset/depth/distance/within, negation, backtracking, pcre, byte_test,
 //!   byte_jump, isdataat) in [`matcher`]; `flow` and flowbits state in [`flow`].
 //! - Each frame is decoded ([`packet`]: Ethernet, 802.1Q/802.1ad, IPv4, IPv6 with extension
-//!   headers skipped, TCP, UDP, ICMP/ICMPv6). Rules inspect the L4 payload of that one frame.
-//!   **There is no stream reassembly or IP defragmentation in the pipeline yet**: a pattern
-//!   split across TCP segments or IP fragments is not seen; non-first fragments only meet `ip`
-//!   rules. [`defrag`] (IPv4/IPv6 reassembly) and [`stream`] (the inline TCP normalizer) are
-//!   built and host-tested; the NIC path cannot hold and re-inject frames yet, which both need.
+//!   headers skipped, TCP, UDP, ICMP/ICMPv6).
+//! - **TCP streams** (with [`EngineConfig::stream`] set, as boot does; `None`, the default,
+//!   judges every frame on its own): each TCP frame first goes through the inline normalizer
+//!   [`stream`] in *no-hold* mode, since the NIC path cannot hold and re-inject frames: a
+//!   segment ahead of the next expected byte is dropped ([`StreamDrop::OutOfOrder`]; the sender
+//!   retransmits it in order), as are overlaps with different bytes, out-of-window data, bad
+//!   RSTs/SYNs and segments of blocked flows; these drops skip the rules and are counted in
+//!   [`EngineStats::stream_dropped`] and by reason in [`Engine::stream_stats`]. So the bytes
+//!   forwarded are exactly the bytes inspected, in order. An accepted segment comes with a
+//!   window: up to `context_bytes` (1 KiB) of the direction's earlier bytes, then its new
+//!   bytes. *Unanchored* rules (see `stream_eligible`: only `content`/`pcre`, none negated, no
+//!   `offset`/`depth`, first op not relative, no anchored or position-dependent pcre, no
+//!   `dsize`) are matched on that window (the prefilter scans it too) and count only when they
+//!   do not already match the window's old bytes, so a pattern split over any number of
+//!   segments is caught on the segment that completes it and is reported once; a second
+//!   occurrence within the same 1 KiB context is not reported again. *Anchored* rules (everything
+//!   else) and all rules on frames the tracker passed untracked (fail-open limits) inspect the
+//!   segment's own L4 payload, as before. A `drop` verdict on an accepted segment blocks the
+//!   flow: every later segment, both ways, is dropped. Matches longer than the context plus the
+//!   segment are not found.
+//! - **IP fragments are not reassembled in the pipeline yet**: non-first fragments only meet
+//!   `ip` rules, and TCP in fragments is dropped by the tracker as malformed. [`defrag`]
+//!   (IPv4/IPv6 reassembly) is built and host-tested; it needs frames held and re-injected.
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
@@ -80,6 +98,8 @@ pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
 pub use flow::{FlowConfig, FlowStats};
 pub use hook::EngineHook;
 pub use rules::{Action, Proto, Rule};
+pub use stream::{StreamConfig, StreamDrop, StreamStats};
+use stream::{StreamOutcome, StreamTracker};
 
 use flow::{FlowInfo, FlowTable};
 use matcher::{Memo, Program};
@@ -166,6 +186,25 @@ pub struct EngineConfig {
     pub flow: FlowConfig,
     /// Alert records per rule per second before suppression.
     pub alerts_per_rule_per_sec: u32,
+    /// Inline TCP stream tracking ([`stream`]), or `None` to judge every frame on its own
+    /// (the default, which per-packet tests use). Boot sets [`engine_stream_config`] with
+    /// `key` from a random source. The engine cannot hold frames, so `hold_out_of_order` is
+    /// forced false.
+    pub stream: Option<StreamConfig>,
+}
+
+/// The engine's stream bounds: 4096 flows, 2 MiB of retained bytes beyond the 1 KiB matching
+/// context, no holding (out-of-order segments are dropped).
+pub fn engine_stream_config() -> StreamConfig {
+    StreamConfig {
+        max_flows: 4096,
+        max_bytes_per_flow: 64 * 1024,
+        max_total_bytes: 2 * 1024 * 1024,
+        context_bytes: 1024,
+        retain_bytes: 64 * 1024,
+        hold_out_of_order: false,
+        ..StreamConfig::default()
+    }
 }
 
 impl Default for EngineConfig {
@@ -173,6 +212,7 @@ impl Default for EngineConfig {
         EngineConfig {
             flow: FlowConfig::default(),
             alerts_per_rule_per_sec: 10,
+            stream: None,
         }
     }
 }
@@ -200,6 +240,11 @@ pub struct EngineStats {
     pub alerts_emitted: u64,
     /// Alert records suppressed by the rate limit.
     pub alerts_suppressed: u64,
+    /// Frames dropped by the stream normalizer (included in `dropped`; by reason in
+    /// [`Engine::stream_stats`]`.drops`).
+    pub stream_dropped: u64,
+    /// TCP frames inspected per packet only because the stream tracker passed them untracked.
+    pub stream_untracked: u64,
 }
 
 /// What [`Engine::summary`] reports; its `Display` is the boot-log line.
@@ -282,6 +327,40 @@ struct Compiled {
     fb_actions: Vec<(rules::FlowbitCmd, u128)>,
     /// `detection_filter` hosts: (address, window start us, matches in the window).
     df_hosts: Vec<(core::net::IpAddr, u64, u32)>,
+    /// Unanchored payload program ([`stream_eligible`]): matched on the stream window.
+    on_stream: bool,
+}
+
+/// Whether a rule's payload is matched on the TCP stream window instead of the segment's own
+/// payload: it has at least one payload op; every op is a `content` or `pcre`, none negated;
+/// no content has `offset` or `depth`, and the first op is not relative (`distance`/`within`,
+/// pcre `R`); no pcre is anchored or position-dependent (flags `A`, `E`, `R` on the first op,
+/// `B`; `^`, `$`, `\A`, `\Z`, `\z`, `\G` in the pattern); and the rule has no `dsize`. Such
+/// a program matches a buffer whenever it matches a sub-slice of it, so matching on a window
+/// that extends the segment backwards finds split matches and nothing anchored changes
+/// meaning. Everything else (isdataat, byte_test, byte_jump, pkt_data, negation, absolute
+/// positions) is judged per segment.
+fn stream_eligible(r: &Rule) -> bool {
+    if r.ops.is_empty() || r.dsize.is_some() {
+        return false;
+    }
+    r.ops.iter().enumerate().all(|(i, op)| match op {
+        rules::PayloadOp::Content(c) => {
+            !c.negated && c.offset.is_none() && c.depth.is_none() && (i > 0 || !c.is_relative())
+        }
+        rules::PayloadOp::Pcre(p) => {
+            !p.negated
+                && !p.has('A')
+                && !p.has('E')
+                && !p.has('B')
+                && (i > 0 || !p.has('R'))
+                && !p.source.contains(['^', '$'])
+                && !["\\A", "\\Z", "\\z", "\\G"]
+                    .iter()
+                    .any(|a| p.source.contains(a))
+        }
+        _ => false,
+    })
 }
 
 /// Hosts tracked per `detection_filter` rule.
@@ -373,6 +452,10 @@ pub struct Engine {
     rule_marks: Marks,
     cands: Vec<u32>,
     memo: Memo,
+    stream: Option<StreamTracker>,
+    /// Copy of the current stream window (the tracker's borrow ends before rules run).
+    win: Vec<u8>,
+    last_expire: u64,
 }
 
 // The engine is built where the blob is (the BSP at boot) and then runs on a DPI core.
@@ -457,6 +540,7 @@ impl Engine {
                     fb_actions.push((fb.cmd, mask));
                 }
             }
+            let on_stream = stream_eligible(&rule);
             compiled.push(Compiled {
                 rule,
                 program,
@@ -464,6 +548,7 @@ impl Engine {
                 fb_checks,
                 fb_actions,
                 df_hosts: Vec::new(),
+                on_stream,
             });
         }
         let mut engine = Engine {
@@ -478,6 +563,14 @@ impl Engine {
             rule_marks: Marks::default(),
             cands: Vec::new(),
             memo: Memo::default(),
+            stream: cfg.stream.map(|sc| {
+                StreamTracker::new(StreamConfig {
+                    hold_out_of_order: false,
+                    ..sc
+                })
+            }),
+            win: Vec::new(),
+            last_expire: 0,
         };
         engine.build_groups()?;
         Ok(engine)
@@ -598,6 +691,17 @@ impl Engine {
         self.stats
     }
 
+    /// Stream-tracker counters (drops by reason in `.drops`).
+    pub fn stream_stats(&self) -> StreamStats {
+        self.stream.as_ref().map(|t| t.stats()).unwrap_or_default()
+    }
+
+    /// Worst-case heap bytes of the stream tracker under its configuration (see [`stream`]'s
+    /// bounds): flow entries with their context plus `max_total_bytes`.
+    pub fn stream_bound_bytes(&self) -> usize {
+        self.cfg.stream.map_or(0, |s| s.heap_bound())
+    }
+
     /// Flow-table counters.
     pub fn flow_stats(&self) -> FlowStats {
         self.flows.stats()
@@ -643,11 +747,13 @@ impl Engine {
         let Decoded::Ip(pkt) = packet::decode(frame) else {
             return 0;
         };
-        self.collect_candidates(&pkt);
+        self.collect_candidates(&pkt, &[]);
         self.cands.len()
     }
 
-    fn collect_candidates(&mut self, pkt: &Packet<'_>) {
+    /// Candidates from the prefilter over the payload and, if not empty, the stream window
+    /// (`win`; the payload is not scanned again when it is the window's tail).
+    fn collect_candidates(&mut self, pkt: &Packet<'_>, win: &[u8]) {
         self.cands.clear();
         self.rule_marks.begin(self.rules.len());
         let class = &self.classes[class_of_packet(pkt)];
@@ -666,12 +772,18 @@ impl Engine {
             let group = &self.groups[g as usize];
             self.lit_marks.begin(group.pf.len());
             let (marks, cands, lit_rule) = (&mut self.rule_marks, &mut self.cands, &group.lit_rule);
-            group.pf.scan(pkt.payload, &mut self.lit_marks, |lit| {
+            let mut push = |lit: usize| {
                 let r = lit_rule[lit];
                 if marks.first(r as usize) {
                     cands.push(r);
                 }
-            });
+            };
+            if win.is_empty() || !win.ends_with(pkt.payload) {
+                group.pf.scan(pkt.payload, &mut self.lit_marks, &mut push);
+            }
+            if !win.is_empty() {
+                group.pf.scan(win, &mut self.lit_marks, &mut push);
+            }
             for &r in &group.always {
                 if self.rule_marks.first(r as usize) {
                     self.cands.push(r);
@@ -811,13 +923,91 @@ impl Inspector for Engine {
             self.stats.passed += 1;
             return Verdict::Pass;
         }
-        self.collect_candidates(&pkt);
+        let Some(tracker) = self.stream.as_mut() else {
+            return self.judge(&pkt, frame, info, dir, now, sink, None, 0);
+        };
+        if now.0.saturating_sub(self.last_expire) >= 1_000_000
+            || self.stats.frames.is_multiple_of(4096)
+        {
+            self.last_expire = now.0;
+            tracker.expire(now);
+        }
+        // The stream window (empty when the frame is judged per packet) and where its new bytes
+        // start.
+        let mut win = core::mem::take(&mut self.win);
+        win.clear();
+        let (mut stream_flow, mut new_from) = (None, 0);
+        match tracker.segment(&pkt, frame, now) {
+            StreamOutcome::NotTcp => {}
+            StreamOutcome::Untracked => self.stats.stream_untracked += 1,
+            StreamOutcome::Held => {
+                // Not produced with hold_out_of_order false; never forward a frame the tracker
+                // kept.
+                self.win = win;
+                self.stats.stream_dropped += 1;
+                self.stats.dropped += 1;
+                return Verdict::Drop;
+            }
+            StreamOutcome::Drop(_) => {
+                self.win = win;
+                self.stats.stream_dropped += 1;
+                self.stats.dropped += 1;
+                return Verdict::Drop;
+            }
+            StreamOutcome::Accept {
+                flow,
+                window,
+                new_from: nf,
+                ..
+            } => {
+                win.extend_from_slice(window);
+                stream_flow = Some(flow);
+                new_from = nf;
+            }
+        }
+        let v = self.judge(
+            &pkt,
+            frame,
+            info,
+            dir,
+            now,
+            sink,
+            stream_flow.map(|f| (f, &win[..])),
+            new_from,
+        );
+        self.win = win;
+        v
+    }
+}
+
+impl Engine {
+    /// Runs the rules on a decoded frame; `stream` is its flow and stream window when the
+    /// tracker accepted it (new bytes from `new_from`).
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &mut self,
+        pkt: &Packet<'_>,
+        frame: &[u8],
+        info: Option<FlowInfo>,
+        dir: Direction,
+        now: Timestamp,
+        sink: &mut dyn AlertSink,
+        stream: Option<(stream::FlowId, &[u8])>,
+        new_from: usize,
+    ) -> Verdict {
+        let pkt = *pkt;
+        let (stream_flow, win) = match stream {
+            Some((f, w)) => (Some(f), w),
+            None => (None, &[][..]),
+        };
+        self.collect_candidates(&pkt, win);
         let mut verdict = Verdict::Pass;
         let (sp, dp) = pkt.ports();
         for k in 0..self.cands.len() {
             let r = self.cands[k] as usize;
             let c = &mut self.rules[r];
             self.stats.evaluated += 1;
+            let on_stream = c.on_stream && stream_flow.is_some();
             if !header_matches(&c.rule, &pkt)
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
@@ -825,7 +1015,13 @@ impl Inspector for Engine {
                 || !tcp_flags_match(c.rule.tcp_flags, &pkt)
                 || !header_fields_match(&c.rule.hdr, &pkt)
                 || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
-                || !c.program.matches(pkt.payload, &mut self.memo)
+                || !(if on_stream {
+                    // A match counts only if none lies wholly in already-inspected bytes.
+                    c.program.matches(win, &mut self.memo)
+                        && (new_from == 0 || !c.program.matches(&win[..new_from], &mut self.memo))
+                } else {
+                    c.program.matches(pkt.payload, &mut self.memo)
+                })
             {
                 continue;
             }
@@ -886,6 +1082,9 @@ impl Inspector for Engine {
             Verdict::Pass => self.stats.passed += 1,
             Verdict::Alert => self.stats.alerted += 1,
             Verdict::Drop => {
+                if let (Some(flow), Some(t)) = (stream_flow, self.stream.as_mut()) {
+                    t.block(flow);
+                }
                 self.stats.dropped += 1;
                 sink.dropped(frame, dir, now);
             }

@@ -46,6 +46,9 @@
 //! - **Malformed**: SYN with RST or FIN, no ACK on a segment other than SYN or RST (RFC 9293
 //!   §3.10.7.4), a truncated TCP header, TCP in IP fragments (not reassembled here: a first
 //!   fragment's payload is not the segment's).
+//! - **No-hold mode** ([`StreamConfig::hold_out_of_order`] false): an in-window segment ahead of
+//!   the next expected byte is [`StreamDrop::OutOfOrder`] and nothing is stored; the sender
+//!   retransmits it, and the retransmission is accepted once it is in order.
 //! - [`StreamTracker::block`] (a drop verdict) makes every later segment of the flow, both ways,
 //!   [`StreamDrop::Blocked`], except an exact RST, which is passed and closes it.
 //!
@@ -59,7 +62,8 @@
 //! as copies up to `max_bytes_per_flow` per direction; held frames, frames released but not yet
 //! taken, and retained bytes beyond `context_bytes` together stay within `max_total_bytes`.
 //! Retained context is at most `2 * context_bytes` per flow, so the worst case is about
-//! `max_flows * (size_of entry + 2 * context_bytes) + max_total_bytes`. At a limit,
+//! `max_flows * (size_of entry + 2 * context_bytes) + max_total_bytes`, allocation slack
+//! included [`StreamConfig::heap_bound`]. At a limit,
 //! [`LimitPolicy::FailClosed`] drops the segment ([`StreamDrop::FlowLimit`],
 //! [`StreamDrop::MemoryLimit`]); [`LimitPolicy::FailOpen`] passes it as
 //! [`StreamOutcome::Untracked`] and stops tracking that flow (its held frames are released for
@@ -116,6 +120,26 @@ pub struct StreamConfig {
     pub handshake_timeout_us: u64,
     /// SipHash key of the flow table: set it from a boot-time random source.
     pub key: [u64; 2],
+    /// Hold out-of-order segments until the gap is filled (true), or drop them as
+    /// [`StreamDrop::OutOfOrder`] without storing anything (false: for a pipeline that cannot
+    /// hold and re-inject frames; the sender retransmits them in order).
+    pub hold_out_of_order: bool,
+}
+
+/// Bytes of a flow slot itself (a test checks the real size against it, so that
+/// [`StreamConfig::heap_bound`] stays an upper bound).
+pub const FLOW_SLOT_BYTES: usize = 320;
+
+impl StreamConfig {
+    /// Worst-case heap bytes of a tracker with this configuration: every slot, each direction's
+    /// retained bytes at the most capacity `retain` lets them keep (`2 * context + 64` before it
+    /// shrinks them), and the bytes beyond the context (`max_total_bytes`) at twice their
+    /// length, as a growing deque may hold them.
+    pub const fn heap_bound(&self) -> usize {
+        let per_direction = 2 * self.context_bytes + 64;
+        self.max_flows.next_power_of_two() * (FLOW_SLOT_BYTES + 2 * per_direction)
+            + 2 * self.max_total_bytes
+    }
 }
 
 impl Default for StreamConfig {
@@ -130,6 +154,7 @@ impl Default for StreamConfig {
             established_timeout_us: 3_600_000_000,
             handshake_timeout_us: 30_000_000,
             key: [0x736f_6d65_5f61_6c6c, 0x795f_6b65_795f_2121],
+            hold_out_of_order: true,
         }
     }
 }
@@ -181,6 +206,9 @@ pub enum StreamDrop {
     MemoryLimit,
     /// Invalid flag combination, truncated header, or an IP fragment.
     Malformed,
+    /// An in-window segment ahead of the next expected byte while
+    /// [`StreamConfig::hold_out_of_order`] is false.
+    OutOfOrder,
 }
 
 /// What to do with a segment.
@@ -242,6 +270,7 @@ pub struct DropCounts {
     pub flow_limit: u64,
     pub memory_limit: u64,
     pub malformed: u64,
+    pub out_of_order: u64,
 }
 
 impl DropCounts {
@@ -265,6 +294,7 @@ impl DropCounts {
             StreamDrop::FlowLimit => &mut self.flow_limit,
             StreamDrop::MemoryLimit => &mut self.memory_limit,
             StreamDrop::Malformed => &mut self.malformed,
+            StreamDrop::OutOfOrder => &mut self.out_of_order,
         }
     }
 }
@@ -975,6 +1005,9 @@ impl StreamTracker {
             if h.conflicts_with_held(seq, data) {
                 return Err(StreamDrop::OverlapMismatch);
             }
+            if !self.cfg.hold_out_of_order {
+                return Err(StreamDrop::OutOfOrder);
+            }
             return self.hold(slot, d, next, seq, s, frame);
         }
         // Bytes before `next` are a retransmission: compare what is retained.
@@ -1425,6 +1458,23 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_slot_fits_its_heap_bound() {
+        // The slot itself; its deques' buffers are the context and `max_total_bytes`.
+        let slot = core::mem::size_of::<Option<Flow>>();
+        assert!(slot <= FLOW_SLOT_BYTES, "a slot is {slot} bytes");
+        let c = StreamConfig {
+            max_flows: 3000,
+            context_bytes: 1024,
+            max_total_bytes: 1 << 20,
+            ..StreamConfig::default()
+        };
+        assert_eq!(
+            c.heap_bound(),
+            4096 * (FLOW_SLOT_BYTES + 2 * (2048 + 64)) + (2 << 20)
+        );
+    }
+
+    #[test]
     fn context_is_bounded() {
         let mut t = StreamTracker::new(StreamConfig {
             context_bytes: 4,
@@ -1467,6 +1517,32 @@ mod tests {
         assert_eq!(
             feed(&mut t, &cdata(6, b"!")),
             acc(StreamDir::ToServer, b"ATTACK!", 6)
+        );
+    }
+
+    #[test]
+    fn out_of_order_is_dropped_without_holding() {
+        let mut t = StreamTracker::new(StreamConfig {
+            hold_out_of_order: false,
+            ..StreamConfig::default()
+        });
+        handshake(&mut t);
+        assert_eq!(
+            feed(&mut t, &cdata(1, b"B")),
+            Out::Drop(StreamDrop::OutOfOrder)
+        );
+        assert_eq!(t.held_bytes(), 0);
+        assert_eq!(t.stats().held_segments, 0);
+        assert_eq!(t.stats().drops.out_of_order, 1);
+        assert_eq!(
+            feed(&mut t, &cdata(0, b"A")),
+            acc(StreamDir::ToServer, b"A", 0)
+        );
+        assert!(t.take_released().is_none());
+        // The retransmission in order passes and extends the stream.
+        assert_eq!(
+            feed(&mut t, &cdata(1, b"B")),
+            acc(StreamDir::ToServer, b"AB", 1)
         );
     }
 
@@ -2043,7 +2119,11 @@ mod tests {
             0,
             0xff,
         ];
-        for policy in [LimitPolicy::FailClosed, LimitPolicy::FailOpen] {
+        for (policy, hold) in [
+            (LimitPolicy::FailClosed, true),
+            (LimitPolicy::FailOpen, true),
+            (LimitPolicy::FailOpen, false),
+        ] {
             let cfg = StreamConfig {
                 max_flows: 3,
                 max_bytes_per_flow: 600,
@@ -2054,6 +2134,7 @@ mod tests {
                 established_timeout_us: 5000,
                 handshake_timeout_us: 500,
                 key: [rnd(), rnd()],
+                hold_out_of_order: hold,
             };
             let mut t = StreamTracker::new(cfg);
             let mut now = 0;
@@ -2098,7 +2179,12 @@ mod tests {
                 assert!(t.held_bytes() <= cfg.max_total_bytes);
             }
             let st = t.stats();
-            assert!(st.accepted_bytes > 0 && st.released > 0, "{st:?}");
+            assert!(st.accepted_bytes > 0, "{st:?}");
+            if cfg.hold_out_of_order {
+                assert!(st.released > 0, "{st:?}");
+            } else {
+                assert!(st.released == 0 && st.drops.out_of_order > 0, "{st:?}");
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The attacks. Each returns the one marker it prints; none waits without a timeout. They run
 //! inside the test guest only (see main.rs).
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -702,6 +703,83 @@ pub fn tucso(port: u16, gw_mac: [u8; 6]) -> Marker {
         .field("tdh", bar.read32(nic::TDH));
     // The NIC must not fetch from this page once the process is gone.
     bar.write32(nic::TCTL, 0);
+    m
+}
+
+// --- 9. a forbidden upload split into one-byte segments -----------------------------------------
+
+/// The content the runner's rule sid 1000103 drops on its way to the upload port.
+pub const FORBIDDEN_UPLOAD: &str = "ALLY-FORBIDDEN-UPLOAD";
+/// What precedes and follows the forbidden content in the split upload.
+const SPLIT_PREFIX: &[u8] = b"SPLIT-UPLOAD ";
+const SPLIT_SUFFIX: &[u8] = b" END\n";
+/// The pause between one-byte writes: long enough for each to leave as its own segment
+/// (Nagle is off) and be acknowledged before the next.
+const SPLIT_PAUSE: Duration = Duration::from_millis(30);
+
+/// Sends [`FORBIDDEN_UPLOAD`] to the host's upload listener one byte per TCP segment (the
+/// evasion that defeats per-packet matching), between a prefix and a suffix sent whole, then
+/// closes its side and waits for the listener's `ALLYUPLOAD bytes=..` answer. The runner
+/// judges from what the listener received: never the forbidden content.
+pub fn split_upload(port: u16) -> Marker {
+    let mut m = Marker::new("attack-split-upload");
+    m.field("port", port);
+    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
+    let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => {
+            m.field("error", format_args!("connect:{e}"));
+            return m;
+        }
+    };
+    let setup = sock
+        .set_nodelay(true)
+        .and_then(|()| sock.set_write_timeout(Some(Duration::from_secs(5))))
+        .and_then(|()| sock.set_read_timeout(Some(Duration::from_secs(10))));
+    if let Err(e) = setup {
+        m.field("error", format_args!("setsockopt:{e}"));
+        return m;
+    }
+    let mut written = 0usize;
+    let mut segments = 0usize;
+    let mut error = None;
+    let mut send = |bytes: &[u8], written: &mut usize| -> bool {
+        match sock.write_all(bytes) {
+            Ok(()) => {
+                *written += bytes.len();
+                true
+            }
+            Err(e) => {
+                error = Some(format!("write:{e}"));
+                false
+            }
+        }
+    };
+    if send(SPLIT_PREFIX, &mut written) {
+        thread::sleep(SPLIT_PAUSE);
+        for b in FORBIDDEN_UPLOAD.as_bytes() {
+            if !send(core::slice::from_ref(b), &mut written) {
+                break;
+            }
+            segments += 1;
+            thread::sleep(SPLIT_PAUSE);
+        }
+        if segments == FORBIDDEN_UPLOAD.len() {
+            send(SPLIT_SUFFIX, &mut written);
+        }
+    }
+    m.field("segments", segments).field("written", written);
+    if let Some(e) = error {
+        m.field("error", e);
+    }
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let reply = match sock.read_to_string(&mut answer) {
+        Ok(_) if answer.starts_with("ALLYUPLOAD") => answer.trim().replace(' ', ","),
+        Ok(_) => "none".into(),
+        Err(e) => format!("none:{e}"),
+    };
+    m.field("reply", reply);
     m
 }
 

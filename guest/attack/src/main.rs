@@ -9,7 +9,8 @@
 //! ```text
 //! ally-attack sleep | msr [--target ADDR] | pci-race [--iterations N] [--seconds S]
 //!             | ipi-logical | swxoff | eeprom | tucso --port P [--gw-mac MAC]
-//!             | alert-storm --port P [--count N] | reset METHOD [key=value ...]
+//!             | alert-storm --port P [--count N] | split-upload --port P
+//!             | reset METHOD [key=value ...]
 //! ```
 
 mod acpi;
@@ -99,6 +100,7 @@ fn run(sub: &str, rest: &[String]) -> Result<Option<Marker>, String> {
             attacks::tucso(port(&o)?, mac)
         }
         "alert-storm" => attacks::alert_storm(port(&o)?, o.number("count", Some(2000))?),
+        "split-upload" => attacks::split_upload(port(&o)?),
         other => return Err(format!("unknown_attack_{other}")),
     }))
 }

@@ -1,0 +1,246 @@
+//! Rules across TCP segment boundaries: the engine with its inline stream tracker
+//! (`EngineConfig::stream`), no-hold mode.
+
+use ally_dpi::engine::rules::parse_rules;
+use ally_dpi::engine::vars::Vars;
+use ally_dpi::engine::{
+    engine_stream_config, Alert, AlertSink, Direction, Engine, EngineConfig, Inspector, StreamDrop,
+    Timestamp, Verdict,
+};
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+const PSH_ACK: u8 = 0x18;
+const CISN: u32 = 1000;
+const SISN: u32 = 5000;
+
+/// IPv4 10.0.0.1:4000 <-> 10.0.0.2:80 TCP segment.
+fn seg(to_server: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    let (src, dst, sp, dp) = if to_server {
+        ([10, 0, 0, 1], [10, 0, 0, 2], 4000u16, 80u16)
+    } else {
+        ([10, 0, 0, 2], [10, 0, 0, 1], 80, 4000)
+    };
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0];
+    f.extend_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&sp.to_be_bytes());
+    f.extend_from_slice(&dp.to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&ack.to_be_bytes());
+    f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Client data at stream offset `off` (0 = first byte after the SYN).
+fn cdata(off: u32, payload: &[u8]) -> Vec<u8> {
+    seg(true, PSH_ACK, CISN + 1 + off, SISN + 1, payload)
+}
+
+#[derive(Default)]
+struct Collect {
+    alerts: Vec<(u32, &'static str)>,
+    dropped: usize,
+}
+
+impl AlertSink for Collect {
+    fn alert(&mut self, a: &Alert<'_>) {
+        let act = if a.rule.action == ally_dpi::engine::Action::Drop {
+            "blocked"
+        } else {
+            "allowed"
+        };
+        self.alerts.push((a.rule.sid, act));
+    }
+    fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {
+        self.dropped += 1;
+    }
+}
+
+fn engine(rules: &str) -> Engine {
+    let p = parse_rules(rules, &Vars::snort_defaults());
+    assert!(p.rejected.is_empty(), "rejected: {:?}", p.rejected);
+    let cfg = EngineConfig {
+        stream: Some(engine_stream_config()),
+        ..EngineConfig::default()
+    };
+    Engine::new(p.rules, cfg).unwrap()
+}
+
+fn run(e: &mut Engine, f: &[u8], c: &mut Collect) -> Verdict {
+    e.inspect(f, Direction::ToWire, Timestamp(1), c)
+}
+
+fn handshake(e: &mut Engine) {
+    let mut c = Collect::default();
+    for f in [
+        seg(true, SYN, CISN, 0, b""),
+        seg(false, SYN | ACK, SISN, CISN + 1, b""),
+        seg(true, ACK, CISN + 1, SISN + 1, b""),
+    ] {
+        assert_eq!(run(e, &f, &mut c), Verdict::Pass);
+    }
+}
+
+const DROP_RULE: &str = "drop tcp any any -> any any (content:\"FORBIDDEN\"; sid:1;)\n";
+
+/// Sends `data` split at `cuts` (stream offsets); returns the verdicts.
+fn send_split(e: &mut Engine, data: &[u8], cuts: &[usize], c: &mut Collect) -> Vec<Verdict> {
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(data.len());
+    bounds
+        .windows(2)
+        .map(|w| run(e, &cdata(w[0] as u32, &data[w[0]..w[1]]), c))
+        .collect()
+}
+
+fn one_byte_split(handshake_first: bool) {
+    let mut e = engine(DROP_RULE);
+    if handshake_first {
+        handshake(&mut e);
+    }
+    let data = b"xxFORBIDDENyy";
+    let cuts: Vec<usize> = (1..data.len()).collect();
+    let mut c = Collect::default();
+    let v = send_split(&mut e, data, &cuts, &mut c);
+    // Bytes 0..=10: the segment carrying the final 'N' (offset 10) completes the match.
+    for (i, v) in v.iter().enumerate() {
+        let want = if i < 10 { Verdict::Pass } else { Verdict::Drop };
+        assert_eq!(*v, want, "segment {i}");
+    }
+    assert_eq!(c.alerts, vec![(1, "blocked")]);
+    assert_eq!(c.dropped, 1);
+    // The server's reply is dropped too (flow blocked both ways).
+    let back = seg(false, PSH_ACK, SISN + 1, CISN + 14, b"ok");
+    assert_eq!(run(&mut e, &back, &mut c), Verdict::Drop);
+    let st = e.stream_stats();
+    assert_eq!(st.drops.get(StreamDrop::Blocked), 3);
+    assert_eq!(e.stats().stream_dropped, 3);
+    assert_eq!(c.alerts.len(), 1);
+}
+
+#[test]
+fn split_one_byte_segments_with_handshake() {
+    one_byte_split(true);
+}
+
+#[test]
+fn split_one_byte_segments_midstream() {
+    one_byte_split(false);
+}
+
+#[test]
+fn split_in_two_and_three_at_every_point() {
+    let data = b"aFORBIDDENb";
+    for i in 1..data.len() {
+        for j in i..=data.len() {
+            let cuts: Vec<usize> = if j == i || j == data.len() {
+                vec![i]
+            } else {
+                vec![i, j]
+            };
+            let mut e = engine(DROP_RULE);
+            handshake(&mut e);
+            let mut c = Collect::default();
+            let v = send_split(&mut e, data, &cuts, &mut c);
+            // The match ends at offset 10 (exclusive): the segment holding byte 9 completes it.
+            let mut bounds = vec![0];
+            bounds.extend_from_slice(&cuts);
+            let completing = bounds.iter().rposition(|&b| b <= 9).unwrap();
+            for (k, v) in v.iter().enumerate() {
+                let want = if k < completing {
+                    Verdict::Pass
+                } else {
+                    Verdict::Drop
+                };
+                assert_eq!(*v, want, "cuts {cuts:?} segment {k}");
+            }
+            assert_eq!(c.alerts, vec![(1, "blocked")], "cuts {cuts:?}");
+        }
+    }
+}
+
+#[test]
+fn alert_rule_alerts_once_for_a_split_match() {
+    let mut e = engine("alert tcp any any -> any any (content:\"SECRET\"; sid:7;)\n");
+    handshake(&mut e);
+    let mut c = Collect::default();
+    let v = send_split(&mut e, b"SECRETxyz", &[3, 6, 7, 8], &mut c);
+    assert_eq!(
+        v,
+        vec![
+            Verdict::Pass,
+            Verdict::Alert,
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Pass
+        ]
+    );
+    assert_eq!(c.alerts, vec![(7, "allowed")]);
+}
+
+#[test]
+fn out_of_order_dropped_then_retransmission_passes() {
+    let mut e = engine(DROP_RULE);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    assert_eq!(run(&mut e, &cdata(0, b"FORB"), &mut c), Verdict::Pass);
+    // Ahead of the next expected byte: dropped, not stored.
+    assert_eq!(run(&mut e, &cdata(6, b"DEN"), &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::OutOfOrder), 1);
+    assert!(c.alerts.is_empty());
+    // The sender retransmits in order: the gap fills and the match completes.
+    assert_eq!(run(&mut e, &cdata(4, b"ID"), &mut c), Verdict::Pass);
+    assert_eq!(run(&mut e, &cdata(6, b"DEN"), &mut c), Verdict::Drop);
+    assert_eq!(c.alerts, vec![(1, "blocked")]);
+}
+
+#[test]
+fn overlap_with_different_bytes_is_dropped() {
+    let mut e = engine(DROP_RULE);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    assert_eq!(run(&mut e, &cdata(0, b"FORBxx"), &mut c), Verdict::Pass);
+    // Rewrites bytes 4..6: dropped (the receiver keeps "xx").
+    assert_eq!(run(&mut e, &cdata(4, b"IDDEN"), &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::OverlapMismatch), 1);
+    assert!(c.alerts.is_empty());
+}
+
+#[test]
+fn spoofed_rst_does_not_reset_the_flow() {
+    let mut e = engine(DROP_RULE);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    assert_eq!(run(&mut e, &cdata(0, b"FORBI"), &mut c), Verdict::Pass);
+    let rst = seg(true, RST | ACK, CISN + 1 + 5_000_000, SISN + 1, b"");
+    assert_eq!(run(&mut e, &rst, &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::RstOutOfWindow), 1);
+    assert_eq!(run(&mut e, &cdata(5, b"DDEN"), &mut c), Verdict::Drop);
+    assert_eq!(c.alerts, vec![(1, "blocked")]);
+}
+
+#[test]
+fn anchored_rules_judge_each_segment() {
+    let rules = "alert tcp any any -> any any (content:\"GET\"; depth:3; sid:1;)\n\
+                 alert tcp any any -> any any (content:\"ab\"; offset:2; sid:2;)\n\
+                 alert tcp any any -> any any (dsize:3; content:\"xyz\"; sid:3;)\n";
+    let mut e = engine(rules);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    // "GE" + "T /": per segment, "GET" at depth 3 is never seen.
+    assert_eq!(run(&mut e, &cdata(0, b"GE"), &mut c), Verdict::Pass);
+    assert_eq!(run(&mut e, &cdata(2, b"T /"), &mut c), Verdict::Pass);
+    // "ab" at offset 2 of the segment itself.
+    assert_eq!(run(&mut e, &cdata(5, b"..ab"), &mut c), Verdict::Alert);
+    // dsize is the segment's size.
+    assert_eq!(run(&mut e, &cdata(9, b"xy"), &mut c), Verdict::Pass);
+    assert_eq!(run(&mut e, &cdata(11, b"z"), &mut c), Verdict::Pass);
+    assert_eq!(run(&mut e, &cdata(12, b"xyz"), &mut c), Verdict::Alert);
+    assert_eq!(c.alerts, vec![(2, "allowed"), (3, "allowed")]);
+}
