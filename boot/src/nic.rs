@@ -12,7 +12,7 @@
 use crate::frames::FramePool;
 use crate::start::StartError;
 use alloc::boxed::Box;
-use ally_dpi::engine::{EngineHook, MgmtWriter, Timestamp};
+use ally_dpi::engine::{DefragStats, EngineHook, EngineStats, MgmtWriter, StreamStats, Timestamp};
 use ally_dpi::nic::dpi::{Counters, DpiConfig, DpiNic, DropReason, Mode};
 use ally_dpi::nic::guard::{exits, EXITING_PAGES};
 use ally_dpi::nic::mem::{DmaMemory, DmaWindow, MemError, MemoryPolicy};
@@ -195,6 +195,15 @@ fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
 
 /// Counters the DPI core publishes for the power-off report.
 static PUBLISHED: spin::Mutex<Option<Counters>> = spin::Mutex::new(None);
+
+/// The rule engine's counters, published with the NIC's.
+#[derive(Clone, Copy, Default)]
+struct EngineCounters {
+    engine: EngineStats,
+    stream: StreamStats,
+    defrag: DefragStats,
+}
+static PUBLISHED_ENGINE: spin::Mutex<Option<EngineCounters>> = spin::Mutex::new(None);
 /// Set by the power-off report: the DPI core's next poll publishes at once (its periodic
 /// publication trails by up to 64 polls, which at the idle timer's pace is frames the wire
 /// already carried) and then bumps `PUBLICATIONS`.
@@ -413,6 +422,14 @@ impl DpiWork {
         self.polls_since_publish += 1;
         let requested = PUBLISH_NOW.load(Ordering::Acquire);
         if self.polls_since_publish >= 64 || requested {
+            if let Some(mut published) = PUBLISHED_ENGINE.try_lock() {
+                let e = &self.engine.hook_mut().0.engine;
+                *published = Some(EngineCounters {
+                    engine: e.stats(),
+                    stream: e.stream_stats(),
+                    defrag: e.defrag_stats(),
+                });
+            }
             if let Some(mut published) = PUBLISHED.try_lock() {
                 *published = Some(self.engine.counters().clone());
                 self.polls_since_publish = 0;
@@ -578,5 +595,64 @@ pub fn report() {
         exits - forwarded,
         per_packet(exits),
         per_packet(exits - forwarded)
+    );
+    report_engine();
+}
+
+/// `ALLY engine`, `ALLY stream` and `ALLY defrag` lines: the rule engine's verdicts and what
+/// the stream normalizer and the reassembler refused, by reason.
+fn report_engine() {
+    let Some(c) = *PUBLISHED_ENGINE.lock() else {
+        return;
+    };
+    let e = c.engine;
+    info!(
+        "ALLY engine frames={} not-ip={} passed={} alerted={} dropped={} stream-dropped={} stream-untracked={} frag-forwarded={} frag-dropped={} frag-unblocked={}",
+        e.frames,
+        e.not_ip,
+        e.passed,
+        e.alerted,
+        e.dropped,
+        e.stream_dropped,
+        e.stream_untracked,
+        e.frag_forwarded,
+        e.frag_dropped,
+        e.frag_unblocked
+    );
+    let s = c.stream;
+    let d = s.drops;
+    info!(
+        "ALLY stream flows={} midstream={} active={} accepted-bytes={} overlap-mismatch={} out-of-window={} rst-out-of-window={} rst-not-exact={} syn-on-established={} blocked={} out-of-order={} flow-limit={} memory-limit={} malformed={}",
+        s.created,
+        s.midstream,
+        s.active,
+        s.accepted_bytes,
+        d.overlap_mismatch,
+        d.out_of_window,
+        d.rst_out_of_window,
+        d.rst_not_exact,
+        d.syn_on_established,
+        d.blocked,
+        d.out_of_order,
+        d.flow_limit,
+        d.memory_limit,
+        d.malformed
+    );
+    let f = c.defrag;
+    info!(
+        "ALLY defrag fragments={} completed={} duplicates={} timeouts={} overlap-mismatch={} tiny={} too-many={} too-large={} table-full={} memory-limit={} malformed={} poisoned={} peak-bytes={}",
+        f.fragments,
+        f.completed,
+        f.duplicates,
+        f.timeouts,
+        f.overlap_mismatch,
+        f.tiny_fragment,
+        f.too_many_fragments,
+        f.too_large,
+        f.table_full,
+        f.memory_limit,
+        f.malformed,
+        f.poisoned,
+        f.peak_bytes
     );
 }

@@ -5,7 +5,7 @@
 //! so the guest may reuse that memory.
 
 use ally_dpi::engine::{AlertSink, Engine, EngineHook, Timestamp};
-use ally_dpi::rules_module::{self, BootModule, ModuleError, RulesModule};
+use ally_dpi::rules_module::{self, BootModule, ModuleError, RulesModule, TableKeys};
 use log::info;
 use multiboot2::BootInformation;
 
@@ -71,7 +71,7 @@ pub unsafe fn load(plan: &RulesPlan) -> Result<(), ModuleError> {
         let bytes = unsafe { core::slice::from_raw_parts(m.start as *const u8, m.len() as usize) };
         (m, bytes)
     });
-    let engine = rules_module::build_engine(rules, stream_key())?;
+    let engine = rules_module::build_engine(rules, table_keys())?;
     let s = engine.summary();
     let heap = crate::HEAP.usage();
     match &plan.module {
@@ -112,16 +112,16 @@ pub fn take_engine_hook<S: AlertSink, C: FnMut() -> Timestamp>(
     })
 }
 
-/// Key of the engine's stream-tracker flow table (SipHash), so a guest cannot aim flows at one
-/// probe window. RDRAND when CPUID reports it (retried, as Intel advises, up to 10 times per
+/// Keys of the engine's stream-tracker and reassembly tables (SipHash), so a guest cannot aim
+/// flows or datagrams at one probe window. RDRAND when CPUID reports it (retried, as Intel advises, up to 10 times per
 /// word); otherwise, or if RDRAND keeps failing, the time stamp counter mixed with the word's
 /// index: weak (a guest that can estimate boot timing could guess it), but the table stays
 /// bounded whatever the key, so the fallback costs only eviction resistance.
-fn stream_key() -> [u64; 2] {
+fn table_keys() -> TableKeys {
     use core::arch::x86_64::{__cpuid, _rdrand64_step, _rdtsc};
     // CPUID.1:ECX bit 30 = RDRAND.
     let has_rdrand = __cpuid(1).ecx & (1 << 30) != 0;
-    let mut key = [0u64; 2];
+    let mut key = [0u64; 4];
     for (i, k) in key.iter_mut().enumerate() {
         let mut got = None;
         if has_rdrand {
@@ -140,5 +140,8 @@ fn stream_key() -> [u64; 2] {
             t.rotate_left(17 * i as u32 + 7) ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1)
         });
     }
-    key
+    TableKeys {
+        stream: [key[0], key[1]],
+        defrag: [key[2], key[3]],
+    }
 }

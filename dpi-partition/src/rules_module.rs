@@ -13,8 +13,8 @@
 //! - Modules are numbered from 1 in the boot loader's order (the `module2` lines of grub.cfg).
 //!
 //! Heap: the compiled engine lives on Ally's heap. [`heap_needed`] is [`BASE_HEAP`] (Ally's
-//! own allocations, the flow table), plus with rules the stream tracker's bound
-//! ([`stream_heap`], 21.75 MiB) and [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
+//! own allocations, the flow table), plus with rules the bound of the stream tracker and the
+//! IP reassembler ([`traffic_heap`]) and [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
 //! `ally-tools rules compile` on subsets of the Snort 3 community ruleset: the load peak was
 //! 18–92 bytes per blob byte above the flow table (pcre-heavy rules the most; the whole
 //! ruleset, 597 KB, peaked at 29.7 MiB). The default heap is that figure; a smaller `heap=` is
@@ -22,7 +22,9 @@
 
 use core::fmt;
 
-use crate::engine::{engine_stream_config, Engine, EngineConfig, EngineError, StreamConfig};
+use crate::engine::{
+    engine_stream_config, DefragConfig, Engine, EngineConfig, EngineError, StreamConfig,
+};
 
 /// The command line that marks the rules module.
 pub const RULES_MODULE: &str = "rules";
@@ -188,13 +190,13 @@ impl fmt::Display for ModuleError {
             } => write!(
                 f,
                 "option \"heap\": {} is too small for the rules module of {module_bytes} bytes, \
-                 which needs {} ({} MiB, {} for TCP stream tracking and \
+                 which needs {} ({} MiB, {} for stream tracking and IP reassembly and \
                  {HEAP_PER_BLOB_BYTE} bytes per module byte); \
                  give heap={}M or more, or leave heap= out to size it automatically",
                 Size(*heap),
                 Size(*needed),
                 BASE_HEAP >> 20,
-                Size(stream_heap()),
+                Size(traffic_heap()),
                 needed.div_ceil(1 << 20)
             ),
             ModuleError::Refused {
@@ -280,19 +282,46 @@ pub fn find_rules_module<'a>(
     Ok(found)
 }
 
-/// The stream tracker's worst case ([`StreamConfig::heap_bound`] of the engine's stream
-/// configuration): reserved with any rules module, since its flows grow with the traffic, not
-/// with the rules.
-pub fn stream_heap() -> u64 {
-    engine_stream_config().heap_bound() as u64
+/// Keys of the engine's keyed tables: give them boot-time randomness.
+#[derive(Clone, Copy, Debug)]
+pub struct TableKeys {
+    /// The stream tracker's flow table.
+    pub stream: [u64; 2],
+    /// The IP reassembly table.
+    pub defrag: [u64; 2],
 }
 
-/// Heap Ally needs with a rules module of `module_bytes` bytes (0: none, and so no stream
-/// tracker), in whole MiB.
+/// The engine configuration [`build_engine`] uses.
+pub fn engine_config(keys: TableKeys) -> EngineConfig {
+    EngineConfig {
+        stream: Some(StreamConfig {
+            key: keys.stream,
+            ..engine_stream_config()
+        }),
+        defrag: Some(DefragConfig::forwarding(keys.defrag)),
+        ..EngineConfig::default()
+    }
+}
+
+/// The worst case of the engine's traffic state, the stream tracker
+/// ([`StreamConfig::heap_bound`]) and IP reassembly ([`DefragConfig::heap_bound`]): reserved
+/// with any rules module, since it grows with the traffic, not with the rules. Whole MiB.
+pub fn traffic_heap() -> u64 {
+    let cfg = engine_config(TableKeys {
+        stream: [0; 2],
+        defrag: [0; 2],
+    });
+    let stream = cfg.stream.map_or(0, |s| s.heap_bound());
+    let defrag = cfg.defrag.map_or(0, |d| d.heap_bound());
+    ((stream + defrag) as u64).div_ceil(HEAP_ROUND) * HEAP_ROUND
+}
+
+/// Heap Ally needs with a rules module of `module_bytes` bytes (0: none, and so no traffic
+/// state), in whole MiB.
 pub fn heap_needed(module_bytes: u64) -> u64 {
-    let stream = if module_bytes == 0 { 0 } else { stream_heap() };
+    let traffic = if module_bytes == 0 { 0 } else { traffic_heap() };
     BASE_HEAP
-        .saturating_add(stream)
+        .saturating_add(traffic)
         .saturating_add(module_bytes.saturating_mul(HEAP_PER_BLOB_BYTE))
         .div_ceil(HEAP_ROUND)
         .saturating_mul(HEAP_ROUND)
@@ -319,18 +348,12 @@ pub fn choose_heap(option: Option<u64>, rules: Option<&RulesModule>) -> Result<u
 /// Everything the engine keeps is allocated on the heap: `bytes` is not referenced afterwards,
 /// so the module's memory may be handed to the guest.
 ///
-/// `stream_key` keys the stream tracker's flow table: give it boot-time randomness.
+/// `keys` key the stream tracker's and the reassembler's tables.
 pub fn build_engine(
     rules: Option<(&RulesModule, &[u8])>,
-    stream_key: [u64; 2],
+    keys: TableKeys,
 ) -> Result<Engine, ModuleError> {
-    let cfg = EngineConfig {
-        stream: Some(StreamConfig {
-            key: stream_key,
-            ..engine_stream_config()
-        }),
-        ..EngineConfig::default()
-    };
+    let cfg = engine_config(keys);
     match rules {
         None => Ok(Engine::pass_all()),
         Some((module, bytes)) => {
@@ -352,6 +375,11 @@ mod tests {
     use crate::engine::BlobError;
     use alloc::string::ToString;
     use alloc::vec::Vec;
+
+    const KEYS: TableKeys = TableKeys {
+        stream: [1, 2],
+        defrag: [3, 4],
+    };
 
     fn m(cmdline: &str, start: u64, end: u64) -> BootModule<'_> {
         BootModule {
@@ -456,12 +484,12 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
     #[test]
     fn heap_grows_with_the_module() {
         assert_eq!(heap_needed(0), 16 << 20);
-        // Any rules bring the stream tracker (4096 flows, 1 KiB context each way, 2 MiB
-        // retained beyond it): 21.75 MiB at most.
-        assert_eq!(stream_heap(), 22_272 << 10);
-        assert_eq!(heap_needed(1), 38 << 20);
-        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 111 MiB.
-        assert_eq!(heap_needed(597_016), 111 << 20);
+        // Any rules bring the traffic state: the stream tracker's 21.75 MiB and the
+        // reassembler's 3.6 MiB.
+        assert_eq!(traffic_heap(), 26 << 20);
+        assert_eq!(heap_needed(1), 43 << 20);
+        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 115 MiB.
+        assert_eq!(heap_needed(597_016), 115 << 20);
         assert_eq!(heap_needed(u64::MAX), u64::MAX);
         assert_eq!(choose_heap(None, None), Ok(16 << 20));
         let r = RulesModule {
@@ -469,9 +497,9 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0x100_0000,
             end: 0x100_0000 + 597_016,
         };
-        assert_eq!(choose_heap(None, Some(&r)), Ok(111 << 20));
+        assert_eq!(choose_heap(None, Some(&r)), Ok(115 << 20));
         assert_eq!(choose_heap(Some(128 << 20), Some(&r)), Ok(128 << 20));
-        assert_eq!(choose_heap(Some(111 << 20), Some(&r)), Ok(111 << 20));
+        assert_eq!(choose_heap(Some(115 << 20), Some(&r)), Ok(115 << 20));
     }
 
     #[test]
@@ -485,8 +513,8 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
         assert_eq!(
             e.to_string(),
             "option \"heap\": 32M is too small for the rules module of 597016 bytes, which \
-             needs 111M (16 MiB, 22272K for TCP stream tracking and 128 bytes per module \
-             byte); give heap=111M or more, or \
+             needs 115M (16 MiB, 26M for stream tracking and IP reassembly and 128 bytes per \
+             module byte); give heap=115M or more, or \
              leave heap= out to size it automatically"
         );
         // Without rules the floor is the base.
@@ -513,10 +541,10 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: b.len() as u64,
         };
-        let engine = build_engine(Some((&r, &b)), [1, 2]).unwrap();
+        let engine = build_engine(Some((&r, &b)), KEYS).unwrap();
         let s = engine.summary();
         assert_eq!((s.rules, s.drop, s.alert), (2, 1, 1));
-        assert_eq!(build_engine(None, [1, 2]).unwrap().rule_count(), 0);
+        assert_eq!(build_engine(None, KEYS).unwrap().rule_count(), 0);
     }
 
     fn refused(bytes: &[u8]) -> (EngineError, alloc::string::String) {
@@ -525,7 +553,7 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0,
             end: bytes.len() as u64,
         };
-        match build_engine(Some((&r, bytes)), [1, 2]) {
+        match build_engine(Some((&r, bytes)), KEYS) {
             Ok(_) => panic!("a bad blob was accepted"),
             Err(e @ ModuleError::Refused { .. }) => {
                 let text = e.to_string();

@@ -12,7 +12,7 @@
 //! | `dpi_mem`   | size: bytes or `K`/`M`/`G` suffix, a multiple of 4 KiB, > 0 | `64M` |
 //! | `nic`       | PCI address `BB:DD.F` (hex; device < 32, function < 8) | first e1000 found |
 //! | `mode`      | `copy`, `zero-copy`               | `copy`  |
-//! | `heap`      | size as for `dpi_mem`             | sized for the rules: 16M, plus with rules 21.75M for TCP stream tracking and 128 bytes per rules-module byte |
+//! | `heap`      | size as for `dpi_mem`             | sized for the rules: 16M, plus with rules 26M for stream tracking and IP reassembly and 128 bytes per rules-module byte |
 //! | `irq_moderation` | TSC cycles between two guest NIC interrupts: decimal, optional `K`/`M` (x1000, x1000000) suffix; `0` disables | `100K` |
 
 use core::fmt;

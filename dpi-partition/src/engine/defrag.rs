@@ -37,6 +37,23 @@
 //! - Atomic fragments (offset 0, no more fragments; RFC 6946 for IPv6) are
 //!   [`FragOutcome::NotFragment`]: they are whole datagrams and decode as they are.
 //!
+//! # Forward mode
+//!
+//! A pipeline that cannot hold frames sets [`DefragConfig::hold`] false: each fragment is
+//! checked and kept as above, then forwarded at once ([`FragOutcome::Forward`]), except the
+//! one that completes the datagram: it comes back as [`FragOutcome::Complete`] and is forwarded
+//! only if the reassembled datagram passes. A receiver delivers nothing of a datagram before it
+//! has every fragment, so withholding the last one withholds the datagram; the fragments it
+//! already has agree byte for byte with what Ally inspected. After a failing verdict the
+//! pipeline calls [`Defragmenter::block_completed`], and every later fragment of that datagram
+//! is dropped as [`DefragDrop::Poisoned`]. Since the receiver keeps the forwarded fragments
+//! until its own timeout, in this mode
+//! - the timeouts must outlast every receiver's ([`DefragConfig::forwarding`]: 90 s), so that
+//!   a datagram Ally forgets is one the receiver has forgotten too;
+//! - a poisoned identity is never evicted for a new datagram before its timeout (the new
+//!   datagram is refused instead: [`DefragDrop::TableFull`]), as a forgotten one would let a
+//!   resent completing fragment through.
+//!
 //! A datagram is identified (RFC 791 §3.2, RFC 8200 §4.5) by IP version, source, destination,
 //! identification and, for IPv4, protocol; Ally adds the VLAN IDs of the frame, since fragments
 //! on different VLANs reach different receivers.
@@ -89,6 +106,10 @@ pub struct DefragConfig {
     pub timeout_v6_us: u64,
     /// SipHash key of the table index: a secret, random per boot.
     pub key: [u64; 2],
+    /// Hold every fragment until its datagram is whole (true), or forward each one at once
+    /// except the one that completes its datagram, which carries the datagram's verdict
+    /// (false: for a pipeline that cannot hold frames; see "Forward mode").
+    pub hold: bool,
 }
 
 impl DefragConfig {
@@ -103,7 +124,38 @@ impl DefragConfig {
             timeout_v4_us: 30_000_000,
             timeout_v6_us: 60_000_000,
             key,
+            hold: true,
         }
+    }
+
+    /// Forward mode (see the module documentation) with the default bounds: both timeouts
+    /// 90 s, longer than any receiver keeps a partial datagram (Linux 30 s for IPv4, RFC 8200
+    /// 60 s for IPv6), since the receiver holds the fragments Ally forwarded.
+    pub fn forwarding(key: [u64; 2]) -> DefragConfig {
+        DefragConfig {
+            timeout_v4_us: 90_000_000,
+            timeout_v6_us: 90_000_000,
+            hold: false,
+            ..DefragConfig::new(key)
+        }
+    }
+
+    /// Most heap bytes the table takes: its slots, the fragment frames (`max_bytes`, copied
+    /// at their exact size) and each datagram's fragment list at its largest, plus one
+    /// reassembled datagram.
+    pub const fn heap_bound(&self) -> usize {
+        let cap = {
+            let c = self.max_datagrams.saturating_mul(2);
+            (if c > PROBE { c } else { PROBE }).next_power_of_two()
+        };
+        cap * core::mem::size_of::<Option<Entry>>()
+            + self.max_bytes
+            + self.max_datagrams
+                * self.max_fragments_per_datagram
+                * 2
+                * core::mem::size_of::<Fragment>()
+            + MAX_IP_LEN
+            + 64
     }
 }
 
@@ -136,6 +188,8 @@ pub enum FragOutcome {
     NotFragment,
     /// The fragment is held (or was a retransmission of a held one): nothing to forward yet.
     Held,
+    /// Forward mode: the fragment is kept for reassembly (or repeats a kept one); forward it.
+    Forward,
     /// The datagram is whole.
     Complete {
         /// The reassembled datagram as one Ethernet frame: the first fragment's L2 header (VLAN
@@ -606,6 +660,8 @@ pub struct Defragmenter {
     cfg: DefragConfig,
     stats: DefragStats,
     held_bytes: usize,
+    /// Forward mode: the slot and identity of the datagram the last `push` completed.
+    last_completed: Option<(usize, Key)>,
 }
 
 impl Defragmenter {
@@ -622,6 +678,7 @@ impl Defragmenter {
             cfg,
             stats: DefragStats::default(),
             held_bytes: 0,
+            last_completed: None,
         }
     }
 
@@ -688,7 +745,7 @@ impl Defragmenter {
             Ok(false) => {
                 self.stats.duplicates += 1;
                 self.put(i, key, expires, d);
-                return FragOutcome::Held;
+                return self.kept();
             }
             Ok(true) if d.frags.len() >= self.cfg.max_fragments_per_datagram => {
                 return self.poison(i, key, DefragDrop::TooManyFragments, now);
@@ -705,9 +762,10 @@ impl Defragmenter {
         d.store(frame, p);
         let Some((first, end)) = d.whole() else {
             self.put(i, key, expires, d);
-            return FragOutcome::Held;
+            return self.kept();
         };
         self.stats.completed += 1;
+        self.last_completed = Some((i, key));
         self.stats.peak_bytes = self
             .stats
             .peak_bytes
@@ -717,6 +775,44 @@ impl Defragmenter {
             datagram,
             fragments,
         }
+    }
+
+    /// A kept fragment's outcome: held, or forwarded in forward mode.
+    fn kept(&self) -> FragOutcome {
+        if self.cfg.hold {
+            FragOutcome::Held
+        } else {
+            FragOutcome::Forward
+        }
+    }
+
+    /// Forward mode: the datagram that the last [`FragOutcome::Complete`] gave failed
+    /// inspection. Its identity is remembered as poisoned until its timeout, so that no later
+    /// fragment of it (a resent completing fragment) reaches the receiver, which still holds
+    /// the others. Returns false when there was no such datagram or no slot for it (the table
+    /// window is full of live datagrams): the caller then fails closed on its own.
+    pub fn block_completed(&mut self, now: Timestamp) -> bool {
+        let Some((i, key)) = self.last_completed.take() else {
+            return false;
+        };
+        // The datagram left slot `i` when it completed; take it again unless another one
+        // moved in since, else another vacancy of its window.
+        let start = keyed_hash(self.cfg.key, &key.bytes()) as usize;
+        let slot = if self.slots[i].is_none() {
+            Some(i)
+        } else {
+            self.vacancy(start)
+        };
+        let Some(slot) = slot else {
+            return false;
+        };
+        self.take(slot);
+        self.slots[slot] = Some(Entry {
+            key,
+            expires: now.0.saturating_add(self.timeout(&key)),
+            state: State::Poisoned,
+        });
+        true
     }
 
     /// Discards the partial datagrams (and forgets the poisoned identities) whose timeout ran
@@ -764,14 +860,18 @@ impl Defragmenter {
         found
     }
 
-    /// A slot for a new entry in the window: an empty one, else the poisoned one that expires
-    /// first (a live datagram is never evicted).
+    /// A slot for a new entry in the window: an empty one, else (hold mode only) the poisoned
+    /// one that expires first (a live datagram is never evicted).
     fn vacancy(&self, start: usize) -> Option<usize> {
         let window = (0..PROBE).map(|k| (start + k) & self.mask);
+        let evict = self.cfg.hold;
         window
             .clone()
             .find(|&i| self.slots[i].is_none())
             .or_else(|| {
+                if !evict {
+                    return None;
+                }
                 window
                     .filter_map(|i| Some((i, self.slots[i].as_ref()?)))
                     .filter(|(_, e)| matches!(e.state, State::Poisoned))
@@ -1356,6 +1456,109 @@ mod tests {
         assert!(live
             .iter()
             .all(|g| g.frags.len() <= d.cfg.max_fragments_per_datagram));
+    }
+
+    fn forwarding() -> DefragConfig {
+        DefragConfig::forwarding(cfg().key)
+    }
+
+    #[test]
+    fn forward_mode_forwards_all_but_the_completing_fragment() {
+        let dgram = v4_tcp(11, &bytes(100));
+        let frags = [
+            frag4(&dgram, 0, 40),
+            frag4(&dgram, 80, 120),
+            frag4(&dgram, 40, 80),
+        ];
+        let mut d = Defragmenter::new(forwarding());
+        assert_eq!(d.push(&frags[0], T0), FragOutcome::Forward);
+        assert_eq!(d.push(&frags[1], T0), FragOutcome::Forward);
+        // A repeat of a kept fragment goes on too (the receiver may have lost it).
+        assert_eq!(d.push(&frags[1], T0), FragOutcome::Forward);
+        let (datagram, _) = complete(d.push(&frags[2], T0));
+        assert_eq!(datagram, dgram);
+        // Passed: nothing is remembered, the identity may start a new datagram.
+        assert_eq!(d.push(&frags[0], at(1)), FragOutcome::Forward);
+        assert_eq!(d.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn forward_mode_blocks_a_failed_datagram_until_receivers_forget_it() {
+        let dgram = v4_tcp(12, &bytes(100));
+        let (a, b) = (frag4(&dgram, 0, 64), frag4(&dgram, 64, 120));
+        let mut d = Defragmenter::new(forwarding());
+        assert!(!d.block_completed(T0), "nothing completed yet");
+        assert_eq!(d.push(&a, T0), FragOutcome::Forward);
+        complete(d.push(&b, T0));
+        // The rules dropped it: the receiver holds `a`, so a resent `b` must not pass, nor a
+        // new `a`, for longer than any receiver keeps `a` (Linux 30 s, RFC 8200 60 s).
+        assert!(d.block_completed(T0));
+        assert!(!d.block_completed(T0), "only once per completion");
+        let poisoned = FragOutcome::Drop(DefragDrop::Poisoned);
+        assert_eq!(d.push(&b, at(1)), poisoned);
+        assert_eq!(d.push(&a, at(60)), poisoned);
+        assert_eq!(d.push(&b, at(89)), poisoned);
+        assert_eq!(d.push(&a, at(90)), FragOutcome::Forward);
+        // Partial datagrams also outlast the receivers: `b` alone 70 s after `a` would
+        // complete a receiver's datagram if Ally had forgotten `a`.
+        let mut d = Defragmenter::new(forwarding());
+        assert_eq!(d.push(&a, T0), FragOutcome::Forward);
+        complete(d.push(&b, at(70)));
+    }
+
+    #[test]
+    fn forward_mode_never_evicts_a_poisoned_identity() {
+        // Every slot of the (8-slot) table poisoned: a new datagram is refused rather than
+        // taking a poisoned slot, whose resent fragments would then pass.
+        let mut d = Defragmenter::new(DefragConfig {
+            max_datagrams: 4,
+            ..forwarding()
+        });
+        let mut poisoned = Vec::new();
+        for id in 0..100u16 {
+            let g = v4_tcp(id, &bytes(100));
+            let (a, mut b) = (frag4(&g, 0, 48), frag4(&g, 40, 88));
+            b[34 + 3] ^= 0xff;
+            match d.push(&a, T0) {
+                FragOutcome::Forward => {}
+                FragOutcome::Drop(DefragDrop::TableFull) => break,
+                o => panic!("{o:?}"),
+            }
+            assert_eq!(
+                d.push(&b, T0),
+                FragOutcome::Drop(DefragDrop::OverlapMismatch)
+            );
+            poisoned.push(a);
+        }
+        assert_eq!(poisoned.len(), 8, "the table has 8 slots");
+        for a in &poisoned {
+            assert_eq!(d.push(a, at(1)), FragOutcome::Drop(DefragDrop::Poisoned));
+        }
+        // In hold mode the oldest poisoned identity gives way (nothing of it was forwarded).
+        let mut h = Defragmenter::new(DefragConfig {
+            max_datagrams: 4,
+            ..cfg()
+        });
+        for id in 0..9u16 {
+            let g = v4_tcp(id, &bytes(100));
+            let (a, mut b) = (frag4(&g, 0, 48), frag4(&g, 40, 88));
+            b[34 + 3] ^= 0xff;
+            assert_eq!(h.push(&a, T0), FragOutcome::Held, "datagram {id}");
+            assert_eq!(
+                h.push(&b, T0),
+                FragOutcome::Drop(DefragDrop::OverlapMismatch)
+            );
+        }
+    }
+
+    #[test]
+    fn heap_bound_covers_the_default_tables() {
+        let b = forwarding().heap_bound();
+        assert!(
+            b >= (1 << 20) + 512 * core::mem::size_of::<Option<Entry>>(),
+            "{b}"
+        );
+        assert!(b < 4 << 20, "{b}");
     }
 
     #[test]

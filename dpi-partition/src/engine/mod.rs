@@ -52,9 +52,18 @@
 //!   segment's own L4 payload, as before. A `drop` verdict on an accepted segment blocks the
 //!   flow: every later segment, both ways, is dropped. Matches longer than the context plus the
 //!   segment are not found.
-//! - **IP fragments are not reassembled in the pipeline yet**: non-first fragments only meet
-//!   `ip` rules, and TCP in fragments is dropped by the tracker as malformed. [`defrag`]
-//!   (IPv4/IPv6 reassembly) is built and host-tested; it needs frames held and re-injected.
+//! - **IP fragments** (with [`EngineConfig::defrag`] set, as boot does) go through the
+//!   reassembler [`defrag`] in *forward mode*, since the NIC path cannot hold frames: each
+//!   fragment is checked (overlaps must agree, RFC 1858/7112 tiny fragments, bounds) and kept,
+//!   and forwarded at once ([`EngineStats::frag_forwarded`]) unless it completes its datagram;
+//!   the completing fragment is forwarded only if the whole datagram, reassembled, passes the
+//!   stream tracker and the rules as an unfragmented frame would. A receiver delivers nothing
+//!   of a datagram without every fragment, so a drop verdict withholds the whole datagram; its
+//!   identity is then refused for 90 s (longer than receivers keep fragments), so a resent
+//!   completing fragment gets nowhere either. Refused fragments count in
+//!   [`EngineStats::frag_dropped`], by reason in [`Engine::defrag_stats`]. Without
+//!   reassembly, non-first fragments only meet `ip` rules and TCP in fragments is dropped by
+//!   the tracker as malformed.
 //! - Rules are grouped by protocol and port: per destination port, else per source port, else a
 //!   generic group for `any`/negated/wide port sets and `<>` rules (`ip` rules join the generic
 //!   group of every protocol). Port groups also hold the generic rules, so a packet scans the
@@ -94,6 +103,8 @@ use alloc::vec::Vec;
 use core::fmt;
 
 pub use blob::BlobError;
+pub use defrag::{DefragConfig, DefragDrop, DefragStats};
+use defrag::{Defragmenter, FragOutcome};
 pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
 pub use flow::{FlowConfig, FlowStats};
 pub use hook::EngineHook;
@@ -191,6 +202,10 @@ pub struct EngineConfig {
     /// `key` from a random source. The engine cannot hold frames, so `hold_out_of_order` is
     /// forced false.
     pub stream: Option<StreamConfig>,
+    /// IP reassembly ([`defrag`]) in forward mode, or `None` to judge fragments on their own
+    /// (the default). Boot sets [`DefragConfig::forwarding`] with a random key; the engine
+    /// cannot hold frames, so `hold` is forced false.
+    pub defrag: Option<DefragConfig>,
 }
 
 /// The engine's stream bounds: 4096 flows, 2 MiB of retained bytes beyond the 1 KiB matching
@@ -213,6 +228,7 @@ impl Default for EngineConfig {
             flow: FlowConfig::default(),
             alerts_per_rule_per_sec: 10,
             stream: None,
+            defrag: None,
         }
     }
 }
@@ -245,6 +261,15 @@ pub struct EngineStats {
     pub stream_dropped: u64,
     /// TCP frames inspected per packet only because the stream tracker passed them untracked.
     pub stream_untracked: u64,
+    /// IP fragments forwarded before their datagram was whole (included in `passed`; the
+    /// fragment completing a datagram carries its verdict).
+    pub frag_forwarded: u64,
+    /// IP fragments dropped by the reassembler (included in `dropped`; by reason in
+    /// [`Engine::defrag_stats`]).
+    pub frag_dropped: u64,
+    /// Datagrams whose completing fragment was dropped by the rules and whose identity could
+    /// not be remembered (its fragments are then refused by the rules alone).
+    pub frag_unblocked: u64,
 }
 
 /// What [`Engine::summary`] reports; its `Display` is the boot-log line.
@@ -453,6 +478,7 @@ pub struct Engine {
     cands: Vec<u32>,
     memo: Memo,
     stream: Option<StreamTracker>,
+    defrag: Option<Defragmenter>,
     /// Copy of the current stream window (the tracker's borrow ends before rules run).
     win: Vec<u8>,
     last_expire: u64,
@@ -569,6 +595,9 @@ impl Engine {
                     ..sc
                 })
             }),
+            defrag: cfg
+                .defrag
+                .map(|dc| Defragmenter::new(DefragConfig { hold: false, ..dc })),
             win: Vec::new(),
             last_expire: 0,
         };
@@ -689,6 +718,16 @@ impl Engine {
     /// Counters.
     pub fn stats(&self) -> EngineStats {
         self.stats
+    }
+
+    /// Reassembler counters.
+    pub fn defrag_stats(&self) -> DefragStats {
+        self.defrag.as_ref().map(|d| d.stats()).unwrap_or_default()
+    }
+
+    /// Worst-case heap bytes of the reassembler ([`DefragConfig::heap_bound`]).
+    pub fn defrag_bound_bytes(&self) -> usize {
+        self.cfg.defrag.map_or(0, |d| d.heap_bound())
     }
 
     /// Stream-tracker counters (drops by reason in `.drops`).
@@ -909,6 +948,53 @@ impl Inspector for Engine {
         now: Timestamp,
         sink: &mut dyn AlertSink,
     ) -> Verdict {
+        let Some(defrag) = self.defrag.as_mut() else {
+            return self.inspect_datagram(frame, dir, now, sink);
+        };
+        if self.rules.is_empty() {
+            return self.inspect_datagram(frame, dir, now, sink);
+        }
+        match defrag.push(frame, now) {
+            FragOutcome::NotFragment => self.inspect_datagram(frame, dir, now, sink),
+            FragOutcome::Forward => {
+                self.stats.frames += 1;
+                self.stats.passed += 1;
+                self.stats.frag_forwarded += 1;
+                Verdict::Pass
+            }
+            // `Held` is not produced in forward mode; never forward a frame the reassembler
+            // kept.
+            FragOutcome::Held | FragOutcome::Drop(_) => {
+                self.stats.frames += 1;
+                self.stats.dropped += 1;
+                self.stats.frag_dropped += 1;
+                Verdict::Drop
+            }
+            FragOutcome::Complete { datagram, .. } => {
+                // The rules judge the whole datagram; the verdict is the completing
+                // fragment's.
+                let v = self.inspect_datagram(&datagram, dir, now, sink);
+                if v == Verdict::Drop {
+                    let remembered = self.defrag.as_mut().is_some_and(|d| d.block_completed(now));
+                    if !remembered {
+                        self.stats.frag_unblocked += 1;
+                    }
+                }
+                v
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Inspects one frame that is not a fragment (or a reassembled datagram).
+    fn inspect_datagram(
+        &mut self,
+        frame: &[u8],
+        dir: Direction,
+        now: Timestamp,
+        sink: &mut dyn AlertSink,
+    ) -> Verdict {
         self.stats.frames += 1;
         let Decoded::Ip(pkt) = packet::decode(frame) else {
             self.stats.not_ip += 1;
@@ -931,6 +1017,9 @@ impl Inspector for Engine {
         {
             self.last_expire = now.0;
             tracker.expire(now);
+            if let Some(d) = self.defrag.as_mut() {
+                d.expire(now);
+            }
         }
         // The stream window (empty when the frame is judged per packet) and where its new bytes
         // start.
