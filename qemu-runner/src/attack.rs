@@ -37,10 +37,12 @@ pub enum Attack {
     AlertStorm,
     /// The forbidden upload content sent one byte per TCP segment.
     SplitUpload,
+    /// A forbidden UDP datagram over the MTU, which the guest's IP layer fragments.
+    FragUdp,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 9] = [
+    pub const ALL: [Attack; 10] = [
         Attack::Sleep,
         Attack::Msr,
         Attack::PciRace,
@@ -50,6 +52,7 @@ impl Attack {
         Attack::Tucso,
         Attack::AlertStorm,
         Attack::SplitUpload,
+        Attack::FragUdp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +66,7 @@ impl Attack {
             Attack::Tucso => "tucso",
             Attack::AlertStorm => "alert-storm",
             Attack::SplitUpload => "split-upload",
+            Attack::FragUdp => "frag-udp",
         }
     }
 
@@ -399,12 +403,61 @@ fn ally_refused(
         }
         Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
         Attack::SplitUpload => split_upload_evidence(marker, net),
+        Attack::FragUdp => frag_udp_evidence(marker, ally, &net.udp),
     }
 }
 
 /// The split upload is refused when the guest sent all of the forbidden content, one byte per
 /// segment, and the host's upload listener received it in no connection (the listener
 /// searches every upload's bytes across its reads, see `endpoints`).
+/// The forbidden datagram in IP fragments is refused when the host received none of the
+/// datagrams carrying it, while the same-sized control datagrams arrived (so fragments do
+/// pass, reassembled), and Ally reports fragments forwarded and datagrams reassembled.
+fn frag_udp_evidence(
+    marker: &AttackMarker,
+    ally: &AllyReport,
+    udp: &UdpCounts,
+) -> Result<String, String> {
+    let sent = |key: &str| -> Result<u64, String> {
+        marker
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or(format!("no number `{key}=` in {}", marker.line))
+    };
+    let (control, secret) = (sent("control_sent")?, sent("secret_sent")?);
+    if control == 0 || secret == 0 {
+        return Err(format!(
+            "the guest did not send both kinds: {}",
+            marker.line
+        ));
+    }
+    if udp.frag_secret > 0 {
+        return Err(format!(
+            "the host received {} of the {secret} datagrams with the secret",
+            udp.frag_secret
+        ));
+    }
+    if udp.frag_control == 0 {
+        return Err(format!(
+            "the host received none of the {control} control datagrams: fragmented traffic does not pass"
+        ));
+    }
+    let forwarded = ally_count(ally, "engine", "frag-forwarded").ok_or("no `ALLY engine` line")?;
+    let completed = ally_count(ally, "defrag", "completed").ok_or("no `ALLY defrag` line")?;
+    if forwarded == 0 || completed == 0 {
+        return Err(format!(
+            "Ally reassembled nothing: frag-forwarded={forwarded} completed={completed}"
+        ));
+    }
+    Ok(format!(
+        "host got 0 of {secret} secret datagrams and {}/{control} control ones; \
+         ALLY engine frag-forwarded={forwarded} frag-dropped={}, ALLY defrag completed={completed} poisoned={}",
+        udp.frag_control,
+        ally_count(ally, "engine", "frag-dropped").unwrap_or(0),
+        ally_count(ally, "defrag", "poisoned").unwrap_or(0),
+    ))
+}
+
 fn split_upload_evidence(marker: &AttackMarker, net: &NetReport) -> Result<String, String> {
     let segments: usize = marker
         .get("segments")
@@ -757,6 +810,36 @@ mod tests {
         assert!(
             ally_defences_check(&loaded, &ally(230_000), &host(all), &[Attack::AlertStorm]).passed
         );
+    }
+
+    #[test]
+    fn the_fragmented_datagram_is_judged_on_what_the_host_received() {
+        let g = guest(
+            "ALLYTEST attack-frag-udp INFO port=9 bytes=3000 control_sent=3 secret_sent=6 errors=0\n",
+        );
+        let ally = AllyReport::parse(
+            "ALLY engine frames=100 not-ip=0 passed=90 alerted=0 dropped=10 stream-dropped=0 stream-untracked=0 frag-forwarded=18 frag-dropped=0 frag-unblocked=0\n\
+             ALLY defrag fragments=27 completed=9 duplicates=0 timeouts=0 overlap-mismatch=0 tiny=0 too-many=0 too-large=0 table-full=0 memory-limit=0 malformed=0 poisoned=0 peak-bytes=4600\n",
+        );
+        let udp = |secret, control| UdpCounts {
+            frag_secret: secret,
+            frag_control: control,
+            ..UdpCounts::default()
+        };
+        let c = ally_defences_check(&g, &ally, &host(udp(0, 3)), &[Attack::FragUdp]);
+        assert!(c.passed, "{c}");
+        assert!(
+            c.detail
+                .contains("host got 0 of 6 secret datagrams and 3/3 control ones"),
+            "{c}"
+        );
+        // One secret datagram reached the host.
+        assert!(!ally_defences_check(&g, &ally, &host(udp(1, 3)), &[Attack::FragUdp]).passed);
+        // Nothing fragmented passes at all: not a defence.
+        assert!(!ally_defences_check(&g, &ally, &host(udp(0, 0)), &[Attack::FragUdp]).passed);
+        // No reassembly reported by Ally.
+        let none = AllyReport::parse("");
+        assert!(!ally_defences_check(&g, &none, &host(udp(0, 3)), &[Attack::FragUdp]).passed);
     }
 
     #[test]

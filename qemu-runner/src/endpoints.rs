@@ -170,6 +170,10 @@ pub struct UdpCounts {
     pub storm: u64,
     /// Carrying [`TUCSO_MARKER`] (the TUCSO frame, which Ally must drop).
     pub tucso: u64,
+    /// Carrying [`FRAG_SECRET_MARKER`] (sent in IP fragments; Ally must drop them).
+    pub frag_secret: u64,
+    /// Carrying [`FRAG_CONTROL_MARKER`] (sent in IP fragments; they must arrive).
+    pub frag_control: u64,
     /// Anything else.
     pub other: u64,
 }
@@ -179,12 +183,20 @@ pub struct UdpCounts {
 pub const STORM_MARKER: &[u8] = b"ALLY-ALERT-STORM";
 /// The TUCSO attack frame's payload marker (`guest/attack` has its own copy).
 pub const TUCSO_MARKER: &[u8] = b"ALLY-ATTACK-TUCSO";
+/// The fragmented datagrams' markers (`guest/attack` has its own copies; the rule with sid
+/// 1000105 drops the secret).
+pub const FRAG_SECRET_MARKER: &[u8] = b"ALLY-FRAGMENTED-SECRET";
+pub const FRAG_CONTROL_MARKER: &[u8] = b"ALLY-FRAGMENTED-CONTROL";
 
 impl UdpCounts {
     fn count(&mut self, payload: &[u8]) {
         let has = |m: &[u8]| payload.windows(m.len()).any(|w| w == m);
         if has(TUCSO_MARKER) {
             self.tucso += 1;
+        } else if has(FRAG_SECRET_MARKER) {
+            self.frag_secret += 1;
+        } else if has(FRAG_CONTROL_MARKER) {
+            self.frag_control += 1;
         } else if has(STORM_MARKER) {
             self.storm += 1;
         } else {
@@ -249,8 +261,13 @@ impl fmt::Display for NetReport {
         if self.udp != UdpCounts::default() {
             writeln!(
                 f,
-                "  udp 127.0.0.1:{} storm={} tucso={} other={}",
-                self.attack_udp_port, self.udp.storm, self.udp.tucso, self.udp.other
+                "  udp 127.0.0.1:{} storm={} tucso={} frag-secret={} frag-control={} other={}",
+                self.attack_udp_port,
+                self.udp.storm,
+                self.udp.tucso,
+                self.udp.frag_secret,
+                self.udp.frag_control,
+                self.udp.other
             )?;
         }
         for e in &self.errors {
@@ -1015,6 +1032,8 @@ mod tests {
             &b"ALLY-ALERT-STORM seq=000001"[..],
             b"ALLY-ALERT-STORM seq=000002",
             b"xxALLY-ATTACK-TUCSO\0\0",
+            b"FRAG seq=001 aaALLY-FRAGMENTED-CONTROL",
+            b"FRAG seq=002 aaALLY-FRAGMENTED-SECRET",
             b"hello",
         ] {
             s.send_to(p, ("127.0.0.1", e.attack_udp_port)).unwrap();
@@ -1029,6 +1048,8 @@ mod tests {
             UdpCounts {
                 storm: 2,
                 tucso: 1,
+                frag_secret: 1,
+                frag_control: 1,
                 other: 1
             }
         );

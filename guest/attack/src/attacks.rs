@@ -960,6 +960,91 @@ pub fn alert_storm(port: u16, count: u64) -> Marker {
     m
 }
 
+// --- 10. a forbidden datagram in IP fragments -------------------------------------------------
+
+/// The payload the runner's drop rule (sid 1000105) refuses, sent only inside datagrams larger
+/// than the MTU, so that the guest's IP layer fragments them.
+pub const FRAG_SECRET: &str = "ALLY-FRAGMENTED-SECRET";
+/// A datagram of the same size without it: it must reach the host, reassembled.
+pub const FRAG_CONTROL: &str = "ALLY-FRAGMENTED-CONTROL";
+/// Datagram size: three fragments at a 1500-byte MTU (1472 + 1480 + 48 data bytes).
+const FRAG_DATAGRAM: usize = 3000;
+/// Where the secret sits: across the first fragment boundary (data byte 1472), and wholly
+/// inside the second fragment (which has no UDP header, so no ports).
+const FRAG_SECRET_AT: [usize; 2] = [1460, 2000];
+
+/// A `len`-byte datagram: filler with `marker` at `at`, and a sequence number up front.
+pub fn frag_datagram(marker: &str, at: usize, seq: usize, len: usize) -> Vec<u8> {
+    let mut d: Vec<u8> = (0..len).map(|i| b'a' + (i % 23) as u8).collect();
+    let head = format!("FRAG seq={seq:03} ");
+    d[..head.len()].copy_from_slice(head.as_bytes());
+    d[at..at + marker.len()].copy_from_slice(marker.as_bytes());
+    d
+}
+
+/// Datagrams bigger than the MTU to the host's UDP sink, with IP fragmentation allowed
+/// (IP_PMTUDISC_DONT): control datagrams without the secret (they must arrive, reassembled),
+/// then datagrams with the secret across a fragment boundary and inside a later fragment
+/// (none may arrive). Each is sent three times, 50 ms apart.
+pub fn frag_udp(port: u16) -> Marker {
+    let mut m = Marker::new("attack-frag-udp");
+    m.field("port", port);
+    let sock = match std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect(("10.0.2.2", port)).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            m.field("error", format_args!("udp:{e}"));
+            return m;
+        }
+    };
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: the socket is open for the call; the option value is a c_int of that size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        m.field(
+            "error",
+            format_args!("setsockopt:{}", std::io::Error::last_os_error()),
+        );
+        return m;
+    }
+    let (mut control, mut secret, mut errors) = (0, 0, 0);
+    let mut seq = 0;
+    let send = |d: &[u8]| {
+        thread::sleep(Duration::from_millis(50));
+        sock.send(d).is_ok()
+    };
+    for _ in 0..3 {
+        seq += 1;
+        if send(&frag_datagram(FRAG_CONTROL, 1460, seq, FRAG_DATAGRAM)) {
+            control += 1;
+        } else {
+            errors += 1;
+        }
+        for at in FRAG_SECRET_AT {
+            seq += 1;
+            if send(&frag_datagram(FRAG_SECRET, at, seq, FRAG_DATAGRAM)) {
+                secret += 1;
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    m.field("bytes", FRAG_DATAGRAM)
+        .field("control_sent", control)
+        .field("secret_sent", secret)
+        .field("errors", errors);
+    m
+}
+
 // --- resets -------------------------------------------------------------------------------------
 
 /// Waits until the 8042's input buffer is empty (status bit 1), 100 ms at most.
@@ -1128,6 +1213,23 @@ mod tests {
             parse_ping("3 packets transmitted, 0 packets received, 100% packet loss\n"),
             (None, Some(0))
         );
+    }
+
+    #[test]
+    fn fragmented_datagrams_place_the_secret_across_and_after_the_first_fragment() {
+        // A 1500-byte MTU: 1480 bytes of IP payload per fragment, 8 of them the UDP header.
+        let first_data = 1480 - 8;
+        let across = frag_datagram(FRAG_SECRET, FRAG_SECRET_AT[0], 1, FRAG_DATAGRAM);
+        let at = FRAG_SECRET_AT[0];
+        assert!(at < first_data && at + FRAG_SECRET.len() > first_data);
+        assert_eq!(&across[at..at + FRAG_SECRET.len()], FRAG_SECRET.as_bytes());
+        assert!(FRAG_SECRET_AT[1] >= first_data + 8);
+        assert!(FRAG_SECRET_AT[1] + FRAG_SECRET.len() <= first_data + 1480);
+        let control = frag_datagram(FRAG_CONTROL, 1460, 1, FRAG_DATAGRAM);
+        assert!(!control
+            .windows(FRAG_SECRET.len())
+            .any(|w| w == FRAG_SECRET.as_bytes()));
+        assert!(control.len() > 2 * 1480);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! ally-attack sleep | msr [--target ADDR] | pci-race [--iterations N] [--seconds S]
 //!             | ipi-logical | swxoff | eeprom | tucso --port P [--gw-mac MAC]
 //!             | alert-storm --port P [--count N] | split-upload --port P
+//!             | frag-udp --port P
 //!             | reset METHOD [key=value ...]
 //! ```
 
@@ -101,6 +102,7 @@ fn run(sub: &str, rest: &[String]) -> Result<Option<Marker>, String> {
         }
         "alert-storm" => attacks::alert_storm(port(&o)?, o.number("count", Some(2000))?),
         "split-upload" => attacks::split_upload(port(&o)?),
+        "frag-udp" => attacks::frag_udp(port(&o)?),
         other => return Err(format!("unknown_attack_{other}")),
     }))
 }
