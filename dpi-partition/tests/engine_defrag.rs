@@ -2,11 +2,12 @@
 //! (`EngineConfig::defrag`): every fragment but the completing one is forwarded at once, and
 //! the completing one carries the whole datagram's verdict.
 
+use ally_dpi::engine::packet::internet_checksum;
 use ally_dpi::engine::rules::parse_rules;
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{
-    engine_stream_config, Alert, AlertSink, DefragConfig, Direction, Engine, EngineConfig,
-    Inspector, Timestamp, Verdict,
+    engine_stream_config, DefragConfig, Direction, Engine, EngineConfig, Inspector, Timestamp,
+    Verdict,
 };
 
 const KEY: [u64; 2] = [0x1111_2222_3333_4444, 0x5555_6666_7777_8888];
@@ -21,21 +22,10 @@ fn frame(proto: u8, id: u16, offset: usize, more: bool, ip_payload: &[u8]) -> Ve
     let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
     f.extend_from_slice(&field.to_be_bytes());
     f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
-    let sum = checksum(&f[14..34]);
+    let sum = internet_checksum(&f[14..34]);
     f[24..26].copy_from_slice(&sum.to_be_bytes());
     f.extend_from_slice(ip_payload);
     f
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// A UDP datagram 4000 -> 9999 (header and data: the IP payload).
@@ -67,17 +57,8 @@ fn data_with_marker(at: usize, len: usize) -> Vec<u8> {
     d
 }
 
-#[derive(Default)]
-struct Collect {
-    alerts: Vec<u32>,
-}
-
-impl AlertSink for Collect {
-    fn alert(&mut self, a: &Alert<'_>) {
-        self.alerts.push(a.rule.sid);
-    }
-    fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {}
-}
+mod support;
+use support::Collect;
 
 fn engine(rules: &str, defrag: bool) -> Engine {
     let p = parse_rules(rules, &Vars::snort_defaults());
@@ -114,7 +95,7 @@ fn a_marker_split_over_udp_fragments_is_dropped_with_the_completing_fragment() {
         verdicts(&mut e, &frags, 0, &mut c),
         [Verdict::Pass, Verdict::Pass, Verdict::Drop]
     );
-    assert_eq!(c.alerts, [1]);
+    assert_eq!(c.sids(), [1]);
     // The receiver holds the first two: the completing one resent, or the whole datagram
     // resent, gets nowhere while a receiver could still reassemble it.
     assert_eq!(verdicts(&mut e, &frags[2..], 10, &mut c), [Verdict::Drop]);
@@ -190,7 +171,7 @@ fn a_tcp_segment_in_fragments_goes_through_the_stream_tracker_whole() {
         verdicts(&mut e, &frags, 0, &mut c),
         [Verdict::Pass, Verdict::Drop]
     );
-    assert_eq!(c.alerts, [2]);
+    assert_eq!(c.sids(), [2]);
     // Without reassembly, TCP in fragments is refused by the stream tracker.
     let mut plain = engine(rules, false);
     assert_eq!(verdicts(&mut plain, &frags, 0, &mut c), [Verdict::Drop; 2]);

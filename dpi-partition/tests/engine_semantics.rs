@@ -6,8 +6,7 @@ use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine};
 use ally_dpi::engine::rules::{parse_rule, parse_rules, RuleError};
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{
-    Alert, AlertSink, Direction, Engine, EngineConfig, Inspector, MgmtWriter, NullSink, Timestamp,
-    Verdict,
+    Direction, Engine, EngineConfig, Inspector, MgmtWriter, NullSink, Timestamp, Verdict,
 };
 use std::net::IpAddr;
 
@@ -68,25 +67,8 @@ fn udp(sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
     frame("10.0.0.1", "10.0.0.2", 17, &h, payload)
 }
 
-#[derive(Default)]
-struct Collect {
-    alerts: Vec<(u32, &'static str, u64)>,
-    dropped: usize,
-}
-
-impl AlertSink for Collect {
-    fn alert(&mut self, a: &Alert<'_>) {
-        let act = if a.rule.action == ally_dpi::engine::Action::Drop {
-            "blocked"
-        } else {
-            "allowed"
-        };
-        self.alerts.push((a.rule.sid, act, a.suppressed));
-    }
-    fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {
-        self.dropped += 1;
-    }
-}
+mod support;
+use support::Collect;
 
 fn engine(rules: &str) -> Engine {
     let p = parse_rules(rules, &Vars::snort_defaults());

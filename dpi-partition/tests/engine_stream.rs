@@ -4,8 +4,8 @@
 use ally_dpi::engine::rules::parse_rules;
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{
-    engine_stream_config, Alert, AlertSink, Direction, Engine, EngineConfig, Inspector, StreamDrop,
-    Timestamp, Verdict,
+    engine_stream_config, Direction, Engine, EngineConfig, Inspector, StreamDrop, Timestamp,
+    Verdict,
 };
 
 const SYN: u8 = 0x02;
@@ -41,25 +41,8 @@ fn cdata(off: u32, payload: &[u8]) -> Vec<u8> {
     seg(true, PSH_ACK, CISN + 1 + off, SISN + 1, payload)
 }
 
-#[derive(Default)]
-struct Collect {
-    alerts: Vec<(u32, &'static str)>,
-    dropped: usize,
-}
-
-impl AlertSink for Collect {
-    fn alert(&mut self, a: &Alert<'_>) {
-        let act = if a.rule.action == ally_dpi::engine::Action::Drop {
-            "blocked"
-        } else {
-            "allowed"
-        };
-        self.alerts.push((a.rule.sid, act));
-    }
-    fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {
-        self.dropped += 1;
-    }
-}
+mod support;
+use support::Collect;
 
 fn engine(rules: &str) -> Engine {
     let p = parse_rules(rules, &Vars::snort_defaults());
@@ -113,7 +96,7 @@ fn one_byte_split(handshake_first: bool) {
         let want = if i < 10 { Verdict::Pass } else { Verdict::Drop };
         assert_eq!(*v, want, "segment {i}");
     }
-    assert_eq!(c.alerts, vec![(1, "blocked")]);
+    assert_eq!(c.sid_actions(), vec![(1, "blocked")]);
     assert_eq!(c.dropped, 1);
     // The server's reply is dropped too (flow blocked both ways).
     let back = seg(false, PSH_ACK, SISN + 1, CISN + 14, b"ok");
@@ -160,7 +143,7 @@ fn split_in_two_and_three_at_every_point() {
                 };
                 assert_eq!(*v, want, "cuts {cuts:?} segment {k}");
             }
-            assert_eq!(c.alerts, vec![(1, "blocked")], "cuts {cuts:?}");
+            assert_eq!(c.sid_actions(), vec![(1, "blocked")], "cuts {cuts:?}");
         }
     }
 }
@@ -181,7 +164,7 @@ fn alert_rule_alerts_once_for_a_split_match() {
             Verdict::Pass
         ]
     );
-    assert_eq!(c.alerts, vec![(7, "allowed")]);
+    assert_eq!(c.sid_actions(), vec![(7, "allowed")]);
 }
 
 #[test]
@@ -197,7 +180,7 @@ fn out_of_order_dropped_then_retransmission_passes() {
     // The sender retransmits in order: the gap fills and the match completes.
     assert_eq!(run(&mut e, &cdata(4, b"ID"), &mut c), Verdict::Pass);
     assert_eq!(run(&mut e, &cdata(6, b"DEN"), &mut c), Verdict::Drop);
-    assert_eq!(c.alerts, vec![(1, "blocked")]);
+    assert_eq!(c.sid_actions(), vec![(1, "blocked")]);
 }
 
 #[test]
@@ -222,7 +205,7 @@ fn spoofed_rst_does_not_reset_the_flow() {
     assert_eq!(run(&mut e, &rst, &mut c), Verdict::Drop);
     assert_eq!(e.stream_stats().drops.get(StreamDrop::RstOutOfWindow), 1);
     assert_eq!(run(&mut e, &cdata(5, b"DDEN"), &mut c), Verdict::Drop);
-    assert_eq!(c.alerts, vec![(1, "blocked")]);
+    assert_eq!(c.sid_actions(), vec![(1, "blocked")]);
 }
 
 #[test]
@@ -242,5 +225,5 @@ fn anchored_rules_judge_each_segment() {
     assert_eq!(run(&mut e, &cdata(9, b"xy"), &mut c), Verdict::Pass);
     assert_eq!(run(&mut e, &cdata(11, b"z"), &mut c), Verdict::Pass);
     assert_eq!(run(&mut e, &cdata(12, b"xyz"), &mut c), Verdict::Alert);
-    assert_eq!(c.alerts, vec![(2, "allowed"), (3, "allowed")]);
+    assert_eq!(c.sid_actions(), vec![(2, "allowed"), (3, "allowed")]);
 }

@@ -76,7 +76,7 @@
 use alloc::vec::Vec;
 
 use super::keyed::keyed_hash;
-use super::packet::ipproto;
+use super::packet::{internet_checksum, ipproto};
 use super::Timestamp;
 
 /// Slots probed for a datagram.
@@ -620,23 +620,11 @@ impl Datagram {
             ip[6] &= 0xc0; // keep the reserved and DF bits; MF and the offset become 0
             ip[7] = 0;
             ip[10..12].fill(0);
-            let sum = checksum(ip);
+            let sum = internet_checksum(ip);
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
         }
         (out, self.frags.into_iter().map(|f| f.frame).collect())
     }
-}
-
-/// The Internet checksum (RFC 1071).
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[derive(Debug)]
@@ -981,7 +969,7 @@ mod tests {
         let l3 = l3_of(f);
         let ihl = usize::from(f[l3] & 0x0f) * 4;
         f[l3 + 10..l3 + 12].fill(0);
-        let sum = checksum(&f[l3..l3 + ihl]);
+        let sum = internet_checksum(&f[l3..l3 + ihl]);
         f[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
     }
 
@@ -1090,7 +1078,7 @@ mod tests {
         let mut d = Defragmenter::new(cfg());
         let (datagram, fragments) = complete(push_all(&mut d, &frags, T0));
         assert_eq!(datagram, dgram);
-        assert_eq!(checksum(&datagram[14..34]), 0);
+        assert_eq!(internet_checksum(&datagram[14..34]), 0);
         assert_eq!(fragments, frags);
         let p = packet(&datagram);
         assert_eq!(p.ports(), (1234, 80));
