@@ -75,6 +75,7 @@
 //!   rules and flowbit checkers last, so a bit set on a packet is visible to checkers on it.
 
 pub mod addr;
+pub mod backtrack;
 pub mod blob;
 pub mod defrag;
 pub mod eve;
@@ -245,6 +246,9 @@ pub struct EngineStats {
     pub stream_dropped: u64,
     /// TCP frames inspected per packet only because the stream tracker passed them untracked.
     pub stream_untracked: u64,
+    /// Rule evaluations whose pcre backtracking ran out of steps: `drop` rules matched, others
+    /// did not (see [`matcher`]'s doc).
+    pub pcre_limit: u64,
 }
 
 /// What [`Engine::summary`] reports; its `Display` is the boot-log line.
@@ -688,7 +692,10 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        EngineStats {
+            pcre_limit: self.rules.iter().map(|c| c.program.pcre_limit_hits()).sum(),
+            ..self.stats
+        }
     }
 
     /// Stream-tracker counters (drops by reason in `.drops`).
