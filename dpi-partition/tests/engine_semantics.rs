@@ -305,7 +305,10 @@ fn pcre_backreferences_and_step_bound() {
     let rules = "drop tcp any any -> any any (content:\"aaaa\"; pcre:\"/(a+)+\\1b/\"; sid:1;)\n\
                  alert tcp any any -> any any (content:\"aaaa\"; pcre:\"/(a+)+\\1c/\"; sid:2;)";
     let mut e = engine(rules);
-    let evil = tcp(1234, 80, &[b'a'; 3000]);
+    // `xbc` gets the payload past the linear prefilter (`a+.*b`), not past the patterns.
+    let mut evil = vec![b'a'; 3000];
+    evil.extend_from_slice(b"xbc");
+    let evil = tcp(1234, 80, &evil);
     let mut sink = Collect::default();
     let v = e.inspect(&evil, Direction::ToWire, Timestamp(0), &mut sink);
     assert_eq!(v, Verdict::Drop);

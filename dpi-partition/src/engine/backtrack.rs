@@ -26,29 +26,45 @@
 //! Backtracking can take exponential time, and the sender chooses the payload. Every search
 //! therefore draws from a step budget that its caller owns (the rule's evaluation shares one
 //! budget across all its pcre searches: [`STEP_LIMIT`]). One step is one instruction run, one
-//! choice point taken back, one start position tried, one byte scanned by a repetition, eight
-//! bytes compared by a backreference. When the budget is spent the search stops with
-//! [`Exceeded`] and the caller decides (the matcher's doc says how: a `drop` rule then
-//! matches, other rules do not, and the event is counted). The backtracking stack is capped
-//! too ([`MAX_FRAMES`]), and exceeding it is reported the same way, so a search's memory is
-//! bounded as well as its time.
+//! choice point taken back or one start position tried, or four bytes scanned (by a
+//! repetition, by the prefilter below) or compared (by a backreference). When the budget is
+//! spent the search stops with [`Exceeded`] and the caller decides (the matcher's doc says
+//! how: a `drop` rule then matches, other rules do not, and the event is counted). The
+//! backtracking stack is capped too ([`MAX_FRAMES`]), and exceeding it is reported the same
+//! way, so a search's memory is bounded as well as its time.
+//!
+//! Two things keep ordinary traffic far from the bound. Each search first runs the pattern
+//! with backreferences loosened to "any bytes", lookarounds dropped and large counts loosened
+//! ([`relax`]) on regex-automata, in linear time: where that superset does not match, neither
+//! does the pattern, and where it does, no match starts before its start. Then a repetition
+//! of one byte class gives bytes back (or, lazy, takes more) only at positions where what
+//! follows can start, and scans a run of its class once however many starts lie in it.
 
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use regex_automata::meta;
+use regex_automata::nfa::thompson::WhichCaptures;
 use regex_automata::util::syntax;
-use regex_syntax::hir::{Class, Hir, HirKind, Look, Repetition};
+use regex_automata::{Anchored, Input};
+use regex_syntax::hir::{Class, ClassBytes, ClassBytesRange, Hir, HirKind, Look, Repetition};
 
 /// Steps one rule evaluation may spend in this matcher, over all its pcre searches.
 ///
-/// Measured at up to about 4 ns a step on the host (`cost_at_the_bound` below), so about
-/// 0.4 ms per rule and buffer at worst.
+/// Measured at 2.5-5 ns a step on the host with both cores busy (`cost_at_the_bound` below),
+/// so at most about 0.5 ms per rule and buffer. A real attack on a community Oracle rule with
+/// 62 KB of other text between its two halves is decided in about 32 000 steps.
 pub const STEP_LIMIT: u64 = 100_000;
 
 /// Most backtracking frames one search may hold (16 bytes each: at most 1 MiB).
 pub const MAX_FRAMES: usize = 1 << 16;
+
+/// Bytes scanned (by a repetition, by the linear prefilter, or compared by a backreference)
+/// per step: a byte of a scanning loop costs about a quarter of an instruction of the machine
+/// (about 1 ns against 4), so that a step costs about the same whatever it does.
+const SCAN: u64 = 4;
 
 /// Largest compiled program, in instructions (counted repetitions are unrolled).
 const MAX_INSTS: usize = 50_000;
@@ -436,6 +452,8 @@ enum Inst {
         max: u32,
         greedy: bool,
         possessive: bool,
+        /// The continuation must consume one of these bytes first (see `Compiler::repetition`).
+        skip: Option<ByteSet>,
     },
     /// Lookaround: body at `body` (ends in `Match`), continue at `next`. A lookbehind tries
     /// body lengths `behind.0..=behind.1`, with the start position in slot `mark`.
@@ -551,9 +569,13 @@ fn single_byte(h: &Hir) -> Option<ByteSet> {
     }
 }
 
-/// What may follow an expression: the bytes that can come next (`None`: unknown, such as an
-/// assertion or a lookbehind's end check). The end of the pattern is the empty set.
-type Follow = Option<ByteSet>;
+/// What may follow an expression: the bytes the rest of the pattern can consume first, and
+/// whether it can succeed consuming nothing (`None`: unknown, such as an assertion, a
+/// backreference or a lookbehind's end check). The end of the pattern is `(∅, true)`.
+type Follow = Option<(ByteSet, bool)>;
+
+/// The follow of the pattern's (or a lookahead or atomic body's) end.
+const END: Follow = Some((ByteSet([0; 4]), true));
 
 struct Compiler<'a> {
     insts: Vec<Inst>,
@@ -581,17 +603,18 @@ impl Compiler<'_> {
         self.slots - 1
     }
 
-    /// Follow set of `xs[k]` inside a concatenation followed by `after`.
+    /// Follow of `xs[k]` inside a concatenation followed by `after`.
     fn follow_in(&self, xs: &[Hir], k: usize, after: Follow) -> Follow {
         let mut set = ByteSet::default();
         for x in &xs[k + 1..] {
             let (s, e) = first(x, self.groups)?;
             set = set.union(s);
             if !e {
-                return Some(set);
+                return Some((set, false));
             }
         }
-        Some(set.union(after?))
+        let (a, end) = after?;
+        Some((set.union(a), end))
     }
 
     fn compile(&mut self, h: &Hir, after: Follow) -> Result<(), String> {
@@ -654,14 +677,7 @@ impl Compiler<'_> {
                         let body = self.pc();
                         // A lookahead body ends the search (any continuation is fine); a
                         // lookbehind body must end at the mark.
-                        self.compile(
-                            &c.sub,
-                            if behind {
-                                None
-                            } else {
-                                Some(ByteSet::default())
-                            },
-                        )?;
+                        self.compile(&c.sub, if behind { None } else { END })?;
                         if behind {
                             self.emit(Inst::EndAt(mark))?;
                         }
@@ -678,7 +694,7 @@ impl Compiler<'_> {
                     Some(Group::Special(Special::Atomic)) => {
                         let at = self.emit(Inst::Jmp(0))?;
                         let body = self.pc();
-                        self.compile(&c.sub, Some(ByteSet::default()))?;
+                        self.compile(&c.sub, END)?;
                         self.emit(Inst::Match)?;
                         let next = self.pc();
                         self.insts[at] = Inst::Atomic { body, next };
@@ -717,21 +733,26 @@ impl Compiler<'_> {
     fn repetition(&mut self, r: &Repetition, after: Follow) -> Result<(), String> {
         if let Some(set) = single_byte(&r.sub) {
             // Auto-possessive: if nothing that can follow starts with a byte of the set, giving
-            // bytes back can never let the continuation match.
-            // (Greedy only: a lazy one would stop early where the continuation matches empty.)
-            let possessive = r.greedy && after.is_some_and(|f| f.disjoint(&set));
+            // bytes back can never let the continuation match (it would have to match empty,
+            // which it then also does where the run ends). Greedy only: a lazy repetition
+            // stops early where the continuation matches empty.
+            let possessive = r.greedy && after.is_some_and(|(f, _)| f.disjoint(&set));
+            // A continuation that must consume one of these bytes first can only start where
+            // one is: the other positions are skipped when giving bytes back or taking more.
+            let skip = after.and_then(|(f, end)| (!end).then_some(f));
             self.emit(Inst::Repeat {
                 set,
                 min: r.min,
                 max: r.max.unwrap_or(u32::MAX),
                 greedy: r.greedy,
                 possessive,
+                skip,
             })?;
             return Ok(());
         }
         // Inside the loop, the body may be followed by itself or by what follows the loop.
         let inner = match (first(&r.sub, self.groups), after) {
-            (Some((s, _)), Some(a)) => Some(s.union(a)),
+            (Some((s, _)), Some((a, end))) => Some((s.union(a), end)),
             _ => None,
         };
         for _ in 0..r.min {
@@ -785,7 +806,48 @@ pub struct Regex {
     slots: usize,
     /// Bytes a match can start with, when known and the pattern cannot match empty.
     start: Option<ByteSet>,
+    /// The pattern without what needs backtracking ([`relax`]), run by regex-automata first:
+    /// where it does not match, the pattern cannot either.
+    relaxed: Option<(meta::Regex, meta::Cache)>,
     scratch: Scratch,
+}
+
+/// Counted repetitions above this are loosened in [`relax`].
+const RELAX_COUNT: u32 = 16;
+
+/// `h` with every backreference replaced by "any bytes", lookarounds by the empty string and
+/// atomic groups and captures by their contents: it matches wherever `h` matches (and more),
+/// and regex-automata runs it in linear time.
+fn relax(h: &Hir, groups: &[Group]) -> Hir {
+    let relax_all = |xs: &[Hir]| xs.iter().map(|x| relax(x, groups)).collect::<Vec<_>>();
+    match h.kind() {
+        // Large counts (`[^']{1075,}`) are loosened to keep the automaton small: x{n,m}
+        // becomes x{1,} (or x* for n = 0), which matches wherever x{n,m} does.
+        HirKind::Repetition(r) => {
+            let big = r.min > RELAX_COUNT || r.max.is_some_and(|m| m > RELAX_COUNT);
+            Hir::repetition(Repetition {
+                min: if big { r.min.min(1) } else { r.min },
+                max: if big { None } else { r.max },
+                greedy: r.greedy,
+                sub: Box::new(relax(&r.sub, groups)),
+            })
+        }
+        HirKind::Capture(c) => match groups.get(c.index as usize - 1) {
+            Some(Group::Special(Special::Backref(_))) => Hir::repetition(Repetition {
+                min: 0,
+                max: None,
+                greedy: true,
+                sub: Box::new(Hir::class(Class::Bytes(ClassBytes::new([
+                    ClassBytesRange::new(0, 255),
+                ])))),
+            }),
+            Some(Group::Special(Special::Look { .. })) => Hir::empty(),
+            _ => relax(&c.sub, groups),
+        },
+        HirKind::Concat(xs) => Hir::concat(relax_all(xs)),
+        HirKind::Alternation(xs) => Hir::alternation(relax_all(xs)),
+        _ => h.clone(),
+    }
 }
 
 /// One backtracking frame (16 bytes).
@@ -866,17 +928,35 @@ pub fn compile(rw: &Rewritten, syn: &syntax::Config) -> Result<Regex, String> {
         real,
         slots: 2 * (rw.groups.len() + 1),
     };
-    c.compile(&hir, Some(ByteSet::default()))?;
+    c.compile(&hir, END)?;
     c.emit(Inst::Match)?;
     let start = match first(&hir, &rw.groups) {
         Some((s, false)) => Some(s),
         _ => None,
     };
     let runs = alloc::vec![(UNSET, UNSET); c.insts.len()];
+    // Same engine settings as the fast path's (matcher.rs): bounded lazy-DFA cache, no
+    // captures. A pattern too large for it just goes without this prefilter.
+    let relaxed = meta::Regex::builder()
+        .configure(
+            meta::Regex::config()
+                .utf8_empty(false)
+                .onepass(false)
+                .hybrid_cache_capacity(64 * 1024)
+                .which_captures(WhichCaptures::Implicit)
+                .auto_prefilter(false),
+        )
+        .build_from_hir(&relax(&hir, &rw.groups))
+        .ok()
+        .map(|re| {
+            let cache = re.create_cache();
+            (re, cache)
+        });
     Ok(Regex {
         slots: c.slots,
         insts: c.insts,
         start,
+        relaxed,
         scratch: Scratch {
             slots: alloc::vec![UNSET; c.slots],
             stack: Vec::new(),
@@ -936,7 +1016,7 @@ impl Vm<'_> {
         while e < self.hay.len() && set.has(self.hay[e]) {
             e += 1;
         }
-        self.tick((e - pos) as u64 + 1)?;
+        self.tick((e - pos) as u64 / SCAN + 1)?;
         self.s.runs[pc] = (pos as u32, e as u32);
         Ok(e)
     }
@@ -1030,7 +1110,7 @@ impl Vm<'_> {
                     } else {
                         let (a, b) = (a as usize, b as usize);
                         let len = b - a;
-                        self.tick(len as u64 / 8)?;
+                        self.tick(len as u64 / SCAN)?;
                         let ok = match hay.get(pos..pos + len) {
                             Some(h) if casei => h.eq_ignore_ascii_case(&hay[a..b]),
                             Some(h) => h == &hay[a..b],
@@ -1047,6 +1127,7 @@ impl Vm<'_> {
                     max,
                     greedy,
                     possessive,
+                    ..
                 } => {
                     let set = *set;
                     let avail = self.run_end(pc, &set, pos)? - pos;
@@ -1146,15 +1227,26 @@ impl Vm<'_> {
                         min_pos,
                         pos: q,
                     }) => {
-                        let q = q - 1;
+                        let (p, min_pos) = (p as usize, min_pos as usize);
+                        let mut q = q as usize - 1;
+                        if let Inst::Repeat { skip: Some(f), .. } = &insts[p - 1] {
+                            let top = q;
+                            while q > min_pos && !(q < n && f.has(hay[q])) {
+                                q -= 1;
+                            }
+                            self.tick((top - q) as u64 / SCAN)?;
+                            if !(q < n && f.has(hay[q])) {
+                                continue;
+                            }
+                        }
                         if q > min_pos {
                             self.s.stack.push(Frame::Greedy {
-                                pc: p,
-                                min_pos,
-                                pos: q,
+                                pc: p as u32,
+                                min_pos: min_pos as u32,
+                                pos: q as u32,
                             });
                         }
-                        (pc, pos) = (p as usize, q as usize);
+                        (pc, pos) = (p, q);
                         break;
                     }
                     Some(Frame::Lazy {
@@ -1162,15 +1254,26 @@ impl Vm<'_> {
                         pos: q,
                         max_pos,
                     }) => {
-                        let q = q + 1;
+                        let (p, max_pos) = (p as usize, max_pos as usize);
+                        let mut q = q as usize + 1;
+                        if let Inst::Repeat { skip: Some(f), .. } = &insts[p - 1] {
+                            let bottom = q;
+                            while q < max_pos && !(q < n && f.has(hay[q])) {
+                                q += 1;
+                            }
+                            self.tick((q - bottom) as u64 / SCAN)?;
+                            if !(q < n && f.has(hay[q])) {
+                                continue;
+                            }
+                        }
                         if q < max_pos {
                             self.s.stack.push(Frame::Lazy {
-                                pc: p,
-                                pos: q,
-                                max_pos,
+                                pc: p as u32,
+                                pos: q as u32,
+                                max_pos: max_pos as u32,
                             });
                         }
-                        (pc, pos) = (p as usize, q as usize);
+                        (pc, pos) = (p, q);
                         break;
                     }
                     None => return Ok(None),
@@ -1193,6 +1296,24 @@ impl Regex {
         if hay.len() >= UNSET as usize {
             return Err(Exceeded);
         }
+        let mut start = from;
+        if let Some((re, cache)) = &mut self.relaxed {
+            // One linear pass, charged as scanned bytes: most subjects end here.
+            let n = hay.len().saturating_sub(from) as u64;
+            *budget = budget.checked_sub(n / SCAN).ok_or(Exceeded)?;
+            let how = if anchored {
+                Anchored::Yes
+            } else {
+                Anchored::No
+            };
+            // The pattern's matches are among the relaxed one's, so none starts before the
+            // leftmost relaxed match.
+            let input = Input::new(hay).range(from..).anchored(how);
+            match re.search_with(cache, &input) {
+                None => return Ok(None),
+                Some(m) => start = m.start(),
+            }
+        }
         for r in &mut self.scratch.runs {
             *r = (UNSET, UNSET);
         }
@@ -1203,7 +1324,6 @@ impl Regex {
             budget,
         };
         let mut result = Ok(None);
-        let mut start = from;
         while start <= hay.len() {
             if let Some(set) = &self.start {
                 if !anchored {
@@ -1261,6 +1381,10 @@ impl Regex {
             + self.slots * 4
             + self.scratch.stack.capacity() * core::mem::size_of::<Frame>()
             + self.scratch.runs.len() * 8
+            + self
+                .relaxed
+                .as_ref()
+                .map_or(0, |(re, c)| re.memory_usage() + c.memory_usage())
     }
 }
 
@@ -1381,6 +1505,22 @@ mod tests {
         // Short string: not an overflow.
         let short = hit.replace(&long, "x");
         assert_eq!(find(sid2576, "is", short.as_bytes()), None);
+        // 62 KB of other text between the two halves: still decided within the bound.
+        let filler = "select * from dual where x = 1;\n".repeat(2000);
+        let far = hit.replace(" dbms_repcat", &(filler.clone() + " dbms_repcat"));
+        assert_eq!(far.len(), hit.len() + filler.len());
+        let mut budget = STEP_LIMIT;
+        let mut r = re(sid2576, "is");
+        assert!(r
+            .find(far.as_bytes(), 0, false, &mut budget)
+            .unwrap()
+            .is_some());
+        assert!(budget > STEP_LIMIT / 2, "{budget}");
+        // Ordinary text costs only the linear prefilter pass.
+        let mut budget = STEP_LIMIT;
+        let text = filler.as_bytes();
+        assert_eq!(r.find(text, 0, false, &mut budget), Ok(None));
+        assert_eq!(STEP_LIMIT - budget, text.len() as u64 / SCAN);
         assert!(find(sid2599, "is", attack("v1", "sname", "V1").as_bytes()).is_some());
         assert_eq!(
             find(sid2599, "is", attack("v1", "sname", "v2").as_bytes()),
@@ -1398,7 +1538,9 @@ mod tests {
     #[test]
     fn catastrophic_pattern_is_bounded() {
         let mut r = re(r"(a+)+\1b", "");
-        let hay = vec![b'a'; 65536];
+        // The trailing `cb` passes the relaxed prefilter (`a+.*b`), not the pattern.
+        let mut hay = vec![b'a'; 65536];
+        hay.extend_from_slice(b"cb");
         let mut budget = STEP_LIMIT;
         assert_eq!(r.find(&hay, 0, false, &mut budget), Err(Exceeded));
         assert_eq!(budget, 0);
@@ -1530,7 +1672,8 @@ mod tests {
         let mut drop = program(&(String::from("drop tcp any any -> any any ") + opts));
         let mut neg =
             program(r#"alert tcp any any -> any any (content:"aaaa"; pcre:!"/(a+)+\1b/"; sid:1;)"#);
-        let evil = vec![b'a'; 4096];
+        let mut evil = vec![b'a'; 4096];
+        evil.extend_from_slice(b"cb");
         assert!(!alert.matches(&evil, &mut memo));
         assert!(drop.matches(&evil, &mut memo));
         // Not "pcre not found, so the negation holds": the action decides.
@@ -1569,19 +1712,30 @@ mod cost {
             .case_insensitive(true)
             .dot_matches_new_line(true);
         let oracle = r"((\w+)[\r\n\s]*\x3a=[\r\n\s]*(\x27[^\x27]{1075,}\x27|\x22[^\x22]{1075,}\x22)[\r\n\s]*\x3b.*gname[\r\n\s]*=>[\r\n\s]*\2|gname\s*=>\s*(\x27[^\x27]{1075,}|\x22[^\x22]{1075,})|\(\s*(\x27[^\x27]{1075,}|\x22[^\x22]{1075,}))";
+        let text: alloc::vec::Vec<u8> = (0..65536u32)
+            .map(|i| b"lorem ipsum dolor sit amet, \r\n"[i as usize % 30])
+            .collect();
         let mut crafted = alloc::vec![b'a'; 30_000];
         crafted.extend_from_slice(b":='");
         crafted.extend(core::iter::repeat_n(b'x', 1100));
         crafted.extend_from_slice(b"';");
         crafted.extend(core::iter::repeat_n(b'y', 30_000));
-        let text: alloc::vec::Vec<u8> = (0..65536u32)
-            .map(|i| b"lorem ipsum dolor sit amet, \r\n"[i as usize % 30])
-            .collect();
-        let cases: [(&str, &[u8]); 4] = [
+        crafted.extend_from_slice(b" gname => zz");
+        // A real attack (the long string passed through a variable) in a 64 KiB window.
+        let mut real = b"buf := '".to_vec();
+        real.extend(core::iter::repeat_n(b'x', 1100));
+        real.extend_from_slice(b"';\n");
+        real.extend(text[..62_000].iter());
+        real.extend_from_slice(b"\ndbms_repcat.x(gname => buf);");
+        let mut a64 = alloc::vec![b'a'; 65536];
+        a64.extend_from_slice(b"cb");
+        let cases: [(&str, &[u8]); 6] = [
+            (r"(a+)+\1b", &a64),
+            (r"(a+)+\1b", &a64[65536 - 1500..]),
             (r"(a+)+\1b", &[b'a'; 65536]),
-            (r"(a+)+\1b", &[b'a'; 1500]),
             (oracle, &crafted),
             (oracle, &text),
+            (oracle, &real),
         ];
         for (pat, hay) in cases {
             let rw = rewrite(pat, false).unwrap();
