@@ -66,6 +66,10 @@ pub const MAX_FRAMES: usize = 1 << 16;
 /// (about 1 ns against 4), so that a step costs about the same whatever it does.
 const SCAN: u64 = 4;
 
+/// Deepest nesting of lookarounds and atomic groups: the machine recurses once per level while
+/// matching, and may run on a small stack.
+const MAX_NEST: u32 = 8;
+
 /// Largest compiled program, in instructions (counted repetitions are unrolled).
 const MAX_INSTS: usize = 50_000;
 
@@ -583,9 +587,24 @@ struct Compiler<'a> {
     /// PCRE group number - 1 -> regex-syntax capture index.
     real: Vec<u32>,
     slots: usize,
+    /// Lookarounds and atomic groups around the expression being compiled.
+    nest: u32,
 }
 
 impl Compiler<'_> {
+    /// Compiles the body of a lookaround or atomic group, one level deeper.
+    fn body(&mut self, h: &Hir, after: Follow) -> Result<(), String> {
+        if self.nest >= MAX_NEST {
+            return Err(format!(
+                "lookarounds and atomic groups nested more than {MAX_NEST} deep"
+            ));
+        }
+        self.nest += 1;
+        let r = self.compile(h, after);
+        self.nest -= 1;
+        r
+    }
+
     fn emit(&mut self, i: Inst) -> Result<usize, String> {
         if self.insts.len() >= MAX_INSTS {
             return Err("pattern too large for the backtracking matcher".into());
@@ -677,7 +696,7 @@ impl Compiler<'_> {
                         let body = self.pc();
                         // A lookahead body ends the search (any continuation is fine); a
                         // lookbehind body must end at the mark.
-                        self.compile(&c.sub, if behind { None } else { END })?;
+                        self.body(&c.sub, if behind { None } else { END })?;
                         if behind {
                             self.emit(Inst::EndAt(mark))?;
                         }
@@ -694,7 +713,7 @@ impl Compiler<'_> {
                     Some(Group::Special(Special::Atomic)) => {
                         let at = self.emit(Inst::Jmp(0))?;
                         let body = self.pc();
-                        self.compile(&c.sub, END)?;
+                        self.body(&c.sub, END)?;
                         self.emit(Inst::Match)?;
                         let next = self.pc();
                         self.insts[at] = Inst::Atomic { body, next };
@@ -927,6 +946,7 @@ pub fn compile(rw: &Rewritten, syn: &syntax::Config) -> Result<Regex, String> {
         groups: &rw.groups,
         real,
         slots: 2 * (rw.groups.len() + 1),
+        nest: 0,
     };
     c.compile(&hir, END)?;
     c.emit(Inst::Match)?;
@@ -1468,7 +1488,10 @@ mod tests {
 
     #[test]
     fn refused_constructs() {
+        let deep = "(?=".repeat(9) + "a" + &")".repeat(9);
+        assert!(compile(&rewrite(&deep[3..deep.len() - 1], false).unwrap(), &syn("")).is_ok());
         for pat in [
+            &deep,
             r"(?<=a+)b",
             r"(?<=\1)b(a)",
             r"(a)\2",

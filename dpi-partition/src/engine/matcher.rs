@@ -204,7 +204,10 @@ fn automata(src: &str, syn: syntax::Config) -> Result<Regex, (bool, String)> {
 /// bounded backtracking matcher.
 pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
     let (src, syn, end_dollar) = pcre_source(p)?;
-    check_pcre(p)?;
+    let rewritten = backtrack::rewrite(&src, p.has('x'));
+    if rewritten.as_ref().is_ok_and(|rw| rw.possessive) {
+        return Err(unsupported(backtrack::POSSESSIVE.into()));
+    }
     let engine = match automata(&src, syn) {
         Ok(re) => PcreEngine::Automata {
             cache: re.create_cache(),
@@ -212,7 +215,7 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
         },
         Err((false, e)) => return Err(e),
         Err((true, e)) => {
-            let rw = backtrack::rewrite(&src, p.has('x')).map_err(unsupported)?;
+            let rw = rewritten.map_err(unsupported)?;
             if rw.needs_backtracking() {
                 PcreEngine::Backtrack(backtrack::compile(&rw, &syn).map_err(unsupported)?)
             } else if rw.source != src {
