@@ -250,11 +250,6 @@ fn one_line(msg: &str) -> String {
 }
 
 impl CompiledPcre {
-    /// Whether this pcre runs on the backtracking matcher.
-    pub fn is_backtracking(&self) -> bool {
-        matches!(self.engine, PcreEngine::Backtrack(_))
-    }
-
     /// One search of `hay` from `from` with the pattern as compiled.
     fn search(
         &mut self,
@@ -720,7 +715,7 @@ impl Program {
                     if self.next(i + 1, s + m, buf, memo) {
                         return true;
                     }
-                    if !self.dep[i] {
+                    if !self.dep[i] || self.exceeded {
                         return false;
                     }
                     from = s + 1;
@@ -754,7 +749,7 @@ impl Program {
                     if self.next(i + 1, base + e, buf, memo) {
                         return true;
                     }
-                    if !self.dep[i] || base + s >= n {
+                    if !self.dep[i] || base + s >= n || self.exceeded {
                         return false;
                     }
                     from = s + 1;
