@@ -263,9 +263,9 @@ fn pcre_dollar_like_pcre() {
 #[test]
 fn pcre_refused_not_approximated() {
     for (opts, what) in [
-        (r#"pcre:"/(a)\1/""#, "backreference"),
-        (r#"pcre:"/a(?=b)/""#, "lookahead"),
-        (r#"pcre:"/(?<=a)b/""#, "lookbehind"),
+        (r#"pcre:"/(?<=a+)b/""#, "unbounded lookbehind"),
+        (r#"pcre:"/(a)\2/""#, "reference to a missing group"),
+        (r#"pcre:"/a++b/""#, "possessive quantifier"),
         (r#"pcre:"/a$b/""#, "inner $"),
         (r#"pcre:"/x/U""#, "uri flag"),
     ] {
@@ -275,6 +275,31 @@ fn pcre_refused_not_approximated() {
             "{what}: {e:?}"
         );
     }
+}
+
+/// Backreferences load and match (bounded backtracking matcher); a payload that runs a
+/// catastrophic pattern out of steps is dropped by a `drop` rule, passed by an `alert` rule,
+/// and counted either way.
+#[test]
+fn pcre_backreferences_and_step_bound() {
+    assert!(hits(r#"pcre:"/(\w+)=\1/i""#, b"x ab=AB y"));
+    assert!(!hits(r#"pcre:"/(\w+)=\1;/""#, b"x ab=AB; y"));
+    let rules = "drop tcp any any -> any any (content:\"aaaa\"; pcre:\"/(a+)+\\1b/\"; sid:1;)\n\
+                 alert tcp any any -> any any (content:\"aaaa\"; pcre:\"/(a+)+\\1c/\"; sid:2;)";
+    let mut e = engine(rules);
+    // `xbc` gets the payload past the linear prefilter (`a+.*b`), not past the patterns.
+    let mut evil = vec![b'a'; 3000];
+    evil.extend_from_slice(b"xbc");
+    let evil = tcp(1234, 80, &evil);
+    let mut sink = Collect::default();
+    let v = e.inspect(&evil, Direction::ToWire, Timestamp(0), &mut sink);
+    assert_eq!(v, Verdict::Drop);
+    assert_eq!(sink.alerts, vec![(1, "blocked", 0)]);
+    assert_eq!(e.stats().pcre_limit, 2);
+    let fine = tcp(1234, 80, b"aaaaac");
+    let v = e.inspect(&fine, Direction::ToWire, Timestamp(0), &mut sink);
+    assert_eq!(v, Verdict::Alert);
+    assert_eq!(e.stats().pcre_limit, 2);
 }
 
 #[test]

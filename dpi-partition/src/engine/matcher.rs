@@ -19,6 +19,31 @@
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
 //!   steps x payload length per rule and packet.
+//!
+//! # pcre engines and their bound
+//!
+//! A pcre compiles with regex-automata whenever it accepts the pattern (linear time, no
+//! bound needed). Patterns it refuses for constructs only a backtracking engine can run
+//! (backreferences, lookahead, lookbehind, atomic groups) go to [`super::backtrack`], whose
+//! searches draw from a step budget of [`STEP_LIMIT`] per rule evaluation, shared by all the
+//! rule's pcre searches on that buffer. When it runs out (the sender can craft payloads that
+//! make a backreference pattern backtrack exponentially), the evaluation stops and the
+//! outcome is decided by the rule's action, not by the payload:
+//!
+//! - a `drop` rule **matches** (fails closed): the frame is dropped;
+//! - a `pass` or `alert` rule does not match (Snort's `pcre_match_limit` behaviour, where the
+//!   pcre counts as not matching; for a `pass` rule that is also the closed side, since the
+//!   frame is then still judged by the other rules).
+//!
+//! Either way [`Program::pcre_limit_hits`] counts it (the engine's stats sum it as
+//! `pcre_limit`). Why fail closed for `drop`: with Snort's behaviour a bounded matcher gives
+//! the sender a deterministic way past every drop rule whose pcre it can make expensive: pad
+//! the attack until the budget runs out. Failing closed makes that padding get the frame
+//! dropped instead; the cost is that traffic which really exhausts a drop rule's budget is
+//! dropped without a complete match, which the counter shows. Unlike Snort, a negated pcre
+//! whose search ran out does not count as "not found" (which would make the negation hold):
+//! the rule's action decides, as above. The `O` flag (Snort: no match limit for this pcre) has
+//! no effect here: the bound always applies.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -31,7 +56,8 @@ use regex_automata::nfa::thompson::WhichCaptures;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
-use super::rules::{ByteJump, ByteOp, ByteTest, Content, Extract, PayloadOp, Pcre, Rule};
+use super::backtrack::{self, Exceeded, STEP_LIMIT};
+use super::rules::{Action, ByteJump, ByteOp, ByteTest, Content, Extract, PayloadOp, Pcre, Rule};
 
 /// Finds the `$` characters of a pattern that are regex anchors (unescaped, outside classes).
 fn dollar_positions(src: &str) -> Vec<usize> {
@@ -61,11 +87,21 @@ fn dollar_positions(src: &str) -> Vec<usize> {
     out
 }
 
+/// The engine that runs one pcre.
+// Boxed as a whole in [`Op::Pcre`]; boxing the larger variant would only add an indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum PcreEngine {
+    /// regex-automata: every pattern it accepts (linear time).
+    Automata { re: Regex, cache: meta::Cache },
+    /// The bounded backtracking matcher: patterns with backreferences or lookaround.
+    Backtrack(backtrack::Regex),
+}
+
 /// A compiled `pcre` option.
 #[derive(Debug)]
 pub struct CompiledPcre {
-    re: Regex,
-    cache: meta::Cache,
+    engine: PcreEngine,
     negated: bool,
     relative: bool,
     anchored: bool,
@@ -119,15 +155,30 @@ fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
 /// engine compiles the pattern once, when it is built).
 pub fn check_pcre(p: &Pcre) -> Result<(), String> {
     let (src, syn, _) = pcre_source(p)?;
-    syntax::parse_with(&src, &syn)
-        .map(|_| ())
-        .map_err(|e| format!("pattern not supported: {}", one_line(&format!("{e}"))))
+    if syntax::parse_with(&src, &syn).is_ok() {
+        return match backtrack::rewrite(&src, p.has('x')) {
+            Ok(rw) if rw.possessive => Err(unsupported(backtrack::POSSESSIVE.into())),
+            _ => Ok(()),
+        };
+    }
+    // What regex-automata refuses may still run on the backtracking matcher (compiling it is
+    // as cheap as parsing).
+    let rw = backtrack::rewrite(&src, p.has('x')).map_err(unsupported)?;
+    if rw.needs_backtracking() {
+        backtrack::compile(&rw, &syn).map_err(unsupported)?;
+    } else {
+        syntax::parse_with(&rw.source, &syn).map_err(|e| unsupported(format!("{e}")))?;
+    }
+    Ok(())
 }
 
-/// Compiles a pcre option.
-pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
-    let (src, syn, end_dollar) = pcre_source(p)?;
-    let re = Regex::builder()
+fn unsupported(msg: String) -> String {
+    format!("pattern not supported: {}", one_line(&msg))
+}
+
+/// Builds the regex-automata engine; `Err((true, _))` for a syntax error.
+fn automata(src: &str, syn: syntax::Config) -> Result<Regex, (bool, String)> {
+    Regex::builder()
         .syntax(syn)
         .configure(
             // The lazy DFA keeps pcre fast on full-size payloads; its cache is capped (and the
@@ -142,15 +193,45 @@ pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
                 .which_captures(WhichCaptures::Implicit)
                 .auto_prefilter(false),
         )
-        .build(&src)
+        .build(src)
         .map_err(|e| match e.syntax_error() {
-            Some(se) => format!("pattern not supported: {}", one_line(&format!("{se}"))),
-            None => format!("pattern not supported: {e}"),
-        })?;
-    let cache = re.create_cache();
+            Some(se) => (true, unsupported(format!("{se}"))),
+            None => (false, format!("pattern not supported: {e}")),
+        })
+}
+
+/// Compiles a pcre option: with regex-automata when it accepts the pattern, else with the
+/// bounded backtracking matcher.
+pub fn compile_pcre(p: &Pcre) -> Result<CompiledPcre, String> {
+    let (src, syn, end_dollar) = pcre_source(p)?;
+    let rewritten = backtrack::rewrite(&src, p.has('x'));
+    if rewritten.as_ref().is_ok_and(|rw| rw.possessive) {
+        return Err(unsupported(backtrack::POSSESSIVE.into()));
+    }
+    let engine = match automata(&src, syn) {
+        Ok(re) => PcreEngine::Automata {
+            cache: re.create_cache(),
+            re,
+        },
+        Err((false, e)) => return Err(e),
+        Err((true, e)) => {
+            let rw = rewritten.map_err(unsupported)?;
+            if rw.needs_backtracking() {
+                PcreEngine::Backtrack(backtrack::compile(&rw, &syn).map_err(unsupported)?)
+            } else if rw.source != src {
+                // Only PCRE spellings regex-syntax lacks (a literal `{`, `\0`): still linear.
+                let re = automata(&rw.source, syn).map_err(|(_, e)| e)?;
+                PcreEngine::Automata {
+                    cache: re.create_cache(),
+                    re,
+                }
+            } else {
+                return Err(e);
+            }
+        }
+    };
     Ok(CompiledPcre {
-        re,
-        cache,
+        engine,
         negated: p.negated,
         relative: p.has('R'),
         anchored: p.has('A'),
@@ -169,35 +250,47 @@ fn one_line(msg: &str) -> String {
 }
 
 impl CompiledPcre {
-    /// Leftmost match in `hay` starting at or after `from`: (start, end).
-    fn find(&mut self, hay: &[u8], from: usize) -> Option<(usize, usize)> {
-        let anchored = if self.anchored {
-            Anchored::Yes
-        } else {
-            Anchored::No
-        };
+    /// One search of `hay` from `from` with the pattern as compiled.
+    fn search(
+        &mut self,
+        hay: &[u8],
+        from: usize,
+        budget: &mut u64,
+    ) -> Result<Option<(usize, usize)>, Exceeded> {
+        match &mut self.engine {
+            PcreEngine::Automata { re, cache } => {
+                let anchored = if self.anchored {
+                    Anchored::Yes
+                } else {
+                    Anchored::No
+                };
+                let input = Input::new(hay).range(from..).anchored(anchored);
+                Ok(re.search_with(cache, &input).map(|m| (m.start(), m.end())))
+            }
+            PcreEngine::Backtrack(re) => re.find(hay, from, self.anchored, budget),
+        }
+    }
+
+    /// Leftmost match in `hay` starting at or after `from`: (start, end). The backtracking
+    /// matcher spends `budget`; `Err` when it ran out.
+    fn find(
+        &mut self,
+        hay: &[u8],
+        from: usize,
+        budget: &mut u64,
+    ) -> Result<Option<(usize, usize)>, Exceeded> {
         if self.anchored && from > 0 {
-            return None;
+            return Ok(None);
         }
-        let full = {
-            let input = Input::new(hay).range(from..).anchored(anchored);
-            self.re
-                .search_with(&mut self.cache, &input)
-                .map(|m| (m.start(), m.end()))
-        };
+        let full = self.search(hay, from, budget)?;
         if !self.end_dollar || hay.last() != Some(&b'\n') || from >= hay.len() {
-            return full;
+            return Ok(full);
         }
-        let trimmed = &hay[..hay.len() - 1];
-        let input = Input::new(trimmed).range(from..).anchored(anchored);
-        let alt = self
-            .re
-            .search_with(&mut self.cache, &input)
-            .map(|m| (m.start(), m.end()));
-        match (full, alt) {
+        let alt = self.search(&hay[..hay.len() - 1], from, budget)?;
+        Ok(match (full, alt) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
-        }
+        })
     }
 }
 
@@ -473,6 +566,14 @@ pub struct Program {
     /// match positions (backtracking); otherwise the first one decides.
     dep: Vec<bool>,
     relative: bool,
+    /// A `drop` rule: an evaluation whose pcre budget ran out matches (see the module doc).
+    fail_closed: bool,
+    /// Backtracking steps left in the current evaluation.
+    budget: u64,
+    /// The current evaluation ran out of budget.
+    exceeded: bool,
+    /// Evaluations that ran out of budget.
+    limit_hits: u64,
 }
 
 impl Program {
@@ -506,7 +607,21 @@ impl Program {
             }
         }
         let relative = dep.iter().any(|&d| d);
-        Ok(Program { ops, dep, relative })
+        Ok(Program {
+            ops,
+            dep,
+            relative,
+            fail_closed: rule.action == Action::Drop,
+            budget: STEP_LIMIT,
+            exceeded: false,
+            limit_hits: 0,
+        })
+    }
+
+    /// Evaluations that ran out of backtracking steps (each decided by the rule's action: see
+    /// the module doc).
+    pub fn pcre_limit_hits(&self) -> u64 {
+        self.limit_hits
     }
 
     /// Heap bytes of the compiled steps (regexes with their caches, patterns).
@@ -515,7 +630,10 @@ impl Program {
             .iter()
             .map(|o| match o {
                 Op::Content(c) => c.pat.len() * 2,
-                Op::Pcre(p) => p.re.memory_usage() + p.cache.memory_usage(),
+                Op::Pcre(p) => match &p.engine {
+                    PcreEngine::Automata { re, cache } => re.memory_usage() + cache.memory_usage(),
+                    PcreEngine::Backtrack(re) => re.memory_usage(),
+                },
                 _ => 0,
             })
             .sum::<usize>()
@@ -527,12 +645,20 @@ impl Program {
         self.ops.is_empty()
     }
 
-    /// Runs the program over `buf`.
+    /// Runs the program over `buf`. When the pcre budget runs out, the rule's action decides
+    /// (see the module doc).
     pub fn matches(&mut self, buf: &[u8], memo: &mut Memo) -> bool {
         if self.relative {
             memo.reset(self.ops.len() + 1, buf.len() + 1);
         }
-        self.eval(0, 0, buf, memo)
+        self.budget = STEP_LIMIT;
+        self.exceeded = false;
+        let matched = self.eval(0, 0, buf, memo);
+        if self.exceeded {
+            self.limit_hits += 1;
+            return self.fail_closed;
+        }
+        matched
     }
 
     fn next(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
@@ -550,6 +676,9 @@ impl Program {
     }
 
     fn eval(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+        if self.exceeded {
+            return false;
+        }
         let n = buf.len();
         let Some(op) = self.ops.get(i) else {
             return true;
@@ -586,7 +715,7 @@ impl Program {
                     if self.next(i + 1, s + m, buf, memo) {
                         return true;
                     }
-                    if !self.dep[i] {
+                    if !self.dep[i] || self.exceeded {
                         return false;
                     }
                     from = s + 1;
@@ -599,21 +728,28 @@ impl Program {
                     let Op::Pcre(p) = &mut self.ops[i] else {
                         return false;
                     };
-                    let found = p.find(&buf[base..], 0).is_some();
-                    return !found && self.next(i + 1, cursor, buf, memo);
+                    let Ok(found) = p.find(&buf[base..], 0, &mut self.budget) else {
+                        self.exceeded = true;
+                        return false;
+                    };
+                    return found.is_none() && self.next(i + 1, cursor, buf, memo);
                 }
                 let mut from = 0;
                 loop {
                     let Op::Pcre(p) = &mut self.ops[i] else {
                         return false;
                     };
-                    let Some((s, e)) = p.find(&buf[base..], from) else {
+                    let Ok(found) = p.find(&buf[base..], from, &mut self.budget) else {
+                        self.exceeded = true;
+                        return false;
+                    };
+                    let Some((s, e)) = found else {
                         return false;
                     };
                     if self.next(i + 1, base + e, buf, memo) {
                         return true;
                     }
-                    if !self.dep[i] || base + s >= n {
+                    if !self.dep[i] || base + s >= n || self.exceeded {
                         return false;
                     }
                     from = s + 1;

@@ -84,6 +84,7 @@
 //!   rules and flowbit checkers last, so a bit set on a packet is visible to checkers on it.
 
 pub mod addr;
+pub mod backtrack;
 pub mod blob;
 pub mod defrag;
 pub mod eve;
@@ -270,6 +271,9 @@ pub struct EngineStats {
     /// Datagrams whose completing fragment was dropped by the rules and whose identity could
     /// not be remembered (its fragments are then refused by the rules alone).
     pub frag_unblocked: u64,
+    /// Rule evaluations whose pcre backtracking ran out of steps: `drop` rules matched, others
+    /// did not (see [`matcher`]'s doc).
+    pub pcre_limit: u64,
 }
 
 /// What [`Engine::summary`] reports; its `Display` is the boot-log line.
@@ -717,7 +721,10 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        EngineStats {
+            pcre_limit: self.rules.iter().map(|c| c.program.pcre_limit_hits()).sum(),
+            ..self.stats
+        }
     }
 
     /// Reassembler counters.

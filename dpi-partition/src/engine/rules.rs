@@ -28,15 +28,19 @@
 //!
 //! pcre: `/re/flags` with flags `i s m x` (PCRE meanings), `R` (relative to the cursor), `A`
 //! (anchored), `G` (ungreedy), `E` (`$` only at the very end), and `B`/`O` (raw bytes /
-//! match-limit override: no effect here, the payload is raw and regex-automata has no
-//! backtracking limit). Compiled by regex-automata over bytes (no Unicode, ASCII classes and
-//! case folding, as PCRE in the C locale). Snort's idiom `(?!\n)\s` is rewritten to the
-//! equivalent class `[^\S\n]`. Refused (rule not loaded, reason given): backreferences,
-//! lookaround, atomic groups, possessive quantifiers, `\Z`, other PCRE-only syntax (anything
-//! regex-automata's parser rejects), and without `m`/`E` a `$` anywhere but at the end of the
-//! pattern (PCRE's `$` also matches before a final newline, which is handled exactly only at
-//! the end). One known difference remains: with `m`, regex-automata's `^` also matches after a
-//! newline that ends the payload, where PCRE's does not.
+//! match-limit override: no effect here, the payload is raw and the step bound always
+//! applies). Compiled by regex-automata over bytes (no Unicode, ASCII classes and case
+//! folding, as PCRE in the C locale) whenever it accepts the pattern; backreferences,
+//! lookahead, lookbehind and atomic groups run on the bounded backtracking matcher instead
+//! ([`super::backtrack`]; what happens when its step budget runs out is in
+//! [`super::matcher`]). Snort's idiom `(?!\n)\s` is rewritten to the equivalent class
+//! `[^\S\n]`. Refused (rule not loaded, reason given): possessive quantifiers, lookbehinds of
+//! unbounded length or with backreferences, `\Z`, recursion and other PCRE-only syntax
+//! (anything regex-syntax's parser rejects after that rewriting), and without `m`/`E` a `$`
+//! anywhere but at the end of the pattern (PCRE's `$` also matches before a final newline,
+//! which is handled exactly only at the end). One known difference remains: with `m`,
+//! regex-automata's `^` also matches after a newline that ends the payload, where PCRE's (and
+//! the backtracking matcher's) does not.
 
 use alloc::borrow::ToOwned;
 use alloc::boxed::Box;
