@@ -31,7 +31,36 @@ use regex_automata::nfa::thompson::WhichCaptures;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
-use super::rules::{ByteJump, ByteOp, ByteTest, Content, Extract, PayloadOp, Pcre, Rule};
+use super::rules::{
+    ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer, PayloadOp, Pcre, Rule,
+};
+
+/// The buffers a payload program reads: the packet payload and, for a rule with HTTP sticky
+/// buffers, one HTTP message's buffers ([`super::http`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Buffers<'a> {
+    /// `pkt_data` / `raw_data`.
+    pub pkt: &'a [u8],
+    /// HTTP buffers by [`HttpBuffer::index`]; `None`: the message has no such buffer.
+    pub http: [Option<&'a [u8]>; HttpBuffer::COUNT],
+    /// Bit per HTTP buffer index: cut at a size limit (only positive evidence counts).
+    pub truncated: u16,
+}
+
+impl<'a> Buffers<'a> {
+    /// Only the packet payload.
+    pub fn pkt(pkt: &'a [u8]) -> Buffers<'a> {
+        Buffers {
+            pkt,
+            ..Buffers::default()
+        }
+    }
+
+    /// Whether HTTP buffer `b` was cut at a size limit.
+    pub fn is_truncated(&self, b: HttpBuffer) -> bool {
+        self.truncated & 1 << b.index() != 0
+    }
+}
 
 /// Finds the `$` characters of a pattern that are regex anchors (unescaped, outside classes).
 fn dollar_positions(src: &str) -> Vec<usize> {

@@ -80,6 +80,7 @@ pub mod defrag;
 pub mod eve;
 pub mod flow;
 pub mod hook;
+pub mod http;
 pub mod keyed;
 pub mod matcher;
 pub mod packet;

@@ -193,6 +193,120 @@ impl Content {
     }
 }
 
+/// An HTTP/1.x sticky buffer (Snort 3 `http_*`/`file_data`, and Suricata's dotted names for the
+/// same buffers). What each holds is described in [`super::http`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HttpBuffer {
+    /// `http_uri` / `http.uri`: the normalized request target.
+    Uri,
+    /// `http_raw_uri` / `http.uri.raw`: the request target as sent.
+    RawUri,
+    /// `http_header` / `http.header`: header lines without the cookie header, percent-decoded.
+    Header,
+    /// `http_raw_header` / `http.header.raw`: the header lines as sent.
+    RawHeader,
+    /// `http_method` / `http.method`.
+    Method,
+    /// `http_cookie` / `http.cookie`: the Cookie (request) or Set-Cookie (response) value,
+    /// percent-decoded.
+    Cookie,
+    /// `http_raw_cookie`: the same value as sent.
+    RawCookie,
+    /// `http_client_body` / `http.request_body`: the request body, decoded and percent-decoded.
+    ClientBody,
+    /// `http_stat_code` / `http.stat_code`.
+    StatCode,
+    /// `http_stat_msg` / `http.stat_msg`.
+    StatMsg,
+    /// `file_data` / `file.data`: the message body, de-chunked and decompressed.
+    FileData,
+    /// `http.host`: the Host header value, lower-cased.
+    Host,
+    /// `http.user_agent`: the User-Agent header value.
+    UserAgent,
+}
+
+impl HttpBuffer {
+    /// Number of HTTP buffers.
+    pub const COUNT: usize = 13;
+    /// Every buffer, in index order.
+    pub const ALL: [HttpBuffer; HttpBuffer::COUNT] = [
+        HttpBuffer::Uri,
+        HttpBuffer::RawUri,
+        HttpBuffer::Header,
+        HttpBuffer::RawHeader,
+        HttpBuffer::Method,
+        HttpBuffer::Cookie,
+        HttpBuffer::RawCookie,
+        HttpBuffer::ClientBody,
+        HttpBuffer::StatCode,
+        HttpBuffer::StatMsg,
+        HttpBuffer::FileData,
+        HttpBuffer::Host,
+        HttpBuffer::UserAgent,
+    ];
+
+    /// Index in `0..COUNT`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Keyword of the canonical text (the Snort 3 name where Snort has one).
+    pub fn keyword(self) -> &'static str {
+        match self {
+            HttpBuffer::Uri => "http_uri",
+            HttpBuffer::RawUri => "http_raw_uri",
+            HttpBuffer::Header => "http_header",
+            HttpBuffer::RawHeader => "http_raw_header",
+            HttpBuffer::Method => "http_method",
+            HttpBuffer::Cookie => "http_cookie",
+            HttpBuffer::RawCookie => "http_raw_cookie",
+            HttpBuffer::ClientBody => "http_client_body",
+            HttpBuffer::StatCode => "http_stat_code",
+            HttpBuffer::StatMsg => "http_stat_msg",
+            HttpBuffer::FileData => "file_data",
+            HttpBuffer::Host => "http.host",
+            HttpBuffer::UserAgent => "http.user_agent",
+        }
+    }
+
+    /// The buffer a rule option names (Snort 3 or Suricata spelling).
+    pub fn from_keyword(name: &str) -> Option<HttpBuffer> {
+        Some(match name {
+            "http_uri" | "http.uri" => HttpBuffer::Uri,
+            "http_raw_uri" | "http.uri.raw" => HttpBuffer::RawUri,
+            "http_header" | "http.header" => HttpBuffer::Header,
+            "http_raw_header" | "http.header.raw" => HttpBuffer::RawHeader,
+            "http_method" | "http.method" => HttpBuffer::Method,
+            "http_cookie" | "http.cookie" => HttpBuffer::Cookie,
+            "http_raw_cookie" => HttpBuffer::RawCookie,
+            "http_client_body" | "http.request_body" => HttpBuffer::ClientBody,
+            "http_stat_code" | "http.stat_code" => HttpBuffer::StatCode,
+            "http_stat_msg" | "http.stat_msg" => HttpBuffer::StatMsg,
+            "file_data" | "file.data" => HttpBuffer::FileData,
+            "http.host" => HttpBuffer::Host,
+            "http.user_agent" => HttpBuffer::UserAgent,
+            _ => return None,
+        })
+    }
+
+    /// Whether the buffer can hold bytes that are not a contiguous slice of the inspected
+    /// payload (normalized, joined, de-chunked or decompressed), so that a prefilter over the
+    /// payload does not cover it.
+    pub fn may_be_decoded(self) -> bool {
+        matches!(
+            self,
+            HttpBuffer::Uri
+                | HttpBuffer::Header
+                | HttpBuffer::Cookie
+                | HttpBuffer::RawCookie
+                | HttpBuffer::ClientBody
+                | HttpBuffer::FileData
+                | HttpBuffer::Host
+        )
+    }
+}
+
 /// A `pcre` option.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Pcre {
