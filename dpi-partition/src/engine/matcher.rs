@@ -15,6 +15,13 @@
 //!   value (times `multiplier`, rounded up to 4 with `align`; from the start with
 //!   `from_beginning`, from the end with `from_end`) plus `post_offset`; a target outside the
 //!   buffer fails. Both fail when the bytes lie outside the buffer.
+//! - Buffers ([`Buffers`]): each step reads the buffer chosen by the last sticky buffer option
+//!   before it (`http_uri`, `file_data`, ...; `pkt_data`/`raw_data`: the packet payload), with
+//!   the cursor at 0 after each switch. Switching to a buffer the message does not have fails.
+//!   `bufferlen` compares the buffer's length (from the cursor with `relative`). A buffer cut at
+//!   a size limit ([`Buffers::truncated`]) fails every rule that reads it with a step that can
+//!   succeed on missing bytes (negated content/pcre/isdataat, `bufferlen`, `byte_jump
+//!   from_end`): only positive evidence counts on it.
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
@@ -32,7 +39,7 @@ use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
 use super::rules::{
-    ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer, PayloadOp, Pcre, Rule,
+    BufferLen, ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer, PayloadOp, Pcre, Rule,
 };
 
 /// The buffers a payload program reads: the packet payload and, for a rule with HTTP sticky
@@ -329,6 +336,8 @@ enum Op {
         relative: bool,
     },
     Reset,
+    Buffer(HttpBuffer),
+    BufferLen(BufferLen),
     ByteTest(ByteTest),
     ByteJump(ByteJump),
 }
@@ -446,9 +455,23 @@ impl Op {
             Op::Content(c) => c.relative,
             Op::Pcre(p) => p.relative,
             Op::IsDataAt { relative, .. } => *relative,
-            Op::Reset => false,
+            Op::Reset | Op::Buffer(_) => false,
+            Op::BufferLen(b) => b.relative,
             Op::ByteTest(b) => b.extract.relative,
             Op::ByteJump(j) => j.extract.relative,
+        }
+    }
+
+    /// Whether the step can succeed because bytes are missing (so it may not run on a
+    /// truncated buffer): negation, a length check, a jump from the end.
+    fn needs_whole_buffer(&self) -> bool {
+        match self {
+            Op::Content(c) => c.negated,
+            Op::Pcre(p) => p.negated,
+            Op::IsDataAt { negated, .. } => *negated,
+            Op::BufferLen(_) => true,
+            Op::ByteJump(j) => j.from_end,
+            Op::Reset | Op::Buffer(_) | Op::ByteTest(_) => false,
         }
     }
 
@@ -457,10 +480,23 @@ impl Op {
         match self {
             Op::Content(c) => !c.negated && !c.relative,
             Op::Pcre(p) => !p.negated && !p.relative,
-            Op::Reset => true,
+            Op::Reset | Op::Buffer(_) => true,
             Op::ByteJump(j) => !j.extract.relative,
-            Op::IsDataAt { .. } | Op::ByteTest(_) => false,
+            Op::IsDataAt { .. } | Op::ByteTest(_) | Op::BufferLen(_) => false,
         }
+    }
+}
+
+/// The bytes of buffer `b` (0: the packet; `k`: HTTP buffer `k - 1`, empty when absent).
+fn buffer<'a>(bufs: &Buffers<'a>, b: u8) -> &'a [u8] {
+    match b {
+        0 => bufs.pkt,
+        k => bufs
+            .http
+            .get(usize::from(k) - 1)
+            .copied()
+            .flatten()
+            .unwrap_or(&[]),
     }
 }
 
@@ -502,6 +538,12 @@ pub struct Program {
     /// match positions (backtracking); otherwise the first one decides.
     dep: Vec<bool>,
     relative: bool,
+    /// `buf_of[i]`: the buffer step `i` reads (0: the packet, `k`: HTTP buffer `k - 1`).
+    buf_of: Vec<u8>,
+    /// The distinct values of `buf_of`.
+    used: Vec<u8>,
+    /// HTTP buffers (bit per index) read by a step that may not run on a truncated buffer.
+    whole: u16,
 }
 
 impl Program {
@@ -518,9 +560,27 @@ impl Program {
                     relative: d.relative,
                 },
                 PayloadOp::ResetCursor => Op::Reset,
+                PayloadOp::Buffer(b) => Op::Buffer(*b),
+                PayloadOp::BufferLen(b) => Op::BufferLen(*b),
                 PayloadOp::ByteTest(b) => Op::ByteTest(*b),
                 PayloadOp::ByteJump(j) => Op::ByteJump(*j),
             });
+        }
+        let (mut buf_of, mut used, mut whole) = (Vec::with_capacity(ops.len()), Vec::new(), 0u16);
+        let mut cur = 0u8;
+        for op in &ops {
+            match op {
+                Op::Reset => cur = 0,
+                Op::Buffer(b) => cur = b.index() as u8 + 1,
+                _ => {}
+            }
+            buf_of.push(cur);
+            if !used.contains(&cur) {
+                used.push(cur);
+            }
+            if cur > 0 && op.needs_whole_buffer() {
+                whole |= 1 << (cur - 1);
+            }
         }
         let mut dep = alloc::vec![false; ops.len()];
         for (i, d) in dep.iter_mut().enumerate() {
@@ -535,7 +595,14 @@ impl Program {
             }
         }
         let relative = dep.iter().any(|&d| d);
-        Ok(Program { ops, dep, relative })
+        Ok(Program {
+            ops,
+            dep,
+            relative,
+            buf_of,
+            used,
+            whole,
+        })
     }
 
     /// Heap bytes of the compiled steps (regexes with their caches, patterns).
@@ -556,38 +623,67 @@ impl Program {
         self.ops.is_empty()
     }
 
-    /// Runs the program over `buf`.
-    pub fn matches(&mut self, buf: &[u8], memo: &mut Memo) -> bool {
-        if self.relative {
-            memo.reset(self.ops.len() + 1, buf.len() + 1);
-        }
-        self.eval(0, 0, buf, memo)
+    /// Whether the program reads an HTTP buffer.
+    pub fn uses_http(&self) -> bool {
+        self.used.iter().any(|&b| b > 0)
     }
 
-    fn next(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+    /// Runs the program over `buf` (the packet buffer only).
+    pub fn matches(&mut self, buf: &[u8], memo: &mut Memo) -> bool {
+        self.matches_buffers(&Buffers::pkt(buf), memo)
+    }
+
+    /// Runs the program over `bufs`.
+    pub fn matches_buffers(&mut self, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
+        if self.whole & bufs.truncated != 0 {
+            return false;
+        }
+        if self.relative {
+            let width = self
+                .used
+                .iter()
+                .map(|&b| buffer(bufs, b).len())
+                .max()
+                .unwrap_or(0);
+            memo.reset(self.ops.len() + 1, width + 1);
+        }
+        self.eval(0, 0, bufs, memo)
+    }
+
+    fn next(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
         if !self.relative {
-            return self.eval(i, cursor, buf, memo);
+            return self.eval(i, cursor, bufs, memo);
         }
         if memo.failed(i, cursor) {
             return false;
         }
-        let ok = self.eval(i, cursor, buf, memo);
+        let ok = self.eval(i, cursor, bufs, memo);
         if !ok {
             memo.mark(i, cursor);
         }
         ok
     }
 
-    fn eval(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
-        let n = buf.len();
+    fn eval(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
         let Some(op) = self.ops.get(i) else {
             return true;
         };
+        let buf = buffer(bufs, self.buf_of[i]);
+        let n = buf.len();
         match op {
-            Op::Reset => self.next(i + 1, 0, buf, memo),
-            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, buf, memo),
+            Op::Reset => self.next(i + 1, 0, bufs, memo),
+            Op::Buffer(b) => bufs.http[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
+            Op::BufferLen(b) => {
+                let len = if b.relative {
+                    n.saturating_sub(cursor)
+                } else {
+                    n
+                };
+                b.check.check(len) && self.next(i + 1, cursor, bufs, memo)
+            }
+            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, bufs, memo),
             Op::ByteJump(j) => match byte_jump(j, buf, cursor) {
-                Some(c) => self.next(i + 1, c, buf, memo),
+                Some(c) => self.next(i + 1, c, bufs, memo),
                 None => false,
             },
             Op::IsDataAt {
@@ -597,7 +693,7 @@ impl Program {
             } => {
                 let at = if *relative { cursor as u64 } else { 0 } + u64::from(*pos);
                 if (at < n as u64) != *negated {
-                    self.next(i + 1, cursor, buf, memo)
+                    self.next(i + 1, cursor, bufs, memo)
                 } else {
                     false
                 }
@@ -606,13 +702,13 @@ impl Program {
                 let win = c.window(n, cursor);
                 if c.negated {
                     let found = win.is_some_and(|(lo, hi)| c.find(buf, lo, hi).is_some());
-                    return !found && self.next(i + 1, cursor, buf, memo);
+                    return !found && self.next(i + 1, cursor, bufs, memo);
                 }
                 let Some((lo, hi)) = win else { return false };
                 let m = c.pat.len();
                 let mut from = lo;
                 while let Some(s) = self.content_at(i, buf, from, hi) {
-                    if self.next(i + 1, s + m, buf, memo) {
+                    if self.next(i + 1, s + m, bufs, memo) {
                         return true;
                     }
                     if !self.dep[i] {
@@ -629,7 +725,7 @@ impl Program {
                         return false;
                     };
                     let found = p.find(&buf[base..], 0).is_some();
-                    return !found && self.next(i + 1, cursor, buf, memo);
+                    return !found && self.next(i + 1, cursor, bufs, memo);
                 }
                 let mut from = 0;
                 loop {
@@ -639,7 +735,7 @@ impl Program {
                     let Some((s, e)) = p.find(&buf[base..], from) else {
                         return false;
                     };
-                    if self.next(i + 1, base + e, buf, memo) {
+                    if self.next(i + 1, base + e, bufs, memo) {
                         return true;
                     }
                     if !self.dep[i] || base + s >= n {
