@@ -72,14 +72,17 @@
 //! # Bounds
 //!
 //! The work per payload is linear in `P` plus the inflated output: each line start is tried
-//! once, and a head is parsed once. Inflating stops at [`INFLATE_CAP`] bytes per body and
-//! [`INFLATE_BUDGET`] per payload (a decompression bomb costs at most that); a body cut there
-//! is marked *truncated*. On a truncated buffer only positive evidence counts: a rule whose
-//! steps on that buffer include a negated content or pcre, `bufferlen`, a negated `isdataat` or
-//! a `byte_jump from_end` does not match (Snort instead evaluates what its depth limits leave,
-//! which can make `content:!` true on a cut body). Decoded bytes live in one arena reused
-//! across payloads; it holds at most about three times `P` plus the inflate budget.
-//! Nothing here panics on any input.
+//! once, and a head is parsed once. Bodies may overlap (a start line inside a body), so the
+//! body bytes walked per payload (de-chunking, percent-decoding, inflater input) are capped at
+//! twice `P` plus [`BODY_WORK_SLACK`]. Inflating stops at [`INFLATE_CAP`] bytes per body and
+//! [`INFLATE_BUDGET`] per payload (a decompression bomb costs at most that). A body cut at any
+//! of these limits is marked *truncated*. On a truncated buffer only positive evidence counts:
+//! a rule whose steps on that buffer include a negated content or pcre, `bufferlen`, a negated
+//! `isdataat` or a `byte_jump from_end` does not match (Snort instead evaluates what its depth
+//! limits leave, which can make `content:!` true on a cut body). A body cut by the end of `P`
+//! (the rest comes in later segments) is not marked: like one of Snort's body sections, it is
+//! judged as it is. Decoded bytes live in one arena reused across payloads; it holds at most
+//! about three times `P` plus the inflate budget. Nothing here panics on any input.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -98,6 +101,10 @@ pub const MAX_HEADERS: usize = 128;
 pub const INFLATE_CAP: usize = 64 * 1024;
 /// Inflated bytes per payload, all bodies together.
 pub const INFLATE_BUDGET: usize = 128 * 1024;
+/// Body bytes one payload may walk (de-chunk, percent-decode, feed to the inflater), beyond
+/// twice its length. Bodies of real messages do not overlap, so only start lines found inside
+/// other bodies make the sum exceed the payload.
+pub const BODY_WORK_SLACK: usize = 4096;
 /// Longest method token.
 const MAX_METHOD: usize = 32;
 
@@ -615,7 +622,10 @@ impl HttpParser {
     pub fn parse(&mut self, p: &[u8], min_end: usize, view: &mut HttpView) {
         view.msgs.clear();
         view.arena.clear();
-        let mut budget = INFLATE_BUDGET;
+        let mut budget = Budget {
+            inflate: INFLATE_BUDGET,
+            body: p.len().saturating_mul(2).saturating_add(BODY_WORK_SLACK),
+        };
         let mut at = 0;
         while at < p.len() && view.msgs.len() < MAX_MESSAGES {
             let line = request_line(p, at)
@@ -640,7 +650,7 @@ impl HttpParser {
         l: StartLine,
         request: bool,
         min_end: usize,
-        budget: &mut usize,
+        budget: &mut Budget,
         view: &mut HttpView,
     ) -> usize {
         let mut m = Message {
@@ -675,8 +685,12 @@ impl HttpParser {
             }
             Framing::Rest | Framing::Chunked => p.len(),
         };
+        let mut cut = false;
         if framing == Framing::Chunked {
-            m.end = self.dechunk(p, hend);
+            let (end, walked, c) = self.dechunk(p, hend, budget.body);
+            budget.body -= walked;
+            m.end = end;
+            cut = c;
         }
         if m.end <= min_end {
             return hend;
@@ -716,6 +730,9 @@ impl HttpParser {
             self.header_values(p, &mut m, view, cookie_name);
         }
         if framing != Framing::None {
+            if cut {
+                m.truncated |= 1 << HttpBuffer::FileData.index();
+            }
             self.body(p, hend, framing, parsed, budget, &mut m, view);
         }
         view.msgs.push(m);
@@ -892,8 +909,16 @@ impl HttpParser {
         }
     }
 
-    /// De-chunks the body starting at `from` into `chunks`; returns where the body ends.
-    fn dechunk(&mut self, p: &[u8], from: usize) -> usize {
+    /// De-chunks the body starting at `from` into `chunks`, walking at most `limit` bytes:
+    /// (where the body ends, bytes walked, cut at the limit).
+    fn dechunk(&mut self, p: &[u8], from: usize, limit: usize) -> (usize, usize, bool) {
+        let cut = from.saturating_add(limit) < p.len();
+        let p = &p[..p.len().min(from.saturating_add(limit))];
+        let end = self.dechunk_all(p, from);
+        (end, end - from, cut && end == p.len())
+    }
+
+    fn dechunk_all(&mut self, p: &[u8], from: usize) -> usize {
         self.chunks.clear();
         let mut i = from;
         loop {
@@ -979,7 +1004,7 @@ impl HttpParser {
         from: usize,
         framing: Framing,
         parsed: bool,
-        budget: &mut usize,
+        budget: &mut Budget,
         m: &mut Message,
         view: &mut HttpView,
     ) {
@@ -1008,11 +1033,14 @@ impl HttpParser {
                 } else {
                     &p[from..m.end]
                 };
-                let cap = INFLATE_CAP.min(*budget);
+                let fed = input.len().min(budget.body);
+                budget.body -= fed;
+                let cap = INFLATE_CAP.min(budget.inflate);
                 let start = view.arena.len();
-                let (n, truncated) = inflate(&mut self.inflater, c, input, cap, &mut view.arena);
-                *budget -= n;
-                if truncated {
+                let (n, truncated) =
+                    inflate(&mut self.inflater, c, &input[..fed], cap, &mut view.arena);
+                budget.inflate -= n;
+                if truncated || fed < input.len() {
                     m.truncated |= 1 << fd;
                 }
                 Loc::Arena(start as u32, (start + n) as u32)
@@ -1021,16 +1049,27 @@ impl HttpParser {
         m.locs[fd] = loc;
         if m.request {
             let cb = HttpBuffer::ClientBody.index();
-            let body = view.slice(loc, p).unwrap_or(&[]);
+            let full = view.slice(loc, p).unwrap_or(&[]);
+            let body = &full[..full.len().min(budget.body)];
+            budget.body -= body.len();
+            if body.len() < full.len() {
+                m.truncated |= 1 << cb;
+            }
             self.tmp2.clear();
             decode_chars(body, &mut self.tmp2, &mut self.pct);
-            let same = self.tmp2[..] == *body;
+            let same = self.tmp2[..] == *full;
             m.locs[cb] = if same { loc } else { put(view, &self.tmp2) };
             if m.truncated & 1 << fd != 0 {
                 m.truncated |= 1 << cb;
             }
         }
     }
+}
+
+/// What one payload may still cost: inflated bytes, and body bytes walked.
+struct Budget {
+    inflate: usize,
+    body: usize,
 }
 
 /// Appends `bytes` to the arena.
@@ -1309,6 +1348,39 @@ mod tests {
             .map(<[u8]>::len)
             .sum();
         assert!(total <= INFLATE_BUDGET, "{total}");
+    }
+
+    #[test]
+    fn overlapping_bodies_are_bounded() {
+        // Each request's body runs to the end and holds the next request: without the body
+        // budget, decoding them all would be quadratic.
+        let one = b"POST /x HTTP/1.1\r\nContent-Length: 999999\r\n\r\n%41%42\r\n";
+        let mut p = Vec::new();
+        for _ in 0..200 {
+            p.extend_from_slice(one);
+        }
+        let v = parse(&p);
+        assert_eq!(v.messages().len(), 200);
+        let walked: usize = v
+            .messages()
+            .iter()
+            .filter_map(|m| v.buffer(m, HttpBuffer::ClientBody, &p))
+            .map(<[u8]>::len)
+            .sum();
+        assert!(walked <= 2 * p.len() + BODY_WORK_SLACK, "{walked}");
+        // The first bodies are whole, later ones cut and marked.
+        let first = v.buffers(&v.messages()[0], &p);
+        assert!(!first.is_truncated(HttpBuffer::ClientBody));
+        let last = v.buffers(&v.messages()[150], &p);
+        assert!(last.is_truncated(HttpBuffer::ClientBody));
+        // The same with chunked bodies.
+        let one = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n";
+        let mut p = Vec::new();
+        for _ in 0..200 {
+            p.extend_from_slice(one);
+        }
+        let v = parse(&p);
+        assert_eq!(v.messages().len(), 200);
     }
 
     #[test]
