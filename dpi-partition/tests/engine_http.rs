@@ -442,3 +442,47 @@ fn split_drop_blocks_the_flow() {
     assert!(verdicts[..first].iter().all(|v| *v == Verdict::Pass));
     assert!(verdicts[first..].iter().all(|v| *v == Verdict::Drop));
 }
+
+/// Rules shaped like the community ruleset's (method, URI with `bufferlen`, negated header
+/// contents, a `byte_test` in the raw header, back to `pkt_data`), on an established flow.
+#[test]
+fn community_shaped_rules() {
+    let rules = "alert tcp any any -> any 80 (msg:\"cnc\"; flow:to_server,established; http_method; content:\"POST\"; http_uri; content:\"/gate.php\",fast_pattern,nocase; bufferlen:9; http_header; content:!\"|0D 0A|Referer|3A|\"; http_raw_header; content:\"Content-Length|3A 20|\"; byte_test:10,>,95,0,relative,string,dec; byte_test:10,<,115,0,relative,string,dec; pkt_data; content:\"Connection|3A 20|Keep-Alive|0D 0A|\"; sid:10;)\n\
+                 alert tcp any 80 -> any any (msg:\"tds\"; flow:to_client,established; http_stat_code; content:\"302\"; pkt_data; content:\"=_\"; content:\"_|5C 3B| domain=\",within 11,distance 1; http_cookie; pcre:\"/^[a-z]{5}\\d=_\\d_/\"; sid:11;)";
+    let post = |uri: &str, len: usize, extra: &str| {
+        let mut p = format!(
+            "POST {uri} HTTP/1.1\r\nHost: c2.example\r\n{extra}Content-Length: {len}\r\nConnection: Keep-Alive\r\n\r\n"
+        )
+        .into_bytes();
+        p.extend(std::iter::repeat_n(b'A', len));
+        p
+    };
+    let run = |client: &[u8], server: &[u8]| {
+        let mut e = stream_engine(rules);
+        handshake(&mut e);
+        let mut c = Collect::default();
+        let f = seg(true, PSH_ACK, CISN + 1, SISN + 1, client);
+        e.inspect(&f, Direction::ToWire, Timestamp(1), &mut c);
+        let f = seg(
+            false,
+            PSH_ACK,
+            SISN + 1,
+            CISN + 1 + client.len() as u32,
+            server,
+        );
+        e.inspect(&f, Direction::FromWire, Timestamp(1), &mut c);
+        c.sids
+    };
+    let redirect =
+        b"HTTP/1.1 302 Found\r\nSet-Cookie: abcde1=_2_\\; domain=.x.example\r\nLocation: /\r\n\r\n";
+    assert_eq!(run(&post("/gate.php", 100, ""), redirect), [10, 11]);
+    assert_eq!(
+        run(&post("/GATE.PHP", 100, ""), b"HTTP/1.1 200 OK\r\n\r\n"),
+        [10]
+    );
+    assert!(run(&post("/gate.php", 120, ""), b"").is_empty());
+    assert!(run(&post("/gate.php?x", 100, ""), b"").is_empty());
+    assert!(run(&post("/gate.php", 100, "Referer: x\r\n"), b"").is_empty());
+    let other = b"HTTP/1.1 302 Found\r\nSet-Cookie: ABCDE1=_2_\\; domain=.x.example\r\n\r\n";
+    assert!(run(b"GET / HTTP/1.1\r\n\r\n", other).is_empty());
+}
