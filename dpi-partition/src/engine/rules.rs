@@ -1945,7 +1945,7 @@ fn parse_byte_jump(v: &str) -> Result<ByteJump, RuleError> {
 }
 
 fn parse_bufferlen(v: &str) -> Result<BufferLen, RuleError> {
-    let (num_part, relative) = match v.split_once(',') {
+    let (num_part, relative) = match v.split_once(',').map(|(n, m)| (n, m.trim())) {
         Some((n, "relative")) => (n, true),
         Some((_, m)) => return Err(bad("bufferlen", format!("unknown argument `{m}`"))),
         None => (v, false),
