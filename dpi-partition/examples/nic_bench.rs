@@ -558,6 +558,7 @@ fn alerts() {
         proto: 6,
         rule,
         suppressed: 0,
+        http: None,
     };
     let frame = vec![0xA5u8; 1500];
     let ring: Box<RecordRing<{ 64 * 1024 }>> = Box::new(RecordRing::new());

@@ -403,7 +403,7 @@ fn fast_pattern_choice() {
 #[test]
 fn unsupported_options_reported_with_sid() {
     let text = "alert tcp any any -> any any (msg:\"a\"; tag:session,10,packets; content:\"a\"; sid:10;)\n\
-                alert tcp any any -> any any (msg:\"b\"; http_uri; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
+                alert tcp any any -> any any (msg:\"b\"; base64_decode; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
     let p = parse_rules(text, &Vars::new());
@@ -416,12 +416,12 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(
         p.rejected[1].error,
-        RuleError::Unsupported(vec!["http_uri".into(), "byte_extract".into()])
+        RuleError::Unsupported(vec!["base64_decode".into(), "byte_extract".into()])
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
     assert!(summary.contains(&("tag".into(), 1)));
-    assert!(summary.contains(&("http_uri".into(), 1)));
+    assert!(summary.contains(&("base64_decode".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
 
@@ -1011,10 +1011,15 @@ fn no_stream_holds_for_every_packet() {
     )
     .unwrap();
     assert_eq!(parse_rule(&r.to_string(), &Vars::new()).unwrap(), r);
-    assert!(matches!(
-        refused("flow:only_stream"),
-        RuleError::Unsupported(_)
-    ));
+    // only_stream: segments the stream tracker accepted; without a tracker, never.
+    assert!(!hits(r#"content:"x"; flow:only_stream"#, b"x"));
+    let r = parse_rule(
+        r#"alert tcp any any -> any 443 (flow:to_server,established,only_stream; content:"|18 03|",depth 2; sid:1;)"#,
+        &Vars::new(),
+    )
+    .unwrap();
+    assert!(r.flow.only_stream);
+    assert_eq!(parse_rule(&r.to_string(), &Vars::new()).unwrap(), r);
 }
 
 /// Reference semantics written straight from the definitions (no memo, no shortcuts): does some

@@ -18,6 +18,7 @@ use alloc::vec::Vec;
 use core::fmt::{self, Write};
 use core::net::IpAddr;
 
+use super::http::HttpMeta;
 use super::rules::{Action, Rule};
 use super::{Direction, Timestamp};
 
@@ -172,6 +173,8 @@ pub struct Alert<'a> {
     pub rule: &'a Rule,
     /// Alerts of this rule suppressed by the rate limit since its previous emitted alert.
     pub suppressed: u64,
+    /// The HTTP message the rule matched, for rules with HTTP buffers.
+    pub http: Option<HttpMeta<'a>>,
 }
 
 /// Receives alerts and dropped frames from the engine.
@@ -218,7 +221,25 @@ pub fn write_json_str(w: &mut dyn Write, s: &str) -> fmt::Result {
     w.write_char('"')
 }
 
-/// Writes one EVE alert object (no trailing newline).
+/// Writes bytes as a JSON string literal: printable ASCII as is, everything else escaped as
+/// `\u00XX` (each byte as its Latin-1 code point).
+pub fn write_json_bytes(w: &mut dyn Write, s: &[u8]) -> fmt::Result {
+    w.write_char('"')?;
+    for &b in s {
+        match b {
+            b'"' => w.write_str("\\\"")?,
+            b'\\' => w.write_str("\\\\")?,
+            0x20..=0x7e => w.write_char(b as char)?,
+            _ => write!(w, "\\u{b:04x}")?,
+        }
+    }
+    w.write_char('"')
+}
+
+/// Writes one EVE alert object (no trailing newline). An alert of a rule with HTTP buffers adds
+/// `"app_proto":"http"` and an `http` object with what the matched message has of Suricata's
+/// `hostname`, `url`, `http_user_agent`, `http_method` and `status` (a response carries no
+/// request fields: no HTTP state links it to its request).
 pub fn write_eve(w: &mut dyn Write, a: &Alert<'_>) -> fmt::Result {
     let (category, severity) = category_and_severity(a.rule);
     write!(w, "{{\"timestamp\":\"{}\",\"event_type\":\"alert\",", a.ts)?;
@@ -249,9 +270,30 @@ pub fn write_eve(w: &mut dyn Write, a: &Alert<'_>) -> fmt::Result {
     write_json_str(w, category)?;
     write!(
         w,
-        ",\"severity\":{severity},\"suppressed\":{}}}}}",
+        ",\"severity\":{severity},\"suppressed\":{}}}",
         a.suppressed
-    )
+    )?;
+    if let Some(h) = &a.http {
+        w.write_str(",\"app_proto\":\"http\",\"http\":{")?;
+        let mut sep = "";
+        for (key, v) in [
+            ("hostname", h.hostname),
+            ("url", h.url),
+            ("http_user_agent", h.user_agent),
+            ("http_method", h.method),
+        ] {
+            if let Some(v) = v {
+                write!(w, "{sep}\"{key}\":")?;
+                write_json_bytes(w, v)?;
+                sep = ",";
+            }
+        }
+        if let Some(st) = h.status {
+            write!(w, "{sep}\"status\":{st}")?;
+        }
+        w.write_char('}')?;
+    }
+    w.write_char('}')
 }
 
 /// Per-rule rate limiter: at most `max_per_sec` alerts per rule per second; the rest are counted

@@ -15,6 +15,13 @@
 //!   value (times `multiplier`, rounded up to 4 with `align`; from the start with
 //!   `from_beginning`, from the end with `from_end`) plus `post_offset`; a target outside the
 //!   buffer fails. Both fail when the bytes lie outside the buffer.
+//! - Buffers ([`Buffers`]): each step reads the buffer chosen by the last sticky buffer option
+//!   before it (`http_uri`, `file_data`, ...; `pkt_data`/`raw_data`: the packet payload), with
+//!   the cursor at 0 after each switch. Switching to a buffer the message does not have fails.
+//!   `bufferlen` compares the buffer's length (from the cursor with `relative`). A buffer cut at
+//!   a size limit ([`Buffers::truncated`]) fails every rule that reads it with a step that can
+//!   succeed on missing bytes (negated content/pcre/isdataat, `bufferlen`, `byte_jump
+//!   from_end`): only positive evidence counts on it.
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
@@ -57,7 +64,37 @@ use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
 use super::backtrack::{self, Exceeded, STEP_LIMIT};
-use super::rules::{Action, ByteJump, ByteOp, ByteTest, Content, Extract, PayloadOp, Pcre, Rule};
+use super::rules::{
+    Action, BufferLen, ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer, PayloadOp, Pcre,
+    Rule,
+};
+
+/// The buffers a payload program reads: the packet payload and, for a rule with HTTP sticky
+/// buffers, one HTTP message's buffers ([`super::http`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Buffers<'a> {
+    /// `pkt_data` / `raw_data`.
+    pub pkt: &'a [u8],
+    /// HTTP buffers by [`HttpBuffer::index`]; `None`: the message has no such buffer.
+    pub http: [Option<&'a [u8]>; HttpBuffer::COUNT],
+    /// Bit per HTTP buffer index: cut at a size limit (only positive evidence counts).
+    pub truncated: u16,
+}
+
+impl<'a> Buffers<'a> {
+    /// Only the packet payload.
+    pub fn pkt(pkt: &'a [u8]) -> Buffers<'a> {
+        Buffers {
+            pkt,
+            ..Buffers::default()
+        }
+    }
+
+    /// Whether HTTP buffer `b` was cut at a size limit.
+    pub fn is_truncated(&self, b: HttpBuffer) -> bool {
+        self.truncated & 1 << b.index() != 0
+    }
+}
 
 /// Finds the `$` characters of a pattern that are regex anchors (unescaped, outside classes).
 fn dollar_positions(src: &str) -> Vec<usize> {
@@ -393,6 +430,8 @@ enum Op {
         relative: bool,
     },
     Reset,
+    Buffer(HttpBuffer),
+    BufferLen(BufferLen),
     ByteTest(ByteTest),
     ByteJump(ByteJump),
 }
@@ -510,9 +549,23 @@ impl Op {
             Op::Content(c) => c.relative,
             Op::Pcre(p) => p.relative,
             Op::IsDataAt { relative, .. } => *relative,
-            Op::Reset => false,
+            Op::Reset | Op::Buffer(_) => false,
+            Op::BufferLen(b) => b.relative,
             Op::ByteTest(b) => b.extract.relative,
             Op::ByteJump(j) => j.extract.relative,
+        }
+    }
+
+    /// Whether the step can succeed because bytes are missing (so it may not run on a
+    /// truncated buffer): negation, a length check, a jump from the end.
+    fn needs_whole_buffer(&self) -> bool {
+        match self {
+            Op::Content(c) => c.negated,
+            Op::Pcre(p) => p.negated,
+            Op::IsDataAt { negated, .. } => *negated,
+            Op::BufferLen(_) => true,
+            Op::ByteJump(j) => j.from_end,
+            Op::Reset | Op::Buffer(_) | Op::ByteTest(_) => false,
         }
     }
 
@@ -521,10 +574,23 @@ impl Op {
         match self {
             Op::Content(c) => !c.negated && !c.relative,
             Op::Pcre(p) => !p.negated && !p.relative,
-            Op::Reset => true,
+            Op::Reset | Op::Buffer(_) => true,
             Op::ByteJump(j) => !j.extract.relative,
-            Op::IsDataAt { .. } | Op::ByteTest(_) => false,
+            Op::IsDataAt { .. } | Op::ByteTest(_) | Op::BufferLen(_) => false,
         }
+    }
+}
+
+/// The bytes of buffer `b` (0: the packet; `k`: HTTP buffer `k - 1`, empty when absent).
+fn buffer<'a>(bufs: &Buffers<'a>, b: u8) -> &'a [u8] {
+    match b {
+        0 => bufs.pkt,
+        k => bufs
+            .http
+            .get(usize::from(k) - 1)
+            .copied()
+            .flatten()
+            .unwrap_or(&[]),
     }
 }
 
@@ -574,6 +640,12 @@ pub struct Program {
     exceeded: bool,
     /// Evaluations that ran out of budget.
     limit_hits: u64,
+    /// `buf_of[i]`: the buffer step `i` reads (0: the packet, `k`: HTTP buffer `k - 1`).
+    buf_of: Vec<u8>,
+    /// The distinct values of `buf_of`.
+    used: Vec<u8>,
+    /// HTTP buffers (bit per index) read by a step that may not run on a truncated buffer.
+    whole: u16,
 }
 
 impl Program {
@@ -590,9 +662,27 @@ impl Program {
                     relative: d.relative,
                 },
                 PayloadOp::ResetCursor => Op::Reset,
+                PayloadOp::Buffer(b) => Op::Buffer(*b),
+                PayloadOp::BufferLen(b) => Op::BufferLen(*b),
                 PayloadOp::ByteTest(b) => Op::ByteTest(*b),
                 PayloadOp::ByteJump(j) => Op::ByteJump(*j),
             });
+        }
+        let (mut buf_of, mut used, mut whole) = (Vec::with_capacity(ops.len()), Vec::new(), 0u16);
+        let mut cur = 0u8;
+        for op in &ops {
+            match op {
+                Op::Reset => cur = 0,
+                Op::Buffer(b) => cur = b.index() as u8 + 1,
+                _ => {}
+            }
+            buf_of.push(cur);
+            if !used.contains(&cur) {
+                used.push(cur);
+            }
+            if cur > 0 && op.needs_whole_buffer() {
+                whole |= 1 << (cur - 1);
+            }
         }
         let mut dep = alloc::vec![false; ops.len()];
         for (i, d) in dep.iter_mut().enumerate() {
@@ -615,6 +705,9 @@ impl Program {
             budget: STEP_LIMIT,
             exceeded: false,
             limit_hits: 0,
+            buf_of,
+            used,
+            whole,
         })
     }
 
@@ -645,15 +738,34 @@ impl Program {
         self.ops.is_empty()
     }
 
-    /// Runs the program over `buf`. When the pcre budget runs out, the rule's action decides
-    /// (see the module doc).
+    /// Whether the program reads an HTTP buffer.
+    pub fn uses_http(&self) -> bool {
+        self.used.iter().any(|&b| b > 0)
+    }
+
+    /// Runs the program over `buf` (the packet buffer only).
     pub fn matches(&mut self, buf: &[u8], memo: &mut Memo) -> bool {
+        self.matches_buffers(&Buffers::pkt(buf), memo)
+    }
+
+    /// Runs the program over `bufs`. When the pcre budget runs out, the rule's action decides
+    /// (see the module doc).
+    pub fn matches_buffers(&mut self, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
+        if self.whole & bufs.truncated != 0 {
+            return false;
+        }
         if self.relative {
-            memo.reset(self.ops.len() + 1, buf.len() + 1);
+            let width = self
+                .used
+                .iter()
+                .map(|&b| buffer(bufs, b).len())
+                .max()
+                .unwrap_or(0);
+            memo.reset(self.ops.len() + 1, width + 1);
         }
         self.budget = STEP_LIMIT;
         self.exceeded = false;
-        let matched = self.eval(0, 0, buf, memo);
+        let matched = self.eval(0, 0, bufs, memo);
         if self.exceeded {
             self.limit_hits += 1;
             return self.fail_closed;
@@ -661,33 +773,43 @@ impl Program {
         matched
     }
 
-    fn next(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+    fn next(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
         if !self.relative {
-            return self.eval(i, cursor, buf, memo);
+            return self.eval(i, cursor, bufs, memo);
         }
         if memo.failed(i, cursor) {
             return false;
         }
-        let ok = self.eval(i, cursor, buf, memo);
+        let ok = self.eval(i, cursor, bufs, memo);
         if !ok {
             memo.mark(i, cursor);
         }
         ok
     }
 
-    fn eval(&mut self, i: usize, cursor: usize, buf: &[u8], memo: &mut Memo) -> bool {
+    fn eval(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
         if self.exceeded {
             return false;
         }
-        let n = buf.len();
         let Some(op) = self.ops.get(i) else {
             return true;
         };
+        let buf = buffer(bufs, self.buf_of[i]);
+        let n = buf.len();
         match op {
-            Op::Reset => self.next(i + 1, 0, buf, memo),
-            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, buf, memo),
+            Op::Reset => self.next(i + 1, 0, bufs, memo),
+            Op::Buffer(b) => bufs.http[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
+            Op::BufferLen(b) => {
+                let len = if b.relative {
+                    n.saturating_sub(cursor)
+                } else {
+                    n
+                };
+                b.check.check(len) && self.next(i + 1, cursor, bufs, memo)
+            }
+            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, bufs, memo),
             Op::ByteJump(j) => match byte_jump(j, buf, cursor) {
-                Some(c) => self.next(i + 1, c, buf, memo),
+                Some(c) => self.next(i + 1, c, bufs, memo),
                 None => false,
             },
             Op::IsDataAt {
@@ -697,7 +819,7 @@ impl Program {
             } => {
                 let at = if *relative { cursor as u64 } else { 0 } + u64::from(*pos);
                 if (at < n as u64) != *negated {
-                    self.next(i + 1, cursor, buf, memo)
+                    self.next(i + 1, cursor, bufs, memo)
                 } else {
                     false
                 }
@@ -706,13 +828,13 @@ impl Program {
                 let win = c.window(n, cursor);
                 if c.negated {
                     let found = win.is_some_and(|(lo, hi)| c.find(buf, lo, hi).is_some());
-                    return !found && self.next(i + 1, cursor, buf, memo);
+                    return !found && self.next(i + 1, cursor, bufs, memo);
                 }
                 let Some((lo, hi)) = win else { return false };
                 let m = c.pat.len();
                 let mut from = lo;
                 while let Some(s) = self.content_at(i, buf, from, hi) {
-                    if self.next(i + 1, s + m, buf, memo) {
+                    if self.next(i + 1, s + m, bufs, memo) {
                         return true;
                     }
                     if !self.dep[i] || self.exceeded {
@@ -732,7 +854,7 @@ impl Program {
                         self.exceeded = true;
                         return false;
                     };
-                    return found.is_none() && self.next(i + 1, cursor, buf, memo);
+                    return found.is_none() && self.next(i + 1, cursor, bufs, memo);
                 }
                 let mut from = 0;
                 loop {
@@ -746,7 +868,7 @@ impl Program {
                     let Some((s, e)) = found else {
                         return false;
                     };
-                    if self.next(i + 1, base + e, buf, memo) {
+                    if self.next(i + 1, base + e, bufs, memo) {
                         return true;
                     }
                     if !self.dep[i] || base + s >= n || self.exceeded {

@@ -52,6 +52,15 @@
 //!   segment's own L4 payload, as before. A `drop` verdict on an accepted segment blocks the
 //!   flow: every later segment, both ways, is dropped. Matches longer than the context plus the
 //!   segment are not found.
+//! - **HTTP buffers** ([`http`]): a rule with a sticky HTTP buffer (`http_uri`, `file_data`,
+//!   ...) is matched per HTTP/1.x message of the TCP payload it inspects: the stream window
+//!   when the tracker accepted the segment, else the segment's payload. Its `pkt_data` steps
+//!   read the message's bytes in that payload. The payload is parsed at most once per frame,
+//!   and only when a rule group with such literals is scanned or such a rule is evaluated; a
+//!   frame with no HTTP message matches no such rule. With a window, messages wholly in old
+//!   bytes are skipped, and a match on a message that began in old bytes counts only when the
+//!   rule does not match the same message cut at the old bytes (reported once, as above).
+//!   `flow:only_stream` rules match only segments the tracker accepted.
 //! - **IP fragments** (with [`EngineConfig::defrag`] set, as boot does) go through the
 //!   reassembler [`defrag`] in *forward mode*, since the NIC path cannot hold frames: each
 //!   fragment is checked (overlaps must agree, RFC 1858/7112 tiny fragments, bounds) and kept,
@@ -71,7 +80,13 @@
 //!   identical groups share one prefilter. Each group has a prefilter ([`prefilter`]: exact,
 //!   cross-checked against aho-corasick and Hyperscan) over every rule's fast pattern
 //!   ([`Rule::fast_pattern`]: the `fast_pattern` content, else the longest positive content);
-//!   rules with no positive content are candidates for every packet of their group.
+//!   rules with no positive content are candidates for every packet of their group. A fast
+//!   pattern in an HTTP buffer is found by the scan of the payload/window when the buffer is a
+//!   slice of it (raw URI, method, raw header, ...); the buffers that hold decoded bytes
+//!   (normalized URI and headers, joined cookies, de-chunked or inflated bodies) are scanned
+//!   with the same prefilter too, only in groups that have such literals and only when they
+//!   differ from the payload bytes. So the prefilter never misses a rule whose fast pattern
+//!   occurs in its buffer, and a non-HTTP frame costs one line-start scan in those groups.
 //!   Candidates are then checked in full: header, `dsize`, `flow`, ICMP fields, TCP `flags`,
 //!   flowbits, the payload program, and `detection_filter`.
 //! - Verdict order is Suricata's default action order, **pass > drop > alert**: a matching
@@ -90,6 +105,7 @@ pub mod defrag;
 pub mod eve;
 pub mod flow;
 pub mod hook;
+pub mod http;
 pub mod keyed;
 pub mod matcher;
 pub mod packet;
@@ -358,6 +374,8 @@ struct Compiled {
     df_hosts: Vec<(core::net::IpAddr, u64, u32)>,
     /// Unanchored payload program ([`stream_eligible`]): matched on the stream window.
     on_stream: bool,
+    /// The program reads HTTP buffers: matched per HTTP message ([`http`]).
+    http: bool,
 }
 
 /// Whether a rule's payload is matched on the TCP stream window instead of the segment's own
@@ -448,6 +466,9 @@ struct Group {
     lit_rule: Vec<u32>,
     /// Rules without a fast pattern.
     always: Vec<u32>,
+    /// Some fast pattern lives in an HTTP buffer that may hold decoded bytes
+    /// ([`rules::HttpBuffer::may_be_decoded`]): the decoded buffers are scanned too.
+    decoded: bool,
 }
 
 /// Groups of one protocol class.
@@ -486,6 +507,69 @@ pub struct Engine {
     /// Copy of the current stream window (the tracker's borrow ends before rules run).
     win: Vec<u8>,
     last_expire: u64,
+    /// HTTP parser and the current frame's parsed views (built on first use per frame).
+    http: HttpScratch,
+}
+
+/// The HTTP messages of the frame being judged, parsed at most once per frame.
+#[derive(Debug, Default)]
+struct HttpScratch {
+    parser: http::HttpParser,
+    /// Messages of the inspected payload that reach into its new bytes.
+    cur: http::HttpView,
+    /// Messages of the payload's old bytes (the stream window before the segment).
+    old: http::HttpView,
+    cur_done: bool,
+    old_done: bool,
+}
+
+impl HttpScratch {
+    fn current(&mut self, p: &[u8], new_from: usize) -> &http::HttpView {
+        if !self.cur_done {
+            self.parser.parse(p, new_from, &mut self.cur);
+            self.cur_done = true;
+        }
+        &self.cur
+    }
+}
+
+/// The first message of the HTTP payload `p` (new bytes from `new_from`) that the program
+/// matches, and that it did not already match with only the old bytes: its index in the current
+/// view.
+fn http_match(
+    prog: &mut Program,
+    memo: &mut Memo,
+    hs: &mut HttpScratch,
+    p: &[u8],
+    new_from: usize,
+) -> Option<usize> {
+    hs.current(p, new_from);
+    let HttpScratch {
+        parser,
+        cur,
+        old,
+        old_done,
+        ..
+    } = hs;
+    for (k, m) in cur.messages().iter().enumerate() {
+        if !prog.matches_buffers(&cur.buffers(m, p), memo) {
+            continue;
+        }
+        if m.start < new_from {
+            let old_p = &p[..new_from];
+            if !*old_done {
+                parser.parse(old_p, 0, old);
+                *old_done = true;
+            }
+            if let Some(om) = old.at_start(m.start) {
+                if prog.matches_buffers(&old.buffers(om, old_p), memo) {
+                    continue;
+                }
+            }
+        }
+        return Some(k);
+    }
+    None
 }
 
 // The engine is built where the blob is (the BSP at boot) and then runs on a DPI core.
@@ -571,6 +655,7 @@ impl Engine {
                 }
             }
             let on_stream = stream_eligible(&rule);
+            let http = program.uses_http();
             compiled.push(Compiled {
                 rule,
                 program,
@@ -579,6 +664,7 @@ impl Engine {
                 fb_actions,
                 df_hosts: Vec::new(),
                 on_stream,
+                http,
             });
         }
         let mut engine = Engine {
@@ -604,6 +690,7 @@ impl Engine {
                 .map(|dc| Defragmenter::new(DefragConfig { hold: false, ..dc })),
             win: Vec::new(),
             last_expire: 0,
+            http: HttpScratch::default(),
         };
         engine.build_groups()?;
         Ok(engine)
@@ -673,9 +760,11 @@ impl Engine {
         let mut lits = Vec::new();
         let mut lit_rule = Vec::new();
         let mut always = Vec::new();
+        let mut decoded = false;
         for &i in &members {
             match self.rules[i as usize].rule.fast_pattern() {
                 Some(fp) => {
+                    decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
                     lits.push((fp.bytes.to_vec(), fp.nocase));
                     lit_rule.push(i);
                 }
@@ -688,6 +777,7 @@ impl Engine {
             pf,
             lit_rule,
             always,
+            decoded,
         });
         by_members.insert(members, g);
         Ok(g)
@@ -793,13 +883,22 @@ impl Engine {
         let Decoded::Ip(pkt) = packet::decode(frame) else {
             return 0;
         };
-        self.collect_candidates(&pkt, &[]);
+        self.http.cur_done = false;
+        let http_p = if matches!(pkt.l4, L4::Tcp { .. }) {
+            pkt.payload
+        } else {
+            &[]
+        };
+        self.collect_candidates(&pkt, &[], http_p, 0);
         self.cands.len()
     }
 
     /// Candidates from the prefilter over the payload and, if not empty, the stream window
-    /// (`win`; the payload is not scanned again when it is the window's tail).
-    fn collect_candidates(&mut self, pkt: &Packet<'_>, win: &[u8]) {
+    /// (`win`; the payload is not scanned again when it is the window's tail). In groups with
+    /// fast patterns in decodable HTTP buffers, the decoded buffers of the HTTP messages of
+    /// `http_p` (new bytes from `http_new`) are scanned too; every other buffer is a slice of
+    /// the payload or window, which are scanned already.
+    fn collect_candidates(&mut self, pkt: &Packet<'_>, win: &[u8], http_p: &[u8], http_new: usize) {
         self.cands.clear();
         self.rule_marks.begin(self.rules.len());
         let class = &self.classes[class_of_packet(pkt)];
@@ -829,6 +928,14 @@ impl Engine {
             }
             if !win.is_empty() {
                 group.pf.scan(win, &mut self.lit_marks, &mut push);
+            }
+            if group.decoded && !http_p.is_empty() {
+                let view = self.http.current(http_p, http_new);
+                for m in view.messages() {
+                    for d in view.decoded(m) {
+                        group.pf.scan(d, &mut self.lit_marks, &mut push);
+                    }
+                }
             }
             for &r in &group.always {
                 if self.rule_marks.first(r as usize) {
@@ -1096,7 +1203,15 @@ impl Engine {
             Some((f, w)) => (Some(f), w),
             None => (None, &[][..]),
         };
-        self.collect_candidates(&pkt, win);
+        // The payload HTTP rules read: the stream window, else the segment (TCP only).
+        let (http_p, http_new) = match (pkt.l4, stream_flow) {
+            (L4::Tcp { .. }, Some(_)) => (win, new_from),
+            (L4::Tcp { .. }, None) => (pkt.payload, 0),
+            _ => (&[][..], 0),
+        };
+        self.http.cur_done = false;
+        self.http.old_done = false;
+        self.collect_candidates(&pkt, win, http_p, http_new);
         let mut verdict = Verdict::Pass;
         let (sp, dp) = pkt.ports();
         for k in 0..self.cands.len() {
@@ -1104,14 +1219,25 @@ impl Engine {
             let c = &mut self.rules[r];
             self.stats.evaluated += 1;
             let on_stream = c.on_stream && stream_flow.is_some();
+            let mut http_msg = None;
             if !header_matches(&c.rule, &pkt)
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
+                || (c.rule.flow.only_stream && stream_flow.is_none())
                 || !icmp_matches(&c.rule.icmp, &pkt)
                 || !tcp_flags_match(c.rule.tcp_flags, &pkt)
                 || !header_fields_match(&c.rule.hdr, &pkt)
                 || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
-                || !(if on_stream {
+                || !(if c.http {
+                    http_msg = http_match(
+                        &mut c.program,
+                        &mut self.memo,
+                        &mut self.http,
+                        http_p,
+                        http_new,
+                    );
+                    http_msg.is_some()
+                } else if on_stream {
                     // A match counts only if none lies wholly in already-inspected bytes.
                     c.program.matches(win, &mut self.memo)
                         && (new_from == 0 || !c.program.matches(&win[..new_from], &mut self.memo))
@@ -1159,7 +1285,12 @@ impl Engine {
             match c.rate.admit(now.0, self.cfg.alerts_per_rule_per_sec) {
                 Some(suppressed) => {
                     self.stats.alerts_emitted += 1;
+                    let http = http_msg.and_then(|k| {
+                        let view = &self.http.cur;
+                        view.messages().get(k).map(|m| view.meta(m, http_p))
+                    });
                     sink.alert(&Alert {
+                        http,
                         ts: now,
                         dir,
                         src: pkt.src,

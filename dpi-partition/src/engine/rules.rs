@@ -15,11 +15,22 @@
 //!   (`content:"x",depth 16,nocase`) styles. offset/depth mixed with distance/within on one
 //!   content, depth or within shorter than the pattern, and negative offsets are refused.
 //! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
-//!   byte_extract variables), `pkt_data`/`raw_data` (the payload is the only buffer; they
-//!   reset the cursor).
+//!   byte_extract variables).
+//! - Sticky buffers (Snort 3): `http_uri http_raw_uri http_header http_raw_header http_method
+//!   http_cookie http_raw_cookie http_client_body http_stat_code http_stat_msg file_data`, and
+//!   the Suricata names `http.uri http.uri.raw http.header http.header.raw http.method
+//!   http.cookie http.request_body http.stat_code http.stat_msg http.host http.user_agent
+//!   file.data` ([`HttpBuffer`]; contents in [`super::http`]). Each applies to the
+//!   `content`/`pcre`/`bufferlen`/`isdataat`/`byte_*` options after it, until the next buffer
+//!   option; `pkt_data`/`raw_data` go back to the packet payload. A buffer option always starts
+//!   a new buffer (the Snort 3 reading; Snort 2's `content:"x"; http_uri;` modifier style is not
+//!   recognized as such). Buffer options with arguments (`http_header:field x`,
+//!   `http_uri:path`, `request`, `with_body`, ...) are refused. `bufferlen:[op]N[,relative]`
+//!   ([`BufferLen`]; ops as `dsize`, plus `!=`).
 //! - `flow` (`to_server to_client from_server from_client established not_established
-//!   stateless`, and `no_stream`/`no_frag`, which always hold here since nothing is
-//!   reassembled); `flowbits` (`set unset toggle isset isnotset noalert`, `&`/`|`; an `isset`
+//!   stateless`; `no_stream`/`no_frag`, which always hold here since every frame is inspected
+//!   as the wire packet it is; `only_stream`: the segment was accepted by the inline stream
+//!   tracker, so never without one); `flowbits` (`set unset toggle isset isnotset noalert`, `&`/`|`; an `isset`
 //!   of a bit that no loaded rule sets refuses the rule); `flags`; `itype icode icmp_id
 //!   icmp_seq`; `ttl id ip_proto fragbits seq ack` ([`HeaderCheck`]); `detection_filter`.
 //!
@@ -197,6 +208,120 @@ impl Content {
     }
 }
 
+/// An HTTP/1.x sticky buffer (Snort 3 `http_*`/`file_data`, and Suricata's dotted names for the
+/// same buffers). What each holds is described in [`super::http`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HttpBuffer {
+    /// `http_uri` / `http.uri`: the normalized request target.
+    Uri,
+    /// `http_raw_uri` / `http.uri.raw`: the request target as sent.
+    RawUri,
+    /// `http_header` / `http.header`: header lines without the cookie header, percent-decoded.
+    Header,
+    /// `http_raw_header` / `http.header.raw`: the header lines as sent.
+    RawHeader,
+    /// `http_method` / `http.method`.
+    Method,
+    /// `http_cookie` / `http.cookie`: the Cookie (request) or Set-Cookie (response) value,
+    /// percent-decoded.
+    Cookie,
+    /// `http_raw_cookie`: the same value as sent.
+    RawCookie,
+    /// `http_client_body` / `http.request_body`: the request body, decoded and percent-decoded.
+    ClientBody,
+    /// `http_stat_code` / `http.stat_code`.
+    StatCode,
+    /// `http_stat_msg` / `http.stat_msg`.
+    StatMsg,
+    /// `file_data` / `file.data`: the message body, de-chunked and decompressed.
+    FileData,
+    /// `http.host`: the Host header value, lower-cased.
+    Host,
+    /// `http.user_agent`: the User-Agent header value.
+    UserAgent,
+}
+
+impl HttpBuffer {
+    /// Number of HTTP buffers.
+    pub const COUNT: usize = 13;
+    /// Every buffer, in index order.
+    pub const ALL: [HttpBuffer; HttpBuffer::COUNT] = [
+        HttpBuffer::Uri,
+        HttpBuffer::RawUri,
+        HttpBuffer::Header,
+        HttpBuffer::RawHeader,
+        HttpBuffer::Method,
+        HttpBuffer::Cookie,
+        HttpBuffer::RawCookie,
+        HttpBuffer::ClientBody,
+        HttpBuffer::StatCode,
+        HttpBuffer::StatMsg,
+        HttpBuffer::FileData,
+        HttpBuffer::Host,
+        HttpBuffer::UserAgent,
+    ];
+
+    /// Index in `0..COUNT`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Keyword of the canonical text (the Snort 3 name where Snort has one).
+    pub fn keyword(self) -> &'static str {
+        match self {
+            HttpBuffer::Uri => "http_uri",
+            HttpBuffer::RawUri => "http_raw_uri",
+            HttpBuffer::Header => "http_header",
+            HttpBuffer::RawHeader => "http_raw_header",
+            HttpBuffer::Method => "http_method",
+            HttpBuffer::Cookie => "http_cookie",
+            HttpBuffer::RawCookie => "http_raw_cookie",
+            HttpBuffer::ClientBody => "http_client_body",
+            HttpBuffer::StatCode => "http_stat_code",
+            HttpBuffer::StatMsg => "http_stat_msg",
+            HttpBuffer::FileData => "file_data",
+            HttpBuffer::Host => "http.host",
+            HttpBuffer::UserAgent => "http.user_agent",
+        }
+    }
+
+    /// The buffer a rule option names (Snort 3 or Suricata spelling).
+    pub fn from_keyword(name: &str) -> Option<HttpBuffer> {
+        Some(match name {
+            "http_uri" | "http.uri" => HttpBuffer::Uri,
+            "http_raw_uri" | "http.uri.raw" => HttpBuffer::RawUri,
+            "http_header" | "http.header" => HttpBuffer::Header,
+            "http_raw_header" | "http.header.raw" => HttpBuffer::RawHeader,
+            "http_method" | "http.method" => HttpBuffer::Method,
+            "http_cookie" | "http.cookie" => HttpBuffer::Cookie,
+            "http_raw_cookie" => HttpBuffer::RawCookie,
+            "http_client_body" | "http.request_body" => HttpBuffer::ClientBody,
+            "http_stat_code" | "http.stat_code" => HttpBuffer::StatCode,
+            "http_stat_msg" | "http.stat_msg" => HttpBuffer::StatMsg,
+            "file_data" | "file.data" => HttpBuffer::FileData,
+            "http.host" => HttpBuffer::Host,
+            "http.user_agent" => HttpBuffer::UserAgent,
+            _ => return None,
+        })
+    }
+
+    /// Whether the buffer can hold bytes that are not a contiguous slice of the inspected
+    /// payload (normalized, joined, de-chunked or decompressed), so that a prefilter over the
+    /// payload does not cover it.
+    pub fn may_be_decoded(self) -> bool {
+        matches!(
+            self,
+            HttpBuffer::Uri
+                | HttpBuffer::Header
+                | HttpBuffer::Cookie
+                | HttpBuffer::RawCookie
+                | HttpBuffer::ClientBody
+                | HttpBuffer::FileData
+                | HttpBuffer::Host
+        )
+    }
+}
+
 /// A `pcre` option.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Pcre {
@@ -283,6 +408,8 @@ pub struct FlowCheck {
     pub no_stream: bool,
     /// `no_frag`: not a defragmented packet (always true here: no defragmentation).
     pub no_frag: bool,
+    /// `only_stream`: the segment was accepted by the stream tracker (see [`super::stream`]).
+    pub only_stream: bool,
 }
 
 impl FlowCheck {
@@ -294,6 +421,7 @@ impl FlowCheck {
             || self.stateless
             || self.no_stream
             || self.no_frag
+            || self.only_stream
     }
 }
 
@@ -317,12 +445,26 @@ pub enum PayloadOp {
     Pcre(Pcre),
     /// `isdataat`.
     IsDataAt(IsDataAt),
-    /// `pkt_data` / `raw_data`: cursor back to the payload start.
+    /// `pkt_data` / `raw_data`: back to the packet buffer, cursor at its start.
     ResetCursor,
+    /// An HTTP sticky buffer: later steps read it, cursor at its start; an absent buffer fails.
+    Buffer(HttpBuffer),
+    /// `bufferlen`.
+    BufferLen(BufferLen),
     /// `byte_test`.
     ByteTest(ByteTest),
     /// `byte_jump`.
     ByteJump(ByteJump),
+}
+
+/// `bufferlen:[op]N[,relative]` (Snort 3): the length of the current buffer (with
+/// `relative`: of its part from the cursor on) passes the [`NumCheck`]; the cursor does not move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferLen {
+    /// The comparison.
+    pub check: NumCheck,
+    /// Measure from the cursor.
+    pub relative: bool,
 }
 
 /// ICMP header checks (Snort's `itype`, `icode`, `icmp_id`, `icmp_seq`). A rule with any of
@@ -763,27 +905,45 @@ pub struct FastPattern<'a> {
     pub bytes: &'a [u8],
     /// ASCII case-insensitive.
     pub nocase: bool,
+    /// The HTTP buffer the content reads (`None`: the packet payload).
+    pub buffer: Option<HttpBuffer>,
 }
 
 impl Rule {
     /// The prefilter literal: the content marked `fast_pattern`, else the longest non-negated
-    /// content (first one on ties), as Snort and Suricata choose when the rule names none (with a
-    /// single buffer, their buffer-priority rules do not apply). `None` — the rule is a candidate
-    /// for every packet of its group — when it has no positive content or its explicit fast
-    /// pattern is negated.
+    /// content of any buffer (first one on ties), as Snort and Suricata choose when the rule
+    /// names none (their buffer priorities are not applied: the engine scans every literal
+    /// wherever its buffer's bytes can be, so the choice only affects speed). `None` — the rule
+    /// is a candidate for every packet of its group — when it has no positive content or its
+    /// explicit fast pattern is negated.
     pub fn fast_pattern(&self) -> Option<FastPattern<'_>> {
-        let contents = self.ops.iter().filter_map(|o| match o {
-            PayloadOp::Content(c) => Some(c),
-            _ => None,
-        });
-        let chosen = match contents.clone().find(|c| c.fast_pattern) {
-            Some(c) if c.negated => return None,
+        // Each content with the buffer it reads (`None`: the packet).
+        let contents = self
+            .ops
+            .iter()
+            .scan(None, |buf, o| {
+                Some(match o {
+                    PayloadOp::Buffer(b) => {
+                        *buf = Some(*b);
+                        None
+                    }
+                    PayloadOp::ResetCursor => {
+                        *buf = None;
+                        None
+                    }
+                    PayloadOp::Content(c) => Some((c, *buf)),
+                    _ => None,
+                })
+            })
+            .flatten();
+        let (chosen, buffer) = match contents.clone().find(|c| c.0.fast_pattern) {
+            Some((c, _)) if c.negated => return None,
             Some(c) => c,
             None => {
-                let mut best: Option<&Content> = None;
-                for c in contents.filter(|c| !c.negated) {
-                    if best.is_none_or(|b| c.pattern.len() > b.pattern.len()) {
-                        best = Some(c);
+                let mut best: Option<(&Content, Option<HttpBuffer>)> = None;
+                for (c, b) in contents.filter(|c| !c.0.negated) {
+                    if best.is_none_or(|x| c.pattern.len() > x.0.pattern.len()) {
+                        best = Some((c, b));
                     }
                 }
                 best?
@@ -798,6 +958,7 @@ impl Rule {
         Some(FastPattern {
             bytes,
             nocase: chosen.nocase,
+            buffer,
         })
     }
 
@@ -809,8 +970,14 @@ impl Rule {
             PayloadOp::IsDataAt(d) => d.relative,
             PayloadOp::ByteTest(b) => b.extract.relative,
             PayloadOp::ByteJump(b) => b.extract.relative,
-            PayloadOp::ResetCursor => false,
+            PayloadOp::BufferLen(b) => b.relative,
+            PayloadOp::ResetCursor | PayloadOp::Buffer(_) => false,
         })
+    }
+
+    /// Whether any step reads an HTTP buffer.
+    pub fn uses_http(&self) -> bool {
+        self.ops.iter().any(|o| matches!(o, PayloadOp::Buffer(_)))
     }
 }
 
@@ -1138,6 +1305,7 @@ const KNOWN: &[&str] = &[
     "fragbits",
     "seq",
     "ack",
+    "bufferlen",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -1274,7 +1442,10 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
     let mut unsupported: Vec<String> = Vec::new();
     for o in &opts {
         let name = o.split_once(':').map_or(*o, |(n, _)| n).trim();
-        if !KNOWN.contains(&name) && !unsupported.iter().any(|u| u == name) {
+        if !KNOWN.contains(&name)
+            && HttpBuffer::from_keyword(name).is_none()
+            && !unsupported.iter().any(|u| u == name)
+        {
             unsupported.push(name.to_string());
         }
     }
@@ -1398,7 +1569,21 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                     rule.ops.push(PayloadOp::ResetCursor);
                 }
             }
-            _ => unreachable!("option list checked against KNOWN"),
+            "bufferlen" => rule
+                .ops
+                .push(PayloadOp::BufferLen(parse_bufferlen(need(name, value)?)?)),
+            _ => match HttpBuffer::from_keyword(name) {
+                // Sub-options (`field`, `request`, `with_body`, uri components, ...) are not
+                // implemented: refuse rather than ignore them.
+                Some(_) if value.is_some() => {
+                    return Err(RuleError::Unsupported(alloc::vec![format!(
+                        "{name}:{}",
+                        value.unwrap_or("")
+                    )]));
+                }
+                Some(b) => rule.ops.push(PayloadOp::Buffer(b)),
+                None => unreachable!("option list checked against KNOWN"),
+            },
         }
     }
     if !have_sid {
@@ -1580,6 +1765,9 @@ fn parse_flow(v: &str) -> Result<FlowCheck, RuleError> {
             // defragmentation), so "not a rebuilt packet" always holds.
             "no_stream" => f.no_stream = true,
             "no_frag" => f.no_frag = true,
+            // Matched only on segments the inline stream tracker accepted (in order, verified
+            // against retransmissions): the closest thing to Snort's rebuilt stream data here.
+            "only_stream" => f.only_stream = true,
             other => {
                 return Err(RuleError::Unsupported(alloc::vec![format!("flow:{other}")]));
             }
@@ -1758,6 +1946,20 @@ fn parse_byte_jump(v: &str) -> Result<ByteJump, RuleError> {
     }
     check_extract(O, &j.extract)?;
     Ok(j)
+}
+
+fn parse_bufferlen(v: &str) -> Result<BufferLen, RuleError> {
+    let (num_part, relative) = match v.split_once(',').map(|(n, m)| (n, m.trim())) {
+        Some((n, "relative")) => (n, true),
+        Some((_, m)) => return Err(bad("bufferlen", format!("unknown argument `{m}`"))),
+        None => (v, false),
+    };
+    let num_part = num_part.trim();
+    let check = match num_part.strip_prefix("!=") {
+        Some(r) => NumCheck::Ne(num("bufferlen", r)?),
+        None => parse_num_check("bufferlen", num_part)?,
+    };
+    Ok(BufferLen { check, relative })
 }
 
 fn parse_isdataat(v: &str) -> Result<IsDataAt, RuleError> {
@@ -1967,6 +2169,9 @@ impl fmt::Display for Rule {
             if fl.no_frag {
                 parts.push("no_frag");
             }
+            if fl.only_stream {
+                parts.push("only_stream");
+            }
             write!(f, " flow:{};", parts.join(","))?;
         }
         if let Some(d) = self.dsize {
@@ -2028,6 +2233,11 @@ impl fmt::Display for Rule {
                     write!(f, " isdataat:{neg}{}{rel};", d.pos)?;
                 }
                 PayloadOp::ResetCursor => f.write_str(" pkt_data;")?,
+                PayloadOp::Buffer(b) => write!(f, " {};", b.keyword())?,
+                PayloadOp::BufferLen(b) => {
+                    let rel = if b.relative { ",relative" } else { "" };
+                    write!(f, " bufferlen:{}{rel};", b.check)?;
+                }
                 PayloadOp::ByteTest(b) => {
                     let neg = if b.negated { "!" } else { "" };
                     let e = &b.extract;
