@@ -153,6 +153,9 @@ fn ally_boot_passes_every_check(
     opts.net = Some(net.clone());
     opts.ally_options = ally_options.to_string();
     opts.cpus = cpus;
+    // The 2-CPU boot with its five-reset chain takes 20-25 min on an idle 2-core machine
+    // (the Bochs boots run side by side); 30 min left no margin under load.
+    opts.timeout = std::time::Duration::from_secs(45 * 60);
     opts.ally_image = prebuilt_ally_image();
     opts.attack_binary = prebuilt_attack_binary();
     if opts.ally_image.is_none() || opts.attack_binary.is_none() {

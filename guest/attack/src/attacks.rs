@@ -735,7 +735,9 @@ pub fn split_upload(port: u16) -> Marker {
     let setup = sock
         .set_nodelay(true)
         .and_then(|()| sock.set_write_timeout(Some(Duration::from_secs(5))))
-        .and_then(|()| sock.set_read_timeout(Some(Duration::from_secs(10))));
+        // The host answers a whole upload at once; Ally blocks this one, so the wait only
+        // shows no answer came.
+        .and_then(|()| sock.set_read_timeout(Some(Duration::from_secs(3))));
     if let Err(e) = setup {
         m.field("error", format_args!("setsockopt:{e}"));
         return m;
