@@ -6,36 +6,12 @@ use ally_dpi::engine::eve::{parse_mgmt_line, MgmtLine};
 use ally_dpi::engine::rules::{parse_rule, parse_rules, HttpBuffer, PayloadOp};
 use ally_dpi::engine::vars::Vars;
 use ally_dpi::engine::{
-    engine_stream_config, Alert, AlertSink, Direction, Engine, EngineConfig, Inspector, MgmtWriter,
-    NullSink, Timestamp, Verdict,
+    engine_stream_config, Direction, Engine, EngineConfig, Inspector, MgmtWriter, NullSink,
+    Timestamp, Verdict,
 };
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const PSH_ACK: u8 = 0x18;
-const CISN: u32 = 1000;
-const SISN: u32 = 5000;
-
-/// IPv4 10.0.0.1:4000 <-> 10.0.0.2:80 TCP segment.
-fn seg(to_server: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    let (src, dst, sp, dp) = if to_server {
-        ([10, 0, 0, 1], [10, 0, 0, 2], 4000u16, 80u16)
-    } else {
-        ([10, 0, 0, 2], [10, 0, 0, 1], 80, 4000)
-    };
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0];
-    f.extend_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&sp.to_be_bytes());
-    f.extend_from_slice(&dp.to_be_bytes());
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&ack.to_be_bytes());
-    f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
+mod support;
+use support::{seg, Collect, ACK, CISN, PSH_ACK, SISN, SYN};
 
 /// A client-to-server segment judged on its own.
 fn request(payload: &[u8]) -> Vec<u8> {
@@ -45,18 +21,6 @@ fn request(payload: &[u8]) -> Vec<u8> {
 /// A server-to-client segment judged on its own.
 fn response(payload: &[u8]) -> Vec<u8> {
     seg(false, PSH_ACK, SISN + 1, CISN + 1, payload)
-}
-
-#[derive(Default)]
-struct Collect {
-    sids: Vec<u32>,
-}
-
-impl AlertSink for Collect {
-    fn alert(&mut self, a: &Alert<'_>) {
-        self.sids.push(a.rule.sid);
-    }
-    fn dropped(&mut self, _: &[u8], _: Direction, _: Timestamp) {}
 }
 
 fn engine_with(rules: &str, cfg: EngineConfig) -> Engine {
@@ -212,7 +176,7 @@ fn gzip_body_matches_file_data() {
         e.inspect(&f, Direction::FromWire, Timestamp(0), &mut c),
         Verdict::Drop
     );
-    assert_eq!(c.sids, [9]);
+    assert_eq!(c.sids(), [9]);
 }
 
 #[test]
@@ -399,7 +363,7 @@ fn send(e: &mut Engine, data: &[u8], size: usize) -> Vec<u32> {
             Verdict::Drop
         );
     }
-    c.sids
+    c.sids()
 }
 
 #[test]
@@ -471,7 +435,7 @@ fn community_shaped_rules() {
             server,
         );
         e.inspect(&f, Direction::FromWire, Timestamp(1), &mut c);
-        c.sids
+        c.sids()
     };
     let redirect =
         b"HTTP/1.1 302 Found\r\nSet-Cookie: abcde1=_2_\\; domain=.x.example\r\nLocation: /\r\n\r\n";

@@ -8,41 +8,13 @@ use ally_dpi::engine::{
     Verdict,
 };
 
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
-const PSH_ACK: u8 = 0x18;
-const CISN: u32 = 1000;
-const SISN: u32 = 5000;
-
-/// IPv4 10.0.0.1:4000 <-> 10.0.0.2:80 TCP segment.
-fn seg(to_server: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    let (src, dst, sp, dp) = if to_server {
-        ([10, 0, 0, 1], [10, 0, 0, 2], 4000u16, 80u16)
-    } else {
-        ([10, 0, 0, 2], [10, 0, 0, 1], 80, 4000)
-    };
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0];
-    f.extend_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&sp.to_be_bytes());
-    f.extend_from_slice(&dp.to_be_bytes());
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&ack.to_be_bytes());
-    f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
 /// Client data at stream offset `off` (0 = first byte after the SYN).
 fn cdata(off: u32, payload: &[u8]) -> Vec<u8> {
     seg(true, PSH_ACK, CISN + 1 + off, SISN + 1, payload)
 }
 
 mod support;
-use support::Collect;
+use support::{seg, Collect, ACK, CISN, PSH_ACK, RST, SISN, SYN};
 
 fn engine(rules: &str) -> Engine {
     let p = parse_rules(rules, &Vars::snort_defaults());
