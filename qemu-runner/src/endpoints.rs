@@ -90,6 +90,23 @@ pub fn eicar_contents(seed: u64, bytes: u64) -> Vec<u8> {
     data
 }
 
+/// Issue 12's decoded-body test: `eicar.gz`, a short text with the EICAR string, gzipped and
+/// served chunked ([`GZIP_CHUNK`]-byte chunks, so chunk framing also cuts the compressed bytes):
+/// only a rule on the decoded body (`file_data`) can see the string.
+pub fn eicar_gzip() -> Vec<u8> {
+    use std::io::Write as _;
+    let mut text = b"Ally gzip test: the EICAR string follows.\n".to_vec();
+    text.extend_from_slice(EICAR);
+    text.extend_from_slice(b"\nEnd of the test file.\n");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&text)
+        .and_then(|()| gz.finish())
+        .expect("gzip into memory cannot fail")
+}
+
+/// Chunk size of `eicar.gz`'s chunked response.
+pub const GZIP_CHUNK: usize = 16;
+
 /// Largest file or upload the runner accepts (the guest keeps each in its RAM-backed rootfs).
 pub const MAX_TRANSFER_BYTES: u64 = 256 << 20;
 
@@ -424,6 +441,13 @@ impl Endpoints {
             sha256: sha256_hex(&eicar),
         });
         served.insert("/eicar.bin".into(), Arc::new(eicar));
+        let gz = eicar_gzip();
+        files.push(ServedFile {
+            name: "eicar-gz".into(),
+            bytes: gz.len() as u64,
+            sha256: sha256_hex(&gz),
+        });
+        served.insert("/eicar.gz".into(), Arc::new(gz));
         let bind = |what| {
             TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -683,6 +707,22 @@ fn serve_http(mut stream: TcpStream, files: &BTreeMap<String, Arc<Vec<u8>>>, con
         }
     };
     let result = match body {
+        // HTTP/1.1, gzip content coding, chunked: the whole response in one write, so that it
+        // usually travels in one segment.
+        Some(data) if rec.path.ends_with(".gz") => {
+            rec.status = 200;
+            let mut r = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+            for chunk in data.chunks(GZIP_CHUNK) {
+                r.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                r.extend_from_slice(chunk);
+                r.extend_from_slice(b"\r\n");
+            }
+            r.extend_from_slice(b"0\r\n\r\n");
+            stream.write_all(&r).and_then(|()| {
+                rec.sent = data.len() as u64;
+                stream.flush()
+            })
+        }
         Some(data) => {
             rec.status = 200;
             let header = format!(
@@ -926,6 +966,38 @@ mod tests {
             Err("bad request line `POST /x HTTP/1.1`".to_string())
         );
         assert!(parse_request_line("GET /x").is_err());
+    }
+
+    #[test]
+    fn eicar_gz_is_served_gzipped_in_small_chunks() {
+        let e = Endpoints::start(small_options()).unwrap();
+        let r = get(e.inspect_drop_port, "/eicar.gz");
+        let (head, mut body) = split_response(&r);
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.contains("Content-Encoding: gzip"), "{head}");
+        assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+        // De-chunk: every chunk but the last is GZIP_CHUNK bytes.
+        let mut gz = Vec::new();
+        loop {
+            let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
+            let len =
+                usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap(), 16).unwrap();
+            assert!(len <= GZIP_CHUNK);
+            body = &body[line_end + 2..];
+            if len == 0 {
+                break;
+            }
+            gz.extend_from_slice(&body[..len]);
+            body = &body[len + 2..];
+        }
+        assert_eq!(gz, eicar_gzip());
+        // The raw bytes hide the string; gunzipped it is there.
+        assert!(!gz.windows(EICAR.len()).any(|w| w == EICAR));
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
+        assert!(text.windows(EICAR.len()).any(|w| w == EICAR));
+        let rep = e.stop();
+        assert_eq!(rep.file("eicar-gz").unwrap().bytes, gz.len() as u64);
     }
 
     #[test]

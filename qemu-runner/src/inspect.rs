@@ -22,6 +22,9 @@ pub const SID_ALERT: u64 = 1_000_102;
 pub const SID_UPLOAD: u64 = 1_000_103;
 /// `alert` on the alert storm's payload to the attack UDP sink (issue 11).
 pub const SID_STORM: u64 = 1_000_104;
+/// `drop` of the EICAR string in a decoded HTTP body (`file_data`) from the inspect-drop port
+/// (issue 12: `eicar.gz`, gzipped and chunked).
+pub const SID_GZIP: u64 = 1_000_106;
 /// The marker string the guest's inspection upload carries (`guest/init` has its own copy).
 pub const FORBIDDEN_UPLOAD: &str = "ALLY-FORBIDDEN-UPLOAD";
 
@@ -139,7 +142,7 @@ pub fn split_com2(com2: &str, dir: &Path) -> Result<Split, String> {
 }
 
 /// The checks of an Ally run under the inspection rules: `eve-pcap`, `inspect-drop`,
-/// `inspect-alert`, `inspect-upload`.
+/// `inspect-alert`, `inspect-upload`, `inspect-gzip`.
 pub fn inspect_checks(
     guest: &GuestReport,
     net: &NetReport,
@@ -184,6 +187,12 @@ pub fn inspect_checks(
             split
                 .map_err(Clone::clone)
                 .and_then(|s| inspect_upload(guest, net, s)),
+        ),
+        Check::from_result(
+            "inspect-gzip",
+            split
+                .map_err(Clone::clone)
+                .and_then(|s| inspect_gzip(guest, net, s)),
         ),
     ]
 }
@@ -242,6 +251,28 @@ fn inspect_drop(guest: &GuestReport, net: &NetReport, s: &Split) -> Result<Strin
     let alert = alert_with(s, SID_DROP, "blocked", "from_wire")?;
     Ok(format!(
         "the guest got {bytes} of {served} B (rc={}), not the served file; {alert}",
+        m.fields.get("rc").unwrap_or("?")
+    ))
+}
+
+/// The gzipped, chunked EICAR file: the guest must not get it, and Ally must say it dropped it
+/// on the decoded body's rule.
+fn inspect_gzip(guest: &GuestReport, net: &NetReport, s: &Split) -> Result<String, String> {
+    let m = marker(guest, "inspect-gzip")?;
+    let (bytes, sha) = bytes_sha(m)?;
+    let f = net
+        .file("eicar-gz")
+        .ok_or_else(|| "the host serves no eicar.gz".to_string())?;
+    if bytes == f.bytes && sha == f.sha256 {
+        return Err(format!(
+            "the guest got eicar.gz intact ({bytes} B sha256={sha}): {}",
+            m.line
+        ));
+    }
+    let alert = alert_with(s, SID_GZIP, "blocked", "from_wire")?;
+    Ok(format!(
+        "the guest got {bytes} of {} B of the gzipped, chunked file (rc={}); {alert}",
+        f.bytes,
         m.fields.get("rc").unwrap_or("?")
     ))
 }
@@ -351,9 +382,7 @@ pub fn ring_attack_check(guest: &GuestReport, ally: &AllyReport) -> Check {
 mod tests {
     use super::*;
     use crate::endpoints::{eicar_contents, file_contents, sha256_hex, ServedFile, UploadRecord};
-    use ally_dpi::engine::{
-        Direction, Engine, EngineConfig, Inspector, MgmtWriter, Timestamp, Verdict,
-    };
+    use ally_dpi::engine::{Direction, Engine, Inspector, MgmtWriter, Timestamp, Verdict};
 
     const PORTS: InspectPorts = InspectPorts {
         http: 40001,
@@ -428,14 +457,29 @@ mod tests {
         let vars = ally_tools::compile::vars(Some(&PORTS.vars_text())).unwrap();
         let c = ally_tools::compile::compile(&text, &vars).unwrap();
         assert!(c.parsed.rejected.is_empty(), "{:?}", c.parsed.rejected);
-        let mut engine = Engine::from_blob(&c.blob, EngineConfig::default()).unwrap();
+        // As Ally builds it: stream tracking and reassembly on.
+        let keys = ally_dpi::rules_module::TableKeys {
+            stream: [1, 2],
+            defrag: [3, 4],
+        };
+        let mut engine =
+            Engine::from_blob(&c.blob, ally_dpi::rules_module::engine_config(keys)).unwrap();
+        let mut gz_response =
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for chunk in crate::endpoints::eicar_gzip().chunks(crate::endpoints::GZIP_CHUNK) {
+            gz_response.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            gz_response.extend_from_slice(chunk);
+            gz_response.extend_from_slice(b"\r\n");
+        }
+        gz_response.extend_from_slice(b"0\r\n\r\n");
         let eicar = eicar_contents(1, 1 << 20);
         let seg = &eicar[..1460];
         let benign = file_contents(1, "big", 1460);
         let mut upload = benign[..500].to_vec();
         upload.extend_from_slice(FORBIDDEN_UPLOAD.as_bytes());
         type Case<'a> = (&'a str, Vec<u8>, Direction, Verdict, Option<(u64, &'a str)>);
-        let cases: [Case; 8] = [
+        let cases: [Case; 11] = [
             (
                 "eicar from the drop port",
                 tcp_frame(40002, 5555, seg),
@@ -459,7 +503,8 @@ mod tests {
             ),
             (
                 "benign from the drop port",
-                tcp_frame(40002, 5555, &benign),
+                // Another connection: the drop above blocked the first one's flow.
+                tcp_frame(40002, 5558, &benign),
                 Direction::FromWire,
                 Verdict::Pass,
                 None,
@@ -484,6 +529,27 @@ mod tests {
                 Direction::ToWire,
                 Verdict::Alert,
                 Some((SID_STORM, "allowed")),
+            ),
+            (
+                "gzipped chunked EICAR from the drop port",
+                tcp_frame(40002, 5556, &gz_response),
+                Direction::FromWire,
+                Verdict::Drop,
+                Some((SID_GZIP, "blocked")),
+            ),
+            (
+                "gzipped chunked EICAR from the alert port",
+                tcp_frame(40001, 5557, &gz_response),
+                Direction::FromWire,
+                Verdict::Pass,
+                None,
+            ),
+            (
+                "fragmented-secret datagram to the storm port",
+                udp_frame(40000, 40004, b"FRAG seq=001 ALLY-FRAGMENTED-SECRET"),
+                Direction::ToWire,
+                Verdict::Drop,
+                Some((1_000_105, "blocked")),
             ),
             (
                 "alert storm datagram to another port",
@@ -555,11 +621,18 @@ mod tests {
 
     fn net() -> NetReport {
         NetReport {
-            files: vec![ServedFile {
-                name: "eicar".into(),
-                bytes: 4096,
-                sha256: "e1".into(),
-            }],
+            files: vec![
+                ServedFile {
+                    name: "eicar".into(),
+                    bytes: 4096,
+                    sha256: "e1".into(),
+                },
+                ServedFile {
+                    name: "eicar-gz".into(),
+                    bytes: 150,
+                    sha256: "g1".into(),
+                },
+            ],
             uploads: vec![UploadRecord {
                 peer: "x".into(),
                 bytes: 1001,
@@ -577,6 +650,7 @@ mod tests {
 ALLYTEST inspect-drop INFO port=2 bytes=1000 sha256=aa rc=143 seconds=20.00
 ALLYTEST inspect-alert INFO port=1 bytes=4096 sha256=e1 rc=0 seconds=9.00
 ALLYTEST inspect-upload INFO port=3 bytes=5000 sha256=up host_bytes=none host_sha256=none rc=143 seconds=20.00
+ALLYTEST inspect-gzip INFO port=2 bytes=0 sha256=none rc=143 seconds=10.00
 ";
 
     fn judge(guest: &str, com2: &str) -> Vec<Check> {
@@ -601,6 +675,7 @@ ALLYTEST inspect-upload INFO port=3 bytes=5000 sha256=up host_bytes=none host_sh
             eve(SID_DROP, "blocked", "from_wire"),
             eve(SID_ALERT, "allowed", "from_wire"),
             eve(SID_UPLOAD, "blocked", "to_wire"),
+            eve(SID_GZIP, "blocked", "from_wire"),
             "ALLY pcap 1000 from_wire 1514 0011aabb".into(),
             "ALLY poweroff".into(),
         ]
@@ -612,7 +687,7 @@ ALLYTEST inspect-upload INFO port=3 bytes=5000 sha256=up host_bytes=none host_sh
         let c = judge(GUEST, &good_com2());
         assert_eq!(failed(&c), Vec::<&str>::new(), "{c:#?}");
         assert!(
-            c[0].detail.starts_with("3 alert records -> "),
+            c[0].detail.starts_with("4 alert records -> "),
             "{}",
             c[0].detail
         );
@@ -633,6 +708,14 @@ ALLYTEST inspect-upload INFO port=3 bytes=5000 sha256=up host_bytes=none host_sh
         // The host echoed the whole upload.
         let g = GUEST.replace("host_bytes=none", "host_bytes=5000");
         assert_eq!(failed(&judge(&g, &good_com2())), ["inspect-upload"]);
+        // The gzipped file arrived intact, or without Ally's decoded-body alert.
+        let g = GUEST.replace(
+            "bytes=0 sha256=none rc=143 seconds=10",
+            "bytes=150 sha256=g1 rc=0 seconds=1",
+        );
+        assert_eq!(failed(&judge(&g, &good_com2())), ["inspect-gzip"]);
+        let com2 = good_com2().replace(&eve(SID_GZIP, "blocked", "from_wire"), "");
+        assert_eq!(failed(&judge(GUEST, &com2)), ["inspect-gzip"]);
         // An alert with the wrong action or direction does not count.
         let com2 = good_com2().replace(
             &eve(SID_DROP, "blocked", "from_wire"),
@@ -658,10 +741,10 @@ ALLYTEST inspect-upload INFO port=3 bytes=5000 sha256=up host_bytes=none host_sh
         // A broken management line fails every inspection check, naming it.
         let com2 = good_com2() + "\nALLY pcap 1 sideways 60 00";
         let c = judge(GUEST, &com2);
-        assert_eq!(failed(&c).len(), 4);
+        assert_eq!(failed(&c).len(), 5);
         assert_eq!(
             c[0].detail,
-            "COM2 management stream: line 6: ALLY pcap line: missing or bad direction"
+            "COM2 management stream: line 7: ALLY pcap line: missing or bad direction"
         );
         // A missing marker.
         let c = judge(&GUEST.replace("inspect-alert", "x"), &good_com2());

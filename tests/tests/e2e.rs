@@ -111,7 +111,7 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 18] = [
+const NETWORK_CHECKS: [&str; 19] = [
     "download",
     "upload",
     "nic-reload",
@@ -132,6 +132,8 @@ const NETWORK_CHECKS: [&str; 18] = [
     "inspect-drop",
     "inspect-alert",
     "inspect-upload",
+    // Issue 12: EICAR in a gzipped, chunked HTTP body, dropped on the decoded body.
+    "inspect-gzip",
     "ring-attack",
     "rules",
     // Every attack of issue 11 the scenario asked for printed its marker (Ally's side of each
