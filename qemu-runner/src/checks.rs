@@ -1043,7 +1043,11 @@ fn nic_counters(ally: &AllyReport, key: &str) -> Result<NicCounters, String> {
 /// Ally's frame counts against the wire's (slirp's packet log): every frame the NIC took
 /// off the wire went through Ally (delivered to the guest or dropped, and counted), and every
 /// frame Ally posted reached the wire (a TSO packet counted as its segments; the device may
-/// send more frames than that estimate, which the detail reports).
+/// send more frames than that estimate, which the detail reports). At power-off Ally stops the
+/// receiver (RCTL.EN) before its final count; a frame the wire carries after that (a host
+/// retransmitting to a blocked flow) is refused by the device and reaches no ring, so up to
+/// [`FRAMES_AFTER_RECEIVER_STOP`] such frames are allowed and reported, never the reverse
+/// (Ally counting a frame the wire did not carry).
 pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Check {
     let frames = |key: &str| -> Result<u64, String> {
         let l = ally
@@ -1056,7 +1060,8 @@ pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Ch
         "nic-wire-balance",
         (|| {
             let (rx, tx) = (frames("nic-rx")?, frames("nic-tx")?);
-            if rx != wire.to_guest_frames {
+            let late = wire.to_guest_frames.saturating_sub(rx);
+            if rx > wire.to_guest_frames || late > FRAMES_AFTER_RECEIVER_STOP {
                 return Err(format!(
                     "the wire delivered {} frames to the NIC, Ally accounts for {rx}",
                     wire.to_guest_frames
@@ -1072,9 +1077,14 @@ pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Ch
                 ));
             }
             Ok(format!(
-                "wire to guest {} frames ({} B) = Ally RX delivered + dropped; wire from guest {} frames ({} B) >= Ally TX posted {tx} (difference {})",
+                "wire to guest {} frames ({} B) = Ally RX delivered + dropped{}; wire from guest {} frames ({} B) >= Ally TX posted {tx} (difference {})",
                 wire.to_guest_frames,
                 wire.to_guest_bytes,
+                if late > 0 {
+                    format!(" + {late} after the receiver stopped at power-off")
+                } else {
+                    String::new()
+                },
                 wire.to_host_frames,
                 wire.to_host_bytes,
                 wire.to_host_frames - tx
@@ -1082,6 +1092,9 @@ pub fn nic_wire_balance(ally: &AllyReport, wire: &crate::wire::WireCounts) -> Ch
         })(),
     )
 }
+
+/// Frames the wire may carry to the NIC after Ally stopped the receiver for its final count.
+pub const FRAMES_AFTER_RECEIVER_STOP: u64 = 2;
 
 /// `(reason, packets, ring-stops)` of every `ALLY nic-<dir>-drop` line.
 fn drop_reasons(ally: &AllyReport, key: &str) -> Result<Vec<(String, u64, u64)>, String> {
@@ -2247,7 +2260,16 @@ ALLY os-core index=2 apic=2 state=Running
             to_guest_bytes: 500,
         };
         assert!(nic_wire_balance(&ally, &wire(7, 4)).passed);
-        assert!(!nic_wire_balance(&ally, &wire(7, 5)).passed);
+        // Ally counting a frame the wire did not carry.
+        assert!(!nic_wire_balance(&ally, &wire(7, 3)).passed);
+        // One or two frames after the receiver stopped at power-off: reported.
+        let c = nic_wire_balance(&ally, &wire(7, 5));
+        assert!(
+            c.passed && c.detail.contains("+ 1 after the receiver stopped"),
+            "{c}"
+        );
+        assert!(nic_wire_balance(&ally, &wire(7, 6)).passed);
+        assert!(!nic_wire_balance(&ally, &wire(7, 7)).passed);
         assert!(!nic_wire_balance(&ally, &wire(6, 4)).passed);
         // More frames on the wire than Ally's TSO estimate: reported, not failed.
         assert!(nic_wire_balance(&ally, &wire(9, 4)).passed);
