@@ -497,8 +497,9 @@ pub fn mark(id: u8) {
     let mut registers = alloc::string::String::new();
     let _ = ally_hypervisor::exit::write_register_counts(&mut registers, trapped.exits.nonzero());
     info!(
-        "ALLY nic-mark id={id} exits={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} idle-wake-samples={} idle-wake-tsc={} tsc-per-us={} fresh={} registers={registers}",
+        "ALLY nic-mark id={id} exits={} fused={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} idle-wake-samples={} idle-wake-tsc={} tsc-per-us={} fresh={} registers={registers}",
         trapped.exits.total(),
+        trapped.exits.fused.load(Ordering::Relaxed),
         trapped.exits.forwarded(),
         counters.tx.packets,
         counters.rx.packets,
@@ -591,8 +592,9 @@ pub fn report() {
         alloc::format!("{}.{:02}", hundredths / 100, hundredths % 100)
     };
     info!(
-        "ALLY nic-exits total={exits} queue={} forwarded={forwarded} packets={packets} exits-per-packet={} queue-exits-per-packet={}",
+        "ALLY nic-exits total={exits} queue={} forwarded={forwarded} fused={} packets={packets} exits-per-packet={} queue-exits-per-packet={}",
         exits - forwarded,
+        trapped.exits.fused.load(Ordering::Relaxed),
         per_packet(exits),
         per_packet(exits - forwarded)
     );

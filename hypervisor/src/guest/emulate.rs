@@ -270,7 +270,7 @@ where
 
 /// Segment base + effective address; 32-bit wrap outside 64-bit mode, canonical check in
 /// it (SDM Vol. 3A 3.4.4, Vol. 1 3.3.7.1).
-fn operand_linear_address(
+pub(super) fn operand_linear_address(
     cpu: &GuestCpuState,
     instruction: &MmioInstruction,
 ) -> Result<u64, EmulationError> {

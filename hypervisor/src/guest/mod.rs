@@ -28,6 +28,7 @@
 pub mod decode;
 pub mod emulate;
 pub mod fetch;
+pub mod follow_on;
 pub mod memory;
 pub mod paging_walk;
 pub mod state;
@@ -42,6 +43,7 @@ pub use decode::{
 };
 pub use emulate::{emulate_mmio, EmulatedAccess, EmulationError, MmioDirection, MmioHandler};
 pub use fetch::{fetch_instruction, FetchError, FetchedInstruction, MAX_INSTRUCTION_LEN};
+pub use follow_on::{emulate_follow_on, MAX_FOLLOW_ON};
 pub use memory::{GuestMemError, GuestMemory};
 pub use paging_walk::{translate, PagingLevel, PagingMode, WalkError};
 pub use state::{

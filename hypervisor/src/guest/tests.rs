@@ -459,6 +459,10 @@ const CODE_LA: u64 = 0xffff_ffff_8100_0ff0;
 const CODE_GPA: u64 = 0x0020_0ff0;
 const MMIO_LA: u64 = 0xffff_c900_0010_0000;
 const MMIO_GPA: u64 = 0xfebc_0000;
+const DATA_LA: u64 = 0xffff_8880_0060_0000;
+const DATA_GPA: u64 = 0x0060_0000;
+const LOW_LA: u64 = 0xffff_8880_0009_0000;
+const LOW_GPA: u64 = 0x0009_0000;
 
 /// A 64-bit guest whose code page at `CODE_LA` holds `code` and whose MMIO page at `MMIO_LA`
 /// maps to `MMIO_GPA` (not RAM). The page after the code page is mapped elsewhere so that
@@ -478,6 +482,11 @@ fn guest64(code: &[u8]) -> (GuestCpuState, Box<Mem>) {
         );
     }
     mem.map(GuestPhysAddr(0x0050_0000), 4096).unwrap();
+    // Kernel data in RAM, and a page of the first MiB, for the follow-on loads.
+    t.map(&mut mem, DATA_LA, DATA_GPA, 12, P | RW | XD);
+    mem.map(GuestPhysAddr(DATA_GPA), 4096).unwrap();
+    t.map(&mut mem, LOW_LA, LOW_GPA, 12, P | RW | XD);
+    mem.map(GuestPhysAddr(LOW_GPA), 4096).unwrap();
     load_code(&mut mem, CODE_LA, CODE_GPA, 0x0050_0000, code);
     let mut cpu = long_mode_cpu(4);
     cpu.rip = CODE_LA;
@@ -1488,4 +1497,193 @@ fn error_messages_name_the_problem() {
         message(&w).as_str(),
         "guest linear address 0x1000: PDPTE 0x2 is not present"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Follow-on emulation: the flush read after a trapped write, in the same exit
+// ---------------------------------------------------------------------------------------
+
+/// A handler for the test's MMIO pages, sharing one recording device (the follow-on tests
+/// trap the first two of the four pages).
+struct SharedMmio<'a>(&'a core::cell::RefCell<RecordingMmio>);
+
+impl MmioHandler for SharedMmio<'_> {
+    fn read(&mut self, gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
+        self.0.borrow_mut().read(gpa, width)
+    }
+    fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
+        self.0.borrow_mut().write(gpa, width, value)
+    }
+}
+
+/// Emulates the trapped write at RIP (at `gpa`), then the follow-on stretch; returns the
+/// follow-on result and the device's log.
+fn write_then_follow_on(
+    cpu: &mut GuestCpuState,
+    mem: &Mem,
+    gpa: u64,
+    status: u64,
+) -> (Option<EmulatedAccess>, heapless::Vec<MmioRecord, 16>) {
+    let dev = core::cell::RefCell::new(RecordingMmio::new(status));
+    let write = emulate_mmio(
+        cpu,
+        GuestPhysAddr(gpa),
+        AccessKind::Write,
+        mem,
+        &mut SharedMmio(&dev),
+    );
+    assert!(write.is_ok(), "{write:?}");
+    let fused = emulate_follow_on(cpu, mem, |gpa: GuestPhysAddr| {
+        (gpa.0 & !0x1fff == MMIO_GPA).then_some(SharedMmio(&dev))
+    });
+    let log = dev.borrow().log.clone();
+    (fused, log)
+}
+
+/// Debian 6.1 e1000.ko, `e1000_intr`: `ew32(IMC, ~0); E1000_WRITE_FLUSH();`
+const IMC_THEN_FLUSH: [u8; 19] = [
+    0x89, 0x90, 0xd8, 0x00, 0x00, 0x00, // mov %edx,0xd8(%rax)
+    0x48, 0x8b, 0x83, 0x08, 0x0e, 0x00, 0x00, // mov 0xe08(%rbx),%rax
+    0x48, 0x83, 0xc0, 0x08, // add $0x8,%rax
+    0x8b, 0x00, // mov (%rax),%eax
+];
+
+fn e1000_guest(code: &[u8]) -> (GuestCpuState, Box<Mem>) {
+    let (mut cpu, mut mem) = guest64(code);
+    // `adapter` in rbx, `hw->hw_addr` at adapter + 0xe08, the register page in rax.
+    cpu.regs.rbx = DATA_LA;
+    cpu.regs.rax = MMIO_LA;
+    cpu.regs.rdx = 0xffff_ffff;
+    mem.load_u64(GuestPhysAddr(DATA_GPA + 0xe08), MMIO_LA)
+        .unwrap();
+    (cpu, mem)
+}
+
+#[test]
+fn imc_write_and_its_status_flush_take_one_exit() {
+    let (mut cpu, mem) = e1000_guest(&IMC_THEN_FLUSH);
+    cpu.rflags = 2 | CF_ZF_FOR_TEST;
+    let (fused, log) = write_then_follow_on(&mut cpu, &mem, MMIO_GPA + 0xd8, 0xdead_0080_0000_0283);
+    let read = fused.expect("the flush read is emulated in the same exit");
+    assert_eq!(read.gpa, GuestPhysAddr(MMIO_GPA + 8));
+    assert_eq!((read.width, read.value), (AccessWidth::Dword, 0x0000_0283));
+    assert_eq!(
+        log.as_slice(),
+        &[
+            write_record(MMIO_GPA + 0xd8, AccessWidth::Dword, 0xffff_ffff),
+            read_record(MMIO_GPA + 8, AccessWidth::Dword)
+        ]
+    );
+    // EAX got STATUS (the 32-bit load zero-extends into RAX), RIP is past all four
+    // instructions, and the flags are those of `add $8` on the kernel pointer: SF only.
+    assert_eq!(cpu.regs.rax, 0x283);
+    assert_eq!(cpu.rip, CODE_LA + IMC_THEN_FLUSH.len() as u64);
+    assert_eq!(cpu.rflags, 2 | (1 << 7));
+}
+
+/// CF and ZF set before the stretch, to see ADD replace them.
+const CF_ZF_FOR_TEST: u64 = 1 | (1 << 6);
+
+#[test]
+fn ims_write_and_its_flush_through_another_base_register() {
+    // Debian 6.1 e1000.ko, `e1000_clean`: `ew32(IMS, ...)`; `mov 0x1d8(%r15),%rax`;
+    // `mov 0x8(%rax),%eax` (no ADD: the flags stay as they were).
+    let code = [
+        0x89, 0x90, 0xd0, 0x00, 0x00, 0x00, // mov %edx,0xd0(%rax)
+        0x49, 0x8b, 0x87, 0xd8, 0x01, 0x00, 0x00, // mov 0x1d8(%r15),%rax
+        0x8b, 0x40, 0x08, // mov 0x8(%rax),%eax
+    ];
+    let (mut cpu, mut mem) = e1000_guest(&code);
+    cpu.regs.r15 = DATA_LA;
+    mem.load_u64(GuestPhysAddr(DATA_GPA + 0x1d8), MMIO_LA)
+        .unwrap();
+    cpu.rflags = 2 | CF_ZF_FOR_TEST;
+    let (fused, log) = write_then_follow_on(&mut cpu, &mem, MMIO_GPA + 0xd0, 0x80080783);
+    assert_eq!(fused.map(|r| r.gpa), Some(GuestPhysAddr(MMIO_GPA + 8)));
+    assert_eq!(log.len(), 2);
+    assert_eq!(cpu.regs.rax, 0x8008_0783);
+    assert_eq!(cpu.rip, CODE_LA + code.len() as u64);
+    assert_eq!(cpu.rflags, 2 | CF_ZF_FOR_TEST);
+}
+
+#[test]
+fn follow_on_leaves_the_guest_as_the_write_left_it_when_the_stretch_is_not_a_flush() {
+    // Each case: the instructions after the trapped `mov %edx,0xd8(%rax)`, and a setup.
+    type Setup = fn(&mut GuestCpuState, &mut Mem);
+    let nothing: Setup = |_, _| {};
+    let cases: &[(&str, &[u8], Setup)] = &[
+        // The flush read is not next: a conditional jump first.
+        ("jcc", &[0x74, 0x02, 0x8b, 0x00], nothing),
+        // A RAM store is never emulated.
+        (
+            "store",
+            &[0x48, 0x89, 0x83, 0x08, 0x0e, 0x00, 0x00, 0x8b, 0x00],
+            nothing,
+        ),
+        // Loads from an address that is neither trapped nor RAM (an untrapped device page).
+        ("device", &[0x8b, 0x81, 0x00, 0x00, 0x00, 0x00], |cpu, _| {
+            cpu.regs.rcx = MMIO_LA + 0x3000
+        }),
+        // From the first MiB (legacy device windows live there).
+        ("low", &[0x48, 0x8b, 0x01, 0x8b, 0x00], |cpu, _| {
+            cpu.regs.rcx = LOW_LA
+        }),
+        // A misaligned RAM load.
+        (
+            "misaligned",
+            &[0x48, 0x8b, 0x83, 0x09, 0x0e, 0x00, 0x00, 0x8b, 0x00],
+            nothing,
+        ),
+        // More RAM loads than the window allows before the flush.
+        (
+            "too-long",
+            &[
+                0x48, 0x8b, 0x83, 0x08, 0x0e, 0x00, 0x00, // mov 0xe08(%rbx),%rax
+                0x48, 0x8b, 0x83, 0x08, 0x0e, 0x00, 0x00, 0x48, 0x8b, 0x83, 0x08, 0x0e, 0x00, 0x00,
+                0x48, 0x8b, 0x83, 0x08, 0x0e, 0x00, 0x00, 0x8b, 0x00,
+            ],
+            nothing,
+        ),
+        // Single-stepping: every instruction boundary is observable.
+        ("tf", &IMC_THEN_FLUSH[6..], |cpu, _| cpu.rflags |= 1 << 8),
+        // The data page vanished from the guest's tables.
+        ("walk", &IMC_THEN_FLUSH[6..], |cpu, _| {
+            cpu.regs.rbx = 0xffff_8880_0070_0000
+        }),
+        // A locked ADD.
+        ("lock", &[0xf0, 0x48, 0x83, 0xc0, 0x08, 0x8b, 0x00], nothing),
+    ];
+    for (name, tail, setup) in cases {
+        let mut code = IMC_THEN_FLUSH[..6].to_vec();
+        code.extend_from_slice(tail);
+        let (mut cpu, mut mem) = e1000_guest(&code);
+        setup(&mut cpu, &mut mem);
+        let dev = core::cell::RefCell::new(RecordingMmio::new(0x283));
+        emulate_mmio(
+            &mut cpu,
+            GuestPhysAddr(MMIO_GPA + 0xd8),
+            AccessKind::Write,
+            &*mem,
+            &mut SharedMmio(&dev),
+        )
+        .unwrap();
+        let after_write = cpu;
+        let fused = emulate_follow_on(&mut cpu, &*mem, |gpa: GuestPhysAddr| {
+            (gpa.0 & !0x1fff == MMIO_GPA).then_some(SharedMmio(&dev))
+        });
+        assert!(fused.is_none(), "{name}: {fused:?}");
+        assert_eq!(cpu, after_write, "{name}: the CPU state changed");
+        assert_eq!(dev.borrow().log.len(), 1, "{name}: the device saw more");
+    }
+}
+
+#[test]
+fn follow_on_runs_only_in_64_bit_mode() {
+    let (mut cpu, mem) = e1000_guest(&IMC_THEN_FLUSH);
+    cpu.rip += 6;
+    cpu.cs_access_rights = AR_DB | 0x9b;
+    let before = cpu;
+    let none = emulate_follow_on(&mut cpu, &*mem, |_| None::<RecordingMmio>);
+    assert!(none.is_none());
+    assert_eq!(cpu, before);
 }

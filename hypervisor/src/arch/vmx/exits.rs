@@ -14,7 +14,8 @@ use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
 use crate::control_regs::{self, ControlState};
 use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
 use crate::guest::{
-    emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters, MmioHandler, SegmentBases,
+    emulate_follow_on, emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters,
+    MmioHandler, SegmentBases,
 };
 use crate::ioport::PortWrite;
 use crate::log_limit;
@@ -867,15 +868,59 @@ fn emulate_access(
 ) -> Result<crate::guest::EmulatedAccess, crate::guest::EmulationError> {
     let mut cpu = cpu_state(regs);
     let done = emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, handler)?;
+    commit_emulated(regs, &cpu, false);
+    Ok(done)
+}
+
+/// Writes an emulated stretch's registers, RIP (and RFLAGS when it changed them) back to the
+/// guest.
+fn commit_emulated(regs: &mut GuestRegisters, cpu: &GuestCpuState, rflags_changed: bool) {
     *regs = cpu.regs;
     vmcs_write(guest::RSP, cpu.regs.rsp);
     vmcs_write(guest::RIP, cpu.rip);
+    if rflags_changed {
+        vmcs_write(guest::RFLAGS, cpu.rflags);
+    }
     // The emulated instruction retired: blocking by STI / MOV SS ends (SDM 26.3.1.5).
     let interruptibility = vmread(guest::INTERRUPTIBILITY_STATE);
     if interruptibility & 3 != 0 {
         vmcs_write(guest::INTERRUPTIBILITY_STATE, interruptibility & !3);
     }
-    Ok(done)
+}
+
+/// DR7's L0–L3 and G0–G3 enables (SDM Vol. 3B 18.2.4): with a breakpoint armed, an
+/// instruction boundary inside a fused stretch would be observable.
+const DR7_BREAKPOINT_ENABLES: u64 = 0xff;
+
+/// A trapped NIC register access; after a write, the driver's flush read that follows within
+/// a few instructions is emulated in the same exit ([`emulate_follow_on`]) and counted as
+/// fused, not as an exit.
+fn emulate_nic_access(
+    regs: &mut GuestRegisters,
+    gpa: GuestPhysAddr,
+    access: AccessKind,
+    nic: &nic_guard::NicTrap,
+    offset: u64,
+) -> Result<(), crate::guest::EmulationError> {
+    let mut cpu = cpu_state(regs);
+    emulate_mmio(
+        &mut cpu,
+        gpa,
+        access,
+        &PhysicalMemory,
+        &mut nic_guard::NicMmio::exit(nic, offset),
+    )?;
+    let mut rflags_changed = false;
+    if access == AccessKind::Write && vmread(guest::DR7) & DR7_BREAKPOINT_ENABLES == 0 {
+        let before = cpu.rflags;
+        let fused = emulate_follow_on(&mut cpu, &PhysicalMemory, |gpa: GuestPhysAddr| {
+            nic.trapped_offset(gpa)
+                .map(|offset| nic_guard::NicMmio::fused(nic, offset))
+        });
+        rflags_changed = fused.is_some() && cpu.rflags != before;
+    }
+    commit_emulated(regs, &cpu, rflags_changed);
+    Ok(())
 }
 
 fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
@@ -911,8 +956,7 @@ fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
         .as_ref()
         .and_then(|nic| Some((nic, nic.trapped_offset(gpa)?)))
     {
-        emulate_access(regs, gpa, access, &mut nic_guard::NicMmio(nic, offset))
-            .map_err(StopReason::Emulation)?;
+        emulate_nic_access(regs, gpa, access, nic, offset).map_err(StopReason::Emulation)?;
         return Ok(());
     }
     let result = emulate_access(regs, gpa, access, &mut HiddenMemory);

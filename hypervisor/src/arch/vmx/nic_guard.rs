@@ -29,6 +29,9 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub trait TrappedRegisters: Sync {
     /// The guest reads the dword register at `offset` in BAR0.
     fn read(&self, offset: u32) -> u32;
+    /// The same read, emulated in the exit of the write before it (counted apart: it cost
+    /// no exit).
+    fn fused_read(&self, offset: u32) -> u32;
     /// The guest writes the dword register at `offset` in BAR0.
     fn write(&self, offset: u32, value: u32);
     /// Whether the register at `offset` lies on a page absent from the EPT (otherwise the
@@ -136,18 +139,46 @@ pub static IO_BAR_ACCESSES: AtomicU64 = AtomicU64::new(0);
 
 /// BAR0's trapped pages, as an MMIO handler for the EPT-violation path: the NIC and the
 /// faulting address's BAR0 offset ([`NicTrap::trapped_offset`], found once by the caller).
-pub struct NicMmio<'a>(pub &'a NicTrap, pub u64);
+pub struct NicMmio<'a> {
+    nic: &'a NicTrap,
+    offset: u64,
+    /// A read emulated in the exit of an earlier access (not an exit of its own).
+    fused: bool,
+}
 
-impl NicMmio<'_> {
+impl<'a> NicMmio<'a> {
+    /// The access that exited.
+    pub fn exit(nic: &'a NicTrap, offset: u64) -> Self {
+        Self {
+            nic,
+            offset,
+            fused: false,
+        }
+    }
+
+    /// A read emulated in the same exit as the write before it.
+    pub fn fused(nic: &'a NicTrap, offset: u64) -> Self {
+        Self {
+            nic,
+            offset,
+            fused: true,
+        }
+    }
+
     fn offset(&self) -> Option<u32> {
-        self.0.dword_offset(self.1)
+        self.nic.dword_offset(self.offset)
     }
 }
 
 impl MmioHandler for NicMmio<'_> {
     fn read(&mut self, gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
         match self.offset() {
-            Some(offset) if width == AccessWidth::Dword => u64::from(self.0.registers.read(offset)),
+            Some(offset) if width == AccessWidth::Dword && self.fused => {
+                u64::from(self.nic.registers.fused_read(offset))
+            }
+            Some(offset) if width == AccessWidth::Dword => {
+                u64::from(self.nic.registers.read(offset))
+            }
             _ => {
                 refused(&REFUSED_MMIO, "mmio-read", gpa.0, width.bytes());
                 width.mask()
@@ -158,7 +189,7 @@ impl MmioHandler for NicMmio<'_> {
     fn write(&mut self, gpa: GuestPhysAddr, width: AccessWidth, value: u64) {
         match self.offset() {
             Some(offset) if width == AccessWidth::Dword => {
-                self.0.registers.write(offset, value as u32)
+                self.nic.registers.write(offset, value as u32)
             }
             _ => refused(&REFUSED_MMIO, "mmio-write", gpa.0, width.bytes()),
         }

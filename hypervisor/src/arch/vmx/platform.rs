@@ -196,8 +196,32 @@ impl GuestMemory for PhysicalMemory {
                 len: buf.len(),
             });
         }
-        // SAFETY: the range is identity-mapped (below `identity_limit`) and is not Ally's.
-        unsafe { core::ptr::copy_nonoverlapping(gpa.0 as *const u8, buf.as_mut_ptr(), buf.len()) };
+        let aligned = gpa.0.is_multiple_of(buf.len() as u64);
+        // An aligned load of 2, 4 or 8 bytes is one access, as the guest's own would be
+        // (SDM Vol. 3A 9.1.1), so a value another CPU is storing never tears.
+        let addr = gpa.0 as usize;
+        match buf.len() {
+            2 if aligned => {
+                // SAFETY: the range is identity-mapped (below `identity_limit`), is not Ally's,
+                // and the value is aligned to its width.
+                let value = unsafe { read_aligned::<u16>(addr) };
+                buf.copy_from_slice(&value.to_le_bytes());
+            }
+            4 if aligned => {
+                // SAFETY: as for the u16.
+                let value = unsafe { read_aligned::<u32>(addr) };
+                buf.copy_from_slice(&value.to_le_bytes());
+            }
+            8 if aligned => {
+                // SAFETY: as for the u16.
+                let value = unsafe { read_aligned::<u64>(addr) };
+                buf.copy_from_slice(&value.to_le_bytes());
+            }
+            // SAFETY: the range is identity-mapped and is not Ally's.
+            _ => unsafe {
+                core::ptr::copy_nonoverlapping(gpa.0 as *const u8, buf.as_mut_ptr(), buf.len())
+            },
+        }
         Ok(())
     }
 
@@ -212,6 +236,15 @@ impl GuestMemory for PhysicalMemory {
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), gpa.0 as *mut u8, buf.len()) };
         Ok(())
     }
+}
+
+/// One volatile load of a `T` at `addr`.
+///
+/// # Safety
+/// `addr` must be identity-mapped, readable and aligned for `T`.
+unsafe fn read_aligned<T: Copy>(addr: usize) -> T {
+    // SAFETY: the caller's contract.
+    unsafe { (addr as *const T).read_volatile() }
 }
 
 /// The INT 15h writer: only usable guest RAM may receive the E820 buffer.
