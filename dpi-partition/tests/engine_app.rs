@@ -380,7 +380,6 @@ fn headers_and_buffers_are_checked_at_load() {
         "alert dns any any -> any any (http.uri; content:\"a\"; sid:1;)",
         "alert tcp any any -> any any (tls.sni; content:\"a\"; dns.query; content:\"b\"; sid:1;)",
         "alert tcp any any -> any any (ssl_state:client_hello; http_uri; content:\"a\"; sid:1;)",
-        "alert udp any any -> any any (tls.sni; content:\"a\"; sid:1;)",
         "alert http any any -> any any (dns.query; content:\"a\"; sid:1;)",
         "alert tcp any any -> any any (dns.query:x; sid:1;)",
     ] {
@@ -452,4 +451,51 @@ fn et_open_style_lines_load() {
     }
     let p = parse_rule(lines[5].0, &v).unwrap();
     assert_eq!(p.ssl_state.map(|s| (s.want, s.not)), Some((0, 3)));
+}
+
+#[test]
+fn startswith_endswith_and_bsize() {
+    let q = udp(53, &dns_query(&[EVIL]));
+    let r = |o: &str| format!("alert dns any any -> any any (dns.query; {o}; sid:1;)");
+    assert!(hits(&r("content:\"evil.example\"; endswith"), &q));
+    assert!(hits(&r("content:\"evil.example\",endswith,nocase"), &q));
+    assert!(!hits(&r("content:\"www.evil\"; endswith"), &q));
+    assert!(hits(&r("content:\"www.evil\"; startswith"), &q));
+    assert!(!hits(&r("content:\"evil\"; startswith"), &q));
+    assert!(hits(
+        &r("content:\"www.\"; startswith; content:\"example\"; endswith"),
+        &q
+    ));
+    // ET's `depth` with `endswith`: the whole name, no longer than the depth.
+    assert!(hits(
+        &r("content:\"www.evil.example\"; depth:16; endswith"),
+        &q
+    ));
+    assert!(!hits(
+        &r("content:\"evil.example\"; depth:15; endswith"),
+        &q
+    ));
+    // Negated: the name does not end with it.
+    assert!(hits(&r("content:!\"evil\"; endswith"), &q));
+    assert!(!hits(&r("content:!\"example\"; endswith"), &q));
+    // Relative with endswith.
+    assert!(hits(
+        &r("content:\"www\"; content:\"example\"; distance:0; endswith"),
+        &q
+    ));
+    assert!(hits(&r("content:\"www\"; bsize:16"), &q));
+    assert!(!hits(&r("content:\"www\"; bsize:15"), &q));
+    assert!(hits(&r("content:\"www\"; bsize:10<>20"), &q));
+    assert!(hits(&r("bsize:>=16"), &q));
+    assert!(parse_rule(&r("content:\"a\"; depth:3; startswith"), &Vars::new()).is_err());
+    // On the stream window an endswith content is judged per segment: a request cut after
+    // "evil" does not end with it once the next bytes come.
+    assert!(hits(
+        "alert tcp any any -> any any (content:\"evil\"; endswith; sid:1;)",
+        &tcp(80, b"GET /evil")
+    ));
+    assert!(!hits(
+        "alert tcp any any -> any any (content:\"evil\"; endswith; sid:1;)",
+        &tcp(80, b"GET /evil HTTP/1.1")
+    ));
 }

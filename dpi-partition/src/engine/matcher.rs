@@ -4,6 +4,7 @@
 //! - Relative content (`distance`/`within`): with `base = cursor + distance` (the cursor is the
 //!   end of the previous positive content/pcre match, 0 at the start; `distance` may be negative),
 //!   the match starts at or after `max(base, 0)` and ends at or before `base + within`.
+//! - `endswith`: the match must also end at the buffer's end (so the window must reach it).
 //! - Negated content (`!`) succeeds when no match lies in its window and leaves the cursor alone.
 //! - `pcre`: searched from the buffer start, or with `R` from the cursor (the subject then starts
 //!   at the cursor, so `^` anchors there, as PCRE does); a match moves the cursor to its end.
@@ -346,6 +347,7 @@ pub struct CompiledContent {
     depth: Option<u32>,
     distance: i32,
     within: Option<u32>,
+    endswith: bool,
 }
 
 impl CompiledContent {
@@ -365,6 +367,7 @@ impl CompiledContent {
             depth: c.depth,
             distance: c.distance.unwrap_or(0),
             within: c.within,
+            endswith: c.endswith,
         }
     }
 
@@ -380,7 +383,18 @@ impl CompiledContent {
             let hi = self.depth.map_or(n64, |d| (lo + i64::from(d)).min(n64));
             (lo, hi)
         };
-        if hi - lo < self.pat.len() as i64 {
+        let m = self.pat.len() as i64;
+        // `endswith`: the only match position is the one that ends the buffer, if the window
+        // reaches the end.
+        let lo = if self.endswith {
+            if hi != n64 {
+                return None;
+            }
+            lo.max(n64 - m)
+        } else {
+            lo
+        };
+        if hi - lo < m {
             return None;
         }
         Some((lo as usize, hi as usize))

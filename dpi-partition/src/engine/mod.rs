@@ -387,7 +387,7 @@ struct Compiled {
 /// Whether a rule's payload is matched on the TCP stream window instead of the segment's own
 /// payload: it has at least one payload op; every op is a `content` or `pcre`, none negated;
 /// no content has `offset` or `depth`, and the first op is not relative (`distance`/`within`,
-/// pcre `R`); no pcre is anchored or position-dependent (flags `A`, `E`, `R` on the first op,
+/// pcre `R`), and none is `endswith`; no pcre is anchored or position-dependent (flags `A`, `E`, `R` on the first op,
 /// `B`; `^`, `$`, `\A`, `\Z`, `\z`, `\G` in the pattern); and the rule has no `dsize`. Such
 /// a program matches a buffer whenever it matches a sub-slice of it, so matching on a window
 /// that extends the segment backwards finds split matches and nothing anchored changes
@@ -399,7 +399,11 @@ fn stream_eligible(r: &Rule) -> bool {
     }
     r.ops.iter().enumerate().all(|(i, op)| match op {
         rules::PayloadOp::Content(c) => {
-            !c.negated && c.offset.is_none() && c.depth.is_none() && (i > 0 || !c.is_relative())
+            !c.negated
+                && !c.endswith
+                && c.offset.is_none()
+                && c.depth.is_none()
+                && (i > 0 || !c.is_relative())
         }
         rules::PayloadOp::Pcre(p) => {
             !p.negated

@@ -14,6 +14,9 @@
 //!   `fast_pattern:o,l`), in both the Snort 2 (separate options) and Snort 3
 //!   (`content:"x",depth 16,nocase`) styles. offset/depth mixed with distance/within on one
 //!   content, depth or within shorter than the pattern, and negative offsets are refused.
+//! - Suricata's `startswith` (= `depth` of the pattern's length from 0), `endswith` (the
+//!   match ends at the buffer's end; may be combined with the window options) and `bsize`
+//!   (= `bufferlen` without `relative`).
 //! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
 //!   byte_extract variables).
 //! - Sticky buffers (Snort 3): `http_uri http_raw_uri http_header http_raw_header http_method
@@ -412,6 +415,8 @@ pub struct Content {
     pub fast_pattern_only: bool,
     /// `fast_pattern_offset` / `fast_pattern_length`: the prefilter uses this slice.
     pub fp_slice: Option<(u16, u16)>,
+    /// `endswith` (Suricata): the match ends at the end of the buffer.
+    pub endswith: bool,
 }
 
 impl Content {
@@ -1550,6 +1555,9 @@ const KNOWN: &[&str] = &[
     "seq",
     "ack",
     "bufferlen",
+    "bsize",
+    "startswith",
+    "endswith",
     "ssl_state",
     "ssl_version",
 ];
@@ -1763,7 +1771,8 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 rule.ops.push(PayloadOp::Content(c));
                 last_content = Some(rule.ops.len() - 1);
             }
-            "nocase" | "offset" | "depth" | "distance" | "within" | "fast_pattern" => {
+            "nocase" | "offset" | "depth" | "distance" | "within" | "fast_pattern"
+            | "startswith" | "endswith" => {
                 let Some(PayloadOp::Content(c)) = last_content.and_then(|i| rule.ops.get_mut(i))
                 else {
                     return Err(bad(name, "no preceding content"));
@@ -1836,6 +1845,11 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             "bufferlen" => rule
                 .ops
                 .push(PayloadOp::BufferLen(parse_bufferlen(need(name, value)?)?)),
+            // Suricata's `bsize`: the length of the whole current buffer (as `bufferlen`).
+            "bsize" => rule.ops.push(PayloadOp::BufferLen(BufferLen {
+                check: parse_num_check(name, need(name, value)?)?,
+                relative: false,
+            })),
             "ssl_state" => {
                 rule.ssl_state = Some(SslFlags::parse(name, &SSL_STATES, need(name, value)?)?)
             }
@@ -1914,6 +1928,14 @@ fn apply_modifier(c: &mut Content, k: &str, v: Option<&str>) -> Result<(), RuleE
         "depth" => c.depth = Some(num(k, need()?)?),
         "distance" => c.distance = Some(num(k, need()?)?),
         "within" => c.within = Some(num(k, need()?)?),
+        // Suricata: `startswith` is `offset:0; depth:<pattern length>`.
+        "startswith" => {
+            if c.offset.is_some() || c.depth.is_some() || c.is_relative() {
+                return Err(bad(k, "mixed with offset, depth, distance or within"));
+            }
+            c.depth = Some(u32::try_from(c.pattern.len()).map_err(|_| bad(k, "pattern too long"))?);
+        }
+        "endswith" => c.endswith = true,
         "fast_pattern_offset" => {
             let o = num(k, need()?)?;
             c.fp_slice = Some((o, c.fp_slice.map_or(0, |s| s.1)));
@@ -2296,22 +2318,6 @@ fn validate(rule: &Rule) -> Result<(), RuleError> {
                 format!("a {} buffer in an `{}` rule", first.keyword(), h.keyword()),
             ));
         }
-        // DNS buffers need UDP or TCP, the others TCP.
-        let ok = match (first, rule.proto) {
-            (_, Proto::Icmp) => false,
-            (AppProto::Dns, _) => true,
-            (_, p) => p != Proto::Udp,
-        };
-        if !ok {
-            return Err(bad(
-                protos[0].1,
-                format!(
-                    "{} buffers in a `{}` rule",
-                    first.keyword(),
-                    rule.proto.keyword()
-                ),
-            ));
-        }
     }
     let mut fp = 0;
     for op in &rule.ops {
@@ -2551,6 +2557,9 @@ impl fmt::Display for Rule {
                     }
                     if let Some(v) = c.within {
                         write!(f, ",within {v}")?;
+                    }
+                    if c.endswith {
+                        f.write_str(",endswith")?;
                     }
                     f.write_str(";")?;
                     if c.fast_pattern {
