@@ -499,3 +499,36 @@ fn startswith_endswith_and_bsize() {
         &tcp(80, b"GET /evil HTTP/1.1")
     ));
 }
+
+#[test]
+fn dotprefix_after_dns_query_and_tls_sni() {
+    let q = udp(53, &dns_query(&[EVIL]));
+    let r = "alert dns $HOME_NET any -> any any (msg:\"ET\"; dns.query; dotprefix; content:\".evil.example\"; nocase; endswith; sid:1;)";
+    assert!(hits(r, &q));
+    // The name itself is evil.example: matched as a whole label sequence.
+    assert!(hits(r, &udp(53, &dns_query(&[b"\x04evil\x07example\x00"]))));
+    // notevil.example does not end with .evil.example.
+    assert!(!hits(
+        r,
+        &udp(53, &dns_query(&[b"\x07notevil\x07example\x00"]))
+    ));
+    let t = "alert tls any any -> any any (tls.sni; dotprefix; content:\".evil.example\"; endswith; fast_pattern; sid:2;)";
+    assert!(hits(t, &tcp(443, &client_hello(b"evil.example"))));
+    assert!(hits(t, &tcp(443, &client_hello(b"a.evil.example"))));
+    assert!(!hits(t, &tcp(443, &client_hello(b"notevil.example"))));
+    // Only right after dns.query / tls.sni.
+    let v = Vars::new();
+    for bad in [
+        "alert tcp any any -> any any (http.host; dotprefix; content:\".a\"; sid:1;)",
+        "alert tcp any any -> any any (tls.sni; content:\"a\"; dotprefix; sid:1;)",
+        "alert tcp any any -> any any (dotprefix; sid:1;)",
+    ] {
+        assert!(
+            matches!(parse_rule(bad, &v), Err(RuleError::Unsupported(_))),
+            "{bad}"
+        );
+    }
+    let r = parse_rule(t, &v).unwrap();
+    assert!(r.ops.contains(&PayloadOp::AppBuffer(AppBuffer::TlsSniDot)));
+    assert_eq!(parse_rule(&r.to_string(), &v).unwrap(), r);
+}

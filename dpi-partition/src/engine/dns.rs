@@ -63,6 +63,13 @@ impl DnsView {
             .unwrap_or(&[])
     }
 
+    /// The name with a `.` before it (Suricata's `dotprefix` transform).
+    pub fn dot_name(&self, q: &Question) -> &[u8] {
+        self.names
+            .get((q.name.0 as usize).saturating_sub(1)..q.name.1 as usize)
+            .unwrap_or(&[])
+    }
+
     /// Whether the last [`parse`] found a DNS message.
     pub fn is_dns(&self) -> bool {
         !self.questions.is_empty()
@@ -112,6 +119,8 @@ fn parse_message(m: &[u8], out: &mut DnsView) -> bool {
     out.response = flags & 0x8000 != 0;
     let mut pos = HEADER;
     for _ in 0..qd {
+        // Each name is kept after a `.`, for `dotprefix`.
+        out.names.push(b'.');
         let start = out.names.len();
         let Some(after) = read_name(m, pos, &mut out.names) else {
             return false;
@@ -238,6 +247,8 @@ mod tests {
         let m = query(&[b"\x03www\x07example\x03com\x00", b"\x00"]);
         assert!(parse(&m, false, &mut v));
         assert_eq!(names(&v), [&b"www.example.com"[..], b""]);
+        let q = v.questions()[0];
+        assert_eq!(v.dot_name(&q), b".www.example.com");
         assert_eq!(v.id, 0x1234);
         assert!(!v.response);
         assert_eq!(v.questions()[0].rrtype, 1);

@@ -480,8 +480,10 @@ struct Group {
     /// ([`rules::HttpBuffer::may_be_decoded`]): the decoded buffers are scanned too.
     decoded: bool,
     /// Some fast pattern lives in `dns.query` (dotted names are not payload bytes): the
-    /// question names are scanned too.
+    /// question names (each after a `.`) are scanned too.
     dns_names: bool,
+    /// Some fast pattern lives in `tls.sni; dotprefix`: the dot-prefixed SNI is scanned too.
+    sni_dot: bool,
 }
 
 /// Groups of one protocol class.
@@ -536,6 +538,8 @@ struct AppScratch {
     dns_done: bool,
     tls: tls::TlsView,
     tls_done: bool,
+    /// The SNI with a `.` before it (`tls.sni; dotprefix`), built with the TLS view.
+    sni_dot: Vec<u8>,
 }
 
 impl AppScratch {
@@ -556,6 +560,11 @@ impl AppScratch {
         if !self.tls_done {
             self.tls = tls::parse(p);
             self.tls_done = true;
+            self.sni_dot.clear();
+            if let Some(s) = self.tls.sni(p) {
+                self.sni_dot.push(b'.');
+                self.sni_dot.extend_from_slice(s);
+            }
         }
         &self.tls
     }
@@ -575,6 +584,7 @@ fn dns_match(
     view.questions().iter().position(|q| {
         let mut b = Buffers::pkt(msg);
         b.app[rules::AppBuffer::DnsQuery.index()] = Some(view.name(q));
+        b.app[rules::AppBuffer::DnsQueryDot.index()] = Some(view.dot_name(q));
         prog.matches_buffers(&b, memo)
     })
 }
@@ -597,6 +607,7 @@ fn tls_match(
     }
     let mut b = Buffers::pkt(p);
     b.app[rules::AppBuffer::TlsSni.index()] = view.sni(p);
+    b.app[rules::AppBuffer::TlsSniDot.index()] = view.sni(p).map(|_| &sc.sni_dot[..]);
     prog.matches_buffers(&b, memo)
 }
 
@@ -864,11 +875,16 @@ impl Engine {
         let mut always = Vec::new();
         let mut decoded = false;
         let mut dns_names = false;
+        let mut sni_dot = false;
         for &i in &members {
             match self.rules[i as usize].rule.fast_pattern() {
                 Some(fp) => {
                     decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
-                    dns_names |= fp.app_buffer == Some(rules::AppBuffer::DnsQuery);
+                    dns_names |= matches!(
+                        fp.app_buffer,
+                        Some(rules::AppBuffer::DnsQuery | rules::AppBuffer::DnsQueryDot)
+                    );
+                    sni_dot |= fp.app_buffer == Some(rules::AppBuffer::TlsSniDot);
                     lits.push((fp.bytes.to_vec(), fp.nocase));
                     lit_rule.push(i);
                 }
@@ -883,6 +899,7 @@ impl Engine {
             always,
             decoded,
             dns_names,
+            sni_dot,
         });
         by_members.insert(members, g);
         Ok(g)
@@ -1047,9 +1064,17 @@ impl Engine {
                 if let Some(tcp) = tcp_or_udp(pkt) {
                     let view = self.app.dns(pkt.payload, tcp);
                     for q in view.questions() {
-                        group.pf.scan(view.name(q), &mut self.lit_marks, &mut push);
+                        group
+                            .pf
+                            .scan(view.dot_name(q), &mut self.lit_marks, &mut push);
                     }
                 }
+            }
+            if group.sni_dot && matches!(pkt.l4, L4::Tcp { .. }) {
+                self.app.tls(pkt.payload);
+                group
+                    .pf
+                    .scan(&self.app.sni_dot, &mut self.lit_marks, &mut push);
             }
             for &r in &group.always {
                 if self.rule_marks.first(r as usize) {

@@ -42,7 +42,8 @@
 //!   `http tls smtp ssh` imply TCP, `dns` UDP or TCP (ports allowed). Other Suricata protocols
 //!   (`ftp`, `smb`, ...) are refused as "unsupported protocol X".
 //! - DNS/TLS sticky buffers ([`AppBuffer`]): `dns.query` (`dns_query`), `tls.sni`
-//!   (`tls_sni`), with the same buffer rules as HTTP's; Snort's `ssl_state` and `ssl_version`
+//!   (`tls_sni`), with the same buffer rules as HTTP's, and Suricata's `dotprefix` transform
+//!   right after either (the buffer with a `.` before it); Snort's `ssl_state` and `ssl_version`
 //!   ([`SslFlags`]: comma lists, `!` negation; see [`super::tls`]). One rule's buffers and
 //!   `ssl_*` options must all belong to one protocol (and to the header's, if it names one).
 //!
@@ -290,13 +291,22 @@ pub enum AppBuffer {
     DnsQuery,
     /// `tls.sni` (legacy `tls_sni`): the ClientHello's server_name host name.
     TlsSni,
+    /// `dns.query; dotprefix`: the name with a `.` before it.
+    DnsQueryDot,
+    /// `tls.sni; dotprefix`: the host name with a `.` before it.
+    TlsSniDot,
 }
 
 impl AppBuffer {
     /// Number of buffers.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 4;
     /// Every buffer, in index order.
-    pub const ALL: [AppBuffer; AppBuffer::COUNT] = [AppBuffer::DnsQuery, AppBuffer::TlsSni];
+    pub const ALL: [AppBuffer; AppBuffer::COUNT] = [
+        AppBuffer::DnsQuery,
+        AppBuffer::TlsSni,
+        AppBuffer::DnsQueryDot,
+        AppBuffer::TlsSniDot,
+    ];
 
     /// Index in `0..COUNT`.
     pub fn index(self) -> usize {
@@ -308,6 +318,8 @@ impl AppBuffer {
         match self {
             AppBuffer::DnsQuery => "dns.query",
             AppBuffer::TlsSni => "tls.sni",
+            AppBuffer::DnsQueryDot => "dns.query; dotprefix",
+            AppBuffer::TlsSniDot => "tls.sni; dotprefix",
         }
     }
 
@@ -323,8 +335,8 @@ impl AppBuffer {
     /// The protocol whose messages hold the buffer.
     pub fn proto(self) -> AppProto {
         match self {
-            AppBuffer::DnsQuery => AppProto::Dns,
-            AppBuffer::TlsSni => AppProto::Tls,
+            AppBuffer::DnsQuery | AppBuffer::DnsQueryDot => AppProto::Dns,
+            AppBuffer::TlsSni | AppBuffer::TlsSniDot => AppProto::Tls,
         }
     }
 }
@@ -1556,6 +1568,7 @@ const KNOWN: &[&str] = &[
     "ack",
     "bufferlen",
     "bsize",
+    "dotprefix",
     "startswith",
     "endswith",
     "ssl_state",
@@ -1855,6 +1868,24 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             }
             "ssl_version" => {
                 rule.ssl_version = Some(SslFlags::parse(name, &SSL_VERSIONS, need(name, value)?)?)
+            }
+            // Suricata's `dotprefix` transform, right after `dns.query` or `tls.sni`.
+            "dotprefix" => {
+                let dotted = match rule.ops.last() {
+                    Some(PayloadOp::AppBuffer(AppBuffer::DnsQuery)) => AppBuffer::DnsQueryDot,
+                    Some(PayloadOp::AppBuffer(AppBuffer::TlsSni)) => AppBuffer::TlsSniDot,
+                    _ => {
+                        return Err(RuleError::Unsupported(alloc::vec![
+                            "dotprefix (only right after dns.query or tls.sni)".into()
+                        ]))
+                    }
+                };
+                if value.is_some() {
+                    return Err(bad(name, "takes no value"));
+                }
+                if let Some(last) = rule.ops.last_mut() {
+                    *last = PayloadOp::AppBuffer(dotted);
+                }
             }
             _ if AppBuffer::from_keyword(name).is_some() => {
                 if value.is_some() {
