@@ -61,6 +61,14 @@
 //!   bytes are skipped, and a match on a message that began in old bytes counts only when the
 //!   rule does not match the same message cut at the old bytes (reported once, as above).
 //!   `flow:only_stream` rules match only segments the tracker accepted.
+//! - **Application protocols** ([`app`], [`dns`], [`tls`]): with any `alert http/dns/tls/smtp/
+//!   ssh` rule loaded, every TCP/UDP payload is classified by its first bytes and the first
+//!   protocol seen is recorded on its flow (the flow table then tracks flows); such a rule
+//!   matches when the payload or its flow is of its protocol, on any port. Rules with
+//!   `dns.query` are matched per DNS question of the UDP payload or TCP segment, rules with
+//!   `tls.sni`/`ssl_state`/`ssl_version` per TCP segment's TLS records (no state across
+//!   segments); both parse at most once per frame, and `dns.query` fast patterns are scanned
+//!   over the dotted names too.
 //! - **IP fragments** (with [`EngineConfig::defrag`] set, as boot does) go through the
 //!   reassembler [`defrag`] in *forward mode*, since the NIC path cannot hold frames: each
 //!   fragment is checked (overlaps must agree, RFC 1858/7112 tiny fragments, bounds) and kept,
