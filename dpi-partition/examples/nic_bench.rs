@@ -559,6 +559,7 @@ fn alerts() {
         rule,
         suppressed: 0,
         http: None,
+        app: Default::default(),
     };
     let frame = vec![0xA5u8; 1500];
     let ring: Box<RecordRing<{ 64 * 1024 }>> = Box::new(RecordRing::new());

@@ -404,7 +404,7 @@ fn fast_pattern_choice() {
 fn unsupported_options_reported_with_sid() {
     let text = "alert tcp any any -> any any (msg:\"a\"; tag:session,10,packets; content:\"a\"; sid:10;)\n\
                 alert tcp any any -> any any (msg:\"b\"; base64_decode; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
-                alert http any any -> any any (msg:\"c\"; sid:12;)\n\
+                alert ftp any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
     let p = parse_rules(text, &Vars::new());
     assert_eq!(p.rules.len(), 1);

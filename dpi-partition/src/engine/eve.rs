@@ -18,8 +18,10 @@ use alloc::vec::Vec;
 use core::fmt::{self, Write};
 use core::net::IpAddr;
 
+use super::dns::{self, DnsView};
 use super::http::HttpMeta;
-use super::rules::{Action, Rule};
+use super::rules::{Action, AppProto, Rule};
+use super::tls;
 use super::{Direction, Timestamp};
 
 /// Prefix of an alert line.
@@ -175,6 +177,29 @@ pub struct Alert<'a> {
     pub suppressed: u64,
     /// The HTTP message the rule matched, for rules with HTTP buffers.
     pub http: Option<HttpMeta<'a>>,
+    /// The application protocol and its DNS/TLS metadata, for rules with a protocol header or
+    /// DNS/TLS buffers.
+    pub app: AppMeta<'a>,
+}
+
+/// What an EVE record tells about a DNS or TLS match.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AppMeta<'a> {
+    /// `app_proto`: the rule's header protocol, or the protocol of its buffers.
+    pub proto: Option<AppProto>,
+    /// The DNS message whose question matched (`dns.query` records every question).
+    pub dns: Option<&'a DnsView>,
+    /// The TLS payload the rule matched.
+    pub tls: Option<TlsMeta<'a>>,
+}
+
+/// EVE `tls` fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsMeta<'a> {
+    /// SNI host name.
+    pub sni: Option<&'a [u8]>,
+    /// Hello version ([`super::tls::TlsView::version`]).
+    pub version: Option<u16>,
 }
 
 /// Receives alerts and dropped frames from the engine.
@@ -239,7 +264,11 @@ pub fn write_json_bytes(w: &mut dyn Write, s: &[u8]) -> fmt::Result {
 /// Writes one EVE alert object (no trailing newline). An alert of a rule with HTTP buffers adds
 /// `"app_proto":"http"` and an `http` object with what the matched message has of Suricata's
 /// `hostname`, `url`, `http_user_agent`, `http_method` and `status` (a response carries no
-/// request fields: no HTTP state links it to its request).
+/// request fields: no HTTP state links it to its request). A rule with a protocol header or
+/// DNS/TLS buffers adds `app_proto`; a `dns.query` match adds
+/// `"dns":{"query":[{"type":"query","id":N,"rrname":"...","rrtype":"A"},...]}` (every question
+/// of the message; an unnamed type as its number), a TLS match `"tls":{"sni":...,"version":...}`
+/// (what the payload has).
 pub fn write_eve(w: &mut dyn Write, a: &Alert<'_>) -> fmt::Result {
     let (category, severity) = category_and_severity(a.rule);
     write!(w, "{{\"timestamp\":\"{}\",\"event_type\":\"alert\",", a.ts)?;
@@ -290,6 +319,37 @@ pub fn write_eve(w: &mut dyn Write, a: &Alert<'_>) -> fmt::Result {
         }
         if let Some(st) = h.status {
             write!(w, "{sep}\"status\":{st}")?;
+        }
+        w.write_char('}')?;
+    } else if let Some(p) = a.app.proto {
+        write!(w, ",\"app_proto\":\"{}\"", p.keyword())?;
+    }
+    if let Some(d) = a.app.dns {
+        w.write_str(",\"dns\":{\"query\":[")?;
+        for (i, q) in d.questions().iter().enumerate() {
+            let sep = if i > 0 { "," } else { "" };
+            write!(w, "{sep}{{\"type\":\"query\",\"id\":{},\"rrname\":", d.id)?;
+            write_json_bytes(w, d.name(q))?;
+            match dns::rrtype_name(q.rrtype) {
+                Some(n) => write!(w, ",\"rrtype\":\"{n}\"}}")?,
+                None => write!(w, ",\"rrtype\":\"{}\"}}", q.rrtype)?,
+            }
+        }
+        w.write_str("]}")?;
+    }
+    if let Some(t) = a.app.tls {
+        w.write_str(",\"tls\":{")?;
+        let mut sep = "";
+        if let Some(s) = t.sni {
+            w.write_str("\"sni\":")?;
+            write_json_bytes(w, s)?;
+            sep = ",";
+        }
+        if let Some(v) = t.version {
+            match tls::version_name(v) {
+                Some(n) => write!(w, "{sep}\"version\":\"{n}\"")?,
+                None => write!(w, "{sep}\"version\":\"0x{v:04x}\"")?,
+            }
         }
         w.write_char('}')?;
     }

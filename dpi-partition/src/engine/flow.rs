@@ -72,6 +72,8 @@ struct Entry {
     last_seen: u64,
     /// `flowbits` of the flow (bit indices assigned by the engine).
     bits: u128,
+    /// Application protocol detected on the flow ([`super::rules::AppProto::code`]; 0: none).
+    app: u8,
 }
 
 /// Where a packet stands in its flow.
@@ -144,6 +146,21 @@ impl FlowTable {
     pub fn set_current_bits(&mut self, bits: u128) {
         if let Some(e) = self.current.and_then(|i| self.slots[i].as_mut()) {
             e.bits = bits;
+        }
+    }
+
+    /// Application protocol code of the flow of the packet last tracked (0: none or no flow).
+    pub fn current_app(&self) -> u8 {
+        self.current
+            .and_then(|i| self.slots[i].as_ref())
+            .map_or(0, |e| e.app)
+    }
+
+    /// Records the application protocol of the flow of the packet last tracked (no-op without
+    /// a flow).
+    pub fn set_current_app(&mut self, app: u8) {
+        if let Some(e) = self.current.and_then(|i| self.slots[i].as_mut()) {
+            e.app = app;
         }
     }
 
@@ -257,6 +274,7 @@ impl FlowTable {
                         state: State::SynSent,
                         last_seen: now,
                         bits: 0,
+                        app: 0,
                     };
                     self.insert(start, e, now);
                     FlowInfo {
@@ -292,6 +310,7 @@ impl FlowTable {
                     state: State::SynSent,
                     last_seen: now,
                     bits: 0,
+                    app: 0,
                 };
                 self.insert(start, e, now);
                 Some(FlowInfo {

@@ -4,6 +4,7 @@
 //! - Relative content (`distance`/`within`): with `base = cursor + distance` (the cursor is the
 //!   end of the previous positive content/pcre match, 0 at the start; `distance` may be negative),
 //!   the match starts at or after `max(base, 0)` and ends at or before `base + within`.
+//! - `endswith`: the match must also end at the buffer's end (so the window must reach it).
 //! - Negated content (`!`) succeeds when no match lies in its window and leaves the cursor alone.
 //! - `pcre`: searched from the buffer start, or with `R` from the cursor (the subject then starts
 //!   at the cursor, so `^` anchors there, as PCRE does); a match moves the cursor to its end.
@@ -65,8 +66,8 @@ use regex_automata::{Anchored, Input};
 
 use super::backtrack::{self, Exceeded, STEP_LIMIT};
 use super::rules::{
-    Action, BufferLen, ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer, PayloadOp, Pcre,
-    Rule,
+    Action, AppBuffer, BufferLen, ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer,
+    PayloadOp, Pcre, Rule,
 };
 
 /// The buffers a payload program reads: the packet payload and, for a rule with HTTP sticky
@@ -79,6 +80,8 @@ pub struct Buffers<'a> {
     pub http: [Option<&'a [u8]>; HttpBuffer::COUNT],
     /// Bit per HTTP buffer index: cut at a size limit (only positive evidence counts).
     pub truncated: u16,
+    /// DNS/TLS buffers by [`AppBuffer::index`]; `None`: the message has no such buffer.
+    pub app: [Option<&'a [u8]>; AppBuffer::COUNT],
 }
 
 impl<'a> Buffers<'a> {
@@ -344,6 +347,7 @@ pub struct CompiledContent {
     depth: Option<u32>,
     distance: i32,
     within: Option<u32>,
+    endswith: bool,
 }
 
 impl CompiledContent {
@@ -363,6 +367,7 @@ impl CompiledContent {
             depth: c.depth,
             distance: c.distance.unwrap_or(0),
             within: c.within,
+            endswith: c.endswith,
         }
     }
 
@@ -378,7 +383,18 @@ impl CompiledContent {
             let hi = self.depth.map_or(n64, |d| (lo + i64::from(d)).min(n64));
             (lo, hi)
         };
-        if hi - lo < self.pat.len() as i64 {
+        let m = self.pat.len() as i64;
+        // `endswith`: the only match position is the one that ends the buffer, if the window
+        // reaches the end.
+        let lo = if self.endswith {
+            if hi != n64 {
+                return None;
+            }
+            lo.max(n64 - m)
+        } else {
+            lo
+        };
+        if hi - lo < m {
             return None;
         }
         Some((lo as usize, hi as usize))
@@ -431,6 +447,7 @@ enum Op {
     },
     Reset,
     Buffer(HttpBuffer),
+    AppBuffer(AppBuffer),
     BufferLen(BufferLen),
     ByteTest(ByteTest),
     ByteJump(ByteJump),
@@ -549,7 +566,7 @@ impl Op {
             Op::Content(c) => c.relative,
             Op::Pcre(p) => p.relative,
             Op::IsDataAt { relative, .. } => *relative,
-            Op::Reset | Op::Buffer(_) => false,
+            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) => false,
             Op::BufferLen(b) => b.relative,
             Op::ByteTest(b) => b.extract.relative,
             Op::ByteJump(j) => j.extract.relative,
@@ -565,7 +582,7 @@ impl Op {
             Op::IsDataAt { negated, .. } => *negated,
             Op::BufferLen(_) => true,
             Op::ByteJump(j) => j.from_end,
-            Op::Reset | Op::Buffer(_) | Op::ByteTest(_) => false,
+            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) | Op::ByteTest(_) => false,
         }
     }
 
@@ -574,24 +591,25 @@ impl Op {
         match self {
             Op::Content(c) => !c.negated && !c.relative,
             Op::Pcre(p) => !p.negated && !p.relative,
-            Op::Reset | Op::Buffer(_) => true,
+            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) => true,
             Op::ByteJump(j) => !j.extract.relative,
             Op::IsDataAt { .. } | Op::ByteTest(_) | Op::BufferLen(_) => false,
         }
     }
 }
 
-/// The bytes of buffer `b` (0: the packet; `k`: HTTP buffer `k - 1`, empty when absent).
+/// Buffer number of the first app buffer (after the packet and the HTTP buffers).
+const APP_BASE: u8 = 1 + HttpBuffer::COUNT as u8;
+
+/// The bytes of buffer `b` (0: the packet; `1..APP_BASE`: HTTP buffer `b - 1`; from
+/// `APP_BASE`: app buffer `b - APP_BASE`; empty when absent).
 fn buffer<'a>(bufs: &Buffers<'a>, b: u8) -> &'a [u8] {
-    match b {
-        0 => bufs.pkt,
-        k => bufs
-            .http
-            .get(usize::from(k) - 1)
-            .copied()
-            .flatten()
-            .unwrap_or(&[]),
-    }
+    let slot = match b {
+        0 => return bufs.pkt,
+        k if k < APP_BASE => bufs.http.get(usize::from(k) - 1),
+        k => bufs.app.get(usize::from(k - APP_BASE)),
+    };
+    slot.copied().flatten().unwrap_or(&[])
 }
 
 /// Scratch space for the failure memo, reused across evaluations.
@@ -663,6 +681,7 @@ impl Program {
                 },
                 PayloadOp::ResetCursor => Op::Reset,
                 PayloadOp::Buffer(b) => Op::Buffer(*b),
+                PayloadOp::AppBuffer(b) => Op::AppBuffer(*b),
                 PayloadOp::BufferLen(b) => Op::BufferLen(*b),
                 PayloadOp::ByteTest(b) => Op::ByteTest(*b),
                 PayloadOp::ByteJump(j) => Op::ByteJump(*j),
@@ -674,13 +693,14 @@ impl Program {
             match op {
                 Op::Reset => cur = 0,
                 Op::Buffer(b) => cur = b.index() as u8 + 1,
+                Op::AppBuffer(b) => cur = APP_BASE + b.index() as u8,
                 _ => {}
             }
             buf_of.push(cur);
             if !used.contains(&cur) {
                 used.push(cur);
             }
-            if cur > 0 && op.needs_whole_buffer() {
+            if cur > 0 && cur < APP_BASE && op.needs_whole_buffer() {
                 whole |= 1 << (cur - 1);
             }
         }
@@ -740,7 +760,7 @@ impl Program {
 
     /// Whether the program reads an HTTP buffer.
     pub fn uses_http(&self) -> bool {
-        self.used.iter().any(|&b| b > 0)
+        self.used.iter().any(|&b| b > 0 && b < APP_BASE)
     }
 
     /// Runs the program over `buf` (the packet buffer only).
@@ -799,6 +819,7 @@ impl Program {
         match op {
             Op::Reset => self.next(i + 1, 0, bufs, memo),
             Op::Buffer(b) => bufs.http[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
+            Op::AppBuffer(b) => bufs.app[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
             Op::BufferLen(b) => {
                 let len = if b.relative {
                     n.saturating_sub(cursor)

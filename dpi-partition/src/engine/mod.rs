@@ -61,6 +61,14 @@
 //!   bytes are skipped, and a match on a message that began in old bytes counts only when the
 //!   rule does not match the same message cut at the old bytes (reported once, as above).
 //!   `flow:only_stream` rules match only segments the tracker accepted.
+//! - **Application protocols** ([`app`], [`dns`], [`tls`]): with any `alert http/dns/tls/smtp/
+//!   ssh` rule loaded, every TCP/UDP payload is classified by its first bytes and the first
+//!   protocol seen is recorded on its flow (the flow table then tracks flows); such a rule
+//!   matches when the payload or its flow is of its protocol, on any port. Rules with
+//!   `dns.query` are matched per DNS question of the UDP payload or TCP segment, rules with
+//!   `tls.sni`/`ssl_state`/`ssl_version` per TCP segment's TLS records (no state across
+//!   segments); both parse at most once per frame, and `dns.query` fast patterns are scanned
+//!   over the dotted names too.
 //! - **IP fragments** (with [`EngineConfig::defrag`] set, as boot does) go through the
 //!   reassembler [`defrag`] in *forward mode*, since the NIC path cannot hold frames: each
 //!   fragment is checked (overlaps must agree, RFC 1858/7112 tiny fragments, bounds) and kept,
@@ -99,9 +107,11 @@
 //!   rules and flowbit checkers last, so a bit set on a packet is visible to checkers on it.
 
 pub mod addr;
+pub mod app;
 pub mod backtrack;
 pub mod blob;
 pub mod defrag;
+pub mod dns;
 pub mod eve;
 pub mod flow;
 pub mod hook;
@@ -112,6 +122,7 @@ pub mod packet;
 pub mod prefilter;
 pub mod rules;
 pub mod stream;
+pub mod tls;
 pub mod vars;
 
 use alloc::collections::BTreeMap;
@@ -125,12 +136,12 @@ use defrag::{Defragmenter, FragOutcome};
 pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
 pub use flow::{FlowConfig, FlowStats};
 pub use hook::EngineHook;
-pub use rules::{Action, Proto, Rule};
+pub use rules::{Action, AppProto, Proto, Rule};
 pub use stream::{StreamConfig, StreamDrop, StreamStats};
 use stream::{StreamOutcome, StreamTracker};
 
 use flow::{FlowInfo, FlowTable};
-use matcher::{Memo, Program};
+use matcher::{Buffers, Memo, Program};
 use packet::{Decoded, Packet, L4};
 use prefilter::{Marks, Prefilter};
 
@@ -376,12 +387,15 @@ struct Compiled {
     on_stream: bool,
     /// The program reads HTTP buffers: matched per HTTP message ([`http`]).
     http: bool,
+    /// Matched per DNS question or TLS payload instead ([`dns`], [`tls`]): the rule reads their
+    /// buffers or has `ssl_state`/`ssl_version`.
+    msg: Option<AppProto>,
 }
 
 /// Whether a rule's payload is matched on the TCP stream window instead of the segment's own
 /// payload: it has at least one payload op; every op is a `content` or `pcre`, none negated;
 /// no content has `offset` or `depth`, and the first op is not relative (`distance`/`within`,
-/// pcre `R`); no pcre is anchored or position-dependent (flags `A`, `E`, `R` on the first op,
+/// pcre `R`), and none is `endswith`; no pcre is anchored or position-dependent (flags `A`, `E`, `R` on the first op,
 /// `B`; `^`, `$`, `\A`, `\Z`, `\z`, `\G` in the pattern); and the rule has no `dsize`. Such
 /// a program matches a buffer whenever it matches a sub-slice of it, so matching on a window
 /// that extends the segment backwards finds split matches and nothing anchored changes
@@ -393,7 +407,11 @@ fn stream_eligible(r: &Rule) -> bool {
     }
     r.ops.iter().enumerate().all(|(i, op)| match op {
         rules::PayloadOp::Content(c) => {
-            !c.negated && c.offset.is_none() && c.depth.is_none() && (i > 0 || !c.is_relative())
+            !c.negated
+                && !c.endswith
+                && c.offset.is_none()
+                && c.depth.is_none()
+                && (i > 0 || !c.is_relative())
         }
         rules::PayloadOp::Pcre(p) => {
             !p.negated
@@ -469,6 +487,11 @@ struct Group {
     /// Some fast pattern lives in an HTTP buffer that may hold decoded bytes
     /// ([`rules::HttpBuffer::may_be_decoded`]): the decoded buffers are scanned too.
     decoded: bool,
+    /// Some fast pattern lives in `dns.query` (dotted names are not payload bytes): the
+    /// question names (each after a `.`) are scanned too.
+    dns_names: bool,
+    /// Some fast pattern lives in `tls.sni; dotprefix`: the dot-prefixed SNI is scanned too.
+    sni_dot: bool,
 }
 
 /// Groups of one protocol class.
@@ -509,6 +532,91 @@ pub struct Engine {
     last_expire: u64,
     /// HTTP parser and the current frame's parsed views (built on first use per frame).
     http: HttpScratch,
+    /// Some rule has an application-protocol header: payloads are classified ([`app`]).
+    has_app: bool,
+    /// The current frame's DNS and TLS views (built on first use per frame).
+    app: AppScratch,
+}
+
+/// The DNS and TLS views of the frame being judged, parsed at most once per frame from the
+/// L4 payload (`tcp`: a TCP segment's payload, else UDP).
+#[derive(Debug, Default)]
+struct AppScratch {
+    dns: dns::DnsView,
+    dns_done: bool,
+    tls: tls::TlsView,
+    tls_done: bool,
+    /// The SNI with a `.` before it (`tls.sni; dotprefix`), built with the TLS view.
+    sni_dot: Vec<u8>,
+}
+
+impl AppScratch {
+    fn reset(&mut self) {
+        self.dns_done = false;
+        self.tls_done = false;
+    }
+
+    fn dns(&mut self, p: &[u8], tcp: bool) -> &dns::DnsView {
+        if !self.dns_done {
+            dns::parse(p, tcp, &mut self.dns);
+            self.dns_done = true;
+        }
+        &self.dns
+    }
+
+    fn tls(&mut self, p: &[u8]) -> &tls::TlsView {
+        if !self.tls_done {
+            self.tls = tls::parse(p);
+            self.tls_done = true;
+            self.sni_dot.clear();
+            if let Some(s) = self.tls.sni(p) {
+                self.sni_dot.push(b'.');
+                self.sni_dot.extend_from_slice(s);
+            }
+        }
+        &self.tls
+    }
+}
+
+/// Index of the first DNS question of payload `p` that the program matches (each question
+/// name is one `dns.query` buffer; `pkt_data` is the DNS message).
+fn dns_match(
+    prog: &mut Program,
+    memo: &mut Memo,
+    sc: &mut AppScratch,
+    p: &[u8],
+    tcp: bool,
+) -> Option<usize> {
+    let msg = dns::message(p, tcp).unwrap_or(&[]);
+    let view = sc.dns(p, tcp);
+    view.questions().iter().position(|q| {
+        let mut b = Buffers::pkt(msg);
+        b.app[rules::AppBuffer::DnsQuery.index()] = Some(view.name(q));
+        b.app[rules::AppBuffer::DnsQueryDot.index()] = Some(view.dot_name(q));
+        prog.matches_buffers(&b, memo)
+    })
+}
+
+/// Whether a rule matched per TLS payload holds: the payload is TLS, `ssl_state` and
+/// `ssl_version` pass, and the program matches with `tls.sni` (absent without an SNI).
+fn tls_match(
+    rule: &Rule,
+    prog: &mut Program,
+    memo: &mut Memo,
+    sc: &mut AppScratch,
+    p: &[u8],
+) -> bool {
+    let view = *sc.tls(p);
+    if !view.is_tls
+        || rule.ssl_state.is_some_and(|f| !f.check(view.states))
+        || rule.ssl_version.is_some_and(|f| !f.check(view.versions))
+    {
+        return false;
+    }
+    let mut b = Buffers::pkt(p);
+    b.app[rules::AppBuffer::TlsSni.index()] = view.sni(p);
+    b.app[rules::AppBuffer::TlsSniDot.index()] = view.sni(p).map(|_| &sc.sni_dot[..]);
+    prog.matches_buffers(&b, memo)
 }
 
 /// The HTTP messages of the frame being judged, parsed at most once per frame.
@@ -591,6 +699,10 @@ fn class_of_rule(p: Proto) -> Option<usize> {
 /// packets of that protocol: their class, or the "other" class where packets land whose L4
 /// header did not decode (non-first fragments, truncated headers).
 fn ip_rule_fits_class(r: &Rule, class: usize) -> bool {
+    // `alert dns` (DNS over UDP or TCP).
+    if r.app_proto.is_some() {
+        return matches!(class, C_TCP | C_UDP);
+    }
     let Some(rules::NumCheck::Eq(n)) = r.hdr.ip_proto else {
         return true;
     };
@@ -627,9 +739,12 @@ impl Engine {
     pub fn new(mut rules: Vec<Rule>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         // Pass rules first, then drop, then alert; file order within an action.
         rules.sort_by_key(|r| (r.action, flowbit_rank(r)));
-        let needs_flow = rules
-            .iter()
-            .any(|r| r.flow.is_set() || !r.flowbits.is_empty());
+        let has_app = rules.iter().any(|r| r.app_proto.is_some());
+        // Detected protocols are kept per flow, so app rules need the flow table.
+        let needs_flow = has_app
+            || rules
+                .iter()
+                .any(|r| r.flow.is_set() || !r.flowbits.is_empty());
         let mut bit_of: BTreeMap<String, u32> = BTreeMap::new();
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
@@ -656,7 +771,11 @@ impl Engine {
             }
             let on_stream = stream_eligible(&rule);
             let http = program.uses_http();
+            let msg = rule
+                .message_proto()
+                .filter(|p| matches!(p, AppProto::Dns | AppProto::Tls));
             compiled.push(Compiled {
+                msg,
                 rule,
                 program,
                 rate: eve::RateLimit::default(),
@@ -691,6 +810,8 @@ impl Engine {
             win: Vec::new(),
             last_expire: 0,
             http: HttpScratch::default(),
+            has_app,
+            app: AppScratch::default(),
         };
         engine.build_groups()?;
         Ok(engine)
@@ -761,10 +882,17 @@ impl Engine {
         let mut lit_rule = Vec::new();
         let mut always = Vec::new();
         let mut decoded = false;
+        let mut dns_names = false;
+        let mut sni_dot = false;
         for &i in &members {
             match self.rules[i as usize].rule.fast_pattern() {
                 Some(fp) => {
                     decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
+                    dns_names |= matches!(
+                        fp.app_buffer,
+                        Some(rules::AppBuffer::DnsQuery | rules::AppBuffer::DnsQueryDot)
+                    );
+                    sni_dot |= fp.app_buffer == Some(rules::AppBuffer::TlsSniDot);
                     lits.push((fp.bytes.to_vec(), fp.nocase));
                     lit_rule.push(i);
                 }
@@ -778,6 +906,8 @@ impl Engine {
             lit_rule,
             always,
             decoded,
+            dns_names,
+            sni_dot,
         });
         by_members.insert(members, g);
         Ok(g)
@@ -884,6 +1014,7 @@ impl Engine {
             return 0;
         };
         self.http.cur_done = false;
+        self.app.reset();
         let http_p = if matches!(pkt.l4, L4::Tcp { .. }) {
             pkt.payload
         } else {
@@ -937,6 +1068,22 @@ impl Engine {
                     }
                 }
             }
+            if group.dns_names {
+                if let Some(tcp) = tcp_or_udp(pkt) {
+                    let view = self.app.dns(pkt.payload, tcp);
+                    for q in view.questions() {
+                        group
+                            .pf
+                            .scan(view.dot_name(q), &mut self.lit_marks, &mut push);
+                    }
+                }
+            }
+            if group.sni_dot && matches!(pkt.l4, L4::Tcp { .. }) {
+                self.app.tls(pkt.payload);
+                group
+                    .pf
+                    .scan(&self.app.sni_dot, &mut self.lit_marks, &mut push);
+            }
             for &r in &group.always {
                 if self.rule_marks.first(r as usize) {
                     self.cands.push(r);
@@ -944,6 +1091,15 @@ impl Engine {
             }
         }
         self.cands.sort_unstable();
+    }
+}
+
+/// `Some(true)` for TCP, `Some(false)` for UDP, else `None`.
+fn tcp_or_udp(pkt: &Packet<'_>) -> Option<bool> {
+    match pkt.l4 {
+        L4::Tcp { .. } => Some(true),
+        L4::Udp { .. } => Some(false),
+        _ => None,
     }
 }
 
@@ -1211,6 +1367,23 @@ impl Engine {
         };
         self.http.cur_done = false;
         self.http.old_done = false;
+        self.app.reset();
+        let l4 = tcp_or_udp(&pkt);
+        // The application protocol: the flow's, and the payload's own (recorded on the flow
+        // when it has none yet).
+        let (flow_app, detected) = match l4 {
+            Some(tcp) if self.has_app => {
+                let flow_app = AppProto::from_code(self.flows.current_app());
+                let p = pkt.payload;
+                let detected = (if tcp { app::detect_tcp(p) } else { None })
+                    .or_else(|| self.app.dns(p, tcp).is_dns().then_some(AppProto::Dns));
+                if let (None, Some(d), Some(_)) = (flow_app, detected, info) {
+                    self.flows.set_current_app(d.code());
+                }
+                (flow_app, detected)
+            }
+            _ => (None, None),
+        };
         self.collect_candidates(&pkt, win, http_p, http_new);
         let mut verdict = Verdict::Pass;
         let (sp, dp) = pkt.ports();
@@ -1220,7 +1393,14 @@ impl Engine {
             self.stats.evaluated += 1;
             let on_stream = c.on_stream && stream_flow.is_some();
             let mut http_msg = None;
+            let mut dns_q = None;
             if !header_matches(&c.rule, &pkt)
+                || !c.rule.app_proto.is_none_or(|a| {
+                    c.msg == Some(a)
+                        || (c.http && a == AppProto::Http)
+                        || flow_app == Some(a)
+                        || detected == Some(a)
+                })
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
                 || (c.rule.flow.only_stream && stream_flow.is_none())
@@ -1228,7 +1408,28 @@ impl Engine {
                 || !tcp_flags_match(c.rule.tcp_flags, &pkt)
                 || !header_fields_match(&c.rule.hdr, &pkt)
                 || !flowbits_hold(&c.fb_checks, self.flows.current_bits(), info.is_some())
-                || !(if c.http {
+                || !(if let Some(m) = c.msg {
+                    match (m, l4) {
+                        (AppProto::Dns, Some(tcp)) => {
+                            dns_q = dns_match(
+                                &mut c.program,
+                                &mut self.memo,
+                                &mut self.app,
+                                pkt.payload,
+                                tcp,
+                            );
+                            dns_q.is_some()
+                        }
+                        (_, Some(true)) => tls_match(
+                            &c.rule,
+                            &mut c.program,
+                            &mut self.memo,
+                            &mut self.app,
+                            pkt.payload,
+                        ),
+                        _ => false,
+                    }
+                } else if c.http {
                     http_msg = http_match(
                         &mut c.program,
                         &mut self.memo,
@@ -1289,8 +1490,17 @@ impl Engine {
                         let view = &self.http.cur;
                         view.messages().get(k).map(|m| view.meta(m, http_p))
                     });
+                    let app = eve::AppMeta {
+                        proto: c.rule.app_proto.or(c.msg),
+                        dns: dns_q.map(|_| &self.app.dns),
+                        tls: (c.msg == Some(AppProto::Tls)).then(|| eve::TlsMeta {
+                            sni: self.app.tls.sni(pkt.payload),
+                            version: self.app.tls.version(),
+                        }),
+                    };
                     sink.alert(&Alert {
                         http,
+                        app,
                         ts: now,
                         dir,
                         src: pkt.src,

@@ -14,6 +14,9 @@
 //!   `fast_pattern:o,l`), in both the Snort 2 (separate options) and Snort 3
 //!   (`content:"x",depth 16,nocase`) styles. offset/depth mixed with distance/within on one
 //!   content, depth or within shorter than the pattern, and negative offsets are refused.
+//! - Suricata's `startswith` (= `depth` of the pattern's length from 0), `endswith` (the
+//!   match ends at the buffer's end; may be combined with the window options) and `bsize`
+//!   (= `bufferlen` without `relative`).
 //! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
 //!   byte_extract variables).
 //! - Sticky buffers (Snort 3): `http_uri http_raw_uri http_header http_raw_header http_method
@@ -33,6 +36,16 @@
 //!   tracker, so never without one); `flowbits` (`set unset toggle isset isnotset noalert`, `&`/`|`; an `isset`
 //!   of a bit that no loaded rule sets refuses the rule); `flags`; `itype icode icmp_id
 //!   icmp_seq`; `ttl id ip_proto fragbits seq ack` ([`HeaderCheck`]); `detection_filter`.
+//!
+//! - Application protocols (Suricata headers): `http dns tls smtp ssh` ([`AppProto`]); the
+//!   rule matches only payloads detected as that protocol on any port ([`super::app`]);
+//!   `http tls smtp ssh` imply TCP, `dns` UDP or TCP (ports allowed). Other Suricata protocols
+//!   (`ftp`, `smb`, ...) are refused as "unsupported protocol X".
+//! - DNS/TLS sticky buffers ([`AppBuffer`]): `dns.query` (`dns_query`), `tls.sni`
+//!   (`tls_sni`), with the same buffer rules as HTTP's, and Suricata's `dotprefix` transform
+//!   right after either (the buffer with a `.` before it); Snort's `ssl_state` and `ssl_version`
+//!   ([`SslFlags`]: comma lists, `!` negation; see [`super::tls`]). One rule's buffers and
+//!   `ssl_*` options must all belong to one protocol (and to the header's, if it names one).
 //!
 //! Everything else makes the rule not load ([`RuleError::Unsupported`] names every such option;
 //! [`ParsedRules::summary`] counts them).
@@ -176,6 +189,221 @@ impl Proto {
     }
 }
 
+/// An application protocol of a Suricata rule header (`alert http ...`): the rule matches only
+/// payloads detected as that protocol, on any port ([`super::app`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AppProto {
+    /// HTTP/1.x (over TCP).
+    Http,
+    /// DNS (over UDP, or TCP with its 2-byte length prefix).
+    Dns,
+    /// TLS / SSL (over TCP).
+    Tls,
+    /// SMTP (over TCP).
+    Smtp,
+    /// SSH (over TCP).
+    Ssh,
+}
+
+/// Suricata header protocols this engine does not detect: refused by name.
+const UNSUPPORTED_APP_PROTOS: &[&str] = &[
+    "ftp",
+    "ftp-data",
+    "smb",
+    "dcerpc",
+    "nfs",
+    "tftp",
+    "krb5",
+    "dhcp",
+    "snmp",
+    "sip",
+    "rfb",
+    "mqtt",
+    "rdp",
+    "modbus",
+    "dnp3",
+    "enip",
+    "ikev2",
+    "ike",
+    "ntp",
+    "imap",
+    "pop3",
+    "http2",
+    "quic",
+    "telnet",
+    "tcp-pkt",
+    "tcp-stream",
+    "udp-pkt",
+    "pkthdr",
+];
+
+impl AppProto {
+    /// Every protocol, in index order.
+    pub const ALL: [AppProto; 5] = [
+        AppProto::Http,
+        AppProto::Dns,
+        AppProto::Tls,
+        AppProto::Smtp,
+        AppProto::Ssh,
+    ];
+
+    /// Keyword as written in rule headers and EVE `app_proto`.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            AppProto::Http => "http",
+            AppProto::Dns => "dns",
+            AppProto::Tls => "tls",
+            AppProto::Smtp => "smtp",
+            AppProto::Ssh => "ssh",
+        }
+    }
+
+    /// The protocol a header keyword names.
+    pub fn from_keyword(k: &str) -> Option<AppProto> {
+        AppProto::ALL.into_iter().find(|a| a.keyword() == k)
+    }
+
+    /// Small code (1-based, 0 = none) kept per flow.
+    pub fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The protocol of a code from [`AppProto::code`].
+    pub fn from_code(c: u8) -> Option<AppProto> {
+        AppProto::ALL.get(usize::from(c).checked_sub(1)?).copied()
+    }
+
+    /// The transport the header implies: TCP, except DNS which runs over UDP or TCP (`ip`,
+    /// restricted to TCP and UDP packets by the engine).
+    pub fn transport(self) -> Proto {
+        match self {
+            AppProto::Dns => Proto::Ip,
+            _ => Proto::Tcp,
+        }
+    }
+}
+
+/// A sticky buffer of a non-HTTP application protocol (Suricata names). Contents: DNS in
+/// [`super::dns`], TLS in [`super::tls`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AppBuffer {
+    /// `dns.query` (legacy `dns_query`): one question name, dotted, no trailing dot.
+    DnsQuery,
+    /// `tls.sni` (legacy `tls_sni`): the ClientHello's server_name host name.
+    TlsSni,
+    /// `dns.query; dotprefix`: the name with a `.` before it.
+    DnsQueryDot,
+    /// `tls.sni; dotprefix`: the host name with a `.` before it.
+    TlsSniDot,
+}
+
+impl AppBuffer {
+    /// Number of buffers.
+    pub const COUNT: usize = 4;
+    /// Every buffer, in index order.
+    pub const ALL: [AppBuffer; AppBuffer::COUNT] = [
+        AppBuffer::DnsQuery,
+        AppBuffer::TlsSni,
+        AppBuffer::DnsQueryDot,
+        AppBuffer::TlsSniDot,
+    ];
+
+    /// Index in `0..COUNT`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Keyword of the canonical text.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            AppBuffer::DnsQuery => "dns.query",
+            AppBuffer::TlsSni => "tls.sni",
+            AppBuffer::DnsQueryDot => "dns.query; dotprefix",
+            AppBuffer::TlsSniDot => "tls.sni; dotprefix",
+        }
+    }
+
+    /// The buffer a rule option names (current or legacy Suricata spelling).
+    pub fn from_keyword(name: &str) -> Option<AppBuffer> {
+        Some(match name {
+            "dns.query" | "dns_query" => AppBuffer::DnsQuery,
+            "tls.sni" | "tls_sni" => AppBuffer::TlsSni,
+            _ => return None,
+        })
+    }
+
+    /// The protocol whose messages hold the buffer.
+    pub fn proto(self) -> AppProto {
+        match self {
+            AppBuffer::DnsQuery | AppBuffer::DnsQueryDot => AppProto::Dns,
+            AppBuffer::TlsSni | AppBuffer::TlsSniDot => AppProto::Tls,
+        }
+    }
+}
+
+/// Snort's `ssl_state` / `ssl_version` list: the option holds when any listed flag is present
+/// or any `!`-listed flag is absent (Snort's semantics: the entries are OR'ed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SslFlags {
+    /// Flags listed without `!`.
+    pub want: u8,
+    /// Flags listed with `!`.
+    pub not: u8,
+}
+
+/// `ssl_state` flag names, bit by bit.
+pub const SSL_STATES: [&str; 5] = [
+    "client_hello",
+    "server_hello",
+    "client_keyx",
+    "server_keyx",
+    "unknown",
+];
+/// `ssl_version` flag names, bit by bit.
+pub const SSL_VERSIONS: [&str; 5] = ["sslv2", "sslv3", "tls1.0", "tls1.1", "tls1.2"];
+
+impl SslFlags {
+    /// Whether a TLS payload with the flags `have` passes.
+    pub fn check(self, have: u8) -> bool {
+        have & self.want != 0 || self.not & !have != 0
+    }
+
+    fn parse(option: &str, names: &[&str; 5], v: &str) -> Result<SslFlags, RuleError> {
+        let mut f = SslFlags::default();
+        for item in v.split(',').map(str::trim) {
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(n) => (true, n.trim()),
+                None => (false, item),
+            };
+            let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(name)) else {
+                return Err(bad(
+                    option,
+                    format!("unknown `{name}` (use {})", names.join(", ")),
+                ));
+            };
+            if neg {
+                f.not |= 1 << i;
+            } else {
+                f.want |= 1 << i;
+            }
+        }
+        Ok(f)
+    }
+
+    fn write(self, f: &mut fmt::Formatter<'_>, names: &[&str; 5]) -> fmt::Result {
+        let mut sep = "";
+        for (i, n) in names.iter().enumerate() {
+            for (bits, neg) in [(self.want, ""), (self.not, "!")] {
+                if bits & 1 << i != 0 {
+                    write!(f, "{sep}{neg}{n}")?;
+                    sep = ",";
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A `content` option.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Content {
@@ -199,6 +427,8 @@ pub struct Content {
     pub fast_pattern_only: bool,
     /// `fast_pattern_offset` / `fast_pattern_length`: the prefilter uses this slice.
     pub fp_slice: Option<(u16, u16)>,
+    /// `endswith` (Suricata): the match ends at the end of the buffer.
+    pub endswith: bool,
 }
 
 impl Content {
@@ -449,6 +679,8 @@ pub enum PayloadOp {
     ResetCursor,
     /// An HTTP sticky buffer: later steps read it, cursor at its start; an absent buffer fails.
     Buffer(HttpBuffer),
+    /// A DNS or TLS sticky buffer (same rules as [`PayloadOp::Buffer`]).
+    AppBuffer(AppBuffer),
     /// `bufferlen`.
     BufferLen(BufferLen),
     /// `byte_test`.
@@ -619,6 +851,12 @@ pub struct Rule {
     pub hdr: HeaderCheck,
     /// `detection_filter`.
     pub detection_filter: Option<DetectionFilter>,
+    /// The header's application protocol (`alert http ...`), with `proto` its transport.
+    pub app_proto: Option<AppProto>,
+    /// `ssl_state` (Snort).
+    pub ssl_state: Option<SslFlags>,
+    /// `ssl_version` (Snort).
+    pub ssl_version: Option<SslFlags>,
     /// Payload steps in rule order.
     pub ops: Vec<PayloadOp>,
 }
@@ -905,8 +1143,10 @@ pub struct FastPattern<'a> {
     pub bytes: &'a [u8],
     /// ASCII case-insensitive.
     pub nocase: bool,
-    /// The HTTP buffer the content reads (`None`: the packet payload).
+    /// The HTTP buffer the content reads (`None`: the packet payload or an app buffer).
     pub buffer: Option<HttpBuffer>,
+    /// The DNS/TLS buffer the content reads.
+    pub app_buffer: Option<AppBuffer>,
 }
 
 impl Rule {
@@ -918,17 +1158,22 @@ impl Rule {
     /// explicit fast pattern is negated.
     pub fn fast_pattern(&self) -> Option<FastPattern<'_>> {
         // Each content with the buffer it reads (`None`: the packet).
+        type Buf = (Option<HttpBuffer>, Option<AppBuffer>);
         let contents = self
             .ops
             .iter()
-            .scan(None, |buf, o| {
+            .scan((None, None), |buf: &mut Buf, o| {
                 Some(match o {
                     PayloadOp::Buffer(b) => {
-                        *buf = Some(*b);
+                        *buf = (Some(*b), None);
+                        None
+                    }
+                    PayloadOp::AppBuffer(b) => {
+                        *buf = (None, Some(*b));
                         None
                     }
                     PayloadOp::ResetCursor => {
-                        *buf = None;
+                        *buf = (None, None);
                         None
                     }
                     PayloadOp::Content(c) => Some((c, *buf)),
@@ -936,11 +1181,11 @@ impl Rule {
                 })
             })
             .flatten();
-        let (chosen, buffer) = match contents.clone().find(|c| c.0.fast_pattern) {
+        let (chosen, (buffer, app_buffer)) = match contents.clone().find(|c| c.0.fast_pattern) {
             Some((c, _)) if c.negated => return None,
             Some(c) => c,
             None => {
-                let mut best: Option<(&Content, Option<HttpBuffer>)> = None;
+                let mut best: Option<(&Content, Buf)> = None;
                 for (c, b) in contents.filter(|c| !c.0.negated) {
                     if best.is_none_or(|x| c.pattern.len() > x.0.pattern.len()) {
                         best = Some((c, b));
@@ -959,6 +1204,7 @@ impl Rule {
             bytes,
             nocase: chosen.nocase,
             buffer,
+            app_buffer,
         })
     }
 
@@ -971,13 +1217,28 @@ impl Rule {
             PayloadOp::ByteTest(b) => b.extract.relative,
             PayloadOp::ByteJump(b) => b.extract.relative,
             PayloadOp::BufferLen(b) => b.relative,
-            PayloadOp::ResetCursor | PayloadOp::Buffer(_) => false,
+            PayloadOp::ResetCursor | PayloadOp::Buffer(_) | PayloadOp::AppBuffer(_) => false,
         })
     }
 
     /// Whether any step reads an HTTP buffer.
     pub fn uses_http(&self) -> bool {
         self.ops.iter().any(|o| matches!(o, PayloadOp::Buffer(_)))
+    }
+
+    /// The protocol whose messages the rule is matched on: HTTP for HTTP buffers, DNS or TLS
+    /// for their buffers, TLS for `ssl_state`/`ssl_version` (the parser allows only one).
+    pub fn message_proto(&self) -> Option<AppProto> {
+        let mut out =
+            (self.ssl_state.is_some() || self.ssl_version.is_some()).then_some(AppProto::Tls);
+        for o in &self.ops {
+            match o {
+                PayloadOp::Buffer(_) => out = Some(AppProto::Http),
+                PayloadOp::AppBuffer(b) => out = Some(b.proto()),
+                _ => {}
+            }
+        }
+        out
     }
 }
 
@@ -1306,6 +1567,12 @@ const KNOWN: &[&str] = &[
     "seq",
     "ack",
     "bufferlen",
+    "bsize",
+    "dotprefix",
+    "startswith",
+    "endswith",
+    "ssl_state",
+    "ssl_version",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -1371,18 +1638,31 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         }
         None => return Err(RuleError::Syntax("empty header".into())),
     };
-    let proto = match header.get(1).copied() {
-        Some("ip") => Proto::Ip,
-        Some("tcp") => Proto::Tcp,
-        Some("udp") => Proto::Udp,
-        Some("icmp") => Proto::Icmp,
-        Some(p) => {
-            return Err(header_err(
-                "protocol",
-                p,
-                "only ip, tcp, udp and icmp are supported",
-            ))
-        }
+    let (proto, app_proto) = match header.get(1).copied() {
+        Some("ip") => (Proto::Ip, None),
+        Some("tcp") => (Proto::Tcp, None),
+        Some("udp") => (Proto::Udp, None),
+        Some("icmp") => (Proto::Icmp, None),
+        Some(p) => match AppProto::from_keyword(p) {
+            Some(a) => (a.transport(), Some(a)),
+            None if UNSUPPORTED_APP_PROTOS.contains(&p) => {
+                return Err(header_err(
+                    "protocol",
+                    p,
+                    &format!(
+                        "unsupported protocol {p} (application protocols detected here: \
+                         http, dns, tls, smtp, ssh)"
+                    ),
+                ))
+            }
+            None => {
+                return Err(header_err(
+                    "protocol",
+                    p,
+                    "only ip, tcp, udp, icmp, http, dns, tls, smtp and ssh are supported",
+                ))
+            }
+        },
         None => return Err(RuleError::Syntax("header has no protocol".into())),
     };
     if header.len() != 7 {
@@ -1401,6 +1681,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
     let dst = parse_addr(header[5], vars)?;
     let dst_ports = parse_ports(header[6], vars)?;
     if matches!(proto, Proto::Ip | Proto::Icmp)
+        && app_proto.is_none()
         && (src_ports != PortSet::Any || dst_ports != PortSet::Any)
     {
         return Err(header_err(
@@ -1435,6 +1716,9 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         tcp_flags: None,
         hdr: HeaderCheck::default(),
         detection_filter: None,
+        app_proto,
+        ssl_state: None,
+        ssl_version: None,
         ops: Vec::new(),
     };
     let opts = split_options(body)?;
@@ -1444,6 +1728,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         let name = o.split_once(':').map_or(*o, |(n, _)| n).trim();
         if !KNOWN.contains(&name)
             && HttpBuffer::from_keyword(name).is_none()
+            && AppBuffer::from_keyword(name).is_none()
             && !unsupported.iter().any(|u| u == name)
         {
             unsupported.push(name.to_string());
@@ -1499,7 +1784,8 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 rule.ops.push(PayloadOp::Content(c));
                 last_content = Some(rule.ops.len() - 1);
             }
-            "nocase" | "offset" | "depth" | "distance" | "within" | "fast_pattern" => {
+            "nocase" | "offset" | "depth" | "distance" | "within" | "fast_pattern"
+            | "startswith" | "endswith" => {
                 let Some(PayloadOp::Content(c)) = last_content.and_then(|i| rule.ops.get_mut(i))
                 else {
                     return Err(bad(name, "no preceding content"));
@@ -1572,6 +1858,43 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             "bufferlen" => rule
                 .ops
                 .push(PayloadOp::BufferLen(parse_bufferlen(need(name, value)?)?)),
+            // Suricata's `bsize`: the length of the whole current buffer (as `bufferlen`).
+            "bsize" => rule.ops.push(PayloadOp::BufferLen(BufferLen {
+                check: parse_num_check(name, need(name, value)?)?,
+                relative: false,
+            })),
+            "ssl_state" => {
+                rule.ssl_state = Some(SslFlags::parse(name, &SSL_STATES, need(name, value)?)?)
+            }
+            "ssl_version" => {
+                rule.ssl_version = Some(SslFlags::parse(name, &SSL_VERSIONS, need(name, value)?)?)
+            }
+            // Suricata's `dotprefix` transform, right after `dns.query` or `tls.sni`.
+            "dotprefix" => {
+                let dotted = match rule.ops.last() {
+                    Some(PayloadOp::AppBuffer(AppBuffer::DnsQuery)) => AppBuffer::DnsQueryDot,
+                    Some(PayloadOp::AppBuffer(AppBuffer::TlsSni)) => AppBuffer::TlsSniDot,
+                    _ => {
+                        return Err(RuleError::Unsupported(alloc::vec![
+                            "dotprefix (only right after dns.query or tls.sni)".into()
+                        ]))
+                    }
+                };
+                if value.is_some() {
+                    return Err(bad(name, "takes no value"));
+                }
+                if let Some(last) = rule.ops.last_mut() {
+                    *last = PayloadOp::AppBuffer(dotted);
+                }
+            }
+            _ if AppBuffer::from_keyword(name).is_some() => {
+                if value.is_some() {
+                    return Err(bad(name, "takes no value"));
+                }
+                if let Some(b) = AppBuffer::from_keyword(name) {
+                    rule.ops.push(PayloadOp::AppBuffer(b));
+                }
+            }
             _ => match HttpBuffer::from_keyword(name) {
                 // Sub-options (`field`, `request`, `with_body`, uri components, ...) are not
                 // implemented: refuse rather than ignore them.
@@ -1636,6 +1959,14 @@ fn apply_modifier(c: &mut Content, k: &str, v: Option<&str>) -> Result<(), RuleE
         "depth" => c.depth = Some(num(k, need()?)?),
         "distance" => c.distance = Some(num(k, need()?)?),
         "within" => c.within = Some(num(k, need()?)?),
+        // Suricata: `startswith` is `offset:0; depth:<pattern length>`.
+        "startswith" => {
+            if c.offset.is_some() || c.depth.is_some() || c.is_relative() {
+                return Err(bad(k, "mixed with offset, depth, distance or within"));
+            }
+            c.depth = Some(u32::try_from(c.pattern.len()).map_err(|_| bad(k, "pattern too long"))?);
+        }
+        "endswith" => c.endswith = true,
         "fast_pattern_offset" => {
             let o = num(k, need()?)?;
             c.fp_slice = Some((o, c.fp_slice.map_or(0, |s| s.1)));
@@ -1986,6 +2317,39 @@ fn parse_isdataat(v: &str) -> Result<IsDataAt, RuleError> {
 
 /// Checks that need the whole rule.
 fn validate(rule: &Rule) -> Result<(), RuleError> {
+    // The buffers of one rule come from one protocol's messages, the header's if it names one.
+    let mut protos: Vec<(AppProto, &str)> = Vec::new();
+    if rule.ssl_state.is_some() {
+        protos.push((AppProto::Tls, "ssl_state"));
+    }
+    if rule.ssl_version.is_some() {
+        protos.push((AppProto::Tls, "ssl_version"));
+    }
+    for o in &rule.ops {
+        match o {
+            PayloadOp::Buffer(b) => protos.push((AppProto::Http, b.keyword())),
+            PayloadOp::AppBuffer(b) => protos.push((b.proto(), b.keyword())),
+            _ => {}
+        }
+    }
+    if let Some(&(first, _)) = protos.first() {
+        if let Some(&(other, opt)) = protos.iter().find(|p| p.0 != first) {
+            return Err(bad(
+                opt,
+                format!(
+                    "mixes {} and {} buffers in one rule",
+                    first.keyword(),
+                    other.keyword()
+                ),
+            ));
+        }
+        if let Some(h) = rule.app_proto.filter(|&h| h != first) {
+            return Err(bad(
+                protos[0].1,
+                format!("a {} buffer in an `{}` rule", first.keyword(), h.keyword()),
+            ));
+        }
+    }
     let mut fp = 0;
     for op in &rule.ops {
         let PayloadOp::Content(c) = op else { continue };
@@ -2081,7 +2445,8 @@ impl fmt::Display for Rule {
             f,
             "{} {} {} {} {} {} {} (",
             self.action.keyword(),
-            self.proto.keyword(),
+            self.app_proto
+                .map_or(self.proto.keyword(), AppProto::keyword),
             self.src,
             self.src_ports,
             if self.bidirectional { "<>" } else { "->" },
@@ -2177,6 +2542,16 @@ impl fmt::Display for Rule {
         if let Some(d) = self.dsize {
             write!(f, " dsize:{d};")?;
         }
+        if let Some(v) = self.ssl_state {
+            f.write_str(" ssl_state:")?;
+            v.write(f, &SSL_STATES)?;
+            f.write_str(";")?;
+        }
+        if let Some(v) = self.ssl_version {
+            f.write_str(" ssl_version:")?;
+            v.write(f, &SSL_VERSIONS)?;
+            f.write_str(";")?;
+        }
         if let Some(d) = self.icmp.itype {
             write!(f, " itype:{d};")?;
         }
@@ -2214,6 +2589,9 @@ impl fmt::Display for Rule {
                     if let Some(v) = c.within {
                         write!(f, ",within {v}")?;
                     }
+                    if c.endswith {
+                        f.write_str(",endswith")?;
+                    }
                     f.write_str(";")?;
                     if c.fast_pattern {
                         match (c.fast_pattern_only, c.fp_slice) {
@@ -2234,6 +2612,7 @@ impl fmt::Display for Rule {
                 }
                 PayloadOp::ResetCursor => f.write_str(" pkt_data;")?,
                 PayloadOp::Buffer(b) => write!(f, " {};", b.keyword())?,
+                PayloadOp::AppBuffer(b) => write!(f, " {};", b.keyword())?,
                 PayloadOp::BufferLen(b) => {
                     let rel = if b.relative { ",relative" } else { "" };
                     write!(f, " bufferlen:{}{rel};", b.check)?;
