@@ -100,8 +100,12 @@ impl BochsConfig {
 }
 
 /// The slirp configuration (Bochs requires the first line to be `# slirp config`). `pktlog`
-/// records every frame, which shows whether a ping reached slirp.
-pub fn slirp_config(pktlog: &Path) -> String {
+/// records every frame, which shows whether a ping reached slirp; `udp_forward` is a UDP port
+/// forwarded from the host's loopback to the guest's same port.
+pub fn slirp_config(pktlog: &Path, udp_forward: Option<u16>) -> String {
+    let forward = udp_forward
+        .map(|p| format!("hostfwd = udp:127.0.0.1:{p}-{SLIRP_GUEST}:{p}\n"))
+        .unwrap_or_default();
     format!(
         "# slirp config\n\
          # written by ally-runner: guest {SLIRP_GUEST}/24, gateway {SLIRP_HOST}\n\
@@ -109,7 +113,8 @@ pub fn slirp_config(pktlog: &Path) -> String {
          mask = 255.255.255.0\n\
          host = {SLIRP_HOST}\n\
          dhcpstart = {SLIRP_GUEST}\n\
-         pktlog = {}\n",
+         pktlog = {}\n\
+         {forward}",
         pktlog.display()
     )
 }
@@ -160,7 +165,11 @@ mod tests {
 
     #[test]
     fn slirp_config_starts_with_magic() {
-        let s = slirp_config(Path::new("/o/pkt.log"));
+        let s = slirp_config(Path::new("/o/pkt.log"), Some(4321));
+        assert!(
+            s.contains("\nhostfwd = udp:127.0.0.1:4321-10.0.2.15:4321\n"),
+            "{s}"
+        );
         assert!(s.starts_with("# slirp config\n"));
         assert!(s.contains("host = 10.0.2.2\n"));
         assert!(s.contains("pktlog = /o/pkt.log\n"));

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use crate::attack;
-use crate::endpoints::NetReport;
+use crate::endpoints::{NetReport, UDP_FLOOD_DATAGRAMS};
 use crate::markers::{AllyLine, AllyReport, GuestMarker, GuestReport, MarkerError, Status};
 use crate::rules::RulesExpect;
 
@@ -580,6 +580,7 @@ pub fn network_checks(guest: &GuestReport, net: &NetReport) -> Vec<Check> {
         Check::from_result("parallel-transfers", parallel_transfers(guest, net)),
         Check::from_result("guest-reboot", guest_reboot(guest, net)),
         Check::from_result("link-flap", link_flap(guest)),
+        Check::from_result("pktgen", pktgen(guest, net)),
     ]
 }
 
@@ -838,6 +839,50 @@ fn parallel_transfers(guest: &GuestReport, net: &NetReport) -> Result<String, St
         rate(seconds[0]),
         rate(seconds[1])
     ))
+}
+
+/// Issue 15's bulk transmit: pktgen sent every frame of both runs (64 and 1500 bytes; at least
+/// the count asked for, the last burst of 32 may go past it) through
+/// Ally, and the host's UDP sink received them (slirp may lose datagrams under a burst, so the
+/// count is reported; more than were sent, or none, fails).
+fn pktgen(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
+    let count = u64::from(net.options.pktgen);
+    if count == 0 {
+        return Ok("skipped (pktgen=0)".into());
+    }
+    if let Some(m) = skipped(guest) {
+        return Err(format!("the guest skipped its transfers: {}", m.line));
+    }
+    let mut parts = Vec::new();
+    for (size, received) in [(64, net.udp.pktgen_small), (1500, net.udp.pktgen_large)] {
+        let m = guest
+            .all("pktgen")
+            .find(|m| m.fields.get("size") == Some(&size.to_string()))
+            .ok_or(format!(
+                "no `ALLYTEST pktgen` marker for {size}-byte frames"
+            ))?;
+        if m.status != Some(Status::Info) {
+            return Err(format!("pktgen failed: {}", m.line));
+        }
+        let sent = m.number("sent").map_err(|e| format!("{e}: {}", m.line))?;
+        // Bursts of 32 may overshoot the count to the end of the last burst.
+        if sent < count {
+            return Err(format!(
+                "pktgen sent {sent} of {count} {size}-byte frames: {}",
+                m.line
+            ));
+        }
+        if received == 0 || received > sent {
+            return Err(format!(
+                "the host's UDP sink received {received} of {sent} {size}-byte pktgen frames"
+            ));
+        }
+        parts.push(format!(
+            "{size} B: {sent} sent in {} s, {received} received by the host",
+            m.fields.get("seconds").unwrap_or("?")
+        ));
+    }
+    Ok(parts.join("; "))
 }
 
 fn downloads(guest: &GuestReport, net: &NetReport) -> Result<String, String> {
@@ -1145,6 +1190,8 @@ struct ExitSnapshot {
     vm_exits: u64,
     apic_exits: u64,
     nic_exits: u64,
+    /// Flush reads emulated in the exit of the write before them (no exit of their own).
+    fused: u64,
     wire: u64,
     irqs: u64,
     registers: Vec<(String, u64)>,
@@ -1178,6 +1225,8 @@ fn exit_snapshot(ally: &AllyReport, id: u64) -> Result<ExitSnapshot, String> {
             .map_err(marker_err)?,
         apic_exits: mark.number("apic-mmio-exits").map_err(marker_err)?,
         nic_exits: nic.number("exits").map_err(marker_err)?,
+        // Older images fuse nothing.
+        fused: nic.number("fused").unwrap_or(0),
         wire: nic.number("tx-wire").map_err(marker_err)?
             + nic.number("rx-wire").map_err(marker_err)?,
         irqs: nic.number("irq-doorbells").map_err(marker_err)?,
@@ -1239,43 +1288,101 @@ fn nic_transfer_exits(guest: &GuestReport, ally: &AllyReport) -> Result<String, 
     let mut parts = Vec::new();
     for (name, from, to) in transfers.into_iter().take(if parallel { 4 } else { 2 }) {
         let (a, b) = (exit_snapshot(ally, from)?, exit_snapshot(ally, to)?);
-        let wire = b.wire.saturating_sub(a.wire);
-        if wire == 0 {
-            return Err(format!(
-                "no wire frames between marks {from} and {to} ({name})"
-            ));
+        parts.push(transfer_exits(name, from, to, &a, &b)?);
+    }
+    // pktgen's bursts (bulk transmit, one tail write per 32 frames), the host's UDP flood into
+    // the guest (bulk receive) and the alert-storm attack's paced sends (without and with
+    // alerts), when the run had them: traffic that does not depend on slirp's TCP window.
+    for (name, from, to) in [
+        ("pktgen 64 B", 11, 12),
+        ("pktgen 1500 B", 13, 14),
+        ("UDP flood into the guest", 15, 16),
+        (
+            "paced UDP sends (alert storm, quiet)",
+            ALERT_STORM_MARKS.0,
+            ALERT_STORM_MARKS.1,
+        ),
+        (
+            "paced UDP sends (alert storm, alerting)",
+            ALERT_STORM_MARKS.1,
+            ALERT_STORM_MARKS.2,
+        ),
+    ] {
+        if let (Ok(a), Ok(b)) = (exit_snapshot(ally, from), exit_snapshot(ally, to)) {
+            parts.push(transfer_exits(name, from, to, &a, &b)?);
         }
-        let per = |n: u64| n as f64 / wire as f64;
-        let nic = b.nic_exits.saturating_sub(a.nic_exits);
-        let vm = b.vm_exits.saturating_sub(a.vm_exits);
-        let apic = b.apic_exits.saturating_sub(a.apic_exits);
-        let by_register = register_deltas(&a.registers, &b.registers);
-        let apic_by_register = register_deltas(&a.apic_registers, &b.apic_registers);
-        let registers: Vec<String> = by_register
-            .iter()
-            .map(|(reg, n)| format!("{reg} {n} ({:.3})", per(*n)))
-            .collect();
-        let apic_registers: Vec<String> = apic_by_register
-            .iter()
-            .take(4)
-            .map(|(reg, n)| format!("{reg} {n}"))
-            .collect();
+    }
+    if let Some(m) = guest.find("udp-flood") {
         parts.push(format!(
-            "{name}: {wire} wire frames, {nic} NIC exits = {:.3}/frame [{}], {} guest interrupts ({:.1} frames each); all VM exits {vm} = {:.3}/frame, APIC {apic} = {:.3}/frame{}",
-            per(nic),
-            registers.join(", "),
-            b.irqs.saturating_sub(a.irqs),
-            wire as f64 / b.irqs.saturating_sub(a.irqs).max(1) as f64,
-            per(vm),
-            per(apic),
-            if apic_registers.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", apic_registers.join(", "))
-            }
+            "UDP flood: the guest received {} of {UDP_FLOOD_DATAGRAMS} datagrams",
+            m.fields.get("received").unwrap_or("?")
+        ));
+    }
+    // The guest's own timing of one trapped access (`ally-attack exit-cost`), when it ran.
+    if let Some(m) = guest.find("exit-cost") {
+        let field = |k: &str| m.fields.get(k).unwrap_or("?");
+        parts.push(format!(
+            "exit round trip seen by the guest: {} TSC ticks = {} ns per trapped register read (trapped {} ns, untrapped {} ns, {} reads each)",
+            field("round_trip_tsc"),
+            field("round_trip_ns"),
+            field("trapped_ns"),
+            field("direct_ns"),
+            field("reads")
         ));
     }
     Ok(parts.join("; "))
+}
+
+/// The alert-storm attack's marks: its quiet flood (the guest sending paced datagrams)
+/// starts at the first, its storm at the second and ends at the third
+/// (`attack::MARK_FLOOD`, `MARK_STORM`, `MARK_STORM_END`).
+const ALERT_STORM_MARKS: (u64, u64, u64) = (41, 42, 43);
+
+/// One transfer's exits per wire frame between two snapshots.
+fn transfer_exits(
+    name: &str,
+    from: u64,
+    to: u64,
+    a: &ExitSnapshot,
+    b: &ExitSnapshot,
+) -> Result<String, String> {
+    let wire = b.wire.saturating_sub(a.wire);
+    if wire == 0 {
+        return Err(format!(
+            "no wire frames between marks {from} and {to} ({name})"
+        ));
+    }
+    let per = |n: u64| n as f64 / wire as f64;
+    let nic = b.nic_exits.saturating_sub(a.nic_exits);
+    let fused = b.fused.saturating_sub(a.fused);
+    let vm = b.vm_exits.saturating_sub(a.vm_exits);
+    let apic = b.apic_exits.saturating_sub(a.apic_exits);
+    let by_register = register_deltas(&a.registers, &b.registers);
+    let apic_by_register = register_deltas(&a.apic_registers, &b.apic_registers);
+    let registers: Vec<String> = by_register
+        .iter()
+        .map(|(reg, n)| format!("{reg} {n} ({:.3})", per(*n)))
+        .collect();
+    let apic_registers: Vec<String> = apic_by_register
+        .iter()
+        .take(4)
+        .map(|(reg, n)| format!("{reg} {n}"))
+        .collect();
+    Ok(format!(
+        "{name}: {wire} wire frames, {nic} NIC exits = {:.3}/frame [{}], {fused} flush reads fused into the write's exit ({:.3}/frame), {} guest interrupts ({:.1} frames each); all VM exits {vm} = {:.3}/frame, APIC {apic} = {:.3}/frame{}",
+        per(nic),
+        registers.join(", "),
+        per(fused),
+        b.irqs.saturating_sub(a.irqs),
+        wire as f64 / b.irqs.saturating_sub(a.irqs).max(1) as f64,
+        per(vm),
+        per(apic),
+        if apic_registers.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", apic_registers.join(", "))
+        }
+    ))
 }
 
 fn nic_traffic(ally: &AllyReport, offload_attack_frames: u64) -> Result<String, String> {
@@ -1699,6 +1806,8 @@ ALLYTEST download INFO name=small stream=1 streams=2 bytes=1048576 sha256={SHA_S
 ALLYTEST download INFO name=small stream=2 streams=2 bytes=1048576 sha256={SHA_SMALL} seconds=2.00
 ALLYTEST upload INFO stream=1 streams=2 bytes=1048576 sha256={SHA_SMALL} host_bytes=1048576 host_sha256={SHA_SMALL} seconds=4.00
 ALLYTEST upload INFO stream=2 streams=2 bytes=1048576 sha256={SHA_SMALL} host_bytes=1048576 host_sha256={SHA_SMALL} seconds=4.00
+ALLYTEST pktgen INFO size=64 count=2000 sent=2000 errors=0 seconds=3.10
+ALLYTEST pktgen INFO size=1500 count=2000 sent=2000 errors=0 seconds=9.50
 ALLYTEST link-flap INFO carrier=1 waited_ms=200 ping_received=3 seconds=2.10
 ALLYTEST reload INFO round=1 rmmod=0 insmod=0 carrier=1 waited_ms=1400 ping_received=3
 ALLYTEST download INFO name=small round=1 bytes=1048576 sha256={SHA_SMALL} seconds=3.00 bytes_per_s=349525
@@ -1732,7 +1841,13 @@ ALLYTEST upload INFO round=2 bytes=1048576 sha256={SHA_UP2} host_bytes=1048576 h
             upload_port: 40002,
             inspect_drop_port: 40003,
             attack_udp_port: 40004,
-            udp: Default::default(),
+            udp_flood_port: 40005,
+            udp_flood_sent: 2000,
+            udp: crate::endpoints::UdpCounts {
+                pktgen_small: 1990,
+                pktgen_large: 2000,
+                ..Default::default()
+            },
             files: vec![
                 ServedFile {
                     name: "big".into(),
@@ -1976,6 +2091,32 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
     }
 
     #[test]
+    fn pktgen_needs_every_frame_sent_and_some_received() {
+        let c = judge_net(&net_guest(), &net_host());
+        let pktgen = c.iter().find(|c| c.name == "pktgen").unwrap();
+        assert_eq!(
+            pktgen.detail,
+            "64 B: 2000 sent in 3.10 s, 1990 received by the host; 1500 B: 2000 sent in 9.50 s, 2000 received by the host"
+        );
+        let short = net_guest().replace(
+            "size=1500 count=2000 sent=2000",
+            "size=1500 count=2000 sent=1999",
+        );
+        assert_eq!(failed(&judge_net(&short, &net_host())), ["pktgen"]);
+        let mut host = net_host();
+        host.udp.pktgen_small = 0;
+        assert_eq!(failed(&judge_net(&net_guest(), &host)), ["pktgen"]);
+        host.udp.pktgen_small = 2001;
+        assert_eq!(failed(&judge_net(&net_guest(), &host)), ["pktgen"]);
+        let missing: String = net_guest()
+            .lines()
+            .filter(|l| !l.contains("size=64 "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(failed(&judge_net(&missing, &net_host())), ["pktgen"]);
+    }
+
+    #[test]
     fn missing_rounds_and_skipped_workload_fail() {
         let g: String = net_guest()
             .lines()
@@ -1999,7 +2140,8 @@ ALLYTEST upload INFO reboot=1 bytes=1048576 sha256={SHA_REBOOT} host_bytes=10485
                 "upload",
                 "nic-reload",
                 "parallel-transfers",
-                "link-flap"
+                "link-flap",
+                "pktgen"
             ]
         );
         assert!(c[0].detail.starts_with("the guest skipped its transfers"));
@@ -2013,23 +2155,23 @@ ALLY nic-exits register=TDT reads=0 writes=9000
 ALLY nic-exits register=RDT reads=0 writes=400
 ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=0.30 queue-exits-per-packet=0.30
 [cpu0 INFO hv] ALLY mark id=3 vcpu=0 exits=1000 ept-violations=900 apic-mmio-exits=500 ioapic-exits=0 dpi-heartbeat=5
-[cpu0 INFO hv] ALLY nic-mark id=3 exits=100 forwarded=10 tx-packets=10 rx-packets=20 tx-wire=10 rx-wire=20 irqs-raised=9 irq-doorbells=8 registers=ICR:4/0,STATUS:10/0
+[cpu0 INFO hv] ALLY nic-mark id=3 exits=100 fused=5 forwarded=10 tx-packets=10 rx-packets=20 tx-wire=10 rx-wire=20 irqs-raised=9 irq-doorbells=8 registers=ICR:4/0,STATUS:10/0
 [cpu0 INFO hv] ALLY apic-mark id=3 registers=EOI:0/100,TMICT:0/50
 [cpu0 INFO hv] ALLY apic-mark id=4 registers=EOI:0/1300,TMICT:0/750,ICR_LOW:0/1
 [cpu0 INFO hv] ALLY mark id=4 vcpu=0 exits=5000 ept-violations=4000 apic-mmio-exits=2500 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=4 exits=1100 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=4 fused=305 exits=1100 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=5 vcpu=0 exits=6000 ept-violations=5000 apic-mmio-exits=3000 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=5 exits=1200 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=5 fused=305 exits=1200 forwarded=410 tx-packets=1010 rx-packets=2020 tx-wire=1010 rx-wire=2020 irqs-raised=209 irq-doorbells=208 registers=ICR:204/0,TDT:0/300,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=6 vcpu=0 exits=6600 ept-violations=5500 apic-mmio-exits=3300 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=6 exits=1600 forwarded=410 tx-packets=1030 rx-packets=2120 tx-wire=2010 rx-wire=2120 irqs-raised=259 irq-doorbells=258 registers=ICR:254/0,TDT:0/650,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=6 fused=305 exits=1600 forwarded=410 tx-packets=1030 rx-packets=2120 tx-wire=2010 rx-wire=2120 irqs-raised=259 irq-doorbells=258 registers=ICR:254/0,TDT:0/650,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=7 vcpu=0 exits=6700 ept-violations=5600 apic-mmio-exits=3400 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=7 exits=1700 forwarded=410 tx-packets=1030 rx-packets=2120 tx-wire=2010 rx-wire=2120 irqs-raised=259 irq-doorbells=258 registers=ICR:254/0,TDT:0/650,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=7 fused=305 exits=1700 forwarded=410 tx-packets=1030 rx-packets=2120 tx-wire=2010 rx-wire=2120 irqs-raised=259 irq-doorbells=258 registers=ICR:254/0,TDT:0/650,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=8 vcpu=0 exits=6900 ept-violations=5800 apic-mmio-exits=3500 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=8 exits=1800 forwarded=410 tx-packets=1130 rx-packets=3120 tx-wire=2110 rx-wire=3120 irqs-raised=269 irq-doorbells=268 registers=ICR:264/0,TDT:0/740,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=8 fused=305 exits=1800 forwarded=410 tx-packets=1130 rx-packets=3120 tx-wire=2110 rx-wire=3120 irqs-raised=269 irq-doorbells=268 registers=ICR:264/0,TDT:0/740,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=9 vcpu=0 exits=7000 ept-violations=5900 apic-mmio-exits=3600 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=9 exits=1810 forwarded=410 tx-packets=1130 rx-packets=3120 tx-wire=2110 rx-wire=3120 irqs-raised=269 irq-doorbells=268 registers=ICR:264/0,TDT:0/740,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=9 fused=305 exits=1810 forwarded=410 tx-packets=1130 rx-packets=3120 tx-wire=2110 rx-wire=3120 irqs-raised=269 irq-doorbells=268 registers=ICR:264/0,TDT:0/740,STATUS:410/0
 [cpu0 INFO hv] ALLY mark id=10 vcpu=0 exits=7200 ept-violations=6100 apic-mmio-exits=3700 ioapic-exits=0 dpi-heartbeat=9
-[cpu0 INFO hv] ALLY nic-mark id=10 exits=2010 forwarded=410 tx-packets=1430 rx-packets=3420 tx-wire=2710 rx-wire=3420 irqs-raised=289 irq-doorbells=288 registers=ICR:284/0,TDT:0/920,STATUS:410/0
+[cpu0 INFO hv] ALLY nic-mark id=10 fused=305 exits=2010 forwarded=410 tx-packets=1430 rx-packets=3420 tx-wire=2710 rx-wire=3420 irqs-raised=289 irq-doorbells=288 registers=ICR:284/0,TDT:0/920,STATUS:410/0
 ";
 
     fn judge_nic(ally: &str) -> Vec<Check> {
@@ -2084,10 +2226,10 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
         );
         assert_eq!(
             c[3].detail,
-            "download: 3000 wire frames, 1000 NIC exits = 0.333/frame [STATUS 400 (0.133), TDT 300 (0.100), ICR 200 (0.067)], 200 guest interrupts (15.0 frames each); all VM exits 4000 = 1.333/frame, APIC 2000 = 0.667/frame [EOI 1200, TMICT 700, ICR_LOW 1]; \
-             upload: 1100 wire frames, 400 NIC exits = 0.364/frame [TDT 350 (0.318), ICR 50 (0.045)], 50 guest interrupts (22.0 frames each); all VM exits 600 = 0.545/frame, APIC 300 = 0.273/frame; \
-             parallel download: 1100 wire frames, 100 NIC exits = 0.091/frame [TDT 90 (0.082), ICR 10 (0.009)], 10 guest interrupts (110.0 frames each); all VM exits 200 = 0.182/frame, APIC 100 = 0.091/frame; \
-             parallel upload: 900 wire frames, 200 NIC exits = 0.222/frame [TDT 180 (0.200), ICR 20 (0.022)], 20 guest interrupts (45.0 frames each); all VM exits 200 = 0.222/frame, APIC 100 = 0.111/frame"
+            "download: 3000 wire frames, 1000 NIC exits = 0.333/frame [STATUS 400 (0.133), TDT 300 (0.100), ICR 200 (0.067)], 300 flush reads fused into the write's exit (0.100/frame), 200 guest interrupts (15.0 frames each); all VM exits 4000 = 1.333/frame, APIC 2000 = 0.667/frame [EOI 1200, TMICT 700, ICR_LOW 1]; \
+             upload: 1100 wire frames, 400 NIC exits = 0.364/frame [TDT 350 (0.318), ICR 50 (0.045)], 0 flush reads fused into the write's exit (0.000/frame), 50 guest interrupts (22.0 frames each); all VM exits 600 = 0.545/frame, APIC 300 = 0.273/frame; \
+             parallel download: 1100 wire frames, 100 NIC exits = 0.091/frame [TDT 90 (0.082), ICR 10 (0.009)], 0 flush reads fused into the write's exit (0.000/frame), 10 guest interrupts (110.0 frames each); all VM exits 200 = 0.182/frame, APIC 100 = 0.091/frame; \
+             parallel upload: 900 wire frames, 200 NIC exits = 0.222/frame [TDT 180 (0.200), ICR 20 (0.022)], 0 flush reads fused into the write's exit (0.000/frame), 20 guest interrupts (45.0 frames each); all VM exits 200 = 0.222/frame, APIC 100 = 0.111/frame"
         );
     }
 

@@ -169,6 +169,9 @@ pub struct MachineFiles {
     pub debugcon: PathBuf,
     /// slirp's packet log (Bochs).
     pub pktlog: PathBuf,
+    /// A UDP port slirp forwards from the host's loopback to the same port of the guest
+    /// (the host's UDP flood into the guest), if any.
+    pub udp_forward: Option<u16>,
 }
 
 impl MachineFiles {
@@ -183,6 +186,7 @@ impl MachineFiles {
             emulator_stdout: dir.join("emulator.stdout"),
             debugcon: dir.join("e9.log"),
             pktlog: dir.join("slirp-packets.log"),
+            udp_forward: None,
         }
     }
 }
@@ -219,7 +223,14 @@ pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64, kvm: bool)
         .arg(format!("file:{}", files.com2.display()))
         .arg("-debugcon")
         .arg(format!("file:{}", files.debugcon.display()))
-        .args(["-netdev", "user,id=n0,net=10.0.2.0/24,host=10.0.2.2"])
+        .arg("-netdev")
+        .arg(match files.udp_forward {
+            Some(p) => format!(
+                "user,id=n0,net=10.0.2.0/24,host=10.0.2.2,hostfwd=udp:127.0.0.1:{p}-{}:{p}",
+                bochs::SLIRP_GUEST
+            ),
+            None => "user,id=n0,net=10.0.2.0/24,host=10.0.2.2".into(),
+        })
         .arg("-device")
         .arg(format!("e1000,netdev=n0,mac={mac}"))
         .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
@@ -258,7 +269,11 @@ pub fn start(
             let rc = files.dir.join("bochs.rc");
             fs::write(&rc, bochs::DEBUGGER_RC).map_err(io(&rc))?;
             let slirp = files.dir.join("slirp.conf");
-            fs::write(&slirp, bochs::slirp_config(&files.pktlog)).map_err(io(&slirp))?;
+            fs::write(
+                &slirp,
+                bochs::slirp_config(&files.pktlog, files.udp_forward),
+            )
+            .map_err(io(&slirp))?;
             let cfg = BochsConfig {
                 cpus,
                 memory_mib,

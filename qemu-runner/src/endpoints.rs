@@ -39,6 +39,9 @@ pub struct NetOptions {
     /// one can through the emulators' slirp (8 KiB socket buffers), as bulk traffic on a real
     /// link would, so the exits per frame show what Ally costs when the wire is busy.
     pub streams: u32,
+    /// Frames of each pktgen burst run (`ally.pktgen=N`: 64-byte and 1500-byte frames in
+    /// bursts of 32 to the UDP sink, issue 15's bulk transmit); 0 skips them.
+    pub pktgen: u32,
     /// The reset chain after the workload (`ally.resets=m1,m2,...`): boot k ends with reset
     /// method k; the last boot brings the e1000 up again and moves small.bin both ways
     /// (`checks::guest_reboot`). Empty: no reboot.
@@ -56,6 +59,7 @@ impl Default for NetOptions {
             small_bytes: 1 << 20,
             upload_bytes: 16 << 20,
             streams: 4,
+            pktgen: 2000,
             resets: Vec::new(),
             attacks: Vec::new(),
             seed: 0xa11e_5eed,
@@ -178,6 +182,10 @@ pub struct NetReport {
     pub attack_udp_port: u16,
     /// What the UDP sink received.
     pub udp: UdpCounts,
+    /// The port slirp forwards to the guest for the UDP flood (`ally.udp_flood=PORT`).
+    pub udp_flood_port: u16,
+    /// Datagrams the host sent into the guest on its request (`GET /udp-flood`).
+    pub udp_flood_sent: u64,
 }
 
 /// Datagrams the UDP sink received, by payload.
@@ -191,9 +199,19 @@ pub struct UdpCounts {
     pub frag_secret: u64,
     /// Carrying [`FRAG_CONTROL_MARKER`] (sent in IP fragments; they must arrive).
     pub frag_control: u64,
+    /// pktgen's frames (their payload starts with [`PKTGEN_MAGIC`]), by size.
+    pub pktgen_small: u64,
+    pub pktgen_large: u64,
     /// Anything else.
     pub other: u64,
 }
+
+/// The first four payload bytes of a pktgen frame (net/core/pktgen.c, `PKTGEN_MAGIC`, in
+/// network order).
+pub const PKTGEN_MAGIC: [u8; 4] = [0xbe, 0x9b, 0xe9, 0x55];
+
+/// A pktgen payload at least this long came from the large-frame run.
+pub const PKTGEN_LARGE_PAYLOAD: usize = 1000;
 
 /// The alert storm's payload marker (`guest/attack` has its own copy; the rule with sid
 /// 1000104 alerts on it).
@@ -208,7 +226,13 @@ pub const FRAG_CONTROL_MARKER: &[u8] = b"ALLY-FRAGMENTED-CONTROL";
 impl UdpCounts {
     fn count(&mut self, payload: &[u8]) {
         let has = |m: &[u8]| payload.windows(m.len()).any(|w| w == m);
-        if has(TUCSO_MARKER) {
+        if payload.starts_with(&PKTGEN_MAGIC) {
+            if payload.len() >= PKTGEN_LARGE_PAYLOAD {
+                self.pktgen_large += 1;
+            } else {
+                self.pktgen_small += 1;
+            }
+        } else if has(TUCSO_MARKER) {
             self.tucso += 1;
         } else if has(FRAG_SECRET_MARKER) {
             self.frag_secret += 1;
@@ -278,12 +302,14 @@ impl fmt::Display for NetReport {
         if self.udp != UdpCounts::default() {
             writeln!(
                 f,
-                "  udp 127.0.0.1:{} storm={} tucso={} frag-secret={} frag-control={} other={}",
+                "  udp 127.0.0.1:{} storm={} tucso={} frag-secret={} frag-control={} pktgen-small={} pktgen-large={} other={}",
                 self.attack_udp_port,
                 self.udp.storm,
                 self.udp.tucso,
                 self.udp.frag_secret,
                 self.udp.frag_control,
+                self.udp.pktgen_small,
+                self.udp.pktgen_large,
                 self.udp.other
             )?;
         }
@@ -366,6 +392,7 @@ struct Shared {
     uploads: Vec<UploadRecord>,
     errors: Vec<String>,
     udp: UdpCounts,
+    udp_flood_sent: u64,
     /// Open connections, shut down when the endpoints stop.
     open: BTreeMap<u64, TcpStream>,
     next_id: u64,
@@ -404,6 +431,9 @@ pub struct Endpoints {
     pub upload_port: u16,
     pub inspect_drop_port: u16,
     pub attack_udp_port: u16,
+    /// The UDP port slirp forwards from the host to the guest (the same number on both
+    /// sides), where `GET /udp-flood` sends [`UDP_FLOOD_DATAGRAMS`] datagrams.
+    pub udp_flood_port: u16,
     pub options: NetOptions,
     files: Vec<ServedFile>,
     state: State,
@@ -480,16 +510,25 @@ impl Endpoints {
                     what: "attack UDP sink",
                     source,
                 })?;
+        // A free port for slirp's forward to the guest: taken from the OS and released (slirp
+        // binds it when the emulator starts).
+        let udp_flood_port = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|u| u.local_addr())
+            .map(|a| a.port())
+            .map_err(|source| EndpointError::Bind {
+                what: "UDP flood port",
+                source,
+            })?;
         let state = State::default();
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(served);
         let served2 = served.clone();
         let acceptors = vec![
             spawn_acceptor(http, state.clone(), stop.clone(), move |s, c| {
-                serve_http(s, &served, c)
+                serve_http(s, &served, c, Some(udp_flood_port))
             }),
             spawn_acceptor(http_drop, state.clone(), stop.clone(), move |s, c| {
-                serve_http(s, &served2, c)
+                serve_http(s, &served2, c, None)
             }),
             spawn_acceptor(upload, state.clone(), stop.clone(), receive_upload),
             spawn_udp_sink(udp, state.clone(), stop.clone()),
@@ -499,6 +538,7 @@ impl Endpoints {
             upload_port,
             inspect_drop_port,
             attack_udp_port,
+            udp_flood_port,
             options,
             files,
             state,
@@ -512,14 +552,16 @@ impl Endpoints {
     pub fn guest_cmdline(&self) -> String {
         let attacks = attack::guest_cmdline(&self.options.attacks, &self.options.resets);
         format!(
-            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.inspect_drop={} ally.attack_udp={}{}{attacks}",
+            "ally.http={} ally.upload={} ally.upload_bytes={} ally.small_bytes={} ally.streams={} ally.pktgen={} ally.inspect_drop={} ally.attack_udp={} ally.udp_flood={}{}{attacks}",
             self.http_port,
             self.upload_port,
             self.options.upload_bytes,
             self.options.small_bytes,
             self.options.streams,
+            self.options.pktgen,
             self.inspect_drop_port,
             self.attack_udp_port,
+            self.udp_flood_port,
             if attacks.is_empty() { "" } else { " " },
         )
     }
@@ -538,6 +580,8 @@ impl Endpoints {
             errors: s.errors.clone(),
             attack_udp_port: self.attack_udp_port,
             udp: s.udp,
+            udp_flood_port: self.udp_flood_port,
+            udp_flood_sent: s.udp_flood_sent,
         }
     }
 
@@ -679,7 +723,43 @@ fn read_head(stream: &TcpStream) -> Result<String, String> {
     }
 }
 
-fn serve_http(mut stream: TcpStream, files: &BTreeMap<String, Arc<Vec<u8>>>, conn: &Conn) {
+/// Datagrams `GET /udp-flood` sends into the guest (1472-byte payloads: full frames).
+pub const UDP_FLOOD_DATAGRAMS: u64 = 2000;
+const UDP_FLOOD_PAYLOAD: usize = 1472;
+/// Pacing: slirp reads its host socket once per emulator poll, so an unpaced burst would
+/// overflow the socket buffer on the host, not exercise the guest.
+const UDP_FLOOD_BURST: u64 = 16;
+const UDP_FLOOD_PAUSE: Duration = Duration::from_millis(5);
+
+/// Sends the UDP flood to `port` (slirp forwards it to the guest) in a thread of its own;
+/// the count sent goes into the report.
+fn spawn_udp_flood(port: u16, conn_state: State, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+            lock(&conn_state).errors.push("udp flood: no socket".into());
+            return;
+        };
+        let payload = vec![0x5a_u8; UDP_FLOOD_PAYLOAD];
+        for n in 0..UDP_FLOOD_DATAGRAMS {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if sock.send_to(&payload, ("127.0.0.1", port)).is_ok() {
+                lock(&conn_state).udp_flood_sent += 1;
+            }
+            if (n + 1) % UDP_FLOOD_BURST == 0 {
+                std::thread::sleep(UDP_FLOOD_PAUSE);
+            }
+        }
+    });
+}
+
+fn serve_http(
+    mut stream: TcpStream,
+    files: &BTreeMap<String, Arc<Vec<u8>>>,
+    conn: &Conn,
+    udp_flood: Option<u16>,
+) {
     let start = Instant::now();
     let mut rec = HttpRecord {
         peer: peer(&stream),
@@ -707,6 +787,16 @@ fn serve_http(mut stream: TcpStream, files: &BTreeMap<String, Arc<Vec<u8>>>, con
         }
     };
     let result = match body {
+        None if udp_flood.is_some() && rec.path == "/udp-flood" => {
+            rec.status = 200;
+            let r = stream.write_all(
+                b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nOK\n",
+            );
+            if let Some(port) = udp_flood {
+                spawn_udp_flood(port, conn.state.clone(), conn.stop.clone());
+            }
+            r
+        }
         // HTTP/1.1, gzip content coding, chunked: the whole response in one write, so that it
         // usually travels in one segment.
         Some(data) if rec.path.ends_with(".gz") => {
@@ -875,6 +965,7 @@ mod tests {
             small_bytes: 4097,
             upload_bytes: 1000,
             streams: 2,
+            pktgen: 2000,
             resets: Vec::new(),
             attacks: Vec::new(),
             seed: 7,
@@ -1024,8 +1115,12 @@ mod tests {
         assert_eq!(
             cmdline,
             format!(
-                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.streams=2 ally.inspect_drop={} ally.attack_udp={}",
-                rep.http_port, rep.upload_port, rep.inspect_drop_port, rep.attack_udp_port
+                "ally.http={} ally.upload={} ally.upload_bytes=1000 ally.small_bytes=4097 ally.streams=2 ally.pktgen=2000 ally.inspect_drop={} ally.attack_udp={} ally.udp_flood={}",
+                rep.http_port,
+                rep.upload_port,
+                rep.inspect_drop_port,
+                rep.attack_udp_port,
+                rep.udp_flood_port
             )
         );
         let big = rep.file("big").unwrap();
@@ -1106,10 +1201,21 @@ mod tests {
             b"xxALLY-ATTACK-TUCSO\0\0",
             b"FRAG seq=001 aaALLY-FRAGMENTED-CONTROL",
             b"FRAG seq=002 aaALLY-FRAGMENTED-SECRET",
-            b"hello",
         ] {
             s.send_to(p, ("127.0.0.1", e.attack_udp_port)).unwrap();
         }
+        // pktgen's frames: the magic first, then its sequence and time stamp, zeros after.
+        let mut pktgen = PKTGEN_MAGIC.to_vec();
+        pktgen.resize(18, 0);
+        s.send_to(&pktgen, ("127.0.0.1", e.attack_udp_port))
+            .unwrap();
+        pktgen.resize(1458, 0);
+        s.send_to(&pktgen, ("127.0.0.1", e.attack_udp_port))
+            .unwrap();
+        s.send_to(&pktgen, ("127.0.0.1", e.attack_udp_port))
+            .unwrap();
+        s.send_to(b"hello", ("127.0.0.1", e.attack_udp_port))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while e.report().udp.other == 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -1122,8 +1228,32 @@ mod tests {
                 tucso: 1,
                 frag_secret: 1,
                 frag_control: 1,
+                pktgen_small: 1,
+                pktgen_large: 2,
                 other: 1
             }
         );
+    }
+
+    #[test]
+    fn udp_flood_is_sent_to_the_forwarded_port_on_request() {
+        let e = Endpoints::start(small_options()).unwrap();
+        // Stand in for slirp's forward: the flood goes to the host's side of the port.
+        let guest = UdpSocket::bind(("127.0.0.1", e.udp_flood_port)).unwrap();
+        guest
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let r = get(e.http_port, "/udp-flood");
+        assert!(split_response(&r).0.starts_with("HTTP/1.0 200 "));
+        let mut buf = [0u8; 2048];
+        assert_eq!(guest.recv(&mut buf).unwrap(), 1472);
+        // Not on the inspect-drop listener.
+        let r = get(e.inspect_drop_port, "/udp-flood");
+        assert!(split_response(&r).0.starts_with("HTTP/1.0 404 "));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.report().udp_flood_sent < UDP_FLOOD_DATAGRAMS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(e.stop().udp_flood_sent, UDP_FLOOD_DATAGRAMS);
     }
 }

@@ -123,6 +123,8 @@ pub struct GuestSources {
     pub e1000: PathBuf,
     /// msr.ko (/dev/cpu/N/msr for the MSR attack), possibly compressed.
     pub msr: PathBuf,
+    /// pktgen.ko (the bulk transmit workload), possibly compressed.
+    pub pktgen: PathBuf,
     pub init: PathBuf,
     /// The attacker (`guest/attack`, a static x86_64-unknown-linux-musl binary).
     pub attack: PathBuf,
@@ -147,6 +149,29 @@ fn single(what: &'static str, dir: &Path, mut found: Vec<PathBuf>) -> Result<Pat
         1 => Ok(found.remove(0)),
         _ => Err(GuestError::Ambiguous { what, found }),
     }
+}
+
+/// `<version_dir>/<subdir>/<name>.ko[.xz|.zst|.gz]`: exactly one must exist.
+fn kernel_module(
+    version_dir: &Path,
+    subdir: &str,
+    name: &str,
+    what: &'static str,
+) -> Result<PathBuf, GuestError> {
+    let dir = version_dir.join(subdir);
+    let plain = format!("{name}.ko");
+    let compressed = format!("{name}.ko.");
+    single(
+        what,
+        &dir,
+        entries(&dir)?
+            .into_iter()
+            .filter(|p| {
+                let n = file_name(p);
+                n == plain || n.starts_with(&compressed)
+            })
+            .collect(),
+    )
 }
 
 fn entries(dir: &Path) -> Result<Vec<PathBuf>, GuestError> {
@@ -186,29 +211,23 @@ impl GuestSources {
                 .filter(|p| p.is_dir())
                 .collect(),
         )?;
-        let e1000_dir = version_dir.join("kernel/drivers/net/ethernet/intel/e1000");
-        let e1000 = single(
+        let e1000 = kernel_module(
+            &version_dir,
+            "kernel/drivers/net/ethernet/intel/e1000",
+            "e1000",
             "e1000 module (e1000.ko[.xz|.zst|.gz])",
-            &e1000_dir,
-            entries(&e1000_dir)?
-                .into_iter()
-                .filter(|p| {
-                    let n = file_name(p);
-                    n == "e1000.ko" || n.starts_with("e1000.ko.")
-                })
-                .collect(),
         )?;
-        let msr_dir = version_dir.join("kernel/arch/x86/kernel");
-        let msr = single(
+        let msr = kernel_module(
+            &version_dir,
+            "kernel/arch/x86/kernel",
+            "msr",
             "msr module (msr.ko[.xz|.zst|.gz])",
-            &msr_dir,
-            entries(&msr_dir)?
-                .into_iter()
-                .filter(|p| {
-                    let n = file_name(p);
-                    n == "msr.ko" || n.starts_with("msr.ko.")
-                })
-                .collect(),
+        )?;
+        let pktgen = kernel_module(
+            &version_dir,
+            "kernel/net/core",
+            "pktgen",
+            "pktgen module (pktgen.ko[.xz|.zst|.gz])",
         )?;
         let busybox = debs.join("busybox-static/bin/busybox");
         if !busybox.is_file() {
@@ -234,6 +253,7 @@ impl GuestSources {
             busybox,
             e1000,
             msr,
+            pktgen,
             init: init.to_path_buf(),
             attack: attack.to_path_buf(),
         })
@@ -290,8 +310,8 @@ pub fn syslinux_cfg(cmdline: &str) -> String {
 }
 
 /// The initramfs: `/init` (the test script), busybox (its applet links are made by init
-/// itself with `busybox --install -s`), `/bin/ally-attack`, `/lib/modules/e1000.ko` and
-/// `/lib/modules/msr.ko`.
+/// itself with `busybox --install -s`), `/bin/ally-attack`, `/lib/modules/e1000.ko`,
+/// `/lib/modules/msr.ko` and `/lib/modules/pktgen.ko`.
 pub fn build_initramfs(src: &GuestSources) -> Result<Vec<u8>, GuestError> {
     let mut w = CpioWriter::new();
     for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
@@ -304,6 +324,7 @@ pub fn build_initramfs(src: &GuestSources) -> Result<Vec<u8>, GuestError> {
     w.file("bin/ally-attack", 0o755, &read(&src.attack)?)?;
     w.file("lib/modules/e1000.ko", 0o644, &plain_module(&src.e1000)?)?;
     w.file("lib/modules/msr.ko", 0o644, &plain_module(&src.msr)?)?;
+    w.file("lib/modules/pktgen.ko", 0o644, &plain_module(&src.pktgen)?)?;
     let archive = w.finish();
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&archive)
@@ -323,6 +344,7 @@ pub fn input_hash(src: &GuestSources, cmdline: &str) -> Result<String, GuestErro
         &src.busybox,
         &src.e1000,
         &src.msr,
+        &src.pktgen,
         &src.init,
         &src.attack,
     ] {
@@ -577,6 +599,7 @@ mod tests {
             busybox: dir.join("busybox"),
             e1000: dir.join("e1000.ko"),
             msr: dir.join("msr.ko"),
+            pktgen: dir.join("pktgen.ko"),
             init: dir.join("init"),
             attack: dir.join("ally-attack"),
         };
@@ -584,6 +607,7 @@ mod tests {
         fs::write(&s.busybox, b"\x7fELF busybox").unwrap();
         fs::write(&s.e1000, b"\x7fELF e1000").unwrap();
         fs::write(&s.msr, b"\x7fELF msr").unwrap();
+        fs::write(&s.pktgen, b"\x7fELF pktgen").unwrap();
         fs::write(&s.attack, b"\x7fELF ally-attack").unwrap();
         fs::write(&s.init, b"#!/bin/busybox sh\necho ALLYTEST init PASS\n").unwrap();
         s
@@ -605,6 +629,7 @@ mod tests {
             "bin/sh",
             "lib/modules/e1000.ko",
             "lib/modules/msr.ko",
+            "lib/modules/pktgen.ko",
             "bin/ally-attack",
             "proc",
             "sys",

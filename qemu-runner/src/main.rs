@@ -4,7 +4,7 @@
 //! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
 //!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
-//!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE]
+//!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE --net-pktgen N]
 //!         [--reboot | --resets M1,M2,...] [--attacks A1,A2,...]
 //! ```
 //! Exit status: 0 when every check passed, 1 when the run failed a check, 2 when it could not
@@ -99,6 +99,10 @@ struct Common {
     /// back); 0 skips the phase.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=16))]
     net_streams: u32,
+    /// Frames of each pktgen burst run (64-byte and 1500-byte frames, bursts of 32, to the
+    /// host's UDP sink); 0 skips them.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    net_pktgen: u32,
     /// Reboot the guest after its workload; the second boot brings the e1000 up again and
     /// moves small.bin both ways (the same as `--resets reboot`).
     #[arg(long, conflicts_with = "resets")]
@@ -160,6 +164,7 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
         small_bytes: c.net_small,
         upload_bytes: c.net_upload,
         streams: c.net_streams,
+        pktgen: c.net_pktgen,
         resets: match (c.resets, c.reboot) {
             (Some(r), _) => r.0,
             (None, true) => vec![ResetMethod::Reboot],

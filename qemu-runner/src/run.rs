@@ -637,12 +637,13 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         storm: e.attack_udp_port,
     });
     let Prepared {
-        files,
+        mut files,
         rules,
         inspection,
         lock: _lock,
     } = prepare(opts, ports)?;
     let emulator = opts.emulator.resolve()?;
+    files.udp_forward = endpoints.as_ref().map(|e| e.udp_flood_port);
     if let (Some(e), Some(n)) = (&endpoints, &opts.net) {
         // The ring-base attack only under Ally: on the bare device it would aim real DMA at
         // memory beyond the guest's RAM (Bochs' e1000 crashes the emulator doing that).

@@ -38,6 +38,8 @@ fn baseline_guest_boots_and_pings() {
         "upload",
         "nic-reload",
         "parallel-transfers",
+        // Issue 15's bulk transmit: pktgen's 64 B and 1500 B bursts.
+        "pktgen",
         "link-flap",
     ] {
         let c = check(&result, name);
@@ -111,12 +113,14 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.
-const NETWORK_CHECKS: [&str; 19] = [
+const NETWORK_CHECKS: [&str; 20] = [
     "download",
     "upload",
     "nic-reload",
     // Concurrent downloads and uploads (NetOptions::streams), each checked whole.
     "parallel-transfers",
+    // Issue 15's bulk transmit: pktgen's 64 B and 1500 B bursts sent whole through Ally.
+    "pktgen",
     // With NetOptions::reboot: the second boot brought the e1000 up and moved data both ways.
     "guest-reboot",
     // The link taken down and up without a reload, then a ping.

@@ -1193,6 +1193,79 @@ pub fn reset(method: &str, extra: &str) {
     sleep_ms(10_000);
 }
 
+/// Issue 15's exit-path benchmark, seen from the guest: `count` reads of a register on a
+/// page Ally traps (STATUS: each read is a VM exit, emulated and resumed) and as many of one
+/// on a page it leaves mapped (PBA, which the device answers directly), timed with the TSC
+/// and the monotonic clock. The difference per read is the round trip of one trapped access
+/// through Ally (exit, decode, emulation, resume), the emulator's own MMIO cost taken out.
+pub fn exit_cost(count: u64) -> Marker {
+    let mut m = Marker::new("exit-cost");
+    let Some((_, bar)) = nic_bar0(&mut m, 0x2000) else {
+        return m;
+    };
+    let count = count.max(1);
+    let time = |offset: usize| {
+        let started = Instant::now();
+        // SAFETY: RDTSC has no preconditions (CR4.TSD is clear for Linux user space).
+        let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+        for _ in 0..count {
+            std::hint::black_box(bar.read32(offset));
+        }
+        // SAFETY: as above.
+        let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+        (
+            t1.wrapping_sub(t0) / count,
+            started.elapsed().as_nanos() as u64 / count,
+        )
+    };
+    let (trapped_tsc, trapped_ns) = time(nic::STATUS);
+    let (direct_tsc, direct_ns) = time(nic::PBA);
+    m.field("reads", count)
+        .field("trapped_tsc", trapped_tsc)
+        .field("trapped_ns", trapped_ns)
+        .field("direct_tsc", direct_tsc)
+        .field("direct_ns", direct_ns)
+        .field("round_trip_tsc", trapped_tsc.saturating_sub(direct_tsc))
+        .field("round_trip_ns", trapped_ns.saturating_sub(direct_ns));
+    m
+}
+
+/// Issue 15's bulk receive: counts the datagrams of the host's UDP flood arriving at `port`
+/// (slirp forwards it there), from the first one until `count` came or none for a second
+/// (at most 60 s in all; 20 s for the first).
+pub fn udp_sink(port: u16, count: u64) -> Marker {
+    let mut m = Marker::new("udp-flood");
+    let sock = match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            m.field("error", format!("bind_{}", e.kind()));
+            return m;
+        }
+    };
+    let mut buf = vec![0u8; 2048];
+    let (mut received, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    let mut first = None;
+    while received < count && started.elapsed() < Duration::from_secs(60) {
+        let wait = if first.is_none() { 20 } else { 1 };
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(wait)));
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                received += 1;
+                bytes += n as u64;
+            }
+            Err(_) => break,
+        }
+    }
+    let seconds = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    m.field("port", port)
+        .field("received", received)
+        .field("bytes", bytes)
+        .field("seconds", format!("{seconds:.2}"));
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,15 @@
 
 /// Register offsets in BAR0 (SDM 13.4).
 pub const CTRL: usize = 0x0000;
+pub const STATUS: usize = 0x0008;
 pub const EECD: usize = 0x0010;
 pub const EERD: usize = 0x0014;
 pub const FCAL: usize = 0x0028;
 pub const FCAH: usize = 0x002c;
 pub const FCTTV: usize = 0x0170;
 pub const TCTL: usize = 0x0400;
+/// Packet buffer allocation (SDM 13.4.23): on a page Ally leaves mapped.
+pub const PBA: usize = 0x1000;
 pub const TIPG: usize = 0x0410;
 pub const TDBAL: usize = 0x3800;
 pub const TDBAH: usize = 0x3804;

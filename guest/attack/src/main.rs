@@ -103,6 +103,8 @@ fn run(sub: &str, rest: &[String]) -> Result<Option<Marker>, String> {
         "alert-storm" => attacks::alert_storm(port(&o)?, o.number("count", Some(2000))?),
         "split-upload" => attacks::split_upload(port(&o)?),
         "frag-udp" => attacks::frag_udp(port(&o)?),
+        "exit-cost" => attacks::exit_cost(o.number("reads", Some(2000))?),
+        "udp-sink" => attacks::udp_sink(port(&o)?, o.number("count", Some(2000))?),
         other => return Err(format!("unknown_attack_{other}")),
     }))
 }
