@@ -6,6 +6,7 @@
 //! ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
 //! ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] -o <out.pcap>
 //! ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
+//! ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
 //! ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>
 //! ```
 //!
@@ -13,6 +14,7 @@
 
 mod alloc_count;
 mod bench;
+mod flows;
 #[cfg(feature = "hyperscan")]
 mod hs;
 mod traffic;
@@ -39,6 +41,7 @@ const USAGE: &str = "usage:
   ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
   ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--vars FILE] -o <out.pcap>
   ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
+  ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
   ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>";
 
 /// Parsed command line: positional arguments and `--flag value` options.
@@ -289,6 +292,7 @@ fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
         "--frames",
         "--hit-share",
         "--secs",
+        "--pcap",
     ])?;
     let path = match args.opt(&["--rules"]) {
         Some(p) => PathBuf::from(p),
@@ -303,12 +307,21 @@ fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
         p.rules.len(),
         p.rejected.len()
     );
+    let min_time = Duration::from_secs_f64(args.num(&["--secs"], 2.0)?);
+    if let Some(pcaps) = args.opt(&["--pcap"]) {
+        bench::run_pcaps(bench::PcapOpts {
+            rules: p.rules,
+            path: PathBuf::from(pcaps),
+            min_time,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     bench::run(bench::BenchOpts {
         rules: p.rules,
         seed: args.num(&["--seed"], 1)?,
         frames: args.num(&["--frames"], 20_000)?,
         hit_share: args.num(&["--hit-share"], 0.02)?,
-        min_time: Duration::from_secs_f64(args.num(&["--secs"], 2.0)?),
+        min_time,
     })?;
     Ok(ExitCode::SUCCESS)
 }
