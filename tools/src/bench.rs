@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use ally_dpi::engine::packet::{decode, Decoded, L4};
 use ally_dpi::engine::prefilter::{AcPrefilter, Marks, Prefilter};
 use ally_dpi::engine::rules::Rule;
-use ally_dpi::engine::stream::FLOW_SLOT_BYTES;
+use ally_dpi::engine::stream::{DropCounts, FLOW_SLOT_BYTES};
 use ally_dpi::engine::{
-    Direction, Engine, EngineConfig, EngineStats, Inspector, NullSink, Timestamp, Verdict,
+    DefragStats, Direction, Engine, EngineConfig, EngineStats, Inspector, NullSink, StreamStats,
+    Timestamp, Verdict,
 };
 use ally_dpi::rules_module::{engine_config, TableKeys};
 use ally_tools::pcap;
@@ -180,26 +181,37 @@ fn dir_of(f: &GenFrame) -> Direction {
 
 /// A trace replayed pass after pass through one engine, each pass later than the last by the
 /// trace's span plus [`PASS_GAP_US`] (see there).
+/// The first pass starts [`PASS_GAP_US`] after `clock`, the latest time the engine has seen
+/// (which each pass advances), so one engine can replay several traces in turn.
 struct Replay<'a> {
     frames: &'a [(Direction, u64, &'a [u8])],
     span: u64,
+    /// Added to the trace's timestamps on the first pass.
+    offset: u64,
     pass: u64,
 }
 
 impl<'a> Replay<'a> {
-    fn new(frames: &'a [(Direction, u64, &'a [u8])]) -> Replay<'a> {
-        let first = frames.first().map_or(0, |f| f.1);
+    fn new(frames: &'a [(Direction, u64, &'a [u8])], clock: u64) -> Replay<'a> {
+        let first = frames.iter().map(|f| f.1).min().unwrap_or(0);
         let last = frames.iter().map(|f| f.1).max().unwrap_or(0);
         Replay {
             frames,
-            span: last.saturating_sub(first) + PASS_GAP_US,
+            span: last - first + PASS_GAP_US,
+            offset: (clock + PASS_GAP_US).saturating_sub(first),
             pass: 0,
         }
     }
 
+    /// The latest time the passes so far gave the engine.
+    fn clock(&self) -> u64 {
+        let last = self.frames.iter().map(|f| f.1).max().unwrap_or(0);
+        last + self.offset + self.pass.saturating_sub(1) * self.span
+    }
+
     /// One pass; verdict counts (pass, alert, drop).
     fn run(&mut self, engine: &mut Engine) -> [usize; 3] {
-        let shift = self.pass * self.span;
+        let shift = self.offset + self.pass * self.span;
         self.pass += 1;
         let mut v = [0usize; 3];
         for &(dir, ts, bytes) in self.frames {
@@ -210,12 +222,32 @@ impl<'a> Replay<'a> {
 }
 
 /// What the boot configuration did with one pass: verdicts and why frames were dropped.
-fn print_pass(engine: &Engine, before: EngineStats, verdicts: [usize; 3]) {
+/// The engine's counters at one moment.
+struct Snap(EngineStats, StreamStats, DefragStats);
+
+fn snap(e: &Engine) -> Snap {
+    Snap(e.stats(), e.stream_stats(), e.defrag_stats())
+}
+
+fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 3]) {
+    let Snap(before, sb, db) = before;
     let s = engine.stats();
     let st = engine.stream_stats();
-    let d = &st.drops;
+    let (d, b) = (&st.drops, &sb.drops);
+    let d = DropCounts {
+        out_of_order: d.out_of_order - b.out_of_order,
+        out_of_window: d.out_of_window - b.out_of_window,
+        overlap_mismatch: d.overlap_mismatch - b.overlap_mismatch,
+        blocked: d.blocked - b.blocked,
+        malformed: d.malformed - b.malformed,
+        flow_limit: d.flow_limit - b.flow_limit,
+        memory_limit: d.memory_limit - b.memory_limit,
+        rst_out_of_window: d.rst_out_of_window - b.rst_out_of_window,
+        rst_not_exact: d.rst_not_exact - b.rst_not_exact,
+        syn_on_established: d.syn_on_established - b.syn_on_established,
+    };
     println!(
-        "  one pass: {} pass, {} alert, {} drop (stream {}: out-of-order {}, out-of-window {},          overlap {}, blocked {}, malformed {}, flow-limit {}, memory-limit {}, other {};          fragments {}); {} fragments forwarded, {} datagrams reassembled; {} alert records",
+        "  one pass: {} pass, {} alert, {} drop (stream {}: out-of-order {}, out-of-window {}, overlap {}, blocked {}, malformed {}, flow-limit {}, memory-limit {}, other {}; fragments {}); {} fragments forwarded, {} datagrams reassembled; {} alert records",
         verdicts[Verdict::Pass as usize],
         verdicts[Verdict::Alert as usize],
         verdicts[Verdict::Drop as usize],
@@ -230,18 +262,28 @@ fn print_pass(engine: &Engine, before: EngineStats, verdicts: [usize; 3]) {
         d.rst_out_of_window + d.rst_not_exact + d.syn_on_established,
         s.frag_dropped - before.frag_dropped,
         s.frag_forwarded - before.frag_forwarded,
-        engine.defrag_stats().completed,
+        engine.defrag_stats().completed - db.completed,
         s.alerts_emitted - before.alerts_emitted,
     );
     println!(
-        "  stream: {} flows created, {} closed, {} expired, {} midstream (counters since the engine was built)",
-        st.created, st.closed, st.expired, st.midstream
+        "  stream: {} flows created, {} closed, {} expired, {} evicted, {} midstream",
+        st.created - sb.created,
+        st.closed - sb.closed,
+        st.expired - sb.expired,
+        st.evicted - sb.evicted,
+        st.midstream - sb.midstream
     );
 }
 
 /// Full evaluation in the boot configuration over every frame of `frames` (the tracker needs
 /// each flow whole, so no frame is left out of the timing).
-fn run_boot_set(name: &str, engine: &mut Engine, frames: &[GenFrame], min: Duration) {
+fn run_boot_set(
+    name: &str,
+    engine: &mut Engine,
+    clock: &mut u64,
+    frames: &[GenFrame],
+    min: Duration,
+) {
     let trace: Vec<(Direction, u64, &[u8])> = frames
         .iter()
         .map(|f| (dir_of(f), f.ts_us, &f.bytes[..]))
@@ -249,8 +291,8 @@ fn run_boot_set(name: &str, engine: &mut Engine, frames: &[GenFrame], min: Durat
     let bytes: usize = frames.iter().map(|f| f.bytes.len()).sum();
     let full_frames = frames.iter().filter(|f| f.bytes.len() == 1514).count();
     let hits = frames.iter().filter(|f| f.hit).count();
-    let mut replay = Replay::new(&trace);
-    let before = engine.stats();
+    let mut replay = Replay::new(&trace, *clock);
+    let before = snap(engine);
     let verdicts = replay.run(engine);
     println!(
         "{name}: {} frames timed ({} bytes, avg {} B, {:.0}% of them 1514 B, {:.1}% carry a fast pattern)",
@@ -265,6 +307,7 @@ fn run_boot_set(name: &str, engine: &mut Engine, frames: &[GenFrame], min: Durat
     let full = measure(min, bytes, frames.len(), || {
         replay.run(engine);
     });
+    *clock = replay.clock();
     print_rate("(c) boot configuration: full evaluation", &full);
     let after = engine.stats();
     println!(
@@ -275,22 +318,22 @@ fn run_boot_set(name: &str, engine: &mut Engine, frames: &[GenFrame], min: Durat
 
 /// Engine state per tracked flow: the slot sizes, and the heap the engine grows by while
 /// thousands of flows are open at once (the per-direction bytes kept for matching context).
-fn state_per_flow(engine: &mut Engine, cfg: &TrafficConfig) {
+fn state_per_flow(engine: &mut Engine, clock: u64, cfg: &TrafficConfig) {
     let slots = engine_config(BENCH_KEYS)
         .stream
         .map_or(0, |s| s.max_flows.next_power_of_two());
     let flow_cap = EngineConfig::default().flow.capacity.next_power_of_two();
     println!(
-        "state per flow: stream tracker slot {FLOW_SLOT_BYTES} B ({slots} slots preallocated,          {:.1} MiB bound with retained bytes), flow table (flowbits) slot {} B ({flow_cap} slots          preallocated)",
+        "state per flow: stream tracker slot {FLOW_SLOT_BYTES} B ({slots} slots preallocated, {:.1} MiB bound with retained bytes), flow table (flowbits) slot {} B ({flow_cap} slots preallocated)",
         engine.stream_bound_bytes() as f64 / 1048576.0,
         engine.flow_table_bytes() / flow_cap,
     );
     let frames = generate_flows_with(
         &TrafficConfig {
-            frames: 40_000,
+            frames: 150_000,
             ..cfg.clone()
         },
-        3000,
+        2000,
     );
     let trace: Vec<(Direction, u64, &[u8])> = frames
         .iter()
@@ -298,9 +341,9 @@ fn state_per_flow(engine: &mut Engine, cfg: &TrafficConfig) {
         .collect();
     // A first pass grows the engine's scratch buffers; the second, 4 h later, starts from no
     // flows (the first frame's expiry sweep) and is measured at its busiest point.
-    let mut replay = Replay::new(&trace);
+    let mut replay = Replay::new(&trace, clock);
     replay.run(engine);
-    let shift = replay.pass * replay.span;
+    let shift = replay.offset + replay.pass * replay.span;
     let live0 = crate::alloc_count::live();
     let (mut best_flows, mut best_heap) = (0u64, 0isize);
     for (i, &(dir, ts, bytes)) in trace.iter().enumerate() {
@@ -314,7 +357,7 @@ fn state_per_flow(engine: &mut Engine, cfg: &TrafficConfig) {
         }
     }
     println!(
-        "  measured: {best_flows} flows open at once (3000 concurrent flows generated) grew the          heap by {} KiB: {} B per open flow beyond its slots",
+        "  measured: {best_flows} flows open at once (up to 2000 TCP and UDP flows generated concurrently) grew the heap by {} KiB: {} B per open flow beyond its slots",
         best_heap / 1024,
         best_heap / best_flows.max(1) as isize
     );
@@ -344,6 +387,7 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     let mut engine =
         Engine::new(rules.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
     let mut boot = boot_engine(rules.clone())?;
+    let mut clock = 0u64;
     let (gm, rm) = engine.memory_breakdown();
     println!(
         "ruleset: {} rules, {} groups, {} distinct fast patterns; compiled memory {:.1} MiB (prefilters {:.1} MiB, rules+regexes {:.1} MiB); flow table {:.1} MiB",
@@ -381,6 +425,7 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     run_boot_set(
         "mix (64-1514 B frames), boot configuration",
         &mut boot,
+        &mut clock,
         &mix,
         o.min_time,
     );
@@ -402,6 +447,7 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     run_boot_set(
         "1500-byte IP packets (1514 B data frames and their flows' handshakes), boot configuration",
         &mut boot,
+        &mut clock,
         &big,
         o.min_time,
     );
@@ -409,10 +455,11 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     run_boot_set(
         "flows (HTTP/1.1, TLS, DNS, UDP, IP fragments), boot configuration",
         &mut boot,
+        &mut clock,
         &flows,
         o.min_time,
     );
-    state_per_flow(&mut boot, &mix_cfg);
+    state_per_flow(&mut boot, clock, &mix_cfg);
 
     // Same literals, same payloads: our prefilter vs Hyperscan.
     let payloads: Vec<&[u8]> = mix
@@ -640,8 +687,8 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
             Err(e) if single => return Err(format!("{}: {e}", path.display())),
             Err(e) => {
                 // Group the reasons ("truncated record data at byte N" counts as one).
-                let reason: String = e.chars().take_while(|c| !c.is_ascii_digit()).collect();
-                *refused.entry(reason.trim().to_string()).or_default() += 1;
+                let reason = e.split(" at byte ").next().unwrap_or(&e).to_string();
+                *refused.entry(reason).or_default() += 1;
                 continue;
             }
         };
@@ -653,7 +700,10 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
         skipped_frames += cap.records.len() - eth.len();
         if eth.is_empty() {
             *refused
-                .entry(format!("no frames of a known link type ({})", cap.linktype))
+                .entry(format!(
+                    "no frames of a link type replayed here (link type {})",
+                    cap.linktype
+                ))
                 .or_default() += 1;
             continue;
         }
@@ -688,15 +738,15 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
     for (why, n) in &refused {
         println!("  {n} files not replayed: {why}");
     }
-    let mut replay = Replay::new(&trace);
-    let before = engine.stats();
+    let mut replay = Replay::new(&trace, 0);
+    let before = snap(&engine);
     let verdicts = replay.run(&mut engine);
     let s = engine.stats();
     println!(
         "  {} frames not IP; {} rule matches, {} pcre step limits",
-        s.not_ip - before.not_ip,
-        s.matches - before.matches,
-        s.pcre_limit - before.pcre_limit
+        s.not_ip - before.0.not_ip,
+        s.matches - before.0.matches,
+        s.pcre_limit - before.0.pcre_limit
     );
     print_pass(&engine, before, verdicts);
     let r = measure(o.min_time, bytes, trace.len(), || {

@@ -4,7 +4,7 @@
 //! ally-tools rules compile <rules> [--vars FILE] -o <blob>   compile rules into a blob for GRUB module2
 //! ally-tools rules check <rules> [--vars FILE]               report what loads and why the rest does not
 //! ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
-//! ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] -o <out.pcap>
+//! ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--flows 1] -o <out.pcap>
 //! ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
 //! ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
 //! ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>
@@ -39,7 +39,7 @@ const USAGE: &str = "usage:
   ally-tools rules compile <rules> [--vars FILE] -o <blob>
   ally-tools rules check <rules> [--vars FILE]
   ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
-  ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--vars FILE] -o <out.pcap>
+  ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--vars FILE] [--flows 1] -o <out.pcap>
   ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
   ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
   ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>";
@@ -214,6 +214,7 @@ fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
         "--hit-share",
         "--rules",
         "--vars",
+        "--flows",
         "-o",
         "--output",
     ])?;
@@ -236,7 +237,11 @@ fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
         fixed_size: None,
         literals,
     };
-    let frames = traffic::generate(&cfg);
+    let frames = if args.opt(&["--flows"]) == Some("1") {
+        flows::generate_flows(&cfg)
+    } else {
+        traffic::generate(&cfg)
+    };
     let mut w = BufWriter::new(fs::File::create(out).map_err(|e| format!("{out}: {e}"))?);
     pcap::write_header(&mut w, 65535).map_err(|e| e.to_string())?;
     for f in &frames {
