@@ -698,6 +698,10 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
             .filter_map(|r| pcap::ethernet_frame(cap.linktype, &r.data).map(|f| (r.ts_us, f)))
             .collect();
         skipped_frames += cap.records.len() - eth.len();
+        if cap.records.is_empty() {
+            *refused.entry("no records".into()).or_default() += 1;
+            continue;
+        }
         if eth.is_empty() {
             *refused
                 .entry(format!(
