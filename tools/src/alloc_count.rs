@@ -64,3 +64,8 @@ pub fn since(s: Snapshot) -> (usize, usize) {
         PEAK.load(Relaxed).saturating_sub(s.live),
     )
 }
+
+/// Live heap bytes now (allocated and not yet freed, by every thread).
+pub fn live() -> usize {
+    LIVE.load(Relaxed)
+}

@@ -4,8 +4,9 @@
 //! ally-tools rules compile <rules> [--vars FILE] -o <blob>   compile rules into a blob for GRUB module2
 //! ally-tools rules check <rules> [--vars FILE]               report what loads and why the rest does not
 //! ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
-//! ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] -o <out.pcap>
+//! ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--flows 1] -o <out.pcap>
 //! ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
+//! ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
 //! ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>
 //! ```
 //!
@@ -13,6 +14,7 @@
 
 mod alloc_count;
 mod bench;
+mod flows;
 #[cfg(feature = "hyperscan")]
 mod hs;
 mod traffic;
@@ -37,8 +39,9 @@ const USAGE: &str = "usage:
   ally-tools rules compile <rules> [--vars FILE] -o <blob>
   ally-tools rules check <rules> [--vars FILE]
   ally-tools eve split <stream> --eve <out.json> --pcap <out.pcap>
-  ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--vars FILE] -o <out.pcap>
+  ally-tools traffic gen --seed N [--frames N] [--hit-share F] [--rules FILE] [--vars FILE] [--flows 1] -o <out.pcap>
   ally-tools bench [--rules FILE] [--vars FILE] [--seed N] [--frames N] [--hit-share F] [--secs S]
+  ally-tools bench --pcap FILE|DIR [--rules FILE] [--vars FILE] [--secs S]
   ally-tools replay <in.pcap> --blob <blob> [--dir to_wire|from_wire] -o <stream>";
 
 /// Parsed command line: positional arguments and `--flag value` options.
@@ -211,6 +214,7 @@ fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
         "--hit-share",
         "--rules",
         "--vars",
+        "--flows",
         "-o",
         "--output",
     ])?;
@@ -233,7 +237,11 @@ fn cmd_traffic_gen(args: &Args) -> Result<ExitCode, String> {
         fixed_size: None,
         literals,
     };
-    let frames = traffic::generate(&cfg);
+    let frames = if args.opt(&["--flows"]) == Some("1") {
+        flows::generate_flows(&cfg)
+    } else {
+        traffic::generate(&cfg)
+    };
     let mut w = BufWriter::new(fs::File::create(out).map_err(|e| format!("{out}: {e}"))?);
     pcap::write_header(&mut w, 65535).map_err(|e| e.to_string())?;
     for f in &frames {
@@ -289,6 +297,7 @@ fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
         "--frames",
         "--hit-share",
         "--secs",
+        "--pcap",
     ])?;
     let path = match args.opt(&["--rules"]) {
         Some(p) => PathBuf::from(p),
@@ -303,12 +312,21 @@ fn cmd_bench(args: &Args) -> Result<ExitCode, String> {
         p.rules.len(),
         p.rejected.len()
     );
+    let min_time = Duration::from_secs_f64(args.num(&["--secs"], 2.0)?);
+    if let Some(pcaps) = args.opt(&["--pcap"]) {
+        bench::run_pcaps(bench::PcapOpts {
+            rules: p.rules,
+            path: PathBuf::from(pcaps),
+            min_time,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     bench::run(bench::BenchOpts {
         rules: p.rules,
         seed: args.num(&["--seed"], 1)?,
         frames: args.num(&["--frames"], 20_000)?,
         hit_share: args.num(&["--hit-share"], 0.02)?,
-        min_time: Duration::from_secs_f64(args.num(&["--secs"], 2.0)?),
+        min_time,
     })?;
     Ok(ExitCode::SUCCESS)
 }

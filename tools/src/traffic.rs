@@ -60,17 +60,39 @@ pub struct GenFrame {
     pub bytes: Vec<u8>,
 }
 
-const ETH_IP: usize = 14 + 20;
+pub(crate) const ETH_IP: usize = 14 + 20;
 const MIN_FRAME: usize = 60; // Ethernet minimum without FCS
 const MAX_FRAME: usize = 1514; // 1500-byte MTU + Ethernet header
 
-fn ipv4_frame(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8], payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv4_frame(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    l4: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv4_fragment(src, dst, proto, 0, 0x4000, l4, payload)
+}
+
+/// An IPv4 frame with identification `id` and the flags/fragment-offset word `frag` (RFC 791
+/// §3.1: 0x4000 = don't fragment, 0x2000 = more fragments, low 13 bits the offset / 8).
+pub(crate) fn ipv4_fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    id: u16,
+    frag: u16,
+    l4: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH_IP + l4.len() + payload.len());
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
     let total = (20 + l4.len() + payload.len()) as u16;
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&frag.to_be_bytes());
+    f.extend_from_slice(&[64, proto, 0, 0]);
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
     // IPv4 header checksum (RFC 791 §3.1) so captures open cleanly in other tools.
@@ -90,7 +112,7 @@ fn ipv4_frame(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8], payload: &[u8]) 
     f
 }
 
-fn tcp_hdr(sp: u16, dp: u16, seq: u32, ack: u32, flags: u8) -> [u8; 20] {
+pub(crate) fn tcp_hdr(sp: u16, dp: u16, seq: u32, ack: u32, flags: u8) -> [u8; 20] {
     let mut h = [0u8; 20];
     h[0..2].copy_from_slice(&sp.to_be_bytes());
     h[2..4].copy_from_slice(&dp.to_be_bytes());
@@ -102,7 +124,7 @@ fn tcp_hdr(sp: u16, dp: u16, seq: u32, ack: u32, flags: u8) -> [u8; 20] {
     h
 }
 
-fn udp_hdr(sp: u16, dp: u16, len: usize) -> [u8; 8] {
+pub(crate) fn udp_hdr(sp: u16, dp: u16, len: usize) -> [u8; 8] {
     let mut h = [0u8; 8];
     h[0..2].copy_from_slice(&sp.to_be_bytes());
     h[2..4].copy_from_slice(&dp.to_be_bytes());
@@ -110,12 +132,12 @@ fn udp_hdr(sp: u16, dp: u16, len: usize) -> [u8; 8] {
     h
 }
 
-const WORDS: &[&str] = &[
+pub(crate) const WORDS: &[&str] = &[
     "the", "network", "packet", "server", "client", "data", "value", "index", "page", "content",
     "session", "user", "items", "list", "table", "row", "html", "div", "class", "span", "script",
 ];
 
-fn text(rng: &mut Rng, n: usize) -> Vec<u8> {
+pub(crate) fn text(rng: &mut Rng, n: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(n + 16);
     while v.len() < n {
         match rng.below(10) {
@@ -131,7 +153,7 @@ fn text(rng: &mut Rng, n: usize) -> Vec<u8> {
     v
 }
 
-fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
     (0..n).map(|_| rng.next_u64() as u8).collect()
 }
 

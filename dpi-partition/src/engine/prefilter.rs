@@ -240,6 +240,56 @@ impl Buckets {
     }
 }
 
+/// Literal ids grouped by their bit in a hashed bitmap, found in O(1) from the bitmap word
+/// already loaded: the bucket of set bit `i` is the number of set bits before it (a rank), so
+/// no key search is needed. Literals whose keys hash to the same bit share a bucket; the
+/// byte-for-byte check sorts them out.
+#[derive(Debug, Default)]
+struct RankBuckets {
+    /// Per bitmap word: set bits in the words before it.
+    rank: Vec<u32>,
+    starts: Vec<u32>,
+    ids: Vec<u32>,
+}
+
+impl RankBuckets {
+    /// `pairs`: (bit, literal id), every bit set in `map` and only those.
+    fn build(map: &[u64], mut pairs: Vec<(u32, u32)>) -> RankBuckets {
+        pairs.sort_unstable();
+        let mut b = RankBuckets::default();
+        let mut seen = 0u32;
+        for w in map {
+            b.rank.push(seen);
+            seen += w.count_ones();
+        }
+        let mut last = None;
+        for (bit, id) in pairs {
+            if last != Some(bit) {
+                last = Some(bit);
+                b.starts.push(b.ids.len() as u32);
+            }
+            b.ids.push(id);
+        }
+        b.starts.push(b.ids.len() as u32);
+        b
+    }
+
+    /// The literals of bit `i`, set in `word` (the bitmap word holding it).
+    #[inline]
+    fn get(&self, word: u64, i: usize) -> &[u32] {
+        let below = word & ((1u64 << (i & 63)) - 1);
+        let r = self.rank.get(i >> 6).map_or(0, |&r| r as usize) + below.count_ones() as usize;
+        match (self.starts.get(r), self.starts.get(r + 1)) {
+            (Some(&a), Some(&b)) => self.ids.get(a as usize..b as usize).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    fn memory_usage(&self) -> usize {
+        (self.rank.len() + self.starts.len() + self.ids.len()) * 4
+    }
+}
+
 #[inline(always)]
 fn bit(map: &[u64], i: usize) -> bool {
     map[i >> 6] & (1u64 << (i & 63)) != 0
@@ -285,7 +335,8 @@ pub struct Prefilter {
     /// Bitmap over hashed folded 4-byte prefixes of literals of >= 4 bytes.
     bloom: Vec<u64>,
     shift: u32,
-    long: Buckets,
+    /// Literals of >= 4 bytes by their bit in `bloom`.
+    long: RankBuckets,
     /// Bitmap over folded 2-byte prefixes of 2-3-byte literals (empty if none).
     bits2: Option<Box<Bits64K>>,
     short2: Buckets,
@@ -338,8 +389,9 @@ impl Prefilter {
                 }
                 _ => {
                     let k = key(&l.bytes, 4);
-                    set_bit(&mut bloom, (k.wrapping_mul(HASH_MUL) >> shift) as usize);
-                    long.push((k, id));
+                    let b = (k.wrapping_mul(HASH_MUL) >> shift) as usize;
+                    set_bit(&mut bloom, b);
+                    long.push((b as u32, id));
                 }
             }
         }
@@ -381,6 +433,7 @@ impl Prefilter {
                 }
             }
         }
+        let long = RankBuckets::build(&bloom, long);
         Ok(Prefilter {
             lits,
             bigram,
@@ -389,7 +442,7 @@ impl Prefilter {
             tri_shift,
             bloom,
             shift,
-            long: Buckets::build(long),
+            long,
             bits2,
             short2: Buckets::build(s2),
             singles,
@@ -475,11 +528,10 @@ impl Prefilter {
         let w = match hay.get(i..i + 4) {
             Some(q) => {
                 let w = fold4(u32::from_le_bytes([q[0], q[1], q[2], q[3]]));
-                if bit(
-                    &self.bloom,
-                    (w.wrapping_mul(HASH_MUL) >> self.shift) as usize,
-                ) {
-                    self.verify(self.long.get(w), hay, i, marks, hit);
+                let b = (w.wrapping_mul(HASH_MUL) >> self.shift) as usize;
+                let word = self.bloom.get(b >> 6).copied().unwrap_or(0);
+                if word & (1u64 << (b & 63)) != 0 {
+                    self.verify(self.long.get(word, b), hay, i, marks, hit);
                 }
                 w
             }
@@ -605,6 +657,57 @@ mod tests {
             b.sort();
             assert_eq!(a, b, "haystack {hay:?}");
         }
+    }
+
+    /// Thousands of long literals: many share a bloom bit (and so a bucket) with literals of
+    /// other prefixes; the set reported stays exact.
+    #[test]
+    fn shared_bloom_buckets_stay_exact() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"abcdefgHIJ0123/.";
+        let lits: Vec<(Vec<u8>, bool)> = (0..6000)
+            .map(|_| {
+                let len = 4 + (rnd() % 5) as usize;
+                let l = (0..len)
+                    .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                    .collect();
+                (l, rnd() % 3 == 0)
+            })
+            .collect();
+        let ours = Prefilter::new(&lits).unwrap();
+        let shared = ours.long.starts.len() - 1;
+        let distinct: alloc::collections::BTreeSet<u32> =
+            lits.iter().map(|l| key(&l.0, 4)).collect();
+        assert!(
+            shared < distinct.len(),
+            "{shared} buckets, {} keys",
+            distinct.len()
+        );
+        let reference = AcPrefilter::new(&lits).unwrap();
+        let mut m = Marks::default();
+        let mut found = 0;
+        for _ in 0..300 {
+            let len = 50 + (rnd() % 200) as usize;
+            let hay: Vec<u8> = (0..len)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            m.begin(lits.len());
+            ours.scan(&hay, &mut m, |i| a.push(i));
+            m.begin(lits.len());
+            reference.scan(&hay, &mut m, |i| b.push(i));
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "haystack {hay:?}");
+            found += a.len();
+        }
+        assert!(found > 100, "{found}");
     }
 
     #[test]
