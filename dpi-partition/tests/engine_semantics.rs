@@ -261,12 +261,42 @@ fn pcre_dollar_like_pcre() {
 }
 
 #[test]
+fn pcre_dollar_inside_the_pattern() {
+    // Community rule 25271's shape: `$` in an alternative, followed by more pattern.
+    let opts = r#"pcre:"/uid=[a-f0-9]{4}($|&)x?/""#;
+    assert!(hits(opts, b"GET /?uid=beef"));
+    assert!(hits(opts, b"GET /?uid=beef\n"));
+    assert!(hits(opts, b"GET /?uid=beef&x=1"));
+    assert!(!hits(opts, b"GET /?uid=beef\n\n"));
+    assert!(!hits(opts, b"GET /?uid=beefz"));
+    // Before a final newline, `$` is followed by that newline.
+    assert!(hits(r#"pcre:"/end$\n/""#, b"the end\n"));
+    assert!(!hits(r#"pcre:"/end$\n/""#, b"the end"));
+    // Nothing but a newline can follow a `$` that is not at the end.
+    assert!(!hits(r#"pcre:"/a$b/""#, b"a\nb"));
+    assert!(!hits(r#"pcre:"/a$b/""#, b"ab"));
+    // Two `$`, one in a lookahead (rule 27680's shape).
+    let opts = r#"pcre:"/(?=^[a-z]{3,}\.php$).*?\.php$/""#;
+    assert!(hits(opts, b"abcd.php"));
+    assert!(hits(opts, b"abcd.php\n"));
+    assert!(!hits(opts, b"ab1d.php"));
+    assert!(!hits(opts, b"abcd.php.x"));
+    // E and m keep their meanings wherever `$` is.
+    assert!(!hits(r#"pcre:"/d($|x)/E""#, b"end\n"));
+    assert!(hits(r#"pcre:"/d($|x)/E""#, b"end"));
+    assert!(hits(r#"pcre:"/d($|x)y?/m""#, b"end\nmore"));
+    assert!(!hits(r#"pcre:"/d($|x)y?/""#, b"end\nmore"));
+    // R: the subject starts at the cursor and still ends at the buffer end.
+    assert!(hits(r#"content:"k="; pcre:"/^\d+($|&)/R""#, b"?k=12\n"));
+    assert!(!hits(r#"content:"k="; pcre:"/^\d+($|&)/R""#, b"?k=12 "));
+}
+
+#[test]
 fn pcre_refused_not_approximated() {
     for (opts, what) in [
         (r#"pcre:"/(?<=a+)b/""#, "unbounded lookbehind"),
         (r#"pcre:"/(a)\2/""#, "reference to a missing group"),
         (r#"pcre:"/a++b/""#, "possessive quantifier"),
-        (r#"pcre:"/a$b/""#, "inner $"),
         (r#"pcre:"/x/U""#, "uri flag"),
     ] {
         let e = refused(opts);

@@ -42,8 +42,8 @@
 //!   pcre counts as not matching; for a `pass` rule that is also the closed side, since the
 //!   frame is then still judged by the other rules).
 //!
-//! Either way [`Program::pcre_limit_hits`] counts it (the engine's stats sum it as
-//! `pcre_limit`). Why fail closed for `drop`: with Snort's behaviour a bounded matcher gives
+//! Either way [`Program::pcre_limit_hits`] counts it (the engine adds each one to its
+//! `pcre_limit` counter). Why fail closed for `drop`: with Snort's behaviour a bounded matcher gives
 //! the sender a deterministic way past every drop rule whose pcre it can make expensive: pad
 //! the attack until the budget runs out. Failing closed makes that padding get the frame
 //! dropped instead; the cost is that traffic which really exhausts a drop rule's budget is
@@ -147,6 +147,11 @@ pub struct CompiledPcre {
     end_dollar: bool,
 }
 
+/// PCRE's `$` without the `m` flag: the end of the subject, or before a newline that ends it.
+/// A lookahead, so such a pattern runs on the backtracking matcher; used where `$` is not the
+/// pattern's last item (a trailing `$` stays linear: see [`CompiledPcre::find`]).
+const PCRE_DOLLAR: &str = r"(?=\n?\z)";
+
 /// The pattern as regex-automata reads it, its syntax settings, and whether it ended in a
 /// non-multiline `$` (see [`CompiledPcre`]).
 fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
@@ -166,15 +171,17 @@ fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
             for &d in dollars.iter().rev() {
                 src.replace_range(d..d + 1, r"\z");
             }
-        } else if let Some(&last) = dollars.last() {
-            if dollars.len() > 1 || last + 1 != significant_end {
-                return Err(String::from(
-                    "`$` before the end of the pattern without the m flag is not supported \
-                     (PCRE also matches it before a final newline)",
-                ));
+        } else if let [last] = dollars[..] {
+            if last + 1 == significant_end {
+                src.replace_range(last..last + 1, r"\z");
+                end_dollar = true;
+            } else {
+                src.replace_range(last..last + 1, PCRE_DOLLAR);
             }
-            src.replace_range(last..last + 1, r"\z");
-            end_dollar = true;
+        } else {
+            for &d in dollars.iter().rev() {
+                src.replace_range(d..d + 1, PCRE_DOLLAR);
+            }
         }
     }
     let syn = syntax::Config::new()

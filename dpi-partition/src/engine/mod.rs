@@ -811,10 +811,7 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> EngineStats {
-        EngineStats {
-            pcre_limit: self.rules.iter().map(|c| c.program.pcre_limit_hits()).sum(),
-            ..self.stats
-        }
+        self.stats
     }
 
     /// Reassembler counters.
@@ -1220,7 +1217,8 @@ impl Engine {
             self.stats.evaluated += 1;
             let on_stream = c.on_stream && stream_flow.is_some();
             let mut http_msg = None;
-            if !header_matches(&c.rule, &pkt)
+            let limit_hits = c.program.pcre_limit_hits();
+            let rejected = !header_matches(&c.rule, &pkt)
                 || c.rule.dsize.is_some_and(|d| !d.check(pkt.payload.len()))
                 || !flow_matches(&c.rule.flow, info)
                 || (c.rule.flow.only_stream && stream_flow.is_none())
@@ -1243,8 +1241,10 @@ impl Engine {
                         && (new_from == 0 || !c.program.matches(&win[..new_from], &mut self.memo))
                 } else {
                     c.program.matches(pkt.payload, &mut self.memo)
-                })
-            {
+                });
+            // Counted here, once per evaluation that ran out, so that stats() is O(1).
+            self.stats.pcre_limit += c.program.pcre_limit_hits() - limit_hits;
+            if rejected {
                 continue;
             }
             if let Some(df) = &c.rule.detection_filter {

@@ -47,9 +47,10 @@
 //! [`super::matcher`]). Snort's idiom `(?!\n)\s` is rewritten to the equivalent class
 //! `[^\S\n]`. Refused (rule not loaded, reason given): possessive quantifiers, lookbehinds of
 //! unbounded length or with backreferences, `\Z`, recursion and other PCRE-only syntax
-//! (anything regex-syntax's parser rejects after that rewriting), and without `m`/`E` a `$`
-//! anywhere but at the end of the pattern (PCRE's `$` also matches before a final newline,
-//! which is handled exactly only at the end). One known difference remains: with `m`,
+//! (anything regex-syntax's parser rejects after that rewriting). Without `m`/`E`, `$` has
+//! PCRE's meaning (the end, or before a final newline) wherever it is: at the end of the
+//! pattern by a second search, elsewhere as a lookahead on the backtracking matcher. One
+//! known difference remains: with `m`,
 //! regex-automata's `^` also matches after a newline that ends the payload, where PCRE's (and
 //! the backtracking matcher's) does not.
 
