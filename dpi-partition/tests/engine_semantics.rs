@@ -433,7 +433,7 @@ fn fast_pattern_choice() {
 #[test]
 fn unsupported_options_reported_with_sid() {
     let text = "alert tcp any any -> any any (msg:\"a\"; tag:session,10,packets; content:\"a\"; sid:10;)\n\
-                alert tcp any any -> any any (msg:\"b\"; base64_decode; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
+                alert tcp any any -> any any (msg:\"b\"; replace:\"x\"; content:\"a\"; dce_opnum:1; sid:11;)\n\
                 alert http any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
     let p = parse_rules(text, &Vars::new());
@@ -446,7 +446,7 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(
         p.rejected[1].error,
-        RuleError::Unsupported(vec!["base64_decode".into(), "byte_extract".into()])
+        RuleError::Unsupported(vec!["replace".into(), "dce_opnum".into()])
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
@@ -771,9 +771,10 @@ fn byte_test_binary_and_string() {
         refused("byte_test:2,=,1,0,dce"),
         RuleError::Unsupported(_)
     ));
+    // A name that no earlier byte_extract/byte_math defines.
     assert!(matches!(
         refused("byte_test:2,=,var,0"),
-        RuleError::Unsupported(_)
+        RuleError::BadOption { .. }
     ));
 }
 
