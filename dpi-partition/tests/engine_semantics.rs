@@ -451,7 +451,7 @@ fn unsupported_options_reported_with_sid() {
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
     assert!(summary.contains(&("tag".into(), 1)));
-    assert!(summary.contains(&("base64_decode".into(), 1)));
+    assert!(summary.contains(&("dce_opnum".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
 

@@ -15,6 +15,13 @@
 //!   value (times `multiplier`, rounded up to 4 with `align`; from the start with
 //!   `from_beginning`, from the end with `from_end`) plus `post_offset`; a target outside the
 //!   buffer fails. Both fail when the bytes lie outside the buffer.
+//! - `byte_extract` reads like `byte_test`, stores the value (times `multiplier`, rounded up
+//!   to `align`) in a variable and moves the cursor past the bytes read; `byte_math` stores
+//!   `value oper rvalue` and leaves the cursor. A result that does not fit 32 bits (or a
+//!   division by zero) fails the step. Later steps read the variable's value on the same
+//!   evaluation path: when an earlier content is retried, the variable is extracted again.
+//! - `base64_decode` decodes base64 text of the current buffer (Snort's leniency:
+//!   `decode_base64`); `base64_data` makes later steps read the decoded bytes, cursor at 0.
 //! - Buffers ([`Buffers`]): each step reads the buffer chosen by the last sticky buffer option
 //!   before it (`http_uri`, `file_data`, ...; `pkt_data`/`raw_data`: the packet payload), with
 //!   the cursor at 0 after each switch. Switching to a buffer the message does not have fails.
@@ -25,7 +32,11 @@
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
-//!   steps x payload length per rule and packet.
+//!   steps x payload length per rule and packet. Between the first byte_extract, byte_math or
+//!   base64_decode and the last step that reads a variable or the decoded bytes, (step,
+//!   cursor) does not decide the outcome, so those steps are not memoised: each entry and each
+//!   64 bytes scanned there draw on the evaluation budget below (and a decode on it, a step
+//!   per 4 bytes), with the same outcome when it runs out.
 //!
 //! # pcre engines and their bound
 //!
@@ -1191,5 +1202,29 @@ impl Program {
             Op::Content(c) => c.find(buf, from, hi),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decode_is_capped_and_lenient() {
+        let (mut text, mut out) = (Vec::new(), Vec::new());
+        // 4 characters give 3 bytes: the cap is reached exactly, then more text is left.
+        let src = alloc::vec![b'A'; BASE64_MAX_DECODED / 3 * 4 + 8];
+        let (scanned, capped) = decode_base64(&src, &mut text, &mut out);
+        assert!(capped);
+        assert_eq!(out.len(), BASE64_MAX_DECODED);
+        assert_eq!(scanned, BASE64_MAX_DECODED / 3 * 4);
+        let (_, capped) = decode_base64(b"YWJj\r\n ZA==rest", &mut text, &mut out);
+        assert!(!capped);
+        assert_eq!(out, b"abcd");
+        // A lone last character gives nothing; `=` ends the text.
+        decode_base64(b"YWJjZ", &mut text, &mut out);
+        assert_eq!(out, b"abc");
+        decode_base64(b"=YWJj", &mut text, &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -14,8 +14,11 @@
 //!   `fast_pattern:o,l`), in both the Snort 2 (separate options) and Snort 3
 //!   (`content:"x",depth 16,nocase`) styles. offset/depth mixed with distance/within on one
 //!   content, depth or within shorter than the pattern, and negative offsets are refused.
-//! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
-//!   byte_extract variables).
+//! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce`),
+//!   `byte_extract` ([`ByteExtract`]) and `byte_math` ([`ByteMath`]), whose variables (at most
+//!   [`MAX_VARS`] per rule, defined before use) can stand for content `offset depth distance
+//!   within`, the byte_test value and offset, the byte_jump offset, the isdataat position and
+//!   byte_math's offset and rvalue; `base64_decode` ([`Base64Decode`]) and `base64_data`.
 //! - Sticky buffers (Snort 3): `http_uri http_raw_uri http_header http_raw_header http_method
 //!   http_cookie http_raw_cookie http_client_body http_stat_code http_stat_msg file_data`, and
 //!   the Suricata names `http.uri http.uri.raw http.header http.header.raw http.method
