@@ -261,12 +261,42 @@ fn pcre_dollar_like_pcre() {
 }
 
 #[test]
+fn pcre_dollar_inside_the_pattern() {
+    // Community rule 25271's shape: `$` in an alternative, followed by more pattern.
+    let opts = r#"pcre:"/uid=[a-f0-9]{4}($|&)x?/""#;
+    assert!(hits(opts, b"GET /?uid=beef"));
+    assert!(hits(opts, b"GET /?uid=beef\n"));
+    assert!(hits(opts, b"GET /?uid=beef&x=1"));
+    assert!(!hits(opts, b"GET /?uid=beef\n\n"));
+    assert!(!hits(opts, b"GET /?uid=beefz"));
+    // Before a final newline, `$` is followed by that newline.
+    assert!(hits(r#"pcre:"/end$\n/""#, b"the end\n"));
+    assert!(!hits(r#"pcre:"/end$\n/""#, b"the end"));
+    // Nothing but a newline can follow a `$` that is not at the end.
+    assert!(!hits(r#"pcre:"/a$b/""#, b"a\nb"));
+    assert!(!hits(r#"pcre:"/a$b/""#, b"ab"));
+    // Two `$`, one in a lookahead (rule 27680's shape).
+    let opts = r#"pcre:"/(?=^[a-z]{3,}\.php$).*?\.php$/""#;
+    assert!(hits(opts, b"abcd.php"));
+    assert!(hits(opts, b"abcd.php\n"));
+    assert!(!hits(opts, b"ab1d.php"));
+    assert!(!hits(opts, b"abcd.php.x"));
+    // E and m keep their meanings wherever `$` is.
+    assert!(!hits(r#"pcre:"/d($|x)/E""#, b"end\n"));
+    assert!(hits(r#"pcre:"/d($|x)/E""#, b"end"));
+    assert!(hits(r#"pcre:"/d($|x)y?/m""#, b"end\nmore"));
+    assert!(!hits(r#"pcre:"/d($|x)y?/""#, b"end\nmore"));
+    // R: the subject starts at the cursor and still ends at the buffer end.
+    assert!(hits(r#"content:"k="; pcre:"/^\d+($|&)/R""#, b"?k=12\n"));
+    assert!(!hits(r#"content:"k="; pcre:"/^\d+($|&)/R""#, b"?k=12 "));
+}
+
+#[test]
 fn pcre_refused_not_approximated() {
     for (opts, what) in [
         (r#"pcre:"/(?<=a+)b/""#, "unbounded lookbehind"),
         (r#"pcre:"/(a)\2/""#, "reference to a missing group"),
         (r#"pcre:"/a++b/""#, "possessive quantifier"),
-        (r#"pcre:"/a$b/""#, "inner $"),
         (r#"pcre:"/x/U""#, "uri flag"),
     ] {
         let e = refused(opts);
@@ -403,7 +433,7 @@ fn fast_pattern_choice() {
 #[test]
 fn unsupported_options_reported_with_sid() {
     let text = "alert tcp any any -> any any (msg:\"a\"; tag:session,10,packets; content:\"a\"; sid:10;)\n\
-                alert tcp any any -> any any (msg:\"b\"; base64_decode; content:\"a\"; byte_extract:4,0,x; sid:11;)\n\
+                alert tcp any any -> any any (msg:\"b\"; replace:\"x\"; content:\"a\"; dce_opnum:1; sid:11;)\n\
                 alert ftp any any -> any any (msg:\"c\"; sid:12;)\n\
                 alert tcp any any -> any any (msg:\"ok\"; content:\"a\"; sid:13;)\n";
     let p = parse_rules(text, &Vars::new());
@@ -416,12 +446,12 @@ fn unsupported_options_reported_with_sid() {
     );
     assert_eq!(
         p.rejected[1].error,
-        RuleError::Unsupported(vec!["base64_decode".into(), "byte_extract".into()])
+        RuleError::Unsupported(vec!["replace".into(), "dce_opnum".into()])
     );
     assert_eq!(p.rejected[2].sid, Some(12));
     let summary = p.summary();
     assert!(summary.contains(&("tag".into(), 1)));
-    assert!(summary.contains(&("base64_decode".into(), 1)));
+    assert!(summary.contains(&("dce_opnum".into(), 1)));
     assert!(p.rejected[1].to_string().contains("sid 11"));
 }
 
@@ -741,9 +771,10 @@ fn byte_test_binary_and_string() {
         refused("byte_test:2,=,1,0,dce"),
         RuleError::Unsupported(_)
     ));
+    // A name that no earlier byte_extract/byte_math defines.
     assert!(matches!(
         refused("byte_test:2,=,var,0"),
-        RuleError::Unsupported(_)
+        RuleError::BadOption { .. }
     ));
 }
 

@@ -16,6 +16,13 @@
 //!   value (times `multiplier`, rounded up to 4 with `align`; from the start with
 //!   `from_beginning`, from the end with `from_end`) plus `post_offset`; a target outside the
 //!   buffer fails. Both fail when the bytes lie outside the buffer.
+//! - `byte_extract` reads like `byte_test`, stores the value (times `multiplier`, rounded up
+//!   to `align`) in a variable and moves the cursor past the bytes read; `byte_math` stores
+//!   `value oper rvalue` and leaves the cursor. A result that does not fit 32 bits (or a
+//!   division by zero) fails the step. Later steps read the variable's value on the same
+//!   evaluation path: when an earlier content is retried, the variable is extracted again.
+//! - `base64_decode` decodes base64 text of the current buffer (Snort's leniency:
+//!   `decode_base64`); `base64_data` makes later steps read the decoded bytes, cursor at 0.
 //! - Buffers ([`Buffers`]): each step reads the buffer chosen by the last sticky buffer option
 //!   before it (`http_uri`, `file_data`, ...; `pkt_data`/`raw_data`: the packet payload), with
 //!   the cursor at 0 after each switch. Switching to a buffer the message does not have fails.
@@ -26,7 +33,11 @@
 //! - Backtracking: when a later step fails, earlier positive contents and pcres are tried at
 //!   their later match positions, so a rule matches whenever some assignment of positions
 //!   satisfies every step. Failed (step, cursor) pairs are memoised, which bounds the work to
-//!   steps x payload length per rule and packet.
+//!   steps x payload length per rule and packet. Between the first byte_extract, byte_math or
+//!   base64_decode and the last step that reads a variable or the decoded bytes, (step,
+//!   cursor) does not decide the outcome, so those steps are not memoised: each entry and each
+//!   64 bytes scanned there draw on the evaluation budget below (and a decode on it, a step
+//!   per 4 bytes), with the same outcome when it runs out.
 //!
 //! # pcre engines and their bound
 //!
@@ -43,8 +54,8 @@
 //!   pcre counts as not matching; for a `pass` rule that is also the closed side, since the
 //!   frame is then still judged by the other rules).
 //!
-//! Either way [`Program::pcre_limit_hits`] counts it (the engine's stats sum it as
-//! `pcre_limit`). Why fail closed for `drop`: with Snort's behaviour a bounded matcher gives
+//! Either way [`Program::pcre_limit_hits`] counts it (the engine adds each one to its
+//! `pcre_limit` counter). Why fail closed for `drop`: with Snort's behaviour a bounded matcher gives
 //! the sender a deterministic way past every drop rule whose pcre it can make expensive: pad
 //! the attack until the budget runs out. Failing closed makes that padding get the frame
 //! dropped instead; the cost is that traffic which really exhausts a drop rule's budget is
@@ -66,8 +77,8 @@ use regex_automata::{Anchored, Input};
 
 use super::backtrack::{self, Exceeded, STEP_LIMIT};
 use super::rules::{
-    Action, AppBuffer, BufferLen, ByteJump, ByteOp, ByteTest, Content, Extract, HttpBuffer,
-    PayloadOp, Pcre, Rule,
+    Action, AppBuffer, Base64Decode, BufferLen, ByteExtract, ByteJump, ByteMath, ByteOp, ByteTest,
+    Content, Extract, HttpBuffer, PayloadOp, Pcre, Rule, BASE64_MAX_DECODED, MAX_VARS,
 };
 
 /// The buffers a payload program reads: the packet payload and, for a rule with HTTP sticky
@@ -150,6 +161,11 @@ pub struct CompiledPcre {
     end_dollar: bool,
 }
 
+/// PCRE's `$` without the `m` flag: the end of the subject, or before a newline that ends it.
+/// A lookahead, so such a pattern runs on the backtracking matcher; used where `$` is not the
+/// pattern's last item (a trailing `$` stays linear: see [`CompiledPcre::find`]).
+const PCRE_DOLLAR: &str = r"(?=\n?\z)";
+
 /// The pattern as regex-automata reads it, its syntax settings, and whether it ended in a
 /// non-multiline `$` (see [`CompiledPcre`]).
 fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
@@ -169,15 +185,17 @@ fn pcre_source(p: &Pcre) -> Result<(String, syntax::Config, bool), String> {
             for &d in dollars.iter().rev() {
                 src.replace_range(d..d + 1, r"\z");
             }
-        } else if let Some(&last) = dollars.last() {
-            if dollars.len() > 1 || last + 1 != significant_end {
-                return Err(String::from(
-                    "`$` before the end of the pattern without the m flag is not supported \
-                     (PCRE also matches it before a final newline)",
-                ));
+        } else if let [last] = dollars[..] {
+            if last + 1 == significant_end {
+                src.replace_range(last..last + 1, r"\z");
+                end_dollar = true;
+            } else {
+                src.replace_range(last..last + 1, PCRE_DOLLAR);
             }
-            src.replace_range(last..last + 1, r"\z");
-            end_dollar = true;
+        } else {
+            for &d in dollars.iter().rev() {
+                src.replace_range(d..d + 1, PCRE_DOLLAR);
+            }
         }
     }
     let syn = syntax::Config::new()
@@ -348,6 +366,8 @@ pub struct CompiledContent {
     distance: i32,
     within: Option<u32>,
     endswith: bool,
+    /// Variables replacing offset, depth, distance, within.
+    vars: [Option<u8>; 4],
 }
 
 impl CompiledContent {
@@ -368,19 +388,26 @@ impl CompiledContent {
             distance: c.distance.unwrap_or(0),
             within: c.within,
             endswith: c.endswith,
+            vars: [c.offset_var, c.depth_var, c.distance_var, c.within_var],
         }
     }
 
     /// Search window `[lo, hi)` for a buffer of `n` bytes and the current cursor; `None` if empty.
-    fn window(&self, n: usize, cursor: usize) -> Option<(usize, usize)> {
+    /// Variables (`vars`) give offset, depth, distance or within where the rule names one.
+    fn window(&self, n: usize, cursor: usize, vars: &Vars) -> Option<(usize, usize)> {
         let n64 = n as i64;
+        // Every term fits in i64 (u32 or i32 values, a cursor within the buffer).
+        let [offset, depth, distance, within] =
+            self.vars.map(|v| v.map(|v| i64::from(var(vars, v))));
         let (lo, hi) = if self.relative {
-            let base = cursor as i64 + i64::from(self.distance);
-            let hi = self.within.map_or(n64, |w| (base + i64::from(w)).min(n64));
+            let base = cursor as i64 + distance.unwrap_or(i64::from(self.distance));
+            let within = within.or(self.within.map(i64::from));
+            let hi = within.map_or(n64, |w| (base + w).min(n64));
             (base.max(0), hi)
         } else {
-            let lo = i64::from(self.offset);
-            let hi = self.depth.map_or(n64, |d| (lo + i64::from(d)).min(n64));
+            let lo = offset.unwrap_or(i64::from(self.offset));
+            let depth = depth.or(self.depth.map(i64::from));
+            let hi = depth.map_or(n64, |d| (lo + d).min(n64));
             (lo, hi)
         };
         let m = self.pat.len() as i64;
@@ -444,6 +471,7 @@ enum Op {
         negated: bool,
         pos: u32,
         relative: bool,
+        pos_var: Option<u8>,
     },
     Reset,
     Buffer(HttpBuffer),
@@ -451,13 +479,86 @@ enum Op {
     BufferLen(BufferLen),
     ByteTest(ByteTest),
     ByteJump(ByteJump),
+    ByteExtract(Box<ByteExtract>),
+    ByteMath(Box<ByteMath>),
+    Base64Decode(Base64Decode),
+    Base64Data,
+}
+
+/// Values of the rule's byte_extract/byte_math variables on the current evaluation path.
+type Vars = [u32; MAX_VARS];
+
+/// Variable `v` (the parser only hands out indices below [`MAX_VARS`]).
+fn var(vars: &Vars, v: u8) -> u32 {
+    vars.get(usize::from(v)).copied().unwrap_or(0)
+}
+
+/// The buffer id ([`Program::buf_of`]) of `base64_data`: the last decode's bytes.
+const DECODED: u8 = u8::MAX;
+
+/// What the byte_extract, byte_math and base64_decode steps on the current evaluation path left
+/// for the steps after them.
+#[derive(Clone, Copy, Debug, Default)]
+struct PathState<'d> {
+    vars: Vars,
+    /// `base64_data`'s bytes.
+    decoded: &'d [u8],
+    /// The decode stopped at [`BASE64_MAX_DECODED`] or read a truncated buffer: only positive
+    /// evidence counts on it (as on a truncated HTTP buffer).
+    decoded_cut: bool,
+}
+
+/// The RFC 4648 decoder (standard alphabet) with Snort's leniency for what is left after the
+/// text is cut at its first non-alphabet byte: padding optional, trailing bits ignored.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// Decodes the base64 text at the start of `src` as Snort's `base64_decode` reads it: white
+/// space and line breaks are skipped, the text ends at the first other byte outside the
+/// alphabet (`=` included), a last group of 2 or 3 characters gives its 1 or 2 bytes (a lone
+/// character none). `text` is scratch. Returns (bytes of `src` scanned, whether the output
+/// stopped at [`BASE64_MAX_DECODED`]); `out` holds the bytes.
+fn decode_base64(src: &[u8], text: &mut Vec<u8>, out: &mut Vec<u8>) -> (usize, bool) {
+    const MAX_TEXT: usize = BASE64_MAX_DECODED / 3 * 4;
+    text.clear();
+    out.clear();
+    let mut scanned = 0;
+    let mut capped = false;
+    for &b in src {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'+' | b'/' => {
+                if text.len() == MAX_TEXT {
+                    capped = true;
+                    break;
+                }
+                text.push(b);
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => break,
+        }
+        scanned += 1;
+    }
+    if text.len() % 4 == 1 {
+        text.pop();
+    }
+    if base64::Engine::decode_vec(&BASE64, &text[..], out).is_err() {
+        out.clear();
+    }
+    (scanned, capped)
 }
 
 /// Reads the number `e` describes with the cursor at `cursor`: (value, position after the bytes
 /// consumed). `None` when the bytes lie outside the buffer or a string has no digits.
-fn extract(buf: &[u8], cursor: usize, e: &Extract) -> Option<(u32, usize)> {
+fn extract(buf: &[u8], cursor: usize, e: &Extract, vars: &Vars) -> Option<(u32, usize)> {
     let base = if e.relative { cursor as i64 } else { 0 };
-    let at = usize::try_from(base + i64::from(e.offset)).ok()?;
+    let offset = e
+        .offset_var
+        .map_or(i64::from(e.offset), |v| i64::from(var(vars, v)));
+    let at = usize::try_from(base + offset).ok()?;
     let (mut value, end) = match e.string_base {
         None => {
             let bytes = buf.get(at..at + usize::from(e.bytes))?;
@@ -524,11 +625,11 @@ fn extract(buf: &[u8], cursor: usize, e: &Extract) -> Option<(u32, usize)> {
     Some((value, end))
 }
 
-fn byte_test(b: &ByteTest, buf: &[u8], cursor: usize) -> bool {
-    let Some((v, _)) = extract(buf, cursor, &b.extract) else {
+fn byte_test(b: &ByteTest, buf: &[u8], cursor: usize, vars: &Vars) -> bool {
+    let Some((v, _)) = extract(buf, cursor, &b.extract, vars) else {
         return false;
     };
-    let c = b.value;
+    let c = b.value_var.map_or(b.value, |x| var(vars, x));
     let ok = match b.op {
         ByteOp::Lt => v < c,
         ByteOp::Le => v <= c,
@@ -542,8 +643,8 @@ fn byte_test(b: &ByteTest, buf: &[u8], cursor: usize) -> bool {
 }
 
 /// New cursor after a `byte_jump`, if it stays within `0..=len`.
-fn byte_jump(j: &ByteJump, buf: &[u8], cursor: usize) -> Option<usize> {
-    let (v, after) = extract(buf, cursor, &j.extract)?;
+fn byte_jump(j: &ByteJump, buf: &[u8], cursor: usize, vars: &Vars) -> Option<usize> {
+    let (v, after) = extract(buf, cursor, &j.extract, vars)?;
     // i128: value x multiplier is up to 2^64 and the sum must not wrap on guest data.
     let mut jump = i128::from(v) * i128::from(j.multiplier.unwrap_or(1));
     if j.align {
@@ -560,6 +661,24 @@ fn byte_jump(j: &ByteJump, buf: &[u8], cursor: usize) -> Option<usize> {
     usize::try_from(pos).ok().filter(|&p| p <= buf.len())
 }
 
+/// `byte_extract`'s value (multiplied, aligned) and the cursor after it; `None` when the bytes
+/// are not there or the value does not fit 32 bits.
+fn byte_extract(x: &ByteExtract, buf: &[u8], cursor: usize, vars: &Vars) -> Option<(u32, usize)> {
+    let (v, after) = extract(buf, cursor, &x.extract, vars)?;
+    let mut v = v.checked_mul(x.multiplier.unwrap_or(1))?;
+    if let Some(a) = x.align {
+        v = v.checked_next_multiple_of(u32::from(a))?;
+    }
+    Some((v, after))
+}
+
+/// `byte_math`'s result; `None` when the bytes are not there or the result does not fit.
+fn byte_math(m: &ByteMath, buf: &[u8], cursor: usize, vars: &Vars) -> Option<u32> {
+    let (v, _) = extract(buf, cursor, &m.extract, vars)?;
+    let rvalue = m.rvalue_var.map_or(m.rvalue, |x| var(vars, x));
+    m.oper.apply(v, rvalue)
+}
+
 impl Op {
     fn uses_cursor(&self) -> bool {
         match self {
@@ -570,6 +689,30 @@ impl Op {
             Op::BufferLen(b) => b.relative,
             Op::ByteTest(b) => b.extract.relative,
             Op::ByteJump(j) => j.extract.relative,
+            Op::ByteExtract(x) => x.extract.relative,
+            Op::ByteMath(m) => m.extract.relative,
+            Op::Base64Decode(d) => d.relative,
+            Op::Base64Data => false,
+        }
+    }
+
+    /// Whether the step sets a variable or the decoded buffer.
+    fn sets_state(&self) -> bool {
+        matches!(
+            self,
+            Op::ByteExtract(_) | Op::ByteMath(_) | Op::Base64Decode(_)
+        )
+    }
+
+    /// Whether the step reads a variable.
+    fn reads_vars(&self) -> bool {
+        match self {
+            Op::Content(c) => c.vars.iter().any(Option::is_some),
+            Op::IsDataAt { pos_var, .. } => pos_var.is_some(),
+            Op::ByteTest(b) => b.value_var.is_some() || b.extract.offset_var.is_some(),
+            Op::ByteJump(j) => j.extract.offset_var.is_some(),
+            Op::ByteMath(m) => m.rvalue_var.is_some() || m.extract.offset_var.is_some(),
+            _ => false,
         }
     }
 
@@ -582,7 +725,14 @@ impl Op {
             Op::IsDataAt { negated, .. } => *negated,
             Op::BufferLen(_) => true,
             Op::ByteJump(j) => j.from_end,
-            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) | Op::ByteTest(_) => false,
+            Op::Reset
+            | Op::Buffer(_)
+            | Op::AppBuffer(_)
+            | Op::ByteTest(_)
+            | Op::ByteExtract(_)
+            | Op::ByteMath(_)
+            | Op::Base64Decode(_)
+            | Op::Base64Data => false,
         }
     }
 
@@ -591,9 +741,14 @@ impl Op {
         match self {
             Op::Content(c) => !c.negated && !c.relative,
             Op::Pcre(p) => !p.negated && !p.relative,
-            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) => true,
+            Op::Reset | Op::Buffer(_) | Op::AppBuffer(_) | Op::Base64Data => true,
             Op::ByteJump(j) => !j.extract.relative,
-            Op::IsDataAt { .. } | Op::ByteTest(_) | Op::BufferLen(_) => false,
+            Op::ByteExtract(x) => !x.extract.relative,
+            Op::IsDataAt { .. }
+            | Op::ByteTest(_)
+            | Op::BufferLen(_)
+            | Op::ByteMath(_)
+            | Op::Base64Decode(_) => false,
         }
     }
 }
@@ -631,10 +786,16 @@ impl Memo {
         (bit / 64, 1u64 << (bit % 64))
     }
     fn failed(&self, step: usize, cursor: usize) -> bool {
+        if cursor >= self.width {
+            return false;
+        }
         let (w, m) = self.idx(step, cursor);
         self.bits.get(w).is_some_and(|x| x & m != 0)
     }
     fn mark(&mut self, step: usize, cursor: usize) {
+        if cursor >= self.width {
+            return;
+        }
         let (w, m) = self.idx(step, cursor);
         if let Some(x) = self.bits.get_mut(w) {
             *x |= m;
@@ -664,6 +825,13 @@ pub struct Program {
     used: Vec<u8>,
     /// HTTP buffers (bit per index) read by a step that may not run on a truncated buffer.
     whole: u16,
+    /// `live[i]`: step `i`'s outcome depends on variables or decoded bytes an earlier step of
+    /// the same path set, so (step, cursor) does not decide it: not memoised, and each entry
+    /// costs a step of the budget instead (see the module doc).
+    live: Vec<bool>,
+    /// Scratch of base64_decode: the text without white space, and the decoded bytes.
+    b64_text: Vec<u8>,
+    b64_out: Vec<u8>,
 }
 
 impl Program {
@@ -678,6 +846,7 @@ impl Program {
                     negated: d.negated,
                     pos: d.pos,
                     relative: d.relative,
+                    pos_var: d.pos_var,
                 },
                 PayloadOp::ResetCursor => Op::Reset,
                 PayloadOp::Buffer(b) => Op::Buffer(*b),
@@ -685,6 +854,10 @@ impl Program {
                 PayloadOp::BufferLen(b) => Op::BufferLen(*b),
                 PayloadOp::ByteTest(b) => Op::ByteTest(*b),
                 PayloadOp::ByteJump(j) => Op::ByteJump(*j),
+                PayloadOp::ByteExtract(x) => Op::ByteExtract(Box::new(x.clone())),
+                PayloadOp::ByteMath(m) => Op::ByteMath(Box::new(m.clone())),
+                PayloadOp::Base64Decode(d) => Op::Base64Decode(*d),
+                PayloadOp::Base64Data => Op::Base64Data,
             });
         }
         let (mut buf_of, mut used, mut whole) = (Vec::with_capacity(ops.len()), Vec::new(), 0u16);
@@ -694,9 +867,14 @@ impl Program {
                 Op::Reset => cur = 0,
                 Op::Buffer(b) => cur = b.index() as u8 + 1,
                 Op::AppBuffer(b) => cur = APP_BASE + b.index() as u8,
+                Op::Base64Data => cur = DECODED,
                 _ => {}
             }
             buf_of.push(cur);
+            if cur == DECODED {
+                // Judged by `PathState::decoded_cut` when it runs.
+                continue;
+            }
             if !used.contains(&cur) {
                 used.push(cur);
             }
@@ -704,6 +882,18 @@ impl Program {
                 whole |= 1 << (cur - 1);
             }
         }
+        // Steps between the first state setter and the last state reader (a step on the
+        // decoded buffer reads state, as does a base64_decode of it).
+        let first_setter = ops.iter().position(Op::sets_state);
+        let last_reader = (0..ops.len())
+            .rev()
+            .find(|&i| ops[i].reads_vars() || buf_of[i] == DECODED);
+        let live: Vec<bool> = (0..=ops.len())
+            .map(|i| match (first_setter, last_reader) {
+                (Some(f), Some(l)) => f < i && i <= l,
+                _ => false,
+            })
+            .collect();
         let mut dep = alloc::vec![false; ops.len()];
         for (i, d) in dep.iter_mut().enumerate() {
             for later in &ops[i + 1..] {
@@ -728,6 +918,9 @@ impl Program {
             buf_of,
             used,
             whole,
+            live,
+            b64_text: Vec::new(),
+            b64_out: Vec::new(),
         })
     }
 
@@ -785,7 +978,7 @@ impl Program {
         }
         self.budget = STEP_LIMIT;
         self.exceeded = false;
-        let matched = self.eval(0, 0, bufs, memo);
+        let matched = self.eval(0, 0, bufs, PathState::default(), memo);
         if self.exceeded {
             self.limit_hits += 1;
             return self.fail_closed;
@@ -793,69 +986,190 @@ impl Program {
         matched
     }
 
-    fn next(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
+    /// Spends `cost` of the evaluation budget; false (the evaluation stops) when it runs out.
+    fn charge(&mut self, cost: u64) -> bool {
+        match self.budget.checked_sub(cost) {
+            Some(left) => {
+                self.budget = left;
+                true
+            }
+            None => {
+                self.budget = 0;
+                self.exceeded = true;
+                false
+            }
+        }
+    }
+
+    /// Budget cost of scanning `bytes` bytes in a live step (memchr-speed scans: about 64 bytes
+    /// cost what one backtracking step does).
+    fn scan_cost(bytes: usize) -> u64 {
+        1 + bytes as u64 / 64
+    }
+
+    fn next(
+        &mut self,
+        i: usize,
+        cursor: usize,
+        bufs: &Buffers<'_>,
+        st: PathState<'_>,
+        memo: &mut Memo,
+    ) -> bool {
+        if self.live.get(i).copied().unwrap_or(false) {
+            return self.charge(1) && self.eval(i, cursor, bufs, st, memo);
+        }
         if !self.relative {
-            return self.eval(i, cursor, bufs, memo);
+            return self.eval(i, cursor, bufs, st, memo);
         }
         if memo.failed(i, cursor) {
             return false;
         }
-        let ok = self.eval(i, cursor, bufs, memo);
+        let ok = self.eval(i, cursor, bufs, st, memo);
         if !ok {
             memo.mark(i, cursor);
         }
         ok
     }
 
-    fn eval(&mut self, i: usize, cursor: usize, bufs: &Buffers<'_>, memo: &mut Memo) -> bool {
+    fn eval(
+        &mut self,
+        i: usize,
+        cursor: usize,
+        bufs: &Buffers<'_>,
+        st: PathState<'_>,
+        memo: &mut Memo,
+    ) -> bool {
         if self.exceeded {
             return false;
         }
         let Some(op) = self.ops.get(i) else {
             return true;
         };
-        let buf = buffer(bufs, self.buf_of[i]);
+        let b = self.buf_of[i];
+        let buf = if b == DECODED {
+            if st.decoded_cut && op.needs_whole_buffer() {
+                return false;
+            }
+            st.decoded
+        } else {
+            buffer(bufs, b)
+        };
         let n = buf.len();
+        let live = self.live[i];
         match op {
-            Op::Reset => self.next(i + 1, 0, bufs, memo),
-            Op::Buffer(b) => bufs.http[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
-            Op::AppBuffer(b) => bufs.app[b.index()].is_some() && self.next(i + 1, 0, bufs, memo),
+            Op::Reset => self.next(i + 1, 0, bufs, st, memo),
+            Op::Buffer(b) => bufs.http[b.index()].is_some() && self.next(i + 1, 0, bufs, st, memo),
+            Op::AppBuffer(b) => {
+                bufs.app[b.index()].is_some() && self.next(i + 1, 0, bufs, st, memo)
+            }
+            Op::Base64Data => self.next(i + 1, 0, bufs, st, memo),
             Op::BufferLen(b) => {
                 let len = if b.relative {
                     n.saturating_sub(cursor)
                 } else {
                     n
                 };
-                b.check.check(len) && self.next(i + 1, cursor, bufs, memo)
+                b.check.check(len) && self.next(i + 1, cursor, bufs, st, memo)
             }
-            Op::ByteTest(b) => byte_test(b, buf, cursor) && self.next(i + 1, cursor, bufs, memo),
-            Op::ByteJump(j) => match byte_jump(j, buf, cursor) {
-                Some(c) => self.next(i + 1, c, bufs, memo),
+            Op::ByteTest(b) => {
+                byte_test(b, buf, cursor, &st.vars) && self.next(i + 1, cursor, bufs, st, memo)
+            }
+            Op::ByteJump(j) => match byte_jump(j, buf, cursor, &st.vars) {
+                Some(c) => self.next(i + 1, c, bufs, st, memo),
                 None => false,
             },
+            Op::ByteExtract(x) => {
+                let slot = usize::from(x.var);
+                let Some((v, after)) = byte_extract(x, buf, cursor, &st.vars) else {
+                    return false;
+                };
+                let mut st = st;
+                let Some(s) = st.vars.get_mut(slot) else {
+                    return false;
+                };
+                *s = v;
+                self.next(i + 1, after, bufs, st, memo)
+            }
+            Op::ByteMath(m) => {
+                let slot = usize::from(m.var);
+                let Some(v) = byte_math(m, buf, cursor, &st.vars) else {
+                    return false;
+                };
+                let mut st = st;
+                let Some(s) = st.vars.get_mut(slot) else {
+                    return false;
+                };
+                *s = v;
+                self.next(i + 1, cursor, bufs, st, memo)
+            }
+            Op::Base64Decode(d) => {
+                let base = if d.relative { cursor as u64 } else { 0 } + u64::from(d.offset);
+                let Some(start) = usize::try_from(base).ok().filter(|&s| s < n) else {
+                    return false;
+                };
+                let end = d
+                    .bytes
+                    .map_or(n, |len| start.saturating_add(len as usize).min(n));
+                let src_cut = match b {
+                    DECODED => st.decoded_cut,
+                    0 => false,
+                    k => bufs.truncated & 1 << (k - 1) != 0,
+                };
+                let mut out = core::mem::take(&mut self.b64_out);
+                let (scanned, capped) =
+                    decode_base64(&buf[start..end], &mut self.b64_text, &mut out);
+                let ok = !out.is_empty()
+                    && self.charge(1 + scanned as u64 / 4)
+                    && self.next(
+                        i + 1,
+                        cursor,
+                        bufs,
+                        PathState {
+                            decoded: &out,
+                            decoded_cut: capped || src_cut,
+                            ..st
+                        },
+                        memo,
+                    );
+                self.b64_out = out;
+                ok
+            }
             Op::IsDataAt {
                 negated,
                 pos,
                 relative,
+                pos_var,
             } => {
-                let at = if *relative { cursor as u64 } else { 0 } + u64::from(*pos);
+                let pos = pos_var.map_or(*pos, |v| var(&st.vars, v));
+                let at = if *relative { cursor as u64 } else { 0 } + u64::from(pos);
                 if (at < n as u64) != *negated {
-                    self.next(i + 1, cursor, bufs, memo)
+                    self.next(i + 1, cursor, bufs, st, memo)
                 } else {
                     false
                 }
             }
             Op::Content(c) => {
-                let win = c.window(n, cursor);
+                let win = c.window(n, cursor, &st.vars);
                 if c.negated {
                     let found = win.is_some_and(|(lo, hi)| c.find(buf, lo, hi).is_some());
-                    return !found && self.next(i + 1, cursor, bufs, memo);
+                    let cost = win.map_or(0, |(lo, hi)| hi - lo);
+                    return (!live || self.charge(Self::scan_cost(cost)))
+                        && !found
+                        && self.next(i + 1, cursor, bufs, st, memo);
                 }
                 let Some((lo, hi)) = win else { return false };
                 let m = c.pat.len();
                 let mut from = lo;
-                while let Some(s) = self.content_at(i, buf, from, hi) {
-                    if self.next(i + 1, s + m, bufs, memo) {
+                loop {
+                    let found = self.content_at(i, buf, from, hi);
+                    if live {
+                        let scanned = found.map_or(hi, |s| s + m) - from;
+                        if !self.charge(Self::scan_cost(scanned)) {
+                            return false;
+                        }
+                    }
+                    let Some(s) = found else { return false };
+                    if self.next(i + 1, s + m, bufs, st, memo) {
                         return true;
                     }
                     if !self.dep[i] || self.exceeded {
@@ -863,11 +1177,14 @@ impl Program {
                     }
                     from = s + 1;
                 }
-                false
             }
             Op::Pcre(p) => {
                 let base = if p.relative { cursor.min(n) } else { 0 };
-                if p.negated {
+                let negated = p.negated;
+                if live && !self.charge(Self::scan_cost(n - base)) {
+                    return false;
+                }
+                if negated {
                     let Op::Pcre(p) = &mut self.ops[i] else {
                         return false;
                     };
@@ -875,7 +1192,7 @@ impl Program {
                         self.exceeded = true;
                         return false;
                     };
-                    return found.is_none() && self.next(i + 1, cursor, bufs, memo);
+                    return found.is_none() && self.next(i + 1, cursor, bufs, st, memo);
                 }
                 let mut from = 0;
                 loop {
@@ -889,10 +1206,13 @@ impl Program {
                     let Some((s, e)) = found else {
                         return false;
                     };
-                    if self.next(i + 1, base + e, bufs, memo) {
+                    if self.next(i + 1, base + e, bufs, st, memo) {
                         return true;
                     }
                     if !self.dep[i] || base + s >= n || self.exceeded {
+                        return false;
+                    }
+                    if live && !self.charge(Self::scan_cost(n - base - s)) {
                         return false;
                     }
                     from = s + 1;
@@ -906,5 +1226,29 @@ impl Program {
             Op::Content(c) => c.find(buf, from, hi),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decode_is_capped_and_lenient() {
+        let (mut text, mut out) = (Vec::new(), Vec::new());
+        // 4 characters give 3 bytes: the cap is reached exactly, then more text is left.
+        let src = alloc::vec![b'A'; BASE64_MAX_DECODED / 3 * 4 + 8];
+        let (scanned, capped) = decode_base64(&src, &mut text, &mut out);
+        assert!(capped);
+        assert_eq!(out.len(), BASE64_MAX_DECODED);
+        assert_eq!(scanned, BASE64_MAX_DECODED / 3 * 4);
+        let (_, capped) = decode_base64(b"YWJj\r\n ZA==rest", &mut text, &mut out);
+        assert!(!capped);
+        assert_eq!(out, b"abcd");
+        // A lone last character gives nothing; `=` ends the text.
+        decode_base64(b"YWJjZ", &mut text, &mut out);
+        assert_eq!(out, b"abc");
+        decode_base64(b"=YWJj", &mut text, &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -941,10 +941,7 @@ impl Engine {
 
     /// Counters.
     pub fn stats(&self) -> EngineStats {
-        EngineStats {
-            pcre_limit: self.rules.iter().map(|c| c.program.pcre_limit_hits()).sum(),
-            ..self.stats
-        }
+        self.stats
     }
 
     /// Reassembler counters.
@@ -1394,7 +1391,8 @@ impl Engine {
             let on_stream = c.on_stream && stream_flow.is_some();
             let mut http_msg = None;
             let mut dns_q = None;
-            if !header_matches(&c.rule, &pkt)
+            let limit_hits = c.program.pcre_limit_hits();
+            let rejected = !header_matches(&c.rule, &pkt)
                 || !c.rule.app_proto.is_none_or(|a| {
                     c.msg == Some(a)
                         || (c.http && a == AppProto::Http)
@@ -1444,8 +1442,10 @@ impl Engine {
                         && (new_from == 0 || !c.program.matches(&win[..new_from], &mut self.memo))
                 } else {
                     c.program.matches(pkt.payload, &mut self.memo)
-                })
-            {
+                });
+            // Counted here, once per evaluation that ran out, so that stats() is O(1).
+            self.stats.pcre_limit += c.program.pcre_limit_hits() - limit_hits;
+            if rejected {
                 continue;
             }
             if let Some(df) = &c.rule.detection_filter {

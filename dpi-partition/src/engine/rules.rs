@@ -17,8 +17,11 @@
 //! - Suricata's `startswith` (= `depth` of the pattern's length from 0), `endswith` (the
 //!   match ends at the buffer's end; may be combined with the window options) and `bsize`
 //!   (= `bufferlen` without `relative`).
-//! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce` or
-//!   byte_extract variables).
+//! - `pcre` (below), `dsize`, `isdataat`, `byte_test`, `byte_jump` (not with `dce`),
+//!   `byte_extract` ([`ByteExtract`]) and `byte_math` ([`ByteMath`]), whose variables (at most
+//!   [`MAX_VARS`] per rule, defined before use) can stand for content `offset depth distance
+//!   within`, the byte_test value and offset, the byte_jump offset, the isdataat position and
+//!   byte_math's offset and rvalue; `base64_decode` ([`Base64Decode`]) and `base64_data`.
 //! - Sticky buffers (Snort 3): `http_uri http_raw_uri http_header http_raw_header http_method
 //!   http_cookie http_raw_cookie http_client_body http_stat_code http_stat_msg file_data`, and
 //!   the Suricata names `http.uri http.uri.raw http.header http.header.raw http.method
@@ -60,9 +63,10 @@
 //! [`super::matcher`]). Snort's idiom `(?!\n)\s` is rewritten to the equivalent class
 //! `[^\S\n]`. Refused (rule not loaded, reason given): possessive quantifiers, lookbehinds of
 //! unbounded length or with backreferences, `\Z`, recursion and other PCRE-only syntax
-//! (anything regex-syntax's parser rejects after that rewriting), and without `m`/`E` a `$`
-//! anywhere but at the end of the pattern (PCRE's `$` also matches before a final newline,
-//! which is handled exactly only at the end). One known difference remains: with `m`,
+//! (anything regex-syntax's parser rejects after that rewriting). Without `m`/`E`, `$` has
+//! PCRE's meaning (the end, or before a final newline) wherever it is: at the end of the
+//! pattern by a second search, elsewhere as a lookahead on the backtracking matcher. One
+//! known difference remains: with `m`,
 //! regex-automata's `^` also matches after a newline that ends the payload, where PCRE's (and
 //! the backtracking matcher's) does not.
 
@@ -429,12 +433,32 @@ pub struct Content {
     pub fp_slice: Option<(u16, u16)>,
     /// `endswith` (Suricata): the match ends at the end of the buffer.
     pub endswith: bool,
+    /// `offset` given as a byte_extract/byte_math variable (index into the rule's variables,
+    /// [`var_names`]); the number field is then `None`. Likewise for the three below.
+    pub offset_var: Option<u8>,
+    /// `depth` as a variable.
+    pub depth_var: Option<u8>,
+    /// `distance` as a variable.
+    pub distance_var: Option<u8>,
+    /// `within` as a variable.
+    pub within_var: Option<u8>,
 }
 
 impl Content {
     /// Whether the window is relative to the cursor.
     pub fn is_relative(&self) -> bool {
-        self.distance.is_some() || self.within.is_some()
+        self.distance.is_some()
+            || self.within.is_some()
+            || self.distance_var.is_some()
+            || self.within_var.is_some()
+    }
+
+    /// Whether the window is absolute (`offset`/`depth`).
+    fn is_absolute(&self) -> bool {
+        self.offset.is_some()
+            || self.depth.is_some()
+            || self.offset_var.is_some()
+            || self.depth_var.is_some()
     }
 }
 
@@ -664,6 +688,8 @@ pub struct IsDataAt {
     pub pos: u32,
     /// Relative to the cursor.
     pub relative: bool,
+    /// The position is a byte_extract/byte_math variable (`pos` is then 0).
+    pub pos_var: Option<u8>,
 }
 
 /// One payload-inspection step, evaluated in rule order against a cursor.
@@ -687,6 +713,15 @@ pub enum PayloadOp {
     ByteTest(ByteTest),
     /// `byte_jump`.
     ByteJump(ByteJump),
+    /// `byte_extract`.
+    ByteExtract(ByteExtract),
+    /// `byte_math`.
+    ByteMath(ByteMath),
+    /// `base64_decode`: decodes base64 text of the current buffer for `base64_data`.
+    Base64Decode(Base64Decode),
+    /// `base64_data`: later steps read the bytes the last `base64_decode` produced, cursor at
+    /// their start (until a buffer option or `pkt_data`).
+    Base64Data,
 }
 
 /// `bufferlen:[op]N[,relative]` (Snort 3): the length of the current buffer (with
@@ -735,6 +770,8 @@ pub struct Extract {
     pub string_base: Option<u32>,
     /// `bitmask`: AND, then shift right by the mask's trailing zeros.
     pub bitmask: Option<u32>,
+    /// The offset is a byte_extract/byte_math variable (`offset` is then 0).
+    pub offset_var: Option<u8>,
 }
 
 /// `byte_test` operator.
@@ -781,6 +818,8 @@ pub struct ByteTest {
     pub op: ByteOp,
     /// Compare value.
     pub value: u32,
+    /// The compare value is a byte_extract/byte_math variable (`value` is then 0).
+    pub value_var: Option<u8>,
 }
 
 /// `byte_jump`: read a number and move the cursor by it.
@@ -798,6 +837,133 @@ pub struct ByteJump {
     pub from_end: bool,
     /// `post_offset`.
     pub post_offset: i32,
+}
+
+/// Most distinct `byte_extract`/`byte_math` variables one rule may define (Snort allows 2,
+/// Suricata has no fixed limit): the evaluation keeps them in a fixed array.
+pub const MAX_VARS: usize = 4;
+
+/// `byte_extract:<bytes>,<offset>,<name>[,relative][,multiplier m][,big|little][,string]
+/// [,hex|dec|oct][,align 2|4][,bitmask m]`: reads a number as `byte_test` does, applies the
+/// bitmask, the multiplier and the alignment (round up), and stores it in variable `var`; the
+/// cursor moves to the end of the bytes read. A result above `u32::MAX` fails the step.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ByteExtract {
+    /// Where and how to read.
+    pub extract: Extract,
+    /// Variable name.
+    pub name: String,
+    /// Its index among the rule's variables ([`var_names`]).
+    pub var: u8,
+    /// `multiplier`.
+    pub multiplier: Option<u32>,
+    /// `align` 2 or 4.
+    pub align: Option<u8>,
+}
+
+/// `byte_math` operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MathOp {
+    /// `+`
+    #[default]
+    Add,
+    /// `-`
+    Sub,
+    /// `*`
+    Mul,
+    /// `/` (integer division)
+    Div,
+    /// `<<`
+    Shl,
+    /// `>>`
+    Shr,
+}
+
+impl MathOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            MathOp::Add => "+",
+            MathOp::Sub => "-",
+            MathOp::Mul => "*",
+            MathOp::Div => "/",
+            MathOp::Shl => "<<",
+            MathOp::Shr => ">>",
+        }
+    }
+
+    /// `value oper rvalue` in 32 bits; `None` when the exact result does not fit (overflow,
+    /// a negative difference, division by zero, a shift of 32 or more).
+    pub fn apply(self, value: u32, rvalue: u32) -> Option<u32> {
+        match self {
+            MathOp::Add => value.checked_add(rvalue),
+            MathOp::Sub => value.checked_sub(rvalue),
+            MathOp::Mul => value.checked_mul(rvalue),
+            MathOp::Div => value.checked_div(rvalue),
+            MathOp::Shl => {
+                let wide = u64::from(value)
+                    .checked_shl(rvalue)
+                    .filter(|_| rvalue < 32)?;
+                u32::try_from(wide).ok()
+            }
+            MathOp::Shr => value.checked_shr(rvalue),
+        }
+    }
+}
+
+/// `byte_math:bytes n,offset o,oper op,rvalue v,result name[,relative][,endian big|little]
+/// [,string hex|dec|oct][,bitmask m]` (Snort 3 / Suricata): reads a number as `byte_test`
+/// does (bitmask applied), computes `value oper rvalue` ([`MathOp::apply`]; no result, no
+/// match) and stores it in variable `var`; the cursor does not move.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ByteMath {
+    /// Where and how to read.
+    pub extract: Extract,
+    /// Operator.
+    pub oper: MathOp,
+    /// Right operand.
+    pub rvalue: u32,
+    /// The right operand is a variable (`rvalue` is then 0).
+    pub rvalue_var: Option<u8>,
+    /// Result variable name.
+    pub name: String,
+    /// Its index among the rule's variables ([`var_names`]).
+    pub var: u8,
+}
+
+/// `base64_decode[:bytes n][,offset o][,relative]`: decodes the base64 text that starts `o`
+/// bytes after the buffer start (the cursor with `relative`), reading at most `n` bytes (else
+/// to the buffer end). As Snort: white space and line breaks are skipped, decoding stops at
+/// the first other byte outside the alphabet (or `=`), a last partial group gives the bytes
+/// it holds, and nothing decoded fails the step. The output is capped at
+/// [`BASE64_MAX_DECODED`] bytes. The cursor does not move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Base64Decode {
+    /// `bytes`: most input bytes read.
+    pub bytes: Option<u32>,
+    /// `offset`.
+    pub offset: u32,
+    /// `relative`.
+    pub relative: bool,
+}
+
+/// Most bytes one `base64_decode` produces (Snort's decode buffer is the same size); a decode
+/// cut there is judged like a truncated HTTP buffer (only positive evidence counts).
+pub const BASE64_MAX_DECODED: usize = 65_535;
+
+/// The names of a rule's `byte_extract`/`byte_math` variables, by index.
+pub fn var_names(ops: &[PayloadOp]) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for op in ops {
+        let name = match op {
+            PayloadOp::ByteExtract(b) => b.name.as_str(),
+            PayloadOp::ByteMath(b) => b.name.as_str(),
+            _ => continue,
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// A parsed rule with variables expanded.
@@ -1157,29 +1323,37 @@ impl Rule {
     /// is a candidate for every packet of its group — when it has no positive content or its
     /// explicit fast pattern is negated.
     pub fn fast_pattern(&self) -> Option<FastPattern<'_>> {
-        // Each content with the buffer it reads (`None`: the packet).
+        // Each content with the buffer it reads (`None`: the packet). Contents of base64_data
+        // are left out: their bytes are nowhere in the traffic for a prefilter to find.
         type Buf = (Option<HttpBuffer>, Option<AppBuffer>);
         let contents = self
             .ops
             .iter()
-            .scan((None, None), |buf: &mut Buf, o| {
-                Some(match o {
-                    PayloadOp::Buffer(b) => {
-                        *buf = (Some(*b), None);
-                        None
-                    }
-                    PayloadOp::AppBuffer(b) => {
-                        *buf = (None, Some(*b));
-                        None
-                    }
-                    PayloadOp::ResetCursor => {
-                        *buf = (None, None);
-                        None
-                    }
-                    PayloadOp::Content(c) => Some((c, *buf)),
-                    _ => None,
-                })
-            })
+            .scan(
+                ((None, None), false),
+                |(buf, decoded): &mut (Buf, bool), o| {
+                    Some(match o {
+                        PayloadOp::Buffer(b) => {
+                            (*buf, *decoded) = ((Some(*b), None), false);
+                            None
+                        }
+                        PayloadOp::AppBuffer(b) => {
+                            (*buf, *decoded) = ((None, Some(*b)), false);
+                            None
+                        }
+                        PayloadOp::ResetCursor => {
+                            (*buf, *decoded) = ((None, None), false);
+                            None
+                        }
+                        PayloadOp::Base64Data => {
+                            *decoded = true;
+                            None
+                        }
+                        PayloadOp::Content(c) if !*decoded => Some((c, *buf)),
+                        _ => None,
+                    })
+                },
+            )
             .flatten();
         let (chosen, (buffer, app_buffer)) = match contents.clone().find(|c| c.0.fast_pattern) {
             Some((c, _)) if c.negated => return None,
@@ -1216,8 +1390,14 @@ impl Rule {
             PayloadOp::IsDataAt(d) => d.relative,
             PayloadOp::ByteTest(b) => b.extract.relative,
             PayloadOp::ByteJump(b) => b.extract.relative,
+            PayloadOp::ByteExtract(b) => b.extract.relative,
+            PayloadOp::ByteMath(b) => b.extract.relative,
+            PayloadOp::Base64Decode(b) => b.relative,
             PayloadOp::BufferLen(b) => b.relative,
-            PayloadOp::ResetCursor | PayloadOp::Buffer(_) | PayloadOp::AppBuffer(_) => false,
+            PayloadOp::ResetCursor
+            | PayloadOp::Buffer(_)
+            | PayloadOp::AppBuffer(_)
+            | PayloadOp::Base64Data => false,
         })
     }
 
@@ -1573,6 +1753,10 @@ const KNOWN: &[&str] = &[
     "endswith",
     "ssl_state",
     "ssl_version",
+    "byte_extract",
+    "byte_math",
+    "base64_decode",
+    "base64_data",
 ];
 
 /// Joins `\`-continued lines and drops comments and blank lines: (1-based first line, text).
@@ -1738,6 +1922,8 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
         return Err(RuleError::Unsupported(unsupported));
     }
     let mut have_sid = false;
+    // byte_extract/byte_math variables defined so far, by index.
+    let mut vars_seen: Vec<String> = Vec::new();
     // Index into rule.ops of the content Snort 2 style modifiers apply to.
     let mut last_content: Option<usize> = None;
     for o in opts {
@@ -1778,7 +1964,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                             Some((k, v)) => (k, Some(v.trim())),
                             None => (m, None),
                         };
-                        apply_modifier(&mut c, k, v)?;
+                        apply_modifier(&mut c, k, v, &vars_seen)?;
                     }
                 }
                 rule.ops.push(PayloadOp::Content(c));
@@ -1806,7 +1992,7 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                         }
                     }
                 } else {
-                    apply_modifier(c, name, value)?;
+                    apply_modifier(c, name, value, &vars_seen)?;
                 }
             }
             "pcre" => {
@@ -1823,12 +2009,38 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
             "icode" => rule.icmp.icode = Some(parse_num_check(name, need(name, value)?)?),
             "icmp_id" => rule.icmp.id = Some(num(name, need(name, value)?)?),
             "icmp_seq" => rule.icmp.seq = Some(num(name, need(name, value)?)?),
-            "byte_test" => rule
+            "byte_test" => rule.ops.push(PayloadOp::ByteTest(parse_byte_test(
+                need(name, value)?,
+                &vars_seen,
+            )?)),
+            "byte_jump" => rule.ops.push(PayloadOp::ByteJump(parse_byte_jump(
+                need(name, value)?,
+                &vars_seen,
+            )?)),
+            "byte_extract" => rule.ops.push(PayloadOp::ByteExtract(parse_byte_extract(
+                need(name, value)?,
+                &mut vars_seen,
+            )?)),
+            "byte_math" => rule.ops.push(PayloadOp::ByteMath(parse_byte_math(
+                need(name, value)?,
+                &mut vars_seen,
+            )?)),
+            "base64_decode" => rule
                 .ops
-                .push(PayloadOp::ByteTest(parse_byte_test(need(name, value)?)?)),
-            "byte_jump" => rule
-                .ops
-                .push(PayloadOp::ByteJump(parse_byte_jump(need(name, value)?)?)),
+                .push(PayloadOp::Base64Decode(parse_base64_decode(value)?)),
+            "base64_data" => {
+                if value.is_some() {
+                    return Err(bad(name, "takes no value"));
+                }
+                if !rule
+                    .ops
+                    .iter()
+                    .any(|o| matches!(o, PayloadOp::Base64Decode(_)))
+                {
+                    return Err(bad(name, "needs a base64_decode before it"));
+                }
+                rule.ops.push(PayloadOp::Base64Data);
+            }
             "flow" => rule.flow = parse_flow(need(name, value)?)?,
             "flags" => rule.tcp_flags = Some(parse_tcp_flags(need(name, value)?)?),
             "ttl" => rule.hdr.ttl = Some(parse_num_check(name, need(name, value)?)?),
@@ -1844,9 +2056,10 @@ pub fn parse_rule(line: &str, vars: &Vars) -> Result<Rule, RuleError> {
                 Some(fb) => rule.flowbits.push(fb),
                 None => rule.noalert = true,
             },
-            "isdataat" => rule
-                .ops
-                .push(PayloadOp::IsDataAt(parse_isdataat(need(name, value)?)?)),
+            "isdataat" => rule.ops.push(PayloadOp::IsDataAt(parse_isdataat(
+                need(name, value)?,
+                &vars_seen,
+            )?)),
             "pkt_data" | "raw_data" => {
                 if value.is_some() {
                     return Err(bad(name, "takes no value"));
@@ -1947,8 +2160,37 @@ fn need<'a>(name: &str, v: Option<&'a str>) -> Result<&'a str, RuleError> {
     v.ok_or_else(|| bad(name, "needs a value"))
 }
 
-fn apply_modifier(c: &mut Content, k: &str, v: Option<&str>) -> Result<(), RuleError> {
+fn apply_modifier(
+    c: &mut Content,
+    k: &str,
+    v: Option<&str>,
+    vars: &[String],
+) -> Result<(), RuleError> {
     let need = || v.ok_or_else(|| bad(k, "needs a value"));
+    if matches!(k, "offset" | "depth" | "distance" | "within") {
+        if let Some(var) = var_ref(k, need()?, vars)? {
+            let (slot, other_set) = match k {
+                "offset" => (&mut c.offset_var, c.offset.is_some()),
+                "depth" => (&mut c.depth_var, c.depth.is_some()),
+                "distance" => (&mut c.distance_var, c.distance.is_some()),
+                _ => (&mut c.within_var, c.within.is_some()),
+            };
+            if other_set || slot.is_some() {
+                return Err(bad(k, "given twice"));
+            }
+            *slot = Some(var);
+            return Ok(());
+        }
+        let var_set = match k {
+            "offset" => c.offset_var.is_some(),
+            "depth" => c.depth_var.is_some(),
+            "distance" => c.distance_var.is_some(),
+            _ => c.within_var.is_some(),
+        };
+        if var_set {
+            return Err(bad(k, "given twice"));
+        }
+    }
     match k {
         "nocase" => c.nocase = true,
         "fast_pattern" => c.fast_pattern = true,
@@ -2134,9 +2376,10 @@ fn int_value(option: &str, v: &str) -> Result<i64, RuleError> {
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_') =>
         {
-            Err(RuleError::Unsupported(alloc::vec![format!(
-                "{option} variable (byte_extract)"
-            )]))
+            Err(bad(
+                option,
+                format!("`{v}`: a variable is not allowed here (a number is)"),
+            ))
         }
         _ => Err(bad(option, format!("`{v}` is not a valid number"))),
     }
@@ -2193,15 +2436,63 @@ fn check_extract(option: &str, e: &Extract) -> Result<(), RuleError> {
     Ok(())
 }
 
-fn parse_byte_test(v: &str) -> Result<ByteTest, RuleError> {
+/// `v` as a reference to a variable an earlier byte_extract/byte_math defined: `None` when
+/// `v` is a number, an error when it is a name no earlier option defined.
+fn var_ref(option: &str, v: &str, vars: &[String]) -> Result<Option<u8>, RuleError> {
+    let v = v.trim();
+    if !v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        return Ok(None);
+    }
+    match vars.iter().position(|n| n == v) {
+        Some(i) => Ok(Some(i as u8)),
+        None => Err(bad(
+            option,
+            format!(
+                "`{v}` is neither a number nor a variable of an earlier byte_extract/byte_math"
+            ),
+        )),
+    }
+}
+
+/// The index of variable `name` (a new one if no earlier option defined it).
+fn define_var(option: &str, name: &str, vars: &mut Vec<String>) -> Result<u8, RuleError> {
+    let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid {
+        return Err(bad(option, format!("bad variable name `{name}`")));
+    }
+    if let Some(i) = vars.iter().position(|n| n == name) {
+        return Ok(i as u8);
+    }
+    if vars.len() >= MAX_VARS {
+        return Err(bad(
+            option,
+            format!("more than {MAX_VARS} byte_extract/byte_math variables in one rule"),
+        ));
+    }
+    vars.push(name.to_string());
+    Ok((vars.len() - 1) as u8)
+}
+
+/// An offset that may be a variable: (number, variable).
+fn offset_or_var(option: &str, v: &str, vars: &[String]) -> Result<(i32, Option<u8>), RuleError> {
+    match var_ref(option, v, vars)? {
+        Some(var) => Ok((0, Some(var))),
+        None => Ok((int_in(option, v)?, None)),
+    }
+}
+
+fn parse_byte_test(v: &str, vars: &[String]) -> Result<ByteTest, RuleError> {
     const O: &str = "byte_test";
     let parts: Vec<&str> = v.split(',').map(str::trim).collect();
     if parts.len() < 4 {
         return Err(bad(O, "expected bytes, operator, value, offset"));
     }
+    let (offset, offset_var) = offset_or_var(O, parts[3], vars)?;
     let mut extract = Extract {
         bytes: num(O, parts[0])?,
-        offset: int_in(O, parts[3])?,
+        offset,
+        offset_var,
         ..Extract::default()
     };
     let (negated, op_text) = match parts[1].strip_prefix('!') {
@@ -2219,8 +2510,12 @@ fn parse_byte_test(v: &str) -> Result<ByteTest, RuleError> {
         "^" => ByteOp::Xor,
         other => return Err(bad(O, format!("unknown operator `{other}`"))),
     };
-    let value: i64 = int_value(O, parts[2])?;
-    let value = u32::try_from(value).map_err(|_| bad(O, "compare value out of range"))?;
+    let value_var = var_ref(O, parts[2], vars)?;
+    let value = match value_var {
+        Some(_) => 0,
+        None => u32::try_from(int_value(O, parts[2])?)
+            .map_err(|_| bad(O, "compare value out of range"))?,
+    };
     for m in &parts[4..] {
         if !extract_modifier(O, &mut extract, m)? {
             return Err(bad(O, format!("unknown modifier `{m}`")));
@@ -2232,19 +2527,22 @@ fn parse_byte_test(v: &str) -> Result<ByteTest, RuleError> {
         negated,
         op,
         value,
+        value_var,
     })
 }
 
-fn parse_byte_jump(v: &str) -> Result<ByteJump, RuleError> {
+fn parse_byte_jump(v: &str, vars: &[String]) -> Result<ByteJump, RuleError> {
     const O: &str = "byte_jump";
     let parts: Vec<&str> = v.split(',').map(str::trim).collect();
     if parts.len() < 2 {
         return Err(bad(O, "expected bytes, offset"));
     }
+    let (offset, offset_var) = offset_or_var(O, parts[1], vars)?;
     let mut j = ByteJump {
         extract: Extract {
             bytes: num(O, parts[0])?,
-            offset: int_in(O, parts[1])?,
+            offset,
+            offset_var,
             ..Extract::default()
         },
         ..ByteJump::default()
@@ -2279,6 +2577,141 @@ fn parse_byte_jump(v: &str) -> Result<ByteJump, RuleError> {
     Ok(j)
 }
 
+fn parse_byte_extract(v: &str, vars: &mut Vec<String>) -> Result<ByteExtract, RuleError> {
+    const O: &str = "byte_extract";
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() < 3 {
+        return Err(bad(O, "expected bytes, offset, name"));
+    }
+    let mut b = ByteExtract {
+        extract: Extract {
+            bytes: num(O, parts[0])?,
+            offset: int_in(O, parts[1])?,
+            ..Extract::default()
+        },
+        ..ByteExtract::default()
+    };
+    for m in &parts[3..] {
+        if extract_modifier(O, &mut b.extract, m)? {
+            continue;
+        }
+        match m
+            .split_once(char::is_whitespace)
+            .map(|(k, a)| (k, a.trim()))
+        {
+            Some(("multiplier", a)) => {
+                let f: u32 = int_in(O, a)?;
+                if !(1..=65_535).contains(&f) {
+                    return Err(bad(O, "multiplier must be 1-65535"));
+                }
+                b.multiplier = Some(f);
+            }
+            Some(("align", a)) => match a {
+                "2" => b.align = Some(2),
+                "4" => b.align = Some(4),
+                _ => return Err(bad(O, "align must be 2 or 4")),
+            },
+            _ => return Err(bad(O, format!("unknown modifier `{m}`"))),
+        }
+    }
+    check_extract(O, &b.extract)?;
+    b.var = define_var(O, parts[2], vars)?;
+    b.name = parts[2].to_string();
+    Ok(b)
+}
+
+fn parse_byte_math(v: &str, vars: &mut Vec<String>) -> Result<ByteMath, RuleError> {
+    const O: &str = "byte_math";
+    let mut m = ByteMath::default();
+    let (mut bytes, mut offset, mut oper, mut rvalue, mut result) = (None, None, None, None, None);
+    for part in v.split(',').map(str::trim) {
+        let (k, a) = part
+            .split_once(char::is_whitespace)
+            .map_or((part, ""), |(k, a)| (k, a.trim()));
+        match (k, a) {
+            ("bytes", a) => bytes = Some(num::<u8>(O, a)?),
+            ("offset", a) => offset = Some(a),
+            ("oper", a) => {
+                oper = Some(match a {
+                    "+" => MathOp::Add,
+                    "-" => MathOp::Sub,
+                    "*" => MathOp::Mul,
+                    "/" => MathOp::Div,
+                    "<<" => MathOp::Shl,
+                    ">>" => MathOp::Shr,
+                    _ => return Err(bad(O, format!("unknown oper `{a}`"))),
+                })
+            }
+            ("rvalue", a) => rvalue = Some(a),
+            ("result", a) => result = Some(a),
+            ("relative", "") => m.extract.relative = true,
+            ("endian", "big") => m.extract.little = false,
+            ("endian", "little") => m.extract.little = true,
+            ("string", a) => {
+                m.extract.string_base = Some(match a {
+                    "dec" => 10,
+                    "hex" => 16,
+                    "oct" => 8,
+                    _ => return Err(bad(O, format!("string `{a}` (use hex, dec or oct)"))),
+                })
+            }
+            ("dce", "") => return Err(RuleError::Unsupported(alloc::vec!["byte_math:dce".into()])),
+            ("bitmask", _) => {
+                if !extract_modifier(O, &mut m.extract, part)? {
+                    return Err(bad(O, format!("bad bitmask `{part}`")));
+                }
+            }
+            _ => return Err(bad(O, format!("unknown argument `{part}`"))),
+        }
+    }
+    let (Some(bytes), Some(offset), Some(oper), Some(rvalue), Some(result)) =
+        (bytes, offset, oper, rvalue, result)
+    else {
+        return Err(bad(O, "needs bytes, offset, oper, rvalue and result"));
+    };
+    m.extract.bytes = bytes;
+    (m.extract.offset, m.extract.offset_var) = offset_or_var(O, offset, vars)?;
+    m.oper = oper;
+    m.rvalue_var = var_ref(O, rvalue, vars)?;
+    if m.rvalue_var.is_none() {
+        m.rvalue = int_in(O, rvalue)?;
+        if m.rvalue == 0 && oper == MathOp::Div {
+            return Err(bad(O, "division by rvalue 0"));
+        }
+        if m.rvalue >= 32 && matches!(oper, MathOp::Shl | MathOp::Shr) {
+            return Err(bad(O, "shift by 32 or more"));
+        }
+    }
+    check_extract(O, &m.extract)?;
+    m.var = define_var(O, result, vars)?;
+    m.name = result.to_string();
+    Ok(m)
+}
+
+fn parse_base64_decode(v: Option<&str>) -> Result<Base64Decode, RuleError> {
+    const O: &str = "base64_decode";
+    let mut d = Base64Decode::default();
+    let Some(v) = v else { return Ok(d) };
+    for part in v.split(',').map(str::trim) {
+        let (k, a) = part
+            .split_once(char::is_whitespace)
+            .map_or((part, ""), |(k, a)| (k, a.trim()));
+        match (k, a) {
+            ("relative", "") => d.relative = true,
+            ("bytes", a) => {
+                let n: u32 = num(O, a)?;
+                if n == 0 {
+                    return Err(bad(O, "bytes 0"));
+                }
+                d.bytes = Some(n);
+            }
+            ("offset", a) => d.offset = num(O, a)?,
+            _ => return Err(bad(O, format!("unknown argument `{part}`"))),
+        }
+    }
+    Ok(d)
+}
+
 fn parse_bufferlen(v: &str) -> Result<BufferLen, RuleError> {
     let (num_part, relative) = match v.split_once(',').map(|(n, m)| (n, m.trim())) {
         Some((n, "relative")) => (n, true),
@@ -2293,17 +2726,23 @@ fn parse_bufferlen(v: &str) -> Result<BufferLen, RuleError> {
     Ok(BufferLen { check, relative })
 }
 
-fn parse_isdataat(v: &str) -> Result<IsDataAt, RuleError> {
+fn parse_isdataat(v: &str, vars: &[String]) -> Result<IsDataAt, RuleError> {
     let mut parts = v.split(',').map(str::trim);
     let first = parts.next().unwrap_or("");
     let (negated, n) = match first.strip_prefix('!') {
         Some(r) => (true, r.trim()),
         None => (false, first),
     };
+    let pos_var = var_ref("isdataat", n, vars)?;
     let mut d = IsDataAt {
         negated,
-        pos: num("isdataat", n)?,
+        pos: if pos_var.is_some() {
+            0
+        } else {
+            num("isdataat", n)?
+        },
         relative: false,
+        pos_var,
     };
     for p in parts {
         match p {
@@ -2354,7 +2793,7 @@ fn validate(rule: &Rule) -> Result<(), RuleError> {
     for op in &rule.ops {
         let PayloadOp::Content(c) = op else { continue };
         let len = c.pattern.len() as u64;
-        if (c.offset.is_some() || c.depth.is_some()) && c.is_relative() {
+        if c.is_absolute() && c.is_relative() {
             return Err(bad(
                 "content",
                 "offset/depth (absolute) mixed with distance/within (relative) on one content",
@@ -2564,6 +3003,18 @@ impl fmt::Display for Rule {
         if let Some(d) = self.icmp.seq {
             write!(f, " icmp_seq:{d};")?;
         }
+        let names = var_names(&self.ops);
+        // A number, or the variable that replaces it.
+        let nv = |n: &dyn fmt::Display, var: Option<u8>| -> String {
+            match var {
+                Some(v) => names
+                    .get(usize::from(v))
+                    .copied()
+                    .unwrap_or("?")
+                    .to_string(),
+                None => n.to_string(),
+            }
+        };
         for op in &self.ops {
             match op {
                 PayloadOp::Content(c) => {
@@ -2592,6 +3043,16 @@ impl fmt::Display for Rule {
                     if c.endswith {
                         f.write_str(",endswith")?;
                     }
+                    for (k, var) in [
+                        ("offset", c.offset_var),
+                        ("depth", c.depth_var),
+                        ("distance", c.distance_var),
+                        ("within", c.within_var),
+                    ] {
+                        if var.is_some() {
+                            write!(f, ",{k} {}", nv(&0, var))?;
+                        }
+                    }
                     f.write_str(";")?;
                     if c.fast_pattern {
                         match (c.fast_pattern_only, c.fp_slice) {
@@ -2608,7 +3069,7 @@ impl fmt::Display for Rule {
                 PayloadOp::IsDataAt(d) => {
                     let neg = if d.negated { "!" } else { "" };
                     let rel = if d.relative { ",relative" } else { "" };
-                    write!(f, " isdataat:{neg}{}{rel};", d.pos)?;
+                    write!(f, " isdataat:{neg}{}{rel};", nv(&d.pos, d.pos_var))?;
                 }
                 PayloadOp::ResetCursor => f.write_str(" pkt_data;")?,
                 PayloadOp::Buffer(b) => write!(f, " {};", b.keyword())?,
@@ -2625,15 +3086,15 @@ impl fmt::Display for Rule {
                         " byte_test:{},{neg}{},{},{}",
                         e.bytes,
                         b.op.symbol(),
-                        b.value,
-                        e.offset
+                        nv(&b.value, b.value_var),
+                        nv(&e.offset, e.offset_var)
                     )?;
                     write_extract_mods(f, e)?;
                     f.write_str(";")?;
                 }
                 PayloadOp::ByteJump(j) => {
                     let e = &j.extract;
-                    write!(f, " byte_jump:{},{}", e.bytes, e.offset)?;
+                    write!(f, " byte_jump:{},{}", e.bytes, nv(&e.offset, e.offset_var))?;
                     write_extract_mods(f, e)?;
                     if let Some(m) = j.multiplier {
                         write!(f, ",multiplier {m}")?;
@@ -2652,6 +3113,64 @@ impl fmt::Display for Rule {
                     }
                     f.write_str(";")?;
                 }
+                PayloadOp::ByteExtract(b) => {
+                    let e = &b.extract;
+                    write!(f, " byte_extract:{},{},{}", e.bytes, e.offset, b.name)?;
+                    write_extract_mods(f, e)?;
+                    if let Some(m) = b.multiplier {
+                        write!(f, ",multiplier {m}")?;
+                    }
+                    if let Some(a) = b.align {
+                        write!(f, ",align {a}")?;
+                    }
+                    f.write_str(";")?;
+                }
+                PayloadOp::ByteMath(m) => {
+                    let e = &m.extract;
+                    write!(
+                        f,
+                        " byte_math:bytes {},offset {},oper {},rvalue {},result {}",
+                        e.bytes,
+                        nv(&e.offset, e.offset_var),
+                        m.oper.symbol(),
+                        nv(&m.rvalue, m.rvalue_var),
+                        m.name
+                    )?;
+                    if e.relative {
+                        f.write_str(",relative")?;
+                    }
+                    if e.little {
+                        f.write_str(",endian little")?;
+                    }
+                    match e.string_base {
+                        Some(16) => f.write_str(",string hex")?,
+                        Some(8) => f.write_str(",string oct")?,
+                        Some(_) => f.write_str(",string dec")?,
+                        None => {}
+                    }
+                    if let Some(b) = e.bitmask {
+                        write!(f, ",bitmask {b:#x}")?;
+                    }
+                    f.write_str(";")?;
+                }
+                PayloadOp::Base64Decode(d) => {
+                    let mut args: Vec<String> = Vec::new();
+                    if let Some(n) = d.bytes {
+                        args.push(format!("bytes {n}"));
+                    }
+                    if d.offset != 0 {
+                        args.push(format!("offset {}", d.offset));
+                    }
+                    if d.relative {
+                        args.push("relative".into());
+                    }
+                    if args.is_empty() {
+                        f.write_str(" base64_decode;")?;
+                    } else {
+                        write!(f, " base64_decode:{};", args.join(","))?;
+                    }
+                }
+                PayloadOp::Base64Data => f.write_str(" base64_data;")?,
             }
         }
         if let Some(c) = &self.classtype {
