@@ -508,6 +508,14 @@ struct PathState<'d> {
     decoded_cut: bool,
 }
 
+impl PathState<'_> {
+    /// This state with variable `slot` set to `value` (`None`: no such slot).
+    fn with_var(mut self, slot: u8, value: u32) -> Option<Self> {
+        *self.vars.get_mut(usize::from(slot))? = value;
+        Some(self)
+    }
+}
+
 /// The RFC 4648 decoder (standard alphabet) with Snort's leniency for what is left after the
 /// text is cut at its first non-alphabet byte: padding optional, trailing bits ignored.
 const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
@@ -1079,28 +1087,18 @@ impl Program {
                 None => false,
             },
             Op::ByteExtract(x) => {
-                let slot = usize::from(x.var);
                 let Some((v, after)) = byte_extract(x, buf, cursor, &st.vars) else {
                     return false;
                 };
-                let mut st = st;
-                let Some(s) = st.vars.get_mut(slot) else {
-                    return false;
-                };
-                *s = v;
-                self.next(i + 1, after, bufs, st, memo)
+                st.with_var(x.var, v)
+                    .is_some_and(|st| self.next(i + 1, after, bufs, st, memo))
             }
             Op::ByteMath(m) => {
-                let slot = usize::from(m.var);
                 let Some(v) = byte_math(m, buf, cursor, &st.vars) else {
                     return false;
                 };
-                let mut st = st;
-                let Some(s) = st.vars.get_mut(slot) else {
-                    return false;
-                };
-                *s = v;
-                self.next(i + 1, cursor, bufs, st, memo)
+                st.with_var(m.var, v)
+                    .is_some_and(|st| self.next(i + 1, cursor, bufs, st, memo))
             }
             Op::Base64Decode(d) => {
                 let base = if d.relative { cursor as u64 } else { 0 } + u64::from(d.offset);

@@ -648,15 +648,28 @@ mod tests {
             let hay: Vec<u8> = (0..len)
                 .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
                 .collect();
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            m.begin(lits.len());
-            ours.scan(&hay, &mut m, |i| a.push(i));
-            m.begin(lits.len());
-            reference.scan(&hay, &mut m, |i| b.push(i));
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "haystack {hay:?}");
+            same_as_reference(&ours, &reference, lits.len(), &hay, &mut m);
         }
+    }
+
+    /// Scans `hay` with both prefilters and asserts they report the same literals; returns
+    /// how many.
+    fn same_as_reference(
+        ours: &Prefilter,
+        reference: &AcPrefilter,
+        literals: usize,
+        hay: &[u8],
+        m: &mut Marks,
+    ) -> usize {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        m.begin(literals);
+        ours.scan(hay, m, |i| a.push(i));
+        m.begin(literals);
+        reference.scan(hay, m, |i| b.push(i));
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "haystack {hay:?}");
+        a.len()
     }
 
     /// Thousands of long literals: many share a bloom bit (and so a bucket) with literals of
@@ -697,15 +710,7 @@ mod tests {
             let hay: Vec<u8> = (0..len)
                 .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
                 .collect();
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            m.begin(lits.len());
-            ours.scan(&hay, &mut m, |i| a.push(i));
-            m.begin(lits.len());
-            reference.scan(&hay, &mut m, |i| b.push(i));
-            a.sort();
-            b.sort();
-            assert_eq!(a, b, "haystack {hay:?}");
-            found += a.len();
+            found += same_as_reference(&ours, &reference, lits.len(), &hay, &mut m);
         }
         assert!(found > 100, "{found}");
     }
