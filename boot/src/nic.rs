@@ -24,12 +24,12 @@ use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
 use ally_hypervisor::arch::logger::{self, AlertChannel};
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
-use ally_hypervisor::arch::vmx::nic_guard::NicTrap;
-use ally_hypervisor::arch::vmx::platform::EPT_GENERATION;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
+use ally_hypervisor::guards::nic::NicTrap;
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
+use ally_hypervisor::platform::EPT_GENERATION;
 use core::sync::atomic::Ordering;
 use log::info;
 

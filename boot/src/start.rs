@@ -14,8 +14,6 @@ use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::CpuTables;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
-use ally_hypervisor::arch::vmx::platform::{self, Canary, IdentityMemory, Platform};
-use ally_hypervisor::arch::vmx::realmode::{self, RealModeError};
 use ally_hypervisor::arch::vmx::vcpu::{intercept_ports, StartState, Vcpu, VcpuPages};
 use ally_hypervisor::arch::vmx::{guest_reset, launch};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
@@ -23,6 +21,8 @@ use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
+use ally_hypervisor::platform::{self, Canary, IdentityMemory, Platform};
+use ally_hypervisor::realmode::{self, RealModeError};
 use ally_hypervisor::reset::{AcpiResetConfig, AcpiResetPort, ResetGuard};
 use ally_hypervisor::sleep::{SleepGuard, SleepPorts};
 use core::alloc::Layout;
@@ -332,7 +332,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let mut ioapics = alloc::vec::Vec::with_capacity(bases.len());
     for base in bases {
         ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
-        let guard = ally_hypervisor::arch::vmx::ioapic_guard::IoApicGuard::new(base);
+        let guard = ally_hypervisor::guards::ioapic::IoApicGuard::new(base);
         info!(
             "ALLY ioapic guarded base={base:#x} entries={}",
             guard.entries()
@@ -937,9 +937,9 @@ fn report_dpi_status() {
         }
     }
     crate::nic::report();
-    ally_hypervisor::arch::vmx::pci_guard::report();
+    ally_hypervisor::guards::pci_config::report();
     if let Some(nic) = &platform::platform().nic {
-        ally_hypervisor::arch::vmx::nic_guard::report(nic);
+        ally_hypervisor::guards::nic::report(nic);
     }
     info!(
         "ALLY root-nmis count={}",

@@ -12,7 +12,7 @@
 use super::guard::{exits, RegisterGuard, WriteAction};
 use super::regs::{ctrl, NicRegisters, Reg};
 use super::shadow::{ShadowRegs, SHADOWED};
-use ally_hypervisor::arch::vmx::nic_guard::TrappedRegisters;
+use ally_hypervisor::guards::nic::TrappedRegisters;
 use core::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// Forwarded registers counted by name: the ones a driver touches on the trapped pages in

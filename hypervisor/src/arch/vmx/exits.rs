@@ -2,61 +2,26 @@
 //! guest with a report (reason, qualification, guest RIP, VM-instruction error); Ally never
 //! silently resumes a guest after an exit it does not understand.
 
-use super::apic_guard;
 use super::guest_reset;
-use super::init_sipi;
-use super::nic_guard::{self, PortAccess};
-use super::pci_guard;
-use super::platform::{platform, PhysicalMemory};
 use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
 use crate::control_regs::{self, ControlState};
 use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
-use crate::guest::{
-    emulate_follow_on, emulate_mmio, AccessKind, AccessWidth, GuestCpuState, GuestRegisters,
-    MmioHandler, SegmentBases,
-};
-use crate::ioport::PortWrite;
-use crate::log_limit;
-use crate::msr::{self, MsrContext, WriteVerdict};
-use crate::reset::{PortVerdict, ResetSource};
-use crate::sleep::SleepVerdict;
+use crate::guards::init_sipi;
+use crate::guest::{AccessKind, GuestCpuState, GuestRegisters, SegmentBases};
+use crate::platform::{platform, PhysicalMemory, EPT_GENERATION};
+use crate::reset::ResetSource;
 use crate::startup::PendingReset;
+use crate::vcpu::policy::{self, PortIo};
+use crate::vcpu::{ExitResult, GuestCpu, StopReason, Vendor};
 use core::fmt;
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use log::{error, info, warn};
+use log::{error, info};
 use x86::vmx::vmcs::{control, guest, ro};
 
-/// Why the guest was stopped.
-#[derive(Debug)]
-pub enum StopReason {
-    Unhandled { reason: ExitReason, basic: u32 },
-    EntryFailed { basic: u32 },
-    GuestRequested(&'static str),
-    Emulation(crate::guest::EmulationError),
-    BadCrAccess,
-    Int15(&'static str),
-}
-
-impl fmt::Display for StopReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Unhandled { reason, basic } => write!(f, "unhandled exit {basic} ({reason})"),
-            Self::EntryFailed { basic } => write!(f, "VM entry failed (basic reason {basic})"),
-            Self::GuestRequested(what) => write!(f, "{what}"),
-            Self::Emulation(e) => write!(f, "cannot emulate the guest's access: {e}"),
-            Self::BadCrAccess => write!(f, "unsupported control-register access"),
-            Self::Int15(what) => write!(f, "INT 15h hook: {what}"),
-        }
-    }
-}
-
-type ExitResult = Result<(), StopReason>;
-
 // VM-entry interruption information (SDM 25.8.3).
-const VECTOR_UD: u64 = 6;
-const VECTOR_GP: u64 = 13;
+const VECTOR_UD: u8 = crate::vcpu::VECTOR_UD;
+const VECTOR_GP: u8 = crate::vcpu::VECTOR_GP;
 const HARDWARE_EXCEPTION: u64 = 3 << 8;
 const DELIVER_ERROR_CODE: u64 = 1 << 11;
 const VALID: u64 = 1 << 31;
@@ -75,8 +40,8 @@ fn guest_in_protected_mode() -> bool {
 }
 
 /// Makes the next VM entry deliver hardware exception `vector` to the guest.
-fn inject_exception(vector: u64, error_code: Option<u32>) {
-    let mut info = vector | HARDWARE_EXCEPTION | VALID;
+fn inject_exception(vector: u8, error_code: Option<u32>) {
+    let mut info = u64::from(vector) | HARDWARE_EXCEPTION | VALID;
     // Real mode has no error codes (SDM 27.2.1.3).
     if let (Some(code), true) = (error_code, guest_in_protected_mode()) {
         info |= DELIVER_ERROR_CODE;
@@ -127,6 +92,115 @@ fn cpu_state(regs: &GuestRegisters) -> GuestCpuState {
     }
 }
 
+/// One exit's view of the VMCS, for the vendor-neutral policy (`crate::vcpu`).
+struct VmxExit<'a> {
+    vcpu: &'a mut Vcpu,
+}
+
+impl GuestCpu for VmxExit<'_> {
+    fn apic_id(&self) -> u32 {
+        self.vcpu.apic_id
+    }
+    fn vendor(&self) -> Vendor {
+        Vendor::Vmx
+    }
+    fn state(&self, regs: &GuestRegisters) -> GuestCpuState {
+        cpu_state(regs)
+    }
+    fn commit(&mut self, regs: &mut GuestRegisters, cpu: &GuestCpuState, rflags_changed: bool) {
+        *regs = cpu.regs;
+        vmcs_write(guest::RSP, cpu.regs.rsp);
+        vmcs_write(guest::RIP, cpu.rip);
+        if rflags_changed {
+            vmcs_write(guest::RFLAGS, cpu.rflags);
+        }
+        // The emulated instruction retired: blocking by STI / MOV SS ends (SDM 26.3.1.5).
+        let interruptibility = vmread(guest::INTERRUPTIBILITY_STATE);
+        if interruptibility & 3 != 0 {
+            vmcs_write(guest::INTERRUPTIBILITY_STATE, interruptibility & !3);
+        }
+    }
+    fn skip_instruction(&mut self) {
+        advance_rip();
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        inject_exception(vector, error_code);
+    }
+    fn in_protected_mode(&self) -> bool {
+        guest_in_protected_mode()
+    }
+    fn linear_rip(&self) -> u64 {
+        vmread(guest::CS_BASE).wrapping_add(vmread(guest::RIP))
+    }
+    fn dr7(&self) -> u64 {
+        vmread(guest::DR7)
+    }
+    fn guest_cr4(&self) -> u64 {
+        guest_cr4()
+    }
+    fn guest_can_use_xsave(&self) -> bool {
+        self.vcpu.guest_can_use_xsave()
+    }
+    fn ss_base(&self) -> u64 {
+        vmread(guest::SS_BASE)
+    }
+    fn es_base(&self) -> u64 {
+        vmread(guest::ES_BASE)
+    }
+    fn rsp(&self) -> u64 {
+        vmread(guest::RSP)
+    }
+    fn config_address(&mut self) -> &mut u32 {
+        &mut self.vcpu.config_address
+    }
+    fn mtrr(&mut self) -> &mut crate::msr::MtrrShadow {
+        &mut self.vcpu.mtrr
+    }
+    fn exits(&self) -> &ExitCounters {
+        &self.vcpu.exits
+    }
+    fn platform_reset(&mut self, regs: &mut GuestRegisters, source: ResetSource) -> ExitResult {
+        handle_reset(regs, self.vcpu, source)
+    }
+}
+
+/// Invalidates this CPU's EPT-derived translations if the EPT changed since it last did.
+fn sync_ept(vcpu: &mut Vcpu) {
+    let now = EPT_GENERATION.load(core::sync::atomic::Ordering::Acquire);
+    if vcpu.ept_generation != now {
+        vcpu.ept_generation = now;
+        // SAFETY: EPT support (and INVEPT all-context) was checked at start-up.
+        unsafe { crate::arch::instructions::invept_all() };
+    }
+}
+
+/// An EPT violation: the trapped and hidden pages (`crate::vcpu::policy`).
+fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+    let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
+    // A violation while the CPU delivered an event (IDT-vectoring information valid, SDM
+    // 28.2.4) is not an instruction Ally can emulate and skip: report it and stop.
+    if vmread(ro::IDT_VECTORING_INFO) & (1 << 31) != 0 {
+        return Err(StopReason::GuestRequested(
+            "EPT violation during event delivery (the guest's IDT or stack is in memory it cannot reach)",
+        ));
+    }
+    let access = AccessKind::from_ept_violation_qualification(vmread(ro::EXIT_QUALIFICATION))
+        .unwrap_or(AccessKind::Read);
+    policy::handle_guest_memory_fault(&mut VmxExit { vcpu }, regs, gpa, access)
+}
+
+/// An I/O instruction exit (SDM 28.2.1 Table 28-5).
+fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
+    let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
+    let io = PortIo {
+        port: io.port,
+        size: io.size,
+        is_in: io.is_in,
+        string: io.string,
+    };
+    policy::handle_port_io(&mut VmxExit { vcpu }, regs, io)
+}
+
 /// How many exits of each application processor are logged at debug level.
 const FIRST_AP_EXITS_LOGGED: u64 = 40;
 
@@ -138,7 +212,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let basic = raw_reason & 0xFFFF;
     let reason = ExitReason::from_basic(basic);
     vcpu.exits.record(basic);
-    super::platform::sync_ept(vcpu);
+    sync_ept(vcpu);
     // The first exits of an application processor, to follow its start-up in the log.
     // Checked in this order so that the exit path pays nothing unless debug logging is on.
     if log::log_enabled!(log::Level::Debug)
@@ -163,12 +237,14 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     } else if let Some(source) = guest_reset::take_deferred(vcpu.apic_id) {
         guest_reset::restart(regs, vcpu, source)
     } else if raw_reason & (1 << 31) != 0 {
-        Err(StopReason::EntryFailed { basic })
+        Err(StopReason::EntryFailed {
+            code: u64::from(basic),
+        })
     } else {
         match reason {
-            ExitReason::Cpuid => handle_cpuid(regs, vcpu),
-            ExitReason::Rdmsr => handle_rdmsr(regs, vcpu),
-            ExitReason::Wrmsr => handle_wrmsr(regs, vcpu),
+            ExitReason::Cpuid => policy::handle_cpuid(&mut VmxExit { vcpu }, regs),
+            ExitReason::Rdmsr => policy::handle_rdmsr(&mut VmxExit { vcpu }, regs),
+            ExitReason::Wrmsr => policy::handle_wrmsr(&mut VmxExit { vcpu }, regs),
             ExitReason::CrAccess => handle_cr_access(regs, vcpu),
             ExitReason::Xsetbv => handle_xsetbv(regs),
             ExitReason::Invd => {
@@ -179,7 +255,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
             }
             ExitReason::IoInstruction => handle_io(regs, vcpu),
             ExitReason::EptViolation => handle_ept_violation(regs, vcpu),
-            ExitReason::Vmcall => handle_vmcall(regs),
+            ExitReason::Vmcall => policy::handle_hypercall(&mut VmxExit { vcpu }, regs),
             // A PC's chipset resets a processor that shuts down.
             ExitReason::TripleFault => handle_reset(regs, vcpu, ResetSource::TripleFault),
             // Only bounds the time between exits; a pending INIT was looked at above.
@@ -207,7 +283,10 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
                 inject_exception(VECTOR_UD, None);
                 Ok(())
             }
-            _ => Err(StopReason::Unhandled { reason, basic }),
+            _ => Err(StopReason::Unhandled {
+                code: u64::from(basic),
+                name: reason.name(),
+            }),
         }
     };
 
@@ -256,62 +335,7 @@ pub fn stop_guest(vcpu: &mut Vcpu, stop: &dyn fmt::Display) -> ! {
 
 /// Prints one `ALLY exits` line per exit reason seen on this vCPU.
 pub fn report_exits(vcpu: &Vcpu) {
-    print_exits(&vcpu.exits);
-}
-
-/// One line per reason: the count and the handler's TSC ticks per exit (mean and longest;
-/// the VM exit and VM entry transitions themselves are not included).
-fn print_exits(exits: &ExitCounters) {
-    for cost in exits.costs() {
-        info!(
-            "ALLY exits reason={} basic={} count={} handler-tsc-mean={} handler-tsc-max={}",
-            ExitReason::from_basic(cost.basic),
-            cost.basic,
-            cost.timed,
-            cost.mean(),
-            cost.max_cycles
-        );
-    }
-}
-
-/// Every vCPU's exit counters, by OS core index, registered as each vCPU is configured.
-static VCPU_EXITS: [AtomicPtr<ExitCounters>; 256] =
-    [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
-
-/// Makes `vcpu`'s exit counts part of the power-off report.
-pub fn register_exit_counters(vcpu: &Vcpu) {
-    if let Some(index) = init_sipi::os_index(vcpu.apic_id) {
-        VCPU_EXITS[index].store(
-            &vcpu.exits as *const ExitCounters as *mut ExitCounters,
-            Ordering::Release,
-        );
-    }
-}
-
-/// The exit counters of every vCPU registered so far, with its index.
-fn registered_exits() -> impl Iterator<Item = (usize, &'static ExitCounters)> {
-    VCPU_EXITS.iter().enumerate().filter_map(|(index, p)| {
-        let p = p.load(Ordering::Acquire);
-        // SAFETY: registered pointers are to the counters of vCPUs, which live for as long
-        // as Ally runs; the counters are atomics, safe to read from any CPU.
-        (!p.is_null()).then(|| (index, unsafe { &*p }))
-    })
-}
-
-/// At power-off: the exits of all vCPUs by reason (`ALLY exits`), then each vCPU's total.
-pub fn report_all_exits() {
-    let mut sum = ExitCounters::new();
-    for (_, exits) in registered_exits() {
-        sum.merge(exits);
-    }
-    print_exits(&sum);
-    for (index, exits) in registered_exits() {
-        info!(
-            "ALLY vcpu-exits apic={} total={}",
-            platform().os_cores.get(index).copied().unwrap_or(u32::MAX),
-            exits.total()
-        );
-    }
+    crate::vcpu::registry::print_exits(&vcpu.exits);
 }
 
 /// CR4 as the guest sees it: Ally's bits from the read shadow, the rest from the real CR4.
@@ -386,166 +410,6 @@ fn start_at_sipi(regs: &mut GuestRegisters, vcpu: &mut Vcpu, vector: u8) -> Exit
         u32::from(vector) << 12
     );
     Ok(())
-}
-
-fn handle_cpuid(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
-    let leaf = regs.rax as u32;
-    let subleaf = regs.rcx as u32;
-    let mut r = raw_cpuid::cpuid!(leaf, subleaf);
-    if leaf == 1 {
-        // Hide VMX (bit 5) and report no hypervisor (bit 31): the guest must not learn of Ally.
-        r.ecx &= !((1 << 5) | (1 << 31));
-        // OSXSAVE (bit 27) mirrors CR4.OSXSAVE — the guest's, not Ally's (SDM Vol. 2A CPUID).
-        const OSXSAVE: u32 = 1 << 27;
-        r.ecx &= !OSXSAVE;
-        if guest_cr4() & (1 << 18) != 0 {
-            r.ecx |= OSXSAVE;
-        }
-        // Where VMX does not let a guest set CR4.OSXSAVE (IA32_VMX_CR4_FIXED1 bit 18 is 0, as
-        // in Bochs 2.7), XSAVE and the AVX state it manages cannot work in the guest: report
-        // them absent, as on a CPU without them, instead of letting the guest fault later.
-        if !vcpu.guest_can_use_xsave() {
-            const XSAVE: u32 = 1 << 26;
-            const AVX: u32 = 1 << 28;
-            const FMA: u32 = 1 << 12;
-            const F16C: u32 = 1 << 29;
-            r.ecx &= !(XSAVE | AVX | FMA | F16C);
-        }
-    } else if leaf == 0xB || leaf == 0x1F {
-        // The guest's own cores only (see `crate::topology`).
-        let [eax, ebx, ecx, edx] = crate::topology::guest_topology_leaf(
-            leaf,
-            vcpu.apic_id,
-            [r.eax, r.ebx, r.ecx, r.edx],
-            &platform().os_cores,
-        );
-        r.eax = eax;
-        r.ebx = ebx;
-        r.ecx = ecx;
-        r.edx = edx;
-    } else if leaf == 0x14 || (leaf == 0xD && !vcpu.guest_can_use_xsave()) {
-        // Leaf 0x14 enumerates Intel PT, which Ally hides.
-        r.eax = 0;
-        r.ebx = 0;
-        r.ecx = 0;
-        r.edx = 0;
-    } else if leaf == 7 && subleaf == 0 {
-        if !vcpu.guest_can_use_xsave() {
-            // AVX2 (EBX 5) and the AVX-512 family need XSAVE-managed state.
-            const AVX_FAMILY_EBX: u32 = (1 << 5)
-                | (1 << 16)
-                | (1 << 17)
-                | (1 << 21)
-                | (1 << 26)
-                | (1 << 27)
-                | (1 << 28)
-                | (1 << 30)
-                | (1 << 31);
-            r.ebx &= !AVX_FAMILY_EBX;
-            r.ecx &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14) | (1 << 3));
-            r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
-        }
-        // Intel PT (EBX bit 25) is hidden: its MSRs are refused (`crate::msr`).
-        r.ebx &= !(1 << 25);
-        // OSPKE (ECX bit 4) mirrors the guest's CR4.PKE (bit 22) likewise.
-        r.ecx &= !(1 << 4);
-        if guest_cr4() & (1 << 22) != 0 {
-            r.ecx |= 1 << 4;
-        }
-    }
-    regs.rax = u64::from(r.eax);
-    regs.rbx = u64::from(r.ebx);
-    regs.rcx = u64::from(r.ecx);
-    regs.rdx = u64::from(r.edx);
-    advance_rip();
-    Ok(())
-}
-
-/// Guest WRMSRs refused with #GP (`crate::msr`).
-static MSR_REFUSED: AtomicU64 = AtomicU64::new(0);
-/// Guest MTRR writes kept in the vCPU's shadow.
-static MTRR_SHADOWED: AtomicU64 = AtomicU64::new(0);
-
-fn handle_rdmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
-    let msr = regs.rcx as u32;
-    let value = match msr {
-        // Locked, with VMX disabled: what a CPU without VMX shows (SDM Vol. 4 table 2-2).
-        msr::IA32_FEATURE_CONTROL => Some(1),
-        m if msr::is_mtrr(m) => vcpu.mtrr.read(m),
-        // The VMX capability MSRs, Intel PT's (hidden in CPUID) and MSRs outside the
-        // bitmap's ranges: absent, as on a CPU without them.
-        _ => None,
-    };
-    let Some(value) = value else {
-        inject_exception(VECTOR_GP, Some(0));
-        return Ok(());
-    };
-    regs.rax = value & 0xFFFF_FFFF;
-    regs.rdx = value >> 32;
-    advance_rip();
-    Ok(())
-}
-
-fn x2apic_enabled() -> bool {
-    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
-    unsafe { instructions::rdmsr(msr::IA32_APIC_BASE) & (1 << 10) != 0 }
-}
-
-fn handle_wrmsr(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
-    let index = regs.rcx as u32;
-    let value = (regs.rdx << 32) | (regs.rax & 0xFFFF_FFFF);
-    let current = match index {
-        // SAFETY: both are architectural on every CPU with VMX.
-        msr::IA32_APIC_BASE | msr::IA32_MISC_ENABLE => unsafe { instructions::rdmsr(index) },
-        _ => 0,
-    };
-    let context = MsrContext {
-        max_phys_bits: raw_cpuid::cpuid!(0x8000_0008).eax as u8,
-        x2apic_supported: raw_cpuid::cpuid!(1).ecx & (1 << 21) != 0,
-        current,
-    };
-    let refusal = match msr::judge_write(index, value, context) {
-        WriteVerdict::Hardware => {
-            // SAFETY: IA32_APIC_BASE, validated as the CPU would (no #GP in VMX root) and
-            // with the APIC left at its address.
-            unsafe { instructions::wrmsr(index, value) };
-            None
-        }
-        WriteVerdict::Unchanged => None,
-        WriteVerdict::X2apicIcr if x2apic_enabled() => {
-            apic_guard::write_x2apic_icr(value, vcpu.apic_id);
-            None
-        }
-        WriteVerdict::X2apicIcr => Some("the x2APIC ICR in xAPIC mode"),
-        WriteVerdict::Mtrr => {
-            MTRR_SHADOWED.fetch_add(1, Ordering::Relaxed);
-            (!vcpu.mtrr.write(index, value)).then_some("an MTRR this CPU does not have")
-        }
-        WriteVerdict::Refuse(why) => Some(why),
-    };
-    if let Some(why) = refusal {
-        MSR_REFUSED.fetch_add(1, Ordering::Relaxed);
-        if log_limit::MSR_REFUSED.admit() {
-            warn!(
-                "ALLY msr-refused msr={index:#x} value={value:#x} cpu={} reason=\"{why}\"",
-                vcpu.apic_id
-            );
-        }
-        inject_exception(VECTOR_GP, Some(0));
-        return Ok(());
-    }
-    advance_rip();
-    Ok(())
-}
-
-/// Prints the MSR guard's counters (at the guest's power-off).
-pub fn report_msrs() {
-    info!(
-        "ALLY msr-guard refused={} mtrr-shadowed={} write-allow-list={}",
-        MSR_REFUSED.load(Ordering::Relaxed),
-        MTRR_SHADOWED.load(Ordering::Relaxed),
-        msr::WRITE_ALLOWED.len()
-    );
 }
 
 fn handle_cr_access(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
@@ -702,321 +566,6 @@ fn handle_xsetbv(regs: &mut GuestRegisters) -> ExitResult {
     // the instruction makes; Ally itself uses no extended state.
     unsafe { instructions::xsetbv0(value) };
     advance_rip();
-    Ok(())
-}
-
-fn handle_io(regs: &mut GuestRegisters, vcpu: &mut Vcpu) -> ExitResult {
-    let io = IoQualification::decode(vmread(ro::EXIT_QUALIFICATION));
-    if io.string {
-        return Err(StopReason::GuestRequested(
-            "string I/O on a port Ally intercepts (unsupported)",
-        ));
-    }
-    let platform = platform();
-    let width_mask: u64 = match io.size {
-        1 => 0xFF,
-        2 => 0xFFFF,
-        _ => 0xFFFF_FFFF,
-    };
-    let mut value = (regs.rax & width_mask) as u32;
-    let access = PortWrite::new(io.port, io.size, value);
-    if !io.is_in {
-        if platform.resets.watches(&access) {
-            match platform.resets.judge(access) {
-                PortVerdict::Reset(source) => return handle_reset(regs, vcpu, source),
-                PortVerdict::Forward(corrected) => value = corrected.value,
-            }
-        }
-        match platform.sleep.judge_write(access) {
-            SleepVerdict::NoSleep => {}
-            // S5: report first, then let the write reach the hardware (below).
-            SleepVerdict::PowerOff => {
-                info!(
-                    "ALLY guest-sleep port={:#x} value={value:#x} state=S5",
-                    io.port
-                );
-                super::platform::report_power_off();
-            }
-            SleepVerdict::Refused { slp_typ, state } => {
-                if log_limit::SLEEP_REFUSED.admit() {
-                    warn!(
-                        "ALLY sleep-refused port={:#x} value={value:#x} slp_typ={slp_typ} state={} count={}",
-                        io.port,
-                        SleepState(state),
-                        platform.sleep.refused()
-                    );
-                }
-                advance_rip();
-                return Ok(());
-            }
-        }
-    }
-    let handled = if pci_guard::is_config_port(io.port) {
-        match pci_guard::config_port_access(
-            &mut vcpu.config_address,
-            io.port,
-            io.size,
-            io.is_in,
-            value,
-        ) {
-            pci_guard::ConfigOutcome::Done(result) => Some(result),
-            pci_guard::ConfigOutcome::Reset => {
-                return handle_reset(regs, vcpu, ResetSource::AcpiResetRegister)
-            }
-        }
-    } else if platform.resets.watches(&access) || platform.sleep.watches(io.port, io.size) {
-        // The 8042, port 0x92 and the ACPI PM registers otherwise belong to the guest.
-        // SAFETY: the guest owns these ports; Ally forwards the access at the same width
-        // (judged above: no reset, no sleep state but S5, the A20 gate open).
-        let result = unsafe { nic_guard::forward(io.port, io.size, io.is_in, value) };
-        Some(result.map(|v| platform.sleep.adjust_read(io.port, io.size, v)))
-    } else {
-        match platform
-            .nic
-            .as_ref()
-            .map(|nic| nic_guard::port_access(nic, io.port, io.size, io.is_in, value))
-        {
-            Some(PortAccess::Done(result)) => Some(result),
-            _ => None,
-        }
-    };
-    if let Some(result) = handled {
-        if let Some(v) = result {
-            // IN of 4 bytes zero-extends into RAX; narrower ones keep the upper bits.
-            regs.rax = if io.size == 4 {
-                u64::from(v)
-            } else {
-                (regs.rax & !width_mask) | (u64::from(v) & width_mask)
-            };
-        }
-        advance_rip();
-        return Ok(());
-    }
-    // COM2 is Ally's: the guest sees no UART there (reads float high, writes are dropped).
-    // A byte written to its scratch register asks Ally for a counters snapshot (a test
-    // harness measuring exit rates between two marks; rate-limited by `log_limit::MARK`).
-    if !io.is_in && io.port == COM2_SCRATCH {
-        report_mark(regs.rax as u8, vcpu);
-    }
-    if io.is_in {
-        regs.rax |= width_mask;
-        if io.size == 4 {
-            regs.rax &= 0xFFFF_FFFF;
-        }
-    }
-    advance_rip();
-    Ok(())
-}
-
-/// An S-state for reports: `S3`, or `unknown` for an SLP_TYP no `\_Sx` object names.
-struct SleepState(Option<u8>);
-
-impl fmt::Display for SleepState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(s) => write!(f, "S{s}"),
-            None => f.write_str("unknown"),
-        }
-    }
-}
-
-const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
-
-/// `ALLY mark`: this vCPU's exits, the APIC and I/O APIC exits, and the DPI heartbeat.
-fn report_mark(id: u8, vcpu: &Vcpu) {
-    if !log_limit::MARK.admit() {
-        return;
-    }
-    use core::sync::atomic::Ordering::Relaxed;
-    info!(
-        "ALLY mark id={id} vcpu={} exits={} all-exits={} ept-violations={} apic-mmio-exits={} ioapic-exits={} dpi-heartbeat={}",
-        vcpu.apic_id,
-        vcpu.exits.total(),
-        registered_exits().map(|(_, exits)| exits.total()).sum::<u64>(),
-        vcpu.exits.get(ExitReason::EptViolation.basic()),
-        apic_guard::apic_mmio_exits(),
-        super::ioapic_guard::IOAPIC_EXITS.load(Relaxed),
-        (platform().dpi_heartbeat)()
-    );
-    let mut registers = heapless::String::<512>::new();
-    let _ = crate::exit::write_register_counts(&mut registers, apic_guard::exits_by_register());
-    info!("ALLY apic-mark id={id} registers={registers}");
-    (platform().mark_hook)(id);
-}
-
-/// Accesses to memory Ally keeps out of the guest's EPT: reads return all ones (as from a
-/// bus with nothing behind it), writes are discarded; each is logged (rate-limited).
-struct HiddenMemory;
-
-impl MmioHandler for HiddenMemory {
-    fn read(&mut self, _gpa: GuestPhysAddr, width: AccessWidth) -> u64 {
-        match width.bytes() {
-            8 => u64::MAX,
-            n => (1u64 << (8 * n as u32)) - 1,
-        }
-    }
-    fn write(&mut self, _gpa: GuestPhysAddr, _width: AccessWidth, _value: u64) {}
-}
-
-/// Emulates the access that caused an EPT violation against `handler`; on success the new
-/// registers and RIP go back to the guest.
-fn emulate_access(
-    regs: &mut GuestRegisters,
-    gpa: GuestPhysAddr,
-    access: AccessKind,
-    handler: &mut impl MmioHandler,
-) -> Result<crate::guest::EmulatedAccess, crate::guest::EmulationError> {
-    let mut cpu = cpu_state(regs);
-    let done = emulate_mmio(&mut cpu, gpa, access, &PhysicalMemory, handler)?;
-    commit_emulated(regs, &cpu, false);
-    Ok(done)
-}
-
-/// Writes an emulated stretch's registers, RIP (and RFLAGS when it changed them) back to the
-/// guest.
-fn commit_emulated(regs: &mut GuestRegisters, cpu: &GuestCpuState, rflags_changed: bool) {
-    *regs = cpu.regs;
-    vmcs_write(guest::RSP, cpu.regs.rsp);
-    vmcs_write(guest::RIP, cpu.rip);
-    if rflags_changed {
-        vmcs_write(guest::RFLAGS, cpu.rflags);
-    }
-    // The emulated instruction retired: blocking by STI / MOV SS ends (SDM 26.3.1.5).
-    let interruptibility = vmread(guest::INTERRUPTIBILITY_STATE);
-    if interruptibility & 3 != 0 {
-        vmcs_write(guest::INTERRUPTIBILITY_STATE, interruptibility & !3);
-    }
-}
-
-/// DR7's L0–L3 and G0–G3 enables (SDM Vol. 3B 18.2.4): with a breakpoint armed, an
-/// instruction boundary inside a fused stretch would be observable.
-const DR7_BREAKPOINT_ENABLES: u64 = 0xff;
-
-/// A trapped NIC register access; after a write, the driver's flush read that follows within
-/// a few instructions is emulated in the same exit ([`emulate_follow_on`]) and counted as
-/// fused, not as an exit.
-fn emulate_nic_access(
-    regs: &mut GuestRegisters,
-    gpa: GuestPhysAddr,
-    access: AccessKind,
-    nic: &nic_guard::NicTrap,
-    offset: u64,
-) -> Result<(), crate::guest::EmulationError> {
-    let mut cpu = cpu_state(regs);
-    emulate_mmio(
-        &mut cpu,
-        gpa,
-        access,
-        &PhysicalMemory,
-        &mut nic_guard::NicMmio::exit(nic, offset),
-    )?;
-    let mut rflags_changed = false;
-    if access == AccessKind::Write && vmread(guest::DR7) & DR7_BREAKPOINT_ENABLES == 0 {
-        let before = cpu.rflags;
-        let fused = emulate_follow_on(&mut cpu, &PhysicalMemory, |gpa: GuestPhysAddr| {
-            nic.trapped_offset(gpa)
-                .map(|offset| nic_guard::NicMmio::fused(nic, offset))
-        });
-        rflags_changed = fused.is_some() && cpu.rflags != before;
-    }
-    commit_emulated(regs, &cpu, rflags_changed);
-    Ok(())
-}
-
-fn handle_ept_violation(regs: &mut GuestRegisters, vcpu: &Vcpu) -> ExitResult {
-    let gpa = GuestPhysAddr(vmread(ro::GUEST_PHYSICAL_ADDR_FULL));
-    // A violation while the CPU delivered an event (IDT-vectoring information valid, SDM
-    // 28.2.4) is not an instruction Ally can emulate and skip: report it and stop.
-    if vmread(ro::IDT_VECTORING_INFO) & (1 << 31) != 0 {
-        return Err(StopReason::GuestRequested(
-            "EPT violation during event delivery (the guest's IDT or stack is in memory it cannot reach)",
-        ));
-    }
-    let access = AccessKind::from_ept_violation_qualification(vmread(ro::EXIT_QUALIFICATION))
-        .unwrap_or(AccessKind::Read);
-    let apic_base = platform().apic_base;
-    if gpa.0 & !0xFFF == apic_base {
-        let mut apic = apic_guard::XApicMmio {
-            apic_base,
-            sender: vcpu.apic_id,
-        };
-        emulate_access(regs, gpa, access, &mut apic).map_err(StopReason::Emulation)?;
-        return Ok(());
-    }
-    if let Some(mut ioapic) = platform()
-        .ioapics
-        .iter()
-        .find(|io| io.base == gpa.0 & !0xFFF)
-    {
-        emulate_access(regs, gpa, access, &mut ioapic).map_err(StopReason::Emulation)?;
-        return Ok(());
-    }
-    if let Some((nic, offset)) = platform()
-        .nic
-        .as_ref()
-        .and_then(|nic| Some((nic, nic.trapped_offset(gpa)?)))
-    {
-        emulate_nic_access(regs, gpa, access, nic, offset).map_err(StopReason::Emulation)?;
-        return Ok(());
-    }
-    let result = emulate_access(regs, gpa, access, &mut HiddenMemory);
-    match result {
-        Ok(done) => {
-            if log_limit::EPT_VIOLATION.admit() {
-                // What Ally really holds there, to show the guest did not get it.
-                // (Ally's region is the first hidden range; the others are device windows.)
-                let in_hidden = platform().hidden.first().is_some_and(|h| h.contains(gpa.0));
-                let actual = if in_hidden && gpa.0.is_multiple_of(8) {
-                    // SAFETY: the address is in Ally's own identity-mapped region, aligned.
-                    unsafe { (gpa.0 as *const u64).read_volatile() }
-                } else {
-                    0
-                };
-                let (kind, action) = if access == AccessKind::Write {
-                    ("write", "discarded")
-                } else {
-                    ("read", "read-as-ones")
-                };
-                warn!(
-                    "ALLY ept-violation gpa={:#x} access={} width={} value={:#x} actual={:#x} rip={:#x} action={}",
-                    gpa.0,
-                    kind,
-                    done.width.bytes(),
-                    done.value,
-                    actual,
-                    done.old_rip,
-                    action
-                );
-            }
-            Ok(())
-        }
-        Err(e) => {
-            warn!(
-                "ALLY ept-violation gpa={:#x} access={:?} action=stop",
-                gpa.0, access
-            );
-            Err(StopReason::Emulation(e))
-        }
-    }
-}
-
-fn handle_vmcall(regs: &mut GuestRegisters) -> ExitResult {
-    let linear_rip = vmread(guest::CS_BASE).wrapping_add(vmread(guest::RIP));
-    let platform = platform();
-    if !guest_in_protected_mode() && linear_rip == platform.realmode.int15_vmcall {
-        return super::platform::emulate_int15_hook(regs);
-    }
-    if !guest_in_protected_mode() && linear_rip == platform.realmode.boot_failed_vmcall {
-        error!(
-            "ALLY fatal reason=guest-boot-failed code={:#x}",
-            regs.rax & 0xFFFF
-        );
-        return Err(StopReason::GuestRequested(
-            "the BIOS could not read the first hard disk's MBR",
-        ));
-    }
-    // Anywhere else VMCALL behaves as on a CPU without VMX.
-    inject_exception(VECTOR_UD, None);
     Ok(())
 }
 

@@ -19,14 +19,14 @@
 //! is not run again, so its tables (ACPI, MP, E820 through the INT 15h hook) stay Ally's
 //! filtered ones.
 
-use super::exits::StopReason;
-use super::init_sipi;
-use super::platform::platform;
 use super::vcpu::{StartState, Vcpu};
 use crate::arch::apic::LocalApic;
 use crate::arch::instructions::{self, copy_physical, inb, outb, vmwrite};
+use crate::guards::init_sipi;
 use crate::guest::GuestRegisters;
+use crate::platform::platform;
 use crate::reset::ResetSource;
+use crate::vcpu::StopReason;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use log::{info, warn};
 use spin::Once;

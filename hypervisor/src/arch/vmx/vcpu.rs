@@ -87,7 +87,8 @@ impl Vcpu {
             cr4_mask,
             exits: ExitCounters::new(),
             stopped: false,
-            mailbox: super::init_sipi::os_index(apic_id).map(super::init_sipi::mailbox),
+            mailbox: crate::guards::init_sipi::os_index(apic_id)
+                .map(crate::guards::init_sipi::mailbox),
             ept_generation: 0,
             // SAFETY: every CPU with VMX has MTRRs (CPUID.1:EDX.MTRR), and `capture` reads
             // only those IA32_MTRRCAP lists; the firmware set them alike on every CPU.
@@ -195,7 +196,7 @@ impl Vcpu {
         write(host::RSP, exit_stack_top)?;
         write(host::RIP, host_rip)?;
 
-        super::exits::register_exit_counters(self);
+        crate::vcpu::registry::register_exit_counters(self.apic_id, &self.exits);
         self.reset_guest(start)
     }
 

@@ -16,10 +16,10 @@
 //! its window access therefore changes which register the guest reaches (as on the hardware,
 //! where the guest must serialise its own accesses), never which register the filter judged.
 
-use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::guest::{AccessWidth, MmioHandler};
 use crate::ipi::{filter_device_interrupt, CpuSets, RouteAction};
+use crate::platform::platform;
 use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Mutex;
 

@@ -7,12 +7,12 @@
 //!   and forwarded to this CPU's APIC at the same offset and width (4 bytes, SDM 12.4.1).
 //! - x2APIC: only MSR 0x830 (ICR) and IA32_APIC_BASE are intercepted.
 
-use super::init_sipi;
-use super::platform::platform;
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{rdmsr, wrmsr};
+use crate::guards::init_sipi;
 use crate::guest::{AccessWidth, MmioHandler};
 use crate::ipi::{filter_ipi, rewritten_targets, ApicMode, DeliveryMode, IpiAction};
+use crate::platform::platform;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 pub const IA32_APIC_BASE: u32 = 0x1B;
@@ -100,7 +100,7 @@ fn apply(low: u32, destination: u32, mode: ApicMode, sender: u32, mut send: impl
                 record_drop(low, destination, dropped, is_broadcast(&action))
             }
         }
-        super::init_sipi::emulate(mode, low, destination, sender);
+        crate::guards::init_sipi::emulate(mode, low, destination, sender);
         return;
     }
     match action {
@@ -222,8 +222,8 @@ pub fn report() {
     init_sipi::report();
     log::info!(
         "ALLY ioapic rerouted={} exits={}",
-        super::ioapic_guard::REROUTED.load(Ordering::Relaxed),
-        super::ioapic_guard::IOAPIC_EXITS.load(Ordering::Relaxed)
+        crate::guards::ioapic::REROUTED.load(Ordering::Relaxed),
+        crate::guards::ioapic::IOAPIC_EXITS.load(Ordering::Relaxed)
     );
 }
 

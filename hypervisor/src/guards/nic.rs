@@ -267,7 +267,7 @@ pub fn config_access(
 fn move_bar(nic: &NicTrap, bar: usize, from: u64, to: u64) {
     let result = if bar == 0 {
         let size = nic.registers_bar.len();
-        super::platform::platform()
+        crate::platform::platform()
             .device_range_allowed(to, size)
             .and_then(|()| (nic.remap)(from, to))
     } else {

@@ -12,13 +12,13 @@
 //! selection between another's check and access. Bridge bus numbers and the host bridge's
 //! decode registers are refused on every function.
 
-use super::nic_guard::{self, forward};
-use super::platform::{platform, Platform};
 use crate::arch::instructions;
 use crate::arch::pci_ports::PortConfigSpace;
+use crate::guards::nic::{self as nic_guard, forward};
 use crate::pci::latch::{self, ConfigPortAccess, ProtectedRegister};
 use crate::pci::msi::{InterruptGuard, InterruptWrite, MsiRoute};
 use crate::pci::{ConfigAddress, ConfigSpace};
+use crate::platform::{platform, Platform};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Serialises Ally's use of the hardware's CONFIG_ADDRESS latch: select, then access.

@@ -1,16 +1,13 @@
 //! What the exit handlers need to know about the machine and Ally's place in it, set once by
 //! the boot CPU before the guest starts.
 
-use super::realmode::RealModeStub;
-use super::vcpu::Vcpu;
 use crate::addr::{GuestPhysAddr, PhysRange};
-use crate::arch::instructions::{vmread, vmwrite};
-use crate::guest::{GuestMemError, GuestMemory, GuestRegisters};
-use crate::int15::{emulate_int15, GuestBufferWriter, Int15Result, RealModeRegs};
+use crate::guest::{GuestMemError, GuestMemory};
+use crate::int15::GuestBufferWriter;
 use crate::memmap::{MemoryKind, MemoryMap};
-use log::{info, warn};
+use crate::realmode::RealModeStub;
+use log::info;
 use spin::Once;
-use x86::vmx::vmcs::{guest, ro};
 
 /// Regions of Ally's memory whose contents must not change while the guest runs (the image
 /// head and the poisoned, still unused DPI memory); checked at power-off to prove that the
@@ -68,10 +65,10 @@ pub struct Platform {
     /// The DPI cores' summed heartbeat (for reports that show the cores kept running).
     pub dpi_heartbeat: fn() -> u64,
     /// The NIC whose queues the DPI partition shadows, if one was claimed.
-    pub nic: Option<super::nic_guard::NicTrap>,
+    pub nic: Option<crate::guards::nic::NicTrap>,
     /// Every I/O APIC of the MADT (absent from the EPT: redirection entries are filtered),
     /// as many as the machine has.
-    pub ioapics: &'static [super::ioapic_guard::IoApicGuard],
+    pub ioapics: &'static [crate::guards::ioapic::IoApicGuard],
     /// Every PCI function with MSI or MSI-X: its message registers are filtered.
     pub pci_interrupts: heapless::Vec<crate::pci::msi::InterruptGuard, MAX_INTERRUPT_FUNCTIONS>,
 }
@@ -88,16 +85,6 @@ static PLATFORM: Once<Platform> = Once::new();
 /// the device's untrapped registers, which the guest owns anyway — never a trapped page,
 /// since trapped pages are never present and not-present entries are not cached (SDM 29.4.1).
 pub static EPT_GENERATION: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
-/// Invalidates this CPU's EPT-derived translations if the EPT changed since it last did.
-pub fn sync_ept(vcpu: &mut Vcpu) {
-    let now = EPT_GENERATION.load(core::sync::atomic::Ordering::Acquire);
-    if vcpu.ept_generation != now {
-        vcpu.ept_generation = now;
-        // SAFETY: EPT support (and INVEPT all-context) was checked at start-up.
-        unsafe { crate::arch::instructions::invept_all() };
-    }
-}
 
 /// Publishes the platform description (once, before the first VM entry).
 pub fn install(platform: Platform) -> &'static Platform {
@@ -248,8 +235,8 @@ unsafe fn read_aligned<T: Copy>(addr: usize) -> T {
 }
 
 /// The INT 15h writer: only usable guest RAM may receive the E820 buffer.
-struct Int15Buffer<'a> {
-    map: &'a MemoryMap,
+pub struct Int15Buffer<'a> {
+    pub map: &'a MemoryMap,
 }
 
 impl GuestBufferWriter for Int15Buffer<'_> {
@@ -265,72 +252,6 @@ impl GuestBufferWriter for Int15Buffer<'_> {
     }
 }
 
-fn vmcs_write(field: u32, value: u64) {
-    // SAFETY: called from the exit handler with this CPU's VMCS current.
-    if unsafe { vmwrite(field, value) }.is_err() {
-        log::error!("VMWRITE of field {field:#x} failed");
-    }
-}
-
-/// Answers the guest's INT 15h memory-size call trapped at the hook's VMCALL.
-pub fn emulate_int15_hook(regs: &mut GuestRegisters) -> Result<(), super::exits::StopReason> {
-    let platform = platform();
-    let mut rm = RealModeRegs {
-        eax: regs.rax as u32,
-        ebx: regs.rbx as u32,
-        ecx: regs.rcx as u32,
-        edx: regs.rdx as u32,
-        esi: regs.rsi as u32,
-        edi: regs.rdi as u32,
-        es_base: vmread(guest::ES_BASE),
-        carry: false,
-    };
-    let mut buffer = Int15Buffer {
-        map: &platform.guest_map,
-    };
-    match emulate_int15(&mut rm, &platform.guest_map, &mut buffer) {
-        Int15Result::Handled => {}
-        Int15Result::Rejected(why) => warn!("guest INT 15h rejected: {why}"),
-        Int15Result::NotOurs => {
-            // The hook only traps the memory-size services; anything else came here by a jump.
-            rm.eax = (rm.eax & 0xFFFF_00FF) | (0x86 << 8);
-            rm.carry = true;
-        }
-    }
-    let low32 = |r: &mut u64, v: u32| *r = (*r & !0xFFFF_FFFF) | u64::from(v);
-    low32(&mut regs.rax, rm.eax);
-    low32(&mut regs.rbx, rm.ebx);
-    low32(&mut regs.rcx, rm.ecx);
-    low32(&mut regs.rdx, rm.edx);
-
-    // CF goes into FLAGS of the 16-bit IRET frame (IP, CS, FLAGS) at SS:SP.
-    let frame_flags = vmread(guest::SS_BASE) + ((vmread(guest::RSP) + 4) & 0xFFFF);
-    let mut flags = [0u8; 2];
-    let mut memory = PhysicalMemory;
-    if memory.read(GuestPhysAddr(frame_flags), &mut flags).is_err() {
-        return Err(super::exits::StopReason::Int15(
-            "the guest's stack is not in guest RAM",
-        ));
-    }
-    let mut value = u16::from_le_bytes(flags);
-    if rm.carry {
-        value |= 1;
-    } else {
-        value &= !1;
-    }
-    if memory
-        .write(GuestPhysAddr(frame_flags), &value.to_le_bytes())
-        .is_err()
-    {
-        return Err(super::exits::StopReason::Int15(
-            "the guest's stack is not in guest RAM",
-        ));
-    }
-    let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
-    vmcs_write(guest::RIP, vmread(guest::RIP).wrapping_add(len));
-    Ok(())
-}
-
 /// Printed when the guest powers off: the canary check and the exit counts of every vCPU.
 pub fn report_power_off() {
     let canary = platform().canary;
@@ -340,13 +261,13 @@ pub fn report_power_off() {
         canary.ranges[0],
         canary.ranges[1]
     );
-    super::exits::report_all_exits();
-    super::exits::report_msrs();
+    crate::vcpu::registry::report_all_exits();
+    crate::vcpu::policy::report_msrs();
     info!(
         "ALLY power-guard sleep-refused={}",
         platform().sleep.refused()
     );
-    super::apic_guard::report();
+    crate::guards::apic::report();
     (platform().power_off_hook)();
     crate::log_limit::report();
     info!("ALLY poweroff");

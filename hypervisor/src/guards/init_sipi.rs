@@ -2,11 +2,11 @@
 //! `crate::startup`): the ICR filter hands the guest's INIT and SIPI here instead of to the
 //! hardware, and a vCPU that waits for its SIPI does so in VMX root operation.
 
-use super::platform::platform;
 use crate::arch::apic::LocalApic;
 use crate::arch::descriptors::TIMER_VECTOR;
 use crate::arch::instructions;
 use crate::ipi::{addresses, ApicMode, DeliveryMode, LogicalId};
+use crate::platform::platform;
 use crate::startup::{InitOutcome, MailboxState, SipiOutcome, StartupMailbox};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use log::info;
