@@ -14,11 +14,12 @@ use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::CpuTables;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
+use ally_hypervisor::arch::vmx::launch;
 use ally_hypervisor::arch::vmx::vcpu::{intercept_ports, StartState, Vcpu, VcpuPages};
-use ally_hypervisor::arch::vmx::{guest_reset, launch};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
 use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
+use ally_hypervisor::guest_reset;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
 use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
 use ally_hypervisor::platform::{self, Canary, IdentityMemory, Platform};
@@ -265,7 +266,8 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
 
     // The guest's view: real-mode stubs in stolen conventional memory, filtered map, EPT.
     // SAFETY: the IVT and BDA are identity-mapped and no guest runs yet.
-    let stub = unsafe { realmode::install() }.map_err(StartError::RealMode)?;
+    let stub =
+        unsafe { realmode::install(realmode::Hypercall::Vmcall) }.map_err(StartError::RealMode)?;
     info!("real-mode stubs at {:#x} (INT 15h hooked)", stub.base);
     let guest_map = firmware_map.without(&[region, stub.taken])?;
     for region in guest_map.iter() {

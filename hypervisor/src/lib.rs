@@ -13,6 +13,7 @@ pub mod control_regs;
 pub mod exit;
 pub mod guards;
 pub mod guest;
+pub mod guest_reset;
 pub mod int15;
 pub mod ioport;
 pub mod ipi;

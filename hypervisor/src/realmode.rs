@@ -59,12 +59,44 @@ fn symbol_offset(sym: &u8) -> u64 {
     sym as *const u8 as u64 - start
 }
 
-/// Steals 1 KiB of conventional memory, copies the stubs there and hooks INT 15h.
+/// The instruction the stubs leave the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hypercall {
+    /// VMCALL, `0F 01 C1` (Intel; an AMD CPU raises #UD for it).
+    Vmcall,
+    /// VMMCALL, `0F 01 D9` (AMD; an Intel CPU raises #UD for it).
+    Vmmcall,
+}
+
+impl Hypercall {
+    /// The instruction's third byte (ModRM); both are `0F 01 xx`, three bytes long.
+    const fn modrm(self) -> u8 {
+        match self {
+            Hypercall::Vmcall => 0xC1,
+            Hypercall::Vmmcall => 0xD9,
+        }
+    }
+}
+
+/// Rewrites the hypercall at `stub` (assembled as VMCALL) into `kind`; false when the bytes
+/// there are not a VMCALL.
+fn patch_hypercall(stub: &mut [u8], kind: Hypercall) -> bool {
+    match stub {
+        [0x0F, 0x01, modrm, ..] if *modrm == Hypercall::Vmcall.modrm() => {
+            *modrm = kind.modrm();
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Steals 1 KiB of conventional memory, copies the stubs there, makes their hypercalls
+/// `hypercall` and hooks INT 15h.
 ///
 /// # Safety
 /// Physical memory below 1 MiB must be identity-mapped and hold the BIOS's IVT and BDA, and
 /// no guest may run yet.
-pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
+pub unsafe fn install(hypercall: Hypercall) -> Result<RealModeStub, RealModeError> {
     const BDA_BASE_MEMORY_KIB: usize = 0x413;
     const IVT_INT15: usize = 0x15 * 4;
     // SAFETY: the caller guarantees the BDA and IVT are identity-mapped and not in use.
@@ -83,6 +115,15 @@ pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
         assert!(len <= 1024, "the real-mode stubs outgrew their KiB");
         core::ptr::copy_nonoverlapping(start, base as *mut u8, len);
         let segment = (base >> 4) as u16;
+        let int15_vmcall = base + symbol_offset(&ally_realmode_int15_vmcall);
+        let boot_failed_vmcall = base + symbol_offset(&ally_realmode_boot_failed_vmcall);
+        for at in [int15_vmcall, boot_failed_vmcall] {
+            let bytes = core::slice::from_raw_parts_mut(at as *mut u8, 3);
+            assert!(
+                patch_hypercall(bytes, hypercall),
+                "the real-mode stub's hypercall is not where its symbol says"
+            );
+        }
 
         let ivt = IVT_INT15 as *mut u32;
         let original = ivt.read_volatile();
@@ -95,8 +136,8 @@ pub unsafe fn install() -> Result<RealModeStub, RealModeError> {
         Ok(RealModeStub {
             base,
             segment,
-            int15_vmcall: base + symbol_offset(&ally_realmode_int15_vmcall),
-            boot_failed_vmcall: base + symbol_offset(&ally_realmode_boot_failed_vmcall),
+            int15_vmcall,
+            boot_failed_vmcall,
             trampoline_page,
             taken: PhysRange {
                 start: trampoline_page,
@@ -184,3 +225,22 @@ ally_realmode_end:
     .code64
 "#
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmcall_becomes_vmmcall_and_nothing_else_is_touched() {
+        let mut bytes = [0x0F, 0x01, 0xC1, 0x90];
+        assert!(patch_hypercall(&mut bytes, Hypercall::Vmmcall));
+        assert_eq!(bytes, [0x0F, 0x01, 0xD9, 0x90]);
+        // Patched once, it is no VMCALL any more.
+        assert!(!patch_hypercall(&mut bytes, Hypercall::Vmmcall));
+        let mut same = [0x0F, 0x01, 0xC1];
+        assert!(patch_hypercall(&mut same, Hypercall::Vmcall));
+        assert_eq!(same, [0x0F, 0x01, 0xC1]);
+        assert!(!patch_hypercall(&mut [0xCD, 0x15, 0x00], Hypercall::Vmcall));
+        assert!(!patch_hypercall(&mut [0x0F, 0x01], Hypercall::Vmcall));
+    }
+}

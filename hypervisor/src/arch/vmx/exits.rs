@@ -2,7 +2,6 @@
 //! guest with a report (reason, qualification, guest RIP, VM-instruction error); Ally never
 //! silently resumes a guest after an exit it does not understand.
 
-use super::guest_reset;
 use super::vcpu::{StartState, Vcpu};
 use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
@@ -10,6 +9,7 @@ use crate::control_regs::{self, ControlState};
 use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
 use crate::guards::init_sipi;
 use crate::guest::{AccessKind, GuestCpuState, GuestRegisters, SegmentBases};
+use crate::guest_reset;
 use crate::platform::{platform, PhysicalMemory, EPT_GENERATION};
 use crate::reset::ResetSource;
 use crate::startup::PendingReset;
@@ -235,7 +235,7 @@ extern "C" fn ally_handle_vmexit(regs: &mut GuestRegisters, vcpu: &mut Vcpu) {
     let outcome = if let Some(reset) = pending_init {
         take_pending_init(regs, vcpu, reset)
     } else if let Some(source) = guest_reset::take_deferred(vcpu.apic_id) {
-        guest_reset::restart(regs, vcpu, source)
+        restart(regs, vcpu, source)
     } else if raw_reason & (1 << 31) != 0 {
         Err(StopReason::EntryFailed {
             code: u64::from(basic),
@@ -359,7 +359,7 @@ fn handle_init(vcpu: &mut Vcpu) -> ExitResult {
 /// another OS core hands the reset to it and waits, as after INIT, for the next boot's SIPI.
 fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource) -> ExitResult {
     if vcpu.apic_id == platform().boot_cpu {
-        return guest_reset::restart(regs, vcpu, source);
+        return restart(regs, vcpu, source);
     }
     let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
         "a reset request on a CPU that is no OS core",
@@ -368,6 +368,23 @@ fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource)
     mailbox.init();
     let reset = mailbox.take_init().unwrap_or(PendingReset::WaitForSipi);
     take_pending_init(regs, vcpu, reset)
+}
+
+/// The boot CPU resets the guest's platform (`crate::guest_reset`) and restarts in Ally's
+/// real-mode boot stub.
+fn restart(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource) -> ExitResult {
+    let restart = guest_reset::reset_platform(vcpu.apic_id, source, vmread(guest::RIP))?;
+    vcpu.reset_guest(StartState::RealMode {
+        segment: platform().realmode.segment,
+    })
+    .map_err(|_| StopReason::GuestRequested("the boot state could not be written"))?;
+    *regs = GuestRegisters::default();
+    // Nothing the abandoned exit meant to inject survives the reset.
+    vmcs_write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    // SAFETY: VPID single-context INVVPID support was checked at start-up.
+    unsafe { instructions::invvpid_single(vcpu.vpid) };
+    restart.report();
+    Ok(())
 }
 
 /// Takes an INIT the guest sent this vCPU while it ran: the vCPU leaves the guest, waits in

@@ -2,6 +2,5 @@
 
 pub mod capabilities;
 pub mod exits;
-pub mod guest_reset;
 pub mod launch;
 pub mod vcpu;

@@ -19,18 +19,15 @@
 //! is not run again, so its tables (ACPI, MP, E820 through the INT 15h hook) stay Ally's
 //! filtered ones.
 
-use super::vcpu::{StartState, Vcpu};
 use crate::arch::apic::LocalApic;
-use crate::arch::instructions::{self, copy_physical, inb, outb, vmwrite};
+use crate::arch::instructions::{self, copy_physical, inb, outb};
 use crate::guards::init_sipi;
-use crate::guest::GuestRegisters;
 use crate::platform::platform;
 use crate::reset::ResetSource;
 use crate::vcpu::StopReason;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use log::{info, warn};
 use spin::Once;
-use x86::vmx::vmcs::control;
 
 /// Conventional memory, as restored at each reset: `[0, 640 KiB)`.
 pub const LOW_MEMORY_BYTES: usize = 0xA_0000;
@@ -101,12 +98,35 @@ pub fn take_deferred(apic_id: u32) -> Option<ResetSource> {
 /// VM exit, which the VMX-preemption timer bounds).
 const WAIT_SPINS: u64 = 200_000_000;
 
-/// Resets the guest's platform and restarts the guest on the boot CPU (`vcpu`).
-pub fn restart(
-    regs: &mut GuestRegisters,
-    vcpu: &mut Vcpu,
+/// What [`reset_platform`] did, for the report once the boot CPU's state is reset too.
+#[derive(Debug, Clone, Copy)]
+pub struct Restart {
+    pub count: u64,
+    pub source: ResetSource,
+    /// OS cores sent an INIT, and whether all of them left the guest in time.
+    pub others: usize,
+    pub others_stopped: bool,
+    /// Interrupts taken to drain the local APIC.
+    pub drained: u32,
+}
+
+impl Restart {
+    /// `ALLY guest-restarted`: the backend has put the boot CPU back in the boot stub.
+    pub fn report(&self) {
+        info!(
+            "ALLY guest-restarted count={} source={} other-os-cores={} stopped={} interrupt-windows={}",
+            self.count, self.source, self.others, self.others_stopped, self.drained
+        );
+    }
+}
+
+/// Steps 1-4 of the reset (the module's list) on the boot CPU `apic_id`; the backend then
+/// restarts its vCPU in the boot stub (step 5) and calls [`Restart::report`].
+pub fn reset_platform(
+    apic_id: u32,
     source: ResetSource,
-) -> Result<(), StopReason> {
+    guest_rip: u64,
+) -> Result<Restart, StopReason> {
     let count = RESETS.fetch_add(1, Ordering::Relaxed) + 1;
     if count > MAX_GUEST_RESETS {
         return Err(StopReason::GuestRequested(
@@ -117,19 +137,16 @@ pub fn restart(
         "the guest reset before Ally recorded its boot state",
     ))?;
     let p = platform();
-    info!(
-        "ALLY guest-reset source={source} count={count} rip={:#x}",
-        instructions::vmread(x86::vmx::vmcs::guest::RIP)
-    );
+    info!("ALLY guest-reset source={source} count={count} rip={guest_rip:#x}");
 
     // 1. The other OS cores.
-    let others = init_sipi::init_all_but(vcpu.apic_id);
+    let others = init_sipi::init_all_but(apic_id);
     let mut spins = 0u64;
-    while !init_sipi::all_but_waiting(vcpu.apic_id) && spins < WAIT_SPINS {
+    while !init_sipi::all_but_waiting(apic_id) && spins < WAIT_SPINS {
         spins += 1;
         core::hint::spin_loop();
     }
-    let others_stopped = init_sipi::all_but_waiting(vcpu.apic_id);
+    let others_stopped = init_sipi::all_but_waiting(apic_id);
     // A request another OS core made meanwhile (say, its triple fault while it was stopped)
     // is part of this reset, not the next one.
     DEFERRED.store(0, Ordering::Release);
@@ -186,19 +203,11 @@ pub fn restart(
     unsafe { copy_physical(boot.low_memory.as_ptr() as u64, 0, LOW_MEMORY_BYTES as u64) };
 
     // 5. The boot CPU at Ally's boot stub, as at the first boot.
-    vcpu.reset_guest(StartState::RealMode {
-        segment: p.realmode.segment,
+    Ok(Restart {
+        count,
+        source,
+        others,
+        others_stopped,
+        drained,
     })
-    .map_err(|_| StopReason::GuestRequested("the boot state could not be written"))?;
-    *regs = GuestRegisters::default();
-    // SAFETY: the exit handler runs with this CPU's VMCS current; no event survives a reset.
-    unsafe {
-        let _ = vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    }
-    // SAFETY: VPID single-context INVVPID support was checked at start-up.
-    unsafe { instructions::invvpid_single(vcpu.vpid) };
-    info!(
-        "ALLY guest-restarted count={count} source={source} other-os-cores={others} stopped={others_stopped} interrupt-windows={drained}"
-    );
-    Ok(())
 }
