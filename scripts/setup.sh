@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian 12 machine to build and run Ally under Bochs.
+# Prepare a fresh Debian 12 machine to build and run Ally under Bochs and QEMU.
 # Idempotent and fast when everything is already in place. Run as root (apt); the guest
 # debs go to ${ALLY_CACHE:-$HOME/.cache/ally}/debs and are reused between runs.
 set -euo pipefail
@@ -24,9 +24,12 @@ apt_update_once() {
 # bochs*: the emulator (VMX+EPT, e1000, slirp); grub-pc-bin/grub-common/xorriso/mtools: the
 # boot ISO (grub-mkrescue); syslinux/fdisk/dosfstools/mtools: the guest disk without root or
 # loop devices; cpio/gzip: the initramfs; xz-utils/zstd: Debian's compressed kernel modules;
-# bsdutils (script): a pseudo-terminal for Bochs' term display; python3: e2e helpers.
+# bsdutils (script): a pseudo-terminal for Bochs' term display; python3: e2e helpers;
+# qemu-system-x86 (Debian 12: QEMU 7.2, with SeaBIOS and the e1000's iPXE ROM as dependencies):
+# `--emulator qemu-tcg` (Ally's SVM backend on an emulated AMD CPU, and quick baselines) and
+# `--emulator qemu` (KVM).
 packages=(
-    bochs bochsbios vgabios bochs-term
+    bochs bochsbios vgabios bochs-term qemu-system-x86
     grub-pc-bin grub-common xorriso mtools
     syslinux syslinux-common isolinux dosfstools fdisk
     cpio gzip xz-utils zstd bsdutils python3

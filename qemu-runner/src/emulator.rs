@@ -1,5 +1,6 @@
 //! Choosing and driving the emulator: QEMU with KVM where the host has VT-x (nested), Bochs
-//! everywhere else.
+//! everywhere else; QEMU's TCG (software) with an AMD CPU model that has SVM and nested paging
+//! for Ally's SVM backend.
 
 use std::fmt;
 use std::fs;
@@ -18,9 +19,65 @@ pub enum Emulator {
     Bochs,
     /// QEMU with KVM: needs /dev/kvm and a CPU with VMX (nested VT-x for Ally's own VMX).
     QemuKvm,
-    /// QEMU's software emulation: no VMX, so it cannot run Ally, but boots the guest alone
-    /// (the baseline) in seconds, which checks the guest pipeline quickly.
+    /// QEMU's software emulation with an AMD CPU model that has SVM and nested paging
+    /// ([`QEMU_TCG_CPU`]): runs Ally's SVM backend, and boots the guest alone (the baseline)
+    /// in a few minutes. TCG emulates no VMX.
     QemuTcg,
+}
+
+impl Emulator {
+    /// QEMU (KVM or TCG), not Bochs.
+    pub fn is_qemu(self) -> bool {
+        matches!(self, Emulator::QemuKvm | Emulator::QemuTcg)
+    }
+}
+
+/// QEMU's `-cpu` under TCG: the `EPYC-v1` model (AuthenticAMD, family 23, Zen) with `svm`
+/// and `npt` turned on, minus the nine features of the model QEMU 7.2's TCG cannot emulate
+/// (it would warn about each and drop it at start; `nrip-save` is one of them: no next-RIP on
+/// #VMEXIT under TCG). A fixed, named AMD model: unlike `max`, whose feature set follows the
+/// QEMU version (7.2's adds 5-level paging, which the Debian 6.1 guest then turns on).
+pub const QEMU_TCG_CPU: &str = "EPYC-v1,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+
+/// The QEMU machine type (`--machine`): `pc` (i440FX + PIIX3, IDE; Bochs' shape) or `q35`
+/// (ICH9: PCI Express with MMCONFIG, an ACPI MCFG table, AHCI instead of IDE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Machine {
+    #[default]
+    Pc,
+    Q35,
+}
+
+impl fmt::Display for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+        })
+    }
+}
+
+impl FromStr for Machine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pc" => Ok(Machine::Pc),
+            "q35" => Ok(Machine::Q35),
+            other => Err(format!("unknown machine `{other}`: expected pc or q35")),
+        }
+    }
+}
+
+/// The shape of one QEMU machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuMachine {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// KVM with the host CPU and its VMX, else TCG.
+    pub kvm: bool,
+    pub machine: Machine,
+    /// `-cpu` (`None`: `host,+vmx` under KVM, [`QEMU_TCG_CPU`] under TCG).
+    pub cpu: Option<String>,
 }
 
 impl fmt::Display for Emulator {
@@ -169,6 +226,10 @@ pub struct MachineFiles {
     pub debugcon: PathBuf,
     /// slirp's packet log (Bochs).
     pub pktlog: PathBuf,
+    /// The frames the guest's NIC sent, as QEMU's `filter-dump` wrote them (pcap).
+    pub pcap_from_guest: PathBuf,
+    /// The frames slirp delivered to the NIC (QEMU, pcap).
+    pub pcap_to_guest: PathBuf,
     /// A UDP port slirp forwards from the host's loopback to the same port of the guest
     /// (the host's UDP flood into the guest), if any.
     pub udp_forward: Option<u16>,
@@ -186,37 +247,63 @@ impl MachineFiles {
             emulator_stdout: dir.join("emulator.stdout"),
             debugcon: dir.join("e9.log"),
             pktlog: dir.join("slirp-packets.log"),
+            pcap_from_guest: dir.join("wire-from-guest.pcap"),
+            pcap_to_guest: dir.join("wire-to-guest.pcap"),
             udp_forward: None,
         }
     }
 }
 
-/// The QEMU command line (the same machine shape as under Bochs): KVM with the host CPU and
-/// its VMX, or TCG.
-pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64, kvm: bool) -> Command {
+/// The PCI slot of the e1000 on every machine: Bochs puts it at 00:02.0, and the guest's
+/// ring attack reads its BAR from `/sys/bus/pci/devices/0000:00:02.0/resource`.
+pub const E1000_SLOT: u8 = 2;
+/// The VGA's slot under QEMU (its default, slot 2 on `pc`, is the e1000's).
+pub const VGA_SLOT: u8 = 3;
+
+/// The QEMU command line (the same machine shape as under Bochs): the disk as the first
+/// disk and the ISO as a CD-ROM, booted first (`pc`: IDE primary master and slave, as under
+/// Bochs; `q35`: ports 0 and 1 of the ICH9's AHCI controller), COM1, COM2, port 0xE9, an
+/// e1000 (82540EM) at 00:02.0 on slirp, and `filter-dump` pcaps of both directions of its
+/// traffic.
+pub fn qemu_command(files: &MachineFiles, m: &QemuMachine) -> Command {
     let mac = bochs::DEFAULT_MAC
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    let mut c = Command::new("qemu-system-x86_64");
-    if kvm {
-        c.args(["-machine", "pc,accel=kvm", "-cpu", "host,+vmx"]);
+    let (accel, default_cpu) = if m.kvm {
+        ("kvm", "host,+vmx")
     } else {
-        c.args(["-machine", "pc,accel=tcg", "-cpu", "max"]);
-    }
-    c.args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
-        .arg("-drive")
+        ("tcg", QEMU_TCG_CPU)
+    };
+    let mut c = Command::new("qemu-system-x86_64");
+    c.arg("-machine")
+        .arg(format!("{},accel={accel}", m.machine))
+        .arg("-cpu")
+        .arg(m.cpu.as_deref().unwrap_or(default_cpu));
+    c.args(["-m", &m.memory_mib.to_string(), "-smp", &m.cpus.to_string()]);
+    // The disk and the CD-ROM on the machine's own controller: `ide.0` is the PIIX3's primary
+    // channel (units 0 and 1: master and slave) on `pc`, and AHCI port 0 (one unit per port;
+    // the CD-ROM on port 1, `ide.1`) on `q35`. The CD-ROM boots first (bootindex), GRUB then
+    // chainloads the disk, which the BIOS numbers 0x80.
+    let (disk_bus, cd_bus) = match m.machine {
+        Machine::Pc => ("bus=ide.0,unit=0", "bus=ide.0,unit=1"),
+        Machine::Q35 => ("bus=ide.0", "bus=ide.1"),
+    };
+    c.arg("-drive")
         .arg(format!(
-            "file={},format=raw,if=ide,index=0,media=disk",
+            "file={},format=raw,if=none,id=disk0",
             files.disk.display()
         ))
+        .arg("-device")
+        .arg(format!("ide-hd,drive=disk0,{disk_bus},bootindex=1"))
         .arg("-drive")
         .arg(format!(
-            "file={},format=raw,if=ide,index=1,media=cdrom",
+            "file={},format=raw,if=none,id=cd0,media=cdrom,readonly=on",
             files.iso.display()
         ))
-        .args(["-boot", "d"])
+        .arg("-device")
+        .arg(format!("ide-cd,drive=cd0,{cd_bus},bootindex=0"))
         .arg("-serial")
         .arg(format!("file:{}", files.com1.display()))
         .arg("-serial")
@@ -231,8 +318,22 @@ pub fn qemu_command(files: &MachineFiles, cpus: u32, memory_mib: u64, kvm: bool)
             ),
             None => "user,id=n0,net=10.0.2.0/24,host=10.0.2.2".into(),
         })
+        // `queue=rx`: what the netdev receives (the NIC's transmissions); `tx`: what it sends
+        // to the NIC. One file per direction: pcap records no direction.
+        .arg("-object")
+        .arg(format!(
+            "filter-dump,id=dump-from-guest,netdev=n0,queue=rx,file={}",
+            files.pcap_from_guest.display()
+        ))
+        .arg("-object")
+        .arg(format!(
+            "filter-dump,id=dump-to-guest,netdev=n0,queue=tx,file={}",
+            files.pcap_to_guest.display()
+        ))
         .arg("-device")
-        .arg(format!("e1000,netdev=n0,mac={mac}"))
+        .arg(format!("e1000,netdev=n0,mac={mac},addr={E1000_SLOT:#x}"))
+        .args(["-vga", "none", "-device"])
+        .arg(format!("VGA,addr={VGA_SLOT:#x}"))
         .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
     c
 }
@@ -249,11 +350,14 @@ pub struct Running {
 pub const BOCHS_IPS: u64 = 50_000_000;
 
 /// Starts the machine described by `files` (which must hold the disk and ISO).
+/// `machine` and `qemu_cpu` apply to QEMU only (the caller refuses them with Bochs).
 pub fn start(
     emulator: Emulator,
     files: &MachineFiles,
     cpus: u32,
     memory_mib: u64,
+    machine: Machine,
+    qemu_cpu: Option<&str>,
 ) -> Result<Running, EmulatorError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -305,7 +409,16 @@ pub fn start(
             c
         }
         Emulator::QemuKvm | Emulator::QemuTcg => {
-            let mut c = qemu_command(files, cpus, memory_mib, emulator == Emulator::QemuKvm);
+            let mut c = qemu_command(
+                files,
+                &QemuMachine {
+                    cpus,
+                    memory_mib,
+                    kvm: emulator == Emulator::QemuKvm,
+                    machine,
+                    cpu: qemu_cpu.map(str::to_string),
+                },
+            );
             let log = fs::File::create(&files.emulator_log).map_err(io(&files.emulator_log))?;
             c.stderr(log);
             c
@@ -479,12 +592,22 @@ mod tests {
         assert_eq!(EmulatorChoice::Bochs.resolve().unwrap(), Emulator::Bochs);
     }
 
+    fn machine(kvm: bool, machine: Machine) -> QemuMachine {
+        QemuMachine {
+            cpus: 2,
+            memory_mib: 1024,
+            kvm,
+            machine,
+            cpu: None,
+        }
+    }
+
     #[test]
     fn qemu_command_line() {
         let f = MachineFiles::in_dir(Path::new("/o"));
-        let c = tool::describe(&qemu_command(&f, 2, 1024, true));
+        let c = tool::describe(&qemu_command(&f, &machine(true, Machine::Pc)));
         assert!(
-            c.starts_with("qemu-system-x86_64 -machine pc,accel=kvm"),
+            c.starts_with("qemu-system-x86_64 -machine pc,accel=kvm -cpu host,+vmx"),
             "{c}"
         );
         assert!(c.contains("-m 1024 -smp 2"), "{c}");
@@ -492,10 +615,89 @@ mod tests {
             c.contains("-serial file:/o/com1.log -serial file:/o/com2.log"),
             "{c}"
         );
-        assert!(c.contains("e1000,netdev=n0,mac=52:54:00:12:34:56"), "{c}");
-        assert!(c.contains("-boot d"), "{c}");
-        let c = tool::describe(&qemu_command(&f, 1, 1024, false));
-        assert!(c.contains("-machine pc,accel=tcg -cpu max"), "{c}");
+        assert!(
+            c.contains("-device e1000,netdev=n0,mac=52:54:00:12:34:56,addr=0x2"),
+            "{c}"
+        );
+        assert!(c.contains("-vga none -device VGA,addr=0x3"), "{c}");
+        // Both directions of the e1000's traffic, each in its own pcap.
+        assert!(
+            c.contains("-object filter-dump,id=dump-from-guest,netdev=n0,queue=rx,file=/o/wire-from-guest.pcap"),
+            "{c}"
+        );
+        assert!(
+            c.contains("-object filter-dump,id=dump-to-guest,netdev=n0,queue=tx,file=/o/wire-to-guest.pcap"),
+            "{c}"
+        );
+        assert!(c.ends_with("-no-reboot"), "{c}");
+    }
+
+    #[test]
+    fn pc_attaches_disk_and_cdrom_to_the_primary_ide_channel() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let c = tool::describe(&qemu_command(&f, &machine(false, Machine::Pc)));
+        assert!(
+            c.starts_with(&format!(
+                "qemu-system-x86_64 -machine pc,accel=tcg -cpu {QEMU_TCG_CPU} -m 1024"
+            )),
+            "{c}"
+        );
+        assert!(
+            c.contains("-drive file=/o/disk.img,format=raw,if=none,id=disk0 -device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1"),
+            "{c}"
+        );
+        assert!(
+            c.contains("-drive file=/o/boot.iso,format=raw,if=none,id=cd0,media=cdrom,readonly=on -device ide-cd,drive=cd0,bus=ide.0,unit=1,bootindex=0"),
+            "{c}"
+        );
+        assert!(!c.contains("if=ide"), "{c}");
+    }
+
+    #[test]
+    fn q35_attaches_disk_and_cdrom_to_ahci_ports() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let c = tool::describe(&qemu_command(&f, &machine(false, Machine::Q35)));
+        assert!(
+            c.starts_with("qemu-system-x86_64 -machine q35,accel=tcg"),
+            "{c}"
+        );
+        assert!(
+            c.contains("-device ide-hd,drive=disk0,bus=ide.0,bootindex=1"),
+            "{c}"
+        );
+        assert!(
+            c.contains("-device ide-cd,drive=cd0,bus=ide.1,bootindex=0"),
+            "{c}"
+        );
+        assert!(!c.contains("unit="), "{c}");
+        // The same e1000 (82540EM) on both machines.
+        assert!(
+            c.contains("-device e1000,netdev=n0,mac=52:54:00:12:34:56,addr=0x2"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn tcg_cpu_model_is_amd_with_svm_and_npt_and_can_be_replaced() {
+        assert!(QEMU_TCG_CPU.starts_with("EPYC-v1,"));
+        assert!(QEMU_TCG_CPU.split(',').any(|f| f == "+svm"));
+        assert!(QEMU_TCG_CPU.split(',').any(|f| f == "+npt"));
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let mut m = machine(false, Machine::Q35);
+        m.cpu = Some("qemu64,+svm,+npt".into());
+        let c = tool::describe(&qemu_command(&f, &m));
+        assert!(c.contains("-cpu qemu64,+svm,+npt -m"), "{c}");
+    }
+
+    #[test]
+    fn machine_parses() {
+        assert_eq!("pc".parse::<Machine>(), Ok(Machine::Pc));
+        assert_eq!("q35".parse::<Machine>(), Ok(Machine::Q35));
+        assert_eq!(
+            "isapc".parse::<Machine>(),
+            Err("unknown machine `isapc`: expected pc or q35".into())
+        );
+        assert_eq!(Machine::default(), Machine::Pc);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct NetOptions {
     pub upload_bytes: u64,
     /// Concurrent streams of the parallel phase (each downloads `small.bin` and uploads it
     /// back, all at once); 0 skips it. Several TCP connections keep more frames in flight than
-    /// one can through the emulators' slirp (8 KiB socket buffers), as bulk traffic on a real
+    /// one can through slirp's socket buffers (8 KiB in Bochs' slirp), as bulk traffic on a real
     /// link would, so the exits per frame show what Ally costs when the wire is busy.
     pub streams: u32,
     /// Frames of each pktgen burst run (`ally.pktgen=N`: 64-byte and 1500-byte frames in

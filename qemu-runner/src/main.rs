@@ -4,6 +4,7 @@
 //! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
 //!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
+//!   both: [--machine pc|q35] [--qemu-cpu MODEL] (QEMU only)
 //!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE --net-pktgen N]
 //!         [--reboot | --resets M1,M2,...] [--attacks A1,A2,...]
 //! ```
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ally_runner::attack::{self, Attack, ResetMethod};
+use ally_runner::emulator::Machine;
 use ally_runner::endpoints::NetOptions;
 use ally_runner::{run, EmulatorChoice, Mode, RulesInput, RunOptions};
 use clap::{Args, Parser, Subcommand};
@@ -22,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "ally-run",
-    about = "Build and boot Ally under Bochs or QEMU/KVM and judge the run"
+    about = "Build and boot Ally under Bochs or QEMU (KVM, or TCG with AMD SVM) and judge the run"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -72,10 +74,19 @@ struct Common {
     /// Keep the run's disk copy and ISO (logs are always kept).
     #[arg(long)]
     keep: bool,
-    /// auto (QEMU/KVM when the host has VT-x, else Bochs), bochs, qemu (KVM) or qemu-tcg
-    /// (software QEMU: no VMX, for a quick baseline only).
+    /// auto (QEMU/KVM when the host has VT-x, else Bochs), bochs, qemu (KVM, Ally's VMX
+    /// backend) or qemu-tcg (software QEMU with an AMD CPU that has SVM and nested paging:
+    /// Ally's SVM backend).
     #[arg(long, default_value = "auto")]
     emulator: EmulatorChoice,
+    /// QEMU's machine type: pc (i440FX, IDE; the default) or q35 (ICH9: MMCONFIG and MCFG,
+    /// AHCI). QEMU only: refused with Bochs.
+    #[arg(long, value_name = "pc|q35")]
+    machine: Option<Machine>,
+    /// QEMU's -cpu instead of the default (KVM: host,+vmx; TCG: an EPYC with svm and npt).
+    /// QEMU only: refused with Bochs.
+    #[arg(long, value_name = "MODEL")]
+    qemu_cpu: Option<String>,
     /// Run directory name under out/ (default: the subcommand's name).
     #[arg(long)]
     name: Option<String>,
@@ -156,6 +167,8 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
     o.timeout = Duration::from_secs(c.timeout);
     o.keep = c.keep;
     o.emulator = c.emulator;
+    o.machine = c.machine;
+    o.qemu_cpu = c.qemu_cpu;
     if let Some(k) = c.kernel_cmdline {
         o.kernel_cmdline = k;
     }

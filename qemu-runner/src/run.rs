@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::attack;
 use crate::checks::{self, Check, GUEST_RAM_MIB};
-use crate::emulator::{self, Emulator, EmulatorChoice, EmulatorError, MachineFiles, Running};
+use crate::emulator::{
+    self, Emulator, EmulatorChoice, EmulatorError, Machine, MachineFiles, Running,
+};
 use crate::endpoints::{EndpointError, Endpoints, NetOptions, NetReport};
 use crate::guest::{self, GuestError, GuestSources};
 use crate::inspect::{self, InspectPorts};
@@ -51,6 +53,10 @@ pub struct RunOptions {
     /// Keep the run's disk copy and ISO after the run (logs are always kept).
     pub keep: bool,
     pub emulator: EmulatorChoice,
+    /// QEMU's machine type (`--machine`; `None`: `pc`). Refused with Bochs.
+    pub machine: Option<Machine>,
+    /// QEMU's `-cpu` instead of the default (`--qemu-cpu`). Refused with Bochs.
+    pub qemu_cpu: Option<String>,
     /// Print a progress line every this often to stderr (`None`: quiet).
     pub progress: Option<Duration>,
     /// Where run directories and the guest-image cache live (`<workspace>/out`).
@@ -102,6 +108,8 @@ impl RunOptions {
             rules: None,
             keep: false,
             emulator: EmulatorChoice::Auto,
+            machine: None,
+            qemu_cpu: None,
             progress: Some(Duration::from_secs(15)),
             out_root,
             cache: guest::default_cache_dir(),
@@ -466,6 +474,30 @@ fn lock_run(out_root: &Path, name: &str) -> Result<RunLock, RunError> {
     }
 }
 
+/// The QEMU machine type of a run under `emulator`: `--machine` and `--qemu-cpu` are QEMU's
+/// and refused with Bochs, which emulates one i440FX machine with its own CPU models.
+pub fn qemu_machine(emulator: Emulator, opts: &RunOptions) -> Result<Machine, RunError> {
+    if emulator == Emulator::Bochs {
+        if let Some(m) = opts.machine {
+            return Err(RunError::BadOption {
+                option: "--machine",
+                reason: format!(
+                    "`{m}` is a QEMU machine type; Bochs emulates only its own i440FX PC (run with --emulator qemu-tcg or qemu, or leave --machine out)"
+                ),
+            });
+        }
+        if let Some(c) = &opts.qemu_cpu {
+            return Err(RunError::BadOption {
+                option: "--qemu-cpu",
+                reason: format!(
+                    "`{c}` is a QEMU CPU model; Bochs runs its own corei7_skylake_x (run with --emulator qemu-tcg or qemu, or leave --qemu-cpu out)"
+                ),
+            });
+        }
+    }
+    Ok(opts.machine.unwrap_or_default())
+}
+
 /// What [`prepare`] built.
 #[derive(Debug)]
 pub struct Prepared {
@@ -626,6 +658,8 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     // The host endpoints listen first: their ports go into the inspection rules' variables
     // (before the rules blob and the ISO are built) and on the kernel command line of this
     // run's disk copy.
+    let emulator = opts.emulator.resolve()?;
+    let machine = qemu_machine(emulator, opts)?;
     let endpoints = match &opts.net {
         Some(n) => Some(Endpoints::start(n.clone()).map_err(RunError::Endpoints)?),
         None => None,
@@ -642,7 +676,6 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         inspection,
         lock: _lock,
     } = prepare(opts, ports)?;
-    let emulator = opts.emulator.resolve()?;
     files.udp_forward = endpoints.as_ref().map(|e| e.udp_flood_port);
     if let (Some(e), Some(n)) = (&endpoints, &opts.net) {
         // The ring-base attack only under Ally: on the bare device it would aim real DMA at
@@ -682,15 +715,27 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         progress(
             &opts.name,
             &format!(
-            "booting {} under {emulator} ({} CPU(s), {GUEST_RAM_MIB} MiB, timeout {}); logs in {}",
+            "booting {} under {emulator}{} ({} CPU(s), {GUEST_RAM_MIB} MiB, timeout {}); logs in {}",
             opts.mode,
+            if emulator.is_qemu() {
+                format!(" ({machine})")
+            } else {
+                String::new()
+            },
             opts.cpus,
             fmt_duration(opts.timeout),
             files.dir.display()
         ),
         );
     }
-    let mut running = emulator::start(emulator, &files, opts.cpus, GUEST_RAM_MIB)?;
+    let mut running = emulator::start(
+        emulator,
+        &files,
+        opts.cpus,
+        GUEST_RAM_MIB,
+        machine,
+        opts.qemu_cpu.as_deref(),
+    )?;
     let start = Instant::now();
     let (outcome, to_init) = watch(opts, &files, &mut running, start);
     // After a completed run, give the emulator a moment to exit by itself (Ally's or the
@@ -744,17 +789,18 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 all_checks.extend(inspect::inspect_checks(&guest, n, &split));
             }
             let forbidden = crate::wire::Forbidden::of_run(inspection);
-            match crate::wire::scan_log(&files.pktlog, &forbidden) {
+            let capture = crate::wire::Capture::of_run(emulator, &files);
+            match capture.scan(&forbidden) {
                 Ok(wire) => {
                     all_checks.push(checks::nic_wire_balance(&ally, &wire.counts));
-                    all_checks.push(crate::wire::wire_clean_check(&wire));
+                    all_checks.push(crate::wire::wire_clean_check(&wire, &capture));
                 }
                 Err(e) => {
                     for name in ["nic-wire-balance", "wire-clean"] {
                         all_checks.push(Check {
                             name,
                             passed: false,
-                            detail: format!("cannot read {}: {e}", files.pktlog.display()),
+                            detail: format!("cannot read {capture}: {e}"),
                         });
                     }
                 }
@@ -980,6 +1026,29 @@ mod tests {
         drop(held);
         lock_run(&root, "demo").unwrap();
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn machine_and_cpu_options_are_qemu_only() {
+        let mut o = RunOptions::new(Mode::Baseline, "t");
+        assert_eq!(qemu_machine(Emulator::Bochs, &o).unwrap(), Machine::Pc);
+        assert_eq!(qemu_machine(Emulator::QemuTcg, &o).unwrap(), Machine::Pc);
+        o.machine = Some(Machine::Q35);
+        assert_eq!(qemu_machine(Emulator::QemuTcg, &o).unwrap(), Machine::Q35);
+        assert_eq!(qemu_machine(Emulator::QemuKvm, &o).unwrap(), Machine::Q35);
+        assert_eq!(
+            qemu_machine(Emulator::Bochs, &o).unwrap_err().to_string(),
+            "option --machine: `q35` is a QEMU machine type; Bochs emulates only its own i440FX PC (run with --emulator qemu-tcg or qemu, or leave --machine out)"
+        );
+        // `--machine pc` too: Bochs' machine is not QEMU's pc.
+        o.machine = Some(Machine::Pc);
+        assert!(qemu_machine(Emulator::Bochs, &o).is_err());
+        let mut o = RunOptions::new(Mode::Baseline, "t");
+        o.qemu_cpu = Some("max".into());
+        assert_eq!(
+            qemu_machine(Emulator::Bochs, &o).unwrap_err().to_string(),
+            "option --qemu-cpu: `max` is a QEMU CPU model; Bochs runs its own corei7_skylake_x (run with --emulator qemu-tcg or qemu, or leave --qemu-cpu out)"
+        );
     }
 
     #[test]

@@ -1,15 +1,23 @@
-//! What the wire carried: Bochs' slirp packet log (`pktlog` in the slirp config), which records
-//! every frame the emulated NIC sent to slirp and every frame slirp handed to the NIC.
+//! What the wire carried, from either capture a run has:
 //!
-//! The log is text: a `a packet from guest to host, length N` (or `host to guest`) line per
-//! frame, followed by a hex dump (16 bytes a line, then the bytes as characters). Frame counts
-//! come from the header lines; the guest's frames are also decoded and searched for payloads
-//! that must never reach the wire (the attacks' markers, the content of a `drop` rule) and
-//! for 802.3x PAUSE frames.
+//! - Bochs: slirp's packet log (`pktlog` in the slirp config), which records every frame the
+//!   emulated NIC sent to slirp and every frame slirp handed to the NIC. The log is text: a
+//!   `a packet from guest to host, length N` (or `host to guest`) line per frame, followed by
+//!   a hex dump (16 bytes a line, then the bytes as characters).
+//! - QEMU: two pcap files written by `-object filter-dump` on the e1000's netdev, one per
+//!   direction (`queue=rx`: the NIC's transmissions; `queue=tx`: what slirp delivered to it),
+//!   since pcap records no direction.
+//!
+//! Frames are counted per direction; the guest's frames are also searched for payloads that
+//! must never reach the wire (the attacks' markers, the content of a `drop` rule) and for
+//! 802.3x PAUSE frames.
 
+use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::emulator::{Emulator, MachineFiles};
 
 /// Frame counts and bytes per direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,9 +79,62 @@ impl Forbidden {
     }
 }
 
+/// Where a run's wire frames were recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture {
+    /// Bochs' slirp packet log (text, both directions).
+    BochsPktlog(PathBuf),
+    /// QEMU's `filter-dump` pcaps, one per direction.
+    QemuPcap {
+        from_guest: PathBuf,
+        to_guest: PathBuf,
+    },
+}
+
+impl Capture {
+    /// The capture a run under `emulator` writes.
+    pub fn of_run(emulator: Emulator, files: &MachineFiles) -> Capture {
+        match emulator {
+            Emulator::Bochs => Capture::BochsPktlog(files.pktlog.clone()),
+            Emulator::QemuKvm | Emulator::QemuTcg => Capture::QemuPcap {
+                from_guest: files.pcap_from_guest.clone(),
+                to_guest: files.pcap_to_guest.clone(),
+            },
+        }
+    }
+
+    /// Counts the frames of both directions and searches the guest's for `forbidden`.
+    pub fn scan(&self, forbidden: &Forbidden) -> std::io::Result<WireFindings> {
+        match self {
+            Capture::BochsPktlog(path) => scan_log(path, forbidden),
+            Capture::QemuPcap {
+                from_guest,
+                to_guest,
+            } => scan_pcaps(from_guest, to_guest, forbidden),
+        }
+    }
+}
+
+impl fmt::Display for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Capture::BochsPktlog(p) => write!(f, "slirp's packet log {}", p.display()),
+            Capture::QemuPcap {
+                from_guest,
+                to_guest,
+            } => write!(
+                f,
+                "QEMU's filter-dump pcaps {} and {}",
+                from_guest.display(),
+                to_guest.display()
+            ),
+        }
+    }
+}
+
 /// `wire-clean`: no frame the guest's NIC sent carried a forbidden payload or was a PAUSE
 /// frame (issue 11: nothing uninspected reaches the wire).
-pub fn wire_clean_check(findings: &WireFindings) -> crate::checks::Check {
+pub fn wire_clean_check(findings: &WireFindings, capture: &Capture) -> crate::checks::Check {
     let mut parts: Vec<String> = findings
         .hits
         .iter()
@@ -84,13 +145,17 @@ pub fn wire_clean_check(findings: &WireFindings) -> crate::checks::Check {
         "wire-clean",
         findings.clean(),
         format!(
-            "{} of the guest's {} frames on the wire (slirp's packet log): {}",
+            "{} of the guest's {} frames on the wire ({}): {}",
             if findings.clean() {
                 "none"
             } else {
                 "FORBIDDEN in some"
             },
             findings.counts.to_host_frames,
+            match capture {
+                Capture::BochsPktlog(_) => "slirp's packet log",
+                Capture::QemuPcap { .. } => "QEMU's filter-dump pcap",
+            },
             parts.join(", ")
         ),
     )
@@ -149,6 +214,11 @@ impl<'a> Scanner<'a> {
         let Some(frame) = self.frame.take() else {
             return;
         };
+        self.guest_frame(&frame);
+    }
+
+    /// Searches one frame the guest's NIC sent.
+    fn guest_frame(&mut self, frame: &[u8]) {
         if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE_MAC_CONTROL
         {
             self.findings.pause_frames += 1;
@@ -213,6 +283,144 @@ pub fn scan_text(text: &str, forbidden: &Forbidden) -> WireFindings {
     scanner.finish()
 }
 
+/// The pcap link type of Ethernet frames.
+pub const LINKTYPE_ETHERNET: u32 = 1;
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+/// Reads `buf.len()` bytes, or returns `false` at a clean end of the file (no byte read).
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(invalid(format!(
+                    "truncated: {got} of {} bytes at the end",
+                    buf.len()
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Calls `frame` with each record's captured bytes of a classic pcap stream (either byte
+/// order, micro- or nanosecond timestamps; Ethernet only). A record cut short by the end of
+/// the file (the emulator killed mid-write) ends the stream without an error.
+pub fn read_pcap(mut r: impl Read, mut frame: impl FnMut(&[u8])) -> std::io::Result<u64> {
+    let mut head = [0u8; 24];
+    if !read_exact_or_eof(&mut r, &mut head)? {
+        return Err(invalid("empty file: no pcap header".into()));
+    }
+    let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let big_endian = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => false,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => true,
+        0x0a0d_0d0a => return Err(invalid("pcapng, not classic pcap".into())),
+        m => return Err(invalid(format!("not a pcap file (magic {m:#010x})"))),
+    };
+    let word = |b: &[u8]| {
+        let b = [b[0], b[1], b[2], b[3]];
+        if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let link_type = word(&head[20..24]);
+    if link_type != LINKTYPE_ETHERNET {
+        return Err(invalid(format!(
+            "link type {link_type} is not Ethernet ({LINKTYPE_ETHERNET})"
+        )));
+    }
+    let mut frames = 0;
+    let mut data = Vec::new();
+    loop {
+        let mut rec = [0u8; 16];
+        match read_exact_or_eof(&mut r, &mut rec) {
+            Ok(true) => {}
+            Ok(false) => return Ok(frames),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(frames),
+            Err(e) => return Err(e),
+        }
+        let incl = word(&rec[8..12]) as usize;
+        if incl > 1 << 18 {
+            return Err(invalid(format!(
+                "record {} claims {incl} captured bytes",
+                frames + 1
+            )));
+        }
+        data.resize(incl, 0);
+        match read_exact_or_eof(&mut r, &mut data) {
+            Ok(true) => {}
+            Ok(false) if incl == 0 => {}
+            Ok(false) => return Ok(frames),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(frames),
+            Err(e) => return Err(e),
+        }
+        frame(&data);
+        frames += 1;
+    }
+}
+
+/// Counts the frames of QEMU's two pcaps and searches the guest's (`from_guest`) for
+/// `forbidden`. Bytes are the captured lengths (QEMU captures whole frames).
+pub fn scan_pcaps(
+    from_guest: &Path,
+    to_guest: &Path,
+    forbidden: &Forbidden,
+) -> std::io::Result<WireFindings> {
+    let open = |p: &Path| {
+        File::open(p)
+            .map(BufReader::new)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+    };
+    let with_path = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+    };
+    let mut scanner = Scanner::new(forbidden);
+    read_pcap(open(from_guest)?, |f| {
+        scanner.findings.counts.to_host_frames += 1;
+        scanner.findings.counts.to_host_bytes += f.len() as u64;
+        scanner.guest_frame(f);
+    })
+    .map_err(with_path(from_guest))?;
+    read_pcap(open(to_guest)?, |f| {
+        scanner.findings.counts.to_guest_frames += 1;
+        scanner.findings.counts.to_guest_bytes += f.len() as u64;
+    })
+    .map_err(with_path(to_guest))?;
+    Ok(scanner.finish())
+}
+
+/// The bytes of a classic little-endian pcap (microseconds, Ethernet) holding `frames`
+/// (tests; the same layout QEMU's filter-dump writes on x86).
+pub fn pcap_bytes(frames: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&0i32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&65536u32.to_le_bytes());
+    out.extend_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
+    for (i, f) in frames.iter().enumerate() {
+        out.extend_from_slice(&(i as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +475,126 @@ mod tests {
             &forbidden,
         );
         assert!(none.clean());
+    }
+
+    fn frame(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x52, 0x55, 0x0a, 0, 2, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn reads_pcap_records_in_either_byte_order() {
+        let a = frame(0x0800, b"one");
+        let b = frame(0x0806, b"second frame");
+        let le = pcap_bytes(&[&a, &b]);
+        let mut seen = Vec::new();
+        assert_eq!(
+            read_pcap(le.as_slice(), |f| seen.push(f.to_vec())).unwrap(),
+            2
+        );
+        assert_eq!(seen, [a.clone(), b.clone()]);
+        // The same file written big-endian (header words and record lengths swapped).
+        let mut be = le.clone();
+        let swap = |v: &mut Vec<u8>, at: usize| v[at..at + 4].reverse();
+        for at in [0, 20] {
+            swap(&mut be, at);
+        }
+        be[4..6].reverse();
+        be[6..8].reverse();
+        let mut at = 24;
+        for f in [&a, &b] {
+            for off in [0, 4, 8, 12] {
+                swap(&mut be, at + off);
+            }
+            at += 16 + f.len();
+        }
+        let mut seen = Vec::new();
+        assert_eq!(
+            read_pcap(be.as_slice(), |f| seen.push(f.to_vec())).unwrap(),
+            2
+        );
+        assert_eq!(seen, [a, b]);
+    }
+
+    #[test]
+    fn pcap_errors_and_a_cut_last_record() {
+        let err = |bytes: &[u8]| read_pcap(bytes, |_| {}).unwrap_err().to_string();
+        assert_eq!(err(b""), "empty file: no pcap header");
+        assert_eq!(
+            err(&[
+                0x0a, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]),
+            "pcapng, not classic pcap"
+        );
+        assert_eq!(err(&[0u8; 24]), "not a pcap file (magic 0x00000000)");
+        let mut raw_ip = pcap_bytes(&[]);
+        raw_ip[20] = 101;
+        assert_eq!(err(&raw_ip), "link type 101 is not Ethernet (1)");
+        // An emulator killed mid-write leaves a partial record: the whole ones count.
+        let mut cut = pcap_bytes(&[&frame(0x0800, b"whole"), &frame(0x0800, b"cut short")]);
+        cut.truncate(cut.len() - 4);
+        assert_eq!(read_pcap(cut.as_slice(), |_| {}).unwrap(), 1);
+        assert_eq!(read_pcap(pcap_bytes(&[]).as_slice(), |_| {}).unwrap(), 0);
+    }
+
+    #[test]
+    fn scans_qemu_pcaps_by_direction() {
+        let dir = std::env::temp_dir().join(format!("ally-wire-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (from, to) = (dir.join("from.pcap"), dir.join("to.pcap"));
+        let pause = frame(ETHERTYPE_MAC_CONTROL, &[0, 1, 0xff, 0xff]);
+        let bad = frame(0x0800, b"..xxABCDyy..");
+        let fine = frame(0x0800, b"hello");
+        std::fs::write(&from, pcap_bytes(&[&pause, &bad, &fine])).unwrap();
+        // A host frame with the needle does not count: only the guest's frames are searched.
+        let host = frame(0x0800, b"ABCD from the host");
+        std::fs::write(&to, pcap_bytes(&[&host])).unwrap();
+        let forbidden = Forbidden {
+            needles: vec![("abcd".into(), b"ABCD".to_vec())],
+        };
+        let capture = Capture::QemuPcap {
+            from_guest: from.clone(),
+            to_guest: to.clone(),
+        };
+        let f = capture.scan(&forbidden).unwrap();
+        assert_eq!(
+            f.counts,
+            WireCounts {
+                to_host_frames: 3,
+                to_host_bytes: (pause.len() + bad.len() + fine.len()) as u64,
+                to_guest_frames: 1,
+                to_guest_bytes: host.len() as u64,
+            }
+        );
+        assert_eq!(f.hits, [("abcd".to_string(), 1)]);
+        assert_eq!(f.pause_frames, 1);
+        let c = wire_clean_check(&f, &capture);
+        assert!(!c.passed);
+        assert!(
+            c.detail.contains("(QEMU's filter-dump pcap)"),
+            "{}",
+            c.detail
+        );
+        std::fs::remove_file(&to).unwrap();
+        let e = capture.scan(&forbidden).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", to.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_capture_follows_the_emulator() {
+        let files = MachineFiles::in_dir(Path::new("/o"));
+        assert_eq!(
+            Capture::of_run(Emulator::Bochs, &files),
+            Capture::BochsPktlog("/o/slirp-packets.log".into())
+        );
+        let q = Capture::of_run(Emulator::QemuTcg, &files);
+        assert_eq!(
+            q.to_string(),
+            "QEMU's filter-dump pcaps /o/wire-from-guest.pcap and /o/wire-to-guest.pcap"
+        );
+        assert_eq!(Capture::of_run(Emulator::QemuKvm, &files), q);
     }
 }
