@@ -2,4 +2,6 @@
 //! guest entry and the permission maps. The hardware-facing pieces of Ally's SVM backend;
 //! the exit handlers are still VMX-only.
 
+pub mod capabilities;
+pub mod launch;
 pub mod vmcb;
