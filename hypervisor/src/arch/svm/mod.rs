@@ -4,4 +4,5 @@
 
 pub mod capabilities;
 pub mod launch;
+pub mod permission_maps;
 pub mod vmcb;
