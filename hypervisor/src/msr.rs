@@ -167,18 +167,102 @@ pub fn is_mtrr(msr: u32) -> bool {
         || MTRR_FIXED.contains(&msr)
 }
 
+/// A guest RDMSR or WRMSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrAccess {
+    Read,
+    Write,
+}
+
+/// Which virtualization extension's permission map is being filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Virtualization {
+    /// Intel VMX: the MSR bitmap covers 0-0x1FFF and 0xC000_0000-0xC000_1FFF (SDM 25.6.9).
+    Vmx,
+    /// AMD SVM: the MSR permission map also covers 0xC001_0000-0xC001_1FFF (APM Vol. 2 15.11).
+    Svm,
+}
+
+/// IA32_EFER.
+pub const IA32_EFER: u32 = 0xC000_0080;
+/// IA32_DEBUGCTL.
+pub const IA32_DEBUGCTL: u32 = 0x1D9;
+/// AMD VM_CR (APM Vol. 2 15.30.1).
+pub const AMD_VM_CR: u32 = 0xC001_0114;
+/// AMD VM_HSAVE_PA (APM Vol. 2 15.30.4).
+pub const AMD_VM_HSAVE_PA: u32 = 0xC001_0117;
+
+/// Where SVM must intercept what the policy above lets through on VMX: `(msr, reads too,
+/// why)`. Writes of these MSRs are always intercepted on SVM.
+pub const SVM_INTERCEPTED: &[(u32, bool, &str)] = &[
+    (
+        IA32_EFER,
+        true,
+        "EFER lives in the VMCB and the guest's EFER must keep SVME set, or the next VMRUN \
+         fails (APM 15.5.1): writes are validated by Ally, which keeps SVME set, and reads \
+         show SVME clear, as SVM is hidden like VMX",
+    ),
+    (
+        IA32_DEBUGCTL,
+        false,
+        "#VMEXIT does not clear DEBUGCTL as a VMX exit does (SDM 28.5.1); only LBR \
+         virtualization (APM 15.23) switches it, so without it a guest value would stay live \
+         in the host",
+    ),
+    (
+        AMD_VM_CR,
+        true,
+        "VM_CR controls SVM itself (SVMDIS, LOCK): hidden, never written by the guest",
+    ),
+    (
+        AMD_VM_HSAVE_PA,
+        true,
+        "VM_HSAVE_PA is where VMRUN saves Ally's state: a guest write would redirect it",
+    ),
+];
+
+/// Whether `msr` lies in a range the permission map of `virt` covers; accesses to the MSRs
+/// outside them always exit (SDM 25.1.3; APM 15.11).
+pub fn in_permission_map(msr: u32, virt: Virtualization) -> bool {
+    msr < 0x2000
+        || (0xC000_0000..0xC000_2000).contains(&msr)
+        || (virt == Virtualization::Svm && (0xC001_0000..0xC001_2000).contains(&msr))
+}
+
+/// The one decision both permission maps are built from: whether a guest `access` of `msr`
+/// reaches the hardware without an exit under `virt`. Reads pass unless Ally emulates them
+/// ([`read_intercepted`]), writes pass when on [`WRITE_ALLOWED`]; on SVM, [`SVM_INTERCEPTED`]
+/// overrides both; MSRs outside the map's ranges always exit.
+pub fn passes(msr: u32, access: MsrAccess, virt: Virtualization) -> bool {
+    if !in_permission_map(msr, virt) {
+        return false;
+    }
+    if virt == Virtualization::Svm {
+        let overridden = SVM_INTERCEPTED
+            .iter()
+            .any(|&(m, reads, _)| m == msr && (access == MsrAccess::Write || reads));
+        if overridden {
+            return false;
+        }
+    }
+    match access {
+        MsrAccess::Read => !read_intercepted(msr),
+        MsrAccess::Write => write_passes(msr),
+    }
+}
+
 /// Fills a VMX MSR bitmap (SDM 25.6.9: read bits for MSRs 0-0x1FFF, then for
-/// 0xC0000000-0xC0001FFF, then the write bits likewise) from the policy above.
+/// 0xC0000000-0xC0001FFF, then the write bits likewise) from [`passes`].
 pub fn fill_bitmap(bitmap: &mut [u8; 4096]) {
     bitmap.fill(0);
     for (base, first) in [(0usize, 0u32), (1024, 0xC000_0000)] {
         for index in 0..0x2000usize {
             let msr = first + index as u32;
             let bit = 1u8 << (index % 8);
-            if read_intercepted(msr) {
+            if !passes(msr, MsrAccess::Read, Virtualization::Vmx) {
                 bitmap[base + index / 8] |= bit;
             }
-            if !write_passes(msr) {
+            if !passes(msr, MsrAccess::Write, Virtualization::Vmx) {
                 bitmap[base + 2048 + index / 8] |= bit;
             }
         }

@@ -1,4 +1,5 @@
-//! Builders for Ally's own 4-level page tables and for the guest's EPT tables.
+//! Builders for Ally's own 4-level page tables and for the guest's EPT (Intel) or nested page
+//! tables (AMD NPT, APM Vol. 2 15.25).
 //!
 //! Both walk the same 4-level, 9-bits-per-level structure (PML4 -> PDPT -> PD -> PT) and
 //! use 2 MiB pages (PS, bit 7, in a PD entry) wherever the virtual/guest address, the
@@ -145,13 +146,16 @@ enum Format {
     Host,
     /// EPT (SDM Vol. 3C 28.3.2, Tables 28-1..28-6).
     Ept,
+    /// AMD nested page tables: the IA-32e format, with U/S set in every entry because
+    /// nested-page-table walks are user accesses (APM Vol. 2 15.25.5).
+    Npt,
 }
 
 impl Format {
     fn is_present(self, entry: u64) -> bool {
         match self {
             // P, bit 0.
-            Format::Host => entry & 1 != 0,
+            Format::Host | Format::Npt => entry & 1 != 0,
             // Any of R/W/X (bits 2:0); an entry with all three clear is not present.
             Format::Ept => entry & 0b111 != 0,
         }
@@ -163,6 +167,8 @@ impl Format {
         match self {
             // P | R/W; supervisor only; NX clear.
             Format::Host => table.0 | 0b11,
+            // P | R/W | U/S (APM 15.25.5).
+            Format::Npt => table.0 | 0b111,
             // R | W | X; memory type bits are reserved (0) in non-leaf EPT entries.
             Format::Ept => table.0 | 0b111,
         }
@@ -172,7 +178,7 @@ impl Format {
     fn split_entry(self, large: u64, i: u64) -> u64 {
         let base = (large & ADDR_MASK & !(LARGE_PAGE_SIZE - 1)) + i * PAGE_SIZE;
         let attrs = match self {
-            Format::Host => {
+            Format::Host | Format::Npt => {
                 // The PAT bit is bit 12 in a 2 MiB entry and bit 7 in a 4 KiB entry.
                 let pat = if large & (1 << 12) != 0 { LARGE } else { 0 };
                 (large & !ADDR_MASK & !LARGE) | pat
@@ -684,63 +690,9 @@ impl Ept {
         memtype_of: impl Fn(PhysRange) -> Option<MemoryType>,
         mem: &mut M,
     ) -> Result<IdentityMapStats, PagingError> {
-        if !limit.is_multiple_of(PAGE_SIZE) {
-            return Err(PagingError::Unaligned {
-                what: "identity-map limit",
-                value: limit,
-            });
-        }
-        if limit > MAX_GUEST_PHYS {
-            return Err(PagingError::OutOfRange {
-                what: "guest-physical address",
-                start: 0,
-                len: limit,
-            });
-        }
-        let mut stats = IdentityMapStats::default();
-        let hides = |r: &PhysRange| hidden.iter().any(|h| h.overlaps(r));
-        let mut at = 0;
-        while at < limit {
-            let large = PhysRange {
-                start: at,
-                end: (at + LARGE_PAGE_SIZE).min(limit),
-            };
-            let whole = large.len() == LARGE_PAGE_SIZE && !hides(&large);
-            if let Some(t) = memtype_of(large).filter(|_| whole) {
-                self.map(
-                    GuestPhysAddr(at),
-                    HostPhysAddr(at),
-                    LARGE_PAGE_SIZE,
-                    perms,
-                    t,
-                    mem,
-                )?;
-                stats.large_pages += 1;
-            } else {
-                for page in (large.start..large.end).step_by(PAGE_SIZE as usize) {
-                    let small = PhysRange {
-                        start: page,
-                        end: page + PAGE_SIZE,
-                    };
-                    if hides(&small) {
-                        stats.hidden_pages += 1;
-                        continue;
-                    }
-                    let t = memtype_of(small).unwrap_or(MemoryType::Uncacheable);
-                    self.map(
-                        GuestPhysAddr(page),
-                        HostPhysAddr(page),
-                        PAGE_SIZE,
-                        perms,
-                        t,
-                        mem,
-                    )?;
-                    stats.small_pages += 1;
-                }
-            }
-            at = large.end;
-        }
-        Ok(stats)
+        identity_map(limit, hidden, memtype_of, |at, len, t| {
+            self.map(GuestPhysAddr(at), HostPhysAddr(at), len, perms, t, mem)
+        })
     }
 
     /// What `gpa` maps to, or `None` when unmapped.
@@ -759,6 +711,203 @@ impl Ept {
             // Leaf entries are only written by `map` with a valid type.
             memtype: MemoryType::from_raw(((entry >> 3) & 0b111) as u8)
                 .unwrap_or(MemoryType::Uncacheable),
+            large,
+        })
+    }
+}
+
+/// The identity map of guest-physical `[0, limit)` both [`Ept::map_identity`] and
+/// [`Npt::map_identity`] build, through `map(address, length, type)`.
+fn identity_map(
+    limit: u64,
+    hidden: &[PhysRange],
+    memtype_of: impl Fn(PhysRange) -> Option<MemoryType>,
+    mut map: impl FnMut(u64, u64, MemoryType) -> Result<(), PagingError>,
+) -> Result<IdentityMapStats, PagingError> {
+    if !limit.is_multiple_of(PAGE_SIZE) {
+        return Err(PagingError::Unaligned {
+            what: "identity-map limit",
+            value: limit,
+        });
+    }
+    if limit > MAX_GUEST_PHYS {
+        return Err(PagingError::OutOfRange {
+            what: "guest-physical address",
+            start: 0,
+            len: limit,
+        });
+    }
+    let mut stats = IdentityMapStats::default();
+    let hides = |r: &PhysRange| hidden.iter().any(|h| h.overlaps(r));
+    let mut at = 0;
+    while at < limit {
+        let large = PhysRange {
+            start: at,
+            end: (at + LARGE_PAGE_SIZE).min(limit),
+        };
+        let whole = large.len() == LARGE_PAGE_SIZE && !hides(&large);
+        if let Some(t) = memtype_of(large).filter(|_| whole) {
+            map(at, LARGE_PAGE_SIZE, t)?;
+            stats.large_pages += 1;
+        } else {
+            for page in (large.start..large.end).step_by(PAGE_SIZE as usize) {
+                let small = PhysRange {
+                    start: page,
+                    end: page + PAGE_SIZE,
+                };
+                if hides(&small) {
+                    stats.hidden_pages += 1;
+                    continue;
+                }
+                map(
+                    page,
+                    PAGE_SIZE,
+                    memtype_of(small).unwrap_or(MemoryType::Uncacheable),
+                )?;
+                stats.small_pages += 1;
+            }
+        }
+        at = large.end;
+    }
+    Ok(stats)
+}
+
+/// Nested-page-table entry bits (IA-32e format, SDM Vol. 3A 4.5 / APM Vol. 2 5.3-5.4).
+const NPT_PRESENT: u64 = 1 << 0;
+const NPT_WRITABLE: u64 = 1 << 1;
+/// U/S: required in every nested entry, table and leaf, since nested walks are user
+/// accesses (APM Vol. 2 15.25.5); a supervisor-only entry faults (#NPF with U set).
+const NPT_USER: u64 = 1 << 2;
+const NPT_PWT: u64 = 1 << 3;
+const NPT_PCD: u64 = 1 << 4;
+
+/// The PWT/PCD bits for `memtype` in a nested leaf. The nested entry's PAT index selects an
+/// entry of the host's PAT (APM 15.25.8), which Ally leaves at its power-on value (PAT0 WB,
+/// PAT1 WT, PAT2 UC-, PAT3 UC), so: UC -> PCD|PWT (PAT3), WT -> PWT (PAT1), everything
+/// else -> WB (PAT0). Unlike an EPT memory type, the nested type is *combined* with the
+/// host's MTRRs (and the guest's PAT), not substituted for them, so WB lets the MTRR type
+/// (WC, WP, UC...) through; WC and WP ranges therefore get WB here and take their type from
+/// the firmware's MTRRs.
+const fn npt_cache_bits(memtype: MemoryType) -> u64 {
+    match memtype {
+        MemoryType::Uncacheable => NPT_PCD | NPT_PWT,
+        MemoryType::WriteThrough => NPT_PWT,
+        MemoryType::WriteBack | MemoryType::WriteCombining | MemoryType::WriteProtected => 0,
+    }
+}
+
+/// What a guest-physical address maps to in the nested page tables.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct NptTranslation {
+    pub hpa: HostPhysAddr,
+    pub writable: bool,
+    /// The PWT/PCD choice of the leaf ([`HostCache`], read against the power-on PAT).
+    pub cache: HostCache,
+    /// Mapped by a 2 MiB page.
+    pub large: bool,
+}
+
+/// The guest's nested page tables under AMD SVM (APM Vol. 2 15.25): 4-level IA-32e tables
+/// walked with the host's paging rules, every entry P, U/S and (for tables) R/W, reached
+/// through the VMCB's N_CR3.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Npt {
+    tables: Tables,
+}
+
+impl Npt {
+    /// Allocates an empty nested PML4.
+    pub fn new(alloc: &mut impl FrameAllocator) -> Result<Self, PagingError> {
+        Ok(Self {
+            tables: Tables::new(alloc)?,
+        })
+    }
+
+    /// The nested PML4's frame.
+    pub fn root(&self) -> HostPhysAddr {
+        self.tables.root
+    }
+
+    /// The VMCB's N_CR3 (APM 15.25.4: a CR3 value for the nested walk): the PML4's address
+    /// with PWT and PCD clear, i.e. write-back table accesses.
+    pub fn ncr3(&self) -> u64 {
+        self.tables.root.0
+    }
+
+    /// Maps `[gpa, gpa+len)` to `[hpa, hpa+len)`, replacing earlier mappings there; readable
+    /// and executable, writable when `writable`, with the PWT/PCD bits for `memtype`
+    /// (see [`npt_cache_bits`]: UC and WT are expressed, the other types are left to the
+    /// MTRRs).
+    pub fn map<M: TableMemory + FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        len: u64,
+        writable: bool,
+        memtype: MemoryType,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        check_common(
+            "guest-physical address",
+            gpa.0,
+            hpa.0,
+            len,
+            MAX_GUEST_PHYS - 1,
+        )?;
+        let mut attrs = NPT_PRESENT | NPT_USER | npt_cache_bits(memtype);
+        if writable {
+            attrs |= NPT_WRITABLE;
+        }
+        self.tables
+            .map(Format::Npt, mem, gpa.0, hpa.0, len, |pa, large| {
+                pa | attrs | if large { LARGE } else { 0 }
+            })
+    }
+
+    /// Removes the 4 KiB page at `gpa` (rounded down), first splitting the 2 MiB page that
+    /// holds it. The caller must flush the guest's TLB entries afterwards (VMCB TLB_CONTROL).
+    pub fn unmap_page<M: TableMemory + FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        let addr = gpa.align_down(PAGE_SIZE).0;
+        if addr >= MAX_GUEST_PHYS || self.tables.lookup(Format::Npt, mem, addr).is_none() {
+            return Err(PagingError::NotMapped { addr });
+        }
+        let pt = self.tables.pt(Format::Npt, mem, addr)?;
+        mem.table(pt)[index(addr, 0)] = 0;
+        Ok(())
+    }
+
+    /// Identity-maps guest-physical `[0, limit)`, writable, except the `hidden` ranges, as
+    /// [`Ept::map_identity`] does.
+    pub fn map_identity<M: TableMemory + FrameAllocator>(
+        &mut self,
+        limit: u64,
+        hidden: &[PhysRange],
+        memtype_of: impl Fn(PhysRange) -> Option<MemoryType>,
+        mem: &mut M,
+    ) -> Result<IdentityMapStats, PagingError> {
+        identity_map(limit, hidden, memtype_of, |at, len, t| {
+            self.map(GuestPhysAddr(at), HostPhysAddr(at), len, true, t, mem)
+        })
+    }
+
+    /// What `gpa` maps to, or `None` when unmapped.
+    pub fn translate(
+        &self,
+        gpa: GuestPhysAddr,
+        mem: &mut impl TableMemory,
+    ) -> Option<NptTranslation> {
+        if gpa.0 >= MAX_GUEST_PHYS {
+            return None;
+        }
+        let (hpa, entry, large) = self.tables.translate(Format::Npt, mem, gpa.0)?;
+        Some(NptTranslation {
+            hpa: HostPhysAddr(hpa),
+            writable: entry & NPT_WRITABLE != 0,
+            cache: HostCache::from_bits(entry),
             large,
         })
     }
@@ -1329,5 +1478,177 @@ mod tests {
                 .map(|t| (t.hpa.0 - 7, t.perms));
             assert_eq!(got, model.get(&page).copied(), "page {page:#x}");
         }
+    }
+
+    /// Every entry on the nested walk of `addr`, root first.
+    fn npt_walk(npt: &Npt, m: &mut FakeMem, addr: u64) -> Vec<u64> {
+        let mut entries = Vec::new();
+        let mut table = npt.root();
+        for level in (0..4).rev() {
+            let e = m.table(table)[index(addr, level)];
+            entries.push(e);
+            if e & 1 == 0 || level == 0 || e & LARGE != 0 {
+                break;
+            }
+            table = HostPhysAddr(e & ADDR_MASK);
+        }
+        entries
+    }
+
+    #[test]
+    fn npt_identity_map_with_hidden_range() {
+        let mut m = FakeMem::new(1000);
+        let mut npt = Npt::new(&mut m).unwrap();
+        assert_eq!(npt.ncr3(), npt.root().0);
+        let hidden = [PhysRange {
+            start: 33 * MIB + 0x3000,
+            end: 40 * MIB,
+        }];
+        let vga = PhysRange {
+            start: 0xA_0000,
+            end: 0xC_0000,
+        };
+        let memtype_of = |r: PhysRange| {
+            if r.overlaps(&vga) {
+                (r.start >= vga.start && r.end <= vga.end).then_some(MemoryType::Uncacheable)
+            } else {
+                Some(MemoryType::WriteBack)
+            }
+        };
+        let stats = npt
+            .map_identity(64 * MIB, &hidden, memtype_of, &mut m)
+            .unwrap();
+        // The same shape as the EPT's (identity_map_with_hidden_region_and_types).
+        assert_eq!(stats.large_pages, 32 - 2 - 3);
+        assert_eq!(stats.small_pages, 512 + 256 + 3);
+        assert_eq!(stats.hidden_pages, 256 - 3 + 3 * 512);
+        let mut t = |a| npt.translate(gpa(a), &mut m);
+        let vga_page = t(0xB_8123).unwrap();
+        assert_eq!(vga_page.hpa, hpa(0xB_8123));
+        assert_eq!(vga_page.cache, HostCache::Uncached);
+        assert!(vga_page.writable && !vga_page.large);
+        assert_eq!(t(0x9_F000).unwrap().cache, HostCache::WriteBack);
+        assert_eq!(t(33 * MIB + 0x2FFF).unwrap().hpa, hpa(33 * MIB + 0x2FFF));
+        assert_eq!(t(33 * MIB + 0x3000), None);
+        assert_eq!(t(39 * MIB), None);
+        let big = t(40 * MIB + 0x12_3456).unwrap();
+        assert!(big.large);
+        assert_eq!(big.hpa, hpa(40 * MIB + 0x12_3456));
+        assert_eq!(t(64 * MIB), None);
+        assert_eq!(t(1 << 48), None);
+        assert!(npt.map_identity(0x1234, &[], |_| None, &mut m).is_err());
+        assert!(npt.map_identity(1 << 49, &[], |_| None, &mut m).is_err());
+    }
+
+    #[test]
+    fn npt_entries_are_user_at_every_level() {
+        let mut m = FakeMem::new(100);
+        let mut npt = Npt::new(&mut m).unwrap();
+        npt.map(
+            gpa(0),
+            hpa(0x4000_0000),
+            4 * MIB,
+            true,
+            MemoryType::WriteBack,
+            &mut m,
+        )
+        .unwrap();
+        npt.map(
+            gpa(8 * MIB + 0x5000),
+            hpa(0x7000),
+            0x1000,
+            false,
+            MemoryType::WriteThrough,
+            &mut m,
+        )
+        .unwrap();
+        // PML4E, PDPTE, PDE (2 MiB leaf): P, R/W, U/S everywhere.
+        let walk = npt_walk(&npt, &mut m, MIB);
+        assert_eq!(walk.len(), 3);
+        for e in &walk {
+            assert_eq!(e & 0b111, 0b111, "{e:#x}");
+        }
+        assert_eq!(walk[2] & LARGE, LARGE);
+        // Down to a read-only 4 KiB leaf: tables P|RW|US, the leaf P|US with PWT.
+        let walk = npt_walk(&npt, &mut m, 8 * MIB + 0x5000);
+        assert_eq!(walk.len(), 4);
+        for e in &walk[..3] {
+            assert_eq!(e & 0b111, 0b111, "{e:#x}");
+            assert_eq!(e & (NPT_PWT | NPT_PCD), 0, "tables are write-back");
+        }
+        assert_eq!(walk[3], 0x7000 | NPT_PRESENT | NPT_USER | NPT_PWT);
+        let t = npt.translate(gpa(8 * MIB + 0x5FFF), &mut m).unwrap();
+        assert_eq!(t.hpa, hpa(0x7FFF));
+        assert!(!t.writable);
+        assert_eq!(t.cache, HostCache::WriteThrough);
+        // Argument checks are shared with the EPT.
+        assert!(npt
+            .map(
+                gpa(0x123),
+                hpa(0),
+                0x1000,
+                true,
+                MemoryType::WriteBack,
+                &mut m
+            )
+            .is_err());
+        assert!(npt
+            .map(
+                gpa(1 << 48),
+                hpa(0),
+                0x1000,
+                true,
+                MemoryType::WriteBack,
+                &mut m
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn npt_unmap_splits_large_page() {
+        let mut m = FakeMem::new(100);
+        let mut npt = Npt::new(&mut m).unwrap();
+        npt.map(
+            gpa(0),
+            hpa(0),
+            8 * MIB,
+            true,
+            MemoryType::Uncacheable,
+            &mut m,
+        )
+        .unwrap();
+        let frames = m.frames.len();
+        npt.unmap_page(gpa(0x30_5123), &mut m).unwrap();
+        assert_eq!(m.frames.len(), frames + 1, "one PT for the split");
+        assert_eq!(npt.translate(gpa(0x30_5000), &mut m), None);
+        for a in (2 * MIB..4 * MIB)
+            .step_by(0x1000)
+            .filter(|&a| a != 0x30_5000)
+        {
+            let t = npt.translate(gpa(a), &mut m).unwrap();
+            assert_eq!(t.hpa, hpa(a));
+            assert!(t.writable && !t.large);
+            assert_eq!(t.cache, HostCache::Uncached);
+        }
+        // The new PT and its leaves keep U/S.
+        let walk = npt_walk(&npt, &mut m, 0x30_6000);
+        assert_eq!(walk.len(), 4);
+        assert!(walk.iter().all(|e| e & NPT_USER != 0));
+        assert!(npt.translate(gpa(4 * MIB), &mut m).unwrap().large);
+        assert_eq!(
+            npt.unmap_page(gpa(0x30_5000), &mut m),
+            Err(PagingError::NotMapped { addr: 0x30_5000 })
+        );
+        assert!(npt.unmap_page(gpa(u64::MAX), &mut m).is_err());
+    }
+
+    #[test]
+    fn npt_cache_bits_follow_the_power_on_pat() {
+        assert_eq!(npt_cache_bits(MemoryType::WriteBack), 0);
+        assert_eq!(npt_cache_bits(MemoryType::WriteThrough), NPT_PWT);
+        assert_eq!(npt_cache_bits(MemoryType::Uncacheable), NPT_PWT | NPT_PCD);
+        // Left to the MTRRs.
+        assert_eq!(npt_cache_bits(MemoryType::WriteCombining), 0);
+        assert_eq!(npt_cache_bits(MemoryType::WriteProtected), 0);
     }
 }

@@ -404,3 +404,71 @@ mod vmx_instructions {
         }
     }
 }
+
+/// AMD SVM instructions (APM Vol. 2 ch. 15, instruction pages in APM Vol. 3). VMRUN itself
+/// is only executed by the trampoline in `arch::svm::launch`, which must keep it next to the
+/// register switch.
+pub mod svm {
+    use core::arch::asm;
+
+    /// Loads FS, GS, TR and LDTR (with their hidden state), KernelGsBase, STAR, LSTAR, CSTAR,
+    /// SFMASK and SYSENTER_CS/ESP/EIP from the VMCB at physical address `vmcb_pa` (APM 15.5.2,
+    /// VMLOAD).
+    ///
+    /// # Safety
+    /// EFER.SVME is set, at CPL 0; `vmcb_pa` is a 4 KiB-aligned page holding a state-save area
+    /// whose values are valid for this CPU (else #GP, or a host running on bad segments). The
+    /// host's FS/GS/TR/SYSCALL state is replaced: the caller must restore it (see `vmsave`)
+    /// before anything relies on it, and no interrupt or NMI may arrive meanwhile (GIF = 0).
+    pub unsafe fn vmload(vmcb_pa: u64) {
+        // SAFETY: guaranteed by the caller; VMLOAD takes the physical address in RAX.
+        unsafe { asm!("vmload rax", in("rax") vmcb_pa, options(nostack, preserves_flags)) };
+    }
+
+    /// Stores FS, GS, TR, LDTR, KernelGsBase, STAR, LSTAR, CSTAR, SFMASK and
+    /// SYSENTER_CS/ESP/EIP into the VMCB at physical address `vmcb_pa` (APM 15.5.2, VMSAVE).
+    ///
+    /// # Safety
+    /// EFER.SVME is set, at CPL 0; `vmcb_pa` is a 4 KiB-aligned page Ally owns (the CPU writes
+    /// it through its physical address, outside Rust's view of memory).
+    pub unsafe fn vmsave(vmcb_pa: u64) {
+        // SAFETY: guaranteed by the caller; VMSAVE takes the physical address in RAX.
+        unsafe { asm!("vmsave rax", in("rax") vmcb_pa, options(nostack, preserves_flags)) };
+    }
+
+    /// Sets the global interrupt flag (APM 15.17, STGI): held NMIs, SMIs, INITs and (with
+    /// RFLAGS.IF) interrupts may be taken from here on.
+    ///
+    /// # Safety
+    /// EFER.SVME is set (or SKINIT is supported), at CPL 0; the host's FS/GS/TR state is its own
+    /// again and its IDT handles whatever arrives.
+    pub unsafe fn stgi() {
+        // SAFETY: guaranteed by the caller.
+        unsafe { asm!("stgi", options(nomem, nostack, preserves_flags)) };
+    }
+
+    /// Clears the global interrupt flag (APM 15.17, CLGI): interrupts, NMIs, SMIs and INITs are
+    /// held until STGI or VMRUN.
+    ///
+    /// # Safety
+    /// EFER.SVME is set, at CPL 0. While GIF = 0 nothing is delivered: the caller sets it again
+    /// (STGI, or VMRUN into the guest) in bounded time.
+    pub unsafe fn clgi() {
+        // SAFETY: guaranteed by the caller.
+        unsafe { asm!("clgi", options(nomem, nostack, preserves_flags)) };
+    }
+
+    /// Invalidates the TLB mapping of the virtual page `addr` for address space `asid`
+    /// (APM 15.16.2, INVLPGA: address in RAX, ASID in ECX).
+    ///
+    /// # Safety
+    /// EFER.SVME is set, at CPL 0. With ASID 0 it drops a host translation, so `addr` must not
+    /// be one Ally depends on being cached (it is refetched from the page tables).
+    pub unsafe fn invlpga(addr: u64, asid: u32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            asm!("invlpga rax, ecx", in("rax") addr, in("ecx") asid,
+                 options(nostack, preserves_flags))
+        };
+    }
+}

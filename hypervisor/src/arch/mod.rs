@@ -7,4 +7,5 @@ pub mod instructions;
 pub mod logger;
 pub mod pci_ports;
 pub mod serial;
+pub mod svm;
 pub mod vmx;
