@@ -6,6 +6,9 @@ use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::{CpuTables, TIMER_TICKS, TIMER_VECTOR};
 use ally_hypervisor::arch::instructions::{self, halt_forever};
 use ally_hypervisor::arch::logger;
+use ally_hypervisor::arch::svm::capabilities::SvmCapabilities;
+use ally_hypervisor::arch::svm::exits as svm_exits;
+use ally_hypervisor::arch::svm::vcpu::{SvmPages, SvmStart, SvmVcpu};
 use ally_hypervisor::arch::vmx::capabilities::VmxCapabilities;
 use ally_hypervisor::arch::vmx::launch;
 use ally_hypervisor::arch::vmx::vcpu::{StartState, Vcpu, VcpuPages};
@@ -32,13 +35,27 @@ pub enum Role {
     },
 }
 
-/// The per-vCPU resources of an OS core.
-pub struct OsCoreSetup {
+/// The per-vCPU resources of an OS core, for the backend the boot CPU chose.
+pub enum OsCoreSetup {
+    Vmx(VmxCoreSetup),
+    Svm(SvmCoreSetup),
+}
+
+/// An OS core under VMX.
+pub struct VmxCoreSetup {
     pub vpid: u16,
     pub pages: VcpuPages,
     pub eptp: u64,
     pub exit_stack_top: u64,
     pub vcpu_slot: &'static mut Option<Vcpu>,
+}
+
+/// An OS core under SVM.
+pub struct SvmCoreSetup {
+    pub caps: SvmCapabilities,
+    pub pages: SvmPages,
+    pub n_cr3: u64,
+    pub vcpu_slot: &'static mut Option<SvmVcpu>,
 }
 
 /// Rust entry of every application processor (called by the trampoline in long mode).
@@ -51,7 +68,10 @@ pub extern "C" fn ally_ap_entry(launch: &'static mut ApLaunch) -> ! {
     match &mut launch.role {
         Role::DpiCore { index, status } => dpi_loop(*index, status, launch.apic_id),
         Role::OsCore(setup) => {
-            let Err(e) = become_guest_cpu(setup, tss_base, launch.apic_id);
+            let Err(e) = match setup {
+                OsCoreSetup::Vmx(setup) => become_guest_cpu(setup, tss_base, launch.apic_id),
+                OsCoreSetup::Svm(setup) => become_svm_guest_cpu(setup, launch.apic_id),
+            };
             error!("ALLY fatal reason=\"OS core {}: {e}\"", launch.apic_id);
             halt_forever()
         }
@@ -62,7 +82,7 @@ pub extern "C" fn ally_ap_entry(launch: &'static mut ApLaunch) -> ! {
 /// emulated, see `ally_hypervisor::startup`); then a VMCS in real mode at the SIPI's vector,
 /// VMLAUNCH.
 fn become_guest_cpu(
-    setup: &mut OsCoreSetup,
+    setup: &mut VmxCoreSetup,
     tss_base: u64,
     apic_id: u32,
 ) -> Result<core::convert::Infallible, crate::start::StartError> {
@@ -102,6 +122,46 @@ fn become_guest_cpu(
         rflags,
         error: instructions::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR),
     })
+}
+
+/// SVM on this CPU: EFER.SVME, the host-save page, and Ally's own FS/GS/TR/LDTR and
+/// syscall MSRs saved for the VMLOAD after each #VMEXIT (`arch::svm::launch`).
+///
+/// # Safety
+/// Ring 0 on the CPU `pages` belong to, once, after Ally loaded this CPU's GDT and TSS;
+/// the pages are zeroed, 4 KiB-aligned and identity-mapped.
+pub unsafe fn enable_svm(caps: &SvmCapabilities, pages: &SvmPages) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        caps.enable(pages.host_save);
+        instructions::svm::vmsave(pages.host_vmcb);
+    }
+}
+
+/// SVM on this core; wait for the guest's SIPI (emulated, as under VMX); then a VMCB in real
+/// mode at the SIPI's vector and the run loop.
+fn become_svm_guest_cpu(
+    setup: &mut SvmCoreSetup,
+    apic_id: u32,
+) -> Result<core::convert::Infallible, crate::start::StartError> {
+    let vcpu = setup
+        .vcpu_slot
+        .insert(SvmVcpu::new(apic_id, setup.caps, setup.pages, setup.n_cr3));
+    let mailbox = vcpu
+        .mailbox
+        .ok_or(crate::start::StartError::NotAnOsCore(apic_id))?;
+    // SAFETY: on this AP, once, its tables loaded; the pages were allocated zeroed.
+    unsafe { enable_svm(&setup.caps, &vcpu.pages) };
+    info!("OS core {apic_id} waits for the guest's SIPI (SVM)");
+    let vector = init_sipi::wait_for_first_sipi(mailbox);
+    vcpu.configure(SvmStart::Sipi {
+        segment: u16::from(vector) << 8,
+    });
+    info!(
+        "vCPU {apic_id} started by the guest at {:#x}",
+        u32::from(vector) << 12
+    );
+    svm_exits::run_loop(vcpu)
 }
 
 /// Timer period of an idle DPI core, in APIC timer ticks (bus clocks, divide by 1).

@@ -30,6 +30,18 @@ impl FramePool {
         Some(HostPhysAddr(frame))
     }
 
+    /// `count` zeroed frames at consecutive addresses (the SVM permission maps span several
+    /// pages); returns the first one's address.
+    pub fn allocate_contiguous(&mut self, count: usize) -> Option<u64> {
+        let first = self.allocate_zeroed()?;
+        for i in 1..count as u64 {
+            // A bump allocator hands out consecutive frames.
+            let next = self.allocate_zeroed()?;
+            debug_assert_eq!(next.0, first.0 + i * PAGE_SIZE);
+        }
+        Some(first.0)
+    }
+
     /// Bytes still available.
     pub fn remaining(&self) -> u64 {
         self.end - self.next

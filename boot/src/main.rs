@@ -13,6 +13,7 @@
 
 extern crate alloc;
 
+mod backend;
 mod clock;
 mod cpus;
 mod entry;

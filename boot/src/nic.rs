@@ -27,7 +27,7 @@ use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode};
 use ally_hypervisor::guards::nic::NicTrap;
 use ally_hypervisor::memmap::{MemoryKind, MemoryMap};
-use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions};
+use ally_hypervisor::paging::{EptMemoryType, GuestPaging};
 use ally_hypervisor::pci::{self, Bar, ConfigSpace, GuardedFunction};
 use ally_hypervisor::platform::EPT_GENERATION;
 use core::sync::atomic::Ordering;
@@ -146,15 +146,15 @@ pub struct ClaimedNic {
 /// The queue engine, waiting for the first DPI core to take it.
 pub static DPI_WORK: spin::Mutex<Option<DpiWork>> = spin::Mutex::new(None);
 
-/// The EPT and the frames to extend it, handed over by the boot CPU before the guest starts,
-/// for the BAR moves the guest makes.
-static EPT_EDITOR: spin::Mutex<Option<(Ept, FramePool)>> = spin::Mutex::new(None);
+/// The EPT or NPT and the frames to extend it, handed over by the boot CPU before the guest
+/// starts, for the BAR moves the guest makes.
+static PAGING_EDITOR: spin::Mutex<Option<(GuestPaging, FramePool)>> = spin::Mutex::new(None);
 /// Where the device decodes BAR0 (it never moves).
 static DEVICE_BAR: spin::Once<u64> = spin::Once::new();
 
-/// Hands the EPT and the frame pool over for later edits (after the last start-up use).
-pub fn hand_over_ept(ept: Ept, frames: FramePool) {
-    *EPT_EDITOR.lock() = Some((ept, frames));
+/// Hands the EPT/NPT and the frame pool over for later edits (after the last start-up use).
+pub fn hand_over_paging(paging: GuestPaging, frames: FramePool) {
+    *PAGING_EDITOR.lock() = Some((paging, frames));
 }
 
 /// Moves the guest's window onto BAR0 from `from` to `to` (both already checked by the exit
@@ -162,34 +162,34 @@ pub fn hand_over_ept(ept: Ept, frames: FramePool) {
 /// (uncached) and leaves the trapped and refused ones absent.
 fn remap_registers_bar(from: u64, to: u64) -> Result<(), &'static str> {
     let device = *DEVICE_BAR.get().ok_or("no NIC claimed")?;
-    let mut editor = EPT_EDITOR.lock();
-    let (ept, frames) = editor.as_mut().ok_or("the EPT is not editable yet")?;
+    let mut editor = PAGING_EDITOR.lock();
+    let (paging, frames) = editor.as_mut().ok_or("the EPT is not editable yet")?;
     for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
         // Pages that were never mapped (the trapped ones) are fine to skip.
-        let _ = ept.unmap_page(GuestPhysAddr(from + offset), frames);
+        let _ = paging.unmap_page(GuestPhysAddr(from + offset), frames);
     }
     for offset in (0..u64::from(Reg::BAR0_SIZE)).step_by(PAGE_SIZE as usize) {
         if exits(offset as u32) {
-            let _ = ept.unmap_page(GuestPhysAddr(to + offset), frames);
+            let _ = paging.unmap_page(GuestPhysAddr(to + offset), frames);
         } else {
-            ept.map(
-                GuestPhysAddr(to + offset),
-                HostPhysAddr(device + offset),
-                PAGE_SIZE,
-                EptPermissions {
-                    read: true,
-                    write: true,
-                    execute: false,
-                },
-                EptMemoryType::Uncacheable,
-                frames,
-            )
-            .map_err(|_| "Ally's frame pool cannot hold the new EPT entries")?;
+            paging
+                .map(
+                    GuestPhysAddr(to + offset),
+                    HostPhysAddr(device + offset),
+                    PAGE_SIZE,
+                    false,
+                    EptMemoryType::Uncacheable,
+                    frames,
+                )
+                .map_err(|_| "Ally's frame pool cannot hold the new EPT entries")?;
         }
     }
     EPT_GENERATION.fetch_add(1, Ordering::AcqRel);
-    // SAFETY: in VMX root on an OS core (the exit handler); INVEPT support was checked.
-    unsafe { instructions::invept_all() };
+    // Under SVM every vCPU, this one included, flushes before its next VMRUN.
+    if let GuestPaging::Ept(_) = paging {
+        // SAFETY: in VMX root on an OS core (the exit handler); INVEPT support was checked.
+        unsafe { instructions::invept_all() };
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The boot CPU's start-up sequence (see main.rs for the order).
 
-use crate::cpus::{self, ApLaunch, OsCoreSetup, Role};
+use crate::backend::{Backend, NoBackend};
+use crate::cpus::{self, ApLaunch, OsCoreSetup, Role, SvmCoreSetup, VmxCoreSetup};
 use crate::frames::FramePool;
 use crate::relocate;
 use crate::rules;
@@ -13,7 +14,11 @@ use ally_hypervisor::addr::{GuestPhysAddr, HostPhysAddr, PhysRange, LARGE_PAGE_S
 use ally_hypervisor::arch::apic::LocalApic;
 use ally_hypervisor::arch::descriptors::CpuTables;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
-use ally_hypervisor::arch::vmx::capabilities::{VmxCapabilities, VmxError};
+use ally_hypervisor::arch::svm::capabilities::SvmCapabilities;
+use ally_hypervisor::arch::svm::exits as svm_exits;
+use ally_hypervisor::arch::svm::permission_maps;
+use ally_hypervisor::arch::svm::vcpu::{SvmPages, SvmStart, SvmVcpu};
+use ally_hypervisor::arch::vmx::capabilities::VmxError;
 use ally_hypervisor::arch::vmx::launch;
 use ally_hypervisor::arch::vmx::vcpu::{intercept_ports, StartState, Vcpu, VcpuPages};
 use ally_hypervisor::arch::{instructions, serial::COM2_BASE};
@@ -21,7 +26,7 @@ use ally_hypervisor::cmdline::{AllyOptions, CmdlineError};
 use ally_hypervisor::guest::GuestRegisters;
 use ally_hypervisor::guest_reset;
 use ally_hypervisor::memmap::{MemMapError, MemoryKind, MemoryMap, MemoryRegion};
-use ally_hypervisor::paging::{Ept, EptMemoryType, EptPermissions, PagingError};
+use ally_hypervisor::paging::{EptMemoryType, GuestPaging, PagingError};
 use ally_hypervisor::platform::{self, Canary, IdentityMemory, Platform};
 use ally_hypervisor::realmode::{self, RealModeError};
 use ally_hypervisor::reset::{AcpiResetConfig, AcpiResetPort, ResetGuard};
@@ -49,6 +54,7 @@ pub enum StartError {
     Paging(PagingError),
     OutOfFrames,
     Vmx(VmxError),
+    NoBackend(NoBackend),
     Acpi(acpi::AcpiError),
     OutOfHeap,
     Rules(ModuleError),
@@ -90,6 +96,7 @@ impl fmt::Display for StartError {
             Self::Paging(e) => write!(f, "page tables: {e}"),
             Self::OutOfFrames => write!(f, "Ally's frame pool is exhausted"),
             Self::Vmx(e) => write!(f, "{e}"),
+            Self::NoBackend(e) => write!(f, "{e}"),
             Self::Acpi(e) => write!(f, "ACPI: {e}"),
             Self::OutOfHeap => write!(f, "Ally's heap is exhausted (raise heap=)"),
             Self::Rules(e) => write!(f, "{e}"),
@@ -222,8 +229,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     info!("ALLY image size={}", image.len());
 
     // Page tables and the copy.
+    // The identity maps (Ally's and the guest's) reach the top of RAM, and at least 4 GiB for
+    // the devices below it. Reserved ranges above 4 GiB are left out: QEMU's AMD machines
+    // reserve the HyperTransport window at 1012 GiB, which would cost 4 MiB of tables for
+    // nothing behind it (a guest access there reads as nothing, like any hidden address).
     let ram_top = firmware_map
         .iter()
+        .filter(|r| r.kind != MemoryKind::Reserved || r.range.end <= FOUR_GIB)
         .map(|r| r.range.end)
         .max()
         .unwrap_or(FOUR_GIB);
@@ -250,24 +262,31 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // SAFETY: BSP_TABLES is used by this CPU alone, for ever.
     unsafe { (*core::ptr::addr_of_mut!(BSP_TABLES)).load() };
 
-    // SAFETY: ring 0 on the boot CPU.
-    let caps = unsafe { VmxCapabilities::probe_and_enable()? };
-    info!(
-        "VMX: revision {:#x}, secondary controls {:#x}, EPT/VPID caps {:#x}",
-        caps.vmcs_revision, caps.secondary, caps.ept_vpid_cap
-    );
-    log::debug!(
-        "VMX fixed bits: CR0 {:#x}/{:#x}, CR4 {:#x}/{:#x}",
-        caps.cr0_fixed0,
-        caps.cr0_fixed1,
-        caps.cr4_fixed0,
-        caps.cr4_fixed1
-    );
+    // SAFETY: ring 0 on the boot CPU, before any guest.
+    let backend = unsafe { Backend::probe() }.map_err(StartError::NoBackend)?;
+    match &backend {
+        Backend::Vmx(caps) => {
+            info!(
+                "VMX: revision {:#x}, secondary controls {:#x}, EPT/VPID caps {:#x}",
+                caps.vmcs_revision, caps.secondary, caps.ept_vpid_cap
+            );
+            log::debug!(
+                "VMX fixed bits: CR0 {:#x}/{:#x}, CR4 {:#x}/{:#x}",
+                caps.cr0_fixed0,
+                caps.cr0_fixed1,
+                caps.cr4_fixed0,
+                caps.cr4_fixed1
+            );
+        }
+        Backend::Svm(caps) => info!(
+            "SVM: revision {}, {} ASIDs, features {:#x}",
+            caps.revision, caps.asids, caps.features
+        ),
+    }
 
     // The guest's view: real-mode stubs in stolen conventional memory, filtered map, EPT.
     // SAFETY: the IVT and BDA are identity-mapped and no guest runs yet.
-    let stub =
-        unsafe { realmode::install(realmode::Hypercall::Vmcall) }.map_err(StartError::RealMode)?;
+    let stub = unsafe { realmode::install(backend.hypercall()) }.map_err(StartError::RealMode)?;
     info!("real-mode stubs at {:#x} (INT 15h hooked)", stub.base);
     let guest_map = firmware_map.without(&[region, stub.taken])?;
     for region in guest_map.iter() {
@@ -277,13 +296,13 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let (resets, sleep) = power_guards(identity_limit)?;
     let cpus = partition_cpus(identity_limit, &options)?;
 
-    let mut ept = Ept::new(&mut frames)?;
+    let mut paging = backend.new_paging(&mut frames)?;
     let ecam_windows = hide_mmconfig(identity_limit)?;
     let mut hidden = heapless::Vec::<PhysRange, 8>::new();
     let _ = hidden.push(region);
     hidden.extend(ecam_windows.iter().copied());
     map_guest_physical(
-        &mut ept,
+        &mut paging,
         &mut frames,
         &firmware_map,
         &hidden,
@@ -292,7 +311,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // The local APIC page leaves the EPT: every guest access is filtered (apic_guard.rs).
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
     let apic_base = unsafe { instructions::rdmsr(0x1B) } & 0xF_FFFF_F000;
-    ept.unmap_page(GuestPhysAddr(apic_base), &mut frames)?;
+    paging.unmap_page(GuestPhysAddr(apic_base), &mut frames)?;
 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
@@ -333,7 +352,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let bases = io_apics(identity_limit)?;
     let mut ioapics = alloc::vec::Vec::with_capacity(bases.len());
     for base in bases {
-        ept.unmap_page(GuestPhysAddr(base), &mut frames)?;
+        paging.unmap_page(GuestPhysAddr(base), &mut frames)?;
         let guard = ally_hypervisor::guards::ioapic::IoApicGuard::new(base);
         info!(
             "ALLY ioapic guarded base={base:#x} entries={}",
@@ -358,7 +377,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 1>::new();
     if let Some(claimed) = claimed {
         for page in claimed.trapped_pages {
-            ept.unmap_page(GuestPhysAddr(page), &mut frames)?;
+            paging.unmap_page(GuestPhysAddr(page), &mut frames)?;
         }
         nic_ports = claimed.ports;
         nic_trap = Some(claimed.trap);
@@ -385,7 +404,78 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         pci_interrupts,
     });
 
-    // The boot CPU's vCPU.
+    // The ports every vCPU intercepts: COM2 (Ally's), PCI configuration mechanism #1 (MSI
+    // registers and the NIC's BARs are guarded), the guest's reset and sleep requests and the
+    // NIC's I/O BAR.
+    let mut ports = heapless::Vec::<core::ops::Range<u32>, 16>::new();
+    let _ = ports.push(u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
+    let _ = ports.push(0xCF8..0xD00);
+    for (port, count) in platform.resets.ports().chain(platform.sleep.ports()) {
+        ports
+            .push(u32::from(port)..u32::from(port) + u32::from(count))
+            .map_err(|_| StartError::OutOfFrames)?;
+    }
+    for range in nic_ports {
+        ports.push(range).map_err(|_| StartError::OutOfFrames)?;
+    }
+    let guest = GuestStart {
+        cpus: &cpus,
+        stub: &stub,
+        paging,
+        frames,
+        dpi_status,
+        ports: &ports,
+    };
+    match backend {
+        Backend::Vmx(caps) => launch_vmx(caps, guest),
+        Backend::Svm(caps) => launch_svm(caps, guest),
+    }
+}
+
+/// What the boot CPU hands the backend to start the guest with.
+struct GuestStart<'a> {
+    cpus: &'a CpuPartition,
+    stub: &'a realmode::RealModeStub,
+    paging: GuestPaging,
+    frames: FramePool,
+    dpi_status: &'static DpiStatus,
+    ports: &'a [core::ops::Range<u32>],
+}
+
+/// Records what a guest reboot restores (conventional memory, the 8259 masks), as the
+/// guest's first instruction finds it; then the nested paging is the BAR-move path's.
+fn before_first_guest_instruction(
+    paging: GuestPaging,
+    frames: FramePool,
+) -> Result<(), StartError> {
+    // From here on the EPT/NPT changes only when the guest moves the NIC's BAR.
+    crate::nic::hand_over_paging(paging, frames);
+    let reset_buffer = leak_zeroed(guest_reset::LOW_MEMORY_BYTES)?;
+    // SAFETY: on the boot CPU, just before the guest first runs (the other OS cores wait for
+    // its SIPI); the buffer was just allocated, is never freed and nothing else uses it.
+    unsafe {
+        guest_reset::record_boot_state(core::slice::from_raw_parts_mut(
+            reset_buffer,
+            guest_reset::LOW_MEMORY_BYTES,
+        ))
+    };
+    info!("ALLY guest-start");
+    Ok(())
+}
+
+/// VMX: the shared MSR and I/O bitmaps, the OS cores, the boot CPU's VMCS, VMLAUNCH.
+fn launch_vmx(
+    caps: ally_hypervisor::arch::vmx::capabilities::VmxCapabilities,
+    guest: GuestStart<'_>,
+) -> Result<Infallible, StartError> {
+    let GuestStart {
+        cpus,
+        stub,
+        paging,
+        mut frames,
+        dpi_status,
+        ports,
+    } = guest;
     // The MSR and I/O bitmaps are the same for every vCPU: one copy, shared.
     let pages = VcpuPages {
         vmxon: frame(&mut frames)?,
@@ -399,22 +489,25 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         ally_hypervisor::msr::fill_bitmap(&mut *(pages.msr_bitmap as *mut [u8; 4096]));
         let io_a = &mut *(pages.io_bitmap_a as *mut [u8; 4096]);
         let io_b = &mut *(pages.io_bitmap_b as *mut [u8; 4096]);
-        intercept_ports(io_a, io_b, u32::from(COM2_BASE)..u32::from(COM2_BASE) + 8);
-        // PCI configuration mechanism #1: MSI registers and the NIC's BARs are guarded.
-        intercept_ports(io_a, io_b, 0xCF8..0xD00);
-        // The guest's reset and sleep requests.
-        for (port, count) in platform.resets.ports().chain(platform.sleep.ports()) {
-            intercept_ports(
-                io_a,
-                io_b,
-                u32::from(port)..u32::from(port) + u32::from(count),
-            );
-        }
-        for ports in nic_ports {
-            intercept_ports(io_a, io_b, ports);
+        for range in ports {
+            intercept_ports(io_a, io_b, range.clone());
         }
     }
-    start_application_processors(&cpus, &stub, pages, ept.eptp(), dpi_status, &mut frames)?;
+    let eptp = paging.root_pointer();
+    start_application_processors(cpus, stub, dpi_status, &mut frames, &mut |frames| {
+        let exit_stack = leak_zeroed(EXIT_STACK_SIZE)? as u64;
+        Ok(OsCoreSetup::Vmx(VmxCoreSetup {
+            vpid: 0,
+            pages: VcpuPages {
+                vmxon: frame(frames)?,
+                vmcs: frame(frames)?,
+                ..pages
+            },
+            eptp,
+            exit_stack_top: exit_stack + EXIT_STACK_SIZE as u64 - 16,
+            vcpu_slot: Box::leak(Box::new(None)),
+        }))
+    })?;
     info!("frame pool: {} KiB left", frames.remaining() / 1024);
 
     // SAFETY: BSP_VCPU is written once here, before the first VM exit can read it.
@@ -439,7 +532,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     // SAFETY: BSP_TABLES was loaded above and lives for ever.
     let tss_base = unsafe { (*core::ptr::addr_of!(BSP_TABLES)).tss_base() };
     vcpu.configure(
-        ept.eptp(),
+        eptp,
         StartState::RealMode {
             segment: stub.segment,
         },
@@ -449,29 +542,80 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
     )?;
     // SAFETY: EPT and VPID were checked in `probe_and_enable`.
     unsafe { instructions::invept_all() };
-
-    // From here on the EPT changes only when the guest moves the NIC's BAR.
-    crate::nic::hand_over_ept(ept, frames);
-
-    // What a guest reboot restores (conventional memory, the 8259 masks), as the guest's
-    // first instruction finds it.
-    let reset_buffer = leak_zeroed(guest_reset::LOW_MEMORY_BYTES)?;
-    // SAFETY: on the boot CPU, just before the guest first runs (the other OS cores wait for
-    // its SIPI); the buffer was just allocated, is never freed and nothing else uses it.
-    unsafe {
-        guest_reset::record_boot_state(core::slice::from_raw_parts_mut(
-            reset_buffer,
-            guest_reset::LOW_MEMORY_BYTES,
-        ))
-    };
-
-    info!("ALLY guest-start");
+    before_first_guest_instruction(paging, frames)?;
     // SAFETY: the VMCS is complete and current; exits land on the exit stack set above.
     let rflags = unsafe { launch::vmlaunch(&GuestRegisters::default()) };
     Err(StartError::GuestEntryFailed {
         rflags,
         error: instructions::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR),
     })
+}
+
+/// SVM: the shared I/O and MSR permission maps, the OS cores, the boot CPU's VMCB, the run
+/// loop.
+fn launch_svm(caps: SvmCapabilities, guest: GuestStart<'_>) -> Result<Infallible, StartError> {
+    let GuestStart {
+        cpus,
+        stub,
+        paging,
+        mut frames,
+        dpi_status,
+        ports,
+    } = guest;
+    let iopm = frames
+        .allocate_contiguous(permission_maps::IOPM_BYTES / PAGE_SIZE as usize)
+        .ok_or(StartError::OutOfFrames)?;
+    let msrpm = frames
+        .allocate_contiguous(permission_maps::MSRPM_BYTES / PAGE_SIZE as usize)
+        .ok_or(StartError::OutOfFrames)?;
+    // SAFETY: both maps were just allocated, zeroed, contiguous and identity-mapped.
+    unsafe {
+        let iopm = &mut *(iopm as *mut [u8; permission_maps::IOPM_BYTES]);
+        for range in ports {
+            permission_maps::intercept_ports(iopm, range.clone());
+        }
+        permission_maps::fill_msrpm(&mut *(msrpm as *mut [u8; permission_maps::MSRPM_BYTES]));
+    }
+    let n_cr3 = paging.root_pointer();
+    let shared = SvmPages {
+        vmcb: 0,
+        host_save: 0,
+        host_vmcb: 0,
+        iopm,
+        msrpm,
+    };
+    start_application_processors(cpus, stub, dpi_status, &mut frames, &mut |frames| {
+        Ok(OsCoreSetup::Svm(SvmCoreSetup {
+            caps,
+            pages: SvmPages {
+                vmcb: frame(frames)?,
+                host_save: frame(frames)?,
+                host_vmcb: frame(frames)?,
+                ..shared
+            },
+            n_cr3,
+            vcpu_slot: Box::leak(Box::new(None)),
+        }))
+    })?;
+    info!("frame pool: {} KiB left", frames.remaining() / 1024);
+    let pages = SvmPages {
+        vmcb: frame(&mut frames)?,
+        host_save: frame(&mut frames)?,
+        host_vmcb: frame(&mut frames)?,
+        ..shared
+    };
+    let vcpu = Box::leak(Box::new(SvmVcpu::new(cpus.boot_cpu, caps, pages, n_cr3)));
+    vcpu.mailbox
+        .ok_or(StartError::NotAnOsCore(cpus.boot_cpu))?
+        .set_running();
+    // SAFETY: on the boot CPU, once, with Ally's GDT, TSS and segment bases loaded; the pages
+    // are zeroed, aligned and identity-mapped.
+    unsafe { crate::cpus::enable_svm(&caps, &pages) };
+    vcpu.configure(SvmStart::Boot {
+        segment: stub.segment,
+    });
+    before_first_guest_instruction(paging, frames)?;
+    svm_exits::run_loop(vcpu)
 }
 
 /// PCI Express enhanced configuration (MMCONFIG, PCI Firmware 3.0 4.1.2): when the firmware
@@ -541,7 +685,7 @@ fn guard_pci_interrupts(
 /// Identity EPT of guest-physical memory: RAM write-back, everything else uncached, Ally's
 /// region absent. 2 MiB pages where a whole large page has one kind, 4 KiB pages elsewhere.
 fn map_guest_physical(
-    ept: &mut Ept,
+    paging: &mut GuestPaging,
     frames: &mut FramePool,
     map: &MemoryMap,
     hidden: &[PhysRange],
@@ -571,11 +715,11 @@ fn map_guest_physical(
         } else {
             EptMemoryType::Uncacheable
         };
-        ept.map(
+        paging.map(
             GuestPhysAddr(range.start),
             HostPhysAddr(range.start),
             range.len(),
-            EptPermissions::ALL,
+            true,
             memtype,
             frames,
         )
@@ -855,14 +999,13 @@ fn leak_zeroed(size: usize) -> Result<*mut u8, StartError> {
 }
 
 /// Wakes every CPU but the boot CPU, one at a time: DPI cores enter the DPI loop, OS cores
-/// wait in VMX non-root operation for the guest's SIPI.
+/// (given their resources by `os_core`) wait for the guest's SIPI.
 fn start_application_processors(
     cpus: &CpuPartition,
     stub: &realmode::RealModeStub,
-    bsp_pages: VcpuPages,
-    eptp: u64,
     dpi_status: &'static DpiStatus,
     frames: &mut FramePool,
+    os_core: &mut dyn FnMut(&mut FramePool) -> Result<OsCoreSetup, StartError>,
 ) -> Result<(), StartError> {
     // SAFETY: the trampoline page is Ally's (taken from conventional memory above) and
     // identity-mapped; Ally's page tables lie below 4 GiB in its region.
@@ -886,20 +1029,12 @@ fn start_application_processors(
                 status: dpi_status,
             }
         } else {
-            let pages = VcpuPages {
-                vmxon: frame(frames)?,
-                vmcs: frame(frames)?,
-                ..bsp_pages
-            };
-            let exit_stack = leak_zeroed(EXIT_STACK_SIZE)? as u64;
-            next_vpid += 1;
-            Role::OsCore(OsCoreSetup {
-                vpid: next_vpid - 1,
-                pages,
-                eptp,
-                exit_stack_top: exit_stack + EXIT_STACK_SIZE as u64 - 16,
-                vcpu_slot: Box::leak(Box::new(None)),
-            })
+            let mut setup = os_core(frames)?;
+            if let OsCoreSetup::Vmx(vmx) = &mut setup {
+                vmx.vpid = next_vpid;
+                next_vpid += 1;
+            }
+            Role::OsCore(setup)
         };
         let launch = Box::leak(Box::new(ApLaunch {
             apic_id,

@@ -913,6 +913,77 @@ impl Npt {
     }
 }
 
+/// The guest's nested paging, whichever the CPU has: Intel's EPT or AMD's nested page
+/// tables. Start-up and the BAR-move path edit it without caring which.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum GuestPaging {
+    Ept(Ept),
+    Npt(Npt),
+}
+
+impl GuestPaging {
+    /// What the VMCS (EPTP) or the VMCB (N_CR3) points at.
+    pub fn root_pointer(&self) -> u64 {
+        match self {
+            GuestPaging::Ept(ept) => ept.eptp(),
+            GuestPaging::Npt(npt) => npt.ncr3(),
+        }
+    }
+
+    /// Maps `[gpa, gpa+len)` to `[hpa, hpa+len)` readable and writable, executable when
+    /// `execute` (NPT has no execute-only or non-executable choice per entry here: its leaves
+    /// are always executable), with `memtype`.
+    pub fn map<M: TableMemory + FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        len: u64,
+        execute: bool,
+        memtype: MemoryType,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        match self {
+            GuestPaging::Ept(ept) => ept.map(
+                gpa,
+                hpa,
+                len,
+                EptPermissions {
+                    read: true,
+                    write: true,
+                    execute,
+                },
+                memtype,
+                mem,
+            ),
+            GuestPaging::Npt(npt) => npt.map(gpa, hpa, len, true, memtype, mem),
+        }
+    }
+
+    /// Removes the 4 KiB page at `gpa`; the caller flushes the guest's translations.
+    pub fn unmap_page<M: TableMemory + FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        match self {
+            GuestPaging::Ept(ept) => ept.unmap_page(gpa, mem),
+            GuestPaging::Npt(npt) => npt.unmap_page(gpa, mem),
+        }
+    }
+
+    /// The host-physical address `gpa` maps to, or `None` when it is absent.
+    pub fn translate(
+        &self,
+        gpa: GuestPhysAddr,
+        mem: &mut impl TableMemory,
+    ) -> Option<HostPhysAddr> {
+        match self {
+            GuestPaging::Ept(ept) => ept.translate(gpa, mem).map(|t| t.hpa),
+            GuestPaging::Npt(npt) => npt.translate(gpa, mem).map(|t| t.hpa),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1650,5 +1721,51 @@ mod tests {
         // Left to the MTRRs.
         assert_eq!(npt_cache_bits(MemoryType::WriteCombining), 0);
         assert_eq!(npt_cache_bits(MemoryType::WriteProtected), 0);
+    }
+
+    #[test]
+    fn guest_paging_edits_either_format_alike() {
+        for npt in [false, true] {
+            let mut mem = FakeMem::new(64);
+            let mut paging = if npt {
+                GuestPaging::Npt(Npt::new(&mut mem).unwrap())
+            } else {
+                GuestPaging::Ept(Ept::new(&mut mem).unwrap())
+            };
+            let root = match paging {
+                GuestPaging::Ept(e) => e.eptp() & !0xFFF,
+                GuestPaging::Npt(n) => n.ncr3() & !0xFFF,
+            };
+            assert_eq!(paging.root_pointer() & !0xFFF, root);
+            paging
+                .map(
+                    gpa(0),
+                    hpa(0),
+                    2 * MIB,
+                    true,
+                    MemoryType::WriteBack,
+                    &mut mem,
+                )
+                .unwrap();
+            assert_eq!(paging.translate(gpa(0x1234), &mut mem), Some(hpa(0x1234)));
+            paging.unmap_page(gpa(0x1234), &mut mem).unwrap();
+            assert_eq!(paging.translate(gpa(0x1234), &mut mem), None);
+            assert_eq!(paging.translate(gpa(0x2234), &mut mem), Some(hpa(0x2234)));
+            // A page moved elsewhere, as a BAR move does.
+            paging
+                .map(
+                    gpa(0x1000),
+                    hpa(0xFEB0_1000),
+                    0x1000,
+                    false,
+                    MemoryType::Uncacheable,
+                    &mut mem,
+                )
+                .unwrap();
+            assert_eq!(
+                paging.translate(gpa(0x1010), &mut mem),
+                Some(hpa(0xFEB0_1010))
+            );
+        }
     }
 }

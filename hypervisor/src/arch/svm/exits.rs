@@ -164,6 +164,8 @@ fn counted_as(code: SvmExitCode, exit_info1: u64) -> u32 {
 pub fn run_loop(vcpu: &mut SvmVcpu) -> ! {
     crate::vcpu::registry::register_exit_counters(vcpu.apic_id, &vcpu.exits);
     loop {
+        // After the exit's work: a BAR move it made is flushed before this VMRUN.
+        sync_npt(vcpu);
         vcpu.run();
         handle_exit(vcpu);
     }
@@ -185,11 +187,10 @@ fn handle_exit(vcpu: &mut SvmVcpu) {
     let code = SvmExitCode::from_raw(raw_code);
     let counted = counted_as(code, info1);
     vcpu.exits.record(counted);
-    sync_npt(vcpu);
 
     // Where the exiting instruction ends: nRIP when the CPU saves it (APM 15.7.1), else the
     // architectural length of the intercepted instruction.
-    vcpu.next_rip = if vcpu.caps.nrip_save && next_rip != 0 {
+    vcpu.next_rip = if vcpu.caps.has(super::capabilities::feature::NRIP_SAVE) && next_rip != 0 {
         Some(next_rip)
     } else {
         match code {
@@ -328,10 +329,7 @@ fn handle_efer(regs: &mut GuestRegisters, vcpu: &mut SvmVcpu, info1: u64) -> Exi
     let paging = vmcb_ref(cpu.vcpu).save.cr0 & (1 << 31) != 0;
     // Reserved bits, SVME (disabled by firmware, as VM_CR says), or LME changed while paging
     // is on: #GP (APM Vol. 2 3.1.7, 15.4).
-    if value & !DEFINED != 0
-        || value & EFER_SVME != 0
-        || (paging && (value ^ current) & LME != 0)
-    {
+    if value & !DEFINED != 0 || value & EFER_SVME != 0 || (paging && (value ^ current) & LME != 0) {
         cpu.inject_exception(VECTOR_GP, Some(0));
         return Ok(());
     }
