@@ -577,6 +577,10 @@ fn launch_svm(caps: SvmCapabilities, guest: GuestStart<'_>) -> Result<Infallible
         permission_maps::fill_msrpm(&mut *(msrpm as *mut [u8; permission_maps::MSRPM_BYTES]));
     }
     let n_cr3 = paging.root_pointer();
+    // No preemption timer under SVM: a running OS core is sent a real INIT (intercepted)
+    // when an INIT waits in its mailbox.
+    ally_hypervisor::guards::init_sipi::KICK_WITH_INIT
+        .store(true, core::sync::atomic::Ordering::Relaxed);
     let shared = SvmPages {
         vmcb: 0,
         host_save: 0,

@@ -73,10 +73,11 @@ impl FromStr for Machine {
 pub struct QemuMachine {
     pub cpus: u32,
     pub memory_mib: u64,
-    /// KVM with the host CPU and its VMX, else TCG.
-    pub kvm: bool,
+    /// KVM with the host CPU and its extension (VMX on Intel hosts, SVM on AMD hosts), or
+    /// TCG (`None`).
+    pub kvm: Option<HostExtension>,
     pub machine: Machine,
-    /// `-cpu` (`None`: `host,+vmx` under KVM, [`QEMU_TCG_CPU`] under TCG).
+    /// `-cpu` (`None`: `host,+vmx` or `host,+svm` under KVM, [`QEMU_TCG_CPU`] under TCG).
     pub cpu: Option<String>,
 }
 
@@ -152,12 +153,47 @@ impl fmt::Display for EmulatorError {
 
 impl std::error::Error for EmulatorError {}
 
-/// Whether `cpuinfo` (the text of /proc/cpuinfo) lists the `vmx` flag.
-pub fn cpuinfo_has_vmx(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|w| w == "vmx"))
+/// The virtualization extension a KVM host offers its guests (nested under KVM, Ally runs on
+/// it): Intel's VMX or AMD's SVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostExtension {
+    Vmx,
+    Svm,
+}
+
+impl HostExtension {
+    /// QEMU's `-cpu` for it: the host CPU with the extension passed through.
+    pub fn qemu_cpu(self) -> &'static str {
+        match self {
+            HostExtension::Vmx => "host,+vmx",
+            HostExtension::Svm => "host,+svm",
+        }
+    }
+}
+
+/// The extension `cpuinfo` (the text of /proc/cpuinfo) lists in its `flags`, if any.
+pub fn cpuinfo_extension(cpuinfo: &str) -> Option<HostExtension> {
+    let flags = |name: &str| {
+        cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|w| w == name))
+    };
+    if flags("vmx") {
+        Some(HostExtension::Vmx)
+    } else if flags("svm") {
+        Some(HostExtension::Svm)
+    } else {
+        None
+    }
+}
+
+/// The extension this host's KVM offers, when /proc/cpuinfo names one.
+pub fn host_extension() -> Option<HostExtension> {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .as_deref()
+        .and_then(cpuinfo_extension)
 }
 
 fn in_path(program: &str) -> bool {
@@ -171,8 +207,13 @@ pub fn kvm_unavailable_reason() -> Option<String> {
         return Some("/dev/kvm does not exist".into());
     }
     match fs::read_to_string("/proc/cpuinfo") {
-        Ok(c) if cpuinfo_has_vmx(&c) => {}
-        Ok(_) => return Some("the CPU has no vmx flag (no VT-x, or no nested VT-x)".into()),
+        Ok(c) if cpuinfo_extension(&c).is_some() => {}
+        Ok(_) => {
+            return Some(
+                "the CPU has neither the vmx nor the svm flag (no VT-x or AMD-V, or no nested virtualization)"
+                    .into(),
+            )
+        }
         Err(e) => return Some(format!("/proc/cpuinfo: {e}")),
     }
     if !in_path("qemu-system-x86_64") {
@@ -271,10 +312,9 @@ pub fn qemu_command(files: &MachineFiles, m: &QemuMachine) -> Command {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    let (accel, default_cpu) = if m.kvm {
-        ("kvm", "host,+vmx")
-    } else {
-        ("tcg", QEMU_TCG_CPU)
+    let (accel, default_cpu) = match m.kvm {
+        Some(extension) => ("kvm", extension.qemu_cpu()),
+        None => ("tcg", QEMU_TCG_CPU),
     };
     let mut c = Command::new("qemu-system-x86_64");
     c.arg("-machine")
@@ -414,7 +454,8 @@ pub fn start(
                 &QemuMachine {
                     cpus,
                     memory_mib,
-                    kvm: emulator == Emulator::QemuKvm,
+                    kvm: (emulator == Emulator::QemuKvm)
+                        .then(|| host_extension().unwrap_or(HostExtension::Vmx)),
                     machine,
                     cpu: qemu_cpu.map(str::to_string),
                 },
@@ -570,9 +611,17 @@ mod tests {
 
     #[test]
     fn vmx_flag_detection() {
-        assert!(cpuinfo_has_vmx("processor : 0\nflags : fpu vme vmx sse\n"));
-        assert!(!cpuinfo_has_vmx("flags : fpu svm sse\nvmx flags : ept\n"));
-        assert!(!cpuinfo_has_vmx(""));
+        assert_eq!(
+            cpuinfo_extension("processor : 0\nflags : fpu vme vmx sse\n"),
+            Some(HostExtension::Vmx)
+        );
+        assert_eq!(
+            cpuinfo_extension("flags : fpu svm sse\nvmx flags : ept\n"),
+            Some(HostExtension::Svm)
+        );
+        assert_eq!(cpuinfo_extension("flags : fpu sse\n"), None);
+        assert_eq!(cpuinfo_extension(""), None);
+        assert_eq!(HostExtension::Svm.qemu_cpu(), "host,+svm");
     }
 
     #[test]
@@ -596,7 +645,7 @@ mod tests {
         QemuMachine {
             cpus: 2,
             memory_mib: 1024,
-            kvm,
+            kvm: kvm.then_some(HostExtension::Vmx),
             machine,
             cpu: None,
         }

@@ -107,7 +107,6 @@ fn ally_hides_its_region_and_guest_pings() {
 /// workload, attacks, reset chain and checks) with Ally's SVM backend under QEMU's TCG on an
 /// AMD CPU with SVM and nested paging, on the i440FX `pc` machine (IDE, no MMCONFIG).
 #[test]
-#[ignore = "needs the SVM backend (issue 13)"]
 fn ally_svm_under_qemu_pc() {
     ally_boot_passes_every_check("e2e-ally-svm-pc", 2, two_cpu_net(), "", Some(Machine::Pc));
 }

@@ -120,6 +120,19 @@ impl LocalApic {
         }
     }
 
+    /// An INIT (level assert) to `apic_id` from an OS core's exit handler, leaving the guest's
+    /// view of the ICR's high dword as it was. Only for an OS core that runs its guest with
+    /// INIT intercepted (SVM, APM 15.13.2): the INIT becomes a #VMEXIT there, never a reset.
+    pub fn send_init_preserving_guest(&self, apic_id: u32) {
+        if self.x2apic {
+            self.send_ipi(apic_id, ICR_INIT | ICR_LEVEL_ASSERT);
+        } else {
+            let guest_high = self.read(REG_ICR_HIGH);
+            self.send_ipi(apic_id, ICR_INIT | ICR_LEVEL_ASSERT);
+            self.write(REG_ICR_HIGH, guest_high);
+        }
+    }
+
     /// INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1, MP initialization): starts `apic_id` in real mode
     /// at `vector << 12`.
     pub fn start_application_processor(&self, apic_id: u32, vector: u8) {

@@ -278,19 +278,11 @@ fn dispatch(
             SvmExit { vcpu }.skip_instruction();
             Ok(())
         }
-        SvmExitCode::Init => {
-            // The guest's INITs never reach an OS core (the ICR filter emulates them): this
-            // one came from the platform, or from Ally to make a vCPU leave the guest; the
-            // mailbox says which.
-            let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
-                "INIT on a CPU that is no OS core",
-            ))?;
-            let reset = mailbox.take_init().unwrap_or_else(|| {
-                mailbox.init();
-                mailbox.take_init().unwrap_or(PendingReset::WaitForSipi)
-            });
-            take_pending_init(regs, vcpu, reset)
-        }
+        // The guest's INITs never reach an OS core (the ICR filter emulates them); a real
+        // INIT is Ally's kick for an INIT in the mailbox (`init_sipi::KICK_WITH_INIT`),
+        // taken above. One that finds the mailbox empty came after the vCPU had already
+        // left the guest for it: nothing to do.
+        SvmExitCode::Init => Ok(()),
         // The guest tried to use SVM, which Ally hides: #UD as on a CPU without it.
         SvmExitCode::Vmrun
         | SvmExitCode::Vmload
