@@ -431,6 +431,7 @@ impl DpiWork {
                 });
             }
             if let Some(mut published) = PUBLISHED.try_lock() {
+                self.engine.sample_device_statistics();
                 *published = Some(self.engine.counters().clone());
                 self.polls_since_publish = 0;
                 if requested {
@@ -555,6 +556,7 @@ pub fn report() {
             }
         }
     }
+    info!("ALLY nic-device missed={}", counters.device_missed);
     info!(
         "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={} irqs-moderated={} dpi-wake-ipis={}",
         counters.config_changes,

@@ -204,6 +204,10 @@ pub struct Counters {
     pub resets: u64,
     /// Guest interrupts raised (shadow causes set).
     pub irqs_raised: u64,
+    /// Frames the device itself dropped before they reached a ring (its Missed Packets
+    /// Count, summed over [`DpiNic::sample_device_statistics`]): the DPI ring ran out of
+    /// buffers (Ally fell behind) or the device's FIFO overflowed.
+    pub device_missed: u64,
     /// From a guest tail write (doorbell) to the DPI core acting on it, busy or not.
     pub wake_latency: WakeLatency,
     /// The same, for doorbells that found the DPI core waiting (MWAIT or HLT): how fast an
@@ -631,6 +635,12 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// The engine's counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Adds the device's clear-on-read statistics to the counters (called with each
+    /// publication of the counters, not per poll: one register read).
+    pub fn sample_device_statistics(&mut self) {
+        self.counters.device_missed += u64::from(self.real.read32(Reg::MPC));
     }
 
     /// The hook (e.g. to read an engine's own statistics).
