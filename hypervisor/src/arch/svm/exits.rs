@@ -24,6 +24,9 @@ use log::{error, info};
 
 const IA32_EFER: u32 = 0xC000_0080;
 
+/// How many exits of each vCPU are logged at debug level.
+const FIRST_EXITS_LOGGED: u64 = 40;
+
 /// One exit's view of the VMCB, for the vendor-neutral policy.
 struct SvmExit<'a> {
     vcpu: &'a mut SvmVcpu,
@@ -187,6 +190,20 @@ fn handle_exit(vcpu: &mut SvmVcpu) {
     let code = SvmExitCode::from_raw(raw_code);
     let counted = counted_as(code, info1);
     vcpu.exits.record(counted);
+    // The first exits of each vCPU, to follow a start-up in the log (debug level only).
+    if log::log_enabled!(log::Level::Debug) && vcpu.exits.total() <= FIRST_EXITS_LOGGED {
+        let v = vmcb_ref(vcpu);
+        log::debug!(
+            "vCPU {} exit {} code={raw_code:#x} info1={info1:#x} info2={info2:#x} int_info={int_info:#x} rip={rip:#x} cs={:#x}/{:#x} cr0={:#x} efer={:#x} rflags={:#x}",
+            vcpu.apic_id,
+            vcpu.exits.total(),
+            v.save.cs.selector,
+            v.save.cs.attrib,
+            v.save.cr0,
+            v.save.efer,
+            v.save.rflags
+        );
+    }
 
     // Where the exiting instruction ends: nRIP when the CPU saves it (APM 15.7.1), else the
     // architectural length of the intercepted instruction.

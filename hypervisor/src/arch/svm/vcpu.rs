@@ -147,6 +147,12 @@ impl SvmVcpu {
             let v = self.vmcb();
             v.save.rax = rax;
             v.save.rsp = rsp;
+            // EFER.SVME is Ally's (the guest reads EFER without it, `exits::handle_efer`), and
+            // VMRUN refuses a guest state without it (APM 15.5.1). The guest's own SMM can
+            // clear it behind Ally's back: an SMI taken in the guest (QEMU's q35 firmware
+            // uses SMM to enter 32-bit mode) loads EFER = 0 and RSM restores what the SMM
+            // handler saved.
+            v.save.efer |= vmcb::EFER_SVME;
         }
         let (vmcb_pa, host_pa) = (self.pages.vmcb, self.pages.host_vmcb);
         // SAFETY: the VMCB is complete (configure), the host-save area was registered in
