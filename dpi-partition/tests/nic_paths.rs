@@ -883,3 +883,28 @@ fn nic_device_missed_frames_are_summed_across_samples() {
     assert_eq!(e.dpi.counters().device_missed, 5);
     assert_eq!(e.model.read32(Reg::MPC), 0, "read clears the count");
 }
+
+/// The last frame taken off the wire is fingerprinted (length and FNV-1a 64) with each
+/// sample, from the DPI buffer that still holds it.
+#[test]
+fn nic_last_received_frame_is_fingerprinted() {
+    use ally_dpi::nic::dpi::{fnv1a, FINGERPRINT_BYTES, FNV_OFFSET};
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
+    e.setup(64, 64, 2048);
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().last_rx_frame, None);
+    let frames: Vec<Vec<u8>> = (0..5)
+        .map(|i| frame(100 + i, 64 + 300 * i as usize))
+        .collect();
+    for f in &frames {
+        e.model.inject(f);
+    }
+    e.run();
+    assert_eq!(e.guest_rx().len(), 5);
+    e.dpi.sample_device_statistics();
+    let last = frames.last().unwrap();
+    assert_eq!(
+        e.dpi.counters().last_rx_frame,
+        Some((last.len(), fnv1a(FNV_OFFSET, &last[..FINGERPRINT_BYTES])))
+    );
+}

@@ -792,7 +792,13 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             let capture = crate::wire::Capture::of_run(emulator, &files);
             match capture.scan(&forbidden) {
                 Ok(wire) => {
-                    all_checks.push(checks::nic_wire_balance(&ally, &wire.counts));
+                    let after_last = ally
+                        .all("nic-rx-last")
+                        .last()
+                        .and_then(|l| l.fields.get("fnv60"))
+                        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+                        .and_then(|h| wire.frames_after(h));
+                    all_checks.push(checks::nic_wire_balance(&ally, &wire.counts, after_last));
                     all_checks.push(crate::wire::wire_clean_check(&wire, &capture));
                 }
                 Err(e) => {

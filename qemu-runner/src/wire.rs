@@ -37,6 +37,28 @@ pub struct WireCounts {
 const TO_HOST: &str = "a packet from guest to host, length ";
 const TO_GUEST: &str = "a packet from host to guest, length ";
 
+/// A frame's fingerprint as Ally computes it (`ally_dpi::nic::dpi::FINGERPRINT_BYTES`).
+pub fn fingerprint(frame: &[u8]) -> u64 {
+    use ally_dpi::nic::dpi::{fnv1a, FINGERPRINT_BYTES, FNV_OFFSET};
+    fnv1a(FNV_OFFSET, &frame[..frame.len().min(FINGERPRINT_BYTES)])
+}
+
+impl WireFindings {
+    /// Unicast and broadcast frames to the guest after the last one whose fingerprint is
+    /// `last` (the last frame Ally received): the device received in wire order, so those
+    /// came after Ally's final count. `None` when the capture has no such frame (or no frame
+    /// bytes, as Bochs' log).
+    pub fn frames_after(&self, last: u64) -> Option<u64> {
+        let at = self.to_guest_frames.iter().rposition(|&(f, _)| f == last)?;
+        Some(
+            self.to_guest_frames[at + 1..]
+                .iter()
+                .filter(|&&(_, multicast)| !multicast)
+                .count() as u64,
+        )
+    }
+}
+
 /// Whether `frame`'s destination is a multicast address other than the broadcast one (the
 /// I/G bit of the first octet, IEEE 802-2014 8.2).
 pub fn is_multicast(frame: &[u8]) -> bool {
@@ -61,6 +83,10 @@ pub struct Forbidden {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WireFindings {
     pub counts: WireCounts,
+    /// Each frame to the guest, in wire order, as `(fingerprint, multicast)`: FNV-1a 64 of
+    /// its first 60 bytes, as Ally fingerprints the last frame it received
+    /// (`ALLY nic-rx-last`). Only from QEMU's pcaps.
+    pub to_guest_frames: Vec<(u64, bool)>,
     /// `(name, frames that contain it)`, in the order of [`Forbidden::needles`].
     pub hits: Vec<(String, u64)>,
     pub pause_frames: u64,
@@ -409,9 +435,14 @@ pub fn scan_pcaps(
         let counts = &mut scanner.findings.counts;
         counts.to_guest_frames += 1;
         counts.to_guest_bytes += f.len() as u64;
-        if is_multicast(f) {
+        let multicast = is_multicast(f);
+        if multicast {
             counts.to_guest_multicast += 1;
         }
+        scanner
+            .findings
+            .to_guest_frames
+            .push((fingerprint(f), multicast));
     })
     .map_err(with_path(to_guest))?;
     Ok(scanner.finish())
@@ -624,5 +655,27 @@ mod tests {
         assert!(!is_multicast(&[0xff; 14]));
         assert!(!is_multicast(&[0x52, 0x54, 0, 0x12, 0x34, 0x56, 8, 0]));
         assert!(!is_multicast(&[0x33, 0x33]));
+    }
+
+    #[test]
+    fn frames_after_the_last_copy_of_allys_last_frame() {
+        let findings = WireFindings {
+            to_guest_frames: vec![
+                (1, false),
+                (2, false),
+                (7, true),
+                (2, false),
+                (3, false),
+                (9, true),
+                (4, false),
+            ],
+            ..WireFindings::default()
+        };
+        // After the last copy of 2: frames 3 and 4 (the multicast one is counted apart).
+        assert_eq!(findings.frames_after(2), Some(2));
+        assert_eq!(findings.frames_after(4), Some(0));
+        assert_eq!(findings.frames_after(5), None);
+        assert_eq!(fingerprint(&[0u8; 100]), fingerprint(&[0u8; 60]));
+        assert_ne!(fingerprint(&[0u8; 59]), fingerprint(&[0u8; 60]));
     }
 }

@@ -114,7 +114,6 @@ fn ally_svm_under_qemu_pc() {
 /// [`ally_svm_under_qemu_pc`] on the `q35` machine: MMCONFIG with an ACPI MCFG table (which
 /// Ally must guard or hide), AHCI instead of IDE, the same e1000.
 #[test]
-#[ignore = "needs the SVM backend (issue 13)"]
 fn ally_svm_under_qemu_q35() {
     ally_boot_passes_every_check("e2e-ally-svm-q35", 2, two_cpu_net(), "", Some(Machine::Q35));
 }
@@ -165,6 +164,29 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
         ..NetOptions::default()
     };
     ally_boot_passes_every_check("e2e-ally-4cpu", 4, net, "mode=zero-copy", None);
+}
+
+/// [`ally_with_three_os_cores_and_a_dpi_core`] under Ally's SVM backend (QEMU's TCG, q35):
+/// the guest starts two application processors with INIT-SIPI-SIPI, which Ally emulates, and
+/// at its reboot Ally makes the running OS cores leave the guest with a real INIT (SVM has
+/// no preemption timer).
+#[test]
+fn ally_svm_three_os_cores_under_qemu_q35() {
+    let net = NetOptions {
+        big_bytes: 4 << 20,
+        upload_bytes: 4 << 20,
+        small_bytes: 512 << 10,
+        resets: vec![ResetMethod::Reboot],
+        attacks: e2e_attacks(),
+        ..NetOptions::default()
+    };
+    ally_boot_passes_every_check(
+        "e2e-ally-svm-4cpu",
+        4,
+        net,
+        "mode=zero-copy",
+        Some(Machine::Q35),
+    );
 }
 
 /// Checks of the network workload, Ally's NIC counters and the inspection test.

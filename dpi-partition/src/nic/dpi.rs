@@ -208,11 +208,28 @@ pub struct Counters {
     /// Count, summed over [`DpiNic::sample_device_statistics`]): the DPI ring ran out of
     /// buffers (Ally fell behind) or the device's FIFO overflowed.
     pub device_missed: u64,
+    /// The last frame received from the wire, as `(length, FNV-1a 64 of its first 60 bytes)`, taken
+    /// with each sample: lets a test find where Ally's count ends in a capture of the wire.
+    pub last_rx_frame: Option<(usize, u64)>,
     /// From a guest tail write (doorbell) to the DPI core acting on it, busy or not.
     pub wake_latency: WakeLatency,
     /// The same, for doorbells that found the DPI core waiting (MWAIT or HLT): how fast an
     /// idle core wakes. The rest of `wake_latency` is the wait behind the batch in progress.
     pub idle_wake_latency: WakeLatency,
+}
+
+/// Bytes of a frame its fingerprint covers: the minimum Ethernet frame without FCS.
+pub const FINGERPRINT_BYTES: usize = 60;
+
+/// FNV-1a 64 (offset basis and prime of the FNV specification): a frame's fingerprint.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Folds `bytes` into the FNV-1a 64 `hash`.
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Copy or zero-copy transmit.
@@ -501,6 +518,9 @@ struct RxState<'a> {
     buf: u32,
     next: u32,
     real_next: u32,
+    /// The last frame taken off the real ring: `(first descriptor, descriptors, bytes)`;
+    /// its buffers still hold it (the device never refills the descriptor RDT names).
+    last: Option<(u32, u32, usize)>,
 }
 
 /// Physical layout of the engine's DPI memory.
@@ -606,6 +626,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 real_ctx: None,
             },
             rx: RxState {
+                last: None,
                 ring: None,
                 stopped: false,
                 enabled: false,
@@ -641,6 +662,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// publication of the counters, not per poll: one register read).
     pub fn sample_device_statistics(&mut self) {
         self.counters.device_missed += u64::from(self.real.read32(Reg::MPC));
+        self.counters.last_rx_frame = self.last_rx_fingerprint();
+    }
+
+    /// `(length, fingerprint)` of the last frame taken off the real RX ring: FNV-1a 64 of
+    /// its first [`FINGERPRINT_BYTES`] (a frame's headers, TCP sequence numbers included;
+    /// the same whether or not the device appended the FCS).
+    fn last_rx_fingerprint(&self) -> Option<(usize, u64)> {
+        let (first, _, total) = self.rx.last?;
+        let buffer =
+            self.layout.rx_bufs + u64::from(first % self.cfg.rx_ring) * u64::from(self.cfg.rx_buf);
+        let mut head = [0u8; FINGERPRINT_BYTES];
+        let len = total.min(FINGERPRINT_BYTES);
+        self.mem.read(HostPhysAddr(buffer), &mut head[..len]).ok()?;
+        Some((total, fnv1a(FNV_OFFSET, &head[..len])))
     }
 
     /// The hook (e.g. to read an engine's own statistics).
@@ -692,6 +727,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         self.tx.real_clean = 0;
         self.tx.real_ctx = None;
         self.rx.real_next = 0;
+        self.rx.last = None;
         self.shadow.program_real_mask(r);
         r.write32(Reg::TCTL, tctl::EN | tctl::PSP | (0x0F << 4) | (0x40 << 12));
         self.cfg_seen = CFG_NEVER;
@@ -1769,6 +1805,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 Deliver::Dropped(why) => self.counters.rx.drops[why as usize] += 1,
             }
             self.counters.rx.wire_frames += 1;
+            self.rx.last = Some((first, k, total));
             // Give the DPI buffers back: clear their status so DD means "new".
             for j in 0..k {
                 let at = HostPhysAddr(self.real_rx_desc((first + j) % n).as_u64() + 8);
