@@ -557,6 +557,9 @@ pub fn report() {
         }
     }
     info!("ALLY nic-device missed={}", counters.device_missed);
+    if let Some((len, fingerprint)) = counters.last_rx_frame {
+        info!("ALLY nic-rx-last len={len} fnv60={fingerprint:#018x}");
+    }
     info!(
         "ALLY nic-events config-changes={} resets={} irqs-raised={} irq-doorbells={} irqs-moderated={} dpi-wake-ipis={}",
         counters.config_changes,

@@ -308,10 +308,18 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         &hidden,
         identity_limit,
     )?;
-    // The local APIC page leaves the EPT: every guest access is filtered (apic_guard.rs).
+    // The local APIC page is read-only in the EPT/NPT: reads (the guest's own APIC, as
+    // Ally's filter would return them) reach the hardware without an exit; every write
+    // exits and is filtered (`guards/apic.rs`: the ICR above all).
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
     let apic_base = unsafe { instructions::rdmsr(0x1B) } & 0xF_FFFF_F000;
-    paging.unmap_page(GuestPhysAddr(apic_base), &mut frames)?;
+    paging.map_read_only(
+        GuestPhysAddr(apic_base),
+        HostPhysAddr(apic_base),
+        PAGE_SIZE,
+        EptMemoryType::Uncacheable,
+        &mut frames,
+    )?;
 
     // DPI memory (the region's tail) is unused until the DPI partition starts: poison it, so
     // that a leak of its contents would be recognisable, and guard it with the image head.
@@ -577,9 +585,9 @@ fn launch_svm(caps: SvmCapabilities, guest: GuestStart<'_>) -> Result<Infallible
         permission_maps::fill_msrpm(&mut *(msrpm as *mut [u8; permission_maps::MSRPM_BYTES]));
     }
     let n_cr3 = paging.root_pointer();
-    // No preemption timer under SVM: a running OS core is sent a real INIT (intercepted)
-    // when an INIT waits in its mailbox.
-    ally_hypervisor::guards::init_sipi::KICK_WITH_INIT
+    // No preemption timer under SVM: a running OS core is sent an NMI (intercepted) when an
+    // INIT waits in its mailbox.
+    ally_hypervisor::guards::init_sipi::KICK_WITH_NMI
         .store(true, core::sync::atomic::Ordering::Relaxed);
     let shared = SvmPages {
         vmcb: 0,

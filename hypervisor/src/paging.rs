@@ -959,6 +959,33 @@ impl GuestPaging {
         }
     }
 
+    /// Maps `[gpa, gpa+len)` to `[hpa, hpa+len)` readable only (not executable under EPT):
+    /// reads reach the hardware, every write faults to Ally.
+    pub fn map_read_only<M: TableMemory + FrameAllocator>(
+        &mut self,
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        len: u64,
+        memtype: MemoryType,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        match self {
+            GuestPaging::Ept(ept) => ept.map(
+                gpa,
+                hpa,
+                len,
+                EptPermissions {
+                    read: true,
+                    write: false,
+                    execute: false,
+                },
+                memtype,
+                mem,
+            ),
+            GuestPaging::Npt(npt) => npt.map(gpa, hpa, len, false, memtype, mem),
+        }
+    }
+
     /// Removes the 4 KiB page at `gpa`; the caller flushes the guest's translations.
     pub fn unmap_page<M: TableMemory + FrameAllocator>(
         &mut self,
@@ -1751,6 +1778,17 @@ mod tests {
             paging.unmap_page(gpa(0x1234), &mut mem).unwrap();
             assert_eq!(paging.translate(gpa(0x1234), &mut mem), None);
             assert_eq!(paging.translate(gpa(0x2234), &mut mem), Some(hpa(0x2234)));
+            // Read-only: still translated (the write permission is the builders' to test).
+            paging
+                .map_read_only(
+                    gpa(0x3000),
+                    hpa(0x3000),
+                    0x1000,
+                    MemoryType::Uncacheable,
+                    &mut mem,
+                )
+                .unwrap();
+            assert_eq!(paging.translate(gpa(0x3004), &mut mem), Some(hpa(0x3004)));
             // A page moved elsewhere, as a BAR move does.
             paging
                 .map(

@@ -56,7 +56,8 @@ pub struct Platform {
     /// APIC IDs of the OS cores and of the DPI cores.
     pub os_cores: heapless::Vec<u32, 256>,
     pub dpi_cores: heapless::Vec<u32, 256>,
-    /// Physical address of the local APIC page (absent from the EPT: accesses are filtered).
+    /// Physical address of the local APIC page (read-only in the EPT/NPT: writes are
+    /// filtered, reads reach the guest's own APIC).
     pub apic_base: u64,
     /// Called at the guest's power-off, after the exit counts (the DPI partition's report).
     pub power_off_hook: fn(),

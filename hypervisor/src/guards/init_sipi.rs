@@ -30,15 +30,17 @@ pub static EMULATED_SIPIS: AtomicU64 = AtomicU64::new(0);
 
 /// Whether a running vCPU must be made to leave the guest for an INIT pending in its
 /// mailbox. Under VMX the preemption timer bounds the time to its next exit; SVM has none,
-/// and a guest CPU halted with interrupts off would never exit: Ally sends it a real INIT,
-/// which SVM intercepts (set by the SVM backend before the guest starts).
-pub static KICK_WITH_INIT: core::sync::atomic::AtomicBool =
+/// and a guest CPU halted with interrupts off (Linux's CPUs stopped for a reboot) would never
+/// exit: Ally sends it an NMI, which SVM intercepts and which wakes a halted CPU whatever its
+/// RFLAGS.IF (set by the SVM backend before the guest starts). An INIT would not do: QEMU's
+/// TCG does not wake a halted CPU for one.
+pub static KICK_WITH_NMI: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
 
 /// Makes OS core `apic_id`, which runs its guest, leave it for the INIT in its mailbox.
 fn kick(apic_id: u32) {
-    if KICK_WITH_INIT.load(Ordering::Relaxed) && apic_id != LocalApic::current().id() {
-        LocalApic::current().send_init_preserving_guest(apic_id);
+    if KICK_WITH_NMI.load(Ordering::Relaxed) && apic_id != LocalApic::current().id() {
+        LocalApic::current().send_nmi_preserving_guest(apic_id);
     }
 }
 

@@ -295,11 +295,17 @@ fn dispatch(
             SvmExit { vcpu }.skip_instruction();
             Ok(())
         }
-        // The guest's INITs never reach an OS core (the ICR filter emulates them); a real
-        // INIT is Ally's kick for an INIT in the mailbox (`init_sipi::KICK_WITH_INIT`),
-        // taken above. One that finds the mailbox empty came after the vCPU had already
-        // left the guest for it: nothing to do.
+        // The guest's INITs never reach an OS core (the ICR filter emulates them): a real
+        // one came from the platform; the vCPU ignores it (it has nothing of the guest's to
+        // reset that the mailbox would not).
         SvmExitCode::Init => Ok(()),
+        // An NMI that was no kick (the INIT it carried was taken above) is the guest's: it
+        // is delivered to the guest. (Ally does not track the guest's NMI blocking: an NMI
+        // that arrives while the guest handles one is delivered at once.)
+        SvmExitCode::Nmi => {
+            vcpu.vmcb().control.event_inj = EventInjection::nmi().0;
+            Ok(())
+        }
         // The guest tried to use SVM, which Ally hides: #UD as on a CPU without it.
         SvmExitCode::Vmrun
         | SvmExitCode::Vmload
