@@ -264,6 +264,7 @@ pub fn report_power_off() {
     );
     crate::vcpu::registry::report_all_exits();
     crate::vcpu::policy::report_msrs();
+    crate::vcpu::policy::report_port_exits();
     info!(
         "ALLY power-guard sleep-refused={}",
         platform().sleep.refused()

@@ -237,6 +237,48 @@ impl fmt::Display for SleepState {
 
 const COM2_SCRATCH: u16 = crate::arch::serial::COM2_BASE + 7;
 
+/// Intercepted port accesses by port, for the power-off report: the first
+/// [`PORT_SLOTS`] ports seen get a slot each, the rest are summed in the last.
+const PORT_SLOTS: usize = 32;
+static PORT_EXIT_PORTS: [core::sync::atomic::AtomicU32; PORT_SLOTS] =
+    [const { core::sync::atomic::AtomicU32::new(u32::MAX) }; PORT_SLOTS];
+static PORT_EXIT_COUNTS: [AtomicU64; PORT_SLOTS] = [const { AtomicU64::new(0) }; PORT_SLOTS];
+
+fn count_port_exit(port: u16) {
+    let port = u32::from(port);
+    for slot in 0..PORT_SLOTS - 1 {
+        let owner = &PORT_EXIT_PORTS[slot];
+        let current =
+            match owner.compare_exchange(u32::MAX, port, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => port,
+                Err(existing) => existing,
+            };
+        if current == port {
+            PORT_EXIT_COUNTS[slot].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    PORT_EXIT_COUNTS[PORT_SLOTS - 1].fetch_add(1, Ordering::Relaxed);
+}
+
+/// `ALLY io-exits`: the intercepted port accesses by port, at the guest's power-off.
+pub fn report_port_exits() {
+    let mut line = heapless::String::<512>::new();
+    for slot in 0..PORT_SLOTS {
+        let count = PORT_EXIT_COUNTS[slot].load(Ordering::Relaxed);
+        if count == 0 {
+            continue;
+        }
+        let port = PORT_EXIT_PORTS[slot].load(Ordering::Relaxed);
+        let _ = if slot == PORT_SLOTS - 1 {
+            core::fmt::Write::write_fmt(&mut line, format_args!("other:{count},"))
+        } else {
+            core::fmt::Write::write_fmt(&mut line, format_args!("{port:#x}:{count},"))
+        };
+    }
+    info!("ALLY io-exits ports={}", line.trim_end_matches(','));
+}
+
 /// An intercepted port access: resets, sleep states, the PCI configuration latch, the NIC's
 /// I/O BAR, Ally's COM2.
 pub fn handle_port_io(
@@ -244,6 +286,7 @@ pub fn handle_port_io(
     regs: &mut GuestRegisters,
     io: PortIo,
 ) -> ExitResult {
+    count_port_exit(io.port);
     if io.string {
         return Err(StopReason::GuestRequested(
             "string I/O on a port Ally intercepts (unsupported)",

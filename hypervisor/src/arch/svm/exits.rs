@@ -187,6 +187,12 @@ fn handle_exit(vcpu: &mut SvmVcpu) {
             v.control.next_rip,
         )
     };
+    // An EXITINTINFO that repeats what Ally injected is QEMU's copy of a delivered event.
+    let int_info = if int_info == vcpu.injected {
+        0
+    } else {
+        int_info
+    };
     let code = SvmExitCode::from_raw(raw_code);
     let counted = counted_as(code, info1);
     vcpu.exits.record(counted);
@@ -218,12 +224,11 @@ fn handle_exit(vcpu: &mut SvmVcpu) {
             _ => None,
         }
     };
-    // An event the exit interrupted is delivered again at the next VMRUN (APM 15.7.2); a
-    // nested page fault during delivery is handled below.
-    const VALID: u64 = 1 << 31;
-    if int_info & VALID != 0 && code != SvmExitCode::Npf {
-        vcpu.vmcb().control.event_inj = int_info;
-    }
+    // EXITINTINFO (APM 15.7.2) names an event whose delivery the exit interrupted. With
+    // Ally's intercepts (no exception or interrupt intercepts) only a nested page fault can
+    // interrupt a delivery, and that stops the guest (`dispatch`). Nothing is re-injected:
+    // QEMU's TCG also copies every event Ally injected into EXITINTINFO at the next exit,
+    // delivered or not, and re-injecting it would deliver it again.
 
     let mut regs = vcpu.regs;
     let pending_init = vcpu.mailbox.and_then(|m| m.take_init());

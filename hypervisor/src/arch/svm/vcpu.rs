@@ -60,6 +60,9 @@ pub struct SvmVcpu {
     /// Where the exiting instruction ends, when the exit tells (nRIP save, or an IOIO exit's
     /// EXITINFO2), else the length the handler knows for the instruction.
     pub next_rip: Option<u64>,
+    /// The event Ally injected at the last VMRUN (EVENTINJ), 0 for none: QEMU's TCG reports
+    /// it again in EXITINTINFO at the next exit even when it was delivered.
+    pub injected: u64,
 }
 
 impl SvmVcpu {
@@ -81,6 +84,7 @@ impl SvmVcpu {
             config_address: 0,
             regs: GuestRegisters::default(),
             next_rip: None,
+            injected: 0,
         }
     }
 
@@ -157,6 +161,7 @@ impl SvmVcpu {
             // handler saved.
             v.save.efer |= vmcb::EFER_SVME;
         }
+        self.injected = self.vmcb().control.event_inj;
         let (vmcb_pa, host_pa) = (self.pages.vmcb, self.pages.host_vmcb);
         // SAFETY: the VMCB is complete (configure), the host-save area was registered in
         // VM_HSAVE_PA and EFER.SVME is set on this CPU (`SvmCapabilities::enable`).
