@@ -42,6 +42,10 @@ pub struct NetOptions {
     /// Frames of each pktgen burst run (`ally.pktgen=N`: 64-byte and 1500-byte frames in
     /// bursts of 32 to the UDP sink, issue 15's bulk transmit); 0 skips them.
     pub pktgen: u32,
+    /// Datagrams of the host's UDP flood into the guest sent back to back before each 5 ms
+    /// pause ([`UDP_FLOOD_BURST`] by default, Bochs' pace; the runner gives QEMU
+    /// [`UDP_FLOOD_BURST_QEMU`]).
+    pub udp_flood_burst: u64,
     /// The reset chain after the workload (`ally.resets=m1,m2,...`): boot k ends with reset
     /// method k; the last boot brings the e1000 up again and moves small.bin both ways
     /// (`checks::guest_reboot`). Empty: no reboot.
@@ -60,6 +64,7 @@ impl Default for NetOptions {
             upload_bytes: 16 << 20,
             streams: 4,
             pktgen: 2000,
+            udp_flood_burst: UDP_FLOOD_BURST,
             resets: Vec::new(),
             attacks: Vec::new(),
             seed: 0xa11e_5eed,
@@ -523,9 +528,10 @@ impl Endpoints {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(served);
         let served2 = served.clone();
+        let flood_burst = options.udp_flood_burst;
         let acceptors = vec![
             spawn_acceptor(http, state.clone(), stop.clone(), move |s, c| {
-                serve_http(s, &served, c, Some(udp_flood_port))
+                serve_http(s, &served, c, Some((udp_flood_port, flood_burst)))
             }),
             spawn_acceptor(http_drop, state.clone(), stop.clone(), move |s, c| {
                 serve_http(s, &served2, c, None)
@@ -726,14 +732,18 @@ fn read_head(stream: &TcpStream) -> Result<String, String> {
 /// Datagrams `GET /udp-flood` sends into the guest (1472-byte payloads: full frames).
 pub const UDP_FLOOD_DATAGRAMS: u64 = 2000;
 const UDP_FLOOD_PAYLOAD: usize = 1472;
-/// Pacing: slirp reads its host socket once per emulator poll, so an unpaced burst would
-/// overflow the socket buffer on the host, not exercise the guest.
-const UDP_FLOOD_BURST: u64 = 16;
+/// Pacing: Bochs' slirp reads its host socket once per emulator poll (about 200 frames a
+/// second reach the guest), so an unpaced burst would overflow the socket buffer on the
+/// host, not exercise the guest.
+pub const UDP_FLOOD_BURST: u64 = 16;
+/// QEMU's slirp reads the socket whenever it is readable: bursts as large as the host's
+/// default UDP receive buffer (212,992 B) holds, 64 datagrams of 1500 B, keep the guest busy.
+pub const UDP_FLOOD_BURST_QEMU: u64 = 64;
 const UDP_FLOOD_PAUSE: Duration = Duration::from_millis(5);
 
 /// Sends the UDP flood to `port` (slirp forwards it to the guest) in a thread of its own;
 /// the count sent goes into the report.
-fn spawn_udp_flood(port: u16, conn_state: State, stop: Arc<AtomicBool>) {
+fn spawn_udp_flood(port: u16, burst: u64, conn_state: State, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
             lock(&conn_state).errors.push("udp flood: no socket".into());
@@ -747,7 +757,7 @@ fn spawn_udp_flood(port: u16, conn_state: State, stop: Arc<AtomicBool>) {
             if sock.send_to(&payload, ("127.0.0.1", port)).is_ok() {
                 lock(&conn_state).udp_flood_sent += 1;
             }
-            if (n + 1) % UDP_FLOOD_BURST == 0 {
+            if (n + 1) % burst.max(1) == 0 {
                 std::thread::sleep(UDP_FLOOD_PAUSE);
             }
         }
@@ -758,7 +768,7 @@ fn serve_http(
     mut stream: TcpStream,
     files: &BTreeMap<String, Arc<Vec<u8>>>,
     conn: &Conn,
-    udp_flood: Option<u16>,
+    udp_flood: Option<(u16, u64)>,
 ) {
     let start = Instant::now();
     let mut rec = HttpRecord {
@@ -792,8 +802,8 @@ fn serve_http(
             let r = stream.write_all(
                 b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nOK\n",
             );
-            if let Some(port) = udp_flood {
-                spawn_udp_flood(port, conn.state.clone(), conn.stop.clone());
+            if let Some((port, burst)) = udp_flood {
+                spawn_udp_flood(port, burst, conn.state.clone(), conn.stop.clone());
             }
             r
         }
@@ -966,6 +976,7 @@ mod tests {
             upload_bytes: 1000,
             streams: 2,
             pktgen: 2000,
+            udp_flood_burst: UDP_FLOOD_BURST,
             resets: Vec::new(),
             attacks: Vec::new(),
             seed: 7,

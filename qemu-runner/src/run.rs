@@ -661,7 +661,14 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     let emulator = opts.emulator.resolve()?;
     let machine = qemu_machine(emulator, opts)?;
     let endpoints = match &opts.net {
-        Some(n) => Some(Endpoints::start(n.clone()).map_err(RunError::Endpoints)?),
+        Some(n) => {
+            let mut n = n.clone();
+            if emulator != Emulator::Bochs && n.udp_flood_burst == crate::endpoints::UDP_FLOOD_BURST
+            {
+                n.udp_flood_burst = crate::endpoints::UDP_FLOOD_BURST_QEMU;
+            }
+            Some(Endpoints::start(n).map_err(RunError::Endpoints)?)
+        }
         None => None,
     };
     let ports = endpoints.as_ref().map(|e| InspectPorts {
