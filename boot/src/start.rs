@@ -585,10 +585,6 @@ fn launch_svm(caps: SvmCapabilities, guest: GuestStart<'_>) -> Result<Infallible
         permission_maps::fill_msrpm(&mut *(msrpm as *mut [u8; permission_maps::MSRPM_BYTES]));
     }
     let n_cr3 = paging.root_pointer();
-    // No preemption timer under SVM: a running OS core is sent an NMI (intercepted) when an
-    // INIT waits in its mailbox.
-    ally_hypervisor::guards::init_sipi::KICK_WITH_NMI
-        .store(true, core::sync::atomic::Ordering::Relaxed);
     let shared = SvmPages {
         vmcb: 0,
         host_save: 0,

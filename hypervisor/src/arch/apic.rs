@@ -29,8 +29,6 @@ const REG_DFR: u32 = 0xE0;
 const LVT_MASKED: u32 = 1 << 16;
 
 /// ICR delivery modes (SDM Vol. 3A 12.6.1, Figure 12-12).
-/// Delivery mode NMI (SDM Vol. 3A 12.6.1).
-const ICR_NMI: u32 = 0b100 << 8;
 const ICR_INIT: u32 = 0b101 << 8;
 const ICR_STARTUP: u32 = 0b110 << 8;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
@@ -118,20 +116,6 @@ impl LocalApic {
             let guest_high = self.read(REG_ICR_HIGH);
             self.write(REG_ICR_HIGH, apic_id << 24);
             self.write(REG_ICR_LOW, u32::from(vector));
-            self.write(REG_ICR_HIGH, guest_high);
-        }
-    }
-
-    /// An NMI to `apic_id` from an OS core's exit handler, leaving the guest's view of the
-    /// ICR's high dword as it was. Only for an OS core that runs its guest with NMIs
-    /// intercepted (SVM, APM 15.13.2): the NMI becomes a #VMEXIT there, even in a guest
-    /// halted with interrupts off.
-    pub fn send_nmi_preserving_guest(&self, apic_id: u32) {
-        if self.x2apic {
-            self.send_ipi(apic_id, ICR_NMI);
-        } else {
-            let guest_high = self.read(REG_ICR_HIGH);
-            self.send_ipi(apic_id, ICR_NMI);
             self.write(REG_ICR_HIGH, guest_high);
         }
     }

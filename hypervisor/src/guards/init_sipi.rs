@@ -28,22 +28,6 @@ static GUEST_DFR: [AtomicU32; MAX_OS_CORES] = [const { AtomicU32::new(0xFFFF_FFF
 pub static EMULATED_INITS: AtomicU64 = AtomicU64::new(0);
 pub static EMULATED_SIPIS: AtomicU64 = AtomicU64::new(0);
 
-/// Whether a running vCPU must be made to leave the guest for an INIT pending in its
-/// mailbox. Under VMX the preemption timer bounds the time to its next exit; SVM has none,
-/// and a guest CPU halted with interrupts off (Linux's CPUs stopped for a reboot) would never
-/// exit: Ally sends it an NMI, which SVM intercepts and which wakes a halted CPU whatever its
-/// RFLAGS.IF (set by the SVM backend before the guest starts). An INIT would not do: QEMU's
-/// TCG does not wake a halted CPU for one.
-pub static KICK_WITH_NMI: core::sync::atomic::AtomicBool =
-    core::sync::atomic::AtomicBool::new(false);
-
-/// Makes OS core `apic_id`, which runs its guest, leave it for the INIT in its mailbox.
-fn kick(apic_id: u32) {
-    if KICK_WITH_NMI.load(Ordering::Relaxed) && apic_id != LocalApic::current().id() {
-        LocalApic::current().send_nmi_preserving_guest(apic_id);
-    }
-}
-
 /// Timer period while an application processor waits for its SIPI, in APIC timer ticks
 /// (divide by 1): tens of microseconds to a millisecond on hardware, ~2 ms under Bochs.
 const SIPI_POLL_TIMER_COUNT: u32 = 100_000;
@@ -107,9 +91,6 @@ pub fn emulate(mode: ApicMode, low: u32, destination: u32, sender: u32) {
                         info!("vCPU {id} runs: it takes the INIT at its next VM exit");
                     }
                 }
-                if outcome == InitOutcome::ResetPending {
-                    kick(id);
-                }
             }
             DeliveryMode::Startup => {
                 let vector = low as u8;
@@ -133,9 +114,7 @@ pub fn init_all_but(sender: u32) -> usize {
         if id != sender {
             let outcome = MAILBOXES[index].init();
             info!("ALLY reset-init target={id} outcome={outcome:?}");
-            if outcome == InitOutcome::ResetPending {
-                kick(id);
-            }
+
             count += 1;
         }
     }

@@ -304,13 +304,6 @@ fn dispatch(
         // one came from the platform; the vCPU ignores it (it has nothing of the guest's to
         // reset that the mailbox would not).
         SvmExitCode::Init => Ok(()),
-        // An NMI that was no kick (the INIT it carried was taken above) is the guest's: it
-        // is delivered to the guest. (Ally does not track the guest's NMI blocking: an NMI
-        // that arrives while the guest handles one is delivered at once.)
-        SvmExitCode::Nmi => {
-            vcpu.vmcb().control.event_inj = EventInjection::nmi().0;
-            Ok(())
-        }
         // The guest tried to use SVM, which Ally hides: #UD as on a CPU without it.
         SvmExitCode::Vmrun
         | SvmExitCode::Vmload

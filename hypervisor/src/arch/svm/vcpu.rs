@@ -104,11 +104,8 @@ impl SvmVcpu {
         // What must not reach the hardware or must be filtered (the guards), what would
         // reveal or use SVM (hidden: #UD as on a CPU without it), and the events that would
         // otherwise act on the real CPU: INIT resets it, SHUTDOWN stops it (APM 15.13).
-        // NMIs are intercepted as well: Ally's own kick for an INIT in the mailbox; the
-        // guest's go back to it (`exits::dispatch`).
         c.intercept_misc1 = intercept::misc1::CPUID
             | intercept::misc1::INIT
-            | intercept::misc1::NMI
             | intercept::misc1::IOIO_PROT
             | intercept::misc1::MSR_PROT
             | intercept::misc1::SHUTDOWN
