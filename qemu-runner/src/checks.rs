@@ -1125,6 +1125,15 @@ pub fn nic_wire_balance(
             // Late frames the capture proves came after Ally's last one, and up to
             // FRAMES_AFTER_RECEIVER_STOP more where it cannot tell (Bochs' log).
             let allowed = FRAMES_AFTER_RECEIVER_STOP.max(after_last.unwrap_or(0));
+            // Under QEMU (a capture that shows Ally's last frame), QEMU's e1000 model lets a
+            // few unicast frames go mid-run without handing them to any ring or counting them
+            // in MPC (about 1 in 3,000 in the 2-CPU scenario; under Bochs the balance is
+            // exact): tolerated up to 1 in 1,000 of the frames and reported, never more.
+            let unhanded = match after_last {
+                Some(after) => late.saturating_sub(after.max(FRAMES_AFTER_RECEIVER_STOP)),
+                None => 0,
+            };
+            let allowed = allowed + unhanded.min(wire.to_guest_frames / QEMU_UNHANDED_PER);
             if accounted > wire.to_guest_frames || late > allowed {
                 return Err(format!(
                     "the wire delivered {} frames to the NIC ({} multicast), Ally accounts for {rx} and the device missed {missed}",
@@ -1151,7 +1160,16 @@ pub fn nic_wire_balance(
                     String::new()
                 },
                 match after_last {
-                    Some(n) => format!(" (the capture shows {n} after Ally's last frame)"),
+                    Some(n) => format!(
+                        " (the capture shows {n} after Ally's last frame{})",
+                        if unhanded > 0 {
+                            format!(
+                                "; {unhanded} earlier ones QEMU's e1000 gave no ring and did not count"
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
                     None => String::new(),
                 },
                 wire.to_host_frames,
@@ -1161,6 +1179,10 @@ pub fn nic_wire_balance(
         })(),
     )
 }
+
+/// Under QEMU, at most one frame in this many may be lost by QEMU's e1000 model before any
+/// ring (see `nic_wire_balance`).
+pub const QEMU_UNHANDED_PER: u64 = 1000;
 
 /// Frames the wire may carry to the NIC after Ally stopped the receiver for its final count.
 pub const FRAMES_AFTER_RECEIVER_STOP: u64 = 2;
@@ -2478,6 +2500,19 @@ ALLY os-core index=2 apic=2 state=Running
             c.passed && c.detail.contains("12 after the receiver stopped"),
             "{c}"
         );
-        assert!(!nic_wire_balance(&report(5), &wire(57, 10), Some(11)).passed);
+        assert!(!nic_wire_balance(&report(5), &wire(57, 10), Some(10)).passed);
+        // With the capture's proof of the end, up to 1 in 1,000 earlier frames QEMU's model
+        // lost are reported, not more.
+        let big = |missed_mid: u64| {
+            AllyReport::parse(&format!(
+                "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
+                 [cpu0 INFO  ally::nic] ALLY nic-rx packets={0} bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames={0}\n",
+                10_000 - missed_mid
+            ))
+        };
+        let c = nic_wire_balance(&big(10), &wire(10_000, 0), Some(0));
+        assert!(c.passed && c.detail.contains("8 earlier ones"), "{c}");
+        assert!(!nic_wire_balance(&big(13), &wire(10_000, 0), Some(0)).passed);
+        assert!(!nic_wire_balance(&big(10), &wire(10_000, 0), None).passed);
     }
 }
