@@ -556,7 +556,6 @@ pub fn report() {
             }
         }
     }
-    info!("ALLY nic-device missed={}", counters.device_missed);
     if let Some((len, fingerprint)) = counters.last_rx_frame {
         info!("ALLY nic-rx-last len={len} fnv60={fingerprint:#018x}");
     }

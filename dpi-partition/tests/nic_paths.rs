@@ -866,24 +866,6 @@ fn idle_wake_ups_are_told_from_busy_doorbells() {
     );
 }
 
-/// Frames the device drops before any ring (its Missed Packets Count, clear on read) are
-/// summed into `device_missed` at each sample, never counted twice.
-#[test]
-fn nic_device_missed_frames_are_summed_across_samples() {
-    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
-    e.setup(64, 64, 2048);
-    e.dpi.sample_device_statistics();
-    assert_eq!(e.dpi.counters().device_missed, 0);
-    e.model.miss_frames(3);
-    e.dpi.sample_device_statistics();
-    e.dpi.sample_device_statistics();
-    assert_eq!(e.dpi.counters().device_missed, 3);
-    e.model.miss_frames(2);
-    e.dpi.sample_device_statistics();
-    assert_eq!(e.dpi.counters().device_missed, 5);
-    assert_eq!(e.model.read32(Reg::MPC), 0, "read clears the count");
-}
-
 /// The last frame taken off the wire is fingerprinted (length and FNV-1a 64) with each
 /// sample, from the DPI buffer that still holds it.
 #[test]

@@ -204,10 +204,6 @@ pub struct Counters {
     pub resets: u64,
     /// Guest interrupts raised (shadow causes set).
     pub irqs_raised: u64,
-    /// Frames the device itself dropped before they reached a ring (its Missed Packets
-    /// Count, summed over [`DpiNic::sample_device_statistics`]): the DPI ring ran out of
-    /// buffers (Ally fell behind) or the device's FIFO overflowed.
-    pub device_missed: u64,
     /// The last frame received from the wire, as `(length, FNV-1a 64 of its first 60 bytes)`, taken
     /// with each sample: lets a test find where Ally's count ends in a capture of the wire.
     pub last_rx_frame: Option<(usize, u64)>,
@@ -658,10 +654,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         &self.counters
     }
 
-    /// Adds the device's clear-on-read statistics to the counters (called with each
-    /// publication of the counters, not per poll: one register read).
+    /// Takes the fingerprint of the last received frame into the counters (called with each
+    /// publication of the counters, not per poll). The device's statistics registers are not
+    /// read: they clear on read, and the guest's driver reads them for its own counters.
     pub fn sample_device_statistics(&mut self) {
-        self.counters.device_missed += u64::from(self.real.read32(Reg::MPC));
         self.counters.last_rx_frame = self.last_rx_fingerprint();
     }
 

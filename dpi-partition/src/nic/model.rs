@@ -258,12 +258,6 @@ impl<M: DmaMemory> E1000Model<M> {
         }
     }
 
-    /// The device drops `count` frames for lack of buffers, as hardware whose FIFO overflows
-    /// does (the model itself queues them instead): its Missed Packets Count grows.
-    pub fn miss_frames(&self, count: u32) {
-        self.reg(Reg::MPC).fetch_add(count, Ordering::AcqRel);
-    }
-
     /// Frames injected but not yet received (waiting for buffers).
     pub fn wire_in_len(&self) -> usize {
         self.state.lock().wire_in.len()
@@ -491,8 +485,6 @@ impl<M: DmaMemory> NicRegisters for E1000Model<M> {
             Reg::ICR => self.reg(Reg::ICR).swap(0, Ordering::AcqRel),
             // IMC and ICS are write-only.
             Reg::IMC | Reg::ICS => 0,
-            // Statistics registers clear on read (13.7).
-            Reg::MPC => self.reg(Reg::MPC).swap(0, Ordering::AcqRel),
             _ => self.get(reg),
         }
     }

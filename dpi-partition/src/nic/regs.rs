@@ -57,9 +57,6 @@ impl Reg {
     pub const WUFC: Reg = Reg(0x5808);
     pub const MANC: Reg = Reg(0x5820);
     /// Size of the memory BAR (SDM 4.1: 128 KiB of register space).
-    /// Missed Packets Count (8254x manual 13.7.4): frames the device dropped for lack of
-    /// receive buffers or FIFO space; clear on read.
-    pub const MPC: Reg = Reg(0x4010);
     pub const BAR0_SIZE: u32 = 0x2_0000;
 
     /// Index into a `u32` register array.

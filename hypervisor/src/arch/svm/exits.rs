@@ -294,6 +294,7 @@ fn dispatch(
         SvmExitCode::Vmmcall => policy::handle_hypercall(&mut SvmExit { vcpu }, regs),
         // A PC's chipset resets a processor that shuts down.
         SvmExitCode::Shutdown => handle_reset(regs, vcpu, ResetSource::TripleFault),
+        SvmExitCode::Hlt => handle_hlt(regs, vcpu),
         SvmExitCode::Invd => {
             // INVD would discard Ally's dirty lines too: write them back instead.
             instructions::wbinvd();
@@ -320,6 +321,33 @@ fn dispatch(
         }),
     }
 }
+
+/// HLT, intercepted with several OS cores (`vcpu::intercept_hlt`). With interrupts on, the
+/// guest halts in the guest: the HLT runs again with the intercept off until the vCPU's next
+/// exit (its interrupt handler's EOI write), where an INIT that came meanwhile is taken.
+/// With interrupts off only an INIT (or an NMI, which Ally does not see) ends the halt: the
+/// vCPU waits for the INIT here.
+fn handle_hlt(regs: &mut GuestRegisters, vcpu: &mut SvmVcpu) -> ExitResult {
+    const IF: u64 = 1 << 9;
+    if vmcb_ref(vcpu).save.rflags & IF != 0 {
+        vcpu.hlt_in_guest = true;
+        return Ok(());
+    }
+    let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
+        "HLT with interrupts off on a CPU that is no OS core",
+    ))?;
+    HALTED_WAITS.fetch_add(1, Ordering::Relaxed);
+    let reset = loop {
+        if let Some(reset) = mailbox.take_init() {
+            break reset;
+        }
+        core::hint::spin_loop();
+    };
+    take_pending_init(regs, vcpu, reset)
+}
+
+/// Halts with interrupts off that Ally waited out for the guest's INIT.
+pub static HALTED_WAITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// EFER lives in the VMCB, where SVME must stay set for VMRUN (APM 15.5.1): the guest reads
 /// its EFER without SVME (SVM is hidden, and VM_CR reads as disabled by firmware), and a

@@ -63,6 +63,16 @@ pub struct SvmVcpu {
     /// The event Ally injected at the last VMRUN (EVENTINJ), 0 for none: QEMU's TCG reports
     /// it again in EXITINTINFO at the next exit even when it was delivered.
     pub injected: u64,
+    /// Whether a guest HLT with interrupts on may halt in the guest until its next exit
+    /// (`exits::handle_hlt`): the HLT intercept is off for the next VMRUN.
+    pub hlt_in_guest: bool,
+}
+
+/// Whether the vCPUs intercept HLT: with several OS cores, an INIT the guest sends a core
+/// halted with interrupts off (Linux's CPU hotplug, its reboot) must find it in Ally; SVM
+/// has no preemption timer to bring it out. With one OS core nothing sends it an INIT.
+pub fn intercept_hlt() -> bool {
+    crate::platform::platform().os_cores.len() > 1
 }
 
 impl SvmVcpu {
@@ -85,6 +95,7 @@ impl SvmVcpu {
             regs: GuestRegisters::default(),
             next_rip: None,
             injected: 0,
+            hlt_in_guest: false,
         }
     }
 
@@ -159,6 +170,15 @@ impl SvmVcpu {
             v.save.efer |= vmcb::EFER_SVME;
         }
         self.injected = self.vmcb().control.event_inj;
+        let hlt_in_guest = core::mem::take(&mut self.hlt_in_guest);
+        {
+            let c = &mut self.vmcb().control;
+            if intercept_hlt() && !hlt_in_guest {
+                c.intercept_misc1 |= intercept::misc1::HLT;
+            } else {
+                c.intercept_misc1 &= !intercept::misc1::HLT;
+            }
+        }
         let (vmcb_pa, host_pa) = (self.pages.vmcb, self.pages.host_vmcb);
         // SAFETY: the VMCB is complete (configure), the host-save area was registered in
         // VM_HSAVE_PA and EFER.SVME is set on this CPU (`SvmCapabilities::enable`).
