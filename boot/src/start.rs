@@ -629,7 +629,7 @@ fn launch_svm(caps: SvmCapabilities, guest: GuestStart<'_>) -> Result<Infallible
 /// PCI Express enhanced configuration (MMCONFIG, PCI Firmware 3.0 4.1.2): when the firmware
 /// describes ECAM windows in an MCFG table, Ally hides that table from the guest and keeps
 /// the windows out of the EPT, so the guest configures devices through mechanism #1 (ports
-/// 0xCF8/0xCFC), which `pci_guard` filters; an access to a window reads all ones. The price:
+/// 0xCF8/0xCFC), which `guards::pci_config` filters; an access to a window reads all ones. The price:
 /// the guest does not see extended configuration space (offsets 0x100 and up).
 fn hide_mmconfig(identity_limit: u64) -> Result<heapless::Vec<PhysRange, 7>, StartError> {
     let mut memory = IdentityMemory {
@@ -662,7 +662,7 @@ fn hide_mmconfig(identity_limit: u64) -> Result<heapless::Vec<PhysRange, 7>, Sta
 
 /// Every PCI function with MSI or MSI-X, adopted: its MSI address filtered (a firmware value
 /// aimed at a DPI core is rewritten now) and MSI-X turned off; the guest's later writes go
-/// through `pci_guard`. Before the guest runs.
+/// through `guards::pci_config`. Before the guest runs.
 fn guard_pci_interrupts(
     sets: ally_hypervisor::ipi::CpuSets<'_>,
 ) -> Result<

@@ -1,8 +1,9 @@
 //! Ally's hypervisor core.
 //!
-//! Hardware-independent logic (memory-map filtering, EPT building, option parsing, exit
-//! decoding) is plain Rust that is unit-tested on the host. Only the modules under `arch`
-//! touch real hardware and build for `x86_64-unknown-none` alone.
+//! Hardware-independent logic (memory-map filtering, EPT/NPT building, option parsing, exit
+//! decoding, the exit policy in `vcpu` over a small `GuestCpu` trait) is plain Rust that is
+//! unit-tested on the host. The modules under `arch` touch real hardware (`arch::vmx` and
+//! `arch::svm` are the two backends); the `guards` reach it only through `arch`.
 #![cfg_attr(not(test), no_std)]
 
 pub mod acpi;

@@ -14,7 +14,7 @@
 //! again, waits in VMX root operation until its mailbox holds a SIPI vector, then enters the
 //! guest in real mode at `vector:0000`. A vCPU that runs the guest takes an INIT at its next
 //! VM exit; the VMX-preemption timer bounds the time to that exit. This module is the mailbox
-//! state machine; the waiting and the VMCS work are in `arch::vmx::init_sipi` and `exits`.
+//! state machine; the waiting is in `guards::init_sipi`, the VMCS/VMCB work in each backend's `exits`.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,5 +1,5 @@
 //! PCI configuration mechanism #1 (ports 0xCF8/0xCFC, PCI Local Bus 3.0 3.2.2.3.2), for
-//! Ally's own start-up scan; the guest's accesses go through `vmx::nic_guard`.
+//! Ally's own start-up scan; the guest's accesses go through `guards::nic`.
 
 use crate::arch::instructions::{inl, outl};
 use crate::cmdline::PciAddress;

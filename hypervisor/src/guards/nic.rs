@@ -9,7 +9,7 @@
 //! - **The I/O BAR** (IOADDR at +0, IODATA at +4; 8254x SDM 13.1.x): intercepted in the I/O
 //!   bitmap and emulated through the same register path, so no register is reachable around
 //!   the MMIO traps.
-//! - **PCI configuration space** (ports 0xCF8/0xCFC, dispatched by `pci_guard`): accesses to
+//! - **PCI configuration space** (ports 0xCF8/0xCFC, dispatched by `guards::pci_config`): accesses to
 //!   the claimed function go through [`crate::pci::GuardedFunction`]. When the guest moves BAR0, Ally follows: the
 //!   device stays where it is, and the EPT maps the new guest-physical range onto it with the
 //!   same pages trapped (after checking the new range is device space, not RAM, Ally's memory
@@ -210,7 +210,7 @@ pub enum PortAccess {
     Done(Option<u32>),
 }
 
-/// The guest's IN/OUT on the NIC's I/O BAR (the configuration ports are `pci_guard`'s).
+/// The guest's IN/OUT on the NIC's I/O BAR (the configuration ports are `guards::pci_config`'s).
 pub fn port_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) -> PortAccess {
     match &nic.io_ports {
         Some(ports) if ports.contains(&port) => {
@@ -220,7 +220,7 @@ pub fn port_access(nic: &NicTrap, port: u16, size: u8, is_in: bool, value: u32) 
     }
 }
 
-/// A guest configuration access to the claimed function (from `pci_guard`, with the device's
+/// A guest configuration access to the claimed function (from `guards::pci_config`, with the device's
 /// dword at `offset` already read); returns the value of a read.
 pub fn config_access(
     nic: &NicTrap,
