@@ -200,6 +200,23 @@ struct Tables {
 }
 
 impl Tables {
+    /// Removes the 4 KiB guest page at `gpa` (rounded down), first splitting the 2 MiB page
+    /// that holds it; shared by the EPT and the nested page tables.
+    fn unmap_page<M: TableMemory + FrameAllocator>(
+        &mut self,
+        format: Format,
+        gpa: GuestPhysAddr,
+        mem: &mut M,
+    ) -> Result<(), PagingError> {
+        let addr = gpa.align_down(PAGE_SIZE).0;
+        if addr >= MAX_GUEST_PHYS || self.lookup(format, mem, addr).is_none() {
+            return Err(PagingError::NotMapped { addr });
+        }
+        let pt = self.pt(format, mem, addr)?;
+        mem.table(pt)[index(addr, 0)] = 0;
+        Ok(())
+    }
+
     fn new(alloc: &mut impl FrameAllocator) -> Result<Self, PagingError> {
         let root = alloc
             .allocate_zeroed_frame()
@@ -668,13 +685,7 @@ impl Ept {
         gpa: GuestPhysAddr,
         mem: &mut M,
     ) -> Result<(), PagingError> {
-        let addr = gpa.align_down(PAGE_SIZE).0;
-        if addr >= MAX_GUEST_PHYS || self.tables.lookup(Format::Ept, mem, addr).is_none() {
-            return Err(PagingError::NotMapped { addr });
-        }
-        let pt = self.tables.pt(Format::Ept, mem, addr)?;
-        mem.table(pt)[index(addr, 0)] = 0;
-        Ok(())
+        self.tables.unmap_page(Format::Ept, gpa, mem)
     }
 
     /// Identity-maps guest-physical `[0, limit)` except the `hidden` ranges, which stay
@@ -871,13 +882,7 @@ impl Npt {
         gpa: GuestPhysAddr,
         mem: &mut M,
     ) -> Result<(), PagingError> {
-        let addr = gpa.align_down(PAGE_SIZE).0;
-        if addr >= MAX_GUEST_PHYS || self.tables.lookup(Format::Npt, mem, addr).is_none() {
-            return Err(PagingError::NotMapped { addr });
-        }
-        let pt = self.tables.pt(Format::Npt, mem, addr)?;
-        mem.table(pt)[index(addr, 0)] = 0;
-        Ok(())
+        self.tables.unmap_page(Format::Npt, gpa, mem)
     }
 
     /// Identity-maps guest-physical `[0, limit)`, writable, except the `hidden` ranges, as
