@@ -166,6 +166,36 @@ pub fn wait_for_sipi_after_init(mailbox: &StartupMailbox) -> u8 {
     }
 }
 
+/// The SIPI vector an OS core `apic_id` restarts at after taking `reset` from its mailbox:
+/// the SIPI's that already came, or, waiting in Ally (VMX root or SVM host), the next one.
+pub fn vector_after_init(
+    apic_id: u32,
+    mailbox: &StartupMailbox,
+    reset: crate::startup::PendingReset,
+) -> u8 {
+    match reset {
+        crate::startup::PendingReset::Sipi(vector) => vector,
+        crate::startup::PendingReset::WaitForSipi => {
+            info!("vCPU {apic_id} took the guest's INIT: waits for SIPI");
+            wait_for_sipi_after_init(mailbox)
+        }
+    }
+}
+
+/// An OS core other than the boot CPU asked for a platform reset: the boot CPU carries it
+/// out (`crate::guest_reset::defer_to_boot_cpu`), and this core takes an INIT, as the reset
+/// line would give it.
+pub fn defer_reset(
+    mailbox: &StartupMailbox,
+    source: crate::reset::ResetSource,
+) -> crate::startup::PendingReset {
+    crate::guest_reset::defer_to_boot_cpu(source);
+    mailbox.init();
+    mailbox
+        .take_init()
+        .unwrap_or(crate::startup::PendingReset::WaitForSipi)
+}
+
 /// Prints the emulation's counters and every OS core's state.
 pub fn report() {
     info!(

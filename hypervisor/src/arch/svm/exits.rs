@@ -399,9 +399,7 @@ fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut SvmVcpu, source: ResetSour
     let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
         "a reset request on a CPU that is no OS core",
     ))?;
-    guest_reset::defer_to_boot_cpu(source);
-    mailbox.init();
-    let reset = mailbox.take_init().unwrap_or(PendingReset::WaitForSipi);
+    let reset = crate::guards::init_sipi::defer_reset(mailbox, source);
     take_pending_init(regs, vcpu, reset)
 }
 
@@ -427,16 +425,7 @@ fn take_pending_init(
     let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
         "INIT on a CPU that is no OS core",
     ))?;
-    let vector = match reset {
-        PendingReset::Sipi(vector) => vector,
-        PendingReset::WaitForSipi => {
-            info!(
-                "vCPU {} took the guest's INIT: waits for SIPI",
-                vcpu.apic_id
-            );
-            crate::guards::init_sipi::wait_for_sipi_after_init(mailbox)
-        }
-    };
+    let vector = crate::guards::init_sipi::vector_after_init(vcpu.apic_id, mailbox, reset);
     vcpu.reset_guest(SvmStart::Sipi {
         segment: u16::from(vector) << 8,
     });

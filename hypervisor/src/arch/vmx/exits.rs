@@ -7,7 +7,6 @@ use crate::addr::GuestPhysAddr;
 use crate::arch::instructions::{self, halt_forever, vmread, vmwrite};
 use crate::control_regs::{self, ControlState};
 use crate::exit::{CrAccess, CrAccessType, ExitCounters, ExitReason, IoQualification};
-use crate::guards::init_sipi;
 use crate::guest::{AccessKind, GuestCpuState, GuestRegisters, SegmentBases};
 use crate::guest_reset;
 use crate::platform::{platform, PhysicalMemory, EPT_GENERATION};
@@ -364,9 +363,7 @@ fn handle_reset(regs: &mut GuestRegisters, vcpu: &mut Vcpu, source: ResetSource)
     let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
         "a reset request on a CPU that is no OS core",
     ))?;
-    guest_reset::defer_to_boot_cpu(source);
-    mailbox.init();
-    let reset = mailbox.take_init().unwrap_or(PendingReset::WaitForSipi);
+    let reset = crate::guards::init_sipi::defer_reset(mailbox, source);
     take_pending_init(regs, vcpu, reset)
 }
 
@@ -397,16 +394,7 @@ fn take_pending_init(
     let mailbox = vcpu.mailbox.ok_or(StopReason::GuestRequested(
         "INIT on a CPU that is no OS core",
     ))?;
-    let vector = match reset {
-        PendingReset::Sipi(vector) => vector,
-        PendingReset::WaitForSipi => {
-            info!(
-                "vCPU {} took the guest's INIT: waits for SIPI",
-                vcpu.apic_id
-            );
-            init_sipi::wait_for_sipi_after_init(mailbox)
-        }
-    };
+    let vector = crate::guards::init_sipi::vector_after_init(vcpu.apic_id, mailbox, reset);
     start_at_sipi(regs, vcpu, vector)
 }
 
