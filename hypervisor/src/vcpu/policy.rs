@@ -248,11 +248,16 @@ fn count_port_exit(port: u16) {
     let port = u32::from(port);
     for slot in 0..PORT_SLOTS - 1 {
         let owner = &PORT_EXIT_PORTS[slot];
-        let current =
-            match owner.compare_exchange(u32::MAX, port, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => port,
-                Err(existing) => existing,
-            };
+        // A plain load finds a taken slot; only a free one costs a locked exchange (the exit
+        // path passes here on every intercepted IN/OUT).
+        let mut current = owner.load(Ordering::Acquire);
+        if current == u32::MAX {
+            current =
+                match owner.compare_exchange(u32::MAX, port, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => port,
+                    Err(existing) => existing,
+                };
+        }
         if current == port {
             PORT_EXIT_COUNTS[slot].fetch_add(1, Ordering::Relaxed);
             return;
