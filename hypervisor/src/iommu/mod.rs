@@ -10,6 +10,9 @@
 //! The page tables are built through [`crate::paging::TableMemory`] and
 //! [`crate::paging::FrameAllocator`], so all of it is tested on the host.
 
+pub mod dmar;
+
+use crate::acpi::{AcpiTable, PhysMemory};
 use crate::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
 use crate::paging::{FrameAllocator, TableMemory};
 use core::fmt;
@@ -404,6 +407,136 @@ fn subtract_into(out: &mut Ranges, r: PhysRange, cut: &[PhysRange]) -> Result<()
         push(out, PhysRange { start, end: r.end }, "DMA")?;
     }
     Ok(())
+}
+
+/// Bounds-checked reads inside one ACPI table: every read names its offset and returns
+/// `None` past the table's end, so a parser cannot be led outside the table.
+struct TableReader<'a, M: PhysMemory> {
+    mem: &'a M,
+    pa: u64,
+    len: u32,
+}
+
+// Not derived: a derive would require `M: Copy`, but only the reference is copied.
+impl<M: PhysMemory> Clone for TableReader<'_, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<M: PhysMemory> Copy for TableReader<'_, M> {}
+
+impl<'a, M: PhysMemory> TableReader<'a, M> {
+    fn new(mem: &'a M, table: &AcpiTable) -> Self {
+        Self {
+            mem,
+            pa: table.pa,
+            len: table.len(),
+        }
+    }
+
+    fn array<const N: usize>(&self, off: u32) -> Option<[u8; N]> {
+        let end = off.checked_add(u32::try_from(N).ok()?)?;
+        if end > self.len {
+            return None;
+        }
+        let mut b = [0u8; N];
+        self.mem.read(self.pa.checked_add(u64::from(off))?, &mut b);
+        Some(b)
+    }
+
+    fn u8(&self, off: u32) -> Option<u8> {
+        self.array::<1>(off).map(|b| b[0])
+    }
+
+    fn u16(&self, off: u32) -> Option<u16> {
+        self.array(off).map(u16::from_le_bytes)
+    }
+
+    fn u32(&self, off: u32) -> Option<u32> {
+        self.array(off).map(u32::from_le_bytes)
+    }
+
+    fn u64(&self, off: u32) -> Option<u64> {
+        self.array(off).map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Fakes shared by the IOMMU tests: physical memory holding ACPI tables, and
+    //! page-table frames.
+
+    use crate::acpi::PhysMemory;
+
+    /// Physical memory `[base, base + bytes.len())`; reads elsewhere return 0xFF like
+    /// an unclaimed bus. With a window set, a read outside it panics: the parsers' tests
+    /// use that to prove they never read outside the table.
+    pub struct FakePhys {
+        pub base: u64,
+        pub bytes: std::vec::Vec<u8>,
+        pub window: std::cell::Cell<Option<(u64, u64)>>,
+    }
+
+    impl FakePhys {
+        pub fn new(base: u64, size: usize) -> Self {
+            Self {
+                base,
+                bytes: vec![0; size],
+                window: std::cell::Cell::new(None),
+            }
+        }
+        pub fn put(&mut self, pa: u64, data: &[u8]) {
+            let at = (pa - self.base) as usize;
+            self.bytes[at..at + data.len()].copy_from_slice(data);
+        }
+    }
+
+    impl PhysMemory for FakePhys {
+        fn read(&self, pa: u64, buf: &mut [u8]) {
+            if let Some((start, end)) = self.window.get() {
+                let last = pa + buf.len() as u64;
+                assert!(
+                    start <= pa && last <= end,
+                    "read of [{pa:#x}, {last:#x}) outside [{start:#x}, {end:#x})"
+                );
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = pa
+                    .checked_add(i as u64)
+                    .and_then(|a| a.checked_sub(self.base))
+                    .and_then(|o| self.bytes.get(o as usize).copied())
+                    .unwrap_or(0xFF);
+            }
+        }
+        fn write(&mut self, pa: u64, buf: &[u8]) {
+            self.put(pa, buf);
+        }
+    }
+
+    /// An ACPI table: 36-byte header (signature, length, revision 1, checksum, QEMU's
+    /// "BOCHS " / "BXPC    " ids) followed by `body`, with a correct checksum.
+    pub fn acpi_table(sig: &[u8; 4], body: &[u8]) -> std::vec::Vec<u8> {
+        let mut t = std::vec::Vec::new();
+        t.extend_from_slice(sig);
+        t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+        t.push(1); // revision
+        t.push(0); // checksum, fixed below
+        t.extend_from_slice(b"BOCHS "); // OEM ID
+        t.extend_from_slice(b"BXPC    "); // OEM table ID
+        t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+        t.extend_from_slice(b"BXPC"); // creator ID
+        t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+        t.extend_from_slice(body);
+        fix_checksum(&mut t);
+        t
+    }
+
+    /// Makes the table's bytes sum to zero again through byte 9.
+    pub fn fix_checksum(t: &mut [u8]) {
+        t[9] = 0;
+        let sum = t.iter().fold(0u8, |s, &b| s.wrapping_add(b));
+        t[9] = 0u8.wrapping_sub(sum);
+    }
 }
 
 #[cfg(test)]
