@@ -11,6 +11,7 @@
 //! [`crate::paging::FrameAllocator`], so all of it is tested on the host.
 
 pub mod dmar;
+pub mod ivrs;
 
 use crate::acpi::{AcpiTable, PhysMemory};
 use crate::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
