@@ -12,6 +12,8 @@
 
 pub mod dmar;
 pub mod ivrs;
+mod table;
+pub mod vtd;
 
 use crate::acpi::{AcpiTable, PhysMemory};
 use crate::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
@@ -468,6 +470,9 @@ pub(crate) mod testutil {
     //! page-table frames.
 
     use crate::acpi::PhysMemory;
+    use crate::addr::{HostPhysAddr, PAGE_SIZE};
+    use crate::paging::{FrameAllocator, TableMemory, ENTRIES};
+    use std::collections::HashMap;
 
     /// Physical memory `[base, base + bytes.len())`; reads elsewhere return 0xFF like
     /// an unclaimed bus. With a window set, a read outside it panics: the parsers' tests
@@ -538,10 +543,46 @@ pub(crate) mod testutil {
         let sum = t.iter().fold(0u8, |s, &b| s.wrapping_add(b));
         t[9] = 0u8.wrapping_sub(sum);
     }
+
+    /// Page-table frames numbered from 0x4000_0000, at most `limit` of them.
+    pub struct FakeFrames {
+        pub frames: HashMap<u64, Box<[u64; ENTRIES]>>,
+        next: u64,
+        limit: usize,
+    }
+
+    impl FakeFrames {
+        pub fn new(limit: usize) -> Self {
+            Self {
+                frames: HashMap::new(),
+                next: 0x4000_0000,
+                limit,
+            }
+        }
+    }
+
+    impl FrameAllocator for FakeFrames {
+        fn allocate_zeroed_frame(&mut self) -> Option<HostPhysAddr> {
+            if self.frames.len() >= self.limit {
+                return None;
+            }
+            let f = self.next;
+            self.next += PAGE_SIZE;
+            self.frames.insert(f, Box::new([0; ENTRIES]));
+            Some(HostPhysAddr(f))
+        }
+    }
+
+    impl TableMemory for FakeFrames {
+        fn table(&mut self, frame: HostPhysAddr) -> &mut [u64; ENTRIES] {
+            self.frames.get_mut(&frame.0).expect("not a table frame")
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testutil::FakeFrames;
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -748,5 +789,146 @@ mod tests {
         for (e, text) in cases {
             assert_eq!(e.to_string(), text);
         }
+    }
+
+    /// A leaf of an I/O page table, read from the raw entries by the tests' own walker:
+    /// device address, size, target address, writable.
+    type Leaf = (u64, u64, u64, bool);
+
+    /// Every leaf under `table` (at `level`, covering device addresses from `base`),
+    /// decoded with `present`, `leaf` and `writable` for the vendor's format.
+    fn walk(
+        m: &mut FakeFrames,
+        table: u64,
+        level: u32,
+        base: u64,
+        fmt: &dyn Fn(u64, u32) -> Option<(bool, bool)>,
+        out: &mut std::vec::Vec<Leaf>,
+    ) {
+        let size = PAGE_SIZE << (9 * (level - 1));
+        for i in 0..512u64 {
+            let e = m.table(HostPhysAddr(table))[i as usize];
+            let Some((leaf, writable)) = fmt(e, level) else {
+                continue;
+            };
+            let addr = e & 0x000F_FFFF_FFFF_F000;
+            if leaf {
+                out.push((base + i * size, size, addr, writable));
+            } else {
+                walk(m, addr, level - 1, base + i * size, fmt, out);
+            }
+        }
+    }
+
+    /// VT-d second-level entries (VT-d 9.8): present if R or W, a leaf at level 1 or
+    /// with PS (bit 7).
+    fn vtd_entry(e: u64, level: u32) -> Option<(bool, bool)> {
+        (e & 3 != 0).then_some((level == 1 || e & (1 << 7) != 0, e & 2 != 0))
+    }
+
+    /// Proves the tables map exactly the plan, identity, writable, and no protected byte:
+    /// every leaf is checked, and the leaves (disjoint, being a tree's) add up to the plan.
+    fn assert_maps_exactly(leaves: &[Leaf], plan: &DmaDomainPlan, protected: &[PhysRange]) {
+        for &(iova, size, hpa, writable) in leaves {
+            let page = r(iova, iova + size);
+            assert_eq!(hpa, iova, "not identity at {iova:#x}");
+            assert!(writable);
+            for p in protected {
+                assert!(!p.overlaps(&page), "{page} maps protected {p}");
+            }
+            assert!(
+                plan.ranges()
+                    .iter()
+                    .any(|r| r.start <= page.start && page.end <= r.end),
+                "{page} is outside the plan"
+            );
+        }
+        let mapped: u64 = leaves.iter().map(|l| l.1).sum();
+        let planned: u64 = plan.ranges().iter().map(|r| r.len()).sum();
+        assert_eq!(mapped, planned);
+    }
+
+    /// A 6 GiB guest around Ally's region, with unaligned protected ranges and an RMRR.
+    fn layout() -> ([PhysRange; 4], [PhysRange; 3], [PhysRange; 1]) {
+        let ram = [
+            r(0, 0x9fc00),
+            r(MIB, 3 * GIB),
+            r(4 * GIB, 7 * GIB),
+            r(7 * GIB, 7 * GIB + 3 * MIB + 0x234),
+        ];
+        let protected = [
+            r(GIB + 4 * MIB, GIB + 68 * MIB), // DPI memory, 2 MiB-aligned
+            r(GIB + 68 * MIB, GIB + 99 * MIB + 0x10), // Ally, ending mid-page
+            r(5 * GIB + 0x1234, 5 * GIB + 0x1235), // one byte
+        ];
+        let rmrr = [r(0xe_8000, 0xf_0000)];
+        (ram, protected, rmrr)
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn vtd_tables_map_the_guest_plan_and_no_protected_byte() {
+        let (ram, protected, rmrr) = layout();
+        let plan = DmaDomainPlan::guest(&ram, &protected, &rmrr).unwrap();
+        for (levels, sizes) in [
+            (PagingLevels::Four, PageSizes::ALL),
+            (PagingLevels::Three, PageSizes::ALL),
+            (
+                PagingLevels::Four,
+                PageSizes {
+                    two_mib: true,
+                    one_gib: false,
+                },
+            ),
+        ] {
+            let mut m = FakeFrames::new(4096);
+            let mut t = vtd::IommuPageTables::new(levels, sizes, &mut m).unwrap();
+            let stats = plan.map_into(&mut t, &mut m).unwrap();
+            // Aligned stretches use the largest pages the unit has.
+            if sizes.one_gib {
+                // [2 GiB, 3 GiB) and [4 GiB, 5 GiB) and [6 GiB, 7 GiB).
+                assert_eq!(stats.pages_1g, 3);
+            } else {
+                assert_eq!(stats.pages_1g, 0);
+            }
+            assert!(stats.pages_2m > 500);
+            let mut leaves = std::vec::Vec::new();
+            walk(
+                &mut m,
+                t.root().0,
+                levels.count(),
+                0,
+                &vtd_entry,
+                &mut leaves,
+            );
+            assert_maps_exactly(&leaves, &plan, &protected);
+            // The RMRR is honoured and the partial last RAM page is mapped whole.
+            assert!(t.translate(0xe_8000, &mut m).is_some());
+            assert!(t.translate(7 * GIB + 3 * MIB + 0xfff, &mut m).is_some());
+            assert!(t.translate(5 * GIB + 0x1000, &mut m).is_none());
+        }
+    }
+
+    #[test]
+    fn vtd_tables_map_only_the_dpi_ranges() {
+        let dpi = [
+            r(GIB + 4 * MIB, GIB + 68 * MIB),
+            r(GIB + 80 * MIB, GIB + 80 * MIB + 0x3000),
+        ];
+        let plan = DmaDomainPlan::dpi_device(&dpi).unwrap();
+        let mut m = FakeFrames::new(64);
+        let mut t = vtd::IommuPageTables::new(PagingLevels::Three, PageSizes::ALL, &mut m).unwrap();
+        let stats = plan.map_into(&mut t, &mut m).unwrap();
+        assert_eq!((stats.pages_2m, stats.pages_4k), (32, 3));
+        let mut leaves = std::vec::Vec::new();
+        walk(&mut m, t.root().0, 3, 0, &vtd_entry, &mut leaves);
+        // Everything that is not DPI memory is protected from the NIC.
+        let outside = [
+            r(0, GIB + 4 * MIB),
+            r(GIB + 68 * MIB, GIB + 80 * MIB),
+            r(GIB + 80 * MIB + 0x3000, u64::MAX),
+        ];
+        assert_maps_exactly(&leaves, &plan, &outside);
     }
 }
