@@ -1319,4 +1319,27 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn rmrrs_feed_the_guest_plan() {
+        use super::super::{DmaDomainPlan, IommuError};
+        let dmar = parse_body(SERVER_BODY).unwrap();
+        let reserved: std::vec::Vec<_> = dmar.reserved_ranges().collect();
+        let ram = [PhysRange {
+            start: 0,
+            end: 0x7000_0000,
+        }];
+        // The RMRR lies outside the RAM list and is mapped all the same.
+        let plan = DmaDomainPlan::guest(&ram, &[], &reserved).unwrap();
+        assert!(plan.contains(0x7b7e_0000) && plan.contains(0x7b7e_ffff));
+        assert!(!plan.contains(0x7b7f_0000));
+        let ally = PhysRange {
+            start: 0x7b00_0000,
+            end: 0x7b80_0000,
+        };
+        assert!(matches!(
+            DmaDomainPlan::guest(&ram, &[ally], &reserved),
+            Err(IommuError::ReservedOverlapsProtected { .. })
+        ));
+    }
 }

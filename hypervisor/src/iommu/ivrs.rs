@@ -1532,4 +1532,32 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn reserved_ranges_feed_the_guest_plan() {
+        use super::super::{DmaDomainPlan, IommuError};
+        let ivrs = parse_body(SERVER_BODY).unwrap();
+        let reserved: std::vec::Vec<_> = ivrs.reserved_ranges().collect();
+        let ram = [PhysRange {
+            start: 0,
+            end: 0x7000_0000,
+        }];
+        let plan = DmaDomainPlan::guest(&ram, &[], &reserved).unwrap();
+        assert!(plan.contains(0x7c00_1fff) && !plan.contains(0x7e00_0000));
+        // Ally placed where firmware wants an exclusion range: refused.
+        let ally = PhysRange {
+            start: 0x7c00_1000,
+            end: 0x7c40_0000,
+        };
+        assert_eq!(
+            DmaDomainPlan::guest(&ram, &[ally], &reserved),
+            Err(IommuError::ReservedOverlapsProtected {
+                reserved: PhysRange {
+                    start: 0x7c00_0000,
+                    end: 0x7c00_2000
+                },
+                protected: ally
+            })
+        );
+    }
 }

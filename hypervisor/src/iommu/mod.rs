@@ -10,6 +10,7 @@
 //! The page tables are built through [`crate::paging::TableMemory`] and
 //! [`crate::paging::FrameAllocator`], so all of it is tested on the host.
 
+pub mod amdvi;
 pub mod dmar;
 pub mod ivrs;
 mod table;
@@ -930,5 +931,35 @@ mod tests {
             r(GIB + 80 * MIB + 0x3000, u64::MAX),
         ];
         assert_maps_exactly(&leaves, &plan, &outside);
+    }
+
+    /// AMD-Vi I/O page-table entries (48882 2.2.3): present if PR, a leaf at level 1 or
+    /// with NextLevel 0 (or 7).
+    fn amd_entry(e: u64, level: u32) -> Option<(bool, bool)> {
+        let next = (e >> 9) & 7;
+        (e & 1 != 0).then_some((level == 1 || next == 0 || next == 7, e & (1 << 62) != 0))
+    }
+
+    #[test]
+    fn amd_tables_map_the_guest_plan_and_no_protected_byte() {
+        let (ram, protected, rmrr) = layout();
+        let plan = DmaDomainPlan::guest(&ram, &protected, &rmrr).unwrap();
+        for levels in [PagingLevels::Three, PagingLevels::Four] {
+            let mut m = FakeFrames::new(4096);
+            let mut t = amdvi::IoPageTables::new(levels, PageSizes::ALL, &mut m).unwrap();
+            let stats = plan.map_into(&mut t, &mut m).unwrap();
+            assert_eq!(stats.pages_1g, 3);
+            let mut leaves = std::vec::Vec::new();
+            walk(
+                &mut m,
+                t.root().0,
+                levels.count(),
+                0,
+                &amd_entry,
+                &mut leaves,
+            );
+            assert_maps_exactly(&leaves, &plan, &protected);
+            assert!(t.translate(0xe_8000, &mut m).is_some());
+        }
     }
 }
