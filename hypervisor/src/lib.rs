@@ -16,6 +16,7 @@ pub mod guards;
 pub mod guest;
 pub mod guest_reset;
 pub mod int15;
+pub mod iommu;
 pub mod ioport;
 pub mod ipi;
 pub mod log_limit;
