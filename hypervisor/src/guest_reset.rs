@@ -7,7 +7,8 @@
 //!    next boot's SIPI;
 //! 2. the NIC resets as the guest sees it (its CTRL.RST to the DPI partition: the guest's old
 //!    rings are abandoned, nothing Ally accepted from them is lost, the real device keeps
-//!    Ally's rings and its link);
+//!    Ally's rings and its link); the AHCI controllers get the state the BIOS left them in, as
+//!    its disk driver expects it (`pci::ahci`);
 //! 3. the interrupt hardware is put back as the BIOS handed it over: the I/O APIC entries the
 //!    firmware left, the 8259s (vector bases 08h/70h and the firmware's masks) and the PIT's
 //!    18.2 Hz tick, this CPU's local APIC in virtual-wire mode with nothing in service;
@@ -21,7 +22,9 @@
 
 use crate::arch::apic::LocalApic;
 use crate::arch::instructions::{self, copy_physical, inb, outb};
+use crate::arch::pci_ports::{IdentityMmio, PortConfigSpace};
 use crate::guards::init_sipi;
+use crate::pci::ahci::FirmwareAhci;
 use crate::platform::platform;
 use crate::reset::ResetSource;
 use crate::vcpu::StopReason;
@@ -39,7 +42,11 @@ pub const MAX_GUEST_RESETS: u64 = 64;
 struct BootState {
     low_memory: &'static [u8],
     pic_masks: [u8; 2],
+    ahci: heapless::Vec<FirmwareAhci, MAX_AHCI>,
 }
+
+/// AHCI controllers whose firmware state a reset restores.
+const MAX_AHCI: usize = 4;
 
 static BOOT_STATE: Once<BootState> = Once::new();
 static RESETS: AtomicU64 = AtomicU64::new(0);
@@ -66,9 +73,17 @@ pub unsafe fn record_boot_state(buffer: &'static mut [u8]) {
     unsafe { copy_physical(0, copy.as_mut_ptr() as u64, LOW_MEMORY_BYTES as u64) };
     // SAFETY: reading the 8259 interrupt mask registers (OCW1) has no side effect.
     let pic_masks = unsafe { [inb(0x21), inb(0xA1)] };
+    let ahci = FirmwareAhci::record_all(&PortConfigSpace, &IdentityMmio);
+    for c in &ahci {
+        info!(
+            "guest reset state recorded: AHCI {} at {:#x}, ports {:#x}",
+            c.function, c.abar, c.implemented
+        );
+    }
     BOOT_STATE.call_once(|| BootState {
         low_memory: copy,
         pic_masks,
+        ahci,
     });
     info!(
         "guest reset state recorded: 640 KiB of conventional memory, 8259 masks {pic_masks:02x?}"
@@ -157,6 +172,23 @@ pub fn reset_platform(
     // 2. The NIC.
     if let Some(nic) = &p.nic {
         nic.platform_reset();
+    }
+    // The BIOS's disk controllers. Ally's configuration accesses change the address latch at
+    // 0xCF8, which no guest CPU is using now; the restarted guest writes it before its next
+    // data access.
+    for controller in &boot.ahci {
+        let restored = controller.restore(&PortConfigSpace, &IdentityMmio);
+        if restored.stuck != 0 {
+            warn!(
+                "ALLY guest-reset-ahci function={} ports={} stuck={:#x}: a port did not start again; the BIOS may not read from it",
+                controller.function, restored.ports, restored.stuck
+            );
+        } else {
+            info!(
+                "ALLY guest-reset-ahci function={} ports={} restored to the firmware's state",
+                controller.function, restored.ports
+            );
+        }
     }
 
     // 3. Interrupt hardware as the BIOS handed it over. Local sources masked and in-service

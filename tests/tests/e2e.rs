@@ -120,13 +120,9 @@ fn ally_svm_under_qemu_pc() {
 #[test]
 #[ignore = "QEMU TCG: flaky checks (the guest's pktgen set-up races its kernel thread; the alert storm's wake-up latency ratio); run with -- --ignored --test-threads=1 qemu"]
 fn ally_svm_under_qemu_q35() {
-    // Without the reset chain: after the guest's reboot on q35 the boot stub's INT 13h
-    // fails in SeaBIOS's AHCI path (an open problem, see the README); everything else runs.
-    let net = NetOptions {
-        resets: Vec::new(),
-        ..two_cpu_net()
-    };
-    ally_boot_passes_every_check("e2e-ally-svm-q35", 2, net, "", Some(Machine::Q35));
+    // The reset chain too: each reboot finds SeaBIOS's AHCI controller as SeaBIOS left it
+    // (`pci::ahci`), so the boot stub's INT 13h reads the disk again.
+    ally_boot_passes_every_check("e2e-ally-svm-q35", 2, two_cpu_net(), "", Some(Machine::Q35));
 }
 
 /// The workload of the 2-CPU Ally boots.

@@ -18,6 +18,7 @@
 //! tests); `arch::vmx::exits` feeds it the guest's 0xCF8/0xCFC accesses. [`msi`] guards the
 //! MSI and MSI-X capabilities of every other function.
 
+pub mod ahci;
 pub mod latch;
 pub mod msi;
 
