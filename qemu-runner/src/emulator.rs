@@ -375,6 +375,11 @@ pub fn qemu_command(files: &MachineFiles, m: &QemuMachine) -> Command {
         .args(["-vga", "none", "-device"])
         .arg(format!("VGA,addr={VGA_SLOT:#x}"))
         .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+    // A developer's extra arguments, e.g. QEMU's device traces
+    // (`ALLY_QEMU_ARGS="-trace ahci_* -D /tmp/qemu-trace.log"`), split on whitespace.
+    if let Some(extra) = std::env::var_os("ALLY_QEMU_ARGS") {
+        c.args(extra.to_string_lossy().split_whitespace());
+    }
     c
 }
 
