@@ -32,10 +32,11 @@ pub enum OptionName {
     Heap,
     IrqModeration,
     UninspectedNetwork,
+    Iommu,
 }
 
 impl OptionName {
-    const ALL: [OptionName; 8] = [
+    const ALL: [OptionName; 9] = [
         OptionName::Log,
         OptionName::DpiCores,
         OptionName::DpiMem,
@@ -44,6 +45,7 @@ impl OptionName {
         OptionName::Heap,
         OptionName::IrqModeration,
         OptionName::UninspectedNetwork,
+        OptionName::Iommu,
     ];
 
     /// The key as written on the command line.
@@ -57,6 +59,7 @@ impl OptionName {
             OptionName::Heap => "heap",
             OptionName::IrqModeration => "irq_moderation",
             OptionName::UninspectedNetwork => "uninspected_network",
+            OptionName::Iommu => "iommu",
         }
     }
 
@@ -64,8 +67,8 @@ impl OptionName {
         Self::ALL.into_iter().find(|o| o.key() == key)
     }
 
-    const fn bit(self) -> u8 {
-        1 << self as u8
+    const fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
@@ -226,6 +229,9 @@ pub struct AllyOptions {
     /// Whether the guest may boot with a network Ally does not inspect: rules given and no
     /// NIC to apply them to, or a network controller Ally does not drive (default: refuse).
     pub allow_uninspected_network: bool,
+    /// `iommu=off`: run without DMA protection on a machine without a usable IOMMU (default
+    /// `on`: refuse to start without one).
+    pub iommu_off: bool,
 }
 
 impl Default for AllyOptions {
@@ -239,6 +245,7 @@ impl Default for AllyOptions {
             heap: None,
             irq_moderation: 100_000,
             allow_uninspected_network: false,
+            iommu_off: false,
         }
     }
 }
@@ -247,7 +254,7 @@ impl AllyOptions {
     /// Parses a command line. Defaults apply to options not given.
     pub fn parse(cmdline: &str) -> Result<AllyOptions, CmdlineError<'_>> {
         let mut opts = AllyOptions::default();
-        let mut seen = 0u8;
+        let mut seen = 0u16;
         let mut tokens = cmdline.split_ascii_whitespace().peekable();
         // GRUB 2's multiboot2 loader passes "<image path> <args>" on some versions.
         if tokens.peek().is_some_and(|t| t.starts_with('/')) {
@@ -291,6 +298,13 @@ impl AllyOptions {
                         "refuse" => false,
                         "allow" => true,
                         _ => return Err(bad(ValueProblem::NotOneOf("refuse, allow"))),
+                    }
+                }
+                OptionName::Iommu => {
+                    opts.iommu_off = match value {
+                        "on" => false,
+                        "off" => true,
+                        _ => return Err(bad(ValueProblem::NotOneOf("on, off"))),
                     }
                 }
                 OptionName::Mode => {
@@ -646,6 +660,23 @@ mod tests {
     }
 
     #[test]
+    fn iommu_off_is_explicit() {
+        assert!(!AllyOptions::default().iommu_off);
+        assert!(AllyOptions::parse("iommu=off").unwrap().iommu_off);
+        assert!(!AllyOptions::parse("iommu=on").unwrap().iommu_off);
+        assert_eq!(
+            err("iommu=no"),
+            bad(OptionName::Iommu, "no", ValueProblem::NotOneOf("on, off"))
+        );
+        assert_eq!(
+            err("iommu=off iommu=on"),
+            CmdlineError::Duplicate {
+                option: OptionName::Iommu
+            }
+        );
+    }
+
+    #[test]
     fn uninspected_network() {
         assert!(!AllyOptions::default().allow_uninspected_network);
         assert!(
@@ -696,7 +727,7 @@ mod tests {
         );
         assert_eq!(
             err("bogus=1").to_string(),
-            "unknown option \"bogus\" (known: log, dpi_cores, dpi_mem, nic, mode, heap, irq_moderation, uninspected_network)"
+            "unknown option \"bogus\" (known: log, dpi_cores, dpi_mem, nic, mode, heap, irq_moderation, uninspected_network, iommu)"
         );
         assert_eq!(
             err("quiet").to_string(),
