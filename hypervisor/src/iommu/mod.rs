@@ -13,6 +13,7 @@
 pub mod amdvi;
 pub mod dmar;
 pub mod ivrs;
+pub mod remapping;
 mod table;
 pub mod vtd;
 
