@@ -238,6 +238,9 @@ fn dpi_loop(index: usize, status: &DpiStatus, apic_id: u32) -> ! {
                 continue;
             }
         }
+        // Idle: the IOMMUs' fault records (a few register reads, at most every few
+        // million cycles).
+        crate::iommu::poll_faults(false);
         if let Some(work) = work.as_mut() {
             // Whatever the wait below ends with, the next poll's doorbells rang while idle.
             work.note_woken();

@@ -19,6 +19,7 @@ mod cpus;
 mod entry;
 mod frames;
 mod heap;
+mod iommu;
 mod nic;
 mod relocate;
 mod rules;

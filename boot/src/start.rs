@@ -82,6 +82,12 @@ pub enum StartError {
         address: u32,
     },
     Topology(ally_hypervisor::topology::TopologyError),
+    /// No IOMMU Ally can program, and no `iommu=off`.
+    NoIommu(&'static str),
+    Dmar(ally_hypervisor::iommu::dmar::DmarError),
+    Iommu(ally_hypervisor::iommu::IommuError),
+    IommuUnit(u64, &'static str),
+    IommuUnitError(u64, ally_hypervisor::iommu::remapping::UnitError),
 }
 
 impl fmt::Display for StartError {
@@ -116,6 +122,11 @@ impl fmt::Display for StartError {
             Self::UnguardablePowerRegister(name, block) => write!(f, "ACPI FADT: {name} is at {block:x?}, where Ally cannot guard it (only I/O ports, and bus 0 configuration space for RESET_REG): the guest could suspend or reset the machine behind Ally"),
             Self::Topology(e) => write!(f, "{e}"),
             Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
+            Self::NoIommu(why) => write!(f, "no IOMMU: {why}; without one any device the guest programs can read and write Ally's memory. Enable VT-d in the firmware setup, or give iommu=off to run without DMA protection"),
+            Self::Dmar(e) => write!(f, "ACPI DMAR: {e}"),
+            Self::Iommu(e) => write!(f, "IOMMU tables: {e}"),
+            Self::IommuUnit(base, why) => write!(f, "VT-d unit at {base:#x}: {why}"),
+            Self::IommuUnitError(base, e) => write!(f, "VT-d unit at {base:#x}: {e}"),
         }
     }
 }
@@ -380,6 +391,21 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         &options,
         rules.given(),
         claimed.as_ref().map(|c| c.trap.function.address),
+    )?;
+    // DMA protection, before any guest or DPI core runs: the guest's devices reach what its
+    // CPUs reach, the NIC its rings.
+    crate::iommu::protect(
+        &options,
+        &crate::iommu::DmaPolicy {
+            guest_map: &guest_map,
+            protected: &[region, stub.taken],
+            nic: claimed
+                .as_ref()
+                .map(|c| (c.trap.function.address, nic_region)),
+            identity_limit,
+        },
+        &mut paging,
+        &mut frames,
     )?;
     let mut nic_trap = None;
     let mut nic_ports = heapless::Vec::<core::ops::Range<u32>, 1>::new();
@@ -1082,6 +1108,7 @@ fn report_dpi_status() {
         }
     }
     crate::nic::report();
+    crate::iommu::report();
     ally_hypervisor::guards::pci_config::report();
     if let Some(nic) = &platform::platform().nic {
         ally_hypervisor::guards::nic::report(nic);
