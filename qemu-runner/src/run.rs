@@ -605,7 +605,7 @@ pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepare
             };
             BootTarget::Ally {
                 image,
-                options: opts.ally_options.clone(),
+                options: ally_command_line(&opts.ally_options, machine_has_iommu(opts)),
                 rules: rules_blob,
             }
         }
@@ -899,9 +899,39 @@ fn watch(
     }
 }
 
+/// Whether the emulated machine has an IOMMU Ally can program (none yet: Bochs has none,
+/// and the QEMU machines are run without one).
+fn machine_has_iommu(_opts: &RunOptions) -> bool {
+    false
+}
+
+/// Ally's command line: the operator's options, plus `iommu=off` on a machine without an
+/// IOMMU (Ally refuses to start there otherwise), unless the options say `iommu=` already.
+pub fn ally_command_line(options: &str, iommu: bool) -> String {
+    let given = options
+        .split_ascii_whitespace()
+        .any(|t| t.starts_with("iommu="));
+    match (iommu, given) {
+        (false, false) if options.trim().is_empty() => "iommu=off".to_string(),
+        (false, false) => format!("{} iommu=off", options.trim_end()),
+        _ => options.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ally_is_told_iommu_off_only_where_the_machine_has_none() {
+        assert_eq!(ally_command_line("", false), "iommu=off");
+        assert_eq!(
+            ally_command_line("dpi_cores=1 log=debug", false),
+            "dpi_cores=1 log=debug iommu=off"
+        );
+        assert_eq!(ally_command_line("iommu=on", false), "iommu=on");
+        assert_eq!(ally_command_line("log=debug", true), "log=debug");
+    }
 
     fn watcher(mode: Mode) -> Watcher {
         Watcher {
