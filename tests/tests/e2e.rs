@@ -1,14 +1,14 @@
 //! End-to-end: boot the test guest under Bochs (or QEMU/KVM), with and without Ally, and judge
 //! from the guest's own console and Ally's log: one baseline boot, and Ally boots with 2 CPUs
 //! (1 OS core + 1 DPI core) and 4 CPUs (3 OS cores + 1 DPI core), each with about 1.5 minutes
-//! of guest network workload; cargo runs them in parallel. Also the baseline under QEMU's TCG
-//! on the q35 machine (about a minute), and Ally's SVM backend under QEMU's TCG on `pc` (1 + 1
-//! and 3 + 1 cores) and `q35`: ignored in the default run, two of their checks being flaky
-//! under TCG (issue 13).
+//! of guest network workload. Also the baseline under QEMU's TCG on the q35 machine (about a
+//! minute), and Ally's SVM backend under QEMU's TCG on `pc` (1 + 1 and 3 + 1 cores) and
+//! `q35` (issue 13): every test whose name holds `qemu`.
 //!
-//! Run with `cargo test -p ally-tests --features e2e -- --nocapture` (scripts/test.sh does);
-//! the QEMU boots, one at a time, with
-//! `cargo test -p ally-tests --features e2e -- --ignored --test-threads=1 qemu`.
+//! scripts/test.sh runs the Bochs boots two at a time
+//! (`cargo test -p ally-tests --features e2e -- --nocapture --skip qemu`), then the QEMU boots
+//! one at a time, since each TCG QEMU keeps a host CPU per guest CPU busy
+//! (`cargo test -p ally-tests --features e2e -- --nocapture --test-threads=1 qemu`).
 
 use ally_runner::attack::{Attack, ResetMethod};
 use ally_runner::emulator::Machine;
@@ -29,7 +29,6 @@ fn baseline_guest_boots_and_pings() {
 /// MMCONFIG), with the AMD CPU model the SVM runs use: the same checks as the Bochs baseline,
 /// in about a minute. Validates the machine the SVM boots use, without Ally.
 #[test]
-#[ignore = "QEMU TCG: flaky checks (the guest's pktgen set-up races its kernel thread; the alert storm's wake-up latency ratio); run with -- --ignored --test-threads=1 qemu"]
 fn baseline_guest_under_qemu_tcg_q35() {
     let mut opts = RunOptions::new(Mode::Baseline, "e2e-baseline-qemu-q35");
     opts.emulator = EmulatorChoice::QemuTcg;
@@ -110,7 +109,6 @@ fn ally_hides_its_region_and_guest_pings() {
 /// workload, attacks, reset chain and checks) with Ally's SVM backend under QEMU's TCG on an
 /// AMD CPU with SVM and nested paging, on the i440FX `pc` machine (IDE, no MMCONFIG).
 #[test]
-#[ignore = "QEMU TCG: flaky checks (the guest's pktgen set-up races its kernel thread; the alert storm's wake-up latency ratio); run with -- --ignored --test-threads=1 qemu"]
 fn ally_svm_under_qemu_pc() {
     ally_boot_passes_every_check("e2e-ally-svm-pc", 2, two_cpu_net(), "", Some(Machine::Pc));
 }
@@ -118,7 +116,6 @@ fn ally_svm_under_qemu_pc() {
 /// [`ally_svm_under_qemu_pc`] on the `q35` machine: MMCONFIG with an ACPI MCFG table (which
 /// Ally must guard or hide), AHCI instead of IDE, the same e1000.
 #[test]
-#[ignore = "QEMU TCG: flaky checks (the guest's pktgen set-up races its kernel thread; the alert storm's wake-up latency ratio); run with -- --ignored --test-threads=1 qemu"]
 fn ally_svm_under_qemu_q35() {
     // The reset chain too: each reboot finds SeaBIOS's AHCI controller as SeaBIOS left it
     // (`pci::ahci`), so the boot stub's INT 13h reads the disk again.
@@ -179,7 +176,6 @@ fn ally_with_three_os_cores_and_a_dpi_core() {
 /// with several OS cores and waits there for the INIT, SVM having no preemption timer), and
 /// reboots at the end.
 #[test]
-#[ignore = "QEMU TCG: flaky checks (the guest's pktgen set-up races its kernel thread; the alert storm's wake-up latency ratio); run with -- --ignored --test-threads=1 qemu"]
 fn ally_svm_three_os_cores_under_qemu_pc() {
     let net = NetOptions {
         big_bytes: 4 << 20,
