@@ -128,8 +128,10 @@ struct Common {
     /// last boot brings the e1000 up again and moves small.bin both ways.
     #[arg(long, value_parser = parse_resets)]
     resets: Option<Resets>,
-    /// The guest-side attacks of issue 11 to run (sleep, msr, pci-race, ipi-logical, swxoff,
-    /// eeprom, tucso, alert-storm), comma-separated.
+    /// The guest-side attacks to run, comma-separated: issue 11's (sleep, msr, pci-race,
+    /// ipi-logical, swxoff, eeprom, tucso, alert-storm, split-upload, frag-udp) and issue
+    /// 14's dma (the AHCI controller DMAing from and into Ally's region; q35 only, judged with
+    /// --iommu by the dma-iommu check).
     #[arg(long, value_parser = parse_attacks)]
     attacks: Option<Attacks>,
 }

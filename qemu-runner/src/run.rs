@@ -825,6 +825,10 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 n,
                 &n.options.attacks,
             ));
+            if n.options.attacks.contains(&attack::Attack::Dma) {
+                let setup = attack::DmaSetup::of_run(machine, iommu, &opts.ally_options);
+                all_checks.push(attack::dma_check(&guest, &ally, setup));
+            }
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);
                 all_checks.extend(inspect::inspect_checks(&guest, n, &split));
