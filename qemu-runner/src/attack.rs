@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::checks::Check;
+use crate::emulator::{Iommu, Machine};
 use crate::endpoints::{NetReport, UdpCounts};
-use crate::markers::{AllyReport, Fields, GuestMarker, GuestReport};
+use crate::markers::{parse_number, AllyReport, Fields, GuestMarker, GuestReport};
 use crate::tool::{self, ToolError};
 
 /// The attacker's Rust target (a static binary: the initramfs has no C library).
@@ -39,10 +40,13 @@ pub enum Attack {
     SplitUpload,
     /// A forbidden UDP datagram over the MTU, which the guest's IP layer fragments.
     FragUdp,
+    /// Issue 14: the AHCI controller programmed to DMA from and into Ally's region (q35;
+    /// skipped where there is no AHCI controller). Judged by [`dma_check`].
+    Dma,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 10] = [
+    pub const ALL: [Attack; 11] = [
         Attack::Sleep,
         Attack::Msr,
         Attack::PciRace,
@@ -53,6 +57,7 @@ impl Attack {
         Attack::AlertStorm,
         Attack::SplitUpload,
         Attack::FragUdp,
+        Attack::Dma,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +72,7 @@ impl Attack {
             Attack::AlertStorm => "alert-storm",
             Attack::SplitUpload => "split-upload",
             Attack::FragUdp => "frag-udp",
+            Attack::Dma => "dma",
         }
     }
 
@@ -404,6 +410,219 @@ fn ally_refused(
         Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
         Attack::SplitUpload => split_upload_evidence(marker, net),
         Attack::FragUdp => frag_udp_evidence(marker, ally, &net.udp),
+        // With or without an IOMMU it has its own check, which knows the machine's.
+        Attack::Dma => Ok("judged by the dma-iommu check".into()),
+    }
+}
+
+/// What the DMA attack is judged against: the machine, its IOMMU, and whether Ally was told to
+/// run without one (`iommu=off` on its command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaSetup {
+    pub machine: Machine,
+    pub iommu: Iommu,
+    pub ally_iommu_off: bool,
+}
+
+impl DmaSetup {
+    pub fn of_run(machine: Machine, iommu: Iommu, ally_options: &str) -> DmaSetup {
+        DmaSetup {
+            machine,
+            iommu,
+            ally_iommu_off: ally_options.split_whitespace().any(|w| w == "iommu=off"),
+        }
+    }
+}
+
+/// One `ALLY iommu-fault device=BB:DD.F address=0x.. reason=..` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IommuFault {
+    pub device: String,
+    pub address: u64,
+    pub reason: String,
+}
+
+/// Every IOMMU fault Ally reported (lines without a device or a numeric address are skipped).
+pub fn iommu_faults(ally: &AllyReport) -> Vec<IommuFault> {
+    ally.all("iommu-fault")
+        .filter_map(|l| {
+            Some(IommuFault {
+                device: l.fields.get("device")?.to_string(),
+                address: parse_number(l.fields.get("address")?)?,
+                reason: l.fields.get("reason").unwrap_or("none").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Whether a fault at `address` is the attack's at `target`: in the pages its `bytes` from
+/// `target` touch (VT-d fault records give the page only, 4 KiB-aligned; AMD-Vi's event log
+/// the address).
+pub fn fault_near(address: u64, target: u64, bytes: u64) -> bool {
+    let first = target & !0xfff;
+    let end = target.saturating_add(bytes.max(1)).next_multiple_of(0x1000);
+    (first..end).contains(&address)
+}
+
+/// One DMA transfer of the attack: a sector.
+const DMA_BYTES: u64 = 512;
+
+/// `dma-iommu`: issue 14's DMA attack. With an IOMMU, Ally reported the AHCI's fault at the
+/// target, the leak read back no data and the canary is intact; without one (and Ally told
+/// `iommu=off`) the test documents the hole: it passes when data leaked and fails when none
+/// did (then the attack itself is broken). Either way the control DMA through the attacker's
+/// own page must have worked, or the attack proves nothing.
+pub fn dma_check(guest: &GuestReport, ally: &AllyReport, setup: DmaSetup) -> Check {
+    Check::from_result(
+        "dma-iommu",
+        judge_dma(find(guest, Attack::Dma).as_ref(), ally, setup),
+    )
+}
+
+/// What the leak brought back: the number of non-zero bytes of the scratch sector the device
+/// wrote from the target (zeroed before), with its digest and first bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Leak {
+    status: String,
+    nonzero: u64,
+    digest: String,
+    head: String,
+}
+
+impl Leak {
+    fn of(marker: &AttackMarker) -> Result<Leak, String> {
+        let status = marker.get("leak_status").unwrap_or("none").to_string();
+        let nonzero = marker
+            .get("leak_bytes_nonzero")
+            .and_then(parse_number)
+            .ok_or_else(|| {
+                format!(
+                    "the leaked sector was not read back (leak_status={status}, leak_readback={}): {}",
+                    marker.get("leak_readback").unwrap_or("none"),
+                    marker.line
+                )
+            })?;
+        Ok(Leak {
+            status,
+            nonzero,
+            digest: marker.get("leak_digest").unwrap_or("none").to_string(),
+            head: marker.get("leak_head").unwrap_or("none").to_string(),
+        })
+    }
+
+    fn leaked(&self) -> bool {
+        self.nonzero > 0
+    }
+}
+
+fn judge_dma(
+    marker: Option<&AttackMarker>,
+    ally: &AllyReport,
+    setup: DmaSetup,
+) -> Result<String, String> {
+    let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
+    if let Some(why) = marker.not_run() {
+        return Err(format!("the attack could not run ({why}): {}", marker.line));
+    }
+    if let Some(s) = marker.get("skipped") {
+        return if setup.machine == Machine::Q35 {
+            Err(format!(
+                "skipped ({s}) on q35, whose ICH9 AHCI controller is the attack's bus master: {}",
+                marker.line
+            ))
+        } else {
+            Ok(format!(
+                "skipped by the guest ({s}): the {} machine has no AHCI controller",
+                setup.machine
+            ))
+        };
+    }
+    let guest = |key: &str| marker.get(key).unwrap_or("none");
+    if guest("control") != "ok" {
+        return Err(format!(
+            "the control DMA through the attacker's own page failed (control={}, errors={}): the attack proves nothing: {}",
+            guest("control"),
+            guest("errors"),
+            marker.line
+        ));
+    }
+    let target = marker
+        .get("target")
+        .and_then(parse_number)
+        .ok_or(format!("no `target=` in {}", marker.line))?;
+    let leak = Leak::of(marker)?;
+    let canary = ally.canary().unwrap_or("none");
+    let device = guest("ahci");
+    let summary = format!(
+        "AHCI {device}, target {target:#x}: leak_status={} leak_bytes_nonzero={} leak_digest={} leak_head={}, overwrite_status={}, errors={}, ALLY canary status={canary}, control DMA ok ({} B)",
+        leak.status,
+        leak.nonzero,
+        leak.digest,
+        leak.head,
+        guest("overwrite_status"),
+        guest("errors"),
+        guest("control_bytes"),
+    );
+    if setup.iommu == Iommu::None {
+        return judge_hole(&leak, setup, &summary);
+    }
+    let faults: Vec<IommuFault> = iommu_faults(ally)
+        .into_iter()
+        .filter(|f| f.device == device)
+        .collect();
+    let near: Vec<&IommuFault> = faults
+        .iter()
+        .filter(|f| fault_near(f.address, target, DMA_BYTES))
+        .collect();
+    let Some(first) = near.first() else {
+        return Err(format!(
+            "no `ALLY iommu-fault device={device} address=..` at or near {target:#x} under the {} IOMMU ({} fault(s) from {device} elsewhere: [{}]); {summary}",
+            setup.iommu,
+            faults.len(),
+            faults
+                .iter()
+                .map(|f| format!("{:#x}", f.address))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    if leak.leaked() {
+        return Err(format!(
+            "the device read {} non-zero bytes from {target:#x} despite the {} IOMMU; {summary}",
+            leak.nonzero, setup.iommu
+        ));
+    }
+    if canary != "intact" {
+        return Err(format!(
+            "Ally's memory changed under the {} IOMMU; {summary}",
+            setup.iommu
+        ));
+    }
+    Ok(format!(
+        "{} IOMMU: ALLY iommu-fault device={} address={:#x} reason={} ({} of {} fault(s) from {device} at or near the target); no data leaked; {summary}",
+        setup.iommu,
+        first.device,
+        first.address,
+        first.reason,
+        near.len(),
+        faults.len(),
+    ))
+}
+
+/// Without an IOMMU the attack must show the hole: data leaked. It is documented (a pass) only
+/// when Ally was told `iommu=off`; otherwise Ally should not have started the guest at all.
+fn judge_hole(leak: &Leak, setup: DmaSetup, summary: &str) -> Result<String, String> {
+    if !leak.leaked() {
+        return Err(format!(
+            "no leak visible without an IOMMU: the attack itself is broken; {summary}"
+        ));
+    }
+    if setup.ally_iommu_off {
+        Ok(format!("hole shown: {summary} (iommu=off)"))
+    } else {
+        Err(format!(
+            "no IOMMU and Ally was not given iommu=off, yet it started the guest (issue 14: fail closed); the hole: {summary}"
+        ))
     }
 }
 
@@ -711,6 +930,7 @@ mod tests {
             "ally.attacks=sleep,pci-race ally.resets=cf9-word,reboot"
         );
         assert_eq!(guest_cmdline(&[Attack::Msr], &[]), "ally.attacks=msr");
+        assert_eq!(guest_cmdline(&[Attack::Dma], &[]), "ally.attacks=dma");
     }
 
     fn guest(text: &str) -> GuestReport {
@@ -798,7 +1018,9 @@ mod tests {
         // 6 µs: more than twice both.
         let c = ally_defences_check(&g, &ally(290_000), &host(all), &[Attack::AlertStorm]);
         assert!(
-            !c.passed && c.detail.contains("more than 2x idle's and the quiet flood's"),
+            !c.passed
+                && c.detail
+                    .contains("more than 2x idle's and the quiet flood's"),
             "{c}"
         );
         // A datagram the host never got (an alert must not drop traffic).
@@ -897,6 +1119,187 @@ mod tests {
         // The guest did not get to send every byte: nothing was attempted, nothing refused.
         let short = guest("ALLYTEST attack-split-upload INFO port=7 segments=3 written=16\n");
         assert!(!ally_defences_check(&short, &ally, &net(false), &[Attack::SplitUpload]).passed);
+    }
+
+    /// The DMA attack's marker: `nonzero` bytes came back from the target.
+    fn dma_marker(nonzero: u64) -> GuestReport {
+        let (digest, head) = if nonzero == 0 {
+            ("a8c7f832281a39c5", "00000000000000000000000000000000")
+        } else {
+            ("5c1b1bfd0b2a6e3d", "d65052e8000000001800000017ac2bfd")
+        };
+        guest(&format!(
+            "ALLYTEST attack-dma INFO ahci=00:1f.2 target=0x38600000 target_from=iomem pci_command=0x107 abar=0xfebf1000 sectors=131072 scratch_lba=131069 control=ok control_bytes=512 leak_status=ok leak_bytes=512 leak_bytes_nonzero={nonzero} leak_digest={digest} leak_head={head} overwrite_status=ok overwrite_bytes=512 errors=none port_stopped=1\n"
+        ))
+    }
+
+    fn setup(iommu: Iommu, ally_options: &str) -> DmaSetup {
+        DmaSetup::of_run(Machine::Q35, iommu, ally_options)
+    }
+
+    const FAULTS: &str = "[cpu0 WARN iommu] ALLY iommu-fault device=00:1f.2 address=0x38600000 reason=not-present write=0\n\
+                          [cpu0 WARN iommu] ALLY iommu-fault device=00:1f.2 address=0x38600000 reason=not-present write=1\n\
+                          ALLY canary status=intact ranges=..\n";
+
+    #[test]
+    fn with_an_iommu_the_dma_attack_needs_the_fault_no_leak_and_the_canary() {
+        let ally = AllyReport::parse(FAULTS);
+        for iommu in [Iommu::Intel, Iommu::Amd] {
+            let c = dma_check(&dma_marker(0), &ally, setup(iommu, ""));
+            assert!(c.passed, "{c}");
+            assert!(
+                c.detail.starts_with(&format!(
+                    "{iommu} IOMMU: ALLY iommu-fault device=00:1f.2 address=0x38600000 reason=not-present (2 of 2 fault(s) from 00:1f.2 at or near the target); no data leaked; AHCI 00:1f.2, target 0x38600000: leak_status=ok leak_bytes_nonzero=0"
+                )),
+                "{c}"
+            );
+        }
+        // AMD-Vi gives the address, VT-d the page: both are near.
+        let exact = AllyReport::parse(
+            "ALLY iommu-fault device=00:1f.2 address=0x386001f8 reason=io-page-fault\nALLY canary status=intact\n",
+        );
+        assert!(dma_check(&dma_marker(0), &exact, setup(Iommu::Amd, "")).passed);
+        // Data came back from the target.
+        let c = dma_check(&dma_marker(301), &ally, setup(Iommu::Intel, ""));
+        assert!(!c.passed);
+        assert!(
+            c.detail.starts_with(
+                "the device read 301 non-zero bytes from 0x38600000 despite the intel IOMMU"
+            ),
+            "{c}"
+        );
+        // No fault; a fault of another device; a fault elsewhere.
+        for log in [
+            "ALLY canary status=intact\n",
+            "ALLY iommu-fault device=00:02.0 address=0x38600000 reason=x\nALLY canary status=intact\n",
+            "ALLY iommu-fault device=00:1f.2 address=0x38602000 reason=x\nALLY canary status=intact\n",
+        ] {
+            let c = dma_check(&dma_marker(0), &AllyReport::parse(log), setup(Iommu::Intel, ""));
+            assert!(!c.passed, "{log}: {c}");
+            assert!(
+                c.detail.starts_with(
+                    "no `ALLY iommu-fault device=00:1f.2 address=..` at or near 0x38600000 under the intel IOMMU"
+                ),
+                "{c}"
+            );
+        }
+        // The overwrite got through somewhere: the canary says so.
+        let damaged = AllyReport::parse(&FAULTS.replace("intact", "damaged"));
+        let c = dma_check(&dma_marker(0), &damaged, setup(Iommu::Amd, ""));
+        assert!(!c.passed);
+        assert!(c.detail.contains("ALLY canary status=damaged"), "{c}");
+    }
+
+    #[test]
+    fn without_an_iommu_the_dma_attack_documents_the_hole() {
+        let ally = AllyReport::parse("ALLY canary status=damaged ranges=..\n");
+        let c = dma_check(
+            &dma_marker(301),
+            &ally,
+            setup(Iommu::None, "log=info iommu=off"),
+        );
+        assert!(c.passed, "{c}");
+        assert_eq!(
+            c.detail,
+            "hole shown: AHCI 00:1f.2, target 0x38600000: leak_status=ok leak_bytes_nonzero=301 leak_digest=5c1b1bfd0b2a6e3d leak_head=d65052e8000000001800000017ac2bfd, overwrite_status=ok, errors=none, ALLY canary status=damaged, control DMA ok (512 B) (iommu=off)"
+        );
+        // Nothing leaked with nothing in the way: the attack is broken.
+        let c = dma_check(&dma_marker(0), &ally, setup(Iommu::None, "iommu=off"));
+        assert!(!c.passed);
+        assert!(
+            c.detail
+                .starts_with("no leak visible without an IOMMU: the attack itself is broken"),
+            "{c}"
+        );
+        // Ally started the guest without an IOMMU and without iommu=off.
+        let c = dma_check(&dma_marker(301), &ally, setup(Iommu::None, "iommu=offx"));
+        assert!(!c.passed);
+        assert!(
+            c.detail.starts_with(
+                "no IOMMU and Ally was not given iommu=off, yet it started the guest (issue 14: fail closed); the hole: AHCI 00:1f.2"
+            ),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn the_dma_attack_must_run_on_q35_and_its_control_must_work() {
+        let ally = AllyReport::parse(FAULTS);
+        let skipped = guest("ALLYTEST attack-dma INFO skipped=no_ahci\n");
+        let pc = DmaSetup::of_run(Machine::Pc, Iommu::None, "");
+        let c = dma_check(&skipped, &ally, pc);
+        assert!(c.passed, "{c}");
+        assert_eq!(
+            c.detail,
+            "skipped by the guest (no_ahci): the pc machine has no AHCI controller"
+        );
+        assert!(!dma_check(&skipped, &ally, setup(Iommu::Intel, "")).passed);
+        assert!(!dma_check(&guest(""), &ally, pc).passed);
+        let broken = guest(
+            "ALLYTEST attack-dma INFO ahci=00:1f.2 target=0x38600000 control=read_tfes control_bytes=0 leak_status=not_run overwrite_status=not_run errors=control_read:tfes:is=0x40000001:tfd=0x451\n",
+        );
+        let c = dma_check(&broken, &ally, setup(Iommu::Intel, ""));
+        assert!(!c.passed);
+        assert!(
+            c.detail.starts_with("the control DMA through the attacker's own page failed (control=read_tfes, errors=control_read:tfes:is=0x40000001:tfd=0x451)"),
+            "{c}"
+        );
+        let unread = guest(
+            "ALLYTEST attack-dma INFO ahci=00:1f.2 target=0x38600000 control=ok leak_status=ok leak_readback=ok/timeout\n",
+        );
+        let c = dma_check(&unread, &ally, setup(Iommu::Intel, ""));
+        assert!(!c.passed);
+        assert!(
+            c.detail.starts_with(
+                "the leaked sector was not read back (leak_status=ok, leak_readback=ok/timeout)"
+            ),
+            "{c}"
+        );
+        let error =
+            guest("ALLYTEST attack-dma INFO ahci=00:1f.2 error=port_not_implemented_pi0x0\n");
+        assert!(!dma_check(&error, &ally, setup(Iommu::Intel, "")).passed);
+        // `attack-refused` leaves it to this check.
+        let c = ally_defences_check(
+            &dma_marker(0),
+            &ally,
+            &host(UdpCounts::default()),
+            &[Attack::Dma],
+        );
+        assert!(c.passed, "{c}");
+        assert_eq!(c.detail, "dma: judged by the dma-iommu check");
+    }
+
+    #[test]
+    fn iommu_faults_and_their_distance_from_the_target() {
+        let ally = AllyReport::parse(
+            "ALLY iommu-fault device=00:1f.2 address=0x38600000 reason=not present\n\
+             ALLY iommu-fault device=00:1f.2 address=junk reason=x\n\
+             ALLY iommu-fault address=0x1000\n",
+        );
+        assert_eq!(
+            iommu_faults(&ally),
+            [IommuFault {
+                device: "00:1f.2".into(),
+                address: 0x3860_0000,
+                reason: "not present".into(),
+            }]
+        );
+        assert!(fault_near(0x3860_0000, 0x3860_0000, 512));
+        assert!(fault_near(0x3860_01ff, 0x3860_0000, 512));
+        assert!(fault_near(0x3860_0fff, 0x3860_0000, 512));
+        assert!(!fault_near(0x3860_1000, 0x3860_0000, 512));
+        assert!(!fault_near(0x385f_f000, 0x3860_0000, 512));
+        // A transfer across a page boundary reaches the next page.
+        assert!(fault_near(0x3860_1000, 0x3860_0f00, 512));
+        assert_eq!(
+            DmaSetup::of_run(Machine::Q35, Iommu::Amd, "log=info iommu=off"),
+            DmaSetup {
+                machine: Machine::Q35,
+                iommu: Iommu::Amd,
+                ally_iommu_off: true
+            }
+        );
+        assert!(!DmaSetup::of_run(Machine::Q35, Iommu::None, "iommu=on").ally_iommu_off);
     }
 
     #[test]

@@ -68,6 +68,54 @@ impl FromStr for Machine {
     }
 }
 
+/// The IOMMU QEMU emulates (`--iommu`; issue 14's DMA protection): none, Intel VT-d
+/// (`intel-iommu`) or AMD-Vi (`amd-iommu`). QEMU 7.2 offers both on `q35` only (the `pc`
+/// machine refuses them as devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Iommu {
+    #[default]
+    None,
+    Intel,
+    Amd,
+}
+
+impl Iommu {
+    /// The `-device` argument, interrupt remapping on (issue 14 item 3). Under TCG both devices'
+    /// `intremap=auto` resolves to on already (no in-kernel irqchip); saying so keeps the
+    /// machine the same under KVM, where auto means off with the default irqchip.
+    pub fn qemu_device(self) -> Option<&'static str> {
+        match self {
+            Iommu::None => None,
+            Iommu::Intel => Some("intel-iommu,intremap=on"),
+            Iommu::Amd => Some("amd-iommu,intremap=on"),
+        }
+    }
+}
+
+impl fmt::Display for Iommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Iommu::None => "none",
+            Iommu::Intel => "intel",
+            Iommu::Amd => "amd",
+        })
+    }
+}
+
+impl FromStr for Iommu {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Iommu::None),
+            "intel" => Ok(Iommu::Intel),
+            "amd" => Ok(Iommu::Amd),
+            other => Err(format!(
+                "unknown IOMMU `{other}`: expected none, intel or amd"
+            )),
+        }
+    }
+}
+
 /// The shape of one QEMU machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuMachine {
@@ -79,6 +127,8 @@ pub struct QemuMachine {
     pub machine: Machine,
     /// `-cpu` (`None`: `host,+vmx` or `host,+svm` under KVM, [`QEMU_TCG_CPU`] under TCG).
     pub cpu: Option<String>,
+    /// The emulated IOMMU (`q35` only; the caller refuses it elsewhere).
+    pub iommu: Iommu,
 }
 
 impl fmt::Display for Emulator {
@@ -316,12 +366,24 @@ pub fn qemu_command(files: &MachineFiles, m: &QemuMachine) -> Command {
         Some(extension) => ("kvm", extension.qemu_cpu()),
         None => ("tcg", QEMU_TCG_CPU),
     };
+    // Interrupt remapping under KVM needs the I/O APIC in QEMU (`kernel-irqchip=split`): QEMU
+    // 7.2 refuses `intremap=on` with KVM's in-kernel one. TCG has no in-kernel irqchip.
+    let irqchip = if m.kvm.is_some() && m.iommu != Iommu::None {
+        ",kernel-irqchip=split"
+    } else {
+        ""
+    };
     let mut c = Command::new("qemu-system-x86_64");
     c.arg("-machine")
-        .arg(format!("{},accel={accel}", m.machine))
+        .arg(format!("{},accel={accel}{irqchip}", m.machine))
         .arg("-cpu")
         .arg(m.cpu.as_deref().unwrap_or(default_cpu));
     c.args(["-m", &m.memory_mib.to_string(), "-smp", &m.cpus.to_string()]);
+    // VT-d before every other `-device`, as QEMU's documentation asks of `intel-iommu`
+    // (QEMU 7.2 puts cold-plugged devices behind it in either order, but older ones did not).
+    if m.iommu == Iommu::Intel {
+        c.arg("-device").args(m.iommu.qemu_device());
+    }
     // The disk and the CD-ROM on the machine's own controller: `ide.0` is the PIIX3's primary
     // channel (units 0 and 1: master and slave) on `pc`, and AHCI port 0 (one unit per port;
     // the CD-ROM on port 1, `ide.1`) on `q35`. The CD-ROM boots first (bootindex), GRUB then
@@ -373,8 +435,14 @@ pub fn qemu_command(files: &MachineFiles, m: &QemuMachine) -> Command {
         .arg("-device")
         .arg(format!("e1000,netdev=n0,mac={mac},addr={E1000_SLOT:#x}"))
         .args(["-vga", "none", "-device"])
-        .arg(format!("VGA,addr={VGA_SLOT:#x}"))
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+        .arg(format!("VGA,addr={VGA_SLOT:#x}"));
+    // AMD-Vi after the e1000 and the VGA: `amd-iommu` adds its own PCI function (AMDVI-PCI,
+    // class 0806h) at the first free slot, which would be the e1000's 00:02.0 if it came first;
+    // here it takes 00:01.0. QEMU puts every device behind it whatever the order.
+    if m.iommu == Iommu::Amd {
+        c.arg("-device").args(m.iommu.qemu_device());
+    }
+    c.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
     // A developer's extra arguments, e.g. QEMU's device traces
     // (`ALLY_QEMU_ARGS="-trace ahci_* -D /tmp/qemu-trace.log"`), split on whitespace.
     if let Some(extra) = std::env::var_os("ALLY_QEMU_ARGS") {
@@ -395,7 +463,8 @@ pub struct Running {
 pub const BOCHS_IPS: u64 = 50_000_000;
 
 /// Starts the machine described by `files` (which must hold the disk and ISO).
-/// `machine` and `qemu_cpu` apply to QEMU only (the caller refuses them with Bochs).
+/// `machine`, `qemu_cpu` and `iommu` apply to QEMU only (the caller refuses them with Bochs,
+/// and an IOMMU on `pc`).
 pub fn start(
     emulator: Emulator,
     files: &MachineFiles,
@@ -403,6 +472,7 @@ pub fn start(
     memory_mib: u64,
     machine: Machine,
     qemu_cpu: Option<&str>,
+    iommu: Iommu,
 ) -> Result<Running, EmulatorError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -463,6 +533,7 @@ pub fn start(
                         .then(|| host_extension().unwrap_or(HostExtension::Vmx)),
                     machine,
                     cpu: qemu_cpu.map(str::to_string),
+                    iommu,
                 },
             );
             let log = fs::File::create(&files.emulator_log).map_err(io(&files.emulator_log))?;
@@ -653,6 +724,7 @@ mod tests {
             kvm: kvm.then_some(HostExtension::Vmx),
             machine,
             cpu: None,
+            iommu: Iommu::None,
         }
     }
 
@@ -741,6 +813,92 @@ mod tests {
         m.cpu = Some("qemu64,+svm,+npt".into());
         let c = tool::describe(&qemu_command(&f, &m));
         assert!(c.contains("-cpu qemu64,+svm,+npt -m"), "{c}");
+    }
+
+    /// The `-device` arguments of a command line, in order.
+    fn devices(c: &str) -> Vec<&str> {
+        c.split(" -device ")
+            .skip(1)
+            .map(|d| d.split(' ').next().unwrap_or(""))
+            .collect()
+    }
+
+    #[test]
+    fn no_iommu_by_default() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let c = tool::describe(&qemu_command(&f, &machine(false, Machine::Q35)));
+        assert!(!c.contains("iommu"), "{c}");
+        assert!(!c.contains("kernel-irqchip"), "{c}");
+    }
+
+    #[test]
+    fn intel_iommu_comes_before_every_other_device() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let mut m = machine(false, Machine::Q35);
+        m.iommu = Iommu::Intel;
+        let c = tool::describe(&qemu_command(&f, &m));
+        // TCG: no in-kernel irqchip, nothing to split.
+        assert!(
+            c.starts_with("qemu-system-x86_64 -machine q35,accel=tcg -cpu "),
+            "{c}"
+        );
+        assert_eq!(
+            devices(&c),
+            [
+                "intel-iommu,intremap=on",
+                "ide-hd,drive=disk0,bus=ide.0,bootindex=1",
+                "ide-cd,drive=cd0,bus=ide.1,bootindex=0",
+                "e1000,netdev=n0,mac=52:54:00:12:34:56,addr=0x2",
+                "VGA,addr=0x3",
+            ],
+            "{c}"
+        );
+        // KVM: interrupt remapping needs the split irqchip.
+        m.kvm = Some(HostExtension::Vmx);
+        let c = tool::describe(&qemu_command(&f, &m));
+        assert!(
+            c.starts_with(
+                "qemu-system-x86_64 -machine q35,accel=kvm,kernel-irqchip=split -cpu host,+vmx"
+            ),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn amd_iommu_comes_after_the_e1000_and_the_vga() {
+        let f = MachineFiles::in_dir(Path::new("/o"));
+        let mut m = machine(false, Machine::Q35);
+        m.iommu = Iommu::Amd;
+        let c = tool::describe(&qemu_command(&f, &m));
+        assert!(c.starts_with("qemu-system-x86_64 -machine q35,accel=tcg -cpu "));
+        let d = devices(&c);
+        assert_eq!(d.last(), Some(&"amd-iommu,intremap=on"), "{c}");
+        assert_eq!(d.iter().filter(|d| d.contains("iommu")).count(), 1, "{c}");
+        assert!(c.ends_with("-device amd-iommu,intremap=on -display none -monitor none -no-reboot"));
+        m.kvm = Some(HostExtension::Svm);
+        let c = tool::describe(&qemu_command(&f, &m));
+        assert!(
+            c.starts_with(
+                "qemu-system-x86_64 -machine q35,accel=kvm,kernel-irqchip=split -cpu host,+svm"
+            ),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn iommu_parses() {
+        assert_eq!("none".parse::<Iommu>(), Ok(Iommu::None));
+        assert_eq!("intel".parse::<Iommu>(), Ok(Iommu::Intel));
+        assert_eq!("amd".parse::<Iommu>(), Ok(Iommu::Amd));
+        assert_eq!(
+            "vtd".parse::<Iommu>(),
+            Err("unknown IOMMU `vtd`: expected none, intel or amd".into())
+        );
+        for i in [Iommu::None, Iommu::Intel, Iommu::Amd] {
+            assert_eq!(i.to_string().parse::<Iommu>(), Ok(i));
+        }
+        assert_eq!(Iommu::default(), Iommu::None);
+        assert_eq!(Iommu::None.qemu_device(), None);
     }
 
     #[test]

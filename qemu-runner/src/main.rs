@@ -4,7 +4,7 @@
 //! ally-run demo      [--cpus N] [--timeout S] [--ally-options "..."] [--keep] [--emulator E]
 //!                    [--rules FILE [--vars FILE] | --rules-blob FILE]
 //! ally-run baseline  [--cpus N] [--timeout S] [--keep] [--emulator E]
-//!   both: [--machine pc|q35] [--qemu-cpu MODEL] (QEMU only)
+//!   both: [--machine pc|q35] [--qemu-cpu MODEL] (QEMU only) [--iommu none|intel|amd] (q35 only)
 //!   both: [--no-net | --net-big SIZE --net-upload SIZE --net-small SIZE --net-pktgen N]
 //!         [--reboot | --resets M1,M2,...] [--attacks A1,A2,...]
 //! ```
@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ally_runner::attack::{self, Attack, ResetMethod};
-use ally_runner::emulator::Machine;
+use ally_runner::emulator::{Iommu, Machine};
 use ally_runner::endpoints::NetOptions;
 use ally_runner::{run, EmulatorChoice, Mode, RulesInput, RunOptions};
 use clap::{Args, Parser, Subcommand};
@@ -87,6 +87,11 @@ struct Common {
     /// QEMU only: refused with Bochs.
     #[arg(long, value_name = "MODEL")]
     qemu_cpu: Option<String>,
+    /// The IOMMU QEMU emulates: none, intel (`-device intel-iommu,intremap=on`, VT-d) or amd
+    /// (`-device amd-iommu,intremap=on`, AMD-Vi). QEMU's q35 only: refused with Bochs and on
+    /// the pc machine.
+    #[arg(long, value_name = "none|intel|amd", default_value = "none")]
+    iommu: Iommu,
     /// Run directory name under out/ (default: the subcommand's name).
     #[arg(long)]
     name: Option<String>,
@@ -123,8 +128,10 @@ struct Common {
     /// last boot brings the e1000 up again and moves small.bin both ways.
     #[arg(long, value_parser = parse_resets)]
     resets: Option<Resets>,
-    /// The guest-side attacks of issue 11 to run (sleep, msr, pci-race, ipi-logical, swxoff,
-    /// eeprom, tucso, alert-storm), comma-separated.
+    /// The guest-side attacks to run, comma-separated: issue 11's (sleep, msr, pci-race,
+    /// ipi-logical, swxoff, eeprom, tucso, alert-storm, split-upload, frag-udp) and issue
+    /// 14's dma (the AHCI controller DMAing from and into Ally's region; q35 only, judged with
+    /// --iommu by the dma-iommu check).
     #[arg(long, value_parser = parse_attacks)]
     attacks: Option<Attacks>,
 }
@@ -169,6 +176,7 @@ fn options(mode: Mode, default_name: &str, c: Common) -> RunOptions {
     o.emulator = c.emulator;
     o.machine = c.machine;
     o.qemu_cpu = c.qemu_cpu;
+    o.iommu = c.iommu;
     if let Some(k) = c.kernel_cmdline {
         o.kernel_cmdline = k;
     }

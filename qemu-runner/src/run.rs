@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::attack;
 use crate::checks::{self, Check, GUEST_RAM_MIB};
 use crate::emulator::{
-    self, Emulator, EmulatorChoice, EmulatorError, Machine, MachineFiles, Running,
+    self, Emulator, EmulatorChoice, EmulatorError, Iommu, Machine, MachineFiles, Running,
 };
 use crate::endpoints::{EndpointError, Endpoints, NetOptions, NetReport};
 use crate::guest::{self, GuestError, GuestSources};
@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub machine: Option<Machine>,
     /// QEMU's `-cpu` instead of the default (`--qemu-cpu`). Refused with Bochs.
     pub qemu_cpu: Option<String>,
+    /// The IOMMU QEMU emulates (`--iommu`): q35 only, refused with Bochs and on `pc`.
+    pub iommu: Iommu,
     /// Print a progress line every this often to stderr (`None`: quiet).
     pub progress: Option<Duration>,
     /// Where run directories and the guest-image cache live (`<workspace>/out`).
@@ -110,6 +112,7 @@ impl RunOptions {
             emulator: EmulatorChoice::Auto,
             machine: None,
             qemu_cpu: None,
+            iommu: Iommu::None,
             progress: Some(Duration::from_secs(15)),
             out_root,
             cache: guest::default_cache_dir(),
@@ -498,6 +501,33 @@ pub fn qemu_machine(emulator: Emulator, opts: &RunOptions) -> Result<Machine, Ru
     Ok(opts.machine.unwrap_or_default())
 }
 
+/// The IOMMU of a run under `emulator`: `--iommu intel|amd` is a QEMU device of the `q35`
+/// machine (QEMU 7.2's `pc` refuses both; Bochs emulates none).
+pub fn qemu_iommu(emulator: Emulator, opts: &RunOptions) -> Result<Iommu, RunError> {
+    let iommu = opts.iommu;
+    if iommu == Iommu::None {
+        return Ok(iommu);
+    }
+    if emulator == Emulator::Bochs {
+        return Err(RunError::BadOption {
+            option: "--iommu",
+            reason: format!(
+                "`{iommu}` is a QEMU device; Bochs emulates no IOMMU (run with --emulator qemu-tcg or qemu and --machine q35, or give --iommu none)"
+            ),
+        });
+    }
+    let machine = opts.machine.unwrap_or_default();
+    if machine != Machine::Q35 {
+        return Err(RunError::BadOption {
+            option: "--iommu",
+            reason: format!(
+                "`{iommu}` needs --machine q35: QEMU's `{machine}` machine takes no IOMMU device"
+            ),
+        });
+    }
+    Ok(iommu)
+}
+
 /// What [`prepare`] built.
 #[derive(Debug)]
 pub struct Prepared {
@@ -660,6 +690,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     // run's disk copy.
     let emulator = opts.emulator.resolve()?;
     let machine = qemu_machine(emulator, opts)?;
+    let iommu = qemu_iommu(emulator, opts)?;
     let endpoints = match &opts.net {
         Some(n) => {
             let mut n = n.clone();
@@ -724,7 +755,9 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             &format!(
             "booting {} under {emulator}{} ({} CPU(s), {GUEST_RAM_MIB} MiB, timeout {}); logs in {}",
             opts.mode,
-            if emulator.is_qemu() {
+            if emulator.is_qemu() && iommu != Iommu::None {
+                format!(" ({machine}, {iommu} IOMMU)")
+            } else if emulator.is_qemu() {
                 format!(" ({machine})")
             } else {
                 String::new()
@@ -742,6 +775,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         GUEST_RAM_MIB,
         machine,
         opts.qemu_cpu.as_deref(),
+        iommu,
     )?;
     let start = Instant::now();
     let (outcome, to_init) = watch(opts, &files, &mut running, start);
@@ -791,6 +825,10 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 n,
                 &n.options.attacks,
             ));
+            if n.options.attacks.contains(&attack::Attack::Dma) {
+                let setup = attack::DmaSetup::of_run(machine, iommu, &opts.ally_options);
+                all_checks.push(attack::dma_check(&guest, &ally, setup));
+            }
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);
                 all_checks.extend(inspect::inspect_checks(&guest, n, &split));
@@ -1092,6 +1130,36 @@ mod tests {
             qemu_machine(Emulator::Bochs, &o).unwrap_err().to_string(),
             "option --qemu-cpu: `max` is a QEMU CPU model; Bochs runs its own corei7_skylake_x (run with --emulator qemu-tcg or qemu, or leave --qemu-cpu out)"
         );
+    }
+
+    #[test]
+    fn the_iommu_is_q35_and_qemu_only() {
+        let mut o = RunOptions::new(Mode::Ally, "t");
+        for e in [Emulator::Bochs, Emulator::QemuTcg, Emulator::QemuKvm] {
+            assert_eq!(qemu_iommu(e, &o).unwrap(), Iommu::None);
+        }
+        o.iommu = Iommu::Intel;
+        assert_eq!(
+            qemu_iommu(Emulator::Bochs, &o).unwrap_err().to_string(),
+            "option --iommu: `intel` is a QEMU device; Bochs emulates no IOMMU (run with --emulator qemu-tcg or qemu and --machine q35, or give --iommu none)"
+        );
+        // The default machine is pc.
+        assert_eq!(
+            qemu_iommu(Emulator::QemuTcg, &o).unwrap_err().to_string(),
+            "option --iommu: `intel` needs --machine q35: QEMU's `pc` machine takes no IOMMU device"
+        );
+        o.machine = Some(Machine::Pc);
+        o.iommu = Iommu::Amd;
+        assert!(qemu_iommu(Emulator::QemuKvm, &o)
+            .unwrap_err()
+            .to_string()
+            .starts_with("option --iommu: `amd` needs --machine q35"));
+        o.machine = Some(Machine::Q35);
+        assert_eq!(qemu_iommu(Emulator::QemuTcg, &o).unwrap(), Iommu::Amd);
+        assert_eq!(qemu_iommu(Emulator::QemuKvm, &o).unwrap(), Iommu::Amd);
+        o.iommu = Iommu::None;
+        o.machine = None;
+        assert_eq!(qemu_iommu(Emulator::Bochs, &o).unwrap(), Iommu::None);
     }
 
     #[test]

@@ -144,9 +144,14 @@ fn two_cpu_net() -> NetOptions {
     }
 }
 
-/// The attacks the e2e boots run: every one `ally-attack` has.
+/// The attacks the e2e boots run: every one `ally-attack` has but issue 14's DMA attack, which
+/// belongs to the IOMMU scenarios (`--iommu`): on q35 without an IOMMU it overwrites the head
+/// of Ally's image, which the canary check then reports.
 fn e2e_attacks() -> Vec<Attack> {
-    Attack::ALL.to_vec()
+    Attack::ALL
+        .into_iter()
+        .filter(|&a| a != Attack::Dma)
+        .collect()
 }
 
 /// Issue 3's SMP scenario: 3 OS cores + 1 DPI core. The guest starts its application

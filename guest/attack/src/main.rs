@@ -10,12 +10,14 @@
 //! ally-attack sleep | msr [--target ADDR] | pci-race [--iterations N] [--seconds S]
 //!             | ipi-logical | swxoff | eeprom | tucso --port P [--gw-mac MAC]
 //!             | alert-storm --port P [--count N] | split-upload --port P
-//!             | frag-udp --port P
+//!             | frag-udp --port P | dma [--target ADDR]
 //!             | reset METHOD [key=value ...]
 //! ```
 
 mod acpi;
+mod ahci;
 mod attacks;
+mod dma;
 mod e1000;
 mod marker;
 mod pci;
@@ -104,6 +106,10 @@ fn run(sub: &str, rest: &[String]) -> Result<Option<Marker>, String> {
         "split-upload" => attacks::split_upload(port(&o)?),
         "frag-udp" => attacks::frag_udp(port(&o)?),
         "exit-cost" => attacks::exit_cost(o.number("reads", Some(2000))?),
+        "dma" => dma::dma(match o.text("target") {
+            Some(_) => Some(o.number("target", None)?),
+            None => None,
+        }),
         "udp-sink" => attacks::udp_sink(port(&o)?, o.number("count", Some(2000))?),
         other => return Err(format!("unknown_attack_{other}")),
     }))

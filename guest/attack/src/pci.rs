@@ -38,6 +38,30 @@ pub fn find_device(vendor: u16, device: u16) -> Option<String> {
     })
 }
 
+/// The sysfs name of the first device whose 24-bit class code (`class`: base class, subclass,
+/// programming interface; PCI Local Bus 3.0, 6.2.1) is `class`.
+pub fn find_class(class: u32) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(SYSFS_DEVICES)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().find(|n| {
+        crate::sys::read_text(&format!("{SYSFS_DEVICES}/{n}/class"))
+            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+            == Some(class)
+    })
+}
+
+/// `bus:dev.func` of a sysfs name (`0000:00:1f.2` -> `00:1f.2`), as Ally names devices.
+pub fn short_bdf(name: &str) -> String {
+    match parse_bdf(name) {
+        Some((b, d, f)) => format!("{b:02x}:{d:02x}.{f:x}"),
+        None => name.to_string(),
+    }
+}
+
 /// The e1000 (82540EM).
 pub const E1000: (u16, u16) = (0x8086, 0x100e);
 
@@ -65,6 +89,8 @@ mod tests {
         assert_eq!(parse_bdf("0000:00:02.0"), Some((0, 2, 0)));
         assert_eq!(parse_bdf("0000:1a:1f.7"), Some((0x1a, 0x1f, 7)));
         assert_eq!(parse_bdf("garbage"), None);
+        assert_eq!(short_bdf("0000:00:1f.2"), "00:1f.2");
+        assert_eq!(short_bdf("0000:1a:03.0"), "1a:03.0");
         let r = "0x00000000febc0000 0x00000000febdffff 0x0000000000040200\n0x000000000000c000 0x000000000000c03f 0x0000000000040101\n";
         assert_eq!(resource_range(r, 0), Some((0xfebc0000, 0xfebdffff)));
         assert_eq!(resource_range(r, 1), Some((0xc000, 0xc03f)));

@@ -313,6 +313,17 @@ impl DmaPage {
         // SAFETY: inside the live mapping.
         unsafe { self.base.as_ptr().add(offset).read_volatile() }
     }
+
+    /// `len` bytes at `offset`, each read volatile (a device wrote them by DMA).
+    pub fn read_volatile(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(
+            offset + len <= PAGE,
+            "{offset:#x}+{len:#x} outside the page"
+        );
+        (offset..offset + len)
+            .map(|i| self.read_volatile_u8(i))
+            .collect()
+    }
 }
 
 impl Drop for DmaPage {

