@@ -10,6 +10,7 @@
 //! The page tables are built through [`crate::paging::TableMemory`] and
 //! [`crate::paging::FrameAllocator`], so all of it is tested on the host.
 
+pub mod amd_unit;
 pub mod amdvi;
 pub mod dmar;
 pub mod ivrs;
