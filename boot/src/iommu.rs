@@ -2,7 +2,8 @@
 //! device the guest drives reaches Ally's region or the DPI memory.
 //!
 //! VT-d (an ACPI DMAR): every PCI function found on the bus gets a context entry in one
-//! root table, which every remapping unit uses (a unit only sees its own devices' requests):
+//! root table, which every remapping unit uses (a unit only sees its own devices' requests).
+//! The domains, on both vendors:
 //!
 //! * the guest's devices share domain 1, which maps identity what the guest's CPUs reach in
 //!   memory: every range of its memory map (RAM, ACPI and firmware-reserved ranges: the
@@ -17,21 +18,30 @@
 //! the EPT/NPT, so the guest can neither see nor reprogram them. Faults are polled by the
 //! DPI core and at power-off, logged as `ALLY iommu-fault ...` and counted.
 //!
-//! AMD-Vi (an ACPI IVRS) is found but not programmed yet: Ally refuses to start on such a
-//! machine unless `iommu=off` is given. Interrupt remapping is not programmed yet either.
+//! AMD-Vi (an ACPI IVRS, used when there is no DMAR): one device table of all 65,536
+//! device IDs, shared by every IOMMU, in which every ID not found on the bus is blocked (an
+//! entry with V = 0 would pass its DMA untranslated); the same two domains in AMD-Vi's I/O
+//! page-table format; the IVRS hidden and each IOMMU's 16 KiB register window out of the
+//! NPT. Interrupt remapping is not programmed yet on either: interrupts pass as the devices
+//! send them, filtered only where Ally guards their programming (MSI, I/O APIC).
 
 use crate::frames::FramePool;
 use crate::start::StartError;
 use ally_hypervisor::acpi;
+use ally_hypervisor::addr::HostPhysAddr;
 use ally_hypervisor::addr::{GuestPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode, PciAddress};
+use ally_hypervisor::iommu::amd_unit::{AmdViLayout, AmdViUnit};
+use ally_hypervisor::iommu::amdvi::{DeviceTableEntry, Event, IoPageTables};
 use ally_hypervisor::iommu::dmar::Dmar;
 use ally_hypervisor::iommu::ivrs::Ivrs;
 use ally_hypervisor::iommu::remapping::{UnitRegisters, VtdUnit};
 use ally_hypervisor::iommu::vtd::{fault_reason_name, FaultAccess, IommuPageTables, RootTable};
-use ally_hypervisor::iommu::{DmaDomainPlan, SourceId};
+use ally_hypervisor::iommu::{
+    DmaDomainPlan, DmaPageTables, IommuError, PageSizes, PagingLevels, SourceId,
+};
 use ally_hypervisor::memmap::MemoryMap;
 use ally_hypervisor::paging::GuestPaging;
 use ally_hypervisor::pci::functions;
@@ -84,8 +94,14 @@ impl UnitRegisters for Registers {
     }
 }
 
-/// The units Ally enabled, for fault polling.
-static UNITS: spin::Once<heapless::Vec<Registers, MAX_UNITS>> = spin::Once::new();
+/// A unit Ally enabled, for fault polling.
+enum Unit {
+    Vtd(Registers),
+    /// The registers and the event log.
+    Amd(Registers, HostPhysAddr),
+}
+
+static UNITS: spin::Once<heapless::Vec<Unit, MAX_UNITS>> = spin::Once::new();
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 static OVERFLOWS: AtomicU64 = AtomicU64::new(0);
 /// TSC of the last poll, so that the DPI core looks at most every [`POLL_TSC`] cycles.
@@ -103,80 +119,189 @@ pub fn protect(
         limit: policy.identity_limit,
     };
     let rsdp = acpi::find_rsdp(&memory).map_err(StartError::Acpi)?;
-    let dmar = Dmar::find(&memory, &rsdp).map_err(StartError::Dmar)?;
-    let amd = match Ivrs::find(&memory, &rsdp) {
-        Ok(found) => found.is_some(),
-        // A malformed IVRS still says the machine has AMD-Vi.
-        Err(_) => true,
-    };
+    let dmar = Dmar::find(&memory, &rsdp);
+    let ivrs = Ivrs::find(&memory, &rsdp);
     if options.iommu_off {
         warn!(
             "ALLY iommu status=off: iommu=off given; DMA PROTECTION IS OFF: any device the guest programs can read and write Ally's and the DPI partition's memory (dmar={} ivrs={})",
-            dmar.is_some(),
-            amd
+            !matches!(dmar, Ok(None)),
+            !matches!(ivrs, Ok(None))
         );
         return Ok(());
     }
-    let Some((mut table, dmar)) = dmar else {
-        return Err(StartError::NoIommu(if amd {
-            "the machine has AMD-Vi (ACPI IVRS), which Ally does not program yet"
-        } else {
-            "the firmware describes no IOMMU (no ACPI DMAR or IVRS table: VT-d/AMD-Vi absent or disabled in the firmware setup)"
-        }));
+    let (dmar, ivrs) = (
+        dmar.map_err(StartError::Dmar)?,
+        ivrs.map_err(StartError::Ivrs)?,
+    );
+    let (units, kind) = match (dmar, ivrs) {
+        (Some((mut table, dmar)), _) => {
+            let reserved: heapless::Vec<PhysRange, 16> = dmar.reserved_ranges().take(16).collect();
+            let plans = Plans::new(policy, &reserved)?;
+            let units = enable_vtd(&dmar, &plans, options, policy, paging, frames)?;
+            acpi::hide_table(&mut memory, &mut table);
+            (units, "vt-d")
+        }
+        (None, Some((mut table, ivrs))) => {
+            let reserved: heapless::Vec<PhysRange, 16> = ivrs.reserved_ranges().take(16).collect();
+            let plans = Plans::new(policy, &reserved)?;
+            let units = enable_amdvi(&ivrs, &plans, options, policy, paging, frames)?;
+            acpi::hide_table(&mut memory, &mut table);
+            (units, "amd-vi")
+        }
+        (None, None) => {
+            return Err(StartError::NoIommu(
+                "the firmware describes no IOMMU (no ACPI DMAR or IVRS table: VT-d/AMD-Vi absent or disabled in the firmware setup)",
+            ))
+        }
     };
-    let reserved: heapless::Vec<PhysRange, 16> = dmar.reserved_ranges().take(16).collect();
-    // What the guest's CPUs reach: its map within the identity map (which leaves out
-    // reserved ranges above 4 GiB, such as QEMU's HyperTransport window at 1012 GiB).
-    let guest_ranges: heapless::Vec<PhysRange, 64> = policy
-        .guest_map
-        .iter()
-        .map(|r| r.range)
-        .filter(|r| r.start < policy.identity_limit)
-        .map(|r| PhysRange {
-            start: r.start,
-            end: r.end.min(policy.identity_limit),
-        })
-        .take(64)
-        .collect();
-    let guest = DmaDomainPlan::guest(&guest_ranges, policy.protected, &reserved)
-        .map_err(StartError::Iommu)?;
-    let nic = match policy.nic {
-        Some((function, rings)) => Some((
-            function,
-            DmaDomainPlan::dpi_device(&[rings]).map_err(StartError::Iommu)?,
-        )),
-        None => None,
-    };
-    let top = guest
-        .ranges()
-        .iter()
-        .chain(nic.iter().flat_map(|(_, plan)| plan.ranges()))
-        .map(|r| r.end)
-        .max()
-        .unwrap_or(PAGE_SIZE);
+    info!(
+        "ALLY iommu status=on kind={kind} units={} nic={} acpi-table=hidden",
+        units.len(),
+        match &policy.nic {
+            Some((f, rings)) => alloc::format!("{f}:{rings}"),
+            None => alloc::string::String::from("none"),
+        }
+    );
+    UNITS.call_once(|| units);
+    Ok(())
+}
 
-    let mut units = heapless::Vec::<Registers, MAX_UNITS>::new();
+/// The two domains' ranges.
+struct Plans {
+    guest: DmaDomainPlan,
+    nic: Option<(PciAddress, DmaDomainPlan)>,
+    /// The end of the highest mapped range.
+    top: u64,
+}
+
+impl Plans {
+    fn new(policy: &DmaPolicy<'_>, reserved: &[PhysRange]) -> Result<Self, StartError> {
+        // What the guest's CPUs reach: its map within the identity map (which leaves out
+        // reserved ranges above 4 GiB, such as QEMU's HyperTransport window at 1012 GiB).
+        let guest_ranges: heapless::Vec<PhysRange, 64> = policy
+            .guest_map
+            .iter()
+            .map(|r| r.range)
+            .filter(|r| r.start < policy.identity_limit)
+            .map(|r| PhysRange {
+                start: r.start,
+                end: r.end.min(policy.identity_limit),
+            })
+            .take(64)
+            .collect();
+        let guest = DmaDomainPlan::guest(&guest_ranges, policy.protected, reserved)
+            .map_err(StartError::Iommu)?;
+        let nic = match policy.nic {
+            Some((function, rings)) => Some((
+                function,
+                DmaDomainPlan::dpi_device(&[rings]).map_err(StartError::Iommu)?,
+            )),
+            None => None,
+        };
+        let top = guest
+            .ranges()
+            .iter()
+            .chain(nic.iter().flat_map(|(_, plan)| plan.ranges()))
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(PAGE_SIZE);
+        for r in guest.ranges() {
+            log::debug!("iommu guest domain maps {r}");
+        }
+        info!(
+            "ALLY iommu guest-ranges={} reserved-ranges={}",
+            guest.ranges().len(),
+            reserved.len()
+        );
+        Ok(Self { guest, nic, top })
+    }
+
+    /// Maps both domains into fresh tables of the vendor's format (`new`).
+    fn build<T: DmaPageTables>(
+        &self,
+        frames: &mut FramePool,
+        options: &AllyOptions,
+        mut new: impl FnMut(&mut FramePool) -> Result<T, IommuError>,
+    ) -> Result<(T, Option<T>), StartError> {
+        let mut guest = new(frames).map_err(StartError::Iommu)?;
+        let stats = self
+            .guest
+            .map_into(&mut guest, frames)
+            .map_err(StartError::Iommu)?;
+        info!(
+            "ALLY iommu guest-domain pages-4k={} pages-2m={} pages-1g={} tables={}",
+            stats.pages_4k, stats.pages_2m, stats.pages_1g, stats.tables
+        );
+        let nic = match &self.nic {
+            Some((_, plan)) => {
+                let mut t = new(frames).map_err(StartError::Iommu)?;
+                plan.map_into(&mut t, frames).map_err(StartError::Iommu)?;
+                if options.mode == PacketMode::ZeroCopy {
+                    self.guest
+                        .map_into(&mut t, frames)
+                        .map_err(StartError::Iommu)?;
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok((guest, nic))
+    }
+
+    /// Whether `function` is the NIC Ally drives.
+    fn is_nic(&self, function: PciAddress) -> bool {
+        matches!(&self.nic, Some((f, _)) if *f == function)
+    }
+}
+
+/// The register page(s) of a unit leave the guest's nested paging.
+fn hide_registers(
+    base: u64,
+    pages: u64,
+    policy: &DmaPolicy<'_>,
+    paging: &mut GuestPaging,
+    frames: &mut FramePool,
+) -> Result<(), StartError> {
+    if base + pages * PAGE_SIZE > policy.identity_limit {
+        return Err(StartError::IommuUnit(
+            base,
+            "its registers lie above the identity map",
+        ));
+    }
+    for page in 0..pages {
+        paging.unmap_page(GuestPhysAddr(base + page * PAGE_SIZE), frames)?;
+    }
+    Ok(())
+}
+
+/// VT-d: one root table, every unit on it.
+fn enable_vtd(
+    dmar: &Dmar,
+    plans: &Plans,
+    options: &AllyOptions,
+    policy: &DmaPolicy<'_>,
+    paging: &mut GuestPaging,
+    frames: &mut FramePool,
+) -> Result<heapless::Vec<Unit, MAX_UNITS>, StartError> {
+    let mut units = heapless::Vec::new();
     let mut root = None;
     for drhd in &dmar.units {
         let base = drhd.register_base.0;
         let pages = 1u64 << drhd.size.min(8);
-        if base + pages * PAGE_SIZE > policy.identity_limit {
-            return Err(StartError::IommuUnit(
-                base,
-                "its registers lie above the identity map",
-            ));
-        }
+        hide_registers(base, pages, policy, paging, frames)?;
         let regs = Registers { base };
         let unit = VtdUnit::new(regs);
         let levels = unit
-            .levels_for(top)
+            .levels_for(plans.top)
             .map_err(|e| StartError::IommuUnitError(base, e))?;
         let sizes = unit.cap.second_level_page_sizes();
         // One root table for all units, built with the first unit's paging.
         let root_table = match root {
             Some(r) => r,
             None => {
-                let r = build_root_table(frames, levels, sizes, &guest, nic.as_ref(), options)?;
+                let r = build_root_table(frames, plans, options, |f| {
+                    IommuPageTables::new(levels, sizes, f)
+                })?;
                 root = Some(r);
                 r
             }
@@ -187,9 +312,6 @@ pub fn protect(
         }
         unit.enable(root_table.root())
             .map_err(|e| StartError::IommuUnitError(base, e))?;
-        for page in 0..pages {
-            paging.unmap_page(GuestPhysAddr(base + page * PAGE_SIZE), frames)?;
-        }
         info!(
             "ALLY iommu unit=vt-d base={base:#x} pages={pages} levels={} cap={:#x} ecap={:#x} translation=on",
             levels.count(),
@@ -197,73 +319,117 @@ pub fn protect(
             unit.ecap.0
         );
         units
-            .push(regs)
+            .push(Unit::Vtd(regs))
             .map_err(|_| StartError::IommuUnit(base, "more than 8 remapping units"))?;
     }
     if units.is_empty() {
         return Err(StartError::NoIommu("the DMAR lists no remapping unit"));
     }
-    acpi::hide_table(&mut memory, &mut table);
-    for r in guest.ranges() {
-        log::debug!("iommu guest domain maps {r}");
+    Ok(units)
+}
+
+/// Bytes of an AMD-Vi register window Ally hides (the registers through the event and
+/// command pointers and status, 48882 3.4: 16 KiB).
+const AMDVI_WINDOW_PAGES: u64 = 4;
+
+/// AMD-Vi: one device table of every device ID (an entry with V = 0 would let its device's
+/// DMA through untranslated), shared by every IOMMU; a command buffer and an event log each.
+fn enable_amdvi(
+    ivrs: &Ivrs,
+    plans: &Plans,
+    options: &AllyOptions,
+    policy: &DmaPolicy<'_>,
+    paging: &mut GuestPaging,
+    frames: &mut FramePool,
+) -> Result<heapless::Vec<Unit, MAX_UNITS>, StartError> {
+    const ENTRIES: u32 = 1 << 16;
+    let levels = if plans.top <= PagingLevels::Three.limit() {
+        PagingLevels::Three
+    } else {
+        PagingLevels::Four
+    };
+    let (guest, nic) = plans.build(frames, options, |f| {
+        IoPageTables::new(levels, PageSizes::ALL, f)
+    })?;
+    // 2 MiB: from the heap, which lies in Ally's region (identity-mapped, hidden).
+    let layout = core::alloc::Layout::from_size_align(ENTRIES as usize * 32, PAGE_SIZE as usize)
+        .map_err(|_| StartError::OutOfHeap)?;
+    // SAFETY: the layout has a non-zero size.
+    let table = unsafe { alloc::alloc::alloc_zeroed(layout) } as *mut DeviceTableEntry;
+    if table.is_null() {
+        return Err(StartError::OutOfHeap);
     }
-    info!(
-        "ALLY iommu status=on kind=vt-d units={} guest-ranges={} rmrrs={} nic={} dmar=hidden",
-        units.len(),
-        guest.ranges().len(),
-        reserved.len(),
-        match &policy.nic {
-            Some((f, rings)) => alloc::format!("{f}:{rings}"),
-            None => alloc::string::String::from("none"),
-        }
-    );
-    UNITS.call_once(|| units);
-    Ok(())
+    // SAFETY: just allocated for ENTRIES entries, zeroed (a valid value), never freed.
+    let entries = unsafe { core::slice::from_raw_parts_mut(table, ENTRIES as usize) };
+    // No interrupt remapping yet: IV = 0 lets interrupts through as the device sends them
+    // (the I/O APIC's and HPET's included), as VT-d does with remapping off.
+    let unremapped = |mut e: DeviceTableEntry| {
+        e.data[2] &= !1;
+        e
+    };
+    entries.fill(unremapped(DeviceTableEntry::blocked()));
+    let mut devices = 0;
+    for f in functions(&PortConfigSpace) {
+        let a = f.address;
+        let entry = match &nic {
+            Some(t) if plans.is_nic(a) => t.device_table_entry(NIC_DOMAIN),
+            _ => guest.device_table_entry(GUEST_DOMAIN),
+        };
+        entries[usize::from(SourceId::new(a.bus, a.device, a.function).0)] = unremapped(entry);
+        devices += 1;
+    }
+    info!("ALLY iommu devices={devices} (guest domain {GUEST_DOMAIN}, NIC domain {NIC_DOMAIN}), every other device ID blocked");
+    let mut units = heapless::Vec::new();
+    for ivhd in ivrs.preferred_units() {
+        let base = ivhd.base.0;
+        hide_registers(base, AMDVI_WINDOW_PAGES, policy, paging, frames)?;
+        let command_buffer = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
+        let event_log = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
+        let regs = Registers { base };
+        let unit = AmdViUnit::new(regs);
+        unit.enable(&AmdViLayout {
+            device_table: HostPhysAddr(table as u64),
+            device_entries: ENTRIES,
+            command_buffer,
+            event_log,
+        })
+        .map_err(|e| StartError::IommuUnitError(base, e))?;
+        info!(
+            "ALLY iommu unit=amd-vi base={base:#x} device={} levels={} translation=on",
+            ivhd.device,
+            levels.count()
+        );
+        units
+            .push(Unit::Amd(regs, event_log))
+            .map_err(|_| StartError::IommuUnit(base, "more than 8 IOMMUs"))?;
+    }
+    if units.is_empty() {
+        return Err(StartError::NoIommu("the IVRS lists no IOMMU"));
+    }
+    Ok(units)
 }
 
 /// The root table: every function on the bus in the guest's domain, the NIC in its own.
 fn build_root_table(
     frames: &mut FramePool,
-    levels: ally_hypervisor::iommu::PagingLevels,
-    sizes: ally_hypervisor::iommu::PageSizes,
-    guest: &DmaDomainPlan,
-    nic: Option<&(PciAddress, DmaDomainPlan)>,
+    plans: &Plans,
     options: &AllyOptions,
+    new: impl FnMut(&mut FramePool) -> Result<IommuPageTables, IommuError>,
 ) -> Result<RootTable, StartError> {
-    let mut guest_tables =
-        IommuPageTables::new(levels, sizes, frames).map_err(StartError::Iommu)?;
-    let stats = guest
-        .map_into(&mut guest_tables, frames)
-        .map_err(StartError::Iommu)?;
-    info!(
-        "ALLY iommu guest-domain pages-4k={} pages-2m={} pages-1g={} tables={}",
-        stats.pages_4k, stats.pages_2m, stats.pages_1g, stats.tables
-    );
-    let nic_tables = match nic {
-        Some((_, plan)) => {
-            let mut t = IommuPageTables::new(levels, sizes, frames).map_err(StartError::Iommu)?;
-            plan.map_into(&mut t, frames).map_err(StartError::Iommu)?;
-            if options.mode == PacketMode::ZeroCopy {
-                guest.map_into(&mut t, frames).map_err(StartError::Iommu)?;
-            }
-            Some(t)
-        }
-        None => None,
-    };
+    let (guest, nic) = plans.build(frames, options, new)?;
     let mut root = RootTable::new(frames).map_err(StartError::Iommu)?;
     let mut devices = 0;
     for f in functions(&PortConfigSpace) {
         let a = f.address;
-        let id = SourceId::new(a.bus, a.device, a.function);
-        let entry = match (nic, &nic_tables) {
-            (Some((nic_function, _)), Some(t)) if *nic_function == a => t.context_entry(NIC_DOMAIN),
-            _ => guest_tables.context_entry(GUEST_DOMAIN),
+        let entry = match &nic {
+            Some(t) if plans.is_nic(a) => t.context_entry(NIC_DOMAIN),
+            _ => guest.context_entry(GUEST_DOMAIN),
         };
-        root.set_context(id, entry, frames)
+        root.set_context(SourceId::new(a.bus, a.device, a.function), entry, frames)
             .map_err(StartError::Iommu)?;
         devices += 1;
     }
-    info!("ALLY iommu devices={devices} (guest domain {GUEST_DOMAIN}, NIC domain {NIC_DOMAIN})");
+    info!("ALLY iommu devices={devices} (guest domain {GUEST_DOMAIN}, NIC domain {NIC_DOMAIN}), functions found later have no context entry");
     Ok(root)
 }
 
@@ -279,13 +445,11 @@ pub fn poll_faults(now: bool) {
         return;
     }
     LAST_POLL.store(tsc, Ordering::Relaxed);
-    for regs in units {
-        let unit = VtdUnit::new(*regs);
-        let poll = unit.take_faults(|f| {
-            let n = FAULTS.fetch_add(1, Ordering::Relaxed);
-            if n < 64 {
-                warn!(
-                    "ALLY iommu-fault device={} address={:#x} access={} reason={:#04x} ({}) unit={:#x}",
+    for unit in units {
+        let poll = match unit {
+            Unit::Vtd(regs) => VtdUnit::new(*regs).take_faults(|f| {
+                fault(
+                    regs.base,
                     f.source,
                     f.address,
                     match f.access {
@@ -294,13 +458,43 @@ pub fn poll_faults(now: bool) {
                     },
                     f.reason,
                     fault_reason_name(f.reason),
-                    regs.base
-                );
+                )
+            }),
+            Unit::Amd(regs, log) => {
+                let read = |offset: u64| {
+                    // SAFETY: the event log is a frame of Ally's, identity-mapped; the offset
+                    // is below its size (the head and tail pointers are masked and wrapped).
+                    unsafe { ((log.0 + offset) as *const [u32; 4]).read_volatile() }
+                };
+                AmdViUnit::new(*regs).take_events(read, |e| {
+                    fault(
+                        regs.base,
+                        e.device,
+                        e.address,
+                        if e.flags & Event::FLAG_WRITE != 0 {
+                            "write"
+                        } else {
+                            "read"
+                        },
+                        e.code,
+                        e.name(),
+                    )
+                })
             }
-        });
+        };
         if poll.overflowed {
             OVERFLOWS.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Counts a fault and logs the first 64.
+fn fault(unit: u64, device: SourceId, address: u64, access: &str, reason: u8, name: &str) {
+    let n = FAULTS.fetch_add(1, Ordering::Relaxed);
+    if n < 64 {
+        warn!(
+            "ALLY iommu-fault device={device} address={address:#x} access={access} reason={reason:#04x} ({name}) unit={unit:#x}"
+        );
     }
 }
 

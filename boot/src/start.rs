@@ -85,6 +85,7 @@ pub enum StartError {
     /// No IOMMU Ally can program, and no `iommu=off`.
     NoIommu(&'static str),
     Dmar(ally_hypervisor::iommu::dmar::DmarError),
+    Ivrs(ally_hypervisor::iommu::ivrs::IvrsError),
     Iommu(ally_hypervisor::iommu::IommuError),
     IommuUnit(u64, &'static str),
     IommuUnitError(u64, ally_hypervisor::iommu::remapping::UnitError),
@@ -124,9 +125,10 @@ impl fmt::Display for StartError {
             Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
             Self::NoIommu(why) => write!(f, "no IOMMU: {why}; without one any device the guest programs can read and write Ally's memory. Enable VT-d in the firmware setup, or give iommu=off to run without DMA protection"),
             Self::Dmar(e) => write!(f, "ACPI DMAR: {e}"),
+            Self::Ivrs(e) => write!(f, "ACPI IVRS: {e}"),
             Self::Iommu(e) => write!(f, "IOMMU tables: {e}"),
-            Self::IommuUnit(base, why) => write!(f, "VT-d unit at {base:#x}: {why}"),
-            Self::IommuUnitError(base, e) => write!(f, "VT-d unit at {base:#x}: {e}"),
+            Self::IommuUnit(base, why) => write!(f, "IOMMU at {base:#x}: {why}"),
+            Self::IommuUnitError(base, e) => write!(f, "IOMMU at {base:#x}: {e}"),
         }
     }
 }
