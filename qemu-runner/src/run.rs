@@ -826,7 +826,11 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 &n.options.attacks,
             ));
             if n.options.attacks.contains(&attack::Attack::Dma) {
-                let setup = attack::DmaSetup::of_run(machine, iommu, &opts.ally_options);
+                let setup = attack::DmaSetup::of_run(
+                    machine,
+                    iommu,
+                    &ally_command_line(&opts.ally_options, machine_has_iommu(opts)),
+                );
                 all_checks.push(attack::dma_check(&guest, &ally, setup));
             }
             if inspection {
@@ -937,10 +941,9 @@ fn watch(
     }
 }
 
-/// Whether the emulated machine has an IOMMU Ally can program (none yet: Bochs has none,
-/// and the QEMU machines are run without one).
-fn machine_has_iommu(_opts: &RunOptions) -> bool {
-    false
+/// Whether the emulated machine has an IOMMU (`--iommu intel|amd`; Bochs has none).
+fn machine_has_iommu(opts: &RunOptions) -> bool {
+    opts.iommu != Iommu::None
 }
 
 /// Ally's command line: the operator's options, plus `iommu=off` on a machine without an
