@@ -466,7 +466,11 @@ pub fn poll_faults(now: bool) {
                     // is below its size (the head and tail pointers are masked and wrapped).
                     unsafe { ((log.0 + offset) as *const [u32; 4]).read_volatile() }
                 };
-                AmdViUnit::new(*regs).take_events(read, |e| {
+                let clear = |offset: u64| {
+                    // SAFETY: as for `read`.
+                    unsafe { ((log.0 + offset) as *mut [u32; 4]).write_volatile([0; 4]) }
+                };
+                AmdViUnit::new(*regs).take_events(read, clear, |e| {
                     fault(
                         regs.base,
                         e.device,

@@ -90,23 +90,30 @@ impl<R: UnitRegisters> AmdViUnit<R> {
             })
     }
 
-    /// Hands each event between the log's head and tail to `report` (`read` fetches the
-    /// entry at a byte offset of the log) and moves the head past them; after an overflow
-    /// the log is restarted (3.4.13: EventOverflow stops it).
+    /// Hands each event from the log's head on to `report` and moves the head past them;
+    /// `read` fetches the entry at a byte offset of the log and `clear` zeroes it once
+    /// taken. An entry is taken while it is not all zeros (no event is: its code is not),
+    /// whatever the tail register says: QEMU 7.2's AMD-Vi writes events to the log but never
+    /// advances the tail register (fixed in later QEMU); entries are cleared once taken, so
+    /// a zero entry is where the log ends. After an overflow the log is restarted (3.4.13:
+    /// EventOverflow stops it).
     pub fn take_events(
         &self,
         read: impl Fn(u64) -> [u32; 4],
+        clear: impl Fn(u64),
         mut report: impl FnMut(Event),
     ) -> FaultPoll {
         let mut poll = FaultPoll::default();
         let mut head = self.regs.read64(regs::EVENT_LOG_HEAD) & POINTER_MASK;
-        let tail = self.regs.read64(regs::EVENT_LOG_TAIL) & POINTER_MASK;
-        let mut seen = 0;
-        while head != tail && seen < 1 << RING_LEN_LOG2 {
-            report(Event::decode(read(head)));
+        for _ in 0..1 << RING_LEN_LOG2 {
+            let entry = read(head);
+            if entry == [0; 4] {
+                break;
+            }
+            report(Event::decode(entry));
+            clear(head);
             poll.records += 1;
             head = (head + EVENT_SIZE) % RING_BYTES;
-            seen += 1;
         }
         if poll.records > 0 {
             self.regs.write64(regs::EVENT_LOG_HEAD, head);
@@ -228,7 +235,7 @@ mod tests {
             .borrow_mut()
             .insert(regs::EVENT_LOG_TAIL, EVENT_SIZE);
         let device = SourceId::new(0, 0x1F, 2);
-        let read = |offset: u64| {
+        let event = |offset: u64| {
             let address = 0x3FE0_0000 + offset;
             [
                 u32::from(device.0),
@@ -237,15 +244,55 @@ mod tests {
                 (address >> 32) as u32,
             ]
         };
+        let memory = RefCell::new(vec![[0u32; 4]; 256]);
+        memory.borrow_mut()[255] = event(RING_BYTES - EVENT_SIZE);
+        memory.borrow_mut()[0] = event(0);
+        let read = |o: u64| memory.borrow()[(o / EVENT_SIZE) as usize];
         let mut seen = Vec::new();
-        let poll = unit.take_events(read, |e| seen.push(e));
+        let clear = |o: u64| memory.borrow_mut()[(o / EVENT_SIZE) as usize] = [0; 4];
+        let poll = unit.take_events(read, clear, |e| seen.push(e));
         assert_eq!(poll.records, 2);
         assert!(!poll.overflowed);
         assert_eq!(seen[0].address, 0x3FE0_0000 + RING_BYTES - EVENT_SIZE);
         assert_eq!(seen[1].address, 0x3FE0_0000);
         assert_eq!(seen[0].device, device);
         assert_eq!((&fake).read64(regs::EVENT_LOG_HEAD), EVENT_SIZE);
-        assert_eq!(unit.take_events(read, |_| panic!("twice")).records, 0);
+        // The entries were taken; the log memory now reads zero there.
+        let zero = |_| [0; 4];
+        assert_eq!(
+            unit.take_events(zero, |_| {}, |_| panic!("twice")).records,
+            0
+        );
+    }
+
+    #[test]
+    fn events_behind_a_tail_that_never_moves_are_found_in_memory() {
+        // QEMU 7.2: the tail register stays 0 while events are written at 0, 16, 32.
+        let fake = FakeIommu::default();
+        let unit = AmdViUnit::new(&fake);
+        unit.enable(&LAYOUT).unwrap();
+        let memory = RefCell::new(vec![[0u32; 4]; 256]);
+        for i in 0..3 {
+            memory.borrow_mut()[i] = [
+                0x00fa,
+                u32::from(EVENT_IO_PAGE_FAULT) << 28,
+                0x1000 * i as u32,
+                0,
+            ];
+        }
+        let read = |o: u64| memory.borrow()[(o / EVENT_SIZE) as usize];
+        let clear = |o: u64| memory.borrow_mut()[(o / EVENT_SIZE) as usize] = [0; 4];
+        let mut seen = Vec::new();
+        assert_eq!(
+            unit.take_events(read, clear, |e| seen.push(e.address))
+                .records,
+            3
+        );
+        assert_eq!(seen, [0, 0x1000, 0x2000]);
+        assert_eq!(
+            unit.take_events(read, clear, |_| panic!("twice")).records,
+            0
+        );
     }
 
     #[test]
@@ -257,7 +304,7 @@ mod tests {
         fake.regs
             .borrow_mut()
             .insert(regs::STATUS, s | regs::STATUS_EVENT_OVERFLOW);
-        let poll = unit.take_events(|_| [0; 4], |_| {});
+        let poll = unit.take_events(|_| [0; 4], |_| {}, |_| {});
         assert!(poll.overflowed);
         assert_eq!(
             (&fake).read64(regs::STATUS) & regs::STATUS_EVENT_OVERFLOW,
