@@ -11,7 +11,7 @@
 //! (`cargo test -p ally-tests --features e2e -- --nocapture --test-threads=1 qemu`).
 
 use ally_runner::attack::{Attack, ResetMethod};
-use ally_runner::emulator::Machine;
+use ally_runner::emulator::{Iommu, Machine};
 use ally_runner::endpoints::NetOptions;
 use ally_runner::rules::prepare_rules;
 use ally_runner::{run, Emulator, EmulatorChoice, Mode, Outcome, RulesInput, RunOptions};
@@ -120,6 +120,94 @@ fn ally_svm_under_qemu_q35() {
     // The reset chain too: each reboot finds SeaBIOS's AHCI controller as SeaBIOS left it
     // (`pci::ahci`), so the boot stub's INT 13h reads the disk again.
     ally_boot_passes_every_check("e2e-ally-svm-q35", 2, two_cpu_net(), "", Some(Machine::Q35));
+}
+
+/// Issue 14: Ally under QEMU's TCG on q35 with `iommu` (or none, and Ally's `iommu=off`),
+/// a short network workload and the guest's DMA attack (`ally-attack dma`: the ICH9 AHCI
+/// controller, driven by the guest, reads the first page of Ally's region to the disk and
+/// writes a disk sector over it).
+fn iommu_scenario(name: &'static str, iommu: Iommu) -> ally_runner::RunResult {
+    let mut opts = RunOptions::new(Mode::Ally, name);
+    opts.emulator = EmulatorChoice::QemuTcg;
+    opts.machine = Some(Machine::Q35);
+    opts.iommu = iommu;
+    opts.cpus = 2;
+    opts.net = Some(NetOptions {
+        big_bytes: 1 << 20,
+        upload_bytes: 1 << 20,
+        small_bytes: 64 << 10,
+        streams: 0,
+        pktgen: 0,
+        resets: Vec::new(),
+        attacks: vec![Attack::Dma],
+        ..NetOptions::default()
+    });
+    opts.timeout = std::time::Duration::from_secs(20 * 60);
+    opts.ally_image = prebuilt_ally_image();
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
+        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
+    }
+    let result = run(&opts).expect("Ally run");
+    println!("{result}");
+    assert_eq!(result.emulator, Emulator::QemuTcg);
+    result
+}
+
+/// The IOMMU Ally programmed, from `ALLY iommu status=on kind=..`.
+fn iommu_kind(result: &ally_runner::RunResult) -> Option<String> {
+    result
+        .ally
+        .all("iommu")
+        .find_map(|l| l.fields.get("kind").map(str::to_string))
+}
+
+/// Issue 14 with Intel VT-d (QEMU's intel-iommu, found through the DMAR): the guest's DMA
+/// into Ally's region faults (`ALLY iommu-fault` at the target), reads back nothing, the
+/// canary stays intact, and every other check of the run passes (the guest's own disk and
+/// network DMA work through the IOMMU).
+#[test]
+fn ally_vtd_blocks_device_dma_under_qemu_q35() {
+    let result = iommu_scenario("e2e-ally-vtd-q35", Iommu::Intel);
+    assert_eq!(iommu_kind(&result).as_deref(), Some("vt-d"));
+    for c in &result.checks {
+        assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+    }
+    assert!(check(&result, "dma-iommu").passed);
+}
+
+/// [`ally_vtd_blocks_device_dma_under_qemu_q35`] with AMD-Vi (QEMU's amd-iommu, found
+/// through the IVRS).
+#[test]
+fn ally_amdvi_blocks_device_dma_under_qemu_q35() {
+    let result = iommu_scenario("e2e-ally-amdvi-q35", Iommu::Amd);
+    assert_eq!(iommu_kind(&result).as_deref(), Some("amd-vi"));
+    for c in &result.checks {
+        assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+    }
+}
+
+/// The hole, documented: the same attack on q35 without an IOMMU, Ally given `iommu=off`
+/// (as the runner does on machines without one). The guest reads Ally's image head through
+/// the AHCI controller (`dma-iommu` passes as "hole shown") and overwrites it: the canary
+/// reports the damage, and the ring attack's check, which needs an intact canary, fails
+/// with it. Every other check passes.
+#[test]
+fn device_dma_reaches_ally_with_iommu_off_under_qemu_q35() {
+    let result = iommu_scenario("e2e-ally-iommu-off-q35", Iommu::None);
+    assert_eq!(iommu_kind(&result), None);
+    let dma = check(&result, "dma-iommu");
+    assert!(dma.passed && dma.detail.contains("hole shown"), "{dma}");
+    let canary = check(&result, "canary");
+    assert!(
+        !canary.passed,
+        "the overwrite should show in the canary: {canary}"
+    );
+    for c in &result.checks {
+        if c.name != "canary" && c.name != "ring-attack" {
+            assert!(c.passed, "{c}\nall failures:\n{}", failures(&result));
+        }
+    }
 }
 
 /// The workload of the 2-CPU Ally boots.
