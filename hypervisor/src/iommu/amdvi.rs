@@ -8,12 +8,8 @@
 
 use super::ivrs::DteSetting;
 use super::table::{EntryFormat, Tables, ADDR_MASK};
-use super::{
-    DmaAccess, DmaPageTables, DmaTranslation, IommuError, MapStats, PageSizes, PagingLevels,
-    SourceId,
-};
-use crate::addr::{HostPhysAddr, PhysRange};
-use crate::paging::{FrameAllocator, TableMemory};
+use super::{DmaAccess, PagingLevels, SourceId};
+use crate::addr::HostPhysAddr;
 use core::fmt;
 
 /// What the IOMMU does with a device's fixed and arbitrated interrupts (DTE IntCtl).
@@ -243,7 +239,7 @@ impl IoPte {
 }
 
 /// The I/O page-table entry encoding for the shared builder.
-struct HostIo;
+pub struct HostIo;
 
 impl EntryFormat for HostIo {
     fn is_present(entry: u64) -> bool {
@@ -276,46 +272,13 @@ impl EntryFormat for HostIo {
 /// A domain's host I/O page tables, identity-mapping what a [`super::DmaDomainPlan`]
 /// allows: 3 levels (39-bit) or 4 (48-bit); leaves of 2 MiB and 1 GiB are NextLevel-0
 /// entries at levels 2 and 3, which every AMD-Vi IOMMU walks.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct IoPageTables {
-    tables: Tables<HostIo>,
-}
+pub type IoPageTables = Tables<HostIo>;
 
 impl IoPageTables {
-    pub fn new(
-        levels: PagingLevels,
-        sizes: PageSizes,
-        alloc: &mut impl FrameAllocator,
-    ) -> Result<Self, IommuError> {
-        Ok(Self {
-            tables: Tables::new(levels, sizes, alloc)?,
-        })
-    }
-
     /// The device table entry that makes a device translate through these tables in
     /// `domain`.
     pub fn device_table_entry(&self, domain: u16) -> DeviceTableEntry {
-        DeviceTableEntry::translated(self.tables.root, self.tables.levels, domain)
-    }
-}
-
-impl DmaPageTables for IoPageTables {
-    fn root(&self) -> HostPhysAddr {
-        self.tables.root
-    }
-    fn levels(&self) -> PagingLevels {
-        self.tables.levels
-    }
-    fn map_identity<M: TableMemory + FrameAllocator>(
-        &mut self,
-        range: PhysRange,
-        access: DmaAccess,
-        mem: &mut M,
-    ) -> Result<MapStats, IommuError> {
-        self.tables.map_identity(range, access, mem)
-    }
-    fn translate(&self, iova: u64, mem: &mut impl TableMemory) -> Option<DmaTranslation> {
-        self.tables.translate(iova, mem)
+        DeviceTableEntry::translated(self.root, self.levels, domain)
     }
 }
 
@@ -590,7 +553,10 @@ impl fmt::Display for Event {
 mod tests {
     use super::super::testutil::FakeFrames;
     use super::*;
+    use crate::addr::PhysRange;
     use crate::addr::PAGE_SIZE;
+    use crate::iommu::{DmaPageTables, IommuError, MapStats, PageSizes};
+    use crate::paging::TableMemory;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

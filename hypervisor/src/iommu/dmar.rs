@@ -1247,22 +1247,11 @@ mod tests {
 
     #[test]
     fn found_through_the_rsdp_and_hidden() {
-        use crate::acpi::{find_rsdp, hide_table};
+        use crate::acpi::hide_table;
         // RSDP (ACPI 1.0) in the BIOS area -> RSDT -> DMAR.
-        let mut mem = FakePhys::new(0, 0x10_0000);
+        let (mut mem, rsdp) =
+            super::super::testutil::firmware_with(&acpi_table(b"DMAR", &QEMU_Q35_BODY));
         let dmar_pa = 0xf_1000;
-        let rsdt_pa = 0xf_0800;
-        mem.put(dmar_pa, &acpi_table(b"DMAR", &QEMU_Q35_BODY));
-        mem.put(
-            rsdt_pa,
-            &acpi_table(b"RSDT", &(dmar_pa as u32).to_le_bytes()),
-        );
-        let mut rsdp = b"RSD PTR \0BOCHS \0".to_vec();
-        rsdp.extend_from_slice(&(rsdt_pa as u32).to_le_bytes());
-        let sum = rsdp.iter().fold(0u8, |s, &b| s.wrapping_add(b));
-        rsdp[8] = 0u8.wrapping_sub(sum);
-        mem.put(0xf_5000, &rsdp);
-        let rsdp = find_rsdp(&mem).unwrap();
 
         let (mut table, dmar) = Dmar::find(&mem, &rsdp).unwrap().unwrap();
         assert_eq!(table.pa, dmar_pa);

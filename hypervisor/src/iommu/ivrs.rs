@@ -1458,21 +1458,9 @@ mod tests {
 
     #[test]
     fn found_through_the_rsdp() {
-        use crate::acpi::find_rsdp;
-        let mut mem = FakePhys::new(0, 0x10_0000);
-        let ivrs_pa = 0xf_2000;
-        let rsdt_pa = 0xf_0800;
-        mem.put(ivrs_pa, &acpi_table(b"IVRS", &QEMU_BODY));
-        mem.put(
-            rsdt_pa,
-            &acpi_table(b"RSDT", &(ivrs_pa as u32).to_le_bytes()),
-        );
-        let mut rsdp = b"RSD PTR \0BOCHS \0".to_vec();
-        rsdp.extend_from_slice(&(rsdt_pa as u32).to_le_bytes());
-        let sum = rsdp.iter().fold(0u8, |s, &b| s.wrapping_add(b));
-        rsdp[8] = 0u8.wrapping_sub(sum);
-        mem.put(0xf_5000, &rsdp);
-        let rsdp = find_rsdp(&mem).unwrap();
+        let (mut mem, rsdp) =
+            super::super::testutil::firmware_with(&acpi_table(b"IVRS", &QEMU_BODY));
+        let ivrs_pa = 0xf_1000;
         let (table, ivrs) = Ivrs::find(&mem, &rsdp).unwrap().unwrap();
         assert_eq!(table.pa, ivrs_pa);
         assert_eq!(ivrs.units[0].base, HostPhysAddr(0xfed8_0000));

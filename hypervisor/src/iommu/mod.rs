@@ -540,6 +540,25 @@ pub(crate) mod testutil {
         t
     }
 
+    /// A BIOS area holding `table` at 0xF_1000, found through an ACPI 1.0 RSDP (at
+    /// 0xF_5000) and an RSDT (at 0xF_0800), as `find_rsdp` and `find_table` look for them.
+    pub fn firmware_with(table: &[u8]) -> (FakePhys, crate::acpi::Rsdp) {
+        let mut mem = FakePhys::new(0, 0x10_0000);
+        let (table_pa, rsdt_pa) = (0xf_1000u64, 0xf_0800u64);
+        mem.put(table_pa, table);
+        mem.put(
+            rsdt_pa,
+            &acpi_table(b"RSDT", &(table_pa as u32).to_le_bytes()),
+        );
+        let mut rsdp = b"RSD PTR \0BOCHS \0".to_vec();
+        rsdp.extend_from_slice(&(rsdt_pa as u32).to_le_bytes());
+        let sum = rsdp.iter().fold(0u8, |s, &b| s.wrapping_add(b));
+        rsdp[8] = 0u8.wrapping_sub(sum);
+        mem.put(0xf_5000, &rsdp);
+        let rsdp = crate::acpi::find_rsdp(&mem).expect("the RSDP just written");
+        (mem, rsdp)
+    }
+
     /// Makes the table's bytes sum to zero again through byte 9.
     pub fn fix_checksum(t: &mut [u8]) {
         t[9] = 0;

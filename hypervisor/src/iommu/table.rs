@@ -12,7 +12,7 @@ use core::marker::PhantomData;
 pub(super) const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 
 /// One vendor's entry encoding. Levels count from 1 (the table of 4 KiB pages).
-pub(super) trait EntryFormat {
+pub trait EntryFormat {
     fn is_present(entry: u64) -> bool;
     /// Whether a present `entry` at `level` maps a page rather than pointing at a table.
     fn is_leaf(entry: u64, level: u32) -> bool;
@@ -33,7 +33,7 @@ const fn index(addr: u64, level: u32) -> usize {
 }
 
 /// A tree of I/O page tables under `root`.
-pub(super) struct Tables<F: EntryFormat> {
+pub struct Tables<F: EntryFormat> {
     pub(super) root: HostPhysAddr,
     pub(super) levels: PagingLevels,
     sizes: PageSizes,
@@ -66,7 +66,7 @@ impl<F: EntryFormat> core::fmt::Debug for Tables<F> {
 }
 
 impl<F: EntryFormat> Tables<F> {
-    pub(super) fn new(
+    pub fn new(
         levels: PagingLevels,
         sizes: PageSizes,
         alloc: &mut impl FrameAllocator,
@@ -235,5 +235,25 @@ impl<F: EntryFormat> Tables<F> {
             table = HostPhysAddr(entry & ADDR_MASK);
         }
         None
+    }
+}
+
+impl<F: EntryFormat> super::DmaPageTables for Tables<F> {
+    fn root(&self) -> HostPhysAddr {
+        self.root
+    }
+    fn levels(&self) -> PagingLevels {
+        self.levels
+    }
+    fn map_identity<M: TableMemory + FrameAllocator>(
+        &mut self,
+        range: PhysRange,
+        access: DmaAccess,
+        mem: &mut M,
+    ) -> Result<MapStats, IommuError> {
+        Tables::map_identity(self, range, access, mem)
+    }
+    fn translate(&self, iova: u64, mem: &mut impl TableMemory) -> Option<DmaTranslation> {
+        Tables::translate(self, iova, mem)
     }
 }

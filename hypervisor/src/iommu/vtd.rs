@@ -8,11 +8,8 @@
 //! registers of the units the DMAR lists.
 
 use super::table::{EntryFormat, Tables, ADDR_MASK};
-use super::{
-    DmaAccess, DmaPageTables, DmaTranslation, IommuError, MapStats, PageSizes, PagingLevels,
-    SourceId,
-};
-use crate::addr::{HostPhysAddr, PhysRange};
+use super::{DmaAccess, IommuError, PageSizes, PagingLevels, SourceId};
+use crate::addr::HostPhysAddr;
 use crate::paging::{FrameAllocator, TableMemory};
 use core::fmt;
 
@@ -228,7 +225,7 @@ impl SlPte {
 }
 
 /// The second-level entry encoding for the shared builder.
-struct SecondLevel;
+pub struct SecondLevel;
 
 impl EntryFormat for SecondLevel {
     fn is_present(entry: u64) -> bool {
@@ -258,50 +255,17 @@ impl EntryFormat for SecondLevel {
 /// A domain's second-level page tables, identity-mapping what a
 /// [`super::DmaDomainPlan`] allows: 3 levels (39-bit AGAW) or 4 (48-bit), with 2 MiB and
 /// 1 GiB pages where CAP.SLLPS has them ([`Cap::second_level_page_sizes`]).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct IommuPageTables {
-    tables: Tables<SecondLevel>,
-}
+pub type IommuPageTables = Tables<SecondLevel>;
 
 impl IommuPageTables {
-    pub fn new(
-        levels: PagingLevels,
-        sizes: PageSizes,
-        alloc: &mut impl FrameAllocator,
-    ) -> Result<Self, IommuError> {
-        Ok(Self {
-            tables: Tables::new(levels, sizes, alloc)?,
-        })
-    }
-
     /// The context entry that makes `domain` translate through these tables.
     pub fn context_entry(&self, domain: u16) -> ContextEntry {
         ContextEntry::new(
-            self.tables.root,
-            self.tables.levels,
+            self.root,
+            self.levels,
             domain,
             TranslationType::Untranslated,
         )
-    }
-}
-
-impl DmaPageTables for IommuPageTables {
-    fn root(&self) -> HostPhysAddr {
-        self.tables.root
-    }
-    fn levels(&self) -> PagingLevels {
-        self.tables.levels
-    }
-    fn map_identity<M: TableMemory + FrameAllocator>(
-        &mut self,
-        range: PhysRange,
-        access: DmaAccess,
-        mem: &mut M,
-    ) -> Result<MapStats, IommuError> {
-        self.tables.map_identity(range, access, mem)
-    }
-    fn translate(&self, iova: u64, mem: &mut impl TableMemory) -> Option<DmaTranslation> {
-        self.tables.translate(iova, mem)
     }
 }
 
@@ -774,7 +738,9 @@ impl fmt::Display for FaultRecord {
 mod tests {
     use super::super::testutil::FakeFrames;
     use super::*;
+    use crate::addr::PhysRange;
     use crate::addr::PAGE_SIZE;
+    use crate::iommu::{DmaPageTables, MapStats};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
