@@ -210,6 +210,44 @@ fn device_dma_reaches_ally_with_iommu_off_under_qemu_q35() {
     }
 }
 
+/// Issue 14's fail-closed rule: on a machine without an IOMMU (q35 without one) and without
+/// `iommu=off`, Ally stops before any guest runs and says why and what to do.
+#[test]
+fn no_iommu_stops_ally_before_the_guest_under_qemu_q35() {
+    let mut opts = RunOptions::new(Mode::Ally, "e2e-no-iommu-q35");
+    opts.emulator = EmulatorChoice::QemuTcg;
+    opts.machine = Some(Machine::Q35);
+    opts.ally_image = prebuilt_ally_image();
+    opts.attack_binary = prebuilt_attack_binary();
+    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
+        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
+    }
+    // Said explicitly, so the runner does not add iommu=off for a machine without an IOMMU.
+    opts.ally_options = "iommu=on".to_string();
+    opts.timeout = std::time::Duration::from_secs(600);
+    let result = run(&opts).expect("Ally run");
+    println!("{result}");
+    let fatal = result
+        .ally
+        .fatal()
+        .expect("Ally printed no `ALLY fatal` line");
+    for words in ["no IOMMU", "iommu=off"] {
+        assert!(
+            fatal.line.contains(words),
+            "{words:?} not in {}",
+            fatal.line
+        );
+    }
+    assert!(
+        !result.ally.guest_started(),
+        "a guest was started without DMA protection"
+    );
+    assert!(
+        !result.guest.init_reached(),
+        "the guest ran without DMA protection"
+    );
+}
+
 /// The workload of the 2-CPU Ally boots.
 fn two_cpu_net() -> NetOptions {
     // The guest resets itself by five methods in a row at the end (issue 11's reset chain):
