@@ -123,7 +123,7 @@ impl fmt::Display for StartError {
             Self::UnguardablePowerRegister(name, block) => write!(f, "ACPI FADT: {name} is at {block:x?}, where Ally cannot guard it (only I/O ports, and bus 0 configuration space for RESET_REG): the guest could suspend or reset the machine behind Ally"),
             Self::Topology(e) => write!(f, "{e}"),
             Self::IoApicLayout { id, address } => write!(f, "ACPI MADT: I/O APIC {id} at {address:#x} does not have a page of its own, so Ally cannot guard it"),
-            Self::NoIommu(why) => write!(f, "no IOMMU: {why}; without one any device the guest programs can read and write Ally's memory. Enable VT-d in the firmware setup, or give iommu=off to run without DMA protection"),
+            Self::NoIommu(why) => write!(f, "no IOMMU: {why}; without one any device the guest programs can read and write Ally's memory. Enable VT-d or AMD-Vi (IOMMU) in the firmware setup, or give iommu=off to run without DMA protection"),
             Self::Dmar(e) => write!(f, "ACPI DMAR: {e}"),
             Self::Ivrs(e) => write!(f, "ACPI IVRS: {e}"),
             Self::Iommu(e) => write!(f, "IOMMU tables: {e}"),

@@ -222,6 +222,7 @@ fn no_iommu_stops_ally_before_the_guest_under_qemu_q35() {
     if opts.ally_image.is_none() || opts.attack_binary.is_none() {
         opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
     }
+    opts.cpus = 2;
     // Said explicitly, so the runner does not add iommu=off for a machine without an IOMMU.
     opts.ally_options = "iommu=on".to_string();
     opts.timeout = std::time::Duration::from_secs(600);
