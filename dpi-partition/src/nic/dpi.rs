@@ -1463,7 +1463,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 // Rare and unexplained under QEMU (3 in a whole run): the first few are logged
                 // with where the scan started, to tell a guest's packet from a ring the DPI
                 // core lost its place in.
-                static LOGGED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+                static LOGGED: core::sync::atomic::AtomicU32 =
+                    core::sync::atomic::AtomicU32::new(0);
                 if LOGGED.fetch_add(1, Ordering::Relaxed) < 8 {
                     let mut head = [0u8; 16];
                     let _ = self.mem.read(ring.desc(self.tx.next), &mut head);
