@@ -781,6 +781,17 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         work
     }
 
+    /// Whether the guest changed the configuration since this poll followed it, read after
+    /// a tail. A driver's reset writes TDH (or RDH, or a new ring) and then the tail; both
+    /// go through the guard in that order, so a tail from after the change shows the change
+    /// here too, and belongs to a ring this poll does not know yet: the next poll follows
+    /// the configuration first. (Without this, the old ring's position was scanned through
+    /// the new ring's zeroed descriptors: `too_many_descs` drops at the guest's reboots.)
+    #[inline]
+    fn reconfigured_since_poll(&self) -> bool {
+        self.shadow.cfg_doorbell.sequence() != self.cfg_seen
+    }
+
     /// Follow the guest's configuration.
     #[cold]
     #[inline(never)]
@@ -1367,6 +1378,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         };
         let (n, gwin) = (ring.n, ring.win);
         let tdt = self.shadow.tdt();
+        if self.reconfigured_since_poll() {
+            return 0;
+        }
         let next = self.tx.next;
         if tdt == next {
             // Nothing new (`next < ring.n`, so the tail is valid).
@@ -1848,6 +1862,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             return Deliver::Dropped(DropReason::GuestRxOff);
         }
         let rdt = self.shadow.rdt();
+        if self.reconfigured_since_poll() {
+            return Deliver::Wait;
+        }
         if rdt >= ring.n {
             self.stop_rx(DropReason::BadTail);
             return Deliver::Dropped(DropReason::GuestRxOff);
