@@ -132,7 +132,19 @@ impl<R: UnitRegisters> VtdUnit<R> {
             self.wait32(regs::GSTS, regs::GSTS_WBFS, false, "the write-buffer flush")?;
         }
         self.command(regs::GCMD_TE)?;
-        self.wait32(regs::GSTS, regs::GSTS_TES, true, "enabling translation")
+        self.wait32(regs::GSTS, regs::GSTS_TES, true, "enabling translation")?;
+        // Protected memory regions a pre-boot environment may have left on (10.4.16)
+        // would block the guest's own DMA to them; translation now decides.
+        if self.cap.protected_low_memory() || self.cap.protected_high_memory() {
+            self.regs.write32(regs::PMEN, 0);
+            self.wait32(
+                regs::PMEN,
+                regs::PMEN_PRS,
+                false,
+                "turning the protected memory regions off",
+            )?;
+        }
+        Ok(())
     }
 
     /// Hands each recorded fault to `report` and clears it (10.4.14: F is write-1-to-clear),
@@ -296,6 +308,21 @@ mod tests {
             0,
             "fault events masked"
         );
+        // QEMU's CAP has no PLMR/PHMR: PMEN is left alone.
+        assert!(!log.iter().any(|l| l.starts_with("w32 0x64")), "{log:?}");
+    }
+
+    #[test]
+    fn protected_memory_regions_go_off_once_translation_is_on() {
+        let fake = FakeUnit::new();
+        fake.set(regs::CAP, CAP | (1 << 5) | (1 << 6));
+        fake.set(regs::PMEN, u64::from(regs::PMEN_EPM | regs::PMEN_PRS));
+        VtdUnit::new(&fake).enable(HostPhysAddr(0x1000)).unwrap();
+        assert_eq!(fake.get(regs::PMEN), 0);
+        let log = fake.log.borrow();
+        let te = log.iter().position(|l| l == "w32 0x18 0x80000000").unwrap();
+        let pmen = log.iter().position(|l| l.starts_with("w32 0x64")).unwrap();
+        assert!(te < pmen, "{log:?}");
     }
 
     #[test]
