@@ -13,6 +13,7 @@
 pub mod amd_unit;
 pub mod amdvi;
 pub mod dmar;
+pub mod intremap;
 pub mod ivrs;
 pub mod remapping;
 mod table;
