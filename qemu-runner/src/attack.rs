@@ -736,6 +736,14 @@ const MARK_STORM_END: u64 = 43;
 /// within this factor of idle.
 const STORM_SLOWDOWN_LIMIT: f64 = 2.0;
 
+/// Microseconds by which the storm's idle wake-ups may exceed the baseline whatever the
+/// ratio: a doorbell that finds the DPI core writing an alert byte to COM2 (it drains the
+/// alert ring in idle time) waits for that one byte. Under QEMU's TCG a UART write takes
+/// microseconds (CI: quiet flood 4.7 us, storm 10.9 us), which doubles a wake-up of a few
+/// microseconds without stalling anything (the storm's ping RTT was the lowest of the three
+/// phases). A stall, the thing the check exists for, costs far more than one byte.
+const STORM_WAKE_SLACK_US: f64 = 25.0;
+
 /// The DPI core's mean doorbell latency (µs) between two `ALLY nic-mark`s, from their running
 /// sample counts and TSC totals, and the number of doorbells.
 /// Which doorbells a latency covers: every one (`wake-samples`/`wake-tsc`: the wait behind a
@@ -864,9 +872,12 @@ fn alert_storm_evidence(
             "during the storm the median ping RTT is more than {STORM_SLOWDOWN_LIMIT}x idle's and the quiet flood's: {evidence}"
         ));
     }
-    if idle_wake[2].0 > STORM_SLOWDOWN_LIMIT * idle_wake[0].0.max(idle_wake[1].0) {
+    let wake_baseline = idle_wake[0].0.max(idle_wake[1].0);
+    if idle_wake[2].0 > STORM_SLOWDOWN_LIMIT * wake_baseline
+        && idle_wake[2].0 > wake_baseline + STORM_WAKE_SLACK_US
+    {
         return Err(format!(
-            "during the storm the DPI wake-up latency is more than {STORM_SLOWDOWN_LIMIT}x idle's and the quiet flood's: {evidence}"
+            "during the storm the DPI wake-up latency is more than {STORM_SLOWDOWN_LIMIT}x idle's and the quiet flood's, and more than {STORM_WAKE_SLACK_US} us above them: {evidence}"
         ));
     }
     Ok(evidence)
@@ -1032,8 +1043,11 @@ mod tests {
         // 5 µs per idle wake-up during the storm: more than twice idle's, but not twice the
         // quiet flood's 2.5 µs.
         assert!(ally_defences_check(&g, &ally(270_000), &host(all), &[Attack::AlertStorm]).passed);
-        // 6 µs: more than twice both.
-        let c = ally_defences_check(&g, &ally(290_000), &host(all), &[Attack::AlertStorm]);
+        // 6 µs: more than twice both, but within one UART byte's slack of them (CI under
+        // QEMU: 4.7 and 10.9 µs).
+        assert!(ally_defences_check(&g, &ally(290_000), &host(all), &[Attack::AlertStorm]).passed);
+        // 40 µs: more than twice both and more than the slack above them: a stall.
+        let c = ally_defences_check(&g, &ally(970_000), &host(all), &[Attack::AlertStorm]);
         assert!(
             !c.passed
                 && c.detail
