@@ -407,6 +407,12 @@ impl ShadowRegs {
     /// DPI core sees the reset count change and abandons the guest's old rings.
     fn reset<R: NicRegisters>(&self, real: &R) {
         let g = &self.guest;
+        // The generation moves before any register does, and again once all have: a DPI
+        // core that reads a tail this reset cleared sees the change and follows the new
+        // configuration first (`DpiNic::reconfigured_since_poll`), rather than scanning the
+        // old ring up to tail 0 (seen at the guest's reboot: the old ring's memory, in
+        // conventional memory, was being restored to its first-boot zeros meanwhile).
+        self.cfg_doorbell.ring();
         for a in [
             &g.tdbal, &g.tdbah, &g.tdlen, &g.rdbal, &g.rdbah, &g.rdlen, &g.rctl, &g.tctl,
         ] {
