@@ -248,9 +248,21 @@ impl Plans {
         Ok((guest, nic))
     }
 
-    /// Whether `function` is the NIC Ally drives.
-    fn is_nic(&self, function: PciAddress) -> bool {
-        matches!(&self.nic, Some((f, _)) if *f == function)
+    /// Every PCI function on the bus with the tables and domain it gets: the NIC Ally drives
+    /// its own (when it has tables), every other function the guest's.
+    fn assign<'t, T>(
+        &'t self,
+        guest: &'t T,
+        nic: Option<&'t T>,
+    ) -> impl Iterator<Item = (SourceId, &'t T, u16)> + 't {
+        functions(&PortConfigSpace).map(move |f| {
+            let a = f.address;
+            let id = SourceId::new(a.bus, a.device, a.function);
+            match nic {
+                Some(t) if matches!(&self.nic, Some((n, _)) if *n == a) => (id, t, NIC_DOMAIN),
+                _ => (id, guest, GUEST_DOMAIN),
+            }
+        })
     }
 }
 
@@ -369,13 +381,8 @@ fn enable_amdvi(
     };
     entries.fill(unremapped(DeviceTableEntry::blocked()));
     let mut devices = 0;
-    for f in functions(&PortConfigSpace) {
-        let a = f.address;
-        let entry = match &nic {
-            Some(t) if plans.is_nic(a) => t.device_table_entry(NIC_DOMAIN),
-            _ => guest.device_table_entry(GUEST_DOMAIN),
-        };
-        entries[usize::from(SourceId::new(a.bus, a.device, a.function).0)] = unremapped(entry);
+    for (id, tables, domain) in plans.assign(&guest, nic.as_ref()) {
+        entries[usize::from(id.0)] = unremapped(tables.device_table_entry(domain));
         devices += 1;
     }
     info!("ALLY iommu devices={devices} (guest domain {GUEST_DOMAIN}, NIC domain {NIC_DOMAIN}), every other device ID blocked");
@@ -419,13 +426,8 @@ fn build_root_table(
     let (guest, nic) = plans.build(frames, options, new)?;
     let mut root = RootTable::new(frames).map_err(StartError::Iommu)?;
     let mut devices = 0;
-    for f in functions(&PortConfigSpace) {
-        let a = f.address;
-        let entry = match &nic {
-            Some(t) if plans.is_nic(a) => t.context_entry(NIC_DOMAIN),
-            _ => guest.context_entry(GUEST_DOMAIN),
-        };
-        root.set_context(SourceId::new(a.bus, a.device, a.function), entry, frames)
+    for (id, tables, domain) in plans.assign(&guest, nic.as_ref()) {
+        root.set_context(id, tables.context_entry(domain), frames)
             .map_err(StartError::Iommu)?;
         devices += 1;
     }

@@ -635,7 +635,7 @@ pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepare
             };
             BootTarget::Ally {
                 image,
-                options: ally_command_line(&opts.ally_options, machine_has_iommu(opts)),
+                options: effective_ally_options(opts),
                 rules: rules_blob,
             }
         }
@@ -826,11 +826,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 &n.options.attacks,
             ));
             if n.options.attacks.contains(&attack::Attack::Dma) {
-                let setup = attack::DmaSetup::of_run(
-                    machine,
-                    iommu,
-                    &ally_command_line(&opts.ally_options, machine_has_iommu(opts)),
-                );
+                let setup = attack::DmaSetup::of_run(machine, iommu, &effective_ally_options(opts));
                 all_checks.push(attack::dma_check(&guest, &ally, setup));
             }
             if inspection {
@@ -941,9 +937,10 @@ fn watch(
     }
 }
 
-/// Whether the emulated machine has an IOMMU (`--iommu intel|amd`; Bochs has none).
-fn machine_has_iommu(opts: &RunOptions) -> bool {
-    opts.iommu != Iommu::None
+/// Ally's command line for this run: [`ally_command_line`] with whether the emulated
+/// machine has an IOMMU (`--iommu intel|amd`; Bochs has none).
+fn effective_ally_options(opts: &RunOptions) -> String {
+    ally_command_line(&opts.ally_options, opts.iommu != Iommu::None)
 }
 
 /// Ally's command line: the operator's options, plus `iommu=off` on a machine without an

@@ -15,7 +15,7 @@ use ally_runner::emulator::{Iommu, Machine};
 use ally_runner::endpoints::NetOptions;
 use ally_runner::rules::prepare_rules;
 use ally_runner::{run, Emulator, EmulatorChoice, Mode, Outcome, RulesInput, RunOptions};
-use ally_tests::{check, failures, prebuilt_ally_image, prebuilt_attack_binary};
+use ally_tests::{check, failures, prebuilt_attack_binary, use_prebuilt_binaries};
 
 /// The guest alone: validates the guest pipeline (disk, syslinux, kernel, initramfs, e1000,
 /// slirp, the host endpoints and the guest's transfers) independently of Ally, so a failure of
@@ -143,11 +143,7 @@ fn iommu_scenario(name: &'static str, iommu: Iommu) -> ally_runner::RunResult {
         ..NetOptions::default()
     });
     opts.timeout = std::time::Duration::from_secs(20 * 60);
-    opts.ally_image = prebuilt_ally_image();
-    opts.attack_binary = prebuilt_attack_binary();
-    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
-        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
-    }
+    use_prebuilt_binaries(&mut opts);
     let result = run(&opts).expect("Ally run");
     println!("{result}");
     assert_eq!(result.emulator, Emulator::QemuTcg);
@@ -217,11 +213,7 @@ fn no_iommu_stops_ally_before_the_guest_under_qemu_q35() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-no-iommu-q35");
     opts.emulator = EmulatorChoice::QemuTcg;
     opts.machine = Some(Machine::Q35);
-    opts.ally_image = prebuilt_ally_image();
-    opts.attack_binary = prebuilt_attack_binary();
-    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
-        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
-    }
+    use_prebuilt_binaries(&mut opts);
     opts.cpus = 2;
     // Said explicitly, so the runner does not add iommu=off for a machine without an IOMMU.
     opts.ally_options = "iommu=on".to_string();
@@ -382,12 +374,7 @@ fn ally_boot_passes_every_check(
     // The 2-CPU boot with its five-reset chain takes 20-25 min on an idle 2-core machine
     // (the Bochs boots run side by side); 30 min left no margin under load.
     opts.timeout = std::time::Duration::from_secs(45 * 60);
-    opts.ally_image = prebuilt_ally_image();
-    opts.attack_binary = prebuilt_attack_binary();
-    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
-        // cargo keeps its own target directory locked while this test runs.
-        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
-    }
+    use_prebuilt_binaries(&mut opts);
     let result = run(&opts).expect("Ally run");
     println!("{result}");
     if qemu_svm.is_some() {
@@ -501,11 +488,7 @@ fn ally_boot_passes_every_check(
 #[test]
 fn unknown_option_stops_ally_before_the_guest() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-option");
-    opts.ally_image = prebuilt_ally_image();
-    opts.attack_binary = prebuilt_attack_binary();
-    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
-        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
-    }
+    use_prebuilt_binaries(&mut opts);
     opts.ally_options = "log=info frobnicate=1".to_string();
     opts.timeout = std::time::Duration::from_secs(600);
     let result = run(&opts).expect("Ally run");
@@ -535,11 +518,7 @@ fn unknown_option_stops_ally_before_the_guest() {
 #[test]
 fn corrupt_rules_blob_stops_ally_before_the_guest() {
     let mut opts = RunOptions::new(Mode::Ally, "e2e-bad-rules");
-    opts.ally_image = prebuilt_ally_image();
-    opts.attack_binary = prebuilt_attack_binary();
-    if opts.ally_image.is_none() || opts.attack_binary.is_none() {
-        opts.ally_target_dir = Some(opts.out_root.join("cargo-target"));
-    }
+    use_prebuilt_binaries(&mut opts);
     // A good blob of the e2e rules with one payload byte flipped.
     let dir = opts.out_root.join("e2e-bad-rules-input");
     std::fs::create_dir_all(&dir).expect("input directory");

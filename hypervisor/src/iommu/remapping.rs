@@ -111,7 +111,7 @@ impl<R: UnitRegisters> VtdUnit<R> {
         self.regs
             .write32(regs::FECTL, self.regs.read32(regs::FECTL) | regs::FECTL_IM);
         self.regs.write64(regs::RTADDR, vtd::rtaddr(root));
-        self.command(regs::GCMD_SRTP)?;
+        self.command(regs::GCMD_SRTP);
         self.wait32(
             regs::GSTS,
             regs::GSTS_RTPS,
@@ -128,10 +128,10 @@ impl<R: UnitRegisters> VtdUnit<R> {
         );
         self.wait64(iotlb, regs::IOTLB_IVT, "the IOTLB invalidation")?;
         if self.cap.required_write_buffer_flush() {
-            self.command(regs::GCMD_WBF)?;
+            self.command(regs::GCMD_WBF);
             self.wait32(regs::GSTS, regs::GSTS_WBFS, false, "the write-buffer flush")?;
         }
-        self.command(regs::GCMD_TE)?;
+        self.command(regs::GCMD_TE);
         self.wait32(regs::GSTS, regs::GSTS_TES, true, "enabling translation")?;
         // Protected memory regions a pre-boot environment may have left on (10.4.16)
         // would block the guest's own DMA to them; translation now decides.
@@ -174,10 +174,9 @@ impl<R: UnitRegisters> VtdUnit<R> {
     }
 
     /// Issues one GCMD command, keeping the enables already on.
-    fn command(&self, bit: u32) -> Result<(), UnitError> {
+    fn command(&self, bit: u32) {
         let status = self.regs.read32(regs::GSTS) & GCMD_PERSISTENT;
         self.regs.write32(regs::GCMD, status | bit);
-        Ok(())
     }
 
     fn wait32(
