@@ -33,10 +33,14 @@ use ally_hypervisor::addr::{GuestPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode, PciAddress};
+use ally_hypervisor::iommu::amd_remap::{self, AmdRemapping, Words};
 use ally_hypervisor::iommu::amd_unit::{AmdViLayout, AmdViUnit};
+use ally_hypervisor::iommu::amdvi::IntCtl;
 use ally_hypervisor::iommu::amdvi::{DeviceTableEntry, Event, IoPageTables};
 use ally_hypervisor::iommu::dmar::Dmar;
+use ally_hypervisor::iommu::interrupts;
 use ally_hypervisor::iommu::ivrs::Ivrs;
+use ally_hypervisor::iommu::ivrs::{IvhdEntry, SpecialVariety};
 use ally_hypervisor::iommu::remapping::{UnitRegisters, VtdUnit};
 use ally_hypervisor::iommu::vtd::{fault_reason_name, FaultAccess, IommuPageTables, RootTable};
 use ally_hypervisor::iommu::{
@@ -46,7 +50,7 @@ use ally_hypervisor::memmap::MemoryMap;
 use ally_hypervisor::paging::GuestPaging;
 use ally_hypervisor::pci::functions;
 use ally_hypervisor::platform::IdentityMemory;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use log::{info, warn};
 
 /// Domain ids (VT-d 9.3: 0 is reserved when CAP.CM is set).
@@ -65,6 +69,10 @@ pub struct DmaPolicy<'a> {
     /// The NIC Ally drives and its rings and buffers.
     pub nic: Option<(PciAddress, PhysRange)>,
     pub identity_limit: u64,
+    /// The guarded I/O APICs (register base, APIC ID) and PCI functions with MSI: the
+    /// interrupt sources whose messages are remapped.
+    pub ioapics: &'a [(u64, u8)],
+    pub msi_functions: &'a [PciAddress],
 }
 
 /// The register page of a unit, through Ally's identity map.
@@ -367,25 +375,63 @@ fn enable_amdvi(
     let layout = core::alloc::Layout::from_size_align(ENTRIES as usize * 32, PAGE_SIZE as usize)
         .map_err(|_| StartError::OutOfHeap)?;
     // SAFETY: the layout has a non-zero size.
-    let table = unsafe { alloc::alloc::alloc_zeroed(layout) } as *mut DeviceTableEntry;
-    if table.is_null() {
+    let device_table = unsafe { alloc::alloc::alloc_zeroed(layout) } as *mut DeviceTableEntry;
+    if device_table.is_null() {
         return Err(StartError::OutOfHeap);
     }
     // SAFETY: just allocated for ENTRIES entries, zeroed (a valid value), never freed.
-    let entries = unsafe { core::slice::from_raw_parts_mut(table, ENTRIES as usize) };
-    // No interrupt remapping yet: IV = 0 lets interrupts through as the device sends them
-    // (the I/O APIC's and HPET's included), as VT-d does with remapping off.
-    let unremapped = |mut e: DeviceTableEntry| {
-        e.data[2] &= !1;
-        e
-    };
-    entries.fill(unremapped(DeviceTableEntry::blocked()));
+    let entries = unsafe { core::slice::from_raw_parts_mut(device_table, ENTRIES as usize) };
+    // Every entry's interrupts are aborted (IV = 1, IntCtl = abort, no pass bits) but
+    // those of the sources the guest programs, which get a remapping table of their own.
+    entries.fill(DeviceTableEntry::blocked());
     let mut devices = 0;
     for (id, tables, domain) in plans.assign(&guest, nic.as_ref()) {
-        entries[usize::from(id.0)] = unremapped(tables.device_table_entry(domain));
+        entries[usize::from(id.0)] = tables.device_table_entry(domain);
         devices += 1;
     }
     info!("ALLY iommu devices={devices} (guest domain {GUEST_DOMAIN}, NIC domain {NIC_DOMAIN}), every other device ID blocked");
+    let completion: &'static AtomicU64 =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(AtomicU64::new(0)));
+    let remapping: &'static AmdRemapping<Registers> =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(AmdRemapping::new(completion)));
+    let mut table = |device: SourceId| -> Result<Words, StartError> {
+        let words = leak_words(amd_remap::TABLE_ENTRIES, 128)?;
+        let entry = &mut entries[usize::from(device.0)];
+        *entry = entry.with_interrupt_table(words.phys, amd_remap::TABLE_LEN_LOG2, IntCtl::Remap);
+        Ok(words)
+    };
+    for &(base, id) in policy.ioapics {
+        let device = ivrs.preferred_units().find_map(|ivhd| {
+            ivrs.entries(ivhd.entries).iter().find_map(|e| match *e {
+                IvhdEntry::Special {
+                    variety: SpecialVariety::IoApic,
+                    handle,
+                    device,
+                    ..
+                } if handle == id => Some(device),
+                _ => None,
+            })
+        });
+        let Some(device) = device else {
+            warn!("ALLY intremap ioapic={base:#x} id={id}: the IVRS names no requester ID for it; its interrupts are blocked");
+            continue;
+        };
+        let words = table(device)?;
+        remapping
+            .add_ioapic(base, device, words)
+            .map_err(|_| StartError::IommuUnit(base, "more than 8 I/O APICs"))?;
+        info!("ALLY intremap ioapic={base:#x} id={id} device={device}");
+    }
+    for &function in policy.msi_functions {
+        let words = table(SourceId::new(
+            function.bus,
+            function.device,
+            function.function,
+        ))?;
+        remapping
+            .add_function(function, words)
+            .map_err(|_| StartError::IommuUnit(0, "more than 64 MSI functions"))?;
+    }
     let mut units = heapless::Vec::new();
     for ivhd in ivrs.preferred_units() {
         let base = ivhd.base.0;
@@ -395,12 +441,25 @@ fn enable_amdvi(
         let regs = Registers { base };
         let unit = AmdViUnit::new(regs);
         unit.enable(&AmdViLayout {
-            device_table: HostPhysAddr(table as u64),
+            device_table: HostPhysAddr(device_table as u64),
             device_entries: ENTRIES,
             command_buffer,
             event_log,
         })
         .map_err(|e| StartError::IommuUnitError(base, e))?;
+        // SAFETY: the command buffer is a zeroed frame of Ally's, identity-mapped, never
+        // freed, used only through these atomics from now on.
+        let ring =
+            unsafe { core::slice::from_raw_parts(command_buffer.0 as *const AtomicU32, 1024) };
+        remapping
+            .add_unit(
+                regs,
+                Words {
+                    words: ring,
+                    phys: command_buffer,
+                },
+            )
+            .map_err(|_| StartError::IommuUnit(base, "more than 8 IOMMUs"))?;
         info!(
             "ALLY iommu unit=amd-vi base={base:#x} device={} levels={} translation=on",
             ivhd.device,
@@ -413,6 +472,12 @@ fn enable_amdvi(
     if units.is_empty() {
         return Err(StartError::NoIommu("the IVRS lists no IOMMU"));
     }
+    interrupts::install(remapping);
+    info!(
+        "ALLY intremap status=on kind=amd-vi ioapics={} msi-functions={} (every other device's interrupts aborted; NMI, INIT, ExtINT and SMI pass from none)",
+        policy.ioapics.len(),
+        policy.msi_functions.len()
+    );
     Ok(units)
 }
 
@@ -515,5 +580,37 @@ pub fn report() {
             OVERFLOWS.load(Ordering::Relaxed)
         ),
         None => warn!("ALLY iommu status=off: the guest ran without DMA protection"),
+    }
+}
+
+/// `words` zeroed 32-bit words from the heap (Ally's region: identity-mapped, hidden from
+/// the guest and from its devices), aligned to `align` bytes, never freed.
+fn leak_words(words: usize, align: usize) -> Result<Words, StartError> {
+    let layout = core::alloc::Layout::from_size_align(words * 4, align)
+        .map_err(|_| StartError::OutOfHeap)?;
+    // SAFETY: the layout has a non-zero size.
+    let at = unsafe { alloc::alloc::alloc_zeroed(layout) } as *const AtomicU32;
+    if at.is_null() {
+        return Err(StartError::OutOfHeap);
+    }
+    // SAFETY: just allocated for `words` words, zeroed (a valid AtomicU32), never freed.
+    let words = unsafe { core::slice::from_raw_parts(at, words) };
+    Ok(Words {
+        words,
+        phys: HostPhysAddr(at as u64),
+    })
+}
+
+/// Interrupt remapping is on: every guarded I/O APIC entry and MSI goes through it from
+/// now on, rewritten from what the firmware left. Before the guest runs.
+pub fn apply_interrupt_remapping(platform: &ally_hypervisor::platform::Platform) {
+    if interrupts::remapping().is_none() {
+        return;
+    }
+    for ioapic in platform.ioapics {
+        ioapic.reapply_entries_for(platform.cpu_sets());
+    }
+    for function in &platform.pci_interrupts {
+        function.apply_remapping(&PortConfigSpace, platform.cpu_sets());
     }
 }

@@ -370,9 +370,9 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         end: nic_region.start.max(dpi_memory.start + PAGE_SIZE),
     };
     // The I/O APICs leave the EPT too: no redirection entry may name a DPI core.
-    let bases = io_apics(identity_limit)?;
-    let mut ioapics = alloc::vec::Vec::with_capacity(bases.len());
-    for base in bases {
+    let found_ioapics = io_apics(identity_limit)?;
+    let mut ioapics = alloc::vec::Vec::with_capacity(found_ioapics.len());
+    for &(base, _) in &found_ioapics {
         paging.unmap_page(GuestPhysAddr(base), &mut frames)?;
         let guard = ally_hypervisor::guards::ioapic::IoApicGuard::new(base);
         info!(
@@ -405,6 +405,12 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
                 .as_ref()
                 .map(|c| (c.trap.function.address, nic_region)),
             identity_limit,
+            ioapics: &found_ioapics,
+            msi_functions: &pci_interrupts
+                .iter()
+                .filter(|g| g.capabilities.msi.is_some())
+                .map(|g| g.address)
+                .collect::<heapless::Vec<_, { platform::MAX_INTERRUPT_FUNCTIONS }>>(),
         },
         &mut paging,
         &mut frames,
@@ -439,6 +445,7 @@ pub fn start(magic: u32, boot_info_addr: u32) -> Result<Infallible, StartError> 
         ioapics,
         pci_interrupts,
     });
+    crate::iommu::apply_interrupt_remapping(platform);
 
     // The ports every vCPU intercepts: COM2 (Ally's), PCI configuration mechanism #1 (MSI
     // registers and the NIC's BARs are guarded), the guest's reset and sleep requests and the
@@ -993,7 +1000,8 @@ fn choose_dpi_cpus(
 /// The I/O APICs' register pages, from the MADT (type 1 entries): every one, however many.
 /// Each must have a page of its own (the guard is found by its page): one that does not
 /// stops Ally rather than stay unguarded.
-fn io_apics(identity_limit: u64) -> Result<alloc::vec::Vec<u64>, StartError> {
+/// The MADT's I/O APICs: register base and APIC ID.
+fn io_apics(identity_limit: u64) -> Result<alloc::vec::Vec<(u64, u8)>, StartError> {
     let memory = IdentityMemory {
         limit: identity_limit,
     };
@@ -1003,10 +1011,10 @@ fn io_apics(identity_limit: u64) -> Result<alloc::vec::Vec<u64>, StartError> {
     for entry in acpi::madt_entries(&memory, &madt) {
         if let acpi::MadtEntry::IoApic { id, address, .. } = entry.map_err(StartError::Acpi)?.2 {
             let base = u64::from(address);
-            if base % PAGE_SIZE != 0 || found.contains(&base) {
+            if base % PAGE_SIZE != 0 || found.iter().any(|&(b, _)| b == base) {
                 return Err(StartError::IoApicLayout { id, address });
             }
-            found.push(base);
+            found.push((base, id));
         }
     }
     Ok(found)
@@ -1111,6 +1119,7 @@ fn report_dpi_status() {
     }
     crate::nic::report();
     crate::iommu::report();
+    ally_hypervisor::iommu::interrupts::report();
     ally_hypervisor::guards::pci_config::report();
     if let Some(nic) = &platform::platform().nic {
         ally_hypervisor::guards::nic::report(nic);

@@ -85,8 +85,16 @@ pub static INIT_SIPI: LogLimit = LogLimit::new("init-sipi", 64);
 /// `ALLY mark`: the guest asks for a counters snapshot.
 pub static MARK: LogLimit = LogLimit::new("mark", 64);
 
+/// `ALLY intremap-conflict` / `ALLY intremap-refused`: interrupts the remapping could not
+/// give an entry of their own.
+pub static INTREMAP: LogLimit = LogLimit::new("intremap", 16);
+/// `ALLY intremap-invalidation-timeout`: an IOMMU did not confirm an invalidation.
+pub static IOMMU_COMMAND: LogLimit = LogLimit::new("iommu-command", 8);
+
 /// Every kind, for the power-off report.
-pub static ALL: [&LogLimit; 12] = [
+pub static ALL: [&LogLimit; 14] = [
+    &INTREMAP,
+    &IOMMU_COMMAND,
     &EPT_VIOLATION,
     &MSR_REFUSED,
     &SLEEP_REFUSED,

@@ -626,6 +626,75 @@ fn judge_dma(
     ))
 }
 
+/// `msi-iommu`: the DMA attack's step 4, NMI messages written by the AHCI controller into the
+/// interrupt window of the APIC IDs the guest does not have. With AMD-Vi, Ally remaps every
+/// device's interrupts and passes no NMI: none may reach Ally's cores (`ALLY root-nmis
+/// count=0`, with `ALLY intremap status=on`). Without an IOMMU (`iommu=off`) the hole must
+/// show: an NMI reached them, or the attack is broken. VT-d's remapping is not programmed
+/// yet: the run documents the hole as without an IOMMU.
+pub fn msi_check(guest: &GuestReport, ally: &AllyReport, setup: DmaSetup) -> Check {
+    Check::from_result(
+        "msi-iommu",
+        judge_msi(find(guest, Attack::Dma).as_ref(), ally, setup),
+    )
+}
+
+fn judge_msi(
+    marker: Option<&AttackMarker>,
+    ally: &AllyReport,
+    setup: DmaSetup,
+) -> Result<String, String> {
+    let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
+    if let Some(s) = marker.get("skipped") {
+        return if setup.machine == Machine::Q35 {
+            Err(format!("skipped ({s}) on q35: {}", marker.line))
+        } else {
+            Ok(format!("skipped by the guest ({s}): no AHCI controller"))
+        };
+    }
+    let status = marker
+        .get("msi_status")
+        .ok_or(format!("no `msi_status=` in {}", marker.line))?;
+    if status == "not_run" || status.starts_with("source_") {
+        return Err(format!(
+            "the NMI sector was not written (msi_status={status}): {}",
+            marker.line
+        ));
+    }
+    let targets = marker.get("msi_targets").unwrap_or("none");
+    let nmis = ally_count(ally, "root-nmis", "count").ok_or("no `ALLY root-nmis count=` line")?;
+    let remapping = ally
+        .all("intremap")
+        .find(|l| l.fields.get("status") == Some("on"))
+        .and_then(|l| l.fields.get("kind").map(str::to_string));
+    let summary = format!(
+        "AHCI NMI messages to APIC IDs {targets} (transfers {status}); ALLY root-nmis count={nmis}"
+    );
+    match (setup.iommu, remapping.as_deref()) {
+        (Iommu::Amd, Some("amd-vi")) if nmis == 0 => Ok(format!(
+            "amd IOMMU, ALLY intremap status=on kind=amd-vi: no NMI reached Ally's cores; {summary}"
+        )),
+        (Iommu::Amd, Some("amd-vi")) => Err(format!(
+            "NMIs reached Ally's cores despite AMD-Vi interrupt remapping; {summary}"
+        )),
+        (Iommu::Amd, other) => Err(format!(
+            "Ally did not report AMD-Vi interrupt remapping on (intremap kind={}); {summary}",
+            other.unwrap_or("none")
+        )),
+        (Iommu::Intel, Some(kind)) => Err(format!(
+            "the check does not judge {kind} interrupt remapping yet; {summary}"
+        )),
+        (Iommu::None, _) | (Iommu::Intel, None) if nmis > 0 => Ok(format!(
+            "hole shown without interrupt remapping ({} IOMMU{}): {summary}",
+            setup.iommu,
+            if setup.ally_iommu_off { ", iommu=off" } else { ", VT-d remapping not programmed" }
+        )),
+        _ => Err(format!(
+            "no NMI reached Ally's cores without interrupt remapping: the attack itself is broken; {summary}"
+        )),
+    }
+}
+
 /// Without an IOMMU the attack must show the hole: data leaked. It is documented (a pass) only
 /// when Ally was told `iommu=off`; otherwise Ally should not have started the guest at all.
 fn judge_hole(leak: &Leak, setup: DmaSetup, summary: &str) -> Result<String, String> {
@@ -1162,6 +1231,34 @@ mod tests {
         guest(&format!(
             "ALLYTEST attack-dma INFO ahci=00:1f.2 target=0x38600000 target_from=iomem pci_command=0x107 abar=0xfebf1000 sectors=131072 scratch_lba=131069 control=ok control_bytes=512 leak_status=ok leak_bytes=512 leak_bytes_nonzero={nonzero} leak_digest={digest} leak_head={head} overwrite_status=ok overwrite_bytes=512 errors=none port_stopped=1\n"
         ))
+    }
+
+    #[test]
+    fn the_msi_attack_needs_remapping_and_no_nmi_with_amd_vi_and_an_nmi_without() {
+        let marker = |status: &str| {
+            guest(&format!(
+                "ALLYTEST attack-dma INFO ahci=00:1f.2 control=ok msi_targets=1,2,3 msi_status={status}\n"
+            ))
+        };
+        let ok = marker("ok,ok,ok");
+        let on = |nmis: u64| {
+            AllyReport::parse(&format!(
+                "ALLY intremap status=on kind=amd-vi ioapics=1\nALLY root-nmis count={nmis}\n"
+            ))
+        };
+        let c = msi_check(&ok, &on(0), setup(Iommu::Amd, ""));
+        assert!(c.passed, "{c}");
+        assert!(!msi_check(&ok, &on(2), setup(Iommu::Amd, "")).passed);
+        // Remapping not reported on; no count at all; the sector never written.
+        let off = AllyReport::parse("ALLY root-nmis count=0\n");
+        assert!(!msi_check(&ok, &off, setup(Iommu::Amd, "")).passed);
+        assert!(!msi_check(&ok, &AllyReport::parse(""), setup(Iommu::Amd, "")).passed);
+        assert!(!msi_check(&marker("not_run"), &on(0), setup(Iommu::Amd, "")).passed);
+        // Without an IOMMU: the hole must show.
+        let hole = AllyReport::parse("ALLY root-nmis count=3\n");
+        let c = msi_check(&ok, &hole, setup(Iommu::None, "iommu=off"));
+        assert!(c.passed && c.detail.starts_with("hole shown"), "{c}");
+        assert!(!msi_check(&ok, &off, setup(Iommu::None, "iommu=off")).passed);
     }
 
     fn setup(iommu: Iommu, ally_options: &str) -> DmaSetup {

@@ -828,6 +828,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
             if n.options.attacks.contains(&attack::Attack::Dma) {
                 let setup = attack::DmaSetup::of_run(machine, iommu, &effective_ally_options(opts));
                 all_checks.push(attack::dma_check(&guest, &ally, setup));
+                all_checks.push(attack::msi_check(&guest, &ally, setup));
             }
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);

@@ -12,8 +12,16 @@
 //!    READ DMA EXT of it into the page: non-zero bytes came from T.
 //! 3. overwrite: a pattern sector, then READ DMA EXT of it into T.
 //!
+//! 4. interrupts: a sector of NMI messages (each doubleword 0x0000_0400: delivery mode NMI,
+//!    SDM Vol. 3 11.11.2) read by the device into the interrupt window 0xFEEx_x000 of every
+//!    APIC ID from 0 to 7 the guest's own CPUs do not have (where Ally's DPI cores are). Each
+//!    doubleword the device writes there is a message: without interrupt remapping an NMI
+//!    at that CPU (Ally counts the NMIs its cores take: `ALLY root-nmis`); with it, nothing
+//!    but the entries Ally wrote for the device.
+//!
 //! Marker: `ALLYTEST attack-dma INFO ahci=00:1f.2 ... target=0x.. control=ok leak_status=..
-//! leak_bytes_nonzero=N leak_digest=.. overwrite_status=.. errors=..`.
+//! leak_bytes_nonzero=N leak_digest=.. overwrite_status=.. msi_targets=1,2,.. msi_status=..
+//! errors=..`.
 
 use crate::ahci::{self, layout, AtaCommand, Completion, Port, SECTOR};
 use crate::marker::Marker;
@@ -224,6 +232,63 @@ impl Attack<'_, '_> {
     }
 }
 
+impl Attack<'_, '_> {
+    /// Step 4: a sector of NMI messages read by the device into the interrupt window of each
+    /// APIC ID in `apic_ids`.
+    fn interrupts(&mut self, m: &mut Marker, lba: u64, apic_ids: &[u32]) {
+        let nmis: Vec<u8> = (0..SECTOR / 4)
+            .flat_map(|_| NMI_MESSAGE.to_le_bytes())
+            .collect();
+        self.fill(layout::BUFFER_A, &nmis);
+        let source = self.run(
+            "msi_source",
+            AtaCommand::WriteDmaExt,
+            lba,
+            self.buffer(layout::BUFFER_A),
+        );
+        let targets: Vec<String> = apic_ids.iter().map(u32::to_string).collect();
+        m.field("msi_targets", targets.join(","));
+        if !source.ok() {
+            m.field("msi_status", format!("source_{}", source.status()));
+            return;
+        }
+        let statuses: Vec<String> = apic_ids
+            .iter()
+            .map(|&id| {
+                let window = INTERRUPT_WINDOW | (u64::from(id) << 12);
+                self.run("msi", AtaCommand::ReadDmaExt, lba, window)
+                    .status()
+            })
+            .collect();
+        m.field("msi_status", statuses.join(","));
+    }
+}
+
+/// An MSI's data with delivery mode NMI (bits 10:8 = 100b); the vector is ignored.
+const NMI_MESSAGE: u32 = 0x0000_0400;
+/// The interrupt window (SDM Vol. 3 11.11.1): destination APIC ID in address bits 19:12.
+const INTERRUPT_WINDOW: u64 = 0xFEE0_0000;
+/// APIC IDs the attack tries.
+const APIC_IDS: std::ops::Range<u32> = 0..8;
+
+/// The APIC IDs of `APIC_IDS` that no CPU of the guest has (from /proc/cpuinfo).
+fn other_apic_ids() -> Vec<u32> {
+    let own = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| own_apic_ids(&c))
+        .unwrap_or_default();
+    APIC_IDS.filter(|id| !own.contains(id)).collect()
+}
+
+/// The `apicid` values of a /proc/cpuinfo.
+fn own_apic_ids(cpuinfo: &str) -> Vec<u32> {
+    cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim() == "apicid")
+        .filter_map(|(_, v)| v.trim().parse().ok())
+        .collect()
+}
+
 /// The AHCI controller's ABAR, mapped through its sysfs resource file.
 fn map_abar(name: &str) -> Result<(u64, PhysMap), String> {
     let dir = format!("{}/{name}", pci::SYSFS_DEVICES);
@@ -333,9 +398,11 @@ fn attack_port(m: &mut Marker, abar: &PhysMap, target: u64) {
     if a.control(m, control) {
         a.leak(m, leak, target);
         a.overwrite(m, overwrite, target);
+        a.interrupts(m, overwrite, &other_apic_ids());
     } else {
         m.field("leak_status", "not_run")
-            .field("overwrite_status", "not_run");
+            .field("overwrite_status", "not_run")
+            .field("msi_status", "not_run");
     }
     m.field("errors", a.errors.word());
 }
@@ -374,6 +441,14 @@ fd00000000-ffffffffff : Reserved
         assert_eq!(iomem_target("  00100000-385fffff : System RAM\n"), None);
         assert_eq!(iomem_target("100000000-13fffffff : System RAM\n"), None);
         assert_eq!(iomem_target(""), None);
+    }
+
+    #[test]
+    fn the_guests_own_apic_ids_come_from_cpuinfo() {
+        let cpuinfo =
+            "processor\t: 0\napicid\t\t: 0\ninitial apicid\t: 0\n\nprocessor\t: 1\napicid\t\t: 2\n";
+        assert_eq!(own_apic_ids(cpuinfo), vec![0, 2]);
+        assert_eq!(own_apic_ids(""), Vec::<u32>::new());
     }
 
     #[test]

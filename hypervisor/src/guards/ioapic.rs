@@ -29,6 +29,8 @@ const FIRST_REDIRECTION: u32 = 0x10;
 /// Redirection entry low dword: interrupt mask and destination mode (82093AA 3.2.4).
 const MASKED: u32 = 1 << 16;
 const LOGICAL: u32 = 1 << 11;
+/// Delivery status (bit 12) and Remote IRR (bit 14): read-only, the I/O APIC's own.
+const HARDWARE_STATUS: u32 = (1 << 12) | (1 << 14);
 /// Redirection entries an 8-bit IOREGSEL can address (registers 0x10-0xFF): every entry the
 /// guest can reach. An I/O APIC reporting more has its further entries unreachable for the
 /// guest as for Ally.
@@ -84,7 +86,8 @@ struct Shadow {
     selected: u32,
     /// Redirection entries this I/O APIC has (version register, at most [`MAX_ENTRIES`]).
     entries: usize,
-    /// The destinations (high dwords) as the guest wrote them.
+    /// The entries as the guest wrote them (low, high): what it reads back.
+    guest_low: [u32; MAX_ENTRIES],
     guest_destination: [u32; MAX_ENTRIES],
     /// The entries as the firmware left them (low, high), restored when the guest resets.
     firmware_entries: [(u32, u32); MAX_ENTRIES],
@@ -117,6 +120,7 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
         let mut shadow = Shadow {
             selected: 0,
             entries: 0,
+            guest_low: [0; MAX_ENTRIES],
             guest_destination: [0; MAX_ENTRIES],
             firmware_entries: [(0, 0); MAX_ENTRIES],
         };
@@ -128,6 +132,7 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
             let low = registers.read_window();
             registers.select(index + 1);
             let high = registers.read_window();
+            shadow.guest_low[entry] = low;
             shadow.guest_destination[entry] = high;
             shadow.firmware_entries[entry] = (low, high);
         }
@@ -179,6 +184,19 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
                 (low, (guest_high & 0x00FF_FFFF) | (destination << 24))
             }
         };
+        // With interrupt remapping on, the filtered entry goes into the remapping table
+        // and the I/O APIC gets an entry that only names it.
+        let (low, high) = match crate::iommu::interrupts::remapping() {
+            Some(remapping) => {
+                let rte = remapping.ioapic_entry(
+                    self.base,
+                    entry as u8,
+                    (u64::from(high) << 32) | u64::from(low),
+                );
+                (rte as u32, (rte >> 32) as u32)
+            }
+            None => (low, high),
+        };
         // Destination first, then the low half (which may unmask and change the destination
         // mode): the entry is never live with an unfiltered destination. Should the new
         // destination be unsafe under the entry's current, live mode (physical 3 is fine as a
@@ -202,7 +220,12 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
                 let index = shadow.selected;
                 match redirection(index, shadow.entries) {
                     Some((entry, true)) => shadow.guest_destination[entry],
-                    _ => self.window_read(index),
+                    // Delivery status and Remote IRR are the hardware's.
+                    Some((entry, false)) => {
+                        (shadow.guest_low[entry] & !HARDWARE_STATUS)
+                            | (self.window_read(index) & HARDWARE_STATUS)
+                    }
+                    None => self.window_read(index),
                 }
             }
             other => self.registers.read_other(other),
@@ -220,10 +243,11 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
                 match redirection(index, shadow.entries) {
                     Some((entry, true)) => {
                         shadow.guest_destination[entry] = value;
-                        let low = self.window_read(index - 1);
+                        let low = shadow.guest_low[entry];
                         self.write_entry(entry, low, value, cpus);
                     }
                     Some((entry, false)) => {
+                        shadow.guest_low[entry] = value;
                         let high = shadow.guest_destination[entry];
                         self.write_entry(entry, value, high, cpus);
                     }
@@ -242,10 +266,27 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
         let mut shadow = self.shadow.lock();
         for entry in 0..shadow.entries {
             let (low, high) = shadow.firmware_entries[entry];
+            shadow.guest_low[entry] = low;
             shadow.guest_destination[entry] = high;
             self.write_entry(entry, low, high, cpus);
         }
         shadow.selected = 0;
+    }
+}
+
+impl<R: IoApicRegisters> IoApicGuard<R> {
+    /// Writes every entry again from what the guest (or the firmware) last gave it: after
+    /// interrupt remapping went on, so that each goes through the remapping table.
+    pub fn reapply_entries_for(&self, cpus: CpuSets<'_>) {
+        let shadow = self.shadow.lock();
+        for entry in 0..shadow.entries {
+            self.write_entry(
+                entry,
+                shadow.guest_low[entry],
+                shadow.guest_destination[entry],
+                cpus,
+            );
+        }
     }
 }
 

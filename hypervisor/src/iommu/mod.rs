@@ -10,9 +10,11 @@
 //! The page tables are built through [`crate::paging::TableMemory`] and
 //! [`crate::paging::FrameAllocator`], so all of it is tested on the host.
 
+pub mod amd_remap;
 pub mod amd_unit;
 pub mod amdvi;
 pub mod dmar;
+pub mod interrupts;
 pub mod intremap;
 pub mod ivrs;
 pub mod remapping;

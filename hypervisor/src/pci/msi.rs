@@ -295,7 +295,7 @@ pub enum InterruptWrite {
     /// Write these whole dwords `(register, value)` instead, in order (none: absorbed).
     /// `route` is set when the write changed the guest's MSI address.
     Device {
-        writes: heapless::Vec<(u8, u32), 2>,
+        writes: heapless::Vec<(u8, u32), 3>,
         route: Option<MsiRoute>,
     },
 }
@@ -434,6 +434,41 @@ impl InterruptGuard {
         extract(dword, offset, size)
     }
 
+    /// The message the device gets for the guest's filtered MSI under `remapping`.
+    fn remapped(
+        &self,
+        remapping: &dyn crate::iommu::interrupts::InterruptRemapping,
+        device_address: u32,
+        route: MsiRoute,
+        data: u32,
+    ) -> crate::iommu::interrupts::Message {
+        let message = (route != MsiRoute::Refused).then_some(crate::iommu::interrupts::Message {
+            address: device_address,
+            data: data as u16,
+        });
+        remapping.msi(self.address, message)
+    }
+
+    /// Remapping went on: the device's MSI registers get the remapped message for what the
+    /// guest (or the firmware) last programmed. Before the guest runs.
+    pub fn apply_remapping(&self, cs: &impl ConfigSpace, cpus: CpuSets<'_>) {
+        let (Some(msi), Some(remapping)) =
+            (self.capabilities.msi, crate::iommu::interrupts::remapping())
+        else {
+            return;
+        };
+        let s = self.shadow.lock();
+        let (device_address, route) = filter_msi(s.address, s.upper, cpus);
+        let message = self.remapped(remapping, device_address, route, s.data);
+        cs.write32(self.address, msi.address_register(), message.address);
+        let data = cs.read32(self.address, msi.data_register());
+        cs.write32(
+            self.address,
+            msi.data_register(),
+            (data & 0xFFFF_0000) | u32::from(message.data),
+        );
+    }
+
     /// A guest write of `size` bytes of `value` at `offset`, given the device's dword there.
     pub fn write(
         &self,
@@ -466,20 +501,31 @@ impl InterruptGuard {
                     MsiRegister::Data => s.data = insert(s.data, offset, size, value) & 0xFFFF,
                 }
                 let (device_address, msi_route) = filter_msi(s.address, s.upper, cpus);
-                match which {
-                    MsiRegister::Address => {}
-                    MsiRegister::Upper => {
-                        let _ = writes.push((register, 0));
-                    }
+                let data_dword = |data: u32| match which {
                     MsiRegister::Data => {
-                        let dword = insert(device_dword, offset, size, value);
-                        let _ = writes.push((register, (dword & 0xFFFF_0000) | s.data));
+                        (insert(device_dword, offset, size, value) & 0xFFFF_0000) | data
                     }
+                    // Bits 31:16 of the data dword: Extended Message Data, unused (off).
+                    _ => data,
+                };
+                if which == MsiRegister::Upper {
+                    let _ = writes.push((register, 0));
                 }
-                // The address dword follows whenever its filtered value changed (an upper
-                // or data write can change it too).
-                if which == MsiRegister::Address || device_address != s.device_address {
-                    let _ = writes.push((msi.address_register(), device_address));
+                if let Some(remapping) = crate::iommu::interrupts::remapping() {
+                    // Remapping on: the filtered message goes into the table, the device
+                    // gets one that reaches only its entries.
+                    let message = self.remapped(remapping, device_address, msi_route, s.data);
+                    let _ = writes.push((msi.address_register(), message.address));
+                    let _ = writes.push((msi.data_register(), data_dword(u32::from(message.data))));
+                } else {
+                    if which == MsiRegister::Data {
+                        let _ = writes.push((register, data_dword(s.data)));
+                    }
+                    // The address dword follows whenever its filtered value changed (an
+                    // upper or data write can change it too).
+                    if which == MsiRegister::Address || device_address != s.device_address {
+                        let _ = writes.push((msi.address_register(), device_address));
+                    }
                 }
                 s.device_address = device_address;
                 if (s.address, s.upper) != before {
