@@ -37,12 +37,15 @@ use ally_hypervisor::iommu::amd_remap::{self, AmdRemapping, Words};
 use ally_hypervisor::iommu::amd_unit::{AmdViLayout, AmdViUnit};
 use ally_hypervisor::iommu::amdvi::IntCtl;
 use ally_hypervisor::iommu::amdvi::{DeviceTableEntry, Event, IoPageTables};
+use ally_hypervisor::iommu::dmar::DeviceScopeKind;
 use ally_hypervisor::iommu::dmar::Dmar;
 use ally_hypervisor::iommu::interrupts;
 use ally_hypervisor::iommu::ivrs::Ivrs;
 use ally_hypervisor::iommu::ivrs::{IvhdEntry, SpecialVariety};
 use ally_hypervisor::iommu::remapping::{UnitRegisters, VtdUnit};
+use ally_hypervisor::iommu::vtd::regs as vtd_regs;
 use ally_hypervisor::iommu::vtd::{fault_reason_name, FaultAccess, IommuPageTables, RootTable};
+use ally_hypervisor::iommu::vtd_remap::{self, VtdRemapping, Words64};
 use ally_hypervisor::iommu::{
     DmaDomainPlan, DmaPageTables, IommuError, PageSizes, PagingLevels, SourceId,
 };
@@ -345,7 +348,100 @@ fn enable_vtd(
     if units.is_empty() {
         return Err(StartError::NoIommu("the DMAR lists no remapping unit"));
     }
+    remap_vtd_interrupts(dmar, &units, policy, frames)?;
     Ok(units)
+}
+
+/// VT-d interrupt remapping on every unit, over one table: queued invalidation on, the
+/// table pointer set, the interrupt entry cache invalidated, remapping on with
+/// compatibility-format interrupts blocked; then the guards fill the table.
+fn remap_vtd_interrupts(
+    dmar: &Dmar,
+    units: &[Unit],
+    policy: &DmaPolicy<'_>,
+    frames: &mut FramePool,
+) -> Result<(), StartError> {
+    let completion: &'static AtomicU32 =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(AtomicU32::new(0)));
+    let table = leak_words64(2 * vtd_remap::TABLE_ENTRIES)?;
+    let remapping: &'static VtdRemapping<Registers> =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(VtdRemapping::new(table, completion)));
+    for unit in units {
+        let Unit::Vtd(regs) = unit else { continue };
+        let vtd = VtdUnit::new(*regs);
+        let queue = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
+        vtd.enable_queued_invalidation(queue)
+            .and_then(|()| vtd.set_interrupt_table(table.phys, vtd_remap::TABLE_SIZE))
+            .map_err(|e| StartError::IommuUnitError(regs.base, e))?;
+        // SAFETY: the queue is a zeroed frame of Ally's, identity-mapped, never freed, used
+        // only through these atomics from now on.
+        let ring = unsafe { core::slice::from_raw_parts(queue.0 as *const AtomicU64, 512) };
+        remapping
+            .add_unit(
+                *regs,
+                Words64 {
+                    words: ring,
+                    phys: queue,
+                },
+            )
+            .map_err(|_| StartError::IommuUnit(regs.base, "more than 8 remapping units"))?;
+    }
+    remapping.invalidate_all();
+    for unit in units {
+        let Unit::Vtd(regs) = unit else { continue };
+        let vtd = VtdUnit::new(*regs);
+        vtd.enable_interrupt_remapping()
+            .map_err(|e| StartError::IommuUnitError(regs.base, e))?;
+        let gsts = vtd.global_status();
+        info!(
+            "ALLY intremap unit=vt-d base={:#x} gsts={gsts:#x} ires={} cfis={} qies={}",
+            regs.base,
+            u8::from(gsts & vtd_regs::GSTS_IRES != 0),
+            u8::from(gsts & vtd_regs::GSTS_CFIS != 0),
+            u8::from(gsts & vtd_regs::GSTS_QIES != 0)
+        );
+    }
+    for &(base, id) in policy.ioapics {
+        let scope = dmar
+            .units
+            .iter()
+            .flat_map(|drhd| dmar.scopes(drhd.scopes))
+            .find(|s| s.kind == DeviceScopeKind::IoApic && s.enumeration_id == id);
+        let source = scope.and_then(|s| {
+            s.source_id(|bridge| {
+                let at = PciAddress {
+                    bus: bridge.bus(),
+                    device: bridge.device(),
+                    function: bridge.function(),
+                };
+                Some(
+                    (ally_hypervisor::pci::ConfigSpace::read32(&PortConfigSpace, at, 0x18) >> 8)
+                        as u8,
+                )
+            })
+        });
+        let Some(source) = source else {
+            warn!("ALLY intremap ioapic={base:#x} id={id}: the DMAR names no source ID for it; its interrupts are blocked");
+            continue;
+        };
+        remapping
+            .add_ioapic(base, source)
+            .map_err(|_| StartError::IommuUnit(base, "more than 8 I/O APICs"))?;
+        info!("ALLY intremap ioapic={base:#x} id={id} source={source}");
+    }
+    for &function in policy.msi_functions {
+        remapping
+            .add_function(function)
+            .map_err(|_| StartError::IommuUnit(0, "more than 64 MSI functions"))?;
+    }
+    interrupts::install(remapping);
+    info!(
+        "ALLY intremap status=on kind=vt-d ioapics={} msi-functions={} entries={} (compatibility-format interrupts blocked; every entry checks its requester)",
+        policy.ioapics.len(),
+        policy.msi_functions.len(),
+        vtd_remap::TABLE_ENTRIES
+    );
+    Ok(())
 }
 
 /// Bytes of an AMD-Vi register window Ally hides (the registers through the event and
@@ -613,4 +709,21 @@ pub fn apply_interrupt_remapping(platform: &ally_hypervisor::platform::Platform)
     for function in &platform.pci_interrupts {
         function.apply_remapping(&PortConfigSpace, platform.cpu_sets());
     }
+}
+
+/// `words` zeroed 64-bit words from the heap, 4 KiB-aligned (an IRTA base), never freed.
+fn leak_words64(words: usize) -> Result<Words64, StartError> {
+    let layout = core::alloc::Layout::from_size_align(words * 8, PAGE_SIZE as usize)
+        .map_err(|_| StartError::OutOfHeap)?;
+    // SAFETY: the layout has a non-zero size.
+    let at = unsafe { alloc::alloc::alloc_zeroed(layout) } as *const AtomicU64;
+    if at.is_null() {
+        return Err(StartError::OutOfHeap);
+    }
+    // SAFETY: just allocated for `words` words, zeroed (a valid AtomicU64), never freed.
+    let words = unsafe { core::slice::from_raw_parts(at, words) };
+    Ok(Words64 {
+        words,
+        phys: HostPhysAddr(at as u64),
+    })
 }

@@ -20,6 +20,7 @@ pub mod ivrs;
 pub mod remapping;
 mod table;
 pub mod vtd;
+pub mod vtd_remap;
 
 use crate::acpi::{AcpiTable, PhysMemory};
 use crate::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};

@@ -39,6 +39,9 @@ pub enum UnitError {
     ScalableModeOnly,
     /// A command did not complete.
     Timeout { what: &'static str },
+    /// The unit cannot remap interrupts (ECAP.IR) or has no invalidation queue (ECAP.QI,
+    /// which remapping needs to invalidate its interrupt entry cache, VT-d 6.5.2).
+    NoInterruptRemapping,
 }
 
 impl fmt::Display for UnitError {
@@ -56,6 +59,10 @@ impl fmt::Display for UnitError {
                 write!(f, "the unit supports only scalable-mode translation")
             }
             Self::Timeout { what } => write!(f, "the unit did not complete {what}"),
+            Self::NoInterruptRemapping => write!(
+                f,
+                "the unit cannot remap interrupts (ECAP.IR or ECAP.QI clear): a device could send any interrupt to any CPU, a DPI core included"
+            ),
         }
     }
 }
@@ -91,6 +98,11 @@ impl<R: UnitRegisters> VtdUnit<R> {
                 mgaw: self.cap.max_guest_address_width(),
                 needed: max_addr,
             })
+    }
+
+    /// GSTS (VT-d 11.4.5): what the unit has on.
+    pub fn global_status(&self) -> u32 {
+        self.regs.read32(regs::GSTS)
     }
 
     /// Whether translation is on.
@@ -145,6 +157,61 @@ impl<R: UnitRegisters> VtdUnit<R> {
             )?;
         }
         Ok(())
+    }
+
+    /// Turns queued invalidation on with the one-page queue at `queue` (VT-d 6.5.2: IQT
+    /// zeroed, IQA, GCMD.QIE). Register-based invalidation must not be used afterwards.
+    pub fn enable_queued_invalidation(&self, queue: HostPhysAddr) -> Result<(), UnitError> {
+        if !self.ecap.queued_invalidation() || !self.ecap.interrupt_remapping() {
+            return Err(UnitError::NoInterruptRemapping);
+        }
+        self.regs.write64(regs::IQT, 0);
+        self.regs.write64(regs::IQA, vtd::iqa(queue, 0));
+        self.command(regs::GCMD_QIE);
+        self.wait32(
+            regs::GSTS,
+            regs::GSTS_QIES,
+            true,
+            "enabling queued invalidation",
+        )
+    }
+
+    /// Points the unit at the interrupt remapping table of 2^(`size` + 1) entries at
+    /// `table` (xAPIC destinations: EIME clear), GCMD.SIRTP (VT-d 10.4.31). The caller then
+    /// invalidates the interrupt entry cache globally and calls
+    /// [`Self::enable_interrupt_remapping`].
+    pub fn set_interrupt_table(&self, table: HostPhysAddr, size: u8) -> Result<(), UnitError> {
+        if !self.ecap.interrupt_remapping() {
+            return Err(UnitError::NoInterruptRemapping);
+        }
+        self.regs.write64(regs::IRTA, vtd::irta(table, size, false));
+        self.command(regs::GCMD_SIRTP);
+        self.wait32(
+            regs::GSTS,
+            regs::GSTS_IRTPS,
+            true,
+            "setting the interrupt remapping table pointer",
+        )
+    }
+
+    /// Turns interrupt remapping on with compatibility-format interrupts blocked (GCMD.CFI
+    /// clear, VT-d 5.1.2.1): only remappable requests naming an entry Ally wrote are
+    /// delivered.
+    pub fn enable_interrupt_remapping(&self) -> Result<(), UnitError> {
+        let status = self.regs.read32(regs::GSTS) & GCMD_PERSISTENT & !regs::GCMD_CFI;
+        self.regs.write32(regs::GCMD, status | regs::GCMD_IRE);
+        self.wait32(
+            regs::GSTS,
+            regs::GSTS_IRES,
+            true,
+            "enabling interrupt remapping",
+        )?;
+        self.wait32(
+            regs::GSTS,
+            regs::GSTS_CFIS,
+            false,
+            "blocking compatibility-format interrupts",
+        )
     }
 
     /// Hands each recorded fault to `report` and clears it (10.4.14: F is write-1-to-clear),
@@ -247,9 +314,15 @@ mod tests {
             self.log.borrow_mut().push(format!("w32 {o:#x} {v:#x}"));
             match o {
                 regs::GCMD => {
-                    let mut sts = self.get(regs::GSTS) as u32 & GCMD_PERSISTENT;
+                    // The enables follow GCMD; the pointer-set statuses latch.
+                    let enables = regs::GCMD_QIE | regs::GCMD_IRE | regs::GCMD_CFI;
+                    let mut sts =
+                        (self.get(regs::GSTS) as u32 & GCMD_PERSISTENT & !enables) | (v & enables);
                     if v & regs::GCMD_SRTP != 0 {
                         sts |= regs::GSTS_RTPS;
+                    }
+                    if v & regs::GCMD_SIRTP != 0 {
+                        sts |= regs::GSTS_IRTPS;
                     }
                     if v & regs::GCMD_TE != 0 && !self.stuck_te {
                         sts |= regs::GSTS_TES;
@@ -336,6 +409,37 @@ mod tests {
             Err(UnitError::Timeout {
                 what: "enabling translation"
             })
+        );
+    }
+
+    #[test]
+    fn interrupt_remapping_goes_on_with_compatibility_format_blocked() {
+        let fake = FakeUnit::new();
+        // The firmware left compatibility-format interrupts allowed.
+        fake.set(regs::GSTS, u64::from(regs::GSTS_CFIS));
+        let unit = VtdUnit::new(&fake);
+        unit.enable(HostPhysAddr(0x1000)).unwrap();
+        unit.enable_queued_invalidation(HostPhysAddr(0x2000))
+            .unwrap();
+        assert_eq!(fake.get(regs::IQA), 0x2000);
+        unit.set_interrupt_table(HostPhysAddr(0x3000), 11).unwrap();
+        assert_eq!(
+            fake.get(regs::IRTA),
+            0x3000 | 11,
+            "4096 entries, EIME clear"
+        );
+        unit.enable_interrupt_remapping().unwrap();
+        let gsts = fake.get(regs::GSTS) as u32;
+        assert_ne!(gsts & regs::GSTS_IRES, 0);
+        assert_ne!(gsts & regs::GSTS_QIES, 0);
+        assert_ne!(gsts & regs::GSTS_TES, 0, "translation stays on");
+        assert_eq!(gsts & regs::GSTS_CFIS, 0, "compatibility format blocked");
+        // A unit without IR is refused.
+        let plain = FakeUnit::new();
+        plain.set(regs::ECAP, ECAP & !(1 << 3));
+        assert_eq!(
+            VtdUnit::new(&plain).enable_queued_invalidation(HostPhysAddr(0x2000)),
+            Err(UnitError::NoInterruptRemapping)
         );
     }
 
