@@ -116,6 +116,7 @@ pub mod eve;
 pub mod flow;
 pub mod hook;
 pub mod http;
+pub mod http_flow;
 pub mod keyed;
 pub mod matcher;
 pub mod packet;
