@@ -1,13 +1,52 @@
 //! HTTP/1.x application-layer buffers: the Snort 3 sticky buffers (`http_uri`, `http_header`,
-//! `file_data`, ...) built from one inspected TCP payload.
+//! `file_data`, ...) built from an inspected TCP payload, and from the per-flow message state
+//! of [`super::http_flow`].
 //!
 //! # Model
 //!
-//! Parsing is per inspected payload `P`: the stream window when the stream tracker accepted the
-//! segment (up to 1 KiB of earlier bytes, then the new ones), else the segment's own payload. No
-//! HTTP state is kept across payloads, so a body is only seen in a payload that also holds its
-//! message head (as far as the window reaches), and the URI of a request is not available to
-//! rules on its response (Snort's `request` option is refused by the rule parser).
+//! An HTTP rule is matched on two views of a TCP segment, and matches when it matches either:
+//!
+//! 1. **The payload view**, per inspected payload `P`: the stream window when the stream
+//!    tracker accepted the segment (up to 1 KiB of earlier bytes, then the new ones), else the
+//!    segment's own payload (untracked flows; UDP is never HTTP). Nothing is kept across
+//!    payloads: messages are found anywhere in `P` as described below, a body only as far as
+//!    `P` holds it after its head.
+//! 2. **The flow view**, only for segments the tracker accepted: each direction of the flow
+//!    has an incremental parser ([`super::http_flow`]) fed with the segment's new bytes in
+//!    stream order. It finds a start line at a line start, accumulates the head (up to 8 KiB,
+//!    however many segments it spans), then follows the body's framing (Content-Length,
+//!    chunked, or to the connection's end; none for 1xx/204/304 and for responses to HEAD;
+//!    a 2xx to CONNECT or a 101 ends parsing of that direction), de-chunking and inflating
+//!    (gzip/deflate, one inflater carried across segments) as bytes arrive, and after the body
+//!    looks for the next start line (pipelining). A segment yields the messages it made
+//!    progress on: the one whose start line completed (start-line buffers), the one whose head
+//!    completed (all head buffers, from the complete head, plus any body bytes that followed),
+//!    and every message whose decoded body grew: its head buffers again with `file_data` /
+//!    `http_client_body` = the body *window*, the last 1 KiB of decoded body bytes from earlier
+//!    segments followed by the new ones, so a pattern split between two segments' decoded
+//!    output still matches. Such a match counts only when the rule did not already match the
+//!    message as it was before the segment (the head as then known, or the window's old part),
+//!    so the segment whose bytes complete the match gets the verdict, once. A window that
+//!    does not start at the body's first byte, or that hit an inflate cap, is *truncated*
+//!    (below). `pkt_data` of these messages is their head.
+//!
+//! A head over 8 KiB, or a line that starts like a start line and passes 8 KiB without its
+//! LF, is an evasion event, and all flows' buffers share a memory limit: at either the segment
+//! is dropped and its flow blocked (the stream tracker's fail-closed policy; fail-open stops
+//! parsing that direction), counted in `EngineStats::http_dropped` and by reason in
+//! [`super::HttpStateStats`]. Inflated output is capped at 1 MiB per message and 128 KiB per
+//! segment: past a cap the rest of that body is not decoded. Bytes of state per flow: 384
+//! inline (one per tracker slot, allocated with the engine), and, only while needed, per
+//! direction the head (at most 8 KiB), the body tail (1 KiB) and an inflater (43,272 bytes:
+//! decompressor and 32 KiB window): at most about 103 KiB per flow; all flows' heads, tails
+//! and inflaters together stay within `HttpStateConfig::max_total_bytes` (4 MiB), so the
+//! engine's worst case is 4096 × 384 B + 4 MiB + 804 KiB of per-segment scratch, 6.3 MiB
+//! ([`super::HttpStateConfig::heap_bound`], reserved in Ally's heap with the stream
+//! tracker's).
+//!
+//! The URI of a request is not available to rules on its response (Snort's `request` option
+//! is refused by the rule parser). The rest of this section describes the payload view; the
+//! flow view parses each head with the same code.
 //!
 //! **Messages** are found by trying offset 0 and every line start of `P` in order. A request
 //! starts with `METHOD SP target SP HTTP/d.d` (method: 1-32 token characters; the target is
