@@ -21,13 +21,17 @@ struct Conn {
 
 impl Conn {
     fn with(rules: &str, http: HttpStateConfig) -> Conn {
-        let p = parse_rules(rules, &Vars::snort_defaults());
-        assert!(p.rejected.is_empty(), "rejected: {:?}", p.rejected);
         let cfg = EngineConfig {
             stream: Some(engine_stream_config()),
             http,
             ..EngineConfig::default()
         };
+        Conn::with_config(rules, cfg)
+    }
+
+    fn with_config(rules: &str, cfg: EngineConfig) -> Conn {
+        let p = parse_rules(rules, &Vars::snort_defaults());
+        assert!(p.rejected.is_empty(), "rejected: {:?}", p.rejected);
         let mut e = Engine::new(p.rules, cfg).unwrap();
         for f in [
             seg(true, SYN, CISN, 0, b""),
@@ -429,4 +433,52 @@ fn heap_bound_counts_the_http_state() {
         b >= HttpStateConfig::default().max_total_bytes + 4096 * 256,
         "{b}"
     );
+}
+
+#[test]
+fn body_match_seen_by_both_views_is_reported_once() {
+    // Head and body within the stream window: the payload view and the flow view both see the
+    // marker; the segment that completes it alerts, once.
+    let req = b"POST /x HTTP/1.1\r\nContent-Length: 20\r\n\r\nabcSECRETdefghijklmn";
+    let last = req.windows(6).position(|w| w == b"SECRET").unwrap() + 5;
+    for size in [1, 2, 5, 100] {
+        let mut c = Conn::new(
+            "alert tcp any any -> any 80 (msg:\"b\"; file_data; content:\"SECRET\"; sid:30;)\n",
+        );
+        let v = c.split(true, req, size);
+        assert_eq!(
+            first(&v, Verdict::Alert),
+            Some(last / size),
+            "segments of {size}"
+        );
+        assert_eq!(c.c.sids(), [30], "segments of {size}");
+    }
+}
+
+#[test]
+fn fail_open_gives_up_the_direction() {
+    let cfg = EngineConfig {
+        stream: Some(ally_dpi::engine::StreamConfig {
+            on_limit: ally_dpi::engine::stream::LimitPolicy::FailOpen,
+            ..engine_stream_config()
+        }),
+        ..EngineConfig::default()
+    };
+    let mut c = Conn::with_config(
+        "alert tcp any any -> any 80 (msg:\"uri\"; http_uri; content:\"/x\"; sid:31;)\n",
+        cfg,
+    );
+    let mut req = b"GET /a HTTP/1.1\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'h', 9000));
+    let v = c.split(true, &req, 1000);
+    assert!(v.iter().all(|&x| x == Verdict::Pass), "{v:?}");
+    let st = c.e.http_state_stats();
+    assert_eq!((st.head_too_long, st.untracked), (1, 1));
+    assert_eq!(c.e.stats().http_dropped, 0);
+    // The direction is no longer parsed; the payload view still is.
+    assert_eq!(
+        c.send(true, b"\r\n\r\nGET /x HTTP/1.1\r\n\r\n"),
+        Verdict::Alert
+    );
+    assert_eq!(c.e.http_state_stats().messages, 0);
 }
