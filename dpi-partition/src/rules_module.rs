@@ -13,8 +13,8 @@
 //! - Modules are numbered from 1 in the boot loader's order (the `module2` lines of grub.cfg).
 //!
 //! Heap: the compiled engine lives on Ally's heap. [`heap_needed`] is [`BASE_HEAP`] (Ally's
-//! own allocations, the flow table), plus with rules the bound of the stream tracker and the
-//! IP reassembler ([`traffic_heap`]) and [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
+//! own allocations, the flow table), plus with rules the bound of the stream tracker, the HTTP
+//! state of its flows and the IP reassembler ([`traffic_heap`]) and [`HEAP_PER_BLOB_BYTE`] per module byte, measured with
 //! `ally-tools rules compile` on subsets of the Snort 3 community ruleset: the load peak was
 //! 18–92 bytes per blob byte above the flow table (pcre-heavy rules the most; the whole
 //! ruleset, 597 KB, peaked at 29.7 MiB). The default heap is that figure; a smaller `heap=` is
@@ -190,7 +190,7 @@ impl fmt::Display for ModuleError {
             } => write!(
                 f,
                 "option \"heap\": {} is too small for the rules module of {module_bytes} bytes, \
-                 which needs {} ({} MiB, {} for stream tracking and IP reassembly and \
+                 which needs {} ({} MiB, {} for stream tracking, HTTP state and IP reassembly and \
                  {HEAP_PER_BLOB_BYTE} bytes per module byte); \
                  give heap={}M or more, or leave heap= out to size it automatically",
                 Size(*heap),
@@ -304,16 +304,19 @@ pub fn engine_config(keys: TableKeys) -> EngineConfig {
 }
 
 /// The worst case of the engine's traffic state, the stream tracker
-/// ([`StreamConfig::heap_bound`]) and IP reassembly ([`DefragConfig::heap_bound`]): reserved
-/// with any rules module, since it grows with the traffic, not with the rules. Whole MiB.
+/// ([`StreamConfig::heap_bound`]), the HTTP state of its flows
+/// ([`HttpStateConfig::heap_bound`](crate::engine::HttpStateConfig::heap_bound)) and IP
+/// reassembly ([`DefragConfig::heap_bound`]): reserved with any rules module, since it grows
+/// with the traffic, not with the rules. Whole MiB.
 pub fn traffic_heap() -> u64 {
     let cfg = engine_config(TableKeys {
         stream: [0; 2],
         defrag: [0; 2],
     });
     let stream = cfg.stream.map_or(0, |s| s.heap_bound());
+    let http = cfg.stream.map_or(0, |s| cfg.http.heap_bound(s.max_flows));
     let defrag = cfg.defrag.map_or(0, |d| d.heap_bound());
-    ((stream + defrag) as u64).div_ceil(HEAP_ROUND) * HEAP_ROUND
+    ((stream + http + defrag) as u64).div_ceil(HEAP_ROUND) * HEAP_ROUND
 }
 
 /// Heap Ally needs with a rules module of `module_bytes` bytes (0: none, and so no traffic
@@ -484,12 +487,12 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
     #[test]
     fn heap_grows_with_the_module() {
         assert_eq!(heap_needed(0), 16 << 20);
-        // Any rules bring the traffic state: the stream tracker's 21.75 MiB and the
-        // reassembler's 3.6 MiB.
-        assert_eq!(traffic_heap(), 26 << 20);
-        assert_eq!(heap_needed(1), 43 << 20);
-        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 115 MiB.
-        assert_eq!(heap_needed(597_016), 115 << 20);
+        // Any rules bring the traffic state: the stream tracker's 21.75 MiB, the HTTP state of
+        // its flows 6.3 MiB and the reassembler's 3.6 MiB.
+        assert_eq!(traffic_heap(), 32 << 20);
+        assert_eq!(heap_needed(1), 49 << 20);
+        // The community ruleset's blob (597,016 bytes, 29.7 MiB load peak) gets 121 MiB.
+        assert_eq!(heap_needed(597_016), 121 << 20);
         assert_eq!(heap_needed(u64::MAX), u64::MAX);
         assert_eq!(choose_heap(None, None), Ok(16 << 20));
         let r = RulesModule {
@@ -497,9 +500,9 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
             start: 0x100_0000,
             end: 0x100_0000 + 597_016,
         };
-        assert_eq!(choose_heap(None, Some(&r)), Ok(115 << 20));
+        assert_eq!(choose_heap(None, Some(&r)), Ok(121 << 20));
         assert_eq!(choose_heap(Some(128 << 20), Some(&r)), Ok(128 << 20));
-        assert_eq!(choose_heap(Some(115 << 20), Some(&r)), Ok(115 << 20));
+        assert_eq!(choose_heap(Some(121 << 20), Some(&r)), Ok(121 << 20));
     }
 
     #[test]
@@ -513,8 +516,8 @@ alert icmp any any -> any any (msg:\"ping\"; itype:8; sid:2;)
         assert_eq!(
             e.to_string(),
             "option \"heap\": 32M is too small for the rules module of 597016 bytes, which \
-             needs 115M (16 MiB, 26M for stream tracking and IP reassembly and 128 bytes per \
-             module byte); give heap=115M or more, or \
+             needs 121M (16 MiB, 32M for stream tracking, HTTP state and IP reassembly and 128 \
+             bytes per module byte); give heap=121M or more, or \
              leave heap= out to size it automatically"
         );
         // Without rules the floor is the base.

@@ -1,13 +1,52 @@
 //! HTTP/1.x application-layer buffers: the Snort 3 sticky buffers (`http_uri`, `http_header`,
-//! `file_data`, ...) built from one inspected TCP payload.
+//! `file_data`, ...) built from an inspected TCP payload, and from the per-flow message state
+//! of [`super::http_flow`].
 //!
 //! # Model
 //!
-//! Parsing is per inspected payload `P`: the stream window when the stream tracker accepted the
-//! segment (up to 1 KiB of earlier bytes, then the new ones), else the segment's own payload. No
-//! HTTP state is kept across payloads, so a body is only seen in a payload that also holds its
-//! message head (as far as the window reaches), and the URI of a request is not available to
-//! rules on its response (Snort's `request` option is refused by the rule parser).
+//! An HTTP rule is matched on two views of a TCP segment, and matches when it matches either:
+//!
+//! 1. **The payload view**, per inspected payload `P`: the stream window when the stream
+//!    tracker accepted the segment (up to 1 KiB of earlier bytes, then the new ones), else the
+//!    segment's own payload (untracked flows; UDP is never HTTP). Nothing is kept across
+//!    payloads: messages are found anywhere in `P` as described below, a body only as far as
+//!    `P` holds it after its head.
+//! 2. **The flow view**, only for segments the tracker accepted: each direction of the flow
+//!    has an incremental parser ([`super::http_flow`]) fed with the segment's new bytes in
+//!    stream order. It finds a start line at a line start, accumulates the head (up to 8 KiB,
+//!    however many segments it spans), then follows the body's framing (Content-Length,
+//!    chunked, or to the connection's end; none for 1xx/204/304 and for responses to HEAD;
+//!    a 2xx to CONNECT or a 101 ends parsing of that direction), de-chunking and inflating
+//!    (gzip/deflate, one inflater carried across segments) as bytes arrive, and after the body
+//!    looks for the next start line (pipelining). A segment yields the messages it made
+//!    progress on: the one whose start line completed (start-line buffers), the one whose head
+//!    completed (all head buffers, from the complete head, plus any body bytes that followed),
+//!    and every message whose decoded body grew: its head buffers again with `file_data` /
+//!    `http_client_body` = the body *window*, the last 1 KiB of decoded body bytes from earlier
+//!    segments followed by the new ones, so a pattern split between two segments' decoded
+//!    output still matches. Such a match counts only when the rule did not already match the
+//!    message as it was before the segment (the head as then known, or the window's old part),
+//!    so the segment whose bytes complete the match gets the verdict, once. A window that
+//!    does not start at the body's first byte, or that hit an inflate cap, is *truncated*
+//!    (below). `pkt_data` of these messages is their head.
+//!
+//! A head over 8 KiB, or a line that starts like a start line and passes 8 KiB without its
+//! LF, is an evasion event, and all flows' buffers share a memory limit: at either the segment
+//! is dropped and its flow blocked (the stream tracker's fail-closed policy; fail-open stops
+//! parsing that direction), counted in `EngineStats::http_dropped` and by reason in
+//! [`super::HttpStateStats`]. Inflated output is capped at 1 MiB per message and 128 KiB per
+//! segment: past a cap the rest of that body is not decoded. Bytes of state per flow: 384
+//! inline (one per tracker slot, allocated with the engine), and, only while needed, per
+//! direction the head (at most 8 KiB), the body tail (1 KiB) and an inflater (43,272 bytes:
+//! decompressor and 32 KiB window): at most about 103 KiB per flow; all flows' heads, tails
+//! and inflaters together stay within `HttpStateConfig::max_total_bytes` (4 MiB), so the
+//! engine's worst case is 4096 × 384 B + 4 MiB + 804 KiB of per-segment scratch, 6.3 MiB
+//! ([`super::HttpStateConfig::heap_bound`], reserved in Ally's heap with the stream
+//! tracker's).
+//!
+//! The URI of a request is not available to rules on its response (Snort's `request` option
+//! is refused by the rule parser). The rest of this section describes the payload view; the
+//! flow view parses each head with the same code.
 //!
 //! **Messages** are found by trying offset 0 and every line start of `P` in order. A request
 //! starts with `METHOD SP target SP HTTP/d.d` (method: 1-32 token characters; the target is
@@ -135,6 +174,13 @@ pub struct Message {
     locs: [Loc; HttpBuffer::COUNT],
     /// Bit per buffer index: cut at an inflate limit.
     truncated: u16,
+    /// How the body is delimited (complete heads only; [`Framing::None`] otherwise).
+    pub framing: Framing,
+    /// The body's content coding.
+    pub coding: Coding,
+    /// Stream messages ([`HttpParser::parse_head_at`]): `file_data` and `http_client_body` as
+    /// they were before the current segment, with their truncation bits.
+    old_body: Option<([Loc; 2], u16)>,
 }
 
 /// The messages of one payload and their decoded bytes.
@@ -198,6 +244,100 @@ impl HttpView {
         })
     }
 
+    /// Forgets every message and decoded byte.
+    pub fn clear(&mut self) {
+        self.msgs.clear();
+        self.arena.clear();
+    }
+
+    /// Appends decoded body bytes to the arena (see [`HttpView::attach_body`]); returns the
+    /// arena length before them.
+    pub fn push_decoded(&mut self, bytes: &[u8]) -> usize {
+        let at = self.arena.len();
+        self.arena.extend_from_slice(bytes);
+        at
+    }
+
+    /// The arena's length (where the next decoded bytes go).
+    pub fn arena_len(&self) -> usize {
+        self.arena.len()
+    }
+
+    /// Keeps the first `len` arena bytes.
+    pub fn truncate_arena(&mut self, len: usize) {
+        self.arena.truncate(len);
+    }
+
+    /// The arena bytes from `from` on.
+    pub fn arena_from(&self, from: usize) -> &[u8] {
+        self.arena.get(from..).unwrap_or(&[])
+    }
+
+    /// Makes the arena bytes from `from` to its end message `k`'s body window: its `file_data`
+    /// and, for a request, `http_client_body` (percent-decoded). The first `old` bytes of the
+    /// window were inspected with an earlier segment: the message's *old* buffers
+    /// ([`HttpView::old_buffers`]) have them as the body (absent when `old` is 0). `cut`: the
+    /// window does not start at the body's first byte or decoding stopped at a limit; the body
+    /// buffers are then marked truncated (only positive evidence counts on them).
+    pub fn attach_body(
+        &mut self,
+        k: usize,
+        from: usize,
+        old: usize,
+        cut: bool,
+        parser: &mut HttpParser,
+    ) {
+        let Some(request) = self.msgs.get(k).map(|m| m.request) else {
+            return;
+        };
+        let end = self.arena.len();
+        let from = from.min(end);
+        let old_end = from.saturating_add(old).min(end);
+        let fd = Loc::Arena(from as u32, end as u32);
+        let fdi = HttpBuffer::FileData.index();
+        let cbi = HttpBuffer::ClientBody.index();
+        let bits = if cut { 1 << fdi | 1 << cbi } else { 0 };
+        let (mut cb, mut cb_old) = (Loc::Absent, Loc::Absent);
+        if request {
+            for (range, out) in [((from, end), &mut cb), ((from, old_end), &mut cb_old)] {
+                parser.tmp2.clear();
+                decode_chars(
+                    &self.arena[range.0..range.1],
+                    &mut parser.tmp2,
+                    &mut parser.pct,
+                );
+                *out = if parser.tmp2[..] == self.arena[range.0..range.1] {
+                    Loc::Arena(range.0 as u32, range.1 as u32)
+                } else {
+                    put(self, &parser.tmp2)
+                };
+            }
+        }
+        let Some(m) = self.msgs.get_mut(k) else {
+            return;
+        };
+        m.locs[fdi] = fd;
+        m.locs[cbi] = cb;
+        m.truncated |= bits;
+        m.old_body = Some(if old == 0 {
+            ([Loc::Absent; 2], 0)
+        } else {
+            ([Loc::Arena(from as u32, old_end as u32), cb_old], bits)
+        });
+    }
+
+    /// Message `m`'s buffers as they were before the current segment, for a message with a
+    /// body window ([`HttpView::attach_body`]): `None` for other messages.
+    pub fn old_buffers<'a>(&'a self, m: &Message, p: &'a [u8]) -> Option<Buffers<'a>> {
+        let (locs, bits) = m.old_body?;
+        let mut b = self.buffers(m, p);
+        let (fdi, cbi) = (HttpBuffer::FileData.index(), HttpBuffer::ClientBody.index());
+        b.http[fdi] = self.slice(locs[0], p);
+        b.http[cbi] = self.slice(locs[1], p);
+        b.truncated = (b.truncated & !(1 << fdi | 1 << cbi)) | bits;
+        Some(b)
+    }
+
     /// The message starting at `start`.
     pub fn at_start(&self, start: usize) -> Option<&Message> {
         self.msgs.iter().find(|m| m.start == start)
@@ -234,19 +374,28 @@ struct Hdr {
 }
 
 /// How a body is delimited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    #[default]
     None,
+    /// `Content-Length` bytes.
     Length(u64),
+    /// `Transfer-Encoding: chunked`.
     Chunked,
+    /// To the end of the connection (also conflicting or malformed framing headers).
     Rest,
 }
 
 /// Content coding of a body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Coding {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Coding {
+    /// Not decoded.
+    #[default]
     Identity,
+    /// `gzip` / `x-gzip`.
     Gzip,
+    /// `deflate` (zlib or raw).
     Deflate,
 }
 
@@ -282,7 +431,7 @@ impl Default for HttpParser {
     }
 }
 
-fn is_tchar(b: u8) -> bool {
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
@@ -390,8 +539,40 @@ fn status_line(p: &[u8], at: usize) -> Option<StartLine> {
     })
 }
 
+/// What a complete start line (the whole of `line`, ending with its LF) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StartKind {
+    /// A request line; its method.
+    Request(Method),
+    /// A status line; its code.
+    Response(u16),
+}
+
+/// Request methods that change how the response is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Method {
+    Head,
+    Connect,
+    Other,
+}
+
+/// Whether `line` (one line with its LF) is a request or status line, as [`HttpParser::parse`]
+/// finds them.
+pub(crate) fn start_line(line: &[u8]) -> Option<StartKind> {
+    if let Some(l) = request_line(line, 0) {
+        let m = &line[l.a.0..l.a.1];
+        let method = match m {
+            b"HEAD" => Method::Head,
+            b"CONNECT" => Method::Connect,
+            _ => Method::Other,
+        };
+        return Some(StartKind::Request(method));
+    }
+    status_line(line, 0).and_then(|l| l.status.map(StartKind::Response))
+}
+
 /// Offset after the empty line that ends a head whose header lines start at `from`.
-fn head_end(p: &[u8], from: usize) -> Option<usize> {
+pub(crate) fn head_end(p: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < p.len() {
         if p[i] == b'\n' {
@@ -597,7 +778,7 @@ fn gzip_header(d: &[u8]) -> Option<usize> {
 }
 
 /// Whether `d` starts with a zlib header (RFC 1950) using deflate.
-fn is_zlib(d: &[u8]) -> bool {
+pub(crate) fn is_zlib(d: &[u8]) -> bool {
     d.len() >= 2 && d[0] & 0x0F == 8 && (u16::from(d[0]) << 8 | u16::from(d[1])) % 31 == 0
 }
 
@@ -632,7 +813,9 @@ impl HttpParser {
                 .map(|l| (l, true))
                 .or_else(|| status_line(p, at).map(|l| (l, false)));
             match line {
-                Some((l, request)) => at = self.message(p, l, request, min_end, &mut budget, view),
+                Some((l, request)) => {
+                    at = self.message(p, l, request, min_end, &mut budget, view, false)
+                }
                 None => {
                     at = match memchr::memchr(b'\n', &p[at..]) {
                         Some(i) => at + i + 1,
@@ -643,7 +826,28 @@ impl HttpParser {
         }
     }
 
+    /// Parses the message head that starts at `at` in `p` (and ends at or before the end of
+    /// `p`) into `view`, appending to what it holds: the start-line buffers, and the header
+    /// buffers, framing and coding when the head is complete in `p`. The body is not looked
+    /// at ([`HttpView::attach_body`] adds it). Returns the message's index in the view, or
+    /// `None` when no start line is at `at`. Used for messages kept across segments
+    /// ([`super::http_flow`]).
+    pub fn parse_head_at(&mut self, p: &[u8], at: usize, view: &mut HttpView) -> Option<usize> {
+        let line = request_line(p, at)
+            .map(|l| (l, true))
+            .or_else(|| status_line(p, at).map(|l| (l, false)))?;
+        let mut budget = Budget {
+            inflate: 0,
+            body: 0,
+        };
+        let n = view.msgs.len();
+        self.message(p, line.0, line.1, 0, &mut budget, view, true);
+        (view.msgs.len() > n).then_some(n)
+    }
+
     /// Parses the message whose start line is `l`; returns where the search goes on.
+    /// `head_only`: leave the body out.
+    #[allow(clippy::too_many_arguments)]
     fn message(
         &mut self,
         p: &[u8],
@@ -652,6 +856,7 @@ impl HttpParser {
         min_end: usize,
         budget: &mut Budget,
         view: &mut HttpView,
+        head_only: bool,
     ) -> usize {
         let mut m = Message {
             start: l.at,
@@ -661,6 +866,9 @@ impl HttpParser {
             status: l.status,
             locs: [Loc::Absent; HttpBuffer::COUNT],
             truncated: 0,
+            framing: Framing::None,
+            coding: Coding::Identity,
+            old_body: None,
         };
         let pay = |r: (usize, usize)| Loc::Payload(r.0 as u32, r.1 as u32);
         let Some(hend) = head_end(p, l.next) else {
@@ -678,6 +886,10 @@ impl HttpParser {
         } else {
             Framing::Rest
         };
+        m.framing = framing;
+        if parsed {
+            m.coding = self.coding(p);
+        }
         m.end = match framing {
             Framing::None => hend,
             Framing::Length(n) => {
@@ -686,7 +898,7 @@ impl HttpParser {
             Framing::Rest | Framing::Chunked => p.len(),
         };
         let mut cut = false;
-        if framing == Framing::Chunked {
+        if framing == Framing::Chunked && !head_only {
             let (end, walked, c) = self.dechunk(p, hend, budget.body);
             budget.body -= walked;
             m.end = end;
@@ -729,7 +941,7 @@ impl HttpParser {
         if parsed {
             self.header_values(p, &mut m, view, cookie_name);
         }
-        if framing != Framing::None {
+        if framing != Framing::None && !head_only {
             if cut {
                 m.truncated |= 1 << HttpBuffer::FileData.index();
             }
@@ -872,6 +1084,17 @@ impl HttpParser {
             .map(move |h| &p[h.value.0..h.value.1])
     }
 
+    /// The content coding of the parsed head (`hdrs`).
+    fn coding(&self, p: &[u8]) -> Coding {
+        match self.values(p, "content-encoding").last().map(trim) {
+            Some(v) if v.eq_ignore_ascii_case(b"gzip") || v.eq_ignore_ascii_case(b"x-gzip") => {
+                Coding::Gzip
+            }
+            Some(v) if v.eq_ignore_ascii_case(b"deflate") => Coding::Deflate,
+            _ => Coding::Identity,
+        }
+    }
+
     fn framing(&self, p: &[u8], request: bool, status: Option<u16>) -> Framing {
         if let Some(c) = status {
             if c < 200 || c == 204 || c == 304 {
@@ -1012,13 +1235,7 @@ impl HttpParser {
             return;
         }
         let coding = if parsed {
-            match self.values(p, "content-encoding").last().map(trim) {
-                Some(v) if v.eq_ignore_ascii_case(b"gzip") || v.eq_ignore_ascii_case(b"x-gzip") => {
-                    Coding::Gzip
-                }
-                Some(v) if v.eq_ignore_ascii_case(b"deflate") => Coding::Deflate,
-                _ => Coding::Identity,
-            }
+            self.coding(p)
         } else {
             Coding::Identity
         };

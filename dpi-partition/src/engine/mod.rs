@@ -60,7 +60,11 @@
 //!   frame with no HTTP message matches no such rule. With a window, messages wholly in old
 //!   bytes are skipped, and a match on a message that began in old bytes counts only when the
 //!   rule does not match the same message cut at the old bytes (reported once, as above).
-//!   `flow:only_stream` rules match only segments the tracker accepted.
+//!   On accepted segments the rule is also matched on the flow's HTTP message state
+//!   ([`http_flow`]: heads however many segments they span, bodies de-chunked and inflated
+//!   across segments with 1 KiB of decoded overlap, pipelined messages) and matches when
+//!   either view matches; the HTTP state's limits drop the segment and block the flow
+//!   ([`http`]'s Model). `flow:only_stream` rules match only segments the tracker accepted.
 //! - **Application protocols** ([`app`], [`dns`], [`tls`]): with any `alert http/dns/tls/smtp/
 //!   ssh` rule loaded, every TCP/UDP payload is classified by its first bytes and the first
 //!   protocol seen is recorded on its flow (the flow table then tracks flows); such a rule
@@ -93,8 +97,10 @@
 //!   slice of it (raw URI, method, raw header, ...); the buffers that hold decoded bytes
 //!   (normalized URI and headers, joined cookies, de-chunked or inflated bodies) are scanned
 //!   with the same prefilter too, only in groups that have such literals and only when they
-//!   differ from the payload bytes. So the prefilter never misses a rule whose fast pattern
-//!   occurs in its buffer, and a non-HTTP frame costs one line-start scan in those groups.
+//!   differ from the payload bytes. In groups with HTTP rules, every buffer (and the head as
+//!   `pkt_data`) of the messages the flow's HTTP state reports for the segment is scanned
+//!   too. So the prefilter never misses a rule whose fast pattern occurs in its buffer, and a
+//!   non-HTTP frame costs one line-start scan in those groups.
 //!   Candidates are then checked in full: header, `dsize`, `flow`, ICMP fields, TCP `flags`,
 //!   flowbits, the payload program, and `detection_filter`.
 //! - Verdict order is Suricata's default action order, **pass > drop > alert**: a matching
@@ -116,6 +122,7 @@ pub mod eve;
 pub mod flow;
 pub mod hook;
 pub mod http;
+pub mod http_flow;
 pub mod keyed;
 pub mod matcher;
 pub mod packet;
@@ -136,6 +143,8 @@ use defrag::{Defragmenter, FragOutcome};
 pub use eve::{Alert, AlertSink, MgmtWriter, NullSink};
 pub use flow::{FlowConfig, FlowStats};
 pub use hook::EngineHook;
+pub use http_flow::{HttpDrop, HttpStateConfig, HttpStateStats};
+use http_flow::{HttpFlows, HttpFrame, OldView};
 pub use rules::{Action, AppProto, Proto, Rule};
 pub use stream::{StreamConfig, StreamDrop, StreamStats};
 use stream::{StreamOutcome, StreamTracker};
@@ -234,6 +243,9 @@ pub struct EngineConfig {
     /// (the default). Boot sets [`DefragConfig::forwarding`] with a random key; the engine
     /// cannot hold frames, so `hold` is forced false.
     pub defrag: Option<DefragConfig>,
+    /// Bounds of the per-flow HTTP state ([`http_flow`]) kept for the stream tracker's flows
+    /// when some rule reads HTTP buffers.
+    pub http: HttpStateConfig,
 }
 
 /// The engine's stream bounds: 4096 flows, 2 MiB of retained bytes beyond the 1 KiB matching
@@ -257,6 +269,7 @@ impl Default for EngineConfig {
             alerts_per_rule_per_sec: 10,
             stream: None,
             defrag: None,
+            http: HttpStateConfig::default(),
         }
     }
 }
@@ -298,6 +311,9 @@ pub struct EngineStats {
     /// Datagrams whose completing fragment was dropped by the rules and whose identity could
     /// not be remembered (its fragments are then refused by the rules alone).
     pub frag_unblocked: u64,
+    /// Segments dropped by the HTTP state (a head over its bound, or its memory limit; included
+    /// in `dropped`; by reason in [`Engine::http_state_stats`]). Their flow is blocked.
+    pub http_dropped: u64,
     /// Rule evaluations whose pcre backtracking ran out of steps: `drop` rules matched, others
     /// did not (see [`matcher`]'s doc).
     pub pcre_limit: u64,
@@ -487,6 +503,9 @@ struct Group {
     /// Some fast pattern lives in an HTTP buffer that may hold decoded bytes
     /// ([`rules::HttpBuffer::may_be_decoded`]): the decoded buffers are scanned too.
     decoded: bool,
+    /// Some member rule reads HTTP buffers: the buffers of the HTTP state's messages are
+    /// scanned too.
+    http: bool,
     /// Some fast pattern lives in `dns.query` (dotted names are not payload bytes): the
     /// question names (each after a `.`) are scanned too.
     dns_names: bool,
@@ -532,6 +551,10 @@ pub struct Engine {
     last_expire: u64,
     /// HTTP parser and the current frame's parsed views (built on first use per frame).
     http: HttpScratch,
+    /// Per-flow HTTP state of the stream tracker's flows (with a tracker and HTTP rules).
+    http_flows: Option<HttpFlows>,
+    /// What the HTTP state reported for the current segment.
+    hframe: HttpFrame,
     /// Some rule has an application-protocol header: payloads are classified ([`app`]).
     has_app: bool,
     /// The current frame's DNS and TLS views (built on first use per frame).
@@ -680,6 +703,42 @@ fn http_match(
     None
 }
 
+/// Which view an HTTP rule matched in.
+#[derive(Clone, Copy, Debug)]
+enum HttpHit {
+    /// Message `.0` of the inspected payload ([`HttpScratch::cur`]).
+    Payload(usize),
+    /// Event `.0` of the flow's HTTP state ([`Engine::hframe`]).
+    Stream(usize),
+}
+
+/// The first event of the flow's HTTP state for this segment whose message the program
+/// matches now but did not match as it was before the segment.
+fn stream_http_match(prog: &mut Program, memo: &mut Memo, f: &HttpFrame) -> Option<usize> {
+    for (k, e) in f.events.iter().enumerate() {
+        let Some(m) = f.view.messages().get(e.msg) else {
+            continue;
+        };
+        if !prog.matches_buffers(&f.view.buffers(m, &f.heads), memo) {
+            continue;
+        }
+        let old = match e.old {
+            OldView::None => None,
+            OldView::Head(j) => f
+                .old
+                .messages()
+                .get(j)
+                .map(|om| f.old.buffers(om, &f.heads)),
+            OldView::Body => f.view.old_buffers(m, &f.heads),
+        };
+        if old.is_some_and(|b| prog.matches_buffers(&b, memo)) {
+            continue;
+        }
+        return Some(k);
+    }
+    None
+}
+
 // The engine is built where the blob is (the BSP at boot) and then runs on a DPI core.
 const _: () = {
     const fn assert_send<T: Send>() {}
@@ -809,10 +868,17 @@ impl Engine {
                 .map(|dc| Defragmenter::new(DefragConfig { hold: false, ..dc })),
             win: Vec::new(),
             last_expire: 0,
+            http_flows: None,
+            hframe: HttpFrame::default(),
             http: HttpScratch::default(),
             has_app,
             app: AppScratch::default(),
         };
+        if let Some(sc) = cfg.stream {
+            if engine.rules.iter().any(|c| c.http) {
+                engine.http_flows = Some(HttpFlows::new(sc.max_flows, cfg.http));
+            }
+        }
         engine.build_groups()?;
         Ok(engine)
     }
@@ -884,7 +950,9 @@ impl Engine {
         let mut decoded = false;
         let mut dns_names = false;
         let mut sni_dot = false;
+        let mut http = false;
         for &i in &members {
+            http |= self.rules[i as usize].http;
             match self.rules[i as usize].rule.fast_pattern() {
                 Some(fp) => {
                     decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
@@ -906,6 +974,7 @@ impl Engine {
             lit_rule,
             always,
             decoded,
+            http,
             dns_names,
             sni_dot,
         });
@@ -963,6 +1032,22 @@ impl Engine {
     /// bounds): flow entries with their context plus `max_total_bytes`.
     pub fn stream_bound_bytes(&self) -> usize {
         self.cfg.stream.map_or(0, |s| s.heap_bound())
+    }
+
+    /// Counters of the per-flow HTTP state.
+    pub fn http_state_stats(&self) -> HttpStateStats {
+        self.http_flows
+            .as_ref()
+            .map(|h| h.stats())
+            .unwrap_or_default()
+    }
+
+    /// Worst-case heap bytes of the per-flow HTTP state ([`HttpStateConfig::heap_bound`]; 0
+    /// without a stream tracker).
+    pub fn http_state_bound_bytes(&self) -> usize {
+        self.cfg
+            .stream
+            .map_or(0, |s| self.cfg.http.heap_bound(s.max_flows))
     }
 
     /// Flow-table counters.
@@ -1062,6 +1147,19 @@ impl Engine {
                 for m in view.messages() {
                     for d in view.decoded(m) {
                         group.pf.scan(d, &mut self.lit_marks, &mut push);
+                    }
+                }
+            }
+            if group.http {
+                let f = &self.hframe;
+                for e in &f.events {
+                    let Some(m) = f.view.messages().get(e.msg) else {
+                        continue;
+                    };
+                    let b = f.view.buffers(m, &f.heads);
+                    group.pf.scan(b.pkt, &mut self.lit_marks, &mut push);
+                    for x in b.http.iter().flatten() {
+                        group.pf.scan(x, &mut self.lit_marks, &mut push);
                     }
                 }
             }
@@ -1287,11 +1385,15 @@ impl Engine {
             if let Some(d) = self.defrag.as_mut() {
                 d.expire(now);
             }
+            if let Some(h) = self.http_flows.as_mut() {
+                h.sweep(|slot, serial| tracker.is_live(slot, serial));
+            }
         }
         // The stream window (empty when the frame is judged per packet) and where its new bytes
         // start.
         let mut win = core::mem::take(&mut self.win);
         win.clear();
+        self.hframe.clear();
         let (mut stream_flow, mut new_from) = (None, 0);
         match tracker.segment(&pkt, frame, now) {
             StreamOutcome::NotTcp => {}
@@ -1312,13 +1414,44 @@ impl Engine {
             }
             StreamOutcome::Accept {
                 flow,
+                dir: sdir,
                 window,
                 new_from: nf,
-                ..
             } => {
                 win.extend_from_slice(window);
                 stream_flow = Some(flow);
                 new_from = nf;
+                let to_server = sdir == stream::StreamDir::ToServer;
+                let fed = match self.http_flows.as_mut() {
+                    Some(h) if nf < win.len() => h.feed(
+                        flow,
+                        to_server,
+                        &win[nf..],
+                        &mut self.http.parser,
+                        &mut self.hframe,
+                    ),
+                    _ => Ok(()),
+                };
+                if fed.is_err() {
+                    if tracker.on_limit() == stream::LimitPolicy::FailClosed {
+                        // The tracker accepted these bytes: only blocking the flow keeps a
+                        // retransmission of them from passing uninspected.
+                        tracker.block(flow);
+                        if let Some(h) = self.http_flows.as_mut() {
+                            h.forget(flow);
+                        }
+                        self.hframe.clear();
+                        self.win = win;
+                        self.stats.http_dropped += 1;
+                        self.stats.dropped += 1;
+                        sink.dropped(frame, dir, now);
+                        return Verdict::Drop;
+                    }
+                    if let Some(h) = self.http_flows.as_mut() {
+                        h.give_up(flow, to_server);
+                    }
+                    self.hframe.clear();
+                }
             }
         }
         let v = self.judge(
@@ -1434,7 +1567,12 @@ impl Engine {
                         &mut self.http,
                         http_p,
                         http_new,
-                    );
+                    )
+                    .map(HttpHit::Payload)
+                    .or_else(|| {
+                        stream_http_match(&mut c.program, &mut self.memo, &self.hframe)
+                            .map(HttpHit::Stream)
+                    });
                     http_msg.is_some()
                 } else if on_stream {
                     // A match counts only if none lies wholly in already-inspected bytes.
@@ -1486,9 +1624,16 @@ impl Engine {
             match c.rate.admit(now.0, self.cfg.alerts_per_rule_per_sec) {
                 Some(suppressed) => {
                     self.stats.alerts_emitted += 1;
-                    let http = http_msg.and_then(|k| {
-                        let view = &self.http.cur;
-                        view.messages().get(k).map(|m| view.meta(m, http_p))
+                    let http = http_msg.and_then(|hit| match hit {
+                        HttpHit::Payload(k) => {
+                            let view = &self.http.cur;
+                            view.messages().get(k).map(|m| view.meta(m, http_p))
+                        }
+                        HttpHit::Stream(k) => {
+                            let f = &self.hframe;
+                            let m = f.view.messages().get(f.events.get(k)?.msg)?;
+                            Some(f.view.meta(m, &f.heads))
+                        }
                     });
                     let app = eve::AppMeta {
                         proto: c.rule.app_proto.or(c.msg),
@@ -1521,6 +1666,9 @@ impl Engine {
             Verdict::Drop => {
                 if let (Some(flow), Some(t)) = (stream_flow, self.stream.as_mut()) {
                     t.block(flow);
+                    if let Some(h) = self.http_flows.as_mut() {
+                        h.forget(flow);
+                    }
                 }
                 self.stats.dropped += 1;
                 sink.dropped(frame, dir, now);

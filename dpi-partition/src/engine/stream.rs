@@ -166,6 +166,27 @@ pub struct FlowId {
     serial: u64,
 }
 
+impl FlowId {
+    /// Its slot in the flow table.
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+
+    /// The serial number that tells this flow from earlier ones in the same slot (never 0).
+    pub fn serial(self) -> u64 {
+        self.serial
+    }
+
+    /// A flow id for tests of state kept alongside the tracker's.
+    #[cfg(test)]
+    pub(crate) fn for_test(slot: usize, serial: u64) -> FlowId {
+        FlowId {
+            slot: slot as u32,
+            serial,
+        }
+    }
+}
+
 /// Direction of a segment within its flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamDir {
@@ -579,6 +600,11 @@ impl StreamTracker {
         None
     }
 
+    /// The behaviour at a limit.
+    pub fn on_limit(&self) -> LimitPolicy {
+        self.cfg.on_limit
+    }
+
     /// Blocks `flow`: its later segments are [`StreamDrop::Blocked`] until it closes or expires.
     /// Its held frames are discarded.
     pub fn block(&mut self, flow: FlowId) {
@@ -603,6 +629,14 @@ impl StreamTracker {
                 self.stats.expired += 1;
             }
         }
+    }
+
+    /// Whether the flow in `slot` with serial number `serial` is still tracked.
+    pub fn is_live(&self, slot: usize, serial: u64) -> bool {
+        self.slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|f| f.serial == serial)
     }
 
     fn flow(&self, id: FlowId) -> Option<&Flow> {
