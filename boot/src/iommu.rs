@@ -22,8 +22,13 @@
 //! device IDs, shared by every IOMMU, in which every ID not found on the bus is blocked (an
 //! entry with V = 0 would pass its DMA untranslated); the same two domains in AMD-Vi's I/O
 //! page-table format; the IVRS hidden and each IOMMU's 16 KiB register window out of the
-//! NPT. Interrupt remapping is not programmed yet on either: interrupts pass as the devices
-//! send them, filtered only where Ally guards their programming (MSI, I/O APIC).
+//! NPT.
+//!
+//! Interrupt remapping, on both: every interrupt a device sends goes through tables Ally
+//! owns, which the I/O APIC and MSI guards fill with the guest's filtered programming
+//! (`ally_hypervisor::iommu::interrupts`). VT-d: one table on every unit, queued
+//! invalidation, compatibility-format interrupts blocked. AMD-Vi: a table per I/O APIC and
+//! MSI function, every other device ID's interrupts aborted, no NMI/INIT/ExtINT/SMI pass.
 
 use crate::frames::FramePool;
 use crate::start::StartError;

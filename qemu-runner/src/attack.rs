@@ -639,6 +639,55 @@ pub fn msi_check(guest: &GuestReport, ally: &AllyReport, setup: DmaSetup) -> Che
     )
 }
 
+/// `own-msi`: the DMA attack's step 5, the guest's own MSI programming (the AHCI function's
+/// MSI aimed at its own CPU with Linux's reschedule vector) must still deliver: the guest's
+/// RES count grew. Through Ally's remapping tables where an IOMMU remaps, directly without.
+pub fn own_msi_check(guest: &GuestReport, setup: DmaSetup) -> Check {
+    Check::from_result(
+        "own-msi",
+        judge_own_msi(find(guest, Attack::Dma).as_ref(), setup),
+    )
+}
+
+fn judge_own_msi(marker: Option<&AttackMarker>, setup: DmaSetup) -> Result<String, String> {
+    let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
+    if let Some(s) = marker.get("skipped") {
+        return if setup.machine == Machine::Q35 {
+            Err(format!("skipped ({s}) on q35: {}", marker.line))
+        } else {
+            Ok(format!("skipped by the guest ({s}): no AHCI controller"))
+        };
+    }
+    let status = marker.get("own_msi_status").unwrap_or("none");
+    if status != "ok" {
+        return Err(format!(
+            "the guest's own MSI step did not run (own_msi_status={status}): {}",
+            marker.line
+        ));
+    }
+    let count = |key: &str| {
+        marker
+            .get(key)
+            .and_then(parse_number)
+            .ok_or(format!("no `{key}=` in {}", marker.line))
+    };
+    let (before, after) = (count("res_before")?, count("res_after")?);
+    let how = match setup.iommu {
+        Iommu::None => "without an IOMMU",
+        Iommu::Intel => "through Ally's VT-d remapping table",
+        Iommu::Amd => "through Ally's AMD-Vi remapping table",
+    };
+    if after > before {
+        Ok(format!(
+            "the AHCI's MSI, programmed by the guest at its own CPU with vector 0xfd, arrived {how}: RES {before} -> {after}"
+        ))
+    } else {
+        Err(format!(
+            "the guest's own MSI did not arrive {how}: RES {before} -> {after}"
+        ))
+    }
+}
+
 fn judge_msi(
     marker: Option<&AttackMarker>,
     ally: &AllyReport,
@@ -1293,6 +1342,38 @@ mod tests {
         assert!(c.passed && c.detail.contains("IRES=1 CFIS=0"), "{c}");
         assert!(!msi_check(&ok, &vtd(1), setup(Iommu::Intel, "")).passed);
         assert!(!msi_check(&ok, &on(0), setup(Iommu::Intel, "")).passed);
+    }
+
+    #[test]
+    fn the_guests_own_msi_must_arrive() {
+        let marker =
+            |fields: &str| guest(&format!("ALLYTEST attack-dma INFO ahci=00:1f.2 {fields}\n"));
+        let c = own_msi_check(
+            &marker("own_msi_status=ok res_before=0 res_after=1"),
+            setup(Iommu::Amd, ""),
+        );
+        assert!(c.passed && c.detail.contains("AMD-Vi"), "{c}");
+        assert!(
+            !own_msi_check(
+                &marker("own_msi_status=ok res_before=2 res_after=2"),
+                setup(Iommu::Intel, "")
+            )
+            .passed
+        );
+        assert!(
+            !own_msi_check(
+                &marker("own_msi_status=command_timeout"),
+                setup(Iommu::None, "iommu=off")
+            )
+            .passed
+        );
+        assert!(
+            !own_msi_check(
+                &marker("own_msi_status=ok res_before=0"),
+                setup(Iommu::Amd, "")
+            )
+            .passed
+        );
     }
 
     fn setup(iommu: Iommu, ally_options: &str) -> DmaSetup {

@@ -829,6 +829,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 let setup = attack::DmaSetup::of_run(machine, iommu, &effective_ally_options(opts));
                 all_checks.push(attack::dma_check(&guest, &ally, setup));
                 all_checks.push(attack::msi_check(&guest, &ally, setup));
+                all_checks.push(attack::own_msi_check(&guest, setup));
             }
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);

@@ -25,6 +25,10 @@ const GHC: usize = 0x04;
 const PI: usize = 0x0c;
 /// GHC.AE: AHCI enable (3.1.2); without it the port registers are not the AHCI ones.
 const GHC_AE: u32 = 1 << 31;
+/// GHC.IE: the HBA raises its interrupt (3.1.2).
+const GHC_IE: u32 = 1 << 1;
+/// PxIE.DHRE: interrupt on a D2H register FIS, i.e. a command's completion (3.3.6).
+const IE_DHRE: u32 = 1 << 0;
 
 // --- Port registers (AHCI 1.3.1 3.3), offsets within a port's 0x80 bytes ----------------------
 
@@ -464,6 +468,19 @@ impl<'a> Port<'a> {
             let _ = self.stop().and_then(|()| self.start());
         }
         done
+    }
+
+    /// Turns the port's completion interrupt on (PxIE.DHRE, the D2H register FIS, 3.3.6) and
+    /// the HBA's interrupt enable (GHC.IE, 3.1.2), or both off again.
+    pub fn interrupts(&self, on: bool) {
+        let ghc = self.abar.read32(GHC);
+        if on {
+            self.set(PX_IE, IE_DHRE);
+            self.abar.write32(GHC, ghc | GHC_IE);
+        } else {
+            self.abar.write32(GHC, ghc & !GHC_IE);
+            self.set(PX_IE, 0);
+        }
     }
 
     /// `len` bytes of the page at `offset`, read volatile (the HBA wrote them).

@@ -19,9 +19,15 @@
 //!    at that CPU (Ally counts the NMIs its cores take: `ALLY root-nmis`); with it, nothing
 //!    but the entries Ally wrote for the device.
 //!
+//! 5. the guest's own MSI, through Ally's remapping where there is one: the AHCI function's
+//!    MSI capability is programmed (address 0xFEE0_0000 with the guest's own APIC ID, data
+//!    0xFD: Linux's reschedule vector, whose handler only counts it in /proc/interrupts' RES
+//!    row) and enabled, and one command runs with the port's completion interrupt on. The
+//!    RES count must grow: the guest's MSI programming keeps working.
+//!
 //! Marker: `ALLYTEST attack-dma INFO ahci=00:1f.2 ... target=0x.. control=ok leak_status=..
 //! leak_bytes_nonzero=N leak_digest=.. overwrite_status=.. msi_targets=1,2,.. msi_status=..
-//! errors=..`.
+//! own_msi_status=.. res_before=N res_after=M errors=..`.
 
 use crate::ahci::{self, layout, AtaCommand, Completion, Port, SECTOR};
 use crate::marker::Marker;
@@ -264,6 +270,115 @@ impl Attack<'_, '_> {
     }
 }
 
+impl Attack<'_, '_> {
+    /// Step 5: the guest's own MSI (see the module's documentation).
+    fn own_msi(&mut self, m: &mut Marker, config: &str, lba: u64) {
+        let result = (|| -> Result<(u64, u64), String> {
+            let msi = msi_capability(config)?;
+            let own = own_apic_ids(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+                .first()
+                .copied()
+                .ok_or("no_own_apic_id")?;
+            let control = sys::pread_u32(config, msi).map_err(|e| e.to_string())?;
+            let wide = control & (MSI_64BIT << 16) != 0;
+            let data_at = msi + if wide { 0xC } else { 8 };
+            let saved = (
+                sys::pread_u32(config, msi + 4).map_err(|e| e.to_string())?,
+                sys::pread_u32(config, data_at).map_err(|e| e.to_string())?,
+            );
+            let write = |at: u64, v: &[u8]| sys::pwrite(config, at, v).map_err(|e| e.to_string());
+            write(
+                msi + 4,
+                &(INTERRUPT_WINDOW as u32 | (own << 12)).to_le_bytes(),
+            )?;
+            if wide {
+                write(msi + 8, &0u32.to_le_bytes())?;
+            }
+            write(data_at, &RESCHEDULE_VECTOR.to_le_bytes())?;
+            write(
+                msi + 2,
+                &((control >> 16) as u16 | MSI_ENABLE).to_le_bytes(),
+            )?;
+            let before = reschedule_count();
+            self.port.interrupts(true);
+            let c = self.run(
+                "own_msi",
+                AtaCommand::ReadDmaExt,
+                lba,
+                self.buffer(layout::BUFFER_B),
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let after = reschedule_count();
+            self.port.interrupts(false);
+            write(
+                msi + 2,
+                &((control >> 16) as u16 & !MSI_ENABLE).to_le_bytes(),
+            )?;
+            write(msi + 4, &saved.0.to_le_bytes())?;
+            write(data_at, &(saved.1 as u16).to_le_bytes())?;
+            if !c.ok() {
+                return Err(format!("command_{}", c.status()));
+            }
+            Ok((before, after))
+        })();
+        match result {
+            Ok((before, after)) => {
+                m.field("own_msi_status", "ok")
+                    .field("res_before", before)
+                    .field("res_after", after);
+            }
+            Err(e) => {
+                m.field("own_msi_status", e);
+            }
+        }
+    }
+}
+
+/// The offset of the function's MSI capability (PCI 3.0 6.7: the list from 34h, ID 05h).
+fn msi_capability(config: &str) -> Result<u64, String> {
+    let mut at = sys::pread_u32(config, 0x34).map_err(|e| e.to_string())? as u8 & 0xFC;
+    for _ in 0..48 {
+        if at < 0x40 {
+            break;
+        }
+        let header = sys::pread_u32(config, u64::from(at)).map_err(|e| e.to_string())?;
+        if header as u8 == 0x05 {
+            return Ok(u64::from(at));
+        }
+        at = (header >> 8) as u8 & 0xFC;
+    }
+    Err("no_msi_capability".into())
+}
+
+/// Linux's reschedule IPI vector (arch/x86/include/asm/irq_vectors.h): its handler counts
+/// it in /proc/interrupts' RES row and asks the scheduler to look, nothing more.
+const RESCHEDULE_VECTOR: u16 = 0xFD;
+/// MSI Message Control: enable (bit 0) and 64-bit address capable (bit 7), PCI 3.0 6.8.1.3.
+const MSI_ENABLE: u16 = 1 << 0;
+const MSI_64BIT: u32 = 1 << 7;
+
+/// The sum of /proc/interrupts' RES row.
+fn reschedule_count() -> u64 {
+    std::fs::read_to_string("/proc/interrupts")
+        .map(|t| row_sum(&t, "RES:"))
+        .unwrap_or(0)
+}
+
+/// The sum of the per-CPU counts of the /proc/interrupts row named `name`.
+fn row_sum(interrupts: &str, name: &str) -> u64 {
+    interrupts
+        .lines()
+        .map(str::trim_start)
+        .find(|l| l.starts_with(name))
+        .map(|l| {
+            l[name.len()..]
+                .split_whitespace()
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// An MSI's data with delivery mode NMI (bits 10:8 = 100b); the vector is ignored.
 const NMI_MESSAGE: u32 = 0x0000_0400;
 /// The interrupt window (SDM Vol. 3 11.11.1): destination APIC ID in address bits 19:12.
@@ -355,7 +470,7 @@ pub fn dma(given_target: Option<u64>) -> Marker {
     match map_abar(&name) {
         Ok((abar, map)) => {
             m.hex("abar", abar);
-            attack_port(&mut m, &map, target);
+            attack_port(&mut m, &map, target, &config);
             m.field("port_stopped", u8::from(ahci::port_idle(&map, 0)));
         }
         Err(e) => {
@@ -370,7 +485,7 @@ pub fn dma(given_target: Option<u64>) -> Marker {
 }
 
 /// Opens port 0, runs the three steps, and stops the port again (`Port`'s drop).
-fn attack_port(m: &mut Marker, abar: &PhysMap, target: u64) {
+fn attack_port(m: &mut Marker, abar: &PhysMap, target: u64, config: &str) {
     let port = match Port::open(abar, 0) {
         Ok(p) => p,
         Err(e) => {
@@ -399,6 +514,7 @@ fn attack_port(m: &mut Marker, abar: &PhysMap, target: u64) {
         a.leak(m, leak, target);
         a.overwrite(m, overwrite, target);
         a.interrupts(m, overwrite, &other_apic_ids());
+        a.own_msi(m, config, control);
     } else {
         m.field("leak_status", "not_run")
             .field("overwrite_status", "not_run")
@@ -441,6 +557,14 @@ fd00000000-ffffffffff : Reserved
         assert_eq!(iomem_target("  00100000-385fffff : System RAM\n"), None);
         assert_eq!(iomem_target("100000000-13fffffff : System RAM\n"), None);
         assert_eq!(iomem_target(""), None);
+    }
+
+    #[test]
+    fn a_proc_interrupts_row_is_summed_over_the_cpus() {
+        let t = "           CPU0       CPU1\n  0:         44          0   IO-APIC   2-edge      timer\n RES:         3          4   Rescheduling interrupts\n CAL:        10         12   Function call interrupts\n";
+        assert_eq!(row_sum(t, "RES:"), 7);
+        assert_eq!(row_sum(t, "CAL:"), 22);
+        assert_eq!(row_sum(t, "NMI:"), 0);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Interrupt remapping, the hardware-independent half (not wired yet): how an interrupt the
+//! Interrupt remapping, the VT-d formats (used by `vtd_remap`): how an interrupt the
 //! guest programs in compatibility format (an I/O APIC redirection entry, or a device's MSI
 //! address and data) becomes a remappable-format request plus the table entry Ally owns
 //! (Intel VT-d rev. 4.1, 5.1.2 and 9.10; I/O APIC 82093AA, 3.2.4; PCI MSI, Intel SDM Vol. 3

@@ -22,8 +22,10 @@
 //!   Message Control reaches the device with MSI-X Enable and Function Mask off. Drivers then
 //!   fall back to MSI or INTx.
 //!
-//! Limits: a bus-mastering device the guest controls can still DMA-write to 0xFEEx_xxxx
-//! directly; only interrupt remapping (VT-d) closes that door.
+//! With interrupt remapping on (`crate::iommu::interrupts`), the filtered message goes into
+//! the IOMMU's table and the device gets one that names only its own entries, so a bus
+//! master the guest drives cannot DMA-write its way to another interrupt either. Without an
+//! IOMMU (`iommu=off`) that door stays open.
 
 use super::{extract, functions, insert, ConfigSpace, FoundFunction, REG_COMMAND};
 use crate::cmdline::PciAddress;
