@@ -534,6 +534,23 @@ fn enable_amdvi(
             .map_err(|_| StartError::IommuUnit(0, "more than 64 MSI functions"))?;
     }
     let mut units = heapless::Vec::new();
+    // The IOMMUs' capability blocks hold their register windows' base: not the guest's.
+    let capabilities: heapless::Vec<(PciAddress, u8), 8> = ivrs
+        .preferred_units()
+        .filter(|ivhd| ivhd.capability_offset >= 0x40 && ivhd.capability_offset <= 0xE8)
+        .map(|ivhd| {
+            (
+                PciAddress {
+                    bus: ivhd.device.bus(),
+                    device: ivhd.device.device(),
+                    function: ivhd.device.function(),
+                },
+                ivhd.capability_offset as u8,
+            )
+        })
+        .take(8)
+        .collect();
+    ally_hypervisor::pci::latch::protect_iommu_capabilities(capabilities);
     for ivhd in ivrs.preferred_units() {
         let base = ivhd.base.0;
         hide_registers(base, AMDVI_WINDOW_PAGES, policy, paging, frames)?;

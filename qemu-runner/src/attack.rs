@@ -639,6 +639,60 @@ pub fn msi_check(guest: &GuestReport, ally: &AllyReport, setup: DmaSetup) -> Che
     )
 }
 
+/// `iommu-capability`: the DMA attack's step 0. Under AMD-Vi the guest tried to move the
+/// IOMMU's register window through its PCI capability block: the base must read back
+/// unchanged and Ally must have refused the write (`ALLY pci-guard ...
+/// iommu-capability-refused=N`). Elsewhere there is no such function.
+pub fn iommu_capability_check(guest: &GuestReport, ally: &AllyReport, setup: DmaSetup) -> Check {
+    Check::from_result(
+        "iommu-capability",
+        judge_iommu_capability(find(guest, Attack::Dma).as_ref(), ally, setup),
+    )
+}
+
+fn judge_iommu_capability(
+    marker: Option<&AttackMarker>,
+    ally: &AllyReport,
+    setup: DmaSetup,
+) -> Result<String, String> {
+    let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
+    let function = marker.get("iommu_cap").unwrap_or("none");
+    if setup.iommu != Iommu::Amd {
+        return Ok(format!(
+            "no AMD-Vi function to attack under {} (iommu_cap={function})",
+            setup.iommu
+        ));
+    }
+    if function == "none" {
+        return Err(format!(
+            "the guest found no IOMMU function under AMD-Vi: {}",
+            marker.line
+        ));
+    }
+    let value = |key: &str| {
+        marker
+            .get(key)
+            .and_then(parse_number)
+            .ok_or(format!("no `{key}=` in {}", marker.line))
+    };
+    let (before, after) = (value("iommu_cap_before")?, value("iommu_cap_after")?);
+    let refused = ally_count(ally, "pci-guard", "iommu-capability-refused")
+        .ok_or("no `ALLY pci-guard ... iommu-capability-refused=` line")?;
+    if after != before {
+        return Err(format!(
+            "the guest moved the IOMMU's base: {before:#x} -> {after:#x} ({function})"
+        ));
+    }
+    if refused == 0 {
+        return Err(format!(
+            "the base did not move ({before:#x}) but Ally refused no write to the IOMMU's capability ({function})"
+        ));
+    }
+    Ok(format!(
+        "IOMMU {function}: base {before:#x} unchanged after the guest's write of 0x01000001; ALLY pci-guard iommu-capability-refused={refused}"
+    ))
+}
+
 /// `own-msi`: the DMA attack's step 5, the guest's own MSI programming (the AHCI function's
 /// MSI aimed at its own CPU with Linux's reschedule vector) must still deliver: the guest's
 /// RES count grew. Through Ally's remapping tables where an IOMMU remaps, directly without.
@@ -1342,6 +1396,31 @@ mod tests {
         assert!(c.passed && c.detail.contains("IRES=1 CFIS=0"), "{c}");
         assert!(!msi_check(&ok, &vtd(1), setup(Iommu::Intel, "")).passed);
         assert!(!msi_check(&ok, &on(0), setup(Iommu::Intel, "")).passed);
+    }
+
+    #[test]
+    fn the_iommu_capability_must_hold_and_ally_must_have_refused() {
+        let m = |after: &str| {
+            guest(&format!(
+                "ALLYTEST attack-dma INFO ahci=00:1f.2 iommu_cap=00:01.0 iommu_cap_before=0xfed80001 iommu_cap_after={after}\n"
+            ))
+        };
+        let refused = |n: u64| {
+            AllyReport::parse(&format!(
+                "ALLY pci-guard functions=2 iommu-capability-refused={n}\n"
+            ))
+        };
+        let c = iommu_capability_check(&m("0xfed80001"), &refused(1), setup(Iommu::Amd, ""));
+        assert!(c.passed, "{c}");
+        assert!(
+            !iommu_capability_check(&m("0x1000001"), &refused(1), setup(Iommu::Amd, "")).passed
+        );
+        assert!(
+            !iommu_capability_check(&m("0xfed80001"), &refused(0), setup(Iommu::Amd, "")).passed
+        );
+        let none = guest("ALLYTEST attack-dma INFO ahci=00:1f.2 iommu_cap=none\n");
+        assert!(iommu_capability_check(&none, &refused(0), setup(Iommu::Intel, "")).passed);
+        assert!(!iommu_capability_check(&none, &refused(0), setup(Iommu::Amd, "")).passed);
     }
 
     #[test]

@@ -830,6 +830,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
                 all_checks.push(attack::dma_check(&guest, &ally, setup));
                 all_checks.push(attack::msi_check(&guest, &ally, setup));
                 all_checks.push(attack::own_msi_check(&guest, setup));
+                all_checks.push(attack::iommu_capability_check(&guest, &ally, setup));
             }
             if inspection {
                 let split = inspect::split_com2(&com2, &files.dir);

@@ -334,20 +334,65 @@ impl Attack<'_, '_> {
     }
 }
 
+/// Step 0: the AMD-Vi IOMMU's PCI function (class 08h/06h) holds its register window's base
+/// in its capability block (ID 0Fh, 48882 3.2.2); the guest tries to move it (base low
+/// dword, enable bit set) and reads it back.
+fn iommu_capability(m: &mut Marker) {
+    let Some(name) = pci::find_class(CLASS_IOMMU) else {
+        m.field("iommu_cap", "none");
+        return;
+    };
+    let config = format!("{}/{name}/config", pci::SYSFS_DEVICES);
+    m.field("iommu_cap", pci::short_bdf(&name));
+    let result = (|| -> Result<(u32, u32), String> {
+        let at = capability(&config, CAP_ID_SECURE_DEVICE)? + 4;
+        let before = sys::pread_u32(&config, at).map_err(|e| e.to_string())?;
+        sys::pwrite(&config, at, &IOMMU_BASE_ATTEMPT.to_le_bytes()).map_err(|e| e.to_string())?;
+        let after = sys::pread_u32(&config, at).map_err(|e| e.to_string())?;
+        if after != before {
+            // It moved: put it back.
+            let _ = sys::pwrite(&config, at, &before.to_le_bytes());
+        }
+        Ok((before, after))
+    })();
+    match result {
+        Ok((before, after)) => {
+            m.hex("iommu_cap_before", before.into())
+                .hex("iommu_cap_after", after.into());
+        }
+        Err(e) => {
+            m.field("iommu_cap_error", e);
+        }
+    }
+}
+
+/// The IOMMU's class code (PCI Code and ID Assignment 1.x: base 08h, subclass 06h).
+const CLASS_IOMMU: u32 = 0x08_06_00;
+/// Capability ID of the AMD-Vi IOMMU's block ("secure device", 48882 3.2.1).
+const CAP_ID_SECURE_DEVICE: u8 = 0x0F;
+/// Where the attack would move the register window: guest RAM, enable bit 0 set.
+const IOMMU_BASE_ATTEMPT: u32 = 0x0100_0001;
+
 /// The offset of the function's MSI capability (PCI 3.0 6.7: the list from 34h, ID 05h).
 fn msi_capability(config: &str) -> Result<u64, String> {
+    capability(config, 0x05)
+}
+
+/// The offset of the function's first capability with ID `id` (PCI 3.0 6.7: the list from
+/// 34h).
+fn capability(config: &str, id: u8) -> Result<u64, String> {
     let mut at = sys::pread_u32(config, 0x34).map_err(|e| e.to_string())? as u8 & 0xFC;
     for _ in 0..48 {
         if at < 0x40 {
             break;
         }
         let header = sys::pread_u32(config, u64::from(at)).map_err(|e| e.to_string())?;
-        if header as u8 == 0x05 {
+        if header as u8 == id {
             return Ok(u64::from(at));
         }
         at = (header >> 8) as u8 & 0xFC;
     }
-    Err("no_msi_capability".into())
+    Err(format!("no_capability_{id:#04x}"))
 }
 
 /// Linux's reschedule IPI vector (arch/x86/include/asm/irq_vectors.h): its handler counts
@@ -450,6 +495,7 @@ pub fn dma(given_target: Option<u64>) -> Marker {
         return m;
     };
     m.field("ahci", pci::short_bdf(&name));
+    iommu_capability(&mut m);
     let (target, from) = match target(given_target) {
         Ok(t) => t,
         Err(e) => {

@@ -31,6 +31,7 @@ static LEGACY_REFUSED: AtomicU64 = AtomicU64::new(0);
 static MISALIGNED_REFUSED: AtomicU64 = AtomicU64::new(0);
 static BRIDGE_BUS_REFUSED: AtomicU64 = AtomicU64::new(0);
 static HOST_DECODE_REFUSED: AtomicU64 = AtomicU64::new(0);
+static IOMMU_CAPABILITY_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether `port` belongs to the configuration mechanism (CONFIG_ADDRESS or CONFIG_DATA).
 pub fn is_config_port(port: u16) -> bool {
@@ -123,6 +124,7 @@ fn config_data_access(
             let counter = match register {
                 ProtectedRegister::BridgeBusNumbers => &BRIDGE_BUS_REFUSED,
                 ProtectedRegister::HostBridgeDecode => &HOST_DECODE_REFUSED,
+                ProtectedRegister::IommuCapability => &IOMMU_CAPABILITY_REFUSED,
             };
             counter.fetch_add(1, Ordering::Relaxed);
             if crate::log_limit::PCI_REFUSED.admit() {
@@ -233,12 +235,13 @@ pub fn report() {
         (rewrites, refusals, msix) = (rewrites + r, refusals + f, msix + x);
     }
     log::info!(
-        "ALLY pci-guard functions={} guarded-accesses={} msi-rewrites={rewrites} msi-refusals={refusals} msix-accesses={msix} legacy-writes-refused={} misaligned-refused={} bridge-bus-refused={} host-decode-refused={}",
+        "ALLY pci-guard functions={} guarded-accesses={} msi-rewrites={rewrites} msi-refusals={refusals} msix-accesses={msix} legacy-writes-refused={} misaligned-refused={} bridge-bus-refused={} host-decode-refused={} iommu-capability-refused={}",
         p.pci_interrupts.len(),
         GUARDED_ACCESSES.load(Ordering::Relaxed),
         LEGACY_REFUSED.load(Ordering::Relaxed),
         MISALIGNED_REFUSED.load(Ordering::Relaxed),
         BRIDGE_BUS_REFUSED.load(Ordering::Relaxed),
-        HOST_DECODE_REFUSED.load(Ordering::Relaxed)
+        HOST_DECODE_REFUSED.load(Ordering::Relaxed),
+        IOMMU_CAPABILITY_REFUSED.load(Ordering::Relaxed)
     );
 }

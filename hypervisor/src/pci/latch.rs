@@ -67,6 +67,24 @@ pub fn classify(port: u16, size: u8, is_in: bool, value: u32) -> ConfigPortAcces
 pub enum ProtectedRegister {
     BridgeBusNumbers,
     HostBridgeDecode,
+    /// An AMD-Vi IOMMU's capability block (48882 3.2: its base address, range and
+    /// miscellaneous registers): writable before the firmware locks it, and the base names
+    /// the register window Ally keeps out of the guest's reach.
+    IommuCapability,
+}
+
+/// The AMD-Vi IOMMUs' PCI functions and the offsets of their capability blocks, set once
+/// before the guest runs.
+static IOMMU_CAPABILITIES: spin::Once<heapless::Vec<(PciAddress, u8), 8>> = spin::Once::new();
+
+/// Bytes of an IOMMU capability block (48882 3.2.1-3.2.7: header, base low and high, range,
+/// miscellaneous 0 and 1).
+const IOMMU_CAPABILITY_BYTES: u8 = 0x18;
+
+/// Protects the capability blocks of `iommus` (function, capability offset) from the guest's
+/// writes. Once, before the guest runs.
+pub fn protect_iommu_capabilities(iommus: heapless::Vec<(PciAddress, u8), 8>) {
+    IOMMU_CAPABILITIES.call_once(|| iommus);
 }
 
 impl ProtectedRegister {
@@ -74,6 +92,7 @@ impl ProtectedRegister {
         match self {
             ProtectedRegister::BridgeBusNumbers => "bridge-bus-numbers",
             ProtectedRegister::HostBridgeDecode => "host-bridge-decode",
+            ProtectedRegister::IommuCapability => "iommu-capability",
         }
     }
 }
@@ -102,12 +121,51 @@ pub fn protected_write(
     if touches(0x18, 3) && matches!(header_type() & 0x7F, 1 | 2) {
         return Some(ProtectedRegister::BridgeBusNumbers);
     }
+    if IOMMU_CAPABILITIES.get().is_some_and(|l| {
+        l.iter()
+            .any(|&(f, at)| f == function && touches(at, IOMMU_CAPABILITY_BYTES))
+    }) {
+        return Some(ProtectedRegister::IommuCapability);
+    }
     None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_iommus_capability_block_is_protected_and_its_other_registers_are_not() {
+        let iommu = PciAddress {
+            bus: 0,
+            device: 1,
+            function: 0,
+        };
+        let mut list = heapless::Vec::new();
+        let _ = list.push((iommu, 0x40));
+        protect_iommu_capabilities(list);
+        let header = || 0u8;
+        for (offset, size) in [(0x44, 4), (0x48, 4), (0x40, 1), (0x57, 1), (0x3E, 4)] {
+            assert_eq!(
+                protected_write(iommu, offset, size, header),
+                Some(ProtectedRegister::IommuCapability),
+                "{offset:#x}/{size}"
+            );
+        }
+        for (offset, size) in [(0x04, 2), (0x58, 4), (0x3C, 2)] {
+            assert_eq!(
+                protected_write(iommu, offset, size, header),
+                None,
+                "{offset:#x}"
+            );
+        }
+        let other = PciAddress {
+            bus: 0,
+            device: 2,
+            function: 0,
+        };
+        assert_eq!(protected_write(other, 0x44, 4, header), None);
+    }
 
     #[test]
     fn only_a_dword_at_cf8_is_the_address() {
