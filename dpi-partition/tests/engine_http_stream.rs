@@ -482,3 +482,45 @@ fn fail_open_gives_up_the_direction() {
     );
     assert_eq!(c.e.http_state_stats().messages, 0);
 }
+
+/// A rule whose fast pattern is a header but which also reads the body is a candidate on every
+/// segment that extends the body (the head is not scanned again then): the body's content 3 KiB
+/// in, far past the stream window, is still found, in a plain and in a chunked body.
+#[test]
+fn a_header_fast_pattern_with_body_content_matches_late_in_the_body() {
+    let rules = r#"drop tcp any any -> any any (msg:"hdr+body"; http_header; content:"X-Campaign-Marker-0815"; fast_pattern; file_data; content:"EVIL"; sid:9;)"#;
+    for chunked in [false, true] {
+        let mut c = Conn::new(rules);
+        c.send(true, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+        let mut body = vec![b'a'; 3000];
+        body.extend_from_slice(b"EVIL");
+        body.extend_from_slice(&[b'b'; 500]);
+        let framing = if chunked {
+            let mut b = format!("{:x}\r\n", body.len()).into_bytes();
+            b.extend_from_slice(&body);
+            b.extend_from_slice(b"\r\n0\r\n\r\n");
+            (String::from("Transfer-Encoding: chunked"), b)
+        } else {
+            (format!("Content-Length: {}", body.len()), body.clone())
+        };
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nX-Campaign-Marker-0815: on\r\n{}\r\n\r\n",
+            framing.0
+        )
+        .into_bytes();
+        response.extend_from_slice(&framing.1);
+        let verdicts = c.split(false, &response, 400);
+        let k = first(&verdicts, Verdict::Drop).unwrap_or_else(|| panic!("{verdicts:?}"));
+        assert!(
+            k >= 7,
+            "dropped at segment {k}, before the marker arrived: {verdicts:?}"
+        );
+        // The same without the header: no drop.
+        let mut c = Conn::new(rules);
+        c.send(true, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+        let plain = String::from_utf8_lossy(&response)
+            .replace("X-Campaign-Marker-0815", "X-Other-Header-000000");
+        let verdicts = c.split(false, plain.as_bytes(), 400);
+        assert!(verdicts.iter().all(|&v| v == Verdict::Pass), "{verdicts:?}");
+    }
+}

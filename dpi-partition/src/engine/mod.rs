@@ -506,6 +506,10 @@ struct Group {
     /// Some member rule reads HTTP buffers: the buffers of the HTTP state's messages are
     /// scanned too.
     http: bool,
+    /// Rules that read a body buffer (`file_data`, `http_client_body`) but whose fast pattern
+    /// lies elsewhere: candidates on every segment that extends a body in the flow's HTTP
+    /// state, whose head is then not scanned again.
+    body_sticky: Vec<u32>,
     /// Some fast pattern lives in `dns.query` (dotted names are not payload bytes): the
     /// question names (each after a `.`) are scanned too.
     dns_names: bool,
@@ -951,8 +955,16 @@ impl Engine {
         let mut dns_names = false;
         let mut sni_dot = false;
         let mut http = false;
+        let mut body_sticky = Vec::new();
         for &i in &members {
             http |= self.rules[i as usize].http;
+            let rule = &self.rules[i as usize].rule;
+            let fast_in_body = rule
+                .fast_pattern()
+                .is_some_and(|fp| fp.buffer.is_some_and(rules::HttpBuffer::is_body));
+            if rule.reads_body() && !fast_in_body {
+                body_sticky.push(i);
+            }
             match self.rules[i as usize].rule.fast_pattern() {
                 Some(fp) => {
                     decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
@@ -975,6 +987,7 @@ impl Engine {
             always,
             decoded,
             http,
+            body_sticky,
             dns_names,
             sni_dot,
         });
@@ -1150,6 +1163,7 @@ impl Engine {
                     }
                 }
             }
+            let mut body_extended = false;
             if group.http {
                 let f = &self.hframe;
                 for e in &f.events {
@@ -1157,10 +1171,33 @@ impl Engine {
                         continue;
                     };
                     let b = f.view.buffers(m, &f.heads);
-                    group.pf.scan(b.pkt, &mut self.lit_marks, &mut push);
-                    for x in b.http.iter().flatten() {
-                        group.pf.scan(x, &mut self.lit_marks, &mut push);
+                    if e.old != OldView::Body {
+                        // The head, and the buffers that are not a slice of it (normalized,
+                        // decoded, the body window).
+                        group.pf.scan(b.pkt, &mut self.lit_marks, &mut push);
+                        for x in f.view.decoded(m) {
+                            group.pf.scan(x, &mut self.lit_marks, &mut push);
+                        }
+                        continue;
                     }
+                    // The segment only extended the body: a rule can newly match only if it
+                    // reads a body buffer (one on the head alone matched, or not, when the
+                    // head was complete, and counts only when it did not match before). Such
+                    // a rule's fast pattern in a body window is found by scanning the
+                    // windows, except that `file_data` of a body neither chunked nor coded
+                    // is bytes of the stream window, scanned above; with its fast pattern
+                    // elsewhere it is a candidate on every body segment.
+                    let raw =
+                        m.coding == http::Coding::Identity && m.framing != http::Framing::Chunked;
+                    for buffer in [rules::HttpBuffer::FileData, rules::HttpBuffer::ClientBody] {
+                        if buffer == rules::HttpBuffer::FileData && raw {
+                            continue;
+                        }
+                        if let Some(x) = b.http[buffer.index()] {
+                            group.pf.scan(x, &mut self.lit_marks, &mut push);
+                        }
+                    }
+                    body_extended = true;
                 }
             }
             if group.dns_names {
@@ -1179,7 +1216,12 @@ impl Engine {
                     .pf
                     .scan(&self.app.sni_dot, &mut self.lit_marks, &mut push);
             }
-            for &r in &group.always {
+            let sticky = if body_extended {
+                &group.body_sticky[..]
+            } else {
+                &[]
+            };
+            for &r in group.always.iter().chain(sticky) {
                 if self.rule_marks.first(r as usize) {
                     self.cands.push(r);
                 }

@@ -496,6 +496,11 @@ pub enum HttpBuffer {
 }
 
 impl HttpBuffer {
+    /// `file_data` and `http_client_body`: the buffers a body's later segments extend.
+    pub const fn is_body(self) -> bool {
+        matches!(self, HttpBuffer::FileData | HttpBuffer::ClientBody)
+    }
+
     /// Number of HTTP buffers.
     pub const COUNT: usize = 13;
     /// Every buffer, in index order.
@@ -1399,6 +1404,13 @@ impl Rule {
             | PayloadOp::AppBuffer(_)
             | PayloadOp::Base64Data => false,
         })
+    }
+
+    /// Whether any step reads a body buffer (`file_data`, `http_client_body`).
+    pub fn reads_body(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|o| matches!(o, PayloadOp::Buffer(b) if b.is_body()))
     }
 
     /// Whether any step reads an HTTP buffer.
