@@ -38,19 +38,19 @@ use ally_hypervisor::addr::{GuestPhysAddr, PhysRange, PAGE_SIZE};
 use ally_hypervisor::arch::instructions;
 use ally_hypervisor::arch::pci_ports::PortConfigSpace;
 use ally_hypervisor::cmdline::{AllyOptions, PacketMode, PciAddress};
-use ally_hypervisor::iommu::amd_remap::{self, AmdRemapping, Words};
+use ally_hypervisor::iommu::amd_remap::{self, AmdRemapping};
 use ally_hypervisor::iommu::amd_unit::{AmdViLayout, AmdViUnit};
 use ally_hypervisor::iommu::amdvi::IntCtl;
 use ally_hypervisor::iommu::amdvi::{DeviceTableEntry, Event, IoPageTables};
 use ally_hypervisor::iommu::dmar::DeviceScopeKind;
 use ally_hypervisor::iommu::dmar::Dmar;
-use ally_hypervisor::iommu::interrupts;
+use ally_hypervisor::iommu::interrupts::{self, IommuMemory};
 use ally_hypervisor::iommu::ivrs::Ivrs;
 use ally_hypervisor::iommu::ivrs::{IvhdEntry, SpecialVariety};
 use ally_hypervisor::iommu::remapping::{UnitRegisters, VtdUnit};
 use ally_hypervisor::iommu::vtd::regs as vtd_regs;
 use ally_hypervisor::iommu::vtd::{fault_reason_name, FaultAccess, IommuPageTables, RootTable};
-use ally_hypervisor::iommu::vtd_remap::{self, VtdRemapping, Words64};
+use ally_hypervisor::iommu::vtd_remap::{self, VtdRemapping};
 use ally_hypervisor::iommu::{
     DmaDomainPlan, DmaPageTables, IommuError, PageSizes, PagingLevels, SourceId,
 };
@@ -368,27 +368,18 @@ fn remap_vtd_interrupts(
 ) -> Result<(), StartError> {
     let completion: &'static AtomicU32 =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(AtomicU32::new(0)));
-    let table = leak_words64(2 * vtd_remap::TABLE_ENTRIES)?;
+    let table = leak_words::<AtomicU64>(2 * vtd_remap::TABLE_ENTRIES, PAGE_SIZE as usize)?;
     let remapping: &'static VtdRemapping<Registers> =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(VtdRemapping::new(table, completion)));
     for unit in units {
         let Unit::Vtd(regs) = unit else { continue };
         let vtd = VtdUnit::new(*regs);
-        let queue = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
-        vtd.enable_queued_invalidation(queue)
+        let queue = frame_words::<AtomicU64>(frames)?;
+        vtd.enable_queued_invalidation(queue.phys)
             .and_then(|()| vtd.set_interrupt_table(table.phys, vtd_remap::TABLE_SIZE))
             .map_err(|e| StartError::IommuUnitError(regs.base, e))?;
-        // SAFETY: the queue is a zeroed frame of Ally's, identity-mapped, never freed, used
-        // only through these atomics from now on.
-        let ring = unsafe { core::slice::from_raw_parts(queue.0 as *const AtomicU64, 512) };
         remapping
-            .add_unit(
-                *regs,
-                Words64 {
-                    words: ring,
-                    phys: queue,
-                },
-            )
+            .add_unit(*regs, queue)
             .map_err(|_| StartError::IommuUnit(regs.base, "more than 8 remapping units"))?;
     }
     remapping.invalidate_all();
@@ -495,8 +486,8 @@ fn enable_amdvi(
         alloc::boxed::Box::leak(alloc::boxed::Box::new(AtomicU64::new(0)));
     let remapping: &'static AmdRemapping<Registers> =
         alloc::boxed::Box::leak(alloc::boxed::Box::new(AmdRemapping::new(completion)));
-    let mut table = |device: SourceId| -> Result<Words, StartError> {
-        let words = leak_words(amd_remap::TABLE_ENTRIES, 128)?;
+    let mut table = |device: SourceId| -> Result<IommuMemory<AtomicU32>, StartError> {
+        let words = leak_words::<AtomicU32>(amd_remap::TABLE_ENTRIES, 128)?;
         let entry = &mut entries[usize::from(device.0)];
         *entry = entry.with_interrupt_table(words.phys, amd_remap::TABLE_LEN_LOG2, IntCtl::Remap);
         Ok(words)
@@ -554,7 +545,8 @@ fn enable_amdvi(
     for ivhd in ivrs.preferred_units() {
         let base = ivhd.base.0;
         hide_registers(base, AMDVI_WINDOW_PAGES, policy, paging, frames)?;
-        let command_buffer = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
+        let commands = frame_words::<AtomicU32>(frames)?;
+        let command_buffer = commands.phys;
         let event_log = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
         let regs = Registers { base };
         let unit = AmdViUnit::new(regs);
@@ -565,18 +557,8 @@ fn enable_amdvi(
             event_log,
         })
         .map_err(|e| StartError::IommuUnitError(base, e))?;
-        // SAFETY: the command buffer is a zeroed frame of Ally's, identity-mapped, never
-        // freed, used only through these atomics from now on.
-        let ring =
-            unsafe { core::slice::from_raw_parts(command_buffer.0 as *const AtomicU32, 1024) };
         remapping
-            .add_unit(
-                regs,
-                Words {
-                    words: ring,
-                    phys: command_buffer,
-                },
-            )
+            .add_unit(regs, commands)
             .map_err(|_| StartError::IommuUnit(base, "more than 8 IOMMUs"))?;
         info!(
             "ALLY iommu unit=amd-vi base={base:#x} device={} levels={} translation=on",
@@ -701,21 +683,38 @@ pub fn report() {
     }
 }
 
-/// `words` zeroed 32-bit words from the heap (Ally's region: identity-mapped, hidden from
-/// the guest and from its devices), aligned to `align` bytes, never freed.
-fn leak_words(words: usize, align: usize) -> Result<Words, StartError> {
-    let layout = core::alloc::Layout::from_size_align(words * 4, align)
+/// `count` zeroed atomics from the heap (Ally's region: identity-mapped, hidden from the
+/// guest and from its devices), aligned to `align` bytes, never freed: memory an IOMMU reads.
+fn leak_words<T>(count: usize, align: usize) -> Result<IommuMemory<T>, StartError> {
+    let layout = core::alloc::Layout::from_size_align(count * core::mem::size_of::<T>(), align)
         .map_err(|_| StartError::OutOfHeap)?;
     // SAFETY: the layout has a non-zero size.
-    let at = unsafe { alloc::alloc::alloc_zeroed(layout) } as *const AtomicU32;
+    let at = unsafe { alloc::alloc::alloc_zeroed(layout) } as *const T;
     if at.is_null() {
         return Err(StartError::OutOfHeap);
     }
-    // SAFETY: just allocated for `words` words, zeroed (a valid AtomicU32), never freed.
-    let words = unsafe { core::slice::from_raw_parts(at, words) };
-    Ok(Words {
-        words,
+    Ok(IommuMemory {
+        // SAFETY: just allocated for `count` values of T, an atomic integer for which zero
+        // bytes are a valid value; never freed.
+        words: unsafe { core::slice::from_raw_parts(at, count) },
         phys: HostPhysAddr(at as u64),
+    })
+}
+
+/// A zeroed frame of Ally's as the atomics an IOMMU reads (a command buffer or an
+/// invalidation queue).
+fn frame_words<T>(frames: &mut FramePool) -> Result<IommuMemory<T>, StartError> {
+    let frame = frames.allocate_zeroed().ok_or(StartError::OutOfFrames)?;
+    Ok(IommuMemory {
+        // SAFETY: a zeroed frame of Ally's (identity-mapped, never freed), used only through
+        // these atomics from now on; T is an atomic integer, for which zero is valid.
+        words: unsafe {
+            core::slice::from_raw_parts(
+                frame.0 as *const T,
+                PAGE_SIZE as usize / core::mem::size_of::<T>(),
+            )
+        },
+        phys: frame,
     })
 }
 
@@ -731,21 +730,4 @@ pub fn apply_interrupt_remapping(platform: &ally_hypervisor::platform::Platform)
     for function in &platform.pci_interrupts {
         function.apply_remapping(&PortConfigSpace, platform.cpu_sets());
     }
-}
-
-/// `words` zeroed 64-bit words from the heap, 4 KiB-aligned (an IRTA base), never freed.
-fn leak_words64(words: usize) -> Result<Words64, StartError> {
-    let layout = core::alloc::Layout::from_size_align(words * 8, PAGE_SIZE as usize)
-        .map_err(|_| StartError::OutOfHeap)?;
-    // SAFETY: the layout has a non-zero size.
-    let at = unsafe { alloc::alloc::alloc_zeroed(layout) } as *const AtomicU64;
-    if at.is_null() {
-        return Err(StartError::OutOfHeap);
-    }
-    // SAFETY: just allocated for `words` words, zeroed (a valid AtomicU64), never freed.
-    let words = unsafe { core::slice::from_raw_parts(at, words) };
-    Ok(Words64 {
-        words,
-        phys: HostPhysAddr(at as u64),
-    })
 }

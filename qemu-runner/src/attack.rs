@@ -200,6 +200,13 @@ impl AttackMarker {
         self.fields.get(key)
     }
 
+    /// The numeric field `key`, or an error naming the field and the line.
+    pub fn number(&self, key: &str) -> Result<u64, String> {
+        self.get(key)
+            .and_then(parse_number)
+            .ok_or(format!("no number `{key}=` in {}", self.line))
+    }
+
     /// Why the attack did not run, when it says so (`skipped=`, `error=`, `refused=`).
     pub fn not_run(&self) -> Option<String> {
         ["refused", "error"]
@@ -546,10 +553,7 @@ fn judge_dma(
             marker.line
         ));
     }
-    let target = marker
-        .get("target")
-        .and_then(parse_number)
-        .ok_or(format!("no `target=` in {}", marker.line))?;
+    let target = marker.number("target")?;
     let leak = Leak::of(marker)?;
     let canary = ally.canary().unwrap_or("none");
     let device = guest("ahci");
@@ -669,13 +673,10 @@ fn judge_iommu_capability(
             marker.line
         ));
     }
-    let value = |key: &str| {
-        marker
-            .get(key)
-            .and_then(parse_number)
-            .ok_or(format!("no `{key}=` in {}", marker.line))
-    };
-    let (before, after) = (value("iommu_cap_before")?, value("iommu_cap_after")?);
+    let (before, after) = (
+        marker.number("iommu_cap_before")?,
+        marker.number("iommu_cap_after")?,
+    );
     let refused = ally_count(ally, "pci-guard", "iommu-capability-refused")
         .ok_or("no `ALLY pci-guard ... iommu-capability-refused=` line")?;
     if after != before {
@@ -719,13 +720,7 @@ fn judge_own_msi(marker: Option<&AttackMarker>, setup: DmaSetup) -> Result<Strin
             marker.line
         ));
     }
-    let count = |key: &str| {
-        marker
-            .get(key)
-            .and_then(parse_number)
-            .ok_or(format!("no `{key}=` in {}", marker.line))
-    };
-    let (before, after) = (count("res_before")?, count("res_after")?);
+    let (before, after) = (marker.number("res_before")?, marker.number("res_after")?);
     let how = match setup.iommu {
         Iommu::None => "without an IOMMU",
         Iommu::Intel => "through Ally's VT-d remapping table",
@@ -850,13 +845,10 @@ fn frag_udp_evidence(
     ally: &AllyReport,
     udp: &UdpCounts,
 ) -> Result<String, String> {
-    let sent = |key: &str| -> Result<u64, String> {
-        marker
-            .get(key)
-            .and_then(|v| v.parse().ok())
-            .ok_or(format!("no number `{key}=` in {}", marker.line))
-    };
-    let (control, secret) = (sent("control_sent")?, sent("secret_sent")?);
+    let (control, secret) = (
+        marker.number("control_sent")?,
+        marker.number("secret_sent")?,
+    );
     if control == 0 || secret == 0 {
         return Err(format!(
             "the guest did not send both kinds: {}",

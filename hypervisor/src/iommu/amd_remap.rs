@@ -19,11 +19,10 @@
 //! share a slot (counted as a conflict, the later one wins).
 
 use super::amdvi::{regs, Irte, IrteIntType, COMMAND_SIZE};
-use super::interrupts::{InterruptRemapping, Message, COUNTERS};
+use super::interrupts::{InterruptRemapping, IommuMemory, Message, COUNTERS};
 use super::intremap::CompatInterrupt;
 use super::remapping::{UnitRegisters, POLLS};
 use super::SourceId;
-use crate::addr::HostPhysAddr;
 use crate::cmdline::PciAddress;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
@@ -43,12 +42,8 @@ const RTE_DESTINATION: u64 = 0xFF << 56;
 /// Vectors a multi-message MSI can use (PCI 3.0 6.8.1.3: at most 32).
 const MSI_VECTORS: u8 = 32;
 
-/// Memory the IOMMU reads: a remapping table or the command buffer, identity-mapped.
-#[derive(Clone, Copy)]
-pub struct Words {
-    pub words: &'static [AtomicU32],
-    pub phys: HostPhysAddr,
-}
+/// A remapping table or the command buffer: 32-bit words.
+pub type Words = IommuMemory<AtomicU32>;
 
 /// One interrupt source's table.
 struct Source<K> {
@@ -319,61 +314,50 @@ impl<R: UnitRegisters + Send> InterruptRemapping for AmdRemapping<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::iommu::testutil::{leaked_words, FakeRegisters};
     use std::sync::Mutex;
 
-    /// An IOMMU that carries out COMPLETION_WAIT stores when the tail moves, and records
-    /// the invalidated device IDs.
-    struct FakeUnit {
-        ring: Words,
-        state: Mutex<(u64, Vec<u16>)>,
-        regs: Mutex<HashMap<usize, u64>>,
+    /// What the fake IOMMU did with the commands: its head, the invalidated device IDs.
+    #[derive(Default)]
+    struct Executed {
+        head: u64,
+        invalidated: Vec<u16>,
     }
 
-    impl UnitRegisters for &'static FakeUnit {
-        fn read32(&self, o: usize) -> u32 {
-            self.read64(o) as u32
-        }
-        fn write32(&self, o: usize, v: u32) {
-            self.write64(o, u64::from(v))
-        }
-        fn read64(&self, o: usize) -> u64 {
-            *self.regs.lock().unwrap().get(&o).unwrap_or(&0)
-        }
-        fn write64(&self, o: usize, v: u64) {
-            self.regs.lock().unwrap().insert(o, v);
+    /// An IOMMU that carries out the commands up to the tail when it moves: COMPLETION_WAIT
+    /// stores, INVALIDATE_INTERRUPT_TABLE recorded.
+    fn fake_unit(ring: Words) -> (&'static FakeRegisters, &'static Mutex<Executed>) {
+        let done: &'static Mutex<Executed> = Box::leak(Box::default());
+        let regs = FakeRegisters::leak(move |o, tail| {
             if o != regs::CMD_BUF_TAIL {
                 return;
             }
-            let mut state = self.state.lock().unwrap();
-            while state.0 != v {
-                let at = (state.0 / 4) as usize;
+            let mut state = done.lock().unwrap();
+            while state.head != tail {
+                let at = (state.head / 4) as usize;
                 let w: Vec<u32> = (0..4)
-                    .map(|i| self.ring.words[at + i].load(Ordering::Relaxed))
+                    .map(|i| ring.words[at + i].load(Ordering::Relaxed))
                     .collect();
                 match w[1] >> 28 {
-                    0x5 => state.1.push(w[0] as u16),
+                    0x5 => state.invalidated.push(w[0] as u16),
                     0x1 => {
                         assert_eq!(w[0] & 1, 1, "store requested");
                         let address = u64::from(w[0] & !7) | (u64::from(w[1] & 0xF_FFFF) << 32);
                         let data = u64::from(w[2]) | (u64::from(w[3]) << 32);
-                        // SAFETY: the address is the remapper's completion word, a leaked AtomicU64.
+                        // SAFETY: the address is the remapper's completion word, a leaked
+                        // AtomicU64.
                         unsafe { (*(address as *const AtomicU64)).store(data, Ordering::Release) };
                     }
                     other => panic!("unexpected command {other:#x}"),
                 }
-                state.0 = (state.0 + COMMAND_SIZE) % 4096;
+                state.head = (state.head + COMMAND_SIZE) % 4096;
             }
-        }
+        });
+        (regs, done)
     }
 
     fn words(n: usize) -> Words {
-        let v: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-        let words: &'static [AtomicU32] = Vec::leak(v);
-        Words {
-            phys: HostPhysAddr(words.as_ptr() as u64),
-            words,
-        }
+        leaked_words(n)
     }
 
     const AHCI: PciAddress = PciAddress {
@@ -383,26 +367,24 @@ mod tests {
     };
     const IOAPIC: u64 = 0xFEC0_0000;
 
+    type Fake = &'static FakeRegisters;
+
     fn setup() -> (
-        &'static AmdRemapping<&'static FakeUnit>,
-        &'static FakeUnit,
+        &'static AmdRemapping<Fake>,
+        &'static Mutex<Executed>,
         Words,
         Words,
     ) {
-        let unit: &'static FakeUnit = Box::leak(Box::new(FakeUnit {
-            ring: words(1024),
-            state: Mutex::new((0, Vec::new())),
-            regs: Mutex::new(HashMap::new()),
-        }));
+        let ring = words(1024);
+        let (unit, done) = fake_unit(ring);
         let completion: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
-        let r: &'static AmdRemapping<&'static FakeUnit> =
-            Box::leak(Box::new(AmdRemapping::new(completion)));
-        r.add_unit(unit, unit.ring).unwrap();
+        let r: &'static AmdRemapping<Fake> = Box::leak(Box::new(AmdRemapping::new(completion)));
+        r.add_unit(unit, ring).unwrap();
         let (ioapic_table, msi_table) = (words(TABLE_ENTRIES), words(TABLE_ENTRIES));
         r.add_ioapic(IOAPIC, SourceId::new(0, 0x14, 0), ioapic_table)
             .unwrap();
         r.add_function(AHCI, msi_table).unwrap();
-        (r, unit, ioapic_table, msi_table)
+        (r, done, ioapic_table, msi_table)
     }
 
     fn entry(t: &Words, i: usize) -> Irte {
@@ -426,7 +408,7 @@ mod tests {
         assert!(e.remap_enabled() && e.logical());
         assert_eq!((e.vector(), e.destination()), (0x31, 0x02));
         assert_eq!(
-            unit.state.lock().unwrap().1,
+            unit.lock().unwrap().invalidated,
             vec![SourceId::new(0, 0x14, 0).0]
         );
         assert!(
@@ -446,7 +428,7 @@ mod tests {
             assert_ne!(hw & RTE_MASKED, 0, "mode {mode} masked on the hardware");
         }
         assert!(table.words.iter().all(|w| w.load(Ordering::Relaxed) == 0));
-        assert!(unit.state.lock().unwrap().1.is_empty());
+        assert!(unit.lock().unwrap().invalidated.is_empty());
     }
 
     #[test]

@@ -10,8 +10,24 @@
 //! 0xFEEx_xxxx by DMA then raises at most the interrupts of the entries Ally wrote for that
 //! very device (the entry checks the requester), never an NMI, INIT or SMI at a DPI core.
 
+use crate::addr::HostPhysAddr;
 use crate::cmdline::PciAddress;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Memory an IOMMU reads (a remapping table, a command buffer, an invalidation queue):
+/// atomics in Ally's identity-mapped memory, and where they lie.
+pub struct IommuMemory<T: 'static> {
+    pub words: &'static [T],
+    pub phys: HostPhysAddr,
+}
+
+impl<T> Clone for IommuMemory<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for IommuMemory<T> {}
 
 /// An MSI as the device is to send it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -473,13 +473,57 @@ impl<'a, M: PhysMemory> TableReader<'a, M> {
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    //! Fakes shared by the IOMMU tests: physical memory holding ACPI tables, and
-    //! page-table frames.
+    //! Fakes shared by the IOMMU tests: physical memory holding ACPI tables, page-table
+    //! frames, a unit's register file and the memory it reads.
 
     use crate::acpi::PhysMemory;
     use crate::addr::{HostPhysAddr, PAGE_SIZE};
+    use crate::iommu::interrupts::IommuMemory;
+    use crate::iommu::remapping::UnitRegisters;
     use crate::paging::{FrameAllocator, TableMemory, ENTRIES};
     use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A unit's 64-bit registers in a map; `on_write` sees each write once it is stored
+    /// (where a fake carries out what the write starts).
+    pub struct FakeRegisters {
+        regs: Mutex<HashMap<usize, u64>>,
+        on_write: Box<dyn Fn(usize, u64) + Send + Sync>,
+    }
+
+    impl FakeRegisters {
+        pub fn leak(on_write: impl Fn(usize, u64) + Send + Sync + 'static) -> &'static Self {
+            Box::leak(Box::new(Self {
+                regs: Mutex::new(HashMap::new()),
+                on_write: Box::new(on_write),
+            }))
+        }
+    }
+
+    impl UnitRegisters for &'static FakeRegisters {
+        fn read32(&self, o: usize) -> u32 {
+            self.read64(o) as u32
+        }
+        fn write32(&self, o: usize, v: u32) {
+            self.write64(o, u64::from(v))
+        }
+        fn read64(&self, o: usize) -> u64 {
+            *self.regs.lock().unwrap().get(&o).unwrap_or(&0)
+        }
+        fn write64(&self, o: usize, v: u64) {
+            self.regs.lock().unwrap().insert(o, v);
+            (self.on_write)(o, v);
+        }
+    }
+
+    /// `n` zeroed words the fake unit reads, at their host address.
+    pub fn leaked_words<T: Default>(n: usize) -> IommuMemory<T> {
+        let words: &'static [T] = Vec::leak((0..n).map(|_| T::default()).collect());
+        IommuMemory {
+            phys: HostPhysAddr(words.as_ptr() as u64),
+            words,
+        }
+    }
 
     /// Physical memory `[base, base + bytes.len())`; reads elsewhere return 0xFF like
     /// an unclaimed bus. With a window set, a read outside it panics: the parsers' tests

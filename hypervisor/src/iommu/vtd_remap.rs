@@ -15,12 +15,11 @@
 //! Each change is followed by a global interrupt-entry-cache invalidation and an
 //! invalidation wait whose status write is awaited (6.5.2.7, 6.5.2.8), on every unit.
 
-use super::interrupts::{InterruptRemapping, Message, COUNTERS};
+use super::interrupts::{InterruptRemapping, IommuMemory, Message, COUNTERS};
 use super::intremap::{remappable_msi, remappable_rte, CompatInterrupt, HandleLayout};
 use super::remapping::{UnitRegisters, POLLS};
 use super::vtd::{regs, Irte};
 use super::SourceId;
-use crate::addr::HostPhysAddr;
 use crate::cmdline::PciAddress;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
@@ -38,12 +37,8 @@ const DESCRIPTOR_BYTES: u64 = 16;
 /// Redirection entry mask bit (82093AA 3.2.4).
 const RTE_MASKED: u64 = 1 << 16;
 
-/// Memory the unit reads, as 64-bit words, identity-mapped.
-#[derive(Clone, Copy)]
-pub struct Words64 {
-    pub words: &'static [AtomicU64],
-    pub phys: HostPhysAddr,
-}
+/// The table or an invalidation queue: 64-bit words.
+pub type Words64 = IommuMemory<AtomicU64>;
 
 struct Queue<R> {
     regs: R,
@@ -297,42 +292,33 @@ impl<R: UnitRegisters + Send> InterruptRemapping for VtdRemapping<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::iommu::testutil::{leaked_words, FakeRegisters};
     use std::sync::Mutex;
 
-    /// A unit that carries out invalidation descriptors when IQT moves: waits write their
-    /// status, interrupt-entry-cache invalidations are counted.
-    struct FakeQueue {
-        ring: Words64,
-        head: Mutex<u64>,
-        iec: Mutex<u32>,
-        regs: Mutex<HashMap<usize, u64>>,
+    /// What the fake unit did with the descriptors: its head, the IEC invalidations.
+    #[derive(Default)]
+    struct Executed {
+        head: u64,
+        iec: u32,
     }
 
-    impl UnitRegisters for &'static FakeQueue {
-        fn read32(&self, o: usize) -> u32 {
-            self.read64(o) as u32
-        }
-        fn write32(&self, o: usize, v: u32) {
-            self.write64(o, u64::from(v))
-        }
-        fn read64(&self, o: usize) -> u64 {
-            *self.regs.lock().unwrap().get(&o).unwrap_or(&0)
-        }
-        fn write64(&self, o: usize, v: u64) {
-            self.regs.lock().unwrap().insert(o, v);
+    /// A unit that carries out the descriptors up to IQT when it moves: waits write their
+    /// status, interrupt-entry-cache invalidations are counted.
+    fn fake_unit(ring: Words64) -> (&'static FakeRegisters, &'static Mutex<Executed>) {
+        let done: &'static Mutex<Executed> = Box::leak(Box::default());
+        let regs = FakeRegisters::leak(move |o, tail| {
             if o != regs::IQT {
                 return;
             }
-            let mut head = self.head.lock().unwrap();
-            while *head != v {
-                let at = (*head / 8) as usize;
+            let mut state = done.lock().unwrap();
+            while state.head != tail {
+                let at = (state.head / 8) as usize;
                 let (lo, hi) = (
-                    self.ring.words[at].load(Ordering::Relaxed),
-                    self.ring.words[at + 1].load(Ordering::Relaxed),
+                    ring.words[at].load(Ordering::Relaxed),
+                    ring.words[at + 1].load(Ordering::Relaxed),
                 );
                 match lo & 0xF {
-                    0x4 => *self.iec.lock().unwrap() += 1,
+                    0x4 => state.iec += 1,
                     0x5 => {
                         assert_ne!(lo & (1 << 5), 0, "status write asked");
                         // SAFETY: the address is the remapper's completion word, a leaked
@@ -343,18 +329,10 @@ mod tests {
                     }
                     other => panic!("unexpected descriptor type {other:#x}"),
                 }
-                *head = (*head + DESCRIPTOR_BYTES) % 4096;
+                state.head = (state.head + DESCRIPTOR_BYTES) % 4096;
             }
-        }
-    }
-
-    fn words(n: usize) -> Words64 {
-        let v: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let words: &'static [AtomicU64] = Vec::leak(v);
-        Words64 {
-            phys: HostPhysAddr(words.as_ptr() as u64),
-            words,
-        }
+        });
+        (regs, done)
     }
 
     const AHCI: PciAddress = PciAddress {
@@ -365,28 +343,23 @@ mod tests {
     const IOAPIC: u64 = 0xFEC0_0000;
     const IOAPIC_SID: SourceId = SourceId::new(0xFF, 0, 0);
 
-    fn setup() -> (
-        &'static VtdRemapping<&'static FakeQueue>,
-        &'static FakeQueue,
-    ) {
-        let unit: &'static FakeQueue = Box::leak(Box::new(FakeQueue {
-            ring: words(512),
-            head: Mutex::new(0),
-            iec: Mutex::new(0),
-            regs: Mutex::new(HashMap::new()),
-        }));
+    type Fake = &'static FakeRegisters;
+
+    fn setup() -> (&'static VtdRemapping<Fake>, &'static Mutex<Executed>) {
+        let ring = leaked_words(512);
+        let (unit, done) = fake_unit(ring);
         let completion: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
-        let r: &'static VtdRemapping<&'static FakeQueue> = Box::leak(Box::new(VtdRemapping::new(
-            words(2 * TABLE_ENTRIES),
+        let r: &'static VtdRemapping<Fake> = Box::leak(Box::new(VtdRemapping::new(
+            leaked_words(2 * TABLE_ENTRIES),
             completion,
         )));
-        r.add_unit(unit, unit.ring).unwrap();
+        r.add_unit(unit, ring).unwrap();
         r.add_ioapic(IOAPIC, IOAPIC_SID).unwrap();
         r.add_function(AHCI).unwrap();
-        (r, unit)
+        (r, done)
     }
 
-    fn entry(r: &VtdRemapping<&'static FakeQueue>, handle: usize) -> Irte {
+    fn entry(r: &VtdRemapping<Fake>, handle: usize) -> Irte {
         Irte {
             lo: r.table.words[2 * handle].load(Ordering::Relaxed),
             hi: r.table.words[2 * handle + 1].load(Ordering::Relaxed),
@@ -407,7 +380,7 @@ mod tests {
             (e.source_validation_type(), e.source_id()),
             (1, IOAPIC_SID.0)
         );
-        assert_eq!(*unit.iec.lock().unwrap(), 1, "invalidated");
+        assert_eq!(unit.lock().unwrap().iec, 1, "invalidated");
         assert_eq!(
             r.completion.load(Ordering::Relaxed),
             1,
