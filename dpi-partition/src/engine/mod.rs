@@ -403,6 +403,8 @@ struct Compiled {
     on_stream: bool,
     /// The program reads HTTP buffers: matched per HTTP message ([`http`]).
     http: bool,
+    /// It reads a body buffer (`file_data`, `http_client_body`).
+    reads_body: bool,
     /// Matched per DNS question or TLS payload instead ([`dns`], [`tls`]): the rule reads their
     /// buffers or has `ssl_state`/`ssl_version`.
     msg: Option<AppProto>,
@@ -718,8 +720,20 @@ enum HttpHit {
 
 /// The first event of the flow's HTTP state for this segment whose message the program
 /// matches now but did not match as it was before the segment.
-fn stream_http_match(prog: &mut Program, memo: &mut Memo, f: &HttpFrame) -> Option<usize> {
+///
+/// A segment that only extended a body (`OldView::Body`) changes nothing a rule that reads no
+/// body buffer sees, so such a rule is not run on it (`reads_body` false): it would match now
+/// exactly when it matched before.
+fn stream_http_match(
+    prog: &mut Program,
+    memo: &mut Memo,
+    f: &HttpFrame,
+    reads_body: bool,
+) -> Option<usize> {
     for (k, e) in f.events.iter().enumerate() {
+        if e.old == OldView::Body && !reads_body {
+            continue;
+        }
         let Some(m) = f.view.messages().get(e.msg) else {
             continue;
         };
@@ -834,6 +848,7 @@ impl Engine {
             }
             let on_stream = stream_eligible(&rule);
             let http = program.uses_http();
+            let reads_body = rule.reads_body();
             let msg = rule
                 .message_proto()
                 .filter(|p| matches!(p, AppProto::Dns | AppProto::Tls));
@@ -847,6 +862,7 @@ impl Engine {
                 df_hosts: Vec::new(),
                 on_stream,
                 http,
+                reads_body,
             });
         }
         let mut engine = Engine {
@@ -1612,8 +1628,13 @@ impl Engine {
                     )
                     .map(HttpHit::Payload)
                     .or_else(|| {
-                        stream_http_match(&mut c.program, &mut self.memo, &self.hframe)
-                            .map(HttpHit::Stream)
+                        stream_http_match(
+                            &mut c.program,
+                            &mut self.memo,
+                            &self.hframe,
+                            c.reads_body,
+                        )
+                        .map(HttpHit::Stream)
                     });
                     http_msg.is_some()
                 } else if on_stream {
