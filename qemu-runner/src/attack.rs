@@ -522,6 +522,23 @@ impl Leak {
     }
 }
 
+/// A DMA attack the guest skipped (no AHCI controller): fine on a machine without one, a
+/// failure on q35, whose ICH9 AHCI controller is the attack's bus master.
+fn skipped_dma(marker: &AttackMarker, setup: DmaSetup) -> Option<Result<String, String>> {
+    let s = marker.get("skipped")?;
+    Some(if setup.machine == Machine::Q35 {
+        Err(format!(
+            "skipped ({s}) on q35, whose ICH9 AHCI controller is the attack's bus master: {}",
+            marker.line
+        ))
+    } else {
+        Ok(format!(
+            "skipped by the guest ({s}): the {} machine has no AHCI controller",
+            setup.machine
+        ))
+    })
+}
+
 fn judge_dma(
     marker: Option<&AttackMarker>,
     ally: &AllyReport,
@@ -531,18 +548,8 @@ fn judge_dma(
     if let Some(why) = marker.not_run() {
         return Err(format!("the attack could not run ({why}): {}", marker.line));
     }
-    if let Some(s) = marker.get("skipped") {
-        return if setup.machine == Machine::Q35 {
-            Err(format!(
-                "skipped ({s}) on q35, whose ICH9 AHCI controller is the attack's bus master: {}",
-                marker.line
-            ))
-        } else {
-            Ok(format!(
-                "skipped by the guest ({s}): the {} machine has no AHCI controller",
-                setup.machine
-            ))
-        };
+    if let Some(verdict) = skipped_dma(marker, setup) {
+        return verdict;
     }
     let guest = |key: &str| marker.get(key).unwrap_or("none");
     if guest("control") != "ok" {
@@ -706,12 +713,8 @@ pub fn own_msi_check(guest: &GuestReport, setup: DmaSetup) -> Check {
 
 fn judge_own_msi(marker: Option<&AttackMarker>, setup: DmaSetup) -> Result<String, String> {
     let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
-    if let Some(s) = marker.get("skipped") {
-        return if setup.machine == Machine::Q35 {
-            Err(format!("skipped ({s}) on q35: {}", marker.line))
-        } else {
-            Ok(format!("skipped by the guest ({s}): no AHCI controller"))
-        };
+    if let Some(verdict) = skipped_dma(marker, setup) {
+        return verdict;
     }
     let status = marker.get("own_msi_status").unwrap_or("none");
     if status != "ok" {
@@ -743,12 +746,8 @@ fn judge_msi(
     setup: DmaSetup,
 ) -> Result<String, String> {
     let marker = marker.ok_or("no `ALLYTEST attack-dma` marker")?;
-    if let Some(s) = marker.get("skipped") {
-        return if setup.machine == Machine::Q35 {
-            Err(format!("skipped ({s}) on q35: {}", marker.line))
-        } else {
-            Ok(format!("skipped by the guest ({s}): no AHCI controller"))
-        };
+    if let Some(verdict) = skipped_dma(marker, setup) {
+        return verdict;
     }
     let status = marker
         .get("msi_status")

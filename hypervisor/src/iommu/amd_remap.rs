@@ -19,9 +19,9 @@
 //! share a slot (counted as a conflict, the later one wins).
 
 use super::amdvi::{regs, Irte, IrteIntType, COMMAND_SIZE};
-use super::interrupts::{InterruptRemapping, IommuMemory, Message, COUNTERS};
+use super::interrupts::{await_invalidation, InterruptRemapping, IommuMemory, Message, COUNTERS};
 use super::intremap::CompatInterrupt;
-use super::remapping::{UnitRegisters, POLLS};
+use super::remapping::UnitRegisters;
 use super::SourceId;
 use crate::cmdline::PciAddress;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
@@ -190,22 +190,14 @@ impl<R: UnitRegisters> Inner<R> {
             unit.submit(wait);
             fence(Ordering::SeqCst);
             unit.regs.write64(regs::CMD_BUF_TAIL, unit.tail);
-            COUNTERS.invalidations.fetch_add(1, Ordering::Relaxed);
-            let done = (0..POLLS).any(|_| {
-                let seen = completion.load(Ordering::Acquire) >= self.sequence;
-                core::hint::spin_loop();
-                seen
-            });
-            if !done {
-                COUNTERS
-                    .invalidation_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                if crate::log_limit::IOMMU_COMMAND.admit() {
-                    log::warn!(
-                        "ALLY intremap-invalidation-timeout kind=amd-vi device={device} sequence={}",
-                        self.sequence
-                    );
-                }
+            let sequence = self.sequence;
+            if !await_invalidation(|| completion.load(Ordering::Acquire) >= sequence)
+                && crate::log_limit::IOMMU_COMMAND.admit()
+            {
+                log::warn!(
+                    "ALLY intremap-invalidation-timeout kind=amd-vi device={device} sequence={}",
+                    self.sequence
+                );
             }
         }
     }

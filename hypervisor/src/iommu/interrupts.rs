@@ -91,6 +91,23 @@ pub static COUNTERS: RemapCounters = RemapCounters {
     invalidation_timeouts: AtomicU64::new(0),
 };
 
+/// Counts one invalidation and waits, boundedly, until `done` (the completion store or wait
+/// status the IOMMU writes when it has carried the invalidation out); counts a timeout.
+pub fn await_invalidation(done: impl Fn() -> bool) -> bool {
+    COUNTERS.invalidations.fetch_add(1, Ordering::Relaxed);
+    let seen = (0..super::remapping::POLLS).any(|_| {
+        let seen = done();
+        core::hint::spin_loop();
+        seen
+    });
+    if !seen {
+        COUNTERS
+            .invalidation_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    seen
+}
+
 /// The power-off line, when remapping is on.
 pub fn report() {
     let Some(r) = remapping() else {

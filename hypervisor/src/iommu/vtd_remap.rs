@@ -15,9 +15,9 @@
 //! Each change is followed by a global interrupt-entry-cache invalidation and an
 //! invalidation wait whose status write is awaited (6.5.2.7, 6.5.2.8), on every unit.
 
-use super::interrupts::{InterruptRemapping, IommuMemory, Message, COUNTERS};
+use super::interrupts::{await_invalidation, InterruptRemapping, IommuMemory, Message, COUNTERS};
 use super::intremap::{remappable_msi, remappable_rte, CompatInterrupt, HandleLayout};
-use super::remapping::{UnitRegisters, POLLS};
+use super::remapping::UnitRegisters;
 use super::vtd::{regs, Irte};
 use super::SourceId;
 use crate::cmdline::PciAddress;
@@ -165,25 +165,16 @@ impl<R: UnitRegisters> Inner<R> {
             ]);
             fence(Ordering::SeqCst);
             unit.regs.write64(regs::IQT, unit.tail);
-            COUNTERS.invalidations.fetch_add(1, Ordering::Relaxed);
             let sequence = self.sequence;
-            let done = (0..POLLS).any(|_| {
-                let seen = completion.load(Ordering::Acquire) == sequence;
-                core::hint::spin_loop();
-                seen
-            });
-            if !done {
-                COUNTERS
-                    .invalidation_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                if crate::log_limit::IOMMU_COMMAND.admit() {
-                    log::warn!(
-                        "ALLY intremap-invalidation-timeout kind=vt-d sequence={sequence} iqh={:#x} iqt={:#x} fsts={:#x}",
-                        unit.regs.read64(regs::IQH),
-                        unit.tail,
-                        unit.regs.read32(regs::FSTS)
-                    );
-                }
+            if !await_invalidation(|| completion.load(Ordering::Acquire) == sequence)
+                && crate::log_limit::IOMMU_COMMAND.admit()
+            {
+                log::warn!(
+                    "ALLY intremap-invalidation-timeout kind=vt-d sequence={sequence} iqh={:#x} iqt={:#x} fsts={:#x}",
+                    unit.regs.read64(regs::IQH),
+                    unit.tail,
+                    unit.regs.read32(regs::FSTS)
+                );
             }
         }
     }
