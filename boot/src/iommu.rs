@@ -273,7 +273,7 @@ impl Plans {
     ) -> impl Iterator<Item = (SourceId, &'t T, u16)> + 't {
         functions(&PortConfigSpace).map(move |f| {
             let a = f.address;
-            let id = SourceId::new(a.bus, a.device, a.function);
+            let id = SourceId::from(a);
             match nic {
                 Some(t) if matches!(&self.nic, Some((n, _)) if *n == a) => (id, t, NIC_DOMAIN),
                 _ => (id, guest, GUEST_DOMAIN),
@@ -405,15 +405,13 @@ fn remap_vtd_interrupts(
             .find(|s| s.kind == DeviceScopeKind::IoApic && s.enumeration_id == id);
         let source = scope.and_then(|s| {
             s.source_id(|bridge| {
-                let at = PciAddress {
-                    bus: bridge.bus(),
-                    device: bridge.device(),
-                    function: bridge.function(),
-                };
-                Some(
-                    (ally_hypervisor::pci::ConfigSpace::read32(&PortConfigSpace, at, 0x18) >> 8)
-                        as u8,
-                )
+                // The bridge's secondary bus number (PCI-to-PCI Bridge 1.2, 3.2.5.3).
+                let bus_numbers = ally_hypervisor::pci::ConfigSpace::read32(
+                    &PortConfigSpace,
+                    bridge.into(),
+                    0x18,
+                );
+                Some((bus_numbers >> 8) as u8)
             })
         });
         let Some(source) = source else {
@@ -515,11 +513,7 @@ fn enable_amdvi(
         info!("ALLY intremap ioapic={base:#x} id={id} device={device}");
     }
     for &function in policy.msi_functions {
-        let words = table(SourceId::new(
-            function.bus,
-            function.device,
-            function.function,
-        ))?;
+        let words = table(SourceId::from(function))?;
         remapping
             .add_function(function, words)
             .map_err(|_| StartError::IommuUnit(0, "more than 64 MSI functions"))?;
@@ -529,16 +523,7 @@ fn enable_amdvi(
     let capabilities: heapless::Vec<(PciAddress, u8), 8> = ivrs
         .preferred_units()
         .filter(|ivhd| ivhd.capability_offset >= 0x40 && ivhd.capability_offset <= 0xE8)
-        .map(|ivhd| {
-            (
-                PciAddress {
-                    bus: ivhd.device.bus(),
-                    device: ivhd.device.device(),
-                    function: ivhd.device.function(),
-                },
-                ivhd.capability_offset as u8,
-            )
-        })
+        .map(|ivhd| (PciAddress::from(ivhd.device), ivhd.capability_offset as u8))
         .take(8)
         .collect();
     ally_hypervisor::pci::latch::protect_iommu_capabilities(capabilities);

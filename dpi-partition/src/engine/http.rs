@@ -1652,19 +1652,7 @@ mod tests {
         assert_eq!(v.buffer(m, HttpBuffer::FileData, &p).unwrap(), b"body");
     }
 
-    /// xorshift64*: deterministic pseudo-random bytes.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::engine::test_rng::Rng;
 
     #[test]
     fn random_and_mutated_input_never_panics() {

@@ -261,6 +261,20 @@ fn gz_next(stage: u8, flags: u8) -> u8 {
     }
 }
 
+/// Inside the gzip extra field with `left` bytes of it to skip; past it at 0.
+fn gz_extra(left: u16, flags: u8) -> Dec {
+    Dec::Gzip {
+        stage: if left == 0 {
+            gz_next(GZ_NAME, flags)
+        } else {
+            GZ_EXTRA
+        },
+        n: 0,
+        flags,
+        left,
+    }
+}
+
 struct Inflater {
     d: Box<DecompressorOxide>,
     dict: Vec<u8>,
@@ -900,34 +914,9 @@ impl Half {
                             flags,
                             left: u16::from(b),
                         },
-                        GZ_XLEN => {
-                            let len = left | u16::from(b) << 8;
-                            let stage = if len == 0 {
-                                gz_next(GZ_NAME, flags)
-                            } else {
-                                GZ_EXTRA
-                            };
-                            Dec::Gzip {
-                                stage,
-                                n: 0,
-                                flags,
-                                left: len,
-                            }
-                        }
-                        GZ_EXTRA => {
-                            let left = left.saturating_sub(1);
-                            let stage = if left == 0 {
-                                gz_next(GZ_NAME, flags)
-                            } else {
-                                GZ_EXTRA
-                            };
-                            Dec::Gzip {
-                                stage,
-                                n: 0,
-                                flags,
-                                left,
-                            }
-                        }
+                        // The extra field's length, then its bytes (RFC 1952 2.3.1.1).
+                        GZ_XLEN => gz_extra(left | u16::from(b) << 8, flags),
+                        GZ_EXTRA => gz_extra(left.saturating_sub(1), flags),
                         GZ_NAME | GZ_COMMENT => Dec::Gzip {
                             stage: if b == 0 {
                                 gz_next(stage + 1, flags)
@@ -1123,19 +1112,7 @@ mod tests {
         out
     }
 
-    /// xorshift64*.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::engine::test_rng::Rng;
 
     /// Feeds `stream` to one direction of a flow in random pieces; returns per message (in
     /// order of their heads) the decoded body bytes that were new in each window, joined.

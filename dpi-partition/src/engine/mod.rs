@@ -123,6 +123,25 @@ pub mod flow;
 pub mod hook;
 pub mod http;
 pub mod http_flow;
+#[cfg(test)]
+mod test_rng {
+    /// xorshift64*: deterministic pseudo-random numbers for the parsers' fuzz tests.
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        /// Below `n` (0 for `n` = 0).
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+}
 pub mod keyed;
 pub mod matcher;
 pub mod packet;
@@ -973,15 +992,16 @@ impl Engine {
         let mut http = false;
         let mut body_sticky = Vec::new();
         for &i in &members {
-            http |= self.rules[i as usize].http;
-            let rule = &self.rules[i as usize].rule;
-            let fast_in_body = rule
-                .fast_pattern()
+            let c = &self.rules[i as usize];
+            http |= c.http;
+            let fast = c.rule.fast_pattern();
+            let fast_in_body = fast
+                .as_ref()
                 .is_some_and(|fp| fp.buffer.is_some_and(rules::HttpBuffer::is_body));
-            if rule.reads_body() && !fast_in_body {
+            if c.reads_body && !fast_in_body {
                 body_sticky.push(i);
             }
-            match self.rules[i as usize].rule.fast_pattern() {
+            match fast {
                 Some(fp) => {
                     decoded |= fp.buffer.is_some_and(rules::HttpBuffer::may_be_decoded);
                     dns_names |= matches!(
@@ -1186,11 +1206,11 @@ impl Engine {
                     let Some(m) = f.view.messages().get(e.msg) else {
                         continue;
                     };
-                    let b = f.view.buffers(m, &f.heads);
                     if e.old != OldView::Body {
                         // The head, and the buffers that are not a slice of it (normalized,
                         // decoded, the body window).
-                        group.pf.scan(b.pkt, &mut self.lit_marks, &mut push);
+                        let head = f.view.buffers(m, &f.heads).pkt;
+                        group.pf.scan(head, &mut self.lit_marks, &mut push);
                         for x in f.view.decoded(m) {
                             group.pf.scan(x, &mut self.lit_marks, &mut push);
                         }
@@ -1209,7 +1229,7 @@ impl Engine {
                         if buffer == rules::HttpBuffer::FileData && raw {
                             continue;
                         }
-                        if let Some(x) = b.http[buffer.index()] {
+                        if let Some(x) = f.view.buffer(m, buffer, &f.heads) {
                             group.pf.scan(x, &mut self.lit_marks, &mut push);
                         }
                     }

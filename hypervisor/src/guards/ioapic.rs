@@ -268,24 +268,22 @@ impl<R: IoApicRegisters> IoApicGuard<R> {
             let (low, high) = shadow.firmware_entries[entry];
             shadow.guest_low[entry] = low;
             shadow.guest_destination[entry] = high;
-            self.write_entry(entry, low, high, cpus);
         }
         shadow.selected = 0;
+        self.write_guest_entries(&shadow, cpus);
     }
-}
 
-impl<R: IoApicRegisters> IoApicGuard<R> {
     /// Writes every entry again from what the guest (or the firmware) last gave it: after
     /// interrupt remapping went on, so that each goes through the remapping table.
     pub fn reapply_entries_for(&self, cpus: CpuSets<'_>) {
-        let shadow = self.shadow.lock();
+        self.write_guest_entries(&self.shadow.lock(), cpus);
+    }
+
+    /// Every entry as `shadow` holds the guest's view of it. Caller holds the lock.
+    fn write_guest_entries(&self, shadow: &Shadow, cpus: CpuSets<'_>) {
         for entry in 0..shadow.entries {
-            self.write_entry(
-                entry,
-                shadow.guest_low[entry],
-                shadow.guest_destination[entry],
-                cpus,
-            );
+            let (low, high) = (shadow.guest_low[entry], shadow.guest_destination[entry]);
+            self.write_entry(entry, low, high, cpus);
         }
     }
 }

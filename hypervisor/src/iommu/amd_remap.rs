@@ -137,7 +137,7 @@ impl<R: UnitRegisters> AmdRemapping<R> {
 
     /// The MSI function at `function`, remapped through `table` (zeroed).
     pub fn add_function(&self, function: PciAddress, table: Words) -> Result<(), TooManySources> {
-        let device = SourceId::new(function.bus, function.device, function.function);
+        let device = SourceId::from(function);
         self.inner
             .lock()
             .functions
@@ -269,17 +269,24 @@ impl<R: UnitRegisters + Send> InterruptRemapping for AmdRemapping<R> {
         for word in source.table.words {
             word.store(0, Ordering::Relaxed);
         }
-        let entry = message
-            .and_then(|m| CompatInterrupt::from_msi(m.address, u32::from(m.data)).ok())
-            .and_then(|c| irte_for(&c).map(|e| (c, e)));
-        let result = match entry {
-            Some((c, (index, _))) => {
-                for k in 0..MSI_VECTORS {
-                    let vector = c.vector | k;
-                    let (i, irte) = irte_for(&CompatInterrupt { vector, ..c })
-                        .expect("fixed or arbitrated, as checked");
+        // The 32 vectors a multi-message MSI may use, each at its own index (the first is
+        // the message's); none for a mode the basic format cannot remap.
+        let mut first = None;
+        if let Some(c) =
+            message.and_then(|m| CompatInterrupt::from_msi(m.address, u32::from(m.data)).ok())
+        {
+            for k in 0..MSI_VECTORS {
+                if let Some((i, irte)) = irte_for(&CompatInterrupt {
+                    vector: c.vector | k,
+                    ..c
+                }) {
                     write_entry(&source.table, i, irte);
+                    first.get_or_insert(i);
                 }
+            }
+        }
+        let result = match first {
+            Some(index) => {
                 COUNTERS.entries.fetch_add(1, Ordering::Relaxed);
                 Message {
                     address: INTERRUPT_ADDRESS,
@@ -306,13 +313,12 @@ impl<R: UnitRegisters + Send> InterruptRemapping for AmdRemapping<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iommu::testutil::{leaked_words, FakeRegisters};
+    use crate::iommu::testutil::{leaked_words, ring_unit, FakeRegisters};
     use std::sync::Mutex;
 
-    /// What the fake IOMMU did with the commands: its head, the invalidated device IDs.
+    /// What the fake IOMMU did with the commands: the invalidated device IDs.
     #[derive(Default)]
     struct Executed {
-        head: u64,
         invalidated: Vec<u16>,
     }
 
@@ -320,29 +326,22 @@ mod tests {
     /// stores, INVALIDATE_INTERRUPT_TABLE recorded.
     fn fake_unit(ring: Words) -> (&'static FakeRegisters, &'static Mutex<Executed>) {
         let done: &'static Mutex<Executed> = Box::leak(Box::default());
-        let regs = FakeRegisters::leak(move |o, tail| {
-            if o != regs::CMD_BUF_TAIL {
-                return;
-            }
-            let mut state = done.lock().unwrap();
-            while state.head != tail {
-                let at = (state.head / 4) as usize;
-                let w: Vec<u32> = (0..4)
-                    .map(|i| ring.words[at + i].load(Ordering::Relaxed))
-                    .collect();
-                match w[1] >> 28 {
-                    0x5 => state.invalidated.push(w[0] as u16),
-                    0x1 => {
-                        assert_eq!(w[0] & 1, 1, "store requested");
-                        let address = u64::from(w[0] & !7) | (u64::from(w[1] & 0xF_FFFF) << 32);
-                        let data = u64::from(w[2]) | (u64::from(w[3]) << 32);
-                        // SAFETY: the address is the remapper's completion word, a leaked
-                        // AtomicU64.
-                        unsafe { (*(address as *const AtomicU64)).store(data, Ordering::Release) };
-                    }
-                    other => panic!("unexpected command {other:#x}"),
+        let regs = ring_unit(regs::CMD_BUF_TAIL, COMMAND_SIZE, move |at| {
+            let at = (at / 4) as usize;
+            let w: Vec<u32> = (0..4)
+                .map(|i| ring.words[at + i].load(Ordering::Relaxed))
+                .collect();
+            match w[1] >> 28 {
+                0x5 => done.lock().unwrap().invalidated.push(w[0] as u16),
+                0x1 => {
+                    assert_eq!(w[0] & 1, 1, "store requested");
+                    let address = u64::from(w[0] & !7) | (u64::from(w[1] & 0xF_FFFF) << 32);
+                    let data = u64::from(w[2]) | (u64::from(w[3]) << 32);
+                    // SAFETY: the address is the remapper's completion word, a leaked
+                    // AtomicU64.
+                    unsafe { (*(address as *const AtomicU64)).store(data, Ordering::Release) };
                 }
-                state.head = (state.head + COMMAND_SIZE) % 4096;
+                other => panic!("unexpected command {other:#x}"),
             }
         });
         (regs, done)

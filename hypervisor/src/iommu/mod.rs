@@ -24,6 +24,7 @@ pub mod vtd_remap;
 
 use crate::acpi::{AcpiTable, PhysMemory};
 use crate::addr::{HostPhysAddr, PhysRange, PAGE_SIZE};
+use crate::cmdline::PciAddress;
 use crate::paging::{FrameAllocator, TableMemory};
 use core::fmt;
 
@@ -50,6 +51,24 @@ impl SourceId {
     /// Device and function as one byte (the low half of the requester ID).
     pub const fn devfn(self) -> u8 {
         self.0 as u8
+    }
+}
+
+/// A PCI function's requester ID.
+impl From<PciAddress> for SourceId {
+    fn from(a: PciAddress) -> Self {
+        SourceId::new(a.bus, a.device, a.function)
+    }
+}
+
+/// The PCI function a requester ID names.
+impl From<SourceId> for PciAddress {
+    fn from(id: SourceId) -> Self {
+        PciAddress {
+            bus: id.bus(),
+            device: id.device(),
+            function: id.function(),
+        }
     }
 }
 
@@ -514,6 +533,28 @@ pub(crate) mod testutil {
             self.regs.lock().unwrap().insert(o, v);
             (self.on_write)(o, v);
         }
+    }
+
+    /// A unit with a one-page command ring (AMD-Vi's command buffer, VT-d's invalidation
+    /// queue) of `entry_bytes` entries: when `tail_register` is written, `run` carries out
+    /// each entry from where the unit stopped up to the new tail (it gets the entry's byte
+    /// offset).
+    pub fn ring_unit(
+        tail_register: usize,
+        entry_bytes: u64,
+        run: impl Fn(u64) + Send + Sync + 'static,
+    ) -> &'static FakeRegisters {
+        let head = Mutex::new(0u64);
+        FakeRegisters::leak(move |o, tail| {
+            if o != tail_register {
+                return;
+            }
+            let mut head = head.lock().unwrap();
+            while *head != tail {
+                run(*head);
+                *head = (*head + entry_bytes) % PAGE_SIZE;
+            }
+        })
     }
 
     /// `n` zeroed words the fake unit reads, at their host address.

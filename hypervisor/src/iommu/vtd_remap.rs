@@ -245,7 +245,7 @@ impl<R: UnitRegisters + Send> InterruptRemapping for VtdRemapping<R> {
         for k in 0..usize::from(MSI_VECTORS) {
             self.clear(first + k);
         }
-        let source = SourceId::new(function.bus, function.device, function.function);
+        let source = SourceId::from(function);
         let entry = message
             .and_then(|m| CompatInterrupt::from_msi(m.address, u32::from(m.data)).ok())
             .filter(|c| c.table_entry(source).is_ok());
@@ -283,13 +283,12 @@ impl<R: UnitRegisters + Send> InterruptRemapping for VtdRemapping<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iommu::testutil::{leaked_words, FakeRegisters};
+    use crate::iommu::testutil::{leaked_words, ring_unit, FakeRegisters};
     use std::sync::Mutex;
 
-    /// What the fake unit did with the descriptors: its head, the IEC invalidations.
+    /// What the fake unit did with the descriptors: the IEC invalidations.
     #[derive(Default)]
     struct Executed {
-        head: u64,
         iec: u32,
     }
 
@@ -297,30 +296,23 @@ mod tests {
     /// status, interrupt-entry-cache invalidations are counted.
     fn fake_unit(ring: Words64) -> (&'static FakeRegisters, &'static Mutex<Executed>) {
         let done: &'static Mutex<Executed> = Box::leak(Box::default());
-        let regs = FakeRegisters::leak(move |o, tail| {
-            if o != regs::IQT {
-                return;
-            }
-            let mut state = done.lock().unwrap();
-            while state.head != tail {
-                let at = (state.head / 8) as usize;
-                let (lo, hi) = (
-                    ring.words[at].load(Ordering::Relaxed),
-                    ring.words[at + 1].load(Ordering::Relaxed),
-                );
-                match lo & 0xF {
-                    0x4 => state.iec += 1,
-                    0x5 => {
-                        assert_ne!(lo & (1 << 5), 0, "status write asked");
-                        // SAFETY: the address is the remapper's completion word, a leaked
-                        // AtomicU32.
-                        unsafe {
-                            (*(hi as *const AtomicU32)).store((lo >> 32) as u32, Ordering::Release)
-                        };
-                    }
-                    other => panic!("unexpected descriptor type {other:#x}"),
+        let regs = ring_unit(regs::IQT, DESCRIPTOR_BYTES, move |at| {
+            let at = (at / 8) as usize;
+            let (lo, hi) = (
+                ring.words[at].load(Ordering::Relaxed),
+                ring.words[at + 1].load(Ordering::Relaxed),
+            );
+            match lo & 0xF {
+                0x4 => done.lock().unwrap().iec += 1,
+                0x5 => {
+                    assert_ne!(lo & (1 << 5), 0, "status write asked");
+                    // SAFETY: the address is the remapper's completion word, a leaked
+                    // AtomicU32.
+                    unsafe {
+                        (*(hi as *const AtomicU32)).store((lo >> 32) as u32, Ordering::Release)
+                    };
                 }
-                state.head = (state.head + DESCRIPTOR_BYTES) % 4096;
+                other => panic!("unexpected descriptor type {other:#x}"),
             }
         });
         (regs, done)
