@@ -42,8 +42,17 @@ const MBR_CODE_BYTES: usize = 440;
 ///   PCI-link setup was seen to leave the e1000 without interrupts; the BIOS's $PIR routing
 ///   works with one CPU or many. (A 2-CPU baseline with the HPET clock but without it also
 ///   pinged, so the clock may have been the whole story; kept until an SMP Ally run shows it.)
-pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi clocksource=hpet tsc=unstable";
+/// - `idle=halt`: Bochs 2.7 loses MWAIT wake-ups. Its MONITOR drops the other CPUs' cached
+///   translations of the monitored line with `invlpg(physical address)`, which names a
+///   *linear* address, so a CPU that already holds a translation of a kernel address on that
+///   page stores straight into it and never wakes the waiter. Linux's MWAIT idle leaves its
+///   "polling" flag set, so a waker sends no IPI either: the woken task waits for its CPU's
+///   next timer. Seen in the 4-CPU run's alert storm: the ping's reply reached the guest's
+///   ring on time (its RDT write), but the ping process on an idle CPU ran 144.6 ms later,
+///   at that CPU's next timer interrupt, with no reschedule IPI between. HLT idle makes the
+///   waker send the IPI.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0,115200 loglevel=4 iomem=relaxed pci=noacpi \
+     clocksource=hpet tsc=unstable idle=halt";
 
 /// Bumped whenever the way the image is built changes, to invalidate old caches.
 const BUILDER_VERSION: &str = "ally-guest-image-v1";
