@@ -524,3 +524,34 @@ fn a_header_fast_pattern_with_body_content_matches_late_in_the_body() {
         assert!(verdicts.iter().all(|&v| v == Verdict::Pass), "{verdicts:?}");
     }
 }
+
+/// Where the flow's HTTP state parses a direction, HTTP rules see the messages the receiver
+/// parses: a request line inside a body of known length is body text, not a request (the
+/// payload view of the stream window used to take it for one). The real request after the
+/// body is matched.
+#[test]
+fn a_request_line_inside_a_body_is_not_a_request() {
+    let rules =
+        "alert tcp any any -> any 80 (msg:\"admin\"; http_uri; content:\"/admin\"; sid:32;)\n";
+    let inner = b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut req = format!(
+        "POST /form HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        inner.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(inner);
+    for size in [7, 40, req.len()] {
+        let mut c = Conn::new(rules);
+        let v = c.split(true, &req, size);
+        assert!(
+            v.iter().all(|&x| x == Verdict::Pass),
+            "segments of {size}: {v:?}"
+        );
+        assert_eq!(
+            c.send(true, b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Verdict::Alert,
+            "segments of {size}"
+        );
+        assert_eq!(c.c.sids(), [32], "segments of {size}");
+    }
+}

@@ -462,6 +462,14 @@ impl HttpFlows {
         }
     }
 
+    /// Whether one direction of `flow` is parsed: fed, and neither given up nor past the end
+    /// of HTTP (a tunnel after CONNECT, a protocol switch).
+    pub fn parses(&self, flow: FlowId, to_server: bool) -> bool {
+        self.slots.get(flow.slot()).is_some_and(|s| {
+            s.serial == flow.serial() && s.half[usize::from(!to_server)].phase != Phase::Off
+        })
+    }
+
     /// Stops parsing one direction of `flow` (fail-open refusal): its buffers are freed.
     pub fn give_up(&mut self, flow: FlowId, to_server: bool) {
         if let Some(s) = self.slots.get_mut(flow.slot()) {

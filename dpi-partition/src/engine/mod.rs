@@ -580,6 +580,10 @@ pub struct Engine {
     http_flows: Option<HttpFlows>,
     /// What the HTTP state reported for the current segment.
     hframe: HttpFrame,
+    /// The HTTP state parses the current segment's direction: its view replaces the payload
+    /// view of the stream window (which would parse the window's messages again, head and
+    /// all, on every segment, and would take a body's text for messages).
+    http_tracked: bool,
     /// Some rule has an application-protocol header: payloads are classified ([`app`]).
     has_app: bool,
     /// The current frame's DNS and TLS views (built on first use per frame).
@@ -909,6 +913,7 @@ impl Engine {
             last_expire: 0,
             http_flows: None,
             hframe: HttpFrame::default(),
+            http_tracked: false,
             http: HttpScratch::default(),
             has_app,
             app: AppScratch::default(),
@@ -1472,6 +1477,7 @@ impl Engine {
         let mut win = core::mem::take(&mut self.win);
         win.clear();
         self.hframe.clear();
+        self.http_tracked = false;
         let (mut stream_flow, mut new_from) = (None, 0);
         match tracker.segment(&pkt, frame, now) {
             StreamOutcome::NotTcp => {}
@@ -1530,6 +1536,10 @@ impl Engine {
                     }
                     self.hframe.clear();
                 }
+                self.http_tracked = self
+                    .http_flows
+                    .as_ref()
+                    .is_some_and(|h| h.parses(flow, to_server));
             }
         }
         let v = self.judge(
@@ -1567,8 +1577,10 @@ impl Engine {
             Some((f, w)) => (Some(f), w),
             None => (None, &[][..]),
         };
-        // The payload HTTP rules read: the stream window, else the segment (TCP only).
+        // The payload HTTP rules read: none where the flow's HTTP state parses this direction,
+        // else the stream window, else the segment (TCP only).
         let (http_p, http_new) = match (pkt.l4, stream_flow) {
+            (L4::Tcp { .. }, Some(_)) if self.http_tracked => (&[][..], 0),
             (L4::Tcp { .. }, Some(_)) => (win, new_from),
             (L4::Tcp { .. }, None) => (pkt.payload, 0),
             _ => (&[][..], 0),
