@@ -387,9 +387,80 @@ fn huge_content_length_does_not_allocate() {
     for part in z.chunks(1000) {
         c.send(false, part);
     }
+    // Its first segment inflates to about a MiB, past the segment's bound: a bomb, dropped
+    // and the flow blocked (fail-closed), nothing kept.
     let st = c.e.http_state_stats();
     assert_eq!(st.inflate_capped, 1);
     assert!(st.used_bytes <= 2 * 1024, "{}", st.used_bytes);
+    assert_eq!(c.e.stats().http_dropped, 1);
+    assert_eq!(c.e.stats().dropped, z.chunks(1000).count() as u64);
+}
+
+/// A gzip body is inflated to its end: a server that pads the body with megabytes of text
+/// before the forbidden string (past Snort's and Suricata's decompression depths, and the
+/// 1 MiB this engine stopped at before) is still caught, in full-size segments.
+#[test]
+fn gzip_body_forbidden_string_after_megabytes_is_dropped() {
+    let mut text = noise(3 << 20, 11);
+    text.extend_from_slice(b"FORBIDDEN-STRING");
+    text.extend_from_slice(&noise(2000, 12));
+    let z = gzip(&text);
+    let mut resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+        z.len()
+    )
+    .into_bytes();
+    let head = resp.len();
+    resp.extend_from_slice(&z);
+    let mut c = Conn::new(GZ_DROP);
+    c.send(true, b"GET /big HTTP/1.1\r\n\r\n");
+    // The client acknowledges every 16th segment (the receiver's window is 64 KiB).
+    let v: Vec<Verdict> = resp
+        .chunks(1448)
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 16 == 15 {
+                assert_eq!(c.send(true, b""), Verdict::Pass);
+            }
+            c.send(false, part)
+        })
+        .collect();
+    let k = first(&v, Verdict::Drop).expect("dropped");
+    assert!(
+        k * 1448 > head + (z.len() * 9) / 10,
+        "dropped at segment {k} of {}",
+        v.len()
+    );
+    assert_eq!(c.c.sid_actions(), vec![(1, "blocked")]);
+    let st = c.e.http_state_stats();
+    assert_eq!(st.inflate_capped, 0);
+}
+
+/// A segment that inflates past its bound under the fail-open policy: the direction is no
+/// longer parsed and the segment passes (counted), instead of blocking the flow.
+#[test]
+fn a_decompression_bomb_under_fail_open_gives_up_the_direction() {
+    let cfg = EngineConfig {
+        stream: Some(ally_dpi::engine::StreamConfig {
+            on_limit: ally_dpi::engine::stream::LimitPolicy::FailOpen,
+            ..engine_stream_config()
+        }),
+        ..EngineConfig::default()
+    };
+    let mut c = Conn::with_config(GZ_DROP, cfg);
+    c.send(true, b"GET / HTTP/1.1\r\n\r\n");
+    let z = gzip(&vec![b'A'; 8 << 20]);
+    let mut resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+        z.len()
+    )
+    .into_bytes();
+    resp.extend_from_slice(&z);
+    let v = c.split(false, &resp, 1448);
+    assert!(v.iter().all(|&x| x == Verdict::Pass), "{v:?}");
+    let st = c.e.http_state_stats();
+    assert_eq!((st.inflate_capped, st.untracked), (1, 1));
+    assert_eq!(c.e.stats().http_dropped, 0);
 }
 
 #[test]

@@ -31,16 +31,18 @@
 //!    (below). `pkt_data` of these messages is their head.
 //!
 //! A head over 8 KiB, or a line that starts like a start line and passes 8 KiB without its
-//! LF, is an evasion event, and all flows' buffers share a memory limit: at either the segment
-//! is dropped and its flow blocked (the stream tracker's fail-closed policy; fail-open stops
-//! parsing that direction), counted in `EngineStats::http_dropped` and by reason in
-//! [`super::HttpStateStats`]. Inflated output is capped at 1 MiB per message and 128 KiB per
-//! segment: past a cap the rest of that body is not decoded. Bytes of state per flow: 384
+//! LF, is an evasion event, and so is a segment that inflates past its bound (a decompression
+//! bomb: 128 KiB, or 16 times the segment's bytes for a TSO super-frame, at most about 1 MiB);
+//! all flows' buffers share a memory limit: at any of these the segment is dropped and its
+//! flow blocked (the stream tracker's fail-closed policy; fail-open stops parsing that
+//! direction), counted in `EngineStats::http_dropped` and by reason in
+//! [`super::HttpStateStats`]. A body is inflated to its end however long it is (no
+//! per-message depth for a server to pad past). Bytes of state per flow: 384
 //! inline (one per tracker slot, allocated with the engine), and, only while needed, per
 //! direction the head (at most 8 KiB), the body tail (1 KiB) and an inflater (43,272 bytes:
 //! decompressor and 32 KiB window): at most about 103 KiB per flow; all flows' heads, tails
 //! and inflaters together stay within `HttpStateConfig::max_total_bytes` (4 MiB), so the
-//! engine's worst case is 4096 × 384 B + 4 MiB + 804 KiB of per-segment scratch, 6.3 MiB
+//! engine's worst case is 4096 × 384 B + 4 MiB + 4.3 MiB of per-segment scratch, 9.8 MiB
 //! ([`super::HttpStateConfig::heap_bound`], reserved in Ally's heap with the stream
 //! tracker's).
 //!

@@ -21,9 +21,13 @@
 //! decompressor and its 32 KiB window). So one flow holds at most `FLOW_STATE_BYTES + 2 *
 //! (HEAD_MAX + TAIL_BYTES + INFLATER_BYTES)`, about 100 KiB; all flows' buffers together are
 //! capped by [`HttpStateConfig::max_total_bytes`], checked at the end of each segment.
-//! Inflated output is capped at [`MSG_INFLATE_CAP`] per message and [`FRAME_INFLATE_CAP`] per
-//! segment; at a cap the rest of that message's body is not decoded (counted in
-//! [`HttpStateStats::inflate_capped`], the window that hit it marked truncated).
+//! A body is inflated to its end, however long: decoding streams through the inflater's
+//! window, so a long body costs time, not memory (a cap per message, as Snort's and
+//! Suricata's decompression depths, would let a server pad a gzip body past it and hide what
+//! follows). What one segment may inflate is bounded: [`FRAME_INFLATE_CAP`], or
+//! [`BOMB_RATIO`] times the segment's bytes where that is more (a TSO super-frame), at most
+//! [`SEGMENT_INFLATE_MAX`]. A segment that inflates past its bound is a decompression bomb:
+//! [`HttpDrop::InflateBomb`] (counted in [`HttpStateStats::inflate_capped`]).
 //!
 //! A head over [`HEAD_MAX`] (or a line starting like a request or status line that grows past
 //! it) is [`HttpDrop::HeadTooLong`]; all buffers over the total is [`HttpDrop::MemoryLimit`].
@@ -44,10 +48,16 @@ use super::stream::FlowId;
 pub const HEAD_MAX: usize = 8 * 1024;
 /// Decoded body bytes kept from earlier segments as the start of the next body window.
 pub const TAIL_BYTES: usize = 1024;
-/// Inflated bytes per message.
-pub const MSG_INFLATE_CAP: u64 = 1024 * 1024;
-/// Inflated bytes per segment, all messages together.
+/// Inflated bytes a segment may always produce, all messages together (128 KiB: a full-size
+/// segment at a compression ratio of about 88, which text does not reach).
 pub const FRAME_INFLATE_CAP: usize = http::INFLATE_BUDGET;
+/// Inflated bytes per segment byte a large segment (a TSO super-frame) may produce beyond
+/// [`FRAME_INFLATE_CAP`].
+pub const BOMB_RATIO: usize = 16;
+/// The largest segment Ally inspects (a TSO super-frame: 64 KiB of payload and its headers).
+const SEGMENT_MAX: usize = 64 * 1024 + 256;
+/// What any one segment may inflate.
+pub const SEGMENT_INFLATE_MAX: usize = BOMB_RATIO * SEGMENT_MAX;
 /// The deflate window.
 const DICT: usize = 32 * 1024;
 /// Bytes of a chunk-size line's extension, and of all trailer lines.
@@ -59,7 +69,8 @@ pub const FLOW_STATE_BYTES: usize = 384;
 /// The per-segment scratch ([`HttpFrame`]) at its largest: heads (the carried one plus the
 /// segment's), decoded bytes (tail, segment, inflated output) twice (`file_data` and
 /// `http_client_body`), and the normalized header buffers.
-pub const FRAME_SCRATCH_BYTES: usize = 4 * (HEAD_MAX + TAIL_BYTES + FRAME_INFLATE_CAP + 64 * 1024);
+pub const FRAME_SCRATCH_BYTES: usize =
+    4 * (HEAD_MAX + TAIL_BYTES + SEGMENT_INFLATE_MAX + SEGMENT_MAX);
 
 /// Bounds of the per-flow HTTP state.
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +104,9 @@ pub enum HttpDrop {
     HeadTooLong,
     /// The flows' buffers would exceed [`HttpStateConfig::max_total_bytes`].
     MemoryLimit,
+    /// A segment inflated past its bound ([`SEGMENT_INFLATE_MAX`]): a decompression bomb,
+    /// whose undecoded rest could hide anything.
+    InflateBomb,
 }
 
 /// Counters.
@@ -106,7 +120,7 @@ pub struct HttpStateStats {
     pub memory_limit: u64,
     /// Directions no longer parsed after a refusal under a fail-open policy.
     pub untracked: u64,
-    /// Messages whose inflating stopped at a cap.
+    /// Segments refused as decompression bombs (inflating past their bound).
     pub inflate_capped: u64,
     /// Chunked bodies ended by a malformed chunk line.
     pub malformed_chunked: u64,
@@ -336,8 +350,6 @@ struct Half {
     tail: Vec<u8>,
     /// Decoded body bytes of the current message so far.
     decoded: u64,
-    /// Inflated bytes of the current message so far.
-    inflated: u64,
     body: Body,
     dec: Dec,
     inflater: Option<Inflater>,
@@ -373,6 +385,10 @@ struct Ctx<'a> {
     stats: &'a mut HttpStateStats,
     /// Inflated bytes in this segment.
     inflated: usize,
+    /// What this segment may inflate.
+    inflate_budget: usize,
+    /// The segment inflated past its budget.
+    bomb: bool,
     /// The open body window: (event message index, arena start, old bytes, cut).
     win: Option<(usize, usize, usize, bool)>,
 }
@@ -528,10 +544,19 @@ impl HttpFlows {
             out,
             stats: &mut self.stats,
             inflated: 0,
+            inflate_budget: FRAME_INFLATE_CAP
+                .max(BOMB_RATIO.saturating_mul(data.len()))
+                .min(SEGMENT_INFLATE_MAX),
+            bomb: false,
             win: None,
         };
         let r = me.feed(&mut peer.sent, data, &mut cx);
         let r = r.and_then(|()| me.finish(&mut cx));
+        // A bomb, once the walk has ended well otherwise.
+        let r = match r {
+            Ok(()) if cx.bomb => Err(HttpDrop::InflateBomb),
+            r => r,
+        };
         // Charge what the direction keeps.
         let keep = me.head.capacity()
             + me.tail.capacity()
@@ -730,7 +755,6 @@ impl Half {
             Coding::Deflate => Dec::DeflateStart,
         };
         self.decoded = 0;
-        self.inflated = 0;
         self.phase = Phase::Body;
         // The body window starts with this event's message.
         cx.win = Some((k, cx.out.view.arena_len(), 0, false));
@@ -744,7 +768,6 @@ impl Half {
         self.body = Body::Length0;
         self.dec = Dec::Identity;
         self.decoded = 0;
-        self.inflated = 0;
         self.phase = Phase::Line;
     }
 
@@ -990,19 +1013,16 @@ impl Half {
                 decompress(&mut inf.d, &input[at..], &mut inf.dict, inf.pos, flags);
             at += used;
             let out_end = (inf.pos + written).min(DICT);
-            // The caps: per message and per segment.
-            let room = (MSG_INFLATE_CAP.saturating_sub(self.inflated))
-                .min((FRAME_INFLATE_CAP.saturating_sub(cx.inflated)) as u64)
-                as usize;
-            let give = written.min(room);
+            // The segment's bound: past it, a bomb.
+            let give = written.min(cx.inflate_budget.saturating_sub(cx.inflated));
             if give > 0 {
                 let bytes = &inf.dict[inf.pos..inf.pos + give];
-                self.inflated += give as u64;
                 cx.inflated += give;
                 self.emit(bytes, false, cx);
             }
             if give < written {
                 cx.stats.inflate_capped += 1;
+                cx.bomb = true;
                 self.emit(&[], true, cx);
                 stop = true;
                 break;
@@ -1174,7 +1194,7 @@ mod tests {
         assert!(worst <= 106 * 1024, "{worst}");
         let bound = HttpStateConfig::default().heap_bound(4096);
         assert_eq!(bound, 4096 * 384 + (4 << 20) + FRAME_SCRATCH_BYTES);
-        assert!(bound <= 6600 * 1024, "{bound}");
+        assert!(bound <= 10_040 * 1024, "{bound}");
     }
 
     #[test]
