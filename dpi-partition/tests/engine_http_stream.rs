@@ -626,3 +626,43 @@ fn a_request_line_inside_a_body_is_not_a_request() {
         assert_eq!(c.c.sids(), [32], "segments of {size}");
     }
 }
+
+/// A gzip member header with no optional field (FLG 0: what nginx, Apache and flate2 write)
+/// in the e2e test's shape: EICAR in a gzipped, chunked response. The HTTP state took the
+/// first deflate byte for an extra field that FLG did not announce, so the body never
+/// inflated; only the payload view of the stream window caught it, and only while the
+/// response fitted the window.
+#[test]
+fn gzip_without_optional_header_fields_is_decoded() {
+    let eicar: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+    let mut text = b"Ally gzip test: the EICAR string follows.\n".to_vec();
+    text.extend_from_slice(eicar);
+    text.extend_from_slice(b"\nEnd of the test file.\n");
+    for flg_os in [(0u8, 0xffu8), (2, 3), (16, 3)] {
+        let mut z = vec![0x1f, 0x8b, 8, flg_os.0, 0, 0, 0, 0, 0, flg_os.1];
+        match flg_os.0 {
+            2 => z.extend_from_slice(&[0xab, 0xcd]),
+            16 => z.extend_from_slice(b"a comment\0"),
+            _ => {}
+        }
+        z.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(&text, 6));
+        z.extend_from_slice(&[0; 8]);
+        let mut r = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        r.extend_from_slice(&chunked(&z, 16));
+        let rules = "drop tcp any 80 -> any any (msg:\"EICAR\"; file_data; content:\"X5O!P%@AP[4|5C|PZX54(P^)7CC)7}$EICAR\"; sid:106;)\n";
+        for size in [r.len(), 100, 16] {
+            let mut c = Conn::new(rules);
+            c.send(
+                true,
+                b"GET /eicar.gz HTTP/1.1\r\nHost: 10.0.2.2\r\nConnection: close\r\n\r\n",
+            );
+            let v = c.split(false, &r, size);
+            assert!(
+                first(&v, Verdict::Drop).is_some(),
+                "FLG {} in segments of {size}: {v:?}",
+                flg_os.0
+            );
+            assert_eq!(c.c.sid_actions(), vec![(106, "blocked")]);
+        }
+    }
+}

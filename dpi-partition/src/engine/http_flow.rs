@@ -262,7 +262,8 @@ fn gz_next(stage: u8, flags: u8) -> u8 {
     let mut s = stage;
     loop {
         let wanted = match s {
-            GZ_XLEN => flags & 4 != 0,
+            // The extra field's bytes follow its length only when FEXTRA is set.
+            GZ_XLEN | GZ_EXTRA => flags & 4 != 0,
             GZ_NAME => flags & 8 != 0,
             GZ_COMMENT => flags & 16 != 0,
             GZ_HCRC => flags & 2 != 0,
