@@ -1130,12 +1130,27 @@ mod tests {
     use crate::engine::rules::HttpBuffer;
     use alloc::vec::Vec;
 
+    /// A gzip member with every optional header field.
     fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x1f, 0x8b, 8, 0x1e, 0, 0, 0, 0, 0, 3];
-        // FEXTRA (4 bytes), FNAME, FCOMMENT, FHCRC.
-        out.extend_from_slice(&[4, 0, b'a', b'b', 2, 0]);
-        out.extend_from_slice(b"name\0comment\0");
-        out.extend_from_slice(&[0x12, 0x34]);
+        gzip_with(data, 0x1e)
+    }
+
+    /// A gzip member whose header has the optional fields `flags` names (RFC 1952 2.3.1:
+    /// FHCRC 2, FEXTRA 4, FNAME 8, FCOMMENT 16).
+    fn gzip_with(data: &[u8], flags: u8) -> Vec<u8> {
+        let mut out = vec![0x1f, 0x8b, 8, flags, 0, 0, 0, 0, 0, 3];
+        if flags & 4 != 0 {
+            out.extend_from_slice(&[4, 0, b'a', b'b', 2, 0]);
+        }
+        if flags & 8 != 0 {
+            out.extend_from_slice(b"name\0");
+        }
+        if flags & 16 != 0 {
+            out.extend_from_slice(b"comment\0");
+        }
+        if flags & 2 != 0 {
+            out.extend_from_slice(&[0x12, 0x34]);
+        }
         out.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(data, 6));
         out.extend_from_slice(&[0; 8]);
         out
@@ -1204,32 +1219,35 @@ mod tests {
         for i in 0..3000 {
             text.extend_from_slice(alloc::format!("{i} ").as_bytes());
         }
-        let z = gzip(&text);
         let zl = miniz_oxide::deflate::compress_to_vec_zlib(&text, 6);
-        let mut s = alloc::format!(
-            "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
-            z.len()
-        )
-        .into_bytes();
-        s.extend_from_slice(&z);
-        s.extend_from_slice(b"HTTP/1.1 204 No Content\r\nContent-Length: 99\r\n\r\n");
-        s.extend_from_slice(
+        // Every combination of the optional header fields (FLG 0 is what servers send).
+        for flags in (0..32).step_by(2) {
+            let z = gzip_with(&text, flags);
+            let mut s = alloc::format!(
+                "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+                z.len()
+            )
+            .into_bytes();
+            s.extend_from_slice(&z);
+            s.extend_from_slice(b"HTTP/1.1 204 No Content\r\nContent-Length: 99\r\n\r\n");
+            s.extend_from_slice(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: deflate\r\n\r\n",
         );
-        for c in zl.chunks(333) {
-            s.extend_from_slice(alloc::format!("{:X};x=y\r\n", c.len()).as_bytes());
-            s.extend_from_slice(c);
-            s.extend_from_slice(b"\r\n");
-        }
-        s.extend_from_slice(b"0\r\nT: 1\r\n\r\nHTTP/1.0 200 OK\r\n\r\nto the end");
-        let mut rng = Rng(0x1234_5678);
-        for max_piece in [1, 3, 50, 700, 5000] {
-            let got = bodies(&s, &mut rng, max_piece);
-            assert_eq!(got.len(), 4, "pieces of up to {max_piece}");
-            assert_eq!(got[0], text);
-            assert!(got[1].is_empty());
-            assert_eq!(got[2], text);
-            assert_eq!(got[3], b"to the end");
+            for c in zl.chunks(333) {
+                s.extend_from_slice(alloc::format!("{:X};x=y\r\n", c.len()).as_bytes());
+                s.extend_from_slice(c);
+                s.extend_from_slice(b"\r\n");
+            }
+            s.extend_from_slice(b"0\r\nT: 1\r\n\r\nHTTP/1.0 200 OK\r\n\r\nto the end");
+            let mut rng = Rng(0x1234_5678);
+            for max_piece in [1, 3, 50, 700, 5000] {
+                let got = bodies(&s, &mut rng, max_piece);
+                assert_eq!(got.len(), 4, "FLG {flags}, pieces of up to {max_piece}");
+                assert_eq!(got[0], text, "FLG {flags}, pieces of up to {max_piece}");
+                assert!(got[1].is_empty());
+                assert_eq!(got[2], text);
+                assert_eq!(got[3], b"to the end");
+            }
         }
     }
 
