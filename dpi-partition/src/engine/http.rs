@@ -816,7 +816,21 @@ impl HttpParser {
                 .or_else(|| status_line(p, at).map(|l| (l, false)));
             match line {
                 Some((l, request)) => {
-                    at = self.message(p, l, request, min_end, &mut budget, view, false)
+                    let (head_end, end) =
+                        self.message(p, l, request, min_end, &mut budget, view, false);
+                    // The search goes on at line starts after the head (a window may start
+                    // inside a body), and at the end of a framed body: a pipelined message
+                    // may follow it at once, not at a line start.
+                    at = match end {
+                        Some(e)
+                            if e < p.len()
+                                && (request_line(p, e).is_some()
+                                    || status_line(p, e).is_some()) =>
+                        {
+                            e
+                        }
+                        _ => head_end,
+                    };
                 }
                 None => {
                     at = match memchr::memchr(b'\n', &p[at..]) {
@@ -847,8 +861,9 @@ impl HttpParser {
         (view.msgs.len() > n).then_some(n)
     }
 
-    /// Parses the message whose start line is `l`; returns where the search goes on.
-    /// `head_only`: leave the body out.
+    /// Parses the message whose start line is `l`; returns where the search goes on (the end
+    /// of its head) and, for a complete head with a framed body (a length, or chunks that
+    /// ended), where the message ends. `head_only`: leave the body out.
     #[allow(clippy::too_many_arguments)]
     fn message(
         &mut self,
@@ -859,7 +874,7 @@ impl HttpParser {
         budget: &mut Budget,
         view: &mut HttpView,
         head_only: bool,
-    ) -> usize {
+    ) -> (usize, Option<usize>) {
         let mut m = Message {
             start: l.at,
             end: p.len(),
@@ -879,7 +894,7 @@ impl HttpParser {
                 self.start_line_buffers(p, &l, request, &mut m, view);
                 view.msgs.push(m);
             }
-            return p.len();
+            return (p.len(), None);
         };
         m.head_complete = true;
         let parsed = self.parse_headers(p, (l.next, hend), request);
@@ -900,14 +915,21 @@ impl HttpParser {
             Framing::Rest | Framing::Chunked => p.len(),
         };
         let mut cut = false;
+        // Where the message ends, when its framing says so within `p`.
+        let mut framed_end = match framing {
+            Framing::None => Some(hend),
+            Framing::Length(_) => Some(m.end),
+            Framing::Rest | Framing::Chunked => None,
+        };
         if framing == Framing::Chunked && !head_only {
             let (end, walked, c) = self.dechunk(p, hend, budget.body);
             budget.body -= walked;
             m.end = end;
             cut = c;
+            framed_end = (end < p.len()).then_some(end);
         }
         if m.end <= min_end {
-            return hend;
+            return (hend, framed_end);
         }
         self.start_line_buffers(p, &l, request, &mut m, view);
         // Raw header: the header lines without the final empty line and last terminator.
@@ -950,7 +972,7 @@ impl HttpParser {
             self.body(p, hend, framing, parsed, budget, &mut m, view);
         }
         view.msgs.push(m);
-        hend
+        (hend, framed_end)
     }
 
     /// Method, targets (requests) or status code and message (responses).
