@@ -250,3 +250,74 @@ fn the_flow_state_and_the_payload_view_report_the_same_rules() {
     // The markers are placed often enough that most rules fire many times.
     assert!(hits > 300, "{hits}");
 }
+
+/// The sids the stream engine reports when the client sends `req` and the server `resp`, each
+/// cut into random pieces of 1 to `max_piece` bytes (the client acknowledging as it goes).
+fn split_sids(rng: &mut Rng, req: &[u8], resp: &[u8], max_piece: usize) -> Vec<u32> {
+    let (_, mut st) = engines();
+    let mut c = Collect::default();
+    for f in [
+        seg(true, SYN, CISN, 0, b""),
+        seg(false, SYN | ACK, SISN, CISN + 1, b""),
+        seg(true, ACK, CISN + 1, SISN + 1, b""),
+    ] {
+        st.inspect(&f, Direction::ToWire, Timestamp(1), &mut c);
+    }
+    let mut sent = [0u32; 2];
+    for (to_server, data) in [(true, req), (false, resp)] {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = (rng.below(max_piece) + 1).min(rest.len());
+            let (me, peer) = if to_server { (0, 1) } else { (1, 0) };
+            let (isn, peer_isn) = if to_server {
+                (CISN, SISN)
+            } else {
+                (SISN, CISN)
+            };
+            let f = seg(
+                to_server,
+                PSH_ACK,
+                isn + 1 + sent[me],
+                peer_isn + 1 + sent[peer],
+                &rest[..n],
+            );
+            sent[me] += n as u32;
+            let dir = if to_server {
+                Direction::ToWire
+            } else {
+                Direction::FromWire
+            };
+            st.inspect(&f, dir, Timestamp(2), &mut c);
+            rest = &rest[n..];
+        }
+    }
+    let mut x = c.sids();
+    x.sort_unstable();
+    x.dedup();
+    x
+}
+
+/// The same exchanges cut into small segments: the flow's HTTP state reports what the payload
+/// view finds in the whole messages (a disagreement would be an evasion by segmentation).
+#[test]
+fn split_messages_match_as_the_whole_ones_do() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for round in 0..300 {
+        let (mut req, mut resp) = (request(&mut rng), response(&mut rng));
+        if rng.chance(4) {
+            req.extend_from_slice(&request(&mut rng));
+            resp.extend_from_slice(&response(&mut rng));
+        }
+        let (mut whole, _) = sids(&req, &resp);
+        whole.dedup();
+        let max_piece = [1, 7, 64, 700][rng.below(4)];
+        let split = split_sids(&mut rng, &req, &resp, max_piece);
+        assert_eq!(
+            whole,
+            split,
+            "round {round}, pieces of up to {max_piece}: whole vs split\nrequest: {:?}\nresponse: {:?}",
+            String::from_utf8_lossy(&req),
+            String::from_utf8_lossy(&resp)
+        );
+    }
+}
