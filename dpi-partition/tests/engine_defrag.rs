@@ -176,3 +176,129 @@ fn a_tcp_segment_in_fragments_goes_through_the_stream_tracker_whole() {
     let mut plain = engine(rules, false);
     assert_eq!(verdicts(&mut plain, &frags, 0, &mut c), [Verdict::Drop; 2]);
 }
+
+/// A receiver's reassembly of one identification: every byte from the fragments it got, the
+/// first or the last copy of a byte kept; when the last fragment came and no byte is missing
+/// the datagram is delivered and the next fragment starts a new one.
+struct Reassembly {
+    bytes: Vec<Option<u8>>,
+    total: Option<usize>,
+    last_wins: bool,
+    delivered: Vec<Vec<u8>>,
+}
+
+impl Reassembly {
+    fn new(last_wins: bool) -> Self {
+        Reassembly {
+            bytes: Vec::new(),
+            total: None,
+            last_wins,
+            delivered: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, offset: usize, more: bool, data: &[u8]) {
+        if self.bytes.len() < offset + data.len() {
+            self.bytes.resize(offset + data.len(), None);
+        }
+        for (i, &b) in data.iter().enumerate() {
+            let slot = &mut self.bytes[offset + i];
+            if self.last_wins || slot.is_none() {
+                *slot = Some(b);
+            }
+        }
+        if !more {
+            self.total = Some(offset + data.len());
+        }
+        if let Some(d) = self.datagram() {
+            self.delivered.push(d);
+            self.bytes.clear();
+            self.total = None;
+        }
+    }
+
+    fn datagram(&self) -> Option<Vec<u8>> {
+        let total = self.total?;
+        self.bytes.get(..total)?.iter().copied().collect()
+    }
+}
+
+/// Random fragment schedules of one UDP datagram against first-wins and last-wins receivers:
+/// cuts on 8-byte boundaries, reordering, duplicates, and overlapping fragments that carry
+/// either the benign bytes or a copy with the marker. Whatever the engine forwards, no
+/// receiver reassembles a datagram holding the marker (and with reassembly off, one does).
+#[test]
+fn no_fragment_schedule_gets_the_marker_to_the_receiver() {
+    let mut x = 0x6a09_e667_f3bc_c909u64;
+    let mut below = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut leaked_without_reassembly = 0;
+    for round in 0..300 {
+        let len = 64 + below(1500);
+        let clean: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let at = below(len - MARKER.len());
+        let mut marked = clean.clone();
+        marked[at..at + MARKER.len()].copy_from_slice(MARKER);
+        // The marker always on the wire in full: either datagram may be the one completed.
+        let (a, b) = (udp(&clean), udp(&marked));
+        let total = a.len();
+        let unit = [8, 16, 64, 512][below(4)];
+        let mut frags: Vec<(usize, usize, bool)> = Vec::new();
+        let mut off = 0;
+        while off < total {
+            let n = (8 * (below(unit / 8) + 1)).min(total - off);
+            frags.push((off, n, below(2) == 0));
+            off += n;
+        }
+        for _ in 0..below(frags.len() + 2) {
+            let k = frags.len();
+            match below(3) {
+                0 => frags.swap(below(k), below(k)),
+                1 => {
+                    let f = frags[below(k)];
+                    frags.insert(below(k + 1), (f.0, f.1, !f.2));
+                }
+                _ => {
+                    let o = 8 * below(total / 8);
+                    let n = (8 * (below(unit / 8) + 1)).min(total - o);
+                    frags.insert(below(k + 1), (o, n, below(2) == 0));
+                }
+            }
+        }
+        for reassembly in [true, false] {
+            let mut e = engine(UDP_DROP, reassembly);
+            let mut c = Collect::default();
+            let mut rx = [Reassembly::new(false), Reassembly::new(true)];
+            for (i, &(o, n, alt)) in frags.iter().enumerate() {
+                let src = if alt { &b } else { &a };
+                let more = o + n < total;
+                let f = frame(17, 77, o, more, &src[o..o + n]);
+                let v = e.inspect(&f, Direction::ToWire, Timestamp(1 + i as u64), &mut c);
+                if v != Verdict::Drop {
+                    for r in &mut rx {
+                        r.take(o, more, &src[o..o + n]);
+                    }
+                }
+            }
+            for (r, policy) in rx.iter().zip(["first-wins", "last-wins"]) {
+                let leaked = r
+                    .delivered
+                    .iter()
+                    .any(|d| d.windows(MARKER.len()).any(|w| w == MARKER));
+                if reassembly {
+                    assert!(
+                        !leaked,
+                        "round {round}: a {policy} receiver reassembled the marker from {frags:?}"
+                    );
+                } else {
+                    leaked_without_reassembly += usize::from(leaked);
+                }
+            }
+        }
+    }
+    assert!(leaked_without_reassembly > 0);
+}
