@@ -546,6 +546,12 @@ pub fn report() {
             dir.backpressure,
             dir.wire_frames
         );
+        if dir.held + dir.released + dir.released_refused > 0 {
+            info!(
+                "ALLY nic-{name}-hold held={} released={} released-refused={}",
+                dir.held, dir.released, dir.released_refused
+            );
+        }
         for reason in DropReason::ALL {
             let (dropped, stopped) = (dir.dropped(reason), dir.stopped(reason));
             if dropped + stopped > 0 {
@@ -613,7 +619,7 @@ fn report_engine() {
     };
     let e = c.engine;
     info!(
-        "ALLY engine frames={} not-ip={} passed={} alerted={} dropped={} stream-dropped={} stream-untracked={} frag-forwarded={} frag-dropped={} frag-unblocked={}",
+        "ALLY engine frames={} not-ip={} passed={} alerted={} dropped={} stream-dropped={} stream-untracked={} frag-forwarded={} frag-dropped={} frag-unblocked={} held={} released={} forward-full={}",
         e.frames,
         e.not_ip,
         e.passed,
@@ -623,7 +629,10 @@ fn report_engine() {
         e.stream_untracked,
         e.frag_forwarded,
         e.frag_dropped,
-        e.frag_unblocked
+        e.frag_unblocked,
+        e.held,
+        e.released,
+        e.forward_full
     );
     let s = c.stream;
     let d = s.drops;

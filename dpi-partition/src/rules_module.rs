@@ -294,8 +294,11 @@ pub struct TableKeys {
 /// The engine configuration [`build_engine`] uses.
 pub fn engine_config(keys: TableKeys) -> EngineConfig {
     EngineConfig {
+        // Out-of-order segments held until their gap fills (the queue engine forwards them
+        // through `PacketHook::take_forward`), not dropped for the sender to resend.
         stream: Some(StreamConfig {
             key: keys.stream,
+            hold_out_of_order: true,
             ..engine_stream_config()
         }),
         defrag: Some(DefragConfig::forwarding(keys.defrag)),

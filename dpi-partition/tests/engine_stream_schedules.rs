@@ -101,13 +101,21 @@ fn schedule(rng: &mut Rng, len: usize) -> Vec<(usize, usize)> {
 }
 
 fn engine() -> Engine {
+    engine_holding(false)
+}
+
+/// The engine, holding out-of-order segments (`hold`) or dropping them.
+fn engine_holding(hold: bool) -> Engine {
     let rules =
         "drop tcp any any -> any any (msg:\"marker\"; content:\"FORBIDDEN-MARKER\"; sid:1;)\n";
     let p = parse_rules(rules, &Vars::snort_defaults());
     Engine::new(
         p.rules,
         EngineConfig {
-            stream: Some(engine_stream_config()),
+            stream: Some(ally_dpi::engine::StreamConfig {
+                hold_out_of_order: hold,
+                ..engine_stream_config()
+            }),
             ..EngineConfig::default()
         },
     )
@@ -244,4 +252,94 @@ fn no_mix_of_differing_overlaps_gets_the_marker_to_the_receiver() {
             "{label}: a last-wins receiver assembled the marker"
         );
     }
+}
+
+/// With out-of-order segments held (the boot configuration), a schedule of a clean stream
+/// that stays within the hold bounds gets through whole without any retransmission (the held
+/// segments are forwarded once their gaps fill); past the bounds (many tiny segments) the
+/// sender's retransmission completes it; a stream with the marker never reaches the receiver
+/// whole.
+#[test]
+fn holding_delivers_every_schedule_without_retransmission() {
+    let mut rng = Rng(0x3c6e_f372_fe94_f82b);
+    let mut whole_without_resend = 0;
+    for round in 0..200 {
+        let len = 200 + rng.below(6000);
+        let mut stream: Vec<u8> = (0..len).map(|_| b'a' + rng.below(26) as u8).collect();
+        let with_marker = rng.below(3) == 0;
+        if with_marker {
+            let at = rng.below(len - MARKER.len());
+            stream[at..at + MARKER.len()].copy_from_slice(MARKER);
+        }
+        let segs = schedule(&mut rng, len);
+        let mut e = engine_holding(true);
+        let mut c = Collect::default();
+        for f in [
+            seg(true, SYN, CISN, 0, b""),
+            seg(false, SYN | ACK, SISN, CISN + 1, b""),
+            seg(true, ACK, CISN + 1, SISN + 1, b""),
+        ] {
+            e.inspect(&f, Direction::ToWire, Timestamp(1), &mut c);
+        }
+        let mut rx = Receiver::default();
+        let (mut held, mut dropped, mut blocked) = (0, 0, false);
+        let resend: Vec<(usize, usize)> = (0..len)
+            .step_by(1400)
+            .map(|a| (a, 1400.min(len - a)))
+            .collect();
+        for (k, &(at, n)) in segs.iter().chain(&resend).enumerate() {
+            if k == segs.len() && !with_marker && dropped == 0 {
+                // Everything sent once, nothing dropped: the receiver has it all.
+                assert_eq!(
+                    rx.delivered, stream,
+                    "round {round}: not whole before the resend"
+                );
+                whole_without_resend += 1;
+            }
+            let data = &stream[at..at + n];
+            let f = seg(true, PSH_ACK, CISN + 1 + at as u32, SISN + 1, data);
+            match e.inspect(&f, Direction::ToWire, Timestamp(2), &mut c) {
+                Verdict::Drop => {
+                    dropped += 1;
+                    blocked |= !c.alerts.is_empty();
+                }
+                Verdict::Hold => held += 1,
+                _ => rx.take(at, data),
+            }
+            // What the gap released: the frames as they came, in order.
+            while let Some(r) = e.take_forward(Direction::ToWire) {
+                let seq = u32::from_be_bytes(r[38..42].try_into().unwrap());
+                let at = seq.wrapping_sub(CISN + 1) as usize;
+                rx.take(at, &r[54..]);
+            }
+            assert!(e.take_forward(Direction::FromWire).is_none());
+            let ack = seg(
+                false,
+                ACK,
+                SISN + 1,
+                CISN + 1 + rx.delivered.len() as u32,
+                b"",
+            );
+            e.inspect(&ack, Direction::FromWire, Timestamp(2), &mut c);
+        }
+        let label = format!(
+            "round {round}: {} segments, {len} bytes, marker {with_marker}, {held} held, {dropped} dropped",
+            segs.len()
+        );
+        if with_marker {
+            assert!(blocked, "{label}: not blocked");
+            assert!(
+                !contains(&rx.delivered, MARKER),
+                "{label}: the receiver assembled the marker"
+            );
+        } else {
+            assert!(!blocked, "{label}: blocked");
+            assert_eq!(
+                rx.delivered, stream,
+                "{label}: the receiver did not get the stream"
+            );
+        }
+        assert_eq!(e.stats().held, held as u64, "{label}");
+    }
+    assert!(whole_without_resend > 60, "{whole_without_resend}");
 }

@@ -890,3 +890,177 @@ fn nic_last_received_frame_is_fingerprinted() {
         Some((last.len(), fnv1a(FNV_OFFSET, &last[..FINGERPRINT_BYTES])))
     );
 }
+
+/// A hook that holds every frame tagged with an odd sequence number until the next frame of
+/// its direction passes, then releases it (as the stream tracker releases an out-of-order
+/// segment once its gap is filled).
+#[derive(Default)]
+struct HoldOdd {
+    held: [Option<Vec<u8>>; 2],
+    released: [std::collections::VecDeque<Vec<u8>>; 2],
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::ToWire => 0,
+        Direction::FromWire => 1,
+    }
+}
+
+impl ally_dpi::nic::PacketHook for HoldOdd {
+    fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
+        let i = dir_index(dir);
+        let seq = u32::from_be_bytes(frame[26..30].try_into().unwrap());
+        if seq % 2 == 1 {
+            self.held[i] = Some(frame.to_vec());
+            return HookVerdict::Hold;
+        }
+        if let Some(h) = self.held[i].take() {
+            self.released[i].push_back(h);
+        }
+        HookVerdict::Pass
+    }
+    fn take_forward(&mut self, dir: Direction) -> Option<Vec<u8>> {
+        self.released[dir_index(dir)].pop_front()
+    }
+    fn has_forward(&self) -> bool {
+        self.released.iter().any(|q| !q.is_empty())
+    }
+}
+
+/// A TCP/IPv4 frame whose IP source address carries `seq` (read back at bytes 26..30).
+fn tagged_tcp(seq: u32, payload: usize) -> Vec<u8> {
+    let mut f = tcp4_frame(seq, payload);
+    f[26..30].copy_from_slice(&seq.to_be_bytes());
+    f
+}
+
+/// Whether a TCP/IPv4 frame's IP header and TCP checksums are right (RFC 1071).
+fn checksums_hold(f: &[u8]) -> bool {
+    use ally_dpi::engine::packet::internet_checksum;
+    let ip_ok = internet_checksum(&f[14..34]) == 0;
+    let tcp_len = f.len() - 34;
+    let mut p = Vec::new();
+    p.extend_from_slice(&f[26..34]);
+    p.extend_from_slice(&[0, 6]);
+    p.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    p.extend_from_slice(&f[34..]);
+    ip_ok && internet_checksum(&p) == 0
+}
+
+fn tx_hold_and_release(mode: Mode) {
+    let mut e = env(cfg(mode), Flavor::Qemu, true, HoldOdd::default());
+    e.setup(64, 64, 2048);
+    // Held: 1, 3; passed: 2, 4, each releasing the one held before it.
+    let frames: Vec<Vec<u8>> = (1..=4).map(|s| tagged_tcp(s, 100 + s as usize)).collect();
+    for f in &frames {
+        e.queue_legacy(f);
+    }
+    e.kick();
+    e.run();
+    // Every guest descriptor completed, held ones included: the guest's ring moves on.
+    for k in 0..4 {
+        assert_eq!(
+            e.guest_tx_status(k) & txsta::DD,
+            txsta::DD,
+            "descriptor {k}"
+        );
+    }
+    assert_eq!(e.gr(Reg::TDH), e.tdt);
+    let wire = e.model.take_wire();
+    let seqs: Vec<u32> = wire
+        .iter()
+        .map(|f| u32::from_be_bytes(f[26..30].try_into().unwrap()))
+        .collect();
+    // Released frames go out after the poll's batch, in the order they were released (a TCP
+    // receiver puts them back in sequence).
+    assert_eq!(seqs, [2, 4, 1, 3]);
+    // Released frames carry what the guest sent, with the checksums Ally filled in.
+    for (w, s) in wire.iter().zip(&seqs) {
+        let f = &frames[*s as usize - 1];
+        assert_eq!(w.len(), f.len());
+        if s % 2 == 1 {
+            assert!(checksums_hold(w), "seq {s}");
+            assert_eq!(w[34..50], f[34..50]);
+            assert_eq!(w[52..], f[52..]);
+        } else {
+            assert_eq!(w, f);
+        }
+    }
+    let c = e.dpi.counters();
+    assert_eq!((c.tx.held, c.tx.released, c.tx.released_refused), (2, 2, 0));
+    assert_eq!(c.tx.packets, 4);
+    assert_eq!(c.tx.total_dropped(), 0);
+    // The engine goes on as before.
+    let more = tagged_tcp(6, 60);
+    e.queue_legacy(&more);
+    e.kick();
+    e.run();
+    assert_eq!(e.model.take_wire(), vec![more]);
+    assert_eq!(e.gr(Reg::TDH), e.tdt);
+}
+
+#[test]
+fn nic_tx_held_frames_go_out_when_released_copy_mode() {
+    tx_hold_and_release(Mode::Copy);
+}
+
+#[test]
+fn nic_tx_held_frames_go_out_when_released_zero_copy_mode() {
+    tx_hold_and_release(Mode::ZeroCopy);
+}
+
+#[test]
+fn nic_rx_held_frames_reach_the_guest_when_released() {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, HoldOdd::default());
+    e.setup(32, 16, 2048);
+    let frames: Vec<Vec<u8>> = (1..=4).map(|s| tagged_tcp(s, 200)).collect();
+    for f in &frames {
+        e.model.inject(f);
+    }
+    e.run();
+    let got = e.guest_rx();
+    let seqs: Vec<u32> = got
+        .iter()
+        .map(|(f, _)| u32::from_be_bytes(f[26..30].try_into().unwrap()))
+        .collect();
+    assert_eq!(seqs, [2, 4, 1, 3]);
+    for (f, d) in &got {
+        assert_eq!(
+            f,
+            &frames[u32::from_be_bytes(f[26..30].try_into().unwrap()) as usize - 1]
+        );
+        assert_eq!(d.status & (rxsta::DD | rxsta::EOP), rxsta::DD | rxsta::EOP);
+        assert_eq!(d.errors, 0);
+    }
+    // A released frame's checksums were not checked by the device: IXSM says so.
+    assert_ne!(got[2].1.status & rxsta::IXSM, 0);
+    assert_eq!(got[0].1.status & rxsta::IXSM, 0);
+    assert_ne!(e.shadow.peek_icr() & icr::RXT0, 0);
+    let c = e.dpi.counters();
+    assert_eq!((c.rx.held, c.rx.released, c.rx.packets), (2, 2, 4));
+    assert_eq!(e.gr(Reg::RDH), e.rx_next);
+}
+
+/// A released frame too long for one frame (a held TSO packet) is not sent; counted.
+#[test]
+fn nic_tx_released_frame_over_a_standard_frame_is_refused() {
+    struct ReleaseBig(bool);
+    impl ally_dpi::nic::PacketHook for ReleaseBig {
+        fn inspect(&mut self, _: &[u8], _: Direction) -> HookVerdict {
+            HookVerdict::Pass
+        }
+        fn take_forward(&mut self, dir: Direction) -> Option<Vec<u8>> {
+            (dir == Direction::ToWire && !std::mem::replace(&mut self.0, true))
+                .then(|| tagged_tcp(9, 3000))
+        }
+        fn has_forward(&self) -> bool {
+            !self.0
+        }
+    }
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, ReleaseBig(false));
+    e.setup(64, 64, 2048);
+    e.run();
+    assert!(e.model.take_wire().is_empty());
+    assert_eq!(e.dpi.counters().tx.released_refused, 1);
+}

@@ -37,6 +37,23 @@ const BENCH_KEYS: TableKeys = TableKeys {
 const PASS_GAP_US: u64 = 4 * 3600 * 1_000_000;
 
 /// The engine of Ally's DPI core: the boot configuration with [`BENCH_KEYS`].
+/// Inspects one frame and takes whatever the engine releases (held out-of-order segments now in
+/// order, judged), as the queue engine does after every frame.
+pub fn inspect_and_forward(
+    engine: &mut Engine,
+    bytes: &[u8],
+    dir: Direction,
+    now: Timestamp,
+) -> Verdict {
+    let v = engine.inspect(bytes, dir, now, &mut NullSink);
+    if engine.has_forward() {
+        for d in [Direction::ToWire, Direction::FromWire] {
+            while engine.take_forward(d).is_some() {}
+        }
+    }
+    v
+}
+
 pub fn boot_engine(rules: Vec<Rule>) -> Result<Engine, String> {
     Engine::new(rules, engine_config(BENCH_KEYS)).map_err(|e| e.to_string())
 }
@@ -116,14 +133,14 @@ fn print_rate(label: &str, r: &Rate) {
 
 fn run_set(name: &str, engine: &mut Engine, frames: &[GenFrame], timed: &[usize], min: Duration) {
     // Warm-up over every frame (handshakes establish the flows the timed frames belong to).
-    let mut verdicts = [0usize; 3];
+    let mut verdicts = [0usize; 4];
     for f in frames {
         let dir = if f.to_server {
             Direction::ToWire
         } else {
             Direction::FromWire
         };
-        let v = engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
+        let v = inspect_and_forward(engine, &f.bytes, dir, Timestamp(f.ts_us));
         verdicts[v as usize] += 1;
     }
     let bytes: usize = timed.iter().map(|&i| frames[i].bytes.len()).sum();
@@ -159,7 +176,7 @@ fn run_set(name: &str, engine: &mut Engine, frames: &[GenFrame], timed: &[usize]
             } else {
                 Direction::FromWire
             };
-            engine.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
+            inspect_and_forward(engine, &f.bytes, dir, Timestamp(f.ts_us));
         }
     });
     print_rate("(b) full evaluation (verdict per frame)", &full);
@@ -209,13 +226,13 @@ impl<'a> Replay<'a> {
         last + self.offset + self.pass.saturating_sub(1) * self.span
     }
 
-    /// One pass; verdict counts (pass, alert, drop).
-    fn run(&mut self, engine: &mut Engine) -> [usize; 3] {
+    /// One pass; verdict counts (pass, alert, drop, hold).
+    fn run(&mut self, engine: &mut Engine) -> [usize; 4] {
         let shift = self.offset + self.pass * self.span;
         self.pass += 1;
-        let mut v = [0usize; 3];
+        let mut v = [0usize; 4];
         for &(dir, ts, bytes) in self.frames {
-            v[engine.inspect(bytes, dir, Timestamp(ts + shift), &mut NullSink) as usize] += 1;
+            v[inspect_and_forward(engine, bytes, dir, Timestamp(ts + shift)) as usize] += 1;
         }
         v
     }
@@ -229,7 +246,7 @@ fn snap(e: &Engine) -> Snap {
     Snap(e.stats(), e.stream_stats(), e.defrag_stats())
 }
 
-fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 3]) {
+fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 4]) {
     let Snap(before, sb, db) = before;
     let s = engine.stats();
     let st = engine.stream_stats();
@@ -247,10 +264,12 @@ fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 3]) {
         syn_on_established: d.syn_on_established - b.syn_on_established,
     };
     println!(
-        "  one pass: {} pass, {} alert, {} drop (stream {}: out-of-order {}, out-of-window {}, overlap {}, blocked {}, malformed {}, flow-limit {}, memory-limit {}, other {}; fragments {}); {} fragments forwarded, {} datagrams reassembled; {} alert records",
+        "  one pass: {} pass, {} alert, {} drop, {} held ({} released) (stream {}: out-of-order {}, out-of-window {}, overlap {}, blocked {}, malformed {}, flow-limit {}, memory-limit {}, other {}; fragments {}); {} fragments forwarded, {} datagrams reassembled; {} alert records",
         verdicts[Verdict::Pass as usize],
         verdicts[Verdict::Alert as usize],
         verdicts[Verdict::Drop as usize],
+        verdicts[Verdict::Hold as usize],
+        s.released - before.released,
         s.stream_dropped - before.stream_dropped,
         d.out_of_order,
         d.out_of_window,
@@ -347,7 +366,7 @@ fn state_per_flow(engine: &mut Engine, clock: u64, cfg: &TrafficConfig) {
     let live0 = crate::alloc_count::live();
     let (mut best_flows, mut best_heap) = (0u64, 0isize);
     for (i, &(dir, ts, bytes)) in trace.iter().enumerate() {
-        engine.inspect(bytes, dir, Timestamp(ts + shift), &mut NullSink);
+        inspect_and_forward(engine, bytes, dir, Timestamp(ts + shift));
         if i % 256 == 0 {
             let active = engine.stream_stats().active;
             if active > best_flows {
@@ -810,9 +829,9 @@ mod tests {
         std::fs::write(dir.join("not-a.pcap"), [0x0a, 0x0d, 0x0d, 0x0a, 0, 0]).unwrap();
         // Straight through the boot engine, in the generator's directions...
         let mut direct = boot_engine(tiny_rules()).unwrap();
-        let mut want = [0usize; 3];
+        let mut want = [0usize; 4];
         for f in &frames {
-            let v = direct.inspect(&f.bytes, dir_of(f), Timestamp(f.ts_us), &mut NullSink);
+            let v = inspect_and_forward(&mut direct, &f.bytes, dir_of(f), Timestamp(f.ts_us));
             want[v as usize] += 1;
         }
         assert!(want[Verdict::Drop as usize] > 5, "{want:?}");
@@ -826,9 +845,9 @@ mod tests {
         assert_eq!(eth.len(), frames.len());
         let dirs = directions(&eth);
         let mut replayed = boot_engine(tiny_rules()).unwrap();
-        let mut got = [0usize; 3];
+        let mut got = [0usize; 4];
         for ((r, f), d) in cap.records.iter().zip(&eth).zip(dirs) {
-            got[replayed.inspect(f, d, Timestamp(r.ts_us), &mut NullSink) as usize] += 1;
+            got[inspect_and_forward(&mut replayed, f, d, Timestamp(r.ts_us)) as usize] += 1;
         }
         assert_eq!(got, want);
         // The directory replay takes the good file and refuses the pcapng one.

@@ -512,7 +512,7 @@ mod tests {
     use ally_dpi::engine::http::{HttpParser, HttpView};
     use ally_dpi::engine::packet::{decode, Decoded, L4};
     use ally_dpi::engine::rules::HttpBuffer;
-    use ally_dpi::engine::{Direction, Engine, Inspector, NullSink, Timestamp, Verdict};
+    use ally_dpi::engine::{Direction, Engine, Timestamp, Verdict};
     use ally_dpi::rules_module::{engine_config, TableKeys};
     use std::collections::BTreeMap;
 
@@ -561,7 +561,7 @@ mod tests {
             } else {
                 Direction::FromWire
             };
-            let v = e.inspect(&f.bytes, dir, Timestamp(f.ts_us), &mut NullSink);
+            let v = crate::bench::inspect_and_forward(&mut e, &f.bytes, dir, Timestamp(f.ts_us));
             assert_ne!(v, Verdict::Drop, "{:?}", e.stream_stats().drops);
         }
         let s = e.stats();

@@ -3,7 +3,9 @@
 //! ```ignore
 //! let hook = EngineHook { engine, sink: MgmtWriter::new(com2), clock: || Timestamp(now_us()) };
 //! ```
-//! `drop` verdicts become [`HookVerdict::Drop`]; `pass` and `alert` verdicts forward the frame.
+//! `drop` verdicts become [`HookVerdict::Drop`], held out-of-order segments
+//! [`HookVerdict::Hold`] (forwarded later through [`PacketHook::take_forward`]); `pass` and
+//! `alert` verdicts forward the frame.
 
 use super::{AlertSink, Direction, Engine, Inspector, Timestamp, Verdict};
 use crate::nic::{self, HookVerdict, PacketHook};
@@ -34,8 +36,17 @@ impl<S: AlertSink, C: FnMut() -> Timestamp> PacketHook for EngineHook<S, C> {
         let now = (self.clock)();
         match self.engine.inspect(frame, dir.into(), now, &mut self.sink) {
             Verdict::Drop => HookVerdict::Drop,
+            Verdict::Hold => HookVerdict::Hold,
             Verdict::Pass | Verdict::Alert => HookVerdict::Pass,
         }
+    }
+
+    fn take_forward(&mut self, dir: nic::Direction) -> Option<alloc::vec::Vec<u8>> {
+        self.engine.take_forward(dir.into())
+    }
+
+    fn has_forward(&self) -> bool {
+        self.engine.has_forward()
     }
 }
 

@@ -21,7 +21,8 @@
 //!   at most 64 hosts per `detection_filter` rule). Counters: [`Engine::stats`] (frames =
 //!   not IP + passed + alerted + dropped) and [`Engine::flow_stats`].
 //! - [`EngineHook`] wraps an engine, its sink and a clock as the queue engine's
-//!   [`PacketHook`](crate::nic::PacketHook) (`drop` → `HookVerdict::Drop`, else pass).
+//!   [`PacketHook`](crate::nic::PacketHook) (`drop` → `HookVerdict::Drop`, a held segment →
+//!   `HookVerdict::Hold`, else pass; released segments through `take_forward`).
 //! - [`Engine::from_blob`] verifies a compiled blob ([`blob`]) and refuses a bad one with a
 //!   [`BlobError`] naming the problem; [`Engine::pass_all`] is the no-rules engine, and
 //!   [`Engine::summary`] gives the boot-log line for either.
@@ -35,10 +36,14 @@
 //!   headers skipped, TCP, UDP, ICMP/ICMPv6).
 //! - **TCP streams** (with [`EngineConfig::stream`] set, as boot does; `None`, the default,
 //!   judges every frame on its own): each TCP frame first goes through the inline normalizer
-//!   [`stream`] in *no-hold* mode, since the NIC path cannot hold and re-inject frames: a
-//!   segment ahead of the next expected byte is dropped ([`StreamDrop::OutOfOrder`]; the sender
-//!   retransmits it in order), as are overlaps with different bytes, out-of-window data, bad
-//!   RSTs/SYNs and segments of blocked flows; these drops skip the rules and are counted in
+//!   [`stream`]. A segment ahead of the next expected byte is held when
+//!   [`StreamConfig::hold_out_of_order`] is set, as boot does ([`Verdict::Hold`]: the tracker
+//!   keeps a copy, bounded per flow and in total); when its gap fills it is judged like any
+//!   segment, and if it passes [`Engine::take_forward`] hands it to the queue engine, which
+//!   sends it (TX, with the checksums the guest's offload would have inserted) or delivers it
+//!   (RX). Without holding it is dropped ([`StreamDrop::OutOfOrder`]; the sender retransmits
+//!   it in order). Overlaps with different bytes, out-of-window data, bad RSTs/SYNs and
+//!   segments of blocked flows are dropped; these drops skip the rules and are counted in
 //!   [`EngineStats::stream_dropped`] and by reason in [`Engine::stream_stats`]. So the bytes
 //!   forwarded are exactly the bytes inspected, in order. An accepted segment comes with a
 //!   window: up to `context_bytes` (1 KiB) of the direction's earlier bytes, then its new
@@ -151,7 +156,7 @@ pub mod stream;
 pub mod tls;
 pub mod vars;
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -183,6 +188,22 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// 0 for [`Direction::ToWire`], 1 for [`Direction::FromWire`].
+    pub fn index(self) -> usize {
+        match self {
+            Direction::ToWire => 0,
+            Direction::FromWire => 1,
+        }
+    }
+
+    fn from_index(i: u8) -> Direction {
+        if i == 0 {
+            Direction::ToWire
+        } else {
+            Direction::FromWire
+        }
+    }
+
     /// Name used in alert records and the management stream.
     pub fn name(self) -> &'static str {
         match self {
@@ -232,6 +253,10 @@ pub enum Verdict {
     Alert,
     /// Do not forward; a `drop` rule matched.
     Drop,
+    /// Do not forward now: an out-of-order TCP segment the stream tracker keeps a copy of
+    /// (with [`StreamConfig::hold_out_of_order`]). Once its gap is filled it is judged and, if
+    /// it passes, comes back from [`Engine::take_forward`] in sequence order.
+    Hold,
 }
 
 /// The hook the DPI loop calls for every frame.
@@ -255,8 +280,7 @@ pub struct EngineConfig {
     pub alerts_per_rule_per_sec: u32,
     /// Inline TCP stream tracking ([`stream`]), or `None` to judge every frame on its own
     /// (the default, which per-packet tests use). Boot sets [`engine_stream_config`] with
-    /// `key` from a random source. The engine cannot hold frames, so `hold_out_of_order` is
-    /// forced false.
+    /// `key` from a random source and out-of-order segments held ([`Verdict::Hold`]).
     pub stream: Option<StreamConfig>,
     /// IP reassembly ([`defrag`]) in forward mode, or `None` to judge fragments on their own
     /// (the default). Boot sets [`DefragConfig::forwarding`] with a random key; the engine
@@ -268,7 +292,7 @@ pub struct EngineConfig {
 }
 
 /// The engine's stream bounds: 4096 flows, 2 MiB of retained bytes beyond the 1 KiB matching
-/// context, no holding (out-of-order segments are dropped).
+/// context, no holding (out-of-order segments are dropped; boot's configuration holds them).
 pub fn engine_stream_config() -> StreamConfig {
     StreamConfig {
         max_flows: 4096,
@@ -333,6 +357,14 @@ pub struct EngineStats {
     /// Segments dropped by the HTTP state (a head over its bound, or its memory limit; included
     /// in `dropped`; by reason in [`Engine::http_state_stats`]). Their flow is blocked.
     pub http_dropped: u64,
+    /// Out-of-order segments held ([`Verdict::Hold`]; not in `passed` or `dropped`: each is
+    /// counted there once released and judged).
+    pub held: u64,
+    /// Held segments released, judged and queued for [`Engine::take_forward`].
+    pub released: u64,
+    /// Released segments that passed but found the forward queue full (dropped: the sender
+    /// retransmits them).
+    pub forward_full: u64,
     /// Rule evaluations whose pcre backtracking ran out of steps: `drop` rules matched, others
     /// did not (see [`matcher`]'s doc).
     pub pcre_limit: u64,
@@ -580,6 +612,10 @@ pub struct Engine {
     http_flows: Option<HttpFlows>,
     /// What the HTTP state reported for the current segment.
     hframe: HttpFrame,
+    /// Released segments that passed, per direction ([`Direction::index`]), for
+    /// [`Engine::take_forward`], and their bytes.
+    forward: [VecDeque<Vec<u8>>; 2],
+    forward_bytes: usize,
     /// The HTTP state parses the current segment's direction: its view replaces the payload
     /// view of the stream window (which would parse the window's messages again, head and
     /// all, on every segment, and would take a body's text for messages).
@@ -900,12 +936,7 @@ impl Engine {
             rule_marks: Marks::default(),
             cands: Vec::new(),
             memo: Memo::default(),
-            stream: cfg.stream.map(|sc| {
-                StreamTracker::new(StreamConfig {
-                    hold_out_of_order: false,
-                    ..sc
-                })
-            }),
+            stream: cfg.stream.map(StreamTracker::new),
             defrag: cfg
                 .defrag
                 .map(|dc| Defragmenter::new(DefragConfig { hold: false, ..dc })),
@@ -913,6 +944,8 @@ impl Engine {
             last_expire: 0,
             http_flows: None,
             hframe: HttpFrame::default(),
+            forward: [VecDeque::new(), VecDeque::new()],
+            forward_bytes: 0,
             http_tracked: false,
             http: HttpScratch::default(),
             has_app,
@@ -1479,16 +1512,14 @@ impl Engine {
         self.hframe.clear();
         self.http_tracked = false;
         let (mut stream_flow, mut new_from) = (None, 0);
-        match tracker.segment(&pkt, frame, now) {
+        match tracker.segment_tagged(&pkt, frame, now, dir.index() as u8) {
             StreamOutcome::NotTcp => {}
             StreamOutcome::Untracked => self.stats.stream_untracked += 1,
             StreamOutcome::Held => {
-                // Not produced with hold_out_of_order false; never forward a frame the tracker
-                // kept.
+                // The tracker keeps a copy: judged and forwarded once in order.
                 self.win = win;
-                self.stats.stream_dropped += 1;
-                self.stats.dropped += 1;
-                return Verdict::Drop;
+                self.stats.held += 1;
+                return Verdict::Hold;
             }
             StreamOutcome::Drop(_) => {
                 self.win = win;
@@ -1506,40 +1537,13 @@ impl Engine {
                 stream_flow = Some(flow);
                 new_from = nf;
                 let to_server = sdir == stream::StreamDir::ToServer;
-                let fed = match self.http_flows.as_mut() {
-                    Some(h) if nf < win.len() => h.feed(
-                        flow,
-                        to_server,
-                        &win[nf..],
-                        &mut self.http.parser,
-                        &mut self.hframe,
-                    ),
-                    _ => Ok(()),
-                };
-                if fed.is_err() {
-                    if tracker.on_limit() == stream::LimitPolicy::FailClosed {
-                        // The tracker accepted these bytes: only blocking the flow keeps a
-                        // retransmission of them from passing uninspected.
-                        tracker.block(flow);
-                        if let Some(h) = self.http_flows.as_mut() {
-                            h.forget(flow);
-                        }
-                        self.hframe.clear();
-                        self.win = win;
-                        self.stats.http_dropped += 1;
-                        self.stats.dropped += 1;
-                        sink.dropped(frame, dir, now);
-                        return Verdict::Drop;
-                    }
-                    if let Some(h) = self.http_flows.as_mut() {
-                        h.give_up(flow, to_server);
-                    }
-                    self.hframe.clear();
+                if !self.feed_http(flow, to_server, &win, nf) {
+                    self.win = win;
+                    self.stats.http_dropped += 1;
+                    self.stats.dropped += 1;
+                    sink.dropped(frame, dir, now);
+                    return Verdict::Drop;
                 }
-                self.http_tracked = self
-                    .http_flows
-                    .as_ref()
-                    .is_some_and(|h| h.parses(flow, to_server));
             }
         }
         let v = self.judge(
@@ -1553,7 +1557,128 @@ impl Engine {
             new_from,
         );
         self.win = win;
+        self.judge_released(now, sink);
         v
+    }
+}
+
+/// Bytes of released segments the forward queues hold at most (both directions): beyond
+/// it a released segment is dropped ([`EngineStats::forward_full`]) and its sender resends
+/// it. The tracker's own bound on held bytes keeps this from being reached while the caller
+/// takes what is released after every frame.
+const FORWARD_MAX_BYTES: usize = 512 * 1024;
+
+impl Engine {
+    /// Feeds a stream segment's new bytes (`win[new_from..]`) to the flow's HTTP state and
+    /// notes whether it parses that direction. `false`: the segment is dropped and the flow
+    /// blocked (the HTTP state refused it under the fail-closed policy).
+    fn feed_http(
+        &mut self,
+        flow: stream::FlowId,
+        to_server: bool,
+        win: &[u8],
+        new_from: usize,
+    ) -> bool {
+        self.hframe.clear();
+        self.http_tracked = false;
+        let fed = match self.http_flows.as_mut() {
+            Some(h) if new_from < win.len() => h.feed(
+                flow,
+                to_server,
+                &win[new_from..],
+                &mut self.http.parser,
+                &mut self.hframe,
+            ),
+            _ => Ok(()),
+        };
+        if fed.is_err() {
+            let fail_closed = self
+                .stream
+                .as_ref()
+                .is_some_and(|t| t.on_limit() == stream::LimitPolicy::FailClosed);
+            if let Some(h) = self.http_flows.as_mut() {
+                if fail_closed {
+                    h.forget(flow);
+                } else {
+                    h.give_up(flow, to_server);
+                }
+            }
+            self.hframe.clear();
+            if fail_closed {
+                // The tracker accepted these bytes: only blocking the flow keeps a
+                // retransmission of them from passing uninspected.
+                if let Some(t) = self.stream.as_mut() {
+                    t.block(flow);
+                }
+                return false;
+            }
+        }
+        self.http_tracked = self
+            .http_flows
+            .as_ref()
+            .is_some_and(|h| h.parses(flow, to_server));
+        true
+    }
+
+    /// Judges the held segments the last frame released, in order, and queues those that
+    /// pass for [`Engine::take_forward`].
+    fn judge_released(&mut self, now: Timestamp, sink: &mut dyn AlertSink) {
+        loop {
+            let Some(r) = self.stream.as_mut().and_then(StreamTracker::take_released) else {
+                return;
+            };
+            let dir = Direction::from_index(r.tag);
+            let Decoded::Ip(pkt) = packet::decode(&r.frame) else {
+                continue;
+            };
+            let info = if self.needs_flow {
+                self.flows.track(&pkt, now.0)
+            } else {
+                None
+            };
+            let to_server = r.dir == stream::StreamDir::ToServer;
+            let v = if self.feed_http(r.flow, to_server, &r.window, r.new_from) {
+                self.judge(
+                    &pkt,
+                    &r.frame,
+                    info,
+                    dir,
+                    now,
+                    sink,
+                    Some((r.flow, &r.window[..])),
+                    r.new_from,
+                )
+            } else {
+                self.stats.http_dropped += 1;
+                self.stats.dropped += 1;
+                sink.dropped(&r.frame, dir, now);
+                Verdict::Drop
+            };
+            if v == Verdict::Drop {
+                continue;
+            }
+            self.stats.released += 1;
+            if self.forward_bytes + r.frame.len() > FORWARD_MAX_BYTES {
+                self.stats.forward_full += 1;
+                continue;
+            }
+            self.forward_bytes += r.frame.len();
+            self.forward[dir.index()].push_back(r.frame);
+        }
+    }
+
+    /// The next released segment to forward in direction `dir` (judged and passed; in the
+    /// order its stream needs). Call after every frame until `None`, or when the ring has
+    /// room again.
+    pub fn take_forward(&mut self, dir: Direction) -> Option<Vec<u8>> {
+        let f = self.forward[dir.index()].pop_front()?;
+        self.forward_bytes -= f.len();
+        Some(f)
+    }
+
+    /// Whether released segments wait for [`Engine::take_forward`].
+    pub fn has_forward(&self) -> bool {
+        self.forward_bytes != 0
     }
 }
 
@@ -1768,6 +1893,8 @@ impl Engine {
                 self.stats.dropped += 1;
                 sink.dropped(frame, dir, now);
             }
+            // The rules never hold a frame (only the stream tracker does).
+            Verdict::Hold => {}
         }
         verdict
     }

@@ -273,6 +273,8 @@ pub struct Released {
     pub window: Vec<u8>,
     /// Where the new bytes start in `window`.
     pub new_from: usize,
+    /// The caller's tag of the held frame ([`StreamTracker::segment_tagged`]).
+    pub tag: u8,
 }
 
 impl Released {
@@ -364,6 +366,8 @@ pub struct StreamStats {
 struct Held {
     /// Sequence number of its first data byte.
     seq: u32,
+    /// The caller's tag ([`StreamTracker::segment_tagged`]).
+    tag: u8,
     fin: bool,
     frame: Vec<u8>,
     /// The payload within `frame`.
@@ -559,6 +563,8 @@ pub struct StreamTracker {
     released: VecDeque<Released>,
     /// The window of the last [`StreamOutcome::Accept`].
     scratch: Vec<u8>,
+    /// The tag of the segment being processed.
+    tag: u8,
 }
 
 impl StreamTracker {
@@ -574,6 +580,7 @@ impl StreamTracker {
             used: 0,
             released: VecDeque::new(),
             scratch: Vec::new(),
+            tag: 0,
         }
     }
 
@@ -685,6 +692,19 @@ impl StreamTracker {
     /// Places one TCP segment in its stream. `frame` is the Ethernet frame `pkt` was decoded
     /// from (held frames are copied from it). Never panics.
     pub fn segment(&mut self, pkt: &Packet<'_>, frame: &[u8], now: Timestamp) -> StreamOutcome<'_> {
+        self.segment_tagged(pkt, frame, now, 0)
+    }
+
+    /// [`segment`](Self::segment) with a tag that a frame held now carries when it is
+    /// released ([`Released::tag`]): the engine's direction through the NIC.
+    pub fn segment_tagged(
+        &mut self,
+        pkt: &Packet<'_>,
+        frame: &[u8],
+        now: Timestamp,
+        tag: u8,
+    ) -> StreamOutcome<'_> {
+        self.tag = tag;
         let now = now.0;
         let L4::Tcp {
             sport,
@@ -1188,6 +1208,7 @@ impl StreamTracker {
             at,
             Held {
                 seq,
+                tag: self.tag,
                 fin: s.fin,
                 frame: frame.to_vec(),
                 at: s.at,
@@ -1240,6 +1261,7 @@ impl StreamTracker {
                 frame: x.frame,
                 window: core::mem::take(&mut self.scratch),
                 new_from,
+                tag: x.tag,
             };
             self.used += r.charge();
             self.released.push_back(r);
@@ -1268,6 +1290,7 @@ impl StreamTracker {
                     window: x.data().to_vec(),
                     frame: x.frame,
                     new_from: 0,
+                    tag: x.tag,
                 };
                 self.used += r.charge();
                 self.released.push_back(r);

@@ -63,6 +63,8 @@ pub const MAX_FRAME: u32 = 16384;
 pub const MAX_TSO_FRAME: u32 = 65536 + 256;
 /// Bytes per real descriptor in copy mode.
 const COPY_CHUNK: u32 = 16384;
+/// Largest frame a released (held) frame may be: a standard frame with a VLAN tag, without FCS.
+const STD_FRAME_MAX: usize = 1518;
 
 /// Why a packet was dropped or a ring stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +180,15 @@ pub struct DirCounters {
     /// segmented into several), for RX the frames taken from the device's ring (delivered
     /// or dropped). Compared with what the wire carried.
     pub wire_frames: u64,
+    /// Packets the hook held (out-of-order TCP segments: completed towards their sender but
+    /// not passed on now; not drops).
+    pub held: u64,
+    /// Frames the hook released (held ones now in order, inspected and passed) and this
+    /// engine passed on.
+    pub released: u64,
+    /// Released frames this engine could not pass on: too long for one frame (a held TSO
+    /// packet), no guest receive ring (their senders resend them).
+    pub released_refused: u64,
 }
 
 impl DirCounters {
@@ -556,6 +567,9 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     scratch: Vec<u8>,
     frags: [Frag; MAX_PACKET_DESCS],
     counters: Counters,
+    /// A released frame that found no room yet, per direction.
+    released_tx: Option<Vec<u8>>,
+    released_rx: Option<Vec<u8>>,
 }
 
 impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
@@ -642,6 +656,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             rx_watch: DoorbellWatcher::new(&shadow.rx_doorbell),
             woken: false,
             scratch: Vec::with_capacity(MAX_TSO_FRAME as usize),
+            released_tx: None,
+            released_rx: None,
             frags: [Frag::default(); MAX_PACKET_DESCS],
             counters: Counters::default(),
         };
@@ -777,6 +793,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut work = self.tx_complete();
         work += self.tx_consume();
         work += self.rx_receive();
+        if self.released_tx.is_some() || self.released_rx.is_some() || self.hook.has_forward() {
+            work += self.forward_released();
+        }
         self.shadow.release_held_interrupt(self.real);
         work
     }
@@ -1083,16 +1102,17 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     Ok(frame) if copied => self.hook.inspect(frame, Direction::ToWire),
                     _ => HookVerdict::Drop,
                 };
-                if verdict == HookVerdict::Drop {
+                if verdict != HookVerdict::Pass {
                     *arena = before;
                 }
                 (at, verdict)
             }
         };
-        if verdict == HookVerdict::Drop {
-            return Err(FastStop::Dropped);
+        match verdict {
+            HookVerdict::Pass => Ok(addr),
+            HookVerdict::Drop => Err(FastStop::Dropped),
+            HookVerdict::Hold => Err(FastStop::Held),
         }
-        Ok(addr)
     }
 
     /// [`DpiNic::tx_fast_mode`] when exactly one new guest descriptor is waiting (one packet
@@ -1127,12 +1147,12 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let addr = match self.tx_fast_verdict::<COPY>(pa, len, frame, &mut arena) {
             Ok(addr) => addr,
             Err(FastStop::NoArena) => return (0, true, false),
-            Err(FastStop::Dropped) => {
+            Err(stop) => {
                 if self.tx.inflight.is_full() {
                     // Inspected again next time; back-pressure meanwhile.
                     return (0, true, false);
                 }
-                self.counters.tx.drops[DropReason::Verdict as usize] += 1;
+                self.count_unposted(&stop);
                 self.finish_unposted(1, after);
                 return (1, false, false);
             }
@@ -1177,7 +1197,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut free = self.real_tx_free();
         let mut arena = self.tx.arena_head;
         let (mut pkts, mut bytes) = (0u32, 0u64);
-        let (mut stop, mut dropped) = (false, false);
+        let (mut stop, mut dropped) = (false, None);
         // Runs of descriptors contiguous in both rings (neither wraps inside a run), at most
         // the free real descriptors: the loop below needs no wrap or range checks.
         while next != tdt && pkts < COALESCE_MAX {
@@ -1211,8 +1231,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         stop = true;
                         break;
                     }
-                    Err(FastStop::Dropped) => {
-                        dropped = true;
+                    Err(why) => {
+                        dropped = Some(why);
                         break;
                     }
                 };
@@ -1235,7 +1255,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             }
             free -= k;
             pkts += k;
-            if k < want || stop || dropped {
+            if k < want || stop || dropped.is_some() {
                 break;
             }
         }
@@ -1249,14 +1269,16 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.counters.tx.wire_frames += u64::from(pkts);
             self.counters.tx.bytes += bytes;
         }
-        if dropped && !self.tx.inflight.is_full() {
-            self.counters.tx.drops[DropReason::Verdict as usize] += 1;
-            self.finish_unposted(1, ring.next(next));
-            return (u64::from(pkts) + 1, false, pkts != 0);
+        if let Some(why) = &dropped {
+            if !self.tx.inflight.is_full() {
+                self.count_unposted(why);
+                self.finish_unposted(1, ring.next(next));
+                return (u64::from(pkts) + 1, false, pkts != 0);
+            }
         }
         // A drop that cannot be recorded yet (in-flight list full) is inspected again next
         // time; treat it as back-pressure.
-        (u64::from(pkts), stop || dropped, pkts != 0)
+        (u64::from(pkts), stop || dropped.is_some(), pkts != 0)
     }
 
     /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
@@ -1607,7 +1629,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 }
                 match self.mem.borrow(HostPhysAddr(at), total as usize) {
                     Ok(frame) if ok => judge(&mut self.hook, &offload, frame),
-                    _ => Some(DropReason::Verdict),
+                    _ => Some(Some(DropReason::Verdict)),
                 }
             }
             Mode::ZeroCopy => {
@@ -1617,7 +1639,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
                     {
                         Ok(frame) => judge(&mut self.hook, &offload, frame),
-                        Err(_) => Some(DropReason::Verdict),
+                        Err(_) => Some(Some(DropReason::Verdict)),
                     }
                 } else {
                     self.scratch.clear();
@@ -1633,7 +1655,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     if ok {
                         judge(&mut self.hook, &offload, &self.scratch)
                     } else {
-                        Some(DropReason::Verdict)
+                        Some(Some(DropReason::Verdict))
                     }
                 }
             }
@@ -1641,7 +1663,10 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         if let Some(why) = verdict {
             // Give the arena space back: nothing after it was allocated.
             self.tx.arena_head = arena_before;
-            self.counters.tx.drops[why as usize] += 1;
+            match why {
+                Some(why) => self.counters.tx.drops[why as usize] += 1,
+                None => self.counters.tx.held += 1,
+            }
             self.finish_unposted(count, idx);
             return General::Moved(false);
         }
@@ -1667,7 +1692,15 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         General::Moved(true)
     }
 
-    /// A dropped packet: complete it in order with everything before it.
+    /// Counts a packet the fast path's hook call did not pass.
+    fn count_unposted(&mut self, why: &FastStop) {
+        match why {
+            FastStop::Held => self.counters.tx.held += 1,
+            _ => self.counters.tx.drops[DropReason::Verdict as usize] += 1,
+        }
+    }
+
+    /// A dropped (or held) packet: complete it in order with everything before it.
     fn finish_unposted(&mut self, count: u32, idx: u32) {
         // Room was checked at the top of the consume loop.
         self.tx.inflight.push_back(InFlight {
@@ -1769,6 +1802,122 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         last
     }
 
+    /// Passes on the frames the hook released (held out-of-order segments now in order and
+    /// passed): to the wire, and into the guest's receive ring. A frame that finds no room
+    /// waits for the next poll.
+    #[cold]
+    #[inline(never)]
+    fn forward_released(&mut self) -> u64 {
+        self.tx_post_released() + self.rx_deliver_released()
+    }
+
+    /// Posts released frames on the real TX ring as plain single-descriptor frames from the
+    /// arena. The guest's checksum offload does not come with them (the hook kept the frame
+    /// as inspected), so Ally fills in the IPv4 header and TCP/UDP checksums (RFC 1071) itself.
+    fn tx_post_released(&mut self) -> u64 {
+        let mut posted = 0u64;
+        while let Some(mut frame) = self
+            .released_tx
+            .take()
+            .or_else(|| self.hook.take_forward(Direction::ToWire))
+        {
+            // A held TSO packet cannot go out as one frame: its sender resends the bytes.
+            if frame.len() < 14 || frame.len() > STD_FRAME_MAX.min(self.cfg.tx_arena as usize) {
+                self.counters.tx.released_refused += 1;
+                continue;
+            }
+            if self.real_tx_free() == 0 || self.tx.inflight.is_full() {
+                self.released_tx = Some(frame);
+                break;
+            }
+            let len = frame.len() as u32;
+            let Some(at) = self.arena_alloc(len) else {
+                self.released_tx = Some(frame);
+                break;
+            };
+            super::offload::fill_checksums(&mut frame);
+            if self.mem.write(HostPhysAddr(at), &frame).is_err() {
+                self.counters.tx.released_refused += 1;
+                continue;
+            }
+            let raw = LegacyTxDesc {
+                buffer_addr: at,
+                length: len as u16,
+                cso: 0,
+                cmd: txcmd::EOP | txcmd::IFCS | txcmd::RS,
+                status: 0,
+                css: 0,
+                special: 0,
+            }
+            .to_bytes();
+            let i = self.tx.real_tail;
+            // The real ring is DPI memory laid out by `new`; a failure is impossible there.
+            let _ = self.mem.write(self.real_tx_desc(i), &raw);
+            self.tx.real_tail = if i + 1 == self.cfg.tx_ring { 0 } else { i + 1 };
+            // No guest descriptor to complete: an entry of none, in order with the rest.
+            // Real ring indices are below 4096 (`new`): they fit the entry's u16.
+            self.tx.inflight.push_back(InFlight {
+                guest_first: self.tx.next,
+                guest_count: 0,
+                packets: 1,
+                real_last: i as u16,
+                real_next: self.tx.real_tail as u16,
+                arena_end: self.tx.arena_head,
+                epoch: self.tx.epoch,
+            });
+            self.counters.tx.released += 1;
+            self.counters.tx.packets += 1;
+            self.counters.tx.wire_frames += 1;
+            self.counters.tx.bytes += u64::from(len);
+            posted += 1;
+        }
+        if posted > 0 {
+            fence(Ordering::Release);
+            self.real.write32(Reg::TDT, self.tx.real_tail);
+        }
+        posted
+    }
+
+    /// Delivers released frames into the guest's receive ring, as received frames whose
+    /// checksums the device did not check (IXSM: the guest's stack checks them).
+    fn rx_deliver_released(&mut self) -> u64 {
+        let mut delivered = 0u64;
+        while let Some(frame) = self
+            .released_rx
+            .take()
+            .or_else(|| self.hook.take_forward(Direction::FromWire))
+        {
+            let room = self.guest_rx_room(frame.len());
+            let outcome = match room {
+                Ok((ring, need)) => {
+                    let last = RxDesc {
+                        status: rxsta::IXSM,
+                        ..Default::default()
+                    };
+                    self.write_rx(ring, need, &frame, last)
+                }
+                Err(d) => d,
+            };
+            match outcome {
+                Deliver::Wait => {
+                    self.released_rx = Some(frame);
+                    break;
+                }
+                Deliver::Done => {
+                    self.counters.rx.released += 1;
+                    self.counters.rx.packets += 1;
+                    self.counters.rx.bytes += frame.len() as u64;
+                    delivered += 1;
+                }
+                Deliver::Dropped(_) | Deliver::Held => self.counters.rx.released_refused += 1,
+            }
+        }
+        if delivered > 0 {
+            self.raise(icr::RXT0);
+        }
+        delivered
+    }
+
     /// Move received frames from the real ring into the guest's.
     #[inline(always)]
     fn rx_receive(&mut self) -> u64 {
@@ -1830,6 +1979,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     self.counters.rx.bytes += total as u64;
                 }
                 Deliver::Dropped(why) => self.counters.rx.drops[why as usize] += 1,
+                Deliver::Held => self.counters.rx.held += 1,
             }
             self.counters.rx.wire_frames += 1;
             self.rx.last = Some((first, k, total));
@@ -1852,56 +2002,81 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         moved
     }
 
-    /// Deliver one received frame (`k` real descriptors from `first`) to the guest.
-    fn deliver(&mut self, first: u32, k: u32, total: usize, last: RxDesc) -> Deliver {
-        let n = self.cfg.rx_ring;
+    /// The guest's receive ring when it has buffers for a frame of `total` bytes: the ring and
+    /// the buffers needed; else what to do with the frame.
+    fn guest_rx_room(&mut self, total: usize) -> Result<(GuestRing<'a>, u32), Deliver> {
         let Some(ring) = self.rx.ring else {
-            return Deliver::Dropped(DropReason::GuestRxOff);
+            return Err(Deliver::Dropped(DropReason::GuestRxOff));
         };
         if self.rx.stopped || !self.rx.enabled {
-            return Deliver::Dropped(DropReason::GuestRxOff);
+            return Err(Deliver::Dropped(DropReason::GuestRxOff));
         }
         let rdt = self.shadow.rdt();
         if self.reconfigured_since_poll() {
-            return Deliver::Wait;
+            return Err(Deliver::Wait);
         }
         if rdt >= ring.n {
             self.stop_rx(DropReason::BadTail);
-            return Deliver::Dropped(DropReason::GuestRxOff);
+            return Err(Deliver::Dropped(DropReason::GuestRxOff));
         }
-        let gbuf = self.rx.buf as usize;
-        let need = total.div_ceil(gbuf).max(1) as u32;
+        let need = total.div_ceil(self.rx.buf as usize).max(1) as u32;
         // SDM 3.2.6: head == tail means no buffers.
         let avail = (rdt + ring.n - self.rx.next) % ring.n;
         if avail < need {
-            return Deliver::Wait;
+            return Err(Deliver::Wait);
         }
-        // The frame, contiguous: in place when it fits one DPI buffer.
+        Ok((ring, need))
+    }
+
+    /// Deliver one received frame (`k` real descriptors from `first`) to the guest.
+    fn deliver(&mut self, first: u32, k: u32, total: usize, last: RxDesc) -> Deliver {
+        let n = self.cfg.rx_ring;
+        let (ring, need) = match self.guest_rx_room(total) {
+            Ok(r) => r,
+            Err(d) => return d,
+        };
+        // The frame, contiguous: in place when it fits one DPI buffer, else gathered into the
+        // scratch buffer (taken out of `self` while the frame is in use).
         let rxbuf = |i: u32| self.layout.rx_bufs + u64::from(i % n) * u64::from(self.cfg.rx_buf);
+        let mut scratch = core::mem::take(&mut self.scratch);
         let frame: &[u8] = if k == 1 {
             match self.mem.borrow(HostPhysAddr(rxbuf(first)), total) {
                 Ok(f) => f,
-                Err(_) => return Deliver::Dropped(DropReason::OutsideRam),
+                Err(_) => {
+                    self.scratch = scratch;
+                    return Deliver::Dropped(DropReason::OutsideRam);
+                }
             }
         } else {
-            self.scratch.clear();
+            scratch.clear();
             let mut left = total;
             for j in 0..k {
                 let mut raw = [0u8; 16];
                 let _ = self.mem.read(self.real_rx_desc((first + j) % n), &mut raw);
                 let len = usize::from(RxDesc::from_bytes(&raw).length).min(left);
-                let old = self.scratch.len();
-                self.scratch.resize(old + len, 0);
+                let old = scratch.len();
+                scratch.resize(old + len, 0);
                 let _ = self
                     .mem
-                    .read(HostPhysAddr(rxbuf(first + j)), &mut self.scratch[old..]);
+                    .read(HostPhysAddr(rxbuf(first + j)), &mut scratch[old..]);
                 left -= len;
             }
-            &self.scratch
+            &scratch
         };
-        if self.hook.inspect(frame, Direction::FromWire) == HookVerdict::Drop {
-            return Deliver::Dropped(DropReason::Verdict);
-        }
+        let d = match self.hook.inspect(frame, Direction::FromWire) {
+            HookVerdict::Pass => self.write_rx(ring, need, frame, last),
+            HookVerdict::Drop => Deliver::Dropped(DropReason::Verdict),
+            HookVerdict::Hold => Deliver::Held,
+        };
+        self.scratch = scratch;
+        d
+    }
+
+    /// Writes `frame` into the guest's next `need` receive buffers with the write-back the
+    /// device makes (`last`: the status, errors, checksum and VLAN tag of its last descriptor).
+    fn write_rx(&mut self, ring: GuestRing<'a>, need: u32, frame: &[u8], last: RxDesc) -> Deliver {
+        let gbuf = self.rx.buf as usize;
+        let total = frame.len();
         // Validate every guest buffer before writing any.
         let mut bad: Option<DropReason> = None;
         let mut addrs = [0u64; MAX_PACKET_DESCS];
@@ -2015,15 +2190,21 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
 }
 
 /// The general path's verdict on one assembled frame: its offload checked against it first
-/// (a refused offload is not inspected), then the hook. `None` passes it.
+/// (a refused offload is not inspected), then the hook. `None` passes it; `Some(None)` means
+/// the hook held it.
 #[inline]
-fn judge<H: PacketHook>(hook: &mut H, offload: &Offload, frame: &[u8]) -> Option<DropReason> {
+fn judge<H: PacketHook>(
+    hook: &mut H,
+    offload: &Offload,
+    frame: &[u8],
+) -> Option<Option<DropReason>> {
     if offload.check(frame).is_err() {
-        return Some(DropReason::Offload);
+        return Some(Some(DropReason::Offload));
     }
     match hook.inspect(frame, Direction::ToWire) {
         HookVerdict::Pass => None,
-        HookVerdict::Drop => Some(DropReason::Verdict),
+        HookVerdict::Drop => Some(Some(DropReason::Verdict)),
+        HookVerdict::Hold => Some(None),
     }
 }
 
@@ -2033,6 +2214,8 @@ enum FastStop {
     NoArena,
     /// The hook dropped the packet.
     Dropped,
+    /// The hook held the packet (it forwards it later).
+    Held,
 }
 
 /// What the general TX path did with one packet.
@@ -2047,4 +2230,6 @@ enum Deliver {
     Done,
     Wait,
     Dropped(DropReason),
+    /// The hook held the frame (it forwards it later).
+    Held,
 }

@@ -36,6 +36,9 @@ pub enum Direction {
 pub enum HookVerdict {
     Pass,
     Drop,
+    /// Not now: the hook kept a copy (an out-of-order TCP segment) and hands it back through
+    /// [`PacketHook::take_forward`] once it is in order and passed.
+    Hold,
 }
 
 /// The inspection hook the queue engine calls for every frame before it reaches the wire or
@@ -43,6 +46,17 @@ pub enum HookVerdict {
 /// unsegmented super-frame as the guest built it.
 pub trait PacketHook {
     fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict;
+
+    /// The next frame the hook held and now releases for `dir`, inspected and passed.
+    fn take_forward(&mut self, _dir: Direction) -> Option<alloc::vec::Vec<u8>> {
+        None
+    }
+
+    /// Whether released frames wait for [`PacketHook::take_forward`] (cheap: polled every
+    /// pass of the queue engine).
+    fn has_forward(&self) -> bool {
+        false
+    }
 }
 
 /// A hook that passes everything (Ally's behaviour until the engine is attached).

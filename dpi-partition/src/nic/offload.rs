@@ -496,6 +496,82 @@ impl Headers {
     }
 }
 
+/// Fills in the checksums of an Ethernet frame as the device's offloads would (a frame
+/// whose offload request did not come with it): the IPv4 header checksum and the TCP or UDP
+/// checksum over IPv4 or IPv6 (RFC 1071, RFC 793 §3.1, RFC 768, RFC 8200 §8.1; a UDP
+/// checksum of 0 becomes 0xFFFF). Anything it cannot parse (fragments, IPv6 extension headers,
+/// truncated frames) is left as it is.
+pub fn fill_checksums(frame: &mut [u8]) {
+    let mut l3 = 14;
+    let mut ethertype = match frame.get(12..14) {
+        Some(t) => u16::from_be_bytes([t[0], t[1]]),
+        None => return,
+    };
+    if ethertype == 0x8100 {
+        let Some(t) = frame.get(16..18) else { return };
+        ethertype = u16::from_be_bytes([t[0], t[1]]);
+        l3 = 18;
+    }
+    let (proto, l4, pseudo) = match ethertype {
+        0x0800 => {
+            let Some(&vihl) = frame.get(l3) else { return };
+            let ihl = usize::from(vihl & 0x0F) * 4;
+            let Some(h) = frame.get(l3..l3 + ihl) else {
+                return;
+            };
+            if ihl < 20 {
+                return;
+            }
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3FFF;
+            let proto = h[9];
+            let mut pseudo = [0u8; 12];
+            pseudo[..8].copy_from_slice(&h[12..20]);
+            pseudo[9] = proto;
+            frame[l3 + 10..l3 + 12].fill(0);
+            let sum = crate::engine::packet::internet_checksum(&frame[l3..l3 + ihl]);
+            frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            if frag != 0 || total < ihl || l3 + total > frame.len() {
+                return;
+            }
+            let l4 = (l3 + ihl)..(l3 + total);
+            let len = (total - ihl) as u16;
+            pseudo[10..12].copy_from_slice(&len.to_be_bytes());
+            (proto, l4, alloc::vec::Vec::from(pseudo))
+        }
+        0x86DD => {
+            let Some(h) = frame.get(l3..l3 + 40) else {
+                return;
+            };
+            let plen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let proto = h[6];
+            if l3 + 40 + plen > frame.len() {
+                return;
+            }
+            let mut pseudo = alloc::vec::Vec::with_capacity(40);
+            pseudo.extend_from_slice(&h[8..40]);
+            pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+            (proto, (l3 + 40)..(l3 + 40 + plen), pseudo)
+        }
+        _ => return,
+    };
+    let at = match proto {
+        6 if l4.len() >= 20 => 16,
+        17 if l4.len() >= 8 => 6,
+        _ => return,
+    };
+    let start = l4.start;
+    frame[start + at..start + at + 2].fill(0);
+    let mut buf = pseudo;
+    buf.extend_from_slice(&frame[l4]);
+    let mut sum = crate::engine::packet::internet_checksum(&buf);
+    if proto == 17 && sum == 0 {
+        sum = 0xFFFF;
+    }
+    frame[start + at..start + at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
