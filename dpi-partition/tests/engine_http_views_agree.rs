@@ -14,7 +14,7 @@ use ally_dpi::engine::{
 };
 
 mod support;
-use support::{seg, Collect, ACK, CISN, PSH_ACK, SISN, SYN};
+use support::{handshake, seg, Collect, Rng, CISN, PSH_ACK, SISN};
 
 const RULES: &str = "\
 alert tcp any any -> any 80 (msg:\"uri\"; http_uri; content:\"MARKu\"; sid:1;)
@@ -31,18 +31,13 @@ alert tcp any 80 -> any any (msg:\"resp header\"; http_header; content:\"MARKs\"
 alert tcp any 80 -> any any (msg:\"set-cookie\"; http_cookie; content:\"MARKk\"; sid:12;)
 ";
 
-struct Rng(u64);
+/// The generators' extra draws.
+trait Draw {
+    fn chance(&mut self, one_in: usize) -> bool;
+    fn word(&mut self, n: usize) -> String;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+impl Draw for Rng {
     fn chance(&mut self, one_in: usize) -> bool {
         self.below(one_in) == 0
     }
@@ -207,13 +202,7 @@ fn response(rng: &mut Rng) -> Vec<u8> {
 fn sids(req: &[u8], resp: &[u8]) -> (Vec<u32>, Vec<u32>) {
     let (mut pp, mut st) = engines();
     let (mut a, mut b) = (Collect::default(), Collect::default());
-    for f in [
-        seg(true, SYN, CISN, 0, b""),
-        seg(false, SYN | ACK, SISN, CISN + 1, b""),
-        seg(true, ACK, CISN + 1, SISN + 1, b""),
-    ] {
-        st.inspect(&f, Direction::ToWire, Timestamp(1), &mut b);
-    }
+    handshake(&mut st, &mut b);
     let q = seg(true, PSH_ACK, CISN + 1, SISN + 1, req);
     let r = seg(false, PSH_ACK, SISN + 1, CISN + 1 + req.len() as u32, resp);
     for (f, d) in [(&q, Direction::ToWire), (&r, Direction::FromWire)] {
@@ -256,13 +245,7 @@ fn the_flow_state_and_the_payload_view_report_the_same_rules() {
 fn split_sids(rng: &mut Rng, req: &[u8], resp: &[u8], max_piece: usize) -> Vec<u32> {
     let (_, mut st) = engines();
     let mut c = Collect::default();
-    for f in [
-        seg(true, SYN, CISN, 0, b""),
-        seg(false, SYN | ACK, SISN, CISN + 1, b""),
-        seg(true, ACK, CISN + 1, SISN + 1, b""),
-    ] {
-        st.inspect(&f, Direction::ToWire, Timestamp(1), &mut c);
-    }
+    handshake(&mut st, &mut c);
     let mut sent = [0u32; 2];
     for (to_server, data) in [(true, req), (false, resp)] {
         let mut rest = data;

@@ -17,23 +17,9 @@ use ally_dpi::engine::{
 };
 
 mod support;
-use support::{seg, Collect, ACK, CISN, PSH_ACK, SISN, SYN};
+use support::{handshake, seg, Collect, Rng, ACK, CISN, PSH_ACK, SISN};
 
 const MARKER: &[u8] = b"FORBIDDEN-MARKER";
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A receiver: out-of-order segments kept, bytes delivered in order. `last_wins`: a pending
 /// segment at the same offset is replaced by a newer one (else the first is kept).
@@ -142,16 +128,7 @@ fn run_mixed(
     let stream = a;
     let mut e = engine();
     let mut c = Collect::default();
-    for f in [
-        seg(true, SYN, CISN, 0, b""),
-        seg(false, SYN | ACK, SISN, CISN + 1, b""),
-        seg(true, ACK, CISN + 1, SISN + 1, b""),
-    ] {
-        assert_eq!(
-            e.inspect(&f, Direction::ToWire, Timestamp(1), &mut c),
-            Verdict::Pass
-        );
-    }
+    handshake(&mut e, &mut c);
     let mut rx = Receiver::default();
     let mut rx_last = Receiver {
         last_wins: true,
@@ -274,13 +251,7 @@ fn holding_delivers_every_schedule_without_retransmission() {
         let segs = schedule(&mut rng, len);
         let mut e = engine_holding(true);
         let mut c = Collect::default();
-        for f in [
-            seg(true, SYN, CISN, 0, b""),
-            seg(false, SYN | ACK, SISN, CISN + 1, b""),
-            seg(true, ACK, CISN + 1, SISN + 1, b""),
-        ] {
-            e.inspect(&f, Direction::ToWire, Timestamp(1), &mut c);
-        }
+        handshake(&mut e, &mut c);
         let mut rx = Receiver::default();
         let (mut held, mut dropped, mut blocked) = (0, 0, false);
         let resend: Vec<(usize, usize)> = (0..len)

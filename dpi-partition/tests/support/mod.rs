@@ -66,3 +66,35 @@ pub fn seg(to_server: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Ve
     f.extend_from_slice(payload);
     f
 }
+
+/// Xorshift64: the randomized tests' deterministic source.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The three-way handshake of [`seg`]'s connection, through `e`.
+pub fn handshake(e: &mut ally_dpi::engine::Engine, c: &mut Collect) {
+    use ally_dpi::engine::Inspector;
+    for f in [
+        seg(true, SYN, CISN, 0, b""),
+        seg(false, SYN | ACK, SISN, CISN + 1, b""),
+        seg(true, ACK, CISN + 1, SISN + 1, b""),
+    ] {
+        assert_eq!(
+            e.inspect(&f, Direction::ToWire, Timestamp(1), c),
+            ally_dpi::engine::Verdict::Pass
+        );
+    }
+}
