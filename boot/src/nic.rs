@@ -114,6 +114,15 @@ impl PacketHook for Inspector {
     fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
         self.0.inspect(frame, dir)
     }
+
+    fn take_forward(&mut self, dir: Direction) -> Option<alloc::vec::Vec<u8>> {
+        self.0.take_forward(dir)
+    }
+
+    #[inline]
+    fn has_forward(&self) -> bool {
+        self.0.has_forward()
+    }
 }
 
 fn clock() -> Timestamp {

@@ -40,13 +40,16 @@ pub enum Attack {
     SplitUpload,
     /// A forbidden UDP datagram over the MTU, which the guest's IP layer fragments.
     FragUdp,
+    /// Forged segments ahead of two live uploads: a copy of the upload's own bytes (held and
+    /// sent once in order) and the forbidden content (held, then dropped).
+    OooUpload,
     /// Issue 14: the AHCI controller programmed to DMA from and into Ally's region (q35;
     /// skipped where there is no AHCI controller). Judged by [`dma_check`].
     Dma,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 11] = [
+    pub const ALL: [Attack; 12] = [
         Attack::Sleep,
         Attack::Msr,
         Attack::PciRace,
@@ -57,6 +60,7 @@ impl Attack {
         Attack::AlertStorm,
         Attack::SplitUpload,
         Attack::FragUdp,
+        Attack::OooUpload,
         Attack::Dma,
     ];
 
@@ -72,6 +76,7 @@ impl Attack {
             Attack::AlertStorm => "alert-storm",
             Attack::SplitUpload => "split-upload",
             Attack::FragUdp => "frag-udp",
+            Attack::OooUpload => "ooo-upload",
             Attack::Dma => "dma",
         }
     }
@@ -416,6 +421,7 @@ fn ally_refused(
         }
         Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
         Attack::SplitUpload => split_upload_evidence(marker, net),
+        Attack::OooUpload => ooo_upload_evidence(marker, ally, net),
         Attack::FragUdp => frag_udp_evidence(marker, ally, &net.udp),
         // With or without an IOMMU it has its own check, which knows the machine's.
         Attack::Dma => Ok("judged by the dma-iommu check".into()),
@@ -912,6 +918,54 @@ fn split_upload_evidence(marker: &AttackMarker, net: &NetReport) -> Result<Strin
     ))
 }
 
+/// The out-of-order attack is refused when Ally held both forged segments (`ALLY engine
+/// held=` at least 2) and sent the copy once its gap was filled (`released=` at least 1): the
+/// upload carrying it arrived complete and byte for byte what the guest meant (the SHA-256 of
+/// [`crate::inspect::OOO_UPLOAD`]), and no upload carries the forbidden content.
+fn ooo_upload_evidence(
+    marker: &AttackMarker,
+    ally: &AllyReport,
+    net: &NetReport,
+) -> Result<String, String> {
+    for key in ["copy_injected", "forbidden_injected"] {
+        if marker.get(key) != Some("true") {
+            return Err(format!(
+                "the guest could not forge its out-of-order segment ({key}): {}",
+                marker.line
+            ));
+        }
+    }
+    let want = crate::endpoints::sha256_hex(crate::inspect::OOO_UPLOAD.as_bytes());
+    let Some(copy) = net.uploads.iter().find(|u| u.sha256 == want && u.complete) else {
+        return Err(format!(
+            "no complete upload of the {} bytes with the held copy arrived intact (uploads: {}); the guest: {}",
+            crate::inspect::OOO_UPLOAD.len(),
+            net.uploads
+                .iter()
+                .map(|u| format!("{} B complete={}", u.bytes, u.complete))
+                .collect::<Vec<_>>()
+                .join(", "),
+            marker.line
+        ));
+    };
+    if let Some(u) = net.uploads.iter().find(|u| u.forbidden) {
+        return Err(format!(
+            "the host received the forbidden content ({} B from {})",
+            u.bytes, u.peer
+        ));
+    }
+    let held = at_least(ally, "engine", "held", 2)?;
+    let released = at_least(ally, "engine", "released", 1)?;
+    // And the queue engine sent it (not only the engine released it).
+    let sent = at_least(ally, "nic-tx-hold", "released", 1)?;
+    Ok(format!(
+        "{held}, {released}, {sent}; the upload with the held copy arrived intact ({} B), none carries the forbidden content; the guest's replies: {} / {}",
+        copy.bytes,
+        marker.get("copy_reply").unwrap_or("none"),
+        marker.get("forbidden_reply").unwrap_or("none")
+    ))
+}
+
 /// The `ALLY mark` ids the attacker sets around its idle ping, its quiet flood and its storm
 /// (see `guest/attack/src/attacks.rs`).
 const MARK_IDLE: u64 = 40;
@@ -1337,6 +1391,65 @@ mod tests {
         // The guest did not get to send every byte: nothing was attempted, nothing refused.
         let short = guest("ALLYTEST attack-split-upload INFO port=7 segments=3 written=16\n");
         assert!(!ally_defences_check(&short, &ally, &net(false), &[Attack::SplitUpload]).passed);
+    }
+
+    #[test]
+    fn the_out_of_order_upload_needs_the_copy_intact_and_both_held() {
+        let g = guest(
+            "ALLYTEST attack-ooo-upload INFO port=7 copy_injected=true copy_reply=ALLYUPLOAD,bytes=108 forbidden_injected=true forbidden_reply=none:timed_out\n",
+        );
+        let intact = crate::endpoints::UploadRecord {
+            peer: "127.0.0.1:9".into(),
+            bytes: crate::inspect::OOO_UPLOAD.len() as u64,
+            sha256: crate::endpoints::sha256_hex(crate::inspect::OOO_UPLOAD.as_bytes()),
+            complete: true,
+            seconds: 1.0,
+            error: None,
+            forbidden: false,
+        };
+        let cut = crate::endpoints::UploadRecord {
+            bytes: 72,
+            sha256: String::new(),
+            complete: false,
+            ..intact.clone()
+        };
+        let net = |uploads| NetReport {
+            uploads,
+            ..NetReport::default()
+        };
+        let ally = AllyReport::parse(
+            "ALLY nic-tx-hold held=2 released=1 released-refused=0\nALLY engine frames=9 held=2 released=1\n",
+        );
+        let ok = net(vec![intact.clone(), cut.clone()]);
+        let c = ally_defences_check(&g, &ally, &ok, &[Attack::OooUpload]);
+        assert!(c.passed, "{c}");
+        assert!(c.detail.contains("held=2"), "{c}");
+        // The copy's upload did not arrive whole.
+        let c = ally_defences_check(&g, &ally, &net(vec![cut.clone()]), &[Attack::OooUpload]);
+        assert!(!c.passed);
+        // The forbidden content reached the host.
+        let leak = crate::endpoints::UploadRecord {
+            forbidden: true,
+            ..cut
+        };
+        let c = ally_defences_check(
+            &g,
+            &ally,
+            &net(vec![intact.clone(), leak]),
+            &[Attack::OooUpload],
+        );
+        assert!(!c.passed);
+        // Nothing was held: the forged segments were not out of order to Ally.
+        let none = AllyReport::parse("ALLY engine frames=9 held=0 released=0\n");
+        assert!(!ally_defences_check(&g, &none, &ok, &[Attack::OooUpload]).passed);
+        // Released by the engine but never sent by the queue engine.
+        let unsent = AllyReport::parse(
+            "ALLY nic-tx-hold held=2 released=0 released-refused=0\nALLY engine frames=9 held=2 released=1\n",
+        );
+        assert!(!ally_defences_check(&g, &unsent, &ok, &[Attack::OooUpload]).passed);
+        // The guest could not forge its segment.
+        let g = guest("ALLYTEST attack-ooo-upload INFO port=7 error=af_packet:denied\n");
+        assert!(!ally_defences_check(&g, &ally, &ok, &[Attack::OooUpload]).passed);
     }
 
     /// The DMA attack's marker: `nonzero` bytes came back from the target.

@@ -28,6 +28,10 @@ pub const SID_GZIP: u64 = 1_000_106;
 /// The marker string the guest's inspection upload carries (`guest/init` has its own copy).
 pub const FORBIDDEN_UPLOAD: &str = "ALLY-FORBIDDEN-UPLOAD";
 
+/// What `ally-attack ooo-upload` uploads (its `OOO_UPLOAD_PIECES` joined): the host must
+/// receive exactly this, one piece of it having been held by Ally as an out-of-order segment.
+pub const OOO_UPLOAD: &str = "OOO-UPLOAD piece-A 0123456789abcdef\nOOO-UPLOAD piece-B fedcba9876543210\nOOO-UPLOAD piece-C the-held-segment\n";
+
 /// The rules file, relative to the workspace.
 pub const RULES_FILE: &str = "tests/rules/inspect.rules";
 /// The variables file the runner writes into the run's directory.

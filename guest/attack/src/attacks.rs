@@ -1266,9 +1266,273 @@ pub fn udp_sink(port: u16, count: u64) -> Marker {
     m
 }
 
+// --- 10. out-of-order segments injected into a live upload --------------------------------------
+
+/// The benign upload's three pieces; the host must receive exactly their concatenation
+/// ([`OOO_UPLOAD_PIECES`] joined: the runner knows it too).
+pub const OOO_UPLOAD_PIECES: [&str; 3] = [
+    "OOO-UPLOAD piece-A 0123456789abcdef\n",
+    "OOO-UPLOAD piece-B fedcba9876543210\n",
+    "OOO-UPLOAD piece-C the-held-segment\n",
+];
+
+/// A raw `AF_PACKET` socket on `eth0` that sees every frame, outgoing ones included.
+struct Tap {
+    fd: libc::c_int,
+    ifindex: libc::c_int,
+}
+
+impl Tap {
+    fn open() -> Result<Tap, String> {
+        let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+        // SAFETY: plain socket(2) call; the descriptor is owned by the returned Tap.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        if fd < 0 {
+            return Err(format!("af_packet:{}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) } as libc::c_int;
+        let tap = Tap { fd, ifindex };
+        if ifindex == 0 {
+            return Err("no_eth0".into());
+        }
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { core::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto as u16;
+        sll.sll_ifindex = ifindex;
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: the socket is open; the option values are of the sizes given.
+        let ok = unsafe {
+            libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                core::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            ) == 0
+                && libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    core::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                ) == 0
+        };
+        if !ok {
+            return Err(format!(
+                "af_packet_bind:{}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(tap)
+    }
+
+    /// The next frame, or `None` after the receive timeout.
+    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then_some(n as usize)
+    }
+
+    fn send(&self, frame: &[u8]) -> bool {
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { core::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the frame and the address are valid for the sizes given.
+        let n = unsafe {
+            libc::sendto(
+                self.fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                core::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        n == frame.len() as isize
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is ours and closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// RFC 1071 checksum of `b`.
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The guest's own outgoing TCP/IPv4 frame to `port` carrying `payload` (seen on the tap
+/// within two seconds): the template for a forged segment of the same connection.
+fn sniff_segment(tap: &Tap, port: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 2048];
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        let Some(n) = tap.recv(&mut buf) else {
+            continue;
+        };
+        let f = &buf[..n];
+        if n < 54 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
+            continue;
+        }
+        let ihl = usize::from(f[14] & 0x0F) * 4;
+        let tcp = 14 + ihl;
+        if n < tcp + 20 || u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]) != port {
+            continue;
+        }
+        let data = tcp + usize::from(f[tcp + 12] >> 4) * 4;
+        if f.get(data..) == Some(payload) {
+            return Some(f.to_vec());
+        }
+    }
+    None
+}
+
+/// `template` (a frame of the connection) carrying `payload` at sequence number offset
+/// `ahead` bytes past the template's own data, with its IP identification bumped and both
+/// checksums computed.
+fn forge_segment(template: &[u8], ahead: u32, payload: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(template[14] & 0x0F) * 4;
+    let tcp = 14 + ihl;
+    let data = tcp + usize::from(template[tcp + 12] >> 4) * 4;
+    let own = (template.len() - data) as u32;
+    let mut f = template[..data].to_vec();
+    f.extend_from_slice(payload);
+    let total = (f.len() - 14) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    let id = u16::from_be_bytes([f[18], f[19]]).wrapping_add(7);
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    f[24..26].fill(0);
+    let sum = checksum(&f[14..tcp]);
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    let seq = u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap_or([0; 4]));
+    f[tcp + 4..tcp + 8].copy_from_slice(&seq.wrapping_add(own + ahead).to_be_bytes());
+    f[tcp + 16..tcp + 18].fill(0);
+    let mut pseudo = Vec::with_capacity(12 + f.len() - tcp);
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((f.len() - tcp) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[tcp..]);
+    let sum = checksum(&pseudo);
+    f[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// One upload of [`OOO_UPLOAD_PIECES`] with a forged segment injected ahead of the stream:
+/// piece A through the socket, then (on the tap) `injected` at the place of piece C, then
+/// pieces B and C through the socket. Returns the host's reply and whether the forged
+/// segment was sent.
+fn ooo_one(tap: &Tap, port: u16, injected: &[u8]) -> (String, bool) {
+    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
+    let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => return (format!("none:connect:{e}"), false),
+    };
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(3)));
+    let [a, b, c] = OOO_UPLOAD_PIECES.map(str::as_bytes);
+    // Drain what the tap saw so far, then send A and find it.
+    let mut scratch = vec![0u8; 2048];
+    while tap.recv(&mut scratch).is_some() {}
+    if sock.write_all(a).is_err() {
+        return ("none:write".into(), false);
+    }
+    let injected_ok = match sniff_segment(tap, port, a) {
+        Some(t) => tap.send(&forge_segment(&t, b.len() as u32, injected)),
+        None => false,
+    };
+    thread::sleep(Duration::from_millis(200));
+    let _ = sock.write_all(b);
+    thread::sleep(Duration::from_millis(200));
+    let _ = sock.write_all(c);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let reply = match sock.read_to_string(&mut answer) {
+        Ok(_) if answer.starts_with("ALLYUPLOAD") => answer.trim().replace(' ', ","),
+        Ok(_) => "none".into(),
+        Err(e) => format!("none:{e}"),
+    };
+    (reply, injected_ok)
+}
+
+/// Out-of-order segments forged into live uploads (issue 12's hold and re-inject): on one
+/// upload a copy of its own third piece sent ahead of the second (Ally must hold it, send it
+/// once the second piece fills the gap, and the host must receive the upload intact); on
+/// another the forbidden content in that place (Ally holds it, judges it when the gap fills and
+/// drops it: the host must never receive it).
+pub fn ooo_upload(port: u16) -> Marker {
+    let mut m = Marker::new("attack-ooo-upload");
+    m.field("port", port);
+    let tap = match Tap::open() {
+        Ok(t) => t,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    let (reply, sent) = ooo_one(&tap, port, OOO_UPLOAD_PIECES[2].as_bytes());
+    m.field("copy_injected", sent).field("copy_reply", reply);
+    let (reply, sent) = ooo_one(&tap, port, FORBIDDEN_UPLOAD.as_bytes());
+    m.field("forbidden_injected", sent)
+        .field("forbidden_reply", reply);
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forged segment continues the template's connection `ahead` bytes past its data, with
+    /// valid IPv4 and TCP checksums and the template's options.
+    #[test]
+    fn forged_segments_are_valid_tcp() {
+        // Ethernet, IPv4 (20), TCP with 12 bytes of options (timestamps), 5 data bytes.
+        let mut t = vec![0u8; 14 + 20 + 32 + 5];
+        t[12..14].copy_from_slice(&[0x08, 0x00]);
+        t[14] = 0x45;
+        t[16..18].copy_from_slice(&((20 + 32 + 5) as u16).to_be_bytes());
+        t[22] = 64;
+        t[23] = 6;
+        t[26..30].copy_from_slice(&[10, 0, 2, 15]);
+        t[30..34].copy_from_slice(&[10, 0, 2, 2]);
+        t[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        t[36..38].copy_from_slice(&9u16.to_be_bytes());
+        t[38..42].copy_from_slice(&1000u32.to_be_bytes());
+        t[46] = 8 << 4;
+        t[47] = 0x18;
+        t[54..66].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        t[66..].copy_from_slice(b"hello");
+        let f = forge_segment(&t, 30, b"later bytes");
+        assert_eq!(f.len(), 14 + 20 + 32 + 11);
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]) as usize, f.len() - 14);
+        assert_eq!(checksum(&f[14..34]), 0);
+        assert_eq!(
+            u32::from_be_bytes(f[38..42].try_into().unwrap()),
+            1000 + 5 + 30
+        );
+        assert_eq!(f[54..66], t[54..66]);
+        assert_eq!(&f[66..], b"later bytes");
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&((f.len() - 34) as u16).to_be_bytes());
+        pseudo.extend_from_slice(&f[34..]);
+        assert_eq!(checksum(&pseudo), 0);
+    }
 
     #[test]
     fn busybox_ping_output() {
