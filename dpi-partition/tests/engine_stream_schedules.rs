@@ -150,16 +150,15 @@ fn run_mixed(
             }
         }
         // The receiver acknowledges what it has, so the window moves on.
-        let ack = seg(
-            false,
-            ACK,
-            SISN + 1,
-            CISN + 1 + rx.delivered.len() as u32,
-            b"",
-        );
-        e.inspect(&ack, Direction::FromWire, Timestamp(2), &mut c);
+        acknowledge(&mut e, &mut c, rx.delivered.len());
     }
     (rx.delivered, rx_last.delivered, blocked)
+}
+
+/// The receiver acknowledges the `delivered` bytes it has, so the window moves on.
+fn acknowledge(e: &mut Engine, c: &mut Collect, delivered: usize) {
+    let ack = seg(false, ACK, SISN + 1, CISN + 1 + delivered as u32, b"");
+    e.inspect(&ack, Direction::FromWire, Timestamp(2), c);
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -284,14 +283,7 @@ fn holding_delivers_every_schedule_without_retransmission() {
                 rx.take(at, &r[54..]);
             }
             assert!(e.take_forward(Direction::FromWire).is_none());
-            let ack = seg(
-                false,
-                ACK,
-                SISN + 1,
-                CISN + 1 + rx.delivered.len() as u32,
-                b"",
-            );
-            e.inspect(&ack, Direction::FromWire, Timestamp(2), &mut c);
+            acknowledge(&mut e, &mut c, rx.delivered.len());
         }
         let label = format!(
             "round {round}: {} segments, {len} bytes, marker {with_marker}, {held} held, {dropped} dropped",

@@ -774,15 +774,20 @@ pub fn split_upload(port: u16) -> Marker {
     if let Some(e) = error {
         m.field("error", e);
     }
+    m.field("reply", upload_reply(&mut sock));
+    m
+}
+
+/// Closes the upload's sending side and reads the listener's answer (`ALLYUPLOAD bytes=..
+/// sha256=..` as one word), or why there was none.
+fn upload_reply(sock: &mut std::net::TcpStream) -> String {
     let _ = sock.shutdown(std::net::Shutdown::Write);
     let mut answer = String::new();
-    let reply = match sock.read_to_string(&mut answer) {
+    match sock.read_to_string(&mut answer) {
         Ok(_) if answer.starts_with("ALLYUPLOAD") => answer.trim().replace(' ', ","),
         Ok(_) => "none".into(),
         Err(e) => format!("none:{e}"),
-    };
-    m.field("reply", reply);
-    m
+    }
 }
 
 // --- 8. an alert storm -------------------------------------------------------------------------
@@ -1460,14 +1465,7 @@ fn ooo_one(tap: &Tap, port: u16, injected: &[u8]) -> (String, bool) {
     let _ = sock.write_all(b);
     thread::sleep(Duration::from_millis(200));
     let _ = sock.write_all(c);
-    let _ = sock.shutdown(std::net::Shutdown::Write);
-    let mut answer = String::new();
-    let reply = match sock.read_to_string(&mut answer) {
-        Ok(_) if answer.starts_with("ALLYUPLOAD") => answer.trim().replace(' ', ","),
-        Ok(_) => "none".into(),
-        Err(e) => format!("none:{e}"),
-    };
-    (reply, injected_ok)
+    (upload_reply(&mut sock), injected_ok)
 }
 
 /// Out-of-order segments forged into live uploads (issue 12's hold and re-inject): on one
