@@ -79,7 +79,7 @@
 //!   segments); both parse at most once per frame, and `dns.query` fast patterns are scanned
 //!   over the dotted names too.
 //! - **IP fragments** (with [`EngineConfig::defrag`] set, as boot does) go through the
-//!   reassembler [`defrag`] in *forward mode*, since the NIC path cannot hold frames: each
+//!   reassembler [`defrag`] in *forward mode* (the engine holds only TCP segments): each
 //!   fragment is checked (overlaps must agree, RFC 1858/7112 tiny fragments, bounds) and kept,
 //!   and forwarded at once ([`EngineStats::frag_forwarded`]) unless it completes its datagram;
 //!   the completing fragment is forwarded only if the whole datagram, reassembled, passes the
@@ -284,7 +284,7 @@ pub struct EngineConfig {
     pub stream: Option<StreamConfig>,
     /// IP reassembly ([`defrag`]) in forward mode, or `None` to judge fragments on their own
     /// (the default). Boot sets [`DefragConfig::forwarding`] with a random key; the engine
-    /// cannot hold frames, so `hold` is forced false.
+    /// holds only TCP segments (through the stream tracker), so `hold` is forced false.
     pub defrag: Option<DefragConfig>,
     /// Bounds of the per-flow HTTP state ([`http_flow`]) kept for the stream tracker's flows
     /// when some rule reads HTTP buffers.
