@@ -27,9 +27,10 @@ apt_update_once() {
 # bsdutils (script): a pseudo-terminal for Bochs' term display; python3: e2e helpers;
 # qemu-system-x86 (Debian 12: QEMU 7.2, with SeaBIOS and the e1000's iPXE ROM as dependencies):
 # `--emulator qemu-tcg` (Ally's SVM backend on an emulated AMD CPU, and quick baselines) and
-# `--emulator qemu` (KVM).
+# `--emulator qemu` (KVM); libhyperscan-dev: the benchmark's reference scanner
+# (`ally-tools --features hyperscan`, the same literals and payloads as Ally's prefilter).
 packages=(
-    bochs bochsbios vgabios bochs-term qemu-system-x86
+    bochs bochsbios vgabios bochs-term qemu-system-x86 libhyperscan-dev
     grub-pc-bin grub-common xorriso mtools
     syslinux syslinux-common isolinux dosfstools fdisk
     cpio gzip xz-utils zstd bsdutils python3

@@ -28,6 +28,10 @@ cargo clippy -p ally-boot --target x86_64-unknown-none -- -D warnings
 step "cargo test (host unit and integration tests)"
 cargo test
 
+step "ally-tools with Hyperscan: clippy, and the prefilter against Hyperscan (--features hyperscan)"
+cargo clippy -p ally-tools --features hyperscan --all-targets -- -D warnings
+cargo test -p ally-tools --features hyperscan
+
 step "build the Ally image"
 cargo build -p ally-boot --release --target x86_64-unknown-none
 target_dir="${CARGO_TARGET_DIR:-$repo/target}"

@@ -79,11 +79,33 @@ struct Rate {
     cpu_share: f64,
 }
 
-/// Nanoseconds this thread has spent on a CPU (Linux `schedstat`), so figures are per core even
-/// when other processes compete for the cores.
+/// `struct timespec` of Linux x86-64.
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+unsafe extern "C" {
+    /// POSIX `clock_gettime` (glibc).
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// Linux's `CLOCK_THREAD_CPUTIME_ID`.
+const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+
+/// Nanoseconds this thread has spent on a CPU, so figures are per core even when other
+/// processes compete for the cores. `clock_gettime(CLOCK_THREAD_CPUTIME_ID)` brings the
+/// scheduler's count up to date when read; `/proc/thread-self/schedstat`, read before, moves
+/// only at scheduler ticks (4 ms here), which quantized 50 ms slices of one or two passes.
 fn thread_cpu_ns() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    s.split_whitespace().next()?.parse().ok()
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable `struct timespec` for the duration of the call.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 fn measure(
@@ -92,6 +114,21 @@ fn measure(
     frames_per_pass: usize,
     mut pass: impl FnMut(),
 ) -> Rate {
+    // `ALLY_BENCH_PASSES=N`: exactly N passes per figure, for instruction counts under
+    // valgrind (callgrind/cachegrind), which do not depend on the machine's other load.
+    if let Some(n) = std::env::var("ALLY_BENCH_PASSES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let w0 = Instant::now();
+        (0..n).for_each(|_| pass());
+        let per_sec = n as f64 / w0.elapsed().as_secs_f64().max(1e-9);
+        return Rate {
+            gbps: bytes_per_pass as f64 * per_sec * 8.0 / 1e9,
+            mpps: frames_per_pass as f64 * per_sec / 1e6,
+            cpu_share: 1.0,
+        };
+    }
     pass(); // warm caches
             // Time in slices of >= 50 ms and report the median slice: the machine may be shared, and
             // CPU time (not wall time) keeps time-slicing by other processes out of the figures.
@@ -480,33 +517,71 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
     );
     state_per_flow(&mut boot, clock, &mix_cfg);
 
-    // Same literals, same payloads: our prefilter vs Hyperscan.
-    let payloads: Vec<&[u8]> = mix
-        .iter()
-        .filter_map(|f| match decode(&f.bytes) {
-            Decoded::Ip(p) if !p.payload.is_empty() => Some(p.payload),
-            _ => None,
-        })
-        .collect();
-    let bytes: usize = payloads.iter().map(|p| p.len()).sum();
-    let pf = Prefilter::new(&lits)?;
-    let acpf = AcPrefilter::new(&lits)?;
-    let mut marks = Marks::default();
-    println!(
-        "literal scan: {} literals over {} payloads ({} bytes); ally prefilter {:.2} MiB, aho-corasick {:.1} MiB",
-        lits.len(),
-        payloads.len(),
-        bytes,
-        pf.memory_usage() as f64 / 1048576.0,
-        acpf.memory_usage() as f64 / 1048576.0
-    );
+    // Same literals, same payloads: our prefilter against aho-corasick and Hyperscan, on every
+    // set; any difference in what they report fails the benchmark.
     let mut hist = [0usize; 5];
     for l in &lits {
         hist[l.0.len().min(5) - 1] += 1;
     }
     println!(
-        "  literal lengths: 1 B: {}, 2 B: {}, 3 B: {}, 4 B: {}, >=5 B: {}",
+        "fast-pattern lengths: 1 B: {}, 2 B: {}, 3 B: {}, 4 B: {}, >=5 B: {}",
         hist[0], hist[1], hist[2], hist[3], hist[4]
+    );
+    let mut differ = 0;
+    for (name, set) in [("mix", &mix), ("1500 B", &big), ("flows", &flows)] {
+        let payloads = payloads_of(set.iter().map(|f| &f.bytes[..]));
+        differ += compare_literal_scans(name, &lits, &payloads, o.min_time)?;
+    }
+    let (gm, rm) = engine2.memory_breakdown();
+    println!(
+        "after the runs (regex caches warm): compiled memory {:.1} MiB (prefilters {:.1} MiB, rules+regexes {:.1} MiB)",
+        (gm + rm) as f64 / 1048576.0,
+        gm as f64 / 1048576.0,
+        rm as f64 / 1048576.0
+    );
+    literal_verdict(differ)
+}
+
+/// The benchmark's result once every set's literal scans were compared.
+fn literal_verdict(differ: usize) -> Result<(), String> {
+    match differ {
+        0 => Ok(()),
+        n => Err(format!(
+            "the literal scanners disagree on {n} payloads (see MISMATCH above)"
+        )),
+    }
+}
+
+/// The non-empty L4 payloads of frames.
+fn payloads_of<'a>(frames: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+    frames
+        .filter_map(|f| match decode(f) {
+            Decoded::Ip(p) if !p.payload.is_empty() => Some(p.payload),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Scans `payloads` for all `lits` with the engine's prefilter, the aho-corasick crate and
+/// (built with `--features hyperscan`) Hyperscan, prints each one's rate and returns how many
+/// payloads the scanners disagree on.
+fn compare_literal_scans(
+    set: &str,
+    lits: &[(Vec<u8>, bool)],
+    payloads: &[&[u8]],
+    min: Duration,
+) -> Result<usize, String> {
+    let bytes: usize = payloads.iter().map(|p| p.len()).sum();
+    let pf = Prefilter::new(lits)?;
+    let acpf = AcPrefilter::new(lits)?;
+    let mut marks = Marks::default();
+    println!(
+        "literal scan, {set}: {} literals over {} payloads ({} bytes); ally prefilter {:.2} MiB, aho-corasick {:.1} MiB",
+        lits.len(),
+        payloads.len(),
+        bytes,
+        pf.memory_usage() as f64 / 1048576.0,
+        acpf.memory_usage() as f64 / 1048576.0
     );
     let mut ours: Vec<Vec<usize>> = vec![Vec::new(); payloads.len()];
     for (i, p) in payloads.iter().enumerate() {
@@ -515,38 +590,39 @@ pub fn run(o: BenchOpts) -> Result<(), String> {
         ours[i].sort_unstable();
     }
     let mut n = 0usize;
-    let ac = measure(o.min_time, bytes, payloads.len(), || {
-        for p in &payloads {
+    let ally = measure(min, bytes, payloads.len(), || {
+        for p in payloads {
             marks.begin(pf.len());
             pf.scan(p, &mut marks, |_| n += 1);
         }
     });
-    print_rate("ally prefilter (hashed windows), all literals", &ac);
-    let mut mismatches = 0usize;
+    print_rate("ally prefilter, all literals", &ally);
+    let mut differ = 0usize;
     for (i, p) in payloads.iter().enumerate() {
         let mut v = Vec::new();
         marks.begin(acpf.len());
         acpf.scan(p, &mut marks, |id| v.push(id));
         v.sort_unstable();
-        mismatches += usize::from(v != ours[i]);
+        if v != ours[i] {
+            differ += 1;
+            if differ <= 3 {
+                println!(
+                    "  MISMATCH payload {i}: ally {:?} aho-corasick {v:?}",
+                    ours[i]
+                );
+            }
+        }
     }
-    let acr = measure(o.min_time, bytes, payloads.len(), || {
-        for p in &payloads {
+    let acr = measure(min, bytes, payloads.len(), || {
+        for p in payloads {
             marks.begin(acpf.len());
             acpf.scan(p, &mut marks, |_| n += 1);
         }
     });
     print_rate("aho-corasick crate (overlapping DFA), same", &acr);
-    println!("  aho-corasick vs hashed windows: {mismatches} payloads differ");
-    hyperscan_compare(&lits, &payloads, &ours, bytes, o.min_time, &ac);
-    let (gm, rm) = engine2.memory_breakdown();
-    println!(
-        "after the runs (regex caches warm): compiled memory {:.1} MiB (prefilters {:.1} MiB, rules+regexes {:.1} MiB)",
-        (gm + rm) as f64 / 1048576.0,
-        gm as f64 / 1048576.0,
-        rm as f64 / 1048576.0
-    );
-    Ok(())
+    let matched: usize = ours.iter().map(Vec::len).sum();
+    println!("  {matched} literal matches; aho-corasick differs on {differ} payloads");
+    Ok(differ + hyperscan_compare(lits, payloads, &ours, bytes, min, &ally))
 }
 
 #[cfg(feature = "hyperscan")]
@@ -557,12 +633,12 @@ fn hyperscan_compare(
     bytes: usize,
     min: Duration,
     ac: &Rate,
-) {
+) -> usize {
     let mut hs = match crate::hs::Literals::new(lits) {
         Ok(h) => h,
         Err(e) => {
             println!("hyperscan: {e}");
-            return;
+            return 0;
         }
     };
     let mut mismatches = 0usize;
@@ -583,12 +659,7 @@ fn hyperscan_compare(
             }
         }
     }
-    println!(
-        "cross-check: {} payloads, {} literal matches, {} payloads differ",
-        payloads.len(),
-        matched,
-        mismatches
-    );
+    println!("  hyperscan: {matched} literal matches, differs on {mismatches} payloads");
     let mut n = 0usize;
     let r = measure(min, bytes, payloads.len(), || {
         for p in payloads {
@@ -601,6 +672,7 @@ fn hyperscan_compare(
         ac.gbps / r.gbps,
         hs.size() as f64 / 1048576.0
     );
+    mismatches
 }
 
 #[cfg(not(feature = "hyperscan"))]
@@ -611,8 +683,9 @@ fn hyperscan_compare(
     _: usize,
     _: Duration,
     _: &Rate,
-) {
-    println!("hyperscan: not built (apt-get install libhyperscan-dev; cargo run --release -p ally-tools --features hyperscan -- bench)");
+) -> usize {
+    println!("  hyperscan: not built (apt-get install libhyperscan-dev; cargo run --release -p ally-tools --features hyperscan -- bench)");
+    0
 }
 
 /// Settings of a capture replay.
@@ -742,6 +815,7 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
     if frames.is_empty() {
         return Err(format!("{}: no frames to replay", o.path.display()));
     }
+    let lits = fast_patterns(&o.rules);
     let mut engine = boot_engine(o.rules)?;
     let trace: Vec<(Direction, u64, &[u8])> =
         frames.iter().map(|(d, t, f)| (*d, *t, &f[..])).collect();
@@ -776,7 +850,10 @@ pub fn run_pcaps(o: PcapOpts) -> Result<(), String> {
         replay.run(&mut engine);
     });
     print_rate("(c) boot configuration: full evaluation", &r);
-    Ok(())
+    let payloads = payloads_of(trace.iter().map(|f| f.2));
+    literal_verdict(compare_literal_scans(
+        "captures", &lits, &payloads, o.min_time,
+    )?)
 }
 
 #[cfg(test)]

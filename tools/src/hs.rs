@@ -164,3 +164,63 @@ impl Drop for Literals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Literals;
+    use ally_dpi::engine::prefilter::{Marks, Prefilter};
+
+    /// The engine's prefilter and Hyperscan report the same literals on random literal sets
+    /// (1-9 bytes, case-sensitive and `nocase`) and haystacks of 0-300 bytes over a small
+    /// alphabet, so that matches are frequent, block edges are crossed and case matters.
+    #[test]
+    fn prefilter_agrees_with_hyperscan() {
+        let mut x = 0x005e_ed0f_a11e_u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"abAB\r\n\x00\xff";
+        let pick = |n: usize, rnd: &mut dyn FnMut() -> u64| -> Vec<u8> {
+            (0..n)
+                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
+                .collect()
+        };
+        let mut checked = 0;
+        let mut found = 0;
+        for _ in 0..20 {
+            let lits: Vec<(Vec<u8>, bool)> = (0..200)
+                .map(|_| {
+                    let len = 1 + (rnd() % 9) as usize;
+                    let nocase = rnd() % 2 == 0;
+                    let mut l = pick(len, &mut rnd);
+                    if nocase {
+                        l.make_ascii_lowercase();
+                    }
+                    (l, nocase)
+                })
+                .collect();
+            let pf = Prefilter::new(&lits).unwrap();
+            let mut hs = Literals::new(&lits).unwrap();
+            let mut marks = Marks::default();
+            for _ in 0..100 {
+                let len = (rnd() % 300) as usize;
+                let hay = pick(len, &mut rnd);
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                marks.begin(pf.len());
+                pf.scan(&hay, &mut marks, |i| ours.push(i));
+                hs.scan(&hay, &mut |i| theirs.push(i));
+                ours.sort_unstable();
+                theirs.sort_unstable();
+                theirs.dedup();
+                assert_eq!(ours, theirs, "haystack {hay:?}");
+                checked += 1;
+                found += ours.len();
+            }
+        }
+        assert_eq!(checked, 2000);
+        assert!(found > 10_000, "{found}");
+    }
+}
