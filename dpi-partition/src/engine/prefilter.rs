@@ -704,33 +704,58 @@ mod tests {
         }
     }
 
+    /// Xorshift strings over a small alphabet, so that literals occur often.
+    struct Strings {
+        x: u64,
+        alphabet: &'static [u8],
+    }
+
+    impl Strings {
+        fn next(&mut self) -> u64 {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            self.x
+        }
+
+        fn string(&mut self, len: usize) -> Vec<u8> {
+            (0..len)
+                .map(|_| self.alphabet[(self.next() % self.alphabet.len() as u64) as usize])
+                .collect()
+        }
+
+        /// `n` literals of `min..min + spread` bytes, one in `nocase_in` of them `nocase`.
+        fn literals(
+            &mut self,
+            n: usize,
+            min: usize,
+            spread: u64,
+            nocase_in: u64,
+        ) -> Vec<(Vec<u8>, bool)> {
+            (0..n)
+                .map(|_| {
+                    let len = min + (self.next() % spread) as usize;
+                    let l = self.string(len);
+                    (l, self.next().is_multiple_of(nocase_in))
+                })
+                .collect()
+        }
+    }
+
     /// The hash prefilter reports exactly what the Aho-Corasick reference reports.
     #[test]
     fn matches_aho_corasick_reference() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
+        let mut g = Strings {
+            x: 0x2545_f491_4f6c_dd1d,
+            alphabet: b"aAbBcC\x00\xff-",
         };
-        let alphabet = b"aAbBcC\x00\xff-";
-        let mut lits = Vec::new();
-        for _ in 0..300 {
-            let len = 1 + (rnd() % 7) as usize;
-            let l: Vec<u8> = (0..len)
-                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                .collect();
-            lits.push((l, rnd() % 2 == 0));
-        }
+        let lits = g.literals(300, 1, 7, 2);
         let ours = Prefilter::new(&lits).unwrap();
         let reference = AcPrefilter::new(&lits).unwrap();
         let mut m = Marks::default();
         for round in 0..400 {
-            let len = (rnd() % 40) as usize + round % 3;
-            let hay: Vec<u8> = (0..len)
-                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                .collect();
+            let len = (g.next() % 40) as usize + round % 3;
+            let hay = g.string(len);
             same_as_reference(&ours, &reference, lits.len(), &hay, &mut m);
         }
     }
@@ -759,23 +784,11 @@ mod tests {
     /// other prefixes; the set reported stays exact.
     #[test]
     fn shared_bloom_buckets_stay_exact() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
+        let mut g = Strings {
+            x: 0x9e37_79b9_7f4a_7c15,
+            alphabet: b"abcdefgHIJ0123/.",
         };
-        let alphabet = b"abcdefgHIJ0123/.";
-        let lits: Vec<(Vec<u8>, bool)> = (0..6000)
-            .map(|_| {
-                let len = 4 + (rnd() % 5) as usize;
-                let l = (0..len)
-                    .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                    .collect();
-                (l, rnd() % 3 == 0)
-            })
-            .collect();
+        let lits = g.literals(6000, 4, 5, 3);
         let ours = Prefilter::new(&lits).unwrap();
         let shared = ours.long.starts.len() - 1;
         let distinct: alloc::collections::BTreeSet<u32> =
@@ -789,10 +802,8 @@ mod tests {
         let mut m = Marks::default();
         let mut found = 0;
         for _ in 0..300 {
-            let len = 50 + (rnd() % 200) as usize;
-            let hay: Vec<u8> = (0..len)
-                .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                .collect();
+            let len = 50 + (g.next() % 200) as usize;
+            let hay = g.string(len);
             found += same_as_reference(&ours, &reference, lits.len(), &hay, &mut m);
         }
         assert!(found > 100, "{found}");
@@ -802,32 +813,18 @@ mod tests {
     /// bytes found across block edges and at the very end.
     #[test]
     fn block_edges_stay_exact() {
-        let mut x = 0x0123_4567_89ab_cdefu64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
+        let mut g = Strings {
+            x: 0x0123_4567_89ab_cdef,
+            alphabet: b"xyXY\r\n",
         };
-        let alphabet = b"xyXY\r\n";
-        let lits: Vec<(Vec<u8>, bool)> = (0..120)
-            .map(|_| {
-                let len = 1 + (rnd() % 9) as usize;
-                let l = (0..len)
-                    .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                    .collect();
-                (l, rnd() % 2 == 0)
-            })
-            .collect();
+        let lits = g.literals(120, 1, 9, 2);
         let ours = Prefilter::new(&lits).unwrap();
         let reference = AcPrefilter::new(&lits).unwrap();
         let mut m = Marks::default();
         let mut found = 0;
         for len in (0..=200).chain([255, 256, 257, 1500]) {
             for _ in 0..4 {
-                let hay: Vec<u8> = (0..len)
-                    .map(|_| alphabet[(rnd() % alphabet.len() as u64) as usize])
-                    .collect();
+                let hay = g.string(len);
                 found += same_as_reference(&ours, &reference, lits.len(), &hay, &mut m);
             }
         }
