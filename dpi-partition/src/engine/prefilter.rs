@@ -200,26 +200,22 @@ impl AcPrefilter {
     }
 }
 
-/// Folds the ASCII upper-case letters among the four bytes of `w` to lower case.
-#[inline(always)]
-fn fold4(w: u32) -> u32 {
-    // Per byte b < 0x80: b + 0x3f sets bit 7 iff b >= b'A'; b + 0x25 sets it iff b > b'Z'.
-    // Neither sum carries into the next byte (0x7f + 0x3f < 0x100).
-    let low7 = w & 0x7f7f_7f7f;
-    let ge_a = low7.wrapping_add(0x3f3f_3f3f);
-    let gt_z = low7.wrapping_add(0x2525_2525);
-    let upper = ge_a & !gt_z & !w & 0x8080_8080;
-    w | (upper >> 2)
-}
-
-/// [`fold4`] on eight bytes.
+/// Folds the ASCII upper-case letters among the eight bytes of `w` to lower case.
 #[inline(always)]
 fn fold8(w: u64) -> u64 {
+    // Per byte b < 0x80: b + 0x3f sets bit 7 iff b >= b'A'; b + 0x25 sets it iff b > b'Z'.
+    // Neither sum carries into the next byte (0x7f + 0x3f < 0x100).
     let low7 = w & 0x7f7f_7f7f_7f7f_7f7f;
     let ge_a = low7.wrapping_add(0x3f3f_3f3f_3f3f_3f3f);
     let gt_z = low7.wrapping_add(0x2525_2525_2525_2525);
     let upper = ge_a & !gt_z & !w & 0x8080_8080_8080_8080;
     w | (upper >> 2)
+}
+
+/// [`fold8`] on four bytes (bytes fold on their own, so the upper zeros change nothing).
+#[inline(always)]
+fn fold4(w: u32) -> u32 {
+    fold8(u64::from(w)) as u32
 }
 
 /// Little-endian word of up to eight bytes of `b` (zeros past its end).
