@@ -688,13 +688,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fold4_is_ascii_lowercase() {
+    fn folds_are_ascii_lowercase() {
         for b in 0..=255u8 {
             let w = u32::from_le_bytes([b, b'Q', 0xC1, b]);
             let f = fold4(w).to_le_bytes();
             assert_eq!(
                 f,
                 [b.to_ascii_lowercase(), b'q', 0xC1, b.to_ascii_lowercase()],
+                "{b:#x}"
+            );
+            let w8 = u64::from_le_bytes([b'Z', 0xDA, b, b'@', b'[', b, b'A', b]);
+            let l = b.to_ascii_lowercase();
+            assert_eq!(
+                fold8(w8).to_le_bytes(),
+                [b'z', 0xDA, l, b'@', b'[', l, b'a', l],
                 "{b:#x}"
             );
         }
