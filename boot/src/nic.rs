@@ -571,6 +571,12 @@ pub fn report() {
             }
         }
     }
+    // Frames the device missed for lack of a free descriptor in Ally's receive ring: the wire
+    // carried them, no ring did (with `nic-rx wire-frames` they account for the wire).
+    info!(
+        "ALLY nic-rx-missed frames={} register=MPC",
+        counters.rx_missed
+    );
     if let Some((len, fingerprint)) = counters.last_rx_frame {
         info!("ALLY nic-rx-last len={len} fnv60={fingerprint:#018x}");
     }

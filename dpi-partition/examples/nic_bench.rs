@@ -316,6 +316,7 @@ fn deterministic(c: Case, packets: u64, overhead: u64) -> Det {
         ModelConfig {
             flavor: Flavor::Qemu,
             immediate: false,
+            ..ModelConfig::default()
         },
     );
     let mmio = PostedMmio::new(&model);
@@ -419,6 +420,7 @@ fn threaded(c: Case, packets: u64) -> f64 {
         ModelConfig {
             flavor: Flavor::Qemu,
             immediate: false,
+            ..ModelConfig::default()
         },
     );
     let cfg = DpiConfig {

@@ -719,6 +719,7 @@ fn nic_model_registers_and_bochs_rdt_quirk() {
             ally_dpi::nic::model::ModelConfig {
                 flavor,
                 immediate: true,
+                ..Default::default()
             },
         );
         // ICR: read-to-clear, write-1-to-clear; ICS/IMS/IMC; CTRL.RST defaults.
@@ -889,6 +890,86 @@ fn nic_last_received_frame_is_fingerprinted() {
         e.dpi.counters().last_rx_frame,
         Some((last.len(), fnv1a(FNV_OFFSET, &last[..FINGERPRINT_BYTES])))
     );
+}
+
+/// Frames the device misses while Ally's receive ring is full (the guest gives no buffers)
+/// are counted in MPC: Ally's count takes every one of them, the guest's driver reads the
+/// same count through the trapped register as the device keeps it, and the wire balances.
+fn missed_frames_are_counted(mpc_running: bool) {
+    let fifo = 8;
+    let mut e = env_with_model(
+        cfg(Mode::Copy),
+        ally_dpi::nic::model::ModelConfig {
+            rx_fifo_frames: fifo,
+            mpc_running,
+            ..Default::default()
+        },
+        PassAll,
+    );
+    e.setup(32, 16, 2048);
+    let missed = |e: &Env<PassAll>| {
+        e.model
+            .stats
+            .rx_missed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Ally samples MPC before anything was missed: nothing to count.
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().rx_missed, 0);
+    // The guest holds back every buffer: Ally's ring fills, then the device's buffer.
+    e.gw(Reg::RDT, 0);
+    let real_ring = DpiConfig::default().rx_ring as usize;
+    let sent = real_ring + fifo + 100;
+    for i in 0..sent {
+        e.model.inject(&frame(i as u32, 200));
+        e.run();
+    }
+    let first = missed(&e);
+    assert!(first >= 100, "{first}");
+    // The guest's driver reads MPC before Ally samples it: both still see every frame.
+    assert_eq!(u64::from(e.gr(Reg::MPC)), first);
+    let again = if mpc_running { first } else { 0 };
+    assert_eq!(u64::from(e.gr(Reg::MPC)), again, "the device's semantics");
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().rx_missed, first);
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().rx_missed, first, "counted once");
+    // More missed frames, now sampled by Ally first: the guest's next read still has them.
+    for i in 0..7 {
+        e.model.inject(&frame(10_000 + i, 200));
+    }
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().rx_missed, first + 7);
+    let expect = if mpc_running { first + 7 } else { 7 };
+    assert_eq!(u64::from(e.gr(Reg::MPC)), expect);
+    // A guest reset clears a clearing count for the guest, never Ally's count.
+    e.model.inject(&frame(20_000, 200));
+    e.gw(Reg::CTRL, e.gr(Reg::CTRL) | ctrl::RST);
+    let expect = if mpc_running { first + 8 } else { 0 };
+    assert_eq!(u64::from(e.gr(Reg::MPC)), expect);
+    e.dpi.sample_device_statistics();
+    assert_eq!(e.dpi.counters().rx_missed, first + 8);
+    assert_eq!(missed(&e), first + 8);
+    // The guest gives its buffers back: what the device held arrives; the wire balances.
+    e.setup(32, 16, 2048);
+    for _ in 0..64 {
+        e.guest_rx();
+        e.run();
+    }
+    e.dpi.sample_device_statistics();
+    let c = e.dpi.counters();
+    assert_eq!(e.model.wire_in_len(), 0);
+    assert_eq!(c.rx.wire_frames + c.rx_missed, sent as u64 + 8);
+}
+
+#[test]
+fn nic_rx_missed_frames_counted_with_a_clearing_mpc() {
+    missed_frames_are_counted(false);
+}
+
+#[test]
+fn nic_rx_missed_frames_counted_with_a_running_mpc() {
+    missed_frames_are_counted(true);
 }
 
 /// A hook that holds every frame tagged with an odd sequence number until the next frame of

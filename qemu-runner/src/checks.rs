@@ -1085,12 +1085,14 @@ fn nic_counters(ally: &AllyReport, key: &str) -> Result<NicCounters, String> {
     })
 }
 
-/// Ally's frame counts against the wire's (slirp's packet log): every frame the NIC took
-/// off the wire went through Ally (delivered to the guest or dropped, and counted), and every
-/// frame Ally posted reached the wire (a TSO packet counted as its segments; the device may
-/// send more frames than that estimate, which the detail reports). At power-off Ally stops the
-/// receiver (RCTL.EN) before its final count; a frame the wire carries after that (a host
-/// retransmitting to a blocked flow) is refused by the device and reaches no ring, so up to
+/// Ally's frame counts against the wire's (slirp's packet log, QEMU's capture): every frame
+/// the NIC took off the wire went through Ally (delivered to the guest or dropped, and
+/// counted) or was missed by the device for lack of a free descriptor in Ally's receive ring
+/// (its MPC, which Ally reads: `ALLY nic-rx-missed`); and every frame Ally posted reached the
+/// wire (a TSO packet counted as its segments; the device may send more frames than that
+/// estimate, which the detail reports). At power-off Ally stops the receiver (RCTL.EN) before
+/// its final count; a frame the wire carries after that (a host retransmitting to a blocked
+/// flow) is refused by the device and reaches no ring, so up to
 /// [`FRAMES_AFTER_RECEIVER_STOP`] such frames are allowed and reported, never the reverse
 /// (Ally counting a frame the wire did not carry).
 /// `after_last`: frames the capture shows after the last frame Ally received (see
@@ -1100,38 +1102,32 @@ pub fn nic_wire_balance(
     wire: &crate::wire::WireCounts,
     after_last: Option<u64>,
 ) -> Check {
-    let frames = |key: &str| -> Result<u64, String> {
+    let frames = |key: &str, field: &str| -> Result<u64, String> {
         let l = ally
             .all(key)
             .last()
-            .ok_or_else(|| format!("no `ALLY {key} ... wire-frames=N` line"))?;
-        l.number("wire-frames").map_err(marker_err)
+            .ok_or_else(|| format!("no `ALLY {key} ... {field}=N` line"))?;
+        l.number(field).map_err(marker_err)
     };
     Check::from_result(
         "nic-wire-balance",
         (|| {
-            let (rx, tx) = (frames("nic-rx")?, frames("nic-tx")?);
+            let (rx, tx) = (
+                frames("nic-rx", "wire-frames")?,
+                frames("nic-tx", "wire-frames")?,
+            );
+            let missed = frames("nic-rx-missed", "frames")?;
             // Multicast frames the device's filter may have refused as the guest programmed
-            // it never reach Ally. (The device's own missed-packet count is not read: its
-            // statistics clear on read, and they are the guest driver's.)
-            let accounted = rx;
+            // it never reach Ally, nor MPC.
+            let accounted = rx + missed;
             let unaccounted = wire.to_guest_frames.saturating_sub(accounted);
             let late = unaccounted.saturating_sub(wire.to_guest_multicast);
             // Late frames the capture proves came after Ally's last one, and up to
             // FRAMES_AFTER_RECEIVER_STOP more where it cannot tell (Bochs' log).
             let allowed = FRAMES_AFTER_RECEIVER_STOP.max(after_last.unwrap_or(0));
-            // Under QEMU (a capture that shows Ally's last frame), QEMU's e1000 model lets a
-            // few unicast frames go mid-run without handing them to any ring or counting them
-            // in MPC (about 1 in 3,000 in the 2-CPU scenario; under Bochs the balance is
-            // exact): tolerated up to 1 in 1,000 of the frames and reported, never more.
-            let unhanded = match after_last {
-                Some(after) => late.saturating_sub(after.max(FRAMES_AFTER_RECEIVER_STOP)),
-                None => 0,
-            };
-            let allowed = allowed + unhanded.min(wire.to_guest_frames / QEMU_UNHANDED_PER);
             if accounted > wire.to_guest_frames || late > allowed {
                 return Err(format!(
-                    "the wire delivered {} frames to the NIC ({} multicast), Ally accounts for {rx}",
+                    "the wire delivered {} frames to the NIC ({} multicast), Ally accounts for {accounted} ({rx} taken off its ring, {missed} the device missed)",
                     wire.to_guest_frames, wire.to_guest_multicast
                 ));
             }
@@ -1146,7 +1142,7 @@ pub fn nic_wire_balance(
                 ));
             }
             Ok(format!(
-                "wire to guest {} frames ({} B) = Ally RX delivered + dropped ({rx}) + multicast the guest's filter refused ({filtered}){}{}; wire from guest {} frames ({} B) >= Ally TX posted {tx} (difference {})",
+                "wire to guest {} frames ({} B) = Ally RX delivered + dropped ({rx}) + missed by the device, no free descriptor ({missed}) + multicast the guest's filter refused ({filtered}){}{}; wire from guest {} frames ({} B) >= Ally TX posted {tx} (difference {})",
                 wire.to_guest_frames,
                 wire.to_guest_bytes,
                 if late > 0 {
@@ -1155,16 +1151,7 @@ pub fn nic_wire_balance(
                     String::new()
                 },
                 match after_last {
-                    Some(n) => format!(
-                        " (the capture shows {n} after Ally's last frame{})",
-                        if unhanded > 0 {
-                            format!(
-                                "; {unhanded} earlier ones QEMU's e1000 gave no ring and did not count"
-                            )
-                        } else {
-                            String::new()
-                        }
-                    ),
+                    Some(n) => format!(" (the capture shows {n} after Ally's last frame)"),
                     None => String::new(),
                 },
                 wire.to_host_frames,
@@ -1174,10 +1161,6 @@ pub fn nic_wire_balance(
         })(),
     )
 }
-
-/// Under QEMU, at most one frame in this many may be lost by QEMU's e1000 model before any
-/// ring (see `nic_wire_balance`).
-pub const QEMU_UNHANDED_PER: u64 = 1000;
 
 /// Frames the wire may carry to the NIC after Ally stopped the receiver for its final count.
 pub const FRAMES_AFTER_RECEIVER_STOP: u64 = 2;
@@ -2438,7 +2421,8 @@ ALLY os-core index=2 apic=2 state=Running
     fn wire_balance_needs_equal_frame_counts() {
         let ally = AllyReport::parse(
             "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
-             [cpu0 INFO  ally::nic] ALLY nic-rx packets=3 bytes=400 dropped=1 doorbells=2 backpressure=0 wire-frames=4\n",
+             [cpu0 INFO  ally::nic] ALLY nic-rx packets=3 bytes=400 dropped=1 doorbells=2 backpressure=0 wire-frames=4\n\
+             [cpu0 INFO  ally::nic] ALLY nic-rx-missed frames=0 register=MPC\n",
         );
         let wire = |to_host_frames, to_guest_frames| crate::wire::WireCounts {
             to_host_frames,
@@ -2468,7 +2452,8 @@ ALLY os-core index=2 apic=2 state=Running
     fn wire_balance_counts_filtered_multicast_and_late_frames() {
         let report = AllyReport::parse(
             "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
-             [cpu0 INFO  ally::nic] ALLY nic-rx packets=30 bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames=30\n",
+             [cpu0 INFO  ally::nic] ALLY nic-rx packets=30 bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames=30\n\
+             [cpu0 INFO  ally::nic] ALLY nic-rx-missed frames=0 register=MPC\n",
         );
         let wire = |to_guest_frames, to_guest_multicast| crate::wire::WireCounts {
             to_host_frames: 7,
@@ -2489,18 +2474,29 @@ ALLY os-core index=2 apic=2 state=Running
             "{c}"
         );
         assert!(!nic_wire_balance(&report, &wire(52, 10), Some(10)).passed);
-        // With the capture's proof of the end, up to 1 in 1,000 earlier frames QEMU's model
-        // lost are reported, not more.
-        let big = |lost_mid: u64| {
+        // Frames the device missed (MPC) are accounted, and only as many as it counted.
+        let missed = |taken: u64, missed: u64| {
             AllyReport::parse(&format!(
                 "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
-                 [cpu0 INFO  ally::nic] ALLY nic-rx packets={0} bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames={0}\n",
-                10_000 - lost_mid
+                 [cpu0 INFO  ally::nic] ALLY nic-rx packets={taken} bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames={taken}\n\
+                 [cpu0 INFO  ally::nic] ALLY nic-rx-missed frames={missed} register=MPC\n"
             ))
         };
-        let c = nic_wire_balance(&big(10), &wire(10_000, 0), Some(0));
-        assert!(c.passed && c.detail.contains("8 earlier ones"), "{c}");
-        assert!(!nic_wire_balance(&big(13), &wire(10_000, 0), Some(0)).passed);
-        assert!(!nic_wire_balance(&big(10), &wire(10_000, 0), None).passed);
+        let c = nic_wire_balance(&missed(9_329, 671), &wire(10_000, 0), Some(0));
+        assert!(
+            c.passed && c.detail.contains("no free descriptor (671)"),
+            "{c}"
+        );
+        assert!(!nic_wire_balance(&missed(9_329, 668), &wire(10_000, 0), Some(0)).passed);
+        assert!(!nic_wire_balance(&missed(9_329, 672), &wire(10_000, 0), Some(0)).passed);
+        // Without the missed-frame line there is no balance.
+        let c = nic_wire_balance_(
+            &AllyReport::parse(
+                "[cpu0 INFO  ally::nic] ALLY nic-tx packets=5 bytes=900 dropped=0 doorbells=5 backpressure=0 wire-frames=7\n\
+                 [cpu0 INFO  ally::nic] ALLY nic-rx packets=30 bytes=400 dropped=0 doorbells=2 backpressure=0 wire-frames=30\n",
+            ),
+            &wire(30, 0),
+        );
+        assert!(!c.passed && c.detail.contains("nic-rx-missed"), "{c}");
     }
 }

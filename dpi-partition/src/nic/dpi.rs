@@ -218,6 +218,10 @@ pub struct Counters {
     /// The last frame received from the wire, as `(length, FNV-1a 64 of its first 60 bytes)`, taken
     /// with each sample: lets a test find where Ally's count ends in a capture of the wire.
     pub last_rx_frame: Option<(usize, u64)>,
+    /// Frames the device missed (MPC, SDM 13.7.5), taken with each sample: it had no free
+    /// descriptor in Ally's receive ring for them, so they reached no ring. With
+    /// `rx.wire_frames` they account for every frame the wire delivered to the NIC.
+    pub rx_missed: u64,
     /// From a guest tail write (doorbell) to the DPI core acting on it, busy or not.
     pub wake_latency: WakeLatency,
     /// The same, for doorbells that found the DPI core waiting (MWAIT or HLT): how fast an
@@ -670,11 +674,13 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         &self.counters
     }
 
-    /// Takes the fingerprint of the last received frame into the counters (called with each
-    /// publication of the counters, not per poll). The device's statistics registers are not
-    /// read: they clear on read, and the guest's driver reads them for its own counters.
+    /// Takes the fingerprint of the last received frame and the device's missed-frame count
+    /// into the counters (called with each publication of the counters, not per poll). Of the
+    /// device's statistics only MPC is read, through the share it keeps for the guest's
+    /// driver ([`super::shadow::MissedFrames`]): they clear on read.
     pub fn sample_device_statistics(&mut self) {
         self.counters.last_rx_frame = self.last_rx_fingerprint();
+        self.counters.rx_missed = self.shadow.missed.collect(self.real);
     }
 
     /// `(length, fingerprint)` of the last frame taken off the real RX ring: FNV-1a 64 of

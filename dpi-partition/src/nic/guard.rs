@@ -34,13 +34,15 @@ pub enum PagePolicy {
 pub const fn page_policy(offset: u32) -> PagePolicy {
     match offset / PAGE {
         // Control and interrupts (0), receive (2), transmit (3), filters and wake-up (5): the
-        // queue registers, and registers next to them Ally must filter.
-        0 | 2 | 3 | 5 => PagePolicy::Trapped,
+        // queue registers, and registers next to them Ally must filter. Statistics (4): MPC,
+        // which clears on read, is Ally's count of the frames the device missed as well as
+        // the guest's (`shadow::MissedFrames`); the driver reads the page every two seconds.
+        0 | 2 | 3 | 4 | 5 => PagePolicy::Trapped,
         // 1: PBA, the receive/transmit split of the packet buffer, which the device applies
-        // only at its reset (SDM 13.4.23), which the guest cannot cause. 4: statistics, read
-        // only or clear-on-read (13.7). 9: the flexible wake-up filter tables FFMT/FFVT
-        // (13.6.10-11), inert while WUFC stays 0 (refused below).
-        1 | 4 | 9 => PagePolicy::Passthrough,
+        // only at its reset (SDM 13.4.23), which the guest cannot cause. 9: the flexible
+        // wake-up filter tables FFMT/FFVT (13.6.10-11), inert while WUFC stays 0 (refused
+        // below).
+        1 | 9 => PagePolicy::Passthrough,
         // The 82542 aliases of RDFH/RDFT/TDFH/TDFT (0x8000-0x8018): the packet buffer FIFO
         // pointers, refused like the registers they alias.
         8 => PagePolicy::Refused(Refusal::Fifo),
@@ -264,6 +266,9 @@ pub const fn register_policy(offset: u32) -> Policy {
         // thresholds and padding, not frame contents.
         0x3800 | 0x3804 | 0x3808 | 0x3810 | 0x3818 | 0x3820 | 0x382C | 0x3830 => Forward,
         0x3828 => WriteRefused(Refusal::DescCtl),
+        // --- Page 4: statistics (13.7), read only or clear on read; MPC is shared with Ally
+        // by the shadow file. The rest of the page is not the 82540EM's.
+        0x4000..=0x40FC => Forward,
         // --- Page 5: receive filters and wake-up.
         // RXCSUM (13.4.x): checksum results in Ally's RX descriptors. MTA, RA, VFTA (13.5):
         // which frames the device accepts; every accepted frame still goes through Ally's
@@ -507,13 +512,19 @@ mod tests {
     }
 
     #[test]
-    fn only_pba_statistics_and_flexible_filters_stay_mapped() {
+    fn only_pba_and_flexible_filters_stay_mapped() {
         let mapped: std::vec::Vec<u32> = (0..BAR0_PAGES)
             .map(|p| p * PAGE)
             .filter(|&o| !exits(o))
             .collect();
-        assert_eq!(mapped, [0x1000, 0x4000, 0x9000]);
-        assert_eq!(EXITING_PAGES.len(), 29);
+        assert_eq!(mapped, [0x1000, 0x9000]);
+        assert_eq!(EXITING_PAGES.len(), 30);
+        // Statistics exit (MPC is shared with Ally) and are forwarded; the rest of their
+        // page is reserved.
+        for stat in [0x4000, 0x4010, 0x40FC] {
+            assert_eq!(register_policy(stat), Policy::Forward, "{stat:#x}");
+        }
+        assert_eq!(register_policy(0x4100), Policy::Refused(Refusal::Reserved));
         assert!(EXITING_PAGES.contains(&0x8000));
         assert!((0x10000..0x20000)
             .step_by(0x1000)

@@ -46,6 +46,13 @@ pub struct ModelConfig {
     pub flavor: Flavor,
     /// Process rings inside TDT/RDT writes (both emulators do).
     pub immediate: bool,
+    /// Frames the receive packet buffer holds while no descriptor is free (0: unbounded). A
+    /// frame arriving when it is full is missed and counted in MPC (SDM 13.7.5), as QEMU's
+    /// e1000 misses the frames it cannot place when the ring runs out.
+    pub rx_fifo_frames: usize,
+    /// MPC keeps its count on read, as QEMU 7.2's and Bochs 2.7's e1000 do, rather than
+    /// clearing (SDM 13.7).
+    pub mpc_running: bool,
 }
 
 impl Default for ModelConfig {
@@ -53,6 +60,8 @@ impl Default for ModelConfig {
         Self {
             flavor: Flavor::Qemu,
             immediate: true,
+            rx_fifo_frames: 0,
+            mpc_running: false,
         }
     }
 }
@@ -118,6 +127,8 @@ pub struct ModelStats {
     pub rx_bytes: AtomicU64,
     /// Frames discarded because the receiver was disabled or misconfigured.
     pub rx_discarded: AtomicU64,
+    /// Frames missed because the packet buffer was full (each also counted in MPC).
+    pub rx_missed: AtomicU64,
     /// TSE frames sent unsegmented (not modelled).
     pub tso_unsegmented: AtomicU64,
     /// Descriptor or buffer DMA that fell outside memory.
@@ -250,9 +261,20 @@ impl<M: DmaMemory> E1000Model<M> {
         self.reg(Reg::ICR).fetch_or(icr::LSC, Ordering::AcqRel);
     }
 
-    /// Put a frame on the wire towards the device (it is received when buffers allow).
+    /// Put a frame on the wire towards the device (it is received when buffers allow, or
+    /// missed when the packet buffer is full).
     pub fn inject(&self, frame: &[u8]) {
-        self.state.lock().wire_in.push_back(frame.to_vec());
+        {
+            let mut st = self.state.lock();
+            if self.cfg.rx_fifo_frames != 0 && st.wire_in.len() >= self.cfg.rx_fifo_frames {
+                // SDM 13.7.5: MPC saturates rather than wrapping.
+                let mpc = self.reg(Reg::MPC);
+                let _ = mpc.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_add(1));
+                self.stats.rx_missed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            st.wire_in.push_back(frame.to_vec());
+        }
         if self.cfg.immediate {
             self.process();
         }
@@ -481,8 +503,9 @@ impl<M: DmaMemory> NicRegisters for E1000Model<M> {
         }
         let reg = reg.canonical();
         match reg {
-            // SDM 13.4.17: reading ICR clears it.
+            // SDM 13.4.17: reading ICR clears it; 13.7: so does reading a statistic.
             Reg::ICR => self.reg(Reg::ICR).swap(0, Ordering::AcqRel),
+            Reg::MPC if !self.cfg.mpc_running => self.reg(Reg::MPC).swap(0, Ordering::AcqRel),
             // IMC and ICS are write-only.
             Reg::IMC | Reg::ICS => 0,
             _ => self.get(reg),

@@ -49,6 +49,9 @@ impl Reg {
     pub const TIDV: Reg = Reg(0x3820);
     pub const TXDCTL: Reg = Reg(0x3828);
     pub const TADV: Reg = Reg(0x382C);
+    /// Missed Packets Count (SDM 13.7.5): frames the device dropped for lack of a free receive
+    /// descriptor or packet buffer space. Clear on read.
+    pub const MPC: Reg = Reg(0x4010);
     pub const RXCSUM: Reg = Reg(0x5000);
     pub const MTA: Reg = Reg(0x5200);
     pub const RAL0: Reg = Reg(0x5400);
@@ -120,6 +123,7 @@ impl Reg {
             Reg::RADV => "RADV",
             Reg::TIDV => "TIDV",
             Reg::TADV => "TADV",
+            Reg::MPC => "MPC",
             _ => "other",
         }
     }

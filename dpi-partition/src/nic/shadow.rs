@@ -31,6 +31,7 @@
 //! the DPI core clears it before it checks the causes, so a raise racing with the release
 //! either is seen by the check or holds anew.
 
+use super::model::SpinLock;
 use super::regs::{ctrl, icr, NicRegisters, Reg};
 use crate::queue::{timestamp, CachePadded, Doorbell};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -119,6 +120,133 @@ pub struct ShadowRegs {
     irq_held: AtomicBool,
     /// Assertions held back (each made later, once, for every cause pending by then).
     pub irqs_moderated: AtomicU64,
+    /// The device's missed-frame count, which Ally and the guest's driver both read.
+    pub missed: MissedFrames,
+}
+
+/// The device's Missed Packets Count (SDM 13.7.5), shared by Ally and the guest.
+///
+/// A frame the device cannot place because Ally's receive ring has no free descriptor is
+/// dropped by the device before any ring and counted only in MPC. Ally must count it (the wire
+/// carried it; nobody inspected or delivered it), and the guest's driver reads MPC for its own
+/// statistics. Every read of the device's MPC goes through this type, which keeps Ally's total
+/// and the guest's view apart:
+///
+/// - The SDM's MPC clears on read, so whoever reads it first takes the count from the other:
+///   each read is added both to Ally's total and to the guest's unread share, and a guest
+///   read returns (and clears) only its share.
+/// - QEMU 7.2's and Bochs 2.7's e1000 models keep MPC on read (a running count): Ally adds
+///   what it grew by since the last read, and the guest reads the device's value unchanged.
+///
+/// Which of the two the device does is found at the first nonzero read: two more reads right
+/// after it cannot both be at least as large on a clearing device unless that many frames
+/// were missed within microseconds, twice over.
+pub struct MissedFrames {
+    state: SpinLock<MissedState>,
+}
+
+impl Default for MissedFrames {
+    fn default() -> Self {
+        Self {
+            state: SpinLock::new(MissedState::default()),
+        }
+    }
+}
+
+impl core::fmt::Debug for MissedFrames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MissedFrames").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum MpcSemantics {
+    /// No frame missed yet: not known.
+    #[default]
+    Unknown,
+    /// Each read returns the frames missed since the previous one (SDM 13.7).
+    ClearsOnRead,
+    /// Each read returns the running count (the emulators).
+    Running,
+}
+
+#[derive(Debug, Default)]
+struct MissedState {
+    semantics: MpcSemantics,
+    /// Frames missed since boot.
+    total: u64,
+    /// ClearsOnRead: missed since the guest's last read of MPC.
+    guest_unread: u32,
+    /// Running: the device's value at the last read.
+    last_running: u32,
+}
+
+impl MissedState {
+    /// Reads the device's MPC and takes what is new into the counts.
+    fn collect<R: NicRegisters>(&mut self, real: &R) {
+        let first = real.read32(Reg::MPC);
+        let new = match self.semantics {
+            MpcSemantics::ClearsOnRead => first,
+            MpcSemantics::Running => self.grown_to(first),
+            MpcSemantics::Unknown if first == 0 => 0,
+            MpcSemantics::Unknown => {
+                let second = real.read32(Reg::MPC);
+                let third = if second >= first {
+                    real.read32(Reg::MPC)
+                } else {
+                    0
+                };
+                if second >= first && third >= second {
+                    self.semantics = MpcSemantics::Running;
+                    self.grown_to(third)
+                } else {
+                    self.semantics = MpcSemantics::ClearsOnRead;
+                    first.saturating_add(second).saturating_add(third)
+                }
+            }
+        };
+        self.total += u64::from(new);
+        if self.semantics == MpcSemantics::ClearsOnRead {
+            // The guest's share saturates, as the register does.
+            self.guest_unread = self.guest_unread.saturating_add(new);
+        }
+    }
+
+    /// A running count read as `now`: how much it grew since the last read (a count that
+    /// went down was reset with the device, and counts from zero).
+    fn grown_to(&mut self, now: u32) -> u32 {
+        let grew = now.checked_sub(self.last_running).unwrap_or(now);
+        self.last_running = now;
+        grew
+    }
+}
+
+impl MissedFrames {
+    /// Reads the device's MPC into the counts: Ally's total of missed frames since boot.
+    pub fn collect<R: NicRegisters>(&self, real: &R) -> u64 {
+        let mut st = self.state.lock();
+        st.collect(real);
+        st.total
+    }
+
+    /// The guest reads MPC: the device's value where it keeps a running count, else the
+    /// frames missed since the guest's last read.
+    fn guest_read<R: NicRegisters>(&self, real: &R) -> u32 {
+        let mut st = self.state.lock();
+        st.collect(real);
+        match st.semantics {
+            MpcSemantics::Running => st.last_running,
+            _ => core::mem::take(&mut st.guest_unread),
+        }
+    }
+
+    /// The guest reset the device: a clearing count starts again from zero for it (SDM
+    /// 13.7); Ally's total does not.
+    fn guest_reset<R: NicRegisters>(&self, real: &R) {
+        let mut st = self.state.lock();
+        st.collect(real);
+        st.guest_unread = 0;
+    }
 }
 
 /// A consistent copy of the guest's configuration registers.
@@ -317,6 +445,7 @@ impl ShadowRegs {
             Reg::TDT => self.tdt(),
             Reg::RDH => self.rdh(),
             Reg::RDT => self.rdt(),
+            Reg::MPC => self.missed.guest_read(real),
             _ => real.read32(reg),
         }
     }
@@ -425,6 +554,7 @@ impl ShadowRegs {
         self.icr.store(0, Ordering::SeqCst);
         real.write32(Reg::IMC, PASSTHROUGH_CAUSES);
         real.write32(Reg::ICR, DOORBELL_CAUSE | PASSTHROUGH_CAUSES);
+        self.missed.guest_reset(real);
         g.resets.fetch_add(1, Ordering::AcqRel);
         self.cfg_doorbell.ring();
     }

@@ -60,11 +60,21 @@ pub fn policy() -> MemoryPolicy {
 }
 
 pub fn env<H: PacketHook>(cfg: DpiConfig, flavor: Flavor, immediate: bool, hook: H) -> Env<H> {
+    env_with_model(
+        cfg,
+        ModelConfig {
+            flavor,
+            immediate,
+            ..ModelConfig::default()
+        },
+        hook,
+    )
+}
+
+/// [`env`] with a software e1000 configured as `model` says.
+pub fn env_with_model<H: PacketHook>(cfg: DpiConfig, model: ModelConfig, hook: H) -> Env<H> {
     let mem: &'static FakeDma = Box::leak(Box::new(FakeDma::new(0, MEM_END as usize)));
-    let model: &'static Model = Box::leak(Box::new(E1000Model::new(
-        mem,
-        ModelConfig { flavor, immediate },
-    )));
+    let model: &'static Model = Box::leak(Box::new(E1000Model::new(mem, model)));
     let shadow: &'static ShadowRegs = Box::leak(Box::new(ShadowRegs::new()));
     let dpi = std::mem::ManuallyDrop::new(
         DpiNic::new(shadow, mem, model, policy(), DPI_REGION, cfg, hook).unwrap(),
