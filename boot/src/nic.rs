@@ -441,6 +441,12 @@ impl DpiWork {
             }
             if let Some(mut published) = PUBLISHED.try_lock() {
                 self.engine.sample_device_statistics();
+                // The device's missed-frame count costs a register read (under TCG, a trip
+                // through QEMU's device model under its big lock): only for the publications
+                // someone waits for (marks, power-off), not the periodic ones.
+                if requested {
+                    self.engine.sample_missed_frames();
+                }
                 *published = Some(self.engine.counters().clone());
                 self.polls_since_publish = 0;
                 if requested {

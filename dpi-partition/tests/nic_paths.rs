@@ -556,16 +556,36 @@ fn nic_rx_bad_guest_buffer_gets_error_and_no_write() {
 fn nic_rx_disabled_receiver() {
     let mut e = env(cfg(Mode::Copy), Flavor::Qemu, false, PassAll);
     e.setup(32, 16, 2048);
+    // While the guest receives, the device filters as the guest asked (here: no promiscuity).
+    assert_eq!(
+        e.model.read32(Reg::RCTL) & (rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM),
+        rctl::EN | rctl::BAM
+    );
     // A frame lands in the DPI ring, then the guest turns its receiver off.
     e.model.inject(&frame(1, 100));
     e.model.process();
     e.gw(Reg::RCTL, e.gr(Reg::RCTL) & !rctl::EN);
     e.run();
     assert_eq!(e.dpi.counters().rx.dropped(DropReason::GuestRxOff), 1);
+    // The real receiver stays on: a frame arriving now is Ally's to drop and count, where the
+    // device would have dropped it uncounted.
+    let real = e.model.read32(Reg::RCTL);
     assert_eq!(
-        e.model.read32(Reg::RCTL) & rctl::EN,
-        0,
-        "real receiver follows the guest"
+        real & (rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM),
+        rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM,
+        "every frame, to be counted: {real:#x}"
+    );
+    e.model.inject(&frame(2, 100));
+    e.model.process();
+    e.run();
+    assert_eq!(e.dpi.counters().rx.dropped(DropReason::GuestRxOff), 2);
+    assert_eq!(e.dpi.counters().rx.wire_frames, 2);
+    assert_eq!(
+        e.model
+            .stats
+            .rx_discarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
     );
     assert!(e.guest_rx().is_empty());
 }
@@ -914,7 +934,7 @@ fn missed_frames_are_counted(mpc_running: bool) {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     // Ally samples MPC before anything was missed: nothing to count.
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     assert_eq!(e.dpi.counters().rx_missed, 0);
     // The guest holds back every buffer: Ally's ring fills, then the device's buffer.
     e.gw(Reg::RDT, 0);
@@ -930,15 +950,15 @@ fn missed_frames_are_counted(mpc_running: bool) {
     assert_eq!(u64::from(e.gr(Reg::MPC)), first);
     let again = if mpc_running { first } else { 0 };
     assert_eq!(u64::from(e.gr(Reg::MPC)), again, "the device's semantics");
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     assert_eq!(e.dpi.counters().rx_missed, first);
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     assert_eq!(e.dpi.counters().rx_missed, first, "counted once");
     // More missed frames, now sampled by Ally first: the guest's next read still has them.
     for i in 0..7 {
         e.model.inject(&frame(10_000 + i, 200));
     }
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     assert_eq!(e.dpi.counters().rx_missed, first + 7);
     let expect = if mpc_running { first + 7 } else { 7 };
     assert_eq!(u64::from(e.gr(Reg::MPC)), expect);
@@ -947,7 +967,7 @@ fn missed_frames_are_counted(mpc_running: bool) {
     e.gw(Reg::CTRL, e.gr(Reg::CTRL) | ctrl::RST);
     let expect = if mpc_running { first + 8 } else { 0 };
     assert_eq!(u64::from(e.gr(Reg::MPC)), expect);
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     assert_eq!(e.dpi.counters().rx_missed, first + 8);
     assert_eq!(missed(&e), first + 8);
     // The guest gives its buffers back: what the device held arrives; the wire balances.
@@ -956,7 +976,7 @@ fn missed_frames_are_counted(mpc_running: bool) {
         e.guest_rx();
         e.run();
     }
-    e.dpi.sample_device_statistics();
+    e.dpi.sample_missed_frames();
     let c = e.dpi.counters();
     assert_eq!(e.model.wire_in_len(), 0);
     assert_eq!(c.rx.wire_frames + c.rx_missed, sent as u64 + 8);

@@ -674,12 +674,16 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         &self.counters
     }
 
-    /// Takes the fingerprint of the last received frame and the device's missed-frame count
-    /// into the counters (called with each publication of the counters, not per poll). Of the
-    /// device's statistics only MPC is read, through the share it keeps for the guest's
-    /// driver ([`super::shadow::MissedFrames`]): they clear on read.
+    /// Takes the fingerprint of the last received frame into the counters (called with each
+    /// publication of the counters, not per poll).
     pub fn sample_device_statistics(&mut self) {
         self.counters.last_rx_frame = self.last_rx_fingerprint();
+    }
+
+    /// Takes the device's missed-frame count into the counters: a read of its MPC, through
+    /// the share kept for the guest's driver ([`super::shadow::MissedFrames`]; the
+    /// statistics clear on read).
+    pub fn sample_missed_frames(&mut self) {
         self.counters.rx_missed = self.shadow.missed.collect(self.real);
     }
 
@@ -881,11 +885,21 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             }
         }
         self.rx.enabled = g.rctl & rctl::EN != 0;
-        // Real RCTL: the guest's filters and options with Ally's buffer size; the real
-        // receiver runs only while the guest's does. Real TCTL stays enabled so that packets
-        // already accepted still go out.
+        // Real RCTL: the receiver always on, with Ally's buffer size; the guest's filters and
+        // options while its receiver is on, else every frame. A frame that arrives while the
+        // guest's receiver is off (its driver reconfiguring, a reset) is taken off Ally's ring
+        // and dropped and counted (`guest_rx_off`): with the real receiver off, or filtering
+        // as a reset guest's RCTL of 0 would (no broadcast), the device would drop it
+        // uncounted (SDM 13.4.22; QEMU's e1000 also drops every frame its net queue held at
+        // the next RDT or RCTL write). Real TCTL stays enabled so that packets already
+        // accepted still go out.
         let bsize = rctl::for_buffer_size(self.cfg.rx_buf).unwrap_or(0);
-        let real_rctl = (g.rctl & !(rctl::BSIZE_MASK | rctl::BSEX)) | bsize;
+        let options = if self.rx.enabled {
+            g.rctl & !(rctl::BSIZE_MASK | rctl::BSEX)
+        } else {
+            rctl::UPE | rctl::MPE | rctl::BAM
+        };
+        let real_rctl = options | bsize | rctl::EN;
         self.real.write32(Reg::RCTL, real_rctl);
         self.real
             .write32(Reg::TCTL, (g.tctl & !tctl::EN) | tctl::EN | tctl::PSP);
