@@ -34,9 +34,9 @@ pub enum PagePolicy {
 pub const fn page_policy(offset: u32) -> PagePolicy {
     match offset / PAGE {
         // Control and interrupts (0), receive (2), transmit (3), filters and wake-up (5): the
-        // queue registers, and registers next to them Ally must filter. Statistics (4): MPC,
-        // which clears on read, is Ally's count of the frames the device missed as well as
-        // the guest's (`shadow::MissedFrames`); the driver reads the page every two seconds.
+        // queue registers, and registers next to them Ally must filter. Statistics (4): MPC
+        // is Ally's count of the frames the device missed as well as the guest's, and may
+        // clear on read (`shadow::MissedFrames`); the driver reads the page every two seconds.
         0 | 2 | 3 | 4 | 5 => PagePolicy::Trapped,
         // 1: PBA, the receive/transmit split of the packet buffer, which the device applies
         // only at its reset (SDM 13.4.23), which the guest cannot cause. 9: the flexible

@@ -50,7 +50,8 @@ impl Reg {
     pub const TXDCTL: Reg = Reg(0x3828);
     pub const TADV: Reg = Reg(0x382C);
     /// Missed Packets Count (SDM 13.7.5): frames the device dropped for lack of a free receive
-    /// descriptor or packet buffer space. Clear on read.
+    /// descriptor or packet buffer space. Clear on read in the SDM; QEMU's and Bochs' models
+    /// keep a running count (`shadow::MissedFrames`).
     pub const MPC: Reg = Reg(0x4010);
     pub const RXCSUM: Reg = Reg(0x5000);
     pub const MTA: Reg = Reg(0x5200);

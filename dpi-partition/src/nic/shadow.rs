@@ -159,15 +159,17 @@ impl core::fmt::Debug for MissedFrames {
     }
 }
 
+/// How the device keeps MPC, with what each way needs remembered.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum MpcSemantics {
     /// No frame missed yet: not known.
     #[default]
     Unknown,
-    /// Each read returns the frames missed since the previous one (SDM 13.7).
-    ClearsOnRead,
-    /// Each read returns the running count (the emulators).
-    Running,
+    /// Each read returns the frames missed since the previous one (SDM 13.7); the guest's
+    /// share is what was missed since its own last read.
+    ClearsOnRead { guest_unread: u32 },
+    /// Each read returns the running count (the emulators), last read as `last`.
+    Running { last: u32 },
 }
 
 #[derive(Debug, Default)]
@@ -175,48 +177,44 @@ struct MissedState {
     semantics: MpcSemantics,
     /// Frames missed since boot.
     total: u64,
-    /// ClearsOnRead: missed since the guest's last read of MPC.
-    guest_unread: u32,
-    /// Running: the device's value at the last read.
-    last_running: u32,
 }
 
 impl MissedState {
     /// Reads the device's MPC and takes what is new into the counts.
     fn collect<R: NicRegisters>(&mut self, real: &R) {
-        let first = real.read32(Reg::MPC);
-        let new = match self.semantics {
-            MpcSemantics::ClearsOnRead => first,
-            MpcSemantics::Running => self.grown_to(first),
-            MpcSemantics::Unknown if first == 0 => 0,
+        let read = || real.read32(Reg::MPC);
+        let now = read();
+        let new = match &mut self.semantics {
+            MpcSemantics::ClearsOnRead { guest_unread } => {
+                // The guest's share saturates, as the register does.
+                *guest_unread = guest_unread.saturating_add(now);
+                now
+            }
+            MpcSemantics::Running { last } => Self::grown(last, now),
+            MpcSemantics::Unknown if now == 0 => 0,
             MpcSemantics::Unknown => {
-                let second = real.read32(Reg::MPC);
-                let third = if second >= first {
-                    real.read32(Reg::MPC)
+                // A running count reads at least as large twice more; a clearing one reads
+                // what was missed since (almost always less).
+                let second = read();
+                let third = if second >= now { read() } else { 0 };
+                let (semantics, new) = if second >= now && third >= second {
+                    (MpcSemantics::Running { last: third }, third)
                 } else {
-                    0
+                    let all = now.saturating_add(second).saturating_add(third);
+                    (MpcSemantics::ClearsOnRead { guest_unread: all }, all)
                 };
-                if second >= first && third >= second {
-                    self.semantics = MpcSemantics::Running;
-                    self.grown_to(third)
-                } else {
-                    self.semantics = MpcSemantics::ClearsOnRead;
-                    first.saturating_add(second).saturating_add(third)
-                }
+                self.semantics = semantics;
+                new
             }
         };
         self.total += u64::from(new);
-        if self.semantics == MpcSemantics::ClearsOnRead {
-            // The guest's share saturates, as the register does.
-            self.guest_unread = self.guest_unread.saturating_add(new);
-        }
     }
 
-    /// A running count read as `now`: how much it grew since the last read (a count that
-    /// went down was reset with the device, and counts from zero).
-    fn grown_to(&mut self, now: u32) -> u32 {
-        let grew = now.checked_sub(self.last_running).unwrap_or(now);
-        self.last_running = now;
+    /// A running count last read as `last`, now `now`: how much it grew (a count that went
+    /// down was reset with the device, and counts from zero).
+    fn grown(last: &mut u32, now: u32) -> u32 {
+        let grew = now.checked_sub(*last).unwrap_or(now);
+        *last = now;
         grew
     }
 }
@@ -234,9 +232,10 @@ impl MissedFrames {
     fn guest_read<R: NicRegisters>(&self, real: &R) -> u32 {
         let mut st = self.state.lock();
         st.collect(real);
-        match st.semantics {
-            MpcSemantics::Running => st.last_running,
-            _ => core::mem::take(&mut st.guest_unread),
+        match &mut st.semantics {
+            MpcSemantics::Running { last } => *last,
+            MpcSemantics::ClearsOnRead { guest_unread } => core::mem::take(guest_unread),
+            MpcSemantics::Unknown => 0,
         }
     }
 
@@ -245,7 +244,9 @@ impl MissedFrames {
     fn guest_reset<R: NicRegisters>(&self, real: &R) {
         let mut st = self.state.lock();
         st.collect(real);
-        st.guest_unread = 0;
+        if let MpcSemantics::ClearsOnRead { guest_unread } = &mut st.semantics {
+            *guest_unread = 0;
+        }
     }
 }
 
