@@ -497,8 +497,9 @@ fn request_publication() -> bool {
 /// so that exits per wire frame can be computed for that transfer alone. The DPI core is
 /// asked for a fresh publication first (`fresh=0` when it did not come in time, and the
 /// counters then trail by up to 64 polls). The doorbell latencies' running sample counts and
-/// TSC totals (all doorbells, and those that found the core idle) let the runner compare
-/// them between two marks (e.g. idle against an alert storm).
+/// TSC totals (all doorbells, and those that found the core idle), and the idle ones'
+/// running histogram, let the runner compare them between two marks (e.g. idle against an
+/// alert storm).
 pub fn mark(id: u8) {
     let alerts = logger::ALERT_RING.stats();
     info!(
@@ -513,7 +514,7 @@ pub fn mark(id: u8) {
     let mut registers = alloc::string::String::new();
     let _ = ally_hypervisor::exit::write_register_counts(&mut registers, trapped.exits.nonzero());
     info!(
-        "ALLY nic-mark id={id} exits={} fused={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} idle-wake-samples={} idle-wake-tsc={} tsc-per-us={} fresh={} registers={registers}",
+        "ALLY nic-mark id={id} exits={} fused={} forwarded={} tx-packets={} rx-packets={} tx-wire={} rx-wire={} irqs-raised={} irq-doorbells={} wake-samples={} wake-tsc={} idle-wake-samples={} idle-wake-tsc={} idle-wake-hist={} tsc-per-us={} fresh={} registers={registers}",
         trapped.exits.total(),
         trapped.exits.fused.load(Ordering::Relaxed),
         trapped.exits.forwarded(),
@@ -527,6 +528,7 @@ pub fn mark(id: u8) {
         counters.wake_latency.total(),
         counters.idle_wake_latency.samples(),
         counters.idle_wake_latency.total(),
+        counters.idle_wake_latency.histogram(),
         crate::clock::tsc_per_us(),
         u8::from(fresh)
     );
@@ -601,13 +603,16 @@ pub fn report() {
         ("idle", counters.idle_wake_latency),
     ] {
         info!(
-            "ALLY dpi-wake-latency doorbells={kind} samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} max-us={}",
+            "ALLY dpi-wake-latency doorbells={kind} samples={} mean-tsc={} min-tsc={} max-tsc={} mean-us={} median-us={} p99-us={} max-us={} hist={}",
             wake.samples(),
             wake.mean(),
             wake.min(),
             wake.max(),
             wake.mean() / per_us,
-            wake.max() / per_us
+            wake.histogram().quantile(500) / per_us,
+            wake.histogram().quantile(990) / per_us,
+            wake.max() / per_us,
+            wake.histogram()
         );
     }
     for (name, reads, writes) in trapped.exits.nonzero() {

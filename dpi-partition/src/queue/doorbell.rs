@@ -84,6 +84,7 @@ pub struct WakeLatency {
     min: u64,
     max: u64,
     total: u64,
+    histogram: WakeHistogram,
 }
 
 impl Default for WakeLatency {
@@ -93,6 +94,7 @@ impl Default for WakeLatency {
             total: 0,
             min: u64::MAX,
             max: 0,
+            histogram: WakeHistogram::default(),
         }
     }
 }
@@ -114,6 +116,13 @@ impl WakeLatency {
         }
         self.total = self.total.wrapping_add(ticks);
         self.samples += 1;
+        self.histogram.add(ticks);
+    }
+
+    /// How the samples spread: a mean hides whether one long stall or many slow wake-ups
+    /// made it (one 40 ms host hiccup among 800 doorbells adds 50 µs to their mean).
+    pub fn histogram(&self) -> &WakeHistogram {
+        &self.histogram
     }
 
     /// Samples recorded.
@@ -143,6 +152,135 @@ impl WakeLatency {
     /// Mean ticks per sample.
     pub fn mean(&self) -> u64 {
         self.total.checked_div(self.samples).unwrap_or(0)
+    }
+}
+
+/// Buckets of a [`WakeHistogram`].
+pub const WAKE_BUCKETS: usize = 28;
+
+/// Bucket 0 of a [`WakeHistogram`] holds the samples under `1 << WAKE_BUCKET_SHIFT` ticks
+/// (0.1 µs at 2.4 GHz); bucket k ≥ 1 those in `[2^(SHIFT+k-1), 2^(SHIFT+k))`, the last one
+/// everything above as well (from 2^34 ticks, seconds).
+pub const WAKE_BUCKET_SHIFT: u32 = 8;
+
+/// Wake-up latencies by powers of two: a running count per bucket, so that the counts at two
+/// instants give the spread between them ([`WakeHistogram::since`]) and its quantiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WakeHistogram {
+    counts: [u64; WAKE_BUCKETS],
+}
+
+impl WakeHistogram {
+    /// A histogram with these bucket counts.
+    pub const fn from_counts(counts: [u64; WAKE_BUCKETS]) -> Self {
+        Self { counts }
+    }
+
+    /// The bucket counts.
+    pub fn counts(&self) -> &[u64; WAKE_BUCKETS] {
+        &self.counts
+    }
+
+    /// The bucket that holds `ticks`: its bit length above the shift (a count of leading
+    /// zeros and a compare in the DPI loop).
+    #[inline]
+    pub fn bucket(ticks: u64) -> usize {
+        let bits = u64::BITS - (ticks >> WAKE_BUCKET_SHIFT).leading_zeros();
+        (bits as usize).min(WAKE_BUCKETS - 1)
+    }
+
+    /// The ticks bucket `k` covers, `[low, high)`; the last bucket's `high` is nominal (twice
+    /// its `low`), as it also holds everything above.
+    pub fn bucket_range(k: usize) -> (u64, u64) {
+        if k == 0 {
+            (0, 1 << WAKE_BUCKET_SHIFT)
+        } else {
+            let low = 1u64 << (WAKE_BUCKET_SHIFT as usize + k - 1);
+            (low, low * 2)
+        }
+    }
+
+    /// Count one sample.
+    #[inline]
+    pub fn add(&mut self, ticks: u64) {
+        self.counts[Self::bucket(ticks)] += 1;
+    }
+
+    /// Samples counted.
+    pub fn samples(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The samples counted after `earlier` (a reading of the same running histogram).
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut counts = [0; WAKE_BUCKETS];
+        for (k, count) in counts.iter_mut().enumerate() {
+            *count = self.counts[k].saturating_sub(earlier.counts[k]);
+        }
+        Self { counts }
+    }
+
+    /// The `per_mille`/1000 quantile in ticks (500: the median), placed linearly inside its
+    /// bucket by rank (the middle of the rank's share), so within a factor of two of the true value; 0 without samples.
+    pub fn quantile(&self, per_mille: u64) -> u64 {
+        let samples = self.samples();
+        if samples == 0 {
+            return 0;
+        }
+        // The rank of the quantile sample, 1-based: ceil(samples * q), at least 1.
+        let rank = (u128::from(samples) * u128::from(per_mille.min(1000)))
+            .div_ceil(1000)
+            .max(1);
+        let mut below = 0u128;
+        for (k, &count) in self.counts.iter().enumerate() {
+            let count = u128::from(count);
+            if count > 0 && below + count >= rank {
+                let (low, high) = Self::bucket_range(k);
+                let span = u128::from(high - low);
+                // The middle of the rank's share of the bucket: never its upper bound.
+                let offset = span * (2 * (rank - below) - 1) / (2 * count);
+                return low + u64::try_from(offset).unwrap_or(u64::MAX - low);
+            }
+            below += count;
+        }
+        Self::bucket_range(WAKE_BUCKETS - 1).1
+    }
+
+    /// Reads the form [`core::fmt::Display`] writes (bucket counts from bucket 0, separated
+    /// by commas, the trailing empty ones left out); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut counts = [0; WAKE_BUCKETS];
+        if text.is_empty() {
+            return Some(Self { counts });
+        }
+        let mut fields = text.split(',');
+        for count in counts.iter_mut() {
+            match fields.next() {
+                Some(field) => *count = field.parse().ok()?,
+                None => break,
+            }
+        }
+        match fields.next() {
+            Some(_) => None,
+            None => Some(Self { counts }),
+        }
+    }
+}
+
+impl core::fmt::Display for WakeHistogram {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let used = self
+            .counts
+            .iter()
+            .rposition(|&count| count > 0)
+            .map_or(0, |last| last + 1);
+        for (k, count) in self.counts[..used].iter().enumerate() {
+            if k > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{count}")?;
+        }
+        Ok(())
     }
 }
 
@@ -197,6 +335,81 @@ mod tests {
         assert!(latency.max() > 100 * latency.min().max(1), "{latency:?}");
         assert!(latency.min() <= latency.max());
         assert_eq!(latency.mean(), latency.total() / 2);
+    }
+
+    #[test]
+    fn wake_histogram_buckets_by_powers_of_two() {
+        let shift = WAKE_BUCKET_SHIFT;
+        assert_eq!(WakeHistogram::bucket(0), 0);
+        assert_eq!(WakeHistogram::bucket((1 << shift) - 1), 0);
+        assert_eq!(WakeHistogram::bucket(1 << shift), 1);
+        assert_eq!(WakeHistogram::bucket((2 << shift) - 1), 1);
+        assert_eq!(WakeHistogram::bucket(2 << shift), 2);
+        assert_eq!(WakeHistogram::bucket(u64::MAX), WAKE_BUCKETS - 1);
+        for k in 0..WAKE_BUCKETS - 1 {
+            let (low, high) = WakeHistogram::bucket_range(k);
+            assert_eq!(WakeHistogram::bucket(low), k);
+            assert_eq!(WakeHistogram::bucket(high - 1), k);
+            assert_eq!(WakeHistogram::bucket(high), k + 1);
+        }
+    }
+
+    #[test]
+    fn wake_histogram_median_ignores_one_long_stall() {
+        let mut latency = WakeLatency::default();
+        let db = Doorbell::new();
+        db.ring();
+        for _ in 0..99 {
+            latency.record(&db);
+            db.ring();
+        }
+        let quick = *latency.histogram();
+        assert_eq!(quick.samples(), 99);
+        let mut stalled = quick;
+        stalled.add(1 << 30);
+        // The stall moves the mean by ~10 million ticks and the median not at all.
+        assert_eq!(stalled.quantile(500), quick.quantile(500));
+        assert!(stalled.quantile(1000) >= 1 << 30);
+        assert!(quick.quantile(500) < 1 << 20, "{quick:?}");
+    }
+
+    #[test]
+    fn wake_histogram_quantiles_between_two_readings() {
+        let mut running = WakeHistogram::default();
+        for _ in 0..10 {
+            running.add(300); // bucket 1: [256, 512)
+        }
+        let earlier = running;
+        for _ in 0..30 {
+            running.add(5000); // bucket 5: [4096, 8192)
+        }
+        running.add(300);
+        let phase = running.since(&earlier);
+        assert_eq!(phase.samples(), 31);
+        assert_eq!(phase.counts()[1], 1);
+        assert_eq!(phase.counts()[5], 30);
+        let median = phase.quantile(500);
+        assert!((4096..8192).contains(&median), "{median}");
+        assert!(phase.quantile(10) < 512);
+        assert_eq!(WakeHistogram::default().quantile(500), 0);
+    }
+
+    #[test]
+    fn wake_histogram_text_round_trips() {
+        let mut histogram = WakeHistogram::default();
+        assert_eq!(histogram.to_string(), "");
+        assert_eq!(WakeHistogram::parse(""), Some(histogram));
+        histogram.add(10);
+        histogram.add(3000);
+        histogram.add(3000);
+        let text = histogram.to_string();
+        assert_eq!(text, "1,0,0,0,2");
+        assert_eq!(WakeHistogram::parse(&text), Some(histogram));
+        assert_eq!(WakeHistogram::parse("1,x"), None);
+        assert_eq!(
+            WakeHistogram::parse(&["1"; WAKE_BUCKETS + 1].join(",")),
+            None
+        );
     }
 
     #[test]

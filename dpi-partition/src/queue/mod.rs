@@ -12,5 +12,7 @@
 mod doorbell;
 mod spsc;
 
-pub use doorbell::{timestamp, CachePadded, Doorbell, DoorbellWatcher, WakeLatency};
+pub use doorbell::{
+    timestamp, CachePadded, Doorbell, DoorbellWatcher, WakeHistogram, WakeLatency, WAKE_BUCKETS,
+};
 pub use spsc::{Consumer, Producer, QueueError, Slot, SpscHeader, SpscRing, SpscStorage};
