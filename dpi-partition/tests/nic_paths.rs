@@ -999,6 +999,28 @@ fn nic_rx_missed_frames_counted_with_a_running_mpc() {
 struct HoldOdd {
     held: [Option<Vec<u8>>; 2],
     released: [std::collections::VecDeque<Vec<u8>>; 2],
+    /// The 802.1Q tag of every frame inspected, by direction (`None`: untagged).
+    tags_seen: [Vec<Option<u16>>; 2],
+}
+
+/// The 802.1Q TCI of a tagged frame.
+fn vlan_tci(frame: &[u8]) -> Option<u16> {
+    (frame[12..14] == [0x81, 0x00]).then(|| u16::from_be_bytes([frame[14], frame[15]]))
+}
+
+/// The sequence number [`tagged_tcp`] put in a frame, behind a VLAN tag or not.
+fn frame_seq(frame: &[u8]) -> u32 {
+    let at = if vlan_tci(frame).is_some() { 30 } else { 26 };
+    u32::from_be_bytes(frame[at..at + 4].try_into().unwrap())
+}
+
+/// `frame` with an 802.1Q tag after its MAC addresses.
+fn with_vlan_tag(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&tci.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -1011,7 +1033,8 @@ fn dir_index(d: Direction) -> usize {
 impl ally_dpi::nic::PacketHook for HoldOdd {
     fn inspect(&mut self, frame: &[u8], dir: Direction) -> HookVerdict {
         let i = dir_index(dir);
-        let seq = u32::from_be_bytes(frame[26..30].try_into().unwrap());
+        self.tags_seen[i].push(vlan_tci(frame));
+        let seq = frame_seq(frame);
         if seq % 2 == 1 {
             self.held[i] = Some(frame.to_vec());
             return HookVerdict::Hold;
@@ -1141,6 +1164,105 @@ fn nic_rx_held_frames_reach_the_guest_when_released() {
     let c = e.dpi.counters();
     assert_eq!((c.rx.held, c.rx.released, c.rx.packets), (2, 2, 4));
     assert_eq!(e.gr(Reg::RDH), e.rx_next);
+}
+
+/// PCP 5, VLAN 42.
+const TCI: u16 = 5 << 13 | 42;
+
+/// VLAN mode: the hook inspects each frame with the tag the device inserts (VLE), and a held
+/// frame goes out with it when released (Ally sends it tagged in the frame). Without VLAN mode
+/// the device ignores VLE, and so does Ally.
+fn tx_vlan_hold_and_release(mode: Mode, vlan_mode: bool) {
+    let mut e = env(cfg(mode), Flavor::Qemu, true, HoldOdd::default());
+    e.setup(64, 64, 2048);
+    e.gw(Reg::CTRL, ctrl::SLU | if vlan_mode { ctrl::VME } else { 0 });
+    let frames: Vec<Vec<u8>> = (1..=4).map(|s| tagged_tcp(s, 100 + s as usize)).collect();
+    for f in &frames {
+        e.queue_legacy_vlan(f, TCI);
+    }
+    e.kick();
+    e.run();
+    let tag = vlan_mode.then_some(TCI);
+    assert_eq!(e.dpi.hook_mut().tags_seen[0], [tag; 4]);
+    let wire = e.model.take_wire();
+    let seqs: Vec<u32> = wire.iter().map(|f| frame_seq(f)).collect();
+    assert_eq!(seqs, [2, 4, 1, 3]);
+    for (w, s) in wire.iter().zip(&seqs) {
+        assert_eq!(vlan_tci(w), tag, "seq {s}: {w:02x?}");
+        let untagged = match tag {
+            Some(_) => [&w[..12], &w[16..]].concat(),
+            None => w.clone(),
+        };
+        let f = &frames[*s as usize - 1];
+        assert_eq!(untagged.len(), f.len());
+        if s % 2 == 1 {
+            assert!(checksums_hold(&untagged), "seq {s}");
+            assert_eq!(untagged[34..50], f[34..50]);
+        } else {
+            assert_eq!(&untagged, f);
+        }
+    }
+    let c = e.dpi.counters();
+    assert_eq!((c.tx.held, c.tx.released, c.tx.released_refused), (2, 2, 0));
+    assert_eq!(c.tx.total_dropped(), 0);
+    assert_eq!(e.gr(Reg::TDH), e.tdt);
+}
+
+#[test]
+fn nic_tx_vlan_tag_is_inspected_and_kept_by_released_frames_copy_mode() {
+    tx_vlan_hold_and_release(Mode::Copy, true);
+}
+
+#[test]
+fn nic_tx_vlan_tag_is_inspected_and_kept_by_released_frames_zero_copy_mode() {
+    tx_vlan_hold_and_release(Mode::ZeroCopy, true);
+}
+
+#[test]
+fn nic_tx_vle_without_vlan_mode_inserts_no_tag() {
+    tx_vlan_hold_and_release(Mode::Copy, false);
+}
+
+/// VLAN mode on receive: the device takes the tag off into the descriptors (VP); the hook
+/// inspects the frame as the wire carried it, and a held frame reaches the guest as the device
+/// would have delivered it, untagged with VP and the tag in its special field. Without VLAN
+/// mode the tag stays in the frame throughout.
+fn rx_vlan_hold_and_release(vlan_mode: bool) {
+    let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, HoldOdd::default());
+    e.setup(32, 16, 2048);
+    e.gw(Reg::CTRL, ctrl::SLU | if vlan_mode { ctrl::VME } else { 0 });
+    let frames: Vec<Vec<u8>> = (1..=4).map(|s| tagged_tcp(s, 200)).collect();
+    for f in &frames {
+        e.model.inject(&with_vlan_tag(f, TCI));
+    }
+    e.run();
+    assert_eq!(e.dpi.hook_mut().tags_seen[1], [Some(TCI); 4]);
+    let got = e.guest_rx();
+    let seqs: Vec<u32> = got.iter().map(|(f, _)| frame_seq(f)).collect();
+    assert_eq!(seqs, [2, 4, 1, 3]);
+    for (f, d) in &got {
+        let sent = &frames[frame_seq(f) as usize - 1];
+        if vlan_mode {
+            assert_eq!(f, sent);
+            assert_ne!(d.status & rxsta::VP, 0, "{d:?}");
+            assert_eq!(d.special, TCI);
+        } else {
+            assert_eq!(f, &with_vlan_tag(sent, TCI));
+            assert_eq!(d.status & rxsta::VP, 0, "{d:?}");
+        }
+    }
+    let c = e.dpi.counters();
+    assert_eq!((c.rx.held, c.rx.released, c.rx.packets), (2, 2, 4));
+}
+
+#[test]
+fn nic_rx_vlan_tag_is_inspected_and_kept_by_released_frames() {
+    rx_vlan_hold_and_release(true);
+}
+
+#[test]
+fn nic_rx_without_vlan_mode_keeps_the_tag_in_the_frame() {
+    rx_vlan_hold_and_release(false);
 }
 
 /// A released frame too long for one frame (a held TSO packet) is not sent; counted.

@@ -46,7 +46,7 @@ use super::desc::{
 };
 use super::mem::{DescRun, DmaMemory, DmaWindow, FastRange, MemError, MemoryPolicy};
 use super::offload::{Offload, OffloadScan, ScannedDesc};
-use super::regs::{icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
+use super::regs::{ctrl, icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
 use crate::queue::{DoorbellWatcher, WakeLatency};
@@ -569,6 +569,10 @@ pub struct DpiNic<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> {
     /// The loop waited since the last poll ([`DpiNic::note_woken`]).
     woken: bool,
     scratch: Vec<u8>,
+    /// A frame with its 802.1Q tag put back where the device adds or took it off (VLAN
+    /// mode), for the hook: what the wire carries is what is inspected and what a held
+    /// frame keeps.
+    tagged: Vec<u8>,
     frags: [Frag; MAX_PACKET_DESCS],
     counters: Counters,
     /// A released frame that found no room yet, per direction.
@@ -660,6 +664,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             rx_watch: DoorbellWatcher::new(&shadow.rx_doorbell),
             woken: false,
             scratch: Vec::with_capacity(MAX_TSO_FRAME as usize),
+            tagged: Vec::new(),
             released_tx: None,
             released_rx: None,
             frags: [Frag::default(); MAX_PACKET_DESCS],
@@ -1303,7 +1308,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
 
     /// The fast path's test of one guest descriptor (high and low quadwords): a legacy
     /// descriptor with EOP and without IC (a checksum insertion is checked against the frame by
-    /// the general path), a length in `1..=MAX_FRAME` and a buffer the policy allows.
+    /// the general path) or VLE (the general path shows the hook the tag the device adds), a length in `1..=MAX_FRAME` and a buffer the policy allows.
     /// Returns the buffer's host-physical address, length and bytes (in place); `None` leaves
     /// the packet to the general path (which refuses it with a precise reason, or handles it;
     /// that includes an allowed buffer the memory cannot lend, which it drops).
@@ -1311,7 +1316,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     fn tx_fast_accept(&self, hi: u64, lo: u64) -> Option<(u64, u32, &'a [u8])> {
         // As a u64 (the range test's width; one zero-extension instead of two).
         let len = hi & 0xFFFF;
-        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP | txcmd::IC) != txcmd::EOP {
+        if (hi >> 24) as u8 & (txcmd::DEXT | txcmd::EOP | txcmd::IC | txcmd::VLE) != txcmd::EOP {
             return None;
         }
         // A length in `1..=MAX_FRAME` (the range was made with that limit) and a buffer inside
@@ -1511,6 +1516,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         let mut ctx: Option<[u8; 16]> = None;
         let mut first: Option<[u8; 16]> = None;
         let mut offload = OffloadScan::default();
+        // The tag the device inserts: VLE and the special field of the EOP descriptor
+        // (SDM 3.3.3.1, 3.3.7.1), in VLAN mode only.
+        let mut vlan_tag: Option<u16> = None;
         let mut complete = false;
         while idx != tdt {
             if count as usize == MAX_PACKET_DESCS {
@@ -1563,6 +1571,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         cso: l.cso,
                         css: l.css,
                     });
+                    vlan_tag = (l.cmd & txcmd::VLE != 0).then_some(l.special);
                     (l.buffer_addr, u32::from(l.length), l.cmd & txcmd::EOP != 0)
                 }
                 TxDesc::Data(d) => {
@@ -1570,6 +1579,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         dcmd: d.dcmd(),
                         popts: d.popts,
                     });
+                    vlan_tag = (d.dcmd() & txcmd::VLE != 0).then_some(d.special);
                     (d.buffer_addr, d.length(), d.dcmd() & txcmd::EOP != 0)
                 }
             };
@@ -1630,6 +1640,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             self.counters.tx.backpressure += 1;
             return General::Stop;
         }
+        let vlan_tag = vlan_tag.filter(|_| self.guest_cfg.ctrl & ctrl::VME != 0);
         let arena_before = self.tx.arena_head;
         let verdict = match self.cfg.mode {
             Mode::Copy => {
@@ -1648,7 +1659,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                     off += u64::from(f.len);
                 }
                 match self.mem.borrow(HostPhysAddr(at), total as usize) {
-                    Ok(frame) if ok => judge(&mut self.hook, &offload, frame),
+                    Ok(frame) if ok => {
+                        judge(&mut self.hook, &offload, frame, vlan_tag, &mut self.tagged)
+                    }
                     _ => Some(Some(DropReason::Verdict)),
                 }
             }
@@ -1658,7 +1671,9 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                         .mem
                         .borrow(HostPhysAddr(self.frags[0].pa), total as usize)
                     {
-                        Ok(frame) => judge(&mut self.hook, &offload, frame),
+                        Ok(frame) => {
+                            judge(&mut self.hook, &offload, frame, vlan_tag, &mut self.tagged)
+                        }
                         Err(_) => Some(Some(DropReason::Verdict)),
                     }
                 } else {
@@ -1673,7 +1688,13 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                             .is_ok();
                     }
                     if ok {
-                        judge(&mut self.hook, &offload, &self.scratch)
+                        judge(
+                            &mut self.hook,
+                            &offload,
+                            &self.scratch,
+                            vlan_tag,
+                            &mut self.tagged,
+                        )
                     } else {
                         Some(Some(DropReason::Verdict))
                     }
@@ -1834,6 +1855,8 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// Posts released frames on the real TX ring as plain single-descriptor frames from the
     /// arena. The guest's checksum offload does not come with them (the hook kept the frame
     /// as inspected), so Ally fills in the IPv4 header and TCP/UDP checksums (RFC 1071) itself.
+    /// Its VLAN tag is in the frame (the hook saw the frame as the wire carries it), so the
+    /// descriptor asks for no insertion.
     fn tx_post_released(&mut self) -> u64 {
         let mut posted = 0u64;
         while let Some(mut frame) = self
@@ -1902,20 +1925,28 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     /// checksums the device did not check (IXSM: the guest's stack checks them).
     fn rx_deliver_released(&mut self) -> u64 {
         let mut delivered = 0u64;
-        while let Some(frame) = self
+        while let Some(mut frame) = self
             .released_rx
             .take()
             .or_else(|| self.hook.take_forward(Direction::FromWire))
         {
+            // The frame as the wire carried it: in VLAN mode its tag goes into the special
+            // field, VP set, as the device would have delivered it (the guest's stack finds
+            // its VLAN interface by that tag).
+            let mut last = RxDesc {
+                status: rxsta::IXSM,
+                ..Default::default()
+            };
+            if self.guest_cfg.ctrl & ctrl::VME != 0 {
+                if let Some((tci, untagged)) = strip_vlan_tag(&frame) {
+                    frame = untagged;
+                    last.status |= rxsta::VP;
+                    last.special = tci;
+                }
+            }
             let room = self.guest_rx_room(frame.len());
             let outcome = match room {
-                Ok((ring, need)) => {
-                    let last = RxDesc {
-                        status: rxsta::IXSM,
-                        ..Default::default()
-                    };
-                    self.write_rx(ring, need, &frame, last)
-                }
+                Ok((ring, need)) => self.write_rx(ring, need, &frame, last),
                 Err(d) => d,
             };
             match outcome {
@@ -2083,11 +2114,21 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             }
             &scratch
         };
-        let d = match self.hook.inspect(frame, Direction::FromWire) {
+        // VLAN mode took the tag off into the special field (VP): the hook sees the frame as
+        // the wire carried it, and a held frame keeps its tag.
+        let mut tagged = core::mem::take(&mut self.tagged);
+        let on_wire: &[u8] = if last.status & rxsta::VP != 0 {
+            insert_vlan_tag(&mut tagged, frame, last.special);
+            &tagged
+        } else {
+            frame
+        };
+        let d = match self.hook.inspect(on_wire, Direction::FromWire) {
             HookVerdict::Pass => self.write_rx(ring, need, frame, last),
             HookVerdict::Drop => Deliver::Dropped(DropReason::Verdict),
             HookVerdict::Hold => Deliver::Held,
         };
+        self.tagged = tagged;
         self.scratch = scratch;
         d
     }
@@ -2210,22 +2251,64 @@ fn arena_alloc(head: &mut u64, tail: u64, size: u32, base: u64, len: u32) -> Opt
 }
 
 /// The general path's verdict on one assembled frame: its offload checked against it first
-/// (a refused offload is not inspected), then the hook. `None` passes it; `Some(None)` means
-/// the hook held it.
+/// (a refused offload is not inspected; its offsets are the buffer's, before any tag), then
+/// the hook, on the frame with the tag `vlan_tag` the device inserts (built in `tagged`).
+/// `None` passes it; `Some(None)` means the hook held it.
 #[inline]
 fn judge<H: PacketHook>(
     hook: &mut H,
     offload: &Offload,
     frame: &[u8],
+    vlan_tag: Option<u16>,
+    tagged: &mut Vec<u8>,
 ) -> Option<Option<DropReason>> {
     if offload.check(frame).is_err() {
         return Some(Some(DropReason::Offload));
     }
-    match hook.inspect(frame, Direction::ToWire) {
+    let on_wire = match vlan_tag {
+        Some(tci) => {
+            insert_vlan_tag(tagged, frame, tci);
+            &tagged[..]
+        }
+        None => frame,
+    };
+    match hook.inspect(on_wire, Direction::ToWire) {
         HookVerdict::Pass => None,
         HookVerdict::Drop => Some(Some(DropReason::Verdict)),
         HookVerdict::Hold => Some(None),
     }
+}
+
+/// The IEEE 802.1Q TPID, the only VET Ally lets the guest program (SDM 13.4.9).
+const VLAN_TPID: [u8; 2] = [0x81, 0x00];
+
+/// Bytes of the destination and source MAC addresses, after which a VLAN tag sits.
+const MAC_ADDRESSES: usize = 12;
+
+/// `frame` with the 802.1Q tag `tci` after its MAC addresses, into `out`: the frame the device
+/// sends for a VLE descriptor (SDM 3.3.3.1) or received before VLAN mode took the tag off
+/// into the special field (3.2.3.1).
+fn insert_vlan_tag(out: &mut Vec<u8>, frame: &[u8], tci: u16) {
+    let split = frame.len().min(MAC_ADDRESSES);
+    out.clear();
+    out.extend_from_slice(&frame[..split]);
+    out.extend_from_slice(&VLAN_TPID);
+    out.extend_from_slice(&tci.to_be_bytes());
+    out.extend_from_slice(&frame[split..]);
+}
+
+/// The tag of an 802.1Q-tagged `frame` and the frame without it, as VLAN mode delivers it;
+/// `None` for an untagged frame.
+fn strip_vlan_tag(frame: &[u8]) -> Option<(u16, Vec<u8>)> {
+    if frame.get(MAC_ADDRESSES..MAC_ADDRESSES + 2)? != VLAN_TPID {
+        return None;
+    }
+    let tci = frame.get(MAC_ADDRESSES + 2..MAC_ADDRESSES + 4)?;
+    let tci = u16::from_be_bytes([tci[0], tci[1]]);
+    let mut untagged = Vec::with_capacity(frame.len() - 4);
+    untagged.extend_from_slice(&frame[..MAC_ADDRESSES]);
+    untagged.extend_from_slice(&frame[MAC_ADDRESSES + 4..]);
+    Some((tci, untagged))
 }
 
 /// Why the TX fast path stopped at an accepted descriptor.

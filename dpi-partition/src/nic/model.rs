@@ -17,6 +17,10 @@
 //! * Transmit checksum offload (legacy IC/CSO/CSS, data-descriptor IXSM/TXSM with a context) is
 //!   applied; TCP segmentation (TSE) is *not* modelled: the super-frame goes to the wire whole
 //!   and is counted in [`ModelStats::tso_unsegmented`].
+//! * VLAN mode (CTRL.VME): a VLE descriptor's special field goes out as an 802.1Q tag after
+//!   the MAC addresses, inserted after the checksums (SDM 3.3.3.1); a received 802.1Q frame
+//!   loses its tag into every descriptor's special field, VP set (3.2.3.1; QEMU's
+//!   `e1000_receive_iov`).
 //! * A frame for which there are not enough receive buffers stays queued on the wire
 //!   (the device exerts back-pressure instead of dropping, so tests can count exactly).
 
@@ -144,6 +148,8 @@ struct DeviceState {
     /// Options of the frame being assembled, from its first descriptor.
     first: Option<TxDesc>,
     context: TxContextDesc,
+    /// The tag to insert: VLE and the special field of the frame's EOP descriptor.
+    vlan: Option<u16>,
     oversize: bool,
     wire_out: VecDeque<Vec<u8>>,
     wire_in: VecDeque<Vec<u8>>,
@@ -198,6 +204,7 @@ impl<M: DmaMemory> E1000Model<M> {
                 frame: Vec::new(),
                 first: None,
                 context: TxContextDesc::default(),
+                vlan: None,
                 oversize: false,
                 wire_out: VecDeque::new(),
                 wire_in: VecDeque::new(),
@@ -326,12 +333,18 @@ impl<M: DmaMemory> E1000Model<M> {
                     st.context = c;
                     (0, 0, false)
                 }
-                TxDesc::Legacy(l) => (l.buffer_addr, l.length as usize, l.cmd & txcmd::EOP != 0),
-                TxDesc::Data(d) => (
-                    d.buffer_addr,
-                    d.length() as usize,
-                    d.dcmd() & txcmd::EOP != 0,
-                ),
+                TxDesc::Legacy(l) => {
+                    st.vlan = (l.cmd & txcmd::VLE != 0).then_some(l.special);
+                    (l.buffer_addr, l.length as usize, l.cmd & txcmd::EOP != 0)
+                }
+                TxDesc::Data(d) => {
+                    st.vlan = (d.dcmd() & txcmd::VLE != 0).then_some(d.special);
+                    (
+                        d.buffer_addr,
+                        d.length() as usize,
+                        d.dcmd() & txcmd::EOP != 0,
+                    )
+                }
                 TxDesc::Reserved(_) => (0, 0, false),
             };
             if matches!(desc, TxDesc::Legacy(_) | TxDesc::Data(_)) {
@@ -375,6 +388,7 @@ impl<M: DmaMemory> E1000Model<M> {
     fn emit(&self, st: &mut DeviceState) {
         let mut frame = core::mem::take(&mut st.frame);
         let first = st.first.take();
+        let vlan = st.vlan.take();
         if core::mem::take(&mut st.oversize) {
             self.stats.tx_oversize.fetch_add(1, Ordering::Relaxed);
             return;
@@ -411,6 +425,10 @@ impl<M: DmaMemory> E1000Model<M> {
             }
             _ => {}
         }
+        if let Some(tci) = vlan.filter(|_| self.get(Reg::CTRL) & ctrl::VME != 0) {
+            let at = frame.len().min(12);
+            frame.splice(at..at, [0x81, 0x00, (tci >> 8) as u8, tci as u8]);
+        }
         self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
         self.stats
             .tx_bytes
@@ -420,7 +438,17 @@ impl<M: DmaMemory> E1000Model<M> {
 
     fn process_rx(&self, st: &mut DeviceState) {
         let mut cause = 0;
-        while let Some(frame) = st.wire_in.front() {
+        while let Some(wire) = st.wire_in.front() {
+            // VLAN mode: the tag goes into the descriptors (VET is 0x8100: Ally refuses others).
+            let (untagged, vlan) = match wire.get(12..16) {
+                Some(&[0x81, 0x00, hi, lo]) if self.get(Reg::CTRL) & ctrl::VME != 0 => {
+                    let mut untagged = wire[..12].to_vec();
+                    untagged.extend_from_slice(&wire[16..]);
+                    (Some(untagged), Some(u16::from_be_bytes([hi, lo])))
+                }
+                _ => (None, None),
+            };
+            let frame = untagged.as_deref().unwrap_or(wire);
             let rctl_v = self.get(Reg::RCTL);
             let (base, n) = self.ring(Reg::RDBAL, Reg::RDBAH, Reg::RDLEN);
             let bufsize = rctl::buffer_size(rctl_v);
@@ -470,8 +498,10 @@ impl<M: DmaMemory> E1000Model<M> {
                 d.length = chunk as u16;
                 d.csum = 0;
                 d.errors = 0;
-                d.special = 0;
-                d.status = rxsta::DD | if i + 1 == need { rxsta::EOP } else { 0 };
+                d.special = vlan.unwrap_or(0);
+                d.status = rxsta::DD
+                    | if i + 1 == need { rxsta::EOP } else { 0 }
+                    | if vlan.is_some() { rxsta::VP } else { 0 };
                 let _ = self
                     .mem
                     .write(HostPhysAddr(at.as_u64() + 8), &d.writeback_bytes());

@@ -149,6 +149,10 @@ pub mod ctrl {
     pub const RST: u32 = 1 << 26;
     /// Transmit flow control enable: the MAC sends XOFF/XON frames on its own.
     pub const TFCE: u32 = 1 << 28;
+    /// VLAN mode enable: the MAC inserts the tag of a VLE descriptor on transmit and strips
+    /// an 802.1Q tag (VET) from a received frame into the descriptor's special field, VP set
+    /// (SDM 13.4.1, 3.2.3.1, 3.3.3.1).
+    pub const VME: u32 = 1 << 30;
     pub const PHY_RST: u32 = 1 << 31;
     /// The bits the 82540EM defines (SDM 13.4.1, table 13-3): FD, LRST, ASDE, SLU, ILOS,
     /// SPEED, FRCSPD, FRCDPLX, SDP0/1_DATA, ADVD3WUC, EN_PHY_PWR_MGMT, SDP0/1_IODIR, RST,

@@ -82,6 +82,9 @@ pub struct GuestWritten {
     pub rdh_writes: AtomicU32,
     /// Guest CTRL.RST count.
     pub resets: AtomicU32,
+    /// The guest's CTRL as last written (RST and PHY_RST, the shadow's, cleared): VME tells
+    /// the DPI core whether the device tags and untags frames.
+    pub ctrl: AtomicU32,
 }
 
 /// The shadow register file, one per trapped NIC, in DPI memory.
@@ -265,6 +268,7 @@ pub struct GuestConfig {
     pub tdh_writes: u32,
     pub rdh_writes: u32,
     pub resets: u32,
+    pub ctrl: u32,
 }
 
 impl ShadowRegs {
@@ -338,6 +342,7 @@ impl ShadowRegs {
                 tdh_writes: g.tdh_writes.load(Ordering::Acquire),
                 rdh_writes: g.rdh_writes.load(Ordering::Acquire),
                 resets: g.resets.load(Ordering::Acquire),
+                ctrl: g.ctrl.load(Ordering::Acquire),
             };
             if self.cfg_doorbell.sequence() == generation {
                 return Some(c);
@@ -527,7 +532,12 @@ impl ShadowRegs {
                     self.reset(real);
                 }
                 // The real device is never reset on the guest's behalf: its rings are Ally's.
-                real.write32(Reg::CTRL, value & !(ctrl::RST | ctrl::PHY_RST));
+                let value = value & !(ctrl::RST | ctrl::PHY_RST);
+                real.write32(Reg::CTRL, value);
+                // Only a VLAN mode change concerns the DPI core (the rest is link control).
+                if (g.ctrl.swap(value, Ordering::AcqRel) ^ value) & ctrl::VME != 0 {
+                    self.cfg_doorbell.ring();
+                }
             }
             _ => real.write32(reg, value),
         }
@@ -544,7 +554,7 @@ impl ShadowRegs {
         // conventional memory, was being restored to its first-boot zeros meanwhile).
         self.cfg_doorbell.ring();
         for a in [
-            &g.tdbal, &g.tdbah, &g.tdlen, &g.rdbal, &g.rdbah, &g.rdlen, &g.rctl, &g.tctl,
+            &g.tdbal, &g.tdbah, &g.tdlen, &g.rdbal, &g.rdbah, &g.rdlen, &g.rctl, &g.tctl, &g.ctrl,
         ] {
             a.store(0, Ordering::Release);
         }

@@ -229,6 +229,23 @@ impl<H: PacketHook> Env<H> {
         )
     }
 
+    /// Queue a legacy single-descriptor frame for which the device inserts the 802.1Q tag
+    /// `tci` (VLE; in VLAN mode).
+    pub fn queue_legacy_vlan(&mut self, f: &[u8], tci: u16) -> u32 {
+        let buf = self.tx_buf(self.tdt);
+        self.write(buf, f);
+        self.queue_raw(
+            LegacyTxDesc {
+                buffer_addr: buf,
+                length: f.len() as u16,
+                cmd: txcmd::EOP | txcmd::IFCS | txcmd::RS | txcmd::VLE,
+                special: tci,
+                ..Default::default()
+            }
+            .to_bytes(),
+        )
+    }
+
     /// Queue a frame split into `parts` data descriptors after a context descriptor.
     pub fn queue_ctx_data(
         &mut self,
