@@ -663,16 +663,18 @@ fn report_engine() {
     let s = c.stream;
     let d = s.drops;
     info!(
-        "ALLY stream flows={} midstream={} active={} accepted-bytes={} overlap-mismatch={} out-of-window={} rst-out-of-window={} rst-not-exact={} syn-on-established={} blocked={} out-of-order={} flow-limit={} memory-limit={} malformed={}",
+        "ALLY stream flows={} midstream={} active={} reset={} accepted-bytes={} overlap-mismatch={} out-of-window={} rst-out-of-window={} rst-not-exact={} syn-on-established={} after-reset={} blocked={} out-of-order={} flow-limit={} memory-limit={} malformed={}",
         s.created,
         s.midstream,
         s.active,
+        s.reset,
         s.accepted_bytes,
         d.overlap_mismatch,
         d.out_of_window,
         d.rst_out_of_window,
         d.rst_not_exact,
         d.syn_on_established,
+        d.after_reset,
         d.blocked,
         d.out_of_order,
         d.flow_limit,

@@ -180,6 +180,40 @@ fn spoofed_rst_does_not_reset_the_flow() {
     assert_eq!(c.sid_actions(), vec![(1, "blocked")]);
 }
 
+/// An RST the receiver never gets (sent to another MAC address or VLAN, or with a TTL that
+/// expires on the way) ends the connection for Ally: what follows on the tuple is refused,
+/// never picked up midstream without the context of the pattern split around the RST.
+#[test]
+fn a_pattern_split_around_an_rst_is_dropped() {
+    let mut e = engine(DROP_RULE);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    assert_eq!(run(&mut e, &cdata(0, b"FORBI"), &mut c), Verdict::Pass);
+    let rst = seg(true, RST | ACK, CISN + 1 + 5, SISN + 1, b"");
+    assert_eq!(run(&mut e, &rst, &mut c), Verdict::Pass);
+    assert_eq!(run(&mut e, &cdata(5, b"DDEN"), &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::AfterReset), 1);
+    assert_eq!(e.stream_stats().reset, 1);
+}
+
+/// A segment the stream tracker drops changes nothing of its flow: a spoofed RST must not
+/// wipe the flowbits a `flowbits:isset` rule needs.
+#[test]
+fn a_dropped_rst_keeps_the_flowbits() {
+    let rules = "alert tcp any any -> any any (content:\"LOGIN\"; flowbits:set,auth; flowbits:noalert; sid:1;)\n\
+                 drop tcp any any -> any any (content:\"SECRET\"; flowbits:isset,auth; sid:2;)\n";
+    let mut e = engine(rules);
+    handshake(&mut e);
+    let mut c = Collect::default();
+    assert_eq!(run(&mut e, &cdata(0, b"LOGIN "), &mut c), Verdict::Pass);
+    // In the window but not exact (RFC 5961): the tracker drops it.
+    let rst = seg(true, RST | ACK, CISN + 1 + 100, SISN + 1, b"");
+    assert_eq!(run(&mut e, &rst, &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::RstNotExact), 1);
+    assert_eq!(run(&mut e, &cdata(6, b"SECRET"), &mut c), Verdict::Drop);
+    assert_eq!(c.sid_actions(), vec![(2, "blocked")]);
+}
+
 #[test]
 fn anchored_rules_judge_each_segment() {
     let rules = "alert tcp any any -> any any (content:\"GET\"; depth:3; sid:1;)\n\

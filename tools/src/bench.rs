@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ally_dpi::engine::packet::{decode, Decoded, L4};
 use ally_dpi::engine::prefilter::{AcPrefilter, Marks, Prefilter};
 use ally_dpi::engine::rules::Rule;
-use ally_dpi::engine::stream::{DropCounts, FLOW_SLOT_BYTES};
+use ally_dpi::engine::stream::FLOW_SLOT_BYTES;
 use ally_dpi::engine::{
     DefragStats, Direction, Engine, EngineConfig, EngineStats, Inspector, NullSink, StreamStats,
     Timestamp, Verdict,
@@ -287,19 +287,7 @@ fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 4]) {
     let Snap(before, sb, db) = before;
     let s = engine.stats();
     let st = engine.stream_stats();
-    let (d, b) = (&st.drops, &sb.drops);
-    let d = DropCounts {
-        out_of_order: d.out_of_order - b.out_of_order,
-        out_of_window: d.out_of_window - b.out_of_window,
-        overlap_mismatch: d.overlap_mismatch - b.overlap_mismatch,
-        blocked: d.blocked - b.blocked,
-        malformed: d.malformed - b.malformed,
-        flow_limit: d.flow_limit - b.flow_limit,
-        memory_limit: d.memory_limit - b.memory_limit,
-        rst_out_of_window: d.rst_out_of_window - b.rst_out_of_window,
-        rst_not_exact: d.rst_not_exact - b.rst_not_exact,
-        syn_on_established: d.syn_on_established - b.syn_on_established,
-    };
+    let d = st.drops.since(&sb.drops);
     println!(
         "  one pass: {} pass, {} alert, {} drop, {} held ({} released) (stream {}: out-of-order {}, out-of-window {}, overlap {}, blocked {}, malformed {}, flow-limit {}, memory-limit {}, other {}; fragments {}); {} fragments forwarded, {} datagrams reassembled; {} alert records",
         verdicts[Verdict::Pass as usize],
@@ -315,16 +303,17 @@ fn print_pass(engine: &Engine, before: Snap, verdicts: [usize; 4]) {
         d.malformed,
         d.flow_limit,
         d.memory_limit,
-        d.rst_out_of_window + d.rst_not_exact + d.syn_on_established,
+        d.rst_out_of_window + d.rst_not_exact + d.syn_on_established + d.after_reset,
         s.frag_dropped - before.frag_dropped,
         s.frag_forwarded - before.frag_forwarded,
         engine.defrag_stats().completed - db.completed,
         s.alerts_emitted - before.alerts_emitted,
     );
     println!(
-        "  stream: {} flows created, {} closed, {} expired, {} evicted, {} midstream",
+        "  stream: {} flows created, {} closed, {} reset, {} expired, {} evicted, {} midstream",
         st.created - sb.created,
         st.closed - sb.closed,
+        st.reset - sb.reset,
         st.expired - sb.expired,
         st.evicted - sb.evicted,
         st.midstream - sb.midstream

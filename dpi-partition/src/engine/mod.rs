@@ -1481,7 +1481,12 @@ impl Engine {
             self.stats.not_ip += 1;
             return Verdict::Pass;
         };
-        let info = if self.needs_flow {
+        // With a stream tracker a TCP segment changes its flow's state (flowbits; an RST
+        // ending it) only once the tracker accepted it: one it drops never reaches the
+        // receiver (a spoofed RST must not wipe the flowbits), one it holds is tracked when
+        // released.
+        let defer_flow = self.stream.is_some() && matches!(pkt.l4, packet::L4::Tcp { .. });
+        let info = if self.needs_flow && !defer_flow {
             self.flows.track(&pkt, now.0)
         } else {
             None
@@ -1546,6 +1551,11 @@ impl Engine {
                 }
             }
         }
+        let info = if self.needs_flow && defer_flow {
+            self.flows.track(&pkt, now.0)
+        } else {
+            info
+        };
         let v = self.judge(
             &pkt,
             frame,

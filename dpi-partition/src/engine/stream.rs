@@ -32,10 +32,16 @@
 //!   ([`StreamStats::unverified_bytes`]). Refusing them would break recovery from a loss past Ally
 //!   (SACK retransmits holes far behind), so size `retain_bytes` to the bandwidth-delay product.
 //! - **RST** (RFC 5961 §3.2): accepted only when its sequence number is exactly the next expected
-//!   one (or, before the sender's SYN was seen, when it acknowledges the peer's SYN); the flow is
-//!   then removed. An in-window RST that is not exact is dropped and counted as a challenge case
-//!   (Ally sends no challenge ACK; the real peer's RST is exact). Anything else is
-//!   [`StreamDrop::RstOutOfWindow`]. A bad RST changes nothing.
+//!   one (or, before the sender's SYN was seen, when it acknowledges the peer's SYN). An in-window
+//!   RST that is not exact is dropped and counted as a challenge case (Ally sends no challenge
+//!   ACK; the real peer's RST is exact). Anything else is [`StreamDrop::RstOutOfWindow`]. A bad
+//!   RST changes nothing. An accepted RST ends the connection but not the flow: its stream state
+//!   is freed and the tuple stays *reset* (until its idle timeout, eviction, or a new SYN that
+//!   starts a connection on it). A segment with data or FIN on a reset flow is
+//!   [`StreamDrop::AfterReset`]. Removing the flow instead would let an RST the receiver never
+//!   gets (sent to another MAC address or VLAN, or with a TTL that expires on the way) wipe the
+//!   matching context, the rest of the stream then picked up midstream without it: a pattern
+//!   split around the RST would pass.
 //! - **SYN**: a SYN whose sequence number is not the one recorded for its direction, or a SYN
 //!   from a direction that already sent data, is [`StreamDrop::SynOnEstablished`] and changes
 //!   nothing; an identical retransmission is accepted. A SYN+ACK must acknowledge the peer's SYN.
@@ -232,6 +238,8 @@ pub enum StreamDrop {
     /// An in-window segment ahead of the next expected byte while
     /// [`StreamConfig::hold_out_of_order`] is false.
     OutOfOrder,
+    /// Data or FIN on a flow an accepted RST ended (only a new SYN opens the tuple again).
+    AfterReset,
 }
 
 /// What to do with a segment.
@@ -296,9 +304,36 @@ pub struct DropCounts {
     pub memory_limit: u64,
     pub malformed: u64,
     pub out_of_order: u64,
+    pub after_reset: u64,
+}
+
+impl StreamDrop {
+    /// Every reason.
+    pub const ALL: [StreamDrop; 11] = [
+        StreamDrop::OverlapMismatch,
+        StreamDrop::OutOfWindow,
+        StreamDrop::RstOutOfWindow,
+        StreamDrop::RstNotExact,
+        StreamDrop::SynOnEstablished,
+        StreamDrop::Blocked,
+        StreamDrop::FlowLimit,
+        StreamDrop::MemoryLimit,
+        StreamDrop::Malformed,
+        StreamDrop::OutOfOrder,
+        StreamDrop::AfterReset,
+    ];
 }
 
 impl DropCounts {
+    /// The drops counted after `earlier` (a reading of the same counters).
+    pub fn since(&self, earlier: &DropCounts) -> DropCounts {
+        let mut d = DropCounts::default();
+        for why in StreamDrop::ALL {
+            *d.field_mut(why) = self.get(why).saturating_sub(earlier.get(why));
+        }
+        d
+    }
+
     /// The counter of `why`.
     pub fn get(mut self, why: StreamDrop) -> u64 {
         *self.field_mut(why)
@@ -320,6 +355,7 @@ impl DropCounts {
             StreamDrop::MemoryLimit => &mut self.memory_limit,
             StreamDrop::Malformed => &mut self.malformed,
             StreamDrop::OutOfOrder => &mut self.out_of_order,
+            StreamDrop::AfterReset => &mut self.after_reset,
         }
     }
 }
@@ -329,8 +365,10 @@ impl DropCounts {
 pub struct StreamStats {
     /// Flows created (`created = closed + expired + evicted + active`).
     pub created: u64,
-    /// Flows removed by an accepted RST or by both FINs acknowledged.
+    /// Flows removed by both FINs acknowledged (or by an RST on an untracked flow).
     pub closed: u64,
+    /// Connections an accepted RST ended (their flows stay, reset, in `active`).
+    pub reset: u64,
     /// Flows removed after their idle timeout.
     pub expired: u64,
     /// Flows without stream state evicted for a new flow (or restarted by a SYN).
@@ -441,6 +479,8 @@ struct Flow {
     blocked: bool,
     untracked: bool,
     handshake_done: bool,
+    /// An accepted RST ended the connection: no stream state, data and FIN refused.
+    reset: bool,
 }
 
 impl Flow {
@@ -454,6 +494,7 @@ impl Flow {
             blocked: false,
             untracked: false,
             handshake_done: false,
+            reset: false,
         }
     }
 
@@ -463,6 +504,11 @@ impl Flow {
     }
 
     fn timeout(&self, cfg: &StreamConfig) -> u64 {
+        // The receiver of an RST that went astray keeps its connection as long as an idle
+        // established one.
+        if self.reset {
+            return cfg.established_timeout_us;
+        }
         let closing = self.half.iter().all(|h| h.fin.is_some());
         if !closing && (self.handshake_done || self.half.iter().any(|h| h.data)) {
             cfg.established_timeout_us
@@ -674,6 +720,17 @@ impl StreamTracker {
                 fin: h.fin,
                 ..Half::default()
             };
+        }
+    }
+
+    /// An accepted RST: the flow's stream state is freed and the flow stays, reset.
+    fn end_by_reset(&mut self, slot: usize) {
+        self.free_state(slot);
+        if let Some(f) = self.slots[slot].as_mut() {
+            f.half = Default::default();
+            f.blocked = false;
+            f.reset = true;
+            self.stats.reset += 1;
         }
     }
 
@@ -898,19 +955,16 @@ impl StreamTracker {
         Ok(i)
     }
 
-    /// A SYN (without ACK) on a midstream pickup that never carried data is a new connection on
-    /// the tuple: the flow starts over with the SYN's sender as the client.
+    /// A SYN (without ACK) on a reset flow, or on a midstream pickup that never carried data,
+    /// is a new connection on the tuple: the flow starts over with the SYN's sender as the
+    /// client.
     fn restart(&mut self, slot: usize, me: (IpAddr, u16), s: &Seg) {
         let Some(f) = self.slots[slot].as_mut() else {
             return;
         };
         let picked_up = f.half.iter().any(|h| h.next.is_some());
-        if !s.syn
-            || s.ack.is_some()
-            || !picked_up
-            || !f.stateless()
-            || f.half.iter().any(|h| h.isn.is_some())
-        {
+        let fresh_pickup = picked_up && f.stateless() && f.half.iter().all(|h| h.isn.is_none());
+        if !s.syn || s.ack.is_some() || !(f.reset || fresh_pickup) {
             return;
         }
         let other = if f.client == me { f.server } else { f.client };
@@ -940,6 +994,14 @@ impl StreamTracker {
             }
             return Ok(Step::Untracked);
         }
+        if f.reset {
+            // The connection is over: nothing of it may reach the receiver unseen. A new SYN
+            // was handled by `restart`; a bare ACK or RST carries nothing to inspect.
+            if s.len > 0 || s.fin || s.syn {
+                return Err(StreamDrop::AfterReset);
+            }
+            return Ok(Step::Closed);
+        }
         let (h, p) = (&f.half[d], &f.half[1 - d]);
         if s.rst {
             // RFC 5961 §3.2; before this side's SYN, RFC 9293 §3.10.7.3 (an RST acknowledging
@@ -949,8 +1011,7 @@ impl StreamTracker {
                 None => s.ack.is_some() && s.ack == p.next,
             };
             if exact {
-                self.remove(slot);
-                self.stats.closed += 1;
+                self.end_by_reset(slot);
                 return Ok(Step::Closed);
             }
             if f.blocked {
@@ -1768,20 +1829,64 @@ mod tests {
     }
 
     #[test]
-    fn exact_rst_closes_the_flow() {
+    fn exact_rst_ends_the_connection_and_later_data_is_refused() {
         let mut t = tracker();
         handshake(&mut t);
         feed(&mut t, &cdata(0, b"abc"));
         let rst = seg(S, C, RST | ACK, SISN + 1, CISN + 4, b"");
         assert_eq!(feed(&mut t, &rst), acc(StreamDir::ToClient, b"", 0));
         let st = t.stats();
-        assert_eq!((st.closed, st.active), (1, 0));
-        // A later segment is a new (midstream) flow without the old context.
+        assert_eq!((st.reset, st.closed, st.active), (1, 0, 1));
+        assert_eq!(t.held_bytes(), 0);
+        // The stream's continuation is refused, not picked up midstream without its context,
+        // both ways, and so is a FIN.
+        let after = Out::Drop(StreamDrop::AfterReset);
+        assert_eq!(feed(&mut t, &cdata(3, b"def")), after);
+        assert_eq!(feed(&mut t, &sdata(0, b"reply")), after);
         assert_eq!(
-            feed(&mut t, &cdata(3, b"def")),
-            acc(StreamDir::ToServer, b"def", 0)
+            feed(&mut t, &seg(C, S, FIN | ACK, CISN + 4, SISN + 1, b"")),
+            after
         );
-        assert_eq!(t.stats().midstream, 1);
+        assert_eq!(t.stats().drops.after_reset, 3);
+        assert_eq!(t.stats().midstream, 0);
+        // A bare ACK or another RST carries nothing: passed.
+        let ack = seg(C, S, ACK, CISN + 4, SISN + 1, b"");
+        assert_eq!(feed(&mut t, &ack), acc(StreamDir::ToServer, b"", 0));
+        // A new SYN opens the tuple again, as a new connection.
+        let created = t.stats().created;
+        let syn = seg(C, S, SYN, CISN + 100_000, 0, b"");
+        assert!(matches!(feed(&mut t, &syn), Out::Accept { .. }));
+        assert_eq!(t.stats().created, created + 1);
+        let synack = seg(S, C, SYN | ACK, SISN + 50_000, CISN + 100_001, b"");
+        assert!(matches!(feed(&mut t, &synack), Out::Accept { .. }));
+        let ack = seg(C, S, ACK, CISN + 100_001, SISN + 50_001, b"");
+        assert!(matches!(feed(&mut t, &ack), Out::Accept { .. }));
+        assert_eq!(
+            feed(
+                &mut t,
+                &seg(C, S, ACK, CISN + 100_001, SISN + 50_001, b"new")
+            ),
+            acc(StreamDir::ToServer, b"new", 0)
+        );
+    }
+
+    /// The evasion the reset state stops: an RST the receiver never gets (another MAC
+    /// address, another VLAN, a TTL that expires) must not wipe the matching context of a
+    /// pattern split around it.
+    #[test]
+    fn a_pattern_split_around_an_rst_is_not_passed_as_new_data() {
+        let mut t = tracker();
+        handshake(&mut t);
+        assert_eq!(
+            feed(&mut t, &cdata(0, b"EV")),
+            acc(StreamDir::ToServer, b"EV", 0)
+        );
+        let rst = seg(C, S, RST | ACK, CISN + 3, SISN + 1, b"");
+        assert_eq!(feed(&mut t, &rst), acc(StreamDir::ToServer, b"", 0));
+        assert_eq!(
+            feed(&mut t, &cdata(2, b"IL")),
+            Out::Drop(StreamDrop::AfterReset)
+        );
     }
 
     #[test]
@@ -1792,7 +1897,12 @@ mod tests {
             feed(&mut t, &seg(S, C, RST | ACK, 0, CISN + 1, b"")),
             acc(StreamDir::ToClient, b"", 0)
         );
-        assert_eq!(t.stats().closed, 1);
+        assert_eq!(t.stats().reset, 1);
+        // The SYN's retransmission is a new connection attempt on the tuple.
+        assert!(matches!(
+            feed(&mut t, &seg(C, S, SYN, CISN, 0, b"")),
+            Out::Accept { .. }
+        ));
     }
 
     #[test]
@@ -1956,7 +2066,7 @@ mod tests {
         assert_eq!(feed(&mut t, &sdata(0, b"reply")), blocked);
         assert_eq!(feed(&mut t, &seg(C, S, SYN, 1, 0, b"")), blocked);
         assert_eq!(t.stats().drops.blocked, 3);
-        // Only an exact RST passes, and it ends the flow.
+        // Only an exact RST passes, and it ends the connection: nothing more of it passes.
         assert_eq!(
             feed(&mut t, &seg(S, C, RST, SISN + 2, 0, b"")),
             Out::Drop(StreamDrop::Blocked)
@@ -1965,7 +2075,11 @@ mod tests {
             feed(&mut t, &seg(S, C, RST, SISN + 1, 0, b"")),
             acc(StreamDir::ToClient, b"", 0)
         );
-        assert_eq!(t.stats().active, 0);
+        assert_eq!(t.stats().reset, 1);
+        assert_eq!(
+            feed(&mut t, &cdata(4, b"more")),
+            Out::Drop(StreamDrop::AfterReset)
+        );
     }
 
     #[test]
