@@ -44,13 +44,16 @@ pub enum Attack {
     /// Forged segments ahead of two live uploads: a copy of the upload's own bytes (held and
     /// sent once in order) and the forbidden content (held, then dropped).
     OooUpload,
+    /// The forbidden upload split around an exact RST sent where its receiver never gets it
+    /// (on a VLAN slirp does not take).
+    RstSplit,
     /// Issue 14: the AHCI controller programmed to DMA from and into Ally's region (q35;
     /// skipped where there is no AHCI controller). Judged by [`dma_check`].
     Dma,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 12] = [
+    pub const ALL: [Attack; 13] = [
         Attack::Sleep,
         Attack::Msr,
         Attack::PciRace,
@@ -62,6 +65,7 @@ impl Attack {
         Attack::SplitUpload,
         Attack::FragUdp,
         Attack::OooUpload,
+        Attack::RstSplit,
         Attack::Dma,
     ];
 
@@ -78,6 +82,7 @@ impl Attack {
             Attack::SplitUpload => "split-upload",
             Attack::FragUdp => "frag-udp",
             Attack::OooUpload => "ooo-upload",
+            Attack::RstSplit => "rst-split",
             Attack::Dma => "dma",
         }
     }
@@ -423,6 +428,7 @@ fn ally_refused(
         Attack::AlertStorm => alert_storm_evidence(marker, ally, udp),
         Attack::SplitUpload => split_upload_evidence(marker, net),
         Attack::OooUpload => ooo_upload_evidence(marker, ally, net),
+        Attack::RstSplit => rst_split_evidence(marker, ally, net),
         Attack::FragUdp => frag_udp_evidence(marker, ally, &net.udp),
         // With or without an IOMMU it has its own check, which knows the machine's.
         Attack::Dma => Ok("judged by the dma-iommu check".into()),
@@ -914,6 +920,34 @@ fn split_upload_evidence(marker: &AttackMarker, net: &NetReport) -> Result<Strin
     }
     Ok(format!(
         "{segments} one-byte segments sent, the host received the forbidden content in none of {} uploads; the guest's reply: {}",
+        net.uploads.len(),
+        marker.get("reply").unwrap_or("none")
+    ))
+}
+
+/// The astray-RST split is refused when the guest sent its RST, Ally refused what followed it
+/// on the connection (`ALLY stream ... after-reset=` at least 1), and no upload the host
+/// received carries the forbidden content.
+fn rst_split_evidence(
+    marker: &AttackMarker,
+    ally: &AllyReport,
+    net: &NetReport,
+) -> Result<String, String> {
+    if marker.get("rst_sent") != Some("true") {
+        return Err(format!(
+            "the guest could not send its astray RST: {}",
+            marker.line
+        ));
+    }
+    if let Some(u) = net.uploads.iter().find(|u| u.forbidden) {
+        return Err(format!(
+            "the host received the forbidden content ({} B from {})",
+            u.bytes, u.peer
+        ));
+    }
+    let refused = at_least(ally, "stream", "after-reset", 1)?;
+    Ok(format!(
+        "{refused}; the host received the forbidden content in none of {} uploads; the guest's reply: {}",
         net.uploads.len(),
         marker.get("reply").unwrap_or("none")
     ))
@@ -1533,6 +1567,44 @@ mod tests {
         // The guest could not forge its segment.
         let g = guest("ALLYTEST attack-ooo-upload INFO port=7 error=af_packet:denied\n");
         assert!(!ally_defences_check(&g, &ally, &ok, &[Attack::OooUpload]).passed);
+    }
+
+    #[test]
+    fn the_rst_split_needs_the_rst_sent_refused_data_and_no_leak() {
+        let g = guest(
+            "ALLYTEST attack-rst-split INFO port=7 rst_sent=true second_written=true reply=none:timed_out\n",
+        );
+        let first_half = crate::endpoints::UploadRecord {
+            peer: "127.0.0.1:9".into(),
+            bytes: 20,
+            sha256: String::new(),
+            complete: false,
+            seconds: 1.0,
+            error: None,
+            forbidden: false,
+        };
+        let net = |uploads| NetReport {
+            uploads,
+            ..NetReport::default()
+        };
+        let ally = AllyReport::parse("ALLY stream flows=9 reset=1 after-reset=3 blocked=0\n");
+        let ok = net(vec![first_half.clone()]);
+        let c = ally_defences_check(&g, &ally, &ok, &[Attack::RstSplit]);
+        assert!(c.passed && c.detail.contains("after-reset=3"), "{c}");
+        // The whole content reached the host (the flow was picked up after the RST).
+        let leak = crate::endpoints::UploadRecord {
+            bytes: 41,
+            complete: true,
+            forbidden: true,
+            ..first_half
+        };
+        assert!(!ally_defences_check(&g, &ally, &net(vec![leak]), &[Attack::RstSplit]).passed);
+        // Nothing refused after the RST: Ally did not act on it.
+        let quiet = AllyReport::parse("ALLY stream flows=9 reset=0 after-reset=0\n");
+        assert!(!ally_defences_check(&g, &quiet, &ok, &[Attack::RstSplit]).passed);
+        // The RST never left the guest.
+        let g = guest("ALLYTEST attack-rst-split INFO port=7 rst_sent=false\n");
+        assert!(!ally_defences_check(&g, &ally, &ok, &[Attack::RstSplit]).passed);
     }
 
     /// The DMA attack's marker: `nonzero` bytes came back from the target.

@@ -1427,6 +1427,13 @@ fn forge_segment(template: &[u8], ahead: u32, payload: &[u8]) -> Vec<u8> {
     f[24..26].copy_from_slice(&sum.to_be_bytes());
     let seq = u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap_or([0; 4]));
     f[tcp + 4..tcp + 8].copy_from_slice(&seq.wrapping_add(own + ahead).to_be_bytes());
+    fill_tcp_checksum(&mut f, tcp);
+    f
+}
+
+/// The TCP checksum of the TCP/IPv4 frame `f` whose TCP header starts at `tcp` (RFC 9293
+/// §3.1, the IPv4 pseudo-header).
+fn fill_tcp_checksum(f: &mut [u8], tcp: usize) {
     f[tcp + 16..tcp + 18].fill(0);
     let mut pseudo = Vec::with_capacity(12 + f.len() - tcp);
     pseudo.extend_from_slice(&f[26..34]);
@@ -1435,7 +1442,79 @@ fn forge_segment(template: &[u8], ahead: u32, payload: &[u8]) -> Vec<u8> {
     pseudo.extend_from_slice(&f[tcp..]);
     let sum = checksum(&pseudo);
     f[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
-    f
+}
+
+/// The VLAN the astray RST is sent on: slirp, the test network's only receiver, takes no
+/// 802.1Q frame, so the host's end of the connection never sees the RST.
+const ASTRAY_VLAN: u16 = 3;
+
+/// An RST of `template`'s connection at exactly the next sequence number (the one Ally
+/// accepts), tagged for [`ASTRAY_VLAN`]: an RST that goes astray, as one sent to another MAC
+/// address or with a TTL that expires on the way.
+fn forge_astray_rst(template: &[u8]) -> Vec<u8> {
+    let mut f = forge_segment(template, 0, b"");
+    let tcp = 14 + usize::from(f[14] & 0x0F) * 4;
+    // RST|ACK: the acknowledgement of the template's segment stays.
+    f[tcp + 13] = 0x14;
+    fill_tcp_checksum(&mut f, tcp);
+    let mut tagged = f[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00]);
+    tagged.extend_from_slice(&ASTRAY_VLAN.to_be_bytes());
+    tagged.extend_from_slice(&f[12..]);
+    tagged
+}
+
+/// The two halves of the upload the RST is sent between: the forbidden content is cut in two
+/// (the runner's rule sid 1000103 drops it whole).
+fn rst_split_halves() -> (Vec<u8>, Vec<u8>) {
+    let (a, b) = FORBIDDEN_UPLOAD
+        .as_bytes()
+        .split_at(FORBIDDEN_UPLOAD.len() / 2);
+    ([b"RST-SPLIT ", a].concat(), [b, b" END\n"].concat())
+}
+
+/// A forbidden upload split around an RST that goes astray (issue 12): the first half of the
+/// forbidden content through the socket, then (on the tap) an exact RST of the connection on
+/// a VLAN its receiver does not listen to, then the second half. An inspector that ends the
+/// flow at the RST and picks the rest up midstream matches neither half; the host, which never
+/// got the RST, receives the whole. The runner judges from what the host received.
+pub fn rst_split(port: u16) -> Marker {
+    let mut m = Marker::new("attack-rst-split");
+    m.field("port", port);
+    let tap = match Tap::open() {
+        Ok(t) => t,
+        Err(e) => {
+            m.field("error", e);
+            return m;
+        }
+    };
+    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
+    let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => {
+            m.field("error", format_args!("connect:{e}"));
+            return m;
+        }
+    };
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(3)));
+    let (first, second) = rst_split_halves();
+    let mut scratch = vec![0u8; 2048];
+    while tap.recv(&mut scratch).is_some() {}
+    if let Err(e) = sock.write_all(&first) {
+        m.field("error", format_args!("write:{e}"));
+        return m;
+    }
+    let rst_sent = match sniff_segment(&tap, port, &first) {
+        Some(t) => tap.send(&forge_astray_rst(&t)),
+        None => false,
+    };
+    m.field("rst_sent", rst_sent);
+    thread::sleep(Duration::from_millis(200));
+    let second_written = sock.write_all(&second).is_ok();
+    m.field("second_written", second_written)
+        .field("reply", upload_reply(&mut sock));
+    m
 }
 
 /// One upload of [`OOO_UPLOAD_PIECES`] with a forged segment injected ahead of the stream:
@@ -1495,11 +1574,8 @@ pub fn ooo_upload(port: u16) -> Marker {
 mod tests {
     use super::*;
 
-    /// A forged segment continues the template's connection `ahead` bytes past its data, with
-    /// valid IPv4 and TCP checksums and the template's options.
-    #[test]
-    fn forged_segments_are_valid_tcp() {
-        // Ethernet, IPv4 (20), TCP with 12 bytes of options (timestamps), 5 data bytes.
+    /// Ethernet, IPv4 (20), TCP with 12 bytes of options (timestamps), 5 data bytes.
+    fn tcp_template() -> Vec<u8> {
         let mut t = vec![0u8; 14 + 20 + 32 + 5];
         t[12..14].copy_from_slice(&[0x08, 0x00]);
         t[14] = 0x45;
@@ -1515,6 +1591,44 @@ mod tests {
         t[47] = 0x18;
         t[54..66].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
         t[66..].copy_from_slice(b"hello");
+        t
+    }
+
+    /// The astray RST: the template's connection at exactly its next sequence number, RST and
+    /// ACK set, 802.1Q-tagged, with valid checksums.
+    #[test]
+    fn the_astray_rst_is_exact_tagged_and_valid() {
+        let template = forge_segment(&tcp_template(), 0, b"RST-SPLIT ALLY-FORBI");
+        let rst = forge_astray_rst(&template);
+        assert_eq!(rst[12..16], [0x81, 0x00, 0x00, ASTRAY_VLAN as u8]);
+        let untagged = [&rst[..12], &rst[16..]].concat();
+        let tcp = 14 + usize::from(untagged[14] & 0x0F) * 4;
+        assert_eq!(untagged[tcp + 13], 0x14);
+        assert_eq!(checksum(&untagged[14..tcp]), 0);
+        let seq = |f: &[u8]| u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap());
+        let data = tcp + usize::from(template[tcp + 12] >> 4) * 4;
+        assert_eq!(
+            seq(&untagged),
+            seq(&template) + (template.len() - data) as u32
+        );
+        assert_eq!(untagged.len(), data);
+        let mut pseudo = untagged[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&((untagged.len() - tcp) as u16).to_be_bytes());
+        pseudo.extend_from_slice(&untagged[tcp..]);
+        assert_eq!(checksum(&pseudo), 0);
+        let (a, b) = rst_split_halves();
+        let whole = [a, b].concat();
+        assert!(whole
+            .windows(FORBIDDEN_UPLOAD.len())
+            .any(|w| w == FORBIDDEN_UPLOAD.as_bytes()));
+    }
+
+    /// A forged segment continues the template's connection `ahead` bytes past its data, with
+    /// valid IPv4 and TCP checksums and the template's options.
+    #[test]
+    fn forged_segments_are_valid_tcp() {
+        let t = tcp_template();
         let f = forge_segment(&t, 30, b"later bytes");
         assert_eq!(f.len(), 14 + 20 + 32 + 11);
         assert_eq!(u16::from_be_bytes([f[16], f[17]]) as usize, f.len() - 14);

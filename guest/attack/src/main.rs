@@ -10,7 +10,7 @@
 //! ally-attack sleep | msr [--target ADDR] | pci-race [--iterations N] [--seconds S]
 //!             | ipi-logical | swxoff | eeprom | tucso --port P [--gw-mac MAC]
 //!             | alert-storm --port P [--count N] | split-upload --port P | ooo-upload --port P
-//!             | frag-udp --port P | dma [--target ADDR]
+//!             | rst-split --port P | frag-udp --port P | dma [--target ADDR]
 //!             | reset METHOD [key=value ...]
 //! ```
 
@@ -105,6 +105,7 @@ fn run(sub: &str, rest: &[String]) -> Result<Option<Marker>, String> {
         "alert-storm" => attacks::alert_storm(port(&o)?, o.number("count", Some(2000))?),
         "split-upload" => attacks::split_upload(port(&o)?),
         "ooo-upload" => attacks::ooo_upload(port(&o)?),
+        "rst-split" => attacks::rst_split(port(&o)?),
         "frag-udp" => attacks::frag_udp(port(&o)?),
         "exit-cost" => attacks::exit_cost(o.number("reads", Some(2000))?),
         "dma" => dma::dma(match o.text("target") {
