@@ -216,30 +216,25 @@ impl<H: PacketHook> Env<H> {
 
     /// Queue a legacy single-descriptor frame.
     pub fn queue_legacy(&mut self, f: &[u8]) -> u32 {
-        let buf = self.tx_buf(self.tdt);
-        self.write(buf, f);
-        self.queue_raw(
-            LegacyTxDesc {
-                buffer_addr: buf,
-                length: f.len() as u16,
-                cmd: txcmd::EOP | txcmd::IFCS | txcmd::RS,
-                ..Default::default()
-            }
-            .to_bytes(),
-        )
+        self.queue_legacy_with(f, 0, 0)
     }
 
     /// Queue a legacy single-descriptor frame for which the device inserts the 802.1Q tag
     /// `tci` (VLE; in VLAN mode).
     pub fn queue_legacy_vlan(&mut self, f: &[u8], tci: u16) -> u32 {
+        self.queue_legacy_with(f, txcmd::VLE, tci)
+    }
+
+    /// Queue a legacy single-descriptor frame with EOP, IFCS, RS and `cmd`, and `special`.
+    fn queue_legacy_with(&mut self, f: &[u8], cmd: u8, special: u16) -> u32 {
         let buf = self.tx_buf(self.tdt);
         self.write(buf, f);
         self.queue_raw(
             LegacyTxDesc {
                 buffer_addr: buf,
                 length: f.len() as u16,
-                cmd: txcmd::EOP | txcmd::IFCS | txcmd::RS | txcmd::VLE,
-                special: tci,
+                cmd: txcmd::EOP | txcmd::IFCS | txcmd::RS | cmd,
+                special,
                 ..Default::default()
             }
             .to_bytes(),

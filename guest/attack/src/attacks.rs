@@ -1370,6 +1370,17 @@ impl Drop for Tap {
     }
 }
 
+/// The tap, or `None` with the reason in `m`'s `error` field.
+fn open_tap(m: &mut Marker) -> Option<Tap> {
+    match Tap::open() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            m.field("error", e);
+            None
+        }
+    }
+}
+
 /// RFC 1071 checksum of `b`.
 fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
@@ -1481,12 +1492,8 @@ fn rst_split_halves() -> (Vec<u8>, Vec<u8>) {
 pub fn rst_split(port: u16) -> Marker {
     let mut m = Marker::new("attack-rst-split");
     m.field("port", port);
-    let tap = match Tap::open() {
-        Ok(t) => t,
-        Err(e) => {
-            m.field("error", e);
-            return m;
-        }
+    let Some(tap) = open_tap(&mut m) else {
+        return m;
     };
     let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
     let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
@@ -1555,12 +1562,8 @@ fn ooo_one(tap: &Tap, port: u16, injected: &[u8]) -> (String, bool) {
 pub fn ooo_upload(port: u16) -> Marker {
     let mut m = Marker::new("attack-ooo-upload");
     m.field("port", port);
-    let tap = match Tap::open() {
-        Ok(t) => t,
-        Err(e) => {
-            m.field("error", e);
-            return m;
-        }
+    let Some(tap) = open_tap(&mut m) else {
+        return m;
     };
     let (reply, sent) = ooo_one(&tap, port, OOO_UPLOAD_PIECES[2].as_bytes());
     m.field("copy_injected", sent).field("copy_reply", reply);
