@@ -1127,8 +1127,44 @@ fn alert_storm_evidence(
             udp.storm
         ));
     }
-    let rtt_idle = number("rtt_idle_ms")?;
-    let (rtt_flood, rtt_storm) = (number("rtt_flood_ms")?, number("rtt_storm_ms")?);
+    // Each phase's ping RTT: the lower quartile of its reply times where every phase has at
+    // least three, else the guest's median. Under QEMU's TCG single replies stall for
+    // 100-550 ms in any phase (the woken ping waits for its vCPU; CI, 4 OS CPUs: idle
+    // 480,180,107,5.9,7.8,2.7,7.5 ms, storm 3.1,4.9,6.7,16.9,206,546,262 ms), so which phase's
+    // median three stalls land on is chance; a path the alerts slowed delays every reply,
+    // the fastest ones too.
+    let reply_times = |key: &str| -> Vec<f64> {
+        let mut t: Vec<f64> = marker
+            .get(key)
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| t.parse::<f64>().ok())
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t
+    };
+    let phase_times = [
+        reply_times("times_idle_ms"),
+        reply_times("times_flood_ms"),
+        reply_times("times_storm_ms"),
+    ];
+    let quartiles = phase_times.iter().all(|t| t.len() >= 3);
+    let (statistic, rtt_idle, rtt_flood, rtt_storm) = if quartiles {
+        let q = |t: &Vec<f64>| t[(t.len() - 1) / 4];
+        (
+            "lower-quartile",
+            q(&phase_times[0]),
+            q(&phase_times[1]),
+            q(&phase_times[2]),
+        )
+    } else {
+        (
+            "median",
+            number("rtt_idle_ms")?,
+            number("rtt_flood_ms")?,
+            number("rtt_storm_ms")?,
+        )
+    };
     let phases = [
         (MARK_IDLE, MARK_FLOOD),
         (MARK_FLOOD, MARK_STORM),
@@ -1158,7 +1194,7 @@ fn alert_storm_evidence(
         .collect();
     let evidence = format!(
         "alerts written={written} lost={lost}; host got {}/{sent} storm datagrams; \
-         ping median rtt idle={rtt_idle:.3} ms, quiet flood={rtt_flood:.3} ms, storm={rtt_storm:.3} ms; \
+         ping {statistic} rtt idle={rtt_idle:.3} ms, quiet flood={rtt_flood:.3} ms, storm={rtt_storm:.3} ms; \
          DPI wake-up (idle core) {}; all doorbells (mean) {}",
         udp.storm,
         idle_text.join(", "),
@@ -1168,8 +1204,8 @@ fn alert_storm_evidence(
     // that slower (it is not the alerts' doing).
     let baseline = rtt_idle.max(rtt_flood);
     let times = |key: &str| marker.get(key).unwrap_or("none").to_string();
-    // Storm replies later than ten times the baseline: stalls, reported even when the median
-    // holds.
+    // Storm replies later than ten times the baseline: stalls, reported even when the
+    // statistic holds.
     let late = times("times_storm_ms")
         .split(',')
         .filter_map(|t| t.parse::<f64>().ok())
@@ -1183,7 +1219,7 @@ fn alert_storm_evidence(
     );
     if rtt_storm > STORM_SLOWDOWN_LIMIT * baseline {
         return Err(format!(
-            "during the storm the median ping RTT is more than {STORM_SLOWDOWN_LIMIT}x idle's and the quiet flood's: {evidence}"
+            "during the storm the {statistic} ping RTT is more than {STORM_SLOWDOWN_LIMIT}x idle's and the quiet flood's: {evidence}"
         ));
     }
     let wake_baseline = idle_wake[0].median_us.max(idle_wake[1].median_us);
@@ -1447,6 +1483,57 @@ mod tests {
         );
         assert!(
             ally_defences_check(&loaded, &ally(3000), &host(all), &[Attack::AlertStorm]).passed
+        );
+    }
+
+    /// With every phase's reply times the ping is judged on their lower quartiles: three
+    /// stalled replies (the emulator's, seen in every phase) do not fail it, a storm that
+    /// delays every reply does.
+    #[test]
+    fn the_storm_ping_is_judged_on_the_lower_quartile_of_its_replies() {
+        // Every phase's idle wake-ups at 3 µs (running counts at marks 40-43).
+        let ally = |_: ()| {
+            let mut running = WakeHistogram::default();
+            let mut text = String::new();
+            for id in 40..=43 {
+                for _ in 0..20 {
+                    running.add(3000);
+                }
+                let n = running.samples();
+                text.push_str(&format!(
+                    "ALLY nic-mark id={id} wake-samples={n} wake-tsc={} idle-wake-samples={n} idle-wake-tsc={} idle-wake-hist={running} tsc-per-us=1000 registers=\n",
+                    n * 3000,
+                    n * 3000
+                ));
+            }
+            text.push_str("ALLY alerts written=100 lost=0\n");
+            AllyReport::parse(&text)
+        };
+        let host_all = host(UdpCounts {
+            storm: 2000,
+            ..UdpCounts::default()
+        });
+        // CI (QEMU pc, 4 OS CPUs): medians 7.8 / 6.4 / 16.9 ms.
+        let stalls = guest(
+            "ALLYTEST attack-alert-storm INFO sent=2000 rtt_idle_ms=7.848 rtt_flood_ms=6.357 rtt_storm_ms=16.916 times_idle_ms=479.781,179.776,106.776,5.867,7.848,2.746,7.531 times_flood_ms=4.220,7.565,17.142,3.700,6.357 times_storm_ms=3.100,4.867,6.717,16.916,205.541,545.598,261.907\n",
+        );
+        let c = ally_defences_check(&stalls, &ally(()), &host_all, &[Attack::AlertStorm]);
+        assert!(c.passed, "{c}");
+        assert!(
+            c.detail.contains(
+                "ping lower-quartile rtt idle=5.867 ms, quiet flood=4.220 ms, storm=4.867 ms"
+            ),
+            "{c}"
+        );
+        assert!(c.detail.contains("(3 over 10x the baseline)"), "{c}");
+        // Every storm reply delayed: the fastest too.
+        let slowed = guest(
+            "ALLYTEST attack-alert-storm INFO sent=2000 rtt_idle_ms=5.0 rtt_flood_ms=5.0 rtt_storm_ms=25.0 times_idle_ms=5.1,4.9,5.0,5.2,5.3 times_flood_ms=5.0,5.5,4.8,6.0,5.1 times_storm_ms=22.0,25.0,24.0,26.0,23.0\n",
+        );
+        let c = ally_defences_check(&slowed, &ally(()), &host_all, &[Attack::AlertStorm]);
+        assert!(
+            !c.passed && c.detail.contains("lower-quartile ping RTT is more than 2x"),
+            "{c}"
         );
     }
 
