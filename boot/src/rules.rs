@@ -112,7 +112,7 @@ pub fn take_engine_hook<S: AlertSink, C: FnMut() -> Timestamp>(
     })
 }
 
-/// Keys of the engine's stream-tracker and reassembly tables (SipHash), so a guest cannot aim
+/// Keys of the engine's stream-tracker, reassembly and flow tables (SipHash), so a guest cannot aim
 /// flows or datagrams at one probe window. RDRAND when CPUID reports it (retried, as Intel advises, up to 10 times per
 /// word); otherwise, or if RDRAND keeps failing, the time stamp counter mixed with the word's
 /// index: weak (a guest that can estimate boot timing could guess it), but the table stays
@@ -121,7 +121,7 @@ fn table_keys() -> TableKeys {
     use core::arch::x86_64::{__cpuid, _rdrand64_step, _rdtsc};
     // CPUID.1:ECX bit 30 = RDRAND.
     let has_rdrand = __cpuid(1).ecx & (1 << 30) != 0;
-    let mut key = [0u64; 4];
+    let mut key = [0u64; 6];
     for (i, k) in key.iter_mut().enumerate() {
         let mut got = None;
         if has_rdrand {
@@ -143,5 +143,6 @@ fn table_keys() -> TableKeys {
     TableKeys {
         stream: [key[0], key[1]],
         defrag: [key[2], key[3]],
+        flows: [key[4], key[5]],
     }
 }

@@ -23,7 +23,7 @@
 use core::fmt;
 
 use crate::engine::{
-    engine_stream_config, DefragConfig, Engine, EngineConfig, EngineError, StreamConfig,
+    engine_stream_config, DefragConfig, Engine, EngineConfig, EngineError, FlowConfig, StreamConfig,
 };
 
 /// The command line that marks the rules module.
@@ -289,6 +289,8 @@ pub struct TableKeys {
     pub stream: [u64; 2],
     /// The IP reassembly table.
     pub defrag: [u64; 2],
+    /// The flow table of the `flow` and `flowbits` options.
+    pub flows: [u64; 2],
 }
 
 /// The engine configuration [`build_engine`] uses.
@@ -302,6 +304,10 @@ pub fn engine_config(keys: TableKeys) -> EngineConfig {
             ..engine_stream_config()
         }),
         defrag: Some(DefragConfig::forwarding(keys.defrag)),
+        flow: FlowConfig {
+            key: keys.flows,
+            ..FlowConfig::default()
+        },
         ..EngineConfig::default()
     }
 }
@@ -315,6 +321,7 @@ pub fn traffic_heap() -> u64 {
     let cfg = engine_config(TableKeys {
         stream: [0; 2],
         defrag: [0; 2],
+        flows: [0; 2],
     });
     let stream = cfg.stream.map_or(0, |s| s.heap_bound());
     let http = cfg.stream.map_or(0, |s| cfg.http.heap_bound(s.max_flows));
@@ -385,6 +392,7 @@ mod tests {
     const KEYS: TableKeys = TableKeys {
         stream: [1, 2],
         defrag: [3, 4],
+        flows: [5, 6],
     };
 
     fn m(cmdline: &str, start: u64, end: u64) -> BootModule<'_> {

@@ -214,6 +214,48 @@ fn a_dropped_rst_keeps_the_flowbits() {
     assert_eq!(c.sid_actions(), vec![(2, "blocked")]);
 }
 
+/// `frame` 802.1Q-tagged for VLAN `vid`.
+fn on_vlan(frame: &[u8], vid: u16) -> Vec<u8> {
+    [
+        &frame[..12],
+        &[0x81, 0x00],
+        &vid.to_be_bytes()[..],
+        &frame[12..],
+    ]
+    .concat()
+}
+
+/// The same addresses and ports on two VLANs are two flows: an exact RST on VLAN 6 is no RST
+/// of VLAN 5's flow (there is no flow on VLAN 6 to end), whose split pattern is still found.
+#[test]
+fn flows_on_two_vlans_are_apart() {
+    let mut e = engine(DROP_RULE);
+    let mut c = Collect::default();
+    for f in [
+        seg(true, SYN, CISN, 0, b""),
+        seg(false, SYN | ACK, SISN, CISN + 1, b""),
+        seg(true, ACK, CISN + 1, SISN + 1, b""),
+    ] {
+        assert_eq!(run(&mut e, &on_vlan(&f, 5), &mut c), Verdict::Pass);
+    }
+    let v5 = |f: Vec<u8>| on_vlan(&f, 5);
+    assert_eq!(run(&mut e, &v5(cdata(0, b"FORBI")), &mut c), Verdict::Pass);
+    // Other bytes at the same place on VLAN 6: another stream (picked up midstream), no
+    // overlap with VLAN 5's.
+    assert_eq!(
+        run(&mut e, &on_vlan(&cdata(0, b"other"), 6), &mut c),
+        Verdict::Pass
+    );
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::OverlapMismatch), 0);
+    // VLAN 5's exact RST, sent on VLAN 7 where no such flow exists.
+    let rst = seg(true, RST | ACK, CISN + 1 + 5, SISN + 1, b"");
+    assert_eq!(run(&mut e, &on_vlan(&rst, 7), &mut c), Verdict::Drop);
+    assert_eq!(e.stream_stats().drops.get(StreamDrop::RstOutOfWindow), 1);
+    assert_eq!(run(&mut e, &v5(cdata(5, b"DDEN")), &mut c), Verdict::Drop);
+    assert_eq!(c.sid_actions(), vec![(1, "blocked")]);
+    assert_eq!(e.stream_stats().created, 2);
+}
+
 #[test]
 fn anchored_rules_judge_each_segment() {
     let rules = "alert tcp any any -> any any (content:\"GET\"; depth:3; sid:1;)\n\

@@ -465,6 +465,7 @@ mod tests {
         let keys = ally_dpi::rules_module::TableKeys {
             stream: [1, 2],
             defrag: [3, 4],
+            flows: [5, 6],
         };
         let mut engine =
             Engine::from_blob(&c.blob, ally_dpi::rules_module::engine_config(keys)).unwrap();

@@ -28,6 +28,7 @@ use crate::traffic::{generate, GenFrame, TrafficConfig};
 const BENCH_KEYS: TableKeys = TableKeys {
     stream: [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210],
     defrag: [0x1111_2222_3333_4444, 0x5555_6666_7777_8888],
+    flows: [0x9999_aaaa_bbbb_cccc, 0xdddd_eeee_ffff_0000],
 };
 
 /// Added to every timestamp of a replay pass beyond its span: longer than the stream

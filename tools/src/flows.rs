@@ -529,6 +529,7 @@ mod tests {
     const KEYS: TableKeys = TableKeys {
         stream: [5, 6],
         defrag: [7, 8],
+        flows: [9, 10],
     };
 
     /// An engine in the boot configuration with one rule that never matches the traffic, so

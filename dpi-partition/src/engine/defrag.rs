@@ -330,21 +330,9 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 /// up to two VLAN tags and the IPv6 hop-by-hop, routing, destination-options and AH headers are
 /// skipped, so every frame the decoder sees as a fragment is one here.
 fn parse(frame: &[u8], cfg: &DefragConfig) -> Parsed {
-    let Some(mut ethertype) = be16(frame, 12) else {
+    let Some((ethertype, l3, vlans)) = super::packet::vlan_tags(frame) else {
         return Parsed::NotFragment;
     };
-    let (mut l3, mut vlans) = (14, 0u32);
-    for tags in 1..=2 {
-        if ethertype != 0x8100 && ethertype != 0x88a8 {
-            break;
-        }
-        let (Some(tci), Some(t)) = (be16(frame, l3), be16(frame, l3 + 2)) else {
-            return Parsed::NotFragment;
-        };
-        vlans = (vlans << 12 | u32::from(tci & 0x0fff)) & 0x00ff_ffff | tags << 24;
-        ethertype = t;
-        l3 += 4;
-    }
     let ip = frame.get(l3..).unwrap_or_default();
     let parsed = match ethertype {
         0x0800 => parse_v4(ip, l3, vlans),

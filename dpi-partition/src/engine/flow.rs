@@ -7,13 +7,15 @@
 //! do. UDP: the first packet creates the flow (its sender is the client); a packet from the other
 //! side makes it established (Suricata's UDP semantics).
 //!
-//! The table is open-addressed with a fixed capacity (a power of two) and a probe window of 8
-//! slots; an idle entry past its timeout is reused, otherwise the least recently seen entry of
+//! Flows are keyed by protocol, endpoints and VLAN IDs. The table is open-addressed with a
+//! fixed capacity (a power of two), indexed by a keyed hash ([`FlowConfig::key`]), with a probe
+//! window of 8 slots; an idle entry past its timeout is reused, otherwise the least recently seen entry of
 //! the window is evicted. Every outcome is counted in [`FlowStats`].
 
 use alloc::vec::Vec;
 use core::net::IpAddr;
 
+use super::keyed::{flow_key, keyed_hash};
 use super::packet::{tcpflags, Packet, L4};
 
 const PROBE: usize = 8;
@@ -23,6 +25,9 @@ const PROBE: usize = 8;
 pub struct FlowConfig {
     /// Number of slots (rounded up to a power of two, at least 8).
     pub capacity: usize,
+    /// Key of the table's hash ([`keyed_hash`]): secret at boot, so that a guest cannot aim
+    /// flows at one probe window to push a victim's flowbits out.
+    pub key: [u64; 2],
     /// Idle timeout of established TCP flows, microseconds.
     pub established_timeout_us: u64,
     /// Idle timeout of other flows (handshaking TCP, UDP), microseconds.
@@ -33,6 +38,7 @@ impl Default for FlowConfig {
     fn default() -> Self {
         FlowConfig {
             capacity: 65536,
+            key: [0; 2],
             established_timeout_us: 3_600_000_000,
             other_timeout_us: 60_000_000,
         }
@@ -68,6 +74,8 @@ struct Entry {
     proto: u8,
     client: (IpAddr, u16),
     server: (IpAddr, u16),
+    /// [`Packet::vlans`] of its packets: the same addresses on two VLANs are two flows.
+    vlans: u32,
     state: State,
     last_seen: u64,
     /// `flowbits` of the flow (bit indices assigned by the engine).
@@ -94,32 +102,6 @@ pub struct FlowTable {
     stats: FlowStats,
     /// Slot of the flow of the packet last passed to [`FlowTable::track`].
     current: Option<usize>,
-}
-
-fn mix(mut h: u64) -> u64 {
-    // SplitMix64 finaliser: good avalanche for slot selection.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
-fn addr_bits(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(v) => u128::from(u32::from(v)),
-        IpAddr::V6(v) => u128::from(v),
-    }
-}
-
-/// Direction-independent hash of the 5-tuple.
-fn key_hash(proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> u64 {
-    let fold = |e: (IpAddr, u16)| {
-        let x = addr_bits(e.0);
-        mix((x as u64) ^ ((x >> 64) as u64).rotate_left(17) ^ u64::from(e.1) << 48)
-    };
-    // Sum is symmetric in the two endpoints.
-    mix(fold(a).wrapping_add(fold(b)) ^ u64::from(proto))
 }
 
 impl FlowTable {
@@ -183,10 +165,18 @@ impl FlowTable {
         now.saturating_sub(e.last_seen) > t
     }
 
-    fn find(&self, start: usize, proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> Option<usize> {
+    fn find(
+        &self,
+        start: usize,
+        proto: u8,
+        a: (IpAddr, u16),
+        b: (IpAddr, u16),
+        vlans: u32,
+    ) -> Option<usize> {
         (0..PROBE).map(|k| (start + k) & self.mask).find(|&i| {
             self.slots[i].is_some_and(|e| {
                 e.proto == proto
+                    && e.vlans == vlans
                     && ((e.client == a && e.server == b) || (e.client == b && e.server == a))
             })
         })
@@ -240,8 +230,8 @@ impl FlowTable {
         };
         let me = (pkt.src, sport);
         let peer = (pkt.dst, dport);
-        let start = key_hash(pkt.proto, me, peer) as usize;
-        let found = self.find(start, pkt.proto, me, peer);
+        let start = keyed_hash(self.cfg.key, &flow_key(pkt.proto, me, peer, pkt.vlans)) as usize;
+        let found = self.find(start, pkt.proto, me, peer, pkt.vlans);
         if let Some(i) = found {
             if self.slots[i].is_some_and(|e| self.expired(&e, now)) {
                 self.slots[i] = None;
@@ -271,6 +261,7 @@ impl FlowTable {
                         proto: pkt.proto,
                         client: me,
                         server: peer,
+                        vlans: pkt.vlans,
                         state: State::SynSent,
                         last_seen: now,
                         bits: 0,
@@ -307,6 +298,7 @@ impl FlowTable {
                     proto: pkt.proto,
                     client: me,
                     server: peer,
+                    vlans: pkt.vlans,
                     state: State::SynSent,
                     last_seen: now,
                     bits: 0,
@@ -415,6 +407,23 @@ mod tests {
         );
     }
 
+    /// The same addresses and ports on two VLANs are two flows, with their own flowbits.
+    #[test]
+    fn vlans_make_flows_apart() {
+        let mut t = FlowTable::new(FlowConfig::default());
+        let tagged = |f: &[u8], vid: u16| -> alloc::vec::Vec<u8> {
+            [&f[..12], &[0x81, 0x00], &vid.to_be_bytes()[..], &f[12..]].concat()
+        };
+        let syn = tcpf("10.0.0.1", 4000, "10.0.0.2", 80, tcpflags::SYN);
+        assert!(t.track(&pkt(&tagged(&syn, 5)), 1).is_some());
+        t.set_current_bits(0b1);
+        assert!(t.track(&pkt(&tagged(&syn, 6)), 2).is_some());
+        assert_eq!(t.current_bits(), 0);
+        assert_eq!(t.stats().created, 2);
+        assert!(t.track(&pkt(&tagged(&syn, 5)), 3).is_some());
+        assert_eq!(t.current_bits(), 0b1);
+    }
+
     #[test]
     fn midstream_has_no_flow() {
         let mut t = FlowTable::new(FlowConfig::default());
@@ -427,6 +436,7 @@ mod tests {
     fn bounded_with_eviction_and_expiry() {
         let cfg = FlowConfig {
             capacity: 8,
+            key: [1, 2],
             established_timeout_us: 100,
             other_timeout_us: 50,
         };

@@ -75,6 +75,9 @@ pub struct Packet<'a> {
     pub payload: &'a [u8],
     /// IP header fields used by `ttl`, `id`, `fragbits`.
     pub ip: IpFields,
+    /// The frame's VLAN IDs ([`vlan_tags`]): part of a flow's identity, since the same
+    /// addresses on two VLANs are two networks.
+    pub vlans: u32,
 }
 
 /// IP header fields for the header rule options.
@@ -130,23 +133,29 @@ pub fn internet_checksum(b: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Decodes an Ethernet frame.
-pub fn decode(frame: &[u8]) -> Decoded<'_> {
-    let Some(mut ethertype) = be16(frame, 12) else {
-        return Decoded::NotIp;
-    };
-    let mut off = ETH_HDR;
-    // Up to two VLAN tags (802.1ad outer + 802.1Q inner).
-    for _ in 0..2 {
+/// The Ethernet header of `frame` past up to two VLAN tags (802.1ad outer, 802.1Q inner):
+/// the ethertype after them, where the L3 header starts, and the VLAN IDs, the outer in bits
+/// 12..24 when there are two, the tag count in bits 24..; `None` for a frame cut inside them.
+pub fn vlan_tags(frame: &[u8]) -> Option<(u16, usize, u32)> {
+    let mut ethertype = be16(frame, 12)?;
+    let (mut l3, mut vlans) = (ETH_HDR, 0u32);
+    for tags in 1..=2 {
         if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
             break;
         }
-        let Some(t) = be16(frame, off + 2) else {
-            return Decoded::NotIp;
-        };
+        let (tci, t) = (be16(frame, l3)?, be16(frame, l3 + 2)?);
+        vlans = (vlans << 12 | u32::from(tci & 0x0fff)) & 0x00ff_ffff | tags << 24;
         ethertype = t;
-        off += 4;
+        l3 += 4;
     }
+    Some((ethertype, l3, vlans))
+}
+
+/// Decodes an Ethernet frame.
+pub fn decode(frame: &[u8]) -> Decoded<'_> {
+    let Some((ethertype, off, vlans)) = vlan_tags(frame) else {
+        return Decoded::NotIp;
+    };
     let Some(l3) = frame.get(off..) else {
         return Decoded::NotIp;
     };
@@ -155,7 +164,7 @@ pub fn decode(frame: &[u8]) -> Decoded<'_> {
         ETHERTYPE_IPV6 => decode_v6(l3),
         _ => None,
     };
-    pkt.map_or(Decoded::NotIp, Decoded::Ip)
+    pkt.map_or(Decoded::NotIp, |p| Decoded::Ip(Packet { vlans, ..p }))
 }
 
 /// IPv4 (RFC 791): honours IHL and total length (Ethernet padding is not payload); non-first
@@ -267,6 +276,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
         l4: L4::Other,
         payload: body,
         ip: IpFields::default(),
+        vlans: 0,
     };
     if later_fragment {
         return other;
@@ -298,6 +308,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 },
                 payload: &body[hl..],
                 ip: IpFields::default(),
+                vlans: 0,
             }
         }
         ipproto::UDP => {
@@ -315,6 +326,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 l4: L4::Udp { sport, dport },
                 payload: &body[8..end],
                 ip: IpFields::default(),
+                vlans: 0,
             }
         }
         ipproto::ICMP | ipproto::ICMPV6 => {
@@ -335,6 +347,7 @@ fn l4<'a>(src: IpAddr, dst: IpAddr, proto: u8, body: &'a [u8], later_fragment: b
                 l4,
                 payload: &body[8..],
                 ip: IpFields::default(),
+                vlans: 0,
             }
         }
         _ => other,

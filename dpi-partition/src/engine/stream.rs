@@ -12,7 +12,8 @@
 //!
 //! # Policy
 //!
-//! - **Flows** are keyed by the two endpoints (either order). The sender of the first SYN (without
+//! - **Flows** are keyed by the two endpoints (either order) and the frame's VLAN IDs (the same
+//!   addresses on two VLANs are two networks; an RST on another VLAN is no RST of this flow). The sender of the first SYN (without
 //!   ACK) is the client; a flow first seen through a SYN+ACK has its sender as the server; any
 //!   other first segment is a *midstream pickup* (Suricata's `midstream: true`): its sender is
 //!   taken as the client and each direction's next sequence number is fixed by the first segment
@@ -85,7 +86,7 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::net::IpAddr;
 
-use super::keyed::keyed_hash;
+use super::keyed::{flow_key, keyed_hash};
 use super::packet::{ipproto, tcpflags, Packet, L4};
 use super::Timestamp;
 
@@ -473,6 +474,8 @@ struct Flow {
     serial: u64,
     client: (IpAddr, u16),
     server: (IpAddr, u16),
+    /// [`Packet::vlans`] of its frames.
+    vlans: u32,
     /// Index 0: client → server.
     half: [Half; 2],
     last_seen: u64,
@@ -484,11 +487,18 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(serial: u64, client: (IpAddr, u16), server: (IpAddr, u16), now: u64) -> Flow {
+    fn new(
+        serial: u64,
+        client: (IpAddr, u16),
+        server: (IpAddr, u16),
+        vlans: u32,
+        now: u64,
+    ) -> Flow {
         Flow {
             serial,
             client,
             server,
+            vlans,
             half: Default::default(),
             last_seen: now,
             blocked: false,
@@ -552,25 +562,6 @@ fn sdiff(a: u32, b: u32) -> i64 {
 /// The later of two sequence numbers.
 fn seq_max(a: Option<u32>, b: u32) -> u32 {
     a.map_or(b, |a| if sdiff(b, a) > 0 { b } else { a })
-}
-
-/// The canonical (order-independent) byte form of a flow's endpoints.
-fn flow_key(a: (IpAddr, u16), b: (IpAddr, u16)) -> [u8; 37] {
-    let bits = |(ip, port): (IpAddr, u16)| {
-        let x = match ip {
-            IpAddr::V4(v) => u128::from(u32::from(v)),
-            IpAddr::V6(v) => u128::from(v),
-        };
-        (x, port)
-    };
-    let (lo, hi) = if bits(a) <= bits(b) { (a, b) } else { (b, a) };
-    let mut k = [0u8; 37];
-    k[0] = u8::from(lo.0.is_ipv6());
-    k[1..17].copy_from_slice(&bits(lo).0.to_le_bytes());
-    k[17..19].copy_from_slice(&lo.1.to_le_bytes());
-    k[19..35].copy_from_slice(&bits(hi).0.to_le_bytes());
-    k[35..37].copy_from_slice(&hi.1.to_le_bytes());
-    k
 }
 
 /// The TCP fields of one segment.
@@ -810,11 +801,12 @@ impl StreamTracker {
         };
         let me = (pkt.src, sport);
         let peer = (pkt.dst, dport);
-        let start = keyed_hash(self.cfg.key, &flow_key(me, peer));
-        let slot = match self.find(start, me, peer, now) {
+        let vlans = pkt.vlans;
+        let start = keyed_hash(self.cfg.key, &flow_key(ipproto::TCP, me, peer, vlans));
+        let slot = match self.find(start, me, peer, vlans, now) {
             Some(i) => i,
             None if rst => return self.reject(StreamDrop::RstOutOfWindow),
-            None => match self.create(start, me, peer, &s, now) {
+            None => match self.create(start, me, peer, vlans, &s, now) {
                 Ok(i) => i,
                 Err(why) => return self.limit(why),
             },
@@ -879,10 +871,18 @@ impl StreamTracker {
         (0..2 * PROBE).map(move |k| start.wrapping_add(k.wrapping_mul(step)) & mask)
     }
 
-    fn find(&mut self, start: u64, a: (IpAddr, u16), b: (IpAddr, u16), now: u64) -> Option<usize> {
+    fn find(
+        &mut self,
+        start: u64,
+        a: (IpAddr, u16),
+        b: (IpAddr, u16),
+        vlans: u32,
+        now: u64,
+    ) -> Option<usize> {
         let i = self.candidates(start).find(|&i| {
             self.slots[i].as_ref().is_some_and(|f| {
-                (f.client == a && f.server == b) || (f.client == b && f.server == a)
+                f.vlans == vlans
+                    && ((f.client == a && f.server == b) || (f.client == b && f.server == a))
             })
         })?;
         if self.slots[i]
@@ -902,6 +902,7 @@ impl StreamTracker {
         start: u64,
         me: (IpAddr, u16),
         peer: (IpAddr, u16),
+        vlans: u32,
         s: &Seg,
         now: u64,
     ) -> Result<usize, StreamDrop> {
@@ -949,7 +950,7 @@ impl StreamTracker {
             self.stats.midstream += 1;
         }
         self.serial += 1;
-        self.slots[i] = Some(Flow::new(self.serial, client, server, now));
+        self.slots[i] = Some(Flow::new(self.serial, client, server, vlans, now));
         self.stats.created += 1;
         self.stats.active += 1;
         Ok(i)
@@ -969,7 +970,7 @@ impl StreamTracker {
         }
         let other = if f.client == me { f.server } else { f.client };
         self.serial += 1;
-        *f = Flow::new(self.serial, me, other, f.last_seen);
+        *f = Flow::new(self.serial, me, other, f.vlans, f.last_seen);
         self.stats.evicted += 1;
         self.stats.created += 1;
     }
@@ -2287,13 +2288,6 @@ mod tests {
         );
         assert_eq!(t.stats().drops.malformed, 6);
         assert_eq!(t.stats().created, 0);
-    }
-
-    #[test]
-    fn flow_keys_ignore_direction() {
-        let a = ("10.0.0.1".parse().unwrap(), 1);
-        let b = ("10.0.0.2".parse().unwrap(), 2);
-        assert_eq!(flow_key(a, b), flow_key(b, a));
     }
 
     #[test]
