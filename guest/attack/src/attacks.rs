@@ -1455,24 +1455,19 @@ fn fill_tcp_checksum(f: &mut [u8], tcp: usize) {
     f[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// The VLAN the astray RST is sent on: slirp, the test network's only receiver, takes no
-/// 802.1Q frame, so the host's end of the connection never sees the RST.
-const ASTRAY_VLAN: u16 = 3;
-
 /// An RST of `template`'s connection at exactly the next sequence number (the one Ally
-/// accepts), tagged for [`ASTRAY_VLAN`]: an RST that goes astray, as one sent to another MAC
-/// address or with a TTL that expires on the way.
+/// accepts) with a broken IPv4 header checksum: an RST that goes astray. slirp, the test
+/// network's receiver, drops it as a router would (its `ip_input` checks the header), so the
+/// host's end of the connection never sees it; so are RSTs sent to another MAC address or
+/// with a TTL that expires on the way.
 fn forge_astray_rst(template: &[u8]) -> Vec<u8> {
     let mut f = forge_segment(template, 0, b"");
     let tcp = 14 + usize::from(f[14] & 0x0F) * 4;
     // RST|ACK: the acknowledgement of the template's segment stays.
     f[tcp + 13] = 0x14;
     fill_tcp_checksum(&mut f, tcp);
-    let mut tagged = f[..12].to_vec();
-    tagged.extend_from_slice(&[0x81, 0x00]);
-    tagged.extend_from_slice(&ASTRAY_VLAN.to_be_bytes());
-    tagged.extend_from_slice(&f[12..]);
-    tagged
+    f[24] ^= 0x5a;
+    f
 }
 
 /// The two halves of the upload the RST is sent between: the forbidden content is cut in two
@@ -1485,8 +1480,8 @@ fn rst_split_halves() -> (Vec<u8>, Vec<u8>) {
 }
 
 /// A forbidden upload split around an RST that goes astray (issue 12): the first half of the
-/// forbidden content through the socket, then (on the tap) an exact RST of the connection on
-/// a VLAN its receiver does not listen to, then the second half. An inspector that ends the
+/// forbidden content through the socket, then (on the tap) an exact RST of the connection that
+/// its receiver drops (a bad IPv4 header checksum), then the second half. An inspector that ends the
 /// flow at the RST and picks the rest up midstream matches neither half; the host, which never
 /// got the RST, receives the whole. The runner judges from what the host received.
 pub fn rst_split(port: u16) -> Marker {
@@ -1598,16 +1593,14 @@ mod tests {
     }
 
     /// The astray RST: the template's connection at exactly its next sequence number, RST and
-    /// ACK set, 802.1Q-tagged, with valid checksums.
+    /// ACK set, a valid TCP checksum and a broken IPv4 header checksum.
     #[test]
-    fn the_astray_rst_is_exact_tagged_and_valid() {
+    fn the_astray_rst_is_exact_with_a_broken_ip_checksum() {
         let template = forge_segment(&tcp_template(), 0, b"RST-SPLIT ALLY-FORBI");
-        let rst = forge_astray_rst(&template);
-        assert_eq!(rst[12..16], [0x81, 0x00, 0x00, ASTRAY_VLAN as u8]);
-        let untagged = [&rst[..12], &rst[16..]].concat();
+        let untagged = forge_astray_rst(&template);
         let tcp = 14 + usize::from(untagged[14] & 0x0F) * 4;
         assert_eq!(untagged[tcp + 13], 0x14);
-        assert_eq!(checksum(&untagged[14..tcp]), 0);
+        assert_ne!(checksum(&untagged[14..tcp]), 0);
         let seq = |f: &[u8]| u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap());
         let data = tcp + usize::from(template[tcp + 12] >> 4) * 4;
         assert_eq!(
