@@ -1206,10 +1206,9 @@ fn alert_storm_evidence(
     let times = |key: &str| marker.get(key).unwrap_or("none").to_string();
     // Storm replies later than ten times the baseline: stalls, reported even when the
     // statistic holds.
-    let late = times("times_storm_ms")
-        .split(',')
-        .filter_map(|t| t.parse::<f64>().ok())
-        .filter(|&t| t > 10.0 * baseline)
+    let late = phase_times[2]
+        .iter()
+        .filter(|&&t| t > 10.0 * baseline)
         .count();
     let evidence = format!(
         "{evidence}; ping reply times (ms) idle {}, quiet flood {}, storm {} ({late} over 10x the baseline)",

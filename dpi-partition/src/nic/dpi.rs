@@ -2116,19 +2116,18 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         };
         // VLAN mode took the tag off into the special field (VP): the hook sees the frame as
         // the wire carried it, and a held frame keeps its tag.
-        let mut tagged = core::mem::take(&mut self.tagged);
-        let on_wire: &[u8] = if last.status & rxsta::VP != 0 {
-            insert_vlan_tag(&mut tagged, frame, last.special);
-            &tagged
+        // Untagged frames (the common case) cost one bit test.
+        let verdict = if last.status & rxsta::VP != 0 {
+            insert_vlan_tag(&mut self.tagged, frame, last.special);
+            self.hook.inspect(&self.tagged, Direction::FromWire)
         } else {
-            frame
+            self.hook.inspect(frame, Direction::FromWire)
         };
-        let d = match self.hook.inspect(on_wire, Direction::FromWire) {
+        let d = match verdict {
             HookVerdict::Pass => self.write_rx(ring, need, frame, last),
             HookVerdict::Drop => Deliver::Dropped(DropReason::Verdict),
             HookVerdict::Hold => Deliver::Held,
         };
-        self.tagged = tagged;
         self.scratch = scratch;
         d
     }

@@ -724,13 +724,8 @@ const SPLIT_PAUSE: Duration = Duration::from_millis(30);
 pub fn split_upload(port: u16) -> Marker {
     let mut m = Marker::new("attack-split-upload");
     m.field("port", port);
-    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
-    let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-        Ok(s) => s,
-        Err(e) => {
-            m.field("error", format_args!("connect:{e}"));
-            return m;
-        }
+    let Some(mut sock) = connect_upload(&mut m, port) else {
+        return m;
     };
     let setup = sock
         .set_nodelay(true)
@@ -1370,6 +1365,19 @@ impl Drop for Tap {
     }
 }
 
+/// A connection to the host's upload listener on `port`, or `None` with the reason in `m`'s
+/// `error` field.
+fn connect_upload(m: &mut Marker, port: u16) -> Option<std::net::TcpStream> {
+    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            m.field("error", format_args!("connect:{e}"));
+            None
+        }
+    }
+}
+
 /// The tap, or `None` with the reason in `m`'s `error` field.
 fn open_tap(m: &mut Marker) -> Option<Tap> {
     match Tap::open() {
@@ -1490,13 +1498,8 @@ pub fn rst_split(port: u16) -> Marker {
     let Some(tap) = open_tap(&mut m) else {
         return m;
     };
-    let addr = std::net::SocketAddr::from(([10, 0, 2, 2], port));
-    let mut sock = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-        Ok(s) => s,
-        Err(e) => {
-            m.field("error", format_args!("connect:{e}"));
-            return m;
-        }
+    let Some(mut sock) = connect_upload(&mut m, port) else {
+        return m;
     };
     let _ = sock.set_nodelay(true);
     let _ = sock.set_read_timeout(Some(Duration::from_secs(3)));
