@@ -202,6 +202,17 @@ pub enum Outcome {
     Timeout,
 }
 
+impl Outcome {
+    /// The signal that ended the emulator, when it died by one we did not send (a crash of
+    /// the emulator itself: `ExitStatus`'s "signal: 11 (SIGSEGV)").
+    pub fn emulator_signal(&self) -> Option<&str> {
+        match self {
+            Outcome::EmulatorExited { status } => status.strip_prefix("signal: "),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -256,6 +267,9 @@ pub struct RunResult {
     /// The last lines of the guest console and of Ally's log, shown when a run fails.
     pub com1_tail: Vec<String>,
     pub com2_tail: Vec<String>,
+    /// Earlier attempts of this run that QEMU itself crashed ([`run`] retried them), each
+    /// with the signal and where its logs were kept.
+    pub emulator_crashes: Vec<String>,
 }
 
 /// How many trailing log lines a failed run shows.
@@ -300,6 +314,9 @@ impl fmt::Display for RunResult {
         )?;
         for p in &self.emulator_panics {
             writeln!(f, "emulator: {p}")?;
+        }
+        for c in &self.emulator_crashes {
+            writeln!(f, "emulator crash, retried: {c}")?;
         }
         writeln!(f, "guest markers (COM1):")?;
         for m in &self.guest.markers {
@@ -684,7 +701,46 @@ pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepare
 }
 
 /// Builds everything, boots, watches, stops and judges.
+/// How often [`run`] boots again after QEMU itself crashed.
+const QEMU_CRASH_RETRIES: usize = 1;
+
+/// Boots the run and judges it. A QEMU that dies by a signal of its own (on 2026-12-07 CI's
+/// QEMU 7.2 TCG died once with SIGSEGV early in the VT-d scenario's boot, a run that passes
+/// otherwise) is an emulator bug, not a verdict on Ally: the run boots once more, the crashed
+/// attempt's logs are kept in `<dir>-crash<N>`, and the result names the crash. A second crash
+/// fails the run.
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
+    let mut crashes = Vec::new();
+    loop {
+        let mut result = run_once(opts)?;
+        let crashed = result.emulator.is_qemu() && result.outcome.emulator_signal().is_some();
+        if crashed && crashes.len() < QEMU_CRASH_RETRIES {
+            let dir = &result.logs.dir;
+            let kept = dir.with_file_name(format!(
+                "{}-crash{}",
+                dir.file_name().unwrap_or_default().to_string_lossy(),
+                crashes.len() + 1
+            ));
+            let _ = fs::remove_dir_all(&kept);
+            let kept_note = match fs::rename(dir, &kept) {
+                Ok(()) => kept.display().to_string(),
+                Err(e) => format!("not kept: cannot move {} ({e})", dir.display()),
+            };
+            let crash = format!("{} (logs: {kept_note})", result.outcome);
+            // Always said, progress or not: a retried crash must never pass silently.
+            eprintln!(
+                "[ally-run {}] QEMU crashed, booting again: {crash}",
+                opts.name
+            );
+            crashes.push(crash);
+            continue;
+        }
+        result.emulator_crashes = crashes;
+        return Ok(result);
+    }
+}
+
+fn run_once(opts: &RunOptions) -> Result<RunResult, RunError> {
     // The host endpoints listen first: their ports go into the inspection rules' variables
     // (before the rules blob and the ISO are built) and on the kernel command line of this
     // run's disk copy.
@@ -886,6 +942,7 @@ pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
         checks: all_checks,
         com1_tail: tail(&com1, TAIL_LINES),
         com2_tail: tail(&com2, TAIL_LINES),
+        emulator_crashes: Vec::new(),
     })
 }
 
@@ -1081,6 +1138,15 @@ mod tests {
         );
         let mut w = watcher(Mode::Baseline);
         assert_eq!(w.poll(S(1800), "", "", None), Watch::Stop(Outcome::Timeout));
+        let crash = Outcome::EmulatorExited {
+            status: "signal: 11 (SIGSEGV)".into(),
+        };
+        assert_eq!(crash.emulator_signal(), Some("11 (SIGSEGV)"));
+        let exit = Outcome::EmulatorExited {
+            status: "exit status: 1".into(),
+        };
+        assert_eq!(exit.emulator_signal(), None);
+        assert_eq!(Outcome::Timeout.emulator_signal(), None);
     }
 
     #[test]
