@@ -704,11 +704,17 @@ pub fn prepare(opts: &RunOptions, ports: Option<InspectPorts>) -> Result<Prepare
 /// How often [`run`] boots again after QEMU itself crashed.
 const QEMU_CRASH_RETRIES: usize = 1;
 
-/// Boots the run and judges it. A QEMU that dies by a signal of its own (on 2026-12-07 CI's
-/// QEMU 7.2 TCG died once with SIGSEGV early in the VT-d scenario's boot, a run that passes
-/// otherwise) is an emulator bug, not a verdict on Ally: the run boots once more, the crashed
-/// attempt's logs are kept in `<dir>-crash<N>`, and the result names the crash. A second crash
-/// fails the run.
+/// Boots the run and judges it. A QEMU that dies by a signal of its own is an emulator bug,
+/// not a verdict on Ally: the run boots once more, the crashed attempt's logs are kept in
+/// `<dir>-crash<N>`, and the result names the crash. A second crash fails the run.
+///
+/// The crash seen (CI, 2026-12-07, the VT-d scenario before the guest's init; the kernel's
+/// log: `segfault at ffffffc200000061 ip ...` at `memory_region_dispatch_read+38` of Debian's
+/// QEMU 7.2 binary) is a vCPU thread dispatching an MMIO read through a stale memory-region
+/// pointer: QEMU 7.2's multi-threaded TCG flushes one vCPU's TLB from another thread when the
+/// memory map changes (`tcg_commit`), a race QEMU 8.2 closed by running the flush on the
+/// owning vCPU. The IOMMU scenarios change the map often (every VT-d/AMD-Vi translation
+/// switch remaps the devices' address spaces).
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     let mut crashes = Vec::new();
     loop {
