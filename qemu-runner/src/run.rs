@@ -711,10 +711,10 @@ const QEMU_CRASH_RETRIES: usize = 1;
 /// The crash seen (CI, 2026-12-07, the VT-d scenario before the guest's init; the kernel's
 /// log: `segfault at ffffffc200000061 ip ...` at `memory_region_dispatch_read+38` of Debian's
 /// QEMU 7.2 binary) is a vCPU thread dispatching an MMIO read through a stale memory-region
-/// pointer: QEMU 7.2's multi-threaded TCG flushes one vCPU's TLB from another thread when the
-/// memory map changes (`tcg_commit`), a race QEMU 8.2 closed by running the flush on the
-/// owning vCPU. The IOMMU scenarios change the map often (every VT-d/AMD-Vi translation
-/// switch remaps the devices' address spaces).
+/// pointer. The likely cause is a race of multi-threaded TCG in QEMU 7.2: when the memory map
+/// changes, `tcg_commit` flushes a vCPU's TLB from whichever thread changed it (later QEMU
+/// versions hand the flush to the owning vCPU). The IOMMU scenarios change the map often
+/// (each VT-d/AMD-Vi translation switch remaps the devices' address spaces).
 pub fn run(opts: &RunOptions) -> Result<RunResult, RunError> {
     let mut crashes = Vec::new();
     loop {
