@@ -623,6 +623,88 @@ fn nic_hook_drops_in_both_directions() {
     }
 }
 
+/// Issue 12's checksum normalization: frames whose receiver would discard them for a wrong
+/// IPv4 header, TCP or UDP checksum are dropped before the hook, both ways, on the TX fast
+/// path (one legacy descriptor) and the general path (a context offload inserting the other
+/// checksum), counted as `checksum`, completed in order, and the frames around them pass.
+#[test]
+fn nic_frames_with_wrong_checksums_never_reach_the_hook() {
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        let inspected = std::cell::RefCell::new(Vec::new());
+        let hook = |f: &[u8], _: Direction| {
+            inspected.borrow_mut().push(f.to_vec());
+            HookVerdict::Pass
+        };
+        let mut e = env(cfg(mode), Flavor::Qemu, true, hook);
+        e.setup(32, 16, 2048);
+        let good = tagged_tcp(1, 300);
+        let mut bad_ip = tagged_tcp(2, 300);
+        bad_ip[24] ^= 0x5a;
+        let mut bad_tcp = tagged_tcp(3, 300);
+        bad_tcp[100] ^= 0x01;
+        // TXSM: the device writes the TCP checksum, so its 0 seed is fine; the IPv4 header
+        // checksum is the frame's own, and wrong.
+        let seeded = |seq: u32| {
+            let mut f = tcp4_frame(seq, 300);
+            f[26..30].copy_from_slice(&seq.to_be_bytes());
+            f[24..26].fill(0);
+            let sum = ally_dpi::engine::packet::internet_checksum(&f[14..34]);
+            f[24..26].copy_from_slice(&sum.to_be_bytes());
+            f
+        };
+        let mut offload_bad_ip = seeded(4);
+        offload_bad_ip[24] ^= 0x5a;
+        let ctx = ally_dpi::nic::desc::TxContextDesc {
+            tucss: 34,
+            tucso: 50,
+            cmd_and_length: (u32::from(txcmd::DEXT | txcmd::TUCMD_TCP) << 24),
+            ..Default::default()
+        };
+        let offload_ok = seeded(5);
+        let first = e.queue_legacy(&good);
+        e.queue_legacy(&bad_ip);
+        e.queue_legacy(&bad_tcp);
+        e.queue_ctx_data(&offload_bad_ip, 1, ctx, 0, ally_dpi::nic::desc::popts::TXSM);
+        e.queue_ctx_data(&offload_ok, 1, ctx, 0, ally_dpi::nic::desc::popts::TXSM);
+        e.kick();
+        for f in [&good, &bad_ip, &bad_tcp] {
+            e.model.inject(f);
+        }
+        e.run();
+        let wire = e.model.take_wire();
+        assert_eq!(wire.len(), 2, "{mode:?}");
+        assert_eq!(wire[0], good, "{mode:?}");
+        assert_eq!(&wire[1][26..30], &5u32.to_be_bytes(), "{mode:?}");
+        for i in first..first + 3 {
+            assert_eq!(e.guest_tx_status(i) & txsta::DD, txsta::DD, "{mode:?} {i}");
+        }
+        assert_eq!(
+            e.gr(Reg::TDH),
+            e.tdt,
+            "{mode:?}: every descriptor completed"
+        );
+        let got: Vec<Vec<u8>> = e.guest_rx().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, vec![good.clone()], "{mode:?}");
+        // The hook saw the two TX frames that went out and the one received.
+        let seen = inspected.borrow();
+        assert_eq!(seen.len(), 3, "{mode:?}");
+        assert!(seen
+            .iter()
+            .all(|f| f[26..30] == 1u32.to_be_bytes() || f[26..30] == 5u32.to_be_bytes()));
+        let c = e.dpi.counters();
+        assert_eq!(
+            (
+                c.tx.dropped(DropReason::Checksum),
+                c.rx.dropped(DropReason::Checksum),
+                c.tx.total_dropped(),
+                c.rx.total_dropped()
+            ),
+            (3, 2, 3, 2),
+            "{mode:?}"
+        );
+    }
+}
+
 #[test]
 fn nic_interrupts_mask_read_to_clear_and_passthrough() {
     let mut e = env(cfg(Mode::Copy), Flavor::Qemu, true, PassAll);
@@ -1052,10 +1134,12 @@ impl ally_dpi::nic::PacketHook for HoldOdd {
     }
 }
 
-/// A TCP/IPv4 frame whose IP source address carries `seq` (read back at bytes 26..30).
+/// A TCP/IPv4 frame whose IP source address carries `seq` (read back at bytes 26..30), its
+/// checksums correct (sent without offloads).
 fn tagged_tcp(seq: u32, payload: usize) -> Vec<u8> {
     let mut f = tcp4_frame(seq, payload);
     f[26..30].copy_from_slice(&seq.to_be_bytes());
+    ally_dpi::nic::offload::fill_checksums(&mut f);
     f
 }
 

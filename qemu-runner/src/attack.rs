@@ -356,6 +356,15 @@ fn at_least(ally: &AllyReport, key: &str, field: &str, min: u64) -> Result<Strin
     }
 }
 
+/// Ally's last count of TX frames dropped for `reason` (`ALLY nic-tx-drop reason=.. packets=N`).
+fn tx_drops(ally: &AllyReport, reason: &str) -> u64 {
+    ally.all("nic-tx-drop")
+        .filter(|l| l.fields.get("reason") == Some(reason))
+        .filter_map(|l| l.fields.get("packets")?.parse::<u64>().ok())
+        .last()
+        .unwrap_or(0)
+}
+
 fn ally_refused(
     attack: Attack,
     marker: Option<&AttackMarker>,
@@ -414,12 +423,7 @@ fn ally_refused(
             if udp.tucso != 0 {
                 return Err(format!("the host received {} TUCSO frame(s)", udp.tucso));
             }
-            let drops = ally
-                .all("nic-tx-drop")
-                .filter(|l| l.fields.get("reason") == Some("offload"))
-                .filter_map(|l| l.fields.get("packets")?.parse::<u64>().ok())
-                .last()
-                .unwrap_or(0);
+            let drops = tx_drops(ally, "offload");
             if drops == 0 {
                 return Err("no `ALLY nic-tx-drop reason=offload` drop".into());
             }
@@ -925,9 +929,12 @@ fn split_upload_evidence(marker: &AttackMarker, net: &NetReport) -> Result<Strin
     ))
 }
 
-/// The astray-RST split is refused when the guest sent its RST, Ally refused what followed it
-/// on the connection (`ALLY stream ... after-reset=` at least 1), and no upload the host
-/// received carries the forbidden content.
+/// The astray-RST split is refused when the guest sent its RST, Ally dropped it for its wrong
+/// IPv4 header checksum before inspection (`ALLY nic-tx-drop reason=checksum`, at least 1:
+/// the flow stays whole, so its second half completes the forbidden content), and no upload
+/// the host received carries the forbidden content. (An exact RST Ally does take leaves the
+/// flow reset and refuses what follows, `after-reset=`: host-tested in the engine, since no
+/// RST that Ally takes goes astray on the test network.)
 fn rst_split_evidence(
     marker: &AttackMarker,
     ally: &AllyReport,
@@ -945,7 +952,17 @@ fn rst_split_evidence(
             u.bytes, u.peer
         ));
     }
-    let refused = at_least(ally, "stream", "after-reset", 1)?;
+    // The RST's IPv4 header checksum is broken: Ally drops it before inspection, as slirp
+    // does, so the flow stays whole and its second half completes the forbidden content.
+    let astray = tx_drops(ally, "checksum");
+    if astray == 0 {
+        return Err(format!(
+            "Ally did not drop the astray RST for its checksum (no `ALLY nic-tx-drop reason=checksum packets=N`, N >= 1; {})",
+            ally_count(ally, "stream", "after-reset")
+                .map_or("no `ALLY stream` line".into(), |n| format!("after-reset={n}"))
+        ));
+    }
+    let refused = format!("checksum drops={astray}");
     Ok(format!(
         "{refused}; the host received the forbidden content in none of {} uploads; the guest's reply: {}",
         net.uploads.len(),
@@ -1667,7 +1684,7 @@ mod tests {
     }
 
     #[test]
-    fn the_rst_split_needs_the_rst_sent_refused_data_and_no_leak() {
+    fn the_rst_split_needs_the_rst_sent_and_dropped_and_no_leak() {
         let g = guest(
             "ALLYTEST attack-rst-split INFO port=7 rst_sent=true second_written=true reply=none:timed_out\n",
         );
@@ -1684,10 +1701,12 @@ mod tests {
             uploads,
             ..NetReport::default()
         };
-        let ally = AllyReport::parse("ALLY stream flows=9 reset=1 after-reset=3 blocked=0\n");
+        let ally = AllyReport::parse(
+            "ALLY stream flows=9 reset=0 after-reset=0 blocked=1\nALLY nic-tx-drop reason=checksum packets=1 ring-stops=0\n",
+        );
         let ok = net(vec![first_half.clone()]);
         let c = ally_defences_check(&g, &ally, &ok, &[Attack::RstSplit]);
-        assert!(c.passed && c.detail.contains("after-reset=3"), "{c}");
+        assert!(c.passed && c.detail.contains("checksum drops=1"), "{c}");
         // The whole content reached the host (the flow was picked up after the RST).
         let leak = crate::endpoints::UploadRecord {
             bytes: 41,
@@ -1696,9 +1715,10 @@ mod tests {
             ..first_half
         };
         assert!(!ally_defences_check(&g, &ally, &net(vec![leak]), &[Attack::RstSplit]).passed);
-        // Nothing refused after the RST: Ally did not act on it.
-        let quiet = AllyReport::parse("ALLY stream flows=9 reset=0 after-reset=0\n");
-        assert!(!ally_defences_check(&g, &quiet, &ok, &[Attack::RstSplit]).passed);
+        // Ally took the RST (no checksum drop): it believed what the receiver never got.
+        let took = AllyReport::parse("ALLY stream flows=9 reset=1 after-reset=3\n");
+        let c = ally_defences_check(&g, &took, &ok, &[Attack::RstSplit]);
+        assert!(!c.passed && c.detail.contains("after-reset=3"), "{c}");
         // The RST never left the guest.
         let g = guest("ALLYTEST attack-rst-split INFO port=7 rst_sent=false\n");
         assert!(!ally_defences_check(&g, &ally, &ok, &[Attack::RstSplit]).passed);

@@ -1194,15 +1194,14 @@ fn drop_reasons(ally: &AllyReport, key: &str) -> Result<Vec<(String, u64, u64)>,
 /// `ALLY nic-tx-drop|nic-rx-drop reason=NAME packets=N ring-stops=N`,
 /// `ALLY nic-exits register=NAME reads=N writes=N`,
 /// `ALLY nic-exits total=N packets=N exits-per-packet=X.YY`.
-/// `offload_attack_frames`: TX frames the run's attacks send with offloads aimed into the
-/// payload (the TUCSO attack's one frame), which Ally must drop as `offload`.
+/// `attack_frames`: the TX frames of the run's attacks that Ally must drop, by reason.
 pub fn nic_checks(
     guest: &GuestReport,
     ally: &AllyReport,
-    offload_attack_frames: u64,
+    attack_frames: AttackDrops,
 ) -> Vec<Check> {
     vec![
-        Check::from_result("nic-traffic", nic_traffic(ally, offload_attack_frames)),
+        Check::from_result("nic-traffic", nic_traffic(ally, attack_frames)),
         Check::from_result("nic-bytes", nic_bytes(guest, ally)),
         Check::from_result("nic-exits", nic_exits(ally)),
         Check::from_result("nic-transfer-exits", nic_transfer_exits(guest, ally)),
@@ -1409,7 +1408,28 @@ fn transfer_exits(
     ))
 }
 
-fn nic_traffic(ally: &AllyReport, offload_attack_frames: u64) -> Result<String, String> {
+/// TX frames a run's attacks send that Ally drops before inspection, by drop reason: the only
+/// such drops [`nic_checks`] allows (any other is a frame of the guest's own stack refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttackDrops {
+    /// Offloads aimed into the payload (`offload`): the TUCSO attack's one frame.
+    pub offload: u64,
+    /// Wrong checksums (`checksum`): the rst-split attack's astray RST.
+    pub checksum: u64,
+}
+
+impl AttackDrops {
+    /// The most `packets` drops for `reason` the attacks explain.
+    fn allows(&self, reason: &str, packets: u64) -> bool {
+        match reason {
+            "offload" => packets <= self.offload,
+            "checksum" => packets <= self.checksum,
+            _ => false,
+        }
+    }
+}
+
+fn nic_traffic(ally: &AllyReport, attack_frames: AttackDrops) -> Result<String, String> {
     let mut seen = Vec::new();
     for dir in ["tx", "rx"] {
         let key = format!("nic-{dir}");
@@ -1421,10 +1441,9 @@ fn nic_traffic(ally: &AllyReport, offload_attack_frames: u64) -> Result<String, 
         }
         let reasons = drop_reasons(ally, &format!("nic-{dir}-drop"))?;
         let allowed_reason = |r: &str| ALLOWED_DROP_REASONS.contains(&r);
-        // The attacker's offload frames are expected drops; any other offload drop is a
-        // frame of the guest's own driver Ally refused.
-        let attack_drop =
-            |r: &str, p: u64| dir == "tx" && r == "offload" && p <= offload_attack_frames;
+        // The attacker's offload and astray frames are expected drops; any other such drop
+        // is a frame of the guest's own stack Ally refused.
+        let attack_drop = |r: &str, p: u64| dir == "tx" && attack_frames.allows(r, p);
         let bad: Vec<String> = reasons
             .iter()
             .filter(|(r, p, _)| !allowed_reason(r) && !attack_drop(r, *p) && *p > 0)
@@ -2202,22 +2221,25 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
         nic_checks(
             &GuestReport::parse(&net_guest()),
             &AllyReport::parse(ally),
-            0,
+            AttackDrops::default(),
         )
     }
 
     #[test]
-    fn the_tucso_attack_frame_is_the_only_offload_drop_allowed() {
+    fn the_attack_frames_are_the_only_offload_and_checksum_drops_allowed() {
         let with_drop = GOOD_NIC.replace(
             "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
             "ALLY nic-tx packets=15000 bytes=23600000 dropped=1",
         )
             + "[cpu1 INFO dpi] ALLY nic-tx-drop reason=offload packets=1 ring-stops=0\n";
-        let judge = |frames| {
+        let judge = |offload| {
             nic_checks(
                 &GuestReport::parse(&net_guest()),
                 &AllyReport::parse(&with_drop),
-                frames,
+                AttackDrops {
+                    offload,
+                    checksum: 1,
+                },
             )
             .remove(0)
         };
@@ -2233,7 +2255,42 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
             !nic_checks(
                 &GuestReport::parse(&net_guest()),
                 &AllyReport::parse(&two),
-                1
+                AttackDrops {
+                    offload: 1,
+                    checksum: 2
+                }
+            )[0]
+            .passed
+        );
+        // The astray RST's checksum drop, with the attack and without.
+        let astray = GOOD_NIC.replace(
+            "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
+            "ALLY nic-tx packets=15000 bytes=23600000 dropped=1",
+        )
+            + "[cpu1 INFO dpi] ALLY nic-tx-drop reason=checksum packets=1 ring-stops=0\n";
+        let judge = |checksum| {
+            nic_checks(
+                &GuestReport::parse(&net_guest()),
+                &AllyReport::parse(&astray),
+                AttackDrops {
+                    offload: 0,
+                    checksum,
+                },
+            )
+            .remove(0)
+        };
+        assert!(judge(1).passed, "{}", judge(1));
+        assert!(!judge(0).passed);
+        // A received frame with a wrong checksum is never an attack frame of the guest's.
+        let rx = astray.replace("nic-tx-drop", "nic-rx-drop");
+        assert!(
+            !nic_checks(
+                &GuestReport::parse(&net_guest()),
+                &AllyReport::parse(&rx),
+                AttackDrops {
+                    offload: 0,
+                    checksum: 1
+                }
             )[0]
             .passed
         );

@@ -874,9 +874,11 @@ fn run_once(opts: &RunOptions) -> Result<RunResult, RunError> {
         all_checks.extend(checks::network_checks(&guest, n));
         all_checks.push(attack::attack_markers_check(&guest, &n.options.attacks));
         if opts.mode == Mode::Ally {
-            let offload_attack_frames =
-                u64::from(n.options.attacks.contains(&attack::Attack::Tucso));
-            all_checks.extend(checks::nic_checks(&guest, &ally, offload_attack_frames));
+            let attack_frames = checks::AttackDrops {
+                offload: u64::from(n.options.attacks.contains(&attack::Attack::Tucso)),
+                checksum: u64::from(n.options.attacks.contains(&attack::Attack::RstSplit)),
+            };
+            all_checks.extend(checks::nic_checks(&guest, &ally, attack_frames));
             if !n.options.resets.is_empty() {
                 all_checks.push(checks::ally_guest_reset(&ally, n.options.resets.len()));
             }

@@ -40,12 +40,13 @@
 //! and the interrupt rate is bounded by moderation instead (`ShadowRegs::set_irq_interval`;
 //! the guest's ITR still reaches the device, which throttles Ally's doorbell cause with it).
 
+use super::checksum;
 use super::desc::{
     rxerr, rxsta, txcmd, txsta, LegacyTxDesc, RxDesc, TxContextDesc, TxDataDesc, TxDesc, DESC_SIZE,
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
 use super::mem::{DescRun, DmaMemory, DmaWindow, FastRange, MemError, MemoryPolicy};
-use super::offload::{Offload, OffloadScan, ScannedDesc};
+use super::offload::{Inserted, Offload, OffloadScan, ScannedDesc};
 use super::regs::{ctrl, icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -102,11 +103,14 @@ pub enum DropReason {
     /// A checksum or segmentation offload that would change the frame anywhere but its own
     /// checksum fields or header after inspection (see [`super::offload`]).
     Offload,
+    /// A wrong IPv4 header, TCP or UDP checksum the device does not write itself: its
+    /// receiver would discard the frame, so the hook never sees it ([`super::checksum`]).
+    Checksum,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     /// All reasons, in index order.
     pub const ALL: [DropReason; Self::COUNT] = [
         Self::Verdict,
@@ -124,6 +128,7 @@ impl DropReason {
         Self::BadBufferSize,
         Self::StaleCompletion,
         Self::Offload,
+        Self::Checksum,
     ];
 
     /// Short stable name for COM2 reports.
@@ -144,6 +149,7 @@ impl DropReason {
             Self::BadBufferSize => "bad_buffer_size",
             Self::StaleCompletion => "stale_completion",
             Self::Offload => "offload",
+            Self::Checksum => "checksum",
         }
     }
 
@@ -1109,8 +1115,17 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
         frame: &'a [u8],
         arena: &mut u64,
     ) -> Result<u64, FastStop> {
+        // A single legacy descriptor without IC: the device writes no checksum. Checked on
+        // the bytes the hook inspects (in copy mode the copy: the guest's buffer can change).
+        let judge = |hook: &mut H, frame: &[u8]| {
+            if checksum::verify(frame, Inserted::NONE).is_err() {
+                None
+            } else {
+                Some(hook.inspect(frame, Direction::ToWire))
+            }
+        };
         let (addr, verdict) = match COPY {
-            false => (pa, self.hook.inspect(frame, Direction::ToWire)),
+            false => (pa, judge(&mut self.hook, frame)),
             true => {
                 let before = *arena;
                 let Some(at) = arena_alloc(
@@ -1124,19 +1139,20 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
                 };
                 let copied = self.mem.write(HostPhysAddr(at), frame).is_ok();
                 let verdict = match self.mem.borrow(HostPhysAddr(at), len as usize) {
-                    Ok(frame) if copied => self.hook.inspect(frame, Direction::ToWire),
-                    _ => HookVerdict::Drop,
+                    Ok(frame) if copied => judge(&mut self.hook, frame),
+                    _ => Some(HookVerdict::Drop),
                 };
-                if verdict != HookVerdict::Pass {
+                if verdict != Some(HookVerdict::Pass) {
                     *arena = before;
                 }
                 (at, verdict)
             }
         };
         match verdict {
-            HookVerdict::Pass => Ok(addr),
-            HookVerdict::Drop => Err(FastStop::Dropped),
-            HookVerdict::Hold => Err(FastStop::Held),
+            Some(HookVerdict::Pass) => Ok(addr),
+            Some(HookVerdict::Drop) => Err(FastStop::Dropped),
+            Some(HookVerdict::Hold) => Err(FastStop::Held),
+            None => Err(FastStop::BadChecksum),
         }
     }
 
@@ -1737,6 +1753,7 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
     fn count_unposted(&mut self, why: &FastStop) {
         match why {
             FastStop::Held => self.counters.tx.held += 1,
+            FastStop::BadChecksum => self.counters.tx.drops[DropReason::Checksum as usize] += 1,
             _ => self.counters.tx.drops[DropReason::Verdict as usize] += 1,
         }
     }
@@ -2114,6 +2131,11 @@ impl<'a, M: DmaMemory, R: NicRegisters, H: PacketHook> DpiNic<'a, M, R, H> {
             }
             &scratch
         };
+        // As it came off the wire: no receiver takes a frame with a wrong checksum.
+        if checksum::verify(frame, Inserted::NONE).is_err() {
+            self.scratch = scratch;
+            return Deliver::Dropped(DropReason::Checksum);
+        }
         // VLAN mode took the tag off into the special field (VP): the hook sees the frame as
         // the wire carried it, and a held frame keeps its tag.
         // Untagged frames (the common case) cost one bit test.
@@ -2261,8 +2283,11 @@ fn judge<H: PacketHook>(
     vlan_tag: Option<u16>,
     tagged: &mut Vec<u8>,
 ) -> Option<Option<DropReason>> {
-    if offload.check(frame).is_err() {
+    let Ok(inserted) = offload.checked(frame) else {
         return Some(Some(DropReason::Offload));
+    };
+    if checksum::verify(frame, inserted).is_err() {
+        return Some(Some(DropReason::Checksum));
     }
     let on_wire = match vlan_tag {
         Some(tci) => {
@@ -2318,6 +2343,8 @@ enum FastStop {
     Dropped,
     /// The hook held the packet (it forwards it later).
     Held,
+    /// A checksum its receiver would refuse ([`DropReason::Checksum`]); the hook did not see it.
+    BadChecksum,
 }
 
 /// What the general TX path did with one packet.

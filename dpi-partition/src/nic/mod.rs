@@ -10,8 +10,10 @@
 //! * [`dpi`]: the DPI core's queue engine: guest rings ⇄ DPI-owned real rings, every frame
 //!   through a [`PacketHook`].
 //! * [`offload`]: transmit checksum and segmentation offloads checked against the frame.
+//! * [`checksum`]: frames with a wrong IPv4, TCP or UDP checksum dropped before inspection.
 //! * [`model`]: a software 82540EM for host tests and benchmarks.
 
+pub mod checksum;
 pub mod desc;
 pub mod dpi;
 pub mod guard;

@@ -257,22 +257,55 @@ pub enum Offload {
     },
 }
 
+/// Which checksums of a frame the device writes after inspection, so that the frame's own
+/// values there are not what the wire carries ([`super::checksum::verify`] skips them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Inserted {
+    /// The IPv4 header checksum.
+    pub ip: bool,
+    /// The TCP or UDP checksum.
+    pub l4: bool,
+}
+
+impl Inserted {
+    /// Nothing: the frame goes out as it is.
+    pub const NONE: Inserted = Inserted {
+        ip: false,
+        l4: false,
+    };
+    /// Everything (TSO: every segment's headers and checksums are the device's).
+    pub const ALL: Inserted = Inserted { ip: true, l4: true };
+}
+
 impl Offload {
     /// Check the offload against the frame it applies to (the bytes the hook inspects).
     pub fn check(&self, frame: &[u8]) -> Result<(), OffloadError> {
+        self.checked(frame).map(|_| ())
+    }
+
+    /// [`Offload::check`], returning which checksums the device will write.
+    pub fn checked(&self, frame: &[u8]) -> Result<Inserted, OffloadError> {
         match *self {
-            Offload::None => Ok(()),
+            Offload::None => Ok(Inserted::NONE),
             Offload::Legacy { cso, css } => {
                 let h = Headers::parse(frame).ok_or(OffloadError::NoHeaders)?;
                 let (cso, css) = (u16::from(cso), u16::from(css));
                 // The IPv4 header checksum (from the IP header) or the L4 checksum (from the L4
                 // header); the device sums to the end of the packet either way.
                 if h.ipv4 && css == h.ip {
-                    return expect_offset(cso, h.ip + IPV4_CSUM);
+                    expect_offset(cso, h.ip + IPV4_CSUM)?;
+                    return Ok(Inserted {
+                        ip: true,
+                        l4: false,
+                    });
                 }
                 let l4 = h.l4.ok_or(OffloadError::NoHeaders)?;
                 expect_start(css, l4.start)?;
-                expect_offset(cso, l4.csum_field())
+                expect_offset(cso, l4.csum_field())?;
+                Ok(Inserted {
+                    ip: false,
+                    l4: true,
+                })
             }
             Offload::Context {
                 context: c,
@@ -303,7 +336,16 @@ impl Offload {
                     };
                     expect_end(c.tucse, end)?;
                 }
-                Ok(())
+                Ok(if tse {
+                    // Each segment's lengths, ID and sequence number are the device's: the
+                    // super-frame's checksums are not any segment's.
+                    Inserted::ALL
+                } else {
+                    Inserted {
+                        ip: options & popts::IXSM != 0,
+                        l4: options & popts::TXSM != 0,
+                    }
+                })
             }
         }
     }
@@ -386,22 +428,25 @@ const TCP_URG: u8 = 0x20;
 /// the frame in the buffers). Parsed like the engine's decoder (`engine::packet`): up to two
 /// VLAN tags, IPv4 with IHL, IPv6 with hop-by-hop, routing and destination-options headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Headers {
+pub(super) struct Headers {
     /// IP header start.
-    ip: u16,
-    ipv4: bool,
+    pub(super) ip: u16,
+    pub(super) ipv4: bool,
     /// IPv4: IP start + IHL (first byte after the header).
-    ip_end: u16,
+    pub(super) ip_end: u16,
+    /// IPv6 with a routing header: the TCP/UDP pseudo-header's destination is the routing
+    /// header's last address, not the IPv6 header's (RFC 8200 §8.1).
+    pub(super) routed: bool,
     /// TCP or UDP header, when the frame has a whole one and is not a fragment.
-    l4: Option<L4Header>,
+    pub(super) l4: Option<L4Header>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct L4Header {
-    start: u16,
-    tcp: bool,
+pub(super) struct L4Header {
+    pub(super) start: u16,
+    pub(super) tcp: bool,
     /// TCP data offset in bytes, 8 for UDP.
-    len: u16,
+    pub(super) len: u16,
     /// TCP flags (0 for UDP).
     flags: u8,
 }
@@ -419,7 +464,7 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 impl Headers {
     /// `None`: not an IP frame the offloads can apply to. Offsets above 255 fit no
     /// descriptor's 8-bit fields; they are kept (as u16) and simply never match.
-    fn parse(frame: &[u8]) -> Option<Self> {
+    pub(super) fn parse(frame: &[u8]) -> Option<Self> {
         let mut ethertype = be16(frame, 12)?;
         let mut off = 14usize;
         for _ in 0..2 {
@@ -449,12 +494,14 @@ impl Headers {
             }
             _ => return None,
         };
+        let mut routed = false;
         if !ipv4 {
             // Extension headers the engine also skips; a fragment header or AH ends the walk
             // (no L4 header the device could checksum).
             for _ in 0..8 {
                 match proto {
                     0 | 43 | 60 => {
+                        routed |= proto == 43;
                         proto = *frame.get(l4)?;
                         l4 += (usize::from(*frame.get(l4 + 1)?) + 1) * 8;
                     }
@@ -491,6 +538,7 @@ impl Headers {
             ip: clamp(ip),
             ipv4,
             ip_end: clamp(ip_end),
+            routed,
             l4: header,
         })
     }

@@ -107,6 +107,8 @@ pub fn frame(seq: u32, len: usize) -> Vec<u8> {
 
 /// Ethernet + IPv4 (20 bytes, not a fragment) + TCP (20 bytes, ACK|PSH) + `payload` bytes,
 /// tagged with `seq`: IP at 14 (checksum at 24), TCP at 34 (checksum at 50), payload at 54.
+/// The IPv4 header checksum is correct (a stack computes it unless the device inserts it);
+/// the TCP checksum is 0, the pseudo-header seed of an offload (see [`tcp4_frame_summed`]).
 pub fn tcp4_frame(seq: u32, payload: usize) -> Vec<u8> {
     let mut f = frame(seq, 54 + payload);
     f[12..14].copy_from_slice(&[0x08, 0x00]);
@@ -118,6 +120,15 @@ pub fn tcp4_frame(seq: u32, payload: usize) -> Vec<u8> {
     f[46] = 5 << 4;
     f[47] = 0x18;
     f[50..52].copy_from_slice(&[0, 0]);
+    let sum = ally_dpi::engine::packet::internet_checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// [`tcp4_frame`] with its TCP checksum correct too: a frame sent without offloads.
+pub fn tcp4_frame_summed(seq: u32, payload: usize) -> Vec<u8> {
+    let mut f = tcp4_frame(seq, payload);
+    ally_dpi::nic::offload::fill_checksums(&mut f);
     f
 }
 
