@@ -2225,74 +2225,54 @@ ALLY nic-exits total=9400 queue=9400 forwarded=0 packets=31000 exits-per-packet=
         )
     }
 
+    /// The nic-traffic check of [`GOOD_NIC`] with `dropped` more frames dropped for `reason`
+    /// in direction `dir`, judged with the attacks' frames `attacks`.
+    fn nic_traffic_with_drop(reason: &str, dir: &str, dropped: u64, attacks: AttackDrops) -> Check {
+        let ally = if dir == "tx" {
+            GOOD_NIC.replace(
+                "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
+                &format!("ALLY nic-tx packets=15000 bytes=23600000 dropped={dropped}"),
+            )
+        } else {
+            // On top of the 3 guest_rx_off drops, each a wire frame too.
+            GOOD_NIC.replace(
+                "dropped=3 doorbells=400 backpressure=0 wire-frames=16003",
+                &format!(
+                    "dropped={} doorbells=400 backpressure=0 wire-frames={}",
+                    3 + dropped,
+                    16003 + dropped
+                ),
+            )
+        } + &format!(
+            "[cpu1 INFO dpi] ALLY nic-{dir}-drop reason={reason} packets={dropped} ring-stops=0\n"
+        );
+        nic_checks(
+            &GuestReport::parse(&net_guest()),
+            &AllyReport::parse(&ally),
+            attacks,
+        )
+        .remove(0)
+    }
+
     #[test]
     fn the_attack_frames_are_the_only_offload_and_checksum_drops_allowed() {
-        let with_drop = GOOD_NIC.replace(
-            "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
-            "ALLY nic-tx packets=15000 bytes=23600000 dropped=1",
-        )
-            + "[cpu1 INFO dpi] ALLY nic-tx-drop reason=offload packets=1 ring-stops=0\n";
-        let judge = |offload| {
-            nic_checks(
-                &GuestReport::parse(&net_guest()),
-                &AllyReport::parse(&with_drop),
-                AttackDrops {
-                    offload,
-                    checksum: 1,
-                },
-            )
-            .remove(0)
-        };
-        assert!(judge(1).passed, "{}", judge(1));
-        assert!(judge(1).detail.contains("tx 15000 packets 23600000 B, 9000 doorbells, 2 back-pressure, 1 dropped (offload: 1)"), "{}", judge(1));
+        let attacks = |offload, checksum| AttackDrops { offload, checksum };
+        let c = nic_traffic_with_drop("offload", "tx", 1, attacks(1, 1));
+        assert!(c.passed, "{c}");
+        assert!(c.detail.contains("tx 15000 packets 23600000 B, 9000 doorbells, 2 back-pressure, 1 dropped (offload: 1)"), "{c}");
         // Without the attack, or with more offload drops than attack frames: a refused frame
         // of the guest's own driver.
-        assert!(!judge(0).passed);
-        let two = with_drop
-            .replace("dropped=1", "dropped=2")
-            .replace("packets=1 ring", "packets=2 ring");
-        assert!(
-            !nic_checks(
-                &GuestReport::parse(&net_guest()),
-                &AllyReport::parse(&two),
-                AttackDrops {
-                    offload: 1,
-                    checksum: 2
-                }
-            )[0]
-            .passed
-        );
+        assert!(!nic_traffic_with_drop("offload", "tx", 1, attacks(0, 1)).passed);
+        assert!(!nic_traffic_with_drop("offload", "tx", 2, attacks(1, 2)).passed);
         // The astray RST's checksum drop, with the attack and without.
-        let astray = GOOD_NIC.replace(
-            "ALLY nic-tx packets=15000 bytes=23600000 dropped=0",
-            "ALLY nic-tx packets=15000 bytes=23600000 dropped=1",
-        )
-            + "[cpu1 INFO dpi] ALLY nic-tx-drop reason=checksum packets=1 ring-stops=0\n";
-        let judge = |checksum| {
-            nic_checks(
-                &GuestReport::parse(&net_guest()),
-                &AllyReport::parse(&astray),
-                AttackDrops {
-                    offload: 0,
-                    checksum,
-                },
-            )
-            .remove(0)
-        };
-        assert!(judge(1).passed, "{}", judge(1));
-        assert!(!judge(0).passed);
+        let c = nic_traffic_with_drop("checksum", "tx", 1, attacks(0, 1));
+        assert!(c.passed, "{c}");
+        assert!(!nic_traffic_with_drop("checksum", "tx", 1, attacks(0, 0)).passed);
         // A received frame with a wrong checksum is never an attack frame of the guest's.
-        let rx = astray.replace("nic-tx-drop", "nic-rx-drop");
+        let c = nic_traffic_with_drop("checksum", "rx", 1, attacks(0, 1));
         assert!(
-            !nic_checks(
-                &GuestReport::parse(&net_guest()),
-                &AllyReport::parse(&rx),
-                AttackDrops {
-                    offload: 0,
-                    checksum: 1
-                }
-            )[0]
-            .passed
+            !c.passed && c.detail.contains("rx drops for reasons other than"),
+            "{c}"
         );
     }
 
