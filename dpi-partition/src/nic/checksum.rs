@@ -64,11 +64,20 @@ pub fn verify(frame: &[u8], inserted: Inserted) -> Result<(), ChecksumError> {
     if end < start + usize::from(l4.len) || end > frame.len() {
         return Ok(());
     }
-    let segment = &frame[start..end];
-    if !l4.tcp && be16(segment, 6) == 0 {
-        // No checksum (IPv4); IPv6 requires one (RFC 8200 §8.1) but receivers configured for
-        // tunnels accept zero (RFC 6935): the engine sees what such a receiver may take.
-        return Ok(());
+    let mut segment = &frame[start..end];
+    if !l4.tcp {
+        if be16(segment, 6) == 0 {
+            // No checksum (IPv4); IPv6 requires one (RFC 8200 §8.1) but receivers configured
+            // for tunnels accept zero (RFC 6935): the engine sees what such a receiver takes.
+            return Ok(());
+        }
+        // The datagram is the UDP length's bytes: a receiver sums those and trims the rest
+        // (RFC 768). A length beyond the IP payload is malformed: the engine's decoder judges.
+        let udp_len = be16(segment, 4);
+        if udp_len < 8 || udp_len > segment.len() {
+            return Ok(());
+        }
+        segment = &segment[..udp_len];
     }
     let proto: u64 = if l4.tcp { 6 } else { 17 };
     let pseudo = ones_sum(&frame[addresses], proto + segment.len() as u64);
@@ -228,6 +237,20 @@ mod tests {
             let last = f.len() - 1;
             f[last] ^= 0x80;
             assert_eq!(verify(&f, Inserted::NONE), Err(ChecksumError::Udp), "{src}");
+            // Bytes after the UDP length are not the datagram's.
+            f[last] ^= 0x80;
+            let mut trailing = f.clone();
+            let plen = if src.contains(':') { 18 } else { 16 };
+            let ip_len = u16::from_be_bytes([trailing[plen], trailing[plen + 1]]) + 3;
+            trailing[plen..plen + 2].copy_from_slice(&ip_len.to_be_bytes());
+            if !src.contains(':') {
+                trailing[24..26].fill(0);
+                let sum = crate::engine::packet::internet_checksum(&trailing[14..34]);
+                trailing[24..26].copy_from_slice(&sum.to_be_bytes());
+            }
+            trailing.extend([1, 2, 3]);
+            assert_eq!(verify(&trailing, Inserted::NONE), Ok(()), "{src}");
+            f[last] ^= 0x80;
             // 0: no checksum.
             f[l4 + 6..l4 + 8].fill(0);
             assert_eq!(verify(&f, Inserted::NONE), Ok(()), "{src}");
