@@ -121,16 +121,44 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
-/// The Internet checksum (RFC 1071).
+/// The Internet checksum (RFC 1071) of `b`.
 pub fn internet_checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+    !(fold(ones_sum(b, 0)) as u16)
+}
+
+/// Adds `b`'s 16-bit big-endian words (an odd last byte padded with zero) to `acc`, unfolded:
+/// the one's-complement sum behind [`internet_checksum`], for sums over several pieces (a
+/// pseudo-header and a segment). `b` starts at an even offset of the checksummed data.
+///
+/// Eight bytes at a time in the machine's byte order: the one's-complement sum does not
+/// depend on byte order except for a swap of the folded result, and 2^16 is 1 modulo 0xffff,
+/// so 32-bit halves summed into a u64 fold to the same 16 bits (RFC 1071 §2(B), §2(C)).
+pub fn ones_sum(b: &[u8], acc: u64) -> u64 {
+    let mut words = b.chunks_exact(8);
+    let mut native = 0u64;
+    for w in &mut words {
+        let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        native += (w & 0xffff_ffff) + (w >> 32);
     }
-    !(sum as u16)
+    let swapped = (fold(native) as u16).to_be();
+    let mut acc = acc + u64::from(swapped);
+    let mut pairs = words.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    acc
+}
+
+/// Folds an unfolded [`ones_sum`] to 16 bits with end-around carries: 0xffff for data that
+/// includes its correct checksum.
+pub fn fold(mut acc: u64) -> u64 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc
 }
 
 /// The Ethernet header of `frame` past up to two VLAN tags (802.1ad outer, 802.1Q inner):
@@ -438,6 +466,27 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn sums_match_the_reference_checksum() {
+        // RFC 1071's reference, a byte pair at a time, on every length (odd tails included).
+        let reference = |b: &[u8]| {
+            let mut sum: u32 = b
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            !(sum as u16)
+        };
+        let data: Vec<u8> = (0..200u32).map(|i| (i * 37 + 11) as u8).collect();
+        for len in 0..data.len() {
+            let b = &data[..len];
+            assert_eq!(!(fold(ones_sum(b, 0)) as u16), reference(b), "len {len}");
+            assert_eq!(internet_checksum(b), reference(b), "len {len}");
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ use super::desc::{
     TX_CMD_OFFSET, TX_STATUS_OFFSET,
 };
 use super::mem::{DescRun, DmaMemory, DmaWindow, FastRange, MemError, MemoryPolicy};
-use super::offload::{Inserted, Offload, OffloadScan, ScannedDesc};
+use super::offload::{Headers, Inserted, Offload, OffloadScan, ScannedDesc};
 use super::regs::{ctrl, icr, rctl, tctl, NicRegisters, Reg, RING_LEN_ALIGN, RING_LEN_MAX};
 use super::shadow::{GuestConfig, ShadowRegs};
 use super::{Direction, HookVerdict, PacketHook};
@@ -2283,10 +2283,11 @@ fn judge<H: PacketHook>(
     vlan_tag: Option<u16>,
     tagged: &mut Vec<u8>,
 ) -> Option<Option<DropReason>> {
-    let Ok(inserted) = offload.checked(frame) else {
+    let headers = Headers::parse(frame);
+    let Ok(inserted) = offload.checked(frame, headers.as_ref()) else {
         return Some(Some(DropReason::Offload));
     };
-    if checksum::verify(frame, inserted).is_err() {
+    if checksum::verify_parsed(frame, headers.as_ref(), inserted).is_err() {
         return Some(Some(DropReason::Checksum));
     }
     let on_wire = match vlan_tag {

@@ -35,6 +35,7 @@
 //! sequence number; rules see the super-frame's.
 
 use super::desc::{popts, txcmd, TxContextDesc};
+use crate::engine::packet::{fold, internet_checksum, ones_sum};
 use core::fmt;
 
 /// Smallest TSO MSS accepted: below it a 64 KiB super-frame becomes over a thousand frames,
@@ -280,15 +281,21 @@ impl Inserted {
 impl Offload {
     /// Check the offload against the frame it applies to (the bytes the hook inspects).
     pub fn check(&self, frame: &[u8]) -> Result<(), OffloadError> {
-        self.checked(frame).map(|_| ())
+        self.checked(frame, Headers::parse(frame).as_ref())
+            .map(|_| ())
     }
 
-    /// [`Offload::check`], returning which checksums the device will write.
-    pub fn checked(&self, frame: &[u8]) -> Result<Inserted, OffloadError> {
+    /// [`Offload::check`] with the frame's headers already parsed (`Headers::parse`, shared
+    /// with the checksum check), returning which checksums the device will write.
+    pub(super) fn checked(
+        &self,
+        frame: &[u8],
+        headers: Option<&Headers>,
+    ) -> Result<Inserted, OffloadError> {
         match *self {
             Offload::None => Ok(Inserted::NONE),
             Offload::Legacy { cso, css } => {
-                let h = Headers::parse(frame).ok_or(OffloadError::NoHeaders)?;
+                let h = headers.ok_or(OffloadError::NoHeaders)?;
                 let (cso, css) = (u16::from(cso), u16::from(css));
                 // The IPv4 header checksum (from the IP header) or the L4 checksum (from the L4
                 // header); the device sums to the end of the packet either way.
@@ -312,9 +319,9 @@ impl Offload {
                 options,
                 tse,
             } => {
-                let h = Headers::parse(frame).ok_or(OffloadError::NoHeaders)?;
+                let h = headers.ok_or(OffloadError::NoHeaders)?;
                 if tse {
-                    check_tso(&c, &h, frame.len())?;
+                    check_tso(&c, h, frame.len())?;
                 }
                 if options & popts::IXSM != 0 {
                     if !h.ipv4 {
@@ -560,6 +567,7 @@ pub fn fill_checksums(frame: &mut [u8]) {
         ethertype = u16::from_be_bytes([t[0], t[1]]);
         l3 = 18;
     }
+    // The pseudo-header's sum (addresses, protocol, L4 length), unfolded.
     let (proto, l4, pseudo) = match ethertype {
         0x0800 => {
             let Some(&vihl) = frame.get(l3) else { return };
@@ -573,19 +581,17 @@ pub fn fill_checksums(frame: &mut [u8]) {
             let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
             let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3FFF;
             let proto = h[9];
-            let mut pseudo = [0u8; 12];
-            pseudo[..8].copy_from_slice(&h[12..20]);
-            pseudo[9] = proto;
+            let pseudo = ones_sum(
+                &h[12..20],
+                u64::from(proto) + total.saturating_sub(ihl) as u64,
+            );
             frame[l3 + 10..l3 + 12].fill(0);
-            let sum = crate::engine::packet::internet_checksum(&frame[l3..l3 + ihl]);
+            let sum = internet_checksum(&frame[l3..l3 + ihl]);
             frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
             if frag != 0 || total < ihl || l3 + total > frame.len() {
                 return;
             }
-            let l4 = (l3 + ihl)..(l3 + total);
-            let len = (total - ihl) as u16;
-            pseudo[10..12].copy_from_slice(&len.to_be_bytes());
-            (proto, l4, alloc::vec::Vec::from(pseudo))
+            (proto, (l3 + ihl)..(l3 + total), pseudo)
         }
         0x86DD => {
             let Some(h) = frame.get(l3..l3 + 40) else {
@@ -596,10 +602,7 @@ pub fn fill_checksums(frame: &mut [u8]) {
             if l3 + 40 + plen > frame.len() {
                 return;
             }
-            let mut pseudo = alloc::vec::Vec::with_capacity(40);
-            pseudo.extend_from_slice(&h[8..40]);
-            pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+            let pseudo = ones_sum(&h[8..40], u64::from(proto) + plen as u64);
             (proto, (l3 + 40)..(l3 + 40 + plen), pseudo)
         }
         _ => return,
@@ -611,9 +614,7 @@ pub fn fill_checksums(frame: &mut [u8]) {
     };
     let start = l4.start;
     frame[start + at..start + at + 2].fill(0);
-    let mut buf = pseudo;
-    buf.extend_from_slice(&frame[l4]);
-    let mut sum = crate::engine::packet::internet_checksum(&buf);
+    let mut sum = !(fold(ones_sum(&frame[l4], pseudo)) as u16);
     if proto == 17 && sum == 0 {
         sum = 0xFFFF;
     }
